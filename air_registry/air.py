@@ -1,0 +1,36 @@
+"""AIR model identifiers: ``source:id@version``, e.g. ``runware:101@1`` or ``civitai:101055@128078``."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from server.errors import InvalidParameter, describe_value
+
+# The source is a namespace compared case-insensitively (``Runware:101@1`` is ``runware:101@1``),
+# so it is accepted in any case and stored lower-cased; ids and versions are opaque and keep theirs.
+_AIR_PATTERN = re.compile(r"(?P<source>[A-Za-z0-9_-]+):(?P<id>[A-Za-z0-9_.-]+)@(?P<version>[A-Za-z0-9_.-]+)")
+
+
+@dataclass(frozen=True)
+class AIR:
+    source: str
+    id: str
+    version: str
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.id}@{self.version}"
+
+
+def parse_air(text: Any) -> AIR:
+    """Parse an AIR id; anything else is the client's mistake, reported against ``model``."""
+    match = _AIR_PATTERN.fullmatch(text.strip()) if isinstance(text, str) else None
+    if match is None:
+        raise InvalidParameter(
+            "model must be an AIR id of the form source:id@version, like 'runware:101@1'; "
+            f"received {describe_value(text)}",
+            parameter="model",
+            type="string",
+        )
+    return AIR(source=match["source"].lower(), id=match["id"], version=match["version"])

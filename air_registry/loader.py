@@ -1,0 +1,289 @@
+"""Loading diffusers pipelines for catalog entries and keeping the most recently used ones in memory.
+
+Everything here runs in the server's GPU worker thread, one call at a time: diffusers pipelines
+hold scheduler state and are not safe to share between threads, so the cache takes no locks.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import inspect
+import json
+import logging
+import os
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+import transformers
+
+# Imported from their own modules rather than from ``diffusers``: the package's lazy top level shows
+# type checkers placeholder classes without methods.
+from diffusers.pipelines.auto_pipeline import AutoPipelineForImage2Image, AutoPipelineForText2Image
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img import (
+    StableDiffusionXLImg2ImgPipeline,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from air_registry.catalog import MODEL_INDEX, ModelEntry, locate_weights
+from air_registry.schedulers import SchedulerSpec
+from air_registry.tiny import ensure_tiny_model
+from server.errors import InvalidParameter, ModelNotFound, TaskError
+
+logger = logging.getLogger(__name__)
+
+_CUDA_DEVICE = re.compile(r"cuda(:\d+)?")
+
+# The pipeline class that reads a single-file checkpoint of each architecture.
+_SINGLE_FILE_PIPELINES: dict[str, Any] = {
+    "sd15": StableDiffusionPipeline,
+    "sd21": StableDiffusionPipeline,
+    "sdxl": StableDiffusionXLPipeline,
+    "sdxl-refiner": StableDiffusionXLImg2ImgPipeline,
+}
+
+# Architectures whose models only transform an image: they have no text-to-image pipeline.
+_IMAGE_TO_IMAGE_ONLY = frozenset({"sdxl-refiner"})
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` → ``cuda`` when available, else ``cpu``; ``cpu``, ``cuda`` and ``cuda:N`` are checked.
+
+    Raises ``ValueError``: a wrong device is the operator's mistake, found at start-up.
+    """
+    device = name.strip().lower()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if _CUDA_DEVICE.fullmatch(device) is None:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; received {name!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for, but this machine has no usable CUDA device")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ValueError(f"device {name!r} does not exist: this machine has {count} CUDA device(s)")
+    return device
+
+
+# DPMSolverSDEScheduler draws its noise from a Brownian tree with its own seed (one per image),
+# not from the pipeline's generator; left unset it is random.
+_NOISE_SEED_OPTION = "noise_sampler_seed"
+
+# Newer diffusers call the loading argument ``dtype`` and warn about ``torch_dtype``, which is the only
+# name older versions know.
+_DTYPE_KEYWORD = "dtype" if hasattr(diffusers.utils, "_resolve_dtype") else "torch_dtype"
+
+
+@dataclass
+class _LoadedModel:
+    # What was loaded: a text-to-image pipeline, or for image-to-image-only models, that pipeline.
+    primary: DiffusionPipeline
+    # The model's own scheduler as loaded. Callers swap ``pipe.scheduler`` per call, so this is the
+    # only reliable record of what "Default" means and of the config other schedulers start from.
+    scheduler_class: Any
+    scheduler_config: Any
+    image_to_image: DiffusionPipeline | None = None
+
+    def owns(self, pipe: DiffusionPipeline) -> bool:
+        return pipe is self.primary or pipe is self.image_to_image
+
+
+class PipelineCache:
+    """Pipelines of the ``max_loaded`` most recently used models, loaded on first use."""
+
+    def __init__(
+        self, *, device: str, data_dir: Path, allow_downloads: bool = False, max_loaded: int = 1
+    ) -> None:
+        if max_loaded < 1:
+            raise ValueError(f"max_loaded must be at least 1; received {max_loaded}")
+        self.device = device
+        # Half precision halves memory and doubles speed on GPUs; CPUs have no fast float16 kernels.
+        self.dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        self.data_dir = Path(data_dir)
+        self.allow_downloads = allow_downloads
+        self.max_loaded = max_loaded
+        self._loaded: OrderedDict[str, _LoadedModel] = OrderedDict()
+
+    @property
+    def loaded_models(self) -> list[str]:
+        """AIR ids of the models in memory, least recently used first."""
+        return list(self._loaded)
+
+    def text_to_image(self, entry: ModelEntry) -> DiffusionPipeline:
+        if entry.architecture in _IMAGE_TO_IMAGE_ONLY:
+            raise InvalidParameter(
+                f"model {entry.air} is a refiner and only does image-to-image: send a seedImage with it",
+                parameter="seedImage",
+                type="string",
+            )
+        return self._get(entry).primary
+
+    def image_to_image(self, entry: ModelEntry) -> DiffusionPipeline:
+        loaded = self._get(entry)
+        if entry.architecture in _IMAGE_TO_IMAGE_ONLY:
+            return loaded.primary
+        if loaded.image_to_image is None:
+            # from_pipe reuses the loaded modules: a second view on the same weights, not a copy.
+            pipe = AutoPipelineForImage2Image.from_pipe(loaded.primary)
+            pipe.set_progress_bar_config(disable=True)
+            loaded.image_to_image = pipe
+        return loaded.image_to_image
+
+    def make_scheduler(
+        self, pipe: DiffusionPipeline, spec: SchedulerSpec | None, *, seeds: Sequence[int] = ()
+    ) -> SchedulerMixin:
+        """A new scheduler for one call of ``pipe``; the caller sets it as ``pipe.scheduler``.
+
+        Schedulers keep per-run state, so none is ever reused. Every scheduler starts from the config
+        of the model's own scheduler, never from whatever an earlier call left in ``pipe.scheduler``.
+        ``seeds`` (one per image of the call) seed the schedulers that draw noise from their own
+        source rather than from the pipeline's generator, so that their results repeat by seed too.
+        """
+        model_scheduler_class, model_config = self._model_scheduler(pipe)
+        if spec is None:
+            return model_scheduler_class.from_config(
+                model_config, **_seed_option(model_scheduler_class, seeds)
+            )
+        scheduler_class = getattr(diffusers, spec.class_name, None)
+        if scheduler_class is None:
+            raise InvalidParameter(
+                f"scheduler {spec.name} is not available in this server's diffusers version",
+                parameter="scheduler",
+                type="string",
+            )
+        options = {**spec.options, **_seed_option(scheduler_class, seeds)}
+        try:
+            return scheduler_class.from_config(model_config, **options)
+        except ImportError as exc:
+            # Some schedulers need optional packages (torchsde for the SDE variants, scipy for Beta).
+            raise InvalidParameter(
+                f"scheduler {spec.name} needs a Python package that is not installed on this server "
+                f"({type(exc).__name__}); choose another scheduler",
+                parameter="scheduler",
+                type="string",
+            ) from exc
+        except (ValueError, NotImplementedError) as exc:
+            # The model's scheduler config can rule some out (a prediction type a solver lacks).
+            raise InvalidParameter(
+                f"scheduler {spec.name} cannot be used with this model ({type(exc).__name__}); "
+                "choose another scheduler",
+                parameter="scheduler",
+                type="string",
+            ) from exc
+
+    def _model_scheduler(self, pipe: DiffusionPipeline) -> tuple[Any, Any]:
+        for loaded in self._loaded.values():
+            if loaded.owns(pipe):
+                return loaded.scheduler_class, loaded.scheduler_config
+        # A pipeline this cache did not load: its current scheduler is the best record there is.
+        current: Any = pipe.scheduler
+        return type(current), current.config
+
+    def unload_all(self) -> None:
+        self._loaded.clear()
+        self._free_memory()
+
+    # ---------------------------------------------------------------- loading
+
+    def _get(self, entry: ModelEntry) -> _LoadedModel:
+        loaded = self._loaded.get(entry.air)
+        if loaded is not None:
+            self._loaded.move_to_end(entry.air)
+            return loaded
+        # Make room before loading, so that two models never have to fit in memory at once.
+        while len(self._loaded) >= self.max_loaded:
+            # Deleted by key so that no local variable keeps the evicted pipelines alive during gc.
+            evicted = next(iter(self._loaded))
+            del self._loaded[evicted]
+            logger.info("unloading model %s to make room for %s", evicted, entry.air)
+            self._free_memory()
+        pipe = self._load(entry)
+        scheduler: Any = pipe.scheduler
+        loaded = _LoadedModel(
+            primary=pipe, scheduler_class=type(scheduler), scheduler_config=scheduler.config
+        )
+        self._loaded[entry.air] = loaded
+        return loaded
+
+    def _load(self, entry: ModelEntry) -> DiffusionPipeline:
+        path = locate_weights(entry, data_dir=self.data_dir, allow_downloads=self.allow_downloads)
+        location = entry.location or "the embedded model"
+        logger.info("loading model %s from %s on %s", entry.air, location, self.device)
+        started = time.monotonic()
+        _enable_loading_progress_bars()
+        try:
+            if entry.source == "embedded":
+                path = ensure_tiny_model(path)
+            pipe = self._read_pipeline(entry, path)
+            pipe.to(self.device)
+        except TaskError:
+            raise
+        except Exception as exc:
+            # Whatever was loaded before the failure is garbage now; give its memory back at once.
+            self._free_memory()
+            raise ModelNotFound(
+                f"the weights of {entry.label} at {location} could not be loaded ({type(exc).__name__})",
+                parameter="model",
+                type="string",
+            ) from exc
+        # Per-step progress bars are noise in a server log; the server reports progress itself.
+        pipe.set_progress_bar_config(disable=True)
+        logger.info("loaded model %s in %.1f s", entry.air, time.monotonic() - started)
+        return pipe
+
+    def _read_pipeline(self, entry: ModelEntry, path: Path) -> DiffusionPipeline:
+        options: dict[str, Any] = {_DTYPE_KEYWORD: self.dtype}
+        if importlib.util.find_spec("accelerate") is None:
+            # Without accelerate, diffusers warns on every load before falling back to this.
+            options["low_cpu_mem_usage"] = False
+        if entry.source == "single_file":
+            pipeline_class = _SINGLE_FILE_PIPELINES[entry.architecture]
+            # A single file has no configs; diffusers fetches them from the hub, or its cache.
+            local_only = not self.allow_downloads
+            return pipeline_class.from_single_file(str(path), local_files_only=local_only, **options)
+        if _has_safety_checker(path):
+            # Clients ask for NSFW checks explicitly; the server runs its own, never the pipeline's.
+            options.update(safety_checker=None, requires_safety_checker=False)
+        if entry.architecture in _IMAGE_TO_IMAGE_ONLY:
+            return AutoPipelineForImage2Image.from_pretrained(str(path), **options)
+        return AutoPipelineForText2Image.from_pretrained(str(path), **options)
+
+    def _free_memory(self) -> None:
+        gc.collect()
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+def _seed_option(scheduler_class: Any, seeds: Sequence[int]) -> dict[str, Any]:
+    if not seeds or _NOISE_SEED_OPTION not in inspect.signature(scheduler_class.__init__).parameters:
+        return {}
+    return {_NOISE_SEED_OPTION: list(seeds) if len(seeds) > 1 else seeds[0]}
+
+
+def _has_safety_checker(path: Path) -> bool:
+    try:
+        index = json.loads((path / MODEL_INDEX).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(index, dict) and "safety_checker" in index
+
+
+def _enable_loading_progress_bars() -> None:
+    # Loading a large model takes minutes; its progress bars show the server is not stuck. They
+    # stay off only when the operator turned them off for the whole Hugging Face stack.
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").strip().lower() in {"1", "true", "yes", "on"}:
+        return
+    diffusers.utils.logging.enable_progress_bar()
+    transformers.utils.logging.enable_progress_bar()

@@ -1,0 +1,158 @@
+"""Scheduler names that clients send, mapped to the diffusers class and options that implement them.
+
+Pure data: this module names diffusers classes as strings and imports no diffusers, so the protocol
+layer can validate ``scheduler`` before anything reaches the GPU worker. The worker turns a spec
+into an object with ``PipelineCache.make_scheduler``.
+
+Names follow Runware's list for Stable Diffusion models (friendly names such as ``DPM++ 2M Karras``
+and diffusers class names such as ``EulerDiscreteScheduler``). Left out on purpose: the inverse
+schedulers (``DDIMInverseScheduler``, ``DPMSolverMultistepInverse``: they run the diffusion
+backwards, for inversion, and give no image), the EDM, flow-matching and variance-exploding
+schedulers (``EDMEulerScheduler``, ``FlowMatchEulerDiscreteScheduler``, ``KarrasVeScheduler``,
+``ScoreSdeVeScheduler``: they expect models trained in another parameterisation than the SD family
+served here), ``IPNDMScheduler`` (it cannot add noise to an image, so image-to-image fails with it)
+and the ``Uniform`` variants, whose meaning Runware does not define.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.errors import InvalidParameter, describe_value
+
+DEFAULT_NAME = "Default"
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    name: str
+    class_name: str
+    # Overrides applied on top of the model's own scheduler config. Not part of the hash: a
+    # mapping is not hashable, and name + class_name already identify a spec.
+    options: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+
+# The noise-schedule flags are spelled out for every friendly name, so that "Euler" means plain
+# Euler even on a model whose own config turns Karras sigmas on.
+_PLAIN: Mapping[str, Any] = types.MappingProxyType(
+    {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False}
+)
+_KARRAS: Mapping[str, Any] = types.MappingProxyType({**_PLAIN, "use_karras_sigmas": True})
+_EXPONENTIAL: Mapping[str, Any] = types.MappingProxyType({**_PLAIN, "use_exponential_sigmas": True})
+_BETA: Mapping[str, Any] = types.MappingProxyType({**_PLAIN, "use_beta_sigmas": True})
+
+_DPMPP_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2}
+_DPMPP_3M = {"algorithm_type": "dpmsolver++", "solver_order": 3}
+_DPMPP_2M_SDE = {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}
+# Singlestep needs a lower-order last step when it ends on sigma zero; diffusers would switch it on
+# anyway, with a warning on every call.
+_DPMPP_SINGLE = {"algorithm_type": "dpmsolver++", "solver_order": 2, "lower_order_final": True}
+
+
+def _spec(name: str, class_name: str, *option_sets: Mapping[str, Any]) -> SchedulerSpec:
+    options: dict[str, Any] = {}
+    for option_set in option_sets:
+        options.update(option_set)
+    return SchedulerSpec(name=name, class_name=class_name, options=types.MappingProxyType(options))
+
+
+def _sigma_variants(
+    name: str, class_name: str, base: Mapping[str, Any], *, beta_and_exponential: bool = True
+) -> list[SchedulerSpec]:
+    """``name``, ``name Karras`` and, where Runware lists them, ``name Beta``/``name Exponential``."""
+    variants = [_spec(name, class_name, base, _PLAIN), _spec(f"{name} Karras", class_name, base, _KARRAS)]
+    if beta_and_exponential:
+        variants.append(_spec(f"{name} Beta", class_name, base, _BETA))
+        variants.append(_spec(f"{name} Exponential", class_name, base, _EXPONENTIAL))
+    return variants
+
+
+_FRIENDLY_SPECS: list[SchedulerSpec] = [
+    _spec("DDIM", "DDIMScheduler"),
+    _spec("DDPM", "DDPMScheduler"),
+    _spec("PNDM", "PNDMScheduler"),
+    _spec("Euler a", "EulerAncestralDiscreteScheduler"),
+    _spec("LCM", "LCMScheduler"),
+    _spec("TCD", "TCDScheduler"),
+    _spec("DEIS", "DEISMultistepScheduler", _PLAIN),
+    _spec("DPM2", "KDPM2DiscreteScheduler", _PLAIN),
+    _spec("DPM2 Karras", "KDPM2DiscreteScheduler", _KARRAS),
+    _spec("DPM2 a", "KDPM2AncestralDiscreteScheduler", _PLAIN),
+    _spec("DPM2 a Karras", "KDPM2AncestralDiscreteScheduler", _KARRAS),
+    *_sigma_variants("Euler", "EulerDiscreteScheduler", {}),
+    *_sigma_variants("Heun", "HeunDiscreteScheduler", {}, beta_and_exponential=False),
+    *_sigma_variants("LMS", "LMSDiscreteScheduler", {}, beta_and_exponential=False),
+    *_sigma_variants("DPM++", "DPMSolverSinglestepScheduler", _DPMPP_SINGLE),
+    *_sigma_variants("DPM++ 2M", "DPMSolverMultistepScheduler", _DPMPP_2M),
+    *_sigma_variants("DPM++ 2M SDE", "DPMSolverMultistepScheduler", _DPMPP_2M_SDE),
+    *_sigma_variants("DPM++ 3M", "DPMSolverMultistepScheduler", _DPMPP_3M),
+    *_sigma_variants("DPM++ SDE", "DPMSolverSDEScheduler", {}),
+    _spec("UniPC", "UniPCMultistepScheduler", _PLAIN),
+    _spec("UniPC Karras", "UniPCMultistepScheduler", _KARRAS),
+    _spec("UniPC 2M", "UniPCMultistepScheduler", {"solver_order": 2}, _PLAIN),
+    _spec("UniPC 2M Karras", "UniPCMultistepScheduler", {"solver_order": 2}, _KARRAS),
+    _spec("UniPC 3M", "UniPCMultistepScheduler", {"solver_order": 3}, _PLAIN),
+    _spec("UniPC 3M Karras", "UniPCMultistepScheduler", {"solver_order": 3}, _KARRAS),
+]
+
+# A class name keeps the model's own settings for that class (Karras sigmas and so on): the client
+# asked for the class, not for a particular recipe.
+_CLASS_NAMES: tuple[str, ...] = (
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "PNDMScheduler",
+    "LMSDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "DPMSolverSDEScheduler",
+    "DEISMultistepScheduler",
+    "UniPCMultistepScheduler",
+    "LCMScheduler",
+    "TCDScheduler",
+)
+
+SCHEDULERS: Mapping[str, SchedulerSpec] = types.MappingProxyType(
+    {spec.name: spec for spec in _FRIENDLY_SPECS}
+    | {class_name: _spec(class_name, class_name) for class_name in _CLASS_NAMES}
+)
+
+# Every name a client may send, in their canonical spelling, for ``allowedValues``.
+SCHEDULER_NAMES: tuple[str, ...] = tuple(sorted([DEFAULT_NAME, *SCHEDULERS], key=str.casefold))
+
+
+def _normalise(name: str) -> str:
+    # Case and runs of spaces carry no meaning in these names ("euler  A" is "Euler a").
+    return " ".join(name.split()).casefold()
+
+
+_BY_NORMALISED_NAME: Mapping[str, SchedulerSpec] = types.MappingProxyType(
+    {_normalise(name): spec for name, spec in SCHEDULERS.items()}
+)
+
+
+def resolve_scheduler(name: str | None) -> SchedulerSpec | None:
+    """The spec for a client's scheduler name; ``None`` (absent or ``Default``) means the model's own."""
+    if name is None:
+        return None
+    key = _normalise(name) if isinstance(name, str) else None
+    if key == _normalise(DEFAULT_NAME):
+        return None
+    spec = _BY_NORMALISED_NAME.get(key) if key is not None else None
+    if spec is None:
+        friendly = [DEFAULT_NAME, *(spec.name for spec in _FRIENDLY_SPECS)]
+        raise InvalidParameter(
+            f"scheduler must be one of {', '.join(friendly)} or a diffusers scheduler class name such as "
+            f"EulerDiscreteScheduler (case-insensitive); received {describe_value(name)}",
+            parameter="scheduler",
+            type="string",
+            allowed_values=list(SCHEDULER_NAMES),
+        )
+    return spec

@@ -1,0 +1,25 @@
+"""Python client for imagewire, the self-hosted image inference server speaking Runware's WebSocket API.
+
+``Client`` is the asyncio client; ``SyncClient`` offers the same calls for code without an
+event loop. Every refusal, from the server or the connection, raises ``ImagewireError``.
+"""
+
+from imagewire_client.client import DEFAULT_URL, Client
+from imagewire_client.errors import ImagewireError
+from imagewire_client.images import ImageSource
+from imagewire_client.results import ImageResult, ModelInfo, UploadedImage
+from imagewire_client.sync import SyncClient
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_URL",
+    "Client",
+    "ImageResult",
+    "ImageSource",
+    "ImagewireError",
+    "ModelInfo",
+    "SyncClient",
+    "UploadedImage",
+    "__version__",
+]

@@ -1,0 +1,96 @@
+"""Build the tasks the client sends, from the shared schema structs, and encode frames.
+
+Values are not checked here: the server is the one validator, and its errors name the
+parameter and the allowed range. Fields left at ``None`` stay off the wire: the public API
+treats absent and ``null`` alike, and a frame without them is easier to read in a log.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+from imagewire_client import schema
+
+_encoder = msgspec.json.Encoder()
+
+
+def new_task_uuid() -> str:
+    return str(uuid.uuid4())
+
+
+def _wire_object(task: schema.Task) -> dict[str, Any]:
+    wire = msgspec.to_builtins(task)  # carries the ``taskType`` tag
+    return {key: value for key, value in wire.items() if value is not None}
+
+
+def encode_tasks(tasks: Sequence[schema.Task]) -> bytes:
+    """One frame: a JSON array of task objects."""
+    return _encoder.encode([_wire_object(task) for task in tasks])
+
+
+def authentication(api_key: str | None, session_uuid: str | None = None) -> schema.Authentication:
+    return schema.Authentication(apiKey=api_key, connectionSessionUUID=session_uuid)
+
+
+def ping() -> schema.Ping:
+    return schema.Ping(ping=True)
+
+
+def image_upload(image: str, task_uuid: str | None = None) -> schema.ImageUpload:
+    return schema.ImageUpload(taskUUID=task_uuid or new_task_uuid(), image=image)
+
+
+def model_search(
+    search: str | None = None,
+    *,
+    category: str | None = None,
+    architecture: str | None = None,
+    limit: int = 100,
+    offset: int = 0,
+    task_uuid: str | None = None,
+) -> schema.ModelSearch:
+    return schema.ModelSearch(taskUUID=task_uuid or new_task_uuid(), search=search, category=category,
+                              architecture=architecture, limit=limit, offset=offset)
+
+
+def image_inference(
+    *,
+    model: str,
+    positive_prompt: str,
+    negative_prompt: str | None = None,
+    seed_image: str | None = None,
+    strength: float | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    steps: int | None = None,
+    cfg_scale: float | None = None,
+    scheduler: str | None = None,
+    seed: int | None = None,
+    number_results: int = 1,
+    output_type: str | list[str] = "URL",
+    output_format: str = "PNG",
+    output_quality: int | None = None,
+    include_cost: bool = False,
+    task_uuid: str | None = None,
+) -> schema.ImageInference:
+    """An ``imageInference`` task; ``seed_image`` is already in wire form (see ``images.image_field``)."""
+    fields: dict[str, Any] = {
+        "negativePrompt": negative_prompt, "seedImage": seed_image, "strength": strength, "width": width,
+        "height": height, "steps": steps, "CFGScale": cfg_scale, "scheduler": scheduler, "seed": seed,
+        "outputQuality": output_quality,
+    }
+    return schema.ImageInference(
+        taskUUID=task_uuid or new_task_uuid(),
+        model=model,
+        positivePrompt=positive_prompt,
+        numberResults=number_results,
+        outputType=output_type,  # type: ignore[arg-type]  # not checked here: the server names bad values
+        outputFormat=output_format,
+        includeCost=include_cost,
+        # Unset fields keep the schema's defaults, which are the server's defaults too.
+        **{name: value for name, value in fields.items() if value is not None},
+    )

@@ -1,0 +1,83 @@
+"""Typed results handed to callers, converted from the server's answer items."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from imagewire_client import schema
+from imagewire_client.errors import INVALID_RESPONSE, ImagewireError
+
+ModelInfo = schema.ModelInfo
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """One generated image.
+
+    ``image_url`` is set when ``URL`` output was asked for; ``image_bytes`` holds the encoded
+    image (PNG, JPEG or WEBP as requested) when ``base64Data`` or ``dataURI`` output was.
+    ``cost`` is set only with ``include_cost=True``.
+    """
+
+    task_uuid: str
+    image_uuid: str
+    seed: int | None = None
+    image_url: str | None = None
+    image_bytes: bytes | None = None
+    image_data_uri: str | None = None
+    cost: float | None = None
+    nsfw_content: bool | None = None
+
+
+@dataclass(frozen=True)
+class UploadedImage:
+    """An image stored on the server: pass ``uuid`` wherever a task takes an image."""
+
+    uuid: str
+    url: str
+
+
+def _convert(item: dict[str, Any], kind: type[Any]) -> Any:
+    try:
+        return msgspec.convert(item, kind)
+    except msgspec.ValidationError as exc:
+        raise ImagewireError(
+            INVALID_RESPONSE, f"The server sent an answer this client cannot read: {exc}.",
+            task_uuid=item.get("taskUUID"), task_type=item.get("taskType"),
+        ) from exc
+
+
+def _decode_base64(text: str, task_uuid: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ImagewireError(INVALID_RESPONSE, "The server sent image data that is not valid base64.",
+                             task_uuid=task_uuid) from exc
+
+
+def image_result(item: dict[str, Any]) -> ImageResult:
+    wire: schema.ImageResult = _convert(item, schema.ImageResult)
+    image_bytes = None
+    if wire.imageBase64Data:
+        image_bytes = _decode_base64(wire.imageBase64Data, wire.taskUUID)
+    elif wire.imageDataURI and "," in wire.imageDataURI:
+        image_bytes = _decode_base64(wire.imageDataURI.split(",", 1)[1], wire.taskUUID)
+    return ImageResult(
+        task_uuid=wire.taskUUID, image_uuid=wire.imageUUID, seed=wire.seed, image_url=wire.imageURL,
+        image_bytes=image_bytes, image_data_uri=wire.imageDataURI, cost=wire.cost, nsfw_content=wire.NSFWContent,
+    )
+
+
+def uploaded_image(item: dict[str, Any]) -> UploadedImage:
+    wire: schema.UploadResult = _convert(item, schema.UploadResult)
+    return UploadedImage(uuid=wire.imageUUID, url=wire.imageURL)
+
+
+def model_infos(item: dict[str, Any]) -> list[ModelInfo]:
+    wire: schema.ModelSearchResult = _convert(item, schema.ModelSearchResult)
+    return wire.results

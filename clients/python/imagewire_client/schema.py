@@ -1,0 +1,214 @@
+"""The wire schema: every task a client sends and every item the server answers.
+
+This module is the single source of truth for message shapes. It imports nothing but
+msgspec and the standard library, so the client library can carry an identical copy
+(``clients/python/imagewire_client/schema.py``; a test keeps the two byte-identical).
+
+Field names are spelled exactly as on the wire (``taskUUID``, ``CFGScale``): a
+camel-case rename would get the acronyms wrong. Value limits live in ``Meta`` so that
+they are visible in the exported JSON schema and enforced by the one decoder; rules
+that involve several fields or the model are checked by the task handlers.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+UUID_PATTERN = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+
+TaskUUID = Annotated[str, Meta(pattern=UUID_PATTERN, description="UUID chosen by the client")]
+Prompt = Annotated[str, Meta(min_length=2, max_length=3000)]
+NegativePrompt = Annotated[str, Meta(max_length=3000)]
+Dimension = Annotated[int, Meta(ge=128, le=2048, description="divisible by 64")]
+Strength = Annotated[float, Meta(gt=0, le=1)]
+Steps = Annotated[int, Meta(ge=1, le=100)]
+CFGScale = Annotated[float, Meta(ge=0, le=50)]
+Seed = Annotated[int, Meta(ge=0, le=9223372036854775807)]
+NumberResults = Annotated[int, Meta(ge=1, le=20)]
+OutputQuality = Annotated[int, Meta(ge=20, le=99)]
+OutputType = Literal["URL", "base64Data", "dataURI"]
+OUTPUT_TYPES: tuple[str, ...] = ("URL", "base64Data", "dataURI")
+OUTPUT_FORMATS: tuple[str, ...] = ("JPG", "PNG", "WEBP")
+DeliveryMethod = Literal["sync", "async"]
+
+
+class Task(Struct, tag_field="taskType", forbid_unknown_fields=True, kw_only=True):
+    """Base of every inbound task; the tag on the wire is ``taskType``."""
+
+
+class Authentication(Task, tag="authentication"):
+    apiKey: str | None = None
+    connectionSessionUUID: str | None = None
+
+
+class Ping(Task, tag="ping"):
+    ping: bool = True
+
+
+class ImageInference(Task, tag="imageInference"):
+    taskUUID: TaskUUID
+    model: Annotated[str, Meta(min_length=1, max_length=200)]
+    positivePrompt: Prompt
+    negativePrompt: NegativePrompt | None = None
+    width: Dimension | None = None
+    height: Dimension | None = None
+    seedImage: str | None = None
+    strength: Strength = 0.8
+    steps: Steps | None = None
+    CFGScale: CFGScale | None = None
+    scheduler: Annotated[str, Meta(max_length=100)] | None = None
+    seed: Seed | None = None
+    numberResults: NumberResults = 1
+    outputType: OutputType | list[OutputType] = "URL"
+    outputFormat: Annotated[str, Meta(max_length=10)] = "JPG"
+    outputQuality: OutputQuality = 95
+    deliveryMethod: DeliveryMethod = "sync"
+    includeCost: bool = False
+    webhookURL: Annotated[str, Meta(max_length=2048)] | None = None
+    checkNSFW: bool = False
+    safety: dict[str, Any] | None = None
+
+
+class ImageUpload(Task, tag="imageUpload"):
+    taskUUID: TaskUUID
+    image: str
+
+
+class GetResponse(Task, tag="getResponse"):
+    taskUUID: TaskUUID
+
+
+class ModelSearch(Task, tag="modelSearch"):
+    taskUUID: TaskUUID
+    search: Annotated[str, Meta(max_length=200)] | None = None
+    tags: list[str] | None = None
+    category: str | None = None
+    type: str | None = None
+    architecture: str | None = None
+    visibility: Literal["public", "private", "all"] | None = None
+    limit: Annotated[int, Meta(ge=1, le=100)] = 20
+    offset: Annotated[int, Meta(ge=0)] = 0
+
+
+AnyTask = Authentication | Ping | ImageInference | ImageUpload | GetResponse | ModelSearch
+
+# Parameters the public API defines for a task type that this server does not implement yet.
+# They are answered with ``unsupportedParameter`` by name, never silently ignored; any other
+# key that is not a field of the struct is answered with ``unknownParameter``.
+UNSUPPORTED_PARAMETERS: dict[str, frozenset[str]] = {
+    "imageInference": frozenset(
+        {
+            "lora", "refiner", "controlNet", "maskImage", "maskMargin", "vae", "clipSkip",
+            "promptWeighting", "acceleratorOptions", "ipAdapters", "embeddings", "outpaint",
+            "referenceImages", "inputs", "advancedFeatures", "puLID", "acePlusPlus",
+            "photoMaker", "instantID", "layerDiffuse", "ttl", "uploadEndpoint", "outputs",
+            "providerSettings", "settings", "frameImages", "resolution", "batchSize",
+            "vectorize", "teaCache", "fbCache", "deepCache", "cacheStartStep", "cacheEndStep",
+            "lycoris", "useCache", "acceleration", "upscaleFactor", "ultralytics", "extraArgs",
+        }
+    ),
+    "imageUpload": frozenset(),
+    "modelSearch": frozenset({"conditioning"}),
+    "getResponse": frozenset(),
+}
+
+# Task types the public API knows that this server does not run yet: answered at once
+# with ``unsupportedTaskType``.
+KNOWN_UNSUPPORTED_TASK_TYPES = frozenset(
+    {
+        "imageCaption", "caption", "imageUpscale", "upscale", "imageBackgroundRemoval",
+        "removeBackground", "promptEnhance", "imageControlNetPreProcess", "videoInference",
+        "audioInference", "photoMaker", "modelUpload", "imageMasking", "vectorize",
+    }
+)
+
+
+# ---------------------------------------------------------------- answers
+
+
+class Item(Struct, omit_defaults=True, kw_only=True):
+    """Base of every outbound item; ``None`` fields are left off the wire."""
+
+    taskType: str
+
+
+class AuthenticationResult(Item):
+    connectionSessionUUID: str
+
+
+class Pong(Item):
+    pong: bool  # no default: omit_defaults would leave a default True off the wire
+
+
+class ImageResult(Item):
+    taskUUID: str
+    imageUUID: str
+    seed: int | None = None
+    imageURL: str | None = None
+    imageBase64Data: str | None = None
+    imageDataURI: str | None = None
+    cost: float | None = None
+    NSFWContent: bool | None = None
+    status: str | None = None
+
+
+class UploadResult(Item):
+    taskUUID: str
+    imageUUID: str
+    imageURL: str
+
+
+class Acknowledgement(Item):
+    taskUUID: str
+
+
+class ModelInfo(Struct, kw_only=True):
+    air: str
+    name: str
+    version: str
+    category: str
+    architecture: str
+    tags: list[str]
+    private: bool
+    defaultWidth: int
+    defaultHeight: int
+    defaultSteps: int
+    defaultScheduler: str
+    defaultCFG: float
+    defaultStrength: float
+    aliases: list[str] = []
+    available: bool = True
+    comment: str = ""
+
+
+class ModelSearchResult(Item):
+    taskUUID: str
+    totalResults: int
+    results: list[ModelInfo]
+
+
+class ErrorItem(Struct, omit_defaults=True, kw_only=True):
+    code: str
+    message: str
+    parameter: str | None = None
+    type: str | None = None
+    allowedValues: list[Any] | None = None
+    taskType: str | None = None
+    taskUUID: str | None = None
+    status: str | None = None
+
+
+class Envelope(Struct, omit_defaults=True, kw_only=True):
+    """What one frame from the server carries."""
+
+    data: list[dict[str, Any]] | None = None
+    errors: list[dict[str, Any]] | None = None
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON schema of every inbound task, for docs and for snapshot tests."""
+    _, components = msgspec.json.schema_components([AnyTask])
+    return components

@@ -1,0 +1,1 @@
+"""The imagewire server process: WebSocket protocol, dispatch, GPU scheduling, HTTP image serving."""

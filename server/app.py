@@ -1,0 +1,137 @@
+"""The server process: builds the services, listens, and stops gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+
+from air_registry.catalog import Catalog
+from server.auth import ApiKeys, load_or_create_key
+from server.config import Config
+from server.connection import Connection
+from server.http import HttpRoutes
+from server.scheduler import Engine, Scheduler
+from server.services import Services
+from server.sessions import SessionRegistry, TaskRegistry
+from storage import ImageStore, UrlFetcher
+
+log = logging.getLogger("imagewire.server")
+
+SWEEP_INTERVAL = 30.0
+RESUME_WINDOW = 120.0
+TASK_RETENTION = 3600.0
+MAX_OUTBOX_BYTES = 256 * 1024 * 1024
+
+
+def diffusers_engine_factory(config: Config) -> Callable[[], Engine]:
+    def build() -> Engine:
+        # Imported here so that torch loads in the device worker, not when the CLI parses flags.
+        from air_registry.loader import resolve_device
+        from server.engine import DiffusersEngine
+
+        return DiffusersEngine(device=resolve_device(config.device), data_dir=config.data_dir,
+                               allow_downloads=config.allow_downloads, max_batch_size=config.max_batch_size)
+
+    return build
+
+
+class ImagewireServer:
+    def __init__(self, config: Config, *, engine_factory: Callable[[], Engine] | None = None,
+                 preload: bool = True) -> None:
+        self.config = config
+        self.engine_factory = engine_factory or diffusers_engine_factory(config)
+        self.preload = preload
+        self.generated_key: str | None = None
+        self.running: set[asyncio.Task[None]] = set()
+        self._server: Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    @property
+    def port(self) -> int:
+        return self.services.config.port
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.config.host}:{self.port}/v1"
+
+    async def start(self) -> None:
+        config = self.config
+        keys = list(config.api_keys)
+        if not keys:
+            key, created = await asyncio.to_thread(load_or_create_key, config.data_dir)
+            keys = [key]
+            self.generated_key = key if created else None
+            if not created:
+                log.info("using the API key kept in %s", config.data_dir / "api-key")
+        self.api_keys = ApiKeys(keys)
+        catalog = await asyncio.to_thread(Catalog.load, config.catalog_files)
+        scheduler = Scheduler(self.engine_factory, queue_size=config.queue_size)
+        self.services = Services(
+            config=config,
+            store=await asyncio.to_thread(ImageStore, config.data_dir / "images"),
+            fetcher=UrlFetcher(allow_private=config.allow_private_urls, max_bytes=config.max_image_bytes,
+                               timeout=config.url_fetch_timeout),
+            catalog=catalog,
+            scheduler=scheduler,
+            sessions=SessionRegistry(resume_window=RESUME_WINDOW, max_outbox_bytes=MAX_OUTBOX_BYTES),
+            registry=TaskRegistry(retention=TASK_RETENTION),
+        )
+        scheduler.start()
+        if self.preload:
+            scheduler.preload(catalog.resolve(config.default_model))
+        self._server = await serve(
+            self._handle, config.host, config.port,
+            process_request=HttpRoutes(self.services),
+            max_size=config.max_frame_bytes,
+            # Compression runs on the event loop; deflating megabytes of base64 would delay pongs.
+            compression=None,
+            max_queue=64,
+        )
+        port = self._server.sockets[0].getsockname()[1] if config.port == 0 else config.port
+        self.services.config = dataclasses.replace(config, port=port)
+        self._sweeper = asyncio.create_task(self._sweep_forever())
+        log.info("imagewire listening on %s (images at %s/image/)", self.url, self.services.config.base_url)
+
+    async def _handle(self, websocket: ServerConnection) -> None:
+        await Connection(websocket, self.services, self.api_keys, self.running).serve()
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            self.services.sessions.sweep()
+            self.services.registry.sweep()
+
+    async def stop(self, grace: float = 30.0) -> None:
+        """Stop listening, let running tasks finish for up to ``grace`` seconds, close sockets with 1001."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        # Stop accepting new sockets; the open ones stay so running tasks can still deliver.
+        # (websockets' own close() acts only once, so it is kept for the end.)
+        server.server.close()
+        if self.running:
+            log.info("waiting up to %.0f s for %d running tasks", grace, len(self.running))
+            _, unfinished = await asyncio.wait(set(self.running), timeout=grace)
+            for task in unfinished:
+                task.cancel()
+        server.close(close_connections=True)
+        await server.wait_closed()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        await asyncio.to_thread(self.services.scheduler.stop, grace)
+        log.info("stopped")
+
+    async def __aenter__(self) -> ImagewireServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.stop()

@@ -1,0 +1,127 @@
+"""Configuration: command-line flags, each with an ``IMAGEWIRE_*`` environment fallback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: Path = Path("imagewire-data")
+    api_keys: tuple[str, ...] = ()
+    public_url: str | None = None
+    device: str = "auto"
+    allow_private_urls: bool = False
+    allow_downloads: bool = False
+    catalog_files: tuple[Path, ...] = ()
+    default_model: str = "imagewire:tiny@1"
+    # Bounds: past each one a client gets a clear error, never unbounded growth.
+    max_frame_bytes: int = 64 * MIB
+    max_tasks_per_message: int = 64
+    max_tasks_in_flight: int = 64          # per connection
+    queue_size: int = 256                  # inference jobs waiting for the GPU, all connections together
+    max_batch_size: int = 4                # images per pipeline call; numberResults above it runs in chunks
+    max_image_pixels: int = 4096 * 4096    # decoded input images (decompression bombs)
+    max_image_bytes: int = 32 * MIB        # encoded input images, inline or fetched
+    url_fetch_timeout: float = 15.0
+    idle_timeout: float = 120.0
+    price_per_gpu_second: float = 0.0      # for includeCost
+    log_level: str = "INFO"
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def base_url(self) -> str:
+        """Where clients reach this server over HTTP; the prefix of every imageURL."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = self.host if self.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"IMAGEWIRE_{name}", default)
+
+
+def _env_flag(name: str) -> bool:
+    return (_env(name) or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imagewire-server",
+        description=(
+            "Self-hosted image inference server speaking Runware's WebSocket API. "
+            "Clients connect to ws://HOST:PORT/v1; generated and uploaded images are served at "
+            "http://HOST:PORT/image/<uuid>.<ext>. Every flag has an IMAGEWIRE_<NAME> environment fallback."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--host", default=_env("HOST", "127.0.0.1"), help="interface to listen on [IMAGEWIRE_HOST]")
+    add("--port", type=int, default=int(_env("PORT", "8080") or 8080),
+        help="port for WebSocket and HTTP; 0 picks a free one [IMAGEWIRE_PORT]")
+    add("--data-dir", type=Path, default=Path(_env("DATA_DIR", "imagewire-data") or "imagewire-data"),
+        help="where images, models and the generated API key live [IMAGEWIRE_DATA_DIR]")
+    add("--api-key", dest="api_keys", action="append", default=None, metavar="KEY",
+        help="accepted API key, repeatable [IMAGEWIRE_API_KEYS, comma-separated]; with none, one is "
+             "generated at first start and kept in DATA_DIR/api-key")
+    add("--public-url", default=_env("PUBLIC_URL"),
+        help="base of the imageURLs handed out (default http://HOST:PORT) [IMAGEWIRE_PUBLIC_URL]")
+    add("--device", default=_env("DEVICE", "auto"),
+        help="auto, cpu, cuda or cuda:N [IMAGEWIRE_DEVICE]")
+    add("--allow-private-urls", action="store_true", default=_env_flag("ALLOW_PRIVATE_URLS"),
+        help="let URL inputs reach loopback, private and link-local addresses [IMAGEWIRE_ALLOW_PRIVATE_URLS]")
+    add("--allow-downloads", action="store_true", default=_env_flag("ALLOW_DOWNLOADS"),
+        help="download catalog models missing from the Hugging Face cache [IMAGEWIRE_ALLOW_DOWNLOADS]")
+    add("--catalog", dest="catalog_files", action="append", type=Path, default=None, metavar="FILE",
+        help="extra model catalog JSON file, repeatable [IMAGEWIRE_CATALOG, comma-separated]")
+    add("--max-frame-mib", type=int, default=int(_env("MAX_FRAME_MIB", "64") or 64),
+        help="largest inbound WebSocket message, MiB [IMAGEWIRE_MAX_FRAME_MIB]")
+    add("--queue-size", type=int, default=int(_env("QUEUE_SIZE", "256") or 256),
+        help="inference jobs that may wait for the device [IMAGEWIRE_QUEUE_SIZE]")
+    add("--max-batch-size", type=int, default=int(_env("MAX_BATCH_SIZE", "4") or 4),
+        help="images per pipeline call [IMAGEWIRE_MAX_BATCH_SIZE]")
+    add("--max-tasks-in-flight", type=int, default=int(_env("MAX_TASKS_IN_FLIGHT", "64") or 64),
+        help="unfinished tasks per connection [IMAGEWIRE_MAX_TASKS_IN_FLIGHT]")
+    add("--price-per-gpu-second", type=float, default=float(_env("PRICE_PER_GPU_SECOND", "0") or 0),
+        help="cost reported with includeCost, per second of device time [IMAGEWIRE_PRICE_PER_GPU_SECOND]")
+    add("--log-level", default=_env("LOG_LEVEL", "INFO"), choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="[IMAGEWIRE_LOG_LEVEL]")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Config:
+    args = build_parser().parse_args(argv)
+    api_keys = args.api_keys
+    if api_keys is None:
+        api_keys = [k.strip() for k in (_env("API_KEYS") or "").split(",") if k.strip()]
+    catalog_files = args.catalog_files
+    if catalog_files is None:
+        catalog_files = [Path(p.strip()) for p in (_env("CATALOG") or "").split(",") if p.strip()]
+    return Config(
+        host=args.host,
+        port=args.port,
+        data_dir=args.data_dir,
+        api_keys=tuple(api_keys),
+        public_url=args.public_url,
+        device=args.device,
+        allow_private_urls=args.allow_private_urls,
+        allow_downloads=args.allow_downloads,
+        catalog_files=tuple(catalog_files),
+        max_frame_bytes=args.max_frame_mib * 1024 * 1024,
+        queue_size=args.queue_size,
+        max_batch_size=args.max_batch_size,
+        max_tasks_in_flight=args.max_tasks_in_flight,
+        price_per_gpu_second=args.price_per_gpu_second,
+        log_level=args.log_level,
+    )

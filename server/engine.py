@@ -1,0 +1,77 @@
+"""Runs one validated inference job on a diffusers pipeline. Lives in the device worker thread.
+
+The steps of ``run`` mirror a diffusers pipeline's own: pick the pipeline, set a fresh
+scheduler, then per chunk of seeds make the generators and call the pipeline. This is the
+only server module that imports torch.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from PIL.Image import Image
+
+from air_registry.catalog import ModelEntry
+from air_registry.loader import PipelineCache
+from server.scheduler import GeneratedImage, InferenceJob
+
+log = logging.getLogger("imagewire.engine")
+
+
+class DiffusersEngine:
+    def __init__(self, *, device: str, data_dir: Path, allow_downloads: bool, max_batch_size: int) -> None:
+        self.pipelines = PipelineCache(device=device, data_dir=data_dir, allow_downloads=allow_downloads)
+        self.max_batch_size = max_batch_size
+
+    def load(self, model: ModelEntry) -> None:
+        self.pipelines.text_to_image(model)
+
+    def run(self, job: InferenceJob, emit: Callable[[list[GeneratedImage]], None]) -> None:
+        # 1. the pipeline: image-to-image shares the weights of text-to-image
+        if job.init_image is not None:
+            pipe = self.pipelines.image_to_image(job.model)
+        else:
+            pipe = self.pipelines.text_to_image(job.model)
+        # 2. a fresh scheduler every call: schedulers keep per-run state
+        pipe.scheduler = self.pipelines.make_scheduler(pipe, job.scheduler)
+        # 3. chunks of at most max_batch_size images, each image with its own generator
+        for start in range(0, len(job.seeds), self.max_batch_size):
+            seeds = job.seeds[start : start + self.max_batch_size]
+            started = time.perf_counter()
+            images = self._call(pipe, job, seeds)
+            share = (time.perf_counter() - started) / len(seeds)
+            pairs = enumerate(zip(seeds, images, strict=True))
+            emit([GeneratedImage(start + i, seed, image, share) for i, (seed, image) in pairs])
+
+    def _call(self, pipe: object, job: InferenceJob, seeds: list[int]) -> list[Image]:
+        count = len(seeds)
+        # Generators live on the CPU so that a seed gives the same starting noise on every
+        # device; diffusers moves the noise to the pipeline's device.
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        arguments: dict[str, object] = {
+            "prompt": [job.prompt] * count,
+            "negative_prompt": [job.negative_prompt] * count if job.negative_prompt else None,
+            "num_inference_steps": job.steps,
+            "guidance_scale": job.cfg_scale,
+            "generator": generators,
+            "output_type": "pil",
+        }
+        if job.init_image is not None:
+            arguments["image"] = [job.init_image] * count
+            arguments["strength"] = job.strength
+        else:
+            arguments["width"] = job.width
+            arguments["height"] = job.height
+        with torch.inference_mode():
+            output = pipe(**arguments)  # type: ignore[operator]
+        return list(output.images)
+
+    def recover(self) -> None:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

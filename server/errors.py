@@ -1,0 +1,136 @@
+"""One error tree for everything a client can cause.
+
+    TaskError                      code sent on the wire
+    ├── InvalidParameter           invalidParameter (or a specific code such as invalidWidth)
+    ├── MissingParameter           missingParameter
+    ├── UnknownParameter           unknownParameter
+    ├── UnsupportedParameter       unsupportedParameter
+    ├── UnsupportedTaskType        unsupportedTaskType
+    ├── InvalidApiKey              invalidApiKey
+    ├── MissingApiKey              missingApiKey
+    ├── ConflictTaskUUID           conflictTaskUUID
+    ├── ModelNotFound              modelNotFound
+    ├── ImageNotFound              imageNotFound
+    ├── TaskNotFound               taskNotFound
+    ├── ServiceUnavailable         serviceUnavailable (queue full, shutting down, limits reached)
+    ├── Timeout                    timeout
+    ├── InferenceError             inferenceError (the pipeline failed; other tasks go on)
+    ├── StorageError               storageError (disk full and friends)
+    └── InternalServerError        internalServerError (our own bug; the message never leaks details)
+
+Foreign exceptions (PIL, OSError, torch, msgspec) are translated where they are caught,
+with ``raise ... from exc``, so a traceback in the log still shows the cause while the
+client sees only the sentence.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TaskError(Exception):
+    code = "internalServerError"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        parameter: str | None = None,
+        type: str | None = None,
+        allowed_values: list[Any] | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.parameter = parameter
+        self.type = type
+        self.allowed_values = allowed_values
+        if code is not None:
+            self.code = code
+
+    def to_item(self, task_type: str | None, task_uuid: str | None) -> dict[str, Any]:
+        """The wire form of this error, scoped to one task."""
+        item: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.parameter is not None:
+            item["parameter"] = self.parameter
+        if self.type is not None:
+            item["type"] = self.type
+        if self.allowed_values is not None:
+            item["allowedValues"] = self.allowed_values
+        if task_type is not None:
+            item["taskType"] = task_type
+        if task_uuid is not None:
+            item["taskUUID"] = task_uuid
+        return item
+
+
+class InvalidParameter(TaskError):
+    code = "invalidParameter"
+
+
+class MissingParameter(TaskError):
+    code = "missingParameter"
+
+
+class UnknownParameter(TaskError):
+    code = "unknownParameter"
+
+
+class UnsupportedParameter(TaskError):
+    code = "unsupportedParameter"
+
+
+class UnsupportedTaskType(TaskError):
+    code = "unsupportedTaskType"
+
+
+class InvalidApiKey(TaskError):
+    code = "invalidApiKey"
+
+
+class MissingApiKey(TaskError):
+    code = "missingApiKey"
+
+
+class ConflictTaskUUID(TaskError):
+    code = "conflictTaskUUID"
+
+
+class ModelNotFound(TaskError):
+    code = "modelNotFound"
+
+
+class ImageNotFound(TaskError):
+    code = "imageNotFound"
+
+
+class TaskNotFound(TaskError):
+    code = "taskNotFound"
+
+
+class ServiceUnavailable(TaskError):
+    code = "serviceUnavailable"
+
+
+class Timeout(TaskError):
+    code = "timeout"
+
+
+class InferenceError(TaskError):
+    code = "inferenceError"
+
+
+class StorageError(TaskError):
+    code = "storageError"
+
+
+class InternalServerError(TaskError):
+    code = "internalServerError"
+
+
+def describe_value(value: Any, limit: int = 60) -> str:
+    """A short, safe rendering of a client value for an error message."""
+    text = repr(value)
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text

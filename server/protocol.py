@@ -1,0 +1,259 @@
+"""Bytes ⇄ typed tasks and answer frames. Pure: no I/O, no torch.
+
+A frame from a client is a JSON array of task objects. Each task is decoded on its own,
+so one bad task becomes one error item and its neighbours still run:
+
+1. the frame is parsed as ``list[msgspec.Raw]`` (not JSON or not an array → ``FrameError``);
+2. each element is parsed into a dict, its ``taskType`` and ``taskUUID`` read for scoping;
+3. ``null`` values are dropped (they count as absent), keys checked against the task's
+   fields (``unsupportedParameter`` for what the public API defines and we don't run yet,
+   ``unknownParameter`` for anything else);
+4. ``msgspec.convert`` checks types and value limits; its errors are rewritten into
+   sentences naming the parameter, the allowed values and the value received.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import msgspec
+import msgspec.inspect as mi
+
+from server.errors import (
+    InvalidParameter,
+    MissingParameter,
+    TaskError,
+    UnknownParameter,
+    UnsupportedParameter,
+    UnsupportedTaskType,
+    describe_value,
+)
+from tasks import schema
+
+TASK_TYPES: dict[str, type[schema.Task]] = {
+    "authentication": schema.Authentication,
+    "ping": schema.Ping,
+    "imageInference": schema.ImageInference,
+    "imageUpload": schema.ImageUpload,
+    "getResponse": schema.GetResponse,
+    "modelSearch": schema.ModelSearch,
+}
+
+_frame_decoder = msgspec.json.Decoder(list[msgspec.Raw])
+_object_decoder = msgspec.json.Decoder()
+_encoder = msgspec.json.Encoder()
+
+
+class FrameError(TaskError):
+    """The frame as a whole is unreadable; answered with one error item without taskUUID."""
+
+    code = "invalidMessage"
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """One element of a frame: a typed task, or the error that replaces it."""
+
+    task_type: str | None
+    task_uuid: str | None
+    task: schema.Task | None = None
+    error: TaskError | None = None
+
+
+def decode_frame(frame: str | bytes, *, max_tasks: int) -> list[Decoded]:
+    try:
+        elements = _frame_decoder.decode(frame)
+    except msgspec.DecodeError as exc:
+        raise FrameError(
+            "Each message must be a JSON array of task objects, e.g. "
+            '[{"taskType":"ping","ping":true}]; this one could not be read as one '
+            f"({_first_sentence(str(exc))}).",
+        ) from exc
+    if len(elements) > max_tasks:
+        raise FrameError(
+            f"A message may carry at most {max_tasks} tasks; this one carries {len(elements)}. "
+            "Send the rest in further messages.",
+        )
+    return [decode_task(element) for element in elements]
+
+
+def decode_task(raw: msgspec.Raw | bytes) -> Decoded:
+    try:
+        obj = _object_decoder.decode(raw)
+    except msgspec.DecodeError as exc:  # pragma: no cover - the frame decoder already checked the JSON
+        return Decoded(None, None, error=InvalidParameter(f"A task is not valid JSON: {exc}"))
+    if not isinstance(obj, dict):
+        return Decoded(None, None, error=InvalidParameter(
+            f"Each task must be a JSON object; received {type(obj).__name__} {describe_value(obj)}."))
+    task_type = obj.get("taskType")
+    raw_uuid = obj.get("taskUUID")
+    task_uuid = raw_uuid if isinstance(raw_uuid, str) else None
+    if not isinstance(task_type, str):
+        return Decoded(None, task_uuid, error=MissingParameter(
+            "Every task needs a taskType string, one of " + ", ".join(TASK_TYPES) + ".",
+            parameter="taskType", type="string", allowed_values=list(TASK_TYPES)))
+    struct_type = TASK_TYPES.get(task_type)
+    if struct_type is None:
+        return Decoded(task_type, task_uuid, error=UnsupportedTaskType(
+            f"taskType {describe_value(task_type)} is not supported by this server; supported: "
+            + ", ".join(TASK_TYPES) + ".",
+            parameter="taskType", type="string", allowed_values=list(TASK_TYPES)))
+    try:
+        task = convert_task(obj, struct_type)
+    except TaskError as error:
+        return Decoded(task_type, task_uuid, error=error)
+    return Decoded(task_type, task_uuid, task=task)
+
+
+def convert_task(obj: dict[str, Any], struct_type: type[schema.Task]) -> schema.Task:
+    present = {key: value for key, value in obj.items() if value is not None}
+    task_type = present["taskType"]
+    fields = _field_names(struct_type)
+    unsupported = schema.UNSUPPORTED_PARAMETERS.get(task_type, frozenset())
+    extra = [key for key in present if key not in fields and key != "taskType"]
+    not_yet = [key for key in extra if key in unsupported]
+    if not_yet:
+        raise UnsupportedParameter(
+            f"{', '.join(not_yet)} {'is' if len(not_yet) == 1 else 'are'} not supported by this server "
+            f"for {task_type} yet; remove {'it' if len(not_yet) == 1 else 'them'} from the request.",
+            parameter=not_yet[0])
+    if extra:
+        raise UnknownParameter(
+            f"{extra[0]} is not a parameter of {task_type}. Known parameters: "
+            + ", ".join(sorted(fields)) + ".",
+            parameter=extra[0], allowed_values=sorted(fields))
+    try:
+        return msgspec.convert(present, struct_type)
+    except msgspec.ValidationError as exc:
+        raise _translate_validation_error(exc, present, struct_type) from exc
+
+
+_PATH = re.compile(r"at `\$\.(?P<field>[A-Za-z0-9_]+)(?P<rest>[^`]*)`")
+_MISSING = re.compile(r"missing required field `(?P<field>[A-Za-z0-9_]+)`")
+
+
+def _translate_validation_error(
+    exc: msgspec.ValidationError, present: dict[str, Any], struct_type: type[schema.Task]
+) -> TaskError:
+    text = str(exc)
+    missing = _MISSING.search(text)
+    if missing:
+        name = missing.group("field")
+        info = _field_info(struct_type).get(name)
+        return MissingParameter(
+            f"{name} is required: expected {describe_type(info.type) if info else 'a value'}.",
+            parameter=name, type=wire_type(info.type) if info else None)
+    at = _PATH.search(text)
+    if not at:
+        return InvalidParameter(f"The task could not be read: {_first_sentence(text)}.")
+    name = at.group("field")
+    info = _field_info(struct_type).get(name)
+    received = present.get(name)
+    if name == "taskUUID":
+        return InvalidParameter(
+            f"taskUUID must be a UUID string like '4a8c1e2b-...'; received {describe_value(received)}.",
+            parameter=name, type="string")
+    expected = describe_type(info.type) if info else "another value"
+    allowed = _literal_values(info.type) if info else None
+    return InvalidParameter(
+        f"Invalid {name}: expected {expected}; received {describe_value(received)}.",
+        parameter=name, type=wire_type(info.type) if info else None, allowed_values=allowed)
+
+
+@cache
+def _field_info(struct_type: type[schema.Task]) -> dict[str, mi.Field]:
+    info = mi.type_info(struct_type)
+    assert isinstance(info, mi.StructType)
+    return {field.encode_name: field for field in info.fields}
+
+
+@cache
+def _field_names(struct_type: type[schema.Task]) -> frozenset[str]:
+    return frozenset(_field_info(struct_type))
+
+
+def _non_null(t: mi.Type) -> list[mi.Type]:
+    if isinstance(t, mi.UnionType):
+        return [member for member in t.types if not isinstance(member, mi.NoneType)]
+    return [t]
+
+
+def _literal_values(t: mi.Type) -> list[Any] | None:
+    for member in _non_null(t):
+        if isinstance(member, mi.LiteralType):
+            return list(member.values)
+    return None
+
+
+def wire_type(t: mi.Type) -> str:
+    members = _non_null(t)
+    kinds = {
+        mi.IntType: "integer", mi.FloatType: "number", mi.StrType: "string", mi.BoolType: "boolean",
+        mi.LiteralType: "string", mi.ListType: "array", mi.DictType: "object",
+    }
+    names = []
+    for member in members:
+        name = kinds.get(type(member), "value")
+        if name not in names:
+            names.append(name)
+    return " or ".join(names)
+
+
+def describe_type(t: mi.Type) -> str:
+    """A phrase for an error message: 'an integer from 1 to 100', "one of 'sync', 'async'"."""
+    return " or ".join(_describe_one(member) for member in _non_null(t))
+
+
+def _describe_one(t: mi.Type) -> str:
+    if isinstance(t, (mi.IntType, mi.FloatType)):
+        noun = "an integer" if isinstance(t, mi.IntType) else "a number"
+        if t.ge is not None and t.le is not None:
+            return f"{noun} from {t.ge} to {t.le}"
+        parts = [p for p in (
+            f"at least {t.ge}" if t.ge is not None else None,
+            f"greater than {t.gt}" if t.gt is not None else None,
+            f"at most {t.le}" if t.le is not None else None,
+            f"less than {t.lt}" if t.lt is not None else None,
+        ) if p]
+        return f"{noun} {' and '.join(parts)}" if parts else noun
+    if isinstance(t, mi.StrType):
+        if t.pattern == schema.UUID_PATTERN:
+            return "a UUID string"
+        if t.min_length is not None and t.max_length is not None:
+            return f"a string of {t.min_length} to {t.max_length} characters"
+        if t.max_length is not None:
+            return f"a string of at most {t.max_length} characters"
+        return "a string"
+    if isinstance(t, mi.LiteralType):
+        return "one of " + ", ".join(repr(v) for v in t.values)
+    if isinstance(t, mi.BoolType):
+        return "true or false"
+    if isinstance(t, mi.ListType):
+        return f"an array of {_describe_one(t.item_type)}"
+    if isinstance(t, mi.DictType):
+        return "an object"
+    return "a valid value"
+
+
+def _first_sentence(text: str) -> str:
+    return text.split("\n", 1)[0][:200]
+
+
+# ---------------------------------------------------------------- outbound
+
+
+def encode_frame(*, data: list[Any] | None = None, errors: list[dict[str, Any]] | None = None) -> bytes:
+    """One server frame: ``{"data": [...]}`` and/or ``{"errors": [...]}``."""
+    frame: dict[str, Any] = {}
+    if data:
+        frame["data"] = data
+    if errors:
+        frame["errors"] = errors
+    return _encoder.encode(frame)
+
+
+def error_frame(error: TaskError, task_type: str | None, task_uuid: str | None) -> bytes:
+    return encode_frame(errors=[error.to_item(task_type, task_uuid)])

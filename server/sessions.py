@@ -1,0 +1,134 @@
+"""What outlives one socket: sessions (for resume) and the record of every task (for
+``conflictTaskUUID``, ``getResponse`` and async delivery).
+
+A ``Session`` is what ``connectionSessionUUID`` names. Frames sent while no socket is
+attached are kept in its outbox for ``resume_window`` seconds and flushed when the client
+authenticates again with the same UUID and API key. A ``TaskRecord`` remembers that a
+taskUUID was used (so it runs only once) and, for async tasks, the items to hand back.
+Both registries are swept periodically so nothing grows without bound.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.errors import ConflictTaskUUID
+
+Sender = Callable[[bytes], Awaitable[bool]]  # returns False when the socket is gone
+
+
+@dataclass
+class Session:
+    uuid: str
+    owner: str
+    max_outbox_bytes: int
+    sender: Sender | None = None
+    outbox: list[bytes] = field(default_factory=list)
+    outbox_bytes: int = 0
+    detached_at: float | None = None
+
+    async def send(self, frame: bytes) -> None:
+        """Send now if a socket is attached, else keep the frame for a resuming client."""
+        if self.sender is not None and await self.sender(frame):
+            return
+        self.outbox.append(frame)
+        self.outbox_bytes += len(frame)
+        # A client that never comes back must not make the server hold its images in memory:
+        # past the bound the oldest frames go (their images stay reachable by UUID and URL).
+        while self.outbox_bytes > self.max_outbox_bytes and len(self.outbox) > 1:
+            self.outbox_bytes -= len(self.outbox.pop(0))
+
+    def detach(self, sender: Sender) -> None:
+        if self.sender is sender:
+            self.sender = None
+            self.detached_at = time.monotonic()
+
+    async def attach(self, sender: Sender) -> None:
+        self.sender = sender
+        self.detached_at = None
+        pending, self.outbox, self.outbox_bytes = self.outbox, [], 0
+        for frame in pending:
+            await self.send(frame)
+
+
+class SessionRegistry:
+    def __init__(self, *, resume_window: float, max_outbox_bytes: int) -> None:
+        self.resume_window = resume_window
+        self.max_outbox_bytes = max_outbox_bytes
+        self._sessions: dict[str, Session] = {}
+
+    def open(self, owner: str, resume_uuid: str | None) -> tuple[Session, bool]:
+        """The session to use after authentication, and whether it is a resumed one."""
+        if resume_uuid is not None:
+            session = self._sessions.get(resume_uuid)
+            if session is not None and session.owner == owner:
+                return session, True
+        session = Session(uuid=str(uuid.uuid4()), owner=owner, max_outbox_bytes=self.max_outbox_bytes)
+        self._sessions[session.uuid] = session
+        return session, False
+
+    def sweep(self, now: float | None = None) -> int:
+        """Forget sessions detached for longer than the resume window; returns how many."""
+        now = time.monotonic() if now is None else now
+        expired = [
+            key for key, session in self._sessions.items()
+            if session.detached_at is not None and now - session.detached_at > self.resume_window
+        ]
+        for key in expired:
+            del self._sessions[key]
+        return len(expired)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+
+@dataclass
+class TaskRecord:
+    task_uuid: str
+    task_type: str
+    owner: str
+    keep_items: bool                     # async tasks keep their items for getResponse
+    status: str = "processing"           # processing | success | error
+    items: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    finished_at: float | None = None
+
+
+class TaskRegistry:
+    def __init__(self, *, retention: float) -> None:
+        self.retention = retention
+        self._records: dict[str, TaskRecord] = {}
+
+    def begin(self, task_uuid: str, task_type: str, owner: str, *, keep_items: bool) -> TaskRecord:
+        if task_uuid in self._records:
+            raise ConflictTaskUUID(
+                f"taskUUID {task_uuid} was already used by a task that is running or was answered in the last "
+                f"{int(self.retention)} s; every task needs a new UUID.", parameter="taskUUID", type="string")
+        record = TaskRecord(task_uuid, task_type, owner, keep_items)
+        self._records[task_uuid] = record
+        return record
+
+    def get(self, task_uuid: str, owner: str) -> TaskRecord | None:
+        record = self._records.get(task_uuid)
+        if record is None or record.owner != owner:
+            return None
+        return record
+
+    def finish(self, record: TaskRecord, status: str) -> None:
+        record.status = status
+        record.finished_at = time.monotonic()
+
+    def sweep(self, now: float | None = None) -> int:
+        now = time.monotonic() if now is None else now
+        expired = [key for key, record in self._records.items()
+                   if record.finished_at is not None and now - record.finished_at > self.retention]
+        for key in expired:
+            del self._records[key]
+        return len(expired)
+
+    def __len__(self) -> int:
+        return len(self._records)

@@ -1,0 +1,74 @@
+"""Encoding result images into the formats the public API offers (JPG, PNG, WEBP) and their text forms.
+
+These functions are CPU-bound; callers on the event loop run them with ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+from PIL import Image
+
+# outputFormat (normalized to upper case) → file extension.
+EXTENSIONS: dict[str, str] = {"JPG": "jpg", "PNG": "png", "WEBP": "webp"}
+
+# file extension → media type, for data URIs and HTTP serving.
+CONTENT_TYPES: dict[str, str] = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+
+# Generated images are noise-like, so higher zlib levels shrink them only a few percent
+# while costing several times the CPU (level 6+ can take longer than a fast inference step).
+PNG_COMPRESS_LEVEL = 1
+
+# Modes each encoder takes as they are; anything else is converted first.
+_PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA"})
+_WEBP_MODES = frozenset({"RGB", "RGBA"})
+_JPEG_MODES = frozenset({"L", "RGB"})
+
+_WHITE = (255, 255, 255)
+
+
+def has_transparency(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+
+
+def flatten_to_rgb(image: Image.Image) -> Image.Image:
+    """RGB version of ``image``; transparent areas become white rather than whatever colour hid under them."""
+    if image.mode == "RGB":
+        return image
+    if has_transparency(image):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, _WHITE)
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def encode_image(image: Image.Image, output_format: str, quality: int) -> bytes:
+    """Encode ``image`` as JPG, PNG or WEBP (``output_format`` already upper-case); quality applies to JPG and WEBP."""
+    buffer = io.BytesIO()
+    if output_format == "JPG":
+        if image.mode not in _JPEG_MODES:
+            image = flatten_to_rgb(image)
+        image.save(buffer, format="JPEG", quality=quality)
+    elif output_format == "PNG":
+        if image.mode not in _PNG_MODES:
+            image = image.convert("RGBA" if has_transparency(image) else "RGB")
+        image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    elif output_format == "WEBP":
+        if image.mode not in _WEBP_MODES:
+            image = image.convert("RGBA" if has_transparency(image) else "RGB")
+        image.save(buffer, format="WEBP", quality=quality)
+    else:
+        # Callers validate outputFormat against EXTENSIONS first; reaching this is a bug on our side.
+        raise ValueError(f"output format must be one of {', '.join(EXTENSIONS)}, received {output_format!r}")
+    return buffer.getvalue()
+
+
+def to_base64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def to_data_uri(data: bytes, extension: str) -> str:
+    """``data:image/<type>;base64,...`` for bytes stored under ``extension`` (one of CONTENT_TYPES)."""
+    return f"data:{CONTENT_TYPES[extension]};base64,{to_base64(data)}"

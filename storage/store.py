@@ -1,0 +1,259 @@
+"""Images on disk, addressed by UUID and scoped to an owner.
+
+Layout: ``root/<first two hex digits>/<uuid>.<ext>`` holds the bytes and ``root/<xx>/<uuid>.json``
+the metadata (uuid, extension, content_type, owner, size, created, last_used). Both are written
+under a temporary name in the same directory and renamed into place, the metadata after the
+data, and only images with metadata are served: a reader never sees a half-written image.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import re
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiofiles
+
+from server.errors import ImageNotFound, InvalidParameter, StorageError, describe_value
+from storage.encode import CONTENT_TYPES
+
+# Temporary files end with this suffix (and start with a dot), so that leftovers of an
+# interrupted write can be recognised and removed at start.
+TEMP_SUFFIX = ".tmp"
+METADATA_SUFFIX = ".json"
+_SHARD_NAME = re.compile("[0-9a-f]{2}")
+
+# ``get`` rewrites the metadata only when last_used is older than this: a popular image
+# read many times a second must not cost a file write each time, and expiry is counted in days.
+LAST_USED_RESOLUTION_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    uuid: str
+    extension: str
+    content_type: str
+    owner: str
+    path: Path
+    size: int
+
+
+def canonical_uuid(text: str) -> str | None:
+    """The canonical lowercase form of ``text`` if it is a UUID written canonically (any case), else None."""
+    try:
+        parsed = uuid.UUID(text)
+    except (ValueError, TypeError, AttributeError):
+        return None
+    canonical = str(parsed)
+    # uuid.UUID also accepts braces, "urn:uuid:" and missing hyphens; only the plain form is an imageUUID.
+    return canonical if text.lower() == canonical else None
+
+
+def storage_error(exc: OSError) -> StorageError:
+    """A client-facing error for a failed file operation; the message never contains a path."""
+    if exc.errno == errno.ENOSPC:
+        return StorageError("the server's disk is full; the image could not be stored")
+    reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+    return StorageError(f"the server's image storage failed ({reason})")
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}{TEMP_SUFFIX}")
+    try:
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+class ImageStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            self._remove_leftovers()
+        except OSError as exc:
+            raise storage_error(exc) from exc
+
+    # ------------------------------------------------------------------ paths
+
+    def _directory(self, image_uuid: str) -> Path:
+        return self.root / image_uuid[:2]
+
+    def _data_path(self, image_uuid: str, extension: str) -> Path:
+        return self._directory(image_uuid) / f"{image_uuid}.{extension}"
+
+    def _metadata_path(self, image_uuid: str) -> Path:
+        return self._directory(image_uuid) / f"{image_uuid}{METADATA_SUFFIX}"
+
+    def _remove_leftovers(self) -> None:
+        """Delete what interrupted writes left: temporary files, and data whose metadata never came.
+
+        Runs once, before any write of this process, so nothing in flight can be mistaken for a leftover.
+        """
+        # Only names this store itself writes are touched: a root pointed at the wrong folder must not lose files.
+        for directory in self._shard_directories():
+            for entry in directory.iterdir():
+                if _is_temporary(entry) or _is_data_without_metadata(entry):
+                    entry.unlink(missing_ok=True)
+
+    def _shard_directories(self) -> list[Path]:
+        return [entry for entry in self.root.iterdir() if entry.is_dir() and _SHARD_NAME.fullmatch(entry.name)]
+
+    # ------------------------------------------------------------------ writing
+
+    async def put(self, data: bytes, *, extension: str, owner: str) -> StoredImage:
+        """Store ``data`` under a new UUID v4 and return its record."""
+        if extension not in CONTENT_TYPES:
+            raise ValueError(f"extension must be one of {', '.join(CONTENT_TYPES)}, received {extension!r}")
+        image_uuid = str(uuid.uuid4())
+        image = StoredImage(
+            uuid=image_uuid,
+            extension=extension,
+            content_type=CONTENT_TYPES[extension],
+            owner=owner,
+            path=self._data_path(image_uuid, extension),
+            size=len(data),
+        )
+        now = time.time()
+        metadata = {
+            "uuid": image_uuid,
+            "extension": extension,
+            "content_type": image.content_type,
+            "owner": owner,
+            "size": image.size,
+            "created": now,
+            "last_used": now,
+        }
+        try:
+            await asyncio.to_thread(self._write_image, image, data, metadata)
+        except OSError as exc:
+            raise storage_error(exc) from exc
+        return image
+
+    def _write_image(self, image: StoredImage, data: bytes, metadata: dict[str, Any]) -> None:
+        image.path.parent.mkdir(exist_ok=True)
+        _write_atomically(image.path, data)
+        # Metadata last: its presence is what makes the image visible.
+        _write_atomically(self._metadata_path(image.uuid), json.dumps(metadata).encode())
+
+    # ------------------------------------------------------------------ reading
+
+    async def get(self, image_uuid: str, *, owner: str | None, parameter: str = "imageUUID") -> StoredImage:
+        """The stored image ``image_uuid`` if it exists and belongs to ``owner`` (None: anyone's)."""
+        canonical = canonical_uuid(image_uuid) if isinstance(image_uuid, str) else None
+        if canonical is None:
+            raise InvalidParameter(
+                f"{parameter} must be a UUID such as '123e4567-e89b-42d3-a456-426614174000', "
+                f"received {describe_value(image_uuid)}",
+                parameter=parameter,
+                type="string",
+            )
+        # Answered the same for a missing image and for someone else's, so existence does not leak.
+        not_found = ImageNotFound(f"{parameter} {canonical} does not name a stored image", parameter=parameter)
+        try:
+            image = await asyncio.to_thread(self._load_and_touch, canonical, owner)
+        except OSError as exc:
+            raise storage_error(exc) from exc
+        if image is None:
+            raise not_found
+        return image
+
+    def _load_and_touch(self, image_uuid: str, owner: str | None) -> StoredImage | None:
+        metadata_path = self._metadata_path(image_uuid)
+        metadata = _read_metadata(metadata_path)
+        if metadata is None or metadata.get("uuid") != image_uuid:
+            return None
+        if owner is not None and metadata.get("owner") != owner:
+            return None
+        extension = metadata.get("extension")
+        if extension not in CONTENT_TYPES:
+            return None
+        # The path comes from the parsed UUID and a known extension, never from client text.
+        path = self._data_path(image_uuid, extension)
+        if not path.is_file():
+            return None  # swept between its data and its metadata
+        last_used = metadata.get("last_used")
+        now = time.time()
+        if not isinstance(last_used, (int, float)) or now - last_used > LAST_USED_RESOLUTION_SECONDS:
+            metadata["last_used"] = now
+            _write_atomically(metadata_path, json.dumps(metadata).encode())
+        return StoredImage(
+            uuid=image_uuid,
+            extension=extension,
+            content_type=CONTENT_TYPES[extension],
+            owner=str(metadata.get("owner")),
+            path=path,
+            size=int(metadata.get("size", 0)),
+        )
+
+    async def read(self, image: StoredImage) -> bytes:
+        try:
+            async with aiofiles.open(image.path, "rb") as file:
+                data: bytes = await file.read()
+                return data
+        except FileNotFoundError as exc:
+            raise ImageNotFound(f"image {image.uuid} is no longer stored") from exc
+        except OSError as exc:
+            raise storage_error(exc) from exc
+
+    # ------------------------------------------------------------------ expiry
+
+    async def sweep(self, *, max_age_seconds: float, now: float | None = None) -> int:
+        """Delete images whose last use is more than ``max_age_seconds`` before ``now``; return how many."""
+        cutoff = (time.time() if now is None else now) - max_age_seconds
+        try:
+            return await asyncio.to_thread(self._sweep, cutoff)
+        except OSError as exc:
+            raise storage_error(exc) from exc
+
+    def _sweep(self, cutoff: float) -> int:
+        removed = 0
+        for directory in self._shard_directories():
+            for metadata_path in directory.glob(f"*{METADATA_SUFFIX}"):
+                metadata = _read_metadata(metadata_path)
+                if metadata is None:
+                    continue
+                last_used = metadata.get("last_used")
+                if not isinstance(last_used, (int, float)) or last_used >= cutoff:
+                    continue
+                image_uuid = canonical_uuid(metadata_path.stem)
+                extension = metadata.get("extension")
+                if image_uuid is not None and extension in CONTENT_TYPES:
+                    # Data first: a sweep interrupted here leaves metadata, which the next sweep finds again.
+                    self._data_path(image_uuid, extension).unlink(missing_ok=True)
+                metadata_path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+
+def _is_temporary(path: Path) -> bool:
+    return path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX)
+
+
+def _is_data_without_metadata(path: Path) -> bool:
+    return (
+        path.suffix[1:] in CONTENT_TYPES
+        and canonical_uuid(path.stem) is not None
+        and not path.with_suffix(METADATA_SUFFIX).exists()
+    )
+
+
+def _read_metadata(path: Path) -> dict[str, Any] | None:
+    try:
+        loaded = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        # Never written half (it is renamed into place), so unreadable metadata is foreign: not ours to serve.
+        return None
+    return loaded if isinstance(loaded, dict) else None

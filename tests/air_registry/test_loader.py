@@ -1,0 +1,192 @@
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import weakref
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from air_registry.catalog import Catalog, ModelEntry
+from air_registry.loader import PipelineCache, resolve_device
+from server.errors import InvalidParameter, ModelNotFound
+
+pytestmark = [
+    pytest.mark.filterwarnings(
+        "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
+    ),
+    pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning"),
+]
+
+
+def generate(pipe: Any, seed: int, **arguments: Any) -> np.ndarray:
+    image = pipe(
+        "a red bicycle",
+        num_inference_steps=4,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        **arguments,
+    ).images[0]
+    assert isinstance(image, Image.Image)
+    return np.asarray(image)
+
+
+def folder_copy_of(tiny_entry: ModelEntry, tiny_model_dir: Path, air: str) -> ModelEntry:
+    """The tiny model's weights under another catalog entry: a second model to fill the cache with."""
+    return dataclasses.replace(tiny_entry, air=air, source="folder", location=str(tiny_model_dir))
+
+
+# ---------------------------------------------------------------- devices
+
+
+def test_auto_picks_cuda_only_where_there_is_one() -> None:
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device(" CPU ") == "cpu"
+
+
+@pytest.mark.parametrize("name", ["gpu", "cuda:", "cuda:x", "cuda0", "mps", ""])
+def test_malformed_devices_are_an_operator_error(name: str) -> None:
+    with pytest.raises(ValueError, match="device"):
+        resolve_device(name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_a_cuda_device_is_an_operator_error() -> None:
+    with pytest.raises(ValueError, match="no usable CUDA device"):
+        resolve_device("cuda:0")
+
+
+def test_a_cache_on_the_cpu_uses_float32(tmp_path: Path) -> None:
+    assert PipelineCache(device="cpu", data_dir=tmp_path).dtype == torch.float32
+    assert PipelineCache(device="cuda:1", data_dir=tmp_path).dtype == torch.float16
+    with pytest.raises(ValueError, match="max_loaded"):
+        PipelineCache(device="cpu", data_dir=tmp_path, max_loaded=0)
+
+
+# ---------------------------------------------------------------- text-to-image and image-to-image
+
+
+def test_text_to_image_makes_images_of_the_asked_size_repeatably(
+    pipelines: PipelineCache, tiny_entry: ModelEntry
+) -> None:
+    pipe = pipelines.text_to_image(tiny_entry)
+    assert pipelines.text_to_image(tiny_entry) is pipe
+    first = generate(pipe, 42, width=128, height=128)
+    assert first.shape == (128, 128, 3)
+    assert np.array_equal(generate(pipe, 42, width=128, height=128), first)
+    assert not np.array_equal(generate(pipe, 43, width=128, height=128), first)
+    assert generate(pipe, 1, width=192, height=128).shape == (128, 192, 3)
+
+
+def test_image_to_image_shares_the_weights_of_text_to_image(
+    pipelines: PipelineCache, tiny_entry: ModelEntry
+) -> None:
+    text_to_image = pipelines.text_to_image(tiny_entry)
+    image_to_image = pipelines.image_to_image(tiny_entry)
+    assert pipelines.image_to_image(tiny_entry) is image_to_image
+    assert type(image_to_image).__name__ == "StableDiffusionImg2ImgPipeline"
+    assert image_to_image.unet is text_to_image.unet
+    assert image_to_image.vae is text_to_image.vae
+    assert image_to_image.text_encoder is text_to_image.text_encoder
+
+    source = Image.fromarray(generate(text_to_image, 5, width=128, height=128))
+    first = generate(image_to_image, 9, image=source, strength=0.6)
+    assert first.shape == (128, 128, 3)
+    assert np.array_equal(generate(image_to_image, 9, image=source, strength=0.6), first)
+
+
+def test_per_step_progress_bars_are_off(pipelines: PipelineCache, tiny_entry: ModelEntry) -> None:
+    assert pipelines.text_to_image(tiny_entry)._progress_bar_config == {"disable": True}
+    assert pipelines.image_to_image(tiny_entry)._progress_bar_config == {"disable": True}
+
+
+# ---------------------------------------------------------------- loading, caching, failures
+
+
+def test_loading_logs_where_from_and_how_long(
+    tiny_entry: ModelEntry, tiny_data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = PipelineCache(device="cpu", data_dir=tiny_data_dir)
+    with caplog.at_level(logging.INFO, logger="air_registry.loader"):
+        cache.text_to_image(tiny_entry)
+    messages = [record.getMessage() for record in caplog.records if record.name == "air_registry.loader"]
+    assert messages[0] == "loading model imagewire:tiny@1 from the embedded model on cpu"
+    assert messages[1].startswith("loaded model imagewire:tiny@1 in ")
+
+
+def test_the_embedded_model_is_built_on_first_use(tiny_entry: ModelEntry, tmp_path: Path) -> None:
+    cache = PipelineCache(device="cpu", data_dir=tmp_path)
+    cache.text_to_image(tiny_entry)
+    assert (tmp_path / "models" / "imagewire-tiny-1" / "model_index.json").is_file()
+
+
+def test_the_least_recently_used_model_is_evicted_and_freed(
+    tiny_entry: ModelEntry, tiny_model_dir: Path, tiny_data_dir: Path
+) -> None:
+    first = folder_copy_of(tiny_entry, tiny_model_dir, "test:first@1")
+    second = folder_copy_of(tiny_entry, tiny_model_dir, "test:second@1")
+    cache = PipelineCache(device="cpu", data_dir=tiny_data_dir, max_loaded=1)
+
+    first_unet = weakref.ref(cache.text_to_image(first).unet)
+    cache.image_to_image(first)
+    assert cache.loaded_models == ["test:first@1"]
+    cache.text_to_image(second)
+    assert cache.loaded_models == ["test:second@1"]
+    gc.collect()
+    assert first_unet() is None
+
+    cache.unload_all()
+    assert cache.loaded_models == []
+
+
+def test_a_larger_cache_keeps_models_in_recency_order(
+    tiny_entry: ModelEntry, tiny_model_dir: Path, tiny_data_dir: Path
+) -> None:
+    entries = [folder_copy_of(tiny_entry, tiny_model_dir, f"test:m{i}@1") for i in range(3)]
+    cache = PipelineCache(device="cpu", data_dir=tiny_data_dir, max_loaded=2)
+    kept = cache.text_to_image(entries[0])
+    cache.text_to_image(entries[1])
+    assert cache.text_to_image(entries[0]) is kept  # touching it makes m1 the oldest
+    cache.text_to_image(entries[2])
+    assert cache.loaded_models == ["test:m0@1", "test:m2@1"]
+
+
+def test_a_refiner_does_only_image_to_image(catalog: Catalog, tmp_path: Path) -> None:
+    cache = PipelineCache(device="cpu", data_dir=tmp_path)
+    with pytest.raises(InvalidParameter) as caught:
+        cache.text_to_image(catalog.resolve("sdxl-refiner-1.0"))
+    assert caught.value.parameter == "seedImage"
+    assert "only does image-to-image" in caught.value.message
+    assert cache.loaded_models == []
+
+
+def test_missing_weights_raise_model_not_found(
+    catalog: Catalog, empty_hf_cache: Path, tmp_path: Path
+) -> None:
+    cache = PipelineCache(device="cpu", data_dir=tmp_path)
+    with pytest.raises(ModelNotFound, match="stable-diffusion-v1-5/stable-diffusion-v1-5"):
+        cache.text_to_image(catalog.resolve("sd15"))
+    assert cache.loaded_models == []
+
+
+def test_weights_that_cannot_be_loaded_raise_model_not_found(tiny_entry: ModelEntry, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model_index.json").write_text(
+        '{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers"', "utf-8"
+    )
+    entry = dataclasses.replace(tiny_entry, air="test:broken@1", source="folder", location=str(broken))
+    cache = PipelineCache(device="cpu", data_dir=tmp_path)
+    with pytest.raises(ModelNotFound) as caught:
+        cache.text_to_image(entry)
+    message = caught.value.message
+    assert message.startswith(
+        f"the weights of {entry.name} (test:broken@1) at {broken} could not be loaded ("
+    )
+    assert "Traceback" not in message
+    assert caught.value.__cause__ is not None
+    assert cache.loaded_models == []

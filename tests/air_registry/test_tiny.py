@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from diffusers import AutoPipelineForText2Image, StableDiffusionPipeline
+
+from air_registry.tiny import build_tokenizer, ensure_tiny_model
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+WEIGHT_FILES = [
+    "text_encoder/model.safetensors",
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/diffusion_pytorch_model.safetensors",
+]
+
+
+def test_two_builds_write_identical_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
+    other = ensure_tiny_model(tmp_path / "again" / "imagewire-tiny-1")
+    for name in WEIGHT_FILES:
+        assert (other / name).read_bytes() == (tiny_model_dir / name).read_bytes(), name
+    assert (other / "model_index.json").read_text() == (tiny_model_dir / "model_index.json").read_text()
+
+
+def test_building_leaves_the_callers_random_state_alone(tmp_path: Path) -> None:
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    ensure_tiny_model(tmp_path / "model")
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_an_existing_model_is_not_rebuilt(tiny_model_dir: Path) -> None:
+    weights = tiny_model_dir / WEIGHT_FILES[1]
+    before = weights.stat().st_mtime_ns
+    assert ensure_tiny_model(tiny_model_dir) == tiny_model_dir
+    assert weights.stat().st_mtime_ns == before
+
+
+def test_an_incomplete_directory_is_replaced_and_no_temporary_files_remain(tmp_path: Path) -> None:
+    target = tmp_path / "models" / "imagewire-tiny-1"
+    (target / "unet").mkdir(parents=True)
+    (target / "unet" / "half-written.safetensors").write_bytes(b"partial")
+    ensure_tiny_model(target)
+    assert (target / "model_index.json").is_file()
+    assert not (target / "unet" / "half-written.safetensors").exists()
+    assert sorted(path.name for path in target.parent.iterdir()) == ["imagewire-tiny-1"]
+
+
+def test_concurrent_builds_leave_one_complete_model(tiny_model_dir: Path, tmp_path: Path) -> None:
+    target = tmp_path / "models" / "imagewire-tiny-1"
+    errors: list[BaseException] = []
+
+    def build() -> None:
+        try:
+            ensure_tiny_model(target)
+        except BaseException as exc:  # collected and re-raised by the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=build) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert sorted(path.name for path in target.parent.iterdir()) == ["imagewire-tiny-1"]
+    for name in WEIGHT_FILES:
+        assert (target / name).read_bytes() == (tiny_model_dir / name).read_bytes(), name
+    StableDiffusionPipeline.from_pretrained(target)
+
+
+def test_separate_processes_build_the_same_model_into_one_place(tiny_model_dir: Path, tmp_path: Path) -> None:
+    target = tmp_path / "models" / "imagewire-tiny-1"
+    code = (
+        "import sys, pathlib\n"
+        "from air_registry.tiny import ensure_tiny_model\n"
+        "ensure_tiny_model(pathlib.Path(sys.argv[1]))\n"
+    )
+    builders = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(target)], cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    for builder in builders:
+        _, errors = builder.communicate(timeout=120)
+        assert builder.returncode == 0, errors
+    assert sorted(path.name for path in target.parent.iterdir()) == ["imagewire-tiny-1"]
+    for name in WEIGHT_FILES:
+        assert (target / name).read_bytes() == (tiny_model_dir / name).read_bytes(), name
+
+
+def test_the_saved_model_is_a_standard_sd_pipeline(tiny_model_dir: Path) -> None:
+    index = json.loads((tiny_model_dir / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert index["scheduler"] == ["diffusers", "PNDMScheduler"]
+    assert index["requires_safety_checker"] is False
+    # The classic tokenizer files are there for other tools and library versions.
+    assert (tiny_model_dir / "tokenizer" / "vocab.json").is_file()
+    assert (tiny_model_dir / "tokenizer" / "merges.txt").read_text().startswith("#version")
+
+
+@pytest.mark.parametrize("loader", [StableDiffusionPipeline, AutoPipelineForText2Image])
+def test_it_loads_offline_with_the_real_latent_scale(tiny_model_dir: Path, loader: Any) -> None:
+    pipe = loader.from_pretrained(tiny_model_dir)
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    assert pipe.vae_scale_factor == 8
+    assert 2 ** (len(pipe.vae.config.block_out_channels) - 1) == 8
+    assert pipe.vae.config.latent_channels == 4
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size == 32
+    assert pipe.safety_checker is None
+    # Small enough for a CPU: about a million parameters in all.
+    parameters = sum(
+        p.numel() for module in (pipe.unet, pipe.vae, pipe.text_encoder) for p in module.parameters()
+    )
+    assert parameters < 2_000_000
+
+
+@pytest.mark.parametrize(
+    "prompt", ["a photo of a cat", "", "東京の夜景, 🐱 ünïcödé", "x" * 500, "<|endoftext|> tricky"]
+)
+def test_any_prompt_tokenizes_within_the_vocabulary(prompt: str) -> None:
+    tokenizer = build_tokenizer()
+    ids = tokenizer(prompt, padding="max_length", max_length=77, truncation=True).input_ids
+    assert len(ids) == 77
+    assert max(ids) < len(tokenizer)
+    assert ids[0] == tokenizer.convert_tokens_to_ids("<|startoftext|>")

@@ -1,0 +1,141 @@
+"""Where each kind of catalog entry keeps its weights, and what a client hears when they are missing."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from air_registry.catalog import Catalog, ModelEntry, availability, locate_weights
+from server.errors import ModelNotFound
+
+SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def fake_hub_snapshot(cache: Path, repo: str, *, with_model_index: bool = True) -> Path:
+    """A repo in the layout of the Hugging Face cache: refs/main names a snapshot folder."""
+    repo_dir = cache / f"models--{repo.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo_dir / "snapshots" / commit
+    (snapshot / "unet").mkdir(parents=True)
+    (snapshot / "unet" / "config.json").write_text("{}", encoding="utf-8")
+    if with_model_index:
+        (snapshot / "model_index.json").write_text(json.dumps({"_class_name": "X"}), encoding="utf-8")
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(commit, encoding="utf-8")
+    return snapshot
+
+
+def with_source(entry: ModelEntry, source: str, location: str) -> ModelEntry:
+    return dataclasses.replace(entry, source=source, location=location)
+
+
+# ---------------------------------------------------------------- hub
+
+
+def test_a_hub_model_missing_from_the_cache_is_unavailable_with_a_reason(
+    catalog: Catalog, empty_hf_cache: Path, tmp_path: Path
+) -> None:
+    available, reason = availability(catalog.resolve("sd15"), data_dir=tmp_path)
+    assert available is False
+    assert SD15_REPO in reason
+    assert "not in the local cache" in reason
+
+
+def test_locating_a_missing_hub_model_says_what_is_missing_and_how_to_get_it(
+    catalog: Catalog, empty_hf_cache: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ModelNotFound) as caught:
+        locate_weights(catalog.resolve("sd15"), data_dir=tmp_path, allow_downloads=False)
+    error = caught.value
+    assert error.code == "modelNotFound"
+    assert error.parameter == "model"
+    assert error.message.startswith(
+        "the weights of Stable Diffusion 1.5 (imagewire:sd15@1) are not on this server: "
+        f"Hugging Face repo '{SD15_REPO}' is not in the local cache"
+    )
+    assert f"hf download {SD15_REPO}" in error.message
+    assert "--allow-downloads" in error.message
+    # The server's own paths stay out of what a client reads.
+    assert str(empty_hf_cache) not in error.message
+    assert str(tmp_path) not in error.message
+
+
+def test_a_failed_download_is_reported_without_details(
+    catalog: Catalog, empty_hf_cache: Path, tmp_path: Path
+) -> None:
+    # empty_hf_cache turns the network off, so the download attempt fails at once.
+    with pytest.raises(ModelNotFound) as caught:
+        locate_weights(catalog.resolve("sdxl"), data_dir=tmp_path, allow_downloads=True)
+    message = caught.value.message
+    assert "'stabilityai/stable-diffusion-xl-base-1.0' could not be downloaded" in message
+    assert "Traceback" not in message
+    assert caught.value.__cause__ is not None
+
+
+def test_with_downloads_allowed_a_missing_hub_model_counts_as_available(
+    catalog: Catalog, empty_hf_cache: Path, tmp_path: Path
+) -> None:
+    available, comment = availability(catalog.resolve("sd21"), data_dir=tmp_path, allow_downloads=True)
+    assert available is True
+    assert "on first use" in comment
+
+
+def test_a_cached_hub_model_is_found_in_the_cache(
+    catalog: Catalog, empty_hf_cache: Path, tmp_path: Path
+) -> None:
+    snapshot = fake_hub_snapshot(empty_hf_cache, SD15_REPO)
+    entry = catalog.resolve("sd15")
+    assert locate_weights(entry, data_dir=tmp_path, allow_downloads=False) == snapshot
+    assert availability(entry, data_dir=tmp_path) == (True, "")
+
+
+def test_a_cached_snapshot_without_model_index_is_incomplete(
+    catalog: Catalog, empty_hf_cache: Path, tmp_path: Path
+) -> None:
+    fake_hub_snapshot(empty_hf_cache, SD15_REPO, with_model_index=False)
+    with pytest.raises(ModelNotFound, match="has no model_index.json"):
+        locate_weights(catalog.resolve("sd15"), data_dir=tmp_path, allow_downloads=False)
+
+
+# ---------------------------------------------------------------- embedded, folder, single file
+
+
+def test_the_embedded_model_lives_in_the_data_dir_and_is_always_available(
+    tiny_entry: ModelEntry, tmp_path: Path
+) -> None:
+    assert locate_weights(tiny_entry, data_dir=tmp_path, allow_downloads=False) == (
+        tmp_path / "models" / "imagewire-tiny-1"
+    )
+    # It is built on first use, so it counts as available before that.
+    assert availability(tiny_entry, data_dir=tmp_path) == (True, "")
+
+
+def test_a_folder_model_needs_the_folder_and_its_model_index(tiny_entry: ModelEntry, tmp_path: Path) -> None:
+    folder = tmp_path / "my-model"
+    entry = with_source(tiny_entry, "folder", str(folder))
+
+    with pytest.raises(ModelNotFound, match="does not exist") as caught:
+        locate_weights(entry, data_dir=tmp_path, allow_downloads=True)
+    assert f"the folder '{folder}' named in the catalog" in caught.value.message
+
+    folder.mkdir()
+    with pytest.raises(ModelNotFound, match="has no model_index.json"):
+        locate_weights(entry, data_dir=tmp_path, allow_downloads=False)
+    assert availability(entry, data_dir=tmp_path)[0] is False
+
+    (folder / "model_index.json").write_text("{}", encoding="utf-8")
+    assert locate_weights(entry, data_dir=tmp_path, allow_downloads=False) == folder
+    assert availability(entry, data_dir=tmp_path) == (True, "")
+
+
+def test_a_single_file_model_needs_its_file(catalog: Catalog, tmp_path: Path) -> None:
+    checkpoint = tmp_path / "model.safetensors"
+    entry = with_source(catalog.resolve("sd15"), "single_file", str(checkpoint))
+    available, reason = availability(entry, data_dir=tmp_path)
+    assert available is False
+    assert f"the file '{checkpoint}' named in the catalog does not exist" in reason
+    checkpoint.write_bytes(b"\0")
+    assert locate_weights(entry, data_dir=tmp_path, allow_downloads=False) == checkpoint

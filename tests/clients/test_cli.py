@@ -1,0 +1,177 @@
+"""The ``imagewire`` command, run as a real subprocess against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pty
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.wire import API_KEY
+
+TINY = "imagewire:tiny@1"
+SMALL = ["--model", TINY, "--steps", "2"]
+
+
+@dataclass
+class Run:
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def lines(self) -> list[str]:
+        return self.stdout.splitlines()
+
+
+async def imagewire(*args: str, url: str | None = None, api_key: str | None = API_KEY,
+                    stderr_tty: bool = False, cwd: Path | None = None) -> Run:
+    """Run the command; the connection comes from the environment, as a user would set it."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("IMAGEWIRE_")}
+    if url is not None:
+        env["IMAGEWIRE_URL"] = url
+    if api_key is not None:
+        env["IMAGEWIRE_API_KEY"] = api_key
+    controller = terminal = None
+    if stderr_tty:
+        controller, terminal = pty.openpty()
+    # asyncio's subprocess keeps the event loop (and the server on it) running while the command works.
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "imagewire_client.cli", *args, env=env, cwd=cwd,
+        stdout=asyncio.subprocess.PIPE, stderr=terminal if stderr_tty else asyncio.subprocess.PIPE,
+    )
+    if terminal is not None:
+        os.close(terminal)
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    if controller is not None:
+        stderr = await asyncio.to_thread(_drain, controller)
+    assert process.returncode is not None
+    return Run(process.returncode, stdout.decode(), (stderr or b"").decode())
+
+
+def _drain(controller: int) -> bytes:
+    output = b""
+    try:
+        while chunk := os.read(controller, 4096):
+            output += chunk
+    except OSError:  # EIO: the terminal's other side is closed and everything was read
+        pass
+    finally:
+        os.close(controller)
+    return output
+
+
+def seed_png(folder: Path, width: int = 192, height: int = 128) -> Path:
+    path = folder / "seed.png"
+    Image.new("RGB", (width, height), "navy").save(path)
+    return path
+
+
+def opened(path: Path) -> tuple[str | None, tuple[int, int]]:
+    with Image.open(path) as image:
+        image.load()
+        return image.format, image.size
+
+
+async def test_upload_prints_one_uuid_per_file_and_json_on_request(server, tmp_path: Path):
+    seed = seed_png(tmp_path)
+    plain = await imagewire("upload", str(seed), str(seed), url=server.url)
+    as_json = await imagewire("upload", "--json", str(seed), url=server.url)
+    assert plain.code == 0, plain.stderr
+    assert len(plain.lines) == 2 and all(len(line) == 36 for line in plain.lines)
+    assert as_json.code == 0, as_json.stderr
+    (record,) = [json.loads(line) for line in as_json.lines]
+    assert set(record) == {"imageUUID", "imageURL"}
+    assert record["imageURL"].endswith(".png") and record["imageUUID"] in record["imageURL"]
+
+
+async def test_generate_text_to_image_writes_decodable_files_and_prints_their_paths(server, tmp_path: Path):
+    out = tmp_path / "out" / "nested"
+    run = await imagewire("generate", *SMALL, "--prompt", "a castle on a hill", "--width", "128", "--height", "128",
+                          "--seed", "11", "--number-results", "2", "--out", str(out), url=server.url)
+    assert run.code == 0, run.stderr
+    paths = [Path(line) for line in run.lines]
+    assert len(paths) == 2
+    for path in paths:
+        assert path.parent == out and path.suffix == ".png" and len(path.stem) == 36
+        assert opened(path) == ("PNG", (128, 128))
+    assert run.stderr.count("\n") == 1 and "generating 2 images" in run.stderr
+
+
+async def test_generate_image_to_image_from_a_file_and_from_a_uuid(server, tmp_path: Path):
+    seed = seed_png(tmp_path)
+    from_file = await imagewire("generate", *SMALL, "--prompt", "the same, at night", "--image", str(seed),
+                                "--strength", "0.5", "--format", "jpg", "--out", str(tmp_path), url=server.url)
+    assert from_file.code == 0, from_file.stderr
+    (path,) = [Path(line) for line in from_file.lines]
+    assert path.suffix == ".jpg" and opened(path) == ("JPEG", (192, 128))
+
+    uploaded = (await imagewire("upload", str(seed), url=server.url)).lines[0]
+    from_uuid = await imagewire("generate", *SMALL, "--prompt", "the same, in fog", "--image", uploaded,
+                                "--width", "128", "--height", "128", "--format", "webp", cwd=tmp_path, url=server.url)
+    assert from_uuid.code == 0, from_uuid.stderr
+    (relative,) = from_uuid.lines
+    assert opened(tmp_path / relative) == ("WEBP", (128, 128))
+
+
+async def test_generate_shows_elapsed_seconds_when_stderr_is_a_terminal(server, tmp_path: Path):
+    run = await imagewire("generate", *SMALL, "--prompt", "a kite", "--width", "128", "--height", "128",
+                          "--out", str(tmp_path), url=server.url, stderr_tty=True)
+    assert run.code == 0, run.stderr
+    assert "\rgenerating 1 image... " in run.stderr and " s" in run.stderr
+    assert run.stderr.endswith("\r\x1b[K"), "the progress line is cleared at the end"
+
+
+async def test_models_lists_air_name_architecture_and_default_size(server):
+    run = await imagewire("models", "tiny", url=server.url)
+    assert run.code == 0, run.stderr
+    (line,) = run.lines
+    air, name, architecture, size = line.split("\t")
+    assert (air, architecture, size) == (TINY, "tiny", "256x256") and name
+
+
+async def test_flags_override_the_environment(server):
+    run = await imagewire("--url", server.url, "models", "--api-key", API_KEY, url="ws://127.0.0.1:9/v1",
+                          api_key="wrong")
+    assert run.code == 0, run.stderr
+    assert TINY in run.stdout
+
+
+async def test_server_errors_exit_1_with_code_message_and_parameter(server, tmp_path: Path):
+    out = tmp_path / "out"
+    bad_width = await imagewire("generate", *SMALL, "--prompt", "a fox", "--width", "500", "--height", "128",
+                                "--out", str(out), url=server.url)
+    bad_key = await imagewire("models", url=server.url, api_key="wrong")
+    no_server = await imagewire("models", url="ws://127.0.0.1:9/v1")
+    missing_image = await imagewire("generate", *SMALL, "--prompt", "a fox", "--image", str(tmp_path / "nope.png"),
+                                    url=server.url)
+    assert bad_width.code == 1 and bad_width.stdout == ""
+    error_line = bad_width.stderr.splitlines()[-1]
+    assert error_line.startswith("error: invalidWidth: ") and "received 500" in error_line
+    assert error_line.endswith("(parameter: width)")
+    assert not out.exists(), "nothing is written when the task fails"
+    assert bad_key.code == 1 and bad_key.stderr.startswith("error: invalidApiKey: ")
+    assert no_server.code == 1 and no_server.stderr.startswith("error: connectionFailed: ")
+    assert missing_image.code == 1
+    last_line = missing_image.stderr.splitlines()[-1]
+    assert last_line.startswith("error: invalidImage: ") and last_line.endswith("(parameter: seedImage)")
+
+
+@pytest.mark.parametrize("args", [["generate", "--prompt", "no model"], ["upload"], ["teleport"], []])
+async def test_usage_errors_exit_2(args: list[str]):
+    run = await imagewire(*args)
+    assert run.code == 2
+    assert "usage: imagewire" in run.stderr
+
+
+@pytest.mark.parametrize("command", [[], ["upload"], ["generate"], ["models"]])
+async def test_every_command_has_help(command: list[str]):
+    run = await imagewire(*command, "--help")
+    assert run.code == 0
+    assert run.stdout.startswith("usage: imagewire") and "--url" in run.stdout and "--api-key" in run.stdout

@@ -1,0 +1,65 @@
+"""Shared fixtures: one tiny model per test session, and real servers on free ports."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from server.app import ImagewireServer
+from server.config import Config
+from tests.wire import API_KEY
+
+# Tests never reach a model hub, and never wait for one.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models folder with the tiny model built once for the whole session."""
+    from air_registry.tiny import ensure_tiny_model
+
+    root = tmp_path_factory.mktemp("shared-models")
+    ensure_tiny_model(root / "imagewire-tiny-1")
+    return root
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, models_dir: Path) -> Path:
+    """A fresh data dir that shares the session's tiny model."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "models").symlink_to(models_dir, target_is_directory=True)
+    return data
+
+
+ServerFactory = Callable[..., Any]
+
+
+@pytest_asyncio.fixture
+async def start_server(data_dir: Path) -> AsyncIterator[ServerFactory]:
+    """Start servers with chosen settings; each is stopped at the end of the test."""
+    started: list[ImagewireServer] = []
+
+    async def start(**overrides: Any) -> ImagewireServer:
+        engine_factory = overrides.pop("engine_factory", None)
+        settings: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "data_dir": data_dir, "api_keys": (API_KEY,)}
+        settings.update(overrides)
+        server = ImagewireServer(Config(**settings), engine_factory=engine_factory)
+        await server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        await server.stop(grace=5)
+
+
+@pytest_asyncio.fixture
+async def server(start_server: ServerFactory) -> ImagewireServer:
+    """A server on the tiny model with default settings (URL inputs may reach loopback)."""
+    return await start_server(allow_private_urls=True)

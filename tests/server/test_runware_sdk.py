@@ -1,0 +1,46 @@
+"""The official Runware Python SDK, pointed at imagewire by changing only its URL."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import pytest
+from PIL import Image
+from runware import IImageInference, Runware
+from runware.utils import RunwareAPIError
+
+
+@pytest.fixture
+async def sdk(server):
+    client = Runware(api_key="test-key", url=server.url)
+    await client.connect()
+    yield client
+    await client.disconnect()
+
+
+async def test_text_to_image(sdk):
+    images = await sdk.imageInference(requestImage=IImageInference(
+        model="imagewire:tiny@1", positivePrompt="a castle on a hill", width=128, height=128, steps=2,
+        numberResults=2, seed=21, outputType="base64Data", outputFormat="PNG"))
+    assert sorted(image.seed for image in images) == [21, 22]
+    for image in images:
+        assert Image.open(io.BytesIO(base64.b64decode(image.imageBase64Data))).size == (128, 128)
+
+
+async def test_upload_then_image_to_image(sdk, tmp_path):
+    path = tmp_path / "seed.png"
+    Image.new("RGB", (256, 192), (10, 200, 30)).save(path)
+    uploaded = await sdk.uploadImage(str(path))
+    assert uploaded.imageUUID and uploaded.imageURL
+    images = await sdk.imageInference(requestImage=IImageInference(
+        model="imagewire:tiny@1", positivePrompt="a meadow", seedImage=uploaded.imageUUID, strength=0.7,
+        steps=4, width=256, height=192))
+    assert images[0].imageURL.endswith(".jpg")
+
+
+async def test_errors_surface_with_code_and_parameter(sdk):
+    with pytest.raises((RunwareAPIError, Exception)) as caught:
+        await sdk.imageInference(requestImage=IImageInference(
+            model="imagewire:tiny@1", positivePrompt="a tree", width=500, height=128, steps=2))
+    assert "invalidWidth" in str(caught.value) or "width" in str(caught.value)

@@ -1,0 +1,236 @@
+from __future__ import annotations
+
+import errno
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+
+import storage.store
+from server.errors import ImageNotFound, InvalidParameter, StorageError
+from storage.store import ImageStore, canonical_uuid
+
+OWNER = "owner-a"
+
+
+def files_under(root: Path) -> list[Path]:
+    return sorted(path for path in root.rglob("*") if path.is_file())
+
+
+async def test_put_get_read_roundtrip(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path / "images")
+    stored = await store.put(b"\x89PNG fake bytes", extension="png", owner=OWNER)
+
+    assert uuid.UUID(stored.uuid).version == 4
+    assert stored.uuid == str(uuid.UUID(stored.uuid))
+    assert (stored.extension, stored.content_type, stored.owner, stored.size) == ("png", "image/png", OWNER, 15)
+    assert stored.path == tmp_path / "images" / stored.uuid[:2] / f"{stored.uuid}.png"
+
+    fetched = await store.get(stored.uuid, owner=OWNER)
+    assert fetched == stored
+    assert await store.read(fetched) == b"\x89PNG fake bytes"
+
+
+async def test_metadata_is_written_next_to_the_data(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    stored = await store.put(b"jpeg", extension="jpg", owner=OWNER)
+    metadata = json.loads((tmp_path / stored.uuid[:2] / f"{stored.uuid}.json").read_text())
+    assert metadata["uuid"] == stored.uuid
+    assert metadata["extension"] == "jpg"
+    assert metadata["content_type"] == "image/jpeg"
+    assert metadata["owner"] == OWNER
+    assert metadata["size"] == 4
+    assert metadata["created"] == metadata["last_used"] > 0
+
+
+async def test_writes_leave_no_temporary_files(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    images = [await store.put(bytes([n]) * 100, extension="webp", owner=OWNER) for n in range(5)]
+    expected = sorted([image.path for image in images] + [image.path.with_suffix(".json") for image in images])
+    assert files_under(tmp_path) == expected
+
+
+async def test_leftovers_of_interrupted_writes_are_removed_at_start(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    kept = await store.put(b"kept", extension="png", owner=OWNER)
+    shard = tmp_path / kept.uuid[:2]
+    temporary = shard / f".{kept.uuid}.png.0123456789ab.tmp"
+    temporary.write_bytes(b"half")
+    orphan_uuid = str(uuid.uuid4())
+    (tmp_path / orphan_uuid[:2]).mkdir(exist_ok=True)
+    orphan = tmp_path / orphan_uuid[:2] / f"{orphan_uuid}.png"  # data whose metadata never came
+    orphan.write_bytes(b"orphan")
+    foreign = tmp_path / "notes.txt"  # not a name this store writes: left alone
+    foreign.write_text("keep me")
+
+    ImageStore(tmp_path)
+
+    assert not temporary.exists()
+    assert not orphan.exists()
+    assert foreign.exists()
+    assert kept.path.exists()
+    assert await store.read(await store.get(kept.uuid, owner=OWNER)) == b"kept"
+
+
+async def test_data_without_metadata_is_not_served(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    stored = await store.put(b"data", extension="png", owner=OWNER)
+    stored.path.with_suffix(".json").unlink()
+    with pytest.raises(ImageNotFound) as caught:
+        await store.get(stored.uuid, owner=OWNER)
+    assert caught.value.code == "imageNotFound"
+    assert caught.value.parameter == "imageUUID"
+
+
+async def test_metadata_without_data_is_not_served(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    stored = await store.put(b"data", extension="png", owner=OWNER)
+    stored.path.unlink()
+    with pytest.raises(ImageNotFound):
+        await store.get(stored.uuid, owner=OWNER)
+
+
+async def test_uppercase_uuid_is_accepted(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    stored = await store.put(b"data", extension="png", owner=OWNER)
+    assert (await store.get(stored.uuid.upper(), owner=OWNER)).uuid == stored.uuid
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "../x",
+        "../../etc/passwd",
+        "",
+        "not-a-uuid",
+        "{12345678-1234-4234-8234-123456789abc}",
+        "urn:uuid:12345678-1234-4234-8234-123456789abc",
+        "12345678123442348234123456789abc",
+        " 12345678-1234-4234-8234-123456789abc",
+        "12345678-1234-4234-8234-123456789abc/../../x",
+        "12345678-1234-4234-8234-123456789abc.json",
+    ],
+)
+async def test_non_canonical_uuids_are_refused(tmp_path: Path, text: str) -> None:
+    store = ImageStore(tmp_path)
+    with pytest.raises(InvalidParameter) as caught:
+        await store.get(text, owner=OWNER, parameter="seedImage")
+    assert caught.value.code == "invalidParameter"
+    assert caught.value.parameter == "seedImage"
+    assert str(tmp_path) not in caught.value.message
+
+
+def test_canonical_uuid() -> None:
+    text = "12345678-1234-4234-8234-123456789ABC"
+    assert canonical_uuid(text) == text.lower()
+    assert canonical_uuid("12345678123442348234123456789abc") is None
+
+
+async def test_another_owners_image_answers_like_a_missing_one(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    stored = await store.put(b"data", extension="png", owner=OWNER)
+    missing = str(uuid.uuid4())
+
+    with pytest.raises(ImageNotFound) as wrong_owner:
+        await store.get(stored.uuid, owner="owner-b", parameter="seedImage")
+    with pytest.raises(ImageNotFound) as absent:
+        await store.get(missing, owner=OWNER, parameter="seedImage")
+
+    assert wrong_owner.value.code == absent.value.code == "imageNotFound"
+    assert wrong_owner.value.parameter == absent.value.parameter == "seedImage"
+    assert wrong_owner.value.message.replace(stored.uuid, "X") == absent.value.message.replace(missing, "X")
+
+
+async def test_owner_none_skips_the_owner_check(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    stored = await store.put(b"data", extension="png", owner=OWNER)
+    assert (await store.get(stored.uuid, owner=None)).owner == OWNER
+
+
+async def test_get_refreshes_last_used(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    stored = await store.put(b"data", extension="png", owner=OWNER)
+    metadata_path = stored.path.with_suffix(".json")
+    metadata = json.loads(metadata_path.read_text())
+    metadata["last_used"] = 1000.0
+    metadata_path.write_text(json.dumps(metadata))
+
+    await store.get(stored.uuid, owner=OWNER)
+
+    assert json.loads(metadata_path.read_text())["last_used"] > 1000.0
+
+
+async def test_sweep_deletes_only_images_unused_for_too_long(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    old = await store.put(b"old", extension="png", owner=OWNER)
+    fresh = await store.put(b"fresh", extension="jpg", owner=OWNER)
+    metadata_path = old.path.with_suffix(".json")
+    metadata = json.loads(metadata_path.read_text())
+    metadata["last_used"] -= 100
+    metadata_path.write_text(json.dumps(metadata))
+
+    assert await store.sweep(max_age_seconds=50) == 1
+
+    assert not old.path.exists()
+    assert not metadata_path.exists()
+    with pytest.raises(ImageNotFound):
+        await store.get(old.uuid, owner=OWNER)
+    with pytest.raises(ImageNotFound):
+        await store.read(old)
+    assert await store.read(await store.get(fresh.uuid, owner=OWNER)) == b"fresh"
+
+
+async def test_sweep_with_explicit_now(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    stored = await store.put(b"data", extension="png", owner=OWNER)
+    assert await store.sweep(max_age_seconds=3600, now=0.0) == 0
+    assert await store.sweep(max_age_seconds=3600, now=10.0**12) == 1
+    assert files_under(tmp_path) == []
+    assert not stored.path.exists()
+
+
+async def test_disk_errors_become_storage_errors_without_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = ImageStore(tmp_path)
+
+    def disk_full(path: Path, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(storage.store, "_write_atomically", disk_full)
+    with pytest.raises(StorageError) as caught:
+        await store.put(b"data", extension="png", owner=OWNER)
+    assert caught.value.code == "storageError"
+    assert "disk is full" in caught.value.message
+    assert str(tmp_path) not in caught.value.message
+
+
+async def test_unknown_extension_is_a_programming_error(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    with pytest.raises(ValueError):
+        await store.put(b"data", extension="exe", owner=OWNER)
+
+
+async def test_an_interrupted_put_leaves_nothing_visible(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = ImageStore(tmp_path)
+    real_replace = storage.store.os.replace
+    calls: list[str] = []
+
+    def replace_then_fail(source: Path, target: Path) -> None:
+        calls.append(str(target))
+        if str(target).endswith(".json"):  # the data landed, the metadata does not
+            raise OSError(errno.EIO, "Input/output error")
+        real_replace(source, target)
+
+    monkeypatch.setattr(storage.store.os, "replace", replace_then_fail)
+    with pytest.raises(StorageError):
+        await store.put(b"data", extension="png", owner=OWNER)
+    monkeypatch.undo()
+
+    assert [Path(call).suffix for call in calls] == [".png", ".json"]
+    data_file = Path(calls[0])
+    assert data_file.exists()
+    assert files_under(tmp_path) == [data_file]  # the temporary metadata was removed
+    with pytest.raises(ImageNotFound):
+        await store.get(data_file.stem, owner=OWNER)
+    ImageStore(tmp_path)
+    assert files_under(tmp_path) == []
