@@ -19,13 +19,13 @@ from server.http import HttpRoutes
 from server.scheduler import Engine, Scheduler
 from server.services import Services
 from server.sessions import SessionRegistry, TaskRegistry
+from server.webhooks import WebhookSender
 from storage import ImageStore, UrlFetcher
 
 log = logging.getLogger("imagewire.server")
 
-SWEEP_INTERVAL = 30.0
-RESUME_WINDOW = 120.0
-TASK_RETENTION = 3600.0
+SWEEP_INTERVAL = 30.0             # sessions and task records
+STORE_SWEEP_INTERVAL = 3600.0     # stored images: a walk over the disk, so less often
 MAX_OUTBOX_BYTES = 256 * 1024 * 1024
 
 
@@ -72,15 +72,18 @@ class ImagewireServer:
         self.api_keys = ApiKeys(keys)
         catalog = await asyncio.to_thread(Catalog.load, config.catalog_files)
         scheduler = Scheduler(self.engine_factory, queue_size=config.queue_size)
+        fetcher = UrlFetcher(allow_private=config.allow_private_urls, max_bytes=config.max_image_bytes,
+                             timeout=config.url_fetch_timeout)
         self.services = Services(
             config=config,
+            # Opening the store also removes what interrupted writes left behind.
             store=await asyncio.to_thread(ImageStore, config.data_dir / "images"),
-            fetcher=UrlFetcher(allow_private=config.allow_private_urls, max_bytes=config.max_image_bytes,
-                               timeout=config.url_fetch_timeout),
+            fetcher=fetcher,
             catalog=catalog,
             scheduler=scheduler,
-            sessions=SessionRegistry(resume_window=RESUME_WINDOW, max_outbox_bytes=MAX_OUTBOX_BYTES),
-            registry=TaskRegistry(retention=TASK_RETENTION),
+            sessions=SessionRegistry(resume_window=config.resume_window, max_outbox_bytes=MAX_OUTBOX_BYTES),
+            registry=TaskRegistry(retention=config.result_retention),
+            webhooks=WebhookSender(fetcher, attempts=config.webhook_attempts),
         )
         scheduler.start()
         if self.preload:
@@ -102,12 +105,23 @@ class ImagewireServer:
         await Connection(websocket, self.services, self.api_keys, self.running).serve()
 
     async def _sweep_forever(self) -> None:
+        """Forget expired sessions and task records; delete images unused for the image TTL."""
+        last_store_sweep = 0.0
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(SWEEP_INTERVAL)
             self.services.sessions.sweep()
             self.services.registry.sweep()
+            if loop.time() - last_store_sweep >= STORE_SWEEP_INTERVAL:
+                last_store_sweep = loop.time()
+                try:
+                    deleted = await self.services.store.sweep(max_age_seconds=self.config.image_ttl)
+                    if deleted:
+                        log.info("deleted %d images unused for %.0f days", deleted, self.config.image_ttl / 86400)
+                except Exception:
+                    log.exception("sweeping the image store failed; serving goes on")
+            await asyncio.sleep(SWEEP_INTERVAL)
 
-    async def stop(self, grace: float = 30.0) -> None:
+    async def stop(self, grace: float | None = None) -> None:
         """Stop listening, let running tasks finish for up to ``grace`` seconds, close sockets with 1001."""
         if self._server is None:
             return
@@ -115,12 +129,15 @@ class ImagewireServer:
         # Stop accepting new sockets; the open ones stay so running tasks can still deliver.
         # (websockets' own close() acts only once, so it is kept for the end.)
         server.server.close()
+        self.services.scheduler.close_intake()
+        grace = self.config.shutdown_grace if grace is None else grace
         if self.running:
             log.info("waiting up to %.0f s for %d running tasks", grace, len(self.running))
             _, unfinished = await asyncio.wait(set(self.running), timeout=grace)
             for task in unfinished:
                 task.cancel()
-        server.close(close_connections=True)
+        await self.services.webhooks.close(timeout=min(grace, 5.0))
+        server.close(close_connections=True)  # close code 1001, going away
         await server.wait_closed()
         if self._sweeper is not None:
             self._sweeper.cancel()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 MIB = 1024 * 1024
@@ -27,15 +27,21 @@ class Config:
     max_frame_bytes: int = 64 * MIB
     max_tasks_per_message: int = 64
     max_tasks_in_flight: int = 64          # per connection
+    max_tasks_per_key: int = 256           # unfinished tasks of one API key, all its connections together
+    max_unauthenticated_per_ip: int = 16   # sockets from one address that have not authenticated yet
+    auth_timeout: float = 30.0             # seconds a new socket has to authenticate
     queue_size: int = 256                  # inference jobs waiting for the GPU, all connections together
     max_batch_size: int = 4                # images per pipeline call; numberResults above it runs in chunks
     max_image_pixels: int = 4096 * 4096    # decoded input images (decompression bombs)
     max_image_bytes: int = 32 * MIB        # encoded input images, inline or fetched
     url_fetch_timeout: float = 15.0
-    idle_timeout: float = 120.0
+    resume_window: float = 120.0           # undelivered results wait this long for the client to come back
+    result_retention: float = 3600.0       # async results (and used taskUUIDs) are kept this long
+    image_ttl: float = 30 * 24 * 3600.0    # stored images are deleted this long after their last use
+    shutdown_grace: float = 30.0           # on SIGTERM, running tasks get this long to finish
+    webhook_attempts: int = 4
     price_per_gpu_second: float = 0.0      # for includeCost
     log_level: str = "INFO"
-    extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def base_url(self) -> str:
@@ -93,6 +99,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="images per pipeline call [IMAGEWIRE_MAX_BATCH_SIZE]")
     add("--max-tasks-in-flight", type=int, default=int(_env("MAX_TASKS_IN_FLIGHT", "64") or 64),
         help="unfinished tasks per connection [IMAGEWIRE_MAX_TASKS_IN_FLIGHT]")
+    add("--max-tasks-per-key", type=int, default=int(_env("MAX_TASKS_PER_KEY", "256") or 256),
+        help="unfinished tasks per API key over all its connections [IMAGEWIRE_MAX_TASKS_PER_KEY]")
+    add("--max-unauthenticated-per-ip", type=int, default=int(_env("MAX_UNAUTHENTICATED_PER_IP", "16") or 16),
+        help="sockets from one address not yet authenticated [IMAGEWIRE_MAX_UNAUTHENTICATED_PER_IP]")
+    add("--auth-timeout", type=float, default=float(_env("AUTH_TIMEOUT", "30") or 30),
+        help="seconds a new socket has to authenticate [IMAGEWIRE_AUTH_TIMEOUT]")
+    add("--max-image-mib", type=int, default=int(_env("MAX_IMAGE_MIB", "32") or 32),
+        help="largest encoded input image, inline or fetched, MiB [IMAGEWIRE_MAX_IMAGE_MIB]")
+    add("--max-image-megapixels", type=float, default=float(_env("MAX_IMAGE_MEGAPIXELS", "16.7") or 16.7),
+        help="largest decoded input image [IMAGEWIRE_MAX_IMAGE_MEGAPIXELS]")
+    add("--resume-window", type=float, default=float(_env("RESUME_WINDOW", "120") or 120),
+        help="seconds undelivered results wait for a client to resume its session [IMAGEWIRE_RESUME_WINDOW]")
+    add("--result-retention", type=float, default=float(_env("RESULT_RETENTION", "3600") or 3600),
+        help="seconds async results stay available to getResponse [IMAGEWIRE_RESULT_RETENTION]")
+    add("--image-ttl-days", type=float, default=float(_env("IMAGE_TTL_DAYS", "30") or 30),
+        help="days after their last use that stored images are deleted [IMAGEWIRE_IMAGE_TTL_DAYS]")
+    add("--shutdown-grace", type=float, default=float(_env("SHUTDOWN_GRACE", "30") or 30),
+        help="seconds running tasks get to finish on SIGTERM/SIGINT [IMAGEWIRE_SHUTDOWN_GRACE]")
     add("--price-per-gpu-second", type=float, default=float(_env("PRICE_PER_GPU_SECOND", "0") or 0),
         help="cost reported with includeCost, per second of device time [IMAGEWIRE_PRICE_PER_GPU_SECOND]")
     add("--log-level", default=_env("LOG_LEVEL", "INFO"), choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -122,6 +146,15 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         queue_size=args.queue_size,
         max_batch_size=args.max_batch_size,
         max_tasks_in_flight=args.max_tasks_in_flight,
+        max_tasks_per_key=args.max_tasks_per_key,
+        max_unauthenticated_per_ip=args.max_unauthenticated_per_ip,
+        auth_timeout=args.auth_timeout,
+        max_image_bytes=args.max_image_mib * MIB,
+        max_image_pixels=int(args.max_image_megapixels * 1_000_000),
+        resume_window=args.resume_window,
+        result_retention=args.result_retention,
+        image_ttl=args.image_ttl_days * 24 * 3600,
+        shutdown_grace=args.shutdown_grace,
         price_per_gpu_second=args.price_per_gpu_second,
         log_level=args.log_level,
     )

@@ -37,20 +37,49 @@ class Connection:
         self.running = running  # every task of the server, so a shutdown can drain them
         self.session: Session | None = None
         self.in_flight = 0
+        peer = websocket.remote_address
+        self.peer_ip = str(peer[0]) if peer else "unknown"
 
     async def serve(self) -> None:
-        peer = self.websocket.remote_address
-        connection_log.info("connection opened peer=%s", peer)
+        config = self.services.config
+        waiting = self.services.unauthenticated_by_ip
+        connection_log.info("connection opened peer=%s", self.websocket.remote_address)
+        if waiting[self.peer_ip] >= config.max_unauthenticated_per_ip:
+            await self._refuse(f"Too many connections from {self.peer_ip} are waiting to authenticate "
+                               f"(max {config.max_unauthenticated_per_ip}); authenticate or close them first.")
+            return
+        waiting[self.peer_ip] += 1
+        deadline = asyncio.get_running_loop().call_later(config.auth_timeout, self._authentication_overdue)
         try:
             async for frame in self.websocket:
+                was_authenticated = self.session is not None
                 await self._on_frame(frame)
+                if self.session is not None and not was_authenticated:
+                    deadline.cancel()
+                    waiting[self.peer_ip] -= 1
         except ConnectionClosed:
             pass
         finally:
+            deadline.cancel()
+            if self.session is None:
+                waiting[self.peer_ip] -= 1
+            if waiting[self.peer_ip] <= 0:
+                del waiting[self.peer_ip]
             if self.session is not None:
                 self.session.detach(self._send)
-            connection_log.info("connection closed peer=%s session=%s", peer,
+            connection_log.info("connection closed peer=%s session=%s", self.websocket.remote_address,
                                 self.session.uuid if self.session else None)
+
+    async def _refuse(self, message: str) -> None:
+        """Answer with one error item, then close with 1008 (policy violation)."""
+        await self._send(protocol.error_frame(ServiceUnavailable(message), "authentication", None))
+        await self.websocket.close(1008, "policy violation")
+
+    def _authentication_overdue(self) -> None:
+        if self.session is None:
+            asyncio.ensure_future(self._refuse(
+                f"No authentication within {self.services.config.auth_timeout:g} s of connecting; "
+                "send [{\"taskType\":\"authentication\",\"apiKey\":\"...\"}] first."))
 
     async def _send(self, frame: bytes) -> bool:
         try:
@@ -113,6 +142,10 @@ class Connection:
                 raise ServiceUnavailable(
                     f"This connection already has {self.in_flight} unfinished tasks, the most allowed "
                     f"(max {config.max_tasks_in_flight}); wait for some to finish.")
+            if self.services.tasks_by_owner[self.session.owner] >= config.max_tasks_per_key:
+                raise ServiceUnavailable(
+                    f"This API key already has {config.max_tasks_per_key} unfinished tasks over all its "
+                    "connections, the most allowed; wait for some to finish.")
             record = None
             if not isinstance(task, schema.GetResponse):
                 record = self.services.registry.begin(task_uuid, task_type, self.session.owner,
@@ -125,31 +158,54 @@ class Connection:
             await self._reply(protocol.encode_frame(data=[schema.Acknowledgement(taskType=task_type,
                                                                                   taskUUID=task_uuid)]))
         self.in_flight += 1
+        owner = self.session.owner
+        self.services.tasks_by_owner[owner] += 1
         runner = asyncio.create_task(self._run(task, task_type, task_uuid, record, self.session, asynchronous))
         self.running.add(runner)
-        runner.add_done_callback(self._finished)
+        runner.add_done_callback(lambda done: self._finished(done, owner))
 
-    def _finished(self, runner: asyncio.Task[None]) -> None:
+    def _finished(self, runner: asyncio.Task[None], owner: str) -> None:
         self.running.discard(runner)
         self.in_flight -= 1
+        counts = self.services.tasks_by_owner
+        counts[owner] -= 1
+        if counts[owner] <= 0:
+            del counts[owner]
 
     async def _run(self, task: schema.Task, task_type: str, task_uuid: str, record: TaskRecord | None,
                    session: Session, asynchronous: bool) -> None:
-        """Run one task to its end. Results go to the session, so a client that reconnects gets them."""
+        """Run one task to its end. Results go to the session, so a client that reconnects gets them.
+
+        Results stream one frame per item as they are ready; a getResponse, which reports a
+        state rather than producing results, is answered in a single frame.
+        """
         ctx = TaskContext(self.services, session.owner)
         started = time.perf_counter()
         outcome, results = "success", 0
+        webhook = getattr(task, "webhookURL", None) if asynchronous else None
+        one_frame = isinstance(task, schema.GetResponse)
+        collected: list[Any] = []
         try:
             async for item in handler_for(task)(task, ctx):
                 results += 1
                 if record is not None and record.keep_items:
                     record.items.append(_as_dict(item))
-                if not asynchronous:
+                if webhook:
+                    self.services.webhooks.send(webhook, _as_dict(item))
+                if one_frame:
+                    collected.append(item)
+                elif not asynchronous:
                     with ctx.timed("send"):
                         await session.send(protocol.encode_frame(data=[item]))
+            if collected:
+                await session.send(protocol.encode_frame(data=collected))
         except TaskError as error:
             outcome = error.code
-            await self._fail(error, task_type, task_uuid, record, session, asynchronous)
+            if one_frame:
+                await session.send(protocol.encode_frame(
+                    data=collected, errors=[error.to_item(task_type, task_uuid)]))
+            else:
+                await self._fail(error, task_type, task_uuid, record, session, asynchronous, webhook)
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
@@ -157,7 +213,7 @@ class Connection:
             outcome = "internalServerError"
             log.exception("taskUUID=%s taskType=%s failed with an internal error", task_uuid, task_type)
             internal = InternalServerError("The server failed on this task; the server log has details.")
-            await self._fail(internal, task_type, task_uuid, record, session, asynchronous)
+            await self._fail(internal, task_type, task_uuid, record, session, asynchronous, webhook)
         finally:
             if record is not None:
                 self.services.registry.finish(record, "success" if outcome == "success" else "error")
@@ -166,10 +222,12 @@ class Connection:
                      outcome, results, (time.perf_counter() - started) * 1000, stages)
 
     async def _fail(self, error: TaskError, task_type: str, task_uuid: str, record: TaskRecord | None,
-                    session: Session, asynchronous: bool) -> None:
+                    session: Session, asynchronous: bool, webhook: str | None) -> None:
         item = error.to_item(task_type, task_uuid)
         if record is not None and record.keep_items:
             record.errors.append(item)
+        if webhook:
+            self.services.webhooks.send(webhook, item)
         if not asynchronous:
             await session.send(protocol.encode_frame(errors=[item]))
 

@@ -138,6 +138,10 @@ class Scheduler:
                 "Retry in a moment.") from None
         return handle
 
+    def close_intake(self) -> None:
+        """Refuse new jobs from now on; queued and running ones go on."""
+        self._accepting = False
+
     def stop(self, timeout: float | None = None) -> None:
         """Refuse new jobs, let the queued ones finish, then end the worker."""
         self._accepting = False

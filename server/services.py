@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from air_registry.catalog import Catalog
 from server.config import Config
 from server.scheduler import Scheduler
 from server.sessions import SessionRegistry, TaskRegistry
+from server.webhooks import WebhookSender
 from storage import ImageStore, UrlFetcher
 
 
@@ -23,6 +25,9 @@ class Services:
     scheduler: Scheduler
     sessions: SessionRegistry
     registry: TaskRegistry
+    webhooks: WebhookSender
+    tasks_by_owner: Counter[str] = field(default_factory=Counter)          # unfinished tasks per API key
+    unauthenticated_by_ip: Counter[str] = field(default_factory=Counter)   # sockets awaiting authentication
 
 
 @dataclass

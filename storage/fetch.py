@@ -156,39 +156,71 @@ class UrlFetcher:
 
     # ------------------------------------------------------------------ one request
 
+    async def post_json(self, url: str, body: bytes, *, parameter: str) -> int:
+        """POST a JSON body (webhooks); the HTTP status of a 2xx answer, else an InvalidParameter.
+
+        The same address rules as fetching apply. Redirects are not followed: a webhook
+        endpoint that moves is a configuration error the client should see.
+        """
+        target = self._parse(url, parameter)
+        try:
+            async with asyncio.timeout(self.timeout):
+                head, _ = await self._exchange(target, parameter, "POST", body, "application/json", read_body=False)
+        except TimeoutError as exc:
+            raise self._error(parameter, target, f"timed out after {self.timeout:g} s") from exc
+        if not 200 <= head.status < 300:
+            raise self._error(parameter, target, f"answered HTTP {head.status}")
+        return head.status
+
     async def _get_once(self, target: _Target, parameter: str) -> bytes | str:
         """The body of a 2xx answer, or the Location of a redirect."""
+        head, body = await self._exchange(target, parameter, "GET", None, None, read_body=True)
+        if head.status in REDIRECT_STATUSES:
+            location = head.headers.get("location")
+            if not location:
+                raise self._error(parameter, target, f"answered HTTP {head.status} without a Location")
+            return location
+        if not 200 <= head.status < 300:
+            raise self._error(parameter, target, f"answered HTTP {head.status}")
+        return body or b""
+
+    async def _exchange(
+        self,
+        target: _Target,
+        parameter: str,
+        method: str,
+        body: bytes | None,
+        content_type: str | None,
+        *,
+        read_body: bool,
+    ) -> tuple[_Head, bytes | None]:
+        """One request to a checked address: the answer's head, and its body when asked for and 2xx."""
         addresses = await self._resolve(target, parameter)
         reader, writer = await self._connect(addresses, target, parameter)
         try:
-            request = (
-                f"GET {target.request_target} HTTP/1.1\r\n"
-                f"Host: {target.host_header}\r\n"
-                "User-Agent: imagewire\r\n"
-                "Accept: image/*, */*;q=0.5\r\n"
-                "Accept-Encoding: identity\r\n"
-                "Connection: close\r\n\r\n"
-            )
-            writer.write(request.encode("ascii"))
+            lines = [
+                f"{method} {target.request_target} HTTP/1.1",
+                f"Host: {target.host_header}",
+                "User-Agent: imagewire",
+                "Accept: image/*, */*;q=0.5",
+                "Accept-Encoding: identity",
+                "Connection: close",
+            ]
+            if body is not None:
+                lines += [f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
+            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + (body or b""))
             await writer.drain()
             head = await self._read_head(reader, target, parameter)
-            if head.status in REDIRECT_STATUSES:
-                location = head.headers.get("location")
-                if not location:
-                    raise self._error(parameter, target, f"answered HTTP {head.status} without a Location")
-                return location
-            if not 200 <= head.status < 300:
-                raise self._error(parameter, target, f"answered HTTP {head.status}")
-            if head.status == 204:
-                return b""
-            return await self._read_body(reader, head, target, parameter)
+            if read_body and 200 <= head.status < 300 and head.status != 204:
+                return head, await self._read_body(reader, head, target, parameter)
+            return head, None
         except asyncio.IncompleteReadError as exc:
             raise self._error(parameter, target, "closed the connection before the answer was complete") from exc
         except OSError as exc:
             raise self._error(parameter, target, f"failed: {_os_error_reason(exc)}") from exc
         finally:
             # Not awaiting wait_closed(): a TLS peer that never acknowledges the close must not
-            # hold a finished fetch until the timeout.
+            # hold a finished request until the timeout.
             writer.close()
 
     def _error(self, parameter: str, target: _Target, what: str) -> InvalidParameter:

@@ -1,0 +1,161 @@
+"""Delivery that survives the network: async + getResponse, session resume, conflicts, webhooks."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+
+from tests.server.test_scheduler import HeldEngine
+from tests.wire import Wire, inference, new_uuid
+
+
+async def get_response(wire: Wire, task_uuid: str) -> dict:
+    await wire.send([{"taskType": "getResponse", "taskUUID": task_uuid}])
+    while True:
+        message = await wire.receive()
+        items = message.get("data", []) + message.get("errors", [])
+        if any(item.get("taskUUID") == task_uuid for item in items):
+            return message
+
+
+async def test_async_delivery_acknowledges_at_once_and_get_response_returns_results(start_server):
+    engine = HeldEngine()
+    server = await start_server(engine_factory=lambda: engine)
+    wire = await Wire.open(server.url)
+    task = inference(deliveryMethod="async", numberResults=2, seed=4)
+    await wire.send([task])
+    ack = await wire.receive()
+    assert ack == {"data": [{"taskType": "imageInference", "taskUUID": task["taskUUID"]}]}
+    pending = await get_response(wire, task["taskUUID"])
+    assert pending["data"] == [{"taskType": "imageInference", "taskUUID": task["taskUUID"], "status": "processing"}]
+    engine.release.set()
+    for _ in range(100):
+        done = await get_response(wire, task["taskUUID"])
+        if all(item["status"] == "success" for item in done["data"]):
+            break
+        await asyncio.sleep(0.05)
+    assert sorted(item["seed"] for item in done["data"]) == [4, 5]
+    assert all(item["taskType"] == "imageInference" and item["imageUUID"] for item in done["data"])
+    await wire.close()
+
+
+async def test_get_response_reports_failed_async_tasks_as_errors(start_server):
+    engine = HeldEngine()
+    engine.release.set()
+    server = await start_server(engine_factory=lambda: engine)
+    wire = await Wire.open(server.url)
+    task = inference(deliveryMethod="async", positivePrompt="explode")
+    await wire.send([task])
+    await wire.receive()  # acknowledgement
+    for _ in range(100):
+        answer = await get_response(wire, task["taskUUID"])
+        if answer.get("errors"):
+            break
+        await asyncio.sleep(0.05)
+    error = answer["errors"][0]
+    assert (error["status"], error["code"], error["taskType"]) == ("error", "inferenceError", "imageInference")
+    await wire.close()
+
+
+async def test_get_response_for_an_unknown_task(server):
+    wire = await Wire.open(server.url)
+    error = await wire.error({"taskType": "getResponse", "taskUUID": new_uuid()})
+    assert error["code"] == "taskNotFound" and error["parameter"] == "taskUUID"
+    await wire.close()
+
+
+async def test_results_of_a_dropped_connection_are_delivered_on_resume(start_server):
+    engine = HeldEngine()
+    server = await start_server(engine_factory=lambda: engine)
+    first = await Wire.open(server.url)
+    task = inference(seed=77)
+    await first.send([task])
+    await asyncio.to_thread(engine.started.wait, 10)
+    await first.close()
+    engine.release.set()
+    await asyncio.sleep(0.3)  # the result is produced while nobody is connected
+    second = await Wire.open(server.url, session=first.session)
+    assert second.session == first.session
+    data, errors = await second.items_for(task["taskUUID"], 1)
+    assert data[0]["seed"] == 77 and not errors
+    await second.close()
+
+
+async def test_another_key_cannot_resume_a_session(start_server):
+    server = await start_server(api_keys=("key-a", "key-b"))
+    owner = await Wire.open(server.url, api_key="key-a")
+    await owner.close()
+    intruder = await Wire.open(server.url, api_key="key-b", session=owner.session)
+    assert intruder.session != owner.session
+    await intruder.close()
+
+
+async def test_conflicting_task_uuid_while_running_runs_only_once(start_server):
+    engine = HeldEngine()
+    server = await start_server(engine_factory=lambda: engine)
+    wire = await Wire.open(server.url)
+    task = inference()
+    await wire.send([task])
+    await asyncio.to_thread(engine.started.wait, 10)
+    await wire.send([dict(task)])
+    _, errors = await wire.items_for(task["taskUUID"], 1)
+    assert errors[0]["code"] == "conflictTaskUUID"
+    engine.release.set()
+    data, _ = await wire.items_for(task["taskUUID"], 1)
+    assert data and engine.ran == [task["taskUUID"]]
+    await wire.close()
+
+
+async def test_webhooks_receive_each_async_result(start_server):
+    received: list[dict] = []
+
+    async def hook(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+        received.append(orjson.loads(await reader.readexactly(length)))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    listener = await asyncio.start_server(hook, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    server = await start_server(allow_private_urls=True)
+    wire = await Wire.open(server.url)
+    task = inference(deliveryMethod="async", numberResults=2, webhookURL=f"http://127.0.0.1:{port}/hook")
+    await wire.send([task])
+    for _ in range(200):
+        if len(received) == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert len(received) == 2
+    assert {body["data"][0]["taskUUID"] for body in received} == {task["taskUUID"]}
+    assert all(body["data"][0]["imageUUID"] for body in received)
+    listener.close()
+    await wire.close()
+
+
+async def test_webhooks_to_private_addresses_are_refused_by_default(start_server):
+    hits: list[bytes] = []
+
+    async def hook(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hits.append(await reader.read(100))
+        writer.close()
+
+    listener = await asyncio.start_server(hook, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    server = await start_server()
+    server.services.webhooks.first_delay = 0.01
+    wire = await Wire.open(server.url)
+    task = inference(deliveryMethod="async", webhookURL=f"http://127.0.0.1:{port}/hook")
+    await wire.send([task])
+    await wire.receive()
+    for _ in range(100):
+        record = server.services.registry.get(task["taskUUID"], next(iter(server.services.tasks_by_owner), ""))
+        if record is None or record.status != "processing":
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
+    assert hits == []
+    listener.close()
+    await wire.close()

@@ -1,0 +1,84 @@
+"""Bounds: each one answered with a clear error while the server keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from tests.server.test_scheduler import HeldEngine
+from tests.wire import Wire, inference
+
+
+async def test_tasks_in_flight_per_connection_are_bounded(start_server):
+    engine = HeldEngine()
+    server = await start_server(engine_factory=lambda: engine, max_tasks_in_flight=2)
+    wire = await Wire.open(server.url)
+    tasks = [inference() for _ in range(3)]
+    await wire.send(tasks)
+    _, errors = await wire.items_for(tasks[2]["taskUUID"], 1)
+    assert errors[0]["code"] == "serviceUnavailable" and "max 2" in errors[0]["message"]
+    engine.release.set()
+    for task in tasks[:2]:
+        data, _ = await wire.items_for(task["taskUUID"], 1)
+        assert data
+    await wire.close()
+
+
+async def test_tasks_in_flight_per_api_key_are_bounded_over_connections(start_server):
+    engine = HeldEngine()
+    server = await start_server(engine_factory=lambda: engine, max_tasks_per_key=2)
+    first, second = await Wire.open(server.url), await Wire.open(server.url)
+    await first.send([inference(), inference()])
+    refused = inference()
+    await asyncio.to_thread(engine.started.wait, 10)
+    error = await second.error(refused)
+    assert error["code"] == "serviceUnavailable" and "API key" in error["message"]
+    engine.release.set()
+    await first.close()
+    await second.close()
+
+
+async def test_unauthenticated_sockets_per_address_are_bounded(start_server):
+    server = await start_server(max_unauthenticated_per_ip=2)
+    idle = [await connect(server.url) for _ in range(2)]
+    third = await connect(server.url)
+    message = await asyncio.wait_for(third.recv(), 5)
+    assert "serviceUnavailable" in message and "authenticate" in message
+    with pytest.raises(ConnectionClosed):
+        await asyncio.wait_for(third.recv(), 5)
+    assert third.close_code == 1008
+    for websocket in idle:
+        await websocket.close()
+    # once those are gone, new sockets are welcome again
+    wire = await Wire.open(server.url)
+    await wire.close()
+
+
+async def test_a_socket_that_never_authenticates_is_closed(start_server):
+    server = await start_server(auth_timeout=0.3)
+    websocket = await connect(server.url)
+    message = await asyncio.wait_for(websocket.recv(), 5)
+    assert "No authentication within" in message
+    with pytest.raises(ConnectionClosed):
+        await asyncio.wait_for(websocket.recv(), 5)
+    # an authenticated socket is not affected by the deadline
+    wire = await Wire.open(server.url)
+    await asyncio.sleep(0.5)
+    await wire.send([{"taskType": "ping", "ping": True}])
+    assert (await wire.receive())["data"][0]["pong"] is True
+    await wire.close()
+
+
+async def test_a_frame_over_the_limit_closes_only_that_socket(start_server):
+    server = await start_server(max_frame_bytes=1024 * 1024)
+    wire = await Wire.open(server.url)
+    await wire.send("[" + " " * (2 * 1024 * 1024) + "]")
+    with pytest.raises(ConnectionClosed):
+        await wire.receive(timeout=5)
+    assert wire.websocket.close_code == 1009  # message too big
+    other = await Wire.open(server.url)
+    assert await other.run(inference())
+    await other.close()
