@@ -37,11 +37,12 @@ class DiffusersEngine:
             pipe = self.pipelines.image_to_image(job.model)
         else:
             pipe = self.pipelines.text_to_image(job.model)
-        # 2. a fresh scheduler every call: schedulers keep per-run state
-        pipe.scheduler = self.pipelines.make_scheduler(pipe, job.scheduler)
-        # 3. chunks of at most max_batch_size images, each image with its own generator
+        # 2. chunks of at most max_batch_size images, each image with its own generator, and
+        #    a fresh scheduler per chunk: schedulers keep per-run state, and the SDE ones
+        #    take their noise seeds from the scheduler rather than the generators
         for start in range(0, len(job.seeds), self.max_batch_size):
             seeds = job.seeds[start : start + self.max_batch_size]
+            pipe.scheduler = self.pipelines.make_scheduler(pipe, job.scheduler, seeds=seeds)
             started = time.perf_counter()
             images = self._call(pipe, job, seeds)
             share = (time.perf_counter() - started) / len(seeds)

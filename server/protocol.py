@@ -66,6 +66,8 @@ class Decoded:
 def decode_frame(frame: str | bytes, *, max_tasks: int) -> list[Decoded]:
     try:
         elements = _frame_decoder.decode(frame)
+    except RecursionError as exc:
+        raise FrameError("The message is nested too deeply to be a task array.") from exc
     except msgspec.DecodeError as exc:
         raise FrameError(
             "Each message must be a JSON array of task objects, e.g. "
@@ -83,6 +85,8 @@ def decode_frame(frame: str | bytes, *, max_tasks: int) -> list[Decoded]:
 def decode_task(raw: msgspec.Raw | bytes) -> Decoded:
     try:
         obj = _object_decoder.decode(raw)
+    except RecursionError:
+        return Decoded(None, None, error=InvalidParameter("A task is nested too deeply to be read."))
     except msgspec.DecodeError as exc:  # pragma: no cover - the frame decoder already checked the JSON
         return Decoded(None, None, error=InvalidParameter(f"A task is not valid JSON: {exc}"))
     if not isinstance(obj, dict):

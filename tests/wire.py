@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from typing import Any
 
+import msgspec
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
 
@@ -40,7 +41,8 @@ class Wire:
         if isinstance(tasks, (str, bytes)):
             await self.websocket.send(tasks)
         else:
-            await self.websocket.send(orjson.dumps(tasks).decode())
+            # msgspec, not orjson: hostile tests send integers beyond 64 bits.
+            await self.websocket.send(msgspec.json.encode(tasks).decode())
 
     async def receive(self, timeout: float = 60) -> dict[str, Any]:
         frame = await asyncio.wait_for(self.websocket.recv(), timeout)

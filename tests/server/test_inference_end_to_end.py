@@ -102,6 +102,15 @@ async def test_schedulers_change_the_result(server, scheduler):
     await wire.close()
 
 
+async def test_stochastic_schedulers_are_repeatable_by_seed(server):
+    wire = await Wire.open(server.url)
+    request = dict(seed=8, steps=4, scheduler="DPM++ SDE Karras", outputType="base64Data")
+    [first] = await wire.run(inference(**request))
+    [second] = await wire.run(inference(**request))
+    assert pixels(base64.b64decode(first["imageBase64Data"])) == pixels(base64.b64decode(second["imageBase64Data"]))
+    await wire.close()
+
+
 async def test_an_unknown_scheduler_lists_the_allowed_values(server):
     wire = await Wire.open(server.url)
     error = await wire.error(inference(scheduler="Warp Drive"))

@@ -1,0 +1,117 @@
+"""The server as a real process: graceful stop on SIGTERM, and nothing answered lost to a hard kill."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import re
+import signal
+import sys
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from websockets.exceptions import ConnectionClosed
+
+from tests.wire import API_KEY, Wire, inference
+
+READY = re.compile(r"imagewire ready: (ws://\S+)")
+
+
+class ServerProcess:
+    def __init__(self, process: asyncio.subprocess.Process, url: str) -> None:
+        self.process = process
+        self.url = url
+
+    @classmethod
+    async def start(cls, data_dir: Path, *extra: str) -> ServerProcess:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "server", "--port", "0", "--data-dir", str(data_dir), "--api-key", API_KEY,
+            *extra, stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"})
+        assert process.stderr is not None
+        while True:
+            line = (await asyncio.wait_for(process.stderr.readline(), 120)).decode()
+            assert line, "the server exited before it was ready"
+            match = READY.search(line)
+            if match:
+                server = cls(process, match.group(1))
+                server._drain = asyncio.ensure_future(server._read_rest())
+                return server
+
+    async def _read_rest(self) -> None:
+        assert self.process.stderr is not None
+        self.log = b""
+        while chunk := await self.process.stderr.read(65536):
+            self.log += chunk
+
+    async def wait(self, timeout: float = 60) -> int:
+        code = await asyncio.wait_for(self.process.wait(), timeout)
+        await self._drain
+        return code
+
+
+@pytest.fixture
+async def processes() -> AsyncIterator[list[ServerProcess]]:
+    started: list[ServerProcess] = []
+    yield started
+    for server in started:
+        if server.process.returncode is None:
+            server.process.kill()
+            await server.process.wait()
+
+
+def http_get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read()
+
+
+async def test_sigterm_lets_running_tasks_finish_then_closes_with_1001_and_exits_0(data_dir, processes):
+    server = await ServerProcess.start(data_dir)
+    processes.append(server)
+    wire = await Wire.open(server.url)
+    task = inference(width=512, height=512, steps=25, numberResults=2)
+    await wire.send([task])
+    await asyncio.sleep(0.5)  # the task is on the device now
+    server.process.send_signal(signal.SIGTERM)
+    data, errors = await wire.items_for(task["taskUUID"], 2, timeout=120)
+    assert len(data) == 2 and not errors
+    with pytest.raises(ConnectionClosed):
+        await wire.receive(timeout=30)
+    assert wire.websocket.close_code == 1001
+    assert await server.wait() == 0
+    assert b"shutting down" in server.log and b"stopped" in server.log
+
+
+async def test_a_hard_kill_loses_nothing_already_answered(data_dir, processes):
+    first = await ServerProcess.start(data_dir)
+    processes.append(first)
+    wire = await Wire.open(first.url)
+    buffer = io.BytesIO()
+    Image.new("RGB", (160, 128), (0, 90, 200)).save(buffer, "PNG")
+    [upload] = await wire.run({"taskType": "imageUpload", "image": base64.b64encode(buffer.getvalue()).decode()})
+    [generated] = await wire.run(inference())
+    before = {item["imageUUID"]: await asyncio.to_thread(http_get, item["imageURL"]) for item in (upload, generated)}
+    first.process.kill()  # SIGKILL: no chance to clean up
+    await first.wait()
+    # what an interrupted write would leave behind
+    folder = next(path for path in (data_dir / "images").iterdir() if path.is_dir())
+    leftover = folder / ".00000000-0000-4000-8000-000000000000.png.abc123.tmp"
+    leftover.write_bytes(b"half an image")
+
+    second = await ServerProcess.start(data_dir)
+    processes.append(second)
+    assert not leftover.exists()
+    wire = await Wire.open(second.url)
+    for image_uuid, data in before.items():
+        url = second.url.replace("ws://", "http://").removesuffix("/v1") + f"/image/{image_uuid}"
+        extension = "png"
+        assert await asyncio.to_thread(http_get, f"{url}.{extension}") == data
+        assert await wire.run(inference(seedImage=image_uuid, strength=0.5))
+    await wire.close()
+    second.process.send_signal(signal.SIGINT)
+    assert await second.wait() == 0
