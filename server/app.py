@@ -105,21 +105,27 @@ class ImagewireServer:
         await Connection(websocket, self.services, self.api_keys, self.running).serve()
 
     async def _sweep_forever(self) -> None:
-        """Forget expired sessions and task records; delete images unused for the image TTL."""
-        last_store_sweep = 0.0
+        last_store_sweep: float | None = None
         loop = asyncio.get_running_loop()
         while True:
-            self.services.sessions.sweep()
-            self.services.registry.sweep()
-            if loop.time() - last_store_sweep >= STORE_SWEEP_INTERVAL:
+            sweep_store = last_store_sweep is None or loop.time() - last_store_sweep >= STORE_SWEEP_INTERVAL
+            if sweep_store:
                 last_store_sweep = loop.time()
-                try:
-                    deleted = await self.services.store.sweep(max_age_seconds=self.config.image_ttl)
-                    if deleted:
-                        log.info("deleted %d images unused for %.0f days", deleted, self.config.image_ttl / 86400)
-                except Exception:
-                    log.exception("sweeping the image store failed; serving goes on")
+            await self.sweep(store=sweep_store)
             await asyncio.sleep(SWEEP_INTERVAL)
+
+    async def sweep(self, *, store: bool) -> None:
+        """Forget expired sessions and task records; with ``store``, delete images unused for the image TTL."""
+        self.services.sessions.sweep()
+        self.services.registry.sweep()
+        if not store:
+            return
+        try:
+            deleted = await self.services.store.sweep(max_age_seconds=self.config.image_ttl)
+            if deleted:
+                log.info("deleted %d images unused for %.1f days", deleted, self.config.image_ttl / 86400)
+        except Exception:
+            log.exception("sweeping the image store failed; serving goes on")
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop listening, let running tasks finish for up to ``grace`` seconds, close sockets with 1001."""

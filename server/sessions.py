@@ -43,7 +43,8 @@ class Session:
             self.outbox_bytes -= len(self.outbox.pop(0))
 
     def detach(self, sender: Sender) -> None:
-        if self.sender is sender:
+        # ==, not is: each access to a bound method makes a new object, and equal ones share their self.
+        if self.sender == sender:
             self.sender = None
             self.detached_at = time.monotonic()
 
