@@ -207,7 +207,10 @@ class Connection:
             else:
                 await self._fail(error, task_type, task_uuid, record, session, asynchronous, webhook)
         except asyncio.CancelledError:
+            # Only a shutdown whose grace ran out cancels a task: tell the client rather than go silent.
             outcome = "cancelled"
+            stopped = ServiceUnavailable("The server shut down before this task finished; send it again.")
+            await self._fail(stopped, task_type, task_uuid, record, session, asynchronous, webhook)
             raise
         except Exception:
             outcome = "internalServerError"

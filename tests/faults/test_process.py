@@ -71,10 +71,10 @@ def http_get(url: str) -> bytes:
 
 
 async def test_sigterm_lets_running_tasks_finish_then_closes_with_1001_and_exits_0(data_dir, processes):
-    server = await ServerProcess.start(data_dir)
+    server = await ServerProcess.start(data_dir, "--shutdown-grace", "300")
     processes.append(server)
     wire = await Wire.open(server.url)
-    task = inference(width=512, height=512, steps=25, numberResults=2)
+    task = inference(width=384, height=384, steps=12, numberResults=2)
     await wire.send([task])
     await asyncio.sleep(0.5)  # the task is on the device now
     server.process.send_signal(signal.SIGTERM)
@@ -85,6 +85,19 @@ async def test_sigterm_lets_running_tasks_finish_then_closes_with_1001_and_exits
     assert wire.websocket.close_code == 1001
     assert await server.wait() == 0
     assert b"shutting down" in server.log and b"stopped" in server.log
+
+
+async def test_tasks_cut_off_by_the_end_of_the_grace_period_are_told_so(data_dir, processes):
+    server = await ServerProcess.start(data_dir, "--shutdown-grace", "0.2")
+    processes.append(server)
+    wire = await Wire.open(server.url)
+    task = inference(width=512, height=512, steps=40, numberResults=4)
+    await wire.send([task])
+    await asyncio.sleep(0.5)
+    server.process.send_signal(signal.SIGTERM)
+    _, errors = await wire.items_for(task["taskUUID"], 4, timeout=60)
+    assert errors[0]["code"] == "serviceUnavailable" and "shut down" in errors[0]["message"]
+    assert await server.wait() == 0
 
 
 async def test_a_hard_kill_loses_nothing_already_answered(data_dir, processes):
