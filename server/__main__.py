@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -16,7 +17,11 @@ async def serve(argv: Sequence[str] | None = None) -> None:
     config = parse_args(argv)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     server = ImagewireServer(config)
-    await server.start()
+    try:
+        await server.start()
+    except (ValueError, OSError) as exc:  # a wrong --device, a taken port, an unreadable catalog
+        print(f"imagewire-server: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     if server.generated_key:
         print(f"\nGenerated an API key (kept in {config.data_dir / 'api-key'}, readable only by you):\n"
               f"    {server.generated_key}\n", file=sys.stderr, flush=True)
@@ -28,6 +33,13 @@ async def serve(argv: Sequence[str] | None = None) -> None:
     await stop.wait()
     logging.getLogger("imagewire.server").info("signal received; shutting down")
     await server.stop()
+    if server.services.scheduler.busy:
+        # The grace period ran out with a job still on the device. Interpreter shutdown would
+        # tear torch down under that thread (SIGABRT); the tasks were answered, so leave now.
+        logging.getLogger("imagewire.server").info("leaving a device job unfinished")
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

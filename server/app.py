@@ -85,9 +85,12 @@ class ImagewireServer:
             registry=TaskRegistry(retention=config.result_retention),
             webhooks=WebhookSender(fetcher, attempts=config.webhook_attempts),
         )
-        scheduler.start()
+        # Listen only once the engine exists and the default model is loaded: imports and loading
+        # hold the GIL in long stretches, and clients should not see slow pongs meanwhile.
+        await asyncio.to_thread(scheduler.start)
         if self.preload:
-            scheduler.preload(catalog.resolve(config.default_model))
+            loaded = scheduler.preload(catalog.resolve(config.default_model))
+            await asyncio.to_thread(loaded.wait)
         self._server = await serve(
             self._handle, config.host, config.port,
             process_request=HttpRoutes(self.services),

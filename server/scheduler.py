@@ -106,7 +106,8 @@ class JobHandle:
 class Scheduler:
     def __init__(self, engine_factory: Callable[[], Engine], *, queue_size: int) -> None:
         self._engine_factory = engine_factory
-        self._queue: queue.Queue[JobHandle | ModelEntry | None] = queue.Queue(maxsize=queue_size)
+        self._queue: queue.Queue[JobHandle | tuple[ModelEntry, threading.Event] | None] = queue.Queue(
+            maxsize=queue_size)
         self._queue_size = queue_size
         self._thread: threading.Thread | None = None
         self._accepting = False
@@ -114,13 +115,22 @@ class Scheduler:
         self._start_error: BaseException | None = None
 
     def start(self) -> None:
+        """Start the worker and wait until its engine exists (imports done, device checked).
+
+        Blocking: call it from a thread. Raises what building the engine raised.
+        """
         self._accepting = True
         self._thread = threading.Thread(target=self._work, name="imagewire-device", daemon=True)
         self._thread.start()
+        self._ready.wait()
+        if self._start_error is not None:
+            raise self._start_error
 
-    def preload(self, model: ModelEntry) -> None:
-        """Load a model in the worker before the first request needs it."""
-        self._queue.put(model)
+    def preload(self, model: ModelEntry) -> threading.Event:
+        """Load a model in the worker before the first request needs it; the event is set when done."""
+        done = threading.Event()
+        self._queue.put((model, done))
+        return done
 
     @property
     def pending(self) -> int:
@@ -142,6 +152,11 @@ class Scheduler:
         """Refuse new jobs from now on; queued and running ones go on."""
         self._accepting = False
 
+    @property
+    def busy(self) -> bool:
+        """Whether the worker thread is still alive (after ``stop``: still inside a job)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self, timeout: float | None = None) -> None:
         """Refuse new jobs, let the queued ones finish, then end the worker."""
         self._accepting = False
@@ -153,7 +168,13 @@ class Scheduler:
     # ------------------------------------------------------------ worker thread
 
     def _work(self) -> None:
-        engine = self._engine_factory()
+        try:
+            engine = self._engine_factory()
+        except BaseException as exc:
+            self._start_error = exc
+            return
+        finally:
+            self._ready.set()
         while True:
             item = self._queue.get()
             if item is None:
@@ -161,13 +182,15 @@ class Scheduler:
             if isinstance(item, JobHandle):
                 self._run(engine, item)
             else:
-                self._load(engine, item)
+                self._load(engine, *item)
 
-    def _load(self, engine: Engine, model: ModelEntry) -> None:
+    def _load(self, engine: Engine, model: ModelEntry, done: threading.Event) -> None:
         try:
             engine.load(model)
         except Exception:
             log.exception("preloading %s failed; requests for it will report why", model.air)
+        finally:
+            done.set()
 
     def _run(self, engine: Engine, handle: JobHandle) -> None:
         handle.started_at = time.perf_counter()
