@@ -3,7 +3,7 @@
     python -m bench.load_test --connections 100 --duration 60
 
 Starts its own server on loopback (the embedded tiny model), opens the connections, and for
-``--duration`` seconds has each one submit tasks back to back (an upload every tenth, small
+``--duration`` seconds has each one submit tasks back to back (an upload first and every tenth after, small
 text-to-image otherwise) while pinging every second. Reports tasks completed, errors by code,
 ping round-trip p50/p99 and the server's peak memory, as a table and as JSON. Only loopback
 traffic; every loop is bounded in time.
@@ -91,7 +91,7 @@ async def drive(connection: LoadConnection, deadline: float, tally: dict[str, An
         while time.monotonic() < deadline:
             count += 1
             task: dict[str, Any]
-            if count % 10 == 0:
+            if count % 10 == 1:  # the first task of each connection, then every tenth
                 task = {"taskType": "imageUpload", "taskUUID": str(uuid.uuid4()), "image": upload}
             else:
                 task = {"taskType": "imageInference", "taskUUID": str(uuid.uuid4()), "model": "imagewire:tiny@1",
