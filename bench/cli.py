@@ -1,0 +1,98 @@
+"""Command line of ``python -m bench``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.report import render, write
+from bench.runner import SECTIONS, RunOptions, run
+from bench.server_process import REPO_ROOT
+from bench.workloads import FULL_CPU, FULL_GPU, QUICK, cpu_suite, gpu_suite
+
+DEFAULT_OUT = REPO_ROOT / "bench" / "results"
+DEFAULT_MODELS_DIR = Path(os.environ.get("IMAGEWIRE_BENCH_MODELS", Path.home() / ".cache" / "imagewire-bench"))
+
+
+def _names(text: str, allowed: Sequence[str], what: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in allowed]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{what} must be a comma-separated list of {', '.join(allowed)}")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark imagewire: the raw diffusers pipeline against the served path (sequential and "
+                    "concurrent), pings under load, uploads, output encoding, server memory.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--suite", choices=("cpu", "gpu"), default="cpu",
+                        help="cpu: the embedded tiny model; gpu: SD 1.5 and SDXL shapes with random weights, fp16")
+    parser.add_argument("--quick", action="store_true", help="a few requests per section: checks the harness works")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the JSON and Markdown results")
+    parser.add_argument("--sections", type=lambda text: _names(text, SECTIONS, "--sections"),
+                        default=SECTIONS, help="comma-separated subset of " + ", ".join(SECTIONS))
+    parser.add_argument("--quiet-wait", type=float, default=None, metavar="SECONDS",
+                        help="before each measurement, wait up to this long for other processes to leave the CPU "
+                             "idle (default 60, 0 with --quick; 0 never waits)")
+    gpu = parser.add_argument_group("gpu suite")
+    gpu.add_argument("--models", type=lambda text: _names(text, ("sd15", "sdxl"), "--models"),
+                     default=("sd15", "sdxl"), help="architectures to run: sd15, sdxl or both")
+    gpu.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR,
+                     help="where built random-weight models are saved and reused [IMAGEWIRE_BENCH_MODELS]")
+    gpu.add_argument("--dry-run", action="store_true",
+                     help="run the gpu suite's whole path on the CPU with shrunk models and a few requests")
+    return parser
+
+
+def options_from(argv: Sequence[str]) -> tuple[RunOptions, Path]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.suite == "cpu":
+        if args.dry_run:
+            parser.error("--dry-run belongs to --suite gpu; --suite cpu --quick is the cpu suite's short run")
+        suite, budget = cpu_suite(args.quick), QUICK if args.quick else FULL_CPU
+    else:
+        if not args.dry_run and not _cuda_available():
+            parser.error("--suite gpu needs a CUDA device; --dry-run checks the suite on this CPU")
+        suite = gpu_suite(args.models, dry_run=args.dry_run)
+        budget = QUICK if args.quick or args.dry_run else FULL_GPU
+    quick = args.quick or args.dry_run
+    quiet_wait = args.quiet_wait if args.quiet_wait is not None else (0.0 if quick else 60.0)
+    return RunOptions(suite=suite, budget=budget, sections=args.sections, models_dir=args.models_dir,
+                      argv=tuple(argv), quick=quick, quiet_wait=quiet_wait), args.out
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run, print the tables, write the files; returns the results (the smoke test reads them)."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    options, out_dir = options_from(arguments)
+    # SIGTERM ends the run like Ctrl-C: the cleanup code runs and the server child is stopped.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        results = asyncio.run(run(options))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(render(results))
+    json_path, markdown_path = write(results, out_dir)
+    print(f"results: {json_path}\ntables:  {markdown_path}", file=sys.stderr)
+    results["files"] = {"json": str(json_path), "markdown": str(markdown_path)}
+    return results

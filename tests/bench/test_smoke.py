@@ -1,0 +1,112 @@
+"""The benchmark harness end to end on a tiny budget: every section runs and reports numbers.
+
+Nothing here asserts on a timing: on a shared 2-core CI box any figure can move. Only the shape
+of the results is checked, so a change that breaks the harness fails here, not at release time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.cli import main
+from bench.gpu_models import build_pipeline, load_config, shrink
+from bench.server_process import parse_task_line
+from bench.stats import percentile, summarize
+
+
+def _numbers(summary: dict[str, Any]) -> bool:
+    return summary["n"] > 0 and all(isinstance(summary[key], float | int) for key in ("p50", "p99", "mean"))
+
+
+@pytest.fixture(scope="module")
+def cpu_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("bench-out")
+    return main(["--suite", "cpu", "--quick", "--out", str(out)])
+
+
+def test_quick_cpu_run_fills_every_section(cpu_results: dict[str, Any]) -> None:
+    latency = cpu_results["latency"][0]
+    assert _numbers(latency["raw_ms"]) and _numbers(latency["served_ms"])
+    assert latency["served_over_raw"]["p50"] is not None
+    stages = latency["stages"]
+    assert stages["tasks"] > 0
+    assert {"decode", "queue", "model", "encode", "store", "send"} <= set(stages["stages_ms"])
+    assert _numbers(stages["stages_ms"]["model"])
+
+    concurrency = cpu_results["concurrency"][0]
+    assert [level["connections"] for level in concurrency["levels"]] == [1, 4, 16]
+    assert all(level["images_per_s"] > 0 and level["relative_to_raw"] for level in concurrency["levels"])
+    assert _numbers(concurrency["ping_under_load"]["rtt_ms"])
+    assert _numbers(cpu_results["idle_ping_ms"])
+
+    assert {(row["format"], row["size"]) for row in cpu_results["uploads"]} == {("PNG", 256), ("JPEG", 256)}
+    assert all(row["mb_per_s"] > 0 for row in cpu_results["uploads"])
+    assert {row["encoding"] for row in cpu_results["encoding"]} == {"JPG q95", "PNG", "WEBP q95"}
+    assert all(_numbers(row["encode_ms"]) and _numbers(row["base64_ms"]) for row in cpu_results["encoding"])
+
+    memory = cpu_results["memory"]
+    assert memory["tasks"] == 20 and memory["rss_after_load_mib"] > 0
+    assert [sample["tasks"] for sample in memory["samples"]] == [0, 10, 20]
+
+    checked = {check["check"].split(",")[0] for check in cpu_results["checks"]}
+    assert {"served/raw p50", "throughput vs raw", "ping p99 under load (16 connections)"} <= checked
+
+
+def test_quick_cpu_run_writes_json_with_its_environment(cpu_results: dict[str, Any]) -> None:
+    written = json.loads(Path(cpu_results["files"]["json"]).read_text(encoding="utf-8"))
+    environment = written["environment"]
+    assert environment["command"].startswith("python -m bench --suite cpu --quick")
+    assert environment["cpu_model"] and environment["cpu_cores"] >= 1 and environment["date"]
+    assert environment["versions"]["torch"] and environment["versions"]["diffusers"] and environment["python"]
+    assert "### Targets" in Path(cpu_results["files"]["markdown"]).read_text(encoding="utf-8")
+
+
+def test_gpu_suite_dry_run_serves_both_architectures_through_a_catalog(tmp_path: Path) -> None:
+    results = main(["--suite", "gpu", "--dry-run", "--sections", "latency", "--models-dir", str(tmp_path / "models"),
+                    "--out", str(tmp_path / "out")])
+    names = [row["workload"] for row in results["latency"]]
+    assert names == ["sd15 txt2img 128² 2 steps", "sd15 img2img 128² 2 steps",
+                     "sdxl txt2img 128² 2 steps", "sdxl img2img 128² 2 steps"]
+    assert all(_numbers(row["served_ms"]) and row["stages"]["tasks"] > 0 for row in results["latency"])
+    assert (tmp_path / "models" / "sd15-random-small" / "model_index.json").is_file()
+    assert (tmp_path / "models" / "sdxl-random-small" / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize("architecture", ["sd15", "sdxl"])
+def test_full_configs_keep_their_published_shapes(architecture: str) -> None:
+    config = load_config(architecture)
+    unet = config["unet"]
+    encoders = [config[key] for key in ("text_encoder", "text_encoder_2") if key in config]
+    assert unet["cross_attention_dim"] == sum(encoder["hidden_size"] for encoder in encoders)
+    small = shrink(config)
+    assert small["unet"]["down_block_types"] == unet["down_block_types"]
+    assert len(small["vae"]["block_out_channels"]) == len(config["vae"]["block_out_channels"])
+
+
+def test_shrunk_sd15_builds_with_real_block_layout() -> None:
+    import torch
+
+    pipe = build_pipeline(shrink(load_config("sd15")), device="cpu", dtype=torch.float32)
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    assert pipe.vae_scale_factor == 8
+    assert pipe.tokenizer("a lighthouse").input_ids[-1] < pipe.text_encoder.config.vocab_size
+
+
+def test_task_log_lines_parse() -> None:
+    line = ("2026-01-01 INFO imagewire.task taskUUID=abc taskType=imageInference outcome=success results=1 "
+            "total_ms=412.0 decode_ms=3.1 queue_ms=0.2 model_ms=380.4 encode_ms=9.8 store_ms=1.2 send_ms=0.4")
+    parsed = parse_task_line(line)
+    assert parsed is not None and parsed.total_ms == 412.0
+    assert parsed.stages_ms == {"decode": 3.1, "queue": 0.2, "model": 380.4, "encode": 9.8, "store": 1.2, "send": 0.4}
+    refused = parse_task_line("INFO imagewire.task taskUUID=abc taskType=ping outcome=invalidApiKey")
+    assert refused is not None and refused.total_ms is None
+
+
+def test_percentiles() -> None:
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile([5.0], 99) == 5.0
+    assert summarize([])["p50"] is None
