@@ -20,6 +20,7 @@ from bench.context import BenchContext, progress
 from bench.served import PING_INTERVAL, raw_block
 from bench.stats import milliseconds, ratio, summarize
 from bench.workloads import Workload, tasks_at_level
+from server.config import Config
 
 
 @dataclass
@@ -132,7 +133,10 @@ async def _run_level(ctx: BenchContext, workload: Workload, count: int, seed_uui
         for connection in [*connections, *([probe] if probe is not None else [])]:
             await connection.close()
     logs = await asyncio.to_thread(ctx.server.wait_for_logs, level.uuids)
-    model_ms = [log.stages_ms.get("model", 0.0) for log in logs]
+    # Tasks that shared a pipeline call each log the whole call as their model time: divide it among
+    # the call's images (the bench's tasks make one image each).
+    per_call = [ctx.server.images_per_call(log) for log in logs]
+    model_ms = [log.stages_ms.get("model", 0.0) / images for log, images in zip(logs, per_call, strict=True)]
     served_rate = len(level.latencies) / level.served_wall
     raw_rate = level.raw_count / level.raw_wall
     return {
@@ -146,12 +150,34 @@ async def _run_level(ctx: BenchContext, workload: Workload, count: int, seed_uui
         # The spread of the same ratio round by round: how far to trust the pooled figure.
         "round_ratios": level.round_ratios(),
         "latency_ms": summarize(milliseconds(level.latencies)),
-        # Inside the server: how long each pipeline call took, and the share of the served time the
-        # device was busy. A throughput loss is either slower calls (contention) or idle gaps.
+        # Inside the server: device time per image, the images per pipeline call (tasks waiting together
+        # share calls), and the share of the served time the device was busy. A throughput loss is either
+        # slower calls (contention) or idle gaps.
         "server_model_ms": summarize(model_ms),
+        "images_per_call": round(sum(per_call) / len(per_call), 2) if per_call else None,
         "device_busy": round(sum(model_ms) / 1000 / level.served_wall, 4),
         "ping_rtt_ms": summarize(milliseconds(level.pings)) if probed else None,
     }
+
+
+async def _raw_batched(ctx: BenchContext, workload: Workload, init: Image.Image | None,
+                       images_per_call: int) -> dict[str, Any]:
+    """The raw loop making ``images_per_call`` images per pipeline call, as the server does for tasks that
+    wait together: the limit the busier levels can reach. Alternates with one-image blocks (drift)."""
+    raw = ctx.raw
+    assert raw is not None
+    images = max(images_per_call, tasks_at_level(ctx.budget, 1) // 3 // images_per_call * images_per_call)
+    single = _Level()
+    batched_wall, batched_images = 0.0, 0
+    for _ in range(min(3, ctx.budget.rounds)):
+        await ctx.conditions.clean(partial(_raw_round, ctx, workload, images, init, single))
+        for first in range(0, images, images_per_call):
+            indices = list(range(first, first + images_per_call))
+            batched_wall += await raw.call(raw.run_call, workload, indices, init)
+            batched_images += images_per_call
+    batched_rate = batched_images / batched_wall
+    return {"images_per_call": images_per_call, "images_per_s": round(batched_rate, 4),
+            "relative_to_raw": ratio(batched_rate, single.raw_count / single.raw_wall)}
 
 
 async def concurrency_section(ctx: BenchContext, workload: Workload) -> dict[str, Any]:
@@ -170,9 +196,13 @@ async def concurrency_section(ctx: BenchContext, workload: Workload) -> dict[str
                  f"{level['relative_to_raw']} of raw")
     busiest_level = max(levels, key=lambda level: int(level["connections"]))
     raw_total = sum(level["raw_images_per_s"] for level in levels) / len(levels)
+    batched = await _raw_batched(ctx, workload, init, Config.max_batch_size)
+    progress(f"raw {workload.name}: {batched['images_per_call']} images per call, "
+             f"{batched['relative_to_raw']} of one per call")
     return {
         "workload": workload.name,
         "raw_images_per_s": round(raw_total, 4),
+        "raw_batched": batched,
         "levels": levels,
         "ping_under_load": {"connections": busiest, "rtt_ms": busiest_level["ping_rtt_ms"]},
     }

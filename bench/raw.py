@@ -69,21 +69,26 @@ class RawRunner:
 
     def run_one(self, workload: Workload, index: int, init_image: Image.Image | None) -> float:
         """Seconds for request ``index`` of ``workload``, the pipeline call and its scheduler included."""
+        return self.run_call(workload, [index], init_image)
+
+    def run_call(self, workload: Workload, indices: list[int], init_image: Image.Image | None) -> float:
+        """Seconds for one pipeline call making the images of requests ``indices`` together."""
         import torch
 
         pipe = self._pipeline(workload)
+        count = len(indices)
         started = time.perf_counter()
         pipe.scheduler = self.cache.make_scheduler(pipe, None)
         arguments: dict[str, Any] = {
-            "prompt": [PROMPT],
-            "negative_prompt": [NEGATIVE_PROMPT],
+            "prompt": [PROMPT] * count,
+            "negative_prompt": [NEGATIVE_PROMPT] * count,
             "num_inference_steps": workload.steps,
             "guidance_scale": workload.cfg_scale,
-            "generator": [torch.Generator("cpu").manual_seed(FIRST_SEED + index)],
+            "generator": [torch.Generator("cpu").manual_seed(FIRST_SEED + index) for index in indices],
             "output_type": "pil",
         }
         if workload.img2img:
-            arguments["image"] = [init_image]
+            arguments["image"] = [init_image] * count
             arguments["strength"] = workload.strength
         else:
             arguments["width"] = workload.width

@@ -75,7 +75,11 @@ def _concurrency(results: dict[str, Any]) -> str:
     rows = []
     for section in results["concurrency"]:
         rows.append([section["workload"], "raw loop", section["raw_images_per_s"], _ratio(1.0),
-                     _ratio(section.get("raw_relative_to_default_threads")), None, None, None, None])
+                     _ratio(section.get("raw_relative_to_default_threads")), None, None, None, 1, None])
+        if batched := section.get("raw_batched"):
+            rows.append([section["workload"], f"raw loop, {batched['images_per_call']} per call",
+                         batched["images_per_s"],
+                         _ratio(batched["relative_to_raw"]), None, None, None, None, batched["images_per_call"], None])
         for level in section["levels"]:
             latency = level["latency_ms"]
             spread = level.get("round_ratios") or []
@@ -85,9 +89,10 @@ def _concurrency(results: dict[str, Any]) -> str:
             rows.append([section["workload"], level["connections"], level["images_per_s"],
                          vs_raw, _ratio(level.get("relative_to_raw_default_threads")),
                          latency["p50"], latency["p99"], level["server_model_ms"]["p50"],
-                         f"{level['device_busy'] * 100:.1f} %"])
+                         level.get("images_per_call"), f"{level['device_busy'] * 100:.1f} %"])
     return table(["workload", "connections", "images/s", "vs raw (rounds' range)", "vs raw at torch default threads",
-                  "latency p50 ms", "latency p99 ms", "model p50 ms in server", "device busy"], rows, digits=2)
+                  "latency p50 ms", "latency p99 ms", "model ms per image in server, p50", "images per call",
+                  "device busy"], rows, digits=2)
 
 
 def _pings(results: dict[str, Any]) -> str:

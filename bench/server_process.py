@@ -22,6 +22,9 @@ _TASK_LINE = re.compile(
     r"imagewire\.task taskUUID=(?P<uuid>\S+) taskType=(?P<type>\S+) outcome=(?P<outcome>\S+)"
     r"(?: results=(?P<results>\d+) total_ms=(?P<total>[\d.]+)(?P<stages>.*))?")
 _STAGE = re.compile(r"(\w+)_ms=([\d.]+)")
+# The scheduler's line for a pipeline call shared by several tasks.
+_SHARED_CALL = re.compile(r"\d+ tasks \((?P<images>\d+) images\) share a pipeline call: (?P<tasks>.*)")
+_TASK_UUID = re.compile(r"taskUUID=(\S+)")
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ class ServerProcess:
             self.command += ["--catalog", str(catalog)]
         self.url = ""
         self.task_logs: dict[str, TaskLog] = {}
+        self.call_images: dict[str, int] = {}  # taskUUID → images in its pipeline call, for shared calls
         self._tail: collections.deque[str] = collections.deque(maxlen=60)
         self._listening = threading.Event()
         self._lock = threading.Lock()
@@ -119,6 +123,11 @@ class ServerProcess:
             if parsed is not None:
                 with self._lock:
                     self.task_logs[parsed.task_uuid] = parsed
+            shared = _SHARED_CALL.search(line)
+            if shared is not None:
+                with self._lock:
+                    for task_uuid in _TASK_UUID.findall(shared["tasks"]):
+                        self.call_images[task_uuid] = int(shared["images"])
 
     def log_tail(self) -> str:
         return "\n".join(self._tail)
@@ -132,6 +141,11 @@ class ServerProcess:
             if len(found) == len(task_uuids) or time.monotonic() > deadline:
                 return found
             time.sleep(0.05)
+
+    def images_per_call(self, log: TaskLog) -> int:
+        """Images made by the pipeline call that made ``log``'s task: shared calls are logged as such."""
+        with self._lock:
+            return self.call_images.get(log.task_uuid, 1)
 
     def memory_kib(self) -> dict[str, int]:
         return read_memory_kib(self.pid)

@@ -66,7 +66,7 @@ class Budget:
     warmup: int
 
 
-FULL_CPU = Budget(sequential=100, block=10, concurrency_levels=(1, 4, 16), tasks_per_connection=0, rounds=6,
+FULL_CPU = Budget(sequential=100, block=10, concurrency_levels=(1, 4, 16), tasks_per_connection=0, rounds=12,
                   raw_per_round=0, uploads=20, encodes=20, memory_tasks=1000, memory_sample_every=100, warmup=3)
 QUICK = Budget(sequential=2, block=1, concurrency_levels=(1, 4, 16), tasks_per_connection=1, rounds=1, raw_per_round=0,
                uploads=2, encodes=2, memory_tasks=20, memory_sample_every=10, warmup=1)
@@ -79,12 +79,14 @@ FULL_GPU = Budget(sequential=8, block=4, concurrency_levels=(1, 4, 16), tasks_pe
 def tasks_at_level(budget: Budget, connections: int) -> int:
     """Requests per connection at a concurrency level.
 
-    The full suites keep the total about the same at every level (48 on CPU, 8 on GPU when the
-    budget says 0), but give every connection at least one request per round.
+    The full suites keep the total about the same at every level (96 on CPU, 8 on GPU when the
+    budget says 0), but give every connection at least one request per round. On CPU a request's time
+    varies by ±20 % with the host's load, so a level needs about a hundred of them for a ratio that
+    repeats within a few percent.
     """
     if budget.tasks_per_connection:
         return budget.tasks_per_connection
-    total = 48 if budget.sequential >= 50 else 8
+    total = 96 if budget.sequential >= 50 else 8
     return max(budget.rounds, total // connections)
 
 

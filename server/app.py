@@ -71,7 +71,8 @@ class ImagewireServer:
                 log.info("using the API key kept in %s", config.data_dir / "api-key")
         self.api_keys = ApiKeys(keys)
         catalog = await asyncio.to_thread(Catalog.load, config.catalog_files)
-        scheduler = Scheduler(self.engine_factory, queue_size=config.queue_size)
+        scheduler = Scheduler(self.engine_factory, queue_size=config.queue_size,
+                              max_batch_size=config.max_batch_size)
         fetcher = UrlFetcher(allow_private=config.allow_private_urls, max_bytes=config.max_image_bytes,
                              timeout=config.url_fetch_timeout)
         self.services = Services(

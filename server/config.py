@@ -96,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--queue-size", type=int, default=int(_env("QUEUE_SIZE", "256") or 256),
         help="inference jobs that may wait for the device [IMAGEWIRE_QUEUE_SIZE]")
     add("--max-batch-size", type=int, default=int(_env("MAX_BATCH_SIZE", "4") or 4),
-        help="images per pipeline call [IMAGEWIRE_MAX_BATCH_SIZE]")
+        help="images per pipeline call: larger numberResults run in several calls, and waiting tasks with "
+             "the same model and settings share calls up to this many images; 1 turns batching off "
+             "[IMAGEWIRE_MAX_BATCH_SIZE]")
     add("--max-tasks-in-flight", type=int, default=int(_env("MAX_TASKS_IN_FLIGHT", "64") or 64),
         help="unfinished tasks per connection [IMAGEWIRE_MAX_TASKS_IN_FLIGHT]")
     add("--max-tasks-per-key", type=int, default=int(_env("MAX_TASKS_PER_KEY", "256") or 256),

@@ -1,8 +1,9 @@
-"""Runs one validated inference job on a diffusers pipeline. Lives in the device worker thread.
+"""Runs validated inference jobs on a diffusers pipeline. Lives in the device worker thread.
 
 The steps of ``run`` mirror a diffusers pipeline's own: pick the pipeline, set a fresh
-scheduler, then per chunk of seeds make the generators and call the pipeline. This is the
-only server module that imports torch.
+scheduler, then per batch of images make the generators and call the pipeline. The jobs of
+one ``run`` share a batch key (see ``server/scheduler.py``), so one call can hold images of
+several of them. This is the only server module that imports torch.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import gc
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from PIL.Image import Image
 
 from air_registry.catalog import ModelEntry
 from air_registry.loader import PipelineCache
-from server.scheduler import GeneratedImage, InferenceJob
+from server.scheduler import Emit, GeneratedImage, InferenceJob
 
 log = logging.getLogger("imagewire.engine")
 
@@ -65,43 +66,50 @@ class DiffusersEngine:
     def load(self, model: ModelEntry) -> None:
         self.pipelines.text_to_image(model)
 
-    def run(self, job: InferenceJob, emit: Callable[[list[GeneratedImage]], None]) -> None:
+    def run(self, jobs: Sequence[InferenceJob], emit: Emit) -> None:
+        first = jobs[0]  # the jobs share a batch key: model, size, steps, scheduler, …
         # 1. the pipeline: image-to-image shares the weights of text-to-image
-        if job.init_image is not None:
-            pipe = self.pipelines.image_to_image(job.model)
+        if first.init_image is not None:
+            pipe = self.pipelines.image_to_image(first.model)
         else:
-            pipe = self.pipelines.text_to_image(job.model)
-        # 2. chunks of at most max_batch_size images, each image with its own generator, and
-        #    a fresh scheduler per chunk: schedulers keep per-run state, and the SDE ones
-        #    take their noise seeds from the scheduler rather than the generators
-        for start in range(0, len(job.seeds), self.max_batch_size):
-            seeds = job.seeds[start : start + self.max_batch_size]
-            pipe.scheduler = self.pipelines.make_scheduler(pipe, job.scheduler, seeds=seeds)
+            pipe = self.pipelines.text_to_image(first.model)
+        # 2. every image to make, as (job index, image index within its job, seed)
+        images = [(j, i, seed) for j, job in enumerate(jobs) for i, seed in enumerate(job.seeds)]
+        # 3. calls of at most max_batch_size images, each image with its own generator, and a
+        #    fresh scheduler per call: schedulers keep per-run state, and the SDE ones take their
+        #    noise seeds from the scheduler rather than the generators
+        for start in range(0, len(images), self.max_batch_size):
+            chunk = images[start : start + self.max_batch_size]
+            seeds = [seed for _, _, seed in chunk]
+            pipe.scheduler = self.pipelines.make_scheduler(pipe, first.scheduler, seeds=seeds)
             started = time.perf_counter()
-            images = self._call(pipe, job, seeds)
-            share = (time.perf_counter() - started) / len(seeds)
-            pairs = enumerate(zip(seeds, images, strict=True))
-            emit([GeneratedImage(start + i, seed, image, share) for i, (seed, image) in pairs])
+            pictures = self._call(pipe, [jobs[j] for j, _, _ in chunk], seeds)
+            share = (time.perf_counter() - started) / len(chunk)
+            made = [(j, GeneratedImage(i, seed, picture, share))
+                    for (j, i, seed), picture in zip(chunk, pictures, strict=True)]
+            for j in sorted({j for j, _ in made}):
+                emit(j, [image for owner, image in made if owner == j])
 
-    def _call(self, pipe: object, job: InferenceJob, seeds: list[int]) -> list[Image]:
-        count = len(seeds)
+    def _call(self, pipe: object, owners: list[InferenceJob], seeds: list[int]) -> list[Image]:
+        """One pipeline call; ``owners[k]`` is the job image k belongs to (its prompts, its seed image)."""
+        first = owners[0]
         # Generators live on the CPU so that a seed gives the same starting noise on every
         # device; diffusers moves the noise to the pipeline's device.
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         arguments: dict[str, object] = {
-            "prompt": [job.prompt] * count,
-            "negative_prompt": [job.negative_prompt] * count if job.negative_prompt else None,
-            "num_inference_steps": job.steps,
-            "guidance_scale": job.cfg_scale,
+            "prompt": [job.prompt for job in owners],
+            "negative_prompt": [job.negative_prompt for job in owners] if first.negative_prompt else None,
+            "num_inference_steps": first.steps,
+            "guidance_scale": first.cfg_scale,
             "generator": generators,
             "output_type": "pil",
         }
-        if job.init_image is not None:
-            arguments["image"] = [job.init_image] * count
-            arguments["strength"] = job.strength
+        if first.init_image is not None:
+            arguments["image"] = [job.init_image for job in owners]
+            arguments["strength"] = first.strength
         else:
-            arguments["width"] = job.width
-            arguments["height"] = job.height
+            arguments["width"] = first.width
+            arguments["height"] = first.height
         with torch.inference_mode():
             output = pipe(**arguments)  # type: ignore[operator]
         return list(output.images)

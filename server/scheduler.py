@@ -6,16 +6,21 @@ refuses it (queue full → ``serviceUnavailable``); the worker hands results bac
 iterates. The engine behind the worker is a seam (``Engine``): the real one runs
 diffusers pipelines (``server/engine.py``); tests of queueing and failure can pass a
 small fake. This module imports no torch.
+
+Jobs that wait together and differ only in prompts, seeds and seed images share one
+pipeline call (``InferenceJob.batch_key``), up to ``max_batch_size`` images: a device
+computes a batch faster than the same images one by one, and no job waits for others
+to arrive, because only jobs already queued are taken.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -47,6 +52,16 @@ class InferenceJob:
     init_image: Image | None = None  # already resized to width × height
     strength: float = 0.8
 
+    def batch_key(self) -> Hashable:
+        """Jobs with equal keys can share a pipeline call: all that one call takes as a single value.
+
+        Prompts, seeds and seed images go per image. A missing negative prompt is not the same
+        as an empty one for every model, so having one is part of the key.
+        """
+        return (self.model.air, self.init_image is not None, self.width, self.height, self.steps,
+                self.cfg_scale, self.scheduler, self.strength if self.init_image is not None else None,
+                bool(self.negative_prompt))
+
 
 @dataclass(frozen=True)
 class GeneratedImage:
@@ -56,10 +71,15 @@ class GeneratedImage:
     seconds: float  # device time spent on this image (its share of its batch), for includeCost
 
 
+# emit(i, images): images of jobs[i] are ready (called once per pipeline call that made some).
+Emit = Callable[[int, list[GeneratedImage]], None]
+
+
 class Engine(Protocol):
     def load(self, model: ModelEntry) -> None: ...
 
-    def run(self, job: InferenceJob, emit: Callable[[list[GeneratedImage]], None]) -> None: ...
+    def run(self, jobs: Sequence[InferenceJob], emit: Emit) -> None:
+        """Run jobs with one ``batch_key``; several jobs are given only when their images fit one call."""
 
     def recover(self) -> None:
         """Called after a job failed: free what the failure may have left behind."""
@@ -104,11 +124,11 @@ class JobHandle:
 
 
 class Scheduler:
-    def __init__(self, engine_factory: Callable[[], Engine], *, queue_size: int) -> None:
+    def __init__(self, engine_factory: Callable[[], Engine], *, queue_size: int, max_batch_size: int) -> None:
         self._engine_factory = engine_factory
-        self._queue: queue.Queue[JobHandle | tuple[ModelEntry, threading.Event] | None] = queue.Queue(
-            maxsize=queue_size)
+        self._queue = _WorkQueue(queue_size)
         self._queue_size = queue_size
+        self._max_batch_size = max_batch_size
         self._thread: threading.Thread | None = None
         self._accepting = False
         self._ready = threading.Event()
@@ -129,23 +149,21 @@ class Scheduler:
     def preload(self, model: ModelEntry) -> threading.Event:
         """Load a model in the worker before the first request needs it; the event is set when done."""
         done = threading.Event()
-        self._queue.put((model, done))
+        self._queue.put_control((model, done))
         return done
 
     @property
     def pending(self) -> int:
-        return self._queue.qsize()
+        return self._queue.jobs
 
     def submit(self, job: InferenceJob) -> JobHandle:
         if not self._accepting:
             raise ServiceUnavailable("The server is shutting down and takes no new inference tasks.")
         handle = JobHandle(job, asyncio.get_running_loop())
-        try:
-            self._queue.put_nowait(handle)
-        except queue.Full:
+        if not self._queue.put_job(handle):
             raise ServiceUnavailable(
                 f"The server is busy: {self._queue_size} inference tasks are already waiting. "
-                "Retry in a moment.") from None
+                "Retry in a moment.")
         return handle
 
     def close_intake(self) -> None:
@@ -162,7 +180,7 @@ class Scheduler:
         self._accepting = False
         if self._thread is None:
             return
-        self._queue.put(None)
+        self._queue.put_control(None)
         self._thread.join(timeout)
 
     # ------------------------------------------------------------ worker thread
@@ -180,7 +198,8 @@ class Scheduler:
             if item is None:
                 return
             if isinstance(item, JobHandle):
-                self._run(engine, item)
+                group = [item, *self._queue.take_joining(item, self._max_batch_size)]
+                self._run(engine, group)
             else:
                 self._load(engine, *item)
 
@@ -192,22 +211,113 @@ class Scheduler:
         finally:
             done.set()
 
-    def _run(self, engine: Engine, handle: JobHandle) -> None:
-        handle.started_at = time.perf_counter()
+    def _run(self, engine: Engine, handles: list[JobHandle]) -> None:
+        if len(handles) > 1:
+            images = sum(len(handle.job.seeds) for handle in handles)
+            log.info("%d tasks (%d images) share a pipeline call: %s", len(handles), images,
+                     " ".join(f"taskUUID={handle.job.task_uuid}" for handle in handles))
+        started = time.perf_counter()
+        for handle in handles:
+            handle.started_at = started
+        answered: set[int] = set()
+
+        def emit(index: int, images: list[GeneratedImage]) -> None:
+            answered.add(index)
+            handles[index]._post(images)
+
         try:
-            engine.run(handle.job, handle._post)
-        except TaskError as error:
-            handle._post(error)
-        except Exception as exc:  # the pipeline failed (out of memory, a bug in a model): only this task
-            log.exception("taskUUID=%s inference failed", handle.job.task_uuid)
-            handle._post(InferenceError(_describe_failure(exc)))
-            try:
-                engine.recover()
-            except Exception:
-                log.exception("recovering the engine failed")
-        finally:
-            handle.finished_at = time.perf_counter()
+            engine.run([handle.job for handle in handles], emit)
+        except Exception as exc:
+            if len(handles) == 1:
+                self._fail(engine, handles[0], exc)
+            else:
+                # Whatever failed (one job's input, memory for the larger batch), each job still
+                # waiting gets its own answer: run those one by one.
+                log.warning("a shared pipeline call failed (%s); running its tasks one by one", type(exc).__name__)
+                self._recover(engine)
+                for index, handle in enumerate(handles):
+                    if index not in answered:
+                        self._run(engine, [handle])
+                handles = [handle for index, handle in enumerate(handles) if index in answered]
+        finished = time.perf_counter()
+        for handle in handles:
+            handle.finished_at = finished
             handle._post(_DONE)
+
+    def _fail(self, engine: Engine, handle: JobHandle, exc: Exception) -> None:
+        if isinstance(exc, TaskError):
+            handle._post(exc)
+            return
+        # The pipeline failed (out of memory, a bug in a model): only this task.
+        log.error("taskUUID=%s inference failed", handle.job.task_uuid, exc_info=exc)
+        handle._post(InferenceError(_describe_failure(exc)))
+        self._recover(engine)
+
+    @staticmethod
+    def _recover(engine: Engine) -> None:
+        try:
+            engine.recover()
+        except Exception:
+            log.exception("recovering the engine failed")
+
+
+class _WorkQueue:
+    """FIFO of jobs (bounded) and control items (preloads, the stop sentinel; never refused).
+
+    Unlike ``queue.Queue`` it lets the worker take the waiting jobs that can join the one it
+    is about to run, wherever they are in the line.
+    """
+
+    def __init__(self, max_jobs: int) -> None:
+        self._items: deque[Any] = deque()
+        self._jobs = 0
+        self._max_jobs = max_jobs
+        self._changed = threading.Condition()
+
+    @property
+    def jobs(self) -> int:
+        return self._jobs
+
+    def put_job(self, handle: JobHandle) -> bool:
+        """Queue a job; False when ``max_jobs`` are already waiting."""
+        with self._changed:
+            if self._jobs >= self._max_jobs:
+                return False
+            self._items.append(handle)
+            self._jobs += 1
+            self._changed.notify()
+            return True
+
+    def put_control(self, item: Any) -> None:
+        with self._changed:
+            self._items.append(item)
+            self._changed.notify()
+
+    def get(self) -> Any:
+        with self._changed:
+            while not self._items:
+                self._changed.wait()
+            item = self._items.popleft()
+            if isinstance(item, JobHandle):
+                self._jobs -= 1
+            return item
+
+    def take_joining(self, first: JobHandle, max_images: int) -> list[JobHandle]:
+        """Remove and return waiting jobs with ``first``'s batch key, in queue order, while the
+        images of all of them and ``first`` stay within ``max_images``."""
+        key, images = first.job.batch_key(), len(first.job.seeds)
+        taken: list[JobHandle] = []
+        with self._changed:
+            for item in list(self._items):
+                if images >= max_images:
+                    break
+                if (isinstance(item, JobHandle) and images + len(item.job.seeds) <= max_images
+                        and item.job.batch_key() == key):
+                    self._items.remove(item)
+                    self._jobs -= 1
+                    taken.append(item)
+                    images += len(item.job.seeds)
+        return taken
 
 
 def _describe_failure(exc: BaseException) -> str:

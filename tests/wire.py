@@ -63,6 +63,23 @@ class Wire:
             errors += [item for item in message.get("errors", []) if item.get("taskUUID") == task_uuid]
         return data, errors
 
+    async def answers(self, expected: dict[str, int], timeout: float = 120) -> dict[str, tuple[list[dict], list[dict]]]:
+        """Read frames until every taskUUID in ``expected`` has its count of data items or an error."""
+        found: dict[str, tuple[list[dict], list[dict]]] = {task_uuid: ([], []) for task_uuid in expected}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+
+        def waiting() -> bool:
+            return any(len(data) < expected[uuid] and not errors for uuid, (data, errors) in found.items())
+
+        while waiting():
+            message = await self.receive(deadline - loop.time())
+            for key, position in (("data", 0), ("errors", 1)):
+                for item in message.get(key, []):
+                    if item.get("taskUUID") in found:
+                        found[item["taskUUID"]][position].append(item)
+        return found
+
     async def run(self, task: dict[str, Any], count: int = 1, timeout: float = 120) -> list[dict]:
         """Send one task and return its data items; fail the test on an error item."""
         task.setdefault("taskUUID", new_uuid())

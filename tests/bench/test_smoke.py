@@ -40,6 +40,9 @@ def test_quick_cpu_run_fills_every_section(cpu_results: dict[str, Any]) -> None:
     concurrency = cpu_results["concurrency"][0]
     assert [level["connections"] for level in concurrency["levels"]] == [1, 4, 16]
     assert all(level["images_per_s"] > 0 and level["relative_to_raw"] for level in concurrency["levels"])
+    # Tasks that wait together share pipeline calls; the raw loop is also measured that way.
+    assert all(1 <= level["images_per_call"] <= 4 for level in concurrency["levels"])
+    assert concurrency["raw_batched"]["images_per_call"] == 4 and concurrency["raw_batched"]["images_per_s"] > 0
     assert _numbers(concurrency["ping_under_load"]["rtt_ms"])
     assert _numbers(cpu_results["idle_ping_ms"])
 

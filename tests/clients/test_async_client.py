@@ -8,7 +8,7 @@ import io
 import json
 import threading
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,7 @@ from imagewire_client.images import is_image_uuid
 from PIL import Image, ImageChops, ImageStat
 from websockets.asyncio.server import serve
 
-from server.scheduler import GeneratedImage, InferenceJob
+from server.scheduler import Emit, GeneratedImage, InferenceJob
 from tests.wire import API_KEY
 
 TINY = "imagewire:tiny@1"
@@ -67,11 +67,12 @@ class HeldEngine:
     def load(self, model: object) -> None:
         pass
 
-    def run(self, job: InferenceJob, emit: Callable[[list[GeneratedImage]], None]) -> None:
+    def run(self, jobs: Sequence[InferenceJob], emit: Emit) -> None:
         self.started.set()
         self.release.wait(30)
-        emit([GeneratedImage(index, seed, Image.new("RGB", (job.width, job.height)), 0.01)
-              for index, seed in enumerate(job.seeds)])
+        for position, job in enumerate(jobs):
+            emit(position, [GeneratedImage(index, seed, Image.new("RGB", (job.width, job.height)), 0.01)
+                            for index, seed in enumerate(job.seeds)])
 
     def recover(self) -> None:
         pass

@@ -8,33 +8,36 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Sequence
 
 from PIL import Image
 
-from server.scheduler import GeneratedImage, InferenceJob
+from server.scheduler import Emit, GeneratedImage, InferenceJob
 from tests.wire import Wire, inference
 
 
 class HeldEngine:
-    """Blocks each job until released; fails jobs whose prompt says so."""
+    """Blocks each call until released; fails calls holding a job whose prompt says so."""
 
     def __init__(self) -> None:
         self.release = threading.Event()
         self.started = threading.Event()
         self.ran: list[str] = []
+        self.calls: list[list[str]] = []  # the taskUUIDs of each run() call
 
     def load(self, model: object) -> None:
         pass
 
-    def run(self, job: InferenceJob, emit: Callable[[list[GeneratedImage]], None]) -> None:
+    def run(self, jobs: Sequence[InferenceJob], emit: Emit) -> None:
         self.started.set()
         self.release.wait(30)
-        self.ran.append(job.task_uuid)
-        if "explode" in job.prompt:
+        self.calls.append([job.task_uuid for job in jobs])
+        if any("explode" in job.prompt for job in jobs):
             raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        emit([GeneratedImage(i, seed, Image.new("RGB", (job.width, job.height)), 0.01)
-              for i, seed in enumerate(job.seeds)])
+        for index, job in enumerate(jobs):
+            self.ran.append(job.task_uuid)
+            emit(index, [GeneratedImage(i, seed, Image.new("RGB", (job.width, job.height)), 0.01)
+                         for i, seed in enumerate(job.seeds)])
 
     def recover(self) -> None:
         pass
@@ -63,8 +66,9 @@ async def test_a_full_queue_answers_service_unavailable(start_server):
     wire = await Wire.open(server.url)
     running, waiting, refused = inference(), inference(), inference()
     await wire.send([running])
-    await asyncio.to_thread(engine.started.wait, 10)
-    await wire.send([waiting, refused])
+    assert await asyncio.to_thread(engine.started.wait, 10)
+    await queue_in_order(server, wire, [waiting])
+    await wire.send([refused])
     _, errors = await wire.items_for(refused["taskUUID"], 1)
     assert errors[0]["code"] == "serviceUnavailable" and "busy" in errors[0]["message"]
     engine.release.set()
@@ -100,3 +104,78 @@ async def test_jobs_never_run_concurrently_and_all_finish(start_server):
     assert sorted(engine.ran) == sorted(t["taskUUID"] for t in tasks)
     for wire in wires:
         await wire.close()
+
+
+async def queue_in_order(server, wire: Wire, tasks: list[dict]) -> None:
+    """Send ``tasks`` one by one, each once the previous one waits in the queue (the tasks of one
+    message are validated concurrently and may reach the queue in any order)."""
+    scheduler = server.services.scheduler
+    for task in tasks:
+        waiting = scheduler.pending
+        await wire.send([task])
+        while scheduler.pending == waiting:
+            await asyncio.sleep(0.01)
+
+
+async def hold_the_device(engine: HeldEngine, wire: Wire) -> dict:
+    """Send a task and wait until the engine holds it: what is sent next waits in the queue."""
+    blocker = inference(positivePrompt="blocker")
+    await wire.send([blocker])
+    assert await asyncio.to_thread(engine.started.wait, 10)
+    return blocker
+
+
+async def test_waiting_tasks_with_the_same_settings_share_a_pipeline_call(start_server):
+    engine = HeldEngine()
+    server = await start_server(engine_factory=lambda: engine, max_batch_size=4)
+    wire = await Wire.open(server.url)
+    blocker = await hold_the_device(engine, wire)
+    first, other_size, second, two_more, too_many = (
+        inference(positivePrompt="a red fox"), inference(width=192, positivePrompt="a fox, another size"),
+        inference(positivePrompt="a blue bird"), inference(positivePrompt="two more", numberResults=2),
+        inference(positivePrompt="would make five images", numberResults=2))
+    await queue_in_order(server, wire, [first, other_size, second, two_more, too_many])
+    engine.release.set()
+    everything = (blocker, first, other_size, second, two_more, too_many)
+    answers = await wire.answers({task["taskUUID"]: task.get("numberResults", 1) for task in everything})
+    assert all(data and not errors for data, errors in answers.values()), answers
+    # The head of the line takes the compatible tasks behind it, in order, up to 4 images.
+    assert engine.calls == [[blocker["taskUUID"]], [first["taskUUID"], second["taskUUID"], two_more["taskUUID"]],
+                            [other_size["taskUUID"]], [too_many["taskUUID"]]]
+    await wire.close()
+
+
+async def test_a_failing_shared_call_answers_each_task_on_its_own(start_server):
+    engine = HeldEngine()
+    server = await start_server(engine_factory=lambda: engine)
+    wire = await Wire.open(server.url)
+    blocker = await hold_the_device(engine, wire)
+    good, bad, also_good = inference(), inference(positivePrompt="explode please"), inference()
+    await queue_in_order(server, wire, [good, bad, also_good])
+    engine.release.set()
+    answers = await wire.answers({task["taskUUID"]: 1 for task in (blocker, good, bad, also_good)})
+    for task in (blocker, good, also_good):
+        data, errors = answers[task["taskUUID"]]
+        assert data and not errors, errors
+    _, errors = answers[bad["taskUUID"]]
+    assert errors[0]["code"] == "inferenceError"
+    shared = [good["taskUUID"], bad["taskUUID"], also_good["taskUUID"]]
+    assert engine.calls[1] == shared  # tried together first, then each alone
+    assert engine.calls[2:] == [[task_uuid] for task_uuid in shared]
+    await wire.close()
+
+
+async def test_max_batch_size_one_keeps_every_task_in_its_own_call(start_server):
+    engine = HeldEngine()
+    server = await start_server(engine_factory=lambda: engine, max_batch_size=1)
+    wire = await Wire.open(server.url)
+    await hold_the_device(engine, wire)
+    tasks = [inference() for _ in range(3)]
+    await wire.send(tasks)
+    while server.services.scheduler.pending < 3:
+        await asyncio.sleep(0.01)
+    engine.release.set()
+    answers = await wire.answers({task["taskUUID"]: 1 for task in tasks})
+    assert all(data and not errors for data, errors in answers.values())
+    assert [len(call) for call in engine.calls] == [1, 1, 1, 1]
+    await wire.close()

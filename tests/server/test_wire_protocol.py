@@ -67,11 +67,12 @@ async def test_each_task_of_a_message_is_answered_on_its_own(server):
     good, bad = inference(), inference(steps=0)
     unknown_type = {"taskType": "imageCaption", "taskUUID": new_uuid()}
     await wire.send([bad, good, unknown_type])
-    bad_data, bad_errors = await wire.items_for(bad["taskUUID"], 1)
+    answers = await wire.answers({task["taskUUID"]: 1 for task in (bad, good, unknown_type)})
+    _, bad_errors = answers[bad["taskUUID"]]
     assert bad_errors[0]["code"] == "invalidParameter" and bad_errors[0]["parameter"] == "steps"
-    caption_data, caption_errors = await wire.items_for(unknown_type["taskUUID"], 1)
+    _, caption_errors = answers[unknown_type["taskUUID"]]
     assert caption_errors[0]["code"] == "unsupportedTaskType"
-    data, errors = await wire.items_for(good["taskUUID"], 1)
+    data, errors = answers[good["taskUUID"]]
     assert not errors and data[0]["imageUUID"]
     await wire.close()
 
