@@ -88,7 +88,7 @@ class Engine(Protocol):
 _DONE = object()
 
 
-@dataclass
+@dataclass(eq=False)  # a handle is itself: the queue finds and removes handles by identity
 class JobHandle:
     """The event-loop side of a queued job: iterate it for chunks of images."""
 
@@ -213,8 +213,8 @@ class Scheduler:
 
     def _run(self, engine: Engine, handles: list[JobHandle]) -> None:
         if len(handles) > 1:
-            images = sum(len(handle.job.seeds) for handle in handles)
-            log.info("%d tasks (%d images) share a pipeline call: %s", len(handles), images,
+            image_count = sum(len(handle.job.seeds) for handle in handles)
+            log.info("%d tasks (%d images) share a pipeline call: %s", len(handles), image_count,
                      " ".join(f"taskUUID={handle.job.task_uuid}" for handle in handles))
         started = time.perf_counter()
         for handle in handles:
