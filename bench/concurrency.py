@@ -182,11 +182,7 @@ async def _raw_batched(ctx: BenchContext, workload: Workload, init: Image.Image 
 
 async def concurrency_section(ctx: BenchContext, workload: Workload) -> dict[str, Any]:
     """Each level keeps one request in flight per connection; a probe connection pings during the busiest."""
-    setup = await ctx.connect()
-    try:
-        seed_uuid, init = await ctx.seed_image(setup, workload)
-    finally:
-        await setup.close()
+    seed_uuid, init = await ctx.seed_image(workload)
     levels: list[dict[str, Any]] = []
     busiest = max(ctx.budget.concurrency_levels)
     for count in ctx.budget.concurrency_levels:

@@ -85,21 +85,29 @@ class BenchContext:
     async def connect(self) -> BenchConnection:
         return await BenchConnection.open(self.server.url, self.api_key)
 
-    async def seed_image(self, connection: BenchConnection,
-                         workload: Workload) -> tuple[str | None, Image.Image | None]:
+    async def seed_image(self, workload: Workload,
+                         connection: BenchConnection | None = None) -> tuple[str | None, Image.Image | None]:
         """For img2img: the seed picture uploaded once (its imageUUID) and the same picture decoded locally.
 
         Both sides start from the same PNG bytes; the server decodes them from its store on every task,
-        as it would for a client reusing an uploaded image.
+        as it would for a client reusing an uploaded image. Without ``connection``, the upload goes over
+        a connection of its own.
         """
         if not workload.img2img:
             return None, None
         size = (workload.width, workload.height)
         if size not in self._seeds:
             picture = test_picture(workload.width).resize(size)
-            png = encoded(picture, "PNG")
-            _, item = await connection.run({"taskType": "imageUpload", "taskUUID": str(uuid.uuid4()),
-                                            "image": data_uri(png, "PNG")})
+            upload = {"taskType": "imageUpload", "taskUUID": str(uuid.uuid4()),
+                      "image": data_uri(encoded(picture, "PNG"), "PNG")}
+            if connection is not None:
+                _, item = await connection.run(upload)
+            else:
+                own = await self.connect()
+                try:
+                    _, item = await own.run(upload)
+                finally:
+                    await own.close()
             self._seeds[size] = (item["imageUUID"], picture)
         return self._seeds[size]
 

@@ -25,7 +25,7 @@ async def memory_section(ctx: BenchContext, workloads: tuple[Workload, ...]) -> 
     budget = ctx.budget
     connections = [await ctx.connect() for _ in range(CONNECTIONS)]
     try:
-        seeds = [(await ctx.seed_image(connections[0], workload))[0] for workload in workloads]
+        seeds = [(await ctx.seed_image(workload, connections[0]))[0] for workload in workloads]
         for index, (workload, seed) in enumerate(zip(workloads, seeds, strict=True)):
             await connections[0].run(workload.task(index, seed))
         loaded = ctx.server.memory_kib()

@@ -66,11 +66,7 @@ async def _raw_for(ctx: BenchContext, workload: Workload, init: Any, seconds: fl
 
 async def neighbour_section(ctx: BenchContext, workload: Workload) -> dict[str, Any]:
     """Served (4 connections) and raw throughput while another process keeps one core busy."""
-    setup = await ctx.connect()
-    try:
-        seed_uuid, init = await ctx.seed_image(setup, workload)
-    finally:
-        await setup.close()
+    seed_uuid, init = await ctx.seed_image(workload)
     raw = ctx.raw
     assert raw is not None
     await ctx.conditions.quiet()

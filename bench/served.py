@@ -63,7 +63,7 @@ async def latency_section(ctx: BenchContext, workload: Workload) -> dict[str, An
         return raw_times, reference_times, served_times, block_uuids
 
     try:
-        seed_uuid, init = await ctx.seed_image(connection, workload)
+        seed_uuid, init = await ctx.seed_image(workload, connection)
         await block(range(10_000, 10_000 + budget.warmup))  # seeds outside the measured ones
         for start in range(0, budget.sequential, budget.block):
             indices = range(start, min(start + budget.block, budget.sequential))
@@ -97,14 +97,6 @@ async def latency_section(ctx: BenchContext, workload: Workload) -> dict[str, An
 
 def _difference(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else round(a - b, 2)
-
-
-async def _ping_probe(connection: BenchConnection, stop: asyncio.Event) -> list[float]:
-    rtts: list[float] = []
-    while not stop.is_set():
-        rtts.append(await connection.ping())
-        await asyncio.sleep(PING_INTERVAL)
-    return rtts
 
 
 async def idle_pings(ctx: BenchContext) -> dict[str, Any]:

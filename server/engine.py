@@ -13,6 +13,8 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from itertools import groupby
+from operator import itemgetter
 from pathlib import Path
 
 import torch
@@ -87,8 +89,8 @@ class DiffusersEngine:
             share = (time.perf_counter() - started) / len(chunk)
             made = [(j, GeneratedImage(i, seed, picture, share))
                     for (j, i, seed), picture in zip(chunk, pictures, strict=True)]
-            for j in sorted({j for j, _ in made}):
-                emit(j, [image for owner, image in made if owner == j])
+            for j, owned in groupby(made, key=itemgetter(0)):  # a job's images are adjacent in ``images``
+                emit(j, [image for _, image in owned])
 
     def _call(self, pipe: object, owners: list[InferenceJob], seeds: list[int]) -> list[Image]:
         """One pipeline call; ``owners[k]`` is the job image k belongs to (its prompts, its seed image)."""
