@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 import shutil
 import subprocess
 import tempfile
@@ -24,6 +23,7 @@ from bench.server_process import ServerProcess
 from bench.stats import ratio
 from bench.uploads import encoding_section, upload_section
 from bench.workloads import GPU_SIZES, GPU_STEPS, GPU_STRENGTH, Budget, Suite
+from server.auth import new_api_key
 
 SECTIONS = ("latency", "concurrency", "neighbour", "uploads", "encoding", "memory")
 
@@ -112,7 +112,7 @@ async def _served_sections(options: RunOptions, ctx: BenchContext, results: dict
 
 async def run(options: RunOptions) -> dict[str, Any]:
     suite, budget, sections = options.suite, options.budget, options.sections
-    api_key = secrets.token_urlsafe(24)
+    api_key = new_api_key()
     results: dict[str, Any] = {"suite": suite.name, "quick": options.quick, "sections": list(sections),
                                "environment": describe(suite.device, options.argv)}
     conditions = Conditions(options.quiet_wait)

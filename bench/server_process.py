@@ -77,7 +77,7 @@ class ServerProcess:
     def __init__(self, *, data_dir: Path, api_key: str, device: str, catalogs: tuple[Path, ...] = (),
                  extra_args: tuple[str, ...] = ()) -> None:
         self.command = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0",
-                        "--data-dir", str(data_dir), "--api-key", api_key, "--device", device,
+                        "--data-dir", str(data_dir), f"--api-key={api_key}", "--device", device,
                         "--log-level", "INFO", *extra_args]
         for catalog in catalogs:
             self.command += ["--catalog", str(catalog)]

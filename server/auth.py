@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 KEY_FILE_NAME = "api-key"
+KEY_PREFIX = "iw_"
 
 
 class ApiKeys:
@@ -33,6 +34,12 @@ def owner_token(api_key: str) -> str:
     return hashlib.sha256(b"imagewire-owner:" + api_key.encode()).hexdigest()[:32]
 
 
+def new_api_key() -> str:
+    """A fresh random key. The prefix makes it recognisable and keeps it from starting with "-",
+    which a command line would read as a flag (``--api-key -abc`` fails to parse)."""
+    return KEY_PREFIX + secrets.token_urlsafe(24)
+
+
 def load_or_create_key(data_dir: Path) -> tuple[str, bool]:
     """The key kept in the data dir, created (owner-readable only) on first start.
 
@@ -42,7 +49,7 @@ def load_or_create_key(data_dir: Path) -> tuple[str, bool]:
     if path.exists():
         return path.read_text().strip(), False
     data_dir.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_urlsafe(24)
+    key = new_api_key()
     temporary = path.with_suffix(".tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:

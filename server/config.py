@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,11 +56,44 @@ class Config:
 
 
 def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(f"IMAGEWIRE_{name}", default)
+    """IMAGEWIRE_<name>; set but empty counts as unset."""
+    return os.environ.get(f"IMAGEWIRE_{name}") or default
 
 
 def _env_flag(name: str) -> bool:
     return (_env(name) or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _whole_number(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            allowed = f"{minimum} to {maximum}" if maximum is not None else f"at least {minimum}"
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {value}")
+        return value
+    return convert
+
+
+def _number(*, positive: bool) -> Callable[[str], float]:
+    def convert(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            raise argparse.ArgumentTypeError(f"must be {'greater than 0' if positive else 'at least 0'}, got {text}")
+        return value
+    return convert
+
+
+# Defaults are the environment's strings, so argparse checks them with the same type as a flag would be.
+COUNT = _whole_number(1)
+PORT = _whole_number(0, 65535)
+POSITIVE = _number(positive=True)
+NON_NEGATIVE = _number(positive=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("--host", default=_env("HOST", "127.0.0.1"), help="interface to listen on [IMAGEWIRE_HOST]")
-    add("--port", type=int, default=int(_env("PORT", "8080") or 8080),
+    add("--port", type=PORT, default=_env("PORT", "8080"),
         help="port for WebSocket and HTTP; 0 picks a free one [IMAGEWIRE_PORT]")
     add("--data-dir", type=Path, default=Path(_env("DATA_DIR", "imagewire-data") or "imagewire-data"),
         help="where images, models and the generated API key live [IMAGEWIRE_DATA_DIR]")
@@ -91,35 +125,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="download catalog models missing from the Hugging Face cache [IMAGEWIRE_ALLOW_DOWNLOADS]")
     add("--catalog", dest="catalog_files", action="append", type=Path, default=None, metavar="FILE",
         help="extra model catalog JSON file, repeatable [IMAGEWIRE_CATALOG, comma-separated]")
-    add("--max-frame-mib", type=int, default=int(_env("MAX_FRAME_MIB", "64") or 64),
+    add("--max-frame-mib", type=COUNT, default=_env("MAX_FRAME_MIB", "64"),
         help="largest inbound WebSocket message, MiB [IMAGEWIRE_MAX_FRAME_MIB]")
-    add("--queue-size", type=int, default=int(_env("QUEUE_SIZE", "256") or 256),
+    add("--queue-size", type=COUNT, default=_env("QUEUE_SIZE", "256"),
         help="inference jobs that may wait for the device [IMAGEWIRE_QUEUE_SIZE]")
-    add("--max-batch-size", type=int, default=int(_env("MAX_BATCH_SIZE", "4") or 4),
+    add("--max-batch-size", type=COUNT, default=_env("MAX_BATCH_SIZE", "4"),
         help="images per pipeline call: larger numberResults run in several calls, and waiting tasks with "
              "the same model and settings share calls up to this many images; 1 turns batching off "
              "[IMAGEWIRE_MAX_BATCH_SIZE]")
-    add("--max-tasks-in-flight", type=int, default=int(_env("MAX_TASKS_IN_FLIGHT", "64") or 64),
+    add("--max-tasks-in-flight", type=COUNT, default=_env("MAX_TASKS_IN_FLIGHT", "64"),
         help="unfinished tasks per connection [IMAGEWIRE_MAX_TASKS_IN_FLIGHT]")
-    add("--max-tasks-per-key", type=int, default=int(_env("MAX_TASKS_PER_KEY", "256") or 256),
+    add("--max-tasks-per-key", type=COUNT, default=_env("MAX_TASKS_PER_KEY", "256"),
         help="unfinished tasks per API key over all its connections [IMAGEWIRE_MAX_TASKS_PER_KEY]")
-    add("--max-unauthenticated-per-ip", type=int, default=int(_env("MAX_UNAUTHENTICATED_PER_IP", "16") or 16),
+    add("--max-unauthenticated-per-ip", type=COUNT, default=_env("MAX_UNAUTHENTICATED_PER_IP", "16"),
         help="sockets from one address not yet authenticated [IMAGEWIRE_MAX_UNAUTHENTICATED_PER_IP]")
-    add("--auth-timeout", type=float, default=float(_env("AUTH_TIMEOUT", "30") or 30),
+    add("--auth-timeout", type=POSITIVE, default=_env("AUTH_TIMEOUT", "30"),
         help="seconds a new socket has to authenticate [IMAGEWIRE_AUTH_TIMEOUT]")
-    add("--max-image-mib", type=int, default=int(_env("MAX_IMAGE_MIB", "32") or 32),
+    add("--max-image-mib", type=COUNT, default=_env("MAX_IMAGE_MIB", "32"),
         help="largest encoded input image, inline or fetched, MiB [IMAGEWIRE_MAX_IMAGE_MIB]")
-    add("--max-image-megapixels", type=float, default=float(_env("MAX_IMAGE_MEGAPIXELS", "16.7") or 16.7),
+    add("--max-image-megapixels", type=POSITIVE, default=_env("MAX_IMAGE_MEGAPIXELS", "16.7"),
         help="largest decoded input image [IMAGEWIRE_MAX_IMAGE_MEGAPIXELS]")
-    add("--resume-window", type=float, default=float(_env("RESUME_WINDOW", "120") or 120),
+    add("--resume-window", type=NON_NEGATIVE, default=_env("RESUME_WINDOW", "120"),
         help="seconds undelivered results wait for a client to resume its session [IMAGEWIRE_RESUME_WINDOW]")
-    add("--result-retention", type=float, default=float(_env("RESULT_RETENTION", "3600") or 3600),
+    add("--result-retention", type=POSITIVE, default=_env("RESULT_RETENTION", "3600"),
         help="seconds async results stay available to getResponse [IMAGEWIRE_RESULT_RETENTION]")
-    add("--image-ttl-days", type=float, default=float(_env("IMAGE_TTL_DAYS", "30") or 30),
+    add("--image-ttl-days", type=POSITIVE, default=_env("IMAGE_TTL_DAYS", "30"),
         help="days after their last use that stored images are deleted [IMAGEWIRE_IMAGE_TTL_DAYS]")
-    add("--shutdown-grace", type=float, default=float(_env("SHUTDOWN_GRACE", "30") or 30),
+    add("--shutdown-grace", type=NON_NEGATIVE, default=_env("SHUTDOWN_GRACE", "30"),
         help="seconds running tasks get to finish on SIGTERM/SIGINT [IMAGEWIRE_SHUTDOWN_GRACE]")
-    add("--price-per-gpu-second", type=float, default=float(_env("PRICE_PER_GPU_SECOND", "0") or 0),
+    add("--price-per-gpu-second", type=NON_NEGATIVE, default=_env("PRICE_PER_GPU_SECOND", "0"),
         help="cost reported with includeCost, per second of device time [IMAGEWIRE_PRICE_PER_GPU_SECOND]")
     add("--log-level", default=_env("LOG_LEVEL", "INFO"), choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="[IMAGEWIRE_LOG_LEVEL]")

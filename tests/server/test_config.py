@@ -1,0 +1,75 @@
+"""Flags and their IMAGEWIRE_* fallbacks: values reach the Config, bad ones stop the start with a message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.auth import load_or_create_key, new_api_key
+from server.config import parse_args
+
+
+@pytest.fixture(autouse=True)
+def no_imagewire_environment(monkeypatch):
+    import os
+    for name in list(os.environ):
+        if name.startswith("IMAGEWIRE_"):
+            monkeypatch.delenv(name)
+
+
+def parse_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as stopped:
+        parse_args(argv)
+    assert stopped.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_flags_reach_the_config():
+    config = parse_args(["--port", "0", "--queue-size", "3", "--max-batch-size", "1", "--auth-timeout", "2.5",
+                         "--max-image-mib", "5", "--api-key", "a", "--api-key", "b", "--resume-window", "0"])
+    assert (config.port, config.queue_size, config.max_batch_size, config.auth_timeout) == (0, 3, 1, 2.5)
+    assert config.max_image_bytes == 5 * 1024 * 1024
+    assert config.api_keys == ("a", "b")
+    assert config.resume_window == 0
+
+
+def test_environment_fills_in_what_flags_leave_out_and_flags_win(monkeypatch):
+    monkeypatch.setenv("IMAGEWIRE_QUEUE_SIZE", "7")
+    monkeypatch.setenv("IMAGEWIRE_MAX_BATCH_SIZE", "2")
+    monkeypatch.setenv("IMAGEWIRE_API_KEYS", "one, two")
+    monkeypatch.setenv("IMAGEWIRE_DATA_DIR", "/srv/imagewire")
+    monkeypatch.setenv("IMAGEWIRE_PORT", "")  # set but empty: the default
+    config = parse_args(["--max-batch-size", "3"])
+    assert (config.queue_size, config.max_batch_size, config.port) == (7, 3, 8080)
+    assert config.api_keys == ("one", "two")
+    assert config.data_dir == Path("/srv/imagewire")
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["--max-batch-size", "0"], "argument --max-batch-size: must be at least 1, got 0"),
+    (["--queue-size", "-5"], "argument --queue-size: must be at least 1, got -5"),
+    (["--max-tasks-in-flight", "many"], "argument --max-tasks-in-flight: expected a whole number, got 'many'"),
+    (["--port", "70000"], "argument --port: must be 0 to 65535, got 70000"),
+    (["--auth-timeout", "0"], "argument --auth-timeout: must be greater than 0, got 0"),
+    (["--image-ttl-days", "nan"], "argument --image-ttl-days: must be greater than 0, got nan"),
+    (["--shutdown-grace", "-1"], "argument --shutdown-grace: must be at least 0, got -1"),
+])
+def test_bad_values_stop_the_start_naming_the_flag_the_allowed_range_and_the_value(argv, expected, capsys):
+    assert expected in parse_error(argv, capsys)
+
+
+def test_a_bad_environment_value_is_reported_like_a_bad_flag(monkeypatch, capsys):
+    monkeypatch.setenv("IMAGEWIRE_MAX_BATCH_SIZE", "0")
+    assert "argument --max-batch-size: must be at least 1, got 0" in parse_error([], capsys)
+
+
+def test_generated_keys_can_be_passed_back_on_the_command_line(tmp_path):
+    # A key starting with "-" would read as a flag: "--api-key -x" does not parse.
+    keys = {new_api_key() for _ in range(500)}
+    assert len(keys) == 500
+    for key in keys:
+        assert parse_args(["--api-key", key]).api_keys == (key,)
+    key, created = load_or_create_key(tmp_path)
+    assert created and parse_args(["--api-key", key]).api_keys == (key,)
+    assert load_or_create_key(tmp_path) == (key, False)
