@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
+
+# A run that stops getting answers fails instead of hanging. A request waits behind at most 15
+# others (16 connections, one request each); 600 s leaves room for a slow device.
+EXCHANGE_TIMEOUT = 600.0
 
 
 class TaskFailed(RuntimeError):
@@ -31,14 +36,15 @@ class BenchConnection:
     async def _exchange(self, tasks: list[dict[str, Any]], wanted: Any) -> dict[str, Any]:
         """Send ``tasks`` and read frames until an item for which ``wanted(item)`` holds; errors raise."""
         await self.websocket.send(orjson.dumps(tasks).decode())
-        while True:
-            message = orjson.loads(await self.websocket.recv())
-            for error in message.get("errors", []):
-                if wanted(error):
-                    raise TaskFailed(f"{error.get('code')}: {error.get('message')}")
-            for item in message.get("data", []):
-                if wanted(item):
-                    return dict(item)
+        async with asyncio.timeout(EXCHANGE_TIMEOUT):
+            while True:
+                message = orjson.loads(await self.websocket.recv())
+                for error in message.get("errors", []):
+                    if wanted(error):
+                        raise TaskFailed(f"{error.get('code')}: {error.get('message')}")
+                for item in message.get("data", []):
+                    if wanted(item):
+                        return dict(item)
 
     async def run(self, task: dict[str, Any]) -> tuple[float, dict[str, Any]]:
         """Send one task; return (seconds from send to its first result, that result)."""

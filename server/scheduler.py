@@ -219,6 +219,7 @@ class Scheduler:
         started = time.perf_counter()
         for handle in handles:
             handle.started_at = started
+            log.debug("taskUUID=%s on the device", handle.job.task_uuid)
         answered: set[int] = set()
 
         def emit(index: int, images: list[GeneratedImage]) -> None:

@@ -26,6 +26,11 @@ class WebhookSender:
         self.first_delay = first_delay
         self._deliveries: set[asyncio.Task[bool]] = set()
 
+    @property
+    def pending(self) -> int:
+        """Deliveries not finished yet, retries included."""
+        return len(self._deliveries)
+
     def send(self, url: str, item: dict[str, Any]) -> asyncio.Task[bool]:
         delivery = asyncio.create_task(self._deliver(url, item))
         self._deliveries.add(delivery)

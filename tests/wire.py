@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import uuid
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import msgspec
 import orjson
@@ -98,6 +100,24 @@ class Wire:
 
     async def close(self) -> None:
         await self.websocket.close()
+
+
+T = TypeVar("T")
+
+
+async def eventually(check: Callable[[], T | Awaitable[T]], timeout: float = 60) -> T:
+    """Call ``check()`` (awaiting it if it is a coroutine) every 50 ms until it returns something
+    truthy, and return that; fail after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result  # type: ignore[return-value]
+        assert loop.time() < deadline, f"still {result!r} after {timeout} s"
+        await asyncio.sleep(0.05)
 
 
 def inference(**fields: Any) -> dict[str, Any]:

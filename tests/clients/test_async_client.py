@@ -69,7 +69,8 @@ class HeldEngine:
 
     def run(self, jobs: Sequence[InferenceJob], emit: Emit) -> None:
         self.started.set()
-        self.release.wait(30)
+        if not self.release.wait(120):
+            raise RuntimeError("the test never released the engine")
         for position, job in enumerate(jobs):
             emit(position, [GeneratedImage(index, seed, Image.new("RGB", (job.width, job.height)), 0.01)
                             for index, seed in enumerate(job.seeds)])
@@ -319,7 +320,7 @@ async def test_the_client_reconnects_to_a_restarted_server(start_server):
         assert await client.models("tiny")
         await stop_server(first)
         second = await start_server(port=first.port)
-        (result,) = await generate(client, timeout=30)
+        (result,) = await generate(client, timeout=60)
         assert second._server.connections, "the client is connected to the new server"
     assert result.image_bytes
 
@@ -334,9 +335,10 @@ async def test_calls_fail_with_connection_lost_when_the_server_stays_away(start_
 
 
 async def test_keep_alive_pings_hold_an_idle_connection_open(server):
-    async with Client(server.url, API_KEY, ping_interval=0.05, silence_timeout=0.5) as client:
+    # Silence longer than 2 s would drop the socket; pings every 0.1 s keep it well inside that.
+    async with Client(server.url, API_KEY, ping_interval=0.1, silence_timeout=2.0) as client:
         connection = client._websocket
-        await asyncio.sleep(0.8)
+        await asyncio.sleep(3)
         assert client._websocket is connection, "pongs arrived, so the client never reconnected"
         assert await client.models("tiny")
 
@@ -356,16 +358,19 @@ async def test_a_silent_server_gets_pings_and_then_a_reconnect_that_resumes_the_
                 answer = {"taskType": "authentication", "connectionSessionUUID": "5c3e0e36-61f4-4c4b-9d59-1f0e1c4f8a21"}
                 await websocket.send(json.dumps({"data": [answer]}))
 
+    def authentications() -> list[dict]:
+        return [tasks[0] for tasks in received if tasks[0]["taskType"] == "authentication"]
+
     async with serve(silent_peer, "127.0.0.1", 0) as peer:
         port = peer.sockets[0].getsockname()[1]
-        async with Client(f"ws://127.0.0.1:{port}/v1", API_KEY, ping_interval=0.1, silence_timeout=0.35) as client:
-            for _ in range(50):
-                if connections >= 2:
-                    break
+        async with Client(f"ws://127.0.0.1:{port}/v1", API_KEY, ping_interval=0.1, silence_timeout=1.0) as client:
+            deadline = asyncio.get_running_loop().time() + 30
+            while not (len(authentications()) >= 2 and [{"taskType": "ping", "ping": True}] in received):
+                assert asyncio.get_running_loop().time() < deadline, received
                 await asyncio.sleep(0.05)
-    authentications = [tasks[0] for tasks in received if tasks[0]["taskType"] == "authentication"]
     assert connections >= 2, "the client dropped the silent socket and connected again"
-    assert "connectionSessionUUID" not in authentications[0]
-    assert authentications[1]["connectionSessionUUID"] == "5c3e0e36-61f4-4c4b-9d59-1f0e1c4f8a21"
+    first, second = authentications()[:2]
+    assert "connectionSessionUUID" not in first
+    assert second["connectionSessionUUID"] == "5c3e0e36-61f4-4c4b-9d59-1f0e1c4f8a21"
     assert [{"taskType": "ping", "ping": True}] in received
     assert client.session_uuid == "5c3e0e36-61f4-4c4b-9d59-1f0e1c4f8a21"

@@ -48,7 +48,12 @@ async def imagewire(*args: str, url: str | None = None, api_key: str | None = AP
     )
     if terminal is not None:
         os.close(terminal)
-    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), 120)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
     if controller is not None:
         stderr = await asyncio.to_thread(_drain, controller)
     assert process.returncode is not None

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from websockets.exceptions import ConnectionClosed
 
-from tests.wire import API_KEY, Wire, inference
+from tests.wire import API_KEY, Wire, eventually, inference
 
 READY = re.compile(r"imagewire ready: (ws://\S+)")
 
@@ -43,11 +43,21 @@ class ServerProcess:
                 server._drain = asyncio.ensure_future(server._read_rest())
                 return server
 
+    log = b""
+
     async def _read_rest(self) -> None:
         assert self.process.stderr is not None
-        self.log = b""
         while chunk := await self.process.stderr.read(65536):
             self.log += chunk
+
+    async def on_the_device(self, task_uuid: str) -> None:
+        """Wait until the server logs that the task runs (the server must log at DEBUG)."""
+        line = f"taskUUID={task_uuid} on the device".encode()
+
+        async def logged() -> bool:
+            return line in self.log
+
+        await eventually(logged, timeout=120)
 
     async def wait(self, timeout: float = 60) -> int:
         code = await asyncio.wait_for(self.process.wait(), timeout)
@@ -71,12 +81,12 @@ def http_get(url: str) -> bytes:
 
 
 async def test_sigterm_lets_running_tasks_finish_then_closes_with_1001_and_exits_0(data_dir, processes):
-    server = await ServerProcess.start(data_dir, "--shutdown-grace", "300")
+    server = await ServerProcess.start(data_dir, "--shutdown-grace", "300", "--log-level", "DEBUG")
     processes.append(server)
     wire = await Wire.open(server.url)
     task = inference(width=384, height=384, steps=12, numberResults=2)
     await wire.send([task])
-    await asyncio.sleep(0.5)  # the task is on the device now
+    await server.on_the_device(task["taskUUID"])
     server.process.send_signal(signal.SIGTERM)
     data, errors = await wire.items_for(task["taskUUID"], 2, timeout=120)
     assert len(data) == 2 and not errors
@@ -88,12 +98,12 @@ async def test_sigterm_lets_running_tasks_finish_then_closes_with_1001_and_exits
 
 
 async def test_tasks_cut_off_by_the_end_of_the_grace_period_are_told_so(data_dir, processes):
-    server = await ServerProcess.start(data_dir, "--shutdown-grace", "0.2")
+    server = await ServerProcess.start(data_dir, "--shutdown-grace", "0.2", "--log-level", "DEBUG")
     processes.append(server)
     wire = await Wire.open(server.url)
     task = inference(width=512, height=512, steps=40, numberResults=4)
     await wire.send([task])
-    await asyncio.sleep(0.5)
+    await server.on_the_device(task["taskUUID"])
     server.process.send_signal(signal.SIGTERM)
     _, errors = await wire.items_for(task["taskUUID"], 4, timeout=60)
     assert errors[0]["code"] == "serviceUnavailable" and "shut down" in errors[0]["message"]

@@ -7,7 +7,7 @@ import asyncio
 import orjson
 
 from tests.server.test_scheduler import HeldEngine
-from tests.wire import Wire, inference, new_uuid
+from tests.wire import Wire, eventually, inference, new_uuid
 
 
 async def get_response(wire: Wire, task_uuid: str) -> dict:
@@ -30,11 +30,12 @@ async def test_async_delivery_acknowledges_at_once_and_get_response_returns_resu
     pending = await get_response(wire, task["taskUUID"])
     assert pending["data"] == [{"taskType": "imageInference", "taskUUID": task["taskUUID"], "status": "processing"}]
     engine.release.set()
-    for _ in range(100):
+
+    async def finished() -> dict | None:
         done = await get_response(wire, task["taskUUID"])
-        if all(item["status"] == "success" for item in done["data"]):
-            break
-        await asyncio.sleep(0.05)
+        return done if all(item["status"] == "success" for item in done["data"]) else None
+
+    done = await eventually(finished)
     assert sorted(item["seed"] for item in done["data"]) == [4, 5]
     assert all(item["taskType"] == "imageInference" and item["imageUUID"] for item in done["data"])
     await wire.close()
@@ -48,12 +49,12 @@ async def test_get_response_reports_failed_async_tasks_as_errors(start_server):
     task = inference(deliveryMethod="async", positivePrompt="explode")
     await wire.send([task])
     await wire.receive()  # acknowledgement
-    for _ in range(100):
+
+    async def failed() -> dict | None:
         answer = await get_response(wire, task["taskUUID"])
-        if answer.get("errors"):
-            break
-        await asyncio.sleep(0.05)
-    error = answer["errors"][0]
+        return answer if answer.get("errors") else None
+
+    error = (await eventually(failed))["errors"][0]
     assert (error["status"], error["code"], error["taskType"]) == ("error", "inferenceError", "imageInference")
     await wire.close()
 
@@ -71,7 +72,7 @@ async def test_results_of_a_dropped_connection_are_delivered_on_resume(start_ser
     first = await Wire.open(server.url)
     task = inference(seed=77)
     await first.send([task])
-    await asyncio.to_thread(engine.started.wait, 10)
+    assert await asyncio.to_thread(engine.started.wait, 10)
     await first.close()
     engine.release.set()
     await asyncio.sleep(0.3)  # the result is produced while nobody is connected
@@ -97,7 +98,7 @@ async def test_conflicting_task_uuid_while_running_runs_only_once(start_server):
     wire = await Wire.open(server.url)
     task = inference()
     await wire.send([task])
-    await asyncio.to_thread(engine.started.wait, 10)
+    assert await asyncio.to_thread(engine.started.wait, 10)
     await wire.send([dict(task)])
     _, errors = await wire.items_for(task["taskUUID"], 1)
     assert errors[0]["code"] == "conflictTaskUUID"
@@ -125,11 +126,7 @@ async def test_webhooks_receive_each_async_result(start_server):
     wire = await Wire.open(server.url)
     task = inference(deliveryMethod="async", numberResults=2, webhookURL=f"http://127.0.0.1:{port}/hook")
     await wire.send([task])
-    for _ in range(1200):  # generous: a loaded CI machine may take a while
-        if len(received) == 2:
-            break
-        await asyncio.sleep(0.05)
-    assert len(received) == 2
+    await eventually(lambda: len(received) == 2)
     assert {body["data"][0]["taskUUID"] for body in received} == {task["taskUUID"]}
     assert all(body["data"][0]["imageUUID"] for body in received)
     listener.close()
@@ -151,12 +148,13 @@ async def test_webhooks_to_private_addresses_are_refused_by_default(start_server
     task = inference(deliveryMethod="async", webhookURL=f"http://127.0.0.1:{port}/hook")
     await wire.send([task])
     await wire.receive()
-    for _ in range(100):
-        record = server.services.registry.get(task["taskUUID"], next(iter(server.services.tasks_by_owner), ""))
-        if record is None or record.status != "processing":
-            break
-        await asyncio.sleep(0.05)
-    await asyncio.sleep(0.3)
+
+    async def finished() -> bool:
+        answer = await get_response(wire, task["taskUUID"])
+        return all(item.get("status") != "processing" for item in answer.get("data", []))
+
+    await eventually(finished)  # every result was handed to the webhook sender...
+    await eventually(lambda: server.services.webhooks.pending == 0)  # ...and every attempt made
     assert hits == []
     listener.close()
     await wire.close()
@@ -168,14 +166,11 @@ async def test_a_client_that_never_comes_back_leaves_nothing_behind(start_server
     wire = await Wire.open(server.url)
     task = inference(numberResults=3)
     await wire.send([task])
-    await asyncio.to_thread(engine.started.wait, 10)
+    assert await asyncio.to_thread(engine.started.wait, 10)
     await wire.close()
     engine.release.set()
-    for _ in range(100):  # the task finishes with nobody listening
-        if not server.running:
-            break
-        await asyncio.sleep(0.05)
-    assert not server.running and not server.services.tasks_by_owner
+    await eventually(lambda: not server.running)  # the task finishes with nobody listening
+    assert not server.services.tasks_by_owner
     session = next(iter(server.services.sessions._sessions.values()))
     assert len(session.outbox) == 3  # kept for a resume...
     await asyncio.sleep(0.3)
@@ -184,12 +179,12 @@ async def test_a_client_that_never_comes_back_leaves_nothing_behind(start_server
 
 
 async def test_stored_images_expire_after_the_image_ttl(start_server):
-    server = await start_server(image_ttl=0.5)
+    server = await start_server(image_ttl=2)
     wire = await Wire.open(server.url)
     [item] = await wire.run(inference())
     await server.sweep(store=True)
     assert await server.services.store.get(item["imageUUID"], owner=None)
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(2.5)
     await server.sweep(store=True)
     error = await wire.error(inference(seedImage=item["imageUUID"]))
     assert error["code"] == "imageNotFound"

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from PIL import Image
 
 from server.scheduler import Emit, GeneratedImage, InferenceJob
-from tests.wire import Wire, inference
+from tests.wire import Wire, eventually, inference
 
 
 class HeldEngine:
@@ -30,7 +30,8 @@ class HeldEngine:
 
     def run(self, jobs: Sequence[InferenceJob], emit: Emit) -> None:
         self.started.set()
-        self.release.wait(30)
+        if not self.release.wait(120):
+            raise RuntimeError("the test never released the engine")
         self.calls.append([job.task_uuid for job in jobs])
         if any("explode" in job.prompt for job in jobs):
             raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
@@ -49,7 +50,7 @@ async def test_pongs_flow_while_the_device_is_busy(start_server):
     wire = await Wire.open(server.url)
     task = inference()
     await wire.send([task])
-    await asyncio.to_thread(engine.started.wait, 10)
+    assert await asyncio.to_thread(engine.started.wait, 10)
     for _ in range(3):
         await wire.send([{"taskType": "ping", "ping": True}])
         reply = await wire.receive(timeout=5)
@@ -113,8 +114,7 @@ async def queue_in_order(server, wire: Wire, tasks: list[dict]) -> None:
     for task in tasks:
         waiting = scheduler.pending
         await wire.send([task])
-        while scheduler.pending == waiting:
-            await asyncio.sleep(0.01)
+        await eventually(lambda: scheduler.pending > waiting)  # noqa: B023 - awaited within this iteration
 
 
 async def hold_the_device(engine: HeldEngine, wire: Wire) -> dict:
@@ -172,8 +172,7 @@ async def test_max_batch_size_one_keeps_every_task_in_its_own_call(start_server)
     await hold_the_device(engine, wire)
     tasks = [inference() for _ in range(3)]
     await wire.send(tasks)
-    while server.services.scheduler.pending < 3:
-        await asyncio.sleep(0.01)
+    await eventually(lambda: server.services.scheduler.pending == 3)
     engine.release.set()
     answers = await wire.answers({task["taskUUID"]: 1 for task in tasks})
     assert all(data and not errors for data, errors in answers.values())
