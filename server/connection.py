@@ -18,7 +18,7 @@ from websockets.exceptions import ConnectionClosed
 
 from server import protocol
 from server.auth import ApiKeys, owner_token
-from server.dispatcher import handler_for
+from server.dispatcher import handler_for, precheck
 from server.errors import InternalServerError, InvalidApiKey, MissingApiKey, ServiceUnavailable, TaskError
 from server.services import Services, TaskContext
 from server.sessions import Session, TaskRecord
@@ -102,7 +102,12 @@ class Connection:
             await self._send(protocol.error_frame(error, None, None))
             return
         for element in decoded:
-            if element.error is not None:
+            if self.session is None and element.task_type not in ("authentication", "ping"):
+                # Before authentication every other task gets the same answer, valid or not.
+                refusal = MissingApiKey("Authenticate first: send [{\"taskType\":\"authentication\",\"apiKey\":"
+                                      "\"...\"}] before other tasks.", parameter="apiKey", type="string")
+                await self._send(protocol.error_frame(refusal, element.task_type, element.task_uuid))
+            elif element.error is not None:
                 log.info("taskUUID=%s taskType=%s outcome=%s", element.task_uuid, element.task_type,
                          element.error.code)
                 await self._reply(protocol.error_frame(element.error, element.task_type, element.task_uuid))
@@ -110,10 +115,6 @@ class Connection:
                 await self._send(protocol.encode_frame(data=[schema.Pong(taskType="ping", pong=True)]))
             elif isinstance(element.task, schema.Authentication):
                 await self._authenticate(element.task)
-            elif self.session is None:
-                refusal = MissingApiKey("Authenticate first: send [{\"taskType\":\"authentication\",\"apiKey\":"
-                                      "\"...\"}] before other tasks.", parameter="apiKey", type="string")
-                await self._send(protocol.error_frame(refusal, element.task_type, element.task_uuid))
             else:
                 assert element.task is not None and element.task_type is not None
                 await self._start(element.task, element.task_type, element.task_uuid)
@@ -146,10 +147,11 @@ class Connection:
                 raise ServiceUnavailable(
                     f"This API key already has {config.max_tasks_per_key} unfinished tasks over all its "
                     "connections, the most allowed; wait for some to finish.")
+            if asynchronous:
+                precheck(task, self.services)
             record = None
             if not isinstance(task, schema.GetResponse):
-                record = self.services.registry.begin(task_uuid, task_type, self.session.owner,
-                                                      keep_items=asynchronous)
+                record = self.services.registry.begin(task_uuid, task_type, self.session.owner)
         except TaskError as error:
             log.info("taskUUID=%s taskType=%s outcome=%s", task_uuid, task_type, error.code)
             await self._reply(protocol.error_frame(error, task_type, task_uuid))
@@ -188,8 +190,8 @@ class Connection:
         try:
             async for item in handler_for(task)(task, ctx):
                 results += 1
-                if record is not None and record.keep_items:
-                    record.items.append(_as_dict(item))
+                if record is not None:
+                    self.services.registry.keep(record, _as_dict(item))
                 if webhook:
                     self.services.webhooks.send(webhook, _as_dict(item))
                 if one_frame:
@@ -227,7 +229,7 @@ class Connection:
     async def _fail(self, error: TaskError, task_type: str, task_uuid: str, record: TaskRecord | None,
                     session: Session, asynchronous: bool, webhook: str | None) -> None:
         item = error.to_item(task_type, task_uuid)
-        if record is not None and record.keep_items:
+        if record is not None:
             record.errors.append(item)
         if webhook:
             self.services.webhooks.send(webhook, item)

@@ -180,9 +180,11 @@ def _field_names(struct_type: type[schema.Task]) -> frozenset[str]:
 
 
 def _non_null(t: mi.Type) -> list[mi.Type]:
-    if isinstance(t, mi.UnionType):
-        return [member for member in t.types if not isinstance(member, mi.NoneType)]
-    return [t]
+    """The members of a type that are not None, each without its annotation wrapper."""
+    members = t.type.types if isinstance(t, mi.Metadata) and isinstance(t.type, mi.UnionType) else (
+        t.types if isinstance(t, mi.UnionType) else (t,))
+    unwrapped = [member.type if isinstance(member, mi.Metadata) else member for member in members]
+    return [member for member in unwrapped if not isinstance(member, mi.NoneType)]
 
 
 def _literal_values(t: mi.Type) -> list[Any] | None:

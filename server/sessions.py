@@ -92,26 +92,60 @@ class TaskRecord:
     task_uuid: str
     task_type: str
     owner: str
-    keep_items: bool                     # async tasks keep their items for getResponse
     status: str = "processing"           # processing | success | error
-    items: list[dict[str, Any]] = field(default_factory=list)
+    items: list[dict[str, Any]] = field(default_factory=list)    # for getResponse
     errors: list[dict[str, Any]] = field(default_factory=list)
     finished_at: float | None = None
+    kept_bytes: int = 0
+    items_dropped: bool = False          # its items were let go to bound memory
 
 
 class TaskRegistry:
-    def __init__(self, *, retention: float) -> None:
+    """Every task's UUID, state and results, kept ``retention`` seconds after it finishes.
+
+    Results of sync tasks are kept too: a client that lost its socket mid-task (the Runware SDKs
+    do this) sends the task again, gets conflictTaskUUID, and asks getResponse for the results.
+    Past ``max_kept_bytes`` the results of the oldest finished tasks are let go first.
+    """
+
+    def __init__(self, *, retention: float, max_kept_bytes: int = 256 * 1024 * 1024) -> None:
         self.retention = retention
+        self.max_kept_bytes = max_kept_bytes
+        self.kept_bytes = 0
         self._records: dict[str, TaskRecord] = {}
 
-    def begin(self, task_uuid: str, task_type: str, owner: str, *, keep_items: bool) -> TaskRecord:
+    def begin(self, task_uuid: str, task_type: str, owner: str) -> TaskRecord:
         if task_uuid in self._records:
             raise ConflictTaskUUID(
                 f"taskUUID {task_uuid} was already used by a task that is running or was answered in the last "
-                f"{int(self.retention)} s; every task needs a new UUID.", parameter="taskUUID", type="string")
-        record = TaskRecord(task_uuid, task_type, owner, keep_items)
+                f"{int(self.retention)} s; every task needs a new UUID. getResponse with this taskUUID "
+                "returns its results.", parameter="taskUUID", type="string")
+        record = TaskRecord(task_uuid, task_type, owner)
         self._records[task_uuid] = record
         return record
+
+    def keep(self, record: TaskRecord, item: dict[str, Any]) -> None:
+        """Remember one result item of ``record`` for getResponse."""
+        size = 64 + sum(len(value) for value in item.values() if isinstance(value, str))
+        record.items.append(item)
+        record.kept_bytes += size
+        self.kept_bytes += size
+        if self.kept_bytes > self.max_kept_bytes:
+            self._let_go_of_oldest()
+
+    def _let_go_of_oldest(self) -> None:
+        # Records are in start order; finished ones go first, and running ones only if they alone
+        # hold more than the bound.
+        for finished_only in (True, False):
+            for record in self._records.values():
+                if self.kept_bytes <= self.max_kept_bytes:
+                    return
+                if record.items and (record.finished_at is not None or not finished_only):
+                    self._drop_items(record)
+
+    def _drop_items(self, record: TaskRecord) -> None:
+        self.kept_bytes -= record.kept_bytes
+        record.items, record.kept_bytes, record.items_dropped = [], 0, True
 
     def get(self, task_uuid: str, owner: str) -> TaskRecord | None:
         record = self._records.get(task_uuid)
@@ -128,7 +162,7 @@ class TaskRegistry:
         expired = [key for key, record in self._records.items()
                    if record.finished_at is not None and now - record.finished_at > self.retention]
         for key in expired:
-            del self._records[key]
+            self._drop_items(self._records.pop(key))
         return len(expired)
 
     def __len__(self) -> int:

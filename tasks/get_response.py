@@ -1,4 +1,4 @@
-"""getResponse: what an earlier task (usually an async one) has produced so far."""
+"""getResponse: what an earlier task (async, or sync and cut off by a lost socket) has produced so far."""
 
 from __future__ import annotations
 
@@ -22,12 +22,17 @@ class RecordedErrors(TaskError):
 
 
 async def run(task: GetResponse, ctx: TaskContext) -> AsyncIterator[dict[str, Any]]:
-    record = ctx.services.registry.get(task.taskUUID, ctx.owner)
-    if record is None or not record.keep_items:
+    registry = ctx.services.registry
+    record = registry.get(task.taskUUID, ctx.owner)
+    if record is None:
         raise TaskNotFound(
-            f"No task with taskUUID {task.taskUUID} is known: getResponse answers for tasks sent with "
-            f"deliveryMethod 'async' by the same API key, for {int(ctx.services.registry.retention)} s after "
-            "they finish.", parameter="taskUUID", type="string")
+            f"No task with taskUUID {task.taskUUID} is known: getResponse answers for tasks sent by the same "
+            f"API key, for {int(registry.retention)} s after they finish.", parameter="taskUUID", type="string")
+    if record.items_dropped:
+        raise TaskNotFound(
+            f"The results of task {task.taskUUID} are no longer kept: the server let go of its oldest results "
+            f"to stay within {registry.max_kept_bytes // (1024 * 1024)} MiB. Use the imageUUIDs or imageURLs "
+            "already delivered, or run the task again with a new taskUUID.", parameter="taskUUID", type="string")
     for item in record.items:
         yield {**item, "status": "success"}
     if record.status == "error":

@@ -20,9 +20,9 @@ from PIL import Image
 
 from air_registry.catalog import ModelEntry, locate_weights
 from air_registry.schedulers import SchedulerSpec, resolve_scheduler
-from server.errors import InvalidParameter, MissingParameter, UnsupportedParameter
+from server.errors import InvalidParameter, MissingParameter, UnknownParameter, UnsupportedParameter
 from server.scheduler import GeneratedImage, InferenceJob
-from server.services import TaskContext
+from server.services import Services, TaskContext
 from storage import CONTENT_TYPES, EXTENSIONS, INFERENCE_FORMATS, encode_image, resolve_image_input, to_base64
 from tasks.image_upload import image_url
 from tasks.schema import OUTPUT_FORMATS, ImageInference, ImageResult
@@ -50,10 +50,7 @@ class Settings:
 def validate(task: ImageInference, model: ModelEntry) -> Settings:
     """Checks that need the model but no I/O. Raises a TaskError naming the parameter."""
     defaults = model.defaults
-    if task.safety and task.safety.get("checkContent") or task.checkNSFW:
-        raise UnsupportedParameter(
-            "Content safety checks (safety.checkContent / checkNSFW) are not supported by this server yet; "
-            "leave them off.", parameter="safety" if task.safety else "checkNSFW")
+    check_safety(task)
     if task.seedImage is None:
         for name in ("width", "height"):
             if getattr(task, name) is None:
@@ -88,22 +85,48 @@ def validate(task: ImageInference, model: ModelEntry) -> Settings:
         steps=steps,
         cfg_scale=task.CFGScale if task.CFGScale is not None else defaults.cfg_scale,
         scheduler=resolve_scheduler(task.scheduler if task.scheduler is not None else defaults.scheduler),
-        seeds=[first_seed + i for i in range(task.numberResults)],
+        # Counting up wraps past the largest seed, so every returned seed can be sent back.
+        seeds=[(first_seed + i) % (MAX_SEED + 1) for i in range(task.numberResults)],
         output_types=output_types,
         output_format=output_format,
         output_quality=task.outputQuality,
     )
 
 
+SAFETY_FIELDS = ("checkContent", "checkInputs", "mode", "tolerance")
+
+
+def check_safety(task: ImageInference) -> None:
+    """Safety checks are not run here, so asking for one is an error rather than a silent no."""
+    safety = task.safety or {}
+    unknown = sorted(set(safety) - set(SAFETY_FIELDS))
+    if unknown:
+        raise UnknownParameter(
+            f"Unknown parameter safety.{unknown[0]}; the fields of safety are {', '.join(SAFETY_FIELDS)}.",
+            parameter=f"safety.{unknown[0]}", allowed_values=list(SAFETY_FIELDS))
+    asked = [f"safety.{name}" for name in ("checkContent", "checkInputs") if safety.get(name)]
+    if safety.get("mode") not in (None, "none"):
+        asked.append("safety.mode")
+    if task.checkNSFW:
+        asked.append("checkNSFW")
+    if asked:
+        raise UnsupportedParameter(
+            f"Content safety checks ({', '.join(asked)}) are not supported by this server yet; leave them off "
+            "(false, or mode 'none').", parameter=asked[0])
+
+
 def check_dimension(name: str, value: int | None) -> None:
-    if value is None or value % SIZE_STEP == 0:
+    if value is None or (MIN_SIZE <= value <= MAX_SIZE and value % SIZE_STEP == 0):
         return
-    lower = max(MIN_SIZE, value // SIZE_STEP * SIZE_STEP)
-    upper = min(MAX_SIZE, lower + SIZE_STEP)
+    if value < MIN_SIZE or value > MAX_SIZE:
+        nearest = [MIN_SIZE if value < MIN_SIZE else MAX_SIZE]
+    else:
+        lower = value // SIZE_STEP * SIZE_STEP
+        nearest = [size for size in (lower, lower + SIZE_STEP) if MIN_SIZE <= size <= MAX_SIZE]
     raise InvalidParameter(
-        f"Invalid {name}: must be divisible by {SIZE_STEP} (from {MIN_SIZE} to {MAX_SIZE}); received {value}. "
-        f"Nearest valid values: {lower} or {upper}.",
-        parameter=name, type="integer", allowed_values=[lower, upper], code=f"invalid{name.capitalize()}")
+        f"Invalid {name}: must be from {MIN_SIZE} to {MAX_SIZE} and divisible by {SIZE_STEP}; received {value}. "
+        f"Nearest valid value{'s' if len(nearest) > 1 else ''}: {' or '.join(map(str, nearest))}.",
+        parameter=name, type="integer", allowed_values=nearest, code=f"invalid{name.capitalize()}")
 
 
 def size_from_seed(value: int | None, seed_size: int) -> int:
@@ -112,6 +135,11 @@ def size_from_seed(value: int | None, seed_size: int) -> int:
         return value
     rounded = int(round(seed_size / SIZE_STEP)) * SIZE_STEP
     return min(MAX_SIZE, max(MIN_SIZE, rounded))
+
+
+def check(task: ImageInference, services: Services) -> None:
+    """The model exists and every parameter fits it."""
+    validate(task, services.catalog.resolve(task.model))
 
 
 async def run(task: ImageInference, ctx: TaskContext) -> AsyncIterator[ImageResult]:

@@ -12,6 +12,9 @@ from tasks.schema import ModelSearch, ModelSearchResult
 
 async def run(task: ModelSearch, ctx: TaskContext) -> AsyncIterator[ModelSearchResult]:
     services = ctx.services
+    if task.visibility == "private":  # every catalog model is public ("private": false)
+        yield ModelSearchResult(taskType="modelSearch", taskUUID=task.taskUUID, totalResults=0, results=[])
+        return
     total, entries = services.catalog.search(
         text=task.search, category=task.category, architecture=task.architecture, tags=task.tags,
         limit=task.limit, offset=task.offset)

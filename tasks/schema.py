@@ -22,7 +22,8 @@ UUID_PATTERN = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-
 TaskUUID = Annotated[str, Meta(pattern=UUID_PATTERN, description="UUID chosen by the client")]
 Prompt = Annotated[str, Meta(min_length=2, max_length=3000)]
 NegativePrompt = Annotated[str, Meta(max_length=3000)]
-Dimension = Annotated[int, Meta(ge=128, le=2048, description="divisible by 64")]
+# The range and the step are checked by the handler, whose error names the nearest valid sizes.
+Dimension = int
 Strength = Annotated[float, Meta(gt=0, le=1)]
 Steps = Annotated[int, Meta(ge=1, le=100)]
 CFGScale = Annotated[float, Meta(ge=0, le=50)]

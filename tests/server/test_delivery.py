@@ -59,6 +59,17 @@ async def test_get_response_reports_failed_async_tasks_as_errors(start_server):
     await wire.close()
 
 
+async def test_async_tasks_with_a_bad_model_or_size_are_refused_at_once_not_acknowledged(server):
+    wire = await Wire.open(server.url)
+    for task, code in ((inference(deliveryMethod="async", width=500), "invalidWidth"),
+                       (inference(deliveryMethod="async", model="runware:404@1"), "modelNotFound")):
+        await wire.send([task])
+        message = await wire.receive()
+        assert "data" not in message, "no acknowledgement for a task that cannot run"
+        assert (message["errors"][0]["code"], message["errors"][0]["taskUUID"]) == (code, task["taskUUID"])
+    await wire.close()
+
+
 async def test_get_response_for_an_unknown_task(server):
     wire = await Wire.open(server.url)
     error = await wire.error({"taskType": "getResponse", "taskUUID": new_uuid()})

@@ -52,7 +52,9 @@ GOOD = [
     {"seed": 0}, {"seed": 9223372036854775807}, {"numberResults": 20}, {"outputType": "base64Data"},
     {"outputType": ["URL", "dataURI"]}, {"outputFormat": "png"}, {"outputFormat": "WEBP"}, {"outputQuality": 20},
     {"outputQuality": 99}, {"deliveryMethod": "async"}, {"includeCost": True}, {"webhookURL": "https://x.example/h"},
-    {"safety": {"checkContent": False}}, {"seedImage": "x", "width": None, "height": None},
+    {"safety": {"checkContent": False}},
+    {"safety": {"checkContent": False, "mode": "none", "tolerance": True}},
+    {"seedImage": "x", "width": None, "height": None},
     {"negativePrompt": None, "seed": None},
 ]
 
@@ -70,8 +72,9 @@ BAD = [
     ({"model": ...}, "missingParameter", "model"),
     ({"width": ...}, "missingParameter", "width"),
     ({"height": ...}, "missingParameter", "height"),
-    ({"width": 64}, "invalidParameter", "width"),
-    ({"width": 4096}, "invalidParameter", "width"),
+    ({"width": 64}, "invalidWidth", "width"),
+    ({"width": 4096}, "invalidWidth", "width"),
+    ({"height": -64}, "invalidHeight", "height"),
     ({"width": 500}, "invalidWidth", "width"),
     ({"height": 700}, "invalidHeight", "height"),
     ({"width": "512"}, "invalidParameter", "width"),
@@ -96,7 +99,10 @@ BAD = [
     ({"deliveryMethod": "later"}, "invalidParameter", "deliveryMethod"),
     ({"includeCost": "yes"}, "invalidParameter", "includeCost"),
     ({"taskUUID": "not-a-uuid"}, "invalidParameter", "taskUUID"),
-    ({"safety": {"checkContent": True}}, "unsupportedParameter", "safety"),
+    ({"safety": {"checkContent": True}}, "unsupportedParameter", "safety.checkContent"),
+    ({"safety": {"checkInputs": True}}, "unsupportedParameter", "safety.checkInputs"),
+    ({"safety": {"mode": "fast"}}, "unsupportedParameter", "safety.mode"),
+    ({"safety": {"checkContent": False, "nsfw": True}}, "unknownParameter", "safety.nsfw"),
     ({"checkNSFW": True}, "unsupportedParameter", "checkNSFW"),
     ({"lora": [{"model": "x", "weight": 1}]}, "unsupportedParameter", "lora"),
     ({"controlNet": []}, "unsupportedParameter", "controlNet"),
@@ -114,6 +120,10 @@ def test_invalid_requests_name_the_parameter(fields, code, parameter):
     item = error.to_item("imageInference", UUID)
     assert item["taskUUID"] == UUID and item["taskType"] == "imageInference"
     assert parameter in error.message
+    # Every message says what is allowed: never a placeholder, and the type is a JSON type when given.
+    assert "a valid value" not in error.message
+    json_types = {"integer", "number", "string", "boolean", "array", "object"}
+    assert "type" not in item or set(item["type"].split(" or ")) <= json_types, item
 
 
 def test_messages_say_what_is_allowed_and_what_was_received():
@@ -121,6 +131,12 @@ def test_messages_say_what_is_allowed_and_what_was_received():
     assert "1 to 100" in error.message and "received 0" in error.message
     error = error_of(task(width=500))
     assert "448" in error.message and "512" in error.message and error.allowed_values == [448, 512]
+    error = error_of(task(width=4096))
+    assert "128 to 2048" in error.message and "received 4096" in error.message and error.allowed_values == [2048]
+    error = error_of(task(height=64))
+    assert error.allowed_values == [128] and error.to_item("imageInference", UUID)["type"] == "integer"
+    error = error_of(task(taskUUID=...))
+    assert (error.code, error.message) == ("missingParameter", "taskUUID is required: expected a UUID string.")
     error = error_of(task(outputFormat="GIF"))
     assert error.allowed_values == ["JPG", "PNG", "WEBP"] and "'GIF'" in error.message
     error = error_of(task(strength=0.04, steps=20, seedImage="x"))
@@ -130,6 +146,8 @@ def test_messages_say_what_is_allowed_and_what_was_received():
 def test_defaults_come_from_the_model_and_seeds_count_up():
     settings = settle(task(seed=10, numberResults=3))
     assert settings.seeds == [10, 11, 12]
+    assert settle(task(seed=9223372036854775806, numberResults=3)).seeds == [9223372036854775806,
+                                                                             9223372036854775807, 0]
     assert settings.steps == TINY.defaults.steps and settings.cfg_scale == TINY.defaults.cfg_scale
     assert settings.output_types == ["URL"] and settings.output_format == "JPG" and settings.output_quality == 95
     assert settle(task(positivePrompt="__BLANK__")).prompt == ""

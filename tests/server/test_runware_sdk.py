@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 
@@ -9,6 +10,8 @@ import pytest
 from PIL import Image
 from runware import IImageInference, Runware
 from runware.utils import RunwareAPIError
+
+from tests.server.test_scheduler import HeldEngine
 
 
 @pytest.fixture
@@ -44,3 +47,25 @@ async def test_errors_surface_with_code_and_parameter(sdk):
         await sdk.imageInference(requestImage=IImageInference(
             model="imagewire:tiny@1", positivePrompt="a tree", width=500, height=128, steps=2))
     assert "invalidWidth" in str(caught.value) or "width" in str(caught.value)
+
+
+async def test_a_task_cut_off_by_a_lost_socket_is_recovered_by_the_sdk(start_server):
+    """The SDK resends the task on a new socket, gets conflictTaskUUID, and asks getResponse."""
+    engine = HeldEngine()
+    server = await start_server(engine_factory=lambda: engine)
+    client = Runware(api_key="test-key", url=server.url)
+    await client.connect()
+    try:
+        call = asyncio.create_task(client.imageInference(requestImage=IImageInference(
+            model="imagewire:tiny@1", positivePrompt="a harbour at dawn", width=128, height=128, steps=2,
+            numberResults=2, seed=7)))
+        assert await asyncio.to_thread(engine.started.wait, 10)
+        for connection in list(server._server.connections):
+            connection.transport.abort()  # as a network failure: no closing handshake
+        engine.release.set()
+        images = await asyncio.wait_for(call, 30)
+    finally:
+        engine.release.set()
+        await client.disconnect()
+    assert sorted(image.seed for image in images) == [7, 8]
+    assert all(image.imageUUID and image.imageURL for image in images)

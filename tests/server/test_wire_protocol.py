@@ -35,11 +35,12 @@ async def test_a_wrong_key_is_answered_as_an_authentication_error_and_the_socket
 
 async def test_tasks_before_authentication_get_missing_api_key_with_their_uuid(server):
     wire = await Wire.open(server.url, api_key=None)
-    task = inference()
-    await wire.send([task])
-    error = (await wire.receive())["errors"][0]
-    assert (error["code"], error["taskUUID"], error["taskType"]) == ("missingApiKey", task["taskUUID"],
-                                                                      "imageInference")
+    # Valid or not: before authentication the answer is missingApiKey, whatever else is wrong.
+    for task in (inference(), inference(width=4096, frobnicate=1)):
+        await wire.send([task])
+        error = (await wire.receive())["errors"][0]
+        assert (error["code"], error["taskUUID"], error["taskType"]) == ("missingApiKey", task["taskUUID"],
+                                                                          "imageInference")
     await wire.close()
 
 
@@ -124,4 +125,8 @@ async def test_model_search_lists_the_catalog_with_the_fields_clients_read(serve
     [everything] = await wire.run({"taskType": "modelSearch", "limit": 100})
     airs = {m["air"] for m in everything["results"]}
     assert {"imagewire:sd15@1", "imagewire:sdxl-base@1"} <= airs
+    [public] = await wire.run({"taskType": "modelSearch", "limit": 100, "visibility": "public"})
+    assert public["totalResults"] == everything["totalResults"]
+    [private] = await wire.run({"taskType": "modelSearch", "visibility": "private"})
+    assert (private["totalResults"], private["results"]) == (0, [])
     await wire.close()
