@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--resume-window", type=NON_NEGATIVE, default=_env("RESUME_WINDOW", "120"),
         help="seconds undelivered results wait for a client to resume its session [IMAGEWIRE_RESUME_WINDOW]")
     add("--result-retention", type=POSITIVE, default=_env("RESULT_RETENTION", "3600"),
-        help="seconds async results stay available to getResponse [IMAGEWIRE_RESULT_RETENTION]")
+        help="seconds finished tasks' results stay available to getResponse [IMAGEWIRE_RESULT_RETENTION]")
     add("--image-ttl-days", type=POSITIVE, default=_env("IMAGE_TTL_DAYS", "30"),
         help="days after their last use that stored images are deleted [IMAGEWIRE_IMAGE_TTL_DAYS]")
     add("--shutdown-grace", type=NON_NEGATIVE, default=_env("SHUTDOWN_GRACE", "30"),

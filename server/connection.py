@@ -190,10 +190,11 @@ class Connection:
         try:
             async for item in handler_for(task)(task, ctx):
                 results += 1
+                as_dict = _as_dict(item)
                 if record is not None:
-                    self.services.registry.keep(record, _as_dict(item))
+                    self.services.registry.keep(record, as_dict)
                 if webhook:
-                    self.services.webhooks.send(webhook, _as_dict(item))
+                    self.services.webhooks.send(webhook, as_dict)
                 if one_frame:
                     collected.append(item)
                 elif not asynchronous:

@@ -179,12 +179,15 @@ def _field_names(struct_type: type[schema.Task]) -> frozenset[str]:
     return frozenset(_field_info(struct_type))
 
 
+def _unannotated(t: mi.Type) -> mi.Type:
+    return t.type if isinstance(t, mi.Metadata) else t
+
+
 def _non_null(t: mi.Type) -> list[mi.Type]:
-    """The members of a type that are not None, each without its annotation wrapper."""
-    members = t.type.types if isinstance(t, mi.Metadata) and isinstance(t.type, mi.UnionType) else (
-        t.types if isinstance(t, mi.UnionType) else (t,))
-    unwrapped = [member.type if isinstance(member, mi.Metadata) else member for member in members]
-    return [member for member in unwrapped if not isinstance(member, mi.NoneType)]
+    """The members of a type that are not None, each without its annotation (``Meta``) wrapper."""
+    t = _unannotated(t)
+    members = t.types if isinstance(t, mi.UnionType) else (t,)
+    return [member for member in map(_unannotated, members) if not isinstance(member, mi.NoneType)]
 
 
 def _literal_values(t: mi.Type) -> list[Any] | None:

@@ -113,6 +113,8 @@ class TaskRegistry:
         self.max_kept_bytes = max_kept_bytes
         self.kept_bytes = 0
         self._records: dict[str, TaskRecord] = {}
+        # The records holding results, oldest first: what letting go walks, rather than every record.
+        self._holding: dict[str, TaskRecord] = {}
 
     def begin(self, task_uuid: str, task_type: str, owner: str) -> TaskRecord:
         if task_uuid in self._records:
@@ -128,22 +130,29 @@ class TaskRegistry:
         """Remember one result item of ``record`` for getResponse."""
         size = 64 + sum(len(value) for value in item.values() if isinstance(value, str))
         record.items.append(item)
+        self._holding.setdefault(record.task_uuid, record)
         record.kept_bytes += size
         self.kept_bytes += size
         if self.kept_bytes > self.max_kept_bytes:
             self._let_go_of_oldest()
 
     def _let_go_of_oldest(self) -> None:
-        # Records are in start order; finished ones go first, and running ones only if they alone
-        # hold more than the bound.
+        # Finished tasks go first, and running ones only if they alone hold more than the bound.
+        excess = self.kept_bytes - self.max_kept_bytes
         for finished_only in (True, False):
-            for record in self._records.values():
-                if self.kept_bytes <= self.max_kept_bytes:
-                    return
-                if record.items and (record.finished_at is not None or not finished_only):
-                    self._drop_items(record)
+            chosen = []
+            for record in self._holding.values():  # stops as soon as enough is found
+                if excess <= 0:
+                    break
+                if record.finished_at is not None or not finished_only:
+                    chosen.append(record)
+                    excess -= record.kept_bytes
+            for record in chosen:
+                self._drop_items(record)
 
     def _drop_items(self, record: TaskRecord) -> None:
+        if self._holding.pop(record.task_uuid, None) is None:
+            return
         self.kept_bytes -= record.kept_bytes
         record.items, record.kept_bytes, record.items_dropped = [], 0, True
 

@@ -80,14 +80,21 @@ def http_get(url: str) -> bytes:
         return response.read()
 
 
-async def test_sigterm_lets_running_tasks_finish_then_closes_with_1001_and_exits_0(data_dir, processes):
-    server = await ServerProcess.start(data_dir, "--shutdown-grace", "300", "--log-level", "DEBUG")
+async def sigterm_while_running(data_dir: Path, processes: list[ServerProcess], grace: str,
+                                task: dict) -> tuple[ServerProcess, Wire]:
+    """Start a server with ``--shutdown-grace grace``, send ``task``, and SIGTERM it once the task runs."""
+    server = await ServerProcess.start(data_dir, "--shutdown-grace", grace, "--log-level", "DEBUG")
     processes.append(server)
     wire = await Wire.open(server.url)
-    task = inference(width=384, height=384, steps=12, numberResults=2)
     await wire.send([task])
     await server.on_the_device(task["taskUUID"])
     server.process.send_signal(signal.SIGTERM)
+    return server, wire
+
+
+async def test_sigterm_lets_running_tasks_finish_then_closes_with_1001_and_exits_0(data_dir, processes):
+    task = inference(width=384, height=384, steps=12, numberResults=2)
+    server, wire = await sigterm_while_running(data_dir, processes, "300", task)
     data, errors = await wire.items_for(task["taskUUID"], 2, timeout=120)
     assert len(data) == 2 and not errors
     with pytest.raises(ConnectionClosed):
@@ -98,13 +105,8 @@ async def test_sigterm_lets_running_tasks_finish_then_closes_with_1001_and_exits
 
 
 async def test_tasks_cut_off_by_the_end_of_the_grace_period_are_told_so(data_dir, processes):
-    server = await ServerProcess.start(data_dir, "--shutdown-grace", "0.2", "--log-level", "DEBUG")
-    processes.append(server)
-    wire = await Wire.open(server.url)
     task = inference(width=512, height=512, steps=40, numberResults=4)
-    await wire.send([task])
-    await server.on_the_device(task["taskUUID"])
-    server.process.send_signal(signal.SIGTERM)
+    server, wire = await sigterm_while_running(data_dir, processes, "0.2", task)
     _, errors = await wire.items_for(task["taskUUID"], 4, timeout=60)
     assert errors[0]["code"] == "serviceUnavailable" and "shut down" in errors[0]["message"]
     assert await server.wait() == 0
