@@ -1,33 +1,46 @@
-"""AIR model ids, the model catalog, scheduler names and (in ``loader``) cached diffusers pipelines.
+"""AIR model ids, the model catalog, architectures, samplers, where weights are, and (in ``loader``)
+cached diffusers pipelines.
 
-Importing this package loads no torch or diffusers: the protocol layer uses it to validate
-``model`` and ``scheduler``. Only ``air_registry.loader`` and ``air_registry.tiny``, imported by the
-GPU worker, bring in the heavy libraries.
+The ground floor beside ``storage``: nothing here knows the wire protocol, and failures are
+:mod:`errors <imagewire.air_registry.errors>` that the task layer turns into error items. Importing
+this package loads no torch or diffusers; only ``loader`` and ``tiny``, imported by the device
+worker, bring in the heavy libraries.
 """
 
-from air_registry.air import AIR, parse_air
-from air_registry.catalog import (
-    Catalog,
+from imagewire.air_registry.air import AIR, parse_air
+from imagewire.air_registry.architectures import ARCHITECTURES, Architecture
+from imagewire.air_registry.catalog import Catalog, ModelDefaults, ModelEntry
+from imagewire.air_registry.errors import (
     CatalogError,
-    ModelDefaults,
-    ModelEntry,
-    availability,
-    locate_weights,
-    model_info,
+    MalformedAIR,
+    RegistryError,
+    SamplerUnusable,
+    UnknownModel,
+    UnknownSampler,
+    WeightsMissing,
 )
-from air_registry.schedulers import SCHEDULER_NAMES, SchedulerSpec, resolve_scheduler
+from imagewire.air_registry.samplers import SAMPLER_NAMES, SAMPLERS, SamplerSpec, resolve_sampler
+from imagewire.air_registry.weights import availability, locate_weights
 
 __all__ = [
     "AIR",
-    "SCHEDULER_NAMES",
+    "ARCHITECTURES",
+    "SAMPLERS",
+    "SAMPLER_NAMES",
+    "Architecture",
     "Catalog",
     "CatalogError",
+    "MalformedAIR",
     "ModelDefaults",
     "ModelEntry",
-    "SchedulerSpec",
+    "RegistryError",
+    "SamplerSpec",
+    "SamplerUnusable",
+    "UnknownModel",
+    "UnknownSampler",
+    "WeightsMissing",
     "availability",
     "locate_weights",
-    "model_info",
     "parse_air",
-    "resolve_scheduler",
+    "resolve_sampler",
 ]

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from server.errors import InvalidParameter, describe_value
+from imagewire.air_registry.errors import MalformedAIR, shown
 
 # The source is a namespace compared case-insensitively (``Runware:101@1`` is ``runware:101@1``),
 # so it is accepted in any case and stored lower-cased; ids and versions are opaque and keep theirs.
@@ -24,13 +24,9 @@ class AIR:
 
 
 def parse_air(text: Any) -> AIR:
-    """Parse an AIR id; anything else is the client's mistake, reported against ``model``."""
+    """Parse an AIR id; anything else raises MalformedAIR."""
     match = _AIR_PATTERN.fullmatch(text.strip()) if isinstance(text, str) else None
     if match is None:
-        raise InvalidParameter(
-            "model must be an AIR id of the form source:id@version, like 'runware:101@1'; "
-            f"received {describe_value(text)}",
-            parameter="model",
-            type="string",
-        )
+        raise MalformedAIR(
+            f"must be an AIR id of the form source:id@version, like 'runware:101@1'; received {shown(text)}")
     return AIR(source=match["source"].lower(), id=match["id"], version=match["version"])

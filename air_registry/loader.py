@@ -1,7 +1,7 @@
 """Loading diffusers pipelines for catalog entries and keeping the most recently used ones in memory.
 
 Everything here runs in the server's GPU worker thread, one call at a time: diffusers pipelines
-hold scheduler state and are not safe to share between threads, so the cache takes no locks.
+hold sampler state and are not safe to share between threads, so the cache takes no locks.
 """
 
 from __future__ import annotations
@@ -28,32 +28,19 @@ import transformers
 # type checkers placeholder classes without methods.
 from diffusers.pipelines.auto_pipeline import AutoPipelineForImage2Image, AutoPipelineForText2Image
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
-from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
-from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img import (
-    StableDiffusionXLImg2ImgPipeline,
-)
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.import_utils import DummyObject
 
-from air_registry.catalog import MODEL_INDEX, ModelEntry, locate_weights
-from air_registry.schedulers import SchedulerSpec
-from air_registry.tiny import ensure_tiny_model
-from server.errors import InvalidParameter, ModelNotFound, TaskError
+from imagewire.air_registry.architectures import ARCHITECTURES
+from imagewire.air_registry.catalog import ModelEntry
+from imagewire.air_registry.errors import RegistryError, SamplerUnusable, WeightsMissing
+from imagewire.air_registry.samplers import SAMPLERS, SamplerSpec
+from imagewire.air_registry.tiny import ensure_tiny_model
+from imagewire.air_registry.weights import MODEL_INDEX, locate_weights
 
 logger = logging.getLogger(__name__)
 
 _CUDA_DEVICE = re.compile(r"cuda(:\d+)?")
-
-# The pipeline class that reads a single-file checkpoint of each architecture.
-_SINGLE_FILE_PIPELINES: dict[str, Any] = {
-    "sd15": StableDiffusionPipeline,
-    "sd21": StableDiffusionPipeline,
-    "sdxl": StableDiffusionXLPipeline,
-    "sdxl-refiner": StableDiffusionXLImg2ImgPipeline,
-}
-
-# Architectures whose models only transform an image: they have no text-to-image pipeline.
-_IMAGE_TO_IMAGE_ONLY = frozenset({"sdxl-refiner"})
 
 
 def resolve_device(name: str) -> str:
@@ -90,14 +77,29 @@ _DTYPE_KEYWORD = "dtype" if hasattr(diffusers.utils, "_resolve_dtype") else "tor
 class _LoadedModel:
     # What was loaded: a text-to-image pipeline, or for image-to-image-only models, that pipeline.
     primary: DiffusionPipeline
-    # The model's own scheduler as loaded. Callers swap ``pipe.scheduler`` per call, so this is the
-    # only reliable record of what "Default" means and of the config other schedulers start from.
-    scheduler_class: Any
-    scheduler_config: Any
+    # The model's own sampler as loaded. Callers swap ``pipe.scheduler`` per call, so this is the
+    # only reliable record of what "Default" means and of the config other samplers start from.
+    sampler_class: Any
+    sampler_config: Any
     image_to_image: DiffusionPipeline | None = None
 
     def owns(self, pipe: DiffusionPipeline) -> bool:
         return pipe is self.primary or pipe is self.image_to_image
+
+
+def unavailable_samplers() -> dict[str, str]:
+    """Samplers this installation cannot run, by name, each with why: a class missing from the installed
+    diffusers, or one that needs an optional package (diffusers then exports a placeholder). Checked once
+    at start, so that requests for them are refused before they reach the device."""
+    unavailable: dict[str, str] = {}
+    for name, spec in SAMPLERS.items():
+        sampler_class = getattr(diffusers, spec.class_name, None)
+        if sampler_class is None:
+            unavailable[name] = f"is not available in this server's diffusers {diffusers.__version__}"
+        elif isinstance(sampler_class, DummyObject):
+            needs = ", ".join(getattr(sampler_class, "_backends", ())) or "an optional package"
+            unavailable[name] = f"needs {needs}, which is not installed on this server"
+    return unavailable
 
 
 class PipelineCache:
@@ -121,18 +123,16 @@ class PipelineCache:
         """AIR ids of the models in memory, least recently used first."""
         return list(self._loaded)
 
-    def text_to_image(self, entry: ModelEntry) -> DiffusionPipeline:
-        if entry.architecture in _IMAGE_TO_IMAGE_ONLY:
-            raise InvalidParameter(
-                f"model {entry.air} is a refiner and only does image-to-image: send a seedImage with it",
-                parameter="seedImage",
-                type="string",
-            )
-        return self._get(entry).primary
+    def text_to_image(self, entry: ModelEntry, weights: Path | None = None) -> DiffusionPipeline:
+        """The model's text-to-image pipeline, loaded from ``weights`` (located here when None)."""
+        if ARCHITECTURES[entry.architecture].image_to_image_only:
+            # Requests are validated before they get here; this is a caller's bug.
+            raise ValueError(f"model {entry.air} only does image-to-image")
+        return self._get(entry, weights).primary
 
-    def image_to_image(self, entry: ModelEntry) -> DiffusionPipeline:
-        loaded = self._get(entry)
-        if entry.architecture in _IMAGE_TO_IMAGE_ONLY:
+    def image_to_image(self, entry: ModelEntry, weights: Path | None = None) -> DiffusionPipeline:
+        loaded = self._get(entry, weights)
+        if ARCHITECTURES[entry.architecture].image_to_image_only:
             return loaded.primary
         if loaded.image_to_image is None:
             # from_pipe reuses the loaded modules: a second view on the same weights, not a copy.
@@ -141,53 +141,34 @@ class PipelineCache:
             loaded.image_to_image = pipe
         return loaded.image_to_image
 
-    def make_scheduler(
-        self, pipe: DiffusionPipeline, spec: SchedulerSpec | None, *, seeds: Sequence[int] = ()
+    def make_sampler(
+        self, pipe: DiffusionPipeline, spec: SamplerSpec | None, *, seeds: Sequence[int] = ()
     ) -> SchedulerMixin:
-        """A new scheduler for one call of ``pipe``; the caller sets it as ``pipe.scheduler``.
+        """A new sampler for one call of ``pipe``; the caller sets it as ``pipe.scheduler``.
 
-        Schedulers keep per-run state, so none is ever reused. Every scheduler starts from the config
-        of the model's own scheduler, never from whatever an earlier call left in ``pipe.scheduler``.
-        ``seeds`` (one per image of the call) seed the schedulers that draw noise from their own
+        Samplers keep per-run state, so none is ever reused. Every sampler starts from the config
+        of the model's own sampler, never from whatever an earlier call left in ``pipe.scheduler``.
+        ``seeds`` (one per image of the call) seed the samplers that draw noise from their own
         source rather than from the pipeline's generator, so that their results repeat by seed too.
         """
-        model_scheduler_class, model_config = self._model_scheduler(pipe)
+        model_sampler_class, model_config = self._model_sampler(pipe)
         if spec is None:
-            return model_scheduler_class.from_config(
-                model_config, **_seed_option(model_scheduler_class, seeds)
-            )
-        scheduler_class = getattr(diffusers, spec.class_name, None)
-        if scheduler_class is None:
-            raise InvalidParameter(
-                f"scheduler {spec.name} is not available in this server's diffusers version",
-                parameter="scheduler",
-                type="string",
-            )
-        options = {**spec.options, **_seed_option(scheduler_class, seeds)}
+            return model_sampler_class.from_config(model_config, **_seed_option(model_sampler_class, seeds))
+        sampler_class = getattr(diffusers, spec.class_name)
+        options = {**spec.options, **_seed_option(sampler_class, seeds)}
         try:
-            return scheduler_class.from_config(model_config, **options)
-        except ImportError as exc:
-            # Some schedulers need optional packages (torchsde for the SDE variants, scipy for Beta).
-            raise InvalidParameter(
-                f"scheduler {spec.name} needs a Python package that is not installed on this server "
-                f"({type(exc).__name__}); choose another scheduler",
-                parameter="scheduler",
-                type="string",
-            ) from exc
+            return sampler_class.from_config(model_config, **options)
         except (ValueError, NotImplementedError) as exc:
-            # The model's scheduler config can rule some out (a prediction type a solver lacks).
-            raise InvalidParameter(
-                f"scheduler {spec.name} cannot be used with this model ({type(exc).__name__}); "
-                "choose another scheduler",
-                parameter="scheduler",
-                type="string",
+            # The model's config can rule some out (a prediction type a solver lacks).
+            raise SamplerUnusable(
+                f"{spec.name} cannot be used with this model ({type(exc).__name__}); choose another scheduler"
             ) from exc
 
-    def _model_scheduler(self, pipe: DiffusionPipeline) -> tuple[Any, Any]:
+    def _model_sampler(self, pipe: DiffusionPipeline) -> tuple[Any, Any]:
         for loaded in self._loaded.values():
             if loaded.owns(pipe):
-                return loaded.scheduler_class, loaded.scheduler_config
-        # A pipeline this cache did not load: its current scheduler is the best record there is.
+                return loaded.sampler_class, loaded.sampler_config
+        # A pipeline this cache did not load: its current sampler is the best record there is.
         current: Any = pipe.scheduler
         return type(current), current.config
 
@@ -197,7 +178,7 @@ class PipelineCache:
 
     # ---------------------------------------------------------------- loading
 
-    def _get(self, entry: ModelEntry) -> _LoadedModel:
+    def _get(self, entry: ModelEntry, weights: Path | None) -> _LoadedModel:
         loaded = self._loaded.get(entry.air)
         if loaded is not None:
             self._loaded.move_to_end(entry.air)
@@ -209,34 +190,31 @@ class PipelineCache:
             del self._loaded[evicted]
             logger.info("unloading model %s to make room for %s", evicted, entry.air)
             self._free_memory()
-        pipe = self._load(entry)
-        scheduler: Any = pipe.scheduler
-        loaded = _LoadedModel(
-            primary=pipe, scheduler_class=type(scheduler), scheduler_config=scheduler.config
-        )
+        pipe = self._load(entry, weights)
+        sampler: Any = pipe.scheduler
+        loaded = _LoadedModel(primary=pipe, sampler_class=type(sampler), sampler_config=sampler.config)
         self._loaded[entry.air] = loaded
         return loaded
 
-    def _load(self, entry: ModelEntry) -> DiffusionPipeline:
-        path = locate_weights(entry, data_dir=self.data_dir, allow_downloads=self.allow_downloads)
+    def _load(self, entry: ModelEntry, weights: Path | None) -> DiffusionPipeline:
+        if weights is None:
+            weights = locate_weights(entry, data_dir=self.data_dir, allow_downloads=self.allow_downloads)
         location = entry.location or "the embedded model"
         logger.info("loading model %s from %s on %s", entry.air, location, self.device)
         started = time.monotonic()
         _enable_loading_progress_bars()
         try:
             if entry.source == "embedded":
-                path = ensure_tiny_model(path)
-            pipe = self._read_pipeline(entry, path)
+                weights = ensure_tiny_model(weights)
+            pipe = self._read_pipeline(entry, weights)
             pipe.to(self.device)
-        except TaskError:
+        except RegistryError:
             raise
         except Exception as exc:
             # Whatever was loaded before the failure is garbage now; give its memory back at once.
             self._free_memory()
-            raise ModelNotFound(
-                f"the weights of {entry.label} at {location} could not be loaded ({type(exc).__name__})",
-                parameter="model",
-                type="string",
+            raise WeightsMissing(
+                f"the weights of {entry.label} at {location} could not be loaded ({type(exc).__name__})"
             ) from exc
         # Per-step progress bars are noise in a server log; the server reports progress itself.
         pipe.set_progress_bar_config(disable=True)
@@ -244,19 +222,23 @@ class PipelineCache:
         return pipe
 
     def _read_pipeline(self, entry: ModelEntry, path: Path) -> DiffusionPipeline:
+        architecture = ARCHITECTURES[entry.architecture]
         options: dict[str, Any] = {_DTYPE_KEYWORD: self.dtype}
         if importlib.util.find_spec("accelerate") is None:
             # Without accelerate, diffusers warns on every load before falling back to this.
             options["low_cpu_mem_usage"] = False
         if entry.source == "single_file":
-            pipeline_class = _SINGLE_FILE_PIPELINES[entry.architecture]
+            assert architecture.single_file_pipeline is not None  # the catalog allows no other
+            pipeline_class = getattr(diffusers, architecture.single_file_pipeline)
             # A single file has no configs; diffusers fetches them from the hub, or its cache.
             local_only = not self.allow_downloads
-            return pipeline_class.from_single_file(str(path), local_files_only=local_only, **options)
+            pipe: DiffusionPipeline = pipeline_class.from_single_file(
+                str(path), local_files_only=local_only, **options)
+            return pipe
         if _has_safety_checker(path):
             # Clients ask for NSFW checks explicitly; the server runs its own, never the pipeline's.
             options.update(safety_checker=None, requires_safety_checker=False)
-        if entry.architecture in _IMAGE_TO_IMAGE_ONLY:
+        if architecture.image_to_image_only:
             return AutoPipelineForImage2Image.from_pretrained(str(path), **options)
         return AutoPipelineForText2Image.from_pretrained(str(path), **options)
 
@@ -266,8 +248,8 @@ class PipelineCache:
             torch.cuda.empty_cache()
 
 
-def _seed_option(scheduler_class: Any, seeds: Sequence[int]) -> dict[str, Any]:
-    if not seeds or _NOISE_SEED_OPTION not in inspect.signature(scheduler_class.__init__).parameters:
+def _seed_option(sampler_class: Any, seeds: Sequence[int]) -> dict[str, Any]:
+    if not seeds or _NOISE_SEED_OPTION not in inspect.signature(sampler_class.__init__).parameters:
         return {}
     return {_NOISE_SEED_OPTION: list(seeds) if len(seeds) > 1 else seeds[0]}
 

@@ -29,7 +29,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import Stabl
 from diffusers.schedulers.scheduling_pndm import PNDMScheduler
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-MODEL_INDEX = "model_index.json"
+from imagewire.air_registry.weights import MODEL_INDEX
 
 START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"

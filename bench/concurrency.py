@@ -20,7 +20,7 @@ from bench.context import BenchContext, progress
 from bench.served import PING_INTERVAL, raw_block
 from bench.stats import milliseconds, ratio, summarize
 from bench.workloads import Workload, tasks_at_level
-from server.config import Config
+from imagewire.server.config import Config
 
 
 @dataclass

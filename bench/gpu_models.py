@@ -55,7 +55,7 @@ def shrink(config: dict[str, Any]) -> dict[str, Any]:
 def _text_encoder(config: dict[str, Any]) -> Any:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from air_registry.tiny import END_TOKEN, START_TOKEN, build_tokenizer
+    from imagewire.air_registry.tiny import END_TOKEN, START_TOKEN, build_tokenizer
 
     vocab = build_tokenizer().get_vocab()
     options = {key: value for key, value in config.items() if key != "class"}
@@ -75,7 +75,7 @@ def build_pipeline(config: dict[str, Any], *, device: str, dtype: Any, seed: int
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
-    from air_registry.tiny import build_tokenizer
+    from imagewire.air_registry.tiny import build_tokenizer
 
     scheduler_options = dict(config["scheduler"])
     scheduler = getattr(diffusers, scheduler_options.pop("class"))(**scheduler_options)

@@ -23,8 +23,8 @@ class RawRunner:
 
     def __init__(self, *, device: str, data_dir: Path, catalogs: tuple[Path, ...] = ()) -> None:
         # Imported here: the parent of the server process needs torch only for this section.
-        from air_registry.catalog import Catalog
-        from air_registry.loader import PipelineCache
+        from imagewire.air_registry.catalog import Catalog
+        from imagewire.air_registry.loader import PipelineCache
 
         self.catalog = Catalog.load(catalogs)
         self.cache = PipelineCache(device=device, data_dir=data_dir)
@@ -41,7 +41,7 @@ class RawRunner:
     def _configure_threads(self) -> tuple[int, int]:
         import torch
 
-        from server.engine import limit_cpu_threads
+        from imagewire.server.engine import limit_cpu_threads
 
         default = torch.get_num_threads()
         limit_cpu_threads(self.device)
@@ -78,7 +78,7 @@ class RawRunner:
         pipe = self._pipeline(workload)
         count = len(indices)
         started = time.perf_counter()
-        pipe.scheduler = self.cache.make_scheduler(pipe, None)
+        pipe.scheduler = self.cache.make_sampler(pipe, None)
         arguments: dict[str, Any] = {
             "prompt": [PROMPT] * count,
             "negative_prompt": [NEGATIVE_PROMPT] * count,

@@ -23,7 +23,7 @@ from bench.server_process import ServerProcess
 from bench.stats import ratio
 from bench.uploads import encoding_section, upload_section
 from bench.workloads import GPU_SIZES, GPU_STEPS, GPU_STRENGTH, Budget, Suite
-from server.auth import new_api_key
+from imagewire.server.auth import new_api_key
 
 SECTIONS = ("latency", "concurrency", "neighbour", "uploads", "encoding", "memory")
 

@@ -76,7 +76,7 @@ class ServerProcess:
 
     def __init__(self, *, data_dir: Path, api_key: str, device: str, catalogs: tuple[Path, ...] = (),
                  extra_args: tuple[str, ...] = ()) -> None:
-        self.command = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0",
+        self.command = [sys.executable, "-m", "imagewire.server", "--host", "127.0.0.1", "--port", "0",
                         "--data-dir", str(data_dir), f"--api-key={api_key}", "--device", device,
                         "--log-level", "INFO", *extra_args]
         for catalog in catalogs:
@@ -163,6 +163,8 @@ class ServerProcess:
                 process.wait()
         if self._reader is not None:
             self._reader.join(5)
+        if process.stderr is not None:
+            process.stderr.close()
 
     def __enter__(self) -> ServerProcess:
         self.start()

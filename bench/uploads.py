@@ -54,17 +54,19 @@ def _upload_task(uri: str) -> dict[str, Any]:
 
 def encoding_section(sizes: tuple[int, ...], repeats: int) -> list[dict[str, Any]]:
     """``storage.encode`` in this process, one call at a time: the CPU cost of each output encoding."""
-    from storage import encode_image, to_base64
+    from imagewire.storage import encode_image, output_format, to_base64
 
     rows: list[dict[str, Any]] = []
     for size in sizes:
         picture = test_picture(size)
-        for label, output_format, quality in OUTPUT_ENCODINGS:
-            data = encode_image(picture, output_format, quality)  # warm-up
+        for label, format_name, quality in OUTPUT_ENCODINGS:
+            chosen = output_format(format_name)
+            assert chosen is not None
+            data = encode_image(picture, chosen, quality)  # warm-up
             encode_s, base64_s = [], []
             for _ in range(repeats):
                 started = time.perf_counter()
-                data = encode_image(picture, output_format, quality)
+                data = encode_image(picture, chosen, quality)
                 encode_s.append(time.perf_counter() - started)
                 started = time.perf_counter()
                 to_base64(data)

@@ -1,4 +1,4 @@
-"""``python -m server`` / ``imagewire-server``: run the server until SIGINT or SIGTERM."""
+"""``python -m imagewire.server`` / ``imagewire-server``: run the server until SIGINT or SIGTERM."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from server.app import ImagewireServer
-from server.config import parse_args
+from imagewire.server.app import ImagewireServer
+from imagewire.server.config import parse_args
 
 
 async def serve(argv: Sequence[str] | None = None) -> None:
@@ -33,7 +33,7 @@ async def serve(argv: Sequence[str] | None = None) -> None:
     await stop.wait()
     logging.getLogger("imagewire.server").info("signal received; shutting down")
     await server.stop()
-    if server.services.scheduler.busy:
+    if server.device.busy:
         # The grace period ran out with a job still on the device. Interpreter shutdown would
         # tear torch down under that thread (SIGABRT); the tasks were answered, so leave now.
         logging.getLogger("imagewire.server").info("leaving a device job unfinished")

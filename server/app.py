@@ -6,21 +6,25 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 
-from air_registry.catalog import Catalog
-from server.auth import ApiKeys, load_or_create_key
-from server.config import Config
-from server.connection import Connection
-from server.http import HttpRoutes
-from server.scheduler import Engine, Scheduler
-from server.services import Services
-from server.sessions import SessionRegistry, TaskRegistry
-from server.webhooks import WebhookSender
-from storage import ImageStore, UrlFetcher
+from imagewire.air_registry import Catalog
+from imagewire.server.admission import Admission
+from imagewire.server.auth import ApiKeys, load_or_create_key
+from imagewire.server.config import Config
+from imagewire.server.connection import Connection
+from imagewire.server.device import DeviceQueue, Engine
+from imagewire.server.http import HttpRoutes
+from imagewire.server.runner import TaskRunner
+from imagewire.server.sessions import SessionRegistry, TaskRegistry
+from imagewire.server.webhooks import WebhookSender
+from imagewire.storage import ImageStore, UrlFetcher
+from imagewire.tasks.context import Services, Settings
+from imagewire.tasks.image_inference import check_model_defaults
 
 log = logging.getLogger("imagewire.server")
 
@@ -32,8 +36,8 @@ MAX_OUTBOX_BYTES = 256 * 1024 * 1024
 def diffusers_engine_factory(config: Config) -> Callable[[], Engine]:
     def build() -> Engine:
         # Imported here so that torch loads in the device worker, not when the CLI parses flags.
-        from air_registry.loader import resolve_device
-        from server.engine import DiffusersEngine
+        from imagewire.air_registry.loader import resolve_device
+        from imagewire.server.engine import DiffusersEngine
 
         return DiffusersEngine(device=resolve_device(config.device), data_dir=config.data_dir,
                                allow_downloads=config.allow_downloads, max_batch_size=config.max_batch_size)
@@ -48,13 +52,12 @@ class ImagewireServer:
         self.engine_factory = engine_factory or diffusers_engine_factory(config)
         self.preload = preload
         self.generated_key: str | None = None
-        self.running: set[asyncio.Task[None]] = set()
         self._server: Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
-        return self.services.config.port
+        return self.config.port
 
     @property
     def url(self) -> str:
@@ -70,43 +73,48 @@ class ImagewireServer:
             if not created:
                 log.info("using the API key kept in %s", config.data_dir / "api-key")
         self.api_keys = ApiKeys(keys)
-        catalog = await asyncio.to_thread(Catalog.load, config.catalog_files)
-        scheduler = Scheduler(self.engine_factory, queue_size=config.queue_size,
-                              max_batch_size=config.max_batch_size)
+        catalog = await asyncio.to_thread(Catalog.load, config.catalog_files, check_defaults=check_model_defaults)
+        self.device = DeviceQueue(self.engine_factory, queue_size=config.queue_size,
+                                  max_batch_size=config.max_batch_size)
         fetcher = UrlFetcher(allow_private=config.allow_private_urls, max_bytes=config.max_image_bytes,
                              timeout=config.url_fetch_timeout)
+        # Opening the store also removes what interrupted writes left behind.
+        self.store = await asyncio.to_thread(ImageStore, config.data_dir / "images")
+        self.sessions = SessionRegistry(resume_window=config.resume_window, max_outbox_bytes=MAX_OUTBOX_BYTES)
+        self.registry = TaskRegistry(retention=config.result_retention)
         self.services = Services(
-            config=config,
-            # Opening the store also removes what interrupted writes left behind.
-            store=await asyncio.to_thread(ImageStore, config.data_dir / "images"),
-            fetcher=fetcher,
-            catalog=catalog,
-            scheduler=scheduler,
-            sessions=SessionRegistry(resume_window=config.resume_window, max_outbox_bytes=MAX_OUTBOX_BYTES),
-            registry=TaskRegistry(retention=config.result_retention),
-            webhooks=WebhookSender(fetcher, attempts=config.webhook_attempts),
-        )
+            settings=Settings(data_dir=config.data_dir, allow_downloads=config.allow_downloads,
+                              max_image_pixels=config.max_image_pixels, max_image_bytes=config.max_image_bytes,
+                              price_per_gpu_second=config.price_per_gpu_second),
+            catalog=catalog, store=self.store, fetcher=fetcher, device=self.device, results=self.registry)
+        self.runner = TaskRunner(
+            self.services, registry=self.registry, webhooks=WebhookSender(fetcher, attempts=config.webhook_attempts),
+            admission=Admission(per_connection=config.max_tasks_in_flight, per_key=config.max_tasks_per_key))
+        self.unauthenticated_by_ip: Counter[str] = Counter()
         # Listen only once the engine exists and the default model is loaded: imports and loading
         # hold the GIL in long stretches, and clients should not see slow pongs meanwhile.
-        await asyncio.to_thread(scheduler.start)
+        await asyncio.to_thread(self.device.start)
         if self.preload:
-            loaded = scheduler.preload(catalog.resolve(config.default_model))
+            loaded = self.device.preload(catalog.resolve(config.default_model))
             await asyncio.to_thread(loaded.wait)
         self._server = await serve(
             self._handle, config.host, config.port,
-            process_request=HttpRoutes(self.services),
+            process_request=HttpRoutes(self.store, self.device),
             max_size=config.max_frame_bytes,
             # Compression runs on the event loop; deflating megabytes of base64 would delay pongs.
             compression=None,
             max_queue=64,
         )
         port = self._server.sockets[0].getsockname()[1] if config.port == 0 else config.port
-        self.services.config = dataclasses.replace(config, port=port)
+        self.config = config = dataclasses.replace(config, port=port)
+        self.services.base_url = config.base_url
         self._sweeper = asyncio.create_task(self._sweep_forever())
-        log.info("imagewire listening on %s (images at %s/image/)", self.url, self.services.config.base_url)
+        log.info("imagewire listening on %s (images at %s/image/)", self.url, config.base_url)
 
     async def _handle(self, websocket: ServerConnection) -> None:
-        await Connection(websocket, self.services, self.api_keys, self.running).serve()
+        connection = Connection(websocket, config=self.config, api_keys=self.api_keys, sessions=self.sessions,
+                                runner=self.runner, unauthenticated_by_ip=self.unauthenticated_by_ip)
+        await connection.serve()
 
     async def _sweep_forever(self) -> None:
         last_store_sweep: float | None = None
@@ -120,12 +128,12 @@ class ImagewireServer:
 
     async def sweep(self, *, store: bool) -> None:
         """Forget expired sessions and task records; with ``store``, delete images unused for the image TTL."""
-        self.services.sessions.sweep()
-        self.services.registry.sweep()
+        self.sessions.sweep()
+        self.registry.sweep()
         if not store:
             return
         try:
-            deleted = await self.services.store.sweep(max_age_seconds=self.config.image_ttl)
+            deleted = await self.store.sweep(max_age_seconds=self.config.image_ttl)
             if deleted:
                 log.info("deleted %d images unused for %.1f days", deleted, self.config.image_ttl / 86400)
         except Exception:
@@ -139,21 +147,22 @@ class ImagewireServer:
         # Stop accepting new sockets; the open ones stay so running tasks can still deliver.
         # (websockets' own close() acts only once, so it is kept for the end.)
         server.server.close()
-        self.services.scheduler.close_intake()
+        self.device.close_intake()
         grace = self.config.shutdown_grace if grace is None else grace
-        if self.running:
-            log.info("waiting up to %.0f s for %d running tasks", grace, len(self.running))
-            _, unfinished = await asyncio.wait(set(self.running), timeout=grace)
+        running = self.runner.running
+        if running:
+            log.info("waiting up to %.0f s for %d running tasks", grace, len(running))
+            _, unfinished = await asyncio.wait(set(running), timeout=grace)
             for task in unfinished:
                 task.cancel()
-        await self.services.webhooks.close(timeout=min(grace, 5.0))
+        await self.runner.webhooks.close(timeout=min(grace, 5.0))
         server.close(close_connections=True)  # close code 1001, going away
         await server.wait_closed()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
-        await asyncio.to_thread(self.services.scheduler.stop, grace)
+        await asyncio.to_thread(self.device.stop, grace)
         log.info("stopped")
 
     async def __aenter__(self) -> ImagewireServer:

@@ -1,48 +1,53 @@
-"""One client socket: read frames, answer pings and authentication at once, run every
-other task as its own asyncio task, and send each result as soon as it exists.
+"""One client socket: read frames, answer pings and authentication at once, admit every other
+task to the task runner, and carry its answers back.
 
-Nothing here blocks the event loop: decoding a frame is microseconds per task, and all
-image work happens in the handlers' thread pool calls or on the device worker.
+The connection knows frames, pings, authentication and admission; what a task is and how it is
+delivered is the runner's and the task module's business (``server/runner.py``). Nothing here
+blocks the event loop: decoding a frame is microseconds per task, and all image work happens in
+the handlers' thread pool calls or on the device worker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
+from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
-import msgspec
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from server import protocol
-from server.auth import ApiKeys, owner_token
-from server.dispatcher import handler_for, precheck
-from server.errors import InternalServerError, InvalidApiKey, MissingApiKey, ServiceUnavailable, TaskError
-from server.services import Services, TaskContext
-from server.sessions import Session, TaskRecord
-from tasks import schema
+from imagewire.server import protocol
+from imagewire.server.auth import ApiKeys, owner_token
+from imagewire.server.config import Config
+from imagewire.server.runner import TaskRunner
+from imagewire.server.sessions import Session, SessionRegistry
+from imagewire.tasks import schema
+from imagewire.tasks.errors import InvalidApiKey, MissingApiKey, ServiceUnavailable
+from imagewire.tasks.supported import SUPPORTED
+from imagewire.tasks.task_type import Item
 
 log = logging.getLogger("imagewire.task")
 connection_log = logging.getLogger("imagewire.connection")
 
 
 class Connection:
-    def __init__(self, websocket: ServerConnection, services: Services, api_keys: ApiKeys,
-                 running: set[asyncio.Task[None]]) -> None:
+    def __init__(self, websocket: ServerConnection, *, config: Config, api_keys: ApiKeys,
+                 sessions: SessionRegistry, runner: TaskRunner, unauthenticated_by_ip: Counter[str]) -> None:
         self.websocket = websocket
-        self.services = services
+        self.config = config
         self.api_keys = api_keys
-        self.running = running  # every task of the server, so a shutdown can drain them
+        self.sessions = sessions
+        self.runner = runner
+        self.unauthenticated_by_ip = unauthenticated_by_ip
         self.session: Session | None = None
-        self.in_flight = 0
         peer = websocket.remote_address
         self.peer_ip = str(peer[0]) if peer else "unknown"
 
     async def serve(self) -> None:
-        config = self.services.config
-        waiting = self.services.unauthenticated_by_ip
+        config = self.config
+        waiting = self.unauthenticated_by_ip
         connection_log.info("connection opened peer=%s", self.websocket.remote_address)
         if waiting[self.peer_ip] >= config.max_unauthenticated_per_ip:
             await self._refuse(f"Too many connections from {self.peer_ip} are waiting to authenticate "
@@ -78,7 +83,7 @@ class Connection:
     def _authentication_overdue(self) -> None:
         if self.session is None:
             asyncio.ensure_future(self._refuse(
-                f"No authentication within {self.services.config.auth_timeout:g} s of connecting; "
+                f"No authentication within {self.config.auth_timeout:g} s of connecting; "
                 "send [{\"taskType\":\"authentication\",\"apiKey\":\"...\"}] first."))
 
     async def _send(self, frame: bytes) -> bool:
@@ -97,7 +102,7 @@ class Connection:
 
     async def _on_frame(self, frame: str | bytes) -> None:
         try:
-            decoded = protocol.decode_frame(frame, max_tasks=self.services.config.max_tasks_per_message)
+            decoded = protocol.decode_frame(frame, max_tasks=self.config.max_tasks_per_message)
         except protocol.FrameError as error:
             await self._send(protocol.error_frame(error, None, None))
             return
@@ -128,7 +133,7 @@ class Connection:
         assert task.apiKey is not None
         if self.session is not None:
             self.session.detach(self._send)
-        self.session, resumed = self.services.sessions.open(owner_token(task.apiKey), task.connectionSessionUUID)
+        self.session, resumed = self.sessions.open(owner_token(task.apiKey), task.connectionSessionUUID)
         await self._send(protocol.encode_frame(data=[
             schema.AuthenticationResult(taskType="authentication", connectionSessionUUID=self.session.uuid)]))
         connection_log.info("authenticated session=%s resumed=%s", self.session.uuid, resumed)
@@ -136,111 +141,11 @@ class Connection:
 
     async def _start(self, task: schema.Task, task_type: str, task_uuid: str | None) -> None:
         assert self.session is not None and task_uuid is not None
-        config = self.services.config
-        asynchronous = isinstance(task, schema.ImageInference) and task.deliveryMethod == "async"
-        try:
-            if self.in_flight >= config.max_tasks_in_flight:
-                raise ServiceUnavailable(
-                    f"This connection already has {self.in_flight} unfinished tasks, the most allowed "
-                    f"(max {config.max_tasks_in_flight}); wait for some to finish.")
-            if self.services.tasks_by_owner[self.session.owner] >= config.max_tasks_per_key:
-                raise ServiceUnavailable(
-                    f"This API key already has {config.max_tasks_per_key} unfinished tasks over all its "
-                    "connections, the most allowed; wait for some to finish.")
-            if asynchronous:
-                precheck(task, self.services)
-            record = None
-            if not isinstance(task, schema.GetResponse):
-                record = self.services.registry.begin(task_uuid, task_type, self.session.owner)
-        except TaskError as error:
-            log.info("taskUUID=%s taskType=%s outcome=%s", task_uuid, task_type, error.code)
-            await self._reply(protocol.error_frame(error, task_type, task_uuid))
-            return
-        if asynchronous:
-            await self._reply(protocol.encode_frame(data=[schema.Acknowledgement(taskType=task_type,
-                                                                                  taskUUID=task_uuid)]))
-        self.in_flight += 1
-        owner = self.session.owner
-        self.services.tasks_by_owner[owner] += 1
-        runner = asyncio.create_task(self._run(task, task_type, task_uuid, record, self.session, asynchronous))
-        self.running.add(runner)
-        runner.add_done_callback(lambda done: self._finished(done, owner))
+        session = self.session
 
-    def _finished(self, runner: asyncio.Task[None], owner: str) -> None:
-        self.running.discard(runner)
-        self.in_flight -= 1
-        counts = self.services.tasks_by_owner
-        counts[owner] -= 1
-        if counts[owner] <= 0:
-            del counts[owner]
+        async def reply(data: Sequence[Item] = (), errors: Sequence[dict[str, Any]] = ()) -> None:
+            # Through the session, not this socket: a client that reconnects gets what it missed.
+            await session.send(protocol.encode_frame(data=list(data), errors=list(errors)))
 
-    async def _run(self, task: schema.Task, task_type: str, task_uuid: str, record: TaskRecord | None,
-                   session: Session, asynchronous: bool) -> None:
-        """Run one task to its end. Results go to the session, so a client that reconnects gets them.
-
-        Results stream one frame per item as they are ready; a getResponse, which reports a
-        state rather than producing results, is answered in a single frame.
-        """
-        ctx = TaskContext(self.services, session.owner)
-        started = time.perf_counter()
-        outcome, results = "success", 0
-        webhook = getattr(task, "webhookURL", None) if asynchronous else None
-        one_frame = isinstance(task, schema.GetResponse)
-        collected: list[Any] = []
-        try:
-            async for item in handler_for(task)(task, ctx):
-                results += 1
-                as_dict = _as_dict(item)
-                if record is not None:
-                    self.services.registry.keep(record, as_dict)
-                if webhook:
-                    self.services.webhooks.send(webhook, as_dict)
-                if one_frame:
-                    collected.append(item)
-                elif not asynchronous:
-                    with ctx.timed("send"):
-                        await session.send(protocol.encode_frame(data=[item]))
-            if collected:
-                await session.send(protocol.encode_frame(data=collected))
-        except TaskError as error:
-            outcome = error.code
-            if one_frame:
-                await session.send(protocol.encode_frame(
-                    data=collected, errors=[error.to_item(task_type, task_uuid)]))
-            else:
-                await self._fail(error, task_type, task_uuid, record, session, asynchronous, webhook)
-        except asyncio.CancelledError:
-            # Only a shutdown whose grace ran out cancels a task: tell the client rather than go silent.
-            outcome = "cancelled"
-            stopped = ServiceUnavailable("The server shut down before this task finished; send it again.")
-            await self._fail(stopped, task_type, task_uuid, record, session, asynchronous, webhook)
-            raise
-        except Exception:
-            outcome = "internalServerError"
-            log.exception("taskUUID=%s taskType=%s failed with an internal error", task_uuid, task_type)
-            internal = InternalServerError("The server failed on this task; the server log has details.")
-            await self._fail(internal, task_type, task_uuid, record, session, asynchronous, webhook)
-        finally:
-            if record is not None:
-                self.services.registry.finish(record, "success" if outcome == "success" else "error")
-            stages = " ".join(f"{name}_ms={seconds * 1000:.1f}" for name, seconds in ctx.timings.items())
-            log.info("taskUUID=%s taskType=%s outcome=%s results=%d total_ms=%.1f %s", task_uuid, task_type,
-                     outcome, results, (time.perf_counter() - started) * 1000, stages)
-
-    async def _fail(self, error: TaskError, task_type: str, task_uuid: str, record: TaskRecord | None,
-                    session: Session, asynchronous: bool, webhook: str | None) -> None:
-        item = error.to_item(task_type, task_uuid)
-        if record is not None:
-            record.errors.append(item)
-        if webhook:
-            self.services.webhooks.send(webhook, item)
-        if not asynchronous:
-            await session.send(protocol.encode_frame(errors=[item]))
-
-
-def _as_dict(item: Any) -> dict[str, Any]:
-    if isinstance(item, dict):
-        return item
-    result = msgspec.to_builtins(item)
-    assert isinstance(result, dict)
-    return result
+        await self.runner.start(task, SUPPORTED[task_type], task_uuid, owner=session.owner, connection=self,
+                                reply=reply)

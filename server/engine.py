@@ -1,8 +1,8 @@
 """Runs validated inference jobs on a diffusers pipeline. Lives in the device worker thread.
 
 The steps of ``run`` mirror a diffusers pipeline's own: pick the pipeline, set a fresh
-scheduler, then per batch of images make the generators and call the pipeline. The jobs of
-one ``run`` share a batch key (see ``server/scheduler.py``), so one call can hold images of
+sampler, then per batch of images make the generators and call the pipeline. The jobs of
+one ``run`` share a batch key (see ``server/device.py``), so one call can hold images of
 several of them. This is the only server module that imports torch.
 """
 
@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 from PIL.Image import Image
 
-from air_registry.catalog import ModelEntry
-from air_registry.loader import PipelineCache
-from server.scheduler import Emit, GeneratedImage, InferenceJob
+from imagewire.air_registry import ModelEntry, RegistryError, SamplerUnusable
+from imagewire.air_registry.loader import PipelineCache, unavailable_samplers
+from imagewire.tasks.inputs import task_error
+from imagewire.tasks.jobs import Emit, GeneratedImage, InferenceJob
 
 log = logging.getLogger("imagewire.engine")
 
@@ -64,26 +65,37 @@ class DiffusersEngine:
         limit_cpu_threads(device)
         self.pipelines = PipelineCache(device=device, data_dir=data_dir, allow_downloads=allow_downloads)
         self.max_batch_size = max_batch_size
+        self.unavailable_samplers = unavailable_samplers()
+        for name, why in self.unavailable_samplers.items():
+            log.warning("scheduler %s %s; requests for it are refused", name, why)
 
     def load(self, model: ModelEntry) -> None:
         self.pipelines.text_to_image(model)
 
     def run(self, jobs: Sequence[InferenceJob], emit: Emit) -> None:
-        first = jobs[0]  # the jobs share a batch key: model, size, steps, scheduler, …
+        try:
+            self._run(jobs, emit)
+        except RegistryError as exc:
+            # Weights that do not load; a sampler this model's config rules out.
+            parameter = "scheduler" if isinstance(exc, SamplerUnusable) else "model"
+            raise task_error(exc, parameter) from exc
+
+    def _run(self, jobs: Sequence[InferenceJob], emit: Emit) -> None:
+        first = jobs[0]  # the jobs share a batch key: model, size, steps, sampler, …
         # 1. the pipeline: image-to-image shares the weights of text-to-image
         if first.init_image is not None:
-            pipe = self.pipelines.image_to_image(first.model)
+            pipe = self.pipelines.image_to_image(first.model, first.weights)
         else:
-            pipe = self.pipelines.text_to_image(first.model)
+            pipe = self.pipelines.text_to_image(first.model, first.weights)
         # 2. every image to make, as (job index, image index within its job, seed)
         images = [(j, i, seed) for j, job in enumerate(jobs) for i, seed in enumerate(job.seeds)]
         # 3. calls of at most max_batch_size images, each image with its own generator, and a
-        #    fresh scheduler per call: schedulers keep per-run state, and the SDE ones take their
-        #    noise seeds from the scheduler rather than the generators
+        #    fresh sampler per call: samplers keep per-run state, and the SDE ones take their
+        #    noise seeds from the sampler rather than the generators
         for start in range(0, len(images), self.max_batch_size):
             chunk = images[start : start + self.max_batch_size]
             seeds = [seed for _, _, seed in chunk]
-            pipe.scheduler = self.pipelines.make_scheduler(pipe, first.scheduler, seeds=seeds)
+            pipe.scheduler = self.pipelines.make_sampler(pipe, first.sampler, seeds=seeds)
             started = time.perf_counter()
             pictures = self._call(pipe, [jobs[j] for j, _, _ in chunk], seeds)
             share = (time.perf_counter() - started) / len(chunk)

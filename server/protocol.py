@@ -22,7 +22,9 @@ from typing import Any
 import msgspec
 import msgspec.inspect as mi
 
-from server.errors import (
+from imagewire.tasks import schema
+from imagewire.tasks.describe import describe_type, extra, literal_values, nearest_valid, stepped_range, wire_type
+from imagewire.tasks.errors import (
     InvalidParameter,
     MissingParameter,
     TaskError,
@@ -31,15 +33,13 @@ from server.errors import (
     UnsupportedTaskType,
     describe_value,
 )
-from tasks import schema
+from imagewire.tasks.supported import SUPPORTED
 
+# The two tasks the transport answers itself, then every task type of the task layer.
 TASK_TYPES: dict[str, type[schema.Task]] = {
     "authentication": schema.Authentication,
     "ping": schema.Ping,
-    "imageInference": schema.ImageInference,
-    "imageUpload": schema.ImageUpload,
-    "getResponse": schema.GetResponse,
-    "modelSearch": schema.ModelSearch,
+    **{name: task_type.struct for name, task_type in SUPPORTED.items()},
 }
 
 _frame_decoder = msgspec.json.Decoder(list[msgspec.Raw])
@@ -160,8 +160,17 @@ def _translate_validation_error(
         return InvalidParameter(
             f"taskUUID must be a UUID string like '4a8c1e2b-...'; received {describe_value(received)}.",
             parameter=name, type="string")
+    if info is not None and isinstance(received, int) and not isinstance(received, bool):
+        stepped = stepped_range(info.type)
+        if stepped is not None:
+            nearest = nearest_valid(stepped, received)
+            return InvalidParameter(
+                f"Invalid {name}: must be from {stepped.ge} to {stepped.le} and divisible by {stepped.multiple_of}; "
+                f"received {received}. Nearest valid value{'s' if len(nearest) > 1 else ''}: "
+                f"{' or '.join(map(str, nearest))}.",
+                parameter=name, type="integer", allowed_values=nearest, code=extra(info.type).get("code"))
     expected = describe_type(info.type) if info else "another value"
-    allowed = _literal_values(info.type) if info else None
+    allowed = literal_values(info.type) if info else None
     return InvalidParameter(
         f"Invalid {name}: expected {expected}; received {describe_value(received)}.",
         parameter=name, type=wire_type(info.type) if info else None, allowed_values=allowed)
@@ -177,74 +186,6 @@ def _field_info(struct_type: type[schema.Task]) -> dict[str, mi.Field]:
 @cache
 def _field_names(struct_type: type[schema.Task]) -> frozenset[str]:
     return frozenset(_field_info(struct_type))
-
-
-def _unannotated(t: mi.Type) -> mi.Type:
-    return t.type if isinstance(t, mi.Metadata) else t
-
-
-def _non_null(t: mi.Type) -> list[mi.Type]:
-    """The members of a type that are not None, each without its annotation (``Meta``) wrapper."""
-    t = _unannotated(t)
-    members = t.types if isinstance(t, mi.UnionType) else (t,)
-    return [member for member in map(_unannotated, members) if not isinstance(member, mi.NoneType)]
-
-
-def _literal_values(t: mi.Type) -> list[Any] | None:
-    for member in _non_null(t):
-        if isinstance(member, mi.LiteralType):
-            return list(member.values)
-    return None
-
-
-def wire_type(t: mi.Type) -> str:
-    members = _non_null(t)
-    kinds = {
-        mi.IntType: "integer", mi.FloatType: "number", mi.StrType: "string", mi.BoolType: "boolean",
-        mi.LiteralType: "string", mi.ListType: "array", mi.DictType: "object",
-    }
-    names = []
-    for member in members:
-        name = kinds.get(type(member), "value")
-        if name not in names:
-            names.append(name)
-    return " or ".join(names)
-
-
-def describe_type(t: mi.Type) -> str:
-    """A phrase for an error message: 'an integer from 1 to 100', "one of 'sync', 'async'"."""
-    return " or ".join(_describe_one(member) for member in _non_null(t))
-
-
-def _describe_one(t: mi.Type) -> str:
-    if isinstance(t, (mi.IntType, mi.FloatType)):
-        noun = "an integer" if isinstance(t, mi.IntType) else "a number"
-        if t.ge is not None and t.le is not None:
-            return f"{noun} from {t.ge} to {t.le}"
-        parts = [p for p in (
-            f"at least {t.ge}" if t.ge is not None else None,
-            f"greater than {t.gt}" if t.gt is not None else None,
-            f"at most {t.le}" if t.le is not None else None,
-            f"less than {t.lt}" if t.lt is not None else None,
-        ) if p]
-        return f"{noun} {' and '.join(parts)}" if parts else noun
-    if isinstance(t, mi.StrType):
-        if t.pattern == schema.UUID_PATTERN:
-            return "a UUID string"
-        if t.min_length is not None and t.max_length is not None:
-            return f"a string of {t.min_length} to {t.max_length} characters"
-        if t.max_length is not None:
-            return f"a string of at most {t.max_length} characters"
-        return "a string"
-    if isinstance(t, mi.LiteralType):
-        return "one of " + ", ".join(repr(v) for v in t.values)
-    if isinstance(t, mi.BoolType):
-        return "true or false"
-    if isinstance(t, mi.ListType):
-        return f"an array of {_describe_one(t.item_type)}"
-    if isinstance(t, mi.DictType):
-        return "an object"
-    return "a valid value"
 
 
 def _first_sentence(text: str) -> str:

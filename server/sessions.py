@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.errors import ConflictTaskUUID
+from imagewire.tasks.errors import ConflictTaskUUID
 
 Sender = Callable[[bytes], Awaitable[bool]]  # returns False when the socket is gone
 

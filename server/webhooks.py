@@ -13,8 +13,7 @@ from typing import Any
 
 import msgspec
 
-from server.errors import TaskError
-from storage import UrlFetcher
+from imagewire.storage import InputRejected, UrlFetcher
 
 log = logging.getLogger("imagewire.webhook")
 
@@ -42,12 +41,12 @@ class WebhookSender:
         task_uuid = item.get("taskUUID")
         for attempt in range(1, self.attempts + 1):
             try:
-                status = await self.fetcher.post_json(url, body, parameter="webhookURL")
+                status = await self.fetcher.post_json(url, body)
                 log.info("taskUUID=%s webhook delivered status=%d attempt=%d", task_uuid, status, attempt)
                 return True
-            except TaskError as error:
+            except InputRejected as error:
                 log.warning("taskUUID=%s webhook attempt %d/%d failed: %s", task_uuid, attempt, self.attempts,
-                            error.message)
+                            error.describe("webhookURL"))
             if attempt < self.attempts:
                 await asyncio.sleep(self.first_delay * 2 ** (attempt - 1))
         return False

@@ -1,33 +1,47 @@
-"""Images at rest and in transit: the UUID-addressed store, input decoding, output encoding, URL fetching."""
+"""Images at rest and in transit: the UUID-addressed store, input decoding, output encoding, URL fetching.
 
-from storage.encode import CONTENT_TYPES, EXTENSIONS, PNG_COMPRESS_LEVEL, encode_image, to_base64, to_data_uri
-from storage.fetch import UrlFetcher, is_forbidden_address
-from storage.inputs import (
-    INFERENCE_FORMATS,
-    UPLOAD_FORMATS,
-    InputImage,
-    decode_image,
-    prepare_upload,
-    resolve_image_input,
+The ground floor: nothing here knows the wire protocol. Failures are :mod:`storage.errors
+<imagewire.storage.errors>`, which the task layer turns into error items.
+"""
+
+from imagewire.storage.encode import PNG_COMPRESS_LEVEL, encode_image, to_base64
+from imagewire.storage.errors import FetchFailed, ImageNotStored, InputRejected, StorageError, StoreFailed
+from imagewire.storage.fetch import UrlFetcher, is_forbidden_address
+from imagewire.storage.formats import (
+    FORMATS,
+    INFERENCE_INPUTS,
+    OUTPUT_FORMAT_NAMES,
+    STORED_BY_EXTENSION,
+    UPLOAD_INPUTS,
+    ImageFormat,
+    output_format,
 )
-from storage.store import ImageStore, StoredImage, canonical_uuid
+from imagewire.storage.inputs import InputImage, decode_image, prepare_upload, resolve_image_input
+from imagewire.storage.store import ImageStore, StoredImage, canonical_uuid
 
 __all__ = [
-    "CONTENT_TYPES",
-    "EXTENSIONS",
-    "INFERENCE_FORMATS",
+    "FORMATS",
+    "INFERENCE_INPUTS",
+    "OUTPUT_FORMAT_NAMES",
     "PNG_COMPRESS_LEVEL",
-    "UPLOAD_FORMATS",
+    "STORED_BY_EXTENSION",
+    "UPLOAD_INPUTS",
+    "FetchFailed",
+    "ImageFormat",
+    "ImageNotStored",
     "ImageStore",
     "InputImage",
+    "InputRejected",
+    "StorageError",
+    "StoreFailed",
     "StoredImage",
     "UrlFetcher",
     "canonical_uuid",
     "decode_image",
     "encode_image",
     "is_forbidden_address",
+    "output_format",
     "prepare_upload",
     "resolve_image_input",
     "to_base64",
-    "to_data_uri",
 ]

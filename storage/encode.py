@@ -11,11 +11,7 @@ import zlib
 
 from PIL import Image
 
-# outputFormat (normalized to upper case) → file extension.
-EXTENSIONS: dict[str, str] = {"JPG": "jpg", "PNG": "png", "WEBP": "webp"}
-
-# file extension → media type, for data URIs and HTTP serving.
-CONTENT_TYPES: dict[str, str] = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+from imagewire.storage.formats import OUTPUT_FORMAT_NAMES, ImageFormat
 
 # Generated images are noise-like, so higher zlib levels shrink them only a few percent
 # while costing several times the CPU (level 6+ can take longer than a fast inference step).
@@ -49,31 +45,27 @@ def flatten_to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def encode_image(image: Image.Image, output_format: str, quality: int) -> bytes:
-    """Encode ``image`` as JPG, PNG or WEBP (``output_format`` already upper-case); quality applies to JPG and WEBP."""
+def encode_image(image: Image.Image, output_format: ImageFormat, quality: int) -> bytes:
+    """Encode ``image`` as JPG, PNG or WEBP; quality applies to JPG and WEBP."""
     buffer = io.BytesIO()
-    if output_format == "JPG":
+    name = output_format.name
+    if name == "JPG":
         if image.mode not in _JPEG_MODES:
             image = flatten_to_rgb(image)
         image.save(buffer, format="JPEG", quality=quality)
-    elif output_format == "PNG":
+    elif name == "PNG":
         if image.mode not in _PNG_MODES:
             image = image.convert("RGBA" if has_transparency(image) else "RGB")
         image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL, compress_type=PNG_COMPRESS_STRATEGY)
-    elif output_format == "WEBP":
+    elif name == "WEBP":
         if image.mode not in _WEBP_MODES:
             image = image.convert("RGBA" if has_transparency(image) else "RGB")
         image.save(buffer, format="WEBP", quality=quality)
     else:
-        # Callers validate outputFormat against EXTENSIONS first; reaching this is a bug on our side.
-        raise ValueError(f"output format must be one of {', '.join(EXTENSIONS)}, received {output_format!r}")
+        # Callers pass output formats only; reaching this is a bug on our side.
+        raise ValueError(f"output format must be one of {', '.join(OUTPUT_FORMAT_NAMES)}, received {name!r}")
     return buffer.getvalue()
 
 
 def to_base64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
-
-
-def to_data_uri(data: bytes, extension: str) -> str:
-    """``data:image/<type>;base64,...`` for bytes stored under ``extension`` (one of CONTENT_TYPES)."""
-    return f"data:{CONTENT_TYPES[extension]};base64,{to_base64(data)}"

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from urllib.parse import quote, urljoin, urlsplit
 
-from server.errors import InvalidParameter, describe_value
+from imagewire.storage.errors import FetchFailed, InputRejected, shown
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -130,64 +130,55 @@ class UrlFetcher:
         self.max_redirects = max_redirects
         self._tls_context: ssl.SSLContext | None = None
 
-    async def fetch(self, url: str, *, parameter: str) -> bytes:
-        """The body of a 2xx answer to GET ``url``; any failure is an InvalidParameter naming ``parameter``."""
-        target = self._parse(url, parameter)
+    async def fetch(self, url: str) -> bytes:
+        """The body of a 2xx answer to GET ``url``; any failure is an InputRejected (a FetchFailed once sent)."""
+        target = self._parse(url)
         try:
             async with asyncio.timeout(self.timeout):
                 for redirects in range(self.max_redirects + 1):
-                    location = await self._get_once(target, parameter)
+                    location = await self._get_once(target)
                     if isinstance(location, bytes):
                         return location
                     if redirects == self.max_redirects:
                         break
-                    target = self._parse(urljoin(target.url, location), parameter)
+                    target = self._parse(urljoin(target.url, location))
         except TimeoutError as exc:
-            raise InvalidParameter(
-                f"fetching {parameter} URL {target.origin} timed out after {self.timeout:g} s",
-                parameter=parameter,
-                type="string",
-            ) from exc
-        raise InvalidParameter(
-            f"fetching {parameter} URL {target.origin} was redirected more than {self.max_redirects} times",
-            parameter=parameter,
-            type="string",
-        )
+            raise FetchFailed(target.origin, f"timed out after {self.timeout:g} s") from exc
+        raise FetchFailed(target.origin, f"was redirected more than {self.max_redirects} times")
 
     # ------------------------------------------------------------------ one request
 
-    async def post_json(self, url: str, body: bytes, *, parameter: str) -> int:
-        """POST a JSON body (webhooks); the HTTP status of a 2xx answer, else an InvalidParameter.
+    async def post_json(self, url: str, body: bytes) -> int:
+        """POST a JSON body (webhooks); the HTTP status of a 2xx answer, else an InputRejected.
 
         The same address rules as fetching apply. Redirects are not followed: a webhook
         endpoint that moves is a configuration error the client should see.
         """
-        target = self._parse(url, parameter)
+        target = self._parse(url)
         try:
             async with asyncio.timeout(self.timeout):
-                head, _ = await self._exchange(target, parameter, "POST", body, "application/json", read_body=False)
+                head, _ = await self._exchange(target, "POST", body, "application/json", read_body=False)
         except TimeoutError as exc:
-            raise self._error(parameter, target, f"timed out after {self.timeout:g} s") from exc
+            raise FetchFailed(target.origin, f"timed out after {self.timeout:g} s") from exc
         if not 200 <= head.status < 300:
-            raise self._error(parameter, target, f"answered HTTP {head.status}")
+            raise FetchFailed(target.origin, f"answered HTTP {head.status}")
         return head.status
 
-    async def _get_once(self, target: _Target, parameter: str) -> bytes | str:
+    async def _get_once(self, target: _Target) -> bytes | str:
         """The body of a 2xx answer, or the Location of a redirect."""
-        head, body = await self._exchange(target, parameter, "GET", None, None, read_body=True)
+        head, body = await self._exchange(target, "GET", None, None, read_body=True)
         if head.status in REDIRECT_STATUSES:
             location = head.headers.get("location")
             if not location:
-                raise self._error(parameter, target, f"answered HTTP {head.status} without a Location")
+                raise FetchFailed(target.origin, f"answered HTTP {head.status} without a Location")
             return location
         if not 200 <= head.status < 300:
-            raise self._error(parameter, target, f"answered HTTP {head.status}")
+            raise FetchFailed(target.origin, f"answered HTTP {head.status}")
         return body or b""
 
     async def _exchange(
         self,
         target: _Target,
-        parameter: str,
         method: str,
         body: bytes | None,
         content_type: str | None,
@@ -195,8 +186,8 @@ class UrlFetcher:
         read_body: bool,
     ) -> tuple[_Head, bytes | None]:
         """One request to a checked address: the answer's head, and its body when asked for and 2xx."""
-        addresses = await self._resolve(target, parameter)
-        reader, writer = await self._connect(addresses, target, parameter)
+        addresses = await self._resolve(target)
+        reader, writer = await self._connect(addresses, target)
         try:
             lines = [
                 f"{method} {target.request_target} HTTP/1.1",
@@ -210,57 +201,38 @@ class UrlFetcher:
                 lines += [f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
             writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + (body or b""))
             await writer.drain()
-            head = await self._read_head(reader, target, parameter)
+            head = await self._read_head(reader, target)
             if read_body and 200 <= head.status < 300 and head.status != 204:
-                return head, await self._read_body(reader, head, target, parameter)
+                return head, await self._read_body(reader, head, target)
             return head, None
         except asyncio.IncompleteReadError as exc:
-            raise self._error(parameter, target, "closed the connection before the answer was complete") from exc
+            raise FetchFailed(target.origin, "closed the connection before the answer was complete") from exc
         except OSError as exc:
-            raise self._error(parameter, target, f"failed: {_os_error_reason(exc)}") from exc
+            raise FetchFailed(target.origin, f"failed: {_os_error_reason(exc)}") from exc
         finally:
             # Not awaiting wait_closed(): a TLS peer that never acknowledges the close must not
             # hold a finished request until the timeout.
             writer.close()
 
-    def _error(self, parameter: str, target: _Target, what: str) -> InvalidParameter:
-        return InvalidParameter(f"fetching {parameter} URL {target.origin} {what}", parameter=parameter, type="string")
-
-    def _parse(self, url: str, parameter: str) -> _Target:
+    def _parse(self, url: str) -> _Target:
         if len(url) > MAX_URL_LENGTH:
-            raise InvalidParameter(
-                f"{parameter} URL is {len(url)} characters long; at most {MAX_URL_LENGTH} are allowed",
-                parameter=parameter,
-                type="string",
-            )
+            raise InputRejected(f"URL is {len(url)} characters long; at most {MAX_URL_LENGTH} are allowed")
         try:
             parts = urlsplit(url)
             port = parts.port
         except ValueError as exc:
-            raise InvalidParameter(
-                f"{parameter} is not a valid URL, received {describe_value(url)}", parameter=parameter, type="string"
-            ) from exc
+            raise InputRejected(f"is not a valid URL, received {shown(url)}") from exc
         scheme = parts.scheme.lower()
         if scheme not in DEFAULT_PORTS:
-            raise InvalidParameter(
-                f"{parameter} URL scheme must be http or https, received {describe_value(parts.scheme)}",
-                parameter=parameter,
-                type="string",
-            )
+            raise InputRejected(f"URL scheme must be http or https, received {shown(parts.scheme)}")
         try:
             host = (parts.hostname or "").encode("idna").decode("ascii")
         except UnicodeError as exc:
-            raise InvalidParameter(
-                f"{parameter} URL has an invalid host name", parameter=parameter, type="string"
-            ) from exc
+            raise InputRejected("URL has an invalid host name") from exc
         if not _HOST_CHARACTERS.fullmatch(host):
             received = f"{scheme}://{parts.hostname or ''}"
-            raise InvalidParameter(
-                f"{parameter} URL must name a host, as in 'https://example.com/image.png', "
-                f"received {describe_value(received)}",
-                parameter=parameter,
-                type="string",
-            )
+            raise InputRejected(
+                f"URL must name a host, as in 'https://example.com/image.png', received {shown(received)}")
         path = parts.path or "/"
         if parts.query:
             path = f"{path}?{parts.query}"
@@ -272,32 +244,29 @@ class UrlFetcher:
             request_target=quote(path, safe=_TARGET_SAFE_CHARACTERS),
         )
 
-    async def _resolve(self, target: _Target, parameter: str) -> list[str]:
+    async def _resolve(self, target: _Target) -> list[str]:
         """Every address of the host, each checked before anything is sent anywhere."""
         loop = asyncio.get_running_loop()
         try:
             infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
         except (OSError, UnicodeError) as exc:
-            raise self._error(parameter, target, "failed: its host name could not be resolved") from exc
+            raise FetchFailed(target.origin, "failed: its host name could not be resolved") from exc
         addresses: list[str] = []
         for family, _type, _proto, _canonname, sockaddr in infos:
             if family in (socket.AF_INET, socket.AF_INET6) and sockaddr[0] not in addresses:
                 addresses.append(str(sockaddr[0]))
         if not addresses:
-            raise self._error(parameter, target, "failed: its host name has no IP address")
+            raise FetchFailed(target.origin, "failed: its host name has no IP address")
         if not self.allow_private:
             for address in addresses:
                 if is_forbidden_address(ipaddress.ip_address(address)):
-                    raise InvalidParameter(
-                        f"{parameter} URL {target.origin} points to a loopback, private or otherwise "
-                        "non-public address; this server only fetches from public addresses",
-                        parameter=parameter,
-                        type="string",
-                    )
+                    raise InputRejected(
+                        f"URL {target.origin} points to a loopback, private or otherwise "
+                        "non-public address; this server only fetches from public addresses")
         return addresses
 
     async def _connect(
-        self, addresses: list[str], target: _Target, parameter: str
+        self, addresses: list[str], target: _Target
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         tls = self._tls() if target.scheme == "https" else None
         failure: OSError | None = None
@@ -314,7 +283,7 @@ class UrlFetcher:
             except OSError as exc:
                 failure = exc
         assert failure is not None
-        raise self._error(parameter, target, f"could not be reached: {_os_error_reason(failure)}") from failure
+        raise FetchFailed(target.origin, f"could not be reached: {_os_error_reason(failure)}") from failure
 
     def _tls(self) -> ssl.SSLContext:
         if self._tls_context is None:
@@ -323,77 +292,75 @@ class UrlFetcher:
 
     # ------------------------------------------------------------------ reading the answer
 
-    async def _read_line(self, reader: asyncio.StreamReader, target: _Target, parameter: str) -> str:
+    async def _read_line(self, reader: asyncio.StreamReader, target: _Target) -> str:
         try:
             line = await reader.readline()
         except ValueError as exc:  # a line longer than the reader's limit
-            raise self._error(parameter, target, "answered with an overlong header line") from exc
+            raise FetchFailed(target.origin, "answered with an overlong header line") from exc
         if not line.endswith(b"\n"):
             raise asyncio.IncompleteReadError(line, None)
         return line.decode("latin-1").rstrip("\r\n")
 
-    async def _read_head(self, reader: asyncio.StreamReader, target: _Target, parameter: str) -> _Head:
+    async def _read_head(self, reader: asyncio.StreamReader, target: _Target) -> _Head:
         while True:
-            status_line = await self._read_line(reader, target, parameter)
+            status_line = await self._read_line(reader, target)
             version, _, rest = status_line.partition(" ")
             status_text = rest[:3]
             if not version.startswith("HTTP/1.") or len(status_text) != 3 or not status_text.isdigit():
-                raise self._error(parameter, target, "did not answer with HTTP/1.x")
+                raise FetchFailed(target.origin, "did not answer with HTTP/1.x")
             headers: dict[str, str] = {}
             for _ in range(MAX_HEADER_LINES):
-                line = await self._read_line(reader, target, parameter)
+                line = await self._read_line(reader, target)
                 if not line:
                     break
                 name, separator, value = line.partition(":")
                 if not separator:
-                    raise self._error(parameter, target, "answered with a malformed header")
+                    raise FetchFailed(target.origin, "answered with a malformed header")
                 name = name.strip().lower()
                 headers[name] = f"{headers[name]}, {value.strip()}" if name in headers else value.strip()
             else:
-                raise self._error(parameter, target, f"answered with more than {MAX_HEADER_LINES} headers")
+                raise FetchFailed(target.origin, f"answered with more than {MAX_HEADER_LINES} headers")
             status = int(status_text)
             # 1xx answers (e.g. 103 Early Hints) precede the real one.
             if status >= 200:
                 return _Head(status, headers)
 
-    async def _read_body(self, reader: asyncio.StreamReader, head: _Head, target: _Target, parameter: str) -> bytes:
+    async def _read_body(self, reader: asyncio.StreamReader, head: _Head, target: _Target) -> bytes:
         encoding = head.headers.get("content-encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
-            raise self._error(parameter, target, f"answered with unsupported content encoding {encoding!r}")
+            raise FetchFailed(target.origin, f"answered with unsupported content encoding {encoding!r}")
         transfer_encoding = head.headers.get("transfer-encoding", "").strip().lower()
         if transfer_encoding:
             if transfer_encoding != "chunked":
-                raise self._error(
-                    parameter, target, f"answered with unsupported transfer encoding {transfer_encoding!r}"
-                )
-            return await self._read_chunked(reader, target, parameter)
+                raise FetchFailed(target.origin, f"answered with unsupported transfer encoding {transfer_encoding!r}")
+            return await self._read_chunked(reader, target)
         content_length = head.headers.get("content-length")
         if content_length is not None:
             lengths = {value.strip() for value in content_length.split(",")}
             if len(lengths) != 1 or not next(iter(lengths)).isdigit():
-                raise self._error(parameter, target, "answered with an invalid Content-Length")
+                raise FetchFailed(target.origin, "answered with an invalid Content-Length")
             length = int(next(iter(lengths)))
             if length > self.max_bytes:
-                raise self._too_large(parameter, target, f"{length} bytes")
+                raise self._too_large(target, f"{length} bytes")
             return await reader.readexactly(length)
-        return await self._read_until_close(reader, target, parameter)
+        return await self._read_until_close(reader, target)
 
-    async def _read_chunked(self, reader: asyncio.StreamReader, target: _Target, parameter: str) -> bytes:
+    async def _read_chunked(self, reader: asyncio.StreamReader, target: _Target) -> bytes:
         chunks: list[bytes] = []
         total = 0
         while True:
-            size_text = (await self._read_line(reader, target, parameter)).split(";", 1)[0].strip()
+            size_text = (await self._read_line(reader, target)).split(";", 1)[0].strip()
             if not _CHUNK_SIZE.fullmatch(size_text):
-                raise self._error(parameter, target, "answered with a malformed chunked body")
+                raise FetchFailed(target.origin, "answered with a malformed chunked body")
             size = int(size_text, 16)
             if size == 0:
                 break
             total += size
             if total > self.max_bytes:
-                raise self._too_large(parameter, target, "a longer body")
+                raise self._too_large(target, "a longer body")
             chunks.append(await reader.readexactly(size))
             if await reader.readexactly(2) != b"\r\n":
-                raise self._error(parameter, target, "answered with a malformed chunked body")
+                raise FetchFailed(target.origin, "answered with a malformed chunked body")
         # Trailers are ignored; a peer that closes instead of sending the final blank line still delivered the body.
         for _ in range(MAX_HEADER_LINES):
             line = await reader.readline()
@@ -401,15 +368,15 @@ class UrlFetcher:
                 break
         return b"".join(chunks)
 
-    async def _read_until_close(self, reader: asyncio.StreamReader, target: _Target, parameter: str) -> bytes:
+    async def _read_until_close(self, reader: asyncio.StreamReader, target: _Target) -> bytes:
         chunks: list[bytes] = []
         total = 0
         while chunk := await reader.read(READ_CHUNK_BYTES):
             total += len(chunk)
             if total > self.max_bytes:
-                raise self._too_large(parameter, target, "a longer body")
+                raise self._too_large(target, "a longer body")
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _too_large(self, parameter: str, target: _Target, received: str) -> InvalidParameter:
-        return self._error(parameter, target, f"answered with {received}, more than the {self.max_bytes} bytes allowed")
+    def _too_large(self, target: _Target, received: str) -> FetchFailed:
+        return FetchFailed(target.origin, f"answered with {received}, more than the {self.max_bytes} bytes allowed")

@@ -22,20 +22,17 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from server.errors import InvalidParameter, describe_value
-from storage.encode import encode_image, flatten_to_rgb
-from storage.fetch import UrlFetcher
-from storage.store import ImageStore, canonical_uuid
-
-INFERENCE_FORMATS = frozenset({"PNG", "JPEG", "WEBP"})
-UPLOAD_FORMATS = INFERENCE_FORMATS | {"BMP", "GIF"}
+from imagewire.storage.encode import encode_image, flatten_to_rgb
+from imagewire.storage.errors import InputRejected, shown
+from imagewire.storage.fetch import UrlFetcher
+from imagewire.storage.formats import BY_PIL, FORMATS, OUTPUT_FORMATS
+from imagewire.storage.store import ImageStore, canonical_uuid
 
 # PIL names multi-picture JPEGs (what many phone cameras write) MPO; to a client they are JPEG.
 _FORMAT_ALIASES = {"MPO": "JPEG"}
 # Only these decoders are ever tried: exotic formats are refused before a rarely exercised plugin parses them.
 # (The JPEG decoder also opens MPO files.)
-_DECODERS = ["PNG", "JPEG", "WEBP", "BMP", "GIF"]
-_EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
+_DECODERS = [fmt.pil for fmt in FORMATS]
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 _DECODE_ERRORS = (
     OSError,
@@ -61,7 +58,6 @@ class InputImage:
 async def resolve_image_input(
     value: str,
     *,
-    parameter: str,
     owner: str,
     store: ImageStore,
     fetcher: UrlFetcher,
@@ -69,129 +65,98 @@ async def resolve_image_input(
     max_bytes: int,
     allowed_formats: frozenset[str],
 ) -> InputImage:
-    """Decode an image given in any of the four forms; every failure is an error naming ``parameter``."""
-    data = await _load_bytes(value, parameter=parameter, owner=owner, store=store, fetcher=fetcher, max_bytes=max_bytes)
-    return await asyncio.to_thread(
-        decode_image, data, parameter=parameter, max_pixels=max_pixels, allowed_formats=allowed_formats
-    )
+    """Decode an image given in any of the four forms; every failure is a StorageError."""
+    data = await _load_bytes(value, owner=owner, store=store, fetcher=fetcher, max_bytes=max_bytes)
+    return await asyncio.to_thread(decode_image, data, max_pixels=max_pixels, allowed_formats=allowed_formats)
 
 
-async def _load_bytes(
-    value: str, *, parameter: str, owner: str, store: ImageStore, fetcher: UrlFetcher, max_bytes: int
-) -> bytes:
+async def _load_bytes(value: str, *, owner: str, store: ImageStore, fetcher: UrlFetcher, max_bytes: int) -> bytes:
     if not isinstance(value, str) or not value.strip():
-        raise InvalidParameter(
-            f"{parameter} must be an image UUID, a data URI, base64 data or an http(s) URL; "
-            f"received {describe_value(value)}",
-            parameter=parameter,
-            type="string",
-        )
+        raise InputRejected(
+            f"must be an image UUID, a data URI, base64 data or an http(s) URL; received {shown(value)}")
     text = value.strip()
     if canonical_uuid(text) is not None:
         # Images this server stored itself were bounded when they were made; no size check here.
-        return await store.read(await store.get(text, owner=owner, parameter=parameter))
+        return await store.read(await store.get(text, owner=owner))
     if text[:5].lower() == "data:":
-        return await asyncio.to_thread(_decode_data_uri, text, parameter, max_bytes)
+        return await asyncio.to_thread(_decode_data_uri, text, max_bytes)
     scheme = _SCHEME.match(text)
     if scheme is not None:
         if scheme.group(1).lower() not in ("http", "https"):
-            raise InvalidParameter(
-                f"{parameter} URL scheme must be http or https, received {describe_value(scheme.group(1))}",
-                parameter=parameter,
-                type="string",
-            )
-        data = await fetcher.fetch(text, parameter=parameter)
-        _check_size(len(data), parameter, max_bytes)
+            raise InputRejected(f"URL scheme must be http or https, received {shown(scheme.group(1))}")
+        data = await fetcher.fetch(text)
+        _check_size(len(data), max_bytes)
         return data
-    return await asyncio.to_thread(_decode_base64, text, parameter, max_bytes, _NOT_AN_IMAGE_INPUT)
+    return await asyncio.to_thread(_decode_base64, text, max_bytes, _NOT_AN_IMAGE_INPUT)
 
 
-def _decode_data_uri(text: str, parameter: str, max_bytes: int) -> bytes:
+def _decode_data_uri(text: str, max_bytes: int) -> bytes:
     header, separator, payload = text.partition(",")
     media_type, *options = header[5:].split(";")
     if not separator or not media_type.lower().startswith("image/") or options[-1:] != ["base64"]:
-        raise InvalidParameter(
-            f"{parameter} data URI must look like 'data:image/<format>;base64,<data>', "
-            f"received {describe_value(header + separator)}",
-            parameter=parameter,
-            type="string",
-        )
-    return _decode_base64(payload, parameter, max_bytes, "data URI does not hold valid base64 data")
+        raise InputRejected(
+            f"data URI must look like 'data:image/<format>;base64,<data>', received {shown(header + separator)}")
+    return _decode_base64(payload, max_bytes, "data URI does not hold valid base64 data")
 
 
-def _decode_base64(text: str, parameter: str, max_bytes: int, problem: str) -> bytes:
+def _decode_base64(text: str, max_bytes: int, problem: str) -> bytes:
     compact = "".join(text.split())
     # Checked on the text, before decoding allocates anything: 4 characters carry 3 bytes.
-    _check_size(len(compact) // 4 * 3, parameter, max_bytes)
+    _check_size(len(compact) // 4 * 3, max_bytes)
     # Some clients leave out the padding; it carries no data.
     compact += "=" * (-len(compact) % 4)
     try:
         data = base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise InvalidParameter(
-            f"{parameter} {problem}; received {describe_value(text)}", parameter=parameter, type="string"
-        ) from exc
-    _check_size(len(data), parameter, max_bytes)
+        raise InputRejected(f"{problem}; received {shown(text)}") from exc
+    _check_size(len(data), max_bytes)
     return data
 
 
-def _check_size(size: int, parameter: str, max_bytes: int) -> None:
+def _check_size(size: int, max_bytes: int) -> None:
     if size > max_bytes:
-        raise InvalidParameter(
-            f"{parameter} is {size} bytes, more than the {max_bytes} bytes allowed",
-            parameter=parameter,
-            type="string",
-        )
+        raise InputRejected(f"is {size} bytes, more than the {max_bytes} bytes allowed")
 
 
-def decode_image(data: bytes, *, parameter: str, max_pixels: int, allowed_formats: frozenset[str]) -> InputImage:
+def decode_image(data: bytes, *, max_pixels: int, allowed_formats: frozenset[str]) -> InputImage:
     """Decode ``data`` into an RGB image (blocking: run it in a thread)."""
     allowed = ", ".join(sorted(allowed_formats))
     try:
         # Lazy: reads the header only, so format and size are known before any pixel is decoded.
         opened = Image.open(io.BytesIO(data), formats=_DECODERS)
     except UnidentifiedImageError as exc:
-        raise InvalidParameter(
-            f"{parameter} is not an image in an accepted format ({allowed})", parameter=parameter, type="string"
-        ) from exc
+        raise InputRejected(f"is not an image in an accepted format ({allowed})") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # PIL's own, far higher limit fired while reading the header (the warning arrives
         # as an exception where warnings are turned into errors).
-        raise _too_many_pixels(parameter, max_pixels, None) from exc
+        raise _too_many_pixels(max_pixels, None) from exc
     except _DECODE_ERRORS as exc:
-        raise _undecodable(parameter, exc) from exc
+        raise _undecodable(exc) from exc
     with opened:
         image_format = _FORMAT_ALIASES.get(str(opened.format), str(opened.format))
         if image_format not in allowed_formats:
-            raise InvalidParameter(
-                f"{parameter} must be an image in one of the formats {allowed}, received a {image_format} image",
-                parameter=parameter,
-                type="string",
-                allowed_values=sorted(allowed_formats),
-            )
+            raise InputRejected(
+                f"must be an image in one of the formats {allowed}, received a {image_format} image",
+                allowed_values=sorted(allowed_formats))
         width, height = opened.size
         if width * height > max_pixels:
-            raise _too_many_pixels(parameter, max_pixels, (width, height))
+            raise _too_many_pixels(max_pixels, (width, height))
         try:
             opened.load()  # for an animated GIF: the first frame
             image = flatten_to_rgb(ImageOps.exif_transpose(opened))
         except _DECODE_ERRORS as exc:
-            raise _undecodable(parameter, exc) from exc
+            raise _undecodable(exc) from exc
     return InputImage(image=image, format=image_format, data=data, width=image.width, height=image.height)
 
 
-def _too_many_pixels(parameter: str, max_pixels: int, size: tuple[int, int] | None) -> InvalidParameter:
+def _too_many_pixels(max_pixels: int, size: tuple[int, int] | None) -> InputRejected:
     received = f"{size[0]}×{size[1]} = {size[0] * size[1]} pixels" if size else "an image far larger than that"
-    return InvalidParameter(
-        f"{parameter} may have at most {max_pixels} pixels, received {received}",
-        parameter=parameter,
-        type="string",
-    )
+    return InputRejected(f"may have at most {max_pixels} pixels, received {received}")
 
 
-def _undecodable(parameter: str, exc: Exception) -> InvalidParameter:
-    reason = describe_value(str(exc) or type(exc).__name__, limit=120).strip("'\"")
-    return InvalidParameter(f"{parameter} could not be decoded: {reason}", parameter=parameter, type="string")
+def _undecodable(exc: Exception) -> InputRejected:
+    reason = shown(str(exc) or type(exc).__name__, limit=120).strip("'\"")
+    return InputRejected(f"could not be decoded: {reason}")
 
 
 async def prepare_upload(image: InputImage, *, max_side: int = 2048) -> tuple[bytes, str]:
@@ -205,11 +170,13 @@ async def prepare_upload(image: InputImage, *, max_side: int = 2048) -> tuple[by
 
 def _prepare_upload(image: InputImage, max_side: int) -> tuple[bytes, str]:
     longer = max(image.width, image.height)
-    if image.format in _EXTENSIONS and longer <= max_side:
-        return image.data, _EXTENSIONS[image.format]
+    kept = BY_PIL[image.format]
+    if kept.output and longer <= max_side:
+        return image.data, kept.extension
     picture = image.image
     if longer > max_side:
         scale = max_side / longer
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         picture = picture.resize(size, Image.Resampling.LANCZOS)
-    return encode_image(picture, "PNG", quality=100), "png"
+    png = OUTPUT_FORMATS["PNG"]
+    return encode_image(picture, png, quality=100), png.extension

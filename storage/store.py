@@ -22,8 +22,8 @@ from typing import Any
 
 import aiofiles
 
-from server.errors import ImageNotFound, InvalidParameter, StorageError, describe_value
-from storage.encode import CONTENT_TYPES
+from imagewire.storage.errors import ImageNotStored, InputRejected, StoreFailed, shown
+from imagewire.storage.formats import STORED_BY_EXTENSION
 
 # Temporary files end with this suffix (and start with a dot), so that leftovers of an
 # interrupted write can be recognised and removed at start.
@@ -57,12 +57,12 @@ def canonical_uuid(text: str) -> str | None:
     return canonical if text.lower() == canonical else None
 
 
-def storage_error(exc: OSError) -> StorageError:
+def storage_error(exc: OSError) -> StoreFailed:
     """A client-facing error for a failed file operation; the message never contains a path."""
     if exc.errno == errno.ENOSPC:
-        return StorageError("the server's disk is full; the image could not be stored")
+        return StoreFailed("the server's disk is full; the image could not be stored", disk_full=True)
     reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__
-    return StorageError(f"the server's image storage failed ({reason})")
+    return StoreFailed(f"the server's image storage failed ({reason})")
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -113,13 +113,13 @@ class ImageStore:
 
     async def put(self, data: bytes, *, extension: str, owner: str) -> StoredImage:
         """Store ``data`` under a new UUID v4 and return its record."""
-        if extension not in CONTENT_TYPES:
-            raise ValueError(f"extension must be one of {', '.join(CONTENT_TYPES)}, received {extension!r}")
+        if extension not in STORED_BY_EXTENSION:
+            raise ValueError(f"extension must be one of {', '.join(STORED_BY_EXTENSION)}, received {extension!r}")
         image_uuid = str(uuid.uuid4())
         image = StoredImage(
             uuid=image_uuid,
             extension=extension,
-            content_type=CONTENT_TYPES[extension],
+            content_type=STORED_BY_EXTENSION[extension].media_type,
             owner=owner,
             path=self._data_path(image_uuid, extension),
             size=len(data),
@@ -148,18 +148,14 @@ class ImageStore:
 
     # ------------------------------------------------------------------ reading
 
-    async def get(self, image_uuid: str, *, owner: str | None, parameter: str = "imageUUID") -> StoredImage:
+    async def get(self, image_uuid: str, *, owner: str | None) -> StoredImage:
         """The stored image ``image_uuid`` if it exists and belongs to ``owner`` (None: anyone's)."""
         canonical = canonical_uuid(image_uuid) if isinstance(image_uuid, str) else None
         if canonical is None:
-            raise InvalidParameter(
-                f"{parameter} must be a UUID such as '123e4567-e89b-42d3-a456-426614174000', "
-                f"received {describe_value(image_uuid)}",
-                parameter=parameter,
-                type="string",
-            )
+            raise InputRejected(
+                f"must be a UUID such as '123e4567-e89b-42d3-a456-426614174000', received {shown(image_uuid)}")
         # Answered the same for a missing image and for someone else's, so existence does not leak.
-        not_found = ImageNotFound(f"{parameter} {canonical} does not name a stored image", parameter=parameter)
+        not_found = ImageNotStored(canonical)
         try:
             image = await asyncio.to_thread(self._load_and_touch, canonical, owner)
         except OSError as exc:
@@ -176,7 +172,7 @@ class ImageStore:
         if owner is not None and metadata.get("owner") != owner:
             return None
         extension = metadata.get("extension")
-        if extension not in CONTENT_TYPES:
+        if not isinstance(extension, str) or extension not in STORED_BY_EXTENSION:
             return None
         # The path comes from the parsed UUID and a known extension, never from client text.
         path = self._data_path(image_uuid, extension)
@@ -190,7 +186,7 @@ class ImageStore:
         return StoredImage(
             uuid=image_uuid,
             extension=extension,
-            content_type=CONTENT_TYPES[extension],
+            content_type=STORED_BY_EXTENSION[extension].media_type,
             owner=str(metadata.get("owner")),
             path=path,
             size=int(metadata.get("size", 0)),
@@ -202,7 +198,7 @@ class ImageStore:
                 data: bytes = await file.read()
                 return data
         except FileNotFoundError as exc:
-            raise ImageNotFound(f"image {image.uuid} is no longer stored") from exc
+            raise ImageNotStored(image.uuid) from exc
         except OSError as exc:
             raise storage_error(exc) from exc
 
@@ -228,7 +224,7 @@ class ImageStore:
                     continue
                 image_uuid = canonical_uuid(metadata_path.stem)
                 extension = metadata.get("extension")
-                if image_uuid is not None and extension in CONTENT_TYPES:
+                if image_uuid is not None and isinstance(extension, str) and extension in STORED_BY_EXTENSION:
                     # Data first: a sweep interrupted here leaves metadata, which the next sweep finds again.
                     self._data_path(image_uuid, extension).unlink(missing_ok=True)
                 metadata_path.unlink(missing_ok=True)
@@ -242,7 +238,7 @@ def _is_temporary(path: Path) -> bool:
 
 def _is_data_without_metadata(path: Path) -> bool:
     return (
-        path.suffix[1:] in CONTENT_TYPES
+        path.suffix[1:] in STORED_BY_EXTENSION
         and canonical_uuid(path.stem) is not None
         and not path.with_suffix(METADATA_SUFFIX).exists()
     )

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from server.errors import TaskError, TaskNotFound
-from server.services import TaskContext
-from tasks.schema import GetResponse
+from imagewire.tasks.context import TaskContext
+from imagewire.tasks.errors import TaskError, TaskNotFound
+from imagewire.tasks.schema import GetResponse
+from imagewire.tasks.task_type import TaskType, unchanged
 
 
 class RecordedErrors(TaskError):
@@ -22,7 +23,7 @@ class RecordedErrors(TaskError):
 
 
 async def run(task: GetResponse, ctx: TaskContext) -> AsyncIterator[dict[str, Any]]:
-    registry = ctx.services.registry
+    registry = ctx.services.results
     record = registry.get(task.taskUUID, ctx.owner)
     if record is None:
         raise TaskNotFound(
@@ -39,3 +40,7 @@ async def run(task: GetResponse, ctx: TaskContext) -> AsyncIterator[dict[str, An
         raise RecordedErrors([{**error, "status": "error"} for error in record.errors])
     if record.status == "processing":
         yield {"taskType": record.task_type, "taskUUID": record.task_uuid, "status": "processing"}
+
+
+# getResponse reports on other tasks: it is not itself recorded, and its answer is one frame.
+TASK_TYPE = TaskType(struct=GetResponse, prepare=unchanged, run=run, recorded=False, single_frame=True)

@@ -2,11 +2,10 @@
 
 The handler reads as the path of one task:
 
-1. resolve the model and check every parameter against it (``validate``);
-2. resolve the seed image (any of the four input forms) and settle the output size;
-3. queue the job on the device scheduler;
-4. as chunks of images come back, encode and store each one concurrently and yield its
-   result item as soon as it is ready.
+1. ``prepare``: resolve the model and check every parameter against it, without I/O;
+2. ``run``: find the weights, resolve the seed image (any of the four input forms) and settle
+   the output size, queue the job on the device, and as chunks of images come back, encode and
+   store each one concurrently and yield its result item as soon as it is ready.
 """
 
 from __future__ import annotations
@@ -15,80 +14,90 @@ import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import get_args
 
+import msgspec
 from PIL import Image
 
-from air_registry.catalog import ModelEntry, locate_weights
-from air_registry.schedulers import SchedulerSpec, resolve_scheduler
-from server.errors import InvalidParameter, MissingParameter, UnknownParameter, UnsupportedParameter
-from server.scheduler import GeneratedImage, InferenceJob
-from server.services import Services, TaskContext
-from storage import CONTENT_TYPES, EXTENSIONS, INFERENCE_FORMATS, encode_image, resolve_image_input, to_base64
-from tasks.image_upload import image_url
-from tasks.schema import OUTPUT_FORMATS, ImageInference, ImageResult
+from imagewire.air_registry import ARCHITECTURES, ModelDefaults, ModelEntry, SamplerSpec
+from imagewire.storage import OUTPUT_FORMAT_NAMES, ImageFormat, encode_image, output_format, to_base64
+from imagewire.tasks import inputs, schema
+from imagewire.tasks.context import TaskContext
+from imagewire.tasks.describe import describe_annotation, nearest_valid, stepped_range
+from imagewire.tasks.errors import InvalidParameter, MissingParameter, UnknownParameter, UnsupportedParameter
+from imagewire.tasks.jobs import GeneratedImage, InferenceJob
+from imagewire.tasks.schema import ImageInference, ImageResult
+from imagewire.tasks.task_type import Delivery, TaskType
 
 BLANK_PROMPT = "__BLANK__"
-MIN_SIZE, MAX_SIZE, SIZE_STEP = 128, 2048, 64
-MAX_SEED = 9223372036854775807
+OUTPUT_TYPES: tuple[str, ...] = get_args(schema.OutputType)
+_SIZE = stepped_range(msgspec.inspect.type_info(schema.Width))
+assert _SIZE is not None
 
 
 @dataclass(frozen=True)
-class Settings:
+class Prepared:
     """The request with the model's defaults filled in and every value checked."""
 
+    task: ImageInference
+    model: ModelEntry
     prompt: str
     negative_prompt: str | None
     steps: int
     cfg_scale: float
-    scheduler: SchedulerSpec | None
+    sampler: SamplerSpec | None
     seeds: list[int]
     output_types: list[str]
-    output_format: str
+    output_format: ImageFormat
     output_quality: int
 
 
-def validate(task: ImageInference, model: ModelEntry) -> Settings:
-    """Checks that need the model but no I/O. Raises a TaskError naming the parameter."""
+def prepare(task: ImageInference, ctx: TaskContext) -> Prepared:
+    """Every check that needs the model but no I/O. Raises a TaskError naming the parameter."""
+    model = inputs.model(ctx, task.model)
     defaults = model.defaults
     check_safety(task)
     if task.seedImage is None:
+        if ARCHITECTURES[model.architecture].image_to_image_only:
+            raise InvalidParameter(
+                f"model {model.air} is a refiner and only does image-to-image: send a seedImage with it",
+                parameter="seedImage", type="string")
         for name in ("width", "height"):
             if getattr(task, name) is None:
                 raise MissingParameter(
-                    f"{name} is required for text-to-image (without seedImage): an integer from {MIN_SIZE} to "
-                    f"{MAX_SIZE}, divisible by {SIZE_STEP}; this model's default is "
+                    f"{name} is required for text-to-image (without seedImage): "
+                    f"{describe_annotation(schema.Width)}; this model's default is "
                     f"{defaults.width}x{defaults.height}.", parameter=name, type="integer")
-    for name in ("width", "height"):
-        check_dimension(name, getattr(task, name))
-    output_format = task.outputFormat.upper()
-    if output_format == "JPEG":
-        output_format = "JPG"
-    if output_format not in OUTPUT_FORMATS:
+    chosen_format = output_format(task.outputFormat)
+    if chosen_format is None:
         raise InvalidParameter(
-            f"Invalid outputFormat: expected one of {', '.join(OUTPUT_FORMATS)}; received "
-            f"{task.outputFormat!r}.", parameter="outputFormat", type="string", allowed_values=list(OUTPUT_FORMATS))
+            f"Invalid outputFormat: expected one of {', '.join(OUTPUT_FORMAT_NAMES)}; received "
+            f"{task.outputFormat!r}.", parameter="outputFormat", type="string",
+            allowed_values=list(OUTPUT_FORMAT_NAMES))
     output_types: list[str] = (
         [task.outputType] if isinstance(task.outputType, str) else list(dict.fromkeys(task.outputType)))
     if not output_types:
-        raise InvalidParameter("outputType must name at least one of URL, base64Data, dataURI; received [].",
-                               parameter="outputType", type="string", allowed_values=["URL", "base64Data", "dataURI"])
+        raise InvalidParameter(f"outputType must name at least one of {', '.join(OUTPUT_TYPES)}; received [].",
+                               parameter="outputType", type="string", allowed_values=list(OUTPUT_TYPES))
     steps = task.steps if task.steps is not None else defaults.steps
     if task.seedImage is not None and int(steps * task.strength) < 1:
         raise InvalidParameter(
             f"strength x steps must leave at least one denoising step; received strength {task.strength} "
             f"with steps {steps} ({steps * task.strength:.2f} steps). Use strength of at least "
             f"{1 / steps:.3g} or more steps.", parameter="strength", type="number")
-    first_seed = task.seed if task.seed is not None else secrets.randbelow(MAX_SEED - 20)
-    return Settings(
+    first_seed = task.seed if task.seed is not None else secrets.randbelow(schema.MAX_SEED - 20)
+    return Prepared(
+        task=task,
+        model=model,
         prompt="" if task.positivePrompt == BLANK_PROMPT else task.positivePrompt,
         negative_prompt=None if task.negativePrompt in (None, "", BLANK_PROMPT) else task.negativePrompt,
         steps=steps,
         cfg_scale=task.CFGScale if task.CFGScale is not None else defaults.cfg_scale,
-        scheduler=resolve_scheduler(task.scheduler if task.scheduler is not None else defaults.scheduler),
+        sampler=inputs.sampler(ctx, task.scheduler if task.scheduler is not None else defaults.scheduler),
         # Counting up wraps past the largest seed, so every returned seed can be sent back.
-        seeds=[(first_seed + i) % (MAX_SEED + 1) for i in range(task.numberResults)],
+        seeds=[(first_seed + i) % (schema.MAX_SEED + 1) for i in range(task.numberResults)],
         output_types=output_types,
-        output_format=output_format,
+        output_format=chosen_format,
         output_quality=task.outputQuality,
     )
 
@@ -115,64 +124,53 @@ def check_safety(task: ImageInference) -> None:
             "(false, or mode 'none').", parameter=asked[0])
 
 
-def check_dimension(name: str, value: int | None) -> None:
-    if value is None or (MIN_SIZE <= value <= MAX_SIZE and value % SIZE_STEP == 0):
-        return
-    if value < MIN_SIZE or value > MAX_SIZE:
-        nearest = [MIN_SIZE if value < MIN_SIZE else MAX_SIZE]
-    else:
-        lower = value // SIZE_STEP * SIZE_STEP
-        nearest = [size for size in (lower, lower + SIZE_STEP) if MIN_SIZE <= size <= MAX_SIZE]
-    raise InvalidParameter(
-        f"Invalid {name}: must be from {MIN_SIZE} to {MAX_SIZE} and divisible by {SIZE_STEP}; received {value}. "
-        f"Nearest valid value{'s' if len(nearest) > 1 else ''}: {' or '.join(map(str, nearest))}.",
-        parameter=name, type="integer", allowed_values=nearest, code=f"invalid{name.capitalize()}")
-
-
 def size_from_seed(value: int | None, seed_size: int) -> int:
-    """The requested size, or the seed image's own rounded to a multiple of 64 and clamped."""
+    """The requested size, or the seed image's own, the nearest valid size to it."""
     if value is not None:
         return value
-    rounded = int(round(seed_size / SIZE_STEP)) * SIZE_STEP
-    return min(MAX_SIZE, max(MIN_SIZE, rounded))
+    assert _SIZE is not None and _SIZE.multiple_of is not None
+    rounded = int(round(seed_size / _SIZE.multiple_of)) * _SIZE.multiple_of
+    return nearest_valid(_SIZE, rounded)[0]
 
 
-def check(task: ImageInference, services: Services) -> None:
-    """The model exists and every parameter fits it."""
-    validate(task, services.catalog.resolve(task.model))
+# A model's defaults are values a request could send, held to the same limits.
+_DEFAULT_LIMITS = (("width", "width", schema.Width), ("height", "height", schema.Height),
+                   ("steps", "steps", schema.Steps), ("CFGScale", "cfg_scale", schema.CFGScale),
+                   ("strength", "strength", schema.Strength))
 
 
-async def run(task: ImageInference, ctx: TaskContext) -> AsyncIterator[ImageResult]:
-    services = ctx.services
-    # 1. model and parameters
-    model = services.catalog.resolve(task.model)
-    settings = validate(task, model)
-    await asyncio.to_thread(
-        locate_weights, model, data_dir=services.config.data_dir, allow_downloads=services.config.allow_downloads)
-    # 2. seed image and output size
+def check_model_defaults(defaults: ModelDefaults) -> None:
+    """Raise ValueError naming the first of a catalog entry's defaults that no request could send."""
+    for name, attribute, limits in _DEFAULT_LIMITS:
+        value = getattr(defaults, attribute)
+        try:
+            msgspec.convert(value, limits)
+        except msgspec.ValidationError:
+            raise ValueError(f"defaults.{name} must be {describe_annotation(limits)}, not {value!r}") from None
+
+
+async def run(prepared: Prepared, ctx: TaskContext) -> AsyncIterator[ImageResult]:
+    task, services = prepared.task, ctx.services
+    weights = await inputs.weights(ctx, prepared.model)
     init_image = None
     width, height = task.width, task.height
     if task.seedImage is not None:
         with ctx.timed("decode"):
-            seed = await resolve_image_input(
-                task.seedImage, parameter="seedImage", owner=ctx.owner, store=services.store,
-                fetcher=services.fetcher, max_pixels=services.config.max_image_pixels,
-                max_bytes=services.config.max_image_bytes, allowed_formats=INFERENCE_FORMATS)
+            seed = await inputs.image(ctx, task.seedImage, parameter="seedImage")
             width, height = size_from_seed(width, seed.width), size_from_seed(height, seed.height)
             init_image = seed.image
             if init_image.size != (width, height):
                 init_image = await asyncio.to_thread(init_image.resize, (width, height), Image.Resampling.LANCZOS)
     assert width is not None and height is not None
     job = InferenceJob(
-        task_uuid=task.taskUUID, model=model, prompt=settings.prompt, negative_prompt=settings.negative_prompt,
-        width=width, height=height, steps=settings.steps, cfg_scale=settings.cfg_scale,
-        scheduler=settings.scheduler, seeds=settings.seeds, init_image=init_image, strength=task.strength)
-    # 3. the device
-    handle = services.scheduler.submit(job)
+        task_uuid=task.taskUUID, model=prepared.model, weights=weights, prompt=prepared.prompt,
+        negative_prompt=prepared.negative_prompt, width=width, height=height, steps=prepared.steps,
+        cfg_scale=prepared.cfg_scale, sampler=prepared.sampler, seeds=prepared.seeds, init_image=init_image,
+        strength=task.strength)
+    progress = services.device.submit(job)
     try:
-        async for chunk in handle:
-            # 4. deliver each image as soon as it is encoded and stored
-            pending = [asyncio.ensure_future(_deliver(task, settings, image, ctx)) for image in chunk]
+        async for chunk in progress:
+            pending = [asyncio.ensure_future(_deliver(prepared, image, ctx)) for image in chunk]
             try:
                 for finished in asyncio.as_completed(pending):
                     yield await finished
@@ -180,29 +178,32 @@ async def run(task: ImageInference, ctx: TaskContext) -> AsyncIterator[ImageResu
                 for future in pending:
                     future.cancel()
     finally:
-        ctx.timings["queue"] = handle.queue_seconds
-        ctx.timings["model"] = handle.compute_seconds
+        ctx.timings["queue"] = progress.queue_seconds
+        ctx.timings["model"] = progress.compute_seconds
 
 
-async def _deliver(
-    task: ImageInference, settings: Settings, generated: GeneratedImage, ctx: TaskContext
-) -> ImageResult:
+async def _deliver(prepared: Prepared, generated: GeneratedImage, ctx: TaskContext) -> ImageResult:
+    task, fmt = prepared.task, prepared.output_format
     with ctx.timed("encode"):
-        data = await asyncio.to_thread(encode_image, generated.image, settings.output_format, settings.output_quality)
-    extension = EXTENSIONS[settings.output_format]
+        data = await asyncio.to_thread(encode_image, generated.image, fmt, prepared.output_quality)
     with ctx.timed("store"):
-        stored = await ctx.services.store.put(data, extension=extension, owner=ctx.owner)
+        stored = await inputs.store(ctx, data, extension=fmt.extension)
     result = ImageResult(taskType="imageInference", taskUUID=task.taskUUID, imageUUID=stored.uuid,
                          seed=generated.seed)
-    if "URL" in settings.output_types:
-        result.imageURL = image_url(ctx, stored.uuid, extension)
-    if "base64Data" in settings.output_types or "dataURI" in settings.output_types:
+    if "URL" in prepared.output_types:
+        result.imageURL = ctx.services.image_url(stored.uuid, fmt.extension)
+    if "base64Data" in prepared.output_types or "dataURI" in prepared.output_types:
         with ctx.timed("encode"):
             encoded = await asyncio.to_thread(to_base64, data)
-        if "base64Data" in settings.output_types:
+        if "base64Data" in prepared.output_types:
             result.imageBase64Data = encoded
-        if "dataURI" in settings.output_types:
-            result.imageDataURI = f"data:{CONTENT_TYPES[extension]};base64,{encoded}"
+        if "dataURI" in prepared.output_types:
+            result.imageDataURI = f"data:{fmt.media_type};base64,{encoded}"
     if task.includeCost:
-        result.cost = round(generated.seconds * ctx.services.config.price_per_gpu_second, 6)
+        result.cost = round(generated.seconds * ctx.services.settings.price_per_gpu_second, 6)
     return result
+
+
+TASK_TYPE = TaskType(
+    struct=ImageInference, prepare=prepare, run=run,
+    delivery=lambda task: Delivery(asynchronous=task.deliveryMethod == "async", webhook_url=task.webhookURL))

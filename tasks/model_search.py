@@ -5,9 +5,32 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from air_registry.catalog import availability, model_info
-from server.services import TaskContext
-from tasks.schema import ModelSearch, ModelSearchResult
+from imagewire.air_registry import ModelEntry, availability
+from imagewire.tasks.context import TaskContext
+from imagewire.tasks.schema import ModelInfo, ModelSearch, ModelSearchResult
+from imagewire.tasks.task_type import TaskType, unchanged
+
+
+def model_info(entry: ModelEntry, *, available: bool, comment: str) -> ModelInfo:
+    """A catalog entry as a ``modelSearch`` result."""
+    return ModelInfo(
+        air=entry.air,
+        name=entry.name,
+        version=entry.version,
+        category=entry.category,
+        architecture=entry.architecture,
+        tags=list(entry.tags),
+        private=False,
+        defaultWidth=entry.defaults.width,
+        defaultHeight=entry.defaults.height,
+        defaultSteps=entry.defaults.steps,
+        defaultScheduler=entry.defaults.scheduler,
+        defaultCFG=entry.defaults.cfg_scale,
+        defaultStrength=entry.defaults.strength,
+        aliases=list(entry.aliases),
+        available=available,
+        comment=comment,
+    )
 
 
 async def run(task: ModelSearch, ctx: TaskContext) -> AsyncIterator[ModelSearchResult]:
@@ -21,6 +44,9 @@ async def run(task: ModelSearch, ctx: TaskContext) -> AsyncIterator[ModelSearchR
     infos = []
     for entry in entries:
         # Looking into the Hugging Face cache touches the disk: keep it off the event loop.
-        available, reason = await asyncio.to_thread(availability, entry, data_dir=services.config.data_dir)
+        available, reason = await asyncio.to_thread(availability, entry, data_dir=services.settings.data_dir)
         infos.append(model_info(entry, available=available, comment=reason))
     yield ModelSearchResult(taskType="modelSearch", taskUUID=task.taskUUID, totalResults=total, results=infos)
+
+
+TASK_TYPE = TaskType(struct=ModelSearch, prepare=unchanged, run=run)

@@ -6,8 +6,10 @@ msgspec and the standard library, so the client library can carry an identical c
 
 Field names are spelled exactly as on the wire (``taskUUID``, ``CFGScale``): a
 camel-case rename would get the acronyms wrong. Value limits live in ``Meta`` so that
-they are visible in the exported JSON schema and enforced by the one decoder; rules
-that involve several fields or the model are checked by the task handlers.
+they are visible in the exported JSON schema and enforced by the one decoder; nothing
+else writes them down again (``Meta(extra={"code": ...})`` names the error code a
+value out of range gets, where the public API has a specific one). Rules that involve
+several fields or the model are checked by the task handlers.
 """
 
 from __future__ import annotations
@@ -19,20 +21,21 @@ from msgspec import Meta, Struct
 
 UUID_PATTERN = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 
+MAX_SEED = 9223372036854775807
+
 TaskUUID = Annotated[str, Meta(pattern=UUID_PATTERN, description="UUID chosen by the client")]
 Prompt = Annotated[str, Meta(min_length=2, max_length=3000)]
 NegativePrompt = Annotated[str, Meta(max_length=3000)]
-# The range and the step are checked by the handler, whose error names the nearest valid sizes.
-Dimension = int
+# Out of range or off the step, the error names the nearest valid sizes.
+Width = Annotated[int, Meta(ge=128, le=2048, multiple_of=64, extra={"code": "invalidWidth"})]
+Height = Annotated[int, Meta(ge=128, le=2048, multiple_of=64, extra={"code": "invalidHeight"})]
 Strength = Annotated[float, Meta(gt=0, le=1)]
 Steps = Annotated[int, Meta(ge=1, le=100)]
 CFGScale = Annotated[float, Meta(ge=0, le=50)]
-Seed = Annotated[int, Meta(ge=0, le=9223372036854775807)]
+Seed = Annotated[int, Meta(ge=0, le=MAX_SEED)]
 NumberResults = Annotated[int, Meta(ge=1, le=20)]
 OutputQuality = Annotated[int, Meta(ge=20, le=99)]
 OutputType = Literal["URL", "base64Data", "dataURI"]
-OUTPUT_TYPES: tuple[str, ...] = ("URL", "base64Data", "dataURI")
-OUTPUT_FORMATS: tuple[str, ...] = ("JPG", "PNG", "WEBP")
 DeliveryMethod = Literal["sync", "async"]
 
 
@@ -54,8 +57,8 @@ class ImageInference(Task, tag="imageInference"):
     model: Annotated[str, Meta(min_length=1, max_length=200)]
     positivePrompt: Prompt
     negativePrompt: NegativePrompt | None = None
-    width: Dimension | None = None
-    height: Dimension | None = None
+    width: Width | None = None
+    height: Height | None = None
     seedImage: str | None = None
     strength: Strength = 0.8
     steps: Steps | None = None
@@ -115,17 +118,6 @@ UNSUPPORTED_PARAMETERS: dict[str, frozenset[str]] = {
     "modelSearch": frozenset({"conditioning"}),
     "getResponse": frozenset(),
 }
-
-# Task types the public API knows that this server does not run yet: answered at once
-# with ``unsupportedTaskType``.
-KNOWN_UNSUPPORTED_TASK_TYPES = frozenset(
-    {
-        "imageCaption", "caption", "imageUpscale", "upscale", "imageBackgroundRemoval",
-        "removeBackground", "promptEnhance", "imageControlNetPreProcess", "videoInference",
-        "audioInference", "photoMaker", "modelUpload", "imageMasking", "vectorize",
-    }
-)
-
 
 # ---------------------------------------------------------------- answers
 
@@ -189,17 +181,6 @@ class ModelSearchResult(Item):
     taskUUID: str
     totalResults: int
     results: list[ModelInfo]
-
-
-class ErrorItem(Struct, omit_defaults=True, kw_only=True):
-    code: str
-    message: str
-    parameter: str | None = None
-    type: str | None = None
-    allowedValues: list[Any] | None = None
-    taskType: str | None = None
-    taskUUID: str | None = None
-    status: str | None = None
 
 
 class Envelope(Struct, omit_defaults=True, kw_only=True):

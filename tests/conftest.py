@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from server.app import ImagewireServer
-from server.config import Config
+from imagewire.server.app import ImagewireServer
+from imagewire.server.config import Config
+from tests.timing import seconds
 from tests.wire import API_KEY
 
 # Tests never reach a model hub, and never wait for one.
@@ -21,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A models folder with the tiny model built once for the whole session."""
-    from air_registry.tiny import ensure_tiny_model
+    from imagewire.air_registry.tiny import ensure_tiny_model
 
     root = tmp_path_factory.mktemp("shared-models")
     ensure_tiny_model(root / "imagewire-tiny-1")
@@ -56,7 +57,7 @@ async def start_server(data_dir: Path) -> AsyncIterator[ServerFactory]:
 
     yield start
     for server in started:
-        await server.stop(grace=5)
+        await server.stop(grace=seconds(5))
 
 
 @pytest_asyncio.fixture

@@ -12,6 +12,8 @@ import msgspec
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
 
+from tests.timing import seconds
+
 API_KEY = "test-key"
 
 
@@ -46,14 +48,16 @@ class Wire:
             # msgspec, not orjson: hostile tests send integers beyond 64 bits.
             await self.websocket.send(msgspec.json.encode(tasks).decode())
 
-    async def receive(self, timeout: float = 60) -> dict[str, Any]:
+    async def receive(self, timeout: float = seconds(60)) -> dict[str, Any]:
         frame = await asyncio.wait_for(self.websocket.recv(), timeout)
         assert isinstance(frame, str), "the server must send text frames"
         message = orjson.loads(frame)
         assert isinstance(message, dict)
         return message
 
-    async def items_for(self, task_uuid: str, count: int, timeout: float = 120) -> tuple[list[dict], list[dict]]:
+    async def items_for(
+        self, task_uuid: str, count: int, timeout: float = seconds(120)
+    ) -> tuple[list[dict], list[dict]]:
         """Read frames until ``count`` data items or one error arrived for ``task_uuid``."""
         data: list[dict] = []
         errors: list[dict] = []
@@ -65,7 +69,9 @@ class Wire:
             errors += [item for item in message.get("errors", []) if item.get("taskUUID") == task_uuid]
         return data, errors
 
-    async def answers(self, expected: dict[str, int], timeout: float = 120) -> dict[str, tuple[list[dict], list[dict]]]:
+    async def answers(
+        self, expected: dict[str, int], timeout: float = seconds(120)
+    ) -> dict[str, tuple[list[dict], list[dict]]]:
         """Read frames until every taskUUID in ``expected`` has its count of data items or an error."""
         found: dict[str, tuple[list[dict], list[dict]]] = {task_uuid: ([], []) for task_uuid in expected}
         loop = asyncio.get_running_loop()
@@ -82,7 +88,7 @@ class Wire:
                         found[item["taskUUID"]][position].append(item)
         return found
 
-    async def run(self, task: dict[str, Any], count: int = 1, timeout: float = 120) -> list[dict]:
+    async def run(self, task: dict[str, Any], count: int = 1, timeout: float = seconds(120)) -> list[dict]:
         """Send one task and return its data items; fail the test on an error item."""
         task.setdefault("taskUUID", new_uuid())
         await self.send([task])
@@ -90,7 +96,7 @@ class Wire:
         assert not errors, errors
         return data
 
-    async def error(self, task: dict[str, Any], timeout: float = 60) -> dict[str, Any]:
+    async def error(self, task: dict[str, Any], timeout: float = seconds(60)) -> dict[str, Any]:
         """Send one task that must fail and return its error item."""
         task.setdefault("taskUUID", new_uuid())
         await self.send([task])
@@ -105,7 +111,7 @@ class Wire:
 T = TypeVar("T")
 
 
-async def eventually(check: Callable[[], T | Awaitable[T]], timeout: float = 60) -> T:
+async def eventually(check: Callable[[], T | Awaitable[T]], timeout: float = seconds(60)) -> T:
     """Call ``check()`` (awaiting it if it is a coroutine) every 50 ms until it returns something
     truthy, and return that; fail after ``timeout`` seconds."""
     loop = asyncio.get_running_loop()
@@ -117,7 +123,7 @@ async def eventually(check: Callable[[], T | Awaitable[T]], timeout: float = 60)
         if result:
             return result  # type: ignore[return-value]
         assert loop.time() < deadline, f"still {result!r} after {timeout} s"
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(seconds(0.05))
 
 
 def inference(**fields: Any) -> dict[str, Any]:

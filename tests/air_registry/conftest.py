@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from air_registry.catalog import Catalog, ModelEntry
+from imagewire.air_registry.catalog import Catalog, ModelEntry
 
 if TYPE_CHECKING:
-    from air_registry.loader import PipelineCache
+    from imagewire.air_registry.loader import PipelineCache
 
 
 @pytest.fixture(scope="session")
@@ -24,12 +24,10 @@ def tiny_entry(catalog: Catalog) -> ModelEntry:
 
 
 @pytest.fixture(scope="session")
-def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A data dir holding the tiny model where the catalog expects it, built once for the session."""
-    from air_registry.tiny import ensure_tiny_model
-
+def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Path:
+    """A data dir holding the tiny model where the catalog expects it (the session's one build)."""
     data_dir = tmp_path_factory.mktemp("air-registry-data")
-    ensure_tiny_model(data_dir / "models" / "imagewire-tiny-1")
+    (data_dir / "models").symlink_to(models_dir, target_is_directory=True)
     return data_dir
 
 
@@ -41,7 +39,7 @@ def tiny_model_dir(tiny_data_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def pipelines(tiny_data_dir: Path) -> PipelineCache:
     """One CPU pipeline cache for the session: loading the tiny model once is enough."""
-    from air_registry.loader import PipelineCache
+    from imagewire.air_registry.loader import PipelineCache
 
     return PipelineCache(device="cpu", data_dir=tiny_data_dir)
 

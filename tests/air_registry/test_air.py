@@ -4,8 +4,9 @@ from typing import Any
 
 import pytest
 
-from air_registry.air import AIR, parse_air
-from server.errors import InvalidParameter
+from imagewire.air_registry.air import AIR, parse_air
+from imagewire.air_registry.errors import MalformedAIR
+from imagewire.tasks.inputs import task_error
 
 
 @pytest.mark.parametrize(
@@ -50,9 +51,9 @@ def test_an_air_prints_in_its_wire_form() -> None:
     ],
 )
 def test_malformed_air_ids_are_rejected_against_model(text: Any) -> None:
-    with pytest.raises(InvalidParameter) as caught:
+    with pytest.raises(MalformedAIR) as caught:
         parse_air(text)
-    error = caught.value
+    error = task_error(caught.value, "model")
     assert error.code == "invalidParameter"
     assert error.parameter == "model"
     assert error.type == "string"
@@ -62,14 +63,14 @@ def test_malformed_air_ids_are_rejected_against_model(text: Any) -> None:
 
 
 def test_the_error_message_quotes_the_received_value() -> None:
-    with pytest.raises(InvalidParameter) as caught:
+    with pytest.raises(MalformedAIR) as caught:
         parse_air("abc")
-    assert caught.value.message == (
+    assert task_error(caught.value, "model").message == (
         "model must be an AIR id of the form source:id@version, like 'runware:101@1'; received 'abc'"
     )
 
 
 def test_a_very_long_value_is_shortened_in_the_message() -> None:
-    with pytest.raises(InvalidParameter) as caught:
+    with pytest.raises(MalformedAIR) as caught:
         parse_air("x" * 5000)
-    assert len(caught.value.message) < 200
+    assert len(task_error(caught.value, "model").message) < 200

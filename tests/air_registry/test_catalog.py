@@ -6,16 +6,10 @@ from typing import Any
 
 import pytest
 
-from air_registry.catalog import (
-    SHIPPED_CATALOG,
-    Catalog,
-    CatalogError,
-    ModelDefaults,
-    ModelEntry,
-    model_info,
-)
-from server.errors import InvalidParameter, ModelNotFound
-from tasks.schema import ModelInfo
+from imagewire.air_registry.catalog import SHIPPED_CATALOG, Catalog, ModelDefaults
+from imagewire.air_registry.errors import CatalogError, MalformedAIR, UnknownModel
+from imagewire.tasks.image_inference import check_model_defaults
+from imagewire.tasks.inputs import task_error
 
 SHIPPED_AIRS = [
     "imagewire:tiny@1",
@@ -119,9 +113,9 @@ def test_models_resolve_by_air_or_alias(catalog: Catalog, name: str, air: str) -
 
 
 def test_an_unknown_air_is_model_not_found(catalog: Catalog) -> None:
-    with pytest.raises(ModelNotFound) as caught:
+    with pytest.raises(UnknownModel) as caught:
         catalog.resolve("runware:101@1")
-    error = caught.value
+    error = task_error(caught.value, "model")
     assert error.code == "modelNotFound"
     assert error.parameter == "model"
     assert error.type == "string"
@@ -133,14 +127,14 @@ def test_an_unknown_air_is_model_not_found(catalog: Catalog) -> None:
 
 
 def test_the_id_and_version_of_an_air_are_case_sensitive(catalog: Catalog) -> None:
-    with pytest.raises(ModelNotFound):
+    with pytest.raises(UnknownModel):
         catalog.resolve("imagewire:TINY@1")
 
 
 def test_a_name_that_is_neither_an_air_nor_an_alias_is_invalid(catalog: Catalog) -> None:
-    with pytest.raises(InvalidParameter) as caught:
+    with pytest.raises(MalformedAIR) as caught:
         catalog.resolve("stable diffusion")
-    error = caught.value
+    error = task_error(caught.value, "model")
     assert error.code == "invalidParameter"
     assert error.parameter == "model"
     assert "source:id@version" in error.message
@@ -151,10 +145,11 @@ def test_a_name_that_is_neither_an_air_nor_an_alias_is_invalid(catalog: Catalog)
 def test_the_not_found_message_names_at_most_ten_models(tmp_path: Path) -> None:
     entries = [folder_entry(air=f"bulk:model{i}@1", aliases=[], name=f"Model {i}") for i in range(30)]
     catalog = Catalog.load([write_catalog(tmp_path / "bulk.json", entries)])
-    with pytest.raises(ModelNotFound) as caught:
+    with pytest.raises(UnknownModel) as caught:
         catalog.resolve("bulk:missing@1")
-    assert "and 25 more" in caught.value.message
-    assert caught.value.message.count("bulk:model") == 5
+    message = task_error(caught.value, "model").message
+    assert "and 25 more" in message
+    assert message.count("bulk:model") == 5
 
 
 # ---------------------------------------------------------------- user catalog files
@@ -187,7 +182,7 @@ def test_a_later_entry_with_the_same_air_replaces_the_earlier_one_in_place(tmp_p
     assert entry.location == "/srv/models/sd15"
     assert catalog.resolve("mine") is entry
     # The replaced entry's aliases went with it.
-    with pytest.raises(InvalidParameter):
+    with pytest.raises(MalformedAIR):
         catalog.resolve("stable-diffusion-v1-5")
 
 
@@ -247,11 +242,11 @@ def test_an_entry_may_leave_out_the_optional_keys(tmp_path: Path) -> None:
         ([folder_entry(source="single_file", location="model.bin")], "must end in .safetensors or .ckpt"),
         ([folder_entry(aliases="portrait")], "'aliases' must be a list"),
         ([folder_entry(tags=[1])], "'tags' must be a list"),
-        ([folder_entry(defaults={"width": 100})], "defaults.width must be between 128 and 2048"),
-        ([folder_entry(defaults={"width": 500})], "defaults.width must be divisible by 64"),
+        ([folder_entry(defaults={"width": 100})], "defaults.width must be an integer from 128 to 2048, divisible"),
+        ([folder_entry(defaults={"width": 500})], "2048, divisible by 64, not 500"),
         ([folder_entry(defaults={"steps": 2.5})], "defaults.steps must be an integer"),
-        ([folder_entry(defaults={"CFGScale": 60})], "defaults.CFGScale must be between 0 and 50"),
-        ([folder_entry(defaults={"strength": 0})], "defaults.strength must be above 0"),
+        ([folder_entry(defaults={"CFGScale": 60})], "defaults.CFGScale must be a number from 0 to 50"),
+        ([folder_entry(defaults={"strength": 0})], "defaults.strength must be a number greater than 0"),
         (
             [folder_entry(defaults={"scheduler": "Warp"})],
             "defaults.scheduler 'Warp' is not a known scheduler",
@@ -267,7 +262,8 @@ def test_a_malformed_file_names_the_file_and_the_problem(tmp_path: Path, content
     else:
         write_catalog(path, content)
     with pytest.raises(ValueError) as caught:
-        Catalog.load([path])
+        # The server holds defaults to the wire schema's limits; the catalog checks their types itself.
+        Catalog.load([path], check_defaults=check_model_defaults)
     assert isinstance(caught.value, CatalogError)
     message = str(caught.value)
     assert str(path) in message
@@ -328,24 +324,3 @@ def test_search_pages_with_limit_and_offset(catalog: Catalog) -> None:
     total, page = catalog.search(limit=2, offset=4)
     assert (total, [e.air for e in page]) == (5, SHIPPED_AIRS[4:])
     assert catalog.search(limit=10, offset=50) == (5, [])
-
-
-# ---------------------------------------------------------------- model_info
-
-
-def test_model_info_maps_an_entry_to_the_wire_struct(catalog: Catalog) -> None:
-    entry: ModelEntry = catalog.resolve("sdxl-refiner-1.0")
-    info = model_info(entry, available=False, comment="not downloaded")
-    assert isinstance(info, ModelInfo)
-    assert info.air == "imagewire:sdxl-refiner@1"
-    assert info.version == "1"
-    assert info.category == "checkpoint"
-    assert info.architecture == "sdxl-refiner"
-    assert info.tags == ["stable-diffusion", "sdxl", "refiner", "image-to-image"]
-    assert info.private is False
-    assert (info.defaultWidth, info.defaultHeight, info.defaultSteps) == (1024, 1024, 30)
-    assert info.defaultScheduler == "Default"
-    assert info.defaultCFG == 7.0
-    assert info.defaultStrength == 0.3
-    assert info.aliases == ["sdxl-refiner-1.0"]
-    assert (info.available, info.comment) == (False, "not downloaded")

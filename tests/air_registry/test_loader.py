@@ -12,9 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from air_registry.catalog import Catalog, ModelEntry
-from air_registry.loader import PipelineCache, resolve_device
-from server.errors import InvalidParameter, ModelNotFound
+from imagewire.air_registry.catalog import Catalog, ModelEntry
+from imagewire.air_registry.errors import WeightsMissing
+from imagewire.air_registry.loader import PipelineCache, resolve_device
+from imagewire.tasks.inputs import task_error
 
 pytestmark = [
     pytest.mark.filterwarnings(
@@ -111,9 +112,9 @@ def test_loading_logs_where_from_and_how_long(
     tiny_entry: ModelEntry, tiny_data_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     cache = PipelineCache(device="cpu", data_dir=tiny_data_dir)
-    with caplog.at_level(logging.INFO, logger="air_registry.loader"):
+    with caplog.at_level(logging.INFO, logger="imagewire.air_registry.loader"):
         cache.text_to_image(tiny_entry)
-    messages = [record.getMessage() for record in caplog.records if record.name == "air_registry.loader"]
+    messages = [record.getMessage() for record in caplog.records if record.name == "imagewire.air_registry.loader"]
     assert messages[0] == "loading model imagewire:tiny@1 from the embedded model on cpu"
     assert messages[1].startswith("loaded model imagewire:tiny@1 in ")
 
@@ -155,12 +156,12 @@ def test_a_larger_cache_keeps_models_in_recency_order(
     assert cache.loaded_models == ["test:m0@1", "test:m2@1"]
 
 
-def test_a_refiner_does_only_image_to_image(catalog: Catalog, tmp_path: Path) -> None:
+def test_a_refiner_has_no_text_to_image_pipeline(catalog: Catalog, tmp_path: Path) -> None:
+    # Requests are refused before they reach the device (tests/tasks/test_image_inference.py);
+    # asking the cache is a caller's bug, found before any weights are read.
     cache = PipelineCache(device="cpu", data_dir=tmp_path)
-    with pytest.raises(InvalidParameter) as caught:
+    with pytest.raises(ValueError, match="only does image-to-image"):
         cache.text_to_image(catalog.resolve("sdxl-refiner-1.0"))
-    assert caught.value.parameter == "seedImage"
-    assert "only does image-to-image" in caught.value.message
     assert cache.loaded_models == []
 
 
@@ -168,7 +169,7 @@ def test_missing_weights_raise_model_not_found(
     catalog: Catalog, empty_hf_cache: Path, tmp_path: Path
 ) -> None:
     cache = PipelineCache(device="cpu", data_dir=tmp_path)
-    with pytest.raises(ModelNotFound, match="stable-diffusion-v1-5/stable-diffusion-v1-5"):
+    with pytest.raises(WeightsMissing, match="stable-diffusion-v1-5/stable-diffusion-v1-5"):
         cache.text_to_image(catalog.resolve("sd15"))
     assert cache.loaded_models == []
 
@@ -181,9 +182,9 @@ def test_weights_that_cannot_be_loaded_raise_model_not_found(tiny_entry: ModelEn
     )
     entry = dataclasses.replace(tiny_entry, air="test:broken@1", source="folder", location=str(broken))
     cache = PipelineCache(device="cpu", data_dir=tmp_path)
-    with pytest.raises(ModelNotFound) as caught:
+    with pytest.raises(WeightsMissing) as caught:
         cache.text_to_image(entry)
-    message = caught.value.message
+    message = task_error(caught.value, "model").message
     assert message.startswith(
         f"the weights of {entry.name} (test:broken@1) at {broken} could not be loaded ("
     )

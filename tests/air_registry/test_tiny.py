@@ -11,7 +11,8 @@ import pytest
 import torch
 from diffusers import AutoPipelineForText2Image, StableDiffusionPipeline
 
-from air_registry.tiny import build_tokenizer, ensure_tiny_model
+from imagewire.air_registry.tiny import build_tokenizer, ensure_tiny_model
+from tests.timing import seconds
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,7 +81,7 @@ def test_separate_processes_build_the_same_model_into_one_place(tiny_model_dir: 
     target = tmp_path / "models" / "imagewire-tiny-1"
     code = (
         "import sys, pathlib\n"
-        "from air_registry.tiny import ensure_tiny_model\n"
+        "from imagewire.air_registry.tiny import ensure_tiny_model\n"
         "ensure_tiny_model(pathlib.Path(sys.argv[1]))\n"
     )
     builders = [
@@ -90,7 +91,7 @@ def test_separate_processes_build_the_same_model_into_one_place(tiny_model_dir: 
         for _ in range(2)
     ]
     for builder in builders:
-        _, errors = builder.communicate(timeout=120)
+        _, errors = builder.communicate(timeout=seconds(120))
         assert builder.returncode == 0, errors
     assert sorted(path.name for path in target.parent.iterdir()) == ["imagewire-tiny-1"]
     for name in WEIGHT_FILES:

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from air_registry.catalog import Catalog, ModelEntry, availability, locate_weights
-from server.errors import ModelNotFound
+from imagewire.air_registry.catalog import Catalog, ModelEntry
+from imagewire.air_registry.errors import WeightsMissing
+from imagewire.air_registry.weights import availability, locate_weights
+from imagewire.tasks.inputs import task_error
 
 SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
@@ -47,9 +49,9 @@ def test_a_hub_model_missing_from_the_cache_is_unavailable_with_a_reason(
 def test_locating_a_missing_hub_model_says_what_is_missing_and_how_to_get_it(
     catalog: Catalog, empty_hf_cache: Path, tmp_path: Path
 ) -> None:
-    with pytest.raises(ModelNotFound) as caught:
+    with pytest.raises(WeightsMissing) as caught:
         locate_weights(catalog.resolve("sd15"), data_dir=tmp_path, allow_downloads=False)
-    error = caught.value
+    error = task_error(caught.value, "model")
     assert error.code == "modelNotFound"
     assert error.parameter == "model"
     assert error.message.startswith(
@@ -67,9 +69,9 @@ def test_a_failed_download_is_reported_without_details(
     catalog: Catalog, empty_hf_cache: Path, tmp_path: Path
 ) -> None:
     # empty_hf_cache turns the network off, so the download attempt fails at once.
-    with pytest.raises(ModelNotFound) as caught:
+    with pytest.raises(WeightsMissing) as caught:
         locate_weights(catalog.resolve("sdxl"), data_dir=tmp_path, allow_downloads=True)
-    message = caught.value.message
+    message = task_error(caught.value, "model").message
     assert "'stabilityai/stable-diffusion-xl-base-1.0' could not be downloaded" in message
     assert "Traceback" not in message
     assert caught.value.__cause__ is not None
@@ -96,7 +98,7 @@ def test_a_cached_snapshot_without_model_index_is_incomplete(
     catalog: Catalog, empty_hf_cache: Path, tmp_path: Path
 ) -> None:
     fake_hub_snapshot(empty_hf_cache, SD15_REPO, with_model_index=False)
-    with pytest.raises(ModelNotFound, match="has no model_index.json"):
+    with pytest.raises(WeightsMissing, match="has no model_index.json"):
         locate_weights(catalog.resolve("sd15"), data_dir=tmp_path, allow_downloads=False)
 
 
@@ -117,12 +119,12 @@ def test_a_folder_model_needs_the_folder_and_its_model_index(tiny_entry: ModelEn
     folder = tmp_path / "my-model"
     entry = with_source(tiny_entry, "folder", str(folder))
 
-    with pytest.raises(ModelNotFound, match="does not exist") as caught:
+    with pytest.raises(WeightsMissing, match="does not exist") as caught:
         locate_weights(entry, data_dir=tmp_path, allow_downloads=True)
-    assert f"the folder '{folder}' named in the catalog" in caught.value.message
+    assert f"the folder '{folder}' named in the catalog" in task_error(caught.value, "model").message
 
     folder.mkdir()
-    with pytest.raises(ModelNotFound, match="has no model_index.json"):
+    with pytest.raises(WeightsMissing, match="has no model_index.json"):
         locate_weights(entry, data_dir=tmp_path, allow_downloads=False)
     assert availability(entry, data_dir=tmp_path)[0] is False
 

@@ -6,9 +6,7 @@ import asyncio
 import base64
 import io
 import json
-import threading
 import urllib.request
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,8 @@ from imagewire_client.images import is_image_uuid
 from PIL import Image, ImageChops, ImageStat
 from websockets.asyncio.server import serve
 
-from server.scheduler import Emit, GeneratedImage, InferenceJob
+from tests.engines import HeldEngine
+from tests.timing import seconds
 from tests.wire import API_KEY
 
 TINY = "imagewire:tiny@1"
@@ -32,7 +31,7 @@ def png_bytes(width: int = 192, height: int = 128, color: str = "teal") -> bytes
 async def fetch(url: str) -> bytes:
     # The server runs on this event loop: fetch from a thread so it can answer.
     def get() -> bytes:
-        with urllib.request.urlopen(url, timeout=10) as response:
+        with urllib.request.urlopen(url, timeout=seconds(10)) as response:
             return response.read()
 
     return await asyncio.to_thread(get)
@@ -57,28 +56,6 @@ async def generate(client: Client, **overrides: object) -> list[ImageResult]:
     return await client.image_inference(**arguments)  # type: ignore[arg-type]
 
 
-class HeldEngine:
-    """Stands in for diffusers: holds each job until released, then emits plain images."""
-
-    def __init__(self) -> None:
-        self.started = threading.Event()
-        self.release = threading.Event()
-
-    def load(self, model: object) -> None:
-        pass
-
-    def run(self, jobs: Sequence[InferenceJob], emit: Emit) -> None:
-        self.started.set()
-        if not self.release.wait(120):
-            raise RuntimeError("the test never released the engine")
-        for position, job in enumerate(jobs):
-            emit(position, [GeneratedImage(index, seed, Image.new("RGB", (job.width, job.height)), 0.01)
-                            for index, seed in enumerate(job.seeds)])
-
-    def recover(self) -> None:
-        pass
-
-
 async def drop_connections(server) -> None:
     for connection in list(server._server.connections):
         await connection.close()
@@ -87,10 +64,10 @@ async def drop_connections(server) -> None:
 async def stop_server(server) -> None:
     """Stop ``server`` while a client is still connected to it."""
     listener = server._server
-    stopping = asyncio.create_task(server.stop(grace=1))
+    stopping = asyncio.create_task(server.stop(grace=seconds(1)))
     # ImagewireServer.stop() stops listening at once but leaves open sockets open (its second
     # websockets Server.close() call is a no-op), then waits for their handlers: close them here.
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(seconds(0.1))
     for connection in list(listener.connections):
         await connection.close()
     await stopping
@@ -248,7 +225,7 @@ async def test_a_bad_api_key_raises_invalid_api_key(server):
 
 async def test_no_server_raises_connection_failed():
     with pytest.raises(ImagewireError) as failure:
-        await Client("ws://127.0.0.1:9/v1", API_KEY, connect_timeout=2).connect()
+        await Client("ws://127.0.0.1:9/v1", API_KEY, connect_timeout=seconds(2)).connect()
     assert failure.value.code == "connectionFailed"
 
 
@@ -258,7 +235,7 @@ async def test_a_call_without_an_answer_times_out_and_the_client_stays_usable(st
     try:
         async with Client(server.url, API_KEY) as client:
             with pytest.raises(ImagewireError) as failure:
-                await generate(client, timeout=0.5)
+                await generate(client, timeout=seconds(0.5))
             assert await client.models("tiny")
     finally:
         engine.release.set()
@@ -293,7 +270,7 @@ async def test_the_next_call_succeeds_after_the_server_drops_the_socket(server):
         (before,) = await generate(client, seed=1)
         session = client.session_uuid
         await drop_connections(server)
-        (after,) = await generate(client, seed=1, timeout=30)
+        (after,) = await generate(client, seed=1, timeout=seconds(30))
         assert client.session_uuid == session, "the client resumed its session"
     assert after.image_bytes == before.image_bytes
 
@@ -303,8 +280,8 @@ async def test_results_of_a_task_in_flight_arrive_after_a_reconnect(start_server
     server = await start_server(engine_factory=lambda: engine)
     try:
         async with Client(server.url, API_KEY) as client:
-            call = asyncio.create_task(generate(client, seed=5, number_results=2, timeout=30))
-            assert await asyncio.to_thread(engine.started.wait, 10)
+            call = asyncio.create_task(generate(client, seed=5, number_results=2, timeout=seconds(30)))
+            assert await asyncio.to_thread(engine.started.wait, seconds(10))
             await drop_connections(server)
             # Finished while the client has no socket: the server keeps the results for the session.
             engine.release.set()
@@ -320,7 +297,7 @@ async def test_the_client_reconnects_to_a_restarted_server(start_server):
         assert await client.models("tiny")
         await stop_server(first)
         second = await start_server(port=first.port)
-        (result,) = await generate(client, timeout=60)
+        (result,) = await generate(client, timeout=seconds(60))
         assert second._server.connections, "the client is connected to the new server"
     assert result.image_bytes
 
@@ -330,15 +307,15 @@ async def test_calls_fail_with_connection_lost_when_the_server_stays_away(start_
     async with Client(server.url, API_KEY, reconnect_attempts=2) as client:
         await stop_server(server)
         with pytest.raises(ImagewireError) as failure:
-            await generate(client, timeout=30)
+            await generate(client, timeout=seconds(30))
     assert failure.value.code == "connectionLost"
 
 
 async def test_keep_alive_pings_hold_an_idle_connection_open(server):
     # Silence longer than 2 s would drop the socket; pings every 0.1 s keep it well inside that.
-    async with Client(server.url, API_KEY, ping_interval=0.1, silence_timeout=2.0) as client:
+    async with Client(server.url, API_KEY, ping_interval=seconds(0.1), silence_timeout=seconds(2.0)) as client:
         connection = client._websocket
-        await asyncio.sleep(3)
+        await asyncio.sleep(seconds(3))
         assert client._websocket is connection, "pongs arrived, so the client never reconnected"
         assert await client.models("tiny")
 
@@ -363,11 +340,12 @@ async def test_a_silent_server_gets_pings_and_then_a_reconnect_that_resumes_the_
 
     async with serve(silent_peer, "127.0.0.1", 0) as peer:
         port = peer.sockets[0].getsockname()[1]
-        async with Client(f"ws://127.0.0.1:{port}/v1", API_KEY, ping_interval=0.1, silence_timeout=1.0) as client:
+        async with Client(f"ws://127.0.0.1:{port}/v1", API_KEY, ping_interval=seconds(0.1),
+                          silence_timeout=seconds(1.0)) as client:
             deadline = asyncio.get_running_loop().time() + 30
             while not (len(authentications()) >= 2 and [{"taskType": "ping", "ping": True}] in received):
                 assert asyncio.get_running_loop().time() < deadline, received
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(seconds(0.05))
     assert connections >= 2, "the client dropped the silent socket and connected again"
     first, second = authentications()[:2]
     assert "connectionSessionUUID" not in first

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.timing import seconds
 from tests.wire import API_KEY
 
 TINY = "imagewire:tiny@1"
@@ -49,7 +50,7 @@ async def imagewire(*args: str, url: str | None = None, api_key: str | None = AP
     if terminal is not None:
         os.close(terminal)
     try:
-        stdout, stderr = await asyncio.wait_for(process.communicate(), 120)
+        stdout, stderr = await asyncio.wait_for(process.communicate(), seconds(120))
     except TimeoutError:
         process.kill()
         await process.wait()

@@ -12,7 +12,8 @@ import msgspec
 import pytest
 from imagewire_client import requests
 
-from server import protocol
+from imagewire.server import protocol
+from tests.timing import seconds
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT_DIR = ROOT / "clients" / "python"
@@ -67,7 +68,7 @@ def test_installing_the_client_pulls_no_model_stack():
     report = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--no-deps", *isolation,
          "--quiet", "--report", "-", str(CLIENT_DIR)],
-        capture_output=True, text=True, check=True, timeout=120,
+        capture_output=True, text=True, check=True, timeout=seconds(120),
     )
     (package,) = json.loads(report.stdout)["install"]
     metadata = package["metadata"]
@@ -84,5 +85,6 @@ def test_installing_the_client_pulls_no_model_stack():
 def test_importing_the_client_loads_neither_torch_nor_pillow():
     probe = ("import sys, imagewire_client, imagewire_client.cli; "
              "print(sorted(name for name in ('torch', 'diffusers', 'PIL', 'numpy') if name in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60)
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                            timeout=seconds(60))
     assert result.stdout.strip() == "[]"

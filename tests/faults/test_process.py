@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 from websockets.exceptions import ConnectionClosed
 
+from tests.timing import seconds
 from tests.wire import API_KEY, Wire, eventually, inference
 
 READY = re.compile(r"imagewire ready: (ws://\S+)")
@@ -30,12 +31,12 @@ class ServerProcess:
     @classmethod
     async def start(cls, data_dir: Path, *extra: str) -> ServerProcess:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "server", "--port", "0", "--data-dir", str(data_dir), "--api-key", API_KEY,
+            sys.executable, "-m", "imagewire.server", "--port", "0", "--data-dir", str(data_dir), "--api-key", API_KEY,
             *extra, stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"})
         assert process.stderr is not None
         while True:
-            line = (await asyncio.wait_for(process.stderr.readline(), 120)).decode()
+            line = (await asyncio.wait_for(process.stderr.readline(), seconds(120))).decode()
             assert line, "the server exited before it was ready"
             match = READY.search(line)
             if match:
@@ -57,9 +58,9 @@ class ServerProcess:
         async def logged() -> bool:
             return line in self.log
 
-        await eventually(logged, timeout=120)
+        await eventually(logged, timeout=seconds(120))
 
-    async def wait(self, timeout: float = 60) -> int:
+    async def wait(self, timeout: float = seconds(60)) -> int:
         code = await asyncio.wait_for(self.process.wait(), timeout)
         await self._drain
         return code
@@ -76,7 +77,7 @@ async def processes() -> AsyncIterator[list[ServerProcess]]:
 
 
 def http_get(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=10) as response:
+    with urllib.request.urlopen(url, timeout=seconds(10)) as response:
         return response.read()
 
 
@@ -95,10 +96,10 @@ async def sigterm_while_running(data_dir: Path, processes: list[ServerProcess], 
 async def test_sigterm_lets_running_tasks_finish_then_closes_with_1001_and_exits_0(data_dir, processes):
     task = inference(width=384, height=384, steps=12, numberResults=2)
     server, wire = await sigterm_while_running(data_dir, processes, "300", task)
-    data, errors = await wire.items_for(task["taskUUID"], 2, timeout=120)
+    data, errors = await wire.items_for(task["taskUUID"], 2, timeout=seconds(120))
     assert len(data) == 2 and not errors
     with pytest.raises(ConnectionClosed):
-        await wire.receive(timeout=30)
+        await wire.receive(timeout=seconds(30))
     assert wire.websocket.close_code == 1001
     assert await server.wait() == 0
     assert b"shutting down" in server.log and b"stopped" in server.log
@@ -107,7 +108,7 @@ async def test_sigterm_lets_running_tasks_finish_then_closes_with_1001_and_exits
 async def test_tasks_cut_off_by_the_end_of_the_grace_period_are_told_so(data_dir, processes):
     task = inference(width=512, height=512, steps=40, numberResults=4)
     server, wire = await sigterm_while_running(data_dir, processes, "0.2", task)
-    _, errors = await wire.items_for(task["taskUUID"], 4, timeout=60)
+    _, errors = await wire.items_for(task["taskUUID"], 4, timeout=seconds(60))
     assert errors[0]["code"] == "serviceUnavailable" and "shut down" in errors[0]["message"]
     assert await server.wait() == 0
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from server.auth import load_or_create_key, new_api_key
-from server.config import parse_args
+from imagewire.server.auth import load_or_create_key, new_api_key
+from imagewire.server.config import parse_args
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,8 @@ import asyncio
 
 import orjson
 
-from tests.server.test_scheduler import HeldEngine
+from tests.engines import HeldEngine
+from tests.timing import seconds
 from tests.wire import Wire, eventually, inference, new_uuid
 
 
@@ -83,10 +84,10 @@ async def test_results_of_a_dropped_connection_are_delivered_on_resume(start_ser
     first = await Wire.open(server.url)
     task = inference(seed=77)
     await first.send([task])
-    assert await asyncio.to_thread(engine.started.wait, 10)
+    assert await asyncio.to_thread(engine.started.wait, seconds(10))
     await first.close()
     engine.release.set()
-    await asyncio.sleep(0.3)  # the result is produced while nobody is connected
+    await asyncio.sleep(seconds(0.3))  # the result is produced while nobody is connected
     second = await Wire.open(server.url, session=first.session)
     assert second.session == first.session
     data, errors = await second.items_for(task["taskUUID"], 1)
@@ -109,7 +110,7 @@ async def test_conflicting_task_uuid_while_running_runs_only_once(start_server):
     wire = await Wire.open(server.url)
     task = inference()
     await wire.send([task])
-    assert await asyncio.to_thread(engine.started.wait, 10)
+    assert await asyncio.to_thread(engine.started.wait, seconds(10))
     await wire.send([dict(task)])
     _, errors = await wire.items_for(task["taskUUID"], 1)
     assert errors[0]["code"] == "conflictTaskUUID"
@@ -154,7 +155,7 @@ async def test_webhooks_to_private_addresses_are_refused_by_default(start_server
     listener = await asyncio.start_server(hook, "127.0.0.1", 0)
     port = listener.sockets[0].getsockname()[1]
     server = await start_server()
-    server.services.webhooks.first_delay = 0.01
+    server.runner.webhooks.first_delay = 0.01
     wire = await Wire.open(server.url)
     task = inference(deliveryMethod="async", webhookURL=f"http://127.0.0.1:{port}/hook")
     await wire.send([task])
@@ -165,7 +166,7 @@ async def test_webhooks_to_private_addresses_are_refused_by_default(start_server
         return all(item.get("status") != "processing" for item in answer.get("data", []))
 
     await eventually(finished)  # every result was handed to the webhook sender...
-    await eventually(lambda: server.services.webhooks.pending == 0)  # ...and every attempt made
+    await eventually(lambda: server.runner.webhooks.pending == 0)  # ...and every attempt made
     assert hits == []
     listener.close()
     await wire.close()
@@ -177,16 +178,16 @@ async def test_a_client_that_never_comes_back_leaves_nothing_behind(start_server
     wire = await Wire.open(server.url)
     task = inference(numberResults=3)
     await wire.send([task])
-    assert await asyncio.to_thread(engine.started.wait, 10)
+    assert await asyncio.to_thread(engine.started.wait, seconds(10))
     await wire.close()
     engine.release.set()
-    await eventually(lambda: not server.running)  # the task finishes with nobody listening
-    assert not server.services.tasks_by_owner
-    session = next(iter(server.services.sessions._sessions.values()))
+    await eventually(lambda: not server.runner.running)  # the task finishes with nobody listening
+    assert server.runner.admission.unfinished() == 0
+    session = next(iter(server.sessions._sessions.values()))
     assert len(session.outbox) == 3  # kept for a resume...
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(seconds(0.3))
     await server.sweep(store=False)
-    assert len(server.services.sessions) == 0 and len(server.services.registry) == 0  # ...then dropped
+    assert len(server.sessions) == 0 and len(server.registry) == 0  # ...then dropped
 
 
 async def test_stored_images_expire_after_the_image_ttl(start_server):
@@ -194,8 +195,8 @@ async def test_stored_images_expire_after_the_image_ttl(start_server):
     wire = await Wire.open(server.url)
     [item] = await wire.run(inference())
     await server.sweep(store=True)
-    assert await server.services.store.get(item["imageUUID"], owner=None)
-    await asyncio.sleep(2.5)
+    assert await server.store.get(item["imageUUID"], owner=None)
+    await asyncio.sleep(seconds(2.5))
     await server.sweep(store=True)
     error = await wire.error(inference(seedImage=item["imageUUID"]))
     assert error["code"] == "imageNotFound"

@@ -11,8 +11,9 @@ import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server import protocol
-from server.errors import TaskError
+from imagewire.server import protocol
+from imagewire.tasks.errors import TaskError
+from tests.timing import seconds
 from tests.wire import Wire, inference, new_uuid
 
 json_values = st.recursive(
@@ -120,7 +121,7 @@ async def test_hostile_frames_get_an_error_and_the_connection_stays(start_server
     wire = await Wire.open(server.url)
     for frame in HOSTILE_FRAMES:
         await wire.send(frame)
-        message = await wire.receive(timeout=10)
+        message = await wire.receive(timeout=seconds(10))
         assert message.get("errors"), (frame[:30], message)
     await wire.send([{"taskType": "ping", "ping": True}])
     assert (await wire.receive())["data"][0]["pong"] is True
@@ -132,7 +133,7 @@ async def test_hostile_tasks_get_an_error_item_and_the_server_lives(start_server
     wire = await Wire.open(server.url)
     for index, task in enumerate(HOSTILE_TASKS):
         await wire.send([task])
-        message = await wire.receive(timeout=30)
+        message = await wire.receive(timeout=seconds(30))
         assert message.get("errors"), (index, message)
         error = message["errors"][0]
         assert error["code"] and error["message"], index

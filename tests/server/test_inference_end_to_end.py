@@ -10,12 +10,13 @@ import urllib.request
 import pytest
 from PIL import Image
 
+from tests.timing import seconds
 from tests.wire import Wire, inference
 
 
 def fetch(url: str) -> tuple[str, bytes]:
     """GET an imageURL. Tests call it through asyncio.to_thread: the server shares their event loop."""
-    with urllib.request.urlopen(url, timeout=10) as response:
+    with urllib.request.urlopen(url, timeout=seconds(10)) as response:
         return response.headers["Content-Type"], response.read()
 
 

@@ -9,6 +9,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.server.test_scheduler import HeldEngine
+from tests.timing import seconds
 from tests.wire import Wire, inference
 
 
@@ -32,7 +33,7 @@ async def test_tasks_in_flight_per_api_key_are_bounded_over_connections(start_se
     first, second = await Wire.open(server.url), await Wire.open(server.url)
     await first.send([inference(), inference()])
     refused = inference()
-    assert await asyncio.to_thread(engine.started.wait, 10)
+    assert await asyncio.to_thread(engine.started.wait, seconds(10))
     error = await second.error(refused)
     assert error["code"] == "serviceUnavailable" and "API key" in error["message"]
     engine.release.set()
@@ -44,10 +45,10 @@ async def test_unauthenticated_sockets_per_address_are_bounded(start_server):
     server = await start_server(max_unauthenticated_per_ip=2)
     idle = [await connect(server.url) for _ in range(2)]
     third = await connect(server.url)
-    message = await asyncio.wait_for(third.recv(), 5)
+    message = await asyncio.wait_for(third.recv(), seconds(5))
     assert "serviceUnavailable" in message and "authenticate" in message
     with pytest.raises(ConnectionClosed):
-        await asyncio.wait_for(third.recv(), 5)
+        await asyncio.wait_for(third.recv(), seconds(5))
     assert third.close_code == 1008
     for websocket in idle:
         await websocket.close()
@@ -57,15 +58,15 @@ async def test_unauthenticated_sockets_per_address_are_bounded(start_server):
 
 
 async def test_a_socket_that_never_authenticates_is_closed(start_server):
-    server = await start_server(auth_timeout=1.0)
+    server = await start_server(auth_timeout=seconds(1.0))
     websocket = await connect(server.url)
-    message = await asyncio.wait_for(websocket.recv(), 5)
+    message = await asyncio.wait_for(websocket.recv(), seconds(5))
     assert "No authentication within" in message
     with pytest.raises(ConnectionClosed):
-        await asyncio.wait_for(websocket.recv(), 5)
+        await asyncio.wait_for(websocket.recv(), seconds(5))
     # an authenticated socket is not affected by the deadline
     wire = await Wire.open(server.url)
-    await asyncio.sleep(1.5)
+    await asyncio.sleep(seconds(1.5))
     await wire.send([{"taskType": "ping", "ping": True}])
     assert (await wire.receive())["data"][0]["pong"] is True
     await wire.close()
@@ -76,7 +77,7 @@ async def test_a_frame_over_the_limit_closes_only_that_socket(start_server):
     wire = await Wire.open(server.url)
     await wire.send("[" + " " * (2 * 1024 * 1024) + "]")
     with pytest.raises(ConnectionClosed):
-        await wire.receive(timeout=5)
+        await wire.receive(timeout=seconds(5))
     assert wire.websocket.close_code == 1009  # message too big
     other = await Wire.open(server.url)
     assert await other.run(inference())

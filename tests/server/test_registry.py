@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from server.errors import ConflictTaskUUID
-from server.sessions import TaskRegistry
+from imagewire.server.sessions import TaskRegistry
+from imagewire.tasks.errors import ConflictTaskUUID
 
 
 def item(task_uuid: str, size: int) -> dict:

@@ -11,7 +11,8 @@ from PIL import Image
 from runware import IImageInference, Runware
 from runware.utils import RunwareAPIError
 
-from tests.server.test_scheduler import HeldEngine
+from tests.engines import HeldEngine
+from tests.timing import seconds
 
 
 @pytest.fixture
@@ -59,11 +60,11 @@ async def test_a_task_cut_off_by_a_lost_socket_is_recovered_by_the_sdk(start_ser
         call = asyncio.create_task(client.imageInference(requestImage=IImageInference(
             model="imagewire:tiny@1", positivePrompt="a harbour at dawn", width=128, height=128, steps=2,
             numberResults=2, seed=7)))
-        assert await asyncio.to_thread(engine.started.wait, 10)
+        assert await asyncio.to_thread(engine.started.wait, seconds(10))
         for connection in list(server._server.connections):
             connection.transport.abort()  # as a network failure: no closing handshake
         engine.release.set()
-        images = await asyncio.wait_for(call, 30)
+        images = await asyncio.wait_for(call, seconds(30))
     finally:
         engine.release.set()
         await client.disconnect()

@@ -7,41 +7,10 @@ is how a full queue, a failing job and pongs during inference are shown determin
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import Sequence
 
-from PIL import Image
-
-from server.scheduler import Emit, GeneratedImage, InferenceJob
+from tests.engines import HeldEngine
+from tests.timing import seconds
 from tests.wire import Wire, eventually, inference
-
-
-class HeldEngine:
-    """Blocks each call until released; fails calls holding a job whose prompt says so."""
-
-    def __init__(self) -> None:
-        self.release = threading.Event()
-        self.started = threading.Event()
-        self.ran: list[str] = []
-        self.calls: list[list[str]] = []  # the taskUUIDs of each run() call
-
-    def load(self, model: object) -> None:
-        pass
-
-    def run(self, jobs: Sequence[InferenceJob], emit: Emit) -> None:
-        self.started.set()
-        if not self.release.wait(120):
-            raise RuntimeError("the test never released the engine")
-        self.calls.append([job.task_uuid for job in jobs])
-        if any("explode" in job.prompt for job in jobs):
-            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        for index, job in enumerate(jobs):
-            self.ran.append(job.task_uuid)
-            emit(index, [GeneratedImage(i, seed, Image.new("RGB", (job.width, job.height)), 0.01)
-                         for i, seed in enumerate(job.seeds)])
-
-    def recover(self) -> None:
-        pass
 
 
 async def test_pongs_flow_while_the_device_is_busy(start_server):
@@ -50,10 +19,10 @@ async def test_pongs_flow_while_the_device_is_busy(start_server):
     wire = await Wire.open(server.url)
     task = inference()
     await wire.send([task])
-    assert await asyncio.to_thread(engine.started.wait, 10)
+    assert await asyncio.to_thread(engine.started.wait, seconds(10))
     for _ in range(3):
         await wire.send([{"taskType": "ping", "ping": True}])
-        reply = await wire.receive(timeout=5)
+        reply = await wire.receive(timeout=seconds(5))
         assert reply["data"][0]["pong"] is True, reply
     engine.release.set()
     data, _ = await wire.items_for(task["taskUUID"], 1)
@@ -67,7 +36,7 @@ async def test_a_full_queue_answers_service_unavailable(start_server):
     wire = await Wire.open(server.url)
     running, waiting, refused = inference(), inference(), inference()
     await wire.send([running])
-    assert await asyncio.to_thread(engine.started.wait, 10)
+    assert await asyncio.to_thread(engine.started.wait, seconds(10))
     await queue_in_order(server, wire, [waiting])
     await wire.send([refused])
     _, errors = await wire.items_for(refused["taskUUID"], 1)
@@ -110,7 +79,7 @@ async def test_jobs_never_run_concurrently_and_all_finish(start_server):
 async def queue_in_order(server, wire: Wire, tasks: list[dict]) -> None:
     """Send ``tasks`` one by one, each once the previous one waits in the queue (the tasks of one
     message are validated concurrently and may reach the queue in any order)."""
-    scheduler = server.services.scheduler
+    scheduler = server.device
     for task in tasks:
         waiting = scheduler.pending
         await wire.send([task])
@@ -121,7 +90,7 @@ async def hold_the_device(engine: HeldEngine, wire: Wire) -> dict:
     """Send a task and wait until the engine holds it: what is sent next waits in the queue."""
     blocker = inference(positivePrompt="blocker")
     await wire.send([blocker])
-    assert await asyncio.to_thread(engine.started.wait, 10)
+    assert await asyncio.to_thread(engine.started.wait, seconds(10))
     return blocker
 
 
@@ -172,7 +141,7 @@ async def test_max_batch_size_one_keeps_every_task_in_its_own_call(start_server)
     await hold_the_device(engine, wire)
     tasks = [inference() for _ in range(3)]
     await wire.send(tasks)
-    await eventually(lambda: server.services.scheduler.pending == 3)
+    await eventually(lambda: server.device.pending == 3)
     engine.release.set()
     answers = await wire.answers({task["taskUUID"]: 1 for task in tasks})
     assert all(data and not errors for data, errors in answers.values())

@@ -8,6 +8,7 @@ import urllib.request
 
 import pytest
 
+from tests.timing import seconds
 from tests.wire import Wire, inference, new_uuid
 
 
@@ -99,14 +100,14 @@ async def test_a_reused_task_uuid_is_refused_and_runs_once(server):
 
 def http_status(url: str) -> int:
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
+        with urllib.request.urlopen(url, timeout=seconds(5)) as response:
             return int(response.status)
     except urllib.error.HTTPError as error:
         return error.code
 
 
 async def test_http_serves_only_stored_images(server):
-    base = server.services.config.base_url
+    base = server.config.base_url
     for path in ("/image/not-a-uuid.png", f"/image/{new_uuid()}.png", "/etc/passwd", "/image/../api-key"):
         # The server shares this event loop: blocking HTTP calls go to a thread.
         assert await asyncio.to_thread(http_status, base + path) == 404, path

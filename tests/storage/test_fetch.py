@@ -9,9 +9,12 @@ from types import TracebackType
 
 import pytest
 
-import storage.fetch
-from server.errors import InvalidParameter
-from storage.fetch import UrlFetcher, is_forbidden_address
+from imagewire.storage import fetch as fetch_module
+from imagewire.storage.errors import InputRejected
+from imagewire.storage.fetch import UrlFetcher, is_forbidden_address
+from imagewire.tasks.errors import InvalidParameter, TaskError
+from imagewire.tasks.inputs import task_error
+from tests.timing import seconds
 
 Respond = Callable[[bytes, asyncio.StreamWriter], Awaitable[None]]
 
@@ -66,12 +69,21 @@ def answer(data: bytes) -> Respond:
     return respond
 
 
+
+async def fetch(fetcher: UrlFetcher, url: str, parameter: str) -> bytes:
+    """Fetch ``url``; a failure is reported as the task layer reports it for ``parameter``."""
+    try:
+        return await fetcher.fetch(url)
+    except InputRejected as exc:
+        error: TaskError = task_error(exc, parameter)
+        raise error from exc
+
 BODY = b"\x89PNG" + bytes(range(256)) * 4
 
 
 async def test_fetches_a_body_with_content_length() -> None:
     async with LocalServer(answer(response(body=BODY, headers={"Content-Length": str(len(BODY))}))) as server:
-        data = await UrlFetcher(allow_private=True).fetch(server.url("/a/b.png?x=1"), parameter="seedImage")
+        data = await fetch(UrlFetcher(allow_private=True), server.url("/a/b.png?x=1"), "seedImage")
     assert data == BODY
     head = server.requests[0].decode()
     assert head.startswith("GET /a/b.png?x=1 HTTP/1.1\r\n")
@@ -84,17 +96,17 @@ async def test_fetches_a_chunked_body() -> None:
     chunked = b"".join(f"{len(part):x};ext=1\r\n".encode() + part + b"\r\n" for part in (BODY[:100], BODY[100:]))
     chunked += b"0\r\nX-Trailer: yes\r\n\r\n"
     async with LocalServer(answer(response(body=chunked, headers={"Transfer-Encoding": "chunked"}))) as server:
-        assert await UrlFetcher(allow_private=True).fetch(server.url(), parameter="seedImage") == BODY
+        assert await fetch(UrlFetcher(allow_private=True), server.url(), "seedImage") == BODY
 
 
 async def test_fetches_a_body_delimited_by_close() -> None:
     async with LocalServer(answer(response(body=BODY))) as server:
-        assert await UrlFetcher(allow_private=True).fetch(server.url(), parameter="seedImage") == BODY
+        assert await fetch(UrlFetcher(allow_private=True), server.url(), "seedImage") == BODY
 
 
 async def test_request_target_is_percent_encoded() -> None:
     async with LocalServer(answer(response(body=b"ok"))) as server:
-        await UrlFetcher(allow_private=True).fetch(server.url("/a b/ü.png?q=\r\nInjected: 1"), parameter="image")
+        await fetch(UrlFetcher(allow_private=True), server.url("/a b/ü.png?q=\r\nInjected: 1"), "image")
     request_line, *headers = server.requests[0].decode().split("\r\n")
     assert request_line == "GET /a%20b/%C3%BC.png?q=Injected:%201 HTTP/1.1"
     assert not any(line.startswith("Injected") for line in headers)
@@ -103,7 +115,7 @@ async def test_request_target_is_percent_encoded() -> None:
 async def test_loopback_is_refused_before_anything_is_sent() -> None:
     async with LocalServer(answer(response(body=BODY))) as server:
         with pytest.raises(InvalidParameter) as caught:
-            await UrlFetcher().fetch(server.url(), parameter="seedImage")
+            await fetch(UrlFetcher(), server.url(), "seedImage")
     assert caught.value.parameter == "seedImage"
     assert "non-public" in caught.value.message
     assert server.connections == 0
@@ -113,7 +125,7 @@ async def test_redirect_is_followed_when_allowed() -> None:
     async with LocalServer(answer(response(body=BODY))) as target:
         redirect = response(302, headers={"Location": target.url("/final.png")})
         async with LocalServer(answer(redirect)) as first:
-            assert await UrlFetcher(allow_private=True).fetch(first.url(), parameter="seedImage") == BODY
+            assert await fetch(UrlFetcher(allow_private=True), first.url(), "seedImage") == BODY
     assert target.requests[0].startswith(b"GET /final.png ")
 
 
@@ -125,14 +137,14 @@ async def test_relative_redirect_is_followed() -> None:
             writer.write(response(body=b"end"))
 
     async with LocalServer(respond) as server:
-        assert await UrlFetcher(allow_private=True).fetch(server.url("/start"), parameter="image") == b"end"
+        assert await fetch(UrlFetcher(allow_private=True), server.url("/start"), "image") == b"end"
 
 
 async def test_redirect_to_loopback_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     # Treat the first server's address as public, so that the redirect's target is what gets checked.
-    real_check = storage.fetch.is_forbidden_address
+    real_check = fetch_module.is_forbidden_address
     monkeypatch.setattr(
-        storage.fetch,
+        fetch_module,
         "is_forbidden_address",
         lambda address: address != ipaddress.ip_address("127.0.0.1") and real_check(address),
     )
@@ -140,7 +152,7 @@ async def test_redirect_to_loopback_is_refused(monkeypatch: pytest.MonkeyPatch) 
         redirect = response(307, headers={"Location": f"http://127.0.0.2:{target.port}/secret"})
         async with LocalServer(answer(redirect)) as first:
             with pytest.raises(InvalidParameter) as caught:
-                await UrlFetcher().fetch(first.url(), parameter="seedImage")
+                await fetch(UrlFetcher(), first.url(), "seedImage")
     assert first.connections == 1
     assert target.connections == 0
     assert caught.value.parameter == "seedImage"
@@ -153,7 +165,7 @@ async def test_too_many_redirects() -> None:
 
     async with LocalServer(respond) as server:
         with pytest.raises(InvalidParameter) as caught:
-            await UrlFetcher(allow_private=True, max_redirects=2).fetch(server.url(), parameter="image")
+            await fetch(UrlFetcher(allow_private=True, max_redirects=2), server.url(), "image")
     assert server.connections == 3
     assert "redirected more than 2 times" in caught.value.message
     assert caught.value.parameter == "image"
@@ -163,7 +175,7 @@ async def test_error_status_is_reported() -> None:
     async with LocalServer(answer(response(404, body=b"nope", headers={"Content-Length": "4"}))) as server:
         with pytest.raises(InvalidParameter) as caught:
             url = f"http://user:hunter2@127.0.0.1:{server.port}/private/token.png"
-            await UrlFetcher(allow_private=True).fetch(url, parameter="seedImage")
+            await fetch(UrlFetcher(allow_private=True), url, "seedImage")
     assert caught.value.parameter == "seedImage"
     assert caught.value.message == f"fetching seedImage URL http://127.0.0.1:{server.port} answered HTTP 404"
     assert b"hunter2" not in server.requests[0]
@@ -177,7 +189,7 @@ async def test_oversize_content_length_is_refused_before_the_body() -> None:
 
     async with LocalServer(respond) as server:
         with pytest.raises(InvalidParameter) as caught:
-            await UrlFetcher(allow_private=True, max_bytes=1000, timeout=5).fetch(server.url(), parameter="image")
+            await fetch(UrlFetcher(allow_private=True, max_bytes=1000, timeout=seconds(5)), server.url(), "image")
     assert "10000000 bytes, more than the 1000 bytes allowed" in caught.value.message
     assert caught.value.parameter == "image"
 
@@ -194,7 +206,7 @@ async def test_oversize_stream_is_cut_off(chunked: bool) -> None:
 
     async with LocalServer(respond) as server:
         with pytest.raises(InvalidParameter) as caught:
-            await UrlFetcher(allow_private=True, max_bytes=10_000, timeout=5).fetch(server.url(), parameter="image")
+            await fetch(UrlFetcher(allow_private=True, max_bytes=10_000, timeout=seconds(5)), server.url(), "image")
     assert "more than the 10000 bytes allowed" in caught.value.message
     assert caught.value.parameter == "image"
 
@@ -206,7 +218,7 @@ async def test_timeout() -> None:
     async with LocalServer(never) as server:
         started = time.monotonic()
         with pytest.raises(InvalidParameter) as caught:
-            await UrlFetcher(allow_private=True, timeout=0.5).fetch(server.url(), parameter="seedImage")
+            await fetch(UrlFetcher(allow_private=True, timeout=seconds(0.5)), server.url(), "seedImage")
         assert time.monotonic() - started < 2
     assert "timed out after 0.5 s" in caught.value.message
     assert caught.value.parameter == "seedImage"
@@ -217,7 +229,7 @@ async def test_connection_refused() -> None:
         placeholder.bind(("127.0.0.1", 0))
         port = placeholder.getsockname()[1]  # bound, never listening: connections are refused
         with pytest.raises(InvalidParameter) as caught:
-            await UrlFetcher(allow_private=True).fetch(f"http://127.0.0.1:{port}/x.png", parameter="image")
+            await fetch(UrlFetcher(allow_private=True), f"http://127.0.0.1:{port}/x.png", "image")
     assert "could not be reached" in caught.value.message
     assert caught.value.parameter == "image"
 
@@ -225,7 +237,7 @@ async def test_connection_refused() -> None:
 async def test_not_http_is_refused() -> None:
     async with LocalServer(answer(b"SSH-2.0-OpenSSH\r\n\r\n")) as server:
         with pytest.raises(InvalidParameter) as caught:
-            await UrlFetcher(allow_private=True).fetch(server.url(), parameter="image")
+            await fetch(UrlFetcher(allow_private=True), server.url(), "image")
     assert "did not answer with HTTP/1.x" in caught.value.message
 
 
@@ -234,7 +246,7 @@ async def test_not_http_is_refused() -> None:
 )
 async def test_bad_urls_are_refused(url: str) -> None:
     with pytest.raises(InvalidParameter) as caught:
-        await UrlFetcher(allow_private=True).fetch(url, parameter="seedImage")
+        await fetch(UrlFetcher(allow_private=True), url, "seedImage")
     assert caught.value.parameter == "seedImage"
     assert "etc/passwd" not in caught.value.message
 

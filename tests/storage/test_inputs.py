@@ -13,10 +13,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from server.errors import ImageNotFound, InvalidParameter, TaskError
-from storage.fetch import UrlFetcher
-from storage.inputs import INFERENCE_FORMATS, UPLOAD_FORMATS, InputImage, prepare_upload, resolve_image_input
-from storage.store import ImageStore
+from imagewire.storage.errors import StorageError
+from imagewire.storage.fetch import UrlFetcher
+from imagewire.storage.formats import INFERENCE_INPUTS, UPLOAD_INPUTS
+from imagewire.storage.inputs import InputImage, prepare_upload, resolve_image_input
+from imagewire.storage.store import ImageStore
+from imagewire.tasks.errors import ImageNotFound, InvalidParameter, TaskError
+from imagewire.tasks.inputs import task_error
 
 OWNER = "owner-a"
 MAX_BYTES = 4 * 1024 * 1024
@@ -53,18 +56,21 @@ async def resolve(
     fetcher: UrlFetcher | None = None,
     max_pixels: int = MAX_PIXELS,
     max_bytes: int = MAX_BYTES,
-    allowed_formats: frozenset[str] = INFERENCE_FORMATS,
+    allowed_formats: frozenset[str] = INFERENCE_INPUTS,
 ) -> InputImage:
-    return await resolve_image_input(
-        value,
-        parameter=parameter,
-        owner=OWNER,
-        store=store,
-        fetcher=fetcher or UrlFetcher(),
-        max_pixels=max_pixels,
-        max_bytes=max_bytes,
-        allowed_formats=allowed_formats,
-    )
+    """Resolve an input image; a failure is reported as the task layer reports it for ``parameter``."""
+    try:
+        return await resolve_image_input(
+            value,
+            owner=OWNER,
+            store=store,
+            fetcher=fetcher or UrlFetcher(),
+            max_pixels=max_pixels,
+            max_bytes=max_bytes,
+            allowed_formats=allowed_formats,
+        )
+    except StorageError as exc:
+        raise task_error(exc, parameter) from exc
 
 
 async def refused(value: str, store: ImageStore, **options: object) -> TaskError:
@@ -229,7 +235,7 @@ async def test_bmp_is_refused_for_inference(store: ImageStore) -> None:
 
 @pytest.mark.parametrize("format", ["BMP", "GIF"])
 async def test_bmp_and_gif_are_accepted_for_upload(store: ImageStore, format: str) -> None:
-    image = await resolve(base64.b64encode(encoded((20, 10), format)).decode(), store, allowed_formats=UPLOAD_FORMATS)
+    image = await resolve(base64.b64encode(encoded((20, 10), format)).decode(), store, allowed_formats=UPLOAD_INPUTS)
     assert (image.format, image.width, image.height, image.image.mode) == (format, 20, 10, "RGB")
 
 
@@ -284,7 +290,7 @@ async def test_first_frame_of_an_animated_gif(store: ImageStore) -> None:
     frames = [Image.new("RGB", (16, 16), colour) for colour in ((255, 0, 0), (0, 0, 255))]
     buffer = io.BytesIO()
     frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
-    image = await resolve(base64.b64encode(buffer.getvalue()).decode(), store, allowed_formats=UPLOAD_FORMATS)
+    image = await resolve(base64.b64encode(buffer.getvalue()).decode(), store, allowed_formats=UPLOAD_INPUTS)
     red, green, blue = image.image.getpixel((8, 8))  # type: ignore[misc]
     assert red > 200 and blue < 50
 
@@ -294,7 +300,7 @@ async def test_first_frame_of_an_animated_gif(store: ImageStore) -> None:
 
 async def test_prepare_upload_downsizes_keeping_aspect(store: ImageStore) -> None:
     image = await resolve(
-        base64.b64encode(encoded((3000, 1000), "JPEG")).decode(), store, allowed_formats=UPLOAD_FORMATS
+        base64.b64encode(encoded((3000, 1000), "JPEG")).decode(), store, allowed_formats=UPLOAD_INPUTS
     )
     data, extension = await prepare_upload(image)
     assert extension == "png"
@@ -307,12 +313,12 @@ async def test_prepare_upload_downsizes_keeping_aspect(store: ImageStore) -> Non
 async def test_prepare_upload_keeps_small_images_byte_for_byte(store: ImageStore) -> None:
     for format, extension in (("PNG", "png"), ("JPEG", "jpg"), ("WEBP", "webp")):
         data = encoded((300, 200), format)
-        image = await resolve(base64.b64encode(data).decode(), store, allowed_formats=UPLOAD_FORMATS)
+        image = await resolve(base64.b64encode(data).decode(), store, allowed_formats=UPLOAD_INPUTS)
         assert await prepare_upload(image) == (data, extension)
 
 
 async def test_prepare_upload_reencodes_bmp_as_png(store: ImageStore) -> None:
-    image = await resolve(base64.b64encode(encoded((30, 20), "BMP")).decode(), store, allowed_formats=UPLOAD_FORMATS)
+    image = await resolve(base64.b64encode(encoded((30, 20), "BMP")).decode(), store, allowed_formats=UPLOAD_INPUTS)
     data, extension = await prepare_upload(image)
     assert extension == "png"
     stored = Image.open(io.BytesIO(data))

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-import storage.store
-from server.errors import ImageNotFound, InvalidParameter, StorageError
-from storage.store import ImageStore, canonical_uuid
+from imagewire.storage import store as store_module
+from imagewire.storage.errors import ImageNotStored, InputRejected, StoreFailed
+from imagewire.storage.store import ImageStore, canonical_uuid
+from imagewire.tasks.errors import ImageNotFound, InvalidParameter, StorageError, TaskError
+from imagewire.tasks.inputs import task_error
 
 OWNER = "owner-a"
 
@@ -77,17 +79,19 @@ async def test_data_without_metadata_is_not_served(tmp_path: Path) -> None:
     store = ImageStore(tmp_path)
     stored = await store.put(b"data", extension="png", owner=OWNER)
     stored.path.with_suffix(".json").unlink()
-    with pytest.raises(ImageNotFound) as caught:
+    with pytest.raises(ImageNotStored) as caught:
         await store.get(stored.uuid, owner=OWNER)
-    assert caught.value.code == "imageNotFound"
-    assert caught.value.parameter == "imageUUID"
+    error = task_error(caught.value, "imageUUID")
+    assert isinstance(error, ImageNotFound)
+    assert error.code == "imageNotFound"
+    assert error.parameter == "imageUUID"
 
 
 async def test_metadata_without_data_is_not_served(tmp_path: Path) -> None:
     store = ImageStore(tmp_path)
     stored = await store.put(b"data", extension="png", owner=OWNER)
     stored.path.unlink()
-    with pytest.raises(ImageNotFound):
+    with pytest.raises(ImageNotStored):
         await store.get(stored.uuid, owner=OWNER)
 
 
@@ -114,11 +118,13 @@ async def test_uppercase_uuid_is_accepted(tmp_path: Path) -> None:
 )
 async def test_non_canonical_uuids_are_refused(tmp_path: Path, text: str) -> None:
     store = ImageStore(tmp_path)
-    with pytest.raises(InvalidParameter) as caught:
-        await store.get(text, owner=OWNER, parameter="seedImage")
-    assert caught.value.code == "invalidParameter"
-    assert caught.value.parameter == "seedImage"
-    assert str(tmp_path) not in caught.value.message
+    with pytest.raises(InputRejected) as caught:
+        await store.get(text, owner=OWNER)
+    error = task_error(caught.value, "seedImage")
+    assert isinstance(error, InvalidParameter)
+    assert error.code == "invalidParameter"
+    assert error.parameter == "seedImage"
+    assert str(tmp_path) not in error.message
 
 
 def test_canonical_uuid() -> None:
@@ -132,14 +138,16 @@ async def test_another_owners_image_answers_like_a_missing_one(tmp_path: Path) -
     stored = await store.put(b"data", extension="png", owner=OWNER)
     missing = str(uuid.uuid4())
 
-    with pytest.raises(ImageNotFound) as wrong_owner:
-        await store.get(stored.uuid, owner="owner-b", parameter="seedImage")
-    with pytest.raises(ImageNotFound) as absent:
-        await store.get(missing, owner=OWNER, parameter="seedImage")
+    with pytest.raises(ImageNotStored) as wrong_owner_raised:
+        await store.get(stored.uuid, owner="owner-b")
+    with pytest.raises(ImageNotStored) as absent_raised:
+        await store.get(missing, owner=OWNER)
 
-    assert wrong_owner.value.code == absent.value.code == "imageNotFound"
-    assert wrong_owner.value.parameter == absent.value.parameter == "seedImage"
-    assert wrong_owner.value.message.replace(stored.uuid, "X") == absent.value.message.replace(missing, "X")
+    wrong_owner: TaskError = task_error(wrong_owner_raised.value, "seedImage")
+    absent: TaskError = task_error(absent_raised.value, "seedImage")
+    assert wrong_owner.code == absent.code == "imageNotFound"
+    assert wrong_owner.parameter == absent.parameter == "seedImage"
+    assert wrong_owner.message.replace(stored.uuid, "X") == absent.message.replace(missing, "X")
 
 
 async def test_owner_none_skips_the_owner_check(tmp_path: Path) -> None:
@@ -174,9 +182,9 @@ async def test_sweep_deletes_only_images_unused_for_too_long(tmp_path: Path) -> 
 
     assert not old.path.exists()
     assert not metadata_path.exists()
-    with pytest.raises(ImageNotFound):
+    with pytest.raises(ImageNotStored):
         await store.get(old.uuid, owner=OWNER)
-    with pytest.raises(ImageNotFound):
+    with pytest.raises(ImageNotStored):
         await store.read(old)
     assert await store.read(await store.get(fresh.uuid, owner=OWNER)) == b"fresh"
 
@@ -196,12 +204,14 @@ async def test_disk_errors_become_storage_errors_without_paths(tmp_path: Path, m
     def disk_full(path: Path, data: bytes) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(storage.store, "_write_atomically", disk_full)
-    with pytest.raises(StorageError) as caught:
+    monkeypatch.setattr(store_module, "_write_atomically", disk_full)
+    with pytest.raises(StoreFailed) as caught:
         await store.put(b"data", extension="png", owner=OWNER)
-    assert caught.value.code == "storageError"
-    assert "disk is full" in caught.value.message
-    assert str(tmp_path) not in caught.value.message
+    error = task_error(caught.value, "image")
+    assert isinstance(error, StorageError)
+    assert error.code == "storageError"
+    assert "disk is full" in error.message
+    assert str(tmp_path) not in error.message
 
 
 async def test_unknown_extension_is_a_programming_error(tmp_path: Path) -> None:
@@ -212,7 +222,7 @@ async def test_unknown_extension_is_a_programming_error(tmp_path: Path) -> None:
 
 async def test_an_interrupted_put_leaves_nothing_visible(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = ImageStore(tmp_path)
-    real_replace = storage.store.os.replace
+    real_replace = store_module.os.replace
     calls: list[str] = []
 
     def replace_then_fail(source: Path, target: Path) -> None:
@@ -221,8 +231,8 @@ async def test_an_interrupted_put_leaves_nothing_visible(tmp_path: Path, monkeyp
             raise OSError(errno.EIO, "Input/output error")
         real_replace(source, target)
 
-    monkeypatch.setattr(storage.store.os, "replace", replace_then_fail)
-    with pytest.raises(StorageError):
+    monkeypatch.setattr(store_module.os, "replace", replace_then_fail)
+    with pytest.raises(StoreFailed):
         await store.put(b"data", extension="png", owner=OWNER)
     monkeypatch.undo()
 
@@ -230,7 +240,7 @@ async def test_an_interrupted_put_leaves_nothing_visible(tmp_path: Path, monkeyp
     data_file = Path(calls[0])
     assert data_file.exists()
     assert files_under(tmp_path) == [data_file]  # the temporary metadata was removed
-    with pytest.raises(ImageNotFound):
+    with pytest.raises(ImageNotStored):
         await store.get(data_file.stem, owner=OWNER)
     ImageStore(tmp_path)
     assert files_under(tmp_path) == []

@@ -1,8 +1,12 @@
-"""Scheduler names that clients send, mapped to the diffusers class and options that implement them.
+"""Samplers: the ``scheduler`` names that clients send, mapped to the diffusers class and options
+that implement them.
 
-Pure data: this module names diffusers classes as strings and imports no diffusers, so the protocol
-layer can validate ``scheduler`` before anything reaches the GPU worker. The worker turns a spec
-into an object with ``PipelineCache.make_scheduler``.
+diffusers calls a sampler a "scheduler", as the wire protocol does; inside this server "scheduler"
+is kept for nothing else, and the queue in front of the device is the device queue.
+
+Pure data: this module names diffusers classes as strings and imports no diffusers, so the task
+layer can validate ``scheduler`` before anything reaches the device worker. The worker turns a spec
+into an object with ``PipelineCache.make_sampler``.
 
 Names follow Runware's list for Stable Diffusion models (friendly names such as ``DPM++ 2M Karras``
 and diffusers class names such as ``EulerDiscreteScheduler``). Left out on purpose: the inverse
@@ -21,13 +25,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.errors import InvalidParameter, describe_value
+from imagewire.air_registry.errors import UnknownSampler, shown
 
 DEFAULT_NAME = "Default"
 
 
 @dataclass(frozen=True)
-class SchedulerSpec:
+class SamplerSpec:
     name: str
     class_name: str
     # Overrides applied on top of the model's own scheduler config. Not part of the hash: a
@@ -52,16 +56,16 @@ _DPMPP_2M_SDE = {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}
 _DPMPP_SINGLE = {"algorithm_type": "dpmsolver++", "solver_order": 2, "lower_order_final": True}
 
 
-def _spec(name: str, class_name: str, *option_sets: Mapping[str, Any]) -> SchedulerSpec:
+def _spec(name: str, class_name: str, *option_sets: Mapping[str, Any]) -> SamplerSpec:
     options: dict[str, Any] = {}
     for option_set in option_sets:
         options.update(option_set)
-    return SchedulerSpec(name=name, class_name=class_name, options=types.MappingProxyType(options))
+    return SamplerSpec(name=name, class_name=class_name, options=types.MappingProxyType(options))
 
 
 def _sigma_variants(
     name: str, class_name: str, base: Mapping[str, Any], *, beta_and_exponential: bool = True
-) -> list[SchedulerSpec]:
+) -> list[SamplerSpec]:
     """``name``, ``name Karras`` and, where Runware lists them, ``name Beta``/``name Exponential``."""
     variants = [_spec(name, class_name, base, _PLAIN), _spec(f"{name} Karras", class_name, base, _KARRAS)]
     if beta_and_exponential:
@@ -70,7 +74,7 @@ def _sigma_variants(
     return variants
 
 
-_FRIENDLY_SPECS: list[SchedulerSpec] = [
+_FRIENDLY_SPECS: list[SamplerSpec] = [
     _spec("DDIM", "DDIMScheduler"),
     _spec("DDPM", "DDPMScheduler"),
     _spec("PNDM", "PNDMScheduler"),
@@ -119,13 +123,13 @@ _CLASS_NAMES: tuple[str, ...] = (
     "TCDScheduler",
 )
 
-SCHEDULERS: Mapping[str, SchedulerSpec] = types.MappingProxyType(
+SAMPLERS: Mapping[str, SamplerSpec] = types.MappingProxyType(
     {spec.name: spec for spec in _FRIENDLY_SPECS}
     | {class_name: _spec(class_name, class_name) for class_name in _CLASS_NAMES}
 )
 
 # Every name a client may send, in their canonical spelling, for ``allowedValues``.
-SCHEDULER_NAMES: tuple[str, ...] = tuple(sorted([DEFAULT_NAME, *SCHEDULERS], key=str.casefold))
+SAMPLER_NAMES: tuple[str, ...] = tuple(sorted([DEFAULT_NAME, *SAMPLERS], key=str.casefold))
 
 
 def _normalise(name: str) -> str:
@@ -133,12 +137,12 @@ def _normalise(name: str) -> str:
     return " ".join(name.split()).casefold()
 
 
-_BY_NORMALISED_NAME: Mapping[str, SchedulerSpec] = types.MappingProxyType(
-    {_normalise(name): spec for name, spec in SCHEDULERS.items()}
+_BY_NORMALISED_NAME: Mapping[str, SamplerSpec] = types.MappingProxyType(
+    {_normalise(name): spec for name, spec in SAMPLERS.items()}
 )
 
 
-def resolve_scheduler(name: str | None) -> SchedulerSpec | None:
+def resolve_sampler(name: str | None) -> SamplerSpec | None:
     """The spec for a client's scheduler name; ``None`` (absent or ``Default``) means the model's own."""
     if name is None:
         return None
@@ -148,11 +152,8 @@ def resolve_scheduler(name: str | None) -> SchedulerSpec | None:
     spec = _BY_NORMALISED_NAME.get(key) if key is not None else None
     if spec is None:
         friendly = [DEFAULT_NAME, *(spec.name for spec in _FRIENDLY_SPECS)]
-        raise InvalidParameter(
-            f"scheduler must be one of {', '.join(friendly)} or a diffusers scheduler class name such as "
-            f"EulerDiscreteScheduler (case-insensitive); received {describe_value(name)}",
-            parameter="scheduler",
-            type="string",
-            allowed_values=list(SCHEDULER_NAMES),
-        )
+        raise UnknownSampler(
+            f"must be one of {', '.join(friendly)} or a diffusers scheduler class name such as "
+            f"EulerDiscreteScheduler (case-insensitive); received {shown(name)}",
+            allowed_values=list(SAMPLER_NAMES))
     return spec

@@ -13,14 +13,14 @@
     ├── ImageNotFound              imageNotFound
     ├── TaskNotFound               taskNotFound
     ├── ServiceUnavailable         serviceUnavailable (queue full, shutting down, limits reached)
-    ├── Timeout                    timeout
     ├── InferenceError             inferenceError (the pipeline failed; other tasks go on)
     ├── StorageError               storageError (disk full and friends)
     └── InternalServerError        internalServerError (our own bug; the message never leaks details)
 
 Foreign exceptions (PIL, OSError, torch, msgspec) are translated where they are caught,
 with ``raise ... from exc``, so a traceback in the log still shows the cause while the
-client sees only the sentence.
+client sees only the sentence. The ground floors' own errors (``storage.errors``,
+``air_registry.errors``) become these in one place, ``tasks/inputs.py``.
 """
 
 from __future__ import annotations
@@ -110,10 +110,6 @@ class TaskNotFound(TaskError):
 
 class ServiceUnavailable(TaskError):
     code = "serviceUnavailable"
-
-
-class Timeout(TaskError):
-    code = "timeout"
 
 
 class InferenceError(TaskError):

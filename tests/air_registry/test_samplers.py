@@ -4,12 +4,13 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from air_registry.catalog import ModelEntry
-from air_registry.schedulers import SCHEDULER_NAMES, SCHEDULERS, SchedulerSpec, resolve_scheduler
-from server.errors import InvalidParameter
+from imagewire.air_registry.catalog import ModelEntry
+from imagewire.air_registry.errors import UnknownSampler
+from imagewire.air_registry.samplers import SAMPLER_NAMES, SAMPLERS, SamplerSpec, resolve_sampler
+from imagewire.tasks.inputs import task_error
 
 if TYPE_CHECKING:
-    from air_registry.loader import PipelineCache
+    from imagewire.air_registry.loader import PipelineCache
 
 # The names Runware documents for Stable Diffusion models that this server must accept, and the
 # diffusers class each stands for.
@@ -64,7 +65,7 @@ def config_of(scheduler: Any) -> Any:
 
 @pytest.mark.parametrize(("name", "class_name"), sorted(RUNWARE_NAMES.items()))
 def test_every_runware_name_resolves(name: str, class_name: str) -> None:
-    spec = resolve_scheduler(name)
+    spec = resolve_sampler(name)
     assert spec is not None
     assert spec.name == name
     assert spec.class_name == class_name
@@ -72,13 +73,13 @@ def test_every_runware_name_resolves(name: str, class_name: str) -> None:
 
 @pytest.mark.parametrize("class_name", CLASS_NAMES)
 def test_diffusers_class_names_resolve_to_that_class_without_overrides(class_name: str) -> None:
-    spec = resolve_scheduler(class_name)
-    assert spec == SchedulerSpec(name=class_name, class_name=class_name, options={})
+    spec = resolve_sampler(class_name)
+    assert spec == SamplerSpec(name=class_name, class_name=class_name, options={})
 
 
 @pytest.mark.parametrize("name", [None, "Default", "default", "  DEFAULT "])
 def test_default_means_the_models_own_scheduler(name: str | None) -> None:
-    assert resolve_scheduler(name) is None
+    assert resolve_sampler(name) is None
 
 
 @pytest.mark.parametrize(
@@ -93,15 +94,15 @@ def test_default_means_the_models_own_scheduler(name: str | None) -> None:
     ],
 )
 def test_matching_ignores_case_and_spacing(sent: str, canonical: str) -> None:
-    spec = resolve_scheduler(sent)
+    spec = resolve_sampler(sent)
     assert spec is not None
     assert spec.name == canonical
 
 
 def test_karras_variants_set_karras_sigmas_and_plain_ones_clear_them() -> None:
-    karras = resolve_scheduler("DPM++ 2M Karras")
-    plain = resolve_scheduler("DPM++ 2M")
-    sde = resolve_scheduler("DPM++ 2M SDE Karras")
+    karras = resolve_sampler("DPM++ 2M Karras")
+    plain = resolve_sampler("DPM++ 2M")
+    sde = resolve_sampler("DPM++ 2M SDE Karras")
     assert karras is not None and plain is not None and sde is not None
     assert karras.options["use_karras_sigmas"] is True
     assert plain.options["use_karras_sigmas"] is False
@@ -113,37 +114,37 @@ def test_karras_variants_set_karras_sigmas_and_plain_ones_clear_them() -> None:
     "name", ["Warp", "Euler b", "", "DDIMInverseScheduler", "FlowMatchEulerDiscreteScheduler"]
 )
 def test_unknown_names_are_rejected_with_the_allowed_values(name: str) -> None:
-    with pytest.raises(InvalidParameter) as caught:
-        resolve_scheduler(name)
-    error = caught.value
+    with pytest.raises(UnknownSampler) as caught:
+        resolve_sampler(name)
+    error = task_error(caught.value, "scheduler")
     assert error.code == "invalidParameter"
     assert error.parameter == "scheduler"
     assert error.type == "string"
-    assert error.allowed_values == list(SCHEDULER_NAMES)
+    assert error.allowed_values == list(SAMPLER_NAMES)
     assert f"received {name!r}" in error.message
     assert "Euler a" in error.message and "DPM++ 2M Karras" in error.message
 
 
 def test_allowed_values_are_sorted_and_complete() -> None:
-    assert list(SCHEDULER_NAMES) == sorted(SCHEDULER_NAMES, key=str.casefold)
-    assert set(SCHEDULER_NAMES) == {"Default", *SCHEDULERS}
-    assert set(RUNWARE_NAMES) <= set(SCHEDULER_NAMES)
-    assert set(CLASS_NAMES) <= set(SCHEDULER_NAMES)
+    assert list(SAMPLER_NAMES) == sorted(SAMPLER_NAMES, key=str.casefold)
+    assert set(SAMPLER_NAMES) == {"Default", *SAMPLERS}
+    assert set(RUNWARE_NAMES) <= set(SAMPLER_NAMES)
+    assert set(CLASS_NAMES) <= set(SAMPLER_NAMES)
 
 
 def test_every_spec_names_a_diffusers_class() -> None:
     import diffusers
 
-    for spec in SCHEDULERS.values():
+    for spec in SAMPLERS.values():
         assert hasattr(diffusers, spec.class_name), spec
 
 
 def test_specs_are_immutable_and_hashable() -> None:
-    spec = resolve_scheduler("Euler Karras")
+    spec = resolve_sampler("Euler Karras")
     assert spec is not None
     with pytest.raises(TypeError):
         spec.options["use_karras_sigmas"] = False  # type: ignore[index]
-    assert len({spec, resolve_scheduler("Euler Karras")}) == 1
+    assert len({spec, resolve_sampler("Euler Karras")}) == 1
 
 
 # ---------------------------------------------------------------- specs → scheduler objects
@@ -154,11 +155,11 @@ def tiny_pipe(pipelines: PipelineCache, tiny_entry: ModelEntry) -> Any:
     return pipelines.text_to_image(tiny_entry)
 
 
-@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_make_scheduler_builds_the_spec(pipelines: PipelineCache, tiny_pipe: Any, name: str) -> None:
-    spec = SCHEDULERS[name]
-    first = pipelines.make_scheduler(tiny_pipe, spec)
-    second = pipelines.make_scheduler(tiny_pipe, spec)
+    spec = SAMPLERS[name]
+    first = pipelines.make_sampler(tiny_pipe, spec)
+    second = pipelines.make_sampler(tiny_pipe, spec)
     assert type(first).__name__ == spec.class_name
     assert first is not second
     for option, value in spec.options.items():
@@ -169,8 +170,8 @@ def test_make_scheduler_builds_the_spec(pipelines: PipelineCache, tiny_pipe: Any
 
 
 def test_default_gives_a_fresh_copy_of_the_models_scheduler(pipelines: PipelineCache, tiny_pipe: Any) -> None:
-    first = pipelines.make_scheduler(tiny_pipe, None)
-    second = pipelines.make_scheduler(tiny_pipe, None)
+    first = pipelines.make_sampler(tiny_pipe, None)
+    second = pipelines.make_sampler(tiny_pipe, None)
     assert type(first).__name__ == "PNDMScheduler"
     assert first is not second
     assert first is not tiny_pipe.scheduler
@@ -182,9 +183,9 @@ def test_schedulers_start_from_the_models_config_not_the_last_one_used(
     pipe: Any = pipelines.image_to_image(tiny_entry)
     original = pipe.scheduler
     try:
-        pipe.scheduler = pipelines.make_scheduler(pipe, resolve_scheduler("DPM++ 3M Karras"))
-        assert type(pipelines.make_scheduler(pipe, None)).__name__ == "PNDMScheduler"
-        euler = pipelines.make_scheduler(pipe, resolve_scheduler("EulerDiscreteScheduler"))
+        pipe.scheduler = pipelines.make_sampler(pipe, resolve_sampler("DPM++ 3M Karras"))
+        assert type(pipelines.make_sampler(pipe, None)).__name__ == "PNDMScheduler"
+        euler = pipelines.make_sampler(pipe, resolve_sampler("EulerDiscreteScheduler"))
         assert config_of(euler)["use_karras_sigmas"] is False
         assert "solver_order" not in config_of(euler)
     finally:
@@ -196,15 +197,15 @@ def test_seeds_make_the_sde_scheduler_repeatable(pipelines: PipelineCache, tiny_
     import torch
 
     pipe: Any = pipelines.text_to_image(tiny_entry)
-    spec = resolve_scheduler("DPM++ SDE Karras")
-    assert config_of(pipelines.make_scheduler(pipe, spec, seeds=[7]))["noise_sampler_seed"] == 7
-    assert config_of(pipelines.make_scheduler(pipe, spec, seeds=[7, 8]))["noise_sampler_seed"] == [7, 8]
+    spec = resolve_sampler("DPM++ SDE Karras")
+    assert config_of(pipelines.make_sampler(pipe, spec, seeds=[7]))["noise_sampler_seed"] == 7
+    assert config_of(pipelines.make_sampler(pipe, spec, seeds=[7, 8]))["noise_sampler_seed"] == [7, 8]
     # Schedulers that take their noise from the pipeline's generator are left as they are.
-    euler_a = pipelines.make_scheduler(pipe, resolve_scheduler("Euler a"), seeds=[7])
+    euler_a = pipelines.make_sampler(pipe, resolve_sampler("Euler a"), seeds=[7])
     assert "noise_sampler_seed" not in config_of(euler_a)
 
     def generate(seed: int) -> Any:
-        pipe.scheduler = pipelines.make_scheduler(pipe, spec, seeds=[seed])
+        pipe.scheduler = pipelines.make_sampler(pipe, spec, seeds=[seed])
         output = pipe(
             "a lighthouse",
             width=128,
@@ -219,3 +220,13 @@ def test_seeds_make_the_sde_scheduler_repeatable(pipelines: PipelineCache, tiny_
         assert np.array_equal(generate(3), generate(3))
     finally:
         pipe.scheduler = original
+
+
+def test_samplers_this_diffusers_lacks_are_found_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    from imagewire.air_registry import loader
+
+    assert loader.unavailable_samplers() == {}  # every sampler of the table runs on this installation
+    missing = SamplerSpec(name="Warp", class_name="WarpDriveScheduler")
+    monkeypatch.setattr(loader, "SAMPLERS", {**SAMPLERS, "Warp": missing})
+    assert list(loader.unavailable_samplers()) == ["Warp"]
+    assert "is not available in this server's diffusers" in loader.unavailable_samplers()["Warp"]

@@ -1,16 +1,16 @@
-"""The GPU scheduler: one worker thread owns the device and runs jobs from a bounded queue.
+"""The device queue: one worker thread owns the device and runs jobs from a bounded queue.
 
 The event loop never waits on the device. ``submit`` either queues a job at once or
 refuses it (queue full → ``serviceUnavailable``); the worker hands results back through
 ``loop.call_soon_threadsafe`` onto the job's own asyncio queue, which ``JobHandle``
 iterates. The engine behind the worker is a seam (``Engine``): the real one runs
-diffusers pipelines (``server/engine.py``); tests of queueing and failure can pass a
-small fake. This module imports no torch.
+diffusers pipelines (``server/engine.py``); tests of queueing and failure pass a
+small fake (``tests/engines.py``). This module imports no torch.
 
-Jobs that wait together and differ only in prompts, seeds and seed images share one
-pipeline call (``InferenceJob.batch_key``), up to ``max_batch_size`` images: a device
-computes a batch faster than the same images one by one, and no job waits for others
-to arrive, because only jobs already queued are taken.
+Jobs that wait together and share a ``batch_key`` (they differ only in prompts, seeds and
+seed images) share one pipeline call, up to ``max_batch_size`` images: a device computes a
+batch faster than the same images one by one, and no job waits for others to arrive,
+because only jobs already queued are taken.
 """
 
 from __future__ import annotations
@@ -20,62 +20,24 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Hashable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from server.errors import InferenceError, ServiceUnavailable, TaskError
+from imagewire.tasks.errors import InferenceError, ServiceUnavailable, TaskError
+from imagewire.tasks.jobs import Emit, GeneratedImage, InferenceJob
 
 if TYPE_CHECKING:
-    from PIL.Image import Image
-
-    from air_registry.catalog import ModelEntry
-    from air_registry.schedulers import SchedulerSpec
+    from imagewire.air_registry import ModelEntry
 
 log = logging.getLogger("imagewire.scheduler")
 
 
-@dataclass
-class InferenceJob:
-    """Everything the device needs for one task, fully validated."""
-
-    task_uuid: str
-    model: ModelEntry
-    prompt: str
-    negative_prompt: str | None
-    width: int
-    height: int
-    steps: int
-    cfg_scale: float
-    scheduler: SchedulerSpec | None
-    seeds: list[int]
-    init_image: Image | None = None  # already resized to width × height
-    strength: float = 0.8
-
-    def batch_key(self) -> Hashable:
-        """Jobs with equal keys can share a pipeline call: all that one call takes as a single value.
-
-        Prompts, seeds and seed images go per image. A missing negative prompt is not the same
-        as an empty one for every model, so having one is part of the key.
-        """
-        return (self.model.air, self.init_image is not None, self.width, self.height, self.steps,
-                self.cfg_scale, self.scheduler, self.strength if self.init_image is not None else None,
-                bool(self.negative_prompt))
-
-
-@dataclass(frozen=True)
-class GeneratedImage:
-    index: int
-    seed: int
-    image: Image
-    seconds: float  # device time spent on this image (its share of its batch), for includeCost
-
-
-# emit(i, images): images of jobs[i] are ready (called once per pipeline call that made some).
-Emit = Callable[[int, list[GeneratedImage]], None]
-
-
 class Engine(Protocol):
+    @property
+    def unavailable_samplers(self) -> Mapping[str, str]:
+        """Sampler names this engine cannot run, each with why; the task layer refuses them before queueing."""
+
     def load(self, model: ModelEntry) -> None: ...
 
     def run(self, jobs: Sequence[InferenceJob], emit: Emit) -> None:
@@ -123,7 +85,7 @@ class JobHandle:
             yield item
 
 
-class Scheduler:
+class DeviceQueue:
     def __init__(self, engine_factory: Callable[[], Engine], *, queue_size: int, max_batch_size: int) -> None:
         self._engine_factory = engine_factory
         self._queue = _WorkQueue(queue_size)
@@ -133,6 +95,7 @@ class Scheduler:
         self._accepting = False
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
+        self.unavailable_samplers: Mapping[str, str] = {}
 
     def start(self) -> None:
         """Start the worker and wait until its engine exists (imports done, device checked).
@@ -188,6 +151,7 @@ class Scheduler:
     def _work(self) -> None:
         try:
             engine = self._engine_factory()
+            self.unavailable_samplers = dict(engine.unavailable_samplers)
         except BaseException as exc:
             self._start_error = exc
             return
@@ -213,7 +177,7 @@ class Scheduler:
 
     def _run(self, engine: Engine, handles: list[JobHandle]) -> None:
         if len(handles) > 1:
-            image_count = sum(len(handle.job.seeds) for handle in handles)
+            image_count = sum(handle.job.images for handle in handles)
             log.info("%d tasks (%d images) share a pipeline call: %s", len(handles), image_count,
                      " ".join(f"taskUUID={handle.job.task_uuid}" for handle in handles))
         started = time.perf_counter()
@@ -306,18 +270,18 @@ class _WorkQueue:
     def take_joining(self, first: JobHandle, max_images: int) -> list[JobHandle]:
         """Remove and return waiting jobs with ``first``'s batch key, in queue order, while the
         images of all of them and ``first`` stay within ``max_images``."""
-        key, images = first.job.batch_key(), len(first.job.seeds)
+        key, images = first.job.batch_key(), first.job.images
         taken: list[JobHandle] = []
         with self._changed:
             for item in list(self._items):
                 if images >= max_images:
                     break
-                if (isinstance(item, JobHandle) and images + len(item.job.seeds) <= max_images
+                if (isinstance(item, JobHandle) and images + item.job.images <= max_images
                         and item.job.batch_key() == key):
                     self._items.remove(item)
                     self._jobs -= 1
                     taken.append(item)
-                    images += len(item.job.seeds)
+                    images += item.job.images
         return taken
 
 

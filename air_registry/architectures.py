@@ -1,0 +1,39 @@
+"""The model architectures this server loads: one row each, with everything that differs between them.
+
+Pure data (diffusers classes are named as strings), so that the catalog and the task layer can read
+it without torch; ``loader`` turns the names into classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    # What a catalog entry's missing ``defaults`` become.
+    size: int
+    steps: int
+    cfg_scale: float = 7.0
+    strength: float = 0.8
+    # The pipeline class that reads a single-file checkpoint; None: folders and hub repos only.
+    single_file_pipeline: str | None = None
+    # Refiners transform an image and have no text-to-image pipeline.
+    image_to_image_only: bool = False
+    # The server can build the model itself (the embedded tiny model); others need weights.
+    embedded: bool = False
+
+
+ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType({
+    arch.name: arch for arch in (
+        Architecture("tiny", size=256, steps=8, embedded=True),
+        Architecture("sd15", size=512, steps=20, single_file_pipeline="StableDiffusionPipeline"),
+        Architecture("sd21", size=768, steps=20, single_file_pipeline="StableDiffusionPipeline"),
+        Architecture("sdxl", size=1024, steps=30, single_file_pipeline="StableDiffusionXLPipeline"),
+        Architecture("sdxl-refiner", size=1024, steps=30, strength=0.3,
+                     single_file_pipeline="StableDiffusionXLImg2ImgPipeline", image_to_image_only=True),
+    )
+})

@@ -1,0 +1,123 @@
+"""Where a catalog model's weights are: the embedded model's build folder, the Hugging Face cache,
+an operator's folder or single file. Looking costs a few file system calls and no torch.
+
+``locate_weights`` answers the path, or ``WeightsMissing`` saying what is missing and the command
+that fetches it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from imagewire.air_registry.air import parse_air
+from imagewire.air_registry.catalog import ModelEntry
+from imagewire.air_registry.errors import WeightsMissing
+
+MODEL_INDEX = "model_index.json"
+
+# What a hub download fetches: the diffusers-format components only. Model repos also carry
+# full-size single-file checkpoints, fp16 and non-EMA copies and a safety checker, many times the
+# size of what the server loads.
+HUB_INCLUDE: tuple[str, ...] = ("model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors")
+HUB_EXCLUDE: tuple[str, ...] = ("*.fp16.*", "*non_ema*", "safety_checker/*")
+
+
+def local_model_dir(entry: ModelEntry, data_dir: Path) -> Path:
+    """Where the server keeps a model it builds itself: ``data_dir/models/<source>-<id>-<version>``."""
+    air = parse_air(entry.air)
+    return Path(data_dir) / "models" / f"{air.source}-{air.id}-{air.version}"
+
+
+def hub_download_command(repo: str) -> str:
+    include = " ".join(f"--include '{pattern}'" for pattern in HUB_INCLUDE)
+    exclude = " ".join(f"--exclude '{pattern}'" for pattern in HUB_EXCLUDE)
+    return f"hf download {repo} {include} {exclude}"
+
+
+def _missing(entry: ModelEntry, what: str) -> WeightsMissing:
+    return WeightsMissing(f"the weights of {entry.label} are not on this server: {what}")
+
+
+def _locate_hub_weights(entry: ModelEntry, *, allow_downloads: bool) -> Path:
+    # Imported here: huggingface_hub is slow to import and only the model worker needs it.
+    from huggingface_hub import snapshot_download
+
+    repo = entry.location
+    try:
+        snapshot = Path(snapshot_download(repo, local_files_only=True))
+    except Exception as exc:
+        if not allow_downloads:
+            raise _missing(
+                entry,
+                f"Hugging Face repo '{repo}' is not in the local cache; download it with "
+                f"`{hub_download_command(repo)}` or start the server with --allow-downloads",
+            ) from exc
+        try:
+            snapshot = Path(
+                snapshot_download(repo, allow_patterns=list(HUB_INCLUDE), ignore_patterns=list(HUB_EXCLUDE))
+            )
+        except Exception as download_exc:
+            raise _missing(
+                entry,
+                f"Hugging Face repo '{repo}' could not be downloaded ({type(download_exc).__name__}); check "
+                f"the server's network access, or download it with `{hub_download_command(repo)}`",
+            ) from download_exc
+    if not (snapshot / MODEL_INDEX).is_file():
+        raise _missing(
+            entry,
+            f"the local copy of Hugging Face repo '{repo}' has no {MODEL_INDEX}; download the diffusers "
+            f"files with `{hub_download_command(repo)}`",
+        )
+    return snapshot
+
+
+def locate_weights(entry: ModelEntry, *, data_dir: Path, allow_downloads: bool) -> Path:
+    """The local path of the entry's weights, or ``WeightsMissing`` saying what is missing and how to add it.
+
+    For the embedded model this is where it is (or will be) built; building is ``tiny.ensure_tiny_model``.
+    """
+    if entry.source == "embedded":
+        return local_model_dir(entry, data_dir)
+    if entry.source == "hub":
+        return _locate_hub_weights(entry, allow_downloads=allow_downloads)
+    location = Path(entry.location)
+    if entry.source == "folder":
+        if not location.is_dir():
+            raise _missing(
+                entry,
+                f"the folder '{entry.location}' named in the catalog does not exist; "
+                "save the model there in diffusers format or change the catalog entry",
+            )
+        if not (location / MODEL_INDEX).is_file():
+            raise _missing(
+                entry,
+                f"the folder '{entry.location}' named in the catalog has no {MODEL_INDEX}; "
+                "it must hold a model saved in diffusers format",
+            )
+        return location
+    if entry.source == "single_file":
+        if not location.is_file():
+            raise _missing(
+                entry,
+                f"the file '{entry.location}' named in the catalog does not exist; "
+                "put the checkpoint there or change the catalog entry",
+            )
+        return location
+    raise ValueError(f"unknown model source {entry.source!r}")
+
+
+def availability(entry: ModelEntry, *, data_dir: Path, allow_downloads: bool = False) -> tuple[bool, str]:
+    """``(True, "")`` when the entry can be loaded, else ``(False, what is missing and how to add it)``.
+
+    Cheap: it looks at the disk and the Hugging Face cache, never at the network or torch. With
+    ``allow_downloads`` a hub model missing from the cache counts as available: it is fetched on first use.
+    """
+    if entry.source == "embedded":
+        return True, ""
+    try:
+        locate_weights(entry, data_dir=data_dir, allow_downloads=False)
+    except WeightsMissing as exc:
+        if allow_downloads and entry.source == "hub":
+            return True, f"downloaded from Hugging Face repo '{entry.location}' on first use"
+        return False, exc.problem
+    return True, ""

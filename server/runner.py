@@ -1,0 +1,160 @@
+"""The task runner: one task from admission to its last answer, whatever the transport.
+
+``start`` admits a task (the connection's and the API key's bounds), prepares it (every check that
+needs no I/O), records its taskUUID (``conflictTaskUUID``), acknowledges it when it is async, and
+runs it as its own asyncio task. Results go to the ``Reply`` the transport gave, or for async tasks
+to the result registry and the webhook. Every way a task can end (results, a TaskError, our own
+bug, a shutdown that cuts it off) is one outcome in one log line, greppable by taskUUID:
+
+    taskUUID=… taskType=imageInference outcome=success results=1 total_ms=412.0 decode_ms=3.1 …
+
+The runner knows no task type: what it needs to know of one, the task module declares in its
+``TaskType`` (``tasks/task_type.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Hashable, Sequence
+from typing import Any, Protocol
+
+import msgspec
+
+from imagewire.server.admission import Admission, Ticket
+from imagewire.server.sessions import TaskRecord, TaskRegistry
+from imagewire.server.webhooks import WebhookSender
+from imagewire.tasks import schema
+from imagewire.tasks.context import Services, TaskContext
+from imagewire.tasks.errors import InternalServerError, ServiceUnavailable, TaskError
+from imagewire.tasks.task_type import Delivery, Item, TaskType
+
+log = logging.getLogger("imagewire.task")
+
+
+class Reply(Protocol):
+    """Where a task's answers go: one call per frame's worth of data items and error items."""
+
+    def __call__(self, data: Sequence[Item] = (), errors: Sequence[dict[str, Any]] = ()) -> Awaitable[None]: ...
+
+
+class TaskRunner:
+    def __init__(self, services: Services, *, registry: TaskRegistry, webhooks: WebhookSender,
+                 admission: Admission) -> None:
+        self.services = services
+        self.registry = registry
+        self.webhooks = webhooks
+        self.admission = admission
+        self.running: set[asyncio.Task[None]] = set()  # every running task, so a shutdown can drain them
+
+    async def start(self, task: schema.Task, task_type: TaskType[Any, Any], task_uuid: str, *, owner: str,
+                    connection: Hashable, reply: Reply) -> asyncio.Task[None] | None:
+        """Admit and launch one task; the asyncio task that runs it, or None when it was refused
+        (the refusal is answered through ``reply``)."""
+        ctx = TaskContext(self.services, owner)
+        delivery = task_type.delivery(task)
+        ticket: Ticket | None = None
+        try:
+            ticket = self.admission.acquire(connection, owner)
+            prepared = task_type.prepare(task, ctx)
+            record = self.registry.begin(task_uuid, task_type.name, owner) if task_type.recorded else None
+        except TaskError as error:
+            if ticket is not None:
+                self.admission.release(ticket)
+            log.info("taskUUID=%s taskType=%s outcome=%s", task_uuid, task_type.name, error.code)
+            await reply(errors=[error.to_item(task_type.name, task_uuid)])
+            return None
+        if delivery.asynchronous:
+            await reply(data=[schema.Acknowledgement(taskType=task_type.name, taskUUID=task_uuid)])
+        run = _Run(self, task_type, task_uuid, ctx, record, delivery, reply)
+        runner = asyncio.create_task(run.until_done(prepared))
+        self.running.add(runner)
+
+        def finished(done: asyncio.Task[None]) -> None:
+            self.running.discard(done)
+            self.admission.release(ticket)
+
+        runner.add_done_callback(finished)
+        return runner
+
+
+class _Run:
+    """One task's run: where its items go, and how it ends."""
+
+    def __init__(self, runner: TaskRunner, task_type: TaskType[Any, Any], task_uuid: str, ctx: TaskContext,
+                 record: TaskRecord | None, delivery: Delivery, reply: Reply) -> None:
+        self.runner = runner
+        self.task_type = task_type
+        self.task_uuid = task_uuid
+        self.ctx = ctx
+        self.record = record
+        self.asynchronous = delivery.asynchronous
+        self.webhook = delivery.webhook_url if delivery.asynchronous else None
+        self.reply = reply
+
+    async def until_done(self, prepared: Any) -> None:
+        """Results stream one frame per item as they are ready, unless the task type answers in one frame."""
+        started = time.perf_counter()
+        outcome, results = "success", 0
+        collected: list[Item] = []
+        try:
+            async for item in self.task_type.run(prepared, self.ctx):
+                results += 1
+                self._keep(item)
+                if self.task_type.single_frame:
+                    collected.append(item)
+                elif not self.asynchronous:
+                    with self.ctx.timed("send"):
+                        await self.reply(data=[item])
+            if collected:
+                await self.reply(data=collected)
+        except TaskError as error:
+            outcome = error.code
+            await asyncio.shield(self._fail(error, collected))
+        except asyncio.CancelledError:
+            # Only a shutdown whose grace ran out cancels a task: tell the client rather than go silent.
+            outcome = "cancelled"
+            stopped = ServiceUnavailable("The server shut down before this task finished; send it again.")
+            await asyncio.shield(self._fail(stopped, collected))
+            raise
+        except Exception:
+            outcome = "internalServerError"
+            log.exception("taskUUID=%s taskType=%s failed with an internal error", self.task_uuid, self.task_type.name)
+            internal = InternalServerError("The server failed on this task; the server log has details.")
+            await asyncio.shield(self._fail(internal, collected))
+        finally:
+            if self.record is not None:
+                self.runner.registry.finish(self.record, "success" if outcome == "success" else "error")
+            stages = " ".join(f"{name}_ms={seconds * 1000:.1f}" for name, seconds in self.ctx.timings.items())
+            log.info("taskUUID=%s taskType=%s outcome=%s results=%d total_ms=%.1f %s", self.task_uuid,
+                     self.task_type.name, outcome, results, (time.perf_counter() - started) * 1000, stages)
+
+    def _keep(self, item: Item) -> None:
+        """An item for getResponse and the webhook; turned into a dict once for both."""
+        if self.record is None and not self.webhook:
+            return
+        as_dict = _as_dict(item)
+        if self.record is not None:
+            self.runner.registry.keep(self.record, as_dict)
+        if self.webhook:
+            self.runner.webhooks.send(self.webhook, as_dict)
+
+    async def _fail(self, error: TaskError, collected: list[Item]) -> None:
+        item = error.to_item(self.task_type.name, self.task_uuid)
+        if self.record is not None:
+            self.record.errors.append(item)
+        if self.webhook:
+            self.runner.webhooks.send(self.webhook, item)
+        if self.task_type.single_frame:
+            await self.reply(data=collected, errors=[item])
+        elif not self.asynchronous:
+            await self.reply(errors=[item])
+
+
+def _as_dict(item: Item) -> dict[str, Any]:
+    if isinstance(item, dict):
+        return item
+    result = msgspec.to_builtins(item)
+    assert isinstance(result, dict)
+    return result

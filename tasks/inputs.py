@@ -1,0 +1,99 @@
+"""The one boundary between the ground floors and the wire: what a task names (an image, a model, a
+sampler) resolved through ``storage`` and ``air_registry``, whose own errors become error items here.
+
+One helper per kind of input, each given the request field it reads, so ``seedImage``,
+``maskImage``, guide images and ``inputImage`` get the same checks and the same messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from imagewire.air_registry import (
+    ModelEntry,
+    RegistryError,
+    SamplerSpec,
+    UnknownModel,
+    WeightsMissing,
+    locate_weights,
+    resolve_sampler,
+)
+from imagewire.storage import (
+    INFERENCE_INPUTS,
+    ImageNotStored,
+    InputImage,
+    StorageError,
+    StoredImage,
+    StoreFailed,
+    resolve_image_input,
+)
+from imagewire.tasks import errors
+from imagewire.tasks.context import TaskContext
+
+
+def task_error(exc: StorageError | RegistryError, parameter: str) -> errors.TaskError:
+    """The error item for a ground-floor failure concerning the request field ``parameter``."""
+    message = exc.describe(parameter)
+    allowed = exc.allowed_values
+    if isinstance(exc, ImageNotStored):
+        return errors.ImageNotFound(message, parameter=parameter, type="string")
+    if isinstance(exc, StoreFailed):
+        return errors.StorageError(message)
+    if isinstance(exc, (UnknownModel, WeightsMissing)):
+        return errors.ModelNotFound(message, parameter=parameter, type="string", allowed_values=allowed)
+    # Anything else is a value the client sent that cannot be used: not an image, not an AIR id, …
+    return errors.InvalidParameter(message, parameter=parameter, type="string", allowed_values=allowed)
+
+
+async def image(
+    ctx: TaskContext, value: str, *, parameter: str, formats: frozenset[str] = INFERENCE_INPUTS
+) -> InputImage:
+    """An input image in any of the four forms (UUID, data URI, base64, URL), decoded and checked."""
+    services, settings = ctx.services, ctx.services.settings
+    try:
+        return await resolve_image_input(
+            value, owner=ctx.owner, store=services.store, fetcher=services.fetcher,
+            max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes, allowed_formats=formats)
+    except StorageError as exc:
+        raise task_error(exc, parameter) from exc
+
+
+async def store(ctx: TaskContext, data: bytes, *, extension: str) -> StoredImage:
+    """Keep a result or an upload under a new image UUID."""
+    try:
+        return await ctx.services.store.put(data, extension=extension, owner=ctx.owner)
+    except StorageError as exc:
+        raise task_error(exc, "image") from exc
+
+
+def model(ctx: TaskContext, name: str, *, parameter: str = "model") -> ModelEntry:
+    """The catalog entry a request's AIR id or alias names."""
+    try:
+        return ctx.services.catalog.resolve(name)
+    except RegistryError as exc:
+        raise task_error(exc, parameter) from exc
+
+
+async def weights(ctx: TaskContext, entry: ModelEntry, *, parameter: str = "model") -> Path:
+    """Where the model's weights are (a look at the disk and the Hugging Face cache, in a thread)."""
+    settings = ctx.services.settings
+    try:
+        return await asyncio.to_thread(
+            locate_weights, entry, data_dir=settings.data_dir, allow_downloads=settings.allow_downloads)
+    except RegistryError as exc:
+        raise task_error(exc, parameter) from exc
+
+
+def sampler(ctx: TaskContext, name: str | None, *, parameter: str = "scheduler") -> SamplerSpec | None:
+    """The sampler a ``scheduler`` value names (None: the model's own), if this device can run it."""
+    try:
+        spec = resolve_sampler(name)
+    except RegistryError as exc:
+        raise task_error(exc, parameter) from exc
+    if spec is not None:
+        why = ctx.services.device.unavailable_samplers.get(spec.name)
+        if why is not None:
+            raise errors.InvalidParameter(f"{parameter} {spec.name} {why}; choose another scheduler",
+                                          parameter=parameter, type="string")
+    return spec

@@ -1,0 +1,75 @@
+"""What the device works on: jobs, fully validated by their task handlers, and what comes back.
+
+A handler builds a job, the device queue (``server/device.py``) runs it on an engine, and the
+engine hands results back per job. Jobs that wait together and share a ``batch_key`` may run in
+one pipeline call. This module imports no torch: the images are PIL images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Hashable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from imagewire.air_registry import ModelEntry, SamplerSpec
+
+
+@dataclass
+class InferenceJob:
+    """Everything the device needs for one imageInference task."""
+
+    task_uuid: str
+    model: ModelEntry
+    weights: Path                   # where the model's weights are, found when the task was checked
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    steps: int
+    cfg_scale: float
+    sampler: SamplerSpec | None     # None: the model's own
+    seeds: list[int]
+    init_image: Image | None = None  # already resized to width × height
+    strength: float = 0.8
+
+    @property
+    def images(self) -> int:
+        return len(self.seeds)
+
+    def batch_key(self) -> Hashable:
+        """Jobs with equal keys can share a pipeline call: all that one call takes as a single value.
+
+        Prompts, seeds and seed images go per image. A missing negative prompt is not the same
+        as an empty one for every model, so having one is part of the key.
+        """
+        return (self.model.air, self.init_image is not None, self.width, self.height, self.steps,
+                self.cfg_scale, self.sampler, self.strength if self.init_image is not None else None,
+                bool(self.negative_prompt))
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    index: int       # within its job
+    seed: int
+    image: Image
+    seconds: float   # device time spent on this image (its share of its call), for includeCost
+
+
+# emit(i, images): images of jobs[i] are ready (called once per pipeline call that made some).
+Emit = Callable[[int, list[GeneratedImage]], None]
+
+
+class JobProgress(Protocol):
+    """A queued job as its handler sees it: iterate it for chunks of images as they are made."""
+
+    @property
+    def queue_seconds(self) -> float: ...
+
+    @property
+    def compute_seconds(self) -> float: ...
+
+    def __aiter__(self) -> AsyncIterator[list[GeneratedImage]]: ...
