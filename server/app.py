@@ -10,13 +10,13 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from websockets.asyncio.server import Server, ServerConnection, serve
+from aiohttp import web
 
 from imagewire.air_registry import Catalog
 from imagewire.server.admission import Admission
 from imagewire.server.auth import ApiKeys, load_or_create_key
 from imagewire.server.config import Config
-from imagewire.server.connection import Connection
+from imagewire.server.connection import GOING_AWAY, Connection
 from imagewire.server.device import DeviceQueue, Engine
 from imagewire.server.http import HttpRoutes
 from imagewire.server.runner import TaskRunner
@@ -52,7 +52,9 @@ class ImagewireServer:
         self.engine_factory = engine_factory or diffusers_engine_factory(config)
         self.preload = preload
         self.generated_key: str | None = None
-        self._server: Server | None = None
+        self.connections: set[Connection] = set()  # open WebSockets, closed with 1001 at shutdown
+        self._web: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
     @property
@@ -97,24 +99,29 @@ class ImagewireServer:
         if self.preload:
             loaded = self.device.preload(catalog.resolve(config.default_model))
             await asyncio.to_thread(loaded.wait)
-        self._server = await serve(
-            self._handle, config.host, config.port,
-            process_request=HttpRoutes(self.store, self.device),
-            max_size=config.max_frame_bytes,
-            # Compression runs on the event loop; deflating megabytes of base64 would delay pongs.
-            compression=None,
-            max_queue=64,
-        )
-        port = self._server.sockets[0].getsockname()[1] if config.port == 0 else config.port
+        routes = HttpRoutes(store=self.store, device=self.device, max_message_bytes=config.max_frame_bytes,
+                            serve_socket=self._serve_socket)
+        # Our own log line per task tells each task's story; per-request access lines would drown it.
+        self._web = web.AppRunner(routes.application(), access_log=None, handle_signals=False,
+                                  shutdown_timeout=5.0)
+        await self._web.setup()
+        self._site = web.TCPSite(self._web, config.host, config.port)
+        await self._site.start()
+        port = self._web.addresses[0][1] if config.port == 0 else config.port
         self.config = config = dataclasses.replace(config, port=port)
         self.services.base_url = config.base_url
         self._sweeper = asyncio.create_task(self._sweep_forever())
         log.info("imagewire listening on %s (images at %s/image/)", self.url, config.base_url)
 
-    async def _handle(self, websocket: ServerConnection) -> None:
-        connection = Connection(websocket, config=self.config, api_keys=self.api_keys, sessions=self.sessions,
-                                runner=self.runner, unauthenticated_by_ip=self.unauthenticated_by_ip)
-        await connection.serve()
+    async def _serve_socket(self, websocket: web.WebSocketResponse, request: web.Request) -> None:
+        connection = Connection(websocket, request, config=self.config, api_keys=self.api_keys,
+                                sessions=self.sessions, runner=self.runner,
+                                unauthenticated_by_ip=self.unauthenticated_by_ip)
+        self.connections.add(connection)
+        try:
+            await connection.serve()
+        finally:
+            self.connections.discard(connection)
 
     async def _sweep_forever(self) -> None:
         last_store_sweep: float | None = None
@@ -141,12 +148,11 @@ class ImagewireServer:
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop listening, let running tasks finish for up to ``grace`` seconds, close sockets with 1001."""
-        if self._server is None:
+        if self._web is None or self._site is None:
             return
-        server, self._server = self._server, None
-        # Stop accepting new sockets; the open ones stay so running tasks can still deliver.
-        # (websockets' own close() acts only once, so it is kept for the end.)
-        server.server.close()
+        web_runner, self._web = self._web, None
+        # Stop accepting new connections; the open sockets stay so running tasks can still deliver.
+        await self._site.stop()
         self.device.close_intake()
         grace = self.config.shutdown_grace if grace is None else grace
         running = self.runner.running
@@ -155,9 +161,12 @@ class ImagewireServer:
             _, unfinished = await asyncio.wait(set(running), timeout=grace)
             for task in unfinished:
                 task.cancel()
+            if unfinished:
+                # Each cut-off task tells its client so before the sockets close.
+                await asyncio.wait(unfinished, timeout=5.0)
         await self.runner.webhooks.close(timeout=min(grace, 5.0))
-        server.close(close_connections=True)  # close code 1001, going away
-        await server.wait_closed()
+        await asyncio.gather(*(connection.close(GOING_AWAY) for connection in list(self.connections)))
+        await web_runner.cleanup()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -15,8 +15,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
+from aiohttp import WSMsgType, web
 
 from imagewire.server import protocol
 from imagewire.server.auth import ApiKeys, owner_token
@@ -32,23 +31,29 @@ log = logging.getLogger("imagewire.task")
 connection_log = logging.getLogger("imagewire.connection")
 
 
+# Close codes (RFC 6455): a refused or overdue socket, and the server going away.
+POLICY_VIOLATION = 1008
+GOING_AWAY = 1001
+
+
 class Connection:
-    def __init__(self, websocket: ServerConnection, *, config: Config, api_keys: ApiKeys,
-                 sessions: SessionRegistry, runner: TaskRunner, unauthenticated_by_ip: Counter[str]) -> None:
+    def __init__(self, websocket: web.WebSocketResponse, request: web.Request, *, config: Config,
+                 api_keys: ApiKeys, sessions: SessionRegistry, runner: TaskRunner,
+                 unauthenticated_by_ip: Counter[str]) -> None:
         self.websocket = websocket
+        self.transport = request.transport
         self.config = config
         self.api_keys = api_keys
         self.sessions = sessions
         self.runner = runner
         self.unauthenticated_by_ip = unauthenticated_by_ip
         self.session: Session | None = None
-        peer = websocket.remote_address
-        self.peer_ip = str(peer[0]) if peer else "unknown"
+        self.peer_ip = request.remote or "unknown"
 
     async def serve(self) -> None:
         config = self.config
         waiting = self.unauthenticated_by_ip
-        connection_log.info("connection opened peer=%s", self.websocket.remote_address)
+        connection_log.info("connection opened peer=%s", self.peer_ip)
         if waiting[self.peer_ip] >= config.max_unauthenticated_per_ip:
             await self._refuse(f"Too many connections from {self.peer_ip} are waiting to authenticate "
                                f"(max {config.max_unauthenticated_per_ip}); authenticate or close them first.")
@@ -56,14 +61,14 @@ class Connection:
         waiting[self.peer_ip] += 1
         deadline = asyncio.get_running_loop().call_later(config.auth_timeout, self._authentication_overdue)
         try:
-            async for frame in self.websocket:
+            async for message in self.websocket:
+                if message.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    break  # an error (a message over the size limit closes the socket with 1009)
                 was_authenticated = self.session is not None
-                await self._on_frame(frame)
+                await self._on_frame(message.data)
                 if self.session is not None and not was_authenticated:
                     deadline.cancel()
                     waiting[self.peer_ip] -= 1
-        except ConnectionClosed:
-            pass
         finally:
             deadline.cancel()
             if self.session is None:
@@ -72,13 +77,21 @@ class Connection:
                 del waiting[self.peer_ip]
             if self.session is not None:
                 self.session.detach(self._send)
-            connection_log.info("connection closed peer=%s session=%s", self.websocket.remote_address,
-                                self.session.uuid if self.session else None)
+            connection_log.info("connection closed peer=%s session=%s code=%s", self.peer_ip,
+                                self.session.uuid if self.session else None, self.websocket.close_code)
+
+    async def close(self, code: int = GOING_AWAY, reason: str = "going away") -> None:
+        await self.websocket.close(code=code, message=reason.encode())
+
+    def abort(self) -> None:
+        """Drop the TCP connection without a closing handshake, as a network failure would."""
+        if self.transport is not None:
+            self.transport.abort()
 
     async def _refuse(self, message: str) -> None:
         """Answer with one error item, then close with 1008 (policy violation)."""
         await self._send(protocol.error_frame(ServiceUnavailable(message), "authentication", None))
-        await self.websocket.close(1008, "policy violation")
+        await self.close(POLICY_VIOLATION, "policy violation")
 
     def _authentication_overdue(self) -> None:
         if self.session is None:
@@ -87,10 +100,13 @@ class Connection:
                 "send [{\"taskType\":\"authentication\",\"apiKey\":\"...\"}] first."))
 
     async def _send(self, frame: bytes) -> bool:
+        """Send one text frame; False when the socket is gone."""
+        if self.websocket.closed:
+            return False
         try:
-            await self.websocket.send(frame, text=True)
+            await self.websocket.send_frame(frame, WSMsgType.TEXT)
             return True
-        except ConnectionClosed:
+        except ConnectionError:
             return False
 
     async def _reply(self, frame: bytes) -> None:

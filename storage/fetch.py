@@ -1,12 +1,14 @@
 """Fetching an image from an http(s) URL without giving clients a way into the server's own network.
 
-The host is resolved once, every address it resolves to is checked, and the connection goes
-to a checked address itself (with the host name kept for TLS and the Host header), so a DNS
-answer that changes between check and use cannot redirect the request. Redirects are followed
-by hand and each target is checked the same way. Size and time are bounded.
+The host is resolved once, every address it resolves to is checked, and the connection goes to a
+checked address itself (with the host name kept for TLS and the Host header), so a DNS answer that
+changes between check and use cannot redirect the request. Redirects are followed by hand and each
+target is checked the same way. Size and time are bounded.
 
-The HTTP client is deliberately minimal (one GET, HTTP/1.1, ``Connection: close``): a general
-client library would resolve names itself and so reopen the gap this module closes.
+The HTTP itself is aiohttp's client. Its connector asks a resolver for addresses and connects to
+exactly those, which is the seam this module needs: ``_CheckedResolver`` answers only addresses
+that passed the check. Host names that are IP literals never reach a resolver, so ``_parse`` checks
+them itself.
 """
 
 from __future__ import annotations
@@ -17,17 +19,23 @@ import os
 import re
 import socket
 import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from yarl import URL
 
 from imagewire.storage.errors import FetchFailed, InputRejected, shown
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 DEFAULT_PORTS = {"http": 80, "https": 443}
 MAX_URL_LENGTH = 8192
-MAX_HEADER_LINES = 100
-MAX_LINE_BYTES = 16 * 1024
+MAX_HEADER_BYTES = 16 * 1024
 READ_CHUNK_BYTES = 64 * 1024
 
 # Networks that ``ipaddress`` flags do not all cover: "this network" and carrier-grade NAT,
@@ -35,10 +43,11 @@ READ_CHUNK_BYTES = 64 * 1024
 _FORBIDDEN_IPV4_NETWORKS = (IPv4Network("0.0.0.0/8"), IPv4Network("100.64.0.0/10"))
 _NAT64_NETWORK = IPv6Network("64:ff9b::/96")
 _HOST_CHARACTERS = re.compile(r"[A-Za-z0-9._:%-]+")
-_CHUNK_SIZE = re.compile(r"[0-9A-Fa-f]{1,16}")
-# Characters left as they are in the request target; everything else (spaces, CR/LF, non-ASCII)
-# is percent-encoded, so a URL can never add a header line.
+# Characters left as they are in the request target; everything else (spaces, non-ASCII) is
+# percent-encoded. (urlsplit has already dropped CR, LF and tabs, so a URL can never add a header line.)
 _TARGET_SAFE_CHARACTERS = "/?=&%:@!$'()*+,;-._~[]"
+_HEADERS = {"User-Agent": "imagewire", "Accept": "image/*, */*;q=0.5", "Accept-Encoding": "identity",
+            "Connection": "close"}
 
 IPAddress = IPv4Address | IPv6Address
 
@@ -97,22 +106,55 @@ class _Target:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return host if self.port == DEFAULT_PORTS[self.scheme] else f"{host}:{self.port}"
 
+    @property
+    def request_url(self) -> URL:
+        """What is sent: no credentials, the target already percent-encoded."""
+        return URL(f"{self.scheme}://{self.host_header}{self.request_target}", encoded=True)
 
-@dataclass(frozen=True)
-class _Head:
-    status: int
-    headers: dict[str, str]
 
-
-def _os_error_reason(exc: OSError) -> str:
+def _os_error_reason(exc: BaseException) -> str:
     # str(exc) of a failed connect names the address; the errno text alone does not.
-    if isinstance(exc, ssl.SSLCertVerificationError):
+    if isinstance(exc, (ssl.SSLCertVerificationError, aiohttp.ClientConnectorCertificateError)):
         return "its TLS certificate could not be verified"
-    if isinstance(exc, ssl.SSLError):
+    if isinstance(exc, (ssl.SSLError, aiohttp.ClientSSLError)):
         return "the TLS handshake failed"
-    if exc.errno:
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return _os_error_reason(exc.os_error)
+    if isinstance(exc, OSError) and exc.errno:
         return os.strerror(exc.errno)
     return type(exc).__name__
+
+
+class _Forbidden(Exception):
+    """Raised by the resolver: the host has an address the server must not reach."""
+
+
+class _CheckedResolver(AbstractResolver):
+    """Resolves once and answers only checked addresses; the connector connects to those."""
+
+    def __init__(self, *, allow_private: bool) -> None:
+        self.allow_private = allow_private
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, family=family)
+        results: list[ResolveResult] = []
+        for info_family, _type, proto, _canonname, sockaddr in infos:
+            address = str(sockaddr[0])
+            if info_family not in (socket.AF_INET, socket.AF_INET6) or any(r["host"] == address for r in results):
+                continue
+            if not self.allow_private and is_forbidden_address(ipaddress.ip_address(address)):
+                raise _Forbidden(address)
+            results.append({"hostname": host.rstrip("."), "host": address, "port": port, "family": info_family,
+                            "proto": proto, "flags": socket.AI_NUMERICHOST | socket.AI_NUMERICSERV})
+        if not results:
+            raise OSError(f"{host} has no IP address")
+        return results
+
+    async def close(self) -> None:
+        pass
 
 
 class UrlFetcher:
@@ -134,19 +176,23 @@ class UrlFetcher:
         """The body of a 2xx answer to GET ``url``; any failure is an InputRejected (a FetchFailed once sent)."""
         target = self._parse(url)
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(self.timeout), self._session() as session:
                 for redirects in range(self.max_redirects + 1):
-                    location = await self._get_once(target)
-                    if isinstance(location, bytes):
-                        return location
+                    async with self._request(session, target, "GET") as response:
+                        if response.status in REDIRECT_STATUSES:
+                            location = response.headers.get("Location")
+                            if not location:
+                                raise FetchFailed(target.origin, f"answered HTTP {response.status} without a Location")
+                        elif not 200 <= response.status < 300:
+                            raise FetchFailed(target.origin, f"answered HTTP {response.status}")
+                        else:
+                            return await self._read_body(response, target)
                     if redirects == self.max_redirects:
                         break
                     target = self._parse(urljoin(target.url, location))
         except TimeoutError as exc:
             raise FetchFailed(target.origin, f"timed out after {self.timeout:g} s") from exc
         raise FetchFailed(target.origin, f"was redirected more than {self.max_redirects} times")
-
-    # ------------------------------------------------------------------ one request
 
     async def post_json(self, url: str, body: bytes) -> int:
         """POST a JSON body (webhooks); the HTTP status of a 2xx answer, else an InputRejected.
@@ -156,63 +202,76 @@ class UrlFetcher:
         """
         target = self._parse(url)
         try:
-            async with asyncio.timeout(self.timeout):
-                head, _ = await self._exchange(target, "POST", body, "application/json", read_body=False)
+            async with asyncio.timeout(self.timeout), self._session() as session, self._request(
+                    session, target, "POST", data=body, headers={"Content-Type": "application/json"}) as response:
+                status = response.status
         except TimeoutError as exc:
             raise FetchFailed(target.origin, f"timed out after {self.timeout:g} s") from exc
-        if not 200 <= head.status < 300:
-            raise FetchFailed(target.origin, f"answered HTTP {head.status}")
-        return head.status
+        if not 200 <= status < 300:
+            raise FetchFailed(target.origin, f"answered HTTP {status}")
+        return status
 
-    async def _get_once(self, target: _Target) -> bytes | str:
-        """The body of a 2xx answer, or the Location of a redirect."""
-        head, body = await self._exchange(target, "GET", None, None, read_body=True)
-        if head.status in REDIRECT_STATUSES:
-            location = head.headers.get("location")
-            if not location:
-                raise FetchFailed(target.origin, f"answered HTTP {head.status} without a Location")
-            return location
-        if not 200 <= head.status < 300:
-            raise FetchFailed(target.origin, f"answered HTTP {head.status}")
-        return body or b""
+    # ------------------------------------------------------------------ one request
 
-    async def _exchange(
-        self,
-        target: _Target,
-        method: str,
-        body: bytes | None,
-        content_type: str | None,
-        *,
-        read_body: bool,
-    ) -> tuple[_Head, bytes | None]:
-        """One request to a checked address: the answer's head, and its body when asked for and 2xx."""
-        addresses = await self._resolve(target)
-        reader, writer = await self._connect(addresses, target)
+    @asynccontextmanager
+    async def _session(self) -> AsyncIterator[aiohttp.ClientSession]:
+        # One connection per request, no cache of answers or addresses: every request is checked anew.
+        connector = aiohttp.TCPConnector(
+            resolver=_CheckedResolver(allow_private=self.allow_private), use_dns_cache=False, force_close=True,
+            ssl=self._tls(), family=socket.AF_UNSPEC)
+        async with aiohttp.ClientSession(
+                connector=connector, auto_decompress=False, max_line_size=MAX_HEADER_BYTES,
+                max_field_size=MAX_HEADER_BYTES, skip_auto_headers=("Accept-Encoding",)) as session:
+            yield session
+
+    @asynccontextmanager
+    async def _request(self, session: aiohttp.ClientSession, target: _Target, method: str,
+                       **options: Any) -> AsyncIterator[aiohttp.ClientResponse]:
+        headers = {**_HEADERS, **options.pop("headers", {})}
         try:
-            lines = [
-                f"{method} {target.request_target} HTTP/1.1",
-                f"Host: {target.host_header}",
-                "User-Agent: imagewire",
-                "Accept: image/*, */*;q=0.5",
-                "Accept-Encoding: identity",
-                "Connection: close",
-            ]
-            if body is not None:
-                lines += [f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
-            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + (body or b""))
-            await writer.drain()
-            head = await self._read_head(reader, target)
-            if read_body and 200 <= head.status < 300 and head.status != 204:
-                return head, await self._read_body(reader, head, target)
-            return head, None
-        except asyncio.IncompleteReadError as exc:
+            async with session.request(method, target.request_url, headers=headers, allow_redirects=False,
+                                       **options) as response:
+                yield response
+        except _Forbidden as exc:
+            raise self._forbidden(target) from exc
+        except aiohttp.ClientConnectorDNSError as exc:
+            if isinstance(exc.os_error, _Forbidden):
+                raise self._forbidden(target) from exc
+            raise FetchFailed(target.origin, "failed: its host name could not be resolved") from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise FetchFailed(target.origin, f"could not be reached: {_os_error_reason(exc)}") from exc
+        except aiohttp.ServerDisconnectedError as exc:
             raise FetchFailed(target.origin, "closed the connection before the answer was complete") from exc
-        except OSError as exc:
+        except aiohttp.ClientPayloadError as exc:
+            raise FetchFailed(target.origin, "sent a malformed body") from exc
+        except aiohttp.ClientResponseError as exc:
+            # aiohttp could not parse the answer: a bad status line, an overlong or malformed header.
+            raise FetchFailed(target.origin, "did not answer with HTTP/1.x") from exc
+        except aiohttp.ClientError as exc:
             raise FetchFailed(target.origin, f"failed: {_os_error_reason(exc)}") from exc
-        finally:
-            # Not awaiting wait_closed(): a TLS peer that never acknowledges the close must not
-            # hold a finished request until the timeout.
-            writer.close()
+
+    def _forbidden(self, target: _Target) -> InputRejected:
+        return InputRejected(
+            f"URL {target.origin} points to a loopback, private or otherwise "
+            "non-public address; this server only fetches from public addresses")
+
+    async def _read_body(self, response: aiohttp.ClientResponse, target: _Target) -> bytes:
+        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise FetchFailed(target.origin, f"answered with unsupported content encoding {encoding!r}")
+        if response.content_length is not None and response.content_length > self.max_bytes:
+            raise self._too_large(target, f"{response.content_length} bytes")
+        chunks: list[bytes] = []
+        total = 0
+        try:
+            async for chunk in response.content.iter_chunked(READ_CHUNK_BYTES):
+                total += len(chunk)
+                if total > self.max_bytes:
+                    raise self._too_large(target, "a longer body")
+                chunks.append(chunk)
+        except aiohttp.ClientPayloadError as exc:
+            raise FetchFailed(target.origin, "closed the connection before the answer was complete") from exc
+        return b"".join(chunks)
 
     def _parse(self, url: str) -> _Target:
         if len(url) > MAX_URL_LENGTH:
@@ -236,147 +295,26 @@ class UrlFetcher:
         path = parts.path or "/"
         if parts.query:
             path = f"{path}?{parts.query}"
-        return _Target(
+        target = _Target(
             url=url,
             scheme=scheme,
             host=host,
             port=port if port is not None else DEFAULT_PORTS[scheme],
             request_target=quote(path, safe=_TARGET_SAFE_CHARACTERS),
         )
-
-    async def _resolve(self, target: _Target) -> list[str]:
-        """Every address of the host, each checked before anything is sent anywhere."""
-        loop = asyncio.get_running_loop()
+        # An IP literal is connected to as it is, without a resolver: check it here.
         try:
-            infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError) as exc:
-            raise FetchFailed(target.origin, "failed: its host name could not be resolved") from exc
-        addresses: list[str] = []
-        for family, _type, _proto, _canonname, sockaddr in infos:
-            if family in (socket.AF_INET, socket.AF_INET6) and sockaddr[0] not in addresses:
-                addresses.append(str(sockaddr[0]))
-        if not addresses:
-            raise FetchFailed(target.origin, "failed: its host name has no IP address")
-        if not self.allow_private:
-            for address in addresses:
-                if is_forbidden_address(ipaddress.ip_address(address)):
-                    raise InputRejected(
-                        f"URL {target.origin} points to a loopback, private or otherwise "
-                        "non-public address; this server only fetches from public addresses")
-        return addresses
-
-    async def _connect(
-        self, addresses: list[str], target: _Target
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        tls = self._tls() if target.scheme == "https" else None
-        failure: OSError | None = None
-        for address in addresses:
-            try:
-                # The checked address itself, not the name: resolving again could give another answer.
-                return await asyncio.open_connection(
-                    address,
-                    target.port,
-                    ssl=tls,
-                    server_hostname=target.host if tls is not None else None,
-                    limit=MAX_LINE_BYTES,
-                )
-            except OSError as exc:
-                failure = exc
-        assert failure is not None
-        raise FetchFailed(target.origin, f"could not be reached: {_os_error_reason(failure)}") from failure
+            literal = ipaddress.ip_address(host)
+        except ValueError:
+            return target
+        if not self.allow_private and is_forbidden_address(literal):
+            raise self._forbidden(target)
+        return target
 
     def _tls(self) -> ssl.SSLContext:
         if self._tls_context is None:
             self._tls_context = ssl.create_default_context()
         return self._tls_context
-
-    # ------------------------------------------------------------------ reading the answer
-
-    async def _read_line(self, reader: asyncio.StreamReader, target: _Target) -> str:
-        try:
-            line = await reader.readline()
-        except ValueError as exc:  # a line longer than the reader's limit
-            raise FetchFailed(target.origin, "answered with an overlong header line") from exc
-        if not line.endswith(b"\n"):
-            raise asyncio.IncompleteReadError(line, None)
-        return line.decode("latin-1").rstrip("\r\n")
-
-    async def _read_head(self, reader: asyncio.StreamReader, target: _Target) -> _Head:
-        while True:
-            status_line = await self._read_line(reader, target)
-            version, _, rest = status_line.partition(" ")
-            status_text = rest[:3]
-            if not version.startswith("HTTP/1.") or len(status_text) != 3 or not status_text.isdigit():
-                raise FetchFailed(target.origin, "did not answer with HTTP/1.x")
-            headers: dict[str, str] = {}
-            for _ in range(MAX_HEADER_LINES):
-                line = await self._read_line(reader, target)
-                if not line:
-                    break
-                name, separator, value = line.partition(":")
-                if not separator:
-                    raise FetchFailed(target.origin, "answered with a malformed header")
-                name = name.strip().lower()
-                headers[name] = f"{headers[name]}, {value.strip()}" if name in headers else value.strip()
-            else:
-                raise FetchFailed(target.origin, f"answered with more than {MAX_HEADER_LINES} headers")
-            status = int(status_text)
-            # 1xx answers (e.g. 103 Early Hints) precede the real one.
-            if status >= 200:
-                return _Head(status, headers)
-
-    async def _read_body(self, reader: asyncio.StreamReader, head: _Head, target: _Target) -> bytes:
-        encoding = head.headers.get("content-encoding", "identity").strip().lower()
-        if encoding not in ("", "identity"):
-            raise FetchFailed(target.origin, f"answered with unsupported content encoding {encoding!r}")
-        transfer_encoding = head.headers.get("transfer-encoding", "").strip().lower()
-        if transfer_encoding:
-            if transfer_encoding != "chunked":
-                raise FetchFailed(target.origin, f"answered with unsupported transfer encoding {transfer_encoding!r}")
-            return await self._read_chunked(reader, target)
-        content_length = head.headers.get("content-length")
-        if content_length is not None:
-            lengths = {value.strip() for value in content_length.split(",")}
-            if len(lengths) != 1 or not next(iter(lengths)).isdigit():
-                raise FetchFailed(target.origin, "answered with an invalid Content-Length")
-            length = int(next(iter(lengths)))
-            if length > self.max_bytes:
-                raise self._too_large(target, f"{length} bytes")
-            return await reader.readexactly(length)
-        return await self._read_until_close(reader, target)
-
-    async def _read_chunked(self, reader: asyncio.StreamReader, target: _Target) -> bytes:
-        chunks: list[bytes] = []
-        total = 0
-        while True:
-            size_text = (await self._read_line(reader, target)).split(";", 1)[0].strip()
-            if not _CHUNK_SIZE.fullmatch(size_text):
-                raise FetchFailed(target.origin, "answered with a malformed chunked body")
-            size = int(size_text, 16)
-            if size == 0:
-                break
-            total += size
-            if total > self.max_bytes:
-                raise self._too_large(target, "a longer body")
-            chunks.append(await reader.readexactly(size))
-            if await reader.readexactly(2) != b"\r\n":
-                raise FetchFailed(target.origin, "answered with a malformed chunked body")
-        # Trailers are ignored; a peer that closes instead of sending the final blank line still delivered the body.
-        for _ in range(MAX_HEADER_LINES):
-            line = await reader.readline()
-            if line in (b"", b"\r\n", b"\n"):
-                break
-        return b"".join(chunks)
-
-    async def _read_until_close(self, reader: asyncio.StreamReader, target: _Target) -> bytes:
-        chunks: list[bytes] = []
-        total = 0
-        while chunk := await reader.read(READ_CHUNK_BYTES):
-            total += len(chunk)
-            if total > self.max_bytes:
-                raise self._too_large(target, "a longer body")
-            chunks.append(chunk)
-        return b"".join(chunks)
 
     def _too_large(self, target: _Target, received: str) -> FetchFailed:
         return FetchFailed(target.origin, f"answered with {received}, more than the {self.max_bytes} bytes allowed")

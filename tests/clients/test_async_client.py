@@ -57,20 +57,13 @@ async def generate(client: Client, **overrides: object) -> list[ImageResult]:
 
 
 async def drop_connections(server) -> None:
-    for connection in list(server._server.connections):
+    for connection in list(server.connections):
         await connection.close()
 
 
 async def stop_server(server) -> None:
-    """Stop ``server`` while a client is still connected to it."""
-    listener = server._server
-    stopping = asyncio.create_task(server.stop(grace=seconds(1)))
-    # ImagewireServer.stop() stops listening at once but leaves open sockets open (its second
-    # websockets Server.close() call is a no-op), then waits for their handlers: close them here.
-    await asyncio.sleep(seconds(0.1))
-    for connection in list(listener.connections):
-        await connection.close()
-    await stopping
+    """Stop ``server`` while a client is still connected to it (its socket is closed with 1001)."""
+    await server.stop(grace=seconds(1))
 
 
 # ---------------------------------------------------------------- uploads
@@ -165,7 +158,7 @@ async def test_eight_concurrent_calls_on_one_connection_each_get_their_own_resul
     seeds = list(range(100, 108))
     async with Client(server.url, API_KEY) as client:
         batches = await asyncio.gather(*(generate(client, seed=seed) for seed in seeds))
-        assert len(server._server.connections) == 1
+        assert len(server.connections) == 1
         (again,) = await generate(client, seed=103)
     assert [batch[0].seed for batch in batches] == seeds
     assert len({batch[0].task_uuid for batch in batches}) == 8
@@ -298,7 +291,7 @@ async def test_the_client_reconnects_to_a_restarted_server(start_server):
         await stop_server(first)
         second = await start_server(port=first.port)
         (result,) = await generate(client, timeout=seconds(60))
-        assert second._server.connections, "the client is connected to the new server"
+        assert second.connections, "the client is connected to the new server"
     assert result.image_bytes
 
 

@@ -61,8 +61,8 @@ async def test_a_task_cut_off_by_a_lost_socket_is_recovered_by_the_sdk(start_ser
             model="imagewire:tiny@1", positivePrompt="a harbour at dawn", width=128, height=128, steps=2,
             numberResults=2, seed=7)))
         assert await asyncio.to_thread(engine.started.wait, seconds(10))
-        for connection in list(server._server.connections):
-            connection.transport.abort()  # as a network failure: no closing handshake
+        for connection in list(server.connections):
+            connection.abort()  # as a network failure: no closing handshake
         engine.release.set()
         images = await asyncio.wait_for(call, seconds(30))
     finally:

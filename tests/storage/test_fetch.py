@@ -121,6 +121,29 @@ async def test_loopback_is_refused_before_anything_is_sent() -> None:
     assert server.connections == 0
 
 
+async def test_a_host_name_is_resolved_once_and_each_address_checked_before_connecting() -> None:
+    # "localhost" goes through the resolver (IP literals do not): refused, with nothing sent anywhere.
+    async with LocalServer(answer(response(body=BODY))) as server:
+        with pytest.raises(InvalidParameter) as caught:
+            await fetch(UrlFetcher(), f"http://localhost:{server.port}/image.png", "seedImage")
+        assert "non-public" in caught.value.message and server.connections == 0
+        # Allowed, the connection goes to the address the resolver answered, with the name as Host.
+        assert await fetch(UrlFetcher(allow_private=True), f"http://localhost:{server.port}/i.png", "image") == BODY
+    assert f"Host: localhost:{server.port}\r\n" in server.requests[0].decode()
+
+
+async def test_an_unresolvable_host_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def no_such_host(*args: object, **options: object) -> list[object]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    # No name server is asked: tests send nothing beyond this machine.
+    monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", no_such_host)
+    with pytest.raises(InvalidParameter) as caught:
+        await fetch(UrlFetcher(allow_private=True), "http://no-such-host.invalid/x.png", "image")
+    assert caught.value.message == (
+        "fetching image URL http://no-such-host.invalid failed: its host name could not be resolved")
+
+
 async def test_redirect_is_followed_when_allowed() -> None:
     async with LocalServer(answer(response(body=BODY))) as target:
         redirect = response(302, headers={"Location": target.url("/final.png")})
