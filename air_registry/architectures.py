@@ -13,7 +13,8 @@ from types import MappingProxyType
 
 @dataclass(frozen=True)
 class Architecture:
-    name: str
+    name: str           # what catalog entries, modelSearch and compatibility checks (LoRAs, …) name
+    family: str         # the code path that runs it (``server/engine/families.py``)
     # What a catalog entry's missing ``defaults`` become.
     size: int
     steps: int
@@ -23,17 +24,17 @@ class Architecture:
     single_file_pipeline: str | None = None
     # Refiners transform an image and have no text-to-image pipeline.
     image_to_image_only: bool = False
-    # The server can build the model itself (the embedded tiny model); others need weights.
-    embedded: bool = False
 
 
+# Embedded test models have architectures of their own ("tiny"): nothing made for a real
+# architecture (a LoRA, a VAE) fits their shapes, though the same code path runs them.
 ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType({
     arch.name: arch for arch in (
-        Architecture("tiny", size=256, steps=8, embedded=True),
-        Architecture("sd15", size=512, steps=20, single_file_pipeline="StableDiffusionPipeline"),
-        Architecture("sd21", size=768, steps=20, single_file_pipeline="StableDiffusionPipeline"),
-        Architecture("sdxl", size=1024, steps=30, single_file_pipeline="StableDiffusionXLPipeline"),
-        Architecture("sdxl-refiner", size=1024, steps=30, strength=0.3,
+        Architecture("tiny", family="sd", size=256, steps=8),
+        Architecture("sd15", family="sd", size=512, steps=20, single_file_pipeline="StableDiffusionPipeline"),
+        Architecture("sd21", family="sd", size=768, steps=20, single_file_pipeline="StableDiffusionPipeline"),
+        Architecture("sdxl", family="sdxl", size=1024, steps=30, single_file_pipeline="StableDiffusionXLPipeline"),
+        Architecture("sdxl-refiner", family="sdxl", size=1024, steps=30, strength=0.3,
                      single_file_pipeline="StableDiffusionXLImg2ImgPipeline", image_to_image_only=True),
     )
 })

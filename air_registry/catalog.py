@@ -9,7 +9,8 @@ or replace models with their own files in the same format (see :meth:`Catalog.lo
      "defaults": {"width": 512, "height": 768, "steps": 25, "scheduler": "DPM++ 2M Karras",
                   "CFGScale": 6.5, "strength": 0.7}}
 
-``source`` says how ``location`` is read: ``embedded`` (built by this server, no location),
+``source`` says how ``location`` is read: ``embedded`` (built by this server: ``location`` names
+the builder, see ``air_registry/tiny``),
 ``hub`` (a Hugging Face repo id, read from the local Hugging Face cache), ``folder`` (a model saved
 in diffusers format) or ``single_file`` (a ``.safetensors``/``.ckpt`` checkpoint). Missing
 ``defaults`` keys take the architecture's usual values (``architectures.py``). Where the weights
@@ -30,12 +31,13 @@ from typing import Any
 from imagewire.air_registry.air import parse_air
 from imagewire.air_registry.architectures import ARCHITECTURES, Architecture
 from imagewire.air_registry.errors import CatalogError, MalformedAIR, UnknownModel, UnknownSampler, shown
+from imagewire.air_registry.model_files import SINGLE_FILE_SUFFIXES
 from imagewire.air_registry.samplers import DEFAULT_NAME, resolve_sampler
+from imagewire.air_registry.tiny import BUILDERS
 
 SHIPPED_CATALOG = Path(__file__).with_name("catalog.json")
 
 SOURCES: tuple[str, ...] = ("embedded", "hub", "folder", "single_file")
-SINGLE_FILE_SUFFIXES: tuple[str, ...] = (".safetensors", ".ckpt")
 
 # How many known models a "not found" message names; the catalog can be long.
 _MODELS_NAMED_IN_ERRORS = 10
@@ -158,8 +160,10 @@ def _parse_defaults(raw: Any, architecture: str, check: DefaultsCheck | None) ->
 def _parse_location(raw: Mapping[str, Any], source: str, base_dir: Path) -> str:
     location = _string(raw, "location", default="")
     if source == "embedded":
-        _require(not location, "an embedded model has no 'location'")
-        return ""
+        _require(location in BUILDERS,
+                 f"'location' of an embedded model names its builder, one of {', '.join(BUILDERS)}; "
+                 f"not {shown(location)}")
+        return location
     _require(bool(location), f"a '{source}' model needs a 'location'")
     if source == "hub":
         _require(
@@ -195,12 +199,6 @@ def _parse_entry(raw: Any, base_dir: Path, check: DefaultsCheck | None) -> Model
     source = _string(raw, "source")
     _require(source in SOURCES, f"'source' must be one of {', '.join(SOURCES)}, not {source!r}")
     # The server can build exactly one model itself; everything else comes from weights on disk.
-    embedded = [name for name, arch in ARCHITECTURES.items() if arch.embedded]
-    _require(
-        source != "embedded" or ARCHITECTURES[architecture].embedded,
-        f"only the {' and '.join(map(repr, embedded))} architecture can be 'embedded'; "
-        "other models need weights (hub, folder or single_file)",
-    )
     _require(
         source != "single_file" or ARCHITECTURES[architecture].single_file_pipeline is not None,
         f"the {architecture!r} architecture cannot be loaded from a single file",

@@ -34,9 +34,10 @@ from diffusers.utils.import_utils import DummyObject
 from imagewire.air_registry.architectures import ARCHITECTURES
 from imagewire.air_registry.catalog import ModelEntry
 from imagewire.air_registry.errors import RegistryError, SamplerUnusable, WeightsMissing
+from imagewire.air_registry.model_files import MODEL_INDEX
 from imagewire.air_registry.samplers import SAMPLERS, SamplerSpec
-from imagewire.air_registry.tiny import ensure_tiny_model
-from imagewire.air_registry.weights import MODEL_INDEX, locate_weights
+from imagewire.air_registry.tiny import ensure_embedded
+from imagewire.air_registry.weights import locate_weights
 
 logger = logging.getLogger(__name__)
 
@@ -199,13 +200,13 @@ class PipelineCache:
     def _load(self, entry: ModelEntry, weights: Path | None) -> DiffusionPipeline:
         if weights is None:
             weights = locate_weights(entry, data_dir=self.data_dir, allow_downloads=self.allow_downloads)
-        location = entry.location or "the embedded model"
+        location = "the embedded model" if entry.source == "embedded" else entry.location
         logger.info("loading model %s from %s on %s", entry.air, location, self.device)
         started = time.monotonic()
         _enable_loading_progress_bars()
         try:
             if entry.source == "embedded":
-                weights = ensure_tiny_model(weights)
+                weights = ensure_embedded(entry.location, weights)
             pipe = self._read_pipeline(entry, weights)
             pipe.to(self.device)
         except RegistryError:

@@ -12,14 +12,7 @@ from pathlib import Path
 from imagewire.air_registry.air import parse_air
 from imagewire.air_registry.catalog import ModelEntry
 from imagewire.air_registry.errors import WeightsMissing
-
-MODEL_INDEX = "model_index.json"
-
-# What a hub download fetches: the diffusers-format components only. Model repos also carry
-# full-size single-file checkpoints, fp16 and non-EMA copies and a safety checker, many times the
-# size of what the server loads.
-HUB_INCLUDE: tuple[str, ...] = ("model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors")
-HUB_EXCLUDE: tuple[str, ...] = ("*.fp16.*", "*non_ema*", "safety_checker/*")
+from imagewire.air_registry.model_files import HUB_EXCLUDE, HUB_INCLUDE, MODEL_INDEX
 
 
 def local_model_dir(entry: ModelEntry, data_dir: Path) -> Path:
@@ -74,7 +67,7 @@ def _locate_hub_weights(entry: ModelEntry, *, allow_downloads: bool) -> Path:
 def locate_weights(entry: ModelEntry, *, data_dir: Path, allow_downloads: bool) -> Path:
     """The local path of the entry's weights, or ``WeightsMissing`` saying what is missing and how to add it.
 
-    For the embedded model this is where it is (or will be) built; building is ``tiny.ensure_tiny_model``.
+    For an embedded model this is where it is (or will be) built; building is ``tiny.ensure_embedded``.
     """
     if entry.source == "embedded":
         return local_model_dir(entry, data_dir)

@@ -58,7 +58,7 @@ def _accelerator(device: str) -> dict[str, Any]:
 
 def _server_threads(device: str, default: int) -> int:
     """The torch thread count the server's engine runs inference on (see ``server.engine.limit_cpu_threads``)."""
-    from imagewire.server.engine import THREADS_VARIABLE, serving_cpu_threads
+    from imagewire.server.engine.threads import THREADS_VARIABLE, serving_cpu_threads
 
     if device != "cpu" or os.environ.get(THREADS_VARIABLE):
         return default

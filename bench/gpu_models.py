@@ -55,9 +55,9 @@ def shrink(config: dict[str, Any]) -> dict[str, Any]:
 def _text_encoder(config: dict[str, Any]) -> Any:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from imagewire.air_registry.tiny import END_TOKEN, START_TOKEN, build_tokenizer
+    from imagewire.air_registry.tiny.tokenizers import END_TOKEN, START_TOKEN, build_clip_tokenizer
 
-    vocab = build_tokenizer().get_vocab()
+    vocab = build_clip_tokenizer().get_vocab()
     options = {key: value for key, value in config.items() if key != "class"}
     text_config = CLIPTextConfig(**options, bos_token_id=vocab[START_TOKEN], eos_token_id=vocab[END_TOKEN],
                                  pad_token_id=vocab[END_TOKEN])
@@ -75,7 +75,7 @@ def build_pipeline(config: dict[str, Any], *, device: str, dtype: Any, seed: int
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
-    from imagewire.air_registry.tiny import build_tokenizer
+    from imagewire.air_registry.tiny.tokenizers import build_clip_tokenizer
 
     scheduler_options = dict(config["scheduler"])
     scheduler = getattr(diffusers, scheduler_options.pop("class"))(**scheduler_options)
@@ -85,12 +85,12 @@ def build_pipeline(config: dict[str, Any], *, device: str, dtype: Any, seed: int
             "unet": UNet2DConditionModel(**config["unet"]).to(dtype),
             "vae": AutoencoderKL(**config["vae"]).to(dtype),
             "text_encoder": _text_encoder(config["text_encoder"]).to(dtype),
-            "tokenizer": build_tokenizer(),
+            "tokenizer": build_clip_tokenizer(),
             "scheduler": scheduler,
         }
         if "text_encoder_2" in config:
             components["text_encoder_2"] = _text_encoder(config["text_encoder_2"]).to(dtype)
-            components["tokenizer_2"] = build_tokenizer()
+            components["tokenizer_2"] = build_clip_tokenizer()
     pipeline_class = getattr(diffusers, config["pipeline"])
     if pipeline_class is diffusers.StableDiffusionPipeline:
         components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)

@@ -41,7 +41,7 @@ class RawRunner:
     def _configure_threads(self) -> tuple[int, int]:
         import torch
 
-        from imagewire.server.engine import limit_cpu_threads
+        from imagewire.server.engine.threads import limit_cpu_threads
 
         default = torch.get_num_threads()
         limit_cpu_threads(self.device)

@@ -4,7 +4,7 @@ The event loop never waits on the device. ``submit`` either queues a job at once
 refuses it (queue full → ``serviceUnavailable``); the worker hands results back through
 ``loop.call_soon_threadsafe`` onto the job's own asyncio queue, which ``JobHandle``
 iterates. The engine behind the worker is a seam (``Engine``): the real one runs
-diffusers pipelines (``server/engine.py``); tests of queueing and failure pass a
+diffusers pipelines (``server/engine``); tests of queueing and failure pass a
 small fake (``tests/engines.py``). This module imports no torch.
 
 Jobs that wait together and share a ``batch_key`` (they differ only in prompts, seeds and
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from imagewire.tasks.errors import InferenceError, ServiceUnavailable, TaskError
-from imagewire.tasks.jobs import Emit, GeneratedImage, InferenceJob
+from imagewire.tasks.jobs import Emit, Job
 
 if TYPE_CHECKING:
     from imagewire.air_registry import ModelEntry
@@ -40,8 +40,8 @@ class Engine(Protocol):
 
     def load(self, model: ModelEntry) -> None: ...
 
-    def run(self, jobs: Sequence[InferenceJob], emit: Emit) -> None:
-        """Run jobs with one ``batch_key``; several jobs are given only when their images fit one call."""
+    def run(self, jobs: Sequence[Job], emit: Emit) -> None:
+        """Run jobs of one type and ``batch_key``; several are given only when their images fit one call."""
 
     def recover(self) -> None:
         """Called after a job failed: free what the failure may have left behind."""
@@ -52,9 +52,9 @@ _DONE = object()
 
 @dataclass(eq=False)  # a handle is itself: the queue finds and removes handles by identity
 class JobHandle:
-    """The event-loop side of a queued job: iterate it for chunks of images."""
+    """The event-loop side of a queued job: iterate it for chunks of results."""
 
-    job: InferenceJob
+    job: Job
     _loop: asyncio.AbstractEventLoop
     _results: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     submitted_at: float = field(default_factory=time.perf_counter)
@@ -75,7 +75,7 @@ class JobHandle:
         """Called from the worker thread."""
         self._loop.call_soon_threadsafe(self._results.put_nowait, item)
 
-    async def __aiter__(self) -> AsyncIterator[list[GeneratedImage]]:
+    async def __aiter__(self) -> AsyncIterator[list[Any]]:
         while True:
             item = await self._results.get()
             if item is _DONE:
@@ -119,7 +119,7 @@ class DeviceQueue:
     def pending(self) -> int:
         return self._queue.jobs
 
-    def submit(self, job: InferenceJob) -> JobHandle:
+    def submit(self, job: Job) -> JobHandle:
         if not self._accepting:
             raise ServiceUnavailable("The server is shutting down and takes no new inference tasks.")
         handle = JobHandle(job, asyncio.get_running_loop())
@@ -186,9 +186,9 @@ class DeviceQueue:
             log.debug("taskUUID=%s on the device", handle.job.task_uuid)
         answered: set[int] = set()
 
-        def emit(index: int, images: list[GeneratedImage]) -> None:
+        def emit(index: int, results: list[Any]) -> None:
             answered.add(index)
-            handles[index]._post(images)
+            handles[index]._post(results)
 
         try:
             engine.run([handle.job for handle in handles], emit)
@@ -268,16 +268,16 @@ class _WorkQueue:
             return item
 
     def take_joining(self, first: JobHandle, max_images: int) -> list[JobHandle]:
-        """Remove and return waiting jobs with ``first``'s batch key, in queue order, while the
+        """Remove and return waiting jobs of ``first``'s type and batch key, in queue order, while the
         images of all of them and ``first`` stay within ``max_images``."""
-        key, images = first.job.batch_key(), first.job.images
+        kind, key, images = type(first.job), first.job.batch_key(), first.job.images
         taken: list[JobHandle] = []
         with self._changed:
             for item in list(self._items):
                 if images >= max_images:
                     break
                 if (isinstance(item, JobHandle) and images + item.job.images <= max_images
-                        and item.job.batch_key() == key):
+                        and type(item.job) is kind and item.job.batch_key() == key):
                     self._items.remove(item)
                     self._jobs -= 1
                     taken.append(item)

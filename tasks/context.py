@@ -17,11 +17,11 @@ from typing import Any, Protocol
 
 from imagewire.air_registry import Catalog
 from imagewire.storage import ImageStore, UrlFetcher
-from imagewire.tasks.jobs import InferenceJob, JobProgress
+from imagewire.tasks.jobs import Job, JobProgress
 
 
 class Device(Protocol):
-    def submit(self, job: InferenceJob) -> JobProgress:
+    def submit(self, job: Job) -> JobProgress[Any]:
         """Queue a job at once, or raise ServiceUnavailable."""
         ...
 

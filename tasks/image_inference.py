@@ -163,7 +163,7 @@ async def run(prepared: Prepared, ctx: TaskContext) -> AsyncIterator[ImageResult
                 init_image = await asyncio.to_thread(init_image.resize, (width, height), Image.Resampling.LANCZOS)
     assert width is not None and height is not None
     job = InferenceJob(
-        task_uuid=task.taskUUID, model=prepared.model, weights=weights, prompt=prepared.prompt,
+        task_uuid=task.taskUUID, owner=ctx.owner, model=prepared.model, weights=weights, prompt=prepared.prompt,
         negative_prompt=prepared.negative_prompt, width=width, height=height, steps=prepared.steps,
         cfg_scale=prepared.cfg_scale, sampler=prepared.sampler, seeds=prepared.seeds, init_image=init_image,
         strength=task.strength)

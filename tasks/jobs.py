@@ -1,16 +1,18 @@
 """What the device works on: jobs, fully validated by their task handlers, and what comes back.
 
 A handler builds a job, the device queue (``server/device.py``) runs it on an engine, and the
-engine hands results back per job. Jobs that wait together and share a ``batch_key`` may run in
-one pipeline call. This module imports no torch: the images are PIL images.
+engine hands results back per job. Jobs of one type that wait together and share a ``batch_key``
+may run in one call. A new kind of job subclasses ``Job`` (in its task's module, or here when
+several task types share it) and gets a runner in ``server/engine``. This module imports no
+torch: images are PIL images.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -18,11 +20,27 @@ if TYPE_CHECKING:
     from imagewire.air_registry import ModelEntry, SamplerSpec
 
 
-@dataclass
-class InferenceJob:
-    """Everything the device needs for one imageInference task."""
+@dataclass(kw_only=True)
+class Job:
+    """What every job has: the task it serves and the API key's owner token (fairness, cancelling)."""
 
     task_uuid: str
+    owner: str = ""
+
+    @property
+    def images(self) -> int:
+        """How many results it makes: what ``--max-batch-size`` counts."""
+        return 1
+
+    def batch_key(self) -> Hashable:
+        """Jobs of one type with equal keys can run in one call; by default a job runs alone."""
+        return id(self)
+
+
+@dataclass(kw_only=True)
+class InferenceJob(Job):
+    """Everything the device needs for one imageInference task."""
+
     model: ModelEntry
     weights: Path                   # where the model's weights are, found when the task was checked
     prompt: str
@@ -59,12 +77,14 @@ class GeneratedImage:
     seconds: float   # device time spent on this image (its share of its call), for includeCost
 
 
-# emit(i, images): images of jobs[i] are ready (called once per pipeline call that made some).
-Emit = Callable[[int, list[GeneratedImage]], None]
+# emit(i, results): results of jobs[i] are ready (called once per call that made some).
+Emit = Callable[[int, list[Any]], None]
+
+R_co = TypeVar("R_co", covariant=True)
 
 
-class JobProgress(Protocol):
-    """A queued job as its handler sees it: iterate it for chunks of images as they are made."""
+class JobProgress(Protocol[R_co]):
+    """A queued job as its handler sees it: iterate it for chunks of results as they are made."""
 
     @property
     def queue_seconds(self) -> float: ...
@@ -72,4 +92,4 @@ class JobProgress(Protocol):
     @property
     def compute_seconds(self) -> float: ...
 
-    def __aiter__(self) -> AsyncIterator[list[GeneratedImage]]: ...
+    def __aiter__(self) -> AsyncIterator[Sequence[R_co]]: ...

@@ -22,10 +22,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A models folder with the tiny model built once for the whole session."""
-    from imagewire.air_registry.tiny import ensure_tiny_model
+    from imagewire.air_registry.tiny import ensure_embedded
 
     root = tmp_path_factory.mktemp("shared-models")
-    ensure_tiny_model(root / "imagewire-tiny-1")
+    ensure_embedded("tiny-sd", root / "imagewire-tiny-1")
     return root
 
 

@@ -7,6 +7,7 @@ a wrong import fails here whether or not any test happens to execute it.
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import re
 import subprocess
 import sys
@@ -156,7 +157,13 @@ def test_the_protocol_side_imports_no_torch() -> None:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
+    # Offline with a setuptools that reads this pyproject; otherwise pip fetches the build backend.
+    try:
+        recent = int(importlib.metadata.version("setuptools").split(".")[0]) >= 69
+    except importlib.metadata.PackageNotFoundError:
+        recent = False
+    isolation = ["--no-build-isolation"] if recent else []
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "--quiet",
                     "--wheel-dir", str(out), str(ROOT)], check=True, capture_output=True, timeout=seconds(300))
     (built,) = out.glob("imagewire-*.whl")
     return built

@@ -59,7 +59,7 @@ def test_the_shipped_catalog_lists_the_built_in_models(catalog: Catalog) -> None
 def test_the_tiny_model_is_embedded_with_its_defaults(catalog: Catalog) -> None:
     tiny = catalog.resolve("imagewire:tiny@1")
     assert tiny.source == "embedded"
-    assert tiny.location == ""
+    assert tiny.location == "tiny-sd"  # its builder
     assert tiny.architecture == "tiny"
     assert tiny.category == "checkpoint"
     assert tiny.version == "1"
@@ -236,7 +236,7 @@ def test_an_entry_may_leave_out_the_optional_keys(tmp_path: Path) -> None:
         ([folder_entry(name=None)], "'name' is required"),
         ([folder_entry(architecture="flux")], "'architecture' must be one of"),
         ([folder_entry(source="ftp")], "'source' must be one of"),
-        ([folder_entry(source="embedded", location="")], "only the 'tiny' architecture can be 'embedded'"),
+        ([folder_entry(source="embedded", location="")], "'location' of an embedded model names its builder"),
         ([folder_entry(location="")], "needs a 'location'"),
         ([folder_entry(source="hub", location="not a repo")], "Hugging Face repo id"),
         ([folder_entry(source="single_file", location="model.bin")], "must end in .safetensors or .ckpt"),

@@ -11,7 +11,8 @@ import pytest
 import torch
 from diffusers import AutoPipelineForText2Image, StableDiffusionPipeline
 
-from imagewire.air_registry.tiny import build_tokenizer, ensure_tiny_model
+from imagewire.air_registry.tiny import ensure_embedded
+from imagewire.air_registry.tiny.tokenizers import build_clip_tokenizer
 from tests.timing import seconds
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -24,7 +25,7 @@ WEIGHT_FILES = [
 
 
 def test_two_builds_write_identical_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
-    other = ensure_tiny_model(tmp_path / "again" / "imagewire-tiny-1")
+    other = ensure_embedded("tiny-sd", tmp_path / "again" / "imagewire-tiny-1")
     for name in WEIGHT_FILES:
         assert (other / name).read_bytes() == (tiny_model_dir / name).read_bytes(), name
     assert (other / "model_index.json").read_text() == (tiny_model_dir / "model_index.json").read_text()
@@ -34,14 +35,14 @@ def test_building_leaves_the_callers_random_state_alone(tmp_path: Path) -> None:
     torch.manual_seed(1234)
     expected = torch.rand(3)
     torch.manual_seed(1234)
-    ensure_tiny_model(tmp_path / "model")
+    ensure_embedded("tiny-sd", tmp_path / "model")
     assert torch.equal(torch.rand(3), expected)
 
 
 def test_an_existing_model_is_not_rebuilt(tiny_model_dir: Path) -> None:
     weights = tiny_model_dir / WEIGHT_FILES[1]
     before = weights.stat().st_mtime_ns
-    assert ensure_tiny_model(tiny_model_dir) == tiny_model_dir
+    assert ensure_embedded("tiny-sd", tiny_model_dir) == tiny_model_dir
     assert weights.stat().st_mtime_ns == before
 
 
@@ -49,7 +50,7 @@ def test_an_incomplete_directory_is_replaced_and_no_temporary_files_remain(tmp_p
     target = tmp_path / "models" / "imagewire-tiny-1"
     (target / "unet").mkdir(parents=True)
     (target / "unet" / "half-written.safetensors").write_bytes(b"partial")
-    ensure_tiny_model(target)
+    ensure_embedded("tiny-sd", target)
     assert (target / "model_index.json").is_file()
     assert not (target / "unet" / "half-written.safetensors").exists()
     assert sorted(path.name for path in target.parent.iterdir()) == ["imagewire-tiny-1"]
@@ -61,7 +62,7 @@ def test_concurrent_builds_leave_one_complete_model(tiny_model_dir: Path, tmp_pa
 
     def build() -> None:
         try:
-            ensure_tiny_model(target)
+            ensure_embedded("tiny-sd", target)
         except BaseException as exc:  # collected and re-raised by the test
             errors.append(exc)
 
@@ -81,8 +82,8 @@ def test_separate_processes_build_the_same_model_into_one_place(tiny_model_dir: 
     target = tmp_path / "models" / "imagewire-tiny-1"
     code = (
         "import sys, pathlib\n"
-        "from imagewire.air_registry.tiny import ensure_tiny_model\n"
-        "ensure_tiny_model(pathlib.Path(sys.argv[1]))\n"
+        "from imagewire.air_registry.tiny import ensure_embedded\n"
+        "ensure_embedded('tiny-sd', pathlib.Path(sys.argv[1]))\n"
     )
     builders = [
         subprocess.Popen(
@@ -128,7 +129,7 @@ def test_it_loads_offline_with_the_real_latent_scale(tiny_model_dir: Path, loade
     "prompt", ["a photo of a cat", "", "東京の夜景, 🐱 ünïcödé", "x" * 500, "<|endoftext|> tricky"]
 )
 def test_any_prompt_tokenizes_within_the_vocabulary(prompt: str) -> None:
-    tokenizer = build_tokenizer()
+    tokenizer = build_clip_tokenizer()
     ids = tokenizer(prompt, padding="max_length", max_length=77, truncation=True).input_ids
     assert len(ids) == 77
     assert max(ids) < len(tokenizer)

@@ -1,0 +1,73 @@
+"""Models the server builds itself: real architectures with random weights, made from fixed seeds with
+no download, so that every code path runs on any machine (tests, benchmarks, trying the API).
+
+An ``embedded`` catalog entry names its builder in ``location``; ``BUILDERS`` maps each name to the
+module that builds it (imported only when a model is built, so this package's top imports no torch).
+A builder module has ``build(directory)``, which saves the model there in diffusers format.
+``ensure_embedded`` builds into a temporary sibling and renames it into place, so a model folder is
+either absent or complete, even when two processes build it at once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+
+from imagewire.air_registry.model_files import MODEL_INDEX
+
+BUILDERS: Mapping[str, str] = MappingProxyType({
+    "tiny-sd": "imagewire.air_registry.tiny.sd",
+})
+
+# Builders draw initial weights from torch's global generator, seeded per component: two builds in one
+# process at once would interleave their draws, so builds in a process take turns.
+_BUILD_LOCK = threading.Lock()
+
+
+def ensure_embedded(builder: str, path: Path) -> Path:
+    """Make sure the model of ``builder`` is saved at ``path``; build it if it is not."""
+    path = Path(path)
+    if (path / MODEL_INDEX).is_file():
+        return path
+    module = importlib.import_module(BUILDERS[builder])
+    with _BUILD_LOCK:
+        if (path / MODEL_INDEX).is_file():
+            return path  # built by another thread while this one waited
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.building-", dir=path.parent))
+        try:
+            module.build(staging)
+            _move_into_place(staging, path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def _move_into_place(staging: Path, path: Path) -> None:
+    try:
+        os.replace(staging, path)
+        return
+    except OSError:
+        # ``path`` exists and is not empty: either another build finished first, or a stale,
+        # incomplete directory is in the way.
+        if (path / MODEL_INDEX).is_file():
+            return
+    stale = Path(tempfile.mkdtemp(prefix=f".{path.name}.stale-", dir=path.parent))
+    try:
+        try:
+            os.replace(path, stale / "model")
+        except FileNotFoundError:
+            pass  # another build moved it away already
+        try:
+            os.replace(staging, path)
+        except OSError:
+            if not (path / MODEL_INDEX).is_file():
+                raise
+    finally:
+        shutil.rmtree(stale, ignore_errors=True)

@@ -1,0 +1,61 @@
+"""The engine: runs validated jobs on the device. Lives in the device worker thread.
+
+``DiffusersEngine`` owns the pipelines (``air_registry/loader.py``) and hands each kind of job to its
+runner: ``RUNNERS`` maps a job type to the function that runs a group of such jobs (jobs given
+together share a batch key, see ``server/device.py``). A new kind of job is a runner module beside
+``inference.py`` and a line in ``RUNNERS``. This package is the only part of the server that imports
+torch.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from imagewire.air_registry import ModelEntry, RegistryError, SamplerUnusable
+from imagewire.air_registry.loader import PipelineCache, unavailable_samplers
+from imagewire.server.engine import inference
+from imagewire.server.engine.threads import limit_cpu_threads
+from imagewire.tasks.inputs import task_error
+from imagewire.tasks.jobs import Emit, InferenceJob, Job
+
+log = logging.getLogger("imagewire.engine")
+
+# runner(engine, jobs, emit): run jobs of one type and batch key, emitting each job's results.
+Runner = Callable[["DiffusersEngine", Sequence[Any], Emit], None]
+
+RUNNERS: dict[type[Job], Runner] = {
+    InferenceJob: inference.run,
+}
+
+
+class DiffusersEngine:
+    def __init__(self, *, device: str, data_dir: Path, allow_downloads: bool, max_batch_size: int) -> None:
+        # The engine is built in the device worker thread, which runs every pipeline call.
+        limit_cpu_threads(device)
+        self.pipelines = PipelineCache(device=device, data_dir=data_dir, allow_downloads=allow_downloads)
+        self.max_batch_size = max_batch_size
+        self.unavailable_samplers = unavailable_samplers()
+        for name, why in self.unavailable_samplers.items():
+            log.warning("scheduler %s %s; requests for it are refused", name, why)
+
+    def load(self, model: ModelEntry) -> None:
+        self.pipelines.text_to_image(model)
+
+    def run(self, jobs: Sequence[Job], emit: Emit) -> None:
+        try:
+            RUNNERS[type(jobs[0])](self, jobs, emit)
+        except RegistryError as exc:
+            # Weights that do not load; a sampler this model's config rules out.
+            parameter = "scheduler" if isinstance(exc, SamplerUnusable) else "model"
+            raise task_error(exc, parameter) from exc
+
+    def recover(self) -> None:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
