@@ -5,11 +5,13 @@ so one bad task becomes one error item and its neighbours still run:
 
 1. the frame is parsed as ``list[msgspec.Raw]`` (not JSON or not an array → ``FrameError``);
 2. each element is parsed into a dict, its ``taskType`` and ``taskUUID`` read for scoping;
-3. ``null`` values are dropped (they count as absent), keys checked against the task's
-   fields (``unsupportedParameter`` for what the public API defines and we don't run yet,
-   ``unknownParameter`` for anything else);
+3. ``null`` values are dropped (they count as absent), and so are empty arrays and objects
+   given for optional parameters (``"lora": []``: clients send them for "none"); keys checked
+   against the task's fields (``unsupportedParameter`` for what the public API defines and we
+   don't run yet, ``unknownParameter`` for anything else);
 4. ``msgspec.convert`` checks types and value limits; its errors are rewritten into
-   sentences naming the parameter, the allowed values and the value received.
+   sentences naming the parameter (``lora[1].weight`` inside arrays and objects), the allowed
+   values and the value received.
 """
 
 from __future__ import annotations
@@ -23,7 +25,15 @@ import msgspec
 import msgspec.inspect as mi
 
 from imagewire.tasks import schema
-from imagewire.tasks.describe import describe_type, extra, literal_values, nearest_valid, stepped_range, wire_type
+from imagewire.tasks.describe import (
+    describe_type,
+    extra,
+    literal_values,
+    nearest_valid,
+    non_null,
+    stepped_range,
+    wire_type,
+)
 from imagewire.tasks.errors import (
     InvalidParameter,
     MissingParameter,
@@ -113,10 +123,12 @@ def decode_task(raw: msgspec.Raw | bytes) -> Decoded:
 
 
 def convert_task(obj: dict[str, Any], struct_type: type[schema.Task]) -> schema.Task:
-    present = {key: value for key, value in obj.items() if value is not None}
-    task_type = present["taskType"]
+    task_type = obj["taskType"]
     fields = _field_names(struct_type)
     unsupported = schema.UNSUPPORTED_PARAMETERS.get(task_type, frozenset())
+    optional = _optional_fields(struct_type) | unsupported
+    cleaned = {key: _without_nulls(value) for key, value in obj.items()}
+    present = {key: value for key, value in cleaned.items() if not _absent(key, value, optional)}
     extra = [key for key in present if key not in fields and key != "taskType"]
     not_yet = [key for key in extra if key in unsupported]
     if not_yet:
@@ -135,14 +147,35 @@ def convert_task(obj: dict[str, Any], struct_type: type[schema.Task]) -> schema.
         raise _translate_validation_error(exc, present, struct_type) from exc
 
 
+def _without_nulls(value: Any) -> Any:
+    """An object, or an array of objects, without its ``null`` members: one level down, null means
+    absent too (``{"model": "x", "weight": null}``). Deeper values are the schema's business."""
+    if isinstance(value, dict):
+        return {key: member for key, member in value.items() if member is not None}
+    if isinstance(value, list):
+        return [_without_nulls(item) if isinstance(item, dict) else item for item in value]
+    return value
+
+
+def _absent(key: str, value: Any, optional: frozenset[str]) -> bool:
+    """``null`` is absent anywhere; ``[]`` and ``{}`` are absent for a parameter that may be left
+    out (a key the task does not know keeps its ``unknownParameter``, whatever its value)."""
+    return value is None or (key in optional and (value == [] or value == {}))
+
+
 _PATH = re.compile(r"at `\$\.(?P<field>[A-Za-z0-9_]+)(?P<rest>[^`]*)`")
 _MISSING = re.compile(r"missing required field `(?P<field>[A-Za-z0-9_]+)`")
+_UNKNOWN = re.compile(r"contains unknown field `(?P<field>[^`]+)`")
+_STEP = re.compile(r"\.(?P<field>[A-Za-z0-9_]+)|\[(?P<index>\d+)\]")
 
 
 def _translate_validation_error(
     exc: msgspec.ValidationError, present: dict[str, Any], struct_type: type[schema.Task]
 ) -> TaskError:
     text = str(exc)
+    at = _PATH.search(text)
+    if at and at.group("rest"):
+        return _translate_nested(text, present, struct_type)
     missing = _MISSING.search(text)
     if missing:
         name = missing.group("field")
@@ -150,7 +183,6 @@ def _translate_validation_error(
         return MissingParameter(
             f"{name} is required: expected {describe_type(info.type) if info else 'a value'}.",
             parameter=name, type=wire_type(info.type) if info else None)
-    at = _PATH.search(text)
     if not at:
         return InvalidParameter(f"The task could not be read: {_first_sentence(text)}.")
     name = at.group("field")
@@ -176,11 +208,59 @@ def _translate_validation_error(
         parameter=name, type=wire_type(info.type) if info else None, allowed_values=allowed)
 
 
+def _translate_nested(text: str, present: dict[str, Any], struct_type: type[schema.Task]) -> TaskError:
+    """An error inside an array or object (``lora[1].weight``): walk the path through the schema's
+    types and the request's values, then say what that member allows and what it holds."""
+    at = _PATH.search(text)
+    assert at is not None
+    path = at.group("field") + at.group("rest")
+    node: mi.Type | None = _field_info(struct_type)[at.group("field")].type
+    value: Any = present.get(at.group("field"))
+    for step in _STEP.finditer(at.group("rest")):
+        if step.group("index") is not None:
+            lists = [member for member in non_null(node) if isinstance(member, mi.ListType)] if node else []
+            node = lists[0].item_type if lists else None
+            index = int(step.group("index"))
+            value = value[index] if isinstance(value, list) and index < len(value) else None
+        else:
+            fields = _struct_fields(node)
+            node = fields[step.group("field")].type if step.group("field") in fields else None
+            value = value.get(step.group("field")) if isinstance(value, dict) else None
+    missing, unknown = _MISSING.search(text), _UNKNOWN.search(text)
+    fields = _struct_fields(node)
+    if missing:
+        name = f"{path}.{missing.group('field')}"
+        member = fields.get(missing.group("field"))
+        return MissingParameter(
+            f"{name} is required: expected {describe_type(member.type) if member else 'a value'}.",
+            parameter=name, type=wire_type(member.type) if member else None)
+    if unknown:
+        name = f"{path}.{unknown.group('field')}"
+        known = sorted(fields)
+        return UnknownParameter(f"{name} is not a field of {path}; its fields are {', '.join(known)}.",
+                                parameter=name, allowed_values=known)
+    if node is None:
+        return InvalidParameter(f"Invalid {path}: {_first_sentence(text)}.", parameter=path)
+    return InvalidParameter(
+        f"Invalid {path}: expected {describe_type(node)}; received {describe_value(value)}.",
+        parameter=path, type=wire_type(node), allowed_values=literal_values(node))
+
+
+def _struct_fields(node: mi.Type | None) -> dict[str, mi.Field]:
+    structs = [member for member in non_null(node) if isinstance(member, mi.StructType)] if node else []
+    return {field.encode_name: field for field in structs[0].fields} if structs else {}
+
+
 @cache
 def _field_info(struct_type: type[schema.Task]) -> dict[str, mi.Field]:
     info = mi.type_info(struct_type)
     assert isinstance(info, mi.StructType)
     return {field.encode_name: field for field in info.fields}
+
+
+@cache
+def _optional_fields(struct_type: type[schema.Task]) -> frozenset[str]:
+    return frozenset(name for name, field in _field_info(struct_type).items() if not field.required)
 
 
 @cache

@@ -46,6 +46,7 @@ def wire_type(t: mi.Type) -> str:
     kinds = {
         mi.IntType: "integer", mi.FloatType: "number", mi.StrType: "string", mi.BoolType: "boolean",
         mi.LiteralType: "string", mi.ListType: "array", mi.DictType: "object",
+        mi.StructType: "object",
     }
     names: list[str] = []
     for member in non_null(t):
@@ -91,9 +92,17 @@ def _describe_one(t: mi.Type) -> str:
     if isinstance(t, mi.BoolType):
         return "true or false"
     if isinstance(t, mi.ListType):
+        bound = f"at most {t.max_length} " if t.max_length is not None else ""
+        item = _unannotated(t.item_type)
+        if isinstance(item, mi.StructType):
+            return f"an array of {bound}objects with " + ", ".join(field.encode_name for field in item.fields)
+        if bound:
+            return f"an array of {bound}items, each {_describe_one(t.item_type)}"
         return f"an array of {_describe_one(t.item_type)}"
     if isinstance(t, mi.DictType):
         return "an object"
+    if isinstance(t, mi.StructType):
+        return "an object with " + ", ".join(field.encode_name for field in t.fields)
     return "a valid value"
 
 

@@ -56,6 +56,9 @@ GOOD = [
     {"safety": {"checkContent": False, "mode": "none", "tolerance": True}},
     {"seedImage": "x", "width": None, "height": None},
     {"negativePrompt": None, "seed": None},
+    # Empty means absent: what clients send for "none" (PROTOCOL.md §11), even for parameters not run yet.
+    {"controlNet": [], "ipAdapters": [], "referenceImages": [], "outpaint": {}, "safety": {}},
+    {"outputType": []}, {"safety": {"checkContent": None}},
 ]
 
 
@@ -92,7 +95,6 @@ BAD = [
     ({"numberResults": 0}, "invalidParameter", "numberResults"),
     ({"numberResults": 21}, "invalidParameter", "numberResults"),
     ({"outputType": "file"}, "invalidParameter", "outputType"),
-    ({"outputType": []}, "invalidParameter", "outputType"),
     ({"outputFormat": "GIF"}, "invalidParameter", "outputFormat"),
     ({"outputQuality": 19}, "invalidParameter", "outputQuality"),
     ({"outputQuality": 100}, "invalidParameter", "outputQuality"),
@@ -105,7 +107,8 @@ BAD = [
     ({"safety": {"checkContent": False, "nsfw": True}}, "unknownParameter", "safety.nsfw"),
     ({"checkNSFW": True}, "unsupportedParameter", "checkNSFW"),
     ({"lora": [{"model": "x", "weight": 1}]}, "unsupportedParameter", "lora"),
-    ({"controlNet": []}, "unsupportedParameter", "controlNet"),
+    ({"controlNet": [{"model": "x"}]}, "unsupportedParameter", "controlNet"),
+    ({"outputType": ["URL", "file"]}, "invalidParameter", "outputType[1]"),
     ({"maskImage": "x"}, "unsupportedParameter", "maskImage"),
     ({"ttl": 60}, "unsupportedParameter", "ttl"),
     ({"frobnicate": 1}, "unknownParameter", "frobnicate"),
@@ -192,3 +195,17 @@ def test_the_wire_schema_is_exported_and_names_fields_exactly():
     inference = components["ImageInference"]["properties"]
     assert {"taskUUID", "CFGScale", "positivePrompt", "seedImage"} <= set(inference)
     assert inference["steps"]["anyOf"][0]["maximum"] == 100
+
+
+def test_empty_values_count_as_absent_only_for_parameters_of_the_task():
+    assert settle(task(outputType=[], safety={})).output_types == ["URL"]
+    # A key the task does not know stays unknown, whatever its value.
+    for empty in ([], {}):
+        error = error_of(task(loras=empty))
+        assert (error.code, error.parameter) == ("unknownParameter", "loras")
+
+
+def test_errors_inside_arrays_name_the_member_the_allowed_values_and_what_it_holds():
+    error = error_of(task(outputType=["URL", "file"]))
+    assert error.parameter == "outputType[1]" and error.allowed_values == ["URL", "base64Data", "dataURI"]
+    assert error.message == "Invalid outputType[1]: expected one of 'URL', 'base64Data', 'dataURI'; received 'file'."
