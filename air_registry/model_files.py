@@ -12,3 +12,9 @@ SINGLE_FILE_SUFFIXES: tuple[str, ...] = (".safetensors", ".ckpt")
 # size of what the server loads.
 HUB_INCLUDE: tuple[str, ...] = (MODEL_INDEX, "*/*.json", "*/*.txt", "*/*.safetensors")
 HUB_EXCLUDE: tuple[str, ...] = ("*.fp16.*", "*non_ema*", "safety_checker/*")
+
+# One diffusers model rather than a pipeline (a VAE): its folder has this config beside its weights.
+COMPONENT_CONFIG = "config.json"
+# The names diffusers gives a LoRA's and a textual-inversion embedding's weights file in a folder.
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+EMBEDDING_WEIGHTS = "learned_embeds.safetensors"

@@ -54,7 +54,7 @@ class Prepared:
 
 def prepare(task: ImageInference, ctx: TaskContext) -> Prepared:
     """Every check that needs the model but no I/O. Raises a TaskError naming the parameter."""
-    model = inputs.model(ctx, task.model)
+    model = inputs.model(ctx, task.model, category="checkpoint")
     defaults = model.defaults
     check_safety(task)
     if task.seedImage is None:

@@ -67,12 +67,26 @@ async def store(ctx: TaskContext, data: bytes, *, extension: str) -> StoredImage
         raise task_error(exc, "image") from exc
 
 
-def model(ctx: TaskContext, name: str, *, parameter: str = "model") -> ModelEntry:
-    """The catalog entry a request's AIR id or alias names."""
+# How messages name each category of model: one, and several.
+CATEGORY_NAMES = {"checkpoint": ("a checkpoint", "Checkpoints"), "lora": ("a LoRA", "LoRAs"),
+                  "embeddings": ("an embedding", "Embeddings"), "vae": ("a VAE", "VAEs")}
+
+
+def model(ctx: TaskContext, name: str, *, parameter: str = "model", category: str | None = None) -> ModelEntry:
+    """The catalog entry a request's AIR id or alias names; with ``category``, it must be of that category."""
     try:
-        return ctx.services.catalog.resolve(name)
+        entry = ctx.services.catalog.resolve(name)
     except RegistryError as exc:
         raise task_error(exc, parameter) from exc
+    if category is not None and entry.category != category:
+        (wanted, plural), (found, _) = (CATEGORY_NAMES.get(c, (f"a {c} model", f"{c} models"))
+                                        for c in (category, entry.category))
+        fitting = [other.air for other in ctx.services.catalog.entries if other.category == category]
+        raise errors.InvalidParameter(
+            f"{parameter} must name {wanted}; {entry.air} is {found}. {plural} here: "
+            f"{', '.join(fitting[:10]) or 'none'}{' and more (see modelSearch)' if len(fitting) > 10 else ''}.",
+            parameter=parameter, type="string", allowed_values=fitting[:100])
+    return entry
 
 
 async def weights(ctx: TaskContext, entry: ModelEntry, *, parameter: str = "model") -> Path:

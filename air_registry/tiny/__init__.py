@@ -3,9 +3,10 @@ no download, so that every code path runs on any machine (tests, benchmarks, try
 
 An ``embedded`` catalog entry names its builder in ``location``; ``BUILDERS`` maps each name to the
 module that builds it (imported only when a model is built, so this package's top imports no torch).
-A builder module has ``build(directory)``, which saves the model there in diffusers format.
-``ensure_embedded`` builds into a temporary sibling and renames it into place, so a model folder is
-either absent or complete, even when two processes build it at once.
+A builder module has ``build(directory)``, which saves the model there in diffusers format: a pipeline
+folder, or for what is not a pipeline (a LoRA, an embedding, a VAE) the folder diffusers saves for it,
+whose telling file ``BUILT_FILES`` names. ``ensure_embedded`` builds into a temporary sibling and renames
+it into place, so a model folder is either absent or complete, even when two processes build it at once.
 """
 
 from __future__ import annotations
@@ -19,11 +20,28 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 
-from imagewire.air_registry.model_files import MODEL_INDEX
+from imagewire.air_registry.model_files import COMPONENT_CONFIG, EMBEDDING_WEIGHTS, LORA_WEIGHTS, MODEL_INDEX
 
 BUILDERS: Mapping[str, str] = MappingProxyType({
     "tiny-sd": "imagewire.air_registry.tiny.sd",
+    "tiny-lora": "imagewire.air_registry.tiny.lora",
+    "tiny-embedding": "imagewire.air_registry.tiny.embedding",
+    "tiny-vae": "imagewire.air_registry.tiny.vae",
+    "tiny-sdxl": "imagewire.air_registry.tiny.sdxl",
+    "tiny-sdxl-refiner": "imagewire.air_registry.tiny.sdxl_refiner",
 })
+
+# The file whose presence means a built model is complete, for builders that make something other than a
+# pipeline folder (whose file is MODEL_INDEX).
+BUILT_FILES: Mapping[str, str] = MappingProxyType({
+    "tiny-lora": LORA_WEIGHTS,
+    "tiny-embedding": EMBEDDING_WEIGHTS,
+    "tiny-vae": COMPONENT_CONFIG,
+})
+
+
+def built_file(builder: str) -> str:
+    return BUILT_FILES.get(builder, MODEL_INDEX)
 
 # Builders draw initial weights from torch's global generator, seeded per component: two builds in one
 # process at once would interleave their draws, so builds in a process take turns.
@@ -33,30 +51,31 @@ _BUILD_LOCK = threading.Lock()
 def ensure_embedded(builder: str, path: Path) -> Path:
     """Make sure the model of ``builder`` is saved at ``path``; build it if it is not."""
     path = Path(path)
-    if (path / MODEL_INDEX).is_file():
+    marker = built_file(builder)
+    if (path / marker).is_file():
         return path
     module = importlib.import_module(BUILDERS[builder])
     with _BUILD_LOCK:
-        if (path / MODEL_INDEX).is_file():
+        if (path / marker).is_file():
             return path  # built by another thread while this one waited
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.building-", dir=path.parent))
         try:
             module.build(staging)
-            _move_into_place(staging, path)
+            _move_into_place(staging, path, marker)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return path
 
 
-def _move_into_place(staging: Path, path: Path) -> None:
+def _move_into_place(staging: Path, path: Path, marker: str) -> None:
     try:
         os.replace(staging, path)
         return
     except OSError:
         # ``path`` exists and is not empty: either another build finished first, or a stale,
         # incomplete directory is in the way.
-        if (path / MODEL_INDEX).is_file():
+        if (path / marker).is_file():
             return
     stale = Path(tempfile.mkdtemp(prefix=f".{path.name}.stale-", dir=path.parent))
     try:
@@ -67,7 +86,7 @@ def _move_into_place(staging: Path, path: Path) -> None:
         try:
             os.replace(staging, path)
         except OSError:
-            if not (path / MODEL_INDEX).is_file():
+            if not (path / marker).is_file():
                 raise
     finally:
         shutil.rmtree(stale, ignore_errors=True)

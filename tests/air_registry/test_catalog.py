@@ -17,7 +17,14 @@ SHIPPED_AIRS = [
     "imagewire:sd21@1",
     "imagewire:sdxl-base@1",
     "imagewire:sdxl-refiner@1",
+    "imagewire:tiny-lora@1",
+    "imagewire:tiny-embedding@1",
+    "imagewire:tiny-vae@1",
+    "imagewire:tiny-sdxl@1",
+    "imagewire:tiny-sdxl-refiner@1",
 ]
+CHECKPOINTS = [air for air in SHIPPED_AIRS if air not in
+               ("imagewire:tiny-lora@1", "imagewire:tiny-embedding@1", "imagewire:tiny-vae@1")]
 
 
 def write_catalog(path: Path, entries: Any) -> Path:
@@ -143,13 +150,15 @@ def test_a_name_that_is_neither_an_air_nor_an_alias_is_invalid(catalog: Catalog)
 
 
 def test_the_not_found_message_names_at_most_ten_models(tmp_path: Path) -> None:
+    # The ten named are the first ten of the catalog: the shipped models first, then these.
     entries = [folder_entry(air=f"bulk:model{i}@1", aliases=[], name=f"Model {i}") for i in range(30)]
     catalog = Catalog.load([write_catalog(tmp_path / "bulk.json", entries)])
     with pytest.raises(UnknownModel) as caught:
         catalog.resolve("bulk:missing@1")
     message = task_error(caught.value, "model").message
-    assert "and 25 more" in message
-    assert message.count("bulk:model") == 5
+    named_bulk = max(0, 10 - len(SHIPPED_AIRS))
+    assert f"and {len(SHIPPED_AIRS) + 30 - 10} more" in message
+    assert message.count("bulk:model") == named_bulk
 
 
 # ---------------------------------------------------------------- user catalog files
@@ -289,22 +298,25 @@ def test_a_missing_file_is_an_error(tmp_path: Path) -> None:
 
 def test_search_without_filters_returns_everything(catalog: Catalog) -> None:
     total, page = catalog.search(limit=100, offset=0)
-    assert total == 5
+    assert total == len(SHIPPED_AIRS)
     assert [entry.air for entry in page] == SHIPPED_AIRS
 
 
 @pytest.mark.parametrize(
     ("filters", "airs"),
     [
-        ({"text": "sdxl"}, ["imagewire:sdxl-base@1", "imagewire:sdxl-refiner@1"]),
-        ({"text": "XL Refiner"}, ["imagewire:sdxl-refiner@1"]),
+        ({"text": "sdxl"}, ["imagewire:sdxl-base@1", "imagewire:sdxl-refiner@1", "imagewire:tiny-sdxl@1",
+                            "imagewire:tiny-sdxl-refiner@1"]),
+        ({"text": "XL Refiner"}, ["imagewire:sdxl-refiner@1", "imagewire:tiny-sdxl-refiner@1"]),
         ({"text": "stable-diffusion-v1-5"}, ["imagewire:sd15@1"]),
         ({"text": "nothing like this"}, []),
         ({"architecture": "sd15"}, ["imagewire:sd15@1"]),
         ({"architecture": "SDXL"}, ["imagewire:sdxl-base@1"]),
-        ({"category": "checkpoint"}, SHIPPED_AIRS),
-        ({"category": "lora"}, []),
-        ({"tags": ["refiner"]}, ["imagewire:sdxl-refiner@1"]),
+        ({"category": "checkpoint"}, CHECKPOINTS),
+        ({"category": "lora"}, ["imagewire:tiny-lora@1"]),
+        ({"category": "embeddings"}, ["imagewire:tiny-embedding@1"]),
+        ({"category": "vae", "architecture": "tiny"}, ["imagewire:tiny-vae@1"]),
+        ({"tags": ["refiner"]}, ["imagewire:sdxl-refiner@1", "imagewire:tiny-sdxl-refiner@1"]),
         ({"tags": ["SDXL", "base"]}, ["imagewire:sdxl-base@1"]),
         ({"tags": ["sdxl", "sd1.5"]}, []),
         ({"text": "stable", "architecture": "sd21"}, ["imagewire:sd21@1"]),
@@ -317,10 +329,41 @@ def test_search_filters(catalog: Catalog, filters: dict[str, Any], airs: list[st
 
 
 def test_search_pages_with_limit_and_offset(catalog: Catalog) -> None:
+    count = len(SHIPPED_AIRS)
     total, page = catalog.search(limit=2, offset=0)
-    assert (total, [e.air for e in page]) == (5, SHIPPED_AIRS[:2])
+    assert (total, [e.air for e in page]) == (count, SHIPPED_AIRS[:2])
     total, page = catalog.search(limit=2, offset=2)
-    assert (total, [e.air for e in page]) == (5, SHIPPED_AIRS[2:4])
-    total, page = catalog.search(limit=2, offset=4)
-    assert (total, [e.air for e in page]) == (5, SHIPPED_AIRS[4:])
-    assert catalog.search(limit=10, offset=50) == (5, [])
+    assert (total, [e.air for e in page]) == (count, SHIPPED_AIRS[2:4])
+    total, page = catalog.search(limit=2, offset=count - 1)
+    assert (total, [e.air for e in page]) == (count, SHIPPED_AIRS[count - 1:])
+    assert catalog.search(limit=10, offset=50) == (count, [])
+
+
+# ---------------------------------------------------------------- LoRAs, embeddings, VAEs
+
+
+def test_the_embedded_add_ons_fit_the_tiny_model(catalog: Catalog) -> None:
+    lora, embedding, vae = (catalog.resolve(name) for name in ("tiny-lora", "tiny-embedding", "tiny-vae"))
+    assert (lora.category, embedding.category, vae.category) == ("lora", "embeddings", "vae")
+    assert lora.architecture == embedding.architecture == vae.architecture == "tiny"
+    assert embedding.token == "<tiny-embedding>" and lora.token == ""
+
+
+def test_an_add_on_may_be_a_single_file_whatever_its_architecture(tmp_path: Path) -> None:
+    # The tiny architecture has no single-file pipeline, but a LoRA file needs none.
+    entry = folder_entry(architecture="tiny", category="lora", source="single_file", location="l.safetensors")
+    assert Catalog.load([write_catalog(tmp_path / "c.json", [entry])]).resolve("portrait").category == "lora"
+    checkpoint = folder_entry(architecture="tiny", source="single_file", location="m.safetensors")
+    with pytest.raises(CatalogError, match="cannot be loaded from a single file"):
+        Catalog.load([write_catalog(tmp_path / "d.json", [checkpoint])])
+
+
+@pytest.mark.parametrize(("entry", "problem"), [
+    (folder_entry(category="embeddings"), "an 'embeddings' model needs a 'token'"),
+    (folder_entry(token="<x>"), "only an 'embeddings' model has a 'token'"),
+])
+def test_an_embedding_names_its_token_and_nothing_else_does(
+    tmp_path: Path, entry: dict[str, Any], problem: str
+) -> None:
+    with pytest.raises(CatalogError, match=problem):
+        Catalog.load([write_catalog(tmp_path / "c.json", [entry])])
