@@ -11,6 +11,7 @@ from imagewire.air_registry.air import AIR, parse_air
 from imagewire.air_registry.architectures import ARCHITECTURES, Architecture
 from imagewire.air_registry.catalog import Catalog, ModelDefaults, ModelEntry
 from imagewire.air_registry.errors import (
+    AddOnUnusable,
     CatalogError,
     MalformedAIR,
     RegistryError,
@@ -25,6 +26,7 @@ from imagewire.air_registry.weights import availability, locate_weights
 __all__ = [
     "AIR",
     "ARCHITECTURES",
+    "AddOnUnusable",
     "SAMPLERS",
     "SAMPLER_NAMES",
     "Architecture",

@@ -174,7 +174,8 @@ def _translate_validation_error(
 ) -> TaskError:
     text = str(exc)
     at = _PATH.search(text)
-    if at and at.group("rest"):
+    # A path below a field, or a field missing from (or unknown to) an object given as a field's value.
+    if at and (at.group("rest") or _MISSING.search(text) or _UNKNOWN.search(text)):
         return _translate_nested(text, present, struct_type)
     missing = _MISSING.search(text)
     if missing:

@@ -21,7 +21,7 @@ from PIL import Image
 
 from imagewire.air_registry import ARCHITECTURES, ModelDefaults, ModelEntry, SamplerSpec
 from imagewire.storage import OUTPUT_FORMAT_NAMES, ImageFormat, encode_image, output_format, to_base64
-from imagewire.tasks import inputs, schema
+from imagewire.tasks import image_add_ons, inputs, schema
 from imagewire.tasks.context import TaskContext
 from imagewire.tasks.describe import describe_annotation, nearest_valid, stepped_range
 from imagewire.tasks.errors import InvalidParameter, MissingParameter, UnknownParameter, UnsupportedParameter
@@ -50,6 +50,7 @@ class Prepared:
     output_types: list[str]
     output_format: ImageFormat
     output_quality: int
+    add_ons: image_add_ons.AddOns = image_add_ons.AddOns()
 
 
 def prepare(task: ImageInference, ctx: TaskContext) -> Prepared:
@@ -99,6 +100,7 @@ def prepare(task: ImageInference, ctx: TaskContext) -> Prepared:
         output_types=output_types,
         output_format=chosen_format,
         output_quality=task.outputQuality,
+        add_ons=image_add_ons.prepare(task, model, steps, ctx),
     )
 
 
@@ -152,6 +154,7 @@ def check_model_defaults(defaults: ModelDefaults) -> None:
 async def run(prepared: Prepared, ctx: TaskContext) -> AsyncIterator[ImageResult]:
     task, services = prepared.task, ctx.services
     weights = await inputs.weights(ctx, prepared.model)
+    add_ons = await image_add_ons.job_fields(prepared.add_ons, ctx)
     init_image = None
     width, height = task.width, task.height
     if task.seedImage is not None:
@@ -166,7 +169,7 @@ async def run(prepared: Prepared, ctx: TaskContext) -> AsyncIterator[ImageResult
         task_uuid=task.taskUUID, owner=ctx.owner, model=prepared.model, weights=weights, prompt=prepared.prompt,
         negative_prompt=prepared.negative_prompt, width=width, height=height, steps=prepared.steps,
         cfg_scale=prepared.cfg_scale, sampler=prepared.sampler, seeds=prepared.seeds, init_image=init_image,
-        strength=task.strength)
+        strength=task.strength, **add_ons)
     progress = services.device.submit(job)
     try:
         async for chunk in progress:

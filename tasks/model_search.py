@@ -30,6 +30,7 @@ def model_info(entry: ModelEntry, *, available: bool, comment: str) -> ModelInfo
         aliases=list(entry.aliases),
         available=available,
         comment=comment,
+        positiveTriggerWords=entry.token,
     )
 
 

@@ -1,9 +1,12 @@
 """imageInference jobs on a diffusers pipeline.
 
-The steps mirror a diffusers pipeline's own: pick the pipeline, then per call of at most
-``max_batch_size`` images set a fresh sampler, make one CPU generator per image and call the
-pipeline with the family's arguments. The jobs given share a batch key, so one call can hold
-images of several of them; each job's images go back as soon as their call is done.
+The steps mirror a diffusers pipeline's own: pick the pipeline and put the jobs' add-ons on it (LoRAs,
+embeddings, VAE; the refiner's pipeline too), then per call of at most ``max_batch_size`` images set a fresh
+sampler, make one CPU generator per image and call the pipeline with the family's arguments (weighted
+prompts become embeddings first, with CLIP skip applied while the text encoders run). With a refiner, the
+model denoises up to the hand-off and returns latents, and the refiner finishes them. The jobs given share a
+batch key, so one call can hold images of several of them; each job's images go back as soon as their call
+is done.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 import torch
-from PIL.Image import Image
 
-from imagewire.air_registry import ARCHITECTURES
-from imagewire.server.engine.families import FAMILIES
+from imagewire.air_registry import ARCHITECTURES, RegistryError
+from imagewire.server.engine.conditioning import skipping_clip_layers, weighted_prompt_arguments
+from imagewire.server.engine.families import FAMILIES, Family
+from imagewire.tasks.inputs import task_error
 from imagewire.tasks.jobs import Emit, GeneratedImage, InferenceJob
 
 if TYPE_CHECKING:
@@ -33,19 +37,27 @@ def run(engine: DiffusersEngine, jobs: Sequence[InferenceJob], emit: Emit) -> No
         pipe = pipelines.image_to_image(first.model, first.weights)
     else:
         pipe = pipelines.text_to_image(first.model, first.weights)
+    # 2. the add-ons (the jobs share them: they are part of the batch key), and the refiner's pipeline,
+    #    which decodes the image and so takes the VAE
+    refiner = None
+    if first.refiner is not None:
+        try:
+            refiner = pipelines.image_to_image(first.refiner.model, first.refiner.weights, keep=first.models)
+        except RegistryError as exc:
+            raise task_error(exc, "refiner.model") from exc
+        pipelines.use_add_ons(first.refiner.model, vae=first.vae)
+    pipelines.use_add_ons(first.model, loras=first.loras, embeddings=first.embeddings,
+                          vae=None if refiner is not None else first.vae)
     family = FAMILIES[ARCHITECTURES[first.model.architecture].family]
-    # 2. every image to make, as (job index, image index within its job, seed)
+    # 3. every image to make, as (job index, image index within its job, seed)
     images = [(j, i, seed) for j, job in enumerate(jobs) for i, seed in enumerate(job.seeds)]
-    # 3. calls of at most max_batch_size images, each image with its own generator, and a
+    # 4. calls of at most max_batch_size images, each image with its own generator, and a
     #    fresh sampler per call: samplers keep per-run state, and the SDE ones take their
     #    noise seeds from the sampler rather than the generators
     for start in range(0, len(images), engine.max_batch_size):
         chunk = images[start : start + engine.max_batch_size]
-        seeds = [seed for _, _, seed in chunk]
-        pipe.scheduler = pipelines.make_sampler(pipe, first.sampler, seeds=seeds)
         started = time.perf_counter()
-        arguments = family.call_arguments([jobs[j] for j, _, _ in chunk])
-        pictures = _call(pipe, arguments, seeds)
+        pictures = _make(engine, pipe, refiner, family, [jobs[j] for j, _, _ in chunk], [seed for _, _, seed in chunk])
         share = (time.perf_counter() - started) / len(chunk)
         made = [(j, GeneratedImage(i, seed, picture, share))
                 for (j, i, seed), picture in zip(chunk, pictures, strict=True)]
@@ -53,10 +65,72 @@ def run(engine: DiffusersEngine, jobs: Sequence[InferenceJob], emit: Emit) -> No
             emit(j, [image for _, image in owned])
 
 
-def _call(pipe: Any, arguments: dict[str, Any], seeds: list[int]) -> list[Image]:
+def _make(engine: DiffusersEngine, pipe: Any, refiner: Any, family: Family, owners: list[InferenceJob],
+          seeds: list[int]) -> list[Any]:
+    """The images of one chunk (image k for ``owners[k]``, ``seeds[k]``): one pipeline call, or with weighted
+    prompts one per conditioning length, since padding a prompt to a longer one's length would change its image."""
+    first, pipelines = owners[0], engine.pipelines
+    pictures: list[Any] = [None] * len(owners)
+    with skipping_clip_layers([pipe] + ([refiner] if refiner is not None else []), first.clip_skip):
+        for positions, embeddings in _parts(pipe, owners):
+            part, part_seeds = [owners[k] for k in positions], [seeds[k] for k in positions]
+            # A fresh sampler per call: samplers keep per-run state, and the SDE ones take their noise seeds
+            # from the sampler rather than the generators.
+            pipe.scheduler = pipelines.make_sampler(pipe, first.sampler, seeds=part_seeds)
+            arguments = family.call_arguments(part)
+            generators = _generators(part_seeds)
+            if refiner is None:
+                made = _call(pipe, _prompted(arguments, embeddings), generators)
+            else:
+                assert first.refiner is not None
+                refiner.scheduler = pipelines.make_sampler(refiner, first.sampler, seeds=part_seeds)
+                latents = _call(pipe, {**_prompted(arguments, embeddings), "denoising_end": first.refiner.start},
+                                generators, output_type="latent")
+                finishing = {"prompt": arguments["prompt"], "negative_prompt": arguments["negative_prompt"],
+                             "num_inference_steps": first.steps, "guidance_scale": first.cfg_scale,
+                             "denoising_start": first.refiner.start, "image": latents}
+                refined = None if embeddings is None else _weighted(refiner, part)
+                made = _call(refiner, _prompted(finishing, refined), generators)
+            for position, picture in zip(positions, made, strict=True):
+                pictures[position] = picture
+    return pictures
+
+
+def _generators(seeds: list[int]) -> list[torch.Generator]:
     # Generators live on the CPU so that a seed gives the same starting noise on every
     # device; diffusers moves the noise to the pipeline's device.
-    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+
+
+def _parts(pipe: Any, owners: list[InferenceJob]) -> list[tuple[list[int], dict[str, Any] | None]]:
+    """The chunk's calls: positions in it, and with weighted prompts their embeddings (None: plain prompts)."""
+    if owners[0].prompt_weighting is None:
+        return [(list(range(len(owners))), None)]
+    by_length: dict[int, list[tuple[int, dict[str, Any]]]] = {}
+    for position, job in enumerate(owners):
+        embeddings = _weighted(pipe, [job])
+        by_length.setdefault(embeddings["prompt_embeds"].shape[1], []).append((position, embeddings))
+    return [([position for position, _ in group],
+             {key: torch.cat([embeddings[key] for _, embeddings in group]) for key in group[0][1]})
+            for group in by_length.values()]
+
+
+def _weighted(pipe: Any, owners: list[InferenceJob]) -> dict[str, Any]:
     with torch.inference_mode():
-        output = pipe(**arguments, generator=generators, output_type="pil")
-    return list(output.images)
+        return weighted_prompt_arguments(pipe, [job.prompt for job in owners],
+                                         [job.negative_prompt for job in owners], owners[0].prompt_weighting or "")
+
+
+def _prompted(arguments: dict[str, Any], embeddings: dict[str, Any] | None) -> dict[str, Any]:
+    """With weighted prompts, the call takes their embeddings instead of the prompts."""
+    if embeddings is None:
+        return arguments
+    rest = {key: value for key, value in arguments.items() if key not in ("prompt", "negative_prompt")}
+    return {**rest, **embeddings}
+
+
+def _call(pipe: Any, arguments: dict[str, Any], generators: list[torch.Generator],
+          output_type: str = "pil") -> Any:
+    with torch.inference_mode():
+        output = pipe(**arguments, generator=generators, output_type=output_type)
+    return output.images if output_type == "latent" else list(output.images)
