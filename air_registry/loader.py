@@ -234,9 +234,10 @@ class PipelineCache:
         if loaded is not None:
             self._loaded.move_to_end(entry.air)
             return loaded
+        # Taken out of RAM first, so that making room does not push it out of memory.
+        kept = self._in_ram.pop(entry.air, None)
         # Make room before loading, so that two models never have to fit on the device at once.
         self._make_room(entry, keep)
-        kept = self._in_ram.pop(entry.air, None)
         if kept is not None:
             started = time.monotonic()
             kept.to(self.device)
@@ -258,19 +259,26 @@ class PipelineCache:
             if evicted is None:
                 return  # every loaded model is needed by this job: hold one more for as long as it runs
             moved = self._loaded.pop(evicted)
+            dropped = False
             if self.ram_models > 0:
                 moved.to("cpu")
                 self._in_ram[evicted] = moved
                 logger.info("moved model %s to host RAM to make room for %s", evicted, entry.air)
                 while len(self._in_ram) > self.ram_models:
-                    dropped = next(iter(self._in_ram))
-                    del self._in_ram[dropped]
-                    logger.info("unloading model %s from host RAM", dropped)
+                    oldest = next(iter(self._in_ram))
+                    del self._in_ram[oldest]
+                    dropped = True
+                    logger.info("unloading model %s from host RAM", oldest)
             else:
+                dropped = True
                 logger.info("unloading model %s to make room for %s", evicted, entry.air)
             # Deleted by key above, so that no local variable keeps evicted pipelines alive during gc.
             del moved
-            self._free_memory()
+            if dropped:
+                self._free_memory()
+            elif self.device.startswith("cuda"):
+                # Moved, not dropped: its tensors left the device, nothing for the (slow) collector to find.
+                torch.cuda.empty_cache()
 
     def _load(self, entry: ModelEntry, weights: Path | None) -> DiffusionPipeline:
         if weights is None:

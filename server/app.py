@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from imagewire.air_registry import Catalog
+from imagewire.air_registry import Catalog, ModelEntry, RegistryError
 from imagewire.server.admission import Admission
 from imagewire.server.auth import ApiKeys, load_or_create_key
 from imagewire.server.config import Config
@@ -40,7 +40,8 @@ def diffusers_engine_factory(config: Config) -> Callable[[], Engine]:
         from imagewire.server.engine import DiffusersEngine
 
         return DiffusersEngine(device=resolve_device(config.device), data_dir=config.data_dir,
-                               allow_downloads=config.allow_downloads, max_batch_size=config.max_batch_size)
+                               allow_downloads=config.allow_downloads, max_batch_size=config.max_batch_size,
+                               max_loaded_models=config.max_loaded_models, ram_models=config.ram_models)
 
     return build
 
@@ -76,8 +77,9 @@ class ImagewireServer:
                 log.info("using the API key kept in %s", config.data_dir / "api-key")
         self.api_keys = ApiKeys(keys)
         catalog = await asyncio.to_thread(Catalog.load, config.catalog_files, check_defaults=check_model_defaults)
+        preloads = self._preloads(catalog)
         self.device = DeviceQueue(self.engine_factory, queue_size=config.queue_size,
-                                  max_batch_size=config.max_batch_size)
+                                  max_batch_size=config.max_batch_size, max_passed_over=config.max_passed_over)
         fetcher = UrlFetcher(allow_private=config.allow_private_urls, max_bytes=config.max_image_bytes,
                              timeout=config.url_fetch_timeout)
         # Opening the store also removes what interrupted writes left behind.
@@ -97,8 +99,8 @@ class ImagewireServer:
         # hold the GIL in long stretches, and clients should not see slow pongs meanwhile.
         await asyncio.to_thread(self.device.start)
         if self.preload:
-            loaded = self.device.preload(catalog.resolve(config.default_model))
-            await asyncio.to_thread(loaded.wait)
+            for entry in preloads:
+                await asyncio.to_thread(self.device.preload(entry).wait)
         routes = HttpRoutes(store=self.store, device=self.device, max_message_bytes=config.max_frame_bytes,
                             serve_socket=self._serve_socket)
         # Our own log line per task tells each task's story; per-request access lines would drown it.
@@ -112,6 +114,21 @@ class ImagewireServer:
         self.services.base_url = config.base_url
         self._sweeper = asyncio.create_task(self._sweep_forever())
         log.info("imagewire listening on %s (images at %s/image/)", self.url, config.base_url)
+
+    def _preloads(self, catalog: Catalog) -> list[ModelEntry]:
+        """The default model, then each --preload model, in order and once each; a name the catalog does not hold
+        as a checkpoint stops the start (ValueError), naming the flag."""
+        entries: dict[str, ModelEntry] = {}
+        for flag, name in (("default model", self.config.default_model),
+                           *(("--preload", name) for name in self.config.preload)):
+            try:
+                entry = catalog.resolve(name)
+            except RegistryError as exc:
+                raise ValueError(exc.describe(f"{flag} {name!r}:")) from exc
+            if entry.category != "checkpoint":
+                raise ValueError(f"{flag} {name!r} is a {entry.category} model; preload checkpoints")
+            entries.setdefault(entry.air, entry)
+        return list(entries.values())
 
     async def _serve_socket(self, websocket: web.WebSocketResponse, request: web.Request) -> None:
         connection = Connection(websocket, request, config=self.config, api_keys=self.api_keys,

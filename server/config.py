@@ -43,6 +43,11 @@ class Config:
     webhook_attempts: int = 4
     price_per_gpu_second: float = 0.0      # for includeCost
     log_level: str = "INFO"
+    # Model memory: pipelines kept on the device, then in host RAM; models loaded at start.
+    max_loaded_models: int = 1
+    ram_models: int = 0
+    preload: tuple[str, ...] = ()
+    max_passed_over: int = 4               # times a queued job may be passed over for one whose model is loaded
 
     @property
     def base_url(self) -> str:
@@ -91,6 +96,7 @@ def _number(*, positive: bool) -> Callable[[str], float]:
 
 # Defaults are the environment's strings, so argparse checks them with the same type as a flag would be.
 COUNT = _whole_number(1)
+AMOUNT = _whole_number(0)
 PORT = _whole_number(0, 65535)
 POSITIVE = _number(positive=True)
 NON_NEGATIVE = _number(positive=False)
@@ -157,6 +163,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="cost reported with includeCost, per second of device time [IMAGEWIRE_PRICE_PER_GPU_SECOND]")
     add("--log-level", default=_env("LOG_LEVEL", "INFO"), choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="[IMAGEWIRE_LOG_LEVEL]")
+    memory = parser.add_argument_group("model memory")
+    memory.add_argument(
+        "--max-loaded-models", type=COUNT, default=_env("MAX_LOADED_MODELS", "1"), metavar="N",
+        help="models kept on the device, most recently used first; a request for another loads it and moves the "
+             "least recently used out [IMAGEWIRE_MAX_LOADED_MODELS]")
+    memory.add_argument(
+        "--ram-models", type=AMOUNT, default=_env("RAM_MODELS", "0"), metavar="M",
+        help="models moved out of the device are kept in host RAM, up to this many, so that switching back is a "
+             "copy to the device rather than a load from disk; 0 frees them [IMAGEWIRE_RAM_MODELS]")
+    memory.add_argument(
+        "--preload", action="append", default=None, metavar="AIR",
+        help="load this model at start, after the default model; repeatable, in order (the last ones stay on the "
+             "device) [IMAGEWIRE_PRELOAD, comma-separated]")
+    memory.add_argument(
+        "--max-passed-over", type=AMOUNT, default=_env("MAX_PASSED_OVER", "4"), metavar="K",
+        help="the device takes a queued job whose model is loaded before older ones whose model is not, but passes "
+             "over no job more than this many times; 0 keeps strict arrival order [IMAGEWIRE_MAX_PASSED_OVER]")
     return parser
 
 
@@ -168,6 +191,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     catalog_files = args.catalog_files
     if catalog_files is None:
         catalog_files = [Path(p.strip()) for p in (_env("CATALOG") or "").split(",") if p.strip()]
+    preload = args.preload
+    if preload is None:
+        preload = [air.strip() for air in (_env("PRELOAD") or "").split(",") if air.strip()]
     return Config(
         host=args.host,
         port=args.port,
@@ -193,4 +219,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         shutdown_grace=args.shutdown_grace,
         price_per_gpu_second=args.price_per_gpu_second,
         log_level=args.log_level,
+        max_loaded_models=args.max_loaded_models,
+        ram_models=args.ram_models,
+        preload=tuple(preload),
+        max_passed_over=args.max_passed_over,
     )

@@ -11,11 +11,17 @@ Jobs that wait together and share a ``batch_key`` (they differ only in prompts, 
 seed images) share one pipeline call, up to ``max_batch_size`` images: a device computes a
 batch faster than the same images one by one, and no job waits for others to arrive,
 because only jobs already queued are taken.
+
+Loading a model costs far more than a call, so when the job at the head of the line needs a model
+that is not on the device, the worker takes the first waiting job whose models are there instead,
+but passes over no job more than ``max_passed_over`` times: a job waits at most that many jobs
+longer than its turn.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
@@ -37,6 +43,10 @@ class Engine(Protocol):
     @property
     def unavailable_samplers(self) -> Mapping[str, str]:
         """Sampler names this engine cannot run, each with why; the task layer refuses them before queueing."""
+
+    @property
+    def loaded_models(self) -> Mapping[str, str]:
+        """Where each model in memory is, by AIR: ``"device"`` (ready to run) or ``"ram"`` (host memory)."""
 
     def load(self, model: ModelEntry) -> None: ...
 
@@ -60,6 +70,7 @@ class JobHandle:
     submitted_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
     finished_at: float | None = None
+    passed_over: int = 0  # times a later job went first because its model was loaded
 
     @property
     def queue_seconds(self) -> float:
@@ -86,16 +97,20 @@ class JobHandle:
 
 
 class DeviceQueue:
-    def __init__(self, engine_factory: Callable[[], Engine], *, queue_size: int, max_batch_size: int) -> None:
+    def __init__(self, engine_factory: Callable[[], Engine], *, queue_size: int, max_batch_size: int,
+                 max_passed_over: int = 0) -> None:
         self._engine_factory = engine_factory
         self._queue = _WorkQueue(queue_size)
         self._queue_size = queue_size
         self._max_batch_size = max_batch_size
+        self._max_passed_over = max_passed_over
         self._thread: threading.Thread | None = None
         self._accepting = False
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
         self.unavailable_samplers: Mapping[str, str] = {}
+        # What the worker last saw in the engine's memory, for modelSearch: replaced whole, never changed in place.
+        self.loaded_models: Mapping[str, str] = {}
 
     def start(self) -> None:
         """Start the worker and wait until its engine exists (imports done, device checked).
@@ -157,8 +172,14 @@ class DeviceQueue:
             return
         finally:
             self._ready.set()
+        self._publish(engine)
+
+        def ready(job: Job) -> bool:
+            loaded = engine.loaded_models
+            return all(loaded.get(air) == "device" for air in job.models)
+
         while True:
-            item = self._queue.get()
+            item = self._queue.get(ready, self._max_passed_over)
             if item is None:
                 return
             if isinstance(item, JobHandle):
@@ -166,6 +187,13 @@ class DeviceQueue:
                 self._run(engine, group)
             else:
                 self._load(engine, *item)
+            self._publish(engine)
+
+    def _publish(self, engine: Engine) -> None:
+        try:
+            self.loaded_models = dict(engine.loaded_models)
+        except Exception:
+            log.exception("reading which models are loaded failed")
 
     def _load(self, engine: Engine, model: ModelEntry, done: threading.Event) -> None:
         try:
@@ -258,13 +286,29 @@ class _WorkQueue:
             self._items.append(item)
             self._changed.notify()
 
-    def get(self) -> Any:
+    def get(self, ready: Callable[[Job], bool] | None = None, max_passed_over: int = 0) -> Any:
+        """The next item: the first in line, or the first job that is ``ready`` when the first is not, as long
+        as no job ahead of it has been passed over ``max_passed_over`` times already. Control items are
+        never jumped."""
         with self._changed:
             while not self._items:
                 self._changed.wait()
-            item = self._items.popleft()
+            chosen = 0
+            if ready is not None and max_passed_over > 0:
+                for index, item in enumerate(self._items):
+                    if not isinstance(item, JobHandle) or ready(item.job):
+                        chosen = index if isinstance(item, JobHandle) else 0
+                        break
+                    if item.passed_over >= max_passed_over:
+                        break  # it has waited long enough: nobody goes before it
+            for skipped in itertools.islice(self._items, chosen):
+                skipped.passed_over += 1
+            item = self._items[chosen]
+            del self._items[chosen]
             if isinstance(item, JobHandle):
                 self._jobs -= 1
+                if chosen:
+                    log.debug("taskUUID=%s goes first: its model is loaded", item.job.task_uuid)
             return item
 
     def take_joining(self, first: JobHandle, max_images: int) -> list[JobHandle]:

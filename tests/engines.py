@@ -18,6 +18,8 @@ class HeldEngine:
     unavailable_samplers: Mapping[str, str] = {}
 
     def __init__(self, *, released: bool = False) -> None:
+        # Where each model is, as the device queue reads it: a test puts AIRs here to say they are loaded.
+        self.loaded_models: dict[str, str] = {}
         self.release = threading.Event()
         if released:
             self.release.set()

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from imagewire.air_registry import AddOnUnusable, ModelEntry, RegistryError, SamplerUnusable
+from imagewire.air_registry import ARCHITECTURES, AddOnUnusable, ModelEntry, RegistryError, SamplerUnusable
 from imagewire.air_registry.loader import PipelineCache, unavailable_samplers
 from imagewire.server.engine import inference
 from imagewire.server.engine.threads import limit_cpu_threads
@@ -46,8 +46,15 @@ class DiffusersEngine:
         for name, why in self.unavailable_samplers.items():
             log.warning("scheduler %s %s; requests for it are refused", name, why)
 
+    @property
+    def loaded_models(self) -> dict[str, str]:
+        return self.pipelines.memory
+
     def load(self, model: ModelEntry) -> None:
-        self.pipelines.text_to_image(model)
+        if ARCHITECTURES[model.architecture].image_to_image_only:
+            self.pipelines.image_to_image(model)
+        else:
+            self.pipelines.text_to_image(model)
 
     def run(self, jobs: Sequence[Job], emit: Emit) -> None:
         try:

@@ -210,6 +210,8 @@ class ModelInfo(Struct, kw_only=True):
     available: bool = True
     comment: str = ""
     positiveTriggerWords: str = ""  # an embedding's token: what stands for it in prompts
+    loaded: bool = False            # in memory now: a request for it starts without a load from disk
+    loadedOn: Literal["device", "ram"] | None = None
 
 
 class ModelSearchResult(Item):
