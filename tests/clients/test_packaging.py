@@ -42,6 +42,12 @@ def _every_request() -> list:
             number_results=4, output_type=["URL", "base64Data"], output_format="WEBP", output_quality=80,
             include_cost=True,
         ),
+        requests.image_inference(
+            model="imagewire:tiny-sdxl@1", positive_prompt="a (fox:1.2)", width=128, height=128,
+            lora=["civitai:58390@62833", ("imagewire:tiny-lora@1", -0.5)], embeddings=[("tiny-embedding", 1.5)],
+            vae="imagewire:tiny-vae@1", clip_skip=2, prompt_weighting="sdEmbeds",
+            refiner=requests.refiner("imagewire:tiny-sdxl-refiner@1", start_percentage=75),
+        ),
     ]
 
 
@@ -88,3 +94,16 @@ def test_importing_the_client_loads_neither_torch_nor_pillow():
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                             timeout=seconds(60))
     assert result.stdout.strip() == "[]"
+
+
+def test_add_ons_are_built_as_the_public_api_spells_them():
+    task = requests.image_inference(model="m", positive_prompt="a fox", lora=["a:b@1", ("c:d@2", 0.5)],
+                                    embeddings=["e:f@1"], clip_skip=1, prompt_weighting="compel",
+                                    refiner=requests.refiner("r:s@1", start_step=20))
+    [wire] = json.loads(requests.encode_tasks([task]))
+    assert wire["lora"] == [{"model": "a:b@1", "weight": 1.0}, {"model": "c:d@2", "weight": 0.5}]
+    assert wire["embeddings"] == [{"model": "e:f@1", "weight": 1.0}]
+    assert (wire["clipSkip"], wire["promptWeighting"]) == (1, "compel")
+    assert wire["refiner"] == {"model": "r:s@1", "startStep": 20}  # the unset alternative stays off the wire
+    plain = json.loads(requests.encode_tasks([requests.image_inference(model="m", positive_prompt="a fox")]))[0]
+    assert not {"lora", "embeddings", "vae", "clipSkip", "promptWeighting", "refiner"} & set(plain)

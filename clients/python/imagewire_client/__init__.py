@@ -8,6 +8,7 @@ from imagewire_client.client import DEFAULT_URL, Client
 from imagewire_client.errors import ImagewireError
 from imagewire_client.images import ImageSource
 from imagewire_client.results import ImageResult, ModelInfo, UploadedImage
+from imagewire_client.schema import Embedding, Lora, Refiner
 from imagewire_client.sync import SyncClient
 
 __version__ = "0.1.0"
@@ -15,10 +16,13 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_URL",
     "Client",
+    "Embedding",
     "ImageResult",
     "ImageSource",
     "ImagewireError",
+    "Lora",
     "ModelInfo",
+    "Refiner",
     "SyncClient",
     "UploadedImage",
     "__version__",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
@@ -182,6 +183,14 @@ class Client:
         output_format: str = "PNG",
         output_quality: int | None = None,
         include_cost: bool = False,
+        lora: Sequence[requests.AddOnSpec] = (),
+        embeddings: Sequence[requests.AddOnSpec] = (),
+        vae: str | None = None,
+        clip_skip: int | None = None,
+        prompt_weighting: str | None = None,
+        refiner: str | schema.Refiner | None = None,
+        refiner_start_step: int | None = None,
+        refiner_start_percentage: float | None = None,
         timeout: float = 300.0,
     ) -> list[ImageResult]:
         """Generate images; returns one ``ImageResult`` per image, sorted by seed.
@@ -193,13 +202,21 @@ class Client:
         ``"dataURI"`` (or a list of them); with either of the last two, ``ImageResult.image_bytes``
         holds the encoded image. Server-side validation errors raise ``ImagewireError`` naming
         the parameter; no answer within ``timeout`` seconds raises one with code ``timeout``.
+
+        What to add to the model: ``lora`` and ``embeddings`` (AIRs, or ``(AIR, weight)`` pairs with weights
+        from -4 to 4), ``vae`` (an AIR), ``clip_skip`` (0-2), ``prompt_weighting`` (``"compel"`` or
+        ``"sdEmbeds"``: the syntax of the prompts), and for SDXL models a ``refiner`` (an AIR) that takes over
+        at ``refiner_start_step`` or ``refiner_start_percentage`` of the steps.
         """
         task = requests.image_inference(
             model=model, positive_prompt=positive_prompt, negative_prompt=negative_prompt,
             seed_image=None if seed_image is None else await _image_field(seed_image, "seedImage"),
             strength=strength, width=width, height=height, steps=steps, cfg_scale=cfg_scale, scheduler=scheduler,
             seed=seed, number_results=number_results, output_type=output_type, output_format=output_format,
-            output_quality=output_quality, include_cost=include_cost,
+            output_quality=output_quality, include_cost=include_cost, lora=lora, embeddings=embeddings, vae=vae,
+            clip_skip=clip_skip, prompt_weighting=prompt_weighting,
+            refiner=None if refiner is None else requests.refiner(
+                refiner, start_step=refiner_start_step, start_percentage=refiner_start_percentage),
         )
         items = await self._call(task, task.taskUUID, expected=number_results, timeout=timeout,
                                  counted_key="imageUUID")
