@@ -90,9 +90,10 @@ class ModelAddOns:
                 pipe.vae = chosen
 
     def to(self, device: str) -> None:
-        """Move the VAEs kept beside the model's own with it (the pipelines move their current one)."""
-        for vae in self._vaes.values():
-            vae.to(device)
+        """Move the VAEs kept beside the pipelines' current one with the model (the pipelines move that one)."""
+        for vae in (self._own_vae, *self._vaes.values()):
+            if vae is not None:
+                vae.to(device)
 
     # ---------------------------------------------------------------- LoRAs
 

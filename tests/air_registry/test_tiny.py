@@ -167,12 +167,18 @@ def test_the_tiny_lora_is_a_diffusers_peft_lora_file_for_the_tiny_unet(models_di
     with safe_open(str(models_dir / "imagewire-tiny-lora-1" / "pytorch_lora_weights.safetensors"), "pt") as file:
         keys = set(file.keys())
         shapes = {key: tuple(file.get_slice(key).get_shape()) for key in keys}
-    assert keys and all(key.startswith("unet.") and (".lora_A." in key or ".lora_B." in key) for key in keys)
-    # Every attention projection of the tiny UNet, as pairs of low-rank factors.
+    assert keys and all(key.startswith(("unet.", "text_encoder.")) and (".lora_A." in key or ".lora_B." in key)
+                        for key in keys)
+    # Every attention projection of the tiny UNet and of its text encoder, as pairs of low-rank factors.
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
     projections = {name for name, _ in pipe.unet.named_modules()
                    if name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v") or name.endswith("to_out.0")}
-    assert {key.removeprefix("unet.").rsplit(".lora_", 1)[0] for key in keys} == projections
+    text_projections = {name for name, _ in pipe.text_encoder.named_modules()
+                        if name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "out_proj")}
+    modules = {key.rsplit(".lora_", 1)[0] for key in keys}
+    assert {name.removeprefix("unet.") for name in modules if name.startswith("unet.")} == projections
+    assert {name.removeprefix("text_encoder.") for name in modules if name.startswith("text_encoder.")} \
+        == text_projections
     key = next(iter(sorted(keys)))
     a, b = key.replace("lora_B", "lora_A"), key.replace("lora_A", "lora_B")
     assert shapes[a][0] == shapes[b][1] == 4  # rank 4

@@ -298,3 +298,19 @@ def test_an_image_from_the_tiny_pair_is_an_image(engine, job):
                lambda index, results: made.setdefault(index, []).extend(results))
     assert [result.seed for result in made[0]] == [1, 2]
     assert all(isinstance(result.image, Image.Image) and result.image.size == (128, 128) for result in made[0])
+
+
+def test_a_loras_text_encoder_layers_switch_with_it(engine, job, add_on):
+    pipe = engine.pipelines.text_to_image(TINY)
+    ids = pipe.tokenizer(["a red fox"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+
+    def encoded() -> torch.Tensor:
+        with torch.inference_mode():
+            return pipe.text_encoder(ids)[0]
+
+    image(engine, job())
+    plain = encoded()
+    image(engine, job(loras=(add_on(LORA),)))
+    assert "text_encoder" in pipe.get_list_adapters() and not torch.allclose(encoded(), plain)
+    image(engine, job())
+    assert torch.equal(encoded(), plain)
