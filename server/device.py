@@ -21,6 +21,7 @@ longer than its turn.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import threading
@@ -173,13 +174,9 @@ class DeviceQueue:
         finally:
             self._ready.set()
         self._publish(engine)
-
-        def ready(job: Job) -> bool:
-            loaded = engine.loaded_models
-            return all(loaded.get(air) == "device" for air in job.models)
-
         while True:
-            item = self._queue.get(ready, self._max_passed_over)
+            # Only this thread changes what the engine holds, so what it holds now holds until the next job.
+            item = self._queue.get(functools.partial(_on_device, dict(engine.loaded_models)), self._max_passed_over)
             if item is None:
                 return
             if isinstance(item, JobHandle):
@@ -327,6 +324,10 @@ class _WorkQueue:
                     taken.append(item)
                     images += item.job.images
         return taken
+
+
+def _on_device(loaded: Mapping[str, str], job: Job) -> bool:
+    return all(loaded.get(air) == "device" for air in job.models)
 
 
 def _describe_failure(exc: BaseException) -> str:
