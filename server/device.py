@@ -213,6 +213,8 @@ class DeviceQueue:
 
         def emit(index: int, results: list[Any]) -> None:
             answered.add(index)
+            # Published before the results go out, so that a client that has them sees their model loaded.
+            self._publish(engine)
             handles[index]._post(results)
 
         try:

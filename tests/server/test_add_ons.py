@@ -314,3 +314,10 @@ def test_a_loras_text_encoder_layers_switch_with_it(engine, job, add_on):
     assert "text_encoder" in pipe.get_list_adapters() and not torch.allclose(encoded(), plain)
     image(engine, job())
     assert torch.equal(encoded(), plain)
+
+
+def test_a_prompt_compel_cannot_read_fails_naming_the_prompt(engine, job):
+    with pytest.raises(TaskError) as caught:
+        image(engine, job('("a fox").blend(1, 2, 3)', prompt_weighting="compel"))
+    assert (caught.value.code, caught.value.parameter) == ("invalidParameter", "positivePrompt")
+    assert "compel syntax" in caught.value.message
