@@ -19,6 +19,7 @@ from imagewire.server.config import Config
 from imagewire.server.connection import GOING_AWAY, Connection
 from imagewire.server.device import DeviceQueue, Engine
 from imagewire.server.http import HttpRoutes
+from imagewire.server.rest import RestEndpoint
 from imagewire.server.runner import TaskRunner
 from imagewire.server.sessions import SessionRegistry, TaskRegistry
 from imagewire.server.webhooks import WebhookSender
@@ -100,7 +101,7 @@ class ImagewireServer:
             loaded = self.device.preload(catalog.resolve(config.default_model))
             await asyncio.to_thread(loaded.wait)
         routes = HttpRoutes(store=self.store, device=self.device, max_message_bytes=config.max_frame_bytes,
-                            serve_socket=self._serve_socket)
+                            serve_socket=self._serve_socket, rest=self._rest)
         # Our own log line per task tells each task's story; per-request access lines would drown it.
         self._web = web.AppRunner(routes.application(), access_log=None, handle_signals=False,
                                   shutdown_timeout=5.0)
@@ -112,6 +113,10 @@ class ImagewireServer:
         self.services.base_url = config.base_url
         self._sweeper = asyncio.create_task(self._sweep_forever())
         log.info("imagewire listening on %s (images at %s/image/)", self.url, config.base_url)
+
+    async def _rest(self, request: web.Request) -> web.Response:
+        # Built per request from the current config: the port is only known once the server listens.
+        return await RestEndpoint(config=self.config, api_keys=self.api_keys, runner=self.runner)(request)
 
     async def _serve_socket(self, websocket: web.WebSocketResponse, request: web.Request) -> None:
         connection = Connection(websocket, request, config=self.config, api_keys=self.api_keys,

@@ -1,4 +1,5 @@
-"""HTTP on the server's one port: the WebSocket endpoint, stored images at their imageURL, health.
+"""HTTP on the server's one port: the WebSocket endpoint and REST (``/v1``), stored images at their
+imageURL, health.
 
 aiohttp serves HTTP/1.1 and the WebSocket upgrade on the same port, so REST, metrics and pages can
 live beside the socket. Every WebSocket bound is an explicit setting here: the largest message, no
@@ -20,6 +21,7 @@ IMAGE_ROUTE = "/image/{uuid:[0-9a-fA-F-]{36}}.{ext:" + "|".join(STORED_BY_EXTENS
 HEARTBEAT_SECONDS = 20.0
 
 SocketHandler = Callable[[web.WebSocketResponse, web.Request], Awaitable[None]]
+RequestHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def text(body: str, status: int = 200) -> web.Response:
@@ -28,16 +30,18 @@ def text(body: str, status: int = 200) -> web.Response:
 
 class HttpRoutes:
     def __init__(self, *, store: ImageStore, device: DeviceQueue, max_message_bytes: int,
-                 serve_socket: SocketHandler) -> None:
+                 serve_socket: SocketHandler, rest: RequestHandler) -> None:
         self.store = store
         self.device = device
         self.max_message_bytes = max_message_bytes
         self.serve_socket = serve_socket
+        self.rest = rest
 
     def application(self) -> web.Application:
         app = web.Application(client_max_size=self.max_message_bytes)
         for path in WEBSOCKET_PATHS:
             app.router.add_get(path, self.websocket)
+            app.router.add_post(path, self.rest)
         app.router.add_get("/health", self.health)
         app.router.add_get(IMAGE_ROUTE, self.image)
         return app

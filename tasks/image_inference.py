@@ -27,7 +27,7 @@ from imagewire.tasks.describe import describe_annotation, nearest_valid, stepped
 from imagewire.tasks.errors import InvalidParameter, MissingParameter, UnknownParameter, UnsupportedParameter
 from imagewire.tasks.jobs import GeneratedImage, InferenceJob
 from imagewire.tasks.schema import ImageInference, ImageResult
-from imagewire.tasks.task_type import Delivery, TaskType
+from imagewire.tasks.task_type import TaskType
 
 BLANK_PROMPT = "__BLANK__"
 OUTPUT_TYPES: tuple[str, ...] = get_args(schema.OutputType)
@@ -204,6 +204,4 @@ async def _deliver(prepared: Prepared, generated: GeneratedImage, ctx: TaskConte
     return result
 
 
-TASK_TYPE = TaskType(
-    struct=ImageInference, prepare=prepare, run=run,
-    delivery=lambda task: Delivery(asynchronous=task.deliveryMethod == "async", webhook_url=task.webhookURL))
+TASK_TYPE = TaskType(struct=ImageInference, prepare=prepare, run=run)

@@ -52,7 +52,15 @@ class Ping(Task, tag="ping"):
     ping: bool = True
 
 
-class ImageInference(Task, tag="imageInference"):
+class Deliverable(Task, kw_only=True):
+    """A task whose results can come back later: ``deliveryMethod: "async"`` acknowledges it at once,
+    and its results are fetched with getResponse (and POSTed to ``webhookURL`` when one is given)."""
+
+    deliveryMethod: DeliveryMethod = "sync"
+    webhookURL: Annotated[str, Meta(max_length=2048)] | None = None
+
+
+class ImageInference(Deliverable, tag="imageInference"):
     taskUUID: TaskUUID
     model: Annotated[str, Meta(min_length=1, max_length=200)]
     positivePrompt: Prompt
@@ -69,14 +77,12 @@ class ImageInference(Task, tag="imageInference"):
     outputType: OutputType | list[OutputType] = "URL"
     outputFormat: Annotated[str, Meta(max_length=10)] = "JPG"
     outputQuality: OutputQuality = 95
-    deliveryMethod: DeliveryMethod = "sync"
     includeCost: bool = False
-    webhookURL: Annotated[str, Meta(max_length=2048)] | None = None
     checkNSFW: bool = False
     safety: dict[str, Any] | None = None
 
 
-class ImageUpload(Task, tag="imageUpload"):
+class ImageUpload(Deliverable, tag="imageUpload"):
     taskUUID: TaskUUID
     image: str
 
@@ -85,7 +91,7 @@ class GetResponse(Task, tag="getResponse"):
     taskUUID: TaskUUID
 
 
-class ModelSearch(Task, tag="modelSearch"):
+class ModelSearch(Deliverable, tag="modelSearch"):
     taskUUID: TaskUUID
     search: Annotated[str, Meta(max_length=200)] | None = None
     tags: list[str] | None = None

@@ -34,11 +34,11 @@ class Delivery:
     webhook_url: str | None = None
 
 
-SYNC = Delivery()
-
-
-def _sync(task: Any) -> Delivery:
-    return SYNC
+def requested(task: schema.Task) -> Delivery:
+    """What the task asked for; tasks that are not ``Deliverable`` answer at once."""
+    if isinstance(task, schema.Deliverable):
+        return Delivery(asynchronous=task.deliveryMethod == "async", webhook_url=task.webhookURL)
+    return Delivery()
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class TaskType(Generic[T, P]):
     struct: type[T]   # the wire struct; its msgspec tag is the taskType clients send
     prepare: Callable[[T, TaskContext], P]
     run: Callable[[P, TaskContext], AsyncIterator[Item]]
-    delivery: Callable[[T], Delivery] = _sync
+    delivery: Callable[[T], Delivery] = requested
     recorded: bool = True
     single_frame: bool = False
 
