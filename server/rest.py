@@ -100,7 +100,7 @@ class RestExchange(Intake):
     async def start(self, task: schema.Task, task_type: TaskType[Any, Any], task_uuid: str) -> None:
         assert self.owner is not None
         running = await self.runner.start(task, task_type, task_uuid, owner=self.owner, connection=self,
-                                          reply=self.reply)
+                                          reply=self.reply, streams=False)
         if running is not None:
             self.running.append(running)
 

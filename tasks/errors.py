@@ -14,6 +14,7 @@
     ├── TaskNotFound               taskNotFound
     ├── ServiceUnavailable         serviceUnavailable (queue full, shutting down)
     │   └── TooManyTasks           serviceUnavailable (a connection's or a key's task limit)
+    ├── TaskCancelled              taskCancelled (cancelTask stopped it)
     ├── InferenceError             inferenceError (the pipeline failed; other tasks go on)
     ├── StorageError               storageError (disk full and friends)
     └── InternalServerError        internalServerError (our own bug; the message never leaks details)
@@ -134,6 +135,11 @@ class TooManyTasks(ServiceUnavailable):
     """A connection's or an API key's bound on unfinished tasks: the client should slow down."""
 
     http_status = 429
+
+
+class TaskCancelled(TaskError):
+    code = "taskCancelled"
+    http_status = 409
 
 
 class InferenceError(TaskError):

@@ -41,7 +41,11 @@ async def run(task: GetResponse, ctx: TaskContext) -> AsyncIterator[dict[str, An
     if record.status == "error":
         raise RecordedErrors([{**error, "status": "error"} for error in record.errors])
     if record.status == "processing":
-        yield {"taskType": record.task_type, "taskUUID": record.task_uuid, "status": "processing"}
+        processing: dict[str, Any] = {"taskType": record.task_type, "taskUUID": record.task_uuid,
+                                      "status": "processing"}
+        if record.progress is not None:
+            processing["progress"] = record.progress
+        yield processing
 
 
 # getResponse reports on other tasks: it is not itself recorded, and its answer is one frame.

@@ -20,13 +20,20 @@ import msgspec
 from PIL import Image
 
 from imagewire.air_registry import ARCHITECTURES, ModelDefaults, ModelEntry, SamplerSpec
-from imagewire.storage import OUTPUT_FORMAT_NAMES, ImageFormat, encode_image, output_format, to_base64
+from imagewire.storage import (
+    OUTPUT_FORMAT_NAMES,
+    OUTPUT_FORMATS,
+    ImageFormat,
+    encode_image,
+    output_format,
+    to_base64,
+)
 from imagewire.tasks import inputs, schema
 from imagewire.tasks.context import TaskContext
 from imagewire.tasks.describe import describe_annotation, nearest_valid, stepped_range
 from imagewire.tasks.errors import InvalidParameter, MissingParameter, UnknownParameter, UnsupportedParameter
-from imagewire.tasks.jobs import GeneratedImage, InferenceJob
-from imagewire.tasks.schema import ImageInference, ImageResult
+from imagewire.tasks.jobs import GeneratedImage, InferenceJob, JobEvent, Queued
+from imagewire.tasks.schema import ImageInference, ImageResult, Progress
 from imagewire.tasks.task_type import TaskType
 
 BLANK_PROMPT = "__BLANK__"
@@ -166,8 +173,8 @@ async def run(prepared: Prepared, ctx: TaskContext) -> AsyncIterator[ImageResult
         task_uuid=task.taskUUID, owner=ctx.owner, model=prepared.model, weights=weights, prompt=prepared.prompt,
         negative_prompt=prepared.negative_prompt, width=width, height=height, steps=prepared.steps,
         cfg_scale=prepared.cfg_scale, sampler=prepared.sampler, seeds=prepared.seeds, init_image=init_image,
-        strength=task.strength)
-    progress = services.device.submit(job)
+        strength=task.strength, preview=task.includeProgress and task.includePreview)
+    progress = services.device.submit(job, on_event=_ProgressReport(task, len(prepared.seeds), ctx).on_event)
     try:
         async for chunk in progress:
             pending = [asyncio.ensure_future(_deliver(prepared, image, ctx)) for image in chunk]
@@ -178,8 +185,42 @@ async def run(prepared: Prepared, ctx: TaskContext) -> AsyncIterator[ImageResult
                 for future in pending:
                     future.cancel()
     finally:
+        progress.cancel()  # the task ended early (cancelled, failed): its job stops too
         ctx.timings["queue"] = progress.queue_seconds
         ctx.timings["model"] = progress.compute_seconds
+
+
+class _ProgressReport:
+    """Turns the job's queue positions and steps into progress items, for getResponse and, when the
+    task asked (includeProgress), for the client."""
+
+    def __init__(self, task: ImageInference, images: int, ctx: TaskContext) -> None:
+        self.task = task
+        self.ctx = ctx
+        self.percent = [0] * images  # per result index
+
+    def on_event(self, event: JobEvent) -> None:
+        task = self.task
+        if isinstance(event, Queued):
+            items = [Progress(taskType="imageInference", taskUUID=task.taskUUID, progress=0, status="processing",
+                              queuePosition=event.position)]
+        else:
+            percent = 100 * event.done // max(event.total, 1)
+            items = []
+            for index in event.indexes:
+                self.percent[index] = percent
+                preview = event.preview if index == event.indexes[0] else None
+                items.append(Progress(
+                    taskType="imageInference", taskUUID=task.taskUUID, progress=percent, status="processing",
+                    resultIndex=index, step=event.done, steps=event.total,
+                    preview=_preview_uri(preview) if preview is not None else None))
+        self.ctx.progress(items, sum(self.percent) // len(self.percent), push=task.includeProgress)
+
+
+def _preview_uri(picture: Image.Image) -> str:
+    preview_format = OUTPUT_FORMATS["JPG"]
+    data = encode_image(picture, preview_format, quality=70)
+    return f"data:{preview_format.media_type};base64,{to_base64(data)}"
 
 
 async def _deliver(prepared: Prepared, generated: GeneratedImage, ctx: TaskContext) -> ImageResult:

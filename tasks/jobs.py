@@ -9,7 +9,7 @@ torch: images are PIL images.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Hashable, Sequence
+from collections.abc import AsyncIterator, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -53,6 +53,7 @@ class InferenceJob(Job):
     seeds: list[int]
     init_image: Image | None = None  # already resized to width × height
     strength: float = 0.8
+    preview: bool = False           # progress events carry a low-resolution preview
 
     @property
     def images(self) -> int:
@@ -77,8 +78,38 @@ class GeneratedImage:
     seconds: float   # device time spent on this image (its share of its call), for includeCost
 
 
-# emit(i, results): results of jobs[i] are ready (called once per call that made some).
-Emit = Callable[[int, list[Any]], None]
+@dataclass(frozen=True)
+class Queued:
+    """The job waits; this many jobs will run before it."""
+
+    position: int
+
+
+@dataclass(frozen=True)
+class Step:
+    """A call holding the job's results ``indexes`` finished step ``done`` of ``total``."""
+
+    indexes: tuple[int, ...]
+    done: int
+    total: int
+    preview: Image | None = None  # of the first of ``indexes``, when the job asked for one
+
+
+JobEvent = Queued | Step
+
+
+class Emit(Protocol):
+    """How a runner hands back what it makes for the jobs it was given (by their index)."""
+
+    def __call__(self, index: int, results: list[Any]) -> None:
+        """Results of jobs[index] are ready (called once per call that made some)."""
+
+    def progress(self, index: int, step: Step) -> None: ...
+
+    def cancelled(self, index: int) -> bool:
+        """Whether jobs[index] was cancelled: its results are no longer wanted."""
+        ...
+
 
 R_co = TypeVar("R_co", covariant=True)
 
@@ -93,3 +124,7 @@ class JobProgress(Protocol[R_co]):
     def compute_seconds(self) -> float: ...
 
     def __aiter__(self) -> AsyncIterator[Sequence[R_co]]: ...
+
+    def cancel(self) -> None:
+        """Stop the job: it leaves the queue, or its calls stop at their next step. Nothing after it
+        arrives. Does nothing once the job is done."""

@@ -78,6 +78,9 @@ class ImageInference(Deliverable, tag="imageInference"):
     outputFormat: Annotated[str, Meta(max_length=10)] = "JPG"
     outputQuality: OutputQuality = 95
     includeCost: bool = False
+    # Extensions (docs/protocol.md): progress items pushed while the task runs, with small previews.
+    includeProgress: bool = False
+    includePreview: bool = False
     checkNSFW: bool = False
     safety: dict[str, Any] | None = None
 
@@ -88,6 +91,12 @@ class ImageUpload(Deliverable, tag="imageUpload"):
 
 
 class GetResponse(Task, tag="getResponse"):
+    taskUUID: TaskUUID
+
+
+class CancelTask(Task, tag="cancelTask"):
+    """Extension: stop the task with this taskUUID (sent by the same API key)."""
+
     taskUUID: TaskUUID
 
 
@@ -103,7 +112,7 @@ class ModelSearch(Deliverable, tag="modelSearch"):
     offset: Annotated[int, Meta(ge=0)] = 0
 
 
-AnyTask = Authentication | Ping | ImageInference | ImageUpload | GetResponse | ModelSearch
+AnyTask = Authentication | Ping | ImageInference | ImageUpload | GetResponse | ModelSearch | CancelTask
 
 # Parameters the public API defines for a task type that this server does not implement yet.
 # They are answered with ``unsupportedParameter`` by name, never silently ignored; any other
@@ -162,6 +171,26 @@ class UploadResult(Item):
 
 class Acknowledgement(Item):
     taskUUID: str
+
+
+class Progress(Item):
+    """A task's progress: never a result (no imageUUID, no image), so clients that count results by
+    imageUUID or by an image field are not misled. Pushed only to tasks that ask (includeProgress)."""
+
+    taskUUID: str
+    progress: int                   # percent, 0 to 100
+    status: str                     # "processing" (no default: omit_defaults would leave it off the wire)
+    resultIndex: int | None = None  # which of the task's images, 0-based
+    step: int | None = None
+    steps: int | None = None
+    queuePosition: int | None = None  # while waiting: how many jobs run before this one
+    preview: str | None = None      # a small JPEG data URI of the image so far
+
+
+class Cancellation(Item):
+    taskUUID: str
+    cancelled: bool   # false: the task had already ended
+    status: str       # the task's status now: error (cancelled) or how it ended
 
 
 class ModelInfo(Struct, kw_only=True):

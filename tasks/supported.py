@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from imagewire.tasks import get_response, image_inference, image_upload, model_search
+from imagewire.tasks import cancel_task, get_response, image_inference, image_upload, model_search
 from imagewire.tasks.task_type import TaskType
 
 SUPPORTED: Mapping[str, TaskType[Any, Any]] = MappingProxyType({
@@ -16,5 +16,6 @@ SUPPORTED: Mapping[str, TaskType[Any, Any]] = MappingProxyType({
         image_upload.TASK_TYPE,
         model_search.TASK_TYPE,
         get_response.TASK_TYPE,
+        cancel_task.TASK_TYPE,
     )
 })

@@ -345,3 +345,34 @@ async def test_a_silent_server_gets_pings_and_then_a_reconnect_that_resumes_the_
     assert second["connectionSessionUUID"] == "5c3e0e36-61f4-4c4b-9d59-1f0e1c4f8a21"
     assert [{"taskType": "ping", "ping": True}] in received
     assert client.session_uuid == "5c3e0e36-61f4-4c4b-9d59-1f0e1c4f8a21"
+
+
+# ---------------------------------------------------------------- progress and cancelling
+
+
+async def test_on_progress_hears_each_step_before_the_results(server):
+    heard: list[dict] = []
+    async with Client(server.url, API_KEY) as client:
+        results = await generate(client, steps=5, number_results=2, on_progress=heard.append)
+    assert len(results) == 2 and all("imageUUID" not in item for item in heard)
+    for index in (0, 1):
+        steps = [item["step"] for item in heard if item.get("resultIndex") == index]
+        assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 5
+
+
+async def test_a_call_can_be_cancelled_by_its_task_uuid(start_server):
+    engine = HeldEngine()
+    server = await start_server(engine_factory=lambda: engine)
+    async with Client(server.url, API_KEY) as client:
+        task_uuid = "5b3a3f7e-8f2c-4c9e-9d3a-0c6e1a2b3c4d"
+        call = asyncio.create_task(generate(client, task_uuid=task_uuid))
+        assert await asyncio.to_thread(engine.started.wait, seconds(10))
+        assert await client.cancel(task_uuid) is True
+        with pytest.raises(ImagewireError) as failure:
+            await call
+        assert failure.value.code == "taskCancelled"
+        assert await client.cancel(task_uuid) is False  # it has ended
+        with pytest.raises(ImagewireError) as unknown:
+            await client.cancel("6b3a3f7e-8f2c-4c9e-9d3a-0c6e1a2b3c4d")
+        assert unknown.value.code == "taskNotFound"
+    engine.release.set()

@@ -126,11 +126,12 @@ async def test_generate_image_to_image_from_a_file_and_from_a_uuid(server, tmp_p
     assert opened(tmp_path / relative) == ("WEBP", (128, 128))
 
 
-async def test_generate_shows_elapsed_seconds_when_stderr_is_a_terminal(server, tmp_path: Path):
+async def test_generate_shows_a_progress_bar_when_stderr_is_a_terminal(server, tmp_path: Path):
     run = await imagewire("generate", *SMALL, "--prompt", "a kite", "--width", "128", "--height", "128",
                           "--out", str(tmp_path), url=server.url, stderr_tty=True)
     assert run.code == 0, run.stderr
-    assert "\rgenerating 1 image... " in run.stderr and " s" in run.stderr
+    assert "\r\x1b[Kgenerating 1 image" in run.stderr and " s" in run.stderr
+    assert "] 100% step " in run.stderr, "the bar follows the server's progress items"
     assert run.stderr.endswith("\r\x1b[K"), "the progress line is cleared at the end"
 
 
@@ -181,3 +182,17 @@ async def test_every_command_has_help(command: list[str]):
     run = await imagewire(*command, "--help")
     assert run.code == 0
     assert run.stdout.startswith("usage: imagewire") and "--url" in run.stdout and "--api-key" in run.stdout
+
+
+def test_the_progress_bar_shows_the_tasks_percent_and_step() -> None:
+    import io
+
+    from imagewire_client.cli import Progress
+
+    progress = Progress("generating 2 images", io.StringIO())
+    assert progress.line(1.0) == "generating 2 images... 1.0 s"
+    progress.update({"progress": 0, "queuePosition": 3})
+    assert progress.line(1.5) == "generating 2 images... queued, 3 ahead, 1.5 s"
+    progress.update({"progress": 50, "resultIndex": 0, "step": 5, "steps": 10})
+    progress.update({"progress": 100, "resultIndex": 1, "step": 10, "steps": 10})
+    assert progress.line(2.0) == "generating 2 images [##################------]  75% step 10/10 2.0 s"

@@ -19,8 +19,13 @@ async def main(port, key, transport):
     async with client:
         images = await client.run(
             {"taskType": "imageInference", "model": "imagewire:tiny@1", "positivePrompt": "a lighthouse",
-             "width": 128, "height": 128, "steps": 8, "numberResults": 2, "seed": 21},
-            RunOptions(on_progress=progress.append))
+             "width": 128, "height": 128, "steps": 8, "numberResults": 2, "seed": 21})
+        if transport == "websocket":
+            # Pushed progress needs a socket and a sync task that asks for it.
+            await client.run(
+                {"taskType": "imageInference", "model": "imagewire:tiny@1", "positivePrompt": "a lighthouse",
+                 "width": 128, "height": 128, "steps": 4, "deliveryMethod": "sync", "includeProgress": True},
+                RunOptions(on_progress=progress.append))
         from PIL import Image
         buffer = io.BytesIO()
         Image.new("RGB", (64, 64), "teal").save(buffer, format="PNG")
@@ -57,3 +62,6 @@ async def test_the_newer_sdk_works_unmodified(server, sdk, transport):
     assert outcome["upload"] and "imagewire:tiny@1" in outcome["models"]
     # The SDK files invalidWidth under its "validation" category, with the parameter named.
     assert outcome["refused"] == ["validation", "width"]
+    if transport == "websocket":
+        # Its on_progress callback heard each step, in order, up to 100 %.
+        assert outcome["progress"] == sorted(outcome["progress"]) and outcome["progress"][-1] == 100

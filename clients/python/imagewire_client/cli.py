@@ -83,18 +83,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class Progress:
-    """Elapsed seconds on stderr while waiting; a single line when stderr is not a terminal."""
+    """A progress bar on stderr while waiting (the task's percent once the server reports it, and the
+    elapsed seconds); a single line when stderr is not a terminal."""
+
+    WIDTH = 24
 
     def __init__(self, label: str, stream: TextIO) -> None:
         self.label = label
         self.stream = stream
         self.live = stream.isatty()
+        self.percent: dict[int, int] = {}  # by result index
+        self.detail = ""
+        self.started = time.monotonic()
+
+    def update(self, item: dict[str, Any]) -> None:
+        """A progress item of the task: its result's percent, or where it waits in the queue."""
+        if item.get("queuePosition") is not None:
+            self.detail = f"queued, {item['queuePosition']} ahead"
+        elif isinstance(item.get("progress"), int):
+            self.percent[int(item.get("resultIndex") or 0)] = item["progress"]
+            self.detail = f"step {item.get('step')}/{item.get('steps')}" if item.get("steps") else ""
+        if self.live:
+            self._draw()
 
     async def track(self, work: Awaitable[T]) -> T:
         if not self.live:
             print(f"{self.label}...", file=self.stream, flush=True)
             return await work
-        ticker = asyncio.create_task(self._tick(time.monotonic()))
+        self.started = time.monotonic()
+        ticker = asyncio.create_task(self._tick())
         try:
             return await work
         finally:
@@ -102,10 +119,21 @@ class Progress:
             self.stream.write("\r\033[K")
             self.stream.flush()
 
-    async def _tick(self, started: float) -> None:
+    def line(self, elapsed: float) -> str:
+        if not self.percent:
+            return f"{self.label}... {self.detail + ', ' if self.detail else ''}{elapsed:.1f} s"
+        percent = sum(self.percent.values()) // len(self.percent)
+        filled = self.WIDTH * percent // 100
+        bar = "#" * filled + "-" * (self.WIDTH - filled)
+        return f"{self.label} [{bar}] {percent:3d}% {self.detail} {elapsed:.1f} s"
+
+    def _draw(self) -> None:
+        self.stream.write(f"\r\033[K{self.line(time.monotonic() - self.started)}")
+        self.stream.flush()
+
+    async def _tick(self) -> None:
         while True:
-            self.stream.write(f"\r{self.label}... {time.monotonic() - started:.1f} s")
-            self.stream.flush()
+            self._draw()
             await asyncio.sleep(0.1)
 
 
@@ -120,15 +148,17 @@ async def run_upload(client: Client, args: argparse.Namespace, timeout: float) -
 
 async def run_generate(client: Client, args: argparse.Namespace, timeout: float) -> None:
     output_format, extension = FORMATS[args.format]
+    plural = "s" if args.number_results != 1 else ""
+    progress = Progress(f"generating {args.number_results} image{plural}", sys.stderr)
     call = client.image_inference(
         model=args.model, positive_prompt=args.prompt, negative_prompt=args.negative_prompt, seed_image=args.image,
         strength=args.strength, width=args.width, height=args.height, steps=args.steps, cfg_scale=args.cfg,
         scheduler=args.scheduler, seed=args.seed, number_results=args.number_results,
         # Ask for the bytes inline, so no second request is needed to save them.
         output_type="base64Data", output_format=output_format, output_quality=args.quality, timeout=timeout,
+        on_progress=progress.update if progress.live else None,
     )
-    plural = "s" if args.number_results != 1 else ""
-    results = await Progress(f"generating {args.number_results} image{plural}", sys.stderr).track(call)
+    results = await progress.track(call)
     args.out.mkdir(parents=True, exist_ok=True)
     for result in results:
         if result.image_bytes is None:

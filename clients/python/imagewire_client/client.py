@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -88,6 +89,7 @@ class Client:
         self._session_uuid: str | None = None
         self._websocket: ClientConnection | None = None
         self._calls = CallTable()
+        self._cancels: dict[str, list[PendingCall]] = {}  # cancelTask calls, by the taskUUID they name
         self._connected = asyncio.Event()  # set while a live, authenticated socket is in ``_websocket``
         self._connect_lock = asyncio.Lock()
         self._reader: asyncio.Task[None] | None = None
@@ -182,6 +184,9 @@ class Client:
         output_format: str = "PNG",
         output_quality: int | None = None,
         include_cost: bool = False,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        preview: bool = False,
+        task_uuid: str | None = None,
         timeout: float = 300.0,
     ) -> list[ImageResult]:
         """Generate images; returns one ``ImageResult`` per image, sorted by seed.
@@ -193,18 +198,46 @@ class Client:
         ``"dataURI"`` (or a list of them); with either of the last two, ``ImageResult.image_bytes``
         holds the encoded image. Server-side validation errors raise ``ImagewireError`` naming
         the parameter; no answer within ``timeout`` seconds raises one with code ``timeout``.
+
+        ``on_progress`` is called with each progress item of the task (``progress`` in percent,
+        ``resultIndex``, ``step`` and ``steps``, or ``queuePosition`` while it waits), and with a small
+        ``preview`` data URI about once a second when ``preview`` is true. Pass your own ``task_uuid``
+        to be able to ``cancel`` the task from elsewhere.
         """
         task = requests.image_inference(
             model=model, positive_prompt=positive_prompt, negative_prompt=negative_prompt,
             seed_image=None if seed_image is None else await _image_field(seed_image, "seedImage"),
             strength=strength, width=width, height=height, steps=steps, cfg_scale=cfg_scale, scheduler=scheduler,
             seed=seed, number_results=number_results, output_type=output_type, output_format=output_format,
-            output_quality=output_quality, include_cost=include_cost,
+            output_quality=output_quality, include_cost=include_cost, include_progress=on_progress is not None,
+            include_preview=preview and on_progress is not None, task_uuid=task_uuid,
         )
         items = await self._call(task, task.taskUUID, expected=number_results, timeout=timeout,
-                                 counted_key="imageUUID")
+                                 counted_key="imageUUID", on_progress=on_progress)
         results = [image_result(item) for item in items]
         return sorted(results, key=lambda result: (result.seed is None, result.seed or 0))
+
+    async def cancel(self, task_uuid: str, *, timeout: float = 60.0) -> bool:
+        """Stop a task this API key sent: True when it was stopped (its call then raises ``ImagewireError``
+        with code ``taskCancelled``), False when it had already ended. An unknown task raises code
+        ``taskNotFound``."""
+        task = requests.cancel_task(task_uuid)
+        call = PendingCall(task_uuid=task_uuid, task_type="cancelTask", expected=1)
+        # The answer carries the cancelled task's UUID, which that task's own call is waiting on too.
+        self._cancels.setdefault(task_uuid, []).append(call)
+        try:
+            async with asyncio.timeout(timeout):
+                await self.connect()
+                await self._send(requests.encode_tasks([task]), call)
+                items = await call.future
+        except TimeoutError:
+            raise ImagewireError(TIMEOUT, f"No answer to cancelTask for {task_uuid} within {timeout:g} s.",
+                                 task_uuid=task_uuid, task_type="cancelTask") from None
+        finally:
+            self._cancels[task_uuid].remove(call)
+            if not self._cancels[task_uuid]:
+                del self._cancels[task_uuid]
+        return bool(items[0].get("cancelled"))
 
     async def models(
         self,
@@ -225,10 +258,12 @@ class Client:
     # ------------------------------------------------------------------ sending and waiting
 
     async def _call(self, task: schema.Task, task_uuid: str, *, expected: int, timeout: float,
-                    counted_key: str | None = None) -> list[dict[str, Any]]:
+                    counted_key: str | None = None,
+                    on_progress: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
         task_type = type(task).__struct_config__.tag
         assert isinstance(task_type, str)
-        call = PendingCall(task_uuid=task_uuid, task_type=task_type, expected=expected, counted_key=counted_key)
+        call = PendingCall(task_uuid=task_uuid, task_type=task_type, expected=expected, counted_key=counted_key,
+                           on_progress=on_progress)
         self._calls.add(call)
         try:
             async with asyncio.timeout(timeout):
@@ -364,10 +399,18 @@ class Client:
 
     def _dispatch(self, envelope: schema.Envelope) -> None:
         for item in envelope.data or ():
+            if item.get("taskType") == "cancelTask":
+                for cancelling in self._cancels.get(item.get("taskUUID") or "", ()):
+                    cancelling.on_item(item)
+                continue
             call = self._calls.get(item.get("taskUUID"))
             if call is not None:
                 call.on_item(item)
         for item in envelope.errors or ():
+            if item.get("taskType") == "cancelTask":
+                for cancelling in self._cancels.get(item.get("taskUUID") or "", ()):
+                    cancelling.on_error(item)
+                continue
             call = self._calls.get(item.get("taskUUID"))
             if call is not None:
                 call.on_error(item)

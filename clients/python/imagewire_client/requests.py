@@ -40,6 +40,10 @@ def ping() -> schema.Ping:
     return schema.Ping(ping=True)
 
 
+def cancel_task(task_uuid: str) -> schema.CancelTask:
+    return schema.CancelTask(taskUUID=task_uuid)
+
+
 def image_upload(image: str, task_uuid: str | None = None) -> schema.ImageUpload:
     return schema.ImageUpload(taskUUID=task_uuid or new_task_uuid(), image=image)
 
@@ -75,6 +79,8 @@ def image_inference(
     output_format: str = "PNG",
     output_quality: int | None = None,
     include_cost: bool = False,
+    include_progress: bool = False,
+    include_preview: bool = False,
     task_uuid: str | None = None,
 ) -> schema.ImageInference:
     """An ``imageInference`` task; ``seed_image`` is already in wire form (see ``images.image_field``)."""
@@ -91,6 +97,8 @@ def image_inference(
         outputType=output_type,  # type: ignore[arg-type]  # not checked here: the server names bad values
         outputFormat=output_format,
         includeCost=include_cost,
+        includeProgress=include_progress,
+        includePreview=include_preview,
         # Unset fields keep the schema's defaults, which are the server's defaults too.
         **{name: value for name, value in fields.items() if value is not None},
     )

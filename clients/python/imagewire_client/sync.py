@@ -80,6 +80,7 @@ class SyncClient:
     upload = _blocking(Client.upload)
     upload_image = _blocking(Client.upload_image)
     image_inference = _blocking(Client.image_inference)
+    cancel = _blocking(Client.cancel)
     models = _blocking(Client.models)
 
     def close(self) -> None:
