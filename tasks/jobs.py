@@ -77,6 +77,22 @@ class GeneratedImage:
     seconds: float   # device time spent on this image (its share of its call), for includeCost
 
 
+@dataclass(frozen=True)
+class ProcessedImage:
+    """An image a tool made from an input image (upscaled, cut out)."""
+
+    image: Image
+    seconds: float   # device time spent on it, for includeCost
+
+
+@dataclass(frozen=True)
+class GeneratedText:
+    """A caption, or one version of an enhanced prompt."""
+
+    text: str
+    seconds: float
+
+
 # emit(i, results): results of jobs[i] are ready (called once per call that made some).
 Emit = Callable[[int, list[Any]], None]
 
