@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import enum
 import importlib
+import importlib.util
 import sys
 import threading
 import types
 from pathlib import Path
 from typing import Any
+
+from imagewire.air_registry.errors import WeightsMissing
 
 _STAND_IN = ("torchvision", "torchvision.transforms", "torchvision.transforms.functional")
 _IMPORT_LOCK = threading.Lock()
@@ -47,6 +50,10 @@ def import_spandrel() -> Any:
     with _IMPORT_LOCK:
         if "spandrel" in sys.modules:
             return sys.modules["spandrel"]
+        if importlib.util.find_spec("spandrel") is None:
+            raise WeightsMissing(
+                "upscaling needs the spandrel package, which is not installed on this server: pip install "
+                "'imagewire[upscale]' (with a CPU torch: pip install --no-deps 'spandrel>=0.4,<0.5' einops)")
         if _torchvision_works():
             return importlib.import_module("spandrel")
         functional = types.ModuleType("torchvision.transforms.functional")

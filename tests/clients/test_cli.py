@@ -181,3 +181,25 @@ async def test_every_command_has_help(command: list[str]):
     run = await imagewire(*command, "--help")
     assert run.code == 0
     assert run.stdout.startswith("usage: imagewire") and "--url" in run.stdout and "--api-key" in run.stdout
+
+
+async def test_the_tool_commands_upscale_cut_out_caption_and_enhance(server, tmp_path: Path):
+    picture = tmp_path / "in.png"
+    Image.linear_gradient("L").resize((30, 20)).convert("RGB").save(picture)
+    upscaled = await imagewire("upscale", str(picture), "--factor", "4", "--out", str(tmp_path / "big"), url=server.url)
+    assert upscaled.code == 0, upscaled.stderr
+    (path,) = upscaled.lines
+    assert Image.open(path).size == (120, 80)
+    cut = await imagewire("remove-background", str(picture), "--rgba", "0,0,255,0.5", "--format", "webp",
+                          "--out", str(tmp_path), url=server.url)
+    assert cut.code == 0, cut.stderr
+    (path,) = cut.lines
+    assert path.endswith(".webp") and Image.open(path).mode == "RGBA"
+    caption = await imagewire("caption", str(picture), "--prompt", "a photo of", url=server.url)
+    assert caption.code == 0 and caption.stdout.startswith("a photo of"), caption.stderr
+    enhanced = await imagewire("enhance-prompt", "a red fox", "--versions", "3", "--max-length", "30", "--seed", "4",
+                               url=server.url)
+    assert enhanced.code == 0, enhanced.stderr
+    assert len(enhanced.lines) == 3 and all(line.startswith("a red fox") for line in enhanced.lines)
+    bad = await imagewire("upscale", str(picture), "--factor", "5", url=server.url)
+    assert bad.code == 1 and "upscaleFactor" in bad.stderr
