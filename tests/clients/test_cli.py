@@ -189,12 +189,14 @@ async def test_the_tool_commands_upscale_cut_out_caption_and_enhance(server, tmp
     upscaled = await imagewire("upscale", str(picture), "--factor", "4", "--out", str(tmp_path / "big"), url=server.url)
     assert upscaled.code == 0, upscaled.stderr
     (path,) = upscaled.lines
-    assert Image.open(path).size == (120, 80)
+    with Image.open(path) as result:
+        assert result.size == (120, 80)
     cut = await imagewire("remove-background", str(picture), "--rgba", "0,0,255,0.5", "--format", "webp",
                           "--out", str(tmp_path), url=server.url)
     assert cut.code == 0, cut.stderr
     (path,) = cut.lines
-    assert path.endswith(".webp") and Image.open(path).mode == "RGBA"
+    with Image.open(path) as result:
+        assert path.endswith(".webp") and result.mode == "RGBA"
     caption = await imagewire("caption", str(picture), "--prompt", "a photo of", url=server.url)
     assert caption.code == 0 and caption.stdout.startswith("a photo of"), caption.stderr
     enhanced = await imagewire("enhance-prompt", "a red fox", "--versions", "3", "--max-length", "30", "--seed", "4",
