@@ -24,6 +24,11 @@ class Architecture:
     single_file_pipeline: str | None = None
     # Refiners transform an image and have no text-to-image pipeline.
     image_to_image_only: bool = False
+    # The task type its models serve (its wire name in the Python SDK's spelling), and how their files lie:
+    # ``diffusers`` (a pipeline folder), ``transformers`` (a model folder with config.json) or
+    # ``weights_file`` (one file of weights, as super-resolution networks come).
+    task: str = "imageInference"
+    layout: str = "diffusers"
 
 
 # Embedded test models have architectures of their own ("tiny"): nothing made for a real
@@ -36,5 +41,20 @@ ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType({
         Architecture("sdxl", family="sdxl", size=1024, steps=30, single_file_pipeline="StableDiffusionXLPipeline"),
         Architecture("sdxl-refiner", family="sdxl", size=1024, steps=30, strength=0.3,
                      single_file_pipeline="StableDiffusionXLImg2ImgPipeline", image_to_image_only=True),
+        # The tools beside imageInference; ``family`` names the adapter in that task's runner
+        # (server/engine/<task>.py). Their size and steps mean nothing and are never used.
+        *(Architecture(name, family=family, size=512, steps=1, task=task, layout=layout)
+          for name, family, task, layout in (
+            ("tiny-upscaler", "spandrel", "imageUpscale", "weights_file"),
+            ("esrgan", "spandrel", "imageUpscale", "weights_file"),
+            ("tiny-background", "segformer", "imageBackgroundRemoval", "transformers"),
+            ("birefnet", "birefnet", "imageBackgroundRemoval", "transformers"),
+            ("rmbg-1.4", "rmbg", "imageBackgroundRemoval", "transformers"),
+            ("tiny-caption", "blip", "imageCaption", "transformers"),
+            ("blip", "blip", "imageCaption", "transformers"),
+            ("tiny-prompt", "causal-lm", "promptEnhance", "transformers"),
+            ("gpt2", "causal-lm", "promptEnhance", "transformers"),
+            ("llama", "chat-lm", "promptEnhance", "transformers"),
+        )),
     )
 })

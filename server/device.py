@@ -50,6 +50,14 @@ class Engine(Protocol):
     def recover(self) -> None:
         """Called after a job failed: free what the failure may have left behind."""
 
+    def loaded_models(self) -> list[str]:
+        """AIR ids of the models in memory (read from the event loop; a snapshot is enough)."""
+        ...
+
+    def device_memory(self) -> Mapping[str, int]:
+        """Bytes held on the device by kind; empty where there is nothing to say (a CPU)."""
+        ...
+
 
 _DONE = object()
 
@@ -138,6 +146,9 @@ class DeviceQueue:
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
         self.unavailable_samplers: Mapping[str, str] = {}
+        self._engine: Engine | None = None
+        # on_call(results, started, ended): after each call, from the worker thread (metrics).
+        self.on_call: Callable[[int, float, float], None] | None = None
 
     def start(self) -> None:
         """Start the worker and wait until its engine exists (imports done, device checked).
@@ -160,6 +171,17 @@ class DeviceQueue:
     @property
     def pending(self) -> int:
         return self._queue.jobs
+
+    @property
+    def ready(self) -> bool:
+        """Taking jobs, with a live worker."""
+        return self._accepting and self.busy
+
+    def loaded_models(self) -> list[str]:
+        return self._engine.loaded_models() if self._engine is not None else []
+
+    def device_memory(self) -> Mapping[str, int]:
+        return self._engine.device_memory() if self._engine is not None else {}
 
     def submit(self, job: Job, on_event: Callable[[JobEvent], None] | None = None) -> JobHandle:
         if not self._accepting:
@@ -195,7 +217,7 @@ class DeviceQueue:
 
     def _work(self) -> None:
         try:
-            engine = self._engine_factory()
+            engine = self._engine = self._engine_factory()
             self.unavailable_samplers = dict(engine.unavailable_samplers)
         except BaseException as exc:
             self._start_error = exc
@@ -253,6 +275,8 @@ class DeviceQueue:
         for handle in handles:
             handle.finished_at = finished
             handle._post(_DONE)
+        if self.on_call is not None and answered:
+            self.on_call(sum(handles[index].job.images for index in answered), started, finished)
 
     def _fail(self, engine: Engine, handle: JobHandle, exc: Exception) -> None:
         if isinstance(exc, TaskError):

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from imagewire.server.protocol import Decoded
+from imagewire.server.runner import TaskRunner
 from imagewire.tasks import schema
 from imagewire.tasks.errors import InvalidApiKey, MissingApiKey
 from imagewire.tasks.supported import SUPPORTED
@@ -34,6 +35,8 @@ def invalid_api_key() -> InvalidApiKey:
 
 
 class Intake(ABC):
+    runner: TaskRunner
+
     @property
     @abstractmethod
     def authenticated(self) -> bool: ...
@@ -60,6 +63,7 @@ class Intake(ABC):
             elif element.error is not None:
                 log.info("taskUUID=%s taskType=%s outcome=%s", element.task_uuid, element.task_type,
                          element.error.code)
+                self.runner.refused(element.task_type, element.error.code)
                 await self.reply(errors=[element.error.to_item(element.task_type, element.task_uuid)])
             elif isinstance(element.task, schema.Ping):
                 await self.answer(data=[schema.Pong(taskType="ping", pong=True)])

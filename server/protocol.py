@@ -23,7 +23,15 @@ import msgspec
 import msgspec.inspect as mi
 
 from imagewire.tasks import schema
-from imagewire.tasks.describe import describe_type, extra, literal_values, nearest_valid, stepped_range, wire_type
+from imagewire.tasks.describe import (
+    describe_type,
+    extra,
+    literal_values,
+    nearest_valid,
+    non_null,
+    stepped_range,
+    wire_type,
+)
 from imagewire.tasks.errors import (
     InvalidParameter,
     MissingParameter,
@@ -156,6 +164,8 @@ def _translate_validation_error(
     name = at.group("field")
     info = _field_info(struct_type).get(name)
     received = present.get(name)
+    if info is not None and (at.group("rest") or _UNKNOWN_FIELD.search(text)):
+        return _nested_error(text, name, at.group("rest"), info.type, received)
     if name == "taskUUID":
         return InvalidParameter(
             f"taskUUID must be a UUID string like '4a8c1e2b-...'; received {describe_value(received)}.",
@@ -174,6 +184,39 @@ def _translate_validation_error(
     return InvalidParameter(
         f"Invalid {name}: expected {expected}; received {describe_value(received)}.",
         parameter=name, type=wire_type(info.type) if info else None, allowed_values=allowed)
+
+
+_STEP = re.compile(r"\.(?P<key>[A-Za-z0-9_]+)|\[(?P<index>\d+)\]")
+_UNKNOWN_FIELD = re.compile(r"unknown field `(?P<field>[^`]+)`")
+
+
+def _nested_error(text: str, name: str, rest: str, t: mi.Type, received: Any) -> TaskError:
+    """The error of a value inside an object or array (``settings.rgba[3]``), named by its whole path."""
+    path = name + rest
+    for step in _STEP.finditer(rest):
+        member = next(iter(non_null(t)), t)
+        if step.group("key") is not None:
+            key = step.group("key")
+            fields = {field.encode_name: field for field in member.fields} if isinstance(member, mi.StructType) else {}
+            t = fields[key].type if key in fields else t
+            received = received.get(key) if isinstance(received, dict) else None
+        else:
+            index = int(step.group("index"))
+            if isinstance(member, mi.TupleType) and index < len(member.item_types):
+                t = member.item_types[index]
+            elif isinstance(member, (mi.ListType, mi.TupleType)) and hasattr(member, "item_type"):
+                t = member.item_type
+            received = received[index] if isinstance(received, list) and index < len(received) else None
+    unknown = _UNKNOWN_FIELD.search(text)
+    member = next(iter(non_null(t)), t)
+    if unknown and isinstance(member, mi.StructType):
+        known = sorted(field.encode_name for field in member.fields)
+        return UnknownParameter(
+            f"{unknown.group('field')} is not a parameter of {path}. Known parameters: {', '.join(known)}.",
+            parameter=f"{path}.{unknown.group('field')}", allowed_values=known)
+    return InvalidParameter(
+        f"Invalid {path}: expected {describe_type(t)}; received {describe_value(received)}.",
+        parameter=path, type=wire_type(t), allowed_values=literal_values(t))
 
 
 @cache

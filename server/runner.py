@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from typing import Any, Protocol
 
 import msgspec
@@ -28,6 +28,7 @@ from imagewire.server.webhooks import WebhookSender
 from imagewire.tasks import schema
 from imagewire.tasks.context import Services, TaskContext
 from imagewire.tasks.errors import InternalServerError, ServiceUnavailable, TaskCancelled, TaskError
+from imagewire.tasks.supported import SUPPORTED
 from imagewire.tasks.task_type import Delivery, Item, TaskType
 
 log = logging.getLogger("imagewire.task")
@@ -39,15 +40,27 @@ class Reply(Protocol):
     def __call__(self, data: Sequence[Item] = (), errors: Sequence[dict[str, Any]] = ()) -> Awaitable[None]: ...
 
 
+# on_finished(task type, outcome, total seconds, stage seconds): after each task, refused ones too.
+Finished = Callable[[str, str, float, Mapping[str, float]], None]
+
+
 class TaskRunner:
     def __init__(self, services: Services, *, registry: TaskRegistry, webhooks: WebhookSender,
-                 admission: Admission) -> None:
+                 admission: Admission, on_finished: Finished | None = None) -> None:
         self.services = services
         self.registry = registry
         self.webhooks = webhooks
         self.admission = admission
+        self.on_finished = on_finished
         self.running: set[asyncio.Task[None]] = set()  # every running task, so a shutdown can drain them
         self.pending_sends: set[asyncio.Future[None]] = set()  # progress items on their way
+
+    def refused(self, task_type: str | None, code: str) -> None:
+        """A task that never started (it could not be decoded): counted like one that failed its checks.
+        Only task types this server knows are named; anything a client made up counts as "unknown"."""
+        if self.on_finished is not None:
+            known = task_type if task_type is not None and task_type in SUPPORTED else "unknown"
+            self.on_finished(known, code, 0.0, {})
 
     async def start(self, task: schema.Task, task_type: TaskType[Any, Any], task_uuid: str, *, owner: str,
                     connection: Hashable, reply: Reply, streams: bool = True) -> asyncio.Task[None] | None:
@@ -65,6 +78,8 @@ class TaskRunner:
             if ticket is not None:
                 self.admission.release(ticket)
             log.info("taskUUID=%s taskType=%s outcome=%s", task_uuid, task_type.name, error.code)
+            if self.on_finished is not None:
+                self.on_finished(task_type.name, error.code, 0.0, {})
             await reply(errors=[error.to_item(task_type.name, task_uuid)])
             return None
         if delivery.asynchronous:
@@ -154,9 +169,12 @@ class _Run:
         finally:
             if self.record is not None:
                 self.runner.registry.finish(self.record, "success" if outcome == "success" else "error")
+            total = time.perf_counter() - started
             stages = " ".join(f"{name}_ms={seconds * 1000:.1f}" for name, seconds in self.ctx.timings.items())
             log.info("taskUUID=%s taskType=%s outcome=%s results=%d total_ms=%.1f %s", self.task_uuid,
-                     self.task_type.name, outcome, results, (time.perf_counter() - started) * 1000, stages)
+                     self.task_type.name, outcome, results, total * 1000, stages)
+            if self.runner.on_finished is not None:
+                self.runner.on_finished(self.task_type.name, outcome, total, self.ctx.timings)
 
     def _keep(self, item: Item) -> None:
         """An item for getResponse and the webhook; turned into a dict once for both."""

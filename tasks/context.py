@@ -90,6 +90,8 @@ class Settings:
     max_image_pixels: int = 4096 * 4096   # decoded input images (decompression bombs)
     max_image_bytes: int = 32 * 1024 * 1024
     price_per_gpu_second: float = 0.0
+    max_output_pixels: int = 4096 * 4096  # results of the tools that enlarge an image (upscale)
+    upscale_tile_size: int = 512          # upscaling works on tiles of at most this many input pixels a side
 
 
 @dataclass

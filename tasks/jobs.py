@@ -79,6 +79,22 @@ class GeneratedImage:
 
 
 @dataclass(frozen=True)
+class ProcessedImage:
+    """An image a tool made from an input image (upscaled, cut out)."""
+
+    image: Image
+    seconds: float   # device time spent on it, for includeCost
+
+
+@dataclass(frozen=True)
+class GeneratedText:
+    """A caption, or one version of an enhanced prompt."""
+
+    text: str
+    seconds: float
+
+
+@dataclass(frozen=True)
 class Queued:
     """The job waits; this many jobs will run before it."""
 

@@ -37,6 +37,7 @@ NumberResults = Annotated[int, Meta(ge=1, le=20)]
 OutputQuality = Annotated[int, Meta(ge=20, le=99)]
 OutputType = Literal["URL", "base64Data", "dataURI"]
 DeliveryMethod = Literal["sync", "async"]
+WebhookURL = Annotated[str, Meta(max_length=2048)]
 
 
 class Task(Struct, tag_field="taskType", forbid_unknown_fields=True, kw_only=True):
@@ -57,7 +58,7 @@ class Deliverable(Task, kw_only=True):
     and its results are fetched with getResponse (and POSTed to ``webhookURL`` when one is given)."""
 
     deliveryMethod: DeliveryMethod = "sync"
-    webhookURL: Annotated[str, Meta(max_length=2048)] | None = None
+    webhookURL: WebhookURL | None = None
 
 
 class ImageInference(Deliverable, tag="imageInference"):
@@ -112,7 +113,100 @@ class ModelSearch(Deliverable, tag="modelSearch"):
     offset: Annotated[int, Meta(ge=0)] = 0
 
 
-AnyTask = Authentication | Ping | ImageInference | ImageUpload | GetResponse | ModelSearch | CancelTask
+# ---------------------------------------------------------------- tools: upscale, background removal, caption,
+# prompt enhance. Each image tool takes its image as ``inputImage`` (older clients) or ``inputs.image`` (newer
+# ones); ``model`` is optional, the catalog names each task type's default model.
+
+ModelName = Annotated[str, Meta(min_length=1, max_length=200)]
+# Both inputs are the four image forms; which one a task uses, and that it has one, its handler checks.
+ImageInputs = dict[str, Any]
+UpscaleFactor = Annotated[float, Meta(ge=2, le=4)]
+ColourChannel = Annotated[int, Meta(ge=0, le=255)]
+Opacity = Annotated[float, Meta(ge=0, le=1)]
+# [red, green, blue, alpha]: the colour that replaces the background; alpha 0 is transparent, 1 opaque.
+RGBA = tuple[ColourChannel, ColourChannel, ColourChannel, Opacity]
+MattingLevel = Annotated[int, Meta(ge=1, le=255)]
+PromptMaxLength = Annotated[int, Meta(ge=12, le=400)]
+PromptVersions = Annotated[int, Meta(ge=1, le=5)]
+
+
+class ImageUpscale(Deliverable, tag="imageUpscale"):
+    taskUUID: TaskUUID
+    upscaleFactor: UpscaleFactor
+    inputImage: str | None = None
+    inputs: ImageInputs | None = None
+    model: ModelName | None = None
+    outputType: OutputType | list[OutputType] = "URL"
+    outputFormat: Annotated[str, Meta(max_length=10)] = "JPG"
+    outputQuality: OutputQuality = 95
+    includeCost: bool = False
+
+
+class Upscale(ImageUpscale, tag="upscale"):
+    """imageUpscale as the JavaScript SDK and the newer API spell it."""
+
+
+class BackgroundRemovalSettings(Struct, forbid_unknown_fields=True, kw_only=True):
+    rgba: RGBA | None = None
+    postProcessMask: bool | None = None
+    returnOnlyMask: bool | None = None
+    alphaMatting: bool | None = None
+    alphaMattingForegroundThreshold: MattingLevel | None = None
+    alphaMattingBackgroundThreshold: MattingLevel | None = None
+    alphaMattingErodeSize: MattingLevel | None = None
+
+
+class ImageBackgroundRemoval(Deliverable, tag="imageBackgroundRemoval"):
+    taskUUID: TaskUUID
+    inputImage: str | None = None
+    inputs: ImageInputs | None = None
+    model: ModelName | None = None
+    outputType: OutputType | list[OutputType] = "URL"
+    outputFormat: Annotated[str, Meta(max_length=10)] = "PNG"
+    outputQuality: OutputQuality = 95
+    includeCost: bool = False
+    settings: BackgroundRemovalSettings | None = None
+    # The official Python SDK sends the fields of ``settings`` at the top level of the task.
+    rgba: RGBA | None = None
+    postProcessMask: bool | None = None
+    returnOnlyMask: bool | None = None
+    alphaMatting: bool | None = None
+    alphaMattingForegroundThreshold: MattingLevel | None = None
+    alphaMattingBackgroundThreshold: MattingLevel | None = None
+    alphaMattingErodeSize: MattingLevel | None = None
+
+
+class RemoveBackground(ImageBackgroundRemoval, tag="removeBackground"):
+    """imageBackgroundRemoval as the JavaScript SDK and the newer API spell it."""
+
+
+class ImageCaption(Deliverable, tag="imageCaption"):
+    taskUUID: TaskUUID
+    inputImage: str | None = None
+    inputs: ImageInputs | None = None
+    model: ModelName | None = None
+    # What the caption should start with; the official Python SDK sends a list of strings.
+    prompt: Annotated[str, Meta(max_length=300)] | list[Annotated[str, Meta(max_length=300)]] | None = None
+    includeCost: bool = False
+
+
+class Caption(ImageCaption, tag="caption"):
+    """imageCaption as the JavaScript SDK and the newer API spell it."""
+
+
+class PromptEnhance(Deliverable, tag="promptEnhance"):
+    taskUUID: TaskUUID
+    prompt: Annotated[str, Meta(min_length=1, max_length=300)]
+    promptMaxLength: PromptMaxLength   # in the model's tokens, the enhanced prompt as a whole
+    promptVersions: PromptVersions
+    model: ModelName | None = None
+    seed: Seed | None = None           # absent: one derived from the request, so it repeats
+    includeCost: bool = False
+
+
+AnyTask = (Authentication | Ping | ImageInference | ImageUpload | GetResponse | ModelSearch
+           | ImageUpscale | Upscale | ImageBackgroundRemoval | RemoveBackground | ImageCaption | Caption
+           | PromptEnhance | CancelTask)
 
 # Parameters the public API defines for a task type that this server does not implement yet.
 # They are answered with ``unsupportedParameter`` by name, never silently ignored; any other
@@ -132,6 +226,12 @@ UNSUPPORTED_PARAMETERS: dict[str, frozenset[str]] = {
     "imageUpload": frozenset(),
     "modelSearch": frozenset({"conditioning"}),
     "getResponse": frozenset(),
+    **dict.fromkeys(("imageUpscale", "upscale"), frozenset(
+        {"settings", "targetMegapixels", "providerSettings", "safety", "ttl", "uploadEndpoint"})),
+    **dict.fromkeys(("imageBackgroundRemoval", "removeBackground"), frozenset(
+        {"providerSettings", "safety", "ttl", "uploadEndpoint", "inputImages"})),
+    **dict.fromkeys(("imageCaption", "caption"), frozenset({"inputImages", "template", "structuredData"})),
+    "promptEnhance": frozenset(),
 }
 
 # ---------------------------------------------------------------- answers
@@ -161,6 +261,15 @@ class ImageResult(Item):
     cost: float | None = None
     NSFWContent: bool | None = None
     status: str | None = None
+    inputImageUUID: str | None = None   # of the tools that transform an image (upscale, background removal)
+
+
+class TextResult(Item):
+    """A caption, or one version of an enhanced prompt."""
+
+    taskUUID: str
+    text: str
+    cost: float | None = None
 
 
 class UploadResult(Item):

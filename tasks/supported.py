@@ -7,7 +7,18 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from imagewire.tasks import cancel_task, get_response, image_inference, image_upload, model_search
+from imagewire.tasks import (
+    background_removal,
+    cancel_task,
+    get_response,
+    image_caption,
+    image_inference,
+    image_upload,
+    image_upscale,
+    model_search,
+    prompt_enhance,
+    schema,
+)
 from imagewire.tasks.task_type import TaskType
 
 SUPPORTED: Mapping[str, TaskType[Any, Any]] = MappingProxyType({
@@ -17,5 +28,12 @@ SUPPORTED: Mapping[str, TaskType[Any, Any]] = MappingProxyType({
         model_search.TASK_TYPE,
         get_response.TASK_TYPE,
         cancel_task.TASK_TYPE,
+        image_upscale.TASK_TYPE,
+        image_upscale.TASK_TYPE.spelled(schema.Upscale),
+        background_removal.TASK_TYPE,
+        background_removal.TASK_TYPE.spelled(schema.RemoveBackground),
+        image_caption.TASK_TYPE,
+        image_caption.TASK_TYPE.spelled(schema.Caption),
+        prompt_enhance.TASK_TYPE,
     )
 })

@@ -50,6 +50,12 @@ class HeldEngine:
     def recover(self) -> None:
         pass
 
+    def loaded_models(self) -> list[str]:
+        return ["imagewire:tiny@1"]
+
+    def device_memory(self) -> dict[str, int]:
+        return {}
+
 
 class Collect:
     """An ``Emit`` for tests that drive an engine directly: what each job got, by index."""

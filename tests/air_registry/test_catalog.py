@@ -11,13 +11,21 @@ from imagewire.air_registry.errors import CatalogError, MalformedAIR, UnknownMod
 from imagewire.tasks.image_inference import check_model_defaults
 from imagewire.tasks.inputs import task_error
 
-SHIPPED_AIRS = [
+CHECKPOINT_AIRS = [
     "imagewire:tiny@1",
     "imagewire:sd15@1",
     "imagewire:sd21@1",
     "imagewire:sdxl-base@1",
     "imagewire:sdxl-refiner@1",
 ]
+# The models of the tool task types (upscale, background removal, caption, prompt enhance).
+TOOL_AIRS = [
+    "imagewire:tiny-upscaler@1", "imagewire:tiny-background@1", "imagewire:tiny-caption@1",
+    "imagewire:tiny-prompt@1", "runware:504@1", "runware:109@1", "runware:110@1",
+    *(f"runware:112@{version}" for version in (1, 2, 3, 5, 6, 7, 8, 9, 10)),
+    "runware:151@1", "imagewire:blip-base@1", "imagewire:magicprompt@1", "runware:llama-3-1-8b@prompt-enhancer",
+]
+SHIPPED_AIRS = CHECKPOINT_AIRS + TOOL_AIRS
 
 
 def write_catalog(path: Path, entries: Any) -> Path:
@@ -148,8 +156,9 @@ def test_the_not_found_message_names_at_most_ten_models(tmp_path: Path) -> None:
     with pytest.raises(UnknownModel) as caught:
         catalog.resolve("bulk:missing@1")
     message = task_error(caught.value, "model").message
-    assert "and 25 more" in message
-    assert message.count("bulk:model") == 5
+    assert f"and {len(catalog.entries) - 10} more" in message
+    named = [entry.air for entry in catalog.entries[:10]]
+    assert all(air in message for air in named) and catalog.entries[10].air not in message
 
 
 # ---------------------------------------------------------------- user catalog files
@@ -289,7 +298,7 @@ def test_a_missing_file_is_an_error(tmp_path: Path) -> None:
 
 def test_search_without_filters_returns_everything(catalog: Catalog) -> None:
     total, page = catalog.search(limit=100, offset=0)
-    assert total == 5
+    assert total == len(SHIPPED_AIRS)
     assert [entry.air for entry in page] == SHIPPED_AIRS
 
 
@@ -302,7 +311,8 @@ def test_search_without_filters_returns_everything(catalog: Catalog) -> None:
         ({"text": "nothing like this"}, []),
         ({"architecture": "sd15"}, ["imagewire:sd15@1"]),
         ({"architecture": "SDXL"}, ["imagewire:sdxl-base@1"]),
-        ({"category": "checkpoint"}, SHIPPED_AIRS),
+        ({"category": "checkpoint"}, CHECKPOINT_AIRS),
+        ({"category": "upscaler"}, ["imagewire:tiny-upscaler@1", "runware:504@1"]),
         ({"category": "lora"}, []),
         ({"tags": ["refiner"]}, ["imagewire:sdxl-refiner@1"]),
         ({"tags": ["SDXL", "base"]}, ["imagewire:sdxl-base@1"]),
@@ -317,10 +327,11 @@ def test_search_filters(catalog: Catalog, filters: dict[str, Any], airs: list[st
 
 
 def test_search_pages_with_limit_and_offset(catalog: Catalog) -> None:
+    count = len(SHIPPED_AIRS)
     total, page = catalog.search(limit=2, offset=0)
-    assert (total, [e.air for e in page]) == (5, SHIPPED_AIRS[:2])
+    assert (total, [e.air for e in page]) == (count, SHIPPED_AIRS[:2])
     total, page = catalog.search(limit=2, offset=2)
-    assert (total, [e.air for e in page]) == (5, SHIPPED_AIRS[2:4])
-    total, page = catalog.search(limit=2, offset=4)
-    assert (total, [e.air for e in page]) == (5, SHIPPED_AIRS[4:])
-    assert catalog.search(limit=10, offset=50) == (5, [])
+    assert (total, [e.air for e in page]) == (count, SHIPPED_AIRS[2:4])
+    total, page = catalog.search(limit=2, offset=count - 1)
+    assert (total, [e.air for e in page]) == (count, SHIPPED_AIRS[count - 1:])
+    assert catalog.search(limit=10, offset=count + 50) == (count, [])

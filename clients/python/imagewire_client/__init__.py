@@ -7,7 +7,7 @@ event loop. Every refusal, from the server or the connection, raises ``Imagewire
 from imagewire_client.client import DEFAULT_URL, Client
 from imagewire_client.errors import ImagewireError
 from imagewire_client.images import ImageSource
-from imagewire_client.results import ImageResult, ModelInfo, UploadedImage
+from imagewire_client.results import ImageResult, ModelInfo, TextResult, UploadedImage
 from imagewire_client.sync import SyncClient
 
 __version__ = "0.1.0"
@@ -20,6 +20,7 @@ __all__ = [
     "ImagewireError",
     "ModelInfo",
     "SyncClient",
+    "TextResult",
     "UploadedImage",
     "__version__",
 ]

@@ -30,7 +30,16 @@ from imagewire_client.errors import (
     ImagewireError,
 )
 from imagewire_client.images import ImageSource, image_field, is_remote_reference
-from imagewire_client.results import ImageResult, ModelInfo, UploadedImage, image_result, model_infos, uploaded_image
+from imagewire_client.results import (
+    ImageResult,
+    ModelInfo,
+    TextResult,
+    UploadedImage,
+    image_result,
+    model_infos,
+    text_result,
+    uploaded_image,
+)
 
 log = logging.getLogger("imagewire_client")
 
@@ -238,6 +247,67 @@ class Client:
             if not self._cancels[task_uuid]:
                 del self._cancels[task_uuid]
         return bool(items[0].get("cancelled"))
+
+    async def upscale(
+        self,
+        image: ImageSource,
+        *,
+        factor: float = 2,
+        model: str | None = None,
+        output_type: str | list[str] = "URL",
+        output_format: str = "PNG",
+        output_quality: int | None = None,
+        include_cost: bool = False,
+        timeout: float = 300.0,
+    ) -> ImageResult:
+        """Enlarge an image by ``factor`` (2–4) with a super-resolution model (the server's default upscaler
+        unless ``model`` names one). ``image`` takes the same forms as ``seed_image``; the result's
+        ``input_image_uuid`` names the input as the server keeps it."""
+        task = requests.image_upscale(
+            image=await _image_field(image, "inputImage"), upscale_factor=factor, model=model,
+            output_type=output_type, output_format=output_format, output_quality=output_quality,
+            include_cost=include_cost)
+        items = await self._call(task, task.taskUUID, expected=1, timeout=timeout, counted_key="imageUUID")
+        return image_result(items[0])
+
+    async def remove_background(
+        self,
+        image: ImageSource,
+        *,
+        model: str | None = None,
+        output_type: str | list[str] = "URL",
+        output_format: str = "PNG",
+        output_quality: int | None = None,
+        settings: dict[str, Any] | None = None,
+        include_cost: bool = False,
+        timeout: float = 300.0,
+    ) -> ImageResult:
+        """Cut the subject out of an image: PNG and WEBP results keep an alpha channel. ``settings`` takes
+        the public API's fields: ``rgba`` ([r, g, b, alpha 0–1] of the background), ``returnOnlyMask``,
+        ``postProcessMask``, ``alphaMatting`` and its thresholds."""
+        task = requests.background_removal(
+            image=await _image_field(image, "inputImage"), model=model, output_type=output_type,
+            output_format=output_format, output_quality=output_quality, settings=settings, include_cost=include_cost)
+        items = await self._call(task, task.taskUUID, expected=1, timeout=timeout, counted_key="imageUUID")
+        return image_result(items[0])
+
+    async def caption(self, image: ImageSource, *, model: str | None = None, prompt: str | None = None,
+                      include_cost: bool = False, timeout: float = 300.0) -> TextResult:
+        """Describe an image in words; ``prompt`` is how the caption begins."""
+        task = requests.image_caption(image=await _image_field(image, "inputImage"), model=model, prompt=prompt,
+                                      include_cost=include_cost)
+        items = await self._call(task, task.taskUUID, expected=1, timeout=timeout, counted_key="text")
+        return text_result(items[0])
+
+    async def enhance_prompt(self, prompt: str, *, versions: int = 1, max_length: int = 380, model: str | None = None,
+                             seed: int | None = None, include_cost: bool = False,
+                             timeout: float = 300.0) -> list[TextResult]:
+        """``versions`` (1–5) richer versions of ``prompt``, each at most ``max_length`` (12–400) tokens;
+        the same request (or ``seed``) gives the same versions."""
+        task = requests.prompt_enhance(prompt=prompt, max_length=max_length, versions=versions, model=model,
+                                       seed=seed, include_cost=include_cost)
+        items = await self._call(task, task.taskUUID, expected=versions, timeout=timeout, counted_key="text")
+        return [text_result(item) for item in items]
 
     async def models(
         self,

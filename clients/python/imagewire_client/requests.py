@@ -102,3 +102,42 @@ def image_inference(
         # Unset fields keep the schema's defaults, which are the server's defaults too.
         **{name: value for name, value in fields.items() if value is not None},
     )
+
+
+def image_upscale(*, image: str, upscale_factor: float, model: str | None = None, output_type: str | list[str] = "URL",
+                  output_format: str = "PNG", output_quality: int | None = None, include_cost: bool = False,
+                  task_uuid: str | None = None) -> schema.ImageUpscale:
+    """An ``imageUpscale`` task; ``image`` is already in wire form."""
+    task = schema.ImageUpscale(
+        taskUUID=task_uuid or new_task_uuid(), inputImage=image, upscaleFactor=upscale_factor, model=model,
+        outputType=output_type, outputFormat=output_format, includeCost=include_cost)  # type: ignore[arg-type]
+    if output_quality is not None:  # unset, it keeps the schema's default, the server's too
+        task.outputQuality = output_quality
+    return task
+
+
+def background_removal(*, image: str, model: str | None = None, output_type: str | list[str] = "URL",
+                       output_format: str = "PNG", output_quality: int | None = None,
+                       settings: dict[str, Any] | None = None, include_cost: bool = False,
+                       task_uuid: str | None = None) -> schema.ImageBackgroundRemoval:
+    """An ``imageBackgroundRemoval`` task; ``settings`` holds the public API's fields (``rgba``, …)."""
+    task = schema.ImageBackgroundRemoval(
+        taskUUID=task_uuid or new_task_uuid(), inputImage=image, model=model,
+        outputType=output_type, outputFormat=output_format, includeCost=include_cost,  # type: ignore[arg-type]
+        settings=msgspec.convert(settings, schema.BackgroundRemovalSettings) if settings else None)
+    if output_quality is not None:
+        task.outputQuality = output_quality
+    return task
+
+
+def image_caption(*, image: str, model: str | None = None, prompt: str | None = None, include_cost: bool = False,
+                  task_uuid: str | None = None) -> schema.ImageCaption:
+    return schema.ImageCaption(taskUUID=task_uuid or new_task_uuid(), inputImage=image, model=model, prompt=prompt,
+                               includeCost=include_cost)
+
+
+def prompt_enhance(*, prompt: str, max_length: int = 380, versions: int = 1, model: str | None = None,
+                   seed: int | None = None, include_cost: bool = False,
+                   task_uuid: str | None = None) -> schema.PromptEnhance:
+    return schema.PromptEnhance(taskUUID=task_uuid or new_task_uuid(), prompt=prompt, promptMaxLength=max_length,
+                                promptVersions=versions, model=model, seed=seed, includeCost=include_cost)

@@ -82,6 +82,10 @@ class SyncClient:
     image_inference = _blocking(Client.image_inference)
     cancel = _blocking(Client.cancel)
     models = _blocking(Client.models)
+    upscale = _blocking(Client.upscale)
+    remove_background = _blocking(Client.remove_background)
+    caption = _blocking(Client.caption)
+    enhance_prompt = _blocking(Client.enhance_prompt)
 
     def close(self) -> None:
         """Close the connection and stop the background loop. Safe to call twice."""
