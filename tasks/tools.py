@@ -99,5 +99,6 @@ async def results(ctx: TaskContext, job: Job) -> AsyncIterator[Any]:
             for result in chunk:
                 yield result
     finally:
+        progress.cancel()  # the task ended early (cancelled, failed): its job stops too
         ctx.timings["queue"] = progress.queue_seconds
         ctx.timings["model"] = progress.compute_seconds
