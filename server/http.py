@@ -11,6 +11,7 @@ compression (it would run on the event loop and delay pongs), the keep-alive pin
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from aiohttp import web
 
@@ -19,6 +20,8 @@ from imagewire.server.metrics import CONTENT_TYPE, Metrics
 from imagewire.storage import STORED_BY_EXTENSION, ImageStore, StorageError
 
 WEBSOCKET_PATHS = ("/", "/v1", "/v1/")
+# The web page at "/": one file, no build step; it speaks the public WebSocket API like any client.
+PLAYGROUND = Path(__file__).with_name("web") / "playground.html"
 IMAGE_ROUTE = "/image/{uuid:[0-9a-fA-F-]{36}}.{ext:" + "|".join(STORED_BY_EXTENSION) + "}"
 # The server pings every socket this often and closes one whose pong does not come within half of it.
 HEARTBEAT_SECONDS = 20.0
@@ -40,6 +43,7 @@ class HttpRoutes:
         self.max_message_bytes = max_message_bytes
         self.serve_socket = serve_socket
         self.rest = rest
+        self.playground = PLAYGROUND.read_bytes()
 
     def application(self) -> web.Application:
         app = web.Application(client_max_size=self.max_message_bytes)
@@ -58,7 +62,9 @@ class HttpRoutes:
         websocket = web.WebSocketResponse(
             max_msg_size=self.max_message_bytes, compress=False, autoping=True, heartbeat=HEARTBEAT_SECONDS)
         if not websocket.can_prepare(request).ok:
-            return text("imagewire: connect a WebSocket client to /v1\n")
+            if request.path == "/":
+                return web.Response(body=self.playground, content_type="text/html", charset="utf-8")
+            return text("imagewire: connect a WebSocket client to /v1, or open / in a browser\n")
         await websocket.prepare(request)
         await self.serve_socket(websocket, request)
         return websocket

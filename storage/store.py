@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import json
 import os
 import re
 import secrets
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,9 +77,15 @@ def _write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
+# How many of each owner's newest images ``recent`` remembers.
+RECENT_PER_OWNER = 200
+
+
 class ImageStore:
     def __init__(self, root: Path) -> None:
         self.root = root
+        # Each owner's newest images since this process started, newest last: what a gallery shows.
+        self._recent: dict[str, deque[StoredImage]] = {}
         try:
             root.mkdir(parents=True, exist_ok=True)
             self._remove_leftovers()
@@ -138,7 +146,14 @@ class ImageStore:
             await asyncio.to_thread(self._write_image, image, data, metadata)
         except OSError as exc:
             raise storage_error(exc) from exc
+        self._recent.setdefault(owner, deque(maxlen=RECENT_PER_OWNER)).append(image)
         return image
+
+    def recent(self, owner: str, limit: int) -> list[StoredImage]:
+        """``owner``'s newest images stored since this process started, newest first, at most ``limit``;
+        images swept away since are left out."""
+        kept = (image for image in reversed(self._recent.get(owner, ())) if image.path.exists())
+        return list(itertools.islice(kept, limit))
 
     def _write_image(self, image: StoredImage, data: bytes, metadata: dict[str, Any]) -> None:
         image.path.parent.mkdir(exist_ok=True)

@@ -101,6 +101,13 @@ class CancelTask(Task, tag="cancelTask"):
     taskUUID: TaskUUID
 
 
+class ImageHistory(Task, tag="imageHistory"):
+    """Extension: this API key's newest images, newest first (those stored since the server started)."""
+
+    taskUUID: TaskUUID
+    limit: Annotated[int, Meta(ge=1, le=200)] = 50
+
+
 class ModelSearch(Deliverable, tag="modelSearch"):
     taskUUID: TaskUUID
     search: Annotated[str, Meta(max_length=200)] | None = None
@@ -206,7 +213,7 @@ class PromptEnhance(Deliverable, tag="promptEnhance"):
 
 AnyTask = (Authentication | Ping | ImageInference | ImageUpload | GetResponse | ModelSearch
            | ImageUpscale | Upscale | ImageBackgroundRemoval | RemoveBackground | ImageCaption | Caption
-           | PromptEnhance | CancelTask)
+           | PromptEnhance | CancelTask | ImageHistory)
 
 # Parameters the public API defines for a task type that this server does not implement yet.
 # They are answered with ``unsupportedParameter`` by name, never silently ignored; any other
@@ -294,6 +301,16 @@ class Progress(Item):
     steps: int | None = None
     queuePosition: int | None = None  # while waiting: how many jobs run before this one
     preview: str | None = None      # a small JPEG data URI of the image so far
+
+
+class HistoryImage(Struct, kw_only=True):
+    imageUUID: str
+    imageURL: str
+
+
+class ImageHistoryResult(Item):
+    taskUUID: str
+    images: list[HistoryImage]
 
 
 class Cancellation(Item):
