@@ -40,6 +40,7 @@ from imagewire.tasks.errors import (
     UnsupportedParameter,
     UnsupportedTaskType,
     describe_value,
+    short_name,
 )
 from imagewire.tasks.supported import SUPPORTED
 
@@ -71,9 +72,21 @@ class Decoded:
     error: TaskError | None = None
 
 
+# A \uXXXX escape of a UTF-16 surrogate without its other half: JSON text that names no character.
+# (An even run of backslashes before it is escaped backslashes, not the escape's own.)
+_LONE_SURROGATE = re.compile(
+    rb"(?<!\\)((?:\\\\)*)\\u(?:[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+    rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2}\\u)[dD][c-fC-F][0-9a-fA-F]{2})")
+# What such an escape is read as, so the rest of the frame can be read: a noncharacter, which Unicode
+# keeps for a program's own use and which no client has reason to send.
+_SURROGATE_MARK = "\ufdd0"
+
+
 def decode_frame(frame: str | bytes, *, max_tasks: int) -> list[Decoded]:
+    text = frame.encode("utf-8", "surrogatepass") if isinstance(frame, str) else frame
+    marked = _LONE_SURROGATE.sub(rb"\1\\ufdd0", text)
     try:
-        elements = _frame_decoder.decode(frame)
+        elements = _frame_decoder.decode(marked)
     except RecursionError as exc:
         raise FrameError("The message is nested too deeply to be a task array.") from exc
     except msgspec.DecodeError as exc:
@@ -87,10 +100,10 @@ def decode_frame(frame: str | bytes, *, max_tasks: int) -> list[Decoded]:
             f"A message may carry at most {max_tasks} tasks; this one carries {len(elements)}. "
             "Send the rest in further messages.",
         )
-    return [decode_task(element) for element in elements]
+    return [decode_task(element, surrogates=marked is not text) for element in elements]
 
 
-def decode_task(raw: msgspec.Raw | bytes) -> Decoded:
+def decode_task(raw: msgspec.Raw | bytes, *, surrogates: bool = False) -> Decoded:
     try:
         obj = _object_decoder.decode(raw)
     except RecursionError:
@@ -107,6 +120,12 @@ def decode_task(raw: msgspec.Raw | bytes) -> Decoded:
         return Decoded(None, task_uuid, error=MissingParameter(
             "Every task needs a taskType string, one of " + ", ".join(TASK_TYPES) + ".",
             parameter="taskType", type="string", allowed_values=list(TASK_TYPES)))
+    if surrogates:
+        where = _marked_field(obj)
+        if where is not None:
+            return Decoded(task_type, task_uuid, error=InvalidParameter(
+                f"{where} holds a \\u escape of half a UTF-16 surrogate pair (such as \\ud800 alone), which is not "
+                "a character; send it as valid Unicode text.", parameter=where, type="string"))
     struct_type = TASK_TYPES.get(task_type)
     if struct_type is None:
         return Decoded(task_type, task_uuid, error=UnsupportedTaskType(
@@ -120,13 +139,33 @@ def decode_task(raw: msgspec.Raw | bytes) -> Decoded:
     return Decoded(task_type, task_uuid, task=task)
 
 
+def _marked_field(value: Any, path: str = "") -> str | None:
+    """The path of the first string (or key) that held a lone surrogate escape, or None."""
+    if isinstance(value, str):
+        return path or "task" if _SURROGATE_MARK in value else None
+    if isinstance(value, dict):
+        for key, member in value.items():
+            name = f"{path}.{key}" if path else str(key)
+            if _SURROGATE_MARK in str(key):
+                return short_name(name)
+            found = _marked_field(member, name)
+            if found is not None:
+                return found
+    if isinstance(value, list):
+        for index, member in enumerate(value):
+            found = _marked_field(member, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None
+
+
 def convert_task(obj: dict[str, Any], struct_type: type[schema.Task]) -> schema.Task:
     present = {key: value for key, value in obj.items() if value is not None}
     task_type = present["taskType"]
     fields = _field_names(struct_type)
     unsupported = schema.UNSUPPORTED_PARAMETERS.get(task_type, frozenset())
     extra = [key for key in present if key not in fields and key != "taskType"]
-    not_yet = [key for key in extra if key in unsupported]
+    not_yet = [short_name(key) for key in extra if key in unsupported]
     if not_yet:
         raise UnsupportedParameter(
             f"{', '.join(not_yet)} {'is' if len(not_yet) == 1 else 'are'} not supported by this server "
@@ -134,9 +173,9 @@ def convert_task(obj: dict[str, Any], struct_type: type[schema.Task]) -> schema.
             parameter=not_yet[0])
     if extra:
         raise UnknownParameter(
-            f"{extra[0]} is not a parameter of {task_type}. Known parameters: "
+            f"{short_name(extra[0])} is not a parameter of {task_type}. Known parameters: "
             + ", ".join(sorted(fields)) + ".",
-            parameter=extra[0], allowed_values=sorted(fields))
+            parameter=short_name(extra[0]), allowed_values=sorted(fields))
     try:
         return msgspec.convert(present, struct_type)
     except msgspec.ValidationError as exc:

@@ -42,6 +42,13 @@ class Session:
         while self.outbox_bytes > self.max_outbox_bytes and len(self.outbox) > 1:
             self.outbox_bytes -= len(self.outbox.pop(0))
 
+    def keep(self, frames: list[bytes]) -> None:
+        """Frames a closed socket did not take: they go first, ahead of anything kept since."""
+        self.outbox[:0] = frames
+        self.outbox_bytes += sum(len(frame) for frame in frames)
+        while self.outbox_bytes > self.max_outbox_bytes and len(self.outbox) > 1:
+            self.outbox_bytes -= len(self.outbox.pop(0))
+
     def detach(self, sender: Sender) -> None:
         # ==, not is: each access to a bound method makes a new object, and equal ones share their self.
         if self.sender == sender:

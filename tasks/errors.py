@@ -61,10 +61,11 @@ class TaskError(Exception):
 
     def to_item(self, task_type: str | None, task_uuid: str | None) -> ErrorItem:
         """The wire form of this error, scoped to one task."""
-        item = ErrorItem(code=self.code, message=self.message)
+        message = self.message if len(self.message) <= MAX_MESSAGE else self.message[: MAX_MESSAGE - 3] + "..."
+        item = ErrorItem(code=self.code, message=message)
         item.http_status = self.http_status
         if self.parameter is not None:
-            item["parameter"] = self.parameter
+            item["parameter"] = short_name(self.parameter, 2 * MAX_NAME)
         if self.type is not None:
             item["type"] = self.type
         if self.allowed_values is not None:
@@ -155,6 +156,17 @@ class StorageError(TaskError):
 class InternalServerError(TaskError):
     code = "internalServerError"
     http_status = 500
+
+
+# An error item repeats at most this much of what a client sent (a name, a value) and of its own message:
+# an answer must never be a way to make the server hold or send back a client's megabytes.
+MAX_NAME = 100
+MAX_MESSAGE = 2000
+
+
+def short_name(name: str, limit: int = MAX_NAME) -> str:
+    """A client-chosen name (a parameter, a key) as an error item may repeat it."""
+    return name if len(name) <= limit else name[: limit - 3] + "..."
 
 
 def describe_value(value: Any, limit: int = 60) -> str:

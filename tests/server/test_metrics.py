@@ -11,7 +11,7 @@ import urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.timing import seconds
-from tests.wire import Wire, inference
+from tests.wire import Wire, eventually, inference
 
 
 def get(url: str) -> tuple[int, str]:
@@ -42,7 +42,15 @@ async def test_metrics_move_when_tasks_run(server):
     assert value(during, "imagewire_connections") == 1
     assert value(during, "imagewire_sessions") >= 1
     await wire.close()
-    after = await scrape(server)
+
+    async def counted() -> dict | None:
+        # A task is counted as it ends, a moment after its last answer went out.
+        samples = await scrape(server)
+        done = value(samples, "imagewire_tasks_total", task_type="imageInference", outcome="success")
+        return samples if done > value(before, "imagewire_tasks_total", task_type="imageInference",
+                                       outcome="success") else None
+
+    after = await eventually(counted)
     success = value(after, "imagewire_tasks_total", task_type="imageInference", outcome="success")
     refused = value(after, "imagewire_tasks_total", task_type="imageInference", outcome="invalidWidth")
     assert success - value(before, "imagewire_tasks_total", task_type="imageInference", outcome="success") == 1
