@@ -12,3 +12,15 @@ SINGLE_FILE_SUFFIXES: tuple[str, ...] = (".safetensors", ".ckpt")
 # size of what the server loads.
 HUB_INCLUDE: tuple[str, ...] = (MODEL_INDEX, "*/*.json", "*/*.txt", "*/*.safetensors")
 HUB_EXCLUDE: tuple[str, ...] = ("*.fp16.*", "*non_ema*", "safety_checker/*")
+
+# A single model saved on its own (a ControlNet, a safety checker) has this config instead of an index.
+COMPONENT_CONFIG = "config.json"
+# What a hub download of such a model fetches: its configs (the model's, an image processor's) and weights.
+COMPONENT_HUB_INCLUDE: tuple[str, ...] = ("*.json", "*.safetensors")
+# Categories of catalog entries that are one model rather than a pipeline.
+COMPONENT_CATEGORIES: frozenset[str] = frozenset({"controlnet", "safety"})
+
+
+def saved_marker(category: str) -> str:
+    """The file whose presence says a model of ``category`` is saved in a folder."""
+    return COMPONENT_CONFIG if category in COMPONENT_CATEGORIES else MODEL_INDEX

@@ -12,7 +12,13 @@ from pathlib import Path
 from imagewire.air_registry.air import parse_air
 from imagewire.air_registry.catalog import ModelEntry
 from imagewire.air_registry.errors import WeightsMissing
-from imagewire.air_registry.model_files import HUB_EXCLUDE, HUB_INCLUDE, MODEL_INDEX
+from imagewire.air_registry.model_files import (
+    COMPONENT_CATEGORIES,
+    COMPONENT_HUB_INCLUDE,
+    HUB_EXCLUDE,
+    HUB_INCLUDE,
+    saved_marker,
+)
 
 
 def local_model_dir(entry: ModelEntry, data_dir: Path) -> Path:
@@ -21,10 +27,18 @@ def local_model_dir(entry: ModelEntry, data_dir: Path) -> Path:
     return Path(data_dir) / "models" / f"{air.source}-{air.id}-{air.version}"
 
 
-def hub_download_command(repo: str) -> str:
-    include = " ".join(f"--include '{pattern}'" for pattern in HUB_INCLUDE)
-    exclude = " ".join(f"--exclude '{pattern}'" for pattern in HUB_EXCLUDE)
-    return f"hf download {repo} {include} {exclude}"
+def hub_patterns(category: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """What a hub download of a model of ``category`` fetches, and leaves out."""
+    if category in COMPONENT_CATEGORIES:
+        return COMPONENT_HUB_INCLUDE, ()
+    return HUB_INCLUDE, HUB_EXCLUDE
+
+
+def hub_download_command(repo: str, category: str = "checkpoint") -> str:
+    included, excluded = hub_patterns(category)
+    include = " ".join(f"--include '{pattern}'" for pattern in included)
+    exclude = " ".join(f"--exclude '{pattern}'" for pattern in excluded)
+    return " ".join(part for part in (f"hf download {repo}", include, exclude) if part)
 
 
 def _missing(entry: ModelEntry, what: str) -> WeightsMissing:
@@ -35,7 +49,9 @@ def _locate_hub_weights(entry: ModelEntry, *, allow_downloads: bool) -> Path:
     # Imported here: huggingface_hub is slow to import and only the model worker needs it.
     from huggingface_hub import snapshot_download
 
-    repo = entry.location
+    repo, marker = entry.location, saved_marker(entry.category)
+    included, excluded = hub_patterns(entry.category)
+    command = hub_download_command(repo, entry.category)
     try:
         snapshot = Path(snapshot_download(repo, local_files_only=True))
     except Exception as exc:
@@ -43,23 +59,23 @@ def _locate_hub_weights(entry: ModelEntry, *, allow_downloads: bool) -> Path:
             raise _missing(
                 entry,
                 f"Hugging Face repo '{repo}' is not in the local cache; download it with "
-                f"`{hub_download_command(repo)}` or start the server with --allow-downloads",
+                f"`{command}` or start the server with --allow-downloads",
             ) from exc
         try:
             snapshot = Path(
-                snapshot_download(repo, allow_patterns=list(HUB_INCLUDE), ignore_patterns=list(HUB_EXCLUDE))
+                snapshot_download(repo, allow_patterns=list(included), ignore_patterns=list(excluded) or None)
             )
         except Exception as download_exc:
             raise _missing(
                 entry,
                 f"Hugging Face repo '{repo}' could not be downloaded ({type(download_exc).__name__}); check "
-                f"the server's network access, or download it with `{hub_download_command(repo)}`",
+                f"the server's network access, or download it with `{command}`",
             ) from download_exc
-    if not (snapshot / MODEL_INDEX).is_file():
+    if not (snapshot / marker).is_file():
         raise _missing(
             entry,
-            f"the local copy of Hugging Face repo '{repo}' has no {MODEL_INDEX}; download the diffusers "
-            f"files with `{hub_download_command(repo)}`",
+            f"the local copy of Hugging Face repo '{repo}' has no {marker}; download the diffusers "
+            f"files with `{command}`",
         )
     return snapshot
 
@@ -81,10 +97,10 @@ def locate_weights(entry: ModelEntry, *, data_dir: Path, allow_downloads: bool) 
                 f"the folder '{entry.location}' named in the catalog does not exist; "
                 "save the model there in diffusers format or change the catalog entry",
             )
-        if not (location / MODEL_INDEX).is_file():
+        if not (location / saved_marker(entry.category)).is_file():
             raise _missing(
                 entry,
-                f"the folder '{entry.location}' named in the catalog has no {MODEL_INDEX}; "
+                f"the folder '{entry.location}' named in the catalog has no {saved_marker(entry.category)}; "
                 "it must hold a model saved in diffusers format",
             )
         return location

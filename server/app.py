@@ -87,7 +87,8 @@ class ImagewireServer:
         self.services = Services(
             settings=Settings(data_dir=config.data_dir, allow_downloads=config.allow_downloads,
                               max_image_pixels=config.max_image_pixels, max_image_bytes=config.max_image_bytes,
-                              price_per_gpu_second=config.price_per_gpu_second),
+                              price_per_gpu_second=config.price_per_gpu_second,
+                              safety_checker=config.safety_checker),
             catalog=catalog, store=self.store, fetcher=fetcher, device=self.device, results=self.registry)
         self.runner = TaskRunner(
             self.services, registry=self.registry, webhooks=WebhookSender(fetcher, attempts=config.webhook_attempts),

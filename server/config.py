@@ -43,6 +43,7 @@ class Config:
     webhook_attempts: int = 4
     price_per_gpu_second: float = 0.0      # for includeCost
     log_level: str = "INFO"
+    safety_checker: str = "imagewire:sd-safety-checker@1"   # the catalog model checkNSFW and safety run
 
     @property
     def base_url(self) -> str:
@@ -157,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="cost reported with includeCost, per second of device time [IMAGEWIRE_PRICE_PER_GPU_SECOND]")
     add("--log-level", default=_env("LOG_LEVEL", "INFO"), choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="[IMAGEWIRE_LOG_LEVEL]")
+    add("--safety-checker", default=_env("SAFETY_CHECKER", Config.safety_checker), metavar="AIR",
+        help="catalog model (category safety) that checkNSFW and safety.checkContent/checkInputs run "
+             "(default %(default)s) [IMAGEWIRE_SAFETY_CHECKER]")
     return parser
 
 
@@ -193,4 +197,5 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         shutdown_grace=args.shutdown_grace,
         price_per_gpu_second=args.price_per_gpu_second,
         log_level=args.log_level,
+        safety_checker=args.safety_checker,
     )

@@ -23,7 +23,15 @@ import msgspec
 import msgspec.inspect as mi
 
 from imagewire.tasks import schema
-from imagewire.tasks.describe import describe_type, extra, literal_values, nearest_valid, stepped_range, wire_type
+from imagewire.tasks.describe import (
+    describe_type,
+    extra,
+    literal_values,
+    nearest_valid,
+    non_null,
+    stepped_range,
+    wire_type,
+)
 from imagewire.tasks.errors import (
     InvalidParameter,
     MissingParameter,
@@ -115,8 +123,10 @@ def decode_task(raw: msgspec.Raw | bytes) -> Decoded:
 def convert_task(obj: dict[str, Any], struct_type: type[schema.Task]) -> schema.Task:
     present = {key: value for key, value in obj.items() if value is not None}
     task_type = present["taskType"]
+    # Another spelling of a task type (tasks/supported.py) decodes into the same struct, under its tag.
+    tag = struct_type.__struct_config__.tag
     fields = _field_names(struct_type)
-    unsupported = schema.UNSUPPORTED_PARAMETERS.get(task_type, frozenset())
+    unsupported = schema.UNSUPPORTED_PARAMETERS.get(str(tag), frozenset())
     extra = [key for key in present if key not in fields and key != "taskType"]
     not_yet = [key for key in extra if key in unsupported]
     if not_yet:
@@ -130,9 +140,10 @@ def convert_task(obj: dict[str, Any], struct_type: type[schema.Task]) -> schema.
             + ", ".join(sorted(fields)) + ".",
             parameter=extra[0], allowed_values=sorted(fields))
     try:
-        return msgspec.convert(present, struct_type)
+        return msgspec.convert({**present, "taskType": tag}, struct_type)
     except msgspec.ValidationError as exc:
-        raise _translate_validation_error(exc, present, struct_type) from exc
+        nested = _nested_validation_error(exc, present, struct_type)
+        raise (nested or _translate_validation_error(exc, present, struct_type)) from exc
 
 
 _PATH = re.compile(r"at `\$\.(?P<field>[A-Za-z0-9_]+)(?P<rest>[^`]*)`")
@@ -174,6 +185,87 @@ def _translate_validation_error(
     return InvalidParameter(
         f"Invalid {name}: expected {expected}; received {describe_value(received)}.",
         parameter=name, type=wire_type(info.type) if info else None, allowed_values=allowed)
+
+
+# ``$.controlNet[0].weight`` → the parts ``controlNet``, 0, ``weight``.
+_NESTED_PATH = re.compile(r"at `\$(?P<path>(?:\.[A-Za-z0-9_]+|\[\d+\])+)`")
+_PATH_PART = re.compile(r"\.([A-Za-z0-9_]+)|\[(\d+)\]")
+_UNKNOWN_FIELD = re.compile(r"unknown field `(?P<field>[^`]+)`")
+
+
+def _nested_validation_error(
+    exc: msgspec.ValidationError, present: dict[str, Any], struct_type: type[schema.Task]
+) -> TaskError | None:
+    """The error for a value inside an object or array (``controlNet[0].weight``, ``outpaint.top``), named by
+    its whole path; None for a top-level field, which ``_translate_validation_error`` describes."""
+    text = str(exc)
+    at = _NESTED_PATH.search(text)
+    if at is None:
+        return None
+    parts: list[str | int] = [name if name else int(index) for name, index in _PATH_PART.findall(at.group("path"))]
+    unknown, missing = _UNKNOWN_FIELD.search(text), _MISSING.search(text)
+    if unknown or missing:  # about a key of the object at the path
+        parts.append((unknown or missing).group("field"))  # type: ignore[union-attr]
+    if len(parts) < 2:
+        return None
+    path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in parts).lstrip(".")
+    container = path.rsplit(".", 1)[0] if isinstance(parts[-1], str) else path
+    leaf, received = _walk(struct_type, present, parts)
+    if unknown:
+        known = sorted(_struct_fields(_walk(struct_type, present, parts[:-1])[0]))
+        return UnknownParameter(
+            f"{path} is not a parameter of {container}. Known parameters: {', '.join(known)}.",
+            parameter=path, allowed_values=known)
+    if missing:
+        expected = describe_type(leaf) if leaf is not None else "a value"
+        return MissingParameter(f"{path} is required: expected {expected}.", parameter=path,
+                                type=wire_type(leaf) if leaf is not None else None)
+    if leaf is None:
+        return InvalidParameter(f"Invalid {path}: {_first_sentence(text)}.", parameter=path)
+    if isinstance(received, int) and not isinstance(received, bool):
+        stepped = stepped_range(leaf)
+        if stepped is not None:
+            nearest = nearest_valid(stepped, received)
+            return InvalidParameter(
+                f"Invalid {path}: must be from {stepped.ge} to {stepped.le} and divisible by "
+                f"{stepped.multiple_of}; received {received}. Nearest valid value{'s' if len(nearest) > 1 else ''}: "
+                f"{' or '.join(map(str, nearest))}.", parameter=path, type="integer", allowed_values=nearest)
+    return InvalidParameter(
+        f"Invalid {path}: expected {describe_type(leaf)}; received {describe_value(received)}.",
+        parameter=path, type=wire_type(leaf), allowed_values=literal_values(leaf))
+
+
+def _walk(struct_type: type[schema.Task], present: dict[str, Any], parts: list[str | int]) -> tuple[Any, Any]:
+    """The schema type and the client's value at ``parts`` (either None where the path leaves them)."""
+    node: Any = mi.type_info(struct_type)
+    value: Any = present
+    for part in parts:
+        node = _step(node, part)
+        if isinstance(part, int):
+            value = value[part] if isinstance(value, list) and part < len(value) else None
+        else:
+            value = value.get(part) if isinstance(value, dict) else None
+    return node, value
+
+
+def _step(node: Any, part: str | int) -> Any:
+    if node is None:
+        return None
+    for member in non_null(node) if not isinstance(node, mi.StructType) else [node]:
+        if isinstance(part, int) and isinstance(member, mi.ListType):
+            return member.item_type
+        if isinstance(part, str) and isinstance(member, mi.StructType):
+            return next((field.type for field in member.fields if field.encode_name == part), None)
+        if isinstance(part, str) and isinstance(member, mi.DictType):
+            return member.value_type
+    return None
+
+
+def _struct_fields(node: Any) -> list[str]:
+    for member in non_null(node) if node is not None and not isinstance(node, mi.StructType) else [node]:
+        if isinstance(member, mi.StructType):
+            return [field.encode_name for field in member.fields]
+    return []
 
 
 @cache

@@ -52,7 +52,7 @@ class TaskRunner:
                     connection: Hashable, reply: Reply) -> asyncio.Task[None] | None:
         """Admit and launch one task; the asyncio task that runs it, or None when it was refused
         (the refusal is answered through ``reply``)."""
-        ctx = TaskContext(self.services, owner)
+        ctx = TaskContext(self.services, owner, task_type=task_type.name)
         delivery = task_type.delivery(task)
         ticket: Ticket | None = None
         try:

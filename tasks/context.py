@@ -74,6 +74,7 @@ class Settings:
     max_image_pixels: int = 4096 * 4096   # decoded input images (decompression bombs)
     max_image_bytes: int = 32 * 1024 * 1024
     price_per_gpu_second: float = 0.0
+    safety_checker: str = "imagewire:sd-safety-checker@1"  # the catalog model content checks run
 
 
 @dataclass
@@ -95,6 +96,7 @@ class TaskContext:
     services: Services
     owner: str                       # owner token of the API key the task came with
     timings: dict[str, float] = field(default_factory=dict)  # stage → seconds, for the task's log line
+    task_type: str = ""              # the task type as the client spelled it (see TaskType.aliases)
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:

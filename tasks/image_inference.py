@@ -1,4 +1,5 @@
-"""imageInference: text-to-image, and image-to-image from a seedImage.
+"""imageInference: text-to-image, image-to-image from a seedImage, and the edits of ``tasks/editing.py``
+(inpainting, outpainting, ControlNet) with the content checks of ``tasks/content_safety.py``.
 
 The handler reads as the path of one task:
 
@@ -21,10 +22,10 @@ from PIL import Image
 
 from imagewire.air_registry import ARCHITECTURES, ModelDefaults, ModelEntry, SamplerSpec
 from imagewire.storage import OUTPUT_FORMAT_NAMES, ImageFormat, encode_image, output_format, to_base64
-from imagewire.tasks import inputs, schema
+from imagewire.tasks import editing, inputs, schema
 from imagewire.tasks.context import TaskContext
 from imagewire.tasks.describe import describe_annotation, nearest_valid, stepped_range
-from imagewire.tasks.errors import InvalidParameter, MissingParameter, UnknownParameter, UnsupportedParameter
+from imagewire.tasks.errors import InvalidParameter, MissingParameter
 from imagewire.tasks.jobs import GeneratedImage, InferenceJob
 from imagewire.tasks.schema import ImageInference, ImageResult
 from imagewire.tasks.task_type import Delivery, TaskType
@@ -50,13 +51,14 @@ class Prepared:
     output_types: list[str]
     output_format: ImageFormat
     output_quality: int
+    edits: editing.Edits = editing.NO_EDITS
 
 
 def prepare(task: ImageInference, ctx: TaskContext) -> Prepared:
     """Every check that needs the model but no I/O. Raises a TaskError naming the parameter."""
     model = inputs.model(ctx, task.model)
     defaults = model.defaults
-    check_safety(task)
+    edits = editing.prepare(task, model, ctx)
     if task.seedImage is None:
         if ARCHITECTURES[model.architecture].image_to_image_only:
             raise InvalidParameter(
@@ -99,29 +101,8 @@ def prepare(task: ImageInference, ctx: TaskContext) -> Prepared:
         output_types=output_types,
         output_format=chosen_format,
         output_quality=task.outputQuality,
+        edits=edits,
     )
-
-
-SAFETY_FIELDS = ("checkContent", "checkInputs", "mode", "tolerance")
-
-
-def check_safety(task: ImageInference) -> None:
-    """Safety checks are not run here, so asking for one is an error rather than a silent no."""
-    safety = task.safety or {}
-    unknown = sorted(set(safety) - set(SAFETY_FIELDS))
-    if unknown:
-        raise UnknownParameter(
-            f"Unknown parameter safety.{unknown[0]}; the fields of safety are {', '.join(SAFETY_FIELDS)}.",
-            parameter=f"safety.{unknown[0]}", allowed_values=list(SAFETY_FIELDS))
-    asked = [f"safety.{name}" for name in ("checkContent", "checkInputs") if safety.get(name)]
-    if safety.get("mode") not in (None, "none"):
-        asked.append("safety.mode")
-    if task.checkNSFW:
-        asked.append("checkNSFW")
-    if asked:
-        raise UnsupportedParameter(
-            f"Content safety checks ({', '.join(asked)}) are not supported by this server yet; leave them off "
-            "(false, or mode 'none').", parameter=asked[0])
 
 
 def size_from_seed(value: int | None, seed_size: int) -> int:
@@ -150,8 +131,9 @@ def check_model_defaults(defaults: ModelDefaults) -> None:
 
 
 async def run(prepared: Prepared, ctx: TaskContext) -> AsyncIterator[ImageResult]:
-    task, services = prepared.task, ctx.services
+    task = prepared.task
     weights = await inputs.weights(ctx, prepared.model)
+    loaded = await editing.load(ctx, prepared.edits)
     init_image = None
     width, height = task.width, task.height
     if task.seedImage is not None:
@@ -159,17 +141,21 @@ async def run(prepared: Prepared, ctx: TaskContext) -> AsyncIterator[ImageResult
             seed = await inputs.image(ctx, task.seedImage, parameter="seedImage")
             width, height = size_from_seed(width, seed.width), size_from_seed(height, seed.height)
             init_image = seed.image
-            if init_image.size != (width, height):
+            # Outpainting scales the seed image to the area it keeps of the result (editing.compose).
+            if init_image.size != (width, height) and prepared.edits.outpaint is None:
                 init_image = await asyncio.to_thread(init_image.resize, (width, height), Image.Resampling.LANCZOS)
     assert width is not None and height is not None
+    scene = await editing.compose(ctx, prepared.edits, loaded, task, init_image, width, height)
     job = InferenceJob(
         task_uuid=task.taskUUID, owner=ctx.owner, model=prepared.model, weights=weights, prompt=prepared.prompt,
-        negative_prompt=prepared.negative_prompt, width=width, height=height, steps=prepared.steps,
-        cfg_scale=prepared.cfg_scale, sampler=prepared.sampler, seeds=prepared.seeds, init_image=init_image,
-        strength=task.strength)
-    progress = services.device.submit(job)
+        negative_prompt=prepared.negative_prompt, width=scene.width, height=scene.height, steps=prepared.steps,
+        cfg_scale=prepared.cfg_scale, sampler=prepared.sampler, seeds=prepared.seeds, init_image=scene.init_image,
+        strength=task.strength, mask_image=scene.mask_image, controlnets=scene.controlnets,
+        guide_images=scene.guide_images)
+    progress = editing.submit(ctx, scene, job)
     try:
-        async for chunk in progress:
+        async for produced in progress:
+            chunk = await editing.finish(ctx, prepared.edits, loaded, scene, task.taskUUID, produced)
             pending = [asyncio.ensure_future(_deliver(prepared, image, ctx)) for image in chunk]
             try:
                 for finished in asyncio.as_completed(pending):
@@ -201,6 +187,7 @@ async def _deliver(prepared: Prepared, generated: GeneratedImage, ctx: TaskConte
             result.imageDataURI = f"data:{fmt.media_type};base64,{encoded}"
     if task.includeCost:
         result.cost = round(generated.seconds * ctx.services.settings.price_per_gpu_second, 6)
+    result.NSFWContent = generated.nsfw
     return result
 
 

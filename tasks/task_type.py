@@ -10,13 +10,15 @@ is queued or acknowledged:
 
 ``delivery`` says how the results travel; ``recorded`` whether the task's UUID and results are
 kept (for ``conflictTaskUUID`` and ``getResponse``); ``single_frame`` whether the answer goes out
-in one frame rather than an item at a time.
+in one frame rather than an item at a time. ``aliases`` are other spellings of the same task type
+(the official SDKs do not all spell every task type alike): each is decoded into the same struct,
+and answered under the spelling the client sent.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
 from imagewire.tasks import schema
@@ -49,12 +51,24 @@ class TaskType(Generic[T, P]):
     delivery: Callable[[T], Delivery] = _sync
     recorded: bool = True
     single_frame: bool = False
+    aliases: tuple[str, ...] = ()
+    spelling: str | None = None   # the alias this entry answers to; None: the struct's tag
 
     @property
-    def name(self) -> str:
+    def tag(self) -> str:
+        """The struct's own tag: the canonical spelling."""
         tag = self.struct.__struct_config__.tag
         assert isinstance(tag, str)
         return tag
+
+    @property
+    def name(self) -> str:
+        """The spelling this entry answers to, as acknowledgements, errors and records carry it."""
+        return self.spelling or self.tag
+
+    def spellings(self) -> tuple[TaskType[T, P], ...]:
+        """This task type under each of its names: the tag, then every alias."""
+        return (self, *(replace(self, spelling=alias) for alias in self.aliases))
 
 
 def unchanged(task: T, ctx: TaskContext) -> T:

@@ -19,10 +19,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 
-from imagewire.air_registry.model_files import MODEL_INDEX
+from imagewire.air_registry.model_files import COMPONENT_CONFIG, MODEL_INDEX
 
 BUILDERS: Mapping[str, str] = MappingProxyType({
     "tiny-sd": "imagewire.air_registry.tiny.sd",
+    "tiny-sd-inpaint": "imagewire.air_registry.tiny.inpaint",
+    "tiny-controlnet": "imagewire.air_registry.tiny.controlnet",
+    "tiny-safety": "imagewire.air_registry.tiny.safety",
 })
 
 # Builders draw initial weights from torch's global generator, seeded per component: two builds in one
@@ -33,11 +36,11 @@ _BUILD_LOCK = threading.Lock()
 def ensure_embedded(builder: str, path: Path) -> Path:
     """Make sure the model of ``builder`` is saved at ``path``; build it if it is not."""
     path = Path(path)
-    if (path / MODEL_INDEX).is_file():
+    if _is_saved(path):
         return path
     module = importlib.import_module(BUILDERS[builder])
     with _BUILD_LOCK:
-        if (path / MODEL_INDEX).is_file():
+        if _is_saved(path):
             return path  # built by another thread while this one waited
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.building-", dir=path.parent))
@@ -49,6 +52,11 @@ def ensure_embedded(builder: str, path: Path) -> Path:
     return path
 
 
+def _is_saved(path: Path) -> bool:
+    """A pipeline has its index; a single model (a ControlNet, a safety checker) its config."""
+    return (path / MODEL_INDEX).is_file() or (path / COMPONENT_CONFIG).is_file()
+
+
 def _move_into_place(staging: Path, path: Path) -> None:
     try:
         os.replace(staging, path)
@@ -56,7 +64,7 @@ def _move_into_place(staging: Path, path: Path) -> None:
     except OSError:
         # ``path`` exists and is not empty: either another build finished first, or a stale,
         # incomplete directory is in the way.
-        if (path / MODEL_INDEX).is_file():
+        if _is_saved(path):
             return
     stale = Path(tempfile.mkdtemp(prefix=f".{path.name}.stale-", dir=path.parent))
     try:
@@ -67,7 +75,7 @@ def _move_into_place(staging: Path, path: Path) -> None:
         try:
             os.replace(staging, path)
         except OSError:
-            if not (path / MODEL_INDEX).is_file():
+            if not _is_saved(path):
                 raise
     finally:
         shutil.rmtree(stale, ignore_errors=True)

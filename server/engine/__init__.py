@@ -19,10 +19,10 @@ import torch
 
 from imagewire.air_registry import ModelEntry, RegistryError, SamplerUnusable
 from imagewire.air_registry.loader import PipelineCache, unavailable_samplers
-from imagewire.server.engine import inference
+from imagewire.server.engine import inference, safety
 from imagewire.server.engine.threads import limit_cpu_threads
 from imagewire.tasks.inputs import task_error
-from imagewire.tasks.jobs import Emit, InferenceJob, Job
+from imagewire.tasks.jobs import Emit, InferenceJob, Job, SafetyCheckJob
 
 log = logging.getLogger("imagewire.engine")
 
@@ -31,6 +31,7 @@ Runner = Callable[["DiffusersEngine", Sequence[Any], Emit], None]
 
 RUNNERS: dict[type[Job], Runner] = {
     InferenceJob: inference.run,
+    SafetyCheckJob: safety.run,
 }
 
 
@@ -45,7 +46,7 @@ class DiffusersEngine:
             log.warning("scheduler %s %s; requests for it are refused", name, why)
 
     def load(self, model: ModelEntry) -> None:
-        self.pipelines.text_to_image(model)
+        self.pipelines.load(model)
 
     def run(self, jobs: Sequence[Job], emit: Emit) -> None:
         try:

@@ -17,7 +17,16 @@ SHIPPED_AIRS = [
     "imagewire:sd21@1",
     "imagewire:sdxl-base@1",
     "imagewire:sdxl-refiner@1",
+    "imagewire:tiny-inpaint@1",
+    "imagewire:tiny-controlnet@1",
+    "imagewire:tiny-safety@1",
+    "imagewire:sd15-inpaint@1",
+    "imagewire:sdxl-inpaint@1",
+    "imagewire:sd15-controlnet-canny@1",
+    "imagewire:sdxl-controlnet-canny@1",
+    "imagewire:sd-safety-checker@1",
 ]
+CHECKPOINTS = [air for air in SHIPPED_AIRS if "controlnet" not in air and "safety" not in air]
 
 
 def write_catalog(path: Path, entries: Any) -> Path:
@@ -148,8 +157,8 @@ def test_the_not_found_message_names_at_most_ten_models(tmp_path: Path) -> None:
     with pytest.raises(UnknownModel) as caught:
         catalog.resolve("bulk:missing@1")
     message = task_error(caught.value, "model").message
-    assert "and 25 more" in message
-    assert message.count("bulk:model") == 5
+    assert f"and {len(SHIPPED_AIRS) + 30 - 10} more" in message
+    assert message.count("bulk:model") == max(0, 10 - len(SHIPPED_AIRS))
 
 
 # ---------------------------------------------------------------- user catalog files
@@ -289,20 +298,26 @@ def test_a_missing_file_is_an_error(tmp_path: Path) -> None:
 
 def test_search_without_filters_returns_everything(catalog: Catalog) -> None:
     total, page = catalog.search(limit=100, offset=0)
-    assert total == 5
+    assert total == len(SHIPPED_AIRS)
     assert [entry.air for entry in page] == SHIPPED_AIRS
 
 
 @pytest.mark.parametrize(
     ("filters", "airs"),
     [
-        ({"text": "sdxl"}, ["imagewire:sdxl-base@1", "imagewire:sdxl-refiner@1"]),
+        ({"text": "sdxl"}, ["imagewire:sdxl-base@1", "imagewire:sdxl-refiner@1", "imagewire:sdxl-inpaint@1",
+                            "imagewire:sdxl-controlnet-canny@1"]),
         ({"text": "XL Refiner"}, ["imagewire:sdxl-refiner@1"]),
         ({"text": "stable-diffusion-v1-5"}, ["imagewire:sd15@1"]),
         ({"text": "nothing like this"}, []),
-        ({"architecture": "sd15"}, ["imagewire:sd15@1"]),
-        ({"architecture": "SDXL"}, ["imagewire:sdxl-base@1"]),
-        ({"category": "checkpoint"}, SHIPPED_AIRS),
+        ({"architecture": "sd15"}, ["imagewire:sd15@1", "imagewire:sd15-controlnet-canny@1",
+                                    "imagewire:sd-safety-checker@1"]),
+        ({"architecture": "SDXL"}, ["imagewire:sdxl-base@1", "imagewire:sdxl-controlnet-canny@1"]),
+        ({"category": "checkpoint"}, CHECKPOINTS),
+        ({"category": "controlnet"}, ["imagewire:tiny-controlnet@1", "imagewire:sd15-controlnet-canny@1",
+                                      "imagewire:sdxl-controlnet-canny@1"]),
+        ({"tags": ["inpainting"]},
+         ["imagewire:tiny-inpaint@1", "imagewire:sd15-inpaint@1", "imagewire:sdxl-inpaint@1"]),
         ({"category": "lora"}, []),
         ({"tags": ["refiner"]}, ["imagewire:sdxl-refiner@1"]),
         ({"tags": ["SDXL", "base"]}, ["imagewire:sdxl-base@1"]),
@@ -317,10 +332,11 @@ def test_search_filters(catalog: Catalog, filters: dict[str, Any], airs: list[st
 
 
 def test_search_pages_with_limit_and_offset(catalog: Catalog) -> None:
+    count = len(SHIPPED_AIRS)
     total, page = catalog.search(limit=2, offset=0)
-    assert (total, [e.air for e in page]) == (5, SHIPPED_AIRS[:2])
+    assert (total, [e.air for e in page]) == (count, SHIPPED_AIRS[:2])
     total, page = catalog.search(limit=2, offset=2)
-    assert (total, [e.air for e in page]) == (5, SHIPPED_AIRS[2:4])
-    total, page = catalog.search(limit=2, offset=4)
-    assert (total, [e.air for e in page]) == (5, SHIPPED_AIRS[4:])
-    assert catalog.search(limit=10, offset=50) == (5, [])
+    assert (total, [e.air for e in page]) == (count, SHIPPED_AIRS[2:4])
+    total, page = catalog.search(limit=4, offset=count - 3)
+    assert (total, [e.air for e in page]) == (count, SHIPPED_AIRS[-3:])
+    assert catalog.search(limit=10, offset=50) == (count, [])
