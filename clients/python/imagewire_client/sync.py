@@ -81,6 +81,7 @@ class SyncClient:
     upload_image = _blocking(Client.upload_image)
     image_inference = _blocking(Client.image_inference)
     models = _blocking(Client.models)
+    controlnet_preprocess = _blocking(Client.controlnet_preprocess)
 
     def close(self) -> None:
         """Close the connection and stop the background loop. Safe to call twice."""
