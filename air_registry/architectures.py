@@ -30,6 +30,11 @@ class Architecture:
     # The architecture whose add-ons (ControlNets, …) fit this one: an inpainting checkpoint takes the
     # ControlNets of the checkpoint it was trained from. Empty: its own name.
     base: str = ""
+    # The task type its models serve (its wire name in the Python SDK's spelling), and how their files lie:
+    # ``diffusers`` (a pipeline folder), ``transformers`` (a model folder with config.json) or
+    # ``weights_file`` (one file of weights, as super-resolution networks come).
+    task: str = "imageInference"
+    layout: str = "diffusers"
 
     @property
     def compatible(self) -> str:
@@ -52,5 +57,20 @@ ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType({
                      single_file_pipeline="StableDiffusionInpaintPipeline"),
         Architecture("sdxl-inpaint", family="sdxl", size=1024, steps=30, inpainting_only=True, base="sdxl",
                      single_file_pipeline="StableDiffusionXLInpaintPipeline"),
+        # The tools beside imageInference; ``family`` names the adapter in that task's runner
+        # (server/engine/<task>.py). Their size and steps mean nothing and are never used.
+        *(Architecture(name, family=family, size=512, steps=1, task=task, layout=layout)
+          for name, family, task, layout in (
+            ("tiny-upscaler", "spandrel", "imageUpscale", "weights_file"),
+            ("esrgan", "spandrel", "imageUpscale", "weights_file"),
+            ("tiny-background", "segformer", "imageBackgroundRemoval", "transformers"),
+            ("birefnet", "birefnet", "imageBackgroundRemoval", "transformers"),
+            ("rmbg-1.4", "rmbg", "imageBackgroundRemoval", "transformers"),
+            ("tiny-caption", "blip", "imageCaption", "transformers"),
+            ("blip", "blip", "imageCaption", "transformers"),
+            ("tiny-prompt", "causal-lm", "promptEnhance", "transformers"),
+            ("gpt2", "causal-lm", "promptEnhance", "transformers"),
+            ("llama", "chat-lm", "promptEnhance", "transformers"),
+        )),
     )
 })

@@ -19,6 +19,8 @@ from imagewire.server.config import Config
 from imagewire.server.connection import GOING_AWAY, Connection
 from imagewire.server.device import DeviceQueue, Engine
 from imagewire.server.http import HttpRoutes
+from imagewire.server.metrics import Metrics, State
+from imagewire.server.rest import RestEndpoint
 from imagewire.server.runner import TaskRunner
 from imagewire.server.sessions import SessionRegistry, TaskRegistry
 from imagewire.server.webhooks import WebhookSender
@@ -88,11 +90,20 @@ class ImagewireServer:
             settings=Settings(data_dir=config.data_dir, allow_downloads=config.allow_downloads,
                               max_image_pixels=config.max_image_pixels, max_image_bytes=config.max_image_bytes,
                               price_per_gpu_second=config.price_per_gpu_second,
+                              max_output_pixels=config.max_output_pixels,
+                              upscale_tile_size=config.upscale_tile_size,
                               safety_checker=config.safety_checker),
             catalog=catalog, store=self.store, fetcher=fetcher, device=self.device, results=self.registry)
+        self.metrics = Metrics(State(
+            queue_depth=lambda: self.device.pending, loaded_models=self.device.loaded_models,
+            device_memory=self.device.device_memory, connections=lambda: len(self.connections),
+            sessions=lambda: len(self.sessions), ready=lambda: self.device.ready and self._web is not None,
+        ), max_batch_size=config.max_batch_size)
+        self.device.on_call = self.metrics.device_call
         self.runner = TaskRunner(
             self.services, registry=self.registry, webhooks=WebhookSender(fetcher, attempts=config.webhook_attempts),
-            admission=Admission(per_connection=config.max_tasks_in_flight, per_key=config.max_tasks_per_key))
+            admission=Admission(per_connection=config.max_tasks_in_flight, per_key=config.max_tasks_per_key),
+            on_finished=self.metrics.task_finished)
         self.unauthenticated_by_ip: Counter[str] = Counter()
         # Listen only once the engine exists and the default model is loaded: imports and loading
         # hold the GIL in long stretches, and clients should not see slow pongs meanwhile.
@@ -100,8 +111,8 @@ class ImagewireServer:
         if self.preload:
             loaded = self.device.preload(catalog.resolve(config.default_model))
             await asyncio.to_thread(loaded.wait)
-        routes = HttpRoutes(store=self.store, device=self.device, max_message_bytes=config.max_frame_bytes,
-                            serve_socket=self._serve_socket)
+        routes = HttpRoutes(store=self.store, device=self.device, metrics=self.metrics,
+                            max_message_bytes=config.max_frame_bytes, serve_socket=self._serve_socket, rest=self._rest)
         # Our own log line per task tells each task's story; per-request access lines would drown it.
         self._web = web.AppRunner(routes.application(), access_log=None, handle_signals=False,
                                   shutdown_timeout=5.0)
@@ -113,6 +124,10 @@ class ImagewireServer:
         self.services.base_url = config.base_url
         self._sweeper = asyncio.create_task(self._sweep_forever())
         log.info("imagewire listening on %s (images at %s/image/)", self.url, config.base_url)
+
+    async def _rest(self, request: web.Request) -> web.Response:
+        # Built per request from the current config: the port is only known once the server listens.
+        return await RestEndpoint(config=self.config, api_keys=self.api_keys, runner=self.runner)(request)
 
     async def _serve_socket(self, websocket: web.WebSocketResponse, request: web.Request) -> None:
         connection = Connection(websocket, request, config=self.config, api_keys=self.api_keys,

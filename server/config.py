@@ -42,6 +42,8 @@ class Config:
     shutdown_grace: float = 30.0           # on SIGTERM, running tasks get this long to finish
     webhook_attempts: int = 4
     price_per_gpu_second: float = 0.0      # for includeCost
+    max_output_pixels: int = 4096 * 4096   # results of upscaling
+    upscale_tile_size: int = 512           # upscalers see tiles of at most this many input pixels a side
     log_level: str = "INFO"
     safety_checker: str = "imagewire:sd-safety-checker@1"   # the catalog model checkNSFW and safety run
 
@@ -156,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds running tasks get to finish on SIGTERM/SIGINT [IMAGEWIRE_SHUTDOWN_GRACE]")
     add("--price-per-gpu-second", type=NON_NEGATIVE, default=_env("PRICE_PER_GPU_SECOND", "0"),
         help="cost reported with includeCost, per second of device time [IMAGEWIRE_PRICE_PER_GPU_SECOND]")
+    add("--max-output-megapixels", type=POSITIVE, default=_env("MAX_OUTPUT_MEGAPIXELS", "16.78"),
+        help="largest upscale result; larger ones are refused before any work [IMAGEWIRE_MAX_OUTPUT_MEGAPIXELS]")
+    add("--upscale-tile", type=_whole_number(32), default=_env("UPSCALE_TILE", "512"),
+        help="upscalers work on tiles of at most this many input pixels a side, so memory stays bounded for "
+             "large images; larger tiles are faster where memory allows [IMAGEWIRE_UPSCALE_TILE]")
     add("--log-level", default=_env("LOG_LEVEL", "INFO"), choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="[IMAGEWIRE_LOG_LEVEL]")
     add("--safety-checker", default=_env("SAFETY_CHECKER", Config.safety_checker), metavar="AIR",
@@ -196,6 +203,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         image_ttl=args.image_ttl_days * 24 * 3600,
         shutdown_grace=args.shutdown_grace,
         price_per_gpu_second=args.price_per_gpu_second,
+        max_output_pixels=int(args.max_output_megapixels * 1_000_000),
+        upscale_tile_size=args.upscale_tile,
         log_level=args.log_level,
         safety_checker=args.safety_checker,
     )

@@ -20,14 +20,13 @@ from aiohttp import WSMsgType, web
 from imagewire.server import protocol
 from imagewire.server.auth import ApiKeys, owner_token
 from imagewire.server.config import Config
+from imagewire.server.intake import Intake, invalid_api_key
 from imagewire.server.runner import TaskRunner
 from imagewire.server.sessions import Session, SessionRegistry
 from imagewire.tasks import schema
-from imagewire.tasks.errors import InvalidApiKey, MissingApiKey, ServiceUnavailable
-from imagewire.tasks.supported import SUPPORTED
-from imagewire.tasks.task_type import Item
+from imagewire.tasks.errors import ServiceUnavailable
+from imagewire.tasks.task_type import Item, TaskType
 
-log = logging.getLogger("imagewire.task")
 connection_log = logging.getLogger("imagewire.connection")
 
 
@@ -36,7 +35,7 @@ POLICY_VIOLATION = 1008
 GOING_AWAY = 1001
 
 
-class Connection:
+class Connection(Intake):
     def __init__(self, websocket: web.WebSocketResponse, request: web.Request, *, config: Config,
                  api_keys: ApiKeys, sessions: SessionRegistry, runner: TaskRunner,
                  unauthenticated_by_ip: Counter[str]) -> None:
@@ -109,8 +108,16 @@ class Connection:
         except ConnectionError:
             return False
 
-    async def _reply(self, frame: bytes) -> None:
-        """Answer on this socket, or into the session's outbox once there is a session."""
+    @property
+    def authenticated(self) -> bool:
+        return self.session is not None
+
+    async def answer(self, data: Sequence[Item] = (), errors: Sequence[dict[str, Any]] = ()) -> None:
+        await self._send(protocol.encode_frame(data=list(data), errors=list(errors)))
+
+    async def reply(self, data: Sequence[Item] = (), errors: Sequence[dict[str, Any]] = ()) -> None:
+        """Through the session once there is one, not this socket: a client that reconnects gets what it missed."""
+        frame = protocol.encode_frame(data=list(data), errors=list(errors))
         if self.session is not None:
             await self.session.send(frame)
         else:
@@ -120,48 +127,24 @@ class Connection:
         try:
             decoded = protocol.decode_frame(frame, max_tasks=self.config.max_tasks_per_message)
         except protocol.FrameError as error:
-            await self._send(protocol.error_frame(error, None, None))
+            await self.answer(errors=[error.to_item(None, None)])
             return
-        for element in decoded:
-            if self.session is None and element.task_type not in ("authentication", "ping"):
-                # Before authentication every other task gets the same answer, valid or not.
-                refusal = MissingApiKey("Authenticate first: send [{\"taskType\":\"authentication\",\"apiKey\":"
-                                      "\"...\"}] before other tasks.", parameter="apiKey", type="string")
-                await self._send(protocol.error_frame(refusal, element.task_type, element.task_uuid))
-            elif element.error is not None:
-                log.info("taskUUID=%s taskType=%s outcome=%s", element.task_uuid, element.task_type,
-                         element.error.code)
-                await self._reply(protocol.error_frame(element.error, element.task_type, element.task_uuid))
-            elif isinstance(element.task, schema.Ping):
-                await self._send(protocol.encode_frame(data=[schema.Pong(taskType="ping", pong=True)]))
-            elif isinstance(element.task, schema.Authentication):
-                await self._authenticate(element.task)
-            else:
-                assert element.task is not None and element.task_type is not None
-                await self._start(element.task, element.task_type, element.task_uuid)
+        await self.take(decoded)
 
-    async def _authenticate(self, task: schema.Authentication) -> None:
+    async def authenticate(self, task: schema.Authentication) -> None:
         if not self.api_keys.check(task.apiKey):
-            error = InvalidApiKey("Invalid API key: the server does not accept the apiKey given.",
-                                  parameter="apiKey", type="string")
-            await self._send(protocol.error_frame(error, "authentication", None))
+            await self.answer(errors=[invalid_api_key().to_item("authentication", None)])
             return
         assert task.apiKey is not None
         if self.session is not None:
             self.session.detach(self._send)
         self.session, resumed = self.sessions.open(owner_token(task.apiKey), task.connectionSessionUUID)
-        await self._send(protocol.encode_frame(data=[
-            schema.AuthenticationResult(taskType="authentication", connectionSessionUUID=self.session.uuid)]))
+        await self.answer(data=[
+            schema.AuthenticationResult(taskType="authentication", connectionSessionUUID=self.session.uuid)])
         connection_log.info("authenticated session=%s resumed=%s", self.session.uuid, resumed)
         await self.session.attach(self._send)
 
-    async def _start(self, task: schema.Task, task_type: str, task_uuid: str | None) -> None:
-        assert self.session is not None and task_uuid is not None
-        session = self.session
-
-        async def reply(data: Sequence[Item] = (), errors: Sequence[dict[str, Any]] = ()) -> None:
-            # Through the session, not this socket: a client that reconnects gets what it missed.
-            await session.send(protocol.encode_frame(data=list(data), errors=list(errors)))
-
-        await self.runner.start(task, SUPPORTED[task_type], task_uuid, owner=session.owner, connection=self,
-                                reply=reply)
+    async def start(self, task: schema.Task, task_type: TaskType[Any, Any], task_uuid: str) -> None:
+        assert self.session is not None
+        await self.runner.start(task, task_type, task_uuid, owner=self.session.owner, connection=self,
+                                reply=self.reply)

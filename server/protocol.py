@@ -123,10 +123,8 @@ def decode_task(raw: msgspec.Raw | bytes) -> Decoded:
 def convert_task(obj: dict[str, Any], struct_type: type[schema.Task]) -> schema.Task:
     present = {key: value for key, value in obj.items() if value is not None}
     task_type = present["taskType"]
-    # Another spelling of a task type (tasks/supported.py) decodes into the same struct, under its tag.
-    tag = struct_type.__struct_config__.tag
     fields = _field_names(struct_type)
-    unsupported = schema.UNSUPPORTED_PARAMETERS.get(str(tag), frozenset())
+    unsupported = schema.UNSUPPORTED_PARAMETERS.get(task_type, frozenset())
     extra = [key for key in present if key not in fields and key != "taskType"]
     not_yet = [key for key in extra if key in unsupported]
     if not_yet:
@@ -140,7 +138,7 @@ def convert_task(obj: dict[str, Any], struct_type: type[schema.Task]) -> schema.
             + ", ".join(sorted(fields)) + ".",
             parameter=extra[0], allowed_values=sorted(fields))
     try:
-        return msgspec.convert({**present, "taskType": tag}, struct_type)
+        return msgspec.convert(present, struct_type)
     except msgspec.ValidationError as exc:
         nested = _nested_validation_error(exc, present, struct_type)
         raise (nested or _translate_validation_error(exc, present, struct_type)) from exc
@@ -196,8 +194,9 @@ _UNKNOWN_FIELD = re.compile(r"unknown field `(?P<field>[^`]+)`")
 def _nested_validation_error(
     exc: msgspec.ValidationError, present: dict[str, Any], struct_type: type[schema.Task]
 ) -> TaskError | None:
-    """The error for a value inside an object or array (``controlNet[0].weight``, ``outpaint.top``), named by
-    its whole path; None for a top-level field, which ``_translate_validation_error`` describes."""
+    """The error for a value inside an object or array (``controlNet[0].weight``, ``outpaint.top``,
+    ``settings.rgba[3]``), named by its whole path; None for a top-level field, which
+    ``_translate_validation_error`` describes."""
     text = str(exc)
     at = _NESTED_PATH.search(text)
     if at is None:
@@ -254,6 +253,8 @@ def _step(node: Any, part: str | int) -> Any:
     for member in non_null(node) if not isinstance(node, mi.StructType) else [node]:
         if isinstance(part, int) and isinstance(member, mi.ListType):
             return member.item_type
+        if isinstance(part, int) and isinstance(member, mi.TupleType):
+            return member.item_types[part] if part < len(member.item_types) else None
         if isinstance(part, str) and isinstance(member, mi.StructType):
             return next((field.type for field in member.fields if field.encode_name == part), None)
         if isinstance(part, str) and isinstance(member, mi.DictType):

@@ -98,6 +98,8 @@ class TaskRecord:
     finished_at: float | None = None
     kept_bytes: int = 0
     items_dropped: bool = False          # its items were let go to bound memory
+    progress: int | None = None          # percent done, while it runs and reports it
+    stop: Callable[[], None] | None = None  # cancels it while it runs
 
 
 class TaskRegistry:
@@ -165,6 +167,18 @@ class TaskRegistry:
     def finish(self, record: TaskRecord, status: str) -> None:
         record.status = status
         record.finished_at = time.monotonic()
+        record.stop = None
+
+    def cancel(self, task_uuid: str, owner: str) -> bool | None:
+        """Stop a running task of ``owner``: True when stopped, False when it had ended, None when unknown
+        (another key's tasks are unknown to it, as for getResponse)."""
+        record = self.get(task_uuid, owner)
+        if record is None:
+            return None
+        if record.stop is None:
+            return False
+        record.stop()
+        return True
 
     def sweep(self, now: float | None = None) -> int:
         now = time.monotonic() if now is None else now

@@ -20,7 +20,7 @@ pipeline). Transparent mask pixels count as white (inputs are flattened onto whi
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +36,7 @@ from imagewire.tasks.context import TaskContext
 from imagewire.tasks.controlnet_preprocess import check_preprocessor, check_thresholds
 from imagewire.tasks.describe import nearest_valid, stepped_range
 from imagewire.tasks.errors import InvalidParameter, MissingParameter
-from imagewire.tasks.jobs import ControlNetUse, GeneratedImage, InferenceJob, JobProgress
+from imagewire.tasks.jobs import ControlNetUse, GeneratedImage, InferenceJob, JobEvent, JobProgress
 
 # Generated pixels are blended with the canvas over this many pixels inside the mask's edge.
 EDGE_PIXELS = 4
@@ -325,12 +325,14 @@ def crop_box(mask: Image.Image, margin: int, size: tuple[int, int]) -> tuple[int
 # ---------------------------------------------------------------- the device, and back
 
 
-def submit(ctx: TaskContext, scene: Scene, job: InferenceJob) -> JobProgress[GeneratedImage]:
-    """Queue the job, unless the mask leaves nothing to repaint: then the canvas is every result."""
+def submit(ctx: TaskContext, scene: Scene, job: InferenceJob,
+           on_event: Callable[[JobEvent], None] | None = None) -> JobProgress[GeneratedImage]:
+    """Queue the job (``on_event`` hears of its queue position and steps), unless the mask leaves nothing
+    to repaint: then the canvas is every result."""
     if scene.nothing_to_do:
         assert scene.canvas is not None
         return _Unchanged([GeneratedImage(index, seed, scene.canvas, 0.0) for index, seed in enumerate(job.seeds)])
-    progress: JobProgress[GeneratedImage] = ctx.services.device.submit(job)
+    progress: JobProgress[GeneratedImage] = ctx.services.device.submit(job, on_event=on_event)
     return progress
 
 
@@ -342,6 +344,9 @@ class _Unchanged:
 
     async def __aiter__(self) -> AsyncIterator[Sequence[GeneratedImage]]:
         yield self.images
+
+    def cancel(self) -> None:
+        """Nothing runs on the device: nothing to stop."""
 
 
 async def finish(ctx: TaskContext, edits: Edits, loaded: Loaded, scene: Scene, task_uuid: str,

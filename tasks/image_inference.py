@@ -15,23 +15,22 @@ import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import get_args
 
 import msgspec
 from PIL import Image
 
 from imagewire.air_registry import ARCHITECTURES, ModelDefaults, ModelEntry, SamplerSpec
-from imagewire.storage import OUTPUT_FORMAT_NAMES, ImageFormat, encode_image, output_format, to_base64
+from imagewire.storage import OUTPUT_FORMATS, ImageFormat, encode_image, to_base64
 from imagewire.tasks import editing, inputs, schema
 from imagewire.tasks.context import TaskContext
 from imagewire.tasks.describe import describe_annotation, nearest_valid, stepped_range
 from imagewire.tasks.errors import InvalidParameter, MissingParameter
-from imagewire.tasks.jobs import GeneratedImage, InferenceJob
-from imagewire.tasks.schema import ImageInference, ImageResult
-from imagewire.tasks.task_type import Delivery, TaskType
+from imagewire.tasks.jobs import GeneratedImage, InferenceJob, JobEvent, Queued
+from imagewire.tasks.outputs import ImageOutput, deliver_image, image_output
+from imagewire.tasks.schema import ImageInference, ImageResult, Progress
+from imagewire.tasks.task_type import TaskType
 
 BLANK_PROMPT = "__BLANK__"
-OUTPUT_TYPES: tuple[str, ...] = get_args(schema.OutputType)
 _SIZE = stepped_range(msgspec.inspect.type_info(schema.Width))
 assert _SIZE is not None
 
@@ -70,17 +69,7 @@ def prepare(task: ImageInference, ctx: TaskContext) -> Prepared:
                     f"{name} is required for text-to-image (without seedImage): "
                     f"{describe_annotation(schema.Width)}; this model's default is "
                     f"{defaults.width}x{defaults.height}.", parameter=name, type="integer")
-    chosen_format = output_format(task.outputFormat)
-    if chosen_format is None:
-        raise InvalidParameter(
-            f"Invalid outputFormat: expected one of {', '.join(OUTPUT_FORMAT_NAMES)}; received "
-            f"{task.outputFormat!r}.", parameter="outputFormat", type="string",
-            allowed_values=list(OUTPUT_FORMAT_NAMES))
-    output_types: list[str] = (
-        [task.outputType] if isinstance(task.outputType, str) else list(dict.fromkeys(task.outputType)))
-    if not output_types:
-        raise InvalidParameter(f"outputType must name at least one of {', '.join(OUTPUT_TYPES)}; received [].",
-                               parameter="outputType", type="string", allowed_values=list(OUTPUT_TYPES))
+    output = image_output(task)
     steps = task.steps if task.steps is not None else defaults.steps
     if task.seedImage is not None and int(steps * task.strength) < 1:
         raise InvalidParameter(
@@ -98,9 +87,9 @@ def prepare(task: ImageInference, ctx: TaskContext) -> Prepared:
         sampler=inputs.sampler(ctx, task.scheduler if task.scheduler is not None else defaults.scheduler),
         # Counting up wraps past the largest seed, so every returned seed can be sent back.
         seeds=[(first_seed + i) % (schema.MAX_SEED + 1) for i in range(task.numberResults)],
-        output_types=output_types,
-        output_format=chosen_format,
-        output_quality=task.outputQuality,
+        output_types=output.types,
+        output_format=output.format,
+        output_quality=output.quality,
         edits=edits,
     )
 
@@ -151,8 +140,8 @@ async def run(prepared: Prepared, ctx: TaskContext) -> AsyncIterator[ImageResult
         negative_prompt=prepared.negative_prompt, width=scene.width, height=scene.height, steps=prepared.steps,
         cfg_scale=prepared.cfg_scale, sampler=prepared.sampler, seeds=prepared.seeds, init_image=scene.init_image,
         strength=task.strength, mask_image=scene.mask_image, controlnets=scene.controlnets,
-        guide_images=scene.guide_images)
-    progress = editing.submit(ctx, scene, job)
+        guide_images=scene.guide_images, preview=task.includeProgress and task.includePreview)
+    progress = editing.submit(ctx, scene, job, on_event=_ProgressReport(task, len(prepared.seeds), ctx).on_event)
     try:
         async for produced in progress:
             chunk = await editing.finish(ctx, prepared.edits, loaded, scene, task.taskUUID, produced)
@@ -164,33 +153,50 @@ async def run(prepared: Prepared, ctx: TaskContext) -> AsyncIterator[ImageResult
                 for future in pending:
                     future.cancel()
     finally:
+        progress.cancel()  # the task ended early (cancelled, failed): its job stops too
         ctx.timings["queue"] = progress.queue_seconds
         ctx.timings["model"] = progress.compute_seconds
 
 
+class _ProgressReport:
+    """Turns the job's queue positions and steps into progress items, for getResponse and, when the
+    task asked (includeProgress), for the client."""
+
+    def __init__(self, task: ImageInference, images: int, ctx: TaskContext) -> None:
+        self.task = task
+        self.ctx = ctx
+        self.percent = [0] * images  # per result index
+
+    def on_event(self, event: JobEvent) -> None:
+        task = self.task
+        if isinstance(event, Queued):
+            items = [Progress(taskType="imageInference", taskUUID=task.taskUUID, progress=0, status="processing",
+                              queuePosition=event.position)]
+        else:
+            percent = 100 * event.done // max(event.total, 1)
+            items = []
+            for index in event.indexes:
+                self.percent[index] = percent
+                preview = event.preview if index == event.indexes[0] else None
+                items.append(Progress(
+                    taskType="imageInference", taskUUID=task.taskUUID, progress=percent, status="processing",
+                    resultIndex=index, step=event.done, steps=event.total,
+                    preview=_preview_uri(preview) if preview is not None else None))
+        self.ctx.progress(items, sum(self.percent) // len(self.percent), push=task.includeProgress)
+
+
+def _preview_uri(picture: Image.Image) -> str:
+    preview_format = OUTPUT_FORMATS["JPG"]
+    data = encode_image(picture, preview_format, quality=70)
+    return f"data:{preview_format.media_type};base64,{to_base64(data)}"
+
+
 async def _deliver(prepared: Prepared, generated: GeneratedImage, ctx: TaskContext) -> ImageResult:
-    task, fmt = prepared.task, prepared.output_format
-    with ctx.timed("encode"):
-        data = await asyncio.to_thread(encode_image, generated.image, fmt, prepared.output_quality)
-    with ctx.timed("store"):
-        stored = await inputs.store(ctx, data, extension=fmt.extension)
-    result = ImageResult(taskType="imageInference", taskUUID=task.taskUUID, imageUUID=stored.uuid,
-                         seed=generated.seed)
-    if "URL" in prepared.output_types:
-        result.imageURL = ctx.services.image_url(stored.uuid, fmt.extension)
-    if "base64Data" in prepared.output_types or "dataURI" in prepared.output_types:
-        with ctx.timed("encode"):
-            encoded = await asyncio.to_thread(to_base64, data)
-        if "base64Data" in prepared.output_types:
-            result.imageBase64Data = encoded
-        if "dataURI" in prepared.output_types:
-            result.imageDataURI = f"data:{fmt.media_type};base64,{encoded}"
-    if task.includeCost:
-        result.cost = round(generated.seconds * ctx.services.settings.price_per_gpu_second, 6)
-    result.NSFWContent = generated.nsfw
-    return result
+    task = prepared.task
+    output = ImageOutput(prepared.output_types, prepared.output_format, prepared.output_quality)
+    return await deliver_image(ctx, generated.image, output, task_type="imageInference", task_uuid=task.taskUUID,
+                               cost_seconds=generated.seconds if task.includeCost else None, seed=generated.seed,
+                               NSFWContent=generated.nsfw)
 
 
-TASK_TYPE = TaskType(
-    struct=ImageInference, prepare=prepare, run=run,
-    delivery=lambda task: Delivery(asynchronous=task.deliveryMethod == "async", webhook_url=task.webhookURL))
+TASK_TYPE = TaskType(struct=ImageInference, prepare=prepare, run=run)

@@ -11,6 +11,7 @@ import asyncio
 from pathlib import Path
 
 from imagewire.air_registry import (
+    ARCHITECTURES,
     ModelEntry,
     RegistryError,
     SamplerSpec,
@@ -67,12 +68,21 @@ async def store(ctx: TaskContext, data: bytes, *, extension: str) -> StoredImage
         raise task_error(exc, "image") from exc
 
 
-def model(ctx: TaskContext, name: str, *, parameter: str = "model") -> ModelEntry:
-    """The catalog entry a request's AIR id or alias names."""
+def model(ctx: TaskContext, name: str, *, parameter: str = "model", task: str = "imageInference") -> ModelEntry:
+    """The catalog entry a request's AIR id or alias names, a model of the task type ``task``."""
+    catalog = ctx.services.catalog
     try:
-        return ctx.services.catalog.resolve(name)
+        entry = catalog.resolve(name)
     except RegistryError as exc:
         raise task_error(exc, parameter) from exc
+    serves = ARCHITECTURES[entry.architecture].task
+    if serves != task:
+        fitting = [candidate.air for candidate in catalog.serving(task)]
+        raise errors.InvalidParameter(
+            f"{parameter} {entry.label} is a {entry.category} model for {serves} tasks, not for {task}; "
+            f"models for {task}: {', '.join(fitting[:10]) or 'none'}.",
+            parameter=parameter, type="string", allowed_values=fitting[:100])
+    return entry
 
 
 async def weights(ctx: TaskContext, entry: ModelEntry, *, parameter: str = "model") -> Path:

@@ -10,9 +10,11 @@ is queued or acknowledged:
 
 ``delivery`` says how the results travel; ``recorded`` whether the task's UUID and results are
 kept (for ``conflictTaskUUID`` and ``getResponse``); ``single_frame`` whether the answer goes out
-in one frame rather than an item at a time. ``aliases`` are other spellings of the same task type
-(the official SDKs do not all spell every task type alike): each is decoded into the same struct,
-and answered under the spelling the client sent.
+in one frame rather than an item at a time.
+
+A task type that clients spell in more than one way (``imageUpscale`` and ``upscale``) has one wire
+struct per spelling, the others subclassing the first with their own tag, and one ``TaskType`` per
+spelling (``spelled``). Answers echo the spelling the client sent (``name_of``).
 """
 
 from __future__ import annotations
@@ -36,11 +38,11 @@ class Delivery:
     webhook_url: str | None = None
 
 
-SYNC = Delivery()
-
-
-def _sync(task: Any) -> Delivery:
-    return SYNC
+def requested(task: schema.Task) -> Delivery:
+    """What the task asked for; tasks that are not ``Deliverable`` answer at once."""
+    if isinstance(task, schema.Deliverable):
+        return Delivery(asynchronous=task.deliveryMethod == "async", webhook_url=task.webhookURL)
+    return Delivery()
 
 
 @dataclass(frozen=True)
@@ -48,27 +50,27 @@ class TaskType(Generic[T, P]):
     struct: type[T]   # the wire struct; its msgspec tag is the taskType clients send
     prepare: Callable[[T, TaskContext], P]
     run: Callable[[P, TaskContext], AsyncIterator[Item]]
-    delivery: Callable[[T], Delivery] = _sync
+    delivery: Callable[[T], Delivery] = requested
     recorded: bool = True
     single_frame: bool = False
-    aliases: tuple[str, ...] = ()
-    spelling: str | None = None   # the alias this entry answers to; None: the struct's tag
 
     @property
-    def tag(self) -> str:
-        """The struct's own tag: the canonical spelling."""
+    def name(self) -> str:
         tag = self.struct.__struct_config__.tag
         assert isinstance(tag, str)
         return tag
 
-    @property
-    def name(self) -> str:
-        """The spelling this entry answers to, as acknowledgements, errors and records carry it."""
-        return self.spelling or self.tag
+    def spelled(self, struct: type[T]) -> TaskType[T, P]:
+        """The same task type under another name: ``struct`` subclasses this one's with its own tag."""
+        assert issubclass(struct, self.struct), f"{struct.__name__} must subclass {self.struct.__name__}"
+        return replace(self, struct=struct)
 
-    def spellings(self) -> tuple[TaskType[T, P], ...]:
-        """This task type under each of its names: the tag, then every alias."""
-        return (self, *(replace(self, spelling=alias) for alias in self.aliases))
+
+def name_of(task: schema.Task) -> str:
+    """The taskType a task was sent as: what its answers carry."""
+    tag = type(task).__struct_config__.tag
+    assert isinstance(tag, str)
+    return tag
 
 
 def unchanged(task: T, ctx: TaskContext) -> T:

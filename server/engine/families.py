@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
+import torch
+from PIL import Image
 
 from imagewire.tasks.jobs import InferenceJob
 
@@ -18,12 +20,34 @@ from imagewire.tasks.jobs import InferenceJob
 class Family(Protocol):
     def call_arguments(self, owners: Sequence[InferenceJob]) -> dict[str, Any]:
         """The pipeline's arguments for one call holding one image of each of ``owners`` (jobs may repeat),
-        but the generators, which the runner adds."""
+        but the generators and the step callback, which the runner adds."""
         ...
+
+    def preview(self, latents: torch.Tensor) -> Image.Image | None:
+        """A rough picture of one image's latents mid-way (no VAE decode), or None where there is none."""
+        ...
+
+
+def linear_preview(latents: torch.Tensor, factors: torch.Tensor, bias: torch.Tensor) -> Image.Image:
+    """Latent channels mixed straight into RGB: what the image is becoming, at the latents' resolution,
+    for the cost of one small matrix product instead of a VAE decode."""
+    rgb = torch.einsum("chw,cr->hwr", latents.float().cpu(), factors) + bias
+    pixels = ((rgb.clamp(-1, 1) + 1) * 127.5).to(torch.uint8).numpy()
+    return Image.fromarray(pixels, "RGB")
 
 
 class StableDiffusion:
     """SD 1.x/2.x and SDXL: prompts and negative prompts per image, classifier-free guidance."""
+
+    def __init__(self, preview_factors: list[list[float]], preview_bias: list[float]) -> None:
+        # How each of the 4 latent channels contributes to R, G and B (fitted on decoded images).
+        self.preview_factors = torch.tensor(preview_factors)
+        self.preview_bias = torch.tensor(preview_bias)
+
+    def preview(self, latents: torch.Tensor) -> Image.Image | None:
+        if latents.shape[0] != self.preview_factors.shape[0]:
+            return None
+        return linear_preview(latents, self.preview_factors, self.preview_bias)
 
     def call_arguments(self, owners: Sequence[InferenceJob]) -> dict[str, Any]:
         first = owners[0]  # the owners share a batch key: one value for everything but prompts and images
@@ -67,6 +91,10 @@ def controlnet_arguments(owners: Sequence[InferenceJob]) -> dict[str, Any]:
 
 
 FAMILIES: Mapping[str, Family] = {
-    "sd": StableDiffusion(),
-    "sdxl": StableDiffusion(),
+    "sd": StableDiffusion(
+        [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]],
+        [0.0, 0.0, 0.0]),
+    "sdxl": StableDiffusion(
+        [[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068], [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]],
+        [0.1084, -0.0175, -0.0011]),
 }

@@ -14,6 +14,7 @@ from imagewire.air_registry.catalog import Catalog
 from imagewire.air_registry.weights import locate_weights
 from imagewire.server.engine import DiffusersEngine
 from imagewire.tasks.jobs import GeneratedImage, InferenceJob
+from tests.engines import Collect
 
 TINY = Catalog.load().resolve("imagewire:tiny@1")
 
@@ -37,9 +38,9 @@ def job(data_dir: Path) -> Callable[..., InferenceJob]:
 
 def run(engine: DiffusersEngine, jobs: list[InferenceJob]) -> dict[str, list[GeneratedImage]]:
     """Run ``jobs`` in one engine call; each job's images by taskUUID, in emit order."""
-    made: dict[str, list[GeneratedImage]] = {job.task_uuid: [] for job in jobs}
-    engine.run(jobs, lambda index, images: made[jobs[index].task_uuid].extend(images))
-    return made
+    collected = Collect(len(jobs))
+    engine.run(jobs, collected)
+    return {job.task_uuid: collected.results[index] for index, job in enumerate(jobs)}
 
 
 def largest_difference(first: Image.Image, second: Image.Image) -> int:
@@ -66,11 +67,10 @@ def test_jobs_sharing_a_call_get_the_images_they_would_get_alone(engine, job, im
 
 
 def test_more_images_than_the_batch_size_are_split_across_calls(engine, job):
-    calls: list[int] = []
-    jobs = [job("a", "a red fox", [1, 2, 3]), job("b", "a blue bird", [4, 5])]
-    engine.run(jobs, lambda index, images: calls.append(len(images)))
+    collected = Collect(2)
+    engine.run([job("a", "a red fox", [1, 2, 3]), job("b", "a blue bird", [4, 5])], collected)
     # Four images fit one call (a's three, b's first); b's last comes in a second call.
-    assert calls == [3, 1, 1]
+    assert collected.calls == [3, 1, 1]
 
 
 # ---------------------------------------------------------------- golden output

@@ -8,7 +8,7 @@ from imagewire_client.client import DEFAULT_URL, Client
 from imagewire_client.edits import ControlNet, Outpaint
 from imagewire_client.errors import ImagewireError
 from imagewire_client.images import ImageSource
-from imagewire_client.results import GuideImage, ImageResult, ModelInfo, UploadedImage
+from imagewire_client.results import GuideImage, ImageResult, ModelInfo, TextResult, UploadedImage
 from imagewire_client.sync import SyncClient
 
 __version__ = "0.1.0"
@@ -24,6 +24,7 @@ __all__ = [
     "ModelInfo",
     "Outpaint",
     "SyncClient",
+    "TextResult",
     "UploadedImage",
     "__version__",
 ]

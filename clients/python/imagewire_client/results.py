@@ -32,6 +32,7 @@ class ImageResult:
     image_data_uri: str | None = None
     cost: float | None = None
     nsfw_content: bool | None = None
+    input_image_uuid: str | None = None   # of upscale and background removal results: the input's UUID
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ def image_result(item: dict[str, Any]) -> ImageResult:
     return ImageResult(
         task_uuid=wire.taskUUID, image_uuid=wire.imageUUID, seed=wire.seed, image_url=wire.imageURL,
         image_bytes=image_bytes, image_data_uri=wire.imageDataURI, cost=wire.cost, nsfw_content=wire.NSFWContent,
+        input_image_uuid=wire.inputImageUUID,
     )
 
 
@@ -103,3 +105,17 @@ def uploaded_image(item: dict[str, Any]) -> UploadedImage:
 def model_infos(item: dict[str, Any]) -> list[ModelInfo]:
     wire: schema.ModelSearchResult = _convert(item, schema.ModelSearchResult)
     return wire.results
+
+
+@dataclass(frozen=True)
+class TextResult:
+    """A caption, or one version of an enhanced prompt; ``cost`` only with ``include_cost=True``."""
+
+    task_uuid: str
+    text: str
+    cost: float | None = None
+
+
+def text_result(item: dict[str, Any]) -> TextResult:
+    wire: schema.TextResult = _convert(item, schema.TextResult)
+    return TextResult(task_uuid=wire.taskUUID, text=wire.text, cost=wire.cost)
