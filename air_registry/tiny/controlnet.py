@@ -14,7 +14,10 @@ from pathlib import Path
 import torch
 from diffusers.models.controlnets.controlnet import ControlNetModel
 
+from imagewire.air_registry.model_files import COMPONENT_CONFIG
 from imagewire.air_registry.tiny.sd import build_tiny_pipeline
+
+MARKER = COMPONENT_CONFIG  # a single model, not a pipeline: its config.json, not model_index.json
 
 _CONTROLNET_SEED = 5
 _OUTPUT_SEED = 6

@@ -19,6 +19,10 @@ import transformers
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from transformers import CLIPConfig
 
+from imagewire.air_registry.model_files import COMPONENT_CONFIG
+
+MARKER = COMPONENT_CONFIG  # a single model, not a pipeline: its config.json, not model_index.json
+
 _CHECKER_SEED = 7
 IMAGE_SIZE = 32
 NEVER = 1.0
