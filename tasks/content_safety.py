@@ -97,8 +97,12 @@ async def flags(ctx: TaskContext, request: SafetyRequest, weights: Path, task_uu
                          pictures=list(pictures))
     found: list[bool] = []
     with ctx.timed("safety"):
-        async for chunk in ctx.services.device.submit(job):
-            found.extend(chunk)
+        progress = ctx.services.device.submit(job)
+        try:
+            async for chunk in progress:
+                found.extend(chunk)
+        finally:
+            progress.cancel()  # the task ended early (cancelled, failed): the check stops too
     return found
 
 

@@ -140,6 +140,8 @@ async def test_preprocess_errors_name_the_parameter(server):
         (preprocess(), "inputImage", "required"),
         (preprocess(inputImage="not an image"), "inputImage", "inputImage"),
         (preprocess(inputs={"image": "nope"}), "inputs.image", "inputs.image"),
+        (preprocess(inputs={"image": image, "mask": image}), "inputs.mask", "inputs.mask"),
+        (preprocess(inputImage=image, inputs={"image": b64(png(mask_picture()))}), "inputs.image", "once"),
         (preprocess(inputImage=image, lowThresholdCanny=300), "lowThresholdCanny", "0 to 255"),
     ]
     for task, parameter, words in cases:
