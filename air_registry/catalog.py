@@ -31,7 +31,12 @@ from typing import Any
 from imagewire.air_registry.air import parse_air
 from imagewire.air_registry.architectures import ARCHITECTURES, Architecture
 from imagewire.air_registry.errors import CatalogError, MalformedAIR, UnknownModel, UnknownSampler, shown
-from imagewire.air_registry.model_files import SINGLE_FILE_SUFFIXES, WEIGHTS_FILE_SUFFIXES
+from imagewire.air_registry.model_files import (
+    COMPONENT_CATEGORIES,
+    COMPONENT_LAYOUT,
+    SINGLE_FILE_SUFFIXES,
+    WEIGHTS_FILE_SUFFIXES,
+)
 from imagewire.air_registry.samplers import DEFAULT_NAME, resolve_sampler
 from imagewire.air_registry.tiny import BUILDERS
 
@@ -97,6 +102,17 @@ class ModelEntry:
     def label(self) -> str:
         """How messages name the model: ``Stable Diffusion 1.5 (imagewire:sd15@1)``."""
         return f"{self.name} ({self.air})"
+
+    @property
+    def layout(self) -> str:
+        """How its files lie (``model_files.LAYOUT_MARKERS``)."""
+        return layout_of(self.category, self.architecture)
+
+
+def layout_of(category: str, architecture: str) -> str:
+    """The architecture's layout, but for a model saved on its own (a ControlNet, a safety checker), which
+    is catalogued under the architecture it fits."""
+    return COMPONENT_LAYOUT if category in COMPONENT_CATEGORIES else ARCHITECTURES[architecture].layout
 
 
 # ---------------------------------------------------------------- reading catalog files
@@ -215,7 +231,8 @@ def _parse_entry(raw: Any, base_dir: Path, check: DefaultsCheck | None) -> Model
     source = _string(raw, "source")
     _require(source in SOURCES, f"'source' must be one of {', '.join(SOURCES)}, not {source!r}")
     # The server can build exactly one model itself; everything else comes from weights on disk.
-    layout = ARCHITECTURES[architecture].layout
+    category = _string(raw, "category", default="checkpoint")
+    layout = layout_of(category, architecture)
     _require(
         source != "single_file" or ARCHITECTURES[architecture].single_file_pipeline is not None
         or layout == "weights_file",
@@ -228,7 +245,7 @@ def _parse_entry(raw: Any, base_dir: Path, check: DefaultsCheck | None) -> Model
         name=name,
         version=air.version,
         architecture=architecture,
-        category=_string(raw, "category", default="checkpoint"),
+        category=category,
         aliases=_string_list(raw, "aliases"),
         tags=_string_list(raw, "tags"),
         source=source,

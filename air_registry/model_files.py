@@ -21,9 +21,18 @@ TRANSFORMERS_HUB_INCLUDE: tuple[str, ...] = ("*.json", "*.txt", "*.safetensors",
                                              "*.tiktoken")
 TRANSFORMERS_HUB_EXCLUDE: tuple[str, ...] = ("onnx/*", "*.onnx", "*.msgpack", "*.h5", "original/*", "training_args.bin")
 
-# What marks a complete model folder of each layout (``Architecture.layout``); a ``weights_file`` model
-# is its one file.
-LAYOUT_MARKERS = {"diffusers": MODEL_INDEX, "transformers": TRANSFORMERS_CONFIG}
+# A single model saved on its own (a ControlNet, a safety checker): its config.json (and an image
+# processor's) beside its weights. Catalog entries of these categories have this layout whatever their
+# architecture, which names the checkpoints they fit (``ModelEntry.layout``).
+COMPONENT_LAYOUT = "component"
+COMPONENT_CONFIG = "config.json"
+COMPONENT_HUB_INCLUDE: tuple[str, ...] = ("*.json", "*.safetensors")
+COMPONENT_CATEGORIES: frozenset[str] = frozenset({"controlnet", "safety"})
+
+# What marks a complete model folder of each layout (``Architecture.layout``, ``ModelEntry.layout``); a
+# ``weights_file`` model is its one file.
+LAYOUT_MARKERS = {"diffusers": MODEL_INDEX, "transformers": TRANSFORMERS_CONFIG, COMPONENT_LAYOUT: COMPONENT_CONFIG}
 HUB_PATTERNS = {"diffusers": (HUB_INCLUDE, HUB_EXCLUDE),
-                "transformers": (TRANSFORMERS_HUB_INCLUDE, TRANSFORMERS_HUB_EXCLUDE)}
+                "transformers": (TRANSFORMERS_HUB_INCLUDE, TRANSFORMERS_HUB_EXCLUDE),
+                COMPONENT_LAYOUT: (COMPONENT_HUB_INCLUDE, ())}
 WEIGHTS_FILE_SUFFIXES: tuple[str, ...] = (".safetensors", ".pth", ".pt", ".ckpt")

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from imagewire.air_registry.air import parse_air
-from imagewire.air_registry.architectures import ARCHITECTURES
 from imagewire.air_registry.catalog import ModelEntry, hub_file
 from imagewire.air_registry.errors import WeightsMissing
 from imagewire.air_registry.model_files import HUB_PATTERNS, LAYOUT_MARKERS, MODEL_INDEX
@@ -28,7 +27,7 @@ def hub_download_command(repo: str, layout: str = "diffusers", filename: str | N
     included, excluded = HUB_PATTERNS[layout]
     include = " ".join(f"--include '{pattern}'" for pattern in included)
     exclude = " ".join(f"--exclude '{pattern}'" for pattern in excluded)
-    return f"hf download {repo} {include} {exclude}"
+    return " ".join(part for part in (f"hf download {repo}", include, exclude) if part)
 
 
 def _missing(entry: ModelEntry, what: str) -> WeightsMissing:
@@ -39,7 +38,7 @@ def _locate_hub_weights(entry: ModelEntry, *, allow_downloads: bool) -> Path:
     # Imported here: huggingface_hub is slow to import and only the model worker needs it.
     from huggingface_hub import snapshot_download
 
-    layout = ARCHITECTURES[entry.architecture].layout
+    layout = entry.layout
     # A weights_file model names one file of its repo: "owner/name/file.pth".
     repo, filename = hub_file(entry.location) if layout == "weights_file" else (entry.location, None)
     command = hub_download_command(repo, layout, filename)
@@ -88,7 +87,7 @@ def locate_weights(entry: ModelEntry, *, data_dir: Path, allow_downloads: bool) 
         return _locate_hub_weights(entry, allow_downloads=allow_downloads)
     location = Path(entry.location)
     if entry.source == "folder":
-        layout = ARCHITECTURES[entry.architecture].layout
+        layout = entry.layout
         if not location.is_dir():
             raise _missing(
                 entry,

@@ -97,7 +97,8 @@ class ImagewireServer:
                               max_image_pixels=config.max_image_pixels, max_image_bytes=config.max_image_bytes,
                               price_per_gpu_second=config.price_per_gpu_second,
                               max_output_pixels=config.max_output_pixels,
-                              upscale_tile_size=config.upscale_tile_size),
+                              upscale_tile_size=config.upscale_tile_size,
+                              safety_checker=config.safety_checker),
             catalog=catalog, store=self.store, fetcher=fetcher, device=self.device, results=self.registry)
         self.metrics = Metrics(State(
             queue_depth=lambda: self.device.pending, loaded_models=self.device.loaded_models,

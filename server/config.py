@@ -54,6 +54,7 @@ class Config:
     send_timeout: float = 30.0             # seconds a client may leave answers untaken before it is closed
     upscale_tile_size: int = 512           # upscalers see tiles of at most this many input pixels a side
     log_level: str = "INFO"
+    safety_checker: str = "imagewire:sd-safety-checker@1"   # the catalog model checkNSFW and safety run
 
     @property
     def base_url(self) -> str:
@@ -201,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a client may leave answers untaken before it is closed [IMAGEWIRE_SEND_TIMEOUT]")
     add("--log-level", default=_env("LOG_LEVEL", "INFO"), choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="[IMAGEWIRE_LOG_LEVEL]")
+    add("--safety-checker", default=_env("SAFETY_CHECKER", Config.safety_checker), metavar="AIR",
+        help="catalog model (category safety) that checkNSFW and safety.checkContent/checkInputs run "
+             "(default %(default)s) [IMAGEWIRE_SAFETY_CHECKER]")
     return parser
 
 
@@ -253,6 +257,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         max_outbox_bytes=args.max_outbox_mib * MIB,
         send_timeout=args.send_timeout,
         log_level=args.log_level,
+        safety_checker=args.safety_checker,
     )
 
 

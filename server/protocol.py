@@ -179,7 +179,8 @@ def convert_task(obj: dict[str, Any], struct_type: type[schema.Task]) -> schema.
     try:
         return msgspec.convert(present, struct_type)
     except msgspec.ValidationError as exc:
-        raise _translate_validation_error(exc, present, struct_type) from exc
+        nested = _nested_validation_error(exc, present, struct_type)
+        raise (nested or _translate_validation_error(exc, present, struct_type)) from exc
 
 
 _PATH = re.compile(r"at `\$\.(?P<field>[A-Za-z0-9_]+)(?P<rest>[^`]*)`")
@@ -203,8 +204,6 @@ def _translate_validation_error(
     name = at.group("field")
     info = _field_info(struct_type).get(name)
     received = present.get(name)
-    if info is not None and (at.group("rest") or _UNKNOWN_FIELD.search(text)):
-        return _nested_error(text, name, at.group("rest"), info.type, received)
     if name == "taskUUID":
         return InvalidParameter(
             f"taskUUID must be a UUID string like '4a8c1e2b-...'; received {describe_value(received)}.",
@@ -225,37 +224,88 @@ def _translate_validation_error(
         parameter=name, type=wire_type(info.type) if info else None, allowed_values=allowed)
 
 
-_STEP = re.compile(r"\.(?P<key>[A-Za-z0-9_]+)|\[(?P<index>\d+)\]")
+# ``$.controlNet[0].weight`` → the parts ``controlNet``, 0, ``weight``.
+_NESTED_PATH = re.compile(r"at `\$(?P<path>(?:\.[A-Za-z0-9_]+|\[\d+\])+)`")
+_PATH_PART = re.compile(r"\.([A-Za-z0-9_]+)|\[(\d+)\]")
 _UNKNOWN_FIELD = re.compile(r"unknown field `(?P<field>[^`]+)`")
 
 
-def _nested_error(text: str, name: str, rest: str, t: mi.Type, received: Any) -> TaskError:
-    """The error of a value inside an object or array (``settings.rgba[3]``), named by its whole path."""
-    path = name + rest
-    for step in _STEP.finditer(rest):
-        member = next(iter(non_null(t)), t)
-        if step.group("key") is not None:
-            key = step.group("key")
-            fields = {field.encode_name: field for field in member.fields} if isinstance(member, mi.StructType) else {}
-            t = fields[key].type if key in fields else t
-            received = received.get(key) if isinstance(received, dict) else None
-        else:
-            index = int(step.group("index"))
-            if isinstance(member, mi.TupleType) and index < len(member.item_types):
-                t = member.item_types[index]
-            elif isinstance(member, (mi.ListType, mi.TupleType)) and hasattr(member, "item_type"):
-                t = member.item_type
-            received = received[index] if isinstance(received, list) and index < len(received) else None
-    unknown = _UNKNOWN_FIELD.search(text)
-    member = next(iter(non_null(t)), t)
-    if unknown and isinstance(member, mi.StructType):
-        known = sorted(field.encode_name for field in member.fields)
+def _nested_validation_error(
+    exc: msgspec.ValidationError, present: dict[str, Any], struct_type: type[schema.Task]
+) -> TaskError | None:
+    """The error for a value inside an object or array (``controlNet[0].weight``, ``outpaint.top``,
+    ``settings.rgba[3]``), named by its whole path; None for a top-level field, which
+    ``_translate_validation_error`` describes."""
+    text = str(exc)
+    at = _NESTED_PATH.search(text)
+    if at is None:
+        return None
+    parts: list[str | int] = [name if name else int(index) for name, index in _PATH_PART.findall(at.group("path"))]
+    unknown, missing = _UNKNOWN_FIELD.search(text), _MISSING.search(text)
+    if unknown or missing:  # about a key of the object at the path
+        parts.append((unknown or missing).group("field"))  # type: ignore[union-attr]
+    if len(parts) < 2:
+        return None
+    path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in parts).lstrip(".")
+    container = path.rsplit(".", 1)[0] if isinstance(parts[-1], str) else path
+    leaf, received = _walk(struct_type, present, parts)
+    if unknown:
+        known = sorted(_struct_fields(_walk(struct_type, present, parts[:-1])[0]))
         return UnknownParameter(
-            f"{unknown.group('field')} is not a parameter of {path}. Known parameters: {', '.join(known)}.",
-            parameter=f"{path}.{unknown.group('field')}", allowed_values=known)
+            f"{path} is not a parameter of {container}. Known parameters: {', '.join(known)}.",
+            parameter=path, allowed_values=known)
+    if missing:
+        expected = describe_type(leaf) if leaf is not None else "a value"
+        return MissingParameter(f"{path} is required: expected {expected}.", parameter=path,
+                                type=wire_type(leaf) if leaf is not None else None)
+    if leaf is None:
+        return InvalidParameter(f"Invalid {path}: {_first_sentence(text)}.", parameter=path)
+    if isinstance(received, int) and not isinstance(received, bool):
+        stepped = stepped_range(leaf)
+        if stepped is not None:
+            nearest = nearest_valid(stepped, received)
+            return InvalidParameter(
+                f"Invalid {path}: must be from {stepped.ge} to {stepped.le} and divisible by "
+                f"{stepped.multiple_of}; received {received}. Nearest valid value{'s' if len(nearest) > 1 else ''}: "
+                f"{' or '.join(map(str, nearest))}.", parameter=path, type="integer", allowed_values=nearest)
     return InvalidParameter(
-        f"Invalid {path}: expected {describe_type(t)}; received {describe_value(received)}.",
-        parameter=path, type=wire_type(t), allowed_values=literal_values(t))
+        f"Invalid {path}: expected {describe_type(leaf)}; received {describe_value(received)}.",
+        parameter=path, type=wire_type(leaf), allowed_values=literal_values(leaf))
+
+
+def _walk(struct_type: type[schema.Task], present: dict[str, Any], parts: list[str | int]) -> tuple[Any, Any]:
+    """The schema type and the client's value at ``parts`` (either None where the path leaves them)."""
+    node: Any = mi.type_info(struct_type)
+    value: Any = present
+    for part in parts:
+        node = _step(node, part)
+        if isinstance(part, int):
+            value = value[part] if isinstance(value, list) and part < len(value) else None
+        else:
+            value = value.get(part) if isinstance(value, dict) else None
+    return node, value
+
+
+def _step(node: Any, part: str | int) -> Any:
+    if node is None:
+        return None
+    for member in non_null(node) if not isinstance(node, mi.StructType) else [node]:
+        if isinstance(part, int) and isinstance(member, mi.ListType):
+            return member.item_type
+        if isinstance(part, int) and isinstance(member, mi.TupleType):
+            return member.item_types[part] if part < len(member.item_types) else None
+        if isinstance(part, str) and isinstance(member, mi.StructType):
+            return next((field.type for field in member.fields if field.encode_name == part), None)
+        if isinstance(part, str) and isinstance(member, mi.DictType):
+            return member.value_type
+    return None
+
+
+def _struct_fields(node: Any) -> list[str]:
+    for member in non_null(node) if node is not None and not isinstance(node, mi.StructType) else [node]:
+        if isinstance(member, mi.StructType):
+            return [field.encode_name for field in member.fields]
+    return []
 
 
 @cache

@@ -92,6 +92,7 @@ class Settings:
     price_per_gpu_second: float = 0.0
     max_output_pixels: int = 4096 * 4096  # results of the tools that enlarge an image (upscale)
     upscale_tile_size: int = 512          # upscaling works on tiles of at most this many input pixels a side
+    safety_checker: str = "imagewire:sd-safety-checker@1"  # the catalog model content checks run
 
 
 @dataclass

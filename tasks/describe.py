@@ -92,7 +92,8 @@ def _describe_one(t: mi.Type) -> str:
     if isinstance(t, mi.BoolType):
         return "true or false"
     if isinstance(t, mi.ListType):
-        return f"an array of {_describe_one(t.item_type)}"
+        most = f" (at most {t.max_length})" if t.max_length is not None else ""
+        return f"an array of {_describe_one(t.item_type)}{most}"
     if isinstance(t, mi.DictType):
         return "an object"
     if isinstance(t, mi.TupleType):

@@ -1,4 +1,5 @@
-"""imageInference: text-to-image, and image-to-image from a seedImage.
+"""imageInference: text-to-image, image-to-image from a seedImage, and the edits of ``tasks/editing.py``
+(inpainting, outpainting, ControlNet) with the content checks of ``tasks/content_safety.py``.
 
 The handler reads as the path of one task:
 
@@ -20,10 +21,10 @@ from PIL import Image
 
 from imagewire.air_registry import ARCHITECTURES, ModelDefaults, ModelEntry, SamplerSpec
 from imagewire.storage import OUTPUT_FORMATS, ImageFormat, encode_image, to_base64
-from imagewire.tasks import inputs, schema
+from imagewire.tasks import editing, inputs, schema
 from imagewire.tasks.context import TaskContext
 from imagewire.tasks.describe import describe_annotation, nearest_valid, stepped_range
-from imagewire.tasks.errors import InvalidParameter, MissingParameter, UnknownParameter, UnsupportedParameter
+from imagewire.tasks.errors import InvalidParameter, MissingParameter
 from imagewire.tasks.jobs import GeneratedImage, InferenceJob, JobEvent, Queued
 from imagewire.tasks.outputs import ImageOutput, deliver_image, image_output
 from imagewire.tasks.schema import ImageInference, ImageResult, Progress
@@ -49,13 +50,14 @@ class Prepared:
     output_types: list[str]
     output_format: ImageFormat
     output_quality: int
+    edits: editing.Edits = editing.NO_EDITS
 
 
 def prepare(task: ImageInference, ctx: TaskContext) -> Prepared:
     """Every check that needs the model but no I/O. Raises a TaskError naming the parameter."""
     model = inputs.model(ctx, task.model)
     defaults = model.defaults
-    check_safety(task)
+    edits = editing.prepare(task, model, ctx)
     if task.seedImage is None:
         if ARCHITECTURES[model.architecture].image_to_image_only:
             raise InvalidParameter(
@@ -88,29 +90,8 @@ def prepare(task: ImageInference, ctx: TaskContext) -> Prepared:
         output_types=output.types,
         output_format=output.format,
         output_quality=output.quality,
+        edits=edits,
     )
-
-
-SAFETY_FIELDS = ("checkContent", "checkInputs", "mode", "tolerance")
-
-
-def check_safety(task: ImageInference) -> None:
-    """Safety checks are not run here, so asking for one is an error rather than a silent no."""
-    safety = task.safety or {}
-    unknown = sorted(set(safety) - set(SAFETY_FIELDS))
-    if unknown:
-        raise UnknownParameter(
-            f"Unknown parameter safety.{unknown[0]}; the fields of safety are {', '.join(SAFETY_FIELDS)}.",
-            parameter=f"safety.{unknown[0]}", allowed_values=list(SAFETY_FIELDS))
-    asked = [f"safety.{name}" for name in ("checkContent", "checkInputs") if safety.get(name)]
-    if safety.get("mode") not in (None, "none"):
-        asked.append("safety.mode")
-    if task.checkNSFW:
-        asked.append("checkNSFW")
-    if asked:
-        raise UnsupportedParameter(
-            f"Content safety checks ({', '.join(asked)}) are not supported by this server yet; leave them off "
-            "(false, or mode 'none').", parameter=asked[0])
 
 
 def size_from_seed(value: int | None, seed_size: int) -> int:
@@ -139,8 +120,9 @@ def check_model_defaults(defaults: ModelDefaults) -> None:
 
 
 async def run(prepared: Prepared, ctx: TaskContext) -> AsyncIterator[ImageResult]:
-    task, services = prepared.task, ctx.services
+    task = prepared.task
     weights = await inputs.weights(ctx, prepared.model)
+    loaded = await editing.load(ctx, prepared.edits)
     init_image = None
     width, height = task.width, task.height
     if task.seedImage is not None:
@@ -148,17 +130,21 @@ async def run(prepared: Prepared, ctx: TaskContext) -> AsyncIterator[ImageResult
             seed = await inputs.image(ctx, task.seedImage, parameter="seedImage")
             width, height = size_from_seed(width, seed.width), size_from_seed(height, seed.height)
             init_image = seed.image
-            if init_image.size != (width, height):
+            # Outpainting scales the seed image to the area it keeps of the result (editing.compose).
+            if init_image.size != (width, height) and prepared.edits.outpaint is None:
                 init_image = await asyncio.to_thread(init_image.resize, (width, height), Image.Resampling.LANCZOS)
     assert width is not None and height is not None
+    scene = await editing.compose(ctx, prepared.edits, loaded, task, init_image, width, height)
     job = InferenceJob(
         task_uuid=task.taskUUID, owner=ctx.owner, model=prepared.model, weights=weights, prompt=prepared.prompt,
-        negative_prompt=prepared.negative_prompt, width=width, height=height, steps=prepared.steps,
-        cfg_scale=prepared.cfg_scale, sampler=prepared.sampler, seeds=prepared.seeds, init_image=init_image,
-        strength=task.strength, preview=task.includeProgress and task.includePreview)
-    progress = services.device.submit(job, on_event=_ProgressReport(task, len(prepared.seeds), ctx).on_event)
+        negative_prompt=prepared.negative_prompt, width=scene.width, height=scene.height, steps=prepared.steps,
+        cfg_scale=prepared.cfg_scale, sampler=prepared.sampler, seeds=prepared.seeds, init_image=scene.init_image,
+        strength=task.strength, mask_image=scene.mask_image, controlnets=scene.controlnets,
+        guide_images=scene.guide_images, preview=task.includeProgress and task.includePreview)
+    progress = editing.submit(ctx, scene, job, on_event=_ProgressReport(task, len(prepared.seeds), ctx).on_event)
     try:
-        async for chunk in progress:
+        async for produced in progress:
+            chunk = await editing.finish(ctx, prepared.edits, loaded, scene, task.taskUUID, produced)
             pending = [asyncio.ensure_future(_deliver(prepared, image, ctx)) for image in chunk]
             try:
                 for finished in asyncio.as_completed(pending):
@@ -209,7 +195,8 @@ async def _deliver(prepared: Prepared, generated: GeneratedImage, ctx: TaskConte
     task = prepared.task
     output = ImageOutput(prepared.output_types, prepared.output_format, prepared.output_quality)
     return await deliver_image(ctx, generated.image, output, task_type="imageInference", task_uuid=task.taskUUID,
-                               cost_seconds=generated.seconds if task.includeCost else None, seed=generated.seed)
+                               cost_seconds=generated.seconds if task.includeCost else None, seed=generated.seed,
+                               NSFWContent=generated.nsfw)
 
 
 TASK_TYPE = TaskType(struct=ImageInference, prepare=prepare, run=run)

@@ -53,6 +53,9 @@ class InferenceJob(Job):
     seeds: list[int]
     init_image: Image | None = None  # already resized to width × height
     strength: float = 0.8
+    mask_image: Image | None = None  # inpainting: "L", width × height, white = repaint (init_image is set)
+    controlnets: tuple[ControlNetUse, ...] = ()
+    guide_images: tuple[Image, ...] = ()  # one per ControlNet, width × height
     preview: bool = False           # progress events carry a low-resolution preview
 
     @property
@@ -67,7 +70,39 @@ class InferenceJob(Job):
         """
         return (self.model.air, self.init_image is not None, self.width, self.height, self.steps,
                 self.cfg_scale, self.sampler, self.strength if self.init_image is not None else None,
-                bool(self.negative_prompt))
+                bool(self.negative_prompt), self.mask_image is not None,
+                tuple(control.batch_key() for control in self.controlnets))
+
+
+@dataclass(frozen=True)
+class ControlNetUse:
+    """One ControlNet of a job, but its guide image: what every job sharing a call shares."""
+
+    model: ModelEntry
+    weights: Path
+    weight: float    # controlnet_conditioning_scale
+    start: float     # fraction of the denoising steps where it starts guiding …
+    end: float       # … and where it stops
+    mode: str        # controlMode: balanced | prompt | controlnet
+
+    def batch_key(self) -> Hashable:
+        return (self.model.air, self.weight, self.start, self.end, self.mode)
+
+
+@dataclass(kw_only=True)
+class SafetyCheckJob(Job):
+    """Pictures for the content safety checker; the result is one flag per picture (True: flagged)."""
+
+    checker: ModelEntry
+    weights: Path
+    pictures: list[Image]
+
+    @property
+    def images(self) -> int:
+        return len(self.pictures)
+
+    def batch_key(self) -> Hashable:
+        return self.checker.air
 
 
 @dataclass(frozen=True)
@@ -76,6 +111,7 @@ class GeneratedImage:
     seed: int
     image: Image
     seconds: float   # device time spent on this image (its share of its call), for includeCost
+    nsfw: bool | None = None  # the content safety checker's verdict, when one was asked for
 
 
 @dataclass(frozen=True)

@@ -59,25 +59,41 @@ def cost(ctx: TaskContext, device_seconds: float) -> float:
     return round(device_seconds * ctx.services.settings.price_per_gpu_second, 6)
 
 
-async def deliver_image(ctx: TaskContext, image: Image, output: ImageOutput, *, task_type: str, task_uuid: str,
-                        cost_seconds: float | None = None, **fields: Any) -> ImageResult:
-    """Encode and store ``image`` and answer it: an ``ImageResult`` with ``fields`` (seed, inputImageUUID)
-    and, when ``cost_seconds`` is given, its cost."""
+@dataclass(frozen=True)
+class StoredImage:
+    """An image encoded and stored, in the forms a request asked for (the others None)."""
+
+    uuid: str
+    url: str | None = None
+    base64_data: str | None = None
+    data_uri: str | None = None
+
+
+async def store_image(ctx: TaskContext, image: Image, output: ImageOutput) -> StoredImage:
+    """Encode ``image`` as ``output`` says, store it under a new image UUID and describe it in each form asked for."""
     fmt = output.format
     with ctx.timed("encode"):
         data = await asyncio.to_thread(encode_image, image, fmt, output.quality)
     with ctx.timed("store"):
         stored = await inputs.store(ctx, data, extension=fmt.extension)
-    result = ImageResult(taskType=task_type, taskUUID=task_uuid, imageUUID=stored.uuid, **fields)
-    if "URL" in output.types:
-        result.imageURL = ctx.services.image_url(stored.uuid, fmt.extension)
+    url = ctx.services.image_url(stored.uuid, fmt.extension) if "URL" in output.types else None
+    encoded = None
     if "base64Data" in output.types or "dataURI" in output.types:
         with ctx.timed("encode"):
             encoded = await asyncio.to_thread(to_base64, data)
-        if "base64Data" in output.types:
-            result.imageBase64Data = encoded
-        if "dataURI" in output.types:
-            result.imageDataURI = f"data:{fmt.media_type};base64,{encoded}"
+    return StoredImage(
+        uuid=stored.uuid, url=url, base64_data=encoded if "base64Data" in output.types else None,
+        data_uri=f"data:{fmt.media_type};base64,{encoded}" if encoded is not None and "dataURI" in output.types
+        else None)
+
+
+async def deliver_image(ctx: TaskContext, image: Image, output: ImageOutput, *, task_type: str, task_uuid: str,
+                        cost_seconds: float | None = None, **fields: Any) -> ImageResult:
+    """Encode and store ``image`` and answer it: an ``ImageResult`` with ``fields`` (seed, inputImageUUID)
+    and, when ``cost_seconds`` is given, its cost."""
+    stored = await store_image(ctx, image, output)
+    result = ImageResult(taskType=task_type, taskUUID=task_uuid, imageUUID=stored.uuid, imageURL=stored.url,
+                         imageBase64Data=stored.base64_data, imageDataURI=stored.data_uri, **fields)
     if cost_seconds is not None:
         result.cost = cost(ctx, cost_seconds)
     return result

@@ -10,6 +10,7 @@ from typing import Any
 from imagewire.tasks import (
     background_removal,
     cancel_task,
+    controlnet_preprocess,
     get_response,
     image_caption,
     image_history,
@@ -37,5 +38,7 @@ SUPPORTED: Mapping[str, TaskType[Any, Any]] = MappingProxyType({
         image_caption.TASK_TYPE,
         image_caption.TASK_TYPE.spelled(schema.Caption),
         prompt_enhance.TASK_TYPE,
+        controlnet_preprocess.TASK_TYPE,
+        controlnet_preprocess.TASK_TYPE.spelled(schema.ControlNetPreprocess),
     )
 })

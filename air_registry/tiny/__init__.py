@@ -28,6 +28,9 @@ BUILDERS: Mapping[str, str] = MappingProxyType({
     "tiny-background": "imagewire.air_registry.tiny.background",
     "tiny-caption": "imagewire.air_registry.tiny.caption",
     "tiny-prompt": "imagewire.air_registry.tiny.prompt",
+    "tiny-sd-inpaint": "imagewire.air_registry.tiny.inpaint",
+    "tiny-controlnet": "imagewire.air_registry.tiny.controlnet",
+    "tiny-safety": "imagewire.air_registry.tiny.safety",
 })
 
 # Builders draw initial weights from torch's global generator, seeded per component: two builds in one

@@ -20,13 +20,13 @@ import torch
 from imagewire.air_registry import ModelEntry, RegistryError, SamplerUnusable
 from imagewire.air_registry.loader import PipelineCache, unavailable_samplers
 from imagewire.air_registry.tool_loader import ToolModels
-from imagewire.server.engine import background, caption, inference, prompts, upscale
+from imagewire.server.engine import background, caption, inference, prompts, safety, upscale
 from imagewire.server.engine.threads import limit_cpu_threads
 from imagewire.tasks.background_removal import BackgroundRemovalJob
 from imagewire.tasks.image_caption import CaptionJob
 from imagewire.tasks.image_upscale import UpscaleJob
 from imagewire.tasks.inputs import task_error
-from imagewire.tasks.jobs import Emit, InferenceJob, Job
+from imagewire.tasks.jobs import Emit, InferenceJob, Job, SafetyCheckJob
 from imagewire.tasks.prompt_enhance import PromptJob
 
 log = logging.getLogger("imagewire.engine")
@@ -40,6 +40,7 @@ RUNNERS: dict[type[Job], Runner] = {
     BackgroundRemovalJob: background.run,
     CaptionJob: caption.run,
     PromptJob: prompts.run,
+    SafetyCheckJob: safety.run,
 }
 
 
@@ -56,7 +57,7 @@ class DiffusersEngine:
             log.warning("scheduler %s %s; requests for it are refused", name, why)
 
     def load(self, model: ModelEntry) -> None:
-        self.pipelines.text_to_image(model)
+        self.pipelines.load(model)
 
     def run(self, jobs: Sequence[Job], emit: Emit) -> None:
         try:

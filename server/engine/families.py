@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -62,7 +63,31 @@ class StableDiffusion:
         else:
             arguments["width"] = first.width
             arguments["height"] = first.height
+        if first.mask_image is not None:
+            arguments["mask_image"] = [job.mask_image for job in owners]
+            arguments["width"] = first.width
+            arguments["height"] = first.height
+        if first.controlnets:
+            arguments.update(controlnet_arguments(owners))
         return arguments
+
+
+def controlnet_arguments(owners: Sequence[InferenceJob]) -> dict[str, Any]:
+    """The ControlNet pipelines' arguments: guide images per image (one per ControlNet), the rest shared.
+
+    Text-to-image ControlNet pipelines take the guides as ``image``; the others, whose ``image`` is the
+    seed image, as ``control_image``. Each ControlNet's guides go as one array of the call's images (the
+    pipelines take a batch of guides per ControlNet in that form only), in [0, 1] as from PIL images.
+    """
+    first = owners[0]
+    guides = "image" if first.init_image is None else "control_image"
+    return {
+        guides: [np.stack([np.asarray(job.guide_images[index].convert("RGB"), dtype=np.float32) / 255
+                           for job in owners]) for index in range(len(first.controlnets))],
+        "controlnet_conditioning_scale": [control.weight for control in first.controlnets],
+        "control_guidance_start": [control.start for control in first.controlnets],
+        "control_guidance_end": [control.end for control in first.controlnets],
+    }
 
 
 FAMILIES: Mapping[str, Family] = {

@@ -23,6 +23,7 @@ from PIL import Image
 
 from imagewire.air_registry import ARCHITECTURES
 from imagewire.server.device import Cancelled
+from imagewire.server.engine.controlnets import ModedControlNets
 from imagewire.server.engine.families import FAMILIES, Family
 from imagewire.tasks.jobs import Emit, GeneratedImage, InferenceJob, Step
 
@@ -36,11 +37,15 @@ PREVIEW_SIDE = 128
 def run(engine: DiffusersEngine, jobs: Sequence[InferenceJob], emit: Emit) -> None:
     first = jobs[0]
     pipelines = engine.pipelines
-    # 1. the pipeline: image-to-image shares the weights of text-to-image
-    if first.init_image is not None:
+    # 1. the pipeline: image-to-image and inpainting share the weights of text-to-image
+    if first.mask_image is not None:
+        pipe = pipelines.inpainting(first.model, first.weights)
+    elif first.init_image is not None:
         pipe = pipelines.image_to_image(first.model, first.weights)
     else:
         pipe = pipelines.text_to_image(first.model, first.weights)
+    if first.controlnets:
+        pipe = pipelines.with_controlnet(pipe, _controlnets(engine, first))
     family = FAMILIES[ARCHITECTURES[first.model.architecture].family]
     # 2. every image to make, as (job index, image index within its job, seed)
     images = [(j, i, seed) for j, job in enumerate(jobs) for i, seed in enumerate(job.seeds)]
@@ -62,6 +67,12 @@ def run(engine: DiffusersEngine, jobs: Sequence[InferenceJob], emit: Emit) -> No
                 for (j, i, seed), picture in zip(chunk, pictures, strict=True)]
         for j, owned in groupby(made, key=itemgetter(0)):  # a job's images are adjacent in ``images``
             emit(j, [image for _, image in owned])
+
+
+def _controlnets(engine: DiffusersEngine, job: InferenceJob) -> ModedControlNets:
+    nets = [engine.pipelines.controlnet(control.model, control.weights) for control in job.controlnets]
+    # The pipelines run classifier-free guidance for a CFG scale above 1.
+    return ModedControlNets(nets, [control.mode for control in job.controlnets], guided=job.cfg_scale > 1)
 
 
 class _StepReport:

@@ -11,12 +11,21 @@ from imagewire.air_registry.errors import CatalogError, MalformedAIR, UnknownMod
 from imagewire.tasks.image_inference import check_model_defaults
 from imagewire.tasks.inputs import task_error
 
-CHECKPOINT_AIRS = [
+# The imageInference models: checkpoints, and the ControlNets and safety checkers beside them.
+INFERENCE_AIRS = [
     "imagewire:tiny@1",
     "imagewire:sd15@1",
     "imagewire:sd21@1",
     "imagewire:sdxl-base@1",
     "imagewire:sdxl-refiner@1",
+    "imagewire:tiny-inpaint@1",
+    "imagewire:tiny-controlnet@1",
+    "imagewire:tiny-safety@1",
+    "imagewire:sd15-inpaint@1",
+    "imagewire:sdxl-inpaint@1",
+    "imagewire:sd15-controlnet-canny@1",
+    "imagewire:sdxl-controlnet-canny@1",
+    "imagewire:sd-safety-checker@1",
 ]
 # The models of the tool task types (upscale, background removal, caption, prompt enhance).
 TOOL_AIRS = [
@@ -25,7 +34,8 @@ TOOL_AIRS = [
     *(f"runware:112@{version}" for version in (1, 2, 3, 5, 6, 7, 8, 9, 10)),
     "runware:151@1", "imagewire:blip-base@1", "imagewire:magicprompt@1", "runware:llama-3-1-8b@prompt-enhancer",
 ]
-SHIPPED_AIRS = CHECKPOINT_AIRS + TOOL_AIRS
+SHIPPED_AIRS = INFERENCE_AIRS + TOOL_AIRS
+CHECKPOINT_AIRS = [air for air in INFERENCE_AIRS if "controlnet" not in air and "safety" not in air]
 
 
 def write_catalog(path: Path, entries: Any) -> Path:
@@ -305,13 +315,19 @@ def test_search_without_filters_returns_everything(catalog: Catalog) -> None:
 @pytest.mark.parametrize(
     ("filters", "airs"),
     [
-        ({"text": "sdxl"}, ["imagewire:sdxl-base@1", "imagewire:sdxl-refiner@1"]),
+        ({"text": "sdxl"}, ["imagewire:sdxl-base@1", "imagewire:sdxl-refiner@1", "imagewire:sdxl-inpaint@1",
+                            "imagewire:sdxl-controlnet-canny@1"]),
         ({"text": "XL Refiner"}, ["imagewire:sdxl-refiner@1"]),
         ({"text": "stable-diffusion-v1-5"}, ["imagewire:sd15@1"]),
         ({"text": "nothing like this"}, []),
-        ({"architecture": "sd15"}, ["imagewire:sd15@1"]),
-        ({"architecture": "SDXL"}, ["imagewire:sdxl-base@1"]),
+        ({"architecture": "sd15"}, ["imagewire:sd15@1", "imagewire:sd15-controlnet-canny@1",
+                                    "imagewire:sd-safety-checker@1"]),
+        ({"architecture": "SDXL"}, ["imagewire:sdxl-base@1", "imagewire:sdxl-controlnet-canny@1"]),
         ({"category": "checkpoint"}, CHECKPOINT_AIRS),
+        ({"category": "controlnet"}, ["imagewire:tiny-controlnet@1", "imagewire:sd15-controlnet-canny@1",
+                                      "imagewire:sdxl-controlnet-canny@1"]),
+        ({"tags": ["inpainting"]},
+         ["imagewire:tiny-inpaint@1", "imagewire:sd15-inpaint@1", "imagewire:sdxl-inpaint@1"]),
         ({"category": "upscaler"}, ["imagewire:tiny-upscaler@1", "runware:504@1"]),
         ({"category": "lora"}, []),
         ({"tags": ["refiner"]}, ["imagewire:sdxl-refiner@1"]),

@@ -136,7 +136,7 @@ async def test_generate_shows_a_progress_bar_when_stderr_is_a_terminal(server, t
 
 
 async def test_models_lists_air_name_architecture_and_default_size(server):
-    run = await imagewire("models", "tiny", "--category", "checkpoint", url=server.url)
+    run = await imagewire("models", TINY, "--category", "checkpoint", url=server.url)
     assert run.code == 0, run.stderr
     (line,) = run.lines
     air, name, architecture, size = line.split("\t")
@@ -182,6 +182,40 @@ async def test_every_command_has_help(command: list[str]):
     run = await imagewire(*command, "--help")
     assert run.code == 0
     assert run.stdout.startswith("usage: imagewire") and "--url" in run.stdout and "--api-key" in run.stdout
+
+
+def size_of(path: str) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.size
+
+
+async def test_preprocess_then_inpaint_with_the_guide_image(server, tmp_path):
+    from tests.server.test_editing import mask_picture, seed_picture
+
+    seed_picture().save(tmp_path / "seed.png")
+    mask_picture().save(tmp_path / "mask.png")
+    run = await imagewire("preprocess", str(tmp_path / "seed.png"), "--low", "50", "--high", "150",
+                          "--out", str(tmp_path / "guides"), url=server.url)
+    assert run.code == 0, run.stderr
+    (guide_path,) = run.lines
+    assert size_of(guide_path) == (128, 128)
+    guide_uuid = Path(guide_path).stem
+    run = await imagewire("generate", *SMALL, "--prompt", "a door", "--image", str(tmp_path / "seed.png"),
+                          "--mask", str(tmp_path / "mask.png"), "--mask-margin", "32",
+                          "--controlnet", "imagewire:tiny-controlnet@1", guide_uuid, "0.7",
+                          "--control-mode", "controlnet", "--out", str(tmp_path / "out"), url=server.url)
+    assert run.code == 0, run.stderr
+    (path,) = run.lines
+    assert size_of(path) == (128, 128)
+    run = await imagewire("generate", *SMALL, "--prompt", "a door", "--image", str(tmp_path / "seed.png"),
+                          "--outpaint", "0,64,0,0", "--out", str(tmp_path / "out"), url=server.url)
+    assert run.code == 0, run.stderr
+    assert size_of(run.lines[0]) == (192, 128)
+    run = await imagewire("generate", *SMALL, "--prompt", "a door", "--controlnet", "imagewire:tiny-controlnet@1",
+                          url=server.url)
+    assert run.code == 1 and "AIR GUIDE [WEIGHT]" in run.stderr
 
 
 def test_the_progress_bar_shows_the_tasks_percent_and_step() -> None:

@@ -72,6 +72,45 @@ async def test_a_task_cut_off_by_a_lost_socket_is_recovered_by_the_sdk(start_ser
     assert all(image.imageUUID and image.imageURL for image in images)
 
 
+# ---------------------------------------------------------------- editing, as the SDK sends it
+
+
+async def test_inpainting_outpainting_and_controlnet_through_the_sdk(start_server, tmp_path):
+    import numpy as np
+    from runware import IControlNetCanny, IControlNetGeneral, IOutpaint, ISafety
+
+    from tests.server.test_editing import BOX, mask_picture, outside, seed_picture
+
+    server = await start_server(safety_checker="imagewire:tiny-safety@1")
+    client = Runware(api_key="test-key", url=server.url)
+    await client.connect()
+    try:
+        seed_picture().save(tmp_path / "seed.png")
+        mask_picture().save(tmp_path / "mask.png")
+        # Files: the SDK sends the seed and the mask as base64 data.
+        [inpainted] = await client.imageInference(requestImage=IImageInference(
+            model="imagewire:tiny-inpaint@1", positivePrompt="a door", seedImage=str(tmp_path / "seed.png"),
+            maskImage=str(tmp_path / "mask.png"), maskMargin=32, strength=0.9, steps=2, width=128, height=128,
+            seed=8, outputType="base64Data", outputFormat="PNG", safety=ISafety(checkContent=True)))
+        result = np.asarray(Image.open(io.BytesIO(base64.b64decode(inpainted.imageBase64Data))).convert("RGB"))
+        assert np.array_equal(result[outside(BOX)], np.asarray(seed_picture())[outside(BOX)])
+        assert inpainted.NSFWContent is False
+        # Guide images are uploaded first; IControlNetCanny asks the server to pre-process its guide.
+        [guided] = await client.imageInference(requestImage=IImageInference(
+            model="imagewire:tiny@1", positivePrompt="a door", steps=2, width=128, height=128,
+            controlNet=[IControlNetGeneral(model="imagewire:tiny-controlnet@1", guideImage=str(tmp_path / "mask.png"),
+                                           weight=0.6, startStep=1, endStep=2),
+                        IControlNetCanny(model="imagewire:tiny-controlnet@1", guideImage=str(tmp_path / "seed.png"),
+                                         lowThresholdCanny=50, highThresholdCanny=150)]))
+        assert guided.imageURL
+        [extended] = await client.imageInference(requestImage=IImageInference(
+            model="imagewire:tiny@1", positivePrompt="a door", seedImage=str(tmp_path / "seed.png"), steps=2,
+            width=256, height=128, outpaint=IOutpaint(left=64, right=64, blur=4), outputType="base64Data"))
+        assert Image.open(io.BytesIO(base64.b64decode(extended.imageBase64Data))).size == (256, 128)
+    finally:
+        await client.disconnect()
+
+
 # ---------------------------------------------------------------- the tools, as the SDK calls them
 
 

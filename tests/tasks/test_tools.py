@@ -193,3 +193,8 @@ def test_answers_echo_the_spelling_sent() -> None:
         task = msgspec.convert({"taskType": spelling, "taskUUID": UUID, "upscaleFactor": 2}, schema.AnyTask)
         assert name_of(task) == spelling
     assert SUPPORTED["upscale"].prepare is SUPPORTED["imageUpscale"].prepare
+    for spelling in ("imageControlNetPreProcess", "controlNetPreprocess"):
+        assert SUPPORTED[spelling].name == spelling
+        task = msgspec.convert({"taskType": spelling, "taskUUID": UUID, "preProcessorType": "canny"}, schema.AnyTask)
+        assert name_of(task) == spelling and isinstance(task, schema.ImageControlNetPreProcess)
+    assert SUPPORTED["controlNetPreprocess"].run is SUPPORTED["imageControlNetPreProcess"].run

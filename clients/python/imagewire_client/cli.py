@@ -1,5 +1,5 @@
-"""The ``imagewire`` command: upload and generate images, upscale them, remove backgrounds, caption
-images, enhance prompts, list models.
+"""The ``imagewire`` command: upload, generate and edit images, make ControlNet guide images, upscale
+images, remove backgrounds, caption images, enhance prompts, list models.
 
 Results go to stdout one per line so they compose with other tools; progress and errors
 go to stderr. Exit codes: 0 success, 1 an error from the server or the connection,
@@ -20,6 +20,7 @@ from typing import Any, TextIO, TypeVar
 
 from imagewire_client import __version__
 from imagewire_client.client import DEFAULT_URL, Client
+from imagewire_client.edits import ControlNet, Outpaint
 from imagewire_client.errors import ImagewireError
 from imagewire_client.results import ImageResult
 
@@ -49,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     connection = _connection_options()
     parser = argparse.ArgumentParser(
         prog="imagewire", parents=[connection],
-        description="Talk to an imagewire server: upload, generate, upscale, remove backgrounds, caption, enhance "
-                    "prompts, list models.")
+        description="Talk to an imagewire server: upload, generate, preprocess, upscale, remove backgrounds, "
+                    "caption, enhance prompts, list models.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -79,6 +80,34 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--format", choices=sorted(FORMATS), default="png", help="image format (default png)")
     generate.add_argument("--quality", type=int, metavar="Q", help="JPG/WEBP quality 20-99")
     generate.add_argument("--out", type=Path, default=Path("."), metavar="DIR", help="output folder (default .)")
+    editing = generate.add_argument_group("editing")
+    editing.add_argument("--mask", metavar="FILE|UUID|URL", help="inpaint --image: white repaints, black keeps")
+    editing.add_argument("--mask-margin", type=int, metavar="PX",
+                         help="repaint a crop around the mask, with this much context (32-128), at full size")
+    editing.add_argument("--outpaint", type=_sides, metavar="TOP,RIGHT,BOTTOM,LEFT",
+                         help="extend --image by these pixels (multiples of 64)")
+    editing.add_argument("--outpaint-blur", type=int, default=0, metavar="PX", help="soft boundary (0-32)")
+    editing.add_argument("--controlnet", nargs="+", action="append", default=[], metavar="AIR GUIDE [WEIGHT]",
+                         help="a ControlNet model and its guide image (FILE|UUID|URL), optional weight 0-1; "
+                              "repeatable")
+    editing.add_argument("--control-mode", choices=["balanced", "prompt", "controlnet"],
+                         help="how the ControlNets weigh against the prompt (default balanced)")
+    editing.add_argument("--check-nsfw", action="store_true",
+                         help="check each result for unwanted content (flagged ones come back black)")
+
+    preprocess = commands.add_parser(
+        "preprocess", parents=[connection], help="make a ControlNet guide image",
+        description="Make a ControlNet guide image from an image; writes <guideImageUUID>.png to --out and "
+                    "prints its path (its UUID is the file name, usable as --controlnet's GUIDE).")
+    preprocess.add_argument("image", metavar="FILE|UUID|URL")
+    preprocess.add_argument("--type", default="canny", choices=["canny", "tile", "shuffle"],
+                            help="pre-processor (default canny)")
+    preprocess.add_argument("--low", type=int, metavar="N", help="canny's low threshold (default 100)")
+    preprocess.add_argument("--high", type=int, metavar="N", help="canny's high threshold (default 200)")
+    preprocess.add_argument("--width", type=int, help="scale a wider image down to this width")
+    preprocess.add_argument("--height", type=int, help="scale a taller image down to this height")
+    preprocess.add_argument("--out", type=Path, default=Path("."), metavar="DIR",
+                            help="output folder (default .)")
 
     models = commands.add_parser("models", parents=[connection], help="list the server's models",
                                  description="List models: AIR, name, architecture and default size, tab-separated.")
@@ -116,6 +145,28 @@ def build_parser() -> argparse.ArgumentParser:
     enhance.add_argument("--seed", type=int)
     enhance.add_argument("--model", metavar="AIR")
     return parser
+
+
+def _sides(text: str) -> Outpaint:
+    try:
+        top, right, bottom, left = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected TOP,RIGHT,BOTTOM,LEFT in pixels, e.g. 0,128,0,128; got {text!r}") from None
+    return Outpaint(top=top, right=right, bottom=bottom, left=left)
+
+
+def _controlnets(values: list[list[str]], mode: str | None) -> list[ControlNet]:
+    controls = []
+    for value in values:
+        if len(value) not in (2, 3):
+            raise ImagewireError("usageError", f"--controlnet takes AIR GUIDE [WEIGHT]; got {' '.join(value)!r}.")
+        try:
+            weight = float(value[2]) if len(value) == 3 else None
+        except ValueError:
+            raise ImagewireError("usageError", f"--controlnet weight must be a number; got {value[2]!r}.") from None
+        controls.append(ControlNet(model=value[0], guide_image=value[1], weight=weight, control_mode=mode))
+    return controls
 
 
 class Progress:
@@ -192,6 +243,11 @@ async def run_generate(client: Client, args: argparse.Namespace, timeout: float)
         scheduler=args.scheduler, seed=args.seed, number_results=args.number_results,
         # Ask for the bytes inline, so no second request is needed to save them.
         output_type="base64Data", output_format=output_format, output_quality=args.quality, timeout=timeout,
+        mask_image=args.mask, mask_margin=args.mask_margin, check_nsfw=args.check_nsfw,
+        outpaint=None if args.outpaint is None else Outpaint(
+            top=args.outpaint.top, right=args.outpaint.right, bottom=args.outpaint.bottom, left=args.outpaint.left,
+            blur=args.outpaint_blur),
+        control_net=_controlnets(args.controlnet, args.control_mode),
         on_progress=progress.update if progress.live else None,
     )
     results = await progress.track(call)
@@ -202,6 +258,20 @@ async def run_generate(client: Client, args: argparse.Namespace, timeout: float)
         path = args.out / f"{result.image_uuid}.{extension}"
         path.write_bytes(result.image_bytes)
         print(path, flush=True)
+        if result.nsfw_content:
+            print(f"{path}: flagged by the content safety checker (the image is black)", file=sys.stderr)
+
+
+async def run_preprocess(client: Client, args: argparse.Namespace, timeout: float) -> None:
+    call = client.controlnet_preprocess(args.image, preprocessor=args.type, width=args.width, height=args.height,
+                                        low_threshold=args.low, high_threshold=args.high, timeout=timeout)
+    guide = await Progress(f"making a {args.type} guide image", sys.stderr).track(call)
+    if guide.image_bytes is None:
+        raise ImagewireError("invalidResponse", f"The server sent no image data for {guide.uuid}.")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{guide.uuid}.png"
+    path.write_bytes(guide.image_bytes)
+    print(path, flush=True)
 
 
 async def run_models(client: Client, args: argparse.Namespace, timeout: float) -> None:
@@ -263,6 +333,7 @@ async def run_enhance_prompt(client: Client, args: argparse.Namespace, timeout: 
 COMMANDS: dict[str, Callable[[Client, argparse.Namespace, float], Awaitable[None]]] = {
     "upload": run_upload,
     "generate": run_generate,
+    "preprocess": run_preprocess,
     "models": run_models,
     "upscale": run_upscale,
     "remove-background": run_remove_background,

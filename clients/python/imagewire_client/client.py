@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -22,6 +22,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from imagewire_client import requests, schema
 from imagewire_client.calls import CallTable, PendingCall
+from imagewire_client.edits import ControlNet, Outpaint
 from imagewire_client.errors import (
     CLIENT_CLOSED,
     CONNECTION_FAILED,
@@ -31,10 +32,12 @@ from imagewire_client.errors import (
 )
 from imagewire_client.images import ImageSource, image_field, is_remote_reference
 from imagewire_client.results import (
+    GuideImage,
     ImageResult,
     ModelInfo,
     TextResult,
     UploadedImage,
+    guide_image,
     image_result,
     model_infos,
     text_result,
@@ -193,6 +196,12 @@ class Client:
         output_format: str = "PNG",
         output_quality: int | None = None,
         include_cost: bool = False,
+        mask_image: ImageSource | None = None,
+        mask_margin: int | None = None,
+        outpaint: Outpaint | None = None,
+        control_net: Sequence[ControlNet] = (),
+        check_nsfw: bool = False,
+        check_inputs: bool = False,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
         preview: bool = False,
         task_uuid: str | None = None,
@@ -208,11 +217,26 @@ class Client:
         holds the encoded image. Server-side validation errors raise ``ImagewireError`` naming
         the parameter; no answer within ``timeout`` seconds raises one with code ``timeout``.
 
+        Editing: ``mask_image`` (white = repaint; any image form) inpaints the seed image, with
+        ``mask_margin`` (32–128) repainting a crop around the mask at full size; ``outpaint``
+        (``Outpaint(top=..., right=..., bottom=..., left=..., blur=...)``) extends it; ``control_net``
+        takes ``ControlNet`` settings whose ``guide_image`` is any image form. ``check_nsfw`` has each
+        result checked (``ImageResult.nsfw_content``; flagged results come back black) and
+        ``check_inputs`` the input images.
+
         ``on_progress`` is called with each progress item of the task (``progress`` in percent,
         ``resultIndex``, ``step`` and ``steps``, or ``queuePosition`` while it waits), and with a small
         ``preview`` data URI about once a second when ``preview`` is true. Pass your own ``task_uuid``
         to be able to ``cancel`` the task from elsewhere.
         """
+        controls = [
+            schema.ControlNet(model=control.model, guideImage=await _image_field(
+                control.guide_image, f"controlNet[{index}].guideImage"), weight=control.weight,
+                startStep=control.start_step, endStep=control.end_step,
+                startStepPercentage=control.start_step_percentage, endStepPercentage=control.end_step_percentage,
+                controlMode=control.control_mode)  # type: ignore[arg-type]  # checked by the server
+            for index, control in enumerate(control_net)
+        ]
         task = requests.image_inference(
             model=model, positive_prompt=positive_prompt, negative_prompt=negative_prompt,
             seed_image=None if seed_image is None else await _image_field(seed_image, "seedImage"),
@@ -220,11 +244,38 @@ class Client:
             seed=seed, number_results=number_results, output_type=output_type, output_format=output_format,
             output_quality=output_quality, include_cost=include_cost, include_progress=on_progress is not None,
             include_preview=preview and on_progress is not None, task_uuid=task_uuid,
+            mask_image=None if mask_image is None else await _image_field(mask_image, "maskImage"),
+            mask_margin=mask_margin, control_net=controls, check_nsfw=check_nsfw,
+            outpaint=None if outpaint is None else schema.Outpaint(
+                top=outpaint.top, right=outpaint.right, bottom=outpaint.bottom, left=outpaint.left,
+                blur=outpaint.blur),
+            safety={"checkInputs": True} if check_inputs else None,
         )
         items = await self._call(task, task.taskUUID, expected=number_results, timeout=timeout,
                                  counted_key="imageUUID", on_progress=on_progress)
         results = [image_result(item) for item in items]
         return sorted(results, key=lambda result: (result.seed is None, result.seed or 0))
+
+    async def controlnet_preprocess(
+        self,
+        image: ImageSource,
+        *,
+        preprocessor: str = "canny",
+        width: int | None = None,
+        height: int | None = None,
+        low_threshold: int | None = None,
+        high_threshold: int | None = None,
+        output_format: str = "PNG",
+        timeout: float = 120.0,
+    ) -> GuideImage:
+        """A ControlNet guide image made from ``image`` (``canny``, ``tile``, ``shuffle``); its ``uuid`` can be a
+        ``ControlNet``'s ``guide_image``, and ``image_bytes`` holds it. ``width``/``height`` only scale down."""
+        task = requests.controlnet_preprocess(
+            input_image=await _image_field(image, "inputImage"), preprocessor=preprocessor, width=width,
+            height=height, low_threshold=low_threshold, high_threshold=high_threshold,
+            output_type=["URL", "base64Data"], output_format=output_format)
+        items = await self._call(task, task.taskUUID, expected=1, timeout=timeout)
+        return guide_image(items[0])
 
     async def cancel(self, task_uuid: str, *, timeout: float = 60.0) -> bool:
         """Stop a task this API key sent: True when it was stopped (its call then raises ``ImagewireError``

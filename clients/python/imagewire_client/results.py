@@ -36,6 +36,17 @@ class ImageResult:
 
 
 @dataclass(frozen=True)
+class GuideImage:
+    """A ControlNet guide image made by the server: pass ``uuid`` as a ControlNet's ``guide_image``."""
+
+    task_uuid: str
+    uuid: str
+    input_image_uuid: str | None = None
+    url: str | None = None
+    image_bytes: bytes | None = None
+
+
+@dataclass(frozen=True)
 class UploadedImage:
     """An image stored on the server: pass ``uuid`` wherever a task takes an image."""
 
@@ -73,6 +84,17 @@ def image_result(item: dict[str, Any]) -> ImageResult:
         image_bytes=image_bytes, image_data_uri=wire.imageDataURI, cost=wire.cost, nsfw_content=wire.NSFWContent,
         input_image_uuid=wire.inputImageUUID,
     )
+
+
+def guide_image(item: dict[str, Any]) -> GuideImage:
+    wire: schema.GuideImageResult = _convert(item, schema.GuideImageResult)
+    data = None
+    if wire.guideImageBase64Data:
+        data = _decode_base64(wire.guideImageBase64Data, wire.taskUUID)
+    elif wire.guideImageDataURI and "," in wire.guideImageDataURI:
+        data = _decode_base64(wire.guideImageDataURI.split(",", 1)[1], wire.taskUUID)
+    return GuideImage(task_uuid=wire.taskUUID, uuid=wire.guideImageUUID, input_image_uuid=wire.inputImageUUID,
+                      url=wire.guideImageURL, image_bytes=data)
 
 
 def uploaded_image(item: dict[str, Any]) -> UploadedImage:

@@ -38,6 +38,15 @@ OutputQuality = Annotated[int, Meta(ge=20, le=99)]
 OutputType = Literal["URL", "base64Data", "dataURI"]
 DeliveryMethod = Literal["sync", "async"]
 WebhookURL = Annotated[str, Meta(max_length=2048)]
+# Inpainting, outpainting and ControlNet (image-inference_inpainting.md, _outpainting.md, api-reference).
+MaskMargin = Annotated[int, Meta(ge=32, le=128)]
+OutpaintExtension = Annotated[int, Meta(ge=0, le=1920, multiple_of=64)]
+OutpaintBlur = Annotated[int, Meta(ge=0, le=32)]
+ControlNetWeight = Annotated[float, Meta(ge=0, le=1)]
+ControlNetStep = Annotated[int, Meta(ge=1, le=100)]
+ControlMode = Literal["balanced", "prompt", "controlnet"]
+CannyThreshold = Annotated[int, Meta(ge=0, le=255)]
+MAX_CONTROLNETS = 4
 
 
 class Task(Struct, tag_field="taskType", forbid_unknown_fields=True, kw_only=True):
@@ -84,6 +93,38 @@ class ImageInference(Deliverable, tag="imageInference"):
     includePreview: bool = False
     checkNSFW: bool = False
     safety: dict[str, Any] | None = None
+    maskImage: str | None = None
+    maskMargin: MaskMargin | None = None
+    outpaint: Outpaint | None = None
+    controlNet: Annotated[list[ControlNet], Meta(max_length=MAX_CONTROLNETS)] | None = None
+
+
+class Outpaint(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Pixels to add on each side of the seed image (``null`` counts as 0), and the mask's soft edge."""
+
+    top: OutpaintExtension | None = None
+    right: OutpaintExtension | None = None
+    bottom: OutpaintExtension | None = None
+    left: OutpaintExtension | None = None
+    blur: OutpaintBlur | None = None
+
+
+class ControlNet(Struct, forbid_unknown_fields=True, kw_only=True):
+    """One ControlNet of ``controlNet``. Every optional field may be ``null`` (the Python SDK sends them so)."""
+
+    model: Annotated[str, Meta(min_length=1, max_length=200)]
+    guideImage: str
+    weight: ControlNetWeight | None = None
+    startStep: ControlNetStep | None = None
+    endStep: ControlNetStep | None = None
+    startStepPercentage: Annotated[int, Meta(ge=0, le=99)] | None = None
+    endStepPercentage: Annotated[int, Meta(ge=1, le=100)] | None = None
+    controlMode: ControlMode | None = None
+    # The Python SDK's IControlNetCanny / IControlNetOpenPose: pre-process guideImage first.
+    preprocessor: Annotated[str, Meta(max_length=50)] | None = None
+    lowThresholdCanny: CannyThreshold | None = None
+    highThresholdCanny: CannyThreshold | None = None
+    includeHandsAndFaceOpenPose: bool | None = None
 
 
 class ImageUpload(Deliverable, tag="imageUpload"):
@@ -211,9 +252,40 @@ class PromptEnhance(Deliverable, tag="promptEnhance"):
     includeCost: bool = False
 
 
+# ---------------------------------------------------------------- ControlNet guide images
+
+
+class ImageControlNetPreProcess(Deliverable, tag="imageControlNetPreProcess"):
+    """A guide image from an input image (tasks/controlnet_preprocess.py).
+
+    The older shape names the pre-processor in ``preProcessorType`` and the image in ``inputImage``;
+    the newer one in ``model`` (``runware:controlnet-preprocess@canny``) and ``inputs.image``.
+    """
+
+    taskUUID: TaskUUID
+    inputImage: str | None = None
+    inputs: ImageInputs | None = None
+    preProcessorType: Annotated[str, Meta(max_length=50)] | None = None
+    model: Annotated[str, Meta(max_length=200)] | None = None
+    width: Annotated[int, Meta(ge=1, le=2048)] | None = None
+    height: Annotated[int, Meta(ge=1, le=2048)] | None = None
+    lowThresholdCanny: CannyThreshold = 100
+    highThresholdCanny: CannyThreshold = 200
+    includeHandsAndFaceOpenPose: bool = False
+    outputType: OutputType | list[OutputType] = "URL"
+    outputFormat: Annotated[str, Meta(max_length=10)] = "JPG"
+    outputQuality: OutputQuality = 95
+    includeCost: bool = False
+
+
+class ControlNetPreprocess(ImageControlNetPreProcess, tag="controlNetPreprocess"):
+    """imageControlNetPreProcess as the newer official SDKs spell it."""
+
+
 AnyTask = (Authentication | Ping | ImageInference | ImageUpload | GetResponse | ModelSearch
            | ImageUpscale | Upscale | ImageBackgroundRemoval | RemoveBackground | ImageCaption | Caption
-           | PromptEnhance | CancelTask | ImageHistory)
+           | PromptEnhance | CancelTask | ImageHistory | ImageControlNetPreProcess
+           | ControlNetPreprocess)
 
 # Parameters the public API defines for a task type that this server does not implement yet.
 # They are answered with ``unsupportedParameter`` by name, never silently ignored; any other
@@ -221,8 +293,8 @@ AnyTask = (Authentication | Ping | ImageInference | ImageUpload | GetResponse | 
 UNSUPPORTED_PARAMETERS: dict[str, frozenset[str]] = {
     "imageInference": frozenset(
         {
-            "lora", "refiner", "controlNet", "maskImage", "maskMargin", "vae", "clipSkip",
-            "promptWeighting", "acceleratorOptions", "ipAdapters", "embeddings", "outpaint",
+            "lora", "refiner", "vae", "clipSkip",
+            "promptWeighting", "acceleratorOptions", "ipAdapters", "embeddings",
             "referenceImages", "inputs", "advancedFeatures", "puLID", "acePlusPlus",
             "photoMaker", "instantID", "layerDiffuse", "ttl", "uploadEndpoint", "outputs",
             "providerSettings", "settings", "frameImages", "resolution", "batchSize",
@@ -239,6 +311,7 @@ UNSUPPORTED_PARAMETERS: dict[str, frozenset[str]] = {
         {"providerSettings", "safety", "ttl", "uploadEndpoint", "inputImages"})),
     **dict.fromkeys(("imageCaption", "caption"), frozenset({"inputImages", "template", "structuredData"})),
     "promptEnhance": frozenset(),
+    **dict.fromkeys(("imageControlNetPreProcess", "controlNetPreprocess"), frozenset({"ttl", "uploadEndpoint"})),
 }
 
 # ---------------------------------------------------------------- answers
@@ -276,6 +349,16 @@ class TextResult(Item):
 
     taskUUID: str
     text: str
+    cost: float | None = None
+
+
+class GuideImageResult(Item):
+    taskUUID: str
+    guideImageUUID: str
+    inputImageUUID: str | None = None
+    guideImageURL: str | None = None
+    guideImageBase64Data: str | None = None
+    guideImageDataURI: str | None = None
     cost: float | None = None
 
 

@@ -86,6 +86,7 @@ class SyncClient:
     remove_background = _blocking(Client.remove_background)
     caption = _blocking(Client.caption)
     enhance_prompt = _blocking(Client.enhance_prompt)
+    controlnet_preprocess = _blocking(Client.controlnet_preprocess)
 
     def close(self) -> None:
         """Close the connection and stop the background loop. Safe to call twice."""
