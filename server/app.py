@@ -27,7 +27,7 @@ from imagewire.server.sessions import SessionRegistry, TaskRegistry
 from imagewire.server.webhooks import WebhookSender
 from imagewire.storage import ImageStore, UrlFetcher
 from imagewire.storage.store import Limits as StoreLimits
-from imagewire.tasks.context import Services, Settings
+from imagewire.tasks.context import PixelBudget, Services, Settings
 from imagewire.tasks.image_inference import check_model_defaults
 
 log = logging.getLogger("imagewire.server")
@@ -99,11 +99,13 @@ class ImagewireServer:
                               max_output_pixels=config.max_output_pixels,
                               upscale_tile_size=config.upscale_tile_size,
                               safety_checker=config.safety_checker),
-            catalog=catalog, store=self.store, fetcher=fetcher, device=self.device, results=self.registry)
+            catalog=catalog, store=self.store, fetcher=fetcher, device=self.device, results=self.registry,
+            pixels=PixelBudget(config.max_waiting_pixels))
         self.metrics = Metrics(State(
             queue_depth=lambda: self.device.pending, loaded_models=self.device.loaded_models,
             device_memory=self.device.device_memory, connections=lambda: len(self.connections),
             sessions=lambda: len(self.sessions), ready=lambda: self.device.ready and self._web is not None,
+            held_input_pixels=lambda: self.services.pixels.held,
         ), max_batch_size=config.max_batch_size)
         self.device.on_call = self.metrics.device_call
         self.runner = TaskRunner(

@@ -47,6 +47,7 @@ class Config:
     max_storage_bytes: int | None = None   # the image store as a whole; None: no bound
     max_storage_bytes_per_key: int | None = None
     min_free_disk_bytes: int = 512 * MIB   # below this much free disk, writes stop (reads go on)
+    max_waiting_pixels: int = 256_000_000  # decoded input pixels held by unfinished tasks, all together
     handshake_timeout: float = 10.0        # seconds a new TCP connection has to send its HTTP request
     max_handshakes_per_ip: int = 16        # connections from one address still sending their request
     trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-For names the client
@@ -186,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--min-free-disk-gib", type=NON_NEGATIVE, default=_env("MIN_FREE_DISK_GIB", "0.5"),
         help="free disk below which new images are refused and stored ones still served "
              "[IMAGEWIRE_MIN_FREE_DISK_GIB]")
+    add("--max-waiting-megapixels", type=POSITIVE, default=_env("MAX_WAITING_MEGAPIXELS", "256"),
+        help="decoded input images that unfinished tasks may hold, all together; past it a task's input image "
+             "is refused with serviceUnavailable [IMAGEWIRE_MAX_WAITING_MEGAPIXELS]")
     add("--handshake-timeout", type=POSITIVE, default=_env("HANDSHAKE_TIMEOUT", "10"),
         help="seconds a new connection has to send its HTTP request [IMAGEWIRE_HANDSHAKE_TIMEOUT]")
     add("--max-handshakes-per-ip", type=COUNT, default=_env("MAX_HANDSHAKES_PER_IP", "16"),
@@ -251,6 +255,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         max_storage_bytes=_gib(args.max_storage_gib),
         max_storage_bytes_per_key=_gib(args.max_storage_gib_per_key),
         min_free_disk_bytes=_gib(args.min_free_disk_gib) or 0,
+        max_waiting_pixels=int(args.max_waiting_megapixels * 1_000_000),
         handshake_timeout=args.handshake_timeout,
         max_handshakes_per_ip=args.max_handshakes_per_ip,
         trusted_proxies=tuple(trusted_proxies),

@@ -35,6 +35,7 @@ class State:
     connections: Callable[[], int]
     sessions: Callable[[], int]
     ready: Callable[[], bool]
+    held_input_pixels: Callable[[], int] = lambda: 0
 
 
 class BusyClock:
@@ -122,6 +123,9 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily("imagewire_connections", "Open WebSocket connections.", value=state.connections())
         yield GaugeMetricFamily("imagewire_sessions", "Sessions, attached or waiting to be resumed.",
                                 value=state.sessions())
+        yield GaugeMetricFamily("imagewire_held_input_pixels",
+                                "Decoded input image pixels held by unfinished tasks (--max-waiting-megapixels).",
+                                value=state.held_input_pixels())
         yield GaugeMetricFamily("imagewire_ready", "1 when the server takes tasks.", value=int(state.ready()))
 
 

@@ -94,6 +94,7 @@ class TaskRunner:
         def finished(done: asyncio.Task[None]) -> None:
             self.running.discard(done)
             self.admission.release(ticket)
+            ctx.release()
 
         runner.add_done_callback(finished)
         return runner

@@ -127,12 +127,7 @@ async def run(prepared: Prepared, ctx: TaskContext) -> AsyncIterator[ImageResult
     width, height = task.width, task.height
     if task.seedImage is not None:
         with ctx.timed("decode"):
-            seed = await inputs.image(ctx, task.seedImage, parameter="seedImage")
-            width, height = size_from_seed(width, seed.width), size_from_seed(height, seed.height)
-            init_image = seed.image
-            # Outpainting scales the seed image to the area it keeps of the result (editing.compose).
-            if init_image.size != (width, height) and prepared.edits.outpaint is None:
-                init_image = await asyncio.to_thread(init_image.resize, (width, height), Image.Resampling.LANCZOS)
+            init_image, width, height = await _seed_image(ctx, prepared)
     assert width is not None and height is not None
     scene = await editing.compose(ctx, prepared.edits, loaded, task, init_image, width, height)
     job = InferenceJob(
@@ -156,6 +151,21 @@ async def run(prepared: Prepared, ctx: TaskContext) -> AsyncIterator[ImageResult
         progress.cancel()  # the task ended early (cancelled, failed): its job stops too
         ctx.timings["queue"] = progress.queue_seconds
         ctx.timings["model"] = progress.compute_seconds
+
+
+async def _seed_image(ctx: TaskContext, prepared: Prepared) -> tuple[Image.Image, int, int]:
+    """The seed image at the size it is used, and the output size. Only that is kept while the task
+    waits: the image as sent (its bytes, its full-size pixels) is let go here."""
+    task = prepared.task
+    assert task.seedImage is not None
+    # Outpainting scales the seed image to the area it keeps of the result (editing.compose).
+    resize = prepared.edits.outpaint is None
+    target = (task.width, task.height) if resize and task.width and task.height else None
+    seed = await inputs.image(ctx, task.seedImage, parameter="seedImage", target=target)
+    width, height = size_from_seed(task.width, seed.width), size_from_seed(task.height, seed.height)
+    if not resize:
+        return seed.image, width, height
+    return await inputs.resized(ctx, seed, (width, height), parameter="seedImage"), width, height
 
 
 class _ProgressReport:

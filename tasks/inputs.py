@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from PIL import Image
+
 from imagewire.air_registry import (
     ARCHITECTURES,
     ModelEntry,
@@ -48,16 +50,37 @@ def task_error(exc: StorageError | RegistryError, parameter: str) -> errors.Task
 
 
 async def image(
-    ctx: TaskContext, value: str, *, parameter: str, formats: frozenset[str] = INFERENCE_INPUTS
+    ctx: TaskContext, value: str, *, parameter: str, formats: frozenset[str] = INFERENCE_INPUTS,
+    target: tuple[int, int] | None = None,
 ) -> InputImage:
-    """An input image in any of the four forms (UUID, data URI, base64, URL), decoded and checked."""
+    """An input image in any of the four forms (UUID, data URI, base64, URL), decoded and checked.
+
+    Its decoded pixels count against the server's budget until the task is over (``ctx.hold_pixels``).
+    ``target``: the size the caller will resize it to, when known, so that a larger picture is decoded
+    (or reduced right away) to near that size rather than held at the size it was sent.
+    """
     services, settings = ctx.services, ctx.services.settings
     try:
-        return await resolve_image_input(
+        decoded = await resolve_image_input(
             value, owner=ctx.owner, store=services.store, fetcher=services.fetcher,
-            max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes, allowed_formats=formats)
+            max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes, allowed_formats=formats,
+            target=target)
     except StorageError as exc:
         raise task_error(exc, parameter) from exc
+    ctx.hold_pixels(decoded.image.width * decoded.image.height, parameter=parameter)
+    return decoded
+
+
+async def resized(ctx: TaskContext, picture: InputImage, size: tuple[int, int], *, parameter: str) -> Image.Image:
+    """``picture`` at ``size`` (Lanczos, in a thread), counted against the budget in its place: the caller
+    keeps the result and lets ``picture`` go."""
+    original = picture.image
+    if original.size == size:
+        return original
+    result = await asyncio.to_thread(original.resize, size, Image.Resampling.LANCZOS)
+    ctx.let_go_of_pixels(original.width * original.height)
+    ctx.hold_pixels(size[0] * size[1], parameter=parameter)
+    return result
 
 
 async def store(ctx: TaskContext, data: bytes, *, extension: str) -> StoredImage:

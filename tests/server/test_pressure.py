@@ -17,6 +17,7 @@ from websockets.asyncio.client import connect
 
 from imagewire.server import listener
 from imagewire.server.logs import ClientMistakes
+from tests.engines import HeldEngine
 from tests.timing import seconds
 from tests.wire import API_KEY, Wire, eventually, inference, new_uuid
 
@@ -182,4 +183,34 @@ async def test_a_lone_surrogate_fails_only_its_task_and_names_the_field(server):
     assert answers[good["taskUUID"]][0] and not answers[good["taskUUID"]][1]
     error = answers[bad["taskUUID"]][1][0]
     assert error["parameter"] == "positivePrompt" and "surrogate" in error["message"]
+    await wire.close()
+
+
+def one_colour_png(side: int) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side), (200, 40, 40)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+async def test_waiting_image_to_image_tasks_hold_their_seed_at_the_size_used_and_no_more(start_server):
+    """A 1600² seed for a 128² output is held at 128² while its task waits; past the budget of decoded
+    input pixels a new one is refused, naming seedImage; a finished task gives its share back."""
+    engine = HeldEngine()
+    used = 128 * 128
+    # Decoding briefly holds the seed reduced by a whole factor (267² here) before the final resize, so
+    # four tasks fit: the fourth arrives at 3 × 128² + 267² = 120,441 and the fifth would need 136,825.
+    server = await start_server(engine_factory=lambda: engine, max_waiting_pixels=130_000)
+    wire = await Wire.open(server.url)
+    seed = one_colour_png(1600)
+    waiting = [inference(seedImage=seed, strength=0.5, seed=index) for index in range(4)]
+    for count, task in enumerate(waiting, start=1):
+        await wire.send([task])
+        await eventually(lambda count=count: server.services.pixels.held == count * used)
+    refused = await wire.error(inference(seedImage=seed, strength=0.5))
+    assert refused["code"] == "serviceUnavailable" and refused["parameter"] == "seedImage", refused
+    assert "seedImage (0.0713 MP) would pass the bound of 0.13 MP" in refused["message"], refused["message"]
+    engine.release.set()
+    found = await wire.answers({task["taskUUID"]: 1 for task in waiting})
+    assert all(data and not errors for data, errors in found.values()), found
+    await eventually(lambda: server.services.pixels.held == 0)
     await wire.close()
