@@ -107,10 +107,14 @@ class Connection(Intake):
                 "one in. Authenticate right after connecting."))
         deadline = asyncio.get_running_loop().call_later(config.auth_timeout, self._authentication_overdue)
         try:
-            async for message in self.websocket:
+            while True:
+                message = await self.websocket.receive()
                 if message.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
-                    break  # an error (a message over the size limit closes the socket with 1009)
-                await self._on_frame(message.data)
+                    break  # closed, or an error (a message over the size limit closes the socket with 1009)
+                frame = message.data
+                del message
+                await self._on_frame(frame)
+                del frame  # this message (up to --max-frame-mib) is let go before the next one is awaited
                 if self.session is not None:
                     deadline.cancel()
                     self.waiting_room.leave(self)

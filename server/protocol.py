@@ -14,6 +14,7 @@ so one bad task becomes one error item and its neighbours still run:
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from functools import cache
@@ -72,44 +73,77 @@ class Decoded:
     error: TaskError | None = None
 
 
-# A \uXXXX escape of a UTF-16 surrogate without its other half: JSON text that names no character.
-# (An even run of backslashes before it is escaped backslashes, not the escape's own.)
-_LONE_SURROGATE = re.compile(
-    rb"(?<!\\)((?:\\\\)*)\\u(?:[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
-    rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2}\\u)[dD][c-fC-F][0-9a-fA-F]{2})")
-# What such an escape is read as, so the rest of the frame can be read: a noncharacter, which Unicode
-# keeps for a program's own use and which no client has reason to send.
-_SURROGATE_MARK = "\ufdd0"
+# A \u escape in the UTF-16 surrogate range: where msgspec refuses a frame over one of these, the
+# frame may hold half a surrogate pair, JSON text that names no character (see _with_lone_surrogates).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def decode_frame(frame: str | bytes, *, max_tasks: int) -> list[Decoded]:
     text = frame.encode("utf-8", "surrogatepass") if isinstance(frame, str) else frame
-    marked = _LONE_SURROGATE.sub(rb"\1\\ufdd0", text)
+    elements: list[Any]
+    surrogates = False
     try:
-        elements = _frame_decoder.decode(marked)
+        elements = _frame_decoder.decode(text)
     except RecursionError as exc:
-        raise FrameError("The message is nested too deeply to be a task array.") from exc
+        raise _too_deep() from exc
     except msgspec.DecodeError as exc:
-        raise FrameError(
-            "Each message must be a JSON array of task objects, e.g. "
-            '[{"taskType":"ping","ping":true}]; this one could not be read as one '
-            f"({_first_sentence(str(exc))}).",
-        ) from exc
+        elements = _with_lone_surrogates(text, exc)
+        surrogates = True
     if len(elements) > max_tasks:
         raise FrameError(
             f"A message may carry at most {max_tasks} tasks; this one carries {len(elements)}. "
             "Send the rest in further messages.",
         )
-    return [decode_task(element, surrogates=marked is not text) for element in elements]
+    return [decode_task(element, surrogates=surrogates) for element in elements]
 
 
-def decode_task(raw: msgspec.Raw | bytes, *, surrogates: bool = False) -> Decoded:
+def _with_lone_surrogates(text: bytes, error: msgspec.DecodeError) -> list[Any]:
+    """The frame's elements, where msgspec refused it for half a surrogate pair (``"\\ud800"`` alone).
+
+    The standard library's parser reads such an escape as a lone surrogate, so the frame's other tasks
+    still run and the task that carries it is answered with the field it is in. Only frames msgspec
+    refused come here, so a frame that is fine costs nothing more.
+    """
+    if _SURROGATE_ESCAPE.search(text) is None:
+        raise _unreadable(error)
     try:
-        obj = _object_decoder.decode(raw)
-    except RecursionError:
-        return Decoded(None, None, error=InvalidParameter("A task is nested too deeply to be read."))
-    except msgspec.DecodeError as exc:  # pragma: no cover - the frame decoder already checked the JSON
-        return Decoded(None, None, error=InvalidParameter(f"A task is not valid JSON: {exc}"))
+        elements = json.loads(text, parse_constant=_not_json)
+    except RecursionError as exc:
+        raise _too_deep() from exc
+    except ValueError as exc:
+        raise _unreadable(error) from exc
+    if not isinstance(elements, list):
+        raise _unreadable(error)
+    return elements
+
+
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _too_deep() -> FrameError:
+    return FrameError("The message is nested too deeply to be a task array.")
+
+
+def _unreadable(error: msgspec.DecodeError) -> FrameError:
+    return FrameError(
+        "Each message must be a JSON array of task objects, e.g. "
+        '[{"taskType":"ping","ping":true}]; this one could not be read as one '
+        f"({_first_sentence(str(error))}).",
+    )
+
+
+def decode_task(raw: msgspec.Raw | bytes | Any, *, surrogates: bool = False) -> Decoded:
+    """One element of a frame: JSON text, or (``surrogates``) what the standard library parsed it into."""
+    obj = raw
+    if isinstance(raw, (msgspec.Raw, bytes)):
+        try:
+            obj = _object_decoder.decode(raw)
+        except RecursionError:
+            return Decoded(None, None, error=InvalidParameter("A task is nested too deeply to be read."))
+        except msgspec.DecodeError as exc:  # pragma: no cover - the frame decoder already checked the JSON
+            return Decoded(None, None, error=InvalidParameter(f"A task is not valid JSON: {exc}"))
     if not isinstance(obj, dict):
         return Decoded(None, None, error=InvalidParameter(
             f"Each task must be a JSON object; received {type(obj).__name__} {describe_value(obj)}."))
@@ -121,7 +155,7 @@ def decode_task(raw: msgspec.Raw | bytes, *, surrogates: bool = False) -> Decode
             "Every task needs a taskType string, one of " + ", ".join(TASK_TYPES) + ".",
             parameter="taskType", type="string", allowed_values=list(TASK_TYPES)))
     if surrogates:
-        where = _marked_field(obj)
+        where = _lone_surrogate_field(obj)
         if where is not None:
             return Decoded(task_type, task_uuid, error=InvalidParameter(
                 f"{where} holds a \\u escape of half a UTF-16 surrogate pair (such as \\ud800 alone), which is not "
@@ -139,21 +173,21 @@ def decode_task(raw: msgspec.Raw | bytes, *, surrogates: bool = False) -> Decode
     return Decoded(task_type, task_uuid, task=task)
 
 
-def _marked_field(value: Any, path: str = "") -> str | None:
-    """The path of the first string (or key) that held a lone surrogate escape, or None."""
+def _lone_surrogate_field(value: Any, path: str = "") -> str | None:
+    """The path of the first string (or key) that holds a lone surrogate, or None."""
     if isinstance(value, str):
-        return path or "task" if _SURROGATE_MARK in value else None
+        return path or "task" if _SURROGATE.search(value) else None
     if isinstance(value, dict):
         for key, member in value.items():
             name = f"{path}.{key}" if path else str(key)
-            if _SURROGATE_MARK in str(key):
-                return short_name(name)
-            found = _marked_field(member, name)
+            if _SURROGATE.search(key):
+                return short_name(_SURROGATE.sub("\ufffd", name))  # an error item must be valid text
+            found = _lone_surrogate_field(member, name)
             if found is not None:
                 return found
     if isinstance(value, list):
         for index, member in enumerate(value):
-            found = _marked_field(member, f"{path}[{index}]")
+            found = _lone_surrogate_field(member, f"{path}[{index}]")
             if found is not None:
                 return found
     return None

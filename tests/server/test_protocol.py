@@ -239,3 +239,16 @@ def test_the_wire_schema_is_exported_and_names_fields_exactly():
     inference = components["ImageInference"]["properties"]
     assert {"taskUUID", "CFGScale", "positivePrompt", "seedImage"} <= set(inference)
     assert inference["steps"]["anyOf"][0]["maximum"] == 100
+
+
+def test_a_lone_surrogate_anywhere_is_named_in_an_error_that_is_itself_valid_text():
+    frame = ('[{"taskType":"ping","ping":true,"note":"fine \\ud83d\\ude00 \\ud800"},'
+             '{"taskType":"ping","\\udc00":1},{"taskType":"ping","ping":true}]')
+    in_value, in_key, fine = protocol.decode_frame(frame, max_tasks=10)
+    assert in_value.error is not None and in_value.error.parameter == "note"
+    assert in_key.error is not None and in_key.error.parameter == "\ufffd"
+    orjson.loads(protocol.error_frame(in_key.error, in_key.task_type, in_key.task_uuid))
+    assert fine.error is None and fine.task == schema.Ping(ping=True)
+    # What the standard library's parser would take beyond JSON stays refused on that path too.
+    with pytest.raises(protocol.FrameError):
+        protocol.decode_frame('[{"taskType":"ping","x":"\\ud800","y":NaN}]', max_tasks=10)
