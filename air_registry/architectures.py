@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from imagewire.air_registry.samplers import DIFFUSION, FLOW
+
 
 @dataclass(frozen=True)
 class Architecture:
@@ -24,6 +26,12 @@ class Architecture:
     single_file_pipeline: str | None = None
     # Refiners transform an image and have no text-to-image pipeline.
     image_to_image_only: bool = False
+    # The kind of sampler that fits its models (``samplers.py``): checked before the device.
+    sampling: str = DIFFUSION
+    # The precision its weights run in on CUDA devices, as the model was trained (CPUs use float32).
+    cuda_dtype: str = "float16"
+    # How many tokens of the prompt the T5 encoder reads (FLUX, SD 3); None: the pipeline's default.
+    max_sequence_length: int | None = None
 
 
 # Embedded test models have architectures of their own ("tiny"): nothing made for a real
@@ -36,5 +44,22 @@ ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType({
         Architecture("sdxl", family="sdxl", size=1024, steps=30, single_file_pipeline="StableDiffusionXLPipeline"),
         Architecture("sdxl-refiner", family="sdxl", size=1024, steps=30, strength=0.3,
                      single_file_pipeline="StableDiffusionXLImg2ImgPipeline", image_to_image_only=True),
+        # Flow-matching models. FLUX.1 [schnell] is distilled to 4 steps without guidance; [dev] takes
+        # FLUX's own guidance (CFGScale, see families.py) and reads twice as many T5 tokens.
+        Architecture("tiny-flux", family="flux", size=256, steps=4, cfg_scale=3.5, sampling=FLOW,
+                     cuda_dtype="bfloat16", max_sequence_length=64),
+        Architecture("tiny-sd3", family="sd3", size=256, steps=4, cfg_scale=4.5, sampling=FLOW,
+                     cuda_dtype="bfloat16", max_sequence_length=64),
+        Architecture("flux1-schnell", family="flux", size=1024, steps=4, cfg_scale=0.0, sampling=FLOW,
+                     cuda_dtype="bfloat16", max_sequence_length=256, single_file_pipeline="FluxPipeline"),
+        Architecture("flux1-dev", family="flux", size=1024, steps=28, cfg_scale=3.5, sampling=FLOW,
+                     cuda_dtype="bfloat16", max_sequence_length=512, single_file_pipeline="FluxPipeline"),
+        # SD 3 medium was released in float16; SD 3.5 in bfloat16.
+        Architecture("sd3", family="sd3", size=1024, steps=28, cfg_scale=7.0, sampling=FLOW,
+                     single_file_pipeline="StableDiffusion3Pipeline"),
+        Architecture("sd35-medium", family="sd3", size=1024, steps=40, cfg_scale=4.5, sampling=FLOW,
+                     cuda_dtype="bfloat16", single_file_pipeline="StableDiffusion3Pipeline"),
+        Architecture("sd35-large", family="sd3", size=1024, steps=28, cfg_scale=3.5, sampling=FLOW,
+                     cuda_dtype="bfloat16", single_file_pipeline="StableDiffusion3Pipeline"),
     )
 })

@@ -30,7 +30,14 @@ from typing import Any
 
 from imagewire.air_registry.air import parse_air
 from imagewire.air_registry.architectures import ARCHITECTURES, Architecture
-from imagewire.air_registry.errors import CatalogError, MalformedAIR, UnknownModel, UnknownSampler, shown
+from imagewire.air_registry.errors import (
+    CatalogError,
+    MalformedAIR,
+    SamplerUnusable,
+    UnknownModel,
+    UnknownSampler,
+    shown,
+)
 from imagewire.air_registry.model_files import SINGLE_FILE_SUFFIXES
 from imagewire.air_registry.samplers import DEFAULT_NAME, resolve_sampler
 from imagewire.air_registry.tiny import BUILDERS
@@ -138,9 +145,11 @@ def _parse_defaults(raw: Any, architecture: str, check: DefaultsCheck | None) ->
     scheduler = merged["scheduler"]
     _require(isinstance(scheduler, str), f"defaults.scheduler must be a string, not {shown(scheduler)}")
     try:
-        spec = resolve_sampler(scheduler)
+        spec = resolve_sampler(scheduler, ARCHITECTURES[architecture].sampling)
     except UnknownSampler as exc:
         raise CatalogError(f"defaults.scheduler {shown(scheduler)} is not a known scheduler name") from exc
+    except SamplerUnusable as exc:
+        raise CatalogError(f"defaults.scheduler {exc.problem}") from exc
     defaults = ModelDefaults(
         width=_number(merged, "width", integer=True),
         height=_number(merged, "height", integer=True),

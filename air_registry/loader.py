@@ -35,7 +35,7 @@ from imagewire.air_registry.architectures import ARCHITECTURES
 from imagewire.air_registry.catalog import ModelEntry
 from imagewire.air_registry.errors import RegistryError, SamplerUnusable, WeightsMissing
 from imagewire.air_registry.model_files import MODEL_INDEX
-from imagewire.air_registry.samplers import SAMPLERS, SamplerSpec
+from imagewire.air_registry.samplers import FLOW_SAMPLERS, SAMPLERS, SamplerSpec
 from imagewire.air_registry.tiny import ensure_embedded
 from imagewire.air_registry.weights import locate_weights
 
@@ -93,7 +93,7 @@ def unavailable_samplers() -> dict[str, str]:
     diffusers, or one that needs an optional package (diffusers then exports a placeholder). Checked once
     at start, so that requests for them are refused before they reach the device."""
     unavailable: dict[str, str] = {}
-    for name, spec in SAMPLERS.items():
+    for name, spec in [*SAMPLERS.items(), *FLOW_SAMPLERS.items()]:
         sampler_class = getattr(diffusers, spec.class_name, None)
         if sampler_class is None:
             unavailable[name] = f"is not available in this server's diffusers {diffusers.__version__}"
@@ -112,12 +112,19 @@ class PipelineCache:
         if max_loaded < 1:
             raise ValueError(f"max_loaded must be at least 1; received {max_loaded}")
         self.device = device
-        # Half precision halves memory and doubles speed on GPUs; CPUs have no fast float16 kernels.
-        self.dtype = torch.float16 if device.startswith("cuda") else torch.float32
         self.data_dir = Path(data_dir)
         self.allow_downloads = allow_downloads
         self.max_loaded = max_loaded
         self._loaded: OrderedDict[str, _LoadedModel] = OrderedDict()
+
+    def dtype_of(self, entry: ModelEntry) -> torch.dtype:
+        """The precision ``entry`` runs in here: its architecture's on CUDA (half precision halves memory
+        and doubles speed, in the half format the model was trained in), float32 on CPUs, which have no
+        fast half-precision kernels."""
+        if not self.device.startswith("cuda"):
+            return torch.float32
+        dtype: torch.dtype = getattr(torch, ARCHITECTURES[entry.architecture].cuda_dtype)
+        return dtype
 
     @property
     def loaded_models(self) -> list[str]:
@@ -224,7 +231,7 @@ class PipelineCache:
 
     def _read_pipeline(self, entry: ModelEntry, path: Path) -> DiffusionPipeline:
         architecture = ARCHITECTURES[entry.architecture]
-        options: dict[str, Any] = {_DTYPE_KEYWORD: self.dtype}
+        options: dict[str, Any] = {_DTYPE_KEYWORD: self.dtype_of(entry)}
         if importlib.util.find_spec("accelerate") is None:
             # Without accelerate, diffusers warns on every load before falling back to this.
             options["low_cpu_mem_usage"] = False

@@ -93,7 +93,8 @@ def prepare(task: ImageInference, ctx: TaskContext) -> Prepared:
         negative_prompt=None if task.negativePrompt in (None, "", BLANK_PROMPT) else task.negativePrompt,
         steps=steps,
         cfg_scale=task.CFGScale if task.CFGScale is not None else defaults.cfg_scale,
-        sampler=inputs.sampler(ctx, task.scheduler if task.scheduler is not None else defaults.scheduler),
+        sampler=inputs.sampler(ctx, task.scheduler if task.scheduler is not None else defaults.scheduler,
+                               sampling=ARCHITECTURES[model.architecture].sampling),
         # Counting up wraps past the largest seed, so every returned seed can be sent back.
         seeds=[(first_seed + i) % (schema.MAX_SEED + 1) for i in range(task.numberResults)],
         output_types=output_types,

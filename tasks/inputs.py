@@ -11,6 +11,7 @@ import asyncio
 from pathlib import Path
 
 from imagewire.air_registry import (
+    DIFFUSION,
     ModelEntry,
     RegistryError,
     SamplerSpec,
@@ -85,10 +86,12 @@ async def weights(ctx: TaskContext, entry: ModelEntry, *, parameter: str = "mode
         raise task_error(exc, parameter) from exc
 
 
-def sampler(ctx: TaskContext, name: str | None, *, parameter: str = "scheduler") -> SamplerSpec | None:
-    """The sampler a ``scheduler`` value names (None: the model's own), if this device can run it."""
+def sampler(ctx: TaskContext, name: str | None, *, parameter: str = "scheduler",
+            sampling: str = DIFFUSION) -> SamplerSpec | None:
+    """The sampler a ``scheduler`` value names (None: the model's own), if it fits the model's
+    ``sampling`` and this device can run it."""
     try:
-        spec = resolve_sampler(name)
+        spec = resolve_sampler(name, sampling)
     except RegistryError as exc:
         raise task_error(exc, parameter) from exc
     if spec is not None:

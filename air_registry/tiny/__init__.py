@@ -23,6 +23,8 @@ from imagewire.air_registry.model_files import MODEL_INDEX
 
 BUILDERS: Mapping[str, str] = MappingProxyType({
     "tiny-sd": "imagewire.air_registry.tiny.sd",
+    "tiny-flux": "imagewire.air_registry.tiny.flux",
+    "tiny-sd3": "imagewire.air_registry.tiny.sd3",
 })
 
 # Builders draw initial weights from torch's global generator, seeded per component: two builds in one

@@ -171,7 +171,7 @@ async def test_eight_concurrent_calls_on_one_connection_each_get_their_own_resul
 async def test_models_lists_the_servers_models(server):
     async with Client(server.url, API_KEY) as client:
         every = await client.models()
-        tiny = await client.models("tiny")
+        tiny = await client.models(TINY)
     assert TINY in [model.air for model in every]
     assert [model.air for model in tiny] == [TINY]
     assert tiny[0].defaultWidth >= 128 and tiny[0].available

@@ -135,7 +135,7 @@ async def test_generate_shows_elapsed_seconds_when_stderr_is_a_terminal(server, 
 
 
 async def test_models_lists_air_name_architecture_and_default_size(server):
-    run = await imagewire("models", "tiny", url=server.url)
+    run = await imagewire("models", TINY, url=server.url)
     assert run.code == 0, run.stderr
     (line,) = run.lines
     air, name, architecture, size = line.split("\t")

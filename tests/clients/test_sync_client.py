@@ -44,7 +44,7 @@ async def test_sync_client_uploads_and_generates_text_to_image_and_image_to_imag
             image_to_image = client.image_inference(
                 model=TINY, positive_prompt="a lighthouse at dawn", seed_image=uploaded, strength=0.5, steps=2,
                 output_type=["URL", "base64Data"])
-            models = client.models("tiny")
+            models = client.models(TINY)
         return uploaded, text_to_image, image_to_image, models
 
     uploaded, text_to_image, image_to_image, models = await asyncio.to_thread(work)

@@ -34,6 +34,26 @@ def test_a_sampler_the_device_cannot_run_is_refused_naming_why() -> None:
     assert image_inference.prepare(task(scheduler="Euler a"), context).sampler is not None
 
 
+def test_samplers_are_resolved_for_the_models_kind_before_the_device() -> None:
+    flux = image_inference.prepare(task(model="runware:101@1", scheduler="Euler Karras"), pure_context())
+    assert flux.sampler is not None and flux.sampler.class_name == "FlowMatchEulerDiscreteScheduler"
+    sd = image_inference.prepare(task(model="imagewire:sd15@1", scheduler="Euler Karras"), pure_context())
+    assert sd.sampler is not None and sd.sampler.class_name == "EulerDiscreteScheduler"
+    for model, scheduler in [("imagewire:sd15@1", "FlowMatchEulerDiscreteScheduler"),
+                             ("imagewire:tiny-sd3@1", "DPM++ 2M Karras")]:
+        with pytest.raises(InvalidParameter) as caught:
+            image_inference.prepare(task(model=model, scheduler=scheduler), pure_context())
+        assert caught.value.parameter == "scheduler"
+        assert caught.value.message.startswith(f"scheduler {scheduler} runs here only on ")
+
+
+def test_flow_models_default_to_their_architectures_values() -> None:
+    schnell = image_inference.prepare(task(model="runware:100@1"), pure_context())
+    dev = image_inference.prepare(task(model="flux-dev"), pure_context())
+    assert (schnell.steps, schnell.cfg_scale, schnell.sampler) == (4, 0.0, None)
+    assert (dev.steps, dev.cfg_scale) == (28, 3.5)
+
+
 def test_prepare_reaches_for_no_service_but_the_catalog() -> None:
     # pure_context's store, fetcher and device fail the test if touched.
     prepared = image_inference.prepare(task(seedImage="not even an image", numberResults=3, seed=7), pure_context())
