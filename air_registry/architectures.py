@@ -32,13 +32,17 @@ class Architecture:
     cuda_dtype: str = "float16"
     # How many tokens of the prompt the T5 encoder reads (FLUX, SD 3); None: the pipeline's default.
     max_sequence_length: int | None = None
+    # The embedded builder whose saved model gives a single file of this architecture its configs (and
+    # the components it lacks); None: diffusers finds the published configs itself (hub or its cache).
+    single_file_config: str | None = None
 
 
 # Embedded test models have architectures of their own ("tiny"): nothing made for a real
 # architecture (a LoRA, a VAE) fits their shapes, though the same code path runs them.
 ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType({
     arch.name: arch for arch in (
-        Architecture("tiny", family="sd", size=256, steps=8),
+        Architecture("tiny", family="sd", size=256, steps=8, single_file_pipeline="StableDiffusionPipeline",
+                     single_file_config="tiny-sd"),
         Architecture("sd15", family="sd", size=512, steps=20, single_file_pipeline="StableDiffusionPipeline"),
         Architecture("sd21", family="sd", size=768, steps=20, single_file_pipeline="StableDiffusionPipeline"),
         Architecture("sdxl", family="sdxl", size=1024, steps=30, single_file_pipeline="StableDiffusionXLPipeline"),

@@ -251,6 +251,11 @@ def _read_catalog_file(path: Path, check: DefaultsCheck | None) -> list[tuple[Mo
     return entries
 
 
+def read_catalog_file(path: Path, *, check_defaults: DefaultsCheck | None = None) -> list[tuple[ModelEntry, str]]:
+    """The entries of one catalog file, each with where it came from; CatalogError if it is malformed."""
+    return _read_catalog_file(path, check_defaults)
+
+
 # ---------------------------------------------------------------- the catalog
 
 
@@ -287,6 +292,13 @@ class Catalog:
                         f"{origin}: alias {alias!r} is the AIR id of another model ({shadowing[1]})"
                     )
         return cls(entry for entry, _ in merged.values())
+
+    def add(self, entry: ModelEntry) -> None:
+        """Add a model while the server runs (one fetched for a client), or replace the one of its AIR."""
+        self.entries = (*(known for known in self.entries if known.air != entry.air), entry)
+        self._by_air[entry.air] = entry
+        for alias in entry.aliases:
+            self._by_alias[alias.casefold()] = entry
 
     def get(self, air: str) -> ModelEntry | None:
         return self._by_air.get(air)

@@ -238,8 +238,13 @@ class PipelineCache:
         if entry.source == "single_file":
             assert architecture.single_file_pipeline is not None  # the catalog allows no other
             pipeline_class = getattr(diffusers, architecture.single_file_pipeline)
-            # A single file has no configs; diffusers fetches them from the hub, or its cache.
+            # A single file has no configs; diffusers fetches them from the hub, or its cache, unless
+            # the architecture's come from an embedded model built here.
             local_only = not self.allow_downloads
+            if architecture.single_file_config is not None:
+                builder = architecture.single_file_config
+                options["config"] = str(ensure_embedded(builder, self.data_dir / "models" / "configs" / builder))
+                local_only = True
             pipe: DiffusionPipeline = pipeline_class.from_single_file(
                 str(path), local_files_only=local_only, **options)
             return pipe

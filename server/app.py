@@ -12,7 +12,8 @@ from typing import Any
 
 from aiohttp import web
 
-from imagewire.air_registry import Catalog
+from imagewire.air_registry import Catalog, ModelEntry, RegistryError, UnknownModel, parse_air
+from imagewire.air_registry.civitai import Civitai
 from imagewire.server.admission import Admission
 from imagewire.server.auth import ApiKeys, load_or_create_key
 from imagewire.server.config import Config
@@ -75,7 +76,14 @@ class ImagewireServer:
             if not created:
                 log.info("using the API key kept in %s", config.data_dir / "api-key")
         self.api_keys = ApiKeys(keys)
-        catalog = await asyncio.to_thread(Catalog.load, config.catalog_files, check_defaults=check_model_defaults)
+        # Checkpoints fetched from Civitai before are part of the catalog; the operator's files come after,
+        # so that they can rename or replace them.
+        civitai = Civitai(base_url=config.civitai_url, token=config.civitai_token,
+                          models_dir=config.data_dir / "models")
+        downloaded = await asyncio.to_thread(Civitai.downloaded_catalogs, civitai.models_dir)
+        catalog = await asyncio.to_thread(Catalog.load, [*downloaded, *config.catalog_files],
+                                          check_defaults=check_model_defaults)
+        default_model = await self._default_model(catalog, civitai) if self.preload else None
         self.device = DeviceQueue(self.engine_factory, queue_size=config.queue_size,
                                   max_batch_size=config.max_batch_size)
         fetcher = UrlFetcher(allow_private=config.allow_private_urls, max_bytes=config.max_image_bytes,
@@ -88,7 +96,8 @@ class ImagewireServer:
             settings=Settings(data_dir=config.data_dir, allow_downloads=config.allow_downloads,
                               max_image_pixels=config.max_image_pixels, max_image_bytes=config.max_image_bytes,
                               price_per_gpu_second=config.price_per_gpu_second),
-            catalog=catalog, store=self.store, fetcher=fetcher, device=self.device, results=self.registry)
+            catalog=catalog, store=self.store, fetcher=fetcher, device=self.device, results=self.registry,
+            civitai=civitai)
         self.runner = TaskRunner(
             self.services, registry=self.registry, webhooks=WebhookSender(fetcher, attempts=config.webhook_attempts),
             admission=Admission(per_connection=config.max_tasks_in_flight, per_key=config.max_tasks_per_key))
@@ -96,8 +105,8 @@ class ImagewireServer:
         # Listen only once the engine exists and the default model is loaded: imports and loading
         # hold the GIL in long stretches, and clients should not see slow pongs meanwhile.
         await asyncio.to_thread(self.device.start)
-        if self.preload:
-            loaded = self.device.preload(catalog.resolve(config.default_model))
+        if default_model is not None:
+            loaded = self.device.preload(default_model)
             await asyncio.to_thread(loaded.wait)
         routes = HttpRoutes(store=self.store, device=self.device, max_message_bytes=config.max_frame_bytes,
                             serve_socket=self._serve_socket)
@@ -112,6 +121,25 @@ class ImagewireServer:
         self.services.base_url = config.base_url
         self._sweeper = asyncio.create_task(self._sweep_forever())
         log.info("imagewire listening on %s (images at %s/image/)", self.url, config.base_url)
+
+    async def _default_model(self, catalog: Catalog, civitai: Civitai) -> ModelEntry:
+        """The entry of ``--default-model``; a Civitai checkpoint is fetched first when downloads are on.
+
+        Raises ValueError: a default model that does not exist is the operator's mistake.
+        """
+        name = self.config.default_model
+        try:
+            try:
+                return catalog.resolve(name)
+            except UnknownModel:
+                air = parse_air(name)
+                if not (self.config.allow_downloads and Civitai.names(air)):
+                    raise
+                entry = await asyncio.to_thread(civitai.fetch, air)
+                catalog.add(entry)
+                return entry
+        except RegistryError as exc:
+            raise ValueError(exc.describe("--default-model")) from exc
 
     async def _serve_socket(self, websocket: web.WebSocketResponse, request: web.Request) -> None:
         connection = Connection(websocket, request, config=self.config, api_keys=self.api_keys,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,8 @@ class Config:
     webhook_attempts: int = 4
     price_per_gpu_second: float = 0.0      # for includeCost
     log_level: str = "INFO"
+    civitai_url: str = "https://civitai.com"   # Civitai's API, for civitai:MODEL@VERSION ids
+    civitai_token: str | None = None            # for models Civitai lets only signed-in users download
 
     @property
     def base_url(self) -> str:
@@ -89,6 +92,13 @@ def _number(*, positive: bool) -> Callable[[str], float]:
     return convert
 
 
+def _http_url(text: str) -> str:
+    parsed = urllib.parse.urlsplit(text.strip())
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise argparse.ArgumentTypeError(f"expected an http:// or https:// URL, got {text!r}")
+    return text.strip().rstrip("/")
+
+
 # Defaults are the environment's strings, so argparse checks them with the same type as a flag would be.
 COUNT = _whole_number(1)
 PORT = _whole_number(0, 65535)
@@ -122,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--allow-private-urls", action="store_true", default=_env_flag("ALLOW_PRIVATE_URLS"),
         help="let URL inputs reach loopback, private and link-local addresses [IMAGEWIRE_ALLOW_PRIVATE_URLS]")
     add("--allow-downloads", action="store_true", default=_env_flag("ALLOW_DOWNLOADS"),
-        help="download catalog models missing from the Hugging Face cache [IMAGEWIRE_ALLOW_DOWNLOADS]")
+        help="download models this server does not have: catalog models missing from the Hugging Face cache, "
+             "and civitai:MODEL@VERSION checkpoints from Civitai [IMAGEWIRE_ALLOW_DOWNLOADS]")
     add("--catalog", dest="catalog_files", action="append", type=Path, default=None, metavar="FILE",
         help="extra model catalog JSON file, repeatable [IMAGEWIRE_CATALOG, comma-separated]")
     add("--max-frame-mib", type=COUNT, default=_env("MAX_FRAME_MIB", "64"),
@@ -157,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="cost reported with includeCost, per second of device time [IMAGEWIRE_PRICE_PER_GPU_SECOND]")
     add("--log-level", default=_env("LOG_LEVEL", "INFO"), choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="[IMAGEWIRE_LOG_LEVEL]")
+    add("--default-model", default=_env("DEFAULT_MODEL", "imagewire:tiny@1"), metavar="AIR",
+        help="model loaded (and with --allow-downloads fetched) before the server listens, by AIR id or alias "
+             "[IMAGEWIRE_DEFAULT_MODEL]")
+    add("--civitai-url", default=_env("CIVITAI_URL", "https://civitai.com"), type=_http_url, metavar="URL",
+        help="base URL of Civitai's API, which civitai:MODEL@VERSION checkpoints come from [IMAGEWIRE_CIVITAI_URL]")
+    add("--civitai-token", default=_env("CIVITAI_TOKEN"), metavar="TOKEN",
+        help="Civitai API token, for checkpoints only signed-in users may download [IMAGEWIRE_CIVITAI_TOKEN]")
     return parser
 
 
@@ -193,4 +211,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         shutdown_grace=args.shutdown_grace,
         price_per_gpu_second=args.price_per_gpu_second,
         log_level=args.log_level,
+        default_model=args.default_model,
+        civitai_url=args.civitai_url,
+        civitai_token=args.civitai_token,
     )

@@ -19,7 +19,7 @@ from typing import get_args
 import msgspec
 from PIL import Image
 
-from imagewire.air_registry import ARCHITECTURES, ModelDefaults, ModelEntry, SamplerSpec
+from imagewire.air_registry import AIR, ARCHITECTURES, ModelDefaults, ModelEntry, SamplerSpec
 from imagewire.storage import OUTPUT_FORMAT_NAMES, ImageFormat, encode_image, output_format, to_base64
 from imagewire.tasks import inputs, schema
 from imagewire.tasks.context import TaskContext
@@ -52,8 +52,22 @@ class Prepared:
     output_quality: int
 
 
-def prepare(task: ImageInference, ctx: TaskContext) -> Prepared:
+@dataclass(frozen=True)
+class AwaitingDownload:
+    """A request for a Civitai checkpoint this server has not fetched yet. Only the checkpoint tells
+    its architecture, so the checks that need the model wait for it: ``run`` fetches it, then
+    prepares the task as it would for any model in the catalog."""
+
+    task: ImageInference
+    air: AIR
+
+
+def prepare(task: ImageInference, ctx: TaskContext) -> Prepared | AwaitingDownload:
     """Every check that needs the model but no I/O. Raises a TaskError naming the parameter."""
+    download = inputs.model_to_download(ctx, task.model)
+    if download is not None:
+        check_safety(task)
+        return AwaitingDownload(task, download)
     model = inputs.model(ctx, task.model)
     defaults = model.defaults
     check_safety(task)
@@ -150,7 +164,13 @@ def check_model_defaults(defaults: ModelDefaults) -> None:
             raise ValueError(f"defaults.{name} must be {describe_annotation(limits)}, not {value!r}") from None
 
 
-async def run(prepared: Prepared, ctx: TaskContext) -> AsyncIterator[ImageResult]:
+async def run(prepared: Prepared | AwaitingDownload, ctx: TaskContext) -> AsyncIterator[ImageResult]:
+    if isinstance(prepared, AwaitingDownload):
+        with ctx.timed("download"):
+            await inputs.download_model(ctx, prepared.air)
+        ready = prepare(prepared.task, ctx)  # in the catalog now
+        assert isinstance(ready, Prepared)
+        prepared = ready
     task, services = prepared.task, ctx.services
     weights = await inputs.weights(ctx, prepared.model)
     init_image = None

@@ -11,15 +11,19 @@ import asyncio
 from pathlib import Path
 
 from imagewire.air_registry import (
+    AIR,
     DIFFUSION,
+    MalformedAIR,
     ModelEntry,
     RegistryError,
     SamplerSpec,
     UnknownModel,
     WeightsMissing,
     locate_weights,
+    parse_air,
     resolve_sampler,
 )
+from imagewire.air_registry.civitai import Civitai
 from imagewire.storage import (
     INFERENCE_INPUTS,
     ImageNotStored,
@@ -72,8 +76,48 @@ def model(ctx: TaskContext, name: str, *, parameter: str = "model") -> ModelEntr
     """The catalog entry a request's AIR id or alias names."""
     try:
         return ctx.services.catalog.resolve(name)
+    except UnknownModel as exc:
+        civitai, air = ctx.services.civitai, _air(name)
+        if civitai is not None and air is not None and Civitai.names(air):
+            # Say what would fetch it: the server may, or the operator may add it to a catalog file.
+            message = (f"{parameter} {str(air)!r} is not in this server's catalog. It names a Civitai checkpoint: "
+                       f"{civitai.describe_download(air)}; or add it to a --catalog file")
+            raise errors.ModelNotFound(message, parameter=parameter, type="string") from exc
+        raise task_error(exc, parameter) from exc
     except RegistryError as exc:
         raise task_error(exc, parameter) from exc
+
+
+def model_to_download(ctx: TaskContext, name: str) -> AIR | None:
+    """The Civitai checkpoint a request names when the catalog does not hold it yet and this server may
+    fetch it (``download_model`` does, in ``run``); None for every other name."""
+    civitai, air = ctx.services.civitai, _air(name)
+    if civitai is None or air is None or not ctx.services.settings.allow_downloads or not Civitai.names(air):
+        return None
+    try:
+        ctx.services.catalog.resolve(name)
+    except RegistryError:
+        return air
+    return None
+
+
+async def download_model(ctx: TaskContext, air: AIR, *, parameter: str = "model") -> ModelEntry:
+    """Fetch a Civitai checkpoint (in a thread: minutes, with a progress bar) and add it to the catalog."""
+    civitai = ctx.services.civitai
+    assert civitai is not None  # model_to_download names none without it
+    try:
+        entry = await asyncio.to_thread(civitai.fetch, air)
+    except RegistryError as exc:
+        raise task_error(exc, parameter) from exc
+    ctx.services.catalog.add(entry)
+    return entry
+
+
+def _air(name: str) -> AIR | None:
+    try:
+        return parse_air(name)
+    except MalformedAIR:
+        return None
 
 
 async def weights(ctx: TaskContext, entry: ModelEntry, *, parameter: str = "model") -> Path:

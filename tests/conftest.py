@@ -80,3 +80,11 @@ def empty_hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """The tiny SD model as one safetensors checkpoint in the original layout, as Civitai serves them."""
+    from tests.checkpoints import write_tiny_sd_checkpoint
+
+    return write_tiny_sd_checkpoint(tmp_path_factory.mktemp("checkpoint") / "tiny.safetensors").read_bytes()

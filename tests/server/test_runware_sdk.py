@@ -131,3 +131,32 @@ async def test_flux_dev_without_its_weights_names_the_hub_repository(sdk, empty_
     assert "FLUX.1 [dev] (runware:101@1)" in error["message"]
     assert "hf download black-forest-labs/FLUX.1-dev" in error["message"]
     assert "--allow-downloads" in error["message"]
+
+
+async def test_an_operators_catalog_points_a_runware_id_at_local_weights(start_server, data_dir, tmp_path):
+    import json
+
+    from imagewire.air_registry.tiny import ensure_embedded
+
+    # The tiny FLUX model stands in for an operator's own copy of FLUX.1 [dev].
+    weights = ensure_embedded("tiny-flux", data_dir / "models" / "imagewire-tiny-flux-1")
+    catalog = tmp_path / "models.json"
+    catalog.write_text(json.dumps([
+        {"air": "runware:101@1", "name": "FLUX.1 [dev], local", "architecture": "tiny-flux", "source": "folder",
+         "location": str(weights)},
+        {"air": "mysite:flux@1", "name": "Also FLUX", "aliases": ["civitai:618692@691639"],
+         "architecture": "tiny-flux", "source": "folder", "location": str(weights)},
+    ]))
+    server = await start_server(catalog_files=(catalog,))
+    client = Runware(api_key="test-key", url=server.url)
+    await client.connect()
+    try:
+        pictures = []
+        for model in ("runware:101@1", "civitai:618692@691639", "imagewire:tiny-flux@1"):
+            [image] = await client.imageInference(requestImage=IImageInference(
+                model=model, positivePrompt="a fox", width=128, height=128, steps=2, seed=3,
+                outputType="base64Data", outputFormat="PNG"))
+            pictures.append(decoded(image).tobytes())
+    finally:
+        await client.disconnect()
+    assert pictures[0] == pictures[1] == pictures[2]
