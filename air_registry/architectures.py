@@ -32,6 +32,11 @@ class Architecture:
     cuda_dtype: str = "float16"
     # How many tokens of the prompt the T5 encoder reads (FLUX, SD 3); None: the pipeline's default.
     max_sequence_length: int | None = None
+    # The diffusers pipeline class its folders and hub repos load as; None: the one their
+    # model_index.json names (so a folder of another FLUX variant's layout can run as this one).
+    pipeline: str | None = None
+    # Inpainting models need a mask with every image.
+    inpainting_only: bool = False
     # The embedded builder whose saved model gives a single file of this architecture its configs (and
     # the components it lacks); None: diffusers finds the published configs itself (hub or its cache).
     single_file_config: str | None = None
@@ -58,6 +63,12 @@ ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType({
                      cuda_dtype="bfloat16", max_sequence_length=256, single_file_pipeline="FluxPipeline"),
         Architecture("flux1-dev", family="flux", size=1024, steps=28, cfg_scale=3.5, sampling=FLOW,
                      cuda_dtype="bfloat16", max_sequence_length=512, single_file_pipeline="FluxPipeline"),
+        # Kontext [dev] edits the seed image as the prompt says; Fill [dev] inpaints.
+        Architecture("flux1-kontext", family="flux-kontext", size=1024, steps=28, cfg_scale=2.5, sampling=FLOW,
+                     cuda_dtype="bfloat16", max_sequence_length=512, pipeline="FluxKontextPipeline"),
+        Architecture("flux1-fill", family="flux", size=1024, steps=50, cfg_scale=30.0, sampling=FLOW,
+                     cuda_dtype="bfloat16", max_sequence_length=512, pipeline="FluxFillPipeline",
+                     inpainting_only=True),
         # SD 3 medium was released in float16; SD 3.5 in bfloat16.
         Architecture("sd3", family="sd3", size=1024, steps=28, cfg_scale=7.0, sampling=FLOW,
                      single_file_pipeline="StableDiffusion3Pipeline"),

@@ -251,6 +251,9 @@ class PipelineCache:
         if _has_safety_checker(path):
             # Clients ask for NSFW checks explicitly; the server runs its own, never the pipeline's.
             options.update(safety_checker=None, requires_safety_checker=False)
+        if architecture.pipeline is not None:
+            named: DiffusionPipeline = getattr(diffusers, architecture.pipeline).from_pretrained(str(path), **options)
+            return named
         if architecture.image_to_image_only:
             return AutoPipelineForImage2Image.from_pretrained(str(path), **options)
         return AutoPipelineForText2Image.from_pretrained(str(path), **options)

@@ -71,6 +71,10 @@ def prepare(task: ImageInference, ctx: TaskContext) -> Prepared | AwaitingDownlo
     model = inputs.model(ctx, task.model)
     defaults = model.defaults
     check_safety(task)
+    if ARCHITECTURES[model.architecture].inpainting_only:
+        raise InvalidParameter(
+            f"model {model.label} only does inpainting: it needs a seedImage and a maskImage, and this "
+            "server takes no maskImage yet", parameter="model", type="string")
     if task.seedImage is None:
         if ARCHITECTURES[model.architecture].image_to_image_only:
             raise InvalidParameter(

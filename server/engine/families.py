@@ -82,9 +82,22 @@ class StableDiffusion3:
         return arguments
 
 
+class FluxKontext:
+    """FLUX.1 Kontext [dev]: as FLUX, and a seed image is the picture to edit as the prompt says. The
+    model takes the whole image as its reference, so there is no strength. Its pipeline scales every
+    output to about a megapixel unless told the area: the area asked for is width × height."""
+
+    def call_arguments(self, owners: Sequence[InferenceJob]) -> dict[str, Any]:
+        arguments = _flow_arguments(owners)
+        arguments.pop("strength", None)
+        arguments["max_area"] = arguments["width"] * arguments["height"]
+        return arguments
+
+
 FAMILIES: Mapping[str, Family] = {
     "sd": StableDiffusion(),
     "sdxl": StableDiffusion(),
     "flux": Flux(),
     "sd3": StableDiffusion3(),
+    "flux-kontext": FluxKontext(),
 }

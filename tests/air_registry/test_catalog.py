@@ -29,6 +29,8 @@ SHIPPED_AIRS = [
     "civitai:101055@128078",
     "imagewire:sd-turbo@1",
     "imagewire:sdxl-turbo@1",
+    "runware:106@1",
+    "runware:102@1",
 ]
 
 
@@ -98,6 +100,8 @@ def test_the_tiny_model_is_embedded_with_its_defaults(catalog: Catalog) -> None:
         ("civitai:101055@128078", "stabilityai/stable-diffusion-xl-base-1.0", 1024, 30, 0.8),
         ("imagewire:sd-turbo@1", "stabilityai/sd-turbo", 512, 2, 0.5),
         ("imagewire:sdxl-turbo@1", "stabilityai/sdxl-turbo", 512, 2, 0.5),
+        ("runware:106@1", "black-forest-labs/FLUX.1-Kontext-dev", 1024, 28, 0.8),
+        ("runware:102@1", "black-forest-labs/FLUX.1-Fill-dev", 1024, 50, 0.8),
     ],
 )
 def test_hub_models_name_their_repos_and_defaults(
@@ -348,7 +352,8 @@ def test_search_without_filters_returns_everything(catalog: Catalog) -> None:
         ({"architecture": "sd15"}, ["imagewire:sd15@1"]),
         ({"architecture": "SDXL"}, ["imagewire:sdxl-base@1", "civitai:101055@128078", "imagewire:sdxl-turbo@1"]),
         ({"architecture": "flux1-dev"}, ["runware:101@1", "runware:107@1"]),
-        ({"text": "flux"}, ["imagewire:tiny-flux@1", "runware:100@1", "runware:101@1", "runware:107@1"]),
+        ({"text": "flux"}, ["imagewire:tiny-flux@1", "runware:100@1", "runware:101@1", "runware:107@1",
+                            "runware:106@1", "runware:102@1"]),
         ({"tags": ["turbo"]}, ["imagewire:sd35-large-turbo@1", "imagewire:sd-turbo@1", "imagewire:sdxl-turbo@1"]),
         ({"category": "checkpoint"}, SHIPPED_AIRS),
         ({"category": "lora"}, []),

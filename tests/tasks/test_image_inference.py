@@ -54,6 +54,14 @@ def test_flow_models_default_to_their_architectures_values() -> None:
     assert (dev.steps, dev.cfg_scale) == (28, 3.5)
 
 
+def test_flux_fill_is_refused_before_the_device_until_masks_are_taken() -> None:
+    with pytest.raises(InvalidParameter) as caught:
+        image_inference.prepare(task(model="runware:102@1", seedImage="an image"), pure_context())
+    assert caught.value.parameter == "model"
+    assert caught.value.message == ("model FLUX.1 Fill [dev] (runware:102@1) only does inpainting: it needs a "
+                                    "seedImage and a maskImage, and this server takes no maskImage yet")
+
+
 def test_prepare_reaches_for_no_service_but_the_catalog() -> None:
     # pure_context's store, fetcher and device fail the test if touched.
     prepared = image_inference.prepare(task(seedImage="not even an image", numberResults=3, seed=7), pure_context())
