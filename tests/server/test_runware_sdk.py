@@ -160,3 +160,14 @@ async def test_an_operators_catalog_points_a_runware_id_at_local_weights(start_s
     finally:
         await client.disconnect()
     assert pictures[0] == pictures[1] == pictures[2]
+
+
+async def test_model_search_reports_the_flow_models_own_defaults(sdk, empty_hf_cache):
+    from runware import IModelSearch
+
+    found = await sdk.modelSearch(payload=IModelSearch(search="flux"))
+    by_air = {model.air: model for model in found.results}
+    schnell, dev, tiny = by_air["runware:100@1"], by_air["runware:101@1"], by_air["imagewire:tiny-flux@1"]
+    assert (schnell.architecture, schnell.defaultSteps, schnell.defaultCFG) == ("flux1-schnell", 4, 0)
+    assert (dev.architecture, dev.defaultSteps, dev.defaultCFG, dev.defaultWidth) == ("flux1-dev", 28, 3.5, 1024)
+    assert tiny.architecture == "tiny-flux"
