@@ -38,7 +38,12 @@ from imagewire.air_registry.errors import (
     UnknownSampler,
     shown,
 )
-from imagewire.air_registry.model_files import SINGLE_FILE_SUFFIXES
+from imagewire.air_registry.model_files import (
+    COMPONENT_CATEGORIES,
+    COMPONENT_LAYOUT,
+    SINGLE_FILE_SUFFIXES,
+    WEIGHTS_FILE_SUFFIXES,
+)
 from imagewire.air_registry.samplers import DEFAULT_NAME, resolve_sampler
 from imagewire.air_registry.tiny import BUILDERS
 
@@ -67,6 +72,14 @@ _ENTRY_KEYS = frozenset(
 )
 _DEFAULTS_KEYS = frozenset({"width", "height", "steps", "scheduler", "CFGScale", "strength"})
 _HUB_REPO_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
+# A file of a hub repo, as weights_file models name theirs: "owner/name/path/in/repo.pth".
+_HUB_FILE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9_.+-]+)+")
+
+
+def hub_file(location: str) -> tuple[str, str]:
+    """The repo id and the file of a weights_file model's hub location."""
+    owner, name, path = location.split("/", 2)
+    return f"{owner}/{name}", path
 
 
 @dataclass(frozen=True)
@@ -96,6 +109,17 @@ class ModelEntry:
     def label(self) -> str:
         """How messages name the model: ``Stable Diffusion 1.5 (imagewire:sd15@1)``."""
         return f"{self.name} ({self.air})"
+
+    @property
+    def layout(self) -> str:
+        """How its files lie (``model_files.LAYOUT_MARKERS``)."""
+        return layout_of(self.category, self.architecture)
+
+
+def layout_of(category: str, architecture: str) -> str:
+    """The architecture's layout, but for a model saved on its own (a ControlNet, a safety checker), which
+    is catalogued under the architecture it fits."""
+    return COMPONENT_LAYOUT if category in COMPONENT_CATEGORIES else ARCHITECTURES[architecture].layout
 
 
 # ---------------------------------------------------------------- reading catalog files
@@ -166,7 +190,7 @@ def _parse_defaults(raw: Any, architecture: str, check: DefaultsCheck | None) ->
     return defaults
 
 
-def _parse_location(raw: Mapping[str, Any], source: str, base_dir: Path) -> str:
+def _parse_location(raw: Mapping[str, Any], source: str, base_dir: Path, layout: str = "diffusers") -> str:
     location = _string(raw, "location", default="")
     if source == "embedded":
         _require(location in BUILDERS,
@@ -174,6 +198,13 @@ def _parse_location(raw: Mapping[str, Any], source: str, base_dir: Path) -> str:
                  f"not {shown(location)}")
         return location
     _require(bool(location), f"a '{source}' model needs a 'location'")
+    if source == "hub" and layout == "weights_file":
+        _require(
+            _HUB_FILE_PATTERN.fullmatch(location) is not None and location.lower().endswith(WEIGHTS_FILE_SUFFIXES),
+            "'location' of a hub model of one weights file must be 'owner/name/file' with the file ending in "
+            f"{' or '.join(WEIGHTS_FILE_SUFFIXES)}, not {shown(location)}",
+        )
+        return location
     if source == "hub":
         _require(
             _HUB_REPO_PATTERN.fullmatch(location) is not None,
@@ -182,9 +213,10 @@ def _parse_location(raw: Mapping[str, Any], source: str, base_dir: Path) -> str:
         )
         return location
     if source == "single_file":
+        suffixes = WEIGHTS_FILE_SUFFIXES if layout == "weights_file" else SINGLE_FILE_SUFFIXES
         _require(
-            location.lower().endswith(SINGLE_FILE_SUFFIXES),
-            f"'location' of a single_file model must end in {' or '.join(SINGLE_FILE_SUFFIXES)}",
+            location.lower().endswith(suffixes),
+            f"'location' of a single_file model must end in {' or '.join(suffixes)}",
         )
     # Relative paths are relative to the catalog file, so a catalog and its models can move together.
     return str((base_dir / Path(location).expanduser()).resolve())
@@ -208,8 +240,11 @@ def _parse_entry(raw: Any, base_dir: Path, check: DefaultsCheck | None) -> Model
     source = _string(raw, "source")
     _require(source in SOURCES, f"'source' must be one of {', '.join(SOURCES)}, not {source!r}")
     # The server can build exactly one model itself; everything else comes from weights on disk.
+    category = _string(raw, "category", default="checkpoint")
+    layout = layout_of(category, architecture)
     _require(
-        source != "single_file" or ARCHITECTURES[architecture].single_file_pipeline is not None,
+        source != "single_file" or ARCHITECTURES[architecture].single_file_pipeline is not None
+        or layout == "weights_file",
         f"the {architecture!r} architecture cannot be loaded from a single file",
     )
     name = _string(raw, "name")
@@ -219,11 +254,11 @@ def _parse_entry(raw: Any, base_dir: Path, check: DefaultsCheck | None) -> Model
         name=name,
         version=air.version,
         architecture=architecture,
-        category=_string(raw, "category", default="checkpoint"),
+        category=category,
         aliases=_string_list(raw, "aliases"),
         tags=_string_list(raw, "tags"),
         source=source,
-        location=_parse_location(raw, source, base_dir),
+        location=_parse_location(raw, source, base_dir, layout),
         defaults=_parse_defaults(raw.get("defaults"), architecture, check),
     )
 
@@ -352,6 +387,10 @@ class Catalog:
         ]
         start = max(offset, 0)
         return len(matches), matches[start : start + max(limit, 0)]
+
+    def serving(self, task: str) -> list[ModelEntry]:
+        """The models of the task type ``task`` (``imageInference``, ``imageUpscale``, …)."""
+        return [entry for entry in self.entries if ARCHITECTURES[entry.architecture].task == task]
 
     def _describe_known(self) -> str:
         described = [

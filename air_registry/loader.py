@@ -14,9 +14,10 @@ import logging
 import os
 import re
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,12 @@ import transformers
 
 # Imported from their own modules rather than from ``diffusers``: the package's lazy top level shows
 # type checkers placeholder classes without methods.
-from diffusers.pipelines.auto_pipeline import AutoPipelineForImage2Image, AutoPipelineForText2Image
+from diffusers.models.controlnets.controlnet import ControlNetModel
+from diffusers.pipelines.auto_pipeline import (
+    AutoPipelineForImage2Image,
+    AutoPipelineForInpainting,
+    AutoPipelineForText2Image,
+)
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.import_utils import DummyObject
@@ -83,9 +89,12 @@ class _LoadedModel:
     sampler_class: Any
     sampler_config: Any
     image_to_image: DiffusionPipeline | None = None
+    inpainting: DiffusionPipeline | None = None
+    # Pipelines made from this model's for one call (with ControlNets), while they are in use.
+    derived: weakref.WeakSet[DiffusionPipeline] = field(default_factory=weakref.WeakSet)
 
     def owns(self, pipe: DiffusionPipeline) -> bool:
-        return pipe is self.primary or pipe is self.image_to_image
+        return pipe is self.primary or pipe is self.image_to_image or pipe is self.inpainting or pipe in self.derived
 
 
 def unavailable_samplers() -> dict[str, str]:
@@ -107,7 +116,8 @@ class PipelineCache:
     """Pipelines of the ``max_loaded`` most recently used models, loaded on first use."""
 
     def __init__(
-        self, *, device: str, data_dir: Path, allow_downloads: bool = False, max_loaded: int = 1
+        self, *, device: str, data_dir: Path, allow_downloads: bool = False, max_loaded: int = 1,
+        max_components: int = 5,
     ) -> None:
         if max_loaded < 1:
             raise ValueError(f"max_loaded must be at least 1; received {max_loaded}")
@@ -116,6 +126,9 @@ class PipelineCache:
         self.allow_downloads = allow_downloads
         self.max_loaded = max_loaded
         self._loaded: OrderedDict[str, _LoadedModel] = OrderedDict()
+        # Single models used beside a pipeline (ControlNets, safety checkers), most recently used last.
+        self.max_components = max_components
+        self._components: OrderedDict[str, Any] = OrderedDict()
 
     def dtype_of(self, entry: ModelEntry) -> torch.dtype:
         """The precision ``entry`` runs in here: its architecture's on CUDA (half precision halves memory
@@ -131,9 +144,14 @@ class PipelineCache:
         """AIR ids of the models in memory, least recently used first."""
         return list(self._loaded)
 
+    def load(self, entry: ModelEntry, weights: Path | None = None) -> DiffusionPipeline:
+        """The pipeline the model loads as (text-to-image, or its only one): to have it in memory."""
+        return self._get(entry, weights).primary
+
     def text_to_image(self, entry: ModelEntry, weights: Path | None = None) -> DiffusionPipeline:
         """The model's text-to-image pipeline, loaded from ``weights`` (located here when None)."""
-        if ARCHITECTURES[entry.architecture].image_to_image_only:
+        architecture = ARCHITECTURES[entry.architecture]
+        if architecture.image_to_image_only or architecture.inpainting_only:
             # Requests are validated before they get here; this is a caller's bug.
             raise ValueError(f"model {entry.air} only does image-to-image")
         return self._get(entry, weights).primary
@@ -148,6 +166,89 @@ class PipelineCache:
             pipe.set_progress_bar_config(disable=True)
             loaded.image_to_image = pipe
         return loaded.image_to_image
+
+    def inpainting(self, entry: ModelEntry, weights: Path | None = None) -> DiffusionPipeline:
+        """The model's inpainting pipeline: an inpainting checkpoint's own, or a view on any other's weights."""
+        loaded = self._get(entry, weights)
+        if ARCHITECTURES[entry.architecture].inpainting_only:
+            return loaded.primary
+        if loaded.inpainting is None:
+            pipe = AutoPipelineForInpainting.from_pipe(loaded.primary)
+            pipe.set_progress_bar_config(disable=True)
+            loaded.inpainting = pipe
+        return loaded.inpainting
+
+    def with_controlnet(self, pipe: DiffusionPipeline, controlnet: Any) -> DiffusionPipeline:
+        """``pipe`` (text-to-image, image-to-image or inpainting) with ``controlnet`` in it: a view on the
+        same loaded modules, for one call. ``controlnet`` is one ControlNet model or a multi-ControlNet."""
+        mapping = AutoPipelineForInpainting if hasattr(pipe, "mask_processor") else (
+            AutoPipelineForImage2Image if _takes_strength(pipe) else AutoPipelineForText2Image)
+        derived: DiffusionPipeline = mapping.from_pipe(pipe, controlnet=controlnet)
+        derived.set_progress_bar_config(disable=True)
+        for loaded in self._loaded.values():
+            if loaded.owns(pipe):
+                loaded.derived.add(derived)
+        return derived
+
+    def controlnet(self, entry: ModelEntry, weights: Path | None = None) -> ControlNetModel:
+        """A ControlNet model, on the device in the pipelines' precision."""
+
+        def read(path: Path) -> Any:
+            if entry.source == "single_file":
+                return ControlNetModel.from_single_file(str(path), **{_DTYPE_KEYWORD: self.dtype_of(entry)})
+            return ControlNetModel.from_pretrained(str(path), **self._options(entry))
+
+        model: ControlNetModel = self._component(entry, weights, read)
+        return model
+
+    def safety_checker(self, entry: ModelEntry, weights: Path | None = None) -> tuple[Any, Any]:
+        """The safety checker diffusers' pipelines use, and the image processor that feeds it."""
+
+        def read(path: Path) -> Any:
+            # Imported here: only servers that check content need them.
+            from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+            from imagewire.air_registry.tiny.safety import image_processor_class
+
+            checker: Any = StableDiffusionSafetyChecker.from_pretrained(str(path))
+            return checker.to(dtype=self.dtype_of(entry)).eval(), image_processor_class().from_pretrained(str(path))
+
+        checker, processor = self._component(entry, weights, read)
+        return checker, processor
+
+    def _component(self, entry: ModelEntry, weights: Path | None, read: Any) -> Any:
+        found = self._components.get(entry.air)
+        if found is not None:
+            self._components.move_to_end(entry.air)
+            return found
+        while len(self._components) >= self.max_components:
+            evicted = next(iter(self._components))
+            del self._components[evicted]
+            logger.info("unloading %s to make room for %s", evicted, entry.air)
+            self._free_memory()
+        if weights is None:
+            weights = locate_weights(entry, data_dir=self.data_dir, allow_downloads=self.allow_downloads)
+        location = "the embedded model" if entry.source == "embedded" else entry.location
+        logger.info("loading %s %s from %s on %s", entry.category, entry.air, location, self.device)
+        started = time.monotonic()
+        _enable_loading_progress_bars()
+        try:
+            if entry.source == "embedded":
+                weights = ensure_embedded(entry.location, weights)
+            loaded = read(weights)
+            for module in loaded if isinstance(loaded, tuple) else (loaded,):
+                if isinstance(module, torch.nn.Module):
+                    module.to(self.device)
+        except RegistryError:
+            raise
+        except Exception as exc:
+            self._free_memory()
+            raise WeightsMissing(
+                f"the weights of {entry.label} at {location} could not be loaded ({type(exc).__name__})"
+            ) from exc
+        logger.info("loaded %s in %.1f s", entry.air, time.monotonic() - started)
+        self._components[entry.air] = loaded
+        return loaded
 
     def make_sampler(
         self, pipe: DiffusionPipeline, spec: SamplerSpec | None, *, seeds: Sequence[int] = ()
@@ -182,6 +283,7 @@ class PipelineCache:
 
     def unload_all(self) -> None:
         self._loaded.clear()
+        self._components.clear()
         self._free_memory()
 
     # ---------------------------------------------------------------- loading
@@ -229,12 +331,17 @@ class PipelineCache:
         logger.info("loaded model %s in %.1f s", entry.air, time.monotonic() - started)
         return pipe
 
-    def _read_pipeline(self, entry: ModelEntry, path: Path) -> DiffusionPipeline:
-        architecture = ARCHITECTURES[entry.architecture]
+    def _options(self, entry: ModelEntry) -> dict[str, Any]:
+        """Options of a diffusers ``from_pretrained`` of ``entry``'s files."""
         options: dict[str, Any] = {_DTYPE_KEYWORD: self.dtype_of(entry)}
         if importlib.util.find_spec("accelerate") is None:
             # Without accelerate, diffusers warns on every load before falling back to this.
             options["low_cpu_mem_usage"] = False
+        return options
+
+    def _read_pipeline(self, entry: ModelEntry, path: Path) -> DiffusionPipeline:
+        architecture = ARCHITECTURES[entry.architecture]
+        options = self._options(entry)
         if entry.source == "single_file":
             assert architecture.single_file_pipeline is not None  # the catalog allows no other
             pipeline_class = getattr(diffusers, architecture.single_file_pipeline)
@@ -256,6 +363,8 @@ class PipelineCache:
             return named
         if architecture.image_to_image_only:
             return AutoPipelineForImage2Image.from_pretrained(str(path), **options)
+        if architecture.inpainting_only:
+            return AutoPipelineForInpainting.from_pretrained(str(path), **options)
         return AutoPipelineForText2Image.from_pretrained(str(path), **options)
 
     def _free_memory(self) -> None:
@@ -268,6 +377,11 @@ def _seed_option(sampler_class: Any, seeds: Sequence[int]) -> dict[str, Any]:
     if not seeds or _NOISE_SEED_OPTION not in inspect.signature(sampler_class.__init__).parameters:
         return {}
     return {_NOISE_SEED_OPTION: list(seeds) if len(seeds) > 1 else seeds[0]}
+
+
+def _takes_strength(pipe: DiffusionPipeline) -> bool:
+    """Whether ``pipe`` transforms an image (image-to-image) rather than starting from noise."""
+    return "strength" in inspect.signature(type(pipe).__call__).parameters
 
 
 def _has_safety_checker(path: Path) -> bool:

@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from imagewire.air_registry.air import parse_air
-from imagewire.air_registry.catalog import ModelEntry
+from imagewire.air_registry.catalog import ModelEntry, hub_file
 from imagewire.air_registry.errors import WeightsMissing
-from imagewire.air_registry.model_files import HUB_EXCLUDE, HUB_INCLUDE, MODEL_INDEX
+from imagewire.air_registry.model_files import HUB_PATTERNS, LAYOUT_MARKERS, MODEL_INDEX
 
 
 def local_model_dir(entry: ModelEntry, data_dir: Path) -> Path:
@@ -21,10 +21,13 @@ def local_model_dir(entry: ModelEntry, data_dir: Path) -> Path:
     return Path(data_dir) / "models" / f"{air.source}-{air.id}-{air.version}"
 
 
-def hub_download_command(repo: str) -> str:
-    include = " ".join(f"--include '{pattern}'" for pattern in HUB_INCLUDE)
-    exclude = " ".join(f"--exclude '{pattern}'" for pattern in HUB_EXCLUDE)
-    return f"hf download {repo} {include} {exclude}"
+def hub_download_command(repo: str, layout: str = "diffusers", filename: str | None = None) -> str:
+    if filename is not None:
+        return f"hf download {repo} {filename}"
+    included, excluded = HUB_PATTERNS[layout]
+    include = " ".join(f"--include '{pattern}'" for pattern in included)
+    exclude = " ".join(f"--exclude '{pattern}'" for pattern in excluded)
+    return " ".join(part for part in (f"hf download {repo}", include, exclude) if part)
 
 
 def _missing(entry: ModelEntry, what: str) -> WeightsMissing:
@@ -35,31 +38,40 @@ def _locate_hub_weights(entry: ModelEntry, *, allow_downloads: bool) -> Path:
     # Imported here: huggingface_hub is slow to import and only the model worker needs it.
     from huggingface_hub import snapshot_download
 
-    repo = entry.location
+    layout = entry.layout
+    # A weights_file model names one file of its repo: "owner/name/file.pth".
+    repo, filename = hub_file(entry.location) if layout == "weights_file" else (entry.location, None)
+    command = hub_download_command(repo, layout, filename)
+    patterns = [filename] if filename is not None else list(HUB_PATTERNS[layout][0])
+    excluded = [] if filename is not None else list(HUB_PATTERNS[layout][1])
     try:
         snapshot = Path(snapshot_download(repo, local_files_only=True))
+        if filename is not None and not (snapshot / filename).is_file():
+            raise FileNotFoundError(filename)
     except Exception as exc:
+        what = f"'{filename}' of Hugging Face repo '{repo}'" if filename else f"Hugging Face repo '{repo}'"
         if not allow_downloads:
             raise _missing(
                 entry,
-                f"Hugging Face repo '{repo}' is not in the local cache; download it with "
-                f"`{hub_download_command(repo)}` or start the server with --allow-downloads",
+                f"{what} is not in the local cache; download it with `{command}` or start the server with "
+                "--allow-downloads",
             ) from exc
         try:
-            snapshot = Path(
-                snapshot_download(repo, allow_patterns=list(HUB_INCLUDE), ignore_patterns=list(HUB_EXCLUDE))
-            )
+            snapshot = Path(snapshot_download(repo, allow_patterns=patterns, ignore_patterns=excluded))
         except Exception as download_exc:
             raise _missing(
                 entry,
-                f"Hugging Face repo '{repo}' could not be downloaded ({type(download_exc).__name__}); check "
-                f"the server's network access, or download it with `{hub_download_command(repo)}`",
+                f"{what} could not be downloaded ({type(download_exc).__name__}); check "
+                f"the server's network access, or download it with `{command}`",
             ) from download_exc
-    if not (snapshot / MODEL_INDEX).is_file():
+    if filename is not None:
+        return snapshot / filename
+    marker = LAYOUT_MARKERS[layout]
+    if not (snapshot / marker).is_file():
         raise _missing(
             entry,
-            f"the local copy of Hugging Face repo '{repo}' has no {MODEL_INDEX}; download the diffusers "
-            f"files with `{hub_download_command(repo)}`",
+            f"the local copy of Hugging Face repo '{repo}' has no {marker}; download the {layout} "
+            f"files with `{command}`",
         )
     return snapshot
 
@@ -75,17 +87,19 @@ def locate_weights(entry: ModelEntry, *, data_dir: Path, allow_downloads: bool) 
         return _locate_hub_weights(entry, allow_downloads=allow_downloads)
     location = Path(entry.location)
     if entry.source == "folder":
+        layout = entry.layout
         if not location.is_dir():
             raise _missing(
                 entry,
                 f"the folder '{entry.location}' named in the catalog does not exist; "
-                "save the model there in diffusers format or change the catalog entry",
+                f"save the model there in {layout} format or change the catalog entry",
             )
-        if not (location / MODEL_INDEX).is_file():
+        marker = LAYOUT_MARKERS.get(layout, MODEL_INDEX)
+        if layout != "weights_file" and not (location / marker).is_file():
             raise _missing(
                 entry,
-                f"the folder '{entry.location}' named in the catalog has no {MODEL_INDEX}; "
-                "it must hold a model saved in diffusers format",
+                f"the folder '{entry.location}' named in the catalog has no {marker}; "
+                f"it must hold a model saved in {layout} format",
             )
         return location
     if entry.source == "single_file":

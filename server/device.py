@@ -1,16 +1,20 @@
 """The device queue: one worker thread owns the device and runs jobs from a bounded queue.
 
-The event loop never waits on the device. ``submit`` either queues a job at once or
-refuses it (queue full → ``serviceUnavailable``); the worker hands results back through
-``loop.call_soon_threadsafe`` onto the job's own asyncio queue, which ``JobHandle``
-iterates. The engine behind the worker is a seam (``Engine``): the real one runs
-diffusers pipelines (``server/engine``); tests of queueing and failure pass a
-small fake (``tests/engines.py``). This module imports no torch.
+The event loop never waits on the device. ``submit`` either queues a job at once or refuses it
+(queue full → ``serviceUnavailable``); the worker hands results back through
+``loop.call_soon_threadsafe`` onto the job's own asyncio queue, which ``JobHandle`` iterates. The
+engine behind the worker is a seam (``Engine``): the real one runs diffusers pipelines
+(``server/engine``); tests of queueing and failure pass a small fake (``tests/engines.py``). This
+module imports no torch.
 
-Jobs that wait together and share a ``batch_key`` (they differ only in prompts, seeds and
-seed images) share one pipeline call, up to ``max_batch_size`` images: a device computes a
-batch faster than the same images one by one, and no job waits for others to arrive,
-because only jobs already queued are taken.
+Fairness: the device takes jobs round-robin across API keys, so one key's backlog delays another
+key's job by about one call. Batching: jobs that wait together and share a type and a
+``batch_key`` (they differ only in prompts, seeds and seed images) share one call, up to
+``max_batch_size`` images, whoever sent them: a device computes a batch faster than the same images
+one by one, and no job waits for others to arrive, because only jobs already queued are taken.
+
+A job can be cancelled: a waiting one leaves the queue, a running one is marked, and the engine's
+runner stops a call at its next step once every job in it is cancelled (its batch-mates carry on).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from imagewire.tasks.errors import InferenceError, ServiceUnavailable, TaskError
-from imagewire.tasks.jobs import Emit, Job
+from imagewire.tasks.jobs import Emit, Job, JobEvent, Queued, Step
 
 if TYPE_CHECKING:
     from imagewire.air_registry import ModelEntry
@@ -46,8 +50,20 @@ class Engine(Protocol):
     def recover(self) -> None:
         """Called after a job failed: free what the failure may have left behind."""
 
+    def loaded_models(self) -> list[str]:
+        """AIR ids of the models in memory (read from the event loop; a snapshot is enough)."""
+        ...
+
+    def device_memory(self) -> Mapping[str, int]:
+        """Bytes held on the device by kind; empty where there is nothing to say (a CPU)."""
+        ...
+
 
 _DONE = object()
+
+
+class Cancelled(Exception):
+    """Raised by a runner when every job of its call was cancelled: the call stops, nobody is answered."""
 
 
 @dataclass(eq=False)  # a handle is itself: the queue finds and removes handles by identity
@@ -56,10 +72,13 @@ class JobHandle:
 
     job: Job
     _loop: asyncio.AbstractEventLoop
+    on_event: Callable[[JobEvent], None] | None = None  # queue positions and steps, on the event loop
     _results: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     submitted_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
     finished_at: float | None = None
+    cancelled: bool = False      # read by the worker thread between steps
+    _queue: _WorkQueue | None = None
 
     @property
     def queue_seconds(self) -> float:
@@ -71,9 +90,21 @@ class JobHandle:
             return 0.0
         return self.finished_at - self.started_at
 
+    def cancel(self) -> None:
+        if self.finished_at is not None or self.cancelled:
+            return
+        self.cancelled = True
+        if self._queue is not None and self._queue.remove(self):
+            log.info("taskUUID=%s left the queue (cancelled)", self.job.task_uuid)
+
     def _post(self, item: Any) -> None:
         """Called from the worker thread."""
         self._loop.call_soon_threadsafe(self._results.put_nowait, item)
+
+    def _event(self, event: JobEvent) -> None:
+        """Called from the worker thread."""
+        if self.on_event is not None and not self.cancelled:
+            self._loop.call_soon_threadsafe(self.on_event, event)
 
     async def __aiter__(self) -> AsyncIterator[list[Any]]:
         while True:
@@ -83,6 +114,25 @@ class JobHandle:
             if isinstance(item, TaskError):
                 raise item
             yield item
+
+
+class _Outlet:
+    """What a runner emits to, for the handles of one group of jobs."""
+
+    def __init__(self, handles: list[JobHandle]) -> None:
+        self.handles = handles
+        self.answered: set[int] = set()
+
+    def __call__(self, index: int, results: list[Any]) -> None:
+        if not self.handles[index].cancelled:
+            self.answered.add(index)
+            self.handles[index]._post(results)
+
+    def progress(self, index: int, step: Step) -> None:
+        self.handles[index]._event(step)
+
+    def cancelled(self, index: int) -> bool:
+        return self.handles[index].cancelled
 
 
 class DeviceQueue:
@@ -96,6 +146,9 @@ class DeviceQueue:
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
         self.unavailable_samplers: Mapping[str, str] = {}
+        self._engine: Engine | None = None
+        # on_call(results, started, ended): after each call, from the worker thread (metrics).
+        self.on_call: Callable[[int, float, float], None] | None = None
 
     def start(self) -> None:
         """Start the worker and wait until its engine exists (imports done, device checked).
@@ -119,14 +172,28 @@ class DeviceQueue:
     def pending(self) -> int:
         return self._queue.jobs
 
-    def submit(self, job: Job) -> JobHandle:
+    @property
+    def ready(self) -> bool:
+        """Taking jobs, with a live worker."""
+        return self._accepting and self.busy
+
+    def loaded_models(self) -> list[str]:
+        return self._engine.loaded_models() if self._engine is not None else []
+
+    def device_memory(self) -> Mapping[str, int]:
+        return self._engine.device_memory() if self._engine is not None else {}
+
+    def submit(self, job: Job, on_event: Callable[[JobEvent], None] | None = None) -> JobHandle:
         if not self._accepting:
             raise ServiceUnavailable("The server is shutting down and takes no new inference tasks.")
-        handle = JobHandle(job, asyncio.get_running_loop())
-        if not self._queue.put_job(handle):
+        handle = JobHandle(job, asyncio.get_running_loop(), on_event=on_event)
+        position = self._queue.put_job(handle)
+        if position is None:
             raise ServiceUnavailable(
                 f"The server is busy: {self._queue_size} inference tasks are already waiting. "
                 "Retry in a moment.")
+        if on_event is not None:
+            on_event(Queued(position))
         return handle
 
     def close_intake(self) -> None:
@@ -150,7 +217,7 @@ class DeviceQueue:
 
     def _work(self) -> None:
         try:
-            engine = self._engine_factory()
+            engine = self._engine = self._engine_factory()
             self.unavailable_samplers = dict(engine.unavailable_samplers)
         except BaseException as exc:
             self._start_error = exc
@@ -163,6 +230,7 @@ class DeviceQueue:
                 return
             if isinstance(item, JobHandle):
                 group = [item, *self._queue.take_joining(item, self._max_batch_size)]
+                self._queue.announce_positions()
                 self._run(engine, group)
             else:
                 self._load(engine, *item)
@@ -184,14 +252,13 @@ class DeviceQueue:
         for handle in handles:
             handle.started_at = started
             log.debug("taskUUID=%s on the device", handle.job.task_uuid)
-        answered: set[int] = set()
-
-        def emit(index: int, results: list[Any]) -> None:
-            answered.add(index)
-            handles[index]._post(results)
-
+        emit = _Outlet(handles)
+        answered = emit.answered
         try:
             engine.run([handle.job for handle in handles], emit)
+        except Cancelled as stopped:
+            # Every job of the call was cancelled and has been answered so.
+            log.info("%s: cancelled, %s", " ".join(f"taskUUID={handle.job.task_uuid}" for handle in handles), stopped)
         except Exception as exc:
             if len(handles) == 1:
                 self._fail(engine, handles[0], exc)
@@ -201,13 +268,15 @@ class DeviceQueue:
                 log.warning("a shared pipeline call failed (%s); running its tasks one by one", type(exc).__name__)
                 self._recover(engine)
                 for index, handle in enumerate(handles):
-                    if index not in answered:
+                    if index not in answered and not handle.cancelled:
                         self._run(engine, [handle])
                 handles = [handle for index, handle in enumerate(handles) if index in answered]
         finished = time.perf_counter()
         for handle in handles:
             handle.finished_at = finished
             handle._post(_DONE)
+        if self.on_call is not None and answered:
+            self.on_call(sum(handles[index].job.images for index in answered), started, finished)
 
     def _fail(self, engine: Engine, handle: JobHandle, exc: Exception) -> None:
         if isinstance(exc, TaskError):
@@ -227,14 +296,17 @@ class DeviceQueue:
 
 
 class _WorkQueue:
-    """FIFO of jobs (bounded) and control items (preloads, the stop sentinel; never refused).
+    """Waiting jobs (bounded), one line per API key taken in turn, and control items (preloads, the
+    stop sentinel; never refused).
 
-    Unlike ``queue.Queue`` it lets the worker take the waiting jobs that can join the one it
-    is about to run, wherever they are in the line.
+    Unlike ``queue.Queue`` it lets the worker take the waiting jobs that can join the one it is about
+    to run, wherever they are, and lets a cancelled job leave. Control items come before jobs, except
+    the stop sentinel, which waits until no job is left.
     """
 
     def __init__(self, max_jobs: int) -> None:
-        self._items: deque[Any] = deque()
+        self._lines: dict[str, deque[JobHandle]] = {}  # owner → its jobs, oldest first; in turn order
+        self._controls: deque[Any] = deque()
         self._jobs = 0
         self._max_jobs = max_jobs
         self._changed = threading.Condition()
@@ -243,46 +315,91 @@ class _WorkQueue:
     def jobs(self) -> int:
         return self._jobs
 
-    def put_job(self, handle: JobHandle) -> bool:
-        """Queue a job; False when ``max_jobs`` are already waiting."""
+    def put_job(self, handle: JobHandle) -> int | None:
+        """Queue a job and return how many jobs will run before it; None when ``max_jobs`` already wait."""
         with self._changed:
             if self._jobs >= self._max_jobs:
-                return False
-            self._items.append(handle)
+                return None
+            self._lines.setdefault(handle.job.owner, deque()).append(handle)
+            handle._queue = self
             self._jobs += 1
             self._changed.notify()
-            return True
+            return self._position(handle)
 
     def put_control(self, item: Any) -> None:
         with self._changed:
-            self._items.append(item)
+            self._controls.append(item)
             self._changed.notify()
 
     def get(self) -> Any:
         with self._changed:
-            while not self._items:
+            while True:
+                if self._controls and (self._controls[0] is not None or not self._jobs):
+                    return self._controls.popleft()
+                if self._jobs:
+                    return self._take_next()
                 self._changed.wait()
-            item = self._items.popleft()
-            if isinstance(item, JobHandle):
-                self._jobs -= 1
-            return item
+
+    def _take_next(self) -> JobHandle:
+        owner, line = next(iter(self._lines.items()))
+        handle = line.popleft()
+        # The owner goes to the end of the turn order (and leaves it when it has nothing waiting).
+        del self._lines[owner]
+        if line:
+            self._lines[owner] = line
+        self._taken(handle)
+        return handle
+
+    def _taken(self, handle: JobHandle) -> None:
+        handle._queue = None
+        self._jobs -= 1
+
+    def remove(self, handle: JobHandle) -> bool:
+        """Take a waiting job out of the queue; False when it is no longer waiting."""
+        with self._changed:
+            line = self._lines.get(handle.job.owner)
+            if handle._queue is not self or line is None:
+                return False
+            line.remove(handle)
+            if not line:
+                del self._lines[handle.job.owner]
+            self._taken(handle)
+            return True
 
     def take_joining(self, first: JobHandle, max_images: int) -> list[JobHandle]:
-        """Remove and return waiting jobs of ``first``'s type and batch key, in queue order, while the
+        """Remove and return waiting jobs of ``first``'s type and batch key, in turn order, while the
         images of all of them and ``first`` stay within ``max_images``."""
         kind, key, images = type(first.job), first.job.batch_key(), first.job.images
         taken: list[JobHandle] = []
         with self._changed:
-            for item in list(self._items):
+            for handle in self._in_turn_order():
                 if images >= max_images:
                     break
-                if (isinstance(item, JobHandle) and images + item.job.images <= max_images
-                        and type(item.job) is kind and item.job.batch_key() == key):
-                    self._items.remove(item)
-                    self._jobs -= 1
-                    taken.append(item)
-                    images += item.job.images
+                if images + handle.job.images <= max_images and type(handle.job) is kind \
+                        and handle.job.batch_key() == key:
+                    self._lines[handle.job.owner].remove(handle)
+                    self._taken(handle)
+                    taken.append(handle)
+                    images += handle.job.images
+            self._lines = {owner: line for owner, line in self._lines.items() if line}
         return taken
+
+    def announce_positions(self) -> None:
+        """Tell each waiting job that listens how many jobs will run before it now."""
+        with self._changed:
+            order = self._in_turn_order()
+        for position, handle in enumerate(order):
+            if handle.on_event is not None:
+                handle._event(Queued(position))
+
+    def _in_turn_order(self) -> list[JobHandle]:
+        """Waiting jobs in the order the worker would take them: one of each owner per round."""
+        lines = [list(line) for line in self._lines.values()]
+        depth = max((len(line) for line in lines), default=0)
+        return [line[round_] for round_ in range(depth) for line in lines if round_ < len(line)]
+
+    def _position(self, handle: JobHandle) -> int:
+        return self._in_turn_order().index(handle)
 
 
 def _describe_failure(exc: BaseException) -> str:

@@ -23,7 +23,15 @@ import msgspec
 import msgspec.inspect as mi
 
 from imagewire.tasks import schema
-from imagewire.tasks.describe import describe_type, extra, literal_values, nearest_valid, stepped_range, wire_type
+from imagewire.tasks.describe import (
+    describe_type,
+    extra,
+    literal_values,
+    nearest_valid,
+    non_null,
+    stepped_range,
+    wire_type,
+)
 from imagewire.tasks.errors import (
     InvalidParameter,
     MissingParameter,
@@ -32,6 +40,7 @@ from imagewire.tasks.errors import (
     UnsupportedParameter,
     UnsupportedTaskType,
     describe_value,
+    short_name,
 )
 from imagewire.tasks.supported import SUPPORTED
 
@@ -63,9 +72,21 @@ class Decoded:
     error: TaskError | None = None
 
 
+# A \uXXXX escape of a UTF-16 surrogate without its other half: JSON text that names no character.
+# (An even run of backslashes before it is escaped backslashes, not the escape's own.)
+_LONE_SURROGATE = re.compile(
+    rb"(?<!\\)((?:\\\\)*)\\u(?:[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+    rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2}\\u)[dD][c-fC-F][0-9a-fA-F]{2})")
+# What such an escape is read as, so the rest of the frame can be read: a noncharacter, which Unicode
+# keeps for a program's own use and which no client has reason to send.
+_SURROGATE_MARK = "\ufdd0"
+
+
 def decode_frame(frame: str | bytes, *, max_tasks: int) -> list[Decoded]:
+    text = frame.encode("utf-8", "surrogatepass") if isinstance(frame, str) else frame
+    marked = _LONE_SURROGATE.sub(rb"\1\\ufdd0", text)
     try:
-        elements = _frame_decoder.decode(frame)
+        elements = _frame_decoder.decode(marked)
     except RecursionError as exc:
         raise FrameError("The message is nested too deeply to be a task array.") from exc
     except msgspec.DecodeError as exc:
@@ -79,10 +100,10 @@ def decode_frame(frame: str | bytes, *, max_tasks: int) -> list[Decoded]:
             f"A message may carry at most {max_tasks} tasks; this one carries {len(elements)}. "
             "Send the rest in further messages.",
         )
-    return [decode_task(element) for element in elements]
+    return [decode_task(element, surrogates=marked is not text) for element in elements]
 
 
-def decode_task(raw: msgspec.Raw | bytes) -> Decoded:
+def decode_task(raw: msgspec.Raw | bytes, *, surrogates: bool = False) -> Decoded:
     try:
         obj = _object_decoder.decode(raw)
     except RecursionError:
@@ -99,6 +120,12 @@ def decode_task(raw: msgspec.Raw | bytes) -> Decoded:
         return Decoded(None, task_uuid, error=MissingParameter(
             "Every task needs a taskType string, one of " + ", ".join(TASK_TYPES) + ".",
             parameter="taskType", type="string", allowed_values=list(TASK_TYPES)))
+    if surrogates:
+        where = _marked_field(obj)
+        if where is not None:
+            return Decoded(task_type, task_uuid, error=InvalidParameter(
+                f"{where} holds a \\u escape of half a UTF-16 surrogate pair (such as \\ud800 alone), which is not "
+                "a character; send it as valid Unicode text.", parameter=where, type="string"))
     struct_type = TASK_TYPES.get(task_type)
     if struct_type is None:
         return Decoded(task_type, task_uuid, error=UnsupportedTaskType(
@@ -112,13 +139,33 @@ def decode_task(raw: msgspec.Raw | bytes) -> Decoded:
     return Decoded(task_type, task_uuid, task=task)
 
 
+def _marked_field(value: Any, path: str = "") -> str | None:
+    """The path of the first string (or key) that held a lone surrogate escape, or None."""
+    if isinstance(value, str):
+        return path or "task" if _SURROGATE_MARK in value else None
+    if isinstance(value, dict):
+        for key, member in value.items():
+            name = f"{path}.{key}" if path else str(key)
+            if _SURROGATE_MARK in str(key):
+                return short_name(name)
+            found = _marked_field(member, name)
+            if found is not None:
+                return found
+    if isinstance(value, list):
+        for index, member in enumerate(value):
+            found = _marked_field(member, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None
+
+
 def convert_task(obj: dict[str, Any], struct_type: type[schema.Task]) -> schema.Task:
     present = {key: value for key, value in obj.items() if value is not None}
     task_type = present["taskType"]
     fields = _field_names(struct_type)
     unsupported = schema.UNSUPPORTED_PARAMETERS.get(task_type, frozenset())
     extra = [key for key in present if key not in fields and key != "taskType"]
-    not_yet = [key for key in extra if key in unsupported]
+    not_yet = [short_name(key) for key in extra if key in unsupported]
     if not_yet:
         raise UnsupportedParameter(
             f"{', '.join(not_yet)} {'is' if len(not_yet) == 1 else 'are'} not supported by this server "
@@ -126,13 +173,14 @@ def convert_task(obj: dict[str, Any], struct_type: type[schema.Task]) -> schema.
             parameter=not_yet[0])
     if extra:
         raise UnknownParameter(
-            f"{extra[0]} is not a parameter of {task_type}. Known parameters: "
+            f"{short_name(extra[0])} is not a parameter of {task_type}. Known parameters: "
             + ", ".join(sorted(fields)) + ".",
-            parameter=extra[0], allowed_values=sorted(fields))
+            parameter=short_name(extra[0]), allowed_values=sorted(fields))
     try:
         return msgspec.convert(present, struct_type)
     except msgspec.ValidationError as exc:
-        raise _translate_validation_error(exc, present, struct_type) from exc
+        nested = _nested_validation_error(exc, present, struct_type)
+        raise (nested or _translate_validation_error(exc, present, struct_type)) from exc
 
 
 _PATH = re.compile(r"at `\$\.(?P<field>[A-Za-z0-9_]+)(?P<rest>[^`]*)`")
@@ -174,6 +222,90 @@ def _translate_validation_error(
     return InvalidParameter(
         f"Invalid {name}: expected {expected}; received {describe_value(received)}.",
         parameter=name, type=wire_type(info.type) if info else None, allowed_values=allowed)
+
+
+# ``$.controlNet[0].weight`` → the parts ``controlNet``, 0, ``weight``.
+_NESTED_PATH = re.compile(r"at `\$(?P<path>(?:\.[A-Za-z0-9_]+|\[\d+\])+)`")
+_PATH_PART = re.compile(r"\.([A-Za-z0-9_]+)|\[(\d+)\]")
+_UNKNOWN_FIELD = re.compile(r"unknown field `(?P<field>[^`]+)`")
+
+
+def _nested_validation_error(
+    exc: msgspec.ValidationError, present: dict[str, Any], struct_type: type[schema.Task]
+) -> TaskError | None:
+    """The error for a value inside an object or array (``controlNet[0].weight``, ``outpaint.top``,
+    ``settings.rgba[3]``), named by its whole path; None for a top-level field, which
+    ``_translate_validation_error`` describes."""
+    text = str(exc)
+    at = _NESTED_PATH.search(text)
+    if at is None:
+        return None
+    parts: list[str | int] = [name if name else int(index) for name, index in _PATH_PART.findall(at.group("path"))]
+    unknown, missing = _UNKNOWN_FIELD.search(text), _MISSING.search(text)
+    if unknown or missing:  # about a key of the object at the path
+        parts.append((unknown or missing).group("field"))  # type: ignore[union-attr]
+    if len(parts) < 2:
+        return None
+    path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in parts).lstrip(".")
+    container = path.rsplit(".", 1)[0] if isinstance(parts[-1], str) else path
+    leaf, received = _walk(struct_type, present, parts)
+    if unknown:
+        known = sorted(_struct_fields(_walk(struct_type, present, parts[:-1])[0]))
+        return UnknownParameter(
+            f"{path} is not a parameter of {container}. Known parameters: {', '.join(known)}.",
+            parameter=path, allowed_values=known)
+    if missing:
+        expected = describe_type(leaf) if leaf is not None else "a value"
+        return MissingParameter(f"{path} is required: expected {expected}.", parameter=path,
+                                type=wire_type(leaf) if leaf is not None else None)
+    if leaf is None:
+        return InvalidParameter(f"Invalid {path}: {_first_sentence(text)}.", parameter=path)
+    if isinstance(received, int) and not isinstance(received, bool):
+        stepped = stepped_range(leaf)
+        if stepped is not None:
+            nearest = nearest_valid(stepped, received)
+            return InvalidParameter(
+                f"Invalid {path}: must be from {stepped.ge} to {stepped.le} and divisible by "
+                f"{stepped.multiple_of}; received {received}. Nearest valid value{'s' if len(nearest) > 1 else ''}: "
+                f"{' or '.join(map(str, nearest))}.", parameter=path, type="integer", allowed_values=nearest)
+    return InvalidParameter(
+        f"Invalid {path}: expected {describe_type(leaf)}; received {describe_value(received)}.",
+        parameter=path, type=wire_type(leaf), allowed_values=literal_values(leaf))
+
+
+def _walk(struct_type: type[schema.Task], present: dict[str, Any], parts: list[str | int]) -> tuple[Any, Any]:
+    """The schema type and the client's value at ``parts`` (either None where the path leaves them)."""
+    node: Any = mi.type_info(struct_type)
+    value: Any = present
+    for part in parts:
+        node = _step(node, part)
+        if isinstance(part, int):
+            value = value[part] if isinstance(value, list) and part < len(value) else None
+        else:
+            value = value.get(part) if isinstance(value, dict) else None
+    return node, value
+
+
+def _step(node: Any, part: str | int) -> Any:
+    if node is None:
+        return None
+    for member in non_null(node) if not isinstance(node, mi.StructType) else [node]:
+        if isinstance(part, int) and isinstance(member, mi.ListType):
+            return member.item_type
+        if isinstance(part, int) and isinstance(member, mi.TupleType):
+            return member.item_types[part] if part < len(member.item_types) else None
+        if isinstance(part, str) and isinstance(member, mi.StructType):
+            return next((field.type for field in member.fields if field.encode_name == part), None)
+        if isinstance(part, str) and isinstance(member, mi.DictType):
+            return member.value_type
+    return None
+
+
+def _struct_fields(node: Any) -> list[str]:
+    for member in non_null(node) if node is not None and not isinstance(node, mi.StructType) else [node]:
+        if isinstance(member, mi.StructType):
+            return [field.encode_name for field in member.fields]
+    return []
 
 
 @cache

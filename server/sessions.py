@@ -42,6 +42,13 @@ class Session:
         while self.outbox_bytes > self.max_outbox_bytes and len(self.outbox) > 1:
             self.outbox_bytes -= len(self.outbox.pop(0))
 
+    def keep(self, frames: list[bytes]) -> None:
+        """Frames a closed socket did not take: they go first, ahead of anything kept since."""
+        self.outbox[:0] = frames
+        self.outbox_bytes += sum(len(frame) for frame in frames)
+        while self.outbox_bytes > self.max_outbox_bytes and len(self.outbox) > 1:
+            self.outbox_bytes -= len(self.outbox.pop(0))
+
     def detach(self, sender: Sender) -> None:
         # ==, not is: each access to a bound method makes a new object, and equal ones share their self.
         if self.sender == sender:
@@ -98,6 +105,8 @@ class TaskRecord:
     finished_at: float | None = None
     kept_bytes: int = 0
     items_dropped: bool = False          # its items were let go to bound memory
+    progress: int | None = None          # percent done, while it runs and reports it
+    stop: Callable[[], None] | None = None  # cancels it while it runs
 
 
 class TaskRegistry:
@@ -165,6 +174,18 @@ class TaskRegistry:
     def finish(self, record: TaskRecord, status: str) -> None:
         record.status = status
         record.finished_at = time.monotonic()
+        record.stop = None
+
+    def cancel(self, task_uuid: str, owner: str) -> bool | None:
+        """Stop a running task of ``owner``: True when stopped, False when it had ended, None when unknown
+        (another key's tasks are unknown to it, as for getResponse)."""
+        record = self.get(task_uuid, owner)
+        if record is None:
+            return None
+        if record.stop is None:
+            return False
+        record.stop()
+        return True
 
     def sweep(self, now: float | None = None) -> int:
         now = time.monotonic() if now is None else now

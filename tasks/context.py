@@ -9,7 +9,7 @@ small stand-ins.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +18,13 @@ from typing import Any, Protocol
 from imagewire.air_registry import Catalog
 from imagewire.air_registry.civitai import Civitai
 from imagewire.storage import ImageStore, UrlFetcher
-from imagewire.tasks.jobs import Job, JobProgress
+from imagewire.tasks.jobs import Job, JobEvent, JobProgress
 
 
 class Device(Protocol):
-    def submit(self, job: Job) -> JobProgress[Any]:
-        """Queue a job at once, or raise ServiceUnavailable."""
+    def submit(self, job: Job, on_event: Callable[[JobEvent], None] | None = None) -> JobProgress[Any]:
+        """Queue a job at once, or raise ServiceUnavailable. ``on_event`` hears of its queue position
+        and steps, on the event loop."""
         ...
 
     @property
@@ -55,6 +56,11 @@ class RecordedTask(Protocol):
     @property
     def items_dropped(self) -> bool: ...
 
+    @property
+    def progress(self) -> int | None:
+        """Percent done, while it runs and says so."""
+        ...
+
 
 class Results(Protocol):
     @property
@@ -64,6 +70,16 @@ class Results(Protocol):
     def max_kept_bytes(self) -> int: ...
 
     def get(self, task_uuid: str, owner: str) -> RecordedTask | None: ...
+
+    def cancel(self, task_uuid: str, owner: str) -> bool | None:
+        """Stop the task if it runs: True when it was stopped, False when it had ended, None when
+        ``owner`` has no such task."""
+        ...
+
+
+# progress(items, overall percent, push): what a handler reports while its task runs; the runner keeps
+# ``overall`` for getResponse and sends ``items`` on when ``push`` (the task asked for progress).
+ProgressSink = Callable[[Sequence[Any], int, bool], None]
 
 
 @dataclass(frozen=True)
@@ -75,6 +91,9 @@ class Settings:
     max_image_pixels: int = 4096 * 4096   # decoded input images (decompression bombs)
     max_image_bytes: int = 32 * 1024 * 1024
     price_per_gpu_second: float = 0.0
+    max_output_pixels: int = 4096 * 4096  # results of the tools that enlarge an image (upscale)
+    upscale_tile_size: int = 512          # upscaling works on tiles of at most this many input pixels a side
+    safety_checker: str = "imagewire:sd-safety-checker@1"  # the catalog model content checks run
 
 
 @dataclass
@@ -97,6 +116,11 @@ class TaskContext:
     services: Services
     owner: str                       # owner token of the API key the task came with
     timings: dict[str, float] = field(default_factory=dict)  # stage → seconds, for the task's log line
+    progress_sink: ProgressSink | None = None
+
+    def progress(self, items: Sequence[Any], overall: int, *, push: bool) -> None:
+        if self.progress_sink is not None:
+            self.progress_sink(items, overall, push)
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:

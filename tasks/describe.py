@@ -46,6 +46,7 @@ def wire_type(t: mi.Type) -> str:
     kinds = {
         mi.IntType: "integer", mi.FloatType: "number", mi.StrType: "string", mi.BoolType: "boolean",
         mi.LiteralType: "string", mi.ListType: "array", mi.DictType: "object",
+        mi.TupleType: "array", mi.StructType: "object",
     }
     names: list[str] = []
     for member in non_null(t):
@@ -91,9 +92,14 @@ def _describe_one(t: mi.Type) -> str:
     if isinstance(t, mi.BoolType):
         return "true or false"
     if isinstance(t, mi.ListType):
-        return f"an array of {_describe_one(t.item_type)}"
+        most = f" (at most {t.max_length})" if t.max_length is not None else ""
+        return f"an array of {_describe_one(t.item_type)}{most}"
     if isinstance(t, mi.DictType):
         return "an object"
+    if isinstance(t, mi.TupleType):
+        return f"an array of {len(t.item_types)}: " + ", ".join(map(_describe_one, t.item_types))
+    if isinstance(t, mi.StructType):
+        return "an object with " + ", ".join(field.encode_name for field in t.fields)
     return "a valid value"
 
 

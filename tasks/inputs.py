@@ -12,6 +12,7 @@ from pathlib import Path
 
 from imagewire.air_registry import (
     AIR,
+    ARCHITECTURES,
     DIFFUSION,
     MalformedAIR,
     ModelEntry,
@@ -72,13 +73,16 @@ async def store(ctx: TaskContext, data: bytes, *, extension: str) -> StoredImage
         raise task_error(exc, "image") from exc
 
 
-def model(ctx: TaskContext, name: str, *, parameter: str = "model") -> ModelEntry:
-    """The catalog entry a request's AIR id or alias names."""
+def model(ctx: TaskContext, name: str, *, parameter: str = "model", task: str = "imageInference") -> ModelEntry:
+    """The catalog entry a request's AIR id or alias names, a model of the task type ``task``."""
+    catalog = ctx.services.catalog
     try:
-        return ctx.services.catalog.resolve(name)
+        entry = catalog.resolve(name)
     except UnknownModel as exc:
         civitai, air = ctx.services.civitai, _air(name)
-        if civitai is not None and air is not None and Civitai.names(air):
+        # Only imageInference's model is fetched (``model_to_download``); other fields name catalog models.
+        fetchable = task == "imageInference" and parameter == "model"
+        if fetchable and civitai is not None and air is not None and Civitai.names(air):
             # Say what would fetch it: the server may, or the operator may add it to a catalog file.
             message = (f"{parameter} {str(air)!r} is not in this server's catalog. It names a Civitai checkpoint: "
                        f"{civitai.describe_download(air)}; or add it to a --catalog file")
@@ -86,6 +90,14 @@ def model(ctx: TaskContext, name: str, *, parameter: str = "model") -> ModelEntr
         raise task_error(exc, parameter) from exc
     except RegistryError as exc:
         raise task_error(exc, parameter) from exc
+    serves = ARCHITECTURES[entry.architecture].task
+    if serves != task:
+        fitting = [candidate.air for candidate in catalog.serving(task)]
+        raise errors.InvalidParameter(
+            f"{parameter} {entry.label} is a {entry.category} model for {serves} tasks, not for {task}; "
+            f"models for {task}: {', '.join(fitting[:10]) or 'none'}.",
+            parameter=parameter, type="string", allowed_values=fitting[:100])
+    return entry
 
 
 def model_to_download(ctx: TaskContext, name: str) -> AIR | None:

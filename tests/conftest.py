@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import runpy
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,12 @@ from tests.wire import API_KEY
 
 # Tests never reach a model hub, and never wait for one.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# No test traffic leaves this machine: this process connects to loopback only and looks up no name
+# but localhost (tests/network_guard). Child processes that tests start inherit the guard.
+GUARD = Path(__file__).with_name("network_guard")
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(GUARD), os.environ.get("PYTHONPATH")]))
+runpy.run_path(str(GUARD / "sitecustomize.py"))
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,8 @@ no download, so that every code path runs on any machine (tests, benchmarks, try
 
 An ``embedded`` catalog entry names its builder in ``location``; ``BUILDERS`` maps each name to the
 module that builds it (imported only when a model is built, so this package's top imports no torch).
-A builder module has ``build(directory)``, which saves the model there in diffusers format.
+A builder module has ``build(directory)``, which saves the model there in diffusers format (or, with a
+``MARKER`` naming the file that shows a build is complete, in another layout).
 ``ensure_embedded`` builds into a temporary sibling and renames it into place, so a model folder is
 either absent or complete, even when two processes build it at once.
 """
@@ -23,6 +24,13 @@ from imagewire.air_registry.model_files import MODEL_INDEX
 
 BUILDERS: Mapping[str, str] = MappingProxyType({
     "tiny-sd": "imagewire.air_registry.tiny.sd",
+    "tiny-upscaler": "imagewire.air_registry.tiny.upscaler",
+    "tiny-background": "imagewire.air_registry.tiny.background",
+    "tiny-caption": "imagewire.air_registry.tiny.caption",
+    "tiny-prompt": "imagewire.air_registry.tiny.prompt",
+    "tiny-sd-inpaint": "imagewire.air_registry.tiny.inpaint",
+    "tiny-controlnet": "imagewire.air_registry.tiny.controlnet",
+    "tiny-safety": "imagewire.air_registry.tiny.safety",
     "tiny-flux": "imagewire.air_registry.tiny.flux",
     "tiny-sd3": "imagewire.air_registry.tiny.sd3",
 })
@@ -35,30 +43,31 @@ _BUILD_LOCK = threading.Lock()
 def ensure_embedded(builder: str, path: Path) -> Path:
     """Make sure the model of ``builder`` is saved at ``path``; build it if it is not."""
     path = Path(path)
-    if (path / MODEL_INDEX).is_file():
-        return path
     module = importlib.import_module(BUILDERS[builder])
+    marker = getattr(module, "MARKER", MODEL_INDEX)
+    if (path / marker).is_file():
+        return path
     with _BUILD_LOCK:
-        if (path / MODEL_INDEX).is_file():
+        if (path / marker).is_file():
             return path  # built by another thread while this one waited
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.building-", dir=path.parent))
         try:
             module.build(staging)
-            _move_into_place(staging, path)
+            _move_into_place(staging, path, marker)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return path
 
 
-def _move_into_place(staging: Path, path: Path) -> None:
+def _move_into_place(staging: Path, path: Path, marker: str = MODEL_INDEX) -> None:
     try:
         os.replace(staging, path)
         return
     except OSError:
         # ``path`` exists and is not empty: either another build finished first, or a stale,
         # incomplete directory is in the way.
-        if (path / MODEL_INDEX).is_file():
+        if (path / marker).is_file():
             return
     stale = Path(tempfile.mkdtemp(prefix=f".{path.name}.stale-", dir=path.parent))
     try:
@@ -69,7 +78,7 @@ def _move_into_place(staging: Path, path: Path) -> None:
         try:
             os.replace(staging, path)
         except OSError:
-            if not (path / MODEL_INDEX).is_file():
+            if not (path / marker).is_file():
                 raise
     finally:
         shutil.rmtree(stale, ignore_errors=True)

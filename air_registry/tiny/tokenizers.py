@@ -89,3 +89,37 @@ def build_t5_tokenizer(max_length: int = 512) -> PreTrainedTokenizerFast:
     t5_tokenizer = transformers.T5TokenizerFast  # type: ignore[attr-defined]
     return t5_tokenizer(tokenizer_object=backend, eos_token=T5_END_TOKEN, unk_token=T5_UNKNOWN_TOKEN,
                         pad_token=T5_PAD_TOKEN, extra_ids=0, model_max_length=max_length)
+
+
+# ---------------------------------------------------------------- the language models' tokenizers
+
+GPT2_END_TOKEN = "<|endoftext|>"
+
+
+def write_gpt2_vocabulary(directory: Path) -> None:
+    """vocab.json and merges.txt of a byte-level tokenizer: one token per byte, and the end marker.
+
+    A byte-level vocabulary decodes any token sequence back into text, so whatever a model with random
+    weights generates is still a string (and its length in tokens is its length in UTF-8 bytes).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = {character: byte for byte, character in enumerate(_byte_level_alphabet())}
+    vocab[GPT2_END_TOKEN] = len(vocab)
+    with open(directory / "vocab.json", "w", encoding="utf-8") as file:
+        json.dump(vocab, file, ensure_ascii=False)
+    (directory / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+
+
+# BERT-style special tokens, then the printable ASCII characters alone and word-inner ("##x"): every
+# ASCII word splits into one piece per character. "[DEC]" starts a decoded caption, as in BLIP.
+WORDPIECE_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]")
+
+
+def wordpiece_vocab() -> list[str]:
+    characters = [chr(code) for code in range(ord("!"), ord("~") + 1)]
+    return [*WORDPIECE_SPECIALS, *characters, *(f"##{character}" for character in characters)]
+
+
+def write_wordpiece_vocabulary(directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.txt").write_text("\n".join(wordpiece_vocab()) + "\n", encoding="utf-8")

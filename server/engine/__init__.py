@@ -19,10 +19,15 @@ import torch
 
 from imagewire.air_registry import ModelEntry, RegistryError, SamplerUnusable
 from imagewire.air_registry.loader import PipelineCache, unavailable_samplers
-from imagewire.server.engine import inference
+from imagewire.air_registry.tool_loader import ToolModels
+from imagewire.server.engine import background, caption, inference, prompts, safety, upscale
 from imagewire.server.engine.threads import limit_cpu_threads
+from imagewire.tasks.background_removal import BackgroundRemovalJob
+from imagewire.tasks.image_caption import CaptionJob
+from imagewire.tasks.image_upscale import UpscaleJob
 from imagewire.tasks.inputs import task_error
-from imagewire.tasks.jobs import Emit, InferenceJob, Job
+from imagewire.tasks.jobs import Emit, InferenceJob, Job, SafetyCheckJob
+from imagewire.tasks.prompt_enhance import PromptJob
 
 log = logging.getLogger("imagewire.engine")
 
@@ -31,6 +36,11 @@ Runner = Callable[["DiffusersEngine", Sequence[Any], Emit], None]
 
 RUNNERS: dict[type[Job], Runner] = {
     InferenceJob: inference.run,
+    UpscaleJob: upscale.run,
+    BackgroundRemovalJob: background.run,
+    CaptionJob: caption.run,
+    PromptJob: prompts.run,
+    SafetyCheckJob: safety.run,
 }
 
 
@@ -39,13 +49,15 @@ class DiffusersEngine:
         # The engine is built in the device worker thread, which runs every pipeline call.
         limit_cpu_threads(device)
         self.pipelines = PipelineCache(device=device, data_dir=data_dir, allow_downloads=allow_downloads)
+        # Upscalers, background removers, captioners and prompt models, beside the pipelines.
+        self.tools = ToolModels(device=device, data_dir=data_dir, allow_downloads=allow_downloads)
         self.max_batch_size = max_batch_size
         self.unavailable_samplers = unavailable_samplers()
         for name, why in self.unavailable_samplers.items():
             log.warning("scheduler %s %s; requests for it are refused", name, why)
 
     def load(self, model: ModelEntry) -> None:
-        self.pipelines.text_to_image(model)
+        self.pipelines.load(model)
 
     def run(self, jobs: Sequence[Job], emit: Emit) -> None:
         try:
@@ -54,6 +66,17 @@ class DiffusersEngine:
             # Weights that do not load; a sampler this model's config rules out.
             parameter = "scheduler" if isinstance(exc, SamplerUnusable) else "model"
             raise task_error(exc, parameter) from exc
+
+    def loaded_models(self) -> list[str]:
+        """AIR ids of the models in memory, pipelines and tools."""
+        return [*self.pipelines.loaded_models, *self.tools.loaded_models]
+
+    def device_memory(self) -> dict[str, int]:
+        """Bytes torch holds on the GPU (nothing to say on a CPU)."""
+        if not self.pipelines.device.startswith("cuda"):
+            return {}
+        return {"allocated": torch.cuda.memory_allocated(self.pipelines.device),
+                "reserved": torch.cuda.memory_reserved(self.pipelines.device)}
 
     def recover(self) -> None:
         gc.collect()

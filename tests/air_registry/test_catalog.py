@@ -11,7 +11,8 @@ from imagewire.air_registry.errors import CatalogError, MalformedAIR, UnknownMod
 from imagewire.tasks.image_inference import check_model_defaults
 from imagewire.tasks.inputs import task_error
 
-SHIPPED_AIRS = [
+# The imageInference models: checkpoints, and the ControlNets and safety checkers beside them.
+INFERENCE_AIRS = [
     "imagewire:tiny@1",
     "imagewire:sd15@1",
     "imagewire:sd21@1",
@@ -31,7 +32,24 @@ SHIPPED_AIRS = [
     "imagewire:sdxl-turbo@1",
     "runware:106@1",
     "runware:102@1",
+    "imagewire:tiny-inpaint@1",
+    "imagewire:tiny-controlnet@1",
+    "imagewire:tiny-safety@1",
+    "imagewire:sd15-inpaint@1",
+    "imagewire:sdxl-inpaint@1",
+    "imagewire:sd15-controlnet-canny@1",
+    "imagewire:sdxl-controlnet-canny@1",
+    "imagewire:sd-safety-checker@1",
 ]
+# The models of the tool task types (upscale, background removal, caption, prompt enhance).
+TOOL_AIRS = [
+    "imagewire:tiny-upscaler@1", "imagewire:tiny-background@1", "imagewire:tiny-caption@1",
+    "imagewire:tiny-prompt@1", "runware:504@1", "runware:109@1", "runware:110@1",
+    *(f"runware:112@{version}" for version in (1, 2, 3, 5, 6, 7, 8, 9, 10)),
+    "runware:151@1", "imagewire:blip-base@1", "imagewire:magicprompt@1", "runware:llama-3-1-8b@prompt-enhancer",
+]
+SHIPPED_AIRS = INFERENCE_AIRS + TOOL_AIRS
+CHECKPOINT_AIRS = [air for air in INFERENCE_AIRS if "controlnet" not in air and "safety" not in air]
 
 
 def write_catalog(path: Path, entries: Any) -> Path:
@@ -174,8 +192,9 @@ def test_the_not_found_message_names_at_most_ten_models(tmp_path: Path) -> None:
     with pytest.raises(UnknownModel) as caught:
         catalog.resolve("bulk:missing@1")
     message = task_error(caught.value, "model").message
-    assert f"and {len(SHIPPED_AIRS) + 30 - 10} more" in message
-    assert message.count("bulk:model") == max(0, 10 - len(SHIPPED_AIRS))
+    assert f"and {len(catalog.entries) - 10} more" in message
+    named = [entry.air for entry in catalog.entries[:10]]
+    assert all(air in message for air in named) and catalog.entries[10].air not in message
 
 
 # ---------------------------------------------------------------- user catalog files
@@ -345,17 +364,24 @@ def test_search_without_filters_returns_everything(catalog: Catalog) -> None:
     ("filters", "airs"),
     [
         ({"text": "sdxl"}, ["imagewire:sdxl-base@1", "imagewire:sdxl-refiner@1", "civitai:101055@128078",
-                            "imagewire:sdxl-turbo@1"]),
+                            "imagewire:sdxl-turbo@1", "imagewire:sdxl-inpaint@1", "imagewire:sdxl-controlnet-canny@1"]),
         ({"text": "XL Refiner"}, ["imagewire:sdxl-refiner@1"]),
         ({"text": "stable-diffusion-v1-5"}, ["imagewire:sd15@1"]),
         ({"text": "nothing like this"}, []),
-        ({"architecture": "sd15"}, ["imagewire:sd15@1"]),
-        ({"architecture": "SDXL"}, ["imagewire:sdxl-base@1", "civitai:101055@128078", "imagewire:sdxl-turbo@1"]),
+        ({"architecture": "sd15"}, ["imagewire:sd15@1", "imagewire:sd15-controlnet-canny@1",
+                                    "imagewire:sd-safety-checker@1"]),
+        ({"architecture": "SDXL"}, ["imagewire:sdxl-base@1", "civitai:101055@128078", "imagewire:sdxl-turbo@1",
+                                    "imagewire:sdxl-controlnet-canny@1"]),
         ({"architecture": "flux1-dev"}, ["runware:101@1", "runware:107@1"]),
         ({"text": "flux"}, ["imagewire:tiny-flux@1", "runware:100@1", "runware:101@1", "runware:107@1",
                             "runware:106@1", "runware:102@1"]),
         ({"tags": ["turbo"]}, ["imagewire:sd35-large-turbo@1", "imagewire:sd-turbo@1", "imagewire:sdxl-turbo@1"]),
-        ({"category": "checkpoint"}, SHIPPED_AIRS),
+        ({"category": "checkpoint"}, CHECKPOINT_AIRS),
+        ({"category": "controlnet"}, ["imagewire:tiny-controlnet@1", "imagewire:sd15-controlnet-canny@1",
+                                      "imagewire:sdxl-controlnet-canny@1"]),
+        ({"tags": ["inpainting"]},
+         ["runware:102@1", "imagewire:tiny-inpaint@1", "imagewire:sd15-inpaint@1", "imagewire:sdxl-inpaint@1"]),
+        ({"category": "upscaler"}, ["imagewire:tiny-upscaler@1", "runware:504@1"]),
         ({"category": "lora"}, []),
         ({"tags": ["refiner"]}, ["imagewire:sdxl-refiner@1"]),
         ({"tags": ["SDXL", "base"]}, ["imagewire:sdxl-base@1", "civitai:101055@128078"]),
@@ -364,17 +390,17 @@ def test_search_without_filters_returns_everything(catalog: Catalog) -> None:
     ],
 )
 def test_search_filters(catalog: Catalog, filters: dict[str, Any], airs: list[str]) -> None:
-    total, page = catalog.search(limit=20, offset=0, **filters)
+    total, page = catalog.search(limit=100, offset=0, **filters)
     assert total == len(airs)
     assert [entry.air for entry in page] == airs
 
 
 def test_search_pages_with_limit_and_offset(catalog: Catalog) -> None:
-    shipped = len(SHIPPED_AIRS)
+    count = len(SHIPPED_AIRS)
     total, page = catalog.search(limit=2, offset=0)
-    assert (total, [e.air for e in page]) == (shipped, SHIPPED_AIRS[:2])
+    assert (total, [e.air for e in page]) == (count, SHIPPED_AIRS[:2])
     total, page = catalog.search(limit=2, offset=2)
-    assert (total, [e.air for e in page]) == (shipped, SHIPPED_AIRS[2:4])
-    total, page = catalog.search(limit=4, offset=shipped - 3)
-    assert (total, [e.air for e in page]) == (shipped, SHIPPED_AIRS[-3:])
-    assert catalog.search(limit=10, offset=50) == (shipped, [])
+    assert (total, [e.air for e in page]) == (count, SHIPPED_AIRS[2:4])
+    total, page = catalog.search(limit=2, offset=count - 1)
+    assert (total, [e.air for e in page]) == (count, SHIPPED_AIRS[count - 1:])
+    assert catalog.search(limit=10, offset=count + 50) == (count, [])

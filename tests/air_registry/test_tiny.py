@@ -46,6 +46,15 @@ def test_an_existing_model_is_not_rebuilt(tiny_model_dir: Path) -> None:
     assert weights.stat().st_mtime_ns == before
 
 
+@pytest.mark.parametrize("builder", ["tiny-controlnet", "tiny-safety", "tiny-upscaler"])
+def test_a_model_of_another_layout_is_not_rebuilt_either(builder: str, tmp_path: Path) -> None:
+    target = ensure_embedded(builder, tmp_path / builder)
+    files = {path: path.stat().st_mtime_ns for path in target.rglob("*") if path.is_file()}
+    assert files and not (target / "model_index.json").exists()
+    assert ensure_embedded(builder, target) == target
+    assert {path: path.stat().st_mtime_ns for path in target.rglob("*") if path.is_file()} == files
+
+
 def test_an_incomplete_directory_is_replaced_and_no_temporary_files_remain(tmp_path: Path) -> None:
     target = tmp_path / "models" / "imagewire-tiny-1"
     (target / "unet").mkdir(parents=True)

@@ -163,3 +163,11 @@ def test_percentiles() -> None:
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
     assert percentile([5.0], 99) == 5.0
     assert summarize([])["p50"] is None
+
+
+def test_the_editing_stages_benchmark_measures_every_stage():
+    from bench.editing import image_stages
+
+    rows = image_stages(repeats=1)
+    assert {size for _, size, _ in rows} == {"512²", "1024²"}
+    assert all(ms > 0 for _, _, ms in rows)

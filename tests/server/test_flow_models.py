@@ -13,8 +13,10 @@ from PIL import Image, ImageChops
 
 from imagewire.air_registry import FLOW, FLOW_SAMPLERS, Catalog, resolve_sampler
 from imagewire.air_registry.weights import locate_weights
+from imagewire.server.device import Cancelled
 from imagewire.server.engine import DiffusersEngine
-from imagewire.tasks.jobs import GeneratedImage, InferenceJob
+from imagewire.tasks.jobs import GeneratedImage, InferenceJob, Step
+from tests.engines import Collect
 
 CATALOG = Catalog.load()
 FLOW_MODELS = ["imagewire:tiny-flux@1", "imagewire:tiny-sd3@1"]
@@ -46,8 +48,11 @@ def job(request: pytest.FixtureRequest, engine: DiffusersEngine) -> JobMaker:
 
 
 def run(engine: DiffusersEngine, jobs: list[InferenceJob]) -> dict[str, list[GeneratedImage]]:
+    collected = Collect(len(jobs))
+    engine.run(jobs, collected)
     made: dict[str, list[GeneratedImage]] = {job.task_uuid: [] for job in jobs}
-    engine.run(jobs, lambda index, images: made[jobs[index].task_uuid].extend(images))
+    for index, job in enumerate(jobs):
+        made[job.task_uuid].extend(collected.results[index])
     return made
 
 
@@ -148,6 +153,99 @@ def test_flux_kontext_edits_the_seed_image_with_its_own_pipeline(engine, tmp_pat
     together = run(engine, [kontext(init_image=RED), dataclasses.replace(kontext(init_image=BLUE), task_uuid="b")])
     assert largest_difference(together["k"][0].image, red) <= ROUNDING
     assert largest_difference(together["b"][0].image, blue) <= ROUNDING
+
+
+def test_a_mask_reaches_the_flow_models_inpainting_pipelines(engine, job):
+    """FLUX and SD 3 repaint through the inpainting pipelines diffusers derives from their weights."""
+    first = job("x", "a meadow", [3])
+    inpainting = engine.pipelines.inpainting(first.model, first.weights)
+    assert type(inpainting).__name__ in ("FluxInpaintPipeline", "StableDiffusion3InpaintPipeline")
+    left, right = Image.new("L", (128, 128), 0), Image.new("L", (128, 128), 0)
+    left.paste(255, (0, 0, 64, 128))
+    right.paste(255, (64, 0, 128, 128))
+
+    def repainted(mask: Image.Image | None) -> Image.Image:
+        return one(engine, job("x", "a meadow", [3], init_image=RED, mask_image=mask))
+
+    masked = repainted(left)
+    assert masked.size == (128, 128)
+    assert largest_difference(masked, repainted(left)) == 0
+    assert largest_difference(repainted(None), masked) > ROUNDING
+    assert largest_difference(masked, repainted(right)) > ROUNDING
+
+
+def test_flux_fill_repaints_through_its_own_pipeline(engine, tmp_path):
+    """FLUX.1 Fill [dev]'s code path: the tiny FLUX components around a transformer that also reads the
+    masked image and the mask, as Fill's does, saved as a folder and catalogued as ``flux1-fill``."""
+    import inspect
+    import json
+
+    import torch
+    from diffusers import FluxFillPipeline
+    from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
+
+    from imagewire.air_registry.tiny import flux as tiny_flux
+    from imagewire.air_registry.tiny.tokenizers import write_clip_vocabulary
+
+    base = tiny_flux.build_tiny_pipeline()
+    packed = base.vae.config.latent_channels * 4  # 2×2 patches of the latents
+    shape = {name: value for name, value in base.transformer.config.items() if not name.startswith("_")}
+    # The latents, the masked image's latents and the mask (one channel per pixel of a latent's patch).
+    shape.update(in_channels=2 * packed + base.vae_scale_factor ** 2 * 4, out_channels=packed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        transformer = FluxTransformer2DModel(**shape)
+    takes = inspect.signature(FluxFillPipeline.__init__).parameters
+    fill = FluxFillPipeline(**{**{name: module for name, module in base.components.items() if name in takes},
+                               "transformer": transformer})
+    folder = tmp_path / "fill"
+    fill.save_pretrained(folder, safe_serialization=True)
+    write_clip_vocabulary(folder / "tokenizer")
+    catalog_file = tmp_path / "fill.json"
+    catalog_file.write_text(json.dumps([{"air": "test:fill@1", "name": "Fill on tiny FLUX",
+                                         "architecture": "flux1-fill", "source": "folder",
+                                         "location": str(folder)}]))
+    model = Catalog.load([catalog_file]).resolve("test:fill@1")
+    weights = locate_weights(model, data_dir=engine.pipelines.data_dir, allow_downloads=False)
+    left, right = Image.new("L", (128, 128), 0), Image.new("L", (128, 128), 0)
+    left.paste(255, (0, 0, 64, 128))
+    right.paste(255, (64, 0, 128, 128))
+
+    def filled(mask: Image.Image, seed_image: Image.Image = RED) -> Image.Image:
+        return one(engine, InferenceJob(
+            task_uuid="f", model=model, weights=weights, prompt="a window", negative_prompt=None, width=128,
+            height=128, steps=2, cfg_scale=30.0, sampler=None, seeds=[6], init_image=seed_image, strength=1.0,
+            mask_image=mask))
+
+    assert type(engine.pipelines.inpainting(model, weights)).__name__ == "FluxFillPipeline"
+    red = filled(left)
+    assert red.size == (128, 128)
+    assert largest_difference(red, filled(left)) == 0
+    assert largest_difference(red, filled(right)) > ROUNDING
+    assert largest_difference(red, filled(left, BLUE)) > ROUNDING
+
+
+class _CancelAtFirstStep(Collect):
+    """Cancels every job as soon as it reports a step."""
+
+    def progress(self, index: int, step: Step) -> None:
+        super().progress(index, step)
+        self.cancel.add(index)
+
+
+@pytest.mark.parametrize("image_to_image", [False, True], ids=["txt2img", "img2img"])
+def test_flow_pipelines_report_every_step_and_stop_when_cancelled(engine, job, image_to_image):
+    seed_image = {"init_image": RED, "strength": 0.5} if image_to_image else {}
+    steps = 2 if image_to_image else 4  # strength 0.5 runs half of the 4 steps
+    collected = Collect(1)
+    engine.run([job("x", "a fox", [1], **seed_image)], collected)
+    assert [(step.indexes, step.done, step.total) for step in collected.steps[0]] == [
+        ((0,), done, steps) for done in range(1, steps + 1)]
+    assert len(collected.results[0]) == 1
+    stopping = _CancelAtFirstStep(1)
+    with pytest.raises(Cancelled):
+        engine.run([job("x", "a fox", [1], **seed_image)], stopping)
+    assert [step.done for step in stopping.steps[0]] == [1] and stopping.results == [[]]
 
 
 @pytest.mark.gpu

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from imagewire.tasks import image_inference, schema
-from imagewire.tasks.errors import InvalidParameter
+from imagewire.tasks.errors import InvalidParameter, MissingParameter, UnsupportedParameter
 from tests.contexts import pure_context
 from tests.wire import new_uuid
 
@@ -54,12 +54,43 @@ def test_flow_models_default_to_their_architectures_values() -> None:
     assert (dev.steps, dev.cfg_scale) == (28, 3.5)
 
 
-def test_flux_fill_is_refused_before_the_device_until_masks_are_taken() -> None:
-    with pytest.raises(InvalidParameter) as caught:
+def test_flux_fill_only_repaints_and_takes_a_mask() -> None:
+    with pytest.raises(MissingParameter) as caught:
         image_inference.prepare(task(model="runware:102@1", seedImage="an image"), pure_context())
-    assert caught.value.parameter == "model"
-    assert caught.value.message == ("model FLUX.1 Fill [dev] (runware:102@1) only does inpainting: it needs a "
-                                    "seedImage and a maskImage, and this server takes no maskImage yet")
+    assert caught.value.parameter == "maskImage"
+    assert "runware:102@1 is an inpainting model" in caught.value.message
+    prepared = image_inference.prepare(task(model="runware:102@1", seedImage="an image", maskImage="a mask"),
+                                       pure_context())
+    assert isinstance(prepared, image_inference.Prepared) and prepared.edits.mask == "a mask"
+
+
+@pytest.mark.parametrize("model", ["runware:101@1", "runware:100@1", "imagewire:sd35-large@1", "tiny-flux"])
+def test_flux_and_sd3_take_masks(model: str) -> None:
+    for edit in ({"maskImage": "a mask"}, {"outpaint": schema.Outpaint(left=64)}):
+        prepared = image_inference.prepare(task(model=model, seedImage="an image", **edit), pure_context())
+        assert isinstance(prepared, image_inference.Prepared) and prepared.edits.repaints
+
+
+@pytest.mark.parametrize("edit", [{"maskImage": "a mask"}, {"outpaint": schema.Outpaint(left=64)}])
+def test_a_mask_on_flux_kontext_is_refused_naming_the_parameter_and_who_can(edit: dict[str, object]) -> None:
+    (name,) = edit
+    with pytest.raises(UnsupportedParameter) as caught:
+        image_inference.prepare(task(model="runware:106@1", seedImage="an image", **edit), pure_context())
+    assert caught.value.code == "unsupportedParameter" and caught.value.parameter == name
+    assert caught.value.message.startswith(f"{name} is not supported by model runware:106@1 (flux1-kontext)")
+    assert "flux1-dev" in caught.value.message and "sd15-inpaint" in caught.value.message
+
+
+@pytest.mark.parametrize("model", ["runware:101@1", "runware:102@1", "runware:106@1", "runware:5@1",
+                                   "imagewire:tiny-sd3@1"])
+def test_controlnet_on_a_flow_matching_model_is_refused_before_the_device(model: str) -> None:
+    controls = [schema.ControlNet(model="imagewire:sd15-controlnet-canny@1", guideImage="a guide")]
+    edit = {"seedImage": "an image", "maskImage": "a mask"} if model == "runware:102@1" else {}
+    with pytest.raises(UnsupportedParameter) as caught:
+        image_inference.prepare(task(model=model, controlNet=controls, **edit), pure_context())
+    assert caught.value.parameter == "controlNet[0].model"
+    assert "Architectures that take ControlNets: tiny, sd15, sd21, sdxl" in caught.value.message
+    assert "flux" not in caught.value.message.split("take ControlNets:")[1]
 
 
 def test_prepare_reaches_for_no_service_but_the_catalog() -> None:
