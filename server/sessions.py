@@ -121,25 +121,27 @@ class TaskRegistry:
         self.retention = retention
         self.max_kept_bytes = max_kept_bytes
         self.kept_bytes = 0
-        self._records: dict[str, TaskRecord] = {}
+        # By (owner, taskUUID): a UUID is one API key's name for its task, so another key may use the same
+        # one without being told of, or kept from, a task it cannot see.
+        self._records: dict[tuple[str, str], TaskRecord] = {}
         # The records holding results, oldest first: what letting go walks, rather than every record.
-        self._holding: dict[str, TaskRecord] = {}
+        self._holding: dict[tuple[str, str], TaskRecord] = {}
 
     def begin(self, task_uuid: str, task_type: str, owner: str) -> TaskRecord:
-        if task_uuid in self._records:
+        if (owner, task_uuid) in self._records:
             raise ConflictTaskUUID(
                 f"taskUUID {task_uuid} was already used by a task that is running or was answered in the last "
                 f"{int(self.retention)} s; every task needs a new UUID. getResponse with this taskUUID "
                 "returns its results.", parameter="taskUUID", type="string")
         record = TaskRecord(task_uuid, task_type, owner)
-        self._records[task_uuid] = record
+        self._records[owner, task_uuid] = record
         return record
 
     def keep(self, record: TaskRecord, item: dict[str, Any]) -> None:
         """Remember one result item of ``record`` for getResponse."""
         size = 64 + sum(len(value) for value in item.values() if isinstance(value, str))
         record.items.append(item)
-        self._holding.setdefault(record.task_uuid, record)
+        self._holding.setdefault((record.owner, record.task_uuid), record)
         record.kept_bytes += size
         self.kept_bytes += size
         if self.kept_bytes > self.max_kept_bytes:
@@ -160,16 +162,13 @@ class TaskRegistry:
                 self._drop_items(record)
 
     def _drop_items(self, record: TaskRecord) -> None:
-        if self._holding.pop(record.task_uuid, None) is None:
+        if self._holding.pop((record.owner, record.task_uuid), None) is None:
             return
         self.kept_bytes -= record.kept_bytes
         record.items, record.kept_bytes, record.items_dropped = [], 0, True
 
     def get(self, task_uuid: str, owner: str) -> TaskRecord | None:
-        record = self._records.get(task_uuid)
-        if record is None or record.owner != owner:
-            return None
-        return record
+        return self._records.get((owner, task_uuid))
 
     def finish(self, record: TaskRecord, status: str) -> None:
         record.status = status
