@@ -19,13 +19,26 @@ from imagewire.air_registry.errors import (
     UnknownSampler,
     WeightsMissing,
 )
-from imagewire.air_registry.samplers import SAMPLER_NAMES, SAMPLERS, SamplerSpec, resolve_sampler
+from imagewire.air_registry.samplers import (
+    DIFFUSION,
+    FLOW,
+    FLOW_SAMPLERS,
+    SAMPLER_NAMES,
+    SAMPLERS,
+    SAMPLERS_BY_SAMPLING,
+    SamplerSpec,
+    resolve_sampler,
+)
 from imagewire.air_registry.weights import availability, locate_weights
 
 __all__ = [
     "AIR",
     "ARCHITECTURES",
+    "DIFFUSION",
+    "FLOW",
+    "FLOW_SAMPLERS",
     "SAMPLERS",
+    "SAMPLERS_BY_SAMPLING",
     "SAMPLER_NAMES",
     "Architecture",
     "Catalog",

@@ -30,7 +30,14 @@ from typing import Any
 
 from imagewire.air_registry.air import parse_air
 from imagewire.air_registry.architectures import ARCHITECTURES, Architecture
-from imagewire.air_registry.errors import CatalogError, MalformedAIR, UnknownModel, UnknownSampler, shown
+from imagewire.air_registry.errors import (
+    CatalogError,
+    MalformedAIR,
+    SamplerUnusable,
+    UnknownModel,
+    UnknownSampler,
+    shown,
+)
 from imagewire.air_registry.model_files import (
     COMPONENT_CATEGORIES,
     COMPONENT_LAYOUT,
@@ -162,9 +169,11 @@ def _parse_defaults(raw: Any, architecture: str, check: DefaultsCheck | None) ->
     scheduler = merged["scheduler"]
     _require(isinstance(scheduler, str), f"defaults.scheduler must be a string, not {shown(scheduler)}")
     try:
-        spec = resolve_sampler(scheduler)
+        spec = resolve_sampler(scheduler, ARCHITECTURES[architecture].sampling)
     except UnknownSampler as exc:
         raise CatalogError(f"defaults.scheduler {shown(scheduler)} is not a known scheduler name") from exc
+    except SamplerUnusable as exc:
+        raise CatalogError(f"defaults.scheduler {exc.problem}") from exc
     defaults = ModelDefaults(
         width=_number(merged, "width", integer=True),
         height=_number(merged, "height", integer=True),
@@ -277,6 +286,11 @@ def _read_catalog_file(path: Path, check: DefaultsCheck | None) -> list[tuple[Mo
     return entries
 
 
+def read_catalog_file(path: Path, *, check_defaults: DefaultsCheck | None = None) -> list[tuple[ModelEntry, str]]:
+    """The entries of one catalog file, each with where it came from; CatalogError if it is malformed."""
+    return _read_catalog_file(path, check_defaults)
+
+
 # ---------------------------------------------------------------- the catalog
 
 
@@ -313,6 +327,13 @@ class Catalog:
                         f"{origin}: alias {alias!r} is the AIR id of another model ({shadowing[1]})"
                     )
         return cls(entry for entry, _ in merged.values())
+
+    def add(self, entry: ModelEntry) -> None:
+        """Add a model while the server runs (one fetched for a client), or replace the one of its AIR."""
+        self.entries = (*(known for known in self.entries if known.air != entry.air), entry)
+        self._by_air[entry.air] = entry
+        for alias in entry.aliases:
+            self._by_alias[alias.casefold()] = entry
 
     def get(self, air: str) -> ModelEntry | None:
         return self._by_air.get(air)

@@ -41,7 +41,7 @@ from imagewire.air_registry.architectures import ARCHITECTURES
 from imagewire.air_registry.catalog import ModelEntry
 from imagewire.air_registry.errors import RegistryError, SamplerUnusable, WeightsMissing
 from imagewire.air_registry.model_files import MODEL_INDEX
-from imagewire.air_registry.samplers import SAMPLERS, SamplerSpec
+from imagewire.air_registry.samplers import FLOW_SAMPLERS, SAMPLERS, SamplerSpec
 from imagewire.air_registry.tiny import ensure_embedded
 from imagewire.air_registry.weights import locate_weights
 
@@ -102,7 +102,7 @@ def unavailable_samplers() -> dict[str, str]:
     diffusers, or one that needs an optional package (diffusers then exports a placeholder). Checked once
     at start, so that requests for them are refused before they reach the device."""
     unavailable: dict[str, str] = {}
-    for name, spec in SAMPLERS.items():
+    for name, spec in [*SAMPLERS.items(), *FLOW_SAMPLERS.items()]:
         sampler_class = getattr(diffusers, spec.class_name, None)
         if sampler_class is None:
             unavailable[name] = f"is not available in this server's diffusers {diffusers.__version__}"
@@ -122,8 +122,6 @@ class PipelineCache:
         if max_loaded < 1:
             raise ValueError(f"max_loaded must be at least 1; received {max_loaded}")
         self.device = device
-        # Half precision halves memory and doubles speed on GPUs; CPUs have no fast float16 kernels.
-        self.dtype = torch.float16 if device.startswith("cuda") else torch.float32
         self.data_dir = Path(data_dir)
         self.allow_downloads = allow_downloads
         self.max_loaded = max_loaded
@@ -131,6 +129,15 @@ class PipelineCache:
         # Single models used beside a pipeline (ControlNets, safety checkers), most recently used last.
         self.max_components = max_components
         self._components: OrderedDict[str, Any] = OrderedDict()
+
+    def dtype_of(self, entry: ModelEntry) -> torch.dtype:
+        """The precision ``entry`` runs in here: its architecture's on CUDA (half precision halves memory
+        and doubles speed, in the half format the model was trained in), float32 on CPUs, which have no
+        fast half-precision kernels."""
+        if not self.device.startswith("cuda"):
+            return torch.float32
+        dtype: torch.dtype = getattr(torch, ARCHITECTURES[entry.architecture].cuda_dtype)
+        return dtype
 
     @property
     def loaded_models(self) -> list[str]:
@@ -188,8 +195,8 @@ class PipelineCache:
 
         def read(path: Path) -> Any:
             if entry.source == "single_file":
-                return ControlNetModel.from_single_file(str(path), **{_DTYPE_KEYWORD: self.dtype})
-            return ControlNetModel.from_pretrained(str(path), **self._options())
+                return ControlNetModel.from_single_file(str(path), **{_DTYPE_KEYWORD: self.dtype_of(entry)})
+            return ControlNetModel.from_pretrained(str(path), **self._options(entry))
 
         model: ControlNetModel = self._component(entry, weights, read)
         return model
@@ -204,7 +211,7 @@ class PipelineCache:
             from imagewire.air_registry.tiny.safety import image_processor_class
 
             checker: Any = StableDiffusionSafetyChecker.from_pretrained(str(path))
-            return checker.to(dtype=self.dtype).eval(), image_processor_class().from_pretrained(str(path))
+            return checker.to(dtype=self.dtype_of(entry)).eval(), image_processor_class().from_pretrained(str(path))
 
         checker, processor = self._component(entry, weights, read)
         return checker, processor
@@ -324,9 +331,9 @@ class PipelineCache:
         logger.info("loaded model %s in %.1f s", entry.air, time.monotonic() - started)
         return pipe
 
-    def _options(self) -> dict[str, Any]:
-        """Options of a diffusers ``from_pretrained``."""
-        options: dict[str, Any] = {_DTYPE_KEYWORD: self.dtype}
+    def _options(self, entry: ModelEntry) -> dict[str, Any]:
+        """Options of a diffusers ``from_pretrained`` of ``entry``'s files."""
+        options: dict[str, Any] = {_DTYPE_KEYWORD: self.dtype_of(entry)}
         if importlib.util.find_spec("accelerate") is None:
             # Without accelerate, diffusers warns on every load before falling back to this.
             options["low_cpu_mem_usage"] = False
@@ -334,18 +341,26 @@ class PipelineCache:
 
     def _read_pipeline(self, entry: ModelEntry, path: Path) -> DiffusionPipeline:
         architecture = ARCHITECTURES[entry.architecture]
-        options = self._options()
+        options = self._options(entry)
         if entry.source == "single_file":
             assert architecture.single_file_pipeline is not None  # the catalog allows no other
             pipeline_class = getattr(diffusers, architecture.single_file_pipeline)
-            # A single file has no configs; diffusers fetches them from the hub, or its cache.
+            # A single file has no configs; diffusers fetches them from the hub, or its cache, unless
+            # the architecture's come from an embedded model built here.
             local_only = not self.allow_downloads
+            if architecture.single_file_config is not None:
+                builder = architecture.single_file_config
+                options["config"] = str(ensure_embedded(builder, self.data_dir / "models" / "configs" / builder))
+                local_only = True
             pipe: DiffusionPipeline = pipeline_class.from_single_file(
                 str(path), local_files_only=local_only, **options)
             return pipe
         if _has_safety_checker(path):
             # Clients ask for NSFW checks explicitly; the server runs its own, never the pipeline's.
             options.update(safety_checker=None, requires_safety_checker=False)
+        if architecture.pipeline is not None:
+            named: DiffusionPipeline = getattr(diffusers, architecture.pipeline).from_pretrained(str(path), **options)
+            return named
         if architecture.image_to_image_only:
             return AutoPipelineForImage2Image.from_pretrained(str(path), **options)
         if architecture.inpainting_only:

@@ -11,7 +11,8 @@ from typing import Any
 
 from aiohttp import web
 
-from imagewire.air_registry import Catalog
+from imagewire.air_registry import ARCHITECTURES, Catalog, ModelEntry, RegistryError, UnknownModel, parse_air
+from imagewire.air_registry.civitai import Civitai
 from imagewire.server.admission import Admission
 from imagewire.server.auth import ApiKeys, load_or_create_key
 from imagewire.server.config import Config
@@ -81,7 +82,14 @@ class ImagewireServer:
             if not created:
                 log.info("using the API key kept in %s", config.data_dir / "api-key")
         self.api_keys = ApiKeys(keys)
-        catalog = await asyncio.to_thread(Catalog.load, config.catalog_files, check_defaults=check_model_defaults)
+        # Checkpoints fetched from Civitai before are part of the catalog; the operator's files come after,
+        # so that they can rename or replace them.
+        civitai = Civitai(base_url=config.civitai_url, token=config.civitai_token,
+                          models_dir=config.data_dir / "models")
+        downloaded = await asyncio.to_thread(Civitai.downloaded_catalogs, civitai.models_dir)
+        catalog = await asyncio.to_thread(Catalog.load, [*downloaded, *config.catalog_files],
+                                          check_defaults=check_model_defaults)
+        default_model = await self._default_model(catalog, civitai) if self.preload else None
         self.device = DeviceQueue(self.engine_factory, queue_size=config.queue_size,
                                   max_batch_size=config.max_batch_size)
         fetcher = UrlFetcher(allow_private=config.allow_private_urls, max_bytes=config.max_image_bytes,
@@ -100,7 +108,7 @@ class ImagewireServer:
                               upscale_tile_size=config.upscale_tile_size,
                               safety_checker=config.safety_checker),
             catalog=catalog, store=self.store, fetcher=fetcher, device=self.device, results=self.registry,
-            pixels=PixelBudget(config.max_waiting_pixels))
+            pixels=PixelBudget(config.max_waiting_pixels), civitai=civitai)
         self.metrics = Metrics(State(
             queue_depth=lambda: self.device.pending, loaded_models=self.device.loaded_models,
             device_memory=self.device.device_memory, connections=lambda: len(self.connections),
@@ -117,8 +125,8 @@ class ImagewireServer:
         # Listen only once the engine exists and the default model is loaded: imports and loading
         # hold the GIL in long stretches, and clients should not see slow pongs meanwhile.
         await asyncio.to_thread(self.device.start)
-        if self.preload:
-            loaded = self.device.preload(catalog.resolve(config.default_model))
+        if default_model is not None:
+            loaded = self.device.preload(default_model)
             await asyncio.to_thread(loaded.wait)
         routes = HttpRoutes(store=self.store, device=self.device, metrics=self.metrics,
                             max_message_bytes=config.max_frame_bytes, serve_socket=self._serve_socket, rest=self._rest)
@@ -137,6 +145,29 @@ class ImagewireServer:
         self.services.base_url = config.base_url
         self._sweeper = asyncio.create_task(self._sweep_forever())
         log.info("imagewire listening on %s (images at %s/image/)", self.url, config.base_url)
+
+    async def _default_model(self, catalog: Catalog, civitai: Civitai) -> ModelEntry:
+        """The entry of ``--default-model``; a Civitai checkpoint is fetched first when downloads are on.
+
+        Raises ValueError: a default model that does not exist is the operator's mistake.
+        """
+        name = self.config.default_model
+        try:
+            try:
+                entry = catalog.resolve(name)
+            except UnknownModel:
+                air = parse_air(name)
+                if not (self.config.allow_downloads and Civitai.names(air)):
+                    raise
+                entry = await asyncio.to_thread(civitai.fetch, air)
+                catalog.add(entry)
+        except RegistryError as exc:
+            raise ValueError(exc.describe("--default-model")) from exc
+        # The device preloads it as an imageInference pipeline: ControlNets, checkers and tools are not one.
+        if entry.category != "checkpoint" or ARCHITECTURES[entry.architecture].task != "imageInference":
+            raise ValueError(f"--default-model {name!r} is a {entry.category} model; name an imageInference "
+                             "checkpoint (modelSearch with category checkpoint lists them)")
+        return entry
 
     def _web_server(self) -> asyncio.Protocol:
         """aiohttp's protocol for one new connection."""

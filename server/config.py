@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import math
 import os
+import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,8 @@ class Config:
     send_timeout: float = 30.0             # seconds a client may leave answers untaken before it is closed
     upscale_tile_size: int = 512           # upscalers see tiles of at most this many input pixels a side
     log_level: str = "INFO"
+    civitai_url: str = "https://civitai.com"   # Civitai's API, for civitai:MODEL@VERSION ids
+    civitai_token: str | None = None            # for models Civitai lets only signed-in users download
     safety_checker: str = "imagewire:sd-safety-checker@1"   # the catalog model checkNSFW and safety run
 
     @property
@@ -102,6 +105,13 @@ def _number(*, positive: bool) -> Callable[[str], float]:
     return convert
 
 
+def _http_url(text: str) -> str:
+    parsed = urllib.parse.urlsplit(text.strip())
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise argparse.ArgumentTypeError(f"expected an http:// or https:// URL, got {text!r}")
+    return text.strip().rstrip("/")
+
+
 def _network(text: str) -> str:
     try:
         return str(ipaddress.ip_network(text.strip(), strict=False))
@@ -142,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--allow-private-urls", action="store_true", default=_env_flag("ALLOW_PRIVATE_URLS"),
         help="let URL inputs reach loopback, private and link-local addresses [IMAGEWIRE_ALLOW_PRIVATE_URLS]")
     add("--allow-downloads", action="store_true", default=_env_flag("ALLOW_DOWNLOADS"),
-        help="download catalog models missing from the Hugging Face cache [IMAGEWIRE_ALLOW_DOWNLOADS]")
+        help="download models this server does not have: catalog models missing from the Hugging Face cache, "
+             "and civitai:MODEL@VERSION checkpoints from Civitai [IMAGEWIRE_ALLOW_DOWNLOADS]")
     add("--catalog", dest="catalog_files", action="append", type=Path, default=None, metavar="FILE",
         help="extra model catalog JSON file, repeatable [IMAGEWIRE_CATALOG, comma-separated]")
     add("--max-frame-mib", type=COUNT, default=_env("MAX_FRAME_MIB", "64"),
@@ -206,6 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a client may leave answers untaken before it is closed [IMAGEWIRE_SEND_TIMEOUT]")
     add("--log-level", default=_env("LOG_LEVEL", "INFO"), choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="[IMAGEWIRE_LOG_LEVEL]")
+    add("--default-model", default=_env("DEFAULT_MODEL", "imagewire:tiny@1"), metavar="AIR",
+        help="model loaded (and with --allow-downloads fetched) before the server listens, by AIR id or alias "
+             "[IMAGEWIRE_DEFAULT_MODEL]")
+    add("--civitai-url", default=_env("CIVITAI_URL", "https://civitai.com"), type=_http_url, metavar="URL",
+        help="base URL of Civitai's API, which civitai:MODEL@VERSION checkpoints come from [IMAGEWIRE_CIVITAI_URL]")
+    add("--civitai-token", default=_env("CIVITAI_TOKEN"), metavar="TOKEN",
+        help="Civitai API token, for checkpoints only signed-in users may download [IMAGEWIRE_CIVITAI_TOKEN]")
     add("--safety-checker", default=_env("SAFETY_CHECKER", Config.safety_checker), metavar="AIR",
         help="catalog model (category safety) that checkNSFW and safety.checkContent/checkInputs run "
              "(default %(default)s) [IMAGEWIRE_SAFETY_CHECKER]")
@@ -262,6 +280,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         max_outbox_bytes=args.max_outbox_mib * MIB,
         send_timeout=args.send_timeout,
         log_level=args.log_level,
+        default_model=args.default_model,
+        civitai_url=args.civitai_url,
+        civitai_token=args.civitai_token,
         safety_checker=args.safety_checker,
     )
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from imagewire.air_registry import Catalog
+from imagewire.air_registry.civitai import Civitai
 from imagewire.storage import ImageStore, UrlFetcher
 from imagewire.tasks.errors import ServiceUnavailable
 from imagewire.tasks.jobs import Job, JobEvent, JobProgress
@@ -133,6 +134,7 @@ class Services:
     results: Results
     base_url: str = ""   # of imageURLs; set once the server listens (its port may be chosen then)
     pixels: PixelBudget = field(default_factory=lambda: PixelBudget(256_000_000))
+    civitai: Civitai | None = None   # where civitai:MODEL@VERSION checkpoints come from; None: nowhere
 
     def image_url(self, image_uuid: str, extension: str) -> str:
         return f"{self.base_url}/image/{image_uuid}.{extension}"

@@ -35,7 +35,7 @@ from imagewire.tasks.content_safety import SafetyRequest
 from imagewire.tasks.context import TaskContext
 from imagewire.tasks.controlnet_preprocess import check_preprocessor, check_thresholds
 from imagewire.tasks.describe import nearest_valid, stepped_range
-from imagewire.tasks.errors import InvalidParameter, MissingParameter
+from imagewire.tasks.errors import InvalidParameter, MissingParameter, UnsupportedParameter
 from imagewire.tasks.jobs import ControlNetUse, GeneratedImage, InferenceJob, JobEvent, JobProgress
 
 # Generated pixels are blended with the canvas over this many pixels inside the mask's edge.
@@ -95,6 +95,18 @@ def prepare(task: schema.ImageInference, model: ModelEntry, ctx: TaskContext) ->
     if task.maskMargin is not None and task.maskImage is None and outpaint is None:
         raise InvalidParameter("maskMargin sets the context around the maskImage's area: send a maskImage with it.",
                                parameter="maskMargin", type="integer")
+    if not architecture.masks:
+        for name, value in (("maskImage", task.maskImage), ("outpaint", outpaint)):
+            if value is not None:
+                raise UnsupportedParameter(
+                    f"{name} is not supported by model {model.air} ({architecture.name}): it cannot repaint part "
+                    f"of an image. Architectures that can: {', '.join(_able('masks'))}.",
+                    parameter=name, type="string" if name == "maskImage" else "object")
+    if task.controlNet and not architecture.controlnets:
+        raise UnsupportedParameter(
+            f"controlNet is not supported by model {model.air} ({architecture.name}): no ControlNet runs with "
+            f"{architecture.name} models here. Architectures that take ControlNets: {', '.join(_able('controlnets'))}.",
+            parameter="controlNet[0].model", type="string")
     if architecture.inpainting_only and task.seedImage is not None and task.maskImage is None and outpaint is None:
         raise MissingParameter(
             f"model {model.air} is an inpainting model: send a maskImage (white = repaint) or outpaint with the "
@@ -108,6 +120,12 @@ def prepare(task: schema.ImageInference, model: ModelEntry, ctx: TaskContext) ->
                         for index, control in enumerate(task.controlNet or ()))
     return Edits(mask=task.maskImage, mask_margin=task.maskMargin, outpaint=outpaint, controlnets=controlnets,
                  safety=content_safety.prepare(task, ctx))
+
+
+def _able(feature: str) -> list[str]:
+    """The image model architectures whose ``feature`` flag (``masks``, ``controlnets``) is set."""
+    return [name for name, architecture in ARCHITECTURES.items()
+            if architecture.task == "imageInference" and getattr(architecture, feature)]
 
 
 def _controlnet(ctx: TaskContext, index: int, control: schema.ControlNet, model: ModelEntry,

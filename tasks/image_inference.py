@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import msgspec
 from PIL import Image
 
-from imagewire.air_registry import ARCHITECTURES, ModelDefaults, ModelEntry, SamplerSpec
+from imagewire.air_registry import AIR, ARCHITECTURES, ModelDefaults, ModelEntry, SamplerSpec
 from imagewire.storage import OUTPUT_FORMATS, ImageFormat, encode_image, to_base64
-from imagewire.tasks import editing, inputs, schema
+from imagewire.tasks import content_safety, editing, inputs, schema
 from imagewire.tasks.context import TaskContext
 from imagewire.tasks.describe import describe_annotation, nearest_valid, stepped_range
 from imagewire.tasks.errors import InvalidParameter, MissingParameter
@@ -53,8 +53,22 @@ class Prepared:
     edits: editing.Edits = editing.NO_EDITS
 
 
-def prepare(task: ImageInference, ctx: TaskContext) -> Prepared:
+@dataclass(frozen=True)
+class AwaitingDownload:
+    """A request for a Civitai checkpoint this server has not fetched yet. Only the checkpoint tells
+    its architecture, so the checks that need the model wait for it: ``run`` fetches it, then
+    prepares the task as it would for any model in the catalog."""
+
+    task: ImageInference
+    air: AIR
+
+
+def prepare(task: ImageInference, ctx: TaskContext) -> Prepared | AwaitingDownload:
     """Every check that needs the model but no I/O. Raises a TaskError naming the parameter."""
+    download = inputs.model_to_download(ctx, task.model)
+    if download is not None:
+        content_safety.prepare(task, ctx)  # what can be checked before the model is known
+        return AwaitingDownload(task, download)
     model = inputs.model(ctx, task.model)
     defaults = model.defaults
     edits = editing.prepare(task, model, ctx)
@@ -84,7 +98,8 @@ def prepare(task: ImageInference, ctx: TaskContext) -> Prepared:
         negative_prompt=None if task.negativePrompt in (None, "", BLANK_PROMPT) else task.negativePrompt,
         steps=steps,
         cfg_scale=task.CFGScale if task.CFGScale is not None else defaults.cfg_scale,
-        sampler=inputs.sampler(ctx, task.scheduler if task.scheduler is not None else defaults.scheduler),
+        sampler=inputs.sampler(ctx, task.scheduler if task.scheduler is not None else defaults.scheduler,
+                               sampling=ARCHITECTURES[model.architecture].sampling),
         # Counting up wraps past the largest seed, so every returned seed can be sent back.
         seeds=[(first_seed + i) % (schema.MAX_SEED + 1) for i in range(task.numberResults)],
         output_types=output.types,
@@ -119,7 +134,13 @@ def check_model_defaults(defaults: ModelDefaults) -> None:
             raise ValueError(f"defaults.{name} must be {describe_annotation(limits)}, not {value!r}") from None
 
 
-async def run(prepared: Prepared, ctx: TaskContext) -> AsyncIterator[ImageResult]:
+async def run(prepared: Prepared | AwaitingDownload, ctx: TaskContext) -> AsyncIterator[ImageResult]:
+    if isinstance(prepared, AwaitingDownload):
+        with ctx.timed("download"):
+            await inputs.download_model(ctx, prepared.air)
+        ready = prepare(prepared.task, ctx)  # in the catalog now
+        assert isinstance(ready, Prepared)
+        prepared = ready
     task = prepared.task
     weights = await inputs.weights(ctx, prepared.model)
     loaded = await editing.load(ctx, prepared.edits)

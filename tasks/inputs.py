@@ -13,15 +13,20 @@ from pathlib import Path
 from PIL import Image
 
 from imagewire.air_registry import (
+    AIR,
     ARCHITECTURES,
+    DIFFUSION,
+    MalformedAIR,
     ModelEntry,
     RegistryError,
     SamplerSpec,
     UnknownModel,
     WeightsMissing,
     locate_weights,
+    parse_air,
     resolve_sampler,
 )
+from imagewire.air_registry.civitai import Civitai
 from imagewire.storage import (
     INFERENCE_INPUTS,
     ImageNotStored,
@@ -96,6 +101,16 @@ def model(ctx: TaskContext, name: str, *, parameter: str = "model", task: str = 
     catalog = ctx.services.catalog
     try:
         entry = catalog.resolve(name)
+    except UnknownModel as exc:
+        civitai, air = ctx.services.civitai, _air(name)
+        # Only imageInference's model is fetched (``model_to_download``); other fields name catalog models.
+        fetchable = task == "imageInference" and parameter == "model"
+        if fetchable and civitai is not None and air is not None and Civitai.names(air):
+            # Say what would fetch it: the server may, or the operator may add it to a catalog file.
+            message = (f"{parameter} {str(air)!r} is not in this server's catalog. It names a Civitai checkpoint: "
+                       f"{civitai.describe_download(air)}; or add it to a --catalog file")
+            raise errors.ModelNotFound(message, parameter=parameter, type="string") from exc
+        raise task_error(exc, parameter) from exc
     except RegistryError as exc:
         raise task_error(exc, parameter) from exc
     serves = ARCHITECTURES[entry.architecture].task
@@ -108,6 +123,38 @@ def model(ctx: TaskContext, name: str, *, parameter: str = "model", task: str = 
     return entry
 
 
+def model_to_download(ctx: TaskContext, name: str) -> AIR | None:
+    """The Civitai checkpoint a request names when the catalog does not hold it yet and this server may
+    fetch it (``download_model`` does, in ``run``); None for every other name."""
+    civitai, air = ctx.services.civitai, _air(name)
+    if civitai is None or air is None or not ctx.services.settings.allow_downloads or not Civitai.names(air):
+        return None
+    try:
+        ctx.services.catalog.resolve(name)
+    except RegistryError:
+        return air
+    return None
+
+
+async def download_model(ctx: TaskContext, air: AIR, *, parameter: str = "model") -> ModelEntry:
+    """Fetch a Civitai checkpoint (in a thread: minutes, with a progress bar) and add it to the catalog."""
+    civitai = ctx.services.civitai
+    assert civitai is not None  # model_to_download names none without it
+    try:
+        entry = await asyncio.to_thread(civitai.fetch, air)
+    except RegistryError as exc:
+        raise task_error(exc, parameter) from exc
+    ctx.services.catalog.add(entry)
+    return entry
+
+
+def _air(name: str) -> AIR | None:
+    try:
+        return parse_air(name)
+    except MalformedAIR:
+        return None
+
+
 async def weights(ctx: TaskContext, entry: ModelEntry, *, parameter: str = "model") -> Path:
     """Where the model's weights are (a look at the disk and the Hugging Face cache, in a thread)."""
     settings = ctx.services.settings
@@ -118,10 +165,12 @@ async def weights(ctx: TaskContext, entry: ModelEntry, *, parameter: str = "mode
         raise task_error(exc, parameter) from exc
 
 
-def sampler(ctx: TaskContext, name: str | None, *, parameter: str = "scheduler") -> SamplerSpec | None:
-    """The sampler a ``scheduler`` value names (None: the model's own), if this device can run it."""
+def sampler(ctx: TaskContext, name: str | None, *, parameter: str = "scheduler",
+            sampling: str = DIFFUSION) -> SamplerSpec | None:
+    """The sampler a ``scheduler`` value names (None: the model's own), if it fits the model's
+    ``sampling`` and this device can run it."""
     try:
-        spec = resolve_sampler(name)
+        spec = resolve_sampler(name, sampling)
     except RegistryError as exc:
         raise task_error(exc, parameter) from exc
     if spec is not None:

@@ -71,3 +71,27 @@ async def start_server(data_dir: Path) -> AsyncIterator[ServerFactory]:
 async def server(start_server: ServerFactory) -> ImagewireServer:
     """A server on the tiny model with default settings (URL inputs may reach loopback)."""
     return await start_server(allow_private_urls=True)
+
+
+@pytest.fixture
+def empty_hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty Hugging Face cache, and no network: hub models are then certainly missing."""
+    import huggingface_hub.constants as hub_constants
+
+    cache = tmp_path / "hf-home" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HOME", str(cache.parent))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads its environment once, at import; the module values are what it uses.
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """The tiny SD model as one safetensors checkpoint in the original layout, as Civitai serves them."""
+    from tests.checkpoints import write_tiny_sd_checkpoint
+
+    return write_tiny_sd_checkpoint(tmp_path_factory.mktemp("checkpoint") / "tiny.safetensors").read_bytes()

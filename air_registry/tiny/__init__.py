@@ -31,6 +31,8 @@ BUILDERS: Mapping[str, str] = MappingProxyType({
     "tiny-sd-inpaint": "imagewire.air_registry.tiny.inpaint",
     "tiny-controlnet": "imagewire.air_registry.tiny.controlnet",
     "tiny-safety": "imagewire.air_registry.tiny.safety",
+    "tiny-flux": "imagewire.air_registry.tiny.flux",
+    "tiny-sd3": "imagewire.air_registry.tiny.sd3",
 })
 
 # Builders draw initial weights from torch's global generator, seeded per component: two builds in one

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from imagewire.air_registry import ARCHITECTURES
 from imagewire.tasks.jobs import InferenceJob
 
 
@@ -90,6 +91,70 @@ def controlnet_arguments(owners: Sequence[InferenceJob]) -> dict[str, Any]:
     }
 
 
+def _flow_arguments(owners: Sequence[InferenceJob]) -> dict[str, Any]:
+    """What the flow-matching pipelines (FLUX, SD 3) share: prompts per image, and always a size:
+    their image-to-image pipelines otherwise resize the seed image to the model's default size."""
+    first = owners[0]
+    arguments: dict[str, Any] = {
+        "prompt": [job.prompt for job in owners],
+        "num_inference_steps": first.steps,
+        "guidance_scale": first.cfg_scale,
+        "width": first.width,
+        "height": first.height,
+    }
+    max_sequence_length = ARCHITECTURES[first.model.architecture].max_sequence_length
+    if max_sequence_length is not None:
+        arguments["max_sequence_length"] = max_sequence_length
+    if first.init_image is not None:
+        arguments["image"] = [job.init_image for job in owners]
+        arguments["strength"] = first.strength
+    if first.mask_image is not None:
+        # FLUX.1 Fill's own pipeline, or the inpainting pipelines diffusers derives from the others'.
+        arguments["mask_image"] = [job.mask_image for job in owners]
+    return arguments
+
+
+class _NoPreview:
+    """Flow-matching latents (FLUX packs them in 2×2 patches, SD 3 has 16 channels) have no fitted mix into
+    RGB yet: progress goes out without previews."""
+
+    def preview(self, latents: torch.Tensor) -> Image.Image | None:
+        return None
+
+
+class Flux(_NoPreview):
+    """FLUX.1: CLIP and T5 read each prompt. FLUX is guidance-distilled: ``CFGScale`` sets its own
+    guidance, the embedded guidance strength of [dev] (one pass per step, not classifier-free
+    guidance's two); [schnell] has no guidance embedding and ignores it. FLUX takes no negative
+    prompt, so one is ignored, as the public API does."""
+
+    def call_arguments(self, owners: Sequence[InferenceJob]) -> dict[str, Any]:
+        return _flow_arguments(owners)
+
+
+class StableDiffusion3(_NoPreview):
+    """SD 3 and 3.5: two CLIP encoders and T5 read each prompt; classifier-free guidance with
+    negative prompts, as in SD."""
+
+    def call_arguments(self, owners: Sequence[InferenceJob]) -> dict[str, Any]:
+        arguments = _flow_arguments(owners)
+        first = owners[0]
+        arguments["negative_prompt"] = [job.negative_prompt for job in owners] if first.negative_prompt else None
+        return arguments
+
+
+class FluxKontext(_NoPreview):
+    """FLUX.1 Kontext [dev]: as FLUX, and a seed image is the picture to edit as the prompt says. The
+    model takes the whole image as its reference, so there is no strength. Its pipeline scales every
+    output to about a megapixel unless told the area: the area asked for is width × height."""
+
+    def call_arguments(self, owners: Sequence[InferenceJob]) -> dict[str, Any]:
+        arguments = _flow_arguments(owners)
+        arguments.pop("strength", None)
+        arguments["max_area"] = arguments["width"] * arguments["height"]
+        return arguments
+
+
 FAMILIES: Mapping[str, Family] = {
     "sd": StableDiffusion(
         [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]],
@@ -97,4 +162,7 @@ FAMILIES: Mapping[str, Family] = {
     "sdxl": StableDiffusion(
         [[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068], [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]],
         [0.1084, -0.0175, -0.0011]),
+    "flux": Flux(),
+    "sd3": StableDiffusion3(),
+    "flux-kontext": FluxKontext(),
 }

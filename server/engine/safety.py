@@ -26,7 +26,7 @@ def run(engine: DiffusersEngine, jobs: Sequence[SafetyCheckJob], emit: Emit) -> 
     features = processor(images=pictures, return_tensors="pt").pixel_values
     with torch.inference_mode():
         # The checker blacks out flagged entries of ``images``; only its flags are wanted here.
-        _, flags = checker(clip_input=features.to(pipelines.device, pipelines.dtype),
+        _, flags = checker(clip_input=features.to(pipelines.device, pipelines.dtype_of(jobs[0].checker)),
                            images=[np.zeros(1) for _ in pictures])
     start = 0
     for index, job in enumerate(jobs):

@@ -195,3 +195,35 @@ async def test_inpainting_results_are_stored_like_any_other(server):
     data = await asyncio.to_thread(fetch, item["imageURL"])
     assert Image.open(io.BytesIO(data)).size == (SIZE, SIZE)
     await wire.close()
+
+
+# ---------------------------------------------------------------- flow-matching models (FLUX, SD 3)
+
+
+@pytest.mark.parametrize("model", ["imagewire:tiny-flux@1", "imagewire:tiny-sd3@1"], ids=["flux", "sd3"])
+async def test_flow_models_inpaint_and_return_every_other_pixel_as_it_was(server, model):
+    wire = await Wire.open(server.url)
+    [item] = await wire.run(repaint(model=model, strength=1.0, steps=2))
+    result, seed = decoded(item), np.asarray(seed_picture()).astype(int)
+    assert np.array_equal(result[outside(BOX)], seed[outside(BOX)])
+    assert np.abs(result[inside(BOX)] - seed[inside(BOX)]).mean() > 20
+    await wire.close()
+
+
+async def test_what_a_flow_model_cannot_do_is_refused_naming_the_parameter_and_the_server_goes_on(server):
+    wire = await Wire.open(server.url)
+    # FLUX.1 Kontext has no inpainting pipeline; refused before its weights are even looked for.
+    error = await wire.error(repaint(model="runware:106@1"))
+    assert (error["code"], error["parameter"]) == ("unsupportedParameter", "maskImage")
+    assert "flux1-kontext" in error["message"] and "flux1-dev" in error["message"]
+    error = await wire.error(repaint(model="runware:106@1", maskImage=..., outpaint={"left": 64}))
+    assert (error["code"], error["parameter"]) == ("unsupportedParameter", "outpaint")
+    # No ControlNet fits a flow-matching model.
+    guide = b64(png(mask_picture()))
+    error = await wire.error(inference(model="imagewire:tiny-flux@1", controlNet=[
+        {"model": "imagewire:tiny-controlnet@1", "guideImage": guide}]))
+    assert (error["code"], error["parameter"]) == ("unsupportedParameter", "controlNet[0].model")
+    assert "Architectures that take ControlNets: tiny, sd15" in error["message"]
+    [fine] = await wire.run(inference(model="imagewire:tiny-flux@1", steps=2))
+    assert fine["imageUUID"]
+    await wire.close()

@@ -113,3 +113,14 @@ async def test_get_response_shows_the_progress_of_a_running_task(start_server):
     assert await eventually(progress) == 50  # 0 (waiting) is not yet an answer
     engine.release.set()
     await wire.close()
+
+
+async def test_flow_models_report_their_steps_without_previews(server):
+    wire = await Wire.open(server.url)
+    task = inference(model="imagewire:tiny-flux@1", steps=3, includeProgress=True, includePreview=True)
+    await wire.send([task])
+    items = await frames_until_done(wire, task["taskUUID"], 1)
+    steps = [item for item in items if item.get("step")]
+    assert [(item["step"], item["steps"]) for item in steps] == [(1, 3), (2, 3), (3, 3)]
+    assert steps[-1]["progress"] == 100 and not any(item.get("preview") for item in items)
+    await wire.close()
