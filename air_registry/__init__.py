@@ -20,15 +20,28 @@ from imagewire.air_registry.errors import (
     UnknownSampler,
     WeightsMissing,
 )
-from imagewire.air_registry.samplers import SAMPLER_NAMES, SAMPLERS, SamplerSpec, resolve_sampler
+from imagewire.air_registry.samplers import (
+    DIFFUSION,
+    FLOW,
+    FLOW_SAMPLERS,
+    SAMPLER_NAMES,
+    SAMPLERS,
+    SAMPLERS_BY_SAMPLING,
+    SamplerSpec,
+    resolve_sampler,
+)
 from imagewire.air_registry.weights import availability, locate_weights
 
 __all__ = [
     "AIR",
     "ARCHITECTURES",
-    "AddOnUnusable",
+    "DIFFUSION",
+    "FLOW",
+    "FLOW_SAMPLERS",
     "SAMPLERS",
+    "SAMPLERS_BY_SAMPLING",
     "SAMPLER_NAMES",
+    "AddOnUnusable",
     "Architecture",
     "Catalog",
     "CatalogError",

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from imagewire.air_registry.samplers import DIFFUSION, FLOW
+
 
 @dataclass(frozen=True)
 class Architecture:
@@ -26,13 +28,47 @@ class Architecture:
     image_to_image_only: bool = False
     # The architectures whose images a refiner of this one finishes (the request's ``refiner``).
     refines: tuple[str, ...] = ()
+    # The kind of sampler that fits its models (``samplers.py``): checked before the device.
+    sampling: str = DIFFUSION
+    # The precision its weights run in on CUDA devices, as the model was trained (CPUs use float32).
+    cuda_dtype: str = "float16"
+    # How many tokens of the prompt the T5 encoder reads (FLUX, SD 3); None: the pipeline's default.
+    max_sequence_length: int | None = None
+    # The diffusers pipeline class its folders and hub repos load as; None: the one their
+    # model_index.json names (so a folder of another FLUX variant's layout can run as this one).
+    pipeline: str | None = None
+    # Inpainting checkpoints (a denoiser that also reads the mask and the masked image: a UNet with 9
+    # input channels, FLUX.1 Fill) only repaint: a request needs a seedImage and a maskImage or outpaint.
+    inpainting_only: bool = False
+    # What its pipelines take beyond a prompt and a seed image: a mask to repaint through (maskImage,
+    # outpaint), ControlNets. Refused before the device where they do not: FLUX.1 Kontext has no inpainting
+    # pipeline, and no ControlNet for the flow-matching models is catalogued or run yet.
+    masks: bool = True
+    controlnets: bool = True
+    # The architecture whose add-ons (ControlNets, …) fit this one: an inpainting checkpoint takes the
+    # ControlNets of the checkpoint it was trained from. Empty: its own name.
+    base: str = ""
+    # The task type its models serve (its wire name in the Python SDK's spelling), and how their files lie:
+    # ``diffusers`` (a pipeline folder), ``transformers`` (a model folder with config.json) or
+    # ``weights_file`` (one file of weights, as super-resolution networks come).
+    task: str = "imageInference"
+    layout: str = "diffusers"
+    # The embedded builder whose saved model gives a single file of this architecture its configs (and
+    # the components it lacks); None: diffusers finds the published configs itself (hub or its cache).
+    single_file_config: str | None = None
+
+    @property
+    def compatible(self) -> str:
+        """The architecture name that add-ons for this one are catalogued under."""
+        return self.base or self.name
 
 
 # Embedded test models have architectures of their own ("tiny"): nothing made for a real
 # architecture (a LoRA, a VAE) fits their shapes, though the same code path runs them.
 ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType({
     arch.name: arch for arch in (
-        Architecture("tiny", family="sd", size=256, steps=8),
+        Architecture("tiny", family="sd", size=256, steps=8, single_file_pipeline="StableDiffusionPipeline",
+                     single_file_config="tiny-sd"),
         Architecture("sd15", family="sd", size=512, steps=20, single_file_pipeline="StableDiffusionPipeline"),
         Architecture("sd21", family="sd", size=768, steps=20, single_file_pipeline="StableDiffusionPipeline"),
         Architecture("sdxl", family="sdxl", size=1024, steps=30, single_file_pipeline="StableDiffusionXLPipeline"),
@@ -42,5 +78,51 @@ ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType({
         Architecture("tiny-sdxl", family="sdxl", size=256, steps=8),
         Architecture("tiny-sdxl-refiner", family="sdxl", size=256, steps=8, strength=0.3, image_to_image_only=True,
                      refines=("tiny-sdxl",)),
+        Architecture("tiny-inpaint", family="sd", size=256, steps=8, inpainting_only=True, base="tiny"),
+        Architecture("sd15-inpaint", family="sd", size=512, steps=20, inpainting_only=True, base="sd15",
+                     single_file_pipeline="StableDiffusionInpaintPipeline"),
+        Architecture("sdxl-inpaint", family="sdxl", size=1024, steps=30, inpainting_only=True, base="sdxl",
+                     single_file_pipeline="StableDiffusionXLInpaintPipeline"),
+        # The tools beside imageInference; ``family`` names the adapter in that task's runner
+        # (server/engine/<task>.py). Their size and steps mean nothing and are never used.
+        *(Architecture(name, family=family, size=512, steps=1, task=task, layout=layout)
+          for name, family, task, layout in (
+            ("tiny-upscaler", "spandrel", "imageUpscale", "weights_file"),
+            ("esrgan", "spandrel", "imageUpscale", "weights_file"),
+            ("tiny-background", "segformer", "imageBackgroundRemoval", "transformers"),
+            ("birefnet", "birefnet", "imageBackgroundRemoval", "transformers"),
+            ("rmbg-1.4", "rmbg", "imageBackgroundRemoval", "transformers"),
+            ("tiny-caption", "blip", "imageCaption", "transformers"),
+            ("blip", "blip", "imageCaption", "transformers"),
+            ("tiny-prompt", "causal-lm", "promptEnhance", "transformers"),
+            ("gpt2", "causal-lm", "promptEnhance", "transformers"),
+            ("llama", "chat-lm", "promptEnhance", "transformers"),
+        )),
+        # Flow-matching models. FLUX.1 [schnell] is distilled to 4 steps without guidance; [dev] takes
+        # FLUX's own guidance (CFGScale, see families.py) and reads twice as many T5 tokens.
+        Architecture("tiny-flux", family="flux", size=256, steps=4, cfg_scale=3.5, sampling=FLOW,
+                     cuda_dtype="bfloat16", max_sequence_length=64, controlnets=False),
+        Architecture("tiny-sd3", family="sd3", size=256, steps=4, cfg_scale=4.5, sampling=FLOW,
+                     cuda_dtype="bfloat16", max_sequence_length=64, controlnets=False),
+        Architecture("flux1-schnell", family="flux", size=1024, steps=4, cfg_scale=0.0, sampling=FLOW,
+                     cuda_dtype="bfloat16", max_sequence_length=256, single_file_pipeline="FluxPipeline",
+                     controlnets=False),
+        Architecture("flux1-dev", family="flux", size=1024, steps=28, cfg_scale=3.5, sampling=FLOW,
+                     cuda_dtype="bfloat16", max_sequence_length=512, single_file_pipeline="FluxPipeline",
+                     controlnets=False),
+        # Kontext [dev] edits the seed image as the prompt says; Fill [dev] inpaints.
+        Architecture("flux1-kontext", family="flux-kontext", size=1024, steps=28, cfg_scale=2.5, sampling=FLOW,
+                     cuda_dtype="bfloat16", max_sequence_length=512, pipeline="FluxKontextPipeline",
+                     masks=False, controlnets=False),
+        Architecture("flux1-fill", family="flux", size=1024, steps=50, cfg_scale=30.0, sampling=FLOW,
+                     cuda_dtype="bfloat16", max_sequence_length=512, pipeline="FluxFillPipeline",
+                     inpainting_only=True, controlnets=False),
+        # SD 3 medium was released in float16; SD 3.5 in bfloat16.
+        Architecture("sd3", family="sd3", size=1024, steps=28, cfg_scale=7.0, sampling=FLOW,
+                     single_file_pipeline="StableDiffusion3Pipeline", controlnets=False),
+        Architecture("sd35-medium", family="sd3", size=1024, steps=40, cfg_scale=4.5, sampling=FLOW,
+                     cuda_dtype="bfloat16", single_file_pipeline="StableDiffusion3Pipeline", controlnets=False),
+        Architecture("sd35-large", family="sd3", size=1024, steps=28, cfg_scale=3.5, sampling=FLOW,
+                     cuda_dtype="bfloat16", single_file_pipeline="StableDiffusion3Pipeline", controlnets=False),
     )
 })

@@ -37,8 +37,21 @@ from typing import Any
 
 from imagewire.air_registry.air import parse_air
 from imagewire.air_registry.architectures import ARCHITECTURES, Architecture
-from imagewire.air_registry.errors import CatalogError, MalformedAIR, UnknownModel, UnknownSampler, shown
-from imagewire.air_registry.model_files import SINGLE_FILE_SUFFIXES
+from imagewire.air_registry.errors import (
+    CatalogError,
+    MalformedAIR,
+    SamplerUnusable,
+    UnknownModel,
+    UnknownSampler,
+    shown,
+)
+from imagewire.air_registry.model_files import (
+    ADD_ON_LAYOUTS,
+    COMPONENT_CATEGORIES,
+    COMPONENT_LAYOUT,
+    SINGLE_FILE_SUFFIXES,
+    WEIGHTS_FILE_SUFFIXES,
+)
 from imagewire.air_registry.samplers import DEFAULT_NAME, resolve_sampler
 from imagewire.air_registry.tiny import BUILDERS
 
@@ -69,6 +82,14 @@ _ENTRY_KEYS = frozenset(
 ADD_ON_CATEGORIES: tuple[str, ...] = ("lora", "embeddings", "vae")
 _DEFAULTS_KEYS = frozenset({"width", "height", "steps", "scheduler", "CFGScale", "strength"})
 _HUB_REPO_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
+# A file of a hub repo, as weights_file models name theirs: "owner/name/path/in/repo.pth".
+_HUB_FILE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9_.+-]+)+")
+
+
+def hub_file(location: str) -> tuple[str, str]:
+    """The repo id and the file of a weights_file model's hub location."""
+    owner, name, path = location.split("/", 2)
+    return f"{owner}/{name}", path
 
 
 @dataclass(frozen=True)
@@ -99,6 +120,19 @@ class ModelEntry:
     def label(self) -> str:
         """How messages name the model: ``Stable Diffusion 1.5 (imagewire:sd15@1)``."""
         return f"{self.name} ({self.air})"
+
+    @property
+    def layout(self) -> str:
+        """How its files lie (``model_files.LAYOUT_MARKERS``)."""
+        return layout_of(self.category, self.architecture)
+
+
+def layout_of(category: str, architecture: str) -> str:
+    """The architecture's layout, but for a model saved on its own (a ControlNet, a safety checker) or added
+    to a checkpoint (a LoRA, an embedding, a VAE), which is catalogued under the architecture it fits."""
+    if category in ADD_ON_LAYOUTS:
+        return ADD_ON_LAYOUTS[category]
+    return COMPONENT_LAYOUT if category in COMPONENT_CATEGORIES else ARCHITECTURES[architecture].layout
 
 
 # ---------------------------------------------------------------- reading catalog files
@@ -148,9 +182,11 @@ def _parse_defaults(raw: Any, architecture: str, check: DefaultsCheck | None) ->
     scheduler = merged["scheduler"]
     _require(isinstance(scheduler, str), f"defaults.scheduler must be a string, not {shown(scheduler)}")
     try:
-        spec = resolve_sampler(scheduler)
+        spec = resolve_sampler(scheduler, ARCHITECTURES[architecture].sampling)
     except UnknownSampler as exc:
         raise CatalogError(f"defaults.scheduler {shown(scheduler)} is not a known scheduler name") from exc
+    except SamplerUnusable as exc:
+        raise CatalogError(f"defaults.scheduler {exc.problem}") from exc
     defaults = ModelDefaults(
         width=_number(merged, "width", integer=True),
         height=_number(merged, "height", integer=True),
@@ -167,7 +203,7 @@ def _parse_defaults(raw: Any, architecture: str, check: DefaultsCheck | None) ->
     return defaults
 
 
-def _parse_location(raw: Mapping[str, Any], source: str, base_dir: Path) -> str:
+def _parse_location(raw: Mapping[str, Any], source: str, base_dir: Path, layout: str = "diffusers") -> str:
     location = _string(raw, "location", default="")
     if source == "embedded":
         _require(location in BUILDERS,
@@ -175,6 +211,13 @@ def _parse_location(raw: Mapping[str, Any], source: str, base_dir: Path) -> str:
                  f"not {shown(location)}")
         return location
     _require(bool(location), f"a '{source}' model needs a 'location'")
+    if source == "hub" and layout == "weights_file":
+        _require(
+            _HUB_FILE_PATTERN.fullmatch(location) is not None and location.lower().endswith(WEIGHTS_FILE_SUFFIXES),
+            "'location' of a hub model of one weights file must be 'owner/name/file' with the file ending in "
+            f"{' or '.join(WEIGHTS_FILE_SUFFIXES)}, not {shown(location)}",
+        )
+        return location
     if source == "hub":
         _require(
             _HUB_REPO_PATTERN.fullmatch(location) is not None,
@@ -183,9 +226,10 @@ def _parse_location(raw: Mapping[str, Any], source: str, base_dir: Path) -> str:
         )
         return location
     if source == "single_file":
+        suffixes = WEIGHTS_FILE_SUFFIXES if layout == "weights_file" else SINGLE_FILE_SUFFIXES
         _require(
-            location.lower().endswith(SINGLE_FILE_SUFFIXES),
-            f"'location' of a single_file model must end in {' or '.join(SINGLE_FILE_SUFFIXES)}",
+            location.lower().endswith(suffixes),
+            f"'location' of a single_file model must end in {' or '.join(suffixes)}",
         )
     # Relative paths are relative to the catalog file, so a catalog and its models can move together.
     return str((base_dir / Path(location).expanduser()).resolve())
@@ -209,10 +253,12 @@ def _parse_entry(raw: Any, base_dir: Path, check: DefaultsCheck | None) -> Model
     source = _string(raw, "source")
     _require(source in SOURCES, f"'source' must be one of {', '.join(SOURCES)}, not {source!r}")
     category = _string(raw, "category", default="checkpoint")
-    # A checkpoint in one file needs the pipeline class that reads it; add-ons are read on their own.
+    layout = layout_of(category, architecture)
+    # A checkpoint in one file needs the pipeline class that reads it; add-ons and single networks are read on
+    # their own.
     _require(
         source != "single_file" or category in ADD_ON_CATEGORIES
-        or ARCHITECTURES[architecture].single_file_pipeline is not None,
+        or ARCHITECTURES[architecture].single_file_pipeline is not None or layout == "weights_file",
         f"the {architecture!r} architecture cannot be loaded from a single file",
     )
     name = _string(raw, "name")
@@ -230,7 +276,7 @@ def _parse_entry(raw: Any, base_dir: Path, check: DefaultsCheck | None) -> Model
         aliases=_string_list(raw, "aliases"),
         tags=_string_list(raw, "tags"),
         source=source,
-        location=_parse_location(raw, source, base_dir),
+        location=_parse_location(raw, source, base_dir, layout),
         defaults=_parse_defaults(raw.get("defaults"), architecture, check),
         token=token,
     )
@@ -257,6 +303,11 @@ def _read_catalog_file(path: Path, check: DefaultsCheck | None) -> list[tuple[Mo
         except CatalogError as exc:
             raise CatalogError(f"{origin}: {exc}") from exc
     return entries
+
+
+def read_catalog_file(path: Path, *, check_defaults: DefaultsCheck | None = None) -> list[tuple[ModelEntry, str]]:
+    """The entries of one catalog file, each with where it came from; CatalogError if it is malformed."""
+    return _read_catalog_file(path, check_defaults)
 
 
 # ---------------------------------------------------------------- the catalog
@@ -295,6 +346,13 @@ class Catalog:
                         f"{origin}: alias {alias!r} is the AIR id of another model ({shadowing[1]})"
                     )
         return cls(entry for entry, _ in merged.values())
+
+    def add(self, entry: ModelEntry) -> None:
+        """Add a model while the server runs (one fetched for a client), or replace the one of its AIR."""
+        self.entries = (*(known for known in self.entries if known.air != entry.air), entry)
+        self._by_air[entry.air] = entry
+        for alias in entry.aliases:
+            self._by_alias[alias.casefold()] = entry
 
     def get(self, air: str) -> ModelEntry | None:
         return self._by_air.get(air)
@@ -348,6 +406,10 @@ class Catalog:
         ]
         start = max(offset, 0)
         return len(matches), matches[start : start + max(limit, 0)]
+
+    def serving(self, task: str) -> list[ModelEntry]:
+        """The models of the task type ``task`` (``imageInference``, ``imageUpscale``, …)."""
+        return [entry for entry in self.entries if ARCHITECTURES[entry.architecture].task == task]
 
     def _describe_known(self) -> str:
         described = [

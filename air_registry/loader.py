@@ -20,9 +20,10 @@ import logging
 import os
 import re
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,12 @@ import transformers
 
 # Imported from their own modules rather than from ``diffusers``: the package's lazy top level shows
 # type checkers placeholder classes without methods.
-from diffusers.pipelines.auto_pipeline import AutoPipelineForImage2Image, AutoPipelineForText2Image
+from diffusers.models.controlnets.controlnet import ControlNetModel
+from diffusers.pipelines.auto_pipeline import (
+    AutoPipelineForImage2Image,
+    AutoPipelineForInpainting,
+    AutoPipelineForText2Image,
+)
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.import_utils import DummyObject
@@ -42,7 +48,7 @@ from imagewire.air_registry.architectures import ARCHITECTURES
 from imagewire.air_registry.catalog import ModelEntry
 from imagewire.air_registry.errors import RegistryError, SamplerUnusable, WeightsMissing
 from imagewire.air_registry.model_files import MODEL_INDEX
-from imagewire.air_registry.samplers import SAMPLERS, SamplerSpec
+from imagewire.air_registry.samplers import FLOW_SAMPLERS, SAMPLERS, SamplerSpec
 from imagewire.air_registry.tiny import ensure_embedded
 from imagewire.air_registry.weights import locate_weights
 
@@ -90,14 +96,19 @@ class _LoadedModel:
     sampler_class: Any
     sampler_config: Any
     image_to_image: DiffusionPipeline | None = None
+    inpainting: DiffusionPipeline | None = None
+    # Pipelines made from this model's for one call (with ControlNets), while they are in use.
+    derived: weakref.WeakSet[DiffusionPipeline] = field(default_factory=weakref.WeakSet)
     add_ons: ModelAddOns | None = None  # made on first use
 
     def owns(self, pipe: DiffusionPipeline) -> bool:
-        return pipe is self.primary or pipe is self.image_to_image
+        return pipe is self.primary or pipe is self.image_to_image or pipe is self.inpainting or pipe in self.derived
 
     @property
     def pipes(self) -> list[DiffusionPipeline]:
-        return [pipe for pipe in (self.primary, self.image_to_image) if pipe is not None]
+        """Its pipelines, the primary first: add-ons that replace a component (a VAE, tokenizers) go on each."""
+        return [pipe for pipe in (self.primary, self.image_to_image, self.inpainting, *self.derived)
+                if pipe is not None]
 
     def to(self, device: str) -> None:
         # image_to_image shares the primary's modules: moving the primary moves both.
@@ -111,7 +122,7 @@ def unavailable_samplers() -> dict[str, str]:
     diffusers, or one that needs an optional package (diffusers then exports a placeholder). Checked once
     at start, so that requests for them are refused before they reach the device."""
     unavailable: dict[str, str] = {}
-    for name, spec in SAMPLERS.items():
+    for name, spec in [*SAMPLERS.items(), *FLOW_SAMPLERS.items()]:
         sampler_class = getattr(diffusers, spec.class_name, None)
         if sampler_class is None:
             unavailable[name] = f"is not available in this server's diffusers {diffusers.__version__}"
@@ -127,21 +138,31 @@ class PipelineCache:
 
     def __init__(
         self, *, device: str, data_dir: Path, allow_downloads: bool = False, max_loaded: int = 1,
-        ram_models: int = 0,
+        ram_models: int = 0, max_components: int = 5,
     ) -> None:
         if max_loaded < 1:
             raise ValueError(f"max_loaded must be at least 1; received {max_loaded}")
         if ram_models < 0:
             raise ValueError(f"ram_models must be at least 0; received {ram_models}")
         self.device = device
-        # Half precision halves memory and doubles speed on GPUs; CPUs have no fast float16 kernels.
-        self.dtype = torch.float16 if device.startswith("cuda") else torch.float32
         self.data_dir = Path(data_dir)
         self.allow_downloads = allow_downloads
         self.max_loaded = max_loaded
         self.ram_models = ram_models
         self._loaded: OrderedDict[str, _LoadedModel] = OrderedDict()   # on the device, least recent first
         self._in_ram: OrderedDict[str, _LoadedModel] = OrderedDict()   # in host RAM, least recent first
+        # Single models used beside a pipeline (ControlNets, safety checkers), most recently used last.
+        self.max_components = max_components
+        self._components: OrderedDict[str, Any] = OrderedDict()
+
+    def dtype_of(self, entry: ModelEntry) -> torch.dtype:
+        """The precision ``entry`` runs in here: its architecture's on CUDA (half precision halves memory
+        and doubles speed, in the half format the model was trained in), float32 on CPUs, which have no
+        fast half-precision kernels."""
+        if not self.device.startswith("cuda"):
+            return torch.float32
+        dtype: torch.dtype = getattr(torch, ARCHITECTURES[entry.architecture].cuda_dtype)
+        return dtype
 
     @property
     def loaded_models(self) -> list[str]:
@@ -150,8 +171,9 @@ class PipelineCache:
 
     @property
     def memory(self) -> dict[str, str]:
-        """Where each model in memory is, ``"device"`` or ``"ram"``, with the add-ons loaded into it."""
-        where: dict[str, str] = {}
+        """Where each model in memory is, ``"device"`` or ``"ram"``, with the add-ons loaded into it and the
+        single models used beside the pipelines (ControlNets, safety checkers: on the device)."""
+        where: dict[str, str] = dict.fromkeys(self._components, "device")
         for place, models in (("ram", self._in_ram), ("device", self._loaded)):
             for air, loaded in models.items():
                 where[air] = place
@@ -160,11 +182,16 @@ class PipelineCache:
                     where[add_on] = "device" if "device" in (place, where.get(add_on)) else place
         return where
 
+    def load(self, entry: ModelEntry, weights: Path | None = None) -> DiffusionPipeline:
+        """The pipeline the model loads as (text-to-image, or its only one): to have it in memory."""
+        return self._get(entry, weights).primary
+
     def text_to_image(self, entry: ModelEntry, weights: Path | None = None, *,
                       keep: Collection[str] = ()) -> DiffusionPipeline:
         """The model's text-to-image pipeline, loaded from ``weights`` (located here when None). Models named
         in ``keep`` stay on the device meanwhile (the job needs them too)."""
-        if ARCHITECTURES[entry.architecture].image_to_image_only:
+        architecture = ARCHITECTURES[entry.architecture]
+        if architecture.image_to_image_only or architecture.inpainting_only:
             # Requests are validated before they get here; this is a caller's bug.
             raise ValueError(f"model {entry.air} only does image-to-image")
         return self._get(entry, weights, keep).primary
@@ -180,6 +207,90 @@ class PipelineCache:
             pipe.set_progress_bar_config(disable=True)
             loaded.image_to_image = pipe
         return loaded.image_to_image
+
+    def inpainting(self, entry: ModelEntry, weights: Path | None = None, *,
+                   keep: Collection[str] = ()) -> DiffusionPipeline:
+        """The model's inpainting pipeline: an inpainting checkpoint's own, or a view on any other's weights."""
+        loaded = self._get(entry, weights, keep)
+        if ARCHITECTURES[entry.architecture].inpainting_only:
+            return loaded.primary
+        if loaded.inpainting is None:
+            pipe = AutoPipelineForInpainting.from_pipe(loaded.primary)
+            pipe.set_progress_bar_config(disable=True)
+            loaded.inpainting = pipe
+        return loaded.inpainting
+
+    def with_controlnet(self, pipe: DiffusionPipeline, controlnet: Any) -> DiffusionPipeline:
+        """``pipe`` (text-to-image, image-to-image or inpainting) with ``controlnet`` in it: a view on the
+        same loaded modules, for one call. ``controlnet`` is one ControlNet model or a multi-ControlNet."""
+        mapping = AutoPipelineForInpainting if hasattr(pipe, "mask_processor") else (
+            AutoPipelineForImage2Image if _takes_strength(pipe) else AutoPipelineForText2Image)
+        derived: DiffusionPipeline = mapping.from_pipe(pipe, controlnet=controlnet)
+        derived.set_progress_bar_config(disable=True)
+        for loaded in self._loaded.values():
+            if loaded.owns(pipe):
+                loaded.derived.add(derived)
+        return derived
+
+    def controlnet(self, entry: ModelEntry, weights: Path | None = None) -> ControlNetModel:
+        """A ControlNet model, on the device in the pipelines' precision."""
+
+        def read(path: Path) -> Any:
+            if entry.source == "single_file":
+                return ControlNetModel.from_single_file(str(path), **{_DTYPE_KEYWORD: self.dtype_of(entry)})
+            return ControlNetModel.from_pretrained(str(path), **self._options(entry))
+
+        model: ControlNetModel = self._component(entry, weights, read)
+        return model
+
+    def safety_checker(self, entry: ModelEntry, weights: Path | None = None) -> tuple[Any, Any]:
+        """The safety checker diffusers' pipelines use, and the image processor that feeds it."""
+
+        def read(path: Path) -> Any:
+            # Imported here: only servers that check content need them.
+            from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+            from imagewire.air_registry.tiny.safety import image_processor_class
+
+            checker: Any = StableDiffusionSafetyChecker.from_pretrained(str(path))
+            return checker.to(dtype=self.dtype_of(entry)).eval(), image_processor_class().from_pretrained(str(path))
+
+        checker, processor = self._component(entry, weights, read)
+        return checker, processor
+
+    def _component(self, entry: ModelEntry, weights: Path | None, read: Any) -> Any:
+        found = self._components.get(entry.air)
+        if found is not None:
+            self._components.move_to_end(entry.air)
+            return found
+        while len(self._components) >= self.max_components:
+            evicted = next(iter(self._components))
+            del self._components[evicted]
+            logger.info("unloading %s to make room for %s", evicted, entry.air)
+            self._free_memory()
+        if weights is None:
+            weights = locate_weights(entry, data_dir=self.data_dir, allow_downloads=self.allow_downloads)
+        location = "the embedded model" if entry.source == "embedded" else entry.location
+        logger.info("loading %s %s from %s on %s", entry.category, entry.air, location, self.device)
+        started = time.monotonic()
+        _enable_loading_progress_bars()
+        try:
+            if entry.source == "embedded":
+                weights = ensure_embedded(entry.location, weights)
+            loaded = read(weights)
+            for module in loaded if isinstance(loaded, tuple) else (loaded,):
+                if isinstance(module, torch.nn.Module):
+                    module.to(self.device)
+        except RegistryError:
+            raise
+        except Exception as exc:
+            self._free_memory()
+            raise WeightsMissing(
+                f"the weights of {entry.label} at {location} could not be loaded ({type(exc).__name__})"
+            ) from exc
+        logger.info("loaded %s in %.1f s", entry.air, time.monotonic() - started)
+        self._components[entry.air] = loaded
+        return loaded
 
     def make_sampler(
         self, pipe: DiffusionPipeline, spec: SamplerSpec | None, *, seeds: Sequence[int] = ()
@@ -225,6 +336,7 @@ class PipelineCache:
     def unload_all(self) -> None:
         self._loaded.clear()
         self._in_ram.clear()
+        self._components.clear()
         self._free_memory()
 
     # ---------------------------------------------------------------- loading
@@ -305,25 +417,40 @@ class PipelineCache:
         logger.info("loaded model %s in %.1f s", entry.air, time.monotonic() - started)
         return pipe
 
-    def _read_pipeline(self, entry: ModelEntry, path: Path) -> DiffusionPipeline:
-        architecture = ARCHITECTURES[entry.architecture]
-        options: dict[str, Any] = {_DTYPE_KEYWORD: self.dtype}
+    def _options(self, entry: ModelEntry) -> dict[str, Any]:
+        """Options of a diffusers ``from_pretrained`` of ``entry``'s files."""
+        options: dict[str, Any] = {_DTYPE_KEYWORD: self.dtype_of(entry)}
         if importlib.util.find_spec("accelerate") is None:
             # Without accelerate, diffusers warns on every load before falling back to this.
             options["low_cpu_mem_usage"] = False
+        return options
+
+    def _read_pipeline(self, entry: ModelEntry, path: Path) -> DiffusionPipeline:
+        architecture = ARCHITECTURES[entry.architecture]
+        options = self._options(entry)
         if entry.source == "single_file":
             assert architecture.single_file_pipeline is not None  # the catalog allows no other
             pipeline_class = getattr(diffusers, architecture.single_file_pipeline)
-            # A single file has no configs; diffusers fetches them from the hub, or its cache.
+            # A single file has no configs; diffusers fetches them from the hub, or its cache, unless
+            # the architecture's come from an embedded model built here.
             local_only = not self.allow_downloads
+            if architecture.single_file_config is not None:
+                builder = architecture.single_file_config
+                options["config"] = str(ensure_embedded(builder, self.data_dir / "models" / "configs" / builder))
+                local_only = True
             pipe: DiffusionPipeline = pipeline_class.from_single_file(
                 str(path), local_files_only=local_only, **options)
             return pipe
         if _has_safety_checker(path):
             # Clients ask for NSFW checks explicitly; the server runs its own, never the pipeline's.
             options.update(safety_checker=None, requires_safety_checker=False)
+        if architecture.pipeline is not None:
+            named: DiffusionPipeline = getattr(diffusers, architecture.pipeline).from_pretrained(str(path), **options)
+            return named
         if architecture.image_to_image_only:
             return AutoPipelineForImage2Image.from_pretrained(str(path), **options)
+        if architecture.inpainting_only:
+            return AutoPipelineForInpainting.from_pretrained(str(path), **options)
         return AutoPipelineForText2Image.from_pretrained(str(path), **options)
 
     def _free_memory(self) -> None:
@@ -336,6 +463,11 @@ def _seed_option(sampler_class: Any, seeds: Sequence[int]) -> dict[str, Any]:
     if not seeds or _NOISE_SEED_OPTION not in inspect.signature(sampler_class.__init__).parameters:
         return {}
     return {_NOISE_SEED_OPTION: list(seeds) if len(seeds) > 1 else seeds[0]}
+
+
+def _takes_strength(pipe: DiffusionPipeline) -> bool:
+    """Whether ``pipe`` transforms an image (image-to-image) rather than starting from noise."""
+    return "strength" in inspect.signature(type(pipe).__call__).parameters
 
 
 def _has_safety_checker(path: Path) -> bool:

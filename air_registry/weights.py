@@ -7,48 +7,26 @@ that fetches it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 
 from imagewire.air_registry.air import parse_air
-from imagewire.air_registry.catalog import ModelEntry
+from imagewire.air_registry.catalog import ModelEntry, hub_file
 from imagewire.air_registry.errors import WeightsMissing
 from imagewire.air_registry.model_files import (
-    COMPONENT_CONFIG,
-    EMBEDDING_WEIGHTS,
-    HUB_EXCLUDE,
-    HUB_INCLUDE,
-    LORA_WEIGHTS,
+    ADD_ON_FILE_LAYOUT,
+    ADD_ON_FILE_NAMES,
+    HUB_PATTERNS,
+    LAYOUT_MARKERS,
     MODEL_INDEX,
 )
 
-# How a folder or hub repo of each category of model is recognised: the file it must hold. A checkpoint is a
-# pipeline folder, a VAE one diffusers model; a LoRA or an embedding is one weights file, which the lookup
-# answers directly (diffusers' own name for it, or else the folder's only ``.safetensors`` file).
-FOLDER_FILES: Mapping[str, str] = {"checkpoint": MODEL_INDEX, "vae": COMPONENT_CONFIG,
-                                   "lora": LORA_WEIGHTS, "embeddings": EMBEDDING_WEIGHTS}
-WEIGHTS_FILE_CATEGORIES = frozenset({"lora", "embeddings"})
-# What a hub download of each category fetches (checkpoints: HUB_INCLUDE, the diffusers components only).
-_HUB_FILES: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "vae": ((COMPONENT_CONFIG, "*.safetensors"), ("*.fp16.*",)),
-    "lora": (("*.safetensors",), ()),
-    "embeddings": (("*.safetensors",), ()),
-}
-
-
-def _hub_patterns(category: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    return _HUB_FILES.get(category, (HUB_INCLUDE, HUB_EXCLUDE))
-
-
-def _folder_file(category: str) -> str:
-    return FOLDER_FILES.get(category, MODEL_INDEX)
-
 
 def weights_file(path: Path, category: str) -> Path | None:
-    """A LoRA's or an embedding's weights file at ``path`` (the file itself, or in a folder); None: none there."""
+    """A LoRA's or an embedding's weights file at ``path`` (the file itself, or in a folder: diffusers' own name
+    for it, or else the folder's only ``.safetensors`` file); None: none there."""
     if path.is_file():
         return path
-    named = path / _folder_file(category)
+    named = path / ADD_ON_FILE_NAMES.get(category, "")
     if named.is_file():
         return named
     candidates = sorted(path.glob("*.safetensors")) if path.is_dir() else []
@@ -61,8 +39,10 @@ def local_model_dir(entry: ModelEntry, data_dir: Path) -> Path:
     return Path(data_dir) / "models" / f"{air.source}-{air.id}-{air.version}"
 
 
-def hub_download_command(repo: str, category: str = "checkpoint") -> str:
-    included, excluded = _hub_patterns(category)
+def hub_download_command(repo: str, layout: str = "diffusers", filename: str | None = None) -> str:
+    if filename is not None:
+        return f"hf download {repo} {filename}"
+    included, excluded = HUB_PATTERNS[layout]
     include = " ".join(f"--include '{pattern}'" for pattern in included)
     exclude = " ".join(f"--exclude '{pattern}'" for pattern in excluded)
     return " ".join(part for part in (f"hf download {repo}", include, exclude) if part)
@@ -76,39 +56,47 @@ def _locate_hub_weights(entry: ModelEntry, *, allow_downloads: bool) -> Path:
     # Imported here: huggingface_hub is slow to import and only the model worker needs it.
     from huggingface_hub import snapshot_download
 
-    repo, category = entry.location, entry.category
-    command = hub_download_command(repo, category)
+    layout = entry.layout
+    # A weights_file model names one file of its repo: "owner/name/file.pth".
+    repo, filename = hub_file(entry.location) if layout == "weights_file" else (entry.location, None)
+    command = hub_download_command(repo, layout, filename)
+    patterns = [filename] if filename is not None else list(HUB_PATTERNS[layout][0])
+    excluded = [] if filename is not None else list(HUB_PATTERNS[layout][1])
     try:
         snapshot = Path(snapshot_download(repo, local_files_only=True))
+        if filename is not None and not (snapshot / filename).is_file():
+            raise FileNotFoundError(filename)
     except Exception as exc:
+        what = f"'{filename}' of Hugging Face repo '{repo}'" if filename else f"Hugging Face repo '{repo}'"
         if not allow_downloads:
             raise _missing(
                 entry,
-                f"Hugging Face repo '{repo}' is not in the local cache; download it with "
-                f"`{command}` or start the server with --allow-downloads",
+                f"{what} is not in the local cache; download it with `{command}` or start the server with "
+                "--allow-downloads",
             ) from exc
-        included, excluded = _hub_patterns(category)
         try:
-            snapshot = Path(
-                snapshot_download(repo, allow_patterns=list(included), ignore_patterns=list(excluded) or None)
-            )
+            snapshot = Path(snapshot_download(repo, allow_patterns=patterns, ignore_patterns=excluded))
         except Exception as download_exc:
             raise _missing(
                 entry,
-                f"Hugging Face repo '{repo}' could not be downloaded ({type(download_exc).__name__}); check "
+                f"{what} could not be downloaded ({type(download_exc).__name__}); check "
                 f"the server's network access, or download it with `{command}`",
             ) from download_exc
-    if category in WEIGHTS_FILE_CATEGORIES:
-        found = weights_file(snapshot, category)
+    if filename is not None:
+        return snapshot / filename
+    if layout == ADD_ON_FILE_LAYOUT:
+        found = weights_file(snapshot, entry.category)
         if found is None:
             raise _missing(entry, f"the local copy of Hugging Face repo '{repo}' has no single .safetensors "
-                                  f"weights file (nor {_folder_file(category)}); download it with `{command}`")
+                                  f"weights file (nor {ADD_ON_FILE_NAMES[entry.category]}); download it with "
+                                  f"`{command}`")
         return found
-    if not (snapshot / _folder_file(category)).is_file():
+    marker = LAYOUT_MARKERS[layout]
+    if not (snapshot / marker).is_file():
         raise _missing(
             entry,
-            f"the local copy of Hugging Face repo '{repo}' has no {_folder_file(category)}; download the "
-            f"diffusers files with `{command}`",
+            f"the local copy of Hugging Face repo '{repo}' has no {marker}; download the {layout} "
+            f"files with `{command}`",
         )
     return snapshot
 
@@ -125,26 +113,28 @@ def locate_weights(entry: ModelEntry, *, data_dir: Path, allow_downloads: bool) 
         return _locate_hub_weights(entry, allow_downloads=allow_downloads)
     location = Path(entry.location)
     if entry.source == "folder":
+        layout = entry.layout
         if not location.is_dir():
             raise _missing(
                 entry,
                 f"the folder '{entry.location}' named in the catalog does not exist; "
-                "save the model there in diffusers format or change the catalog entry",
+                f"save the model there in {layout} format or change the catalog entry",
             )
-        if entry.category in WEIGHTS_FILE_CATEGORIES:
+        if layout == ADD_ON_FILE_LAYOUT:
             found = weights_file(location, entry.category)
             if found is None:
                 raise _missing(
                     entry,
                     f"the folder '{entry.location}' named in the catalog holds no "
-                    f"{_folder_file(entry.category)} and not exactly one .safetensors file",
+                    f"{ADD_ON_FILE_NAMES[entry.category]} and not exactly one .safetensors file",
                 )
             return found
-        if not (location / _folder_file(entry.category)).is_file():
+        marker = LAYOUT_MARKERS.get(layout, MODEL_INDEX)
+        if layout != "weights_file" and not (location / marker).is_file():
             raise _missing(
                 entry,
-                f"the folder '{entry.location}' named in the catalog has no {_folder_file(entry.category)}; "
-                "it must hold a model saved in diffusers format",
+                f"the folder '{entry.location}' named in the catalog has no {marker}; "
+                f"it must hold a model saved in {layout} format",
             )
         return location
     if entry.source == "single_file":

@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "concurrent), pings under load, uploads, output encoding, server memory.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--suite", choices=("cpu", "gpu"), default="cpu",
-                        help="cpu: the embedded tiny model; gpu: SD 1.5 and SDXL shapes with random weights, fp16")
+                        help="cpu: the embedded tiny model; gpu: SD 1.5 and SDXL shapes (and with --models, FLUX.1 "
+                             "[dev] and SD 3.5 large) with random weights, in their CUDA precision")
     parser.add_argument("--quick", action="store_true", help="a few requests per section: checks the harness works")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the JSON and Markdown results")
     parser.add_argument("--sections", type=lambda text: _names(text, SECTIONS, "--sections"),
@@ -44,8 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="before each measurement, wait up to this long for other processes to leave the CPU "
                              "idle (default 60, 0 with --quick; 0 never waits)")
     gpu = parser.add_argument_group("gpu suite")
-    gpu.add_argument("--models", type=lambda text: _names(text, ("sd15", "sdxl"), "--models"),
-                     default=("sd15", "sdxl"), help="architectures to run: sd15, sdxl or both")
+    gpu.add_argument("--models", type=lambda text: _names(text, ("sd15", "sdxl", "flux", "sd35"), "--models"),
+                     default=("sd15", "sdxl"),
+                     help="architectures to run, comma-separated: sd15, sdxl, flux (FLUX.1 [dev], 34 GB on disk in "
+                          "bfloat16), sd35 (SD 3.5 large, 27 GB)")
     gpu.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR,
                      help="where built random-weight models are saved and reused [IMAGEWIRE_BENCH_MODELS]")
     gpu.add_argument("--dry-run", action="store_true",

@@ -1,12 +1,16 @@
-"""Full-size SD 1.5 and SDXL architectures with random weights, saved once in diffusers format.
+"""Full-size SD 1.5, SDXL, FLUX.1 [dev] and SD 3.5 large architectures with random weights, saved once
+in diffusers format.
 
 The configs in ``bench/model_configs`` carry the published shapes. Random weights cost exactly what
 trained ones cost per step, so timings and memory are real while nothing is downloaded; the images
-are noise. The tokenizer is the tiny model's self-built byte-level CLIP tokenizer: its ids stay far
-below ``vocab_size``, and text encoding is a negligible part of a step's cost anyway.
+are noise. The tokenizers are the embedded models' self-built ones (byte-level CLIP, character
+unigram T5): their ids stay far below ``vocab_size``, and text encoding is a negligible part of a
+step's cost anyway.
 
 ``shrink`` keeps every block type and the VAE's factor of 8 but makes every width small, so the
 whole path (build, save, catalog, load, serve) can be checked on a CPU in seconds.
+
+On disk, in their CUDA precision: SD 1.5 2 GB, SDXL 7 GB, FLUX.1 [dev] 34 GB, SD 3.5 large 27 GB.
 """
 
 from __future__ import annotations
@@ -19,7 +23,11 @@ from pathlib import Path
 from typing import Any
 
 CONFIG_DIR = Path(__file__).with_name("model_configs")
-ARCHITECTURES = ("sd15", "sdxl")
+ARCHITECTURES = ("sd15", "sdxl", "flux", "sd35")
+# The server's architecture (``air_registry/architectures.py``) each bench model is served as: its family
+# adapter, its precision on CUDA.
+SERVED_AS = {"sd15": "sd15", "sdxl": "sdxl", "flux": "flux1-dev", "sd35": "sd35-large"}
+_TRANSFORMERS = {"FluxPipeline": "FluxTransformer2DModel", "StableDiffusion3Pipeline": "SD3Transformer2DModel"}
 # addition_time_embed_dim is applied to six numbers in SDXL: original size, crop corner, target size.
 _SDXL_TIME_IDS = 6
 
@@ -29,8 +37,31 @@ def load_config(architecture: str) -> dict[str, Any]:
     return config
 
 
+def _shrink_flow(config: dict[str, Any]) -> dict[str, Any]:
+    """FLUX and SD 3 at a tiny width, every component kept (see ``air_registry/tiny`` for the layouts)."""
+    small = copy.deepcopy(config)
+    clips = [key for key, part in small.items() if isinstance(part, dict) and "hidden_size" in part]
+    for key in clips:
+        small[key].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          projection_dim=32)
+    t5_key = "text_encoder_2" if config["pipeline"] == "FluxPipeline" else "text_encoder_3"
+    t5_width = 32 if config["pipeline"] == "FluxPipeline" else 32 * len(clips)
+    small[t5_key].update(d_model=t5_width, d_ff=64, d_kv=16, num_heads=2, num_layers=2)
+    transformer = small["transformer"]
+    if config["pipeline"] == "FluxPipeline":
+        transformer.update(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                           joint_attention_dim=t5_width, pooled_projection_dim=32, axes_dims_rope=[4, 6, 6])
+    else:
+        transformer.update(num_layers=2, attention_head_dim=16, num_attention_heads=2, caption_projection_dim=32,
+                           joint_attention_dim=t5_width, pooled_projection_dim=32 * len(clips))
+    small["vae"].update(block_out_channels=[32] * len(small["vae"]["block_out_channels"]), layers_per_block=1)
+    return small
+
+
 def shrink(config: dict[str, Any]) -> dict[str, Any]:
     """The same architecture at a tiny width: for checking the builder and the served path on a CPU."""
+    if config["pipeline"] in _TRANSFORMERS:
+        return _shrink_flow(config)
     small = copy.deepcopy(config)
     encoders = [key for key in ("text_encoder", "text_encoder_2") if key in small]
     for key in encoders:
@@ -65,6 +96,40 @@ def _text_encoder(config: dict[str, Any]) -> Any:
     return model_class(text_config)
 
 
+def _t5_encoder(config: dict[str, Any]) -> Any:
+    from transformers import T5Config, T5EncoderModel
+
+    options = {key: value for key, value in config.items() if key != "class"}
+    return T5EncoderModel(T5Config(**options, pad_token_id=0, eos_token_id=1))
+
+
+def _build_flow_pipeline(config: dict[str, Any], scheduler: Any, *, device: str, dtype: Any, seed: int) -> Any:
+    import diffusers
+    import torch
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+
+    from imagewire.air_registry.tiny.tokenizers import build_clip_tokenizer, build_t5_tokenizer
+
+    transformer_class = getattr(diffusers, _TRANSFORMERS[config["pipeline"]])
+    components: dict[str, Any] = {"scheduler": scheduler}
+    # One component at a time, cast as soon as it is built: FLUX's transformer alone is 48 GB in float32.
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        components["transformer"] = transformer_class(**config["transformer"]).to(dtype)
+        components["vae"] = AutoencoderKL(**config["vae"]).to(dtype)
+        for key in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            if key not in config:
+                continue
+            tokenizer_key = key.replace("text_encoder", "tokenizer")
+            if config[key].get("class") == "T5EncoderModel":
+                components[key] = _t5_encoder(config[key]).to(dtype)
+                components[tokenizer_key] = build_t5_tokenizer()
+            else:
+                components[key] = _text_encoder(config[key]).to(dtype)
+                components[tokenizer_key] = build_clip_tokenizer()
+    return getattr(diffusers, config["pipeline"])(**components)
+
+
 def build_pipeline(config: dict[str, Any], *, device: str, dtype: Any, seed: int = 0) -> Any:
     """The pipeline of ``config`` with random weights, on ``device`` in ``dtype``.
 
@@ -79,6 +144,8 @@ def build_pipeline(config: dict[str, Any], *, device: str, dtype: Any, seed: int
 
     scheduler_options = dict(config["scheduler"])
     scheduler = getattr(diffusers, scheduler_options.pop("class"))(**scheduler_options)
+    if config["pipeline"] in _TRANSFORMERS:
+        return _build_flow_pipeline(config, scheduler, device=device, dtype=dtype, seed=seed)
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         components: dict[str, Any] = {
@@ -143,7 +210,7 @@ def catalog_entry(architecture: str, folder: Path, *, size: int, steps: int, str
         "air": f"bench:{architecture}-random@1",
         "name": f"{architecture} architecture, random weights (benchmarks only)",
         "aliases": [f"bench-{architecture}"],
-        "architecture": architecture,
+        "architecture": SERVED_AS[architecture],
         "category": "checkpoint",
         "tags": ["benchmark"],
         "source": "folder",

@@ -75,26 +75,25 @@ class RawRunner:
         """Seconds for one pipeline call making the images of requests ``indices`` together."""
         import torch
 
+        from imagewire.air_registry import ARCHITECTURES
+        from imagewire.server.engine.families import FAMILIES
+        from imagewire.tasks.jobs import InferenceJob
+
         pipe = self._pipeline(workload)
-        count = len(indices)
+        entry = self.catalog.resolve(workload.model)
         started = time.perf_counter()
         pipe.scheduler = self.cache.make_sampler(pipe, None)
-        arguments: dict[str, Any] = {
-            "prompt": [PROMPT] * count,
-            "negative_prompt": [NEGATIVE_PROMPT] * count,
-            "num_inference_steps": workload.steps,
-            "guidance_scale": workload.cfg_scale,
-            "generator": [torch.Generator("cpu").manual_seed(FIRST_SEED + index) for index in indices],
-            "output_type": "pil",
-        }
-        if workload.img2img:
-            arguments["image"] = [init_image] * count
-            arguments["strength"] = workload.strength
-        else:
-            arguments["width"] = workload.width
-            arguments["height"] = workload.height
+        # The arguments the server's family adapter gives the pipeline for the same requests.
+        jobs = [InferenceJob(task_uuid=str(index), model=entry, weights=Path(), prompt=PROMPT,
+                             negative_prompt=NEGATIVE_PROMPT, width=workload.width, height=workload.height,
+                             steps=workload.steps, cfg_scale=workload.cfg_scale, sampler=None,
+                             seeds=[FIRST_SEED + index], init_image=init_image if workload.img2img else None,
+                             strength=workload.strength)
+                for index in indices]
+        arguments = FAMILIES[ARCHITECTURES[entry.architecture].family].call_arguments(jobs)
+        arguments["generator"] = [torch.Generator("cpu").manual_seed(FIRST_SEED + index) for index in indices]
         with torch.inference_mode():
-            pipe(**arguments)
+            pipe(**arguments, output_type="pil")
         return time.perf_counter() - started
 
     def reset_peak_memory(self) -> None:

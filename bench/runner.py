@@ -50,11 +50,14 @@ def _write_catalog(suite: Suite, models_dir: Path, directory: Path) -> tuple[Pat
         return ()
     import torch
 
-    from bench.gpu_models import catalog_entry, ensure_model
+    from bench.gpu_models import SERVED_AS, catalog_entry, ensure_model
+    from imagewire.air_registry import ARCHITECTURES
 
-    dtype = torch.float16 if suite.device.startswith("cuda") else torch.float32
     entries = []
     for architecture in suite.built_models:
+        # Built in the precision the server runs the architecture in on CUDA (bfloat16 for FLUX and SD 3.5).
+        cuda_dtype = getattr(torch, ARCHITECTURES[SERVED_AS[architecture]].cuda_dtype)
+        dtype = cuda_dtype if suite.device.startswith("cuda") else torch.float32
         name = f"{architecture}-random-{'small' if suite.small_models else str(dtype).removeprefix('torch.')}"
         progress(f"model {architecture}: building or reusing {models_dir / name}")
         folder = ensure_model(architecture, models_dir / name, device=suite.device, dtype=dtype,

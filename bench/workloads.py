@@ -125,7 +125,7 @@ def cpu_suite(quick: bool) -> Suite:
 
 GPU_STEPS = 30
 GPU_STRENGTH = 0.7
-GPU_SIZES = {"sd15": 512, "sdxl": 1024}
+GPU_SIZES = {"sd15": 512, "sdxl": 1024, "flux": 1024, "sd35": 1024}
 
 
 def built_model_air(architecture: str) -> str:

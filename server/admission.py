@@ -12,7 +12,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
-from imagewire.tasks.errors import ServiceUnavailable
+from imagewire.tasks.errors import TooManyTasks
 
 
 @dataclass(frozen=True, eq=False)
@@ -31,11 +31,11 @@ class Admission:
     def acquire(self, connection: Hashable, owner: str) -> Ticket:
         """A place for one more task of ``connection`` (any hashable that names it) and ``owner``."""
         if self._by_connection[connection] >= self.per_connection:
-            raise ServiceUnavailable(
+            raise TooManyTasks(
                 f"This connection already has {self._by_connection[connection]} unfinished tasks, the most "
                 f"allowed (max {self.per_connection}); wait for some to finish.")
         if self._by_owner[owner] >= self.per_key:
-            raise ServiceUnavailable(
+            raise TooManyTasks(
                 f"This API key already has {self.per_key} unfinished tasks over all its connections, the most "
                 "allowed; wait for some to finish.")
         self._by_connection[connection] += 1

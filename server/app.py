@@ -6,28 +6,35 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
-from imagewire.air_registry import Catalog, ModelEntry, RegistryError
+from imagewire.air_registry import ARCHITECTURES, Catalog, ModelEntry, RegistryError, UnknownModel, parse_air
+from imagewire.air_registry.civitai import Civitai
 from imagewire.server.admission import Admission
 from imagewire.server.auth import ApiKeys, load_or_create_key
 from imagewire.server.config import Config
-from imagewire.server.connection import GOING_AWAY, Connection
+from imagewire.server.connection import GOING_AWAY, Connection, WaitingRoom
 from imagewire.server.device import DeviceQueue, Engine
 from imagewire.server.http import HttpRoutes
+from imagewire.server.listener import HandshakeGuard, client_address, networks, request_arrived_middleware
+from imagewire.server.logs import install as install_log_limits
+from imagewire.server.metrics import Metrics, State
+from imagewire.server.rest import RestEndpoint
 from imagewire.server.runner import TaskRunner
 from imagewire.server.sessions import SessionRegistry, TaskRegistry
 from imagewire.server.webhooks import WebhookSender
 from imagewire.storage import ImageStore, UrlFetcher
-from imagewire.tasks.context import Services, Settings
+from imagewire.storage.store import Limits as StoreLimits
+from imagewire.tasks.context import PixelBudget, Services, Settings
 from imagewire.tasks.image_inference import check_model_defaults
 
 log = logging.getLogger("imagewire.server")
 
+# Connections the kernel holds for us while the loop is busy; a burst beyond it waits in SYN retries.
+LISTEN_BACKLOG = 1024
 SWEEP_INTERVAL = 30.0             # sessions and task records
 STORE_SWEEP_INTERVAL = 3600.0     # stored images: a walk over the disk, so less often
 MAX_OUTBOX_BYTES = 256 * 1024 * 1024
@@ -46,6 +53,15 @@ def diffusers_engine_factory(config: Config) -> Callable[[], Engine]:
     return build
 
 
+def _require_preloadable(flag: str, name: str, entry: ModelEntry) -> None:
+    """The device preloads models as imageInference pipelines: ControlNets, checkers, add-ons and tools are not
+    one. Raises ValueError naming the flag: the operator's mistake, found at start."""
+    if entry.category != "checkpoint" or ARCHITECTURES[entry.architecture].task != "imageInference":
+        article = "an" if entry.category[:1] in ("a", "e", "i", "o", "u") else "a"
+        raise ValueError(f"{flag} {name!r} is {article} {entry.category} model; name an imageInference checkpoint "
+                         "(modelSearch with category checkpoint lists them)")
+
+
 class ImagewireServer:
     def __init__(self, config: Config, *, engine_factory: Callable[[], Engine] | None = None,
                  preload: bool = True) -> None:
@@ -55,7 +71,7 @@ class ImagewireServer:
         self.generated_key: str | None = None
         self.connections: set[Connection] = set()  # open WebSockets, closed with 1001 at shutdown
         self._web: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
+        self._listener: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
     @property
@@ -76,64 +92,121 @@ class ImagewireServer:
             if not created:
                 log.info("using the API key kept in %s", config.data_dir / "api-key")
         self.api_keys = ApiKeys(keys)
-        catalog = await asyncio.to_thread(Catalog.load, config.catalog_files, check_defaults=check_model_defaults)
-        preloads = self._preloads(catalog)
+        # Checkpoints fetched from Civitai before are part of the catalog; the operator's files come after,
+        # so that they can rename or replace them.
+        civitai = Civitai(base_url=config.civitai_url, token=config.civitai_token,
+                          models_dir=config.data_dir / "models")
+        downloaded = await asyncio.to_thread(Civitai.downloaded_catalogs, civitai.models_dir)
+        catalog = await asyncio.to_thread(Catalog.load, [*downloaded, *config.catalog_files],
+                                          check_defaults=check_model_defaults)
+        default_model = await self._default_model(catalog, civitai) if self.preload else None
+        preloads = self._preloads(catalog, default_model)
         self.device = DeviceQueue(self.engine_factory, queue_size=config.queue_size,
                                   max_batch_size=config.max_batch_size, max_passed_over=config.max_passed_over)
         fetcher = UrlFetcher(allow_private=config.allow_private_urls, max_bytes=config.max_image_bytes,
                              timeout=config.url_fetch_timeout)
         # Opening the store also removes what interrupted writes left behind.
-        self.store = await asyncio.to_thread(ImageStore, config.data_dir / "images")
+        self.store = await asyncio.to_thread(ImageStore, config.data_dir / "images", StoreLimits(
+            max_bytes=config.max_storage_bytes, max_bytes_per_owner=config.max_storage_bytes_per_key,
+            min_free_bytes=config.min_free_disk_bytes))
         self.sessions = SessionRegistry(resume_window=config.resume_window, max_outbox_bytes=MAX_OUTBOX_BYTES)
         self.registry = TaskRegistry(retention=config.result_retention)
         self.services = Services(
             settings=Settings(data_dir=config.data_dir, allow_downloads=config.allow_downloads,
                               max_image_pixels=config.max_image_pixels, max_image_bytes=config.max_image_bytes,
-                              price_per_gpu_second=config.price_per_gpu_second),
-            catalog=catalog, store=self.store, fetcher=fetcher, device=self.device, results=self.registry)
+                              price_per_gpu_second=config.price_per_gpu_second,
+                              max_output_pixels=config.max_output_pixels,
+                              upscale_tile_size=config.upscale_tile_size,
+                              safety_checker=config.safety_checker),
+            catalog=catalog, store=self.store, fetcher=fetcher, device=self.device, results=self.registry,
+            pixels=PixelBudget(config.max_waiting_pixels), civitai=civitai)
+        self.metrics = Metrics(State(
+            queue_depth=lambda: self.device.pending,
+            loaded_models=lambda: [air for air, where in self.device.loaded_models.items() if where == "device"],
+            device_memory=self.device.device_memory, connections=lambda: len(self.connections),
+            sessions=lambda: len(self.sessions), ready=lambda: self.device.ready and self._web is not None,
+            held_input_pixels=lambda: self.services.pixels.held,
+        ), max_batch_size=config.max_batch_size)
+        self.device.on_call = self.metrics.device_call
         self.runner = TaskRunner(
             self.services, registry=self.registry, webhooks=WebhookSender(fetcher, attempts=config.webhook_attempts),
-            admission=Admission(per_connection=config.max_tasks_in_flight, per_key=config.max_tasks_per_key))
-        self.unauthenticated_by_ip: Counter[str] = Counter()
+            admission=Admission(per_connection=config.max_tasks_in_flight, per_key=config.max_tasks_per_key),
+            on_finished=self.metrics.task_finished)
+        self.waiting_room = WaitingRoom(config.max_unauthenticated_per_ip)
+        self.trusted_proxies = networks(config.trusted_proxies)
         # Listen only once the engine exists and the default model is loaded: imports and loading
         # hold the GIL in long stretches, and clients should not see slow pongs meanwhile.
         await asyncio.to_thread(self.device.start)
         if self.preload:
             for entry in preloads:
                 await asyncio.to_thread(self.device.preload(entry).wait)
-        routes = HttpRoutes(store=self.store, device=self.device, max_message_bytes=config.max_frame_bytes,
-                            serve_socket=self._serve_socket)
+        routes = HttpRoutes(store=self.store, device=self.device, metrics=self.metrics,
+                            max_message_bytes=config.max_frame_bytes, serve_socket=self._serve_socket, rest=self._rest)
+        install_log_limits(asyncio.get_running_loop())
+        self.handshakes = HandshakeGuard(lambda: self._web_server(), timeout=config.handshake_timeout,
+                                         per_address=config.max_handshakes_per_ip, trusted=self.trusted_proxies)
+        application = routes.application()
+        application.middlewares.append(request_arrived_middleware(self.handshakes))
         # Our own log line per task tells each task's story; per-request access lines would drown it.
-        self._web = web.AppRunner(routes.application(), access_log=None, handle_signals=False,
-                                  shutdown_timeout=5.0)
+        self._web = web.AppRunner(application, access_log=None, handle_signals=False, shutdown_timeout=5.0)
         await self._web.setup()
-        self._site = web.TCPSite(self._web, config.host, config.port)
-        await self._site.start()
-        port = self._web.addresses[0][1] if config.port == 0 else config.port
+        self._listener = await asyncio.get_running_loop().create_server(
+            self.handshakes, config.host, config.port, backlog=LISTEN_BACKLOG, reuse_address=True)
+        port = self._listener.sockets[0].getsockname()[1] if config.port == 0 else config.port
         self.config = config = dataclasses.replace(config, port=port)
         self.services.base_url = config.base_url
         self._sweeper = asyncio.create_task(self._sweep_forever())
         log.info("imagewire listening on %s (images at %s/image/)", self.url, config.base_url)
 
-    def _preloads(self, catalog: Catalog) -> list[ModelEntry]:
+    async def _default_model(self, catalog: Catalog, civitai: Civitai) -> ModelEntry:
+        """The entry of ``--default-model``; a Civitai checkpoint is fetched first when downloads are on.
+
+        Raises ValueError: a default model that does not exist is the operator's mistake.
+        """
+        name = self.config.default_model
+        try:
+            try:
+                entry = catalog.resolve(name)
+            except UnknownModel:
+                air = parse_air(name)
+                if not (self.config.allow_downloads and Civitai.names(air)):
+                    raise
+                entry = await asyncio.to_thread(civitai.fetch, air)
+                catalog.add(entry)
+        except RegistryError as exc:
+            raise ValueError(exc.describe("--default-model")) from exc
+        _require_preloadable("--default-model", name, entry)
+        return entry
+
+    def _preloads(self, catalog: Catalog, default_model: ModelEntry | None) -> list[ModelEntry]:
         """The default model, then each --preload model, in order and once each; a name the catalog does not hold
-        as a checkpoint stops the start (ValueError), naming the flag."""
+        as an imageInference checkpoint stops the start (ValueError), naming the flag."""
         entries: dict[str, ModelEntry] = {}
-        for flag, name in (("default model", self.config.default_model),
-                           *(("--preload", name) for name in self.config.preload)):
+        if default_model is not None:
+            entries[default_model.air] = default_model
+        for name in self.config.preload:
             try:
                 entry = catalog.resolve(name)
             except RegistryError as exc:
-                raise ValueError(exc.describe(f"{flag} {name!r}:")) from exc
-            if entry.category != "checkpoint":
-                raise ValueError(f"{flag} {name!r} is a {entry.category} model; preload checkpoints")
+                raise ValueError(exc.describe(f"--preload {name!r}:")) from exc
+            _require_preloadable("--preload", name, entry)
             entries.setdefault(entry.air, entry)
         return list(entries.values())
 
+    def _web_server(self) -> asyncio.Protocol:
+        """aiohttp's protocol for one new connection."""
+        assert self._web is not None and self._web.server is not None
+        protocol: asyncio.Protocol = self._web.server()
+        return protocol
+
+    async def _rest(self, request: web.Request) -> web.Response:
+        # Built per request from the current config: the port is only known once the server listens.
+        return await RestEndpoint(config=self.config, api_keys=self.api_keys, runner=self.runner)(request)
+
     async def _serve_socket(self, websocket: web.WebSocketResponse, request: web.Request) -> None:
-        connection = Connection(websocket, request, config=self.config, api_keys=self.api_keys,
-                                sessions=self.sessions, runner=self.runner,
-                                unauthenticated_by_ip=self.unauthenticated_by_ip)
+        connection = Connection(websocket, request, peer_ip=client_address(request, self.trusted_proxies),
+                                config=self.config, api_keys=self.api_keys, sessions=self.sessions,
+                                runner=self.runner, waiting_room=self.waiting_room)
         self.connections.add(connection)
         try:
             await connection.serve()
@@ -165,11 +238,11 @@ class ImagewireServer:
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop listening, let running tasks finish for up to ``grace`` seconds, close sockets with 1001."""
-        if self._web is None or self._site is None:
+        if self._web is None or self._listener is None:
             return
         web_runner, self._web = self._web, None
         # Stop accepting new connections; the open sockets stay so running tasks can still deliver.
-        await self._site.stop()
+        self._listener.close()
         self.device.close_intake()
         grace = self.config.shutdown_grace if grace is None else grace
         running = self.runner.running

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import os
+import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +44,21 @@ class Config:
     shutdown_grace: float = 30.0           # on SIGTERM, running tasks get this long to finish
     webhook_attempts: int = 4
     price_per_gpu_second: float = 0.0      # for includeCost
+    max_output_pixels: int = 4096 * 4096   # results of upscaling
+    max_storage_bytes: int | None = None   # the image store as a whole; None: no bound
+    max_storage_bytes_per_key: int | None = None
+    min_free_disk_bytes: int = 512 * MIB   # below this much free disk, writes stop (reads go on)
+    max_waiting_pixels: int = 256_000_000  # decoded input pixels held by unfinished tasks, all together
+    handshake_timeout: float = 10.0        # seconds a new TCP connection has to send its HTTP request
+    max_handshakes_per_ip: int = 16        # connections from one address still sending their request
+    trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-For names the client
+    max_outbox_bytes: int = 64 * MIB       # answers a socket has not yet taken, per connection
+    send_timeout: float = 30.0             # seconds a client may leave answers untaken before it is closed
+    upscale_tile_size: int = 512           # upscalers see tiles of at most this many input pixels a side
     log_level: str = "INFO"
+    civitai_url: str = "https://civitai.com"   # Civitai's API, for civitai:MODEL@VERSION ids
+    civitai_token: str | None = None            # for models Civitai lets only signed-in users download
+    safety_checker: str = "imagewire:sd-safety-checker@1"   # the catalog model checkNSFW and safety run
     # Model memory: pipelines kept on the device, then in host RAM; models loaded at start.
     max_loaded_models: int = 1
     ram_models: int = 0
@@ -94,6 +110,20 @@ def _number(*, positive: bool) -> Callable[[str], float]:
     return convert
 
 
+def _http_url(text: str) -> str:
+    parsed = urllib.parse.urlsplit(text.strip())
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise argparse.ArgumentTypeError(f"expected an http:// or https:// URL, got {text!r}")
+    return text.strip().rstrip("/")
+
+
+def _network(text: str) -> str:
+    try:
+        return str(ipaddress.ip_network(text.strip(), strict=False))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an address or a CIDR such as 10.0.0.0/8, got {text!r}") from None
+
+
 # Defaults are the environment's strings, so argparse checks them with the same type as a flag would be.
 COUNT = _whole_number(1)
 AMOUNT = _whole_number(0)
@@ -128,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--allow-private-urls", action="store_true", default=_env_flag("ALLOW_PRIVATE_URLS"),
         help="let URL inputs reach loopback, private and link-local addresses [IMAGEWIRE_ALLOW_PRIVATE_URLS]")
     add("--allow-downloads", action="store_true", default=_env_flag("ALLOW_DOWNLOADS"),
-        help="download catalog models missing from the Hugging Face cache [IMAGEWIRE_ALLOW_DOWNLOADS]")
+        help="download models this server does not have: catalog models missing from the Hugging Face cache, "
+             "and civitai:MODEL@VERSION checkpoints from Civitai [IMAGEWIRE_ALLOW_DOWNLOADS]")
     add("--catalog", dest="catalog_files", action="append", type=Path, default=None, metavar="FILE",
         help="extra model catalog JSON file, repeatable [IMAGEWIRE_CATALOG, comma-separated]")
     add("--max-frame-mib", type=COUNT, default=_env("MAX_FRAME_MIB", "64"),
@@ -161,8 +192,47 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds running tasks get to finish on SIGTERM/SIGINT [IMAGEWIRE_SHUTDOWN_GRACE]")
     add("--price-per-gpu-second", type=NON_NEGATIVE, default=_env("PRICE_PER_GPU_SECOND", "0"),
         help="cost reported with includeCost, per second of device time [IMAGEWIRE_PRICE_PER_GPU_SECOND]")
+    add("--max-output-megapixels", type=POSITIVE, default=_env("MAX_OUTPUT_MEGAPIXELS", "16.78"),
+        help="largest upscale result; larger ones are refused before any work [IMAGEWIRE_MAX_OUTPUT_MEGAPIXELS]")
+    add("--upscale-tile", type=_whole_number(32), default=_env("UPSCALE_TILE", "512"),
+        help="upscalers work on tiles of at most this many input pixels a side, so memory stays bounded for "
+             "large images; larger tiles are faster where memory allows [IMAGEWIRE_UPSCALE_TILE]")
+    add("--max-storage-gib", type=NON_NEGATIVE, default=_env("MAX_STORAGE_GIB", "0"),
+        help="most the image store may hold, GiB; 0: no bound [IMAGEWIRE_MAX_STORAGE_GIB]")
+    add("--max-storage-gib-per-key", type=NON_NEGATIVE, default=_env("MAX_STORAGE_GIB_PER_KEY", "0"),
+        help="most one API key's images may take, GiB; 0: no bound [IMAGEWIRE_MAX_STORAGE_GIB_PER_KEY]")
+    add("--min-free-disk-gib", type=NON_NEGATIVE, default=_env("MIN_FREE_DISK_GIB", "0.5"),
+        help="free disk below which new images are refused and stored ones still served "
+             "[IMAGEWIRE_MIN_FREE_DISK_GIB]")
+    add("--max-waiting-megapixels", type=POSITIVE, default=_env("MAX_WAITING_MEGAPIXELS", "256"),
+        help="decoded input images that unfinished tasks may hold, all together; past it a task's input image "
+             "is refused with serviceUnavailable [IMAGEWIRE_MAX_WAITING_MEGAPIXELS]")
+    add("--handshake-timeout", type=POSITIVE, default=_env("HANDSHAKE_TIMEOUT", "10"),
+        help="seconds a new connection has to send its HTTP request [IMAGEWIRE_HANDSHAKE_TIMEOUT]")
+    add("--max-handshakes-per-ip", type=COUNT, default=_env("MAX_HANDSHAKES_PER_IP", "16"),
+        help="connections from one address still sending their request; past it the oldest is dropped "
+             "[IMAGEWIRE_MAX_HANDSHAKES_PER_IP]")
+    add("--trusted-proxy", dest="trusted_proxies", action="append", type=_network, default=None,
+        metavar="CIDR",
+        help="a reverse proxy whose X-Forwarded-For names the client, repeatable "
+             "[IMAGEWIRE_TRUSTED_PROXIES, comma-separated]")
+    add("--max-outbox-mib", type=COUNT, default=_env("MAX_OUTBOX_MIB", "64"),
+        help="answers a connection has not taken yet, MiB; a task whose answer does not fit waits for room "
+             "[IMAGEWIRE_MAX_OUTBOX_MIB]")
+    add("--send-timeout", type=POSITIVE, default=_env("SEND_TIMEOUT", "30"),
+        help="seconds a client may leave answers untaken before it is closed [IMAGEWIRE_SEND_TIMEOUT]")
     add("--log-level", default=_env("LOG_LEVEL", "INFO"), choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="[IMAGEWIRE_LOG_LEVEL]")
+    add("--default-model", default=_env("DEFAULT_MODEL", "imagewire:tiny@1"), metavar="AIR",
+        help="model loaded (and with --allow-downloads fetched) before the server listens, by AIR id or alias "
+             "[IMAGEWIRE_DEFAULT_MODEL]")
+    add("--civitai-url", default=_env("CIVITAI_URL", "https://civitai.com"), type=_http_url, metavar="URL",
+        help="base URL of Civitai's API, which civitai:MODEL@VERSION checkpoints come from [IMAGEWIRE_CIVITAI_URL]")
+    add("--civitai-token", default=_env("CIVITAI_TOKEN"), metavar="TOKEN",
+        help="Civitai API token, for checkpoints only signed-in users may download [IMAGEWIRE_CIVITAI_TOKEN]")
+    add("--safety-checker", default=_env("SAFETY_CHECKER", Config.safety_checker), metavar="AIR",
+        help="catalog model (category safety) that checkNSFW and safety.checkContent/checkInputs run "
+             "(default %(default)s) [IMAGEWIRE_SAFETY_CHECKER]")
     memory = parser.add_argument_group("model memory")
     memory.add_argument(
         "--max-loaded-models", type=COUNT, default=_env("MAX_LOADED_MODELS", "1"), metavar="N",
@@ -194,6 +264,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     preload = args.preload
     if preload is None:
         preload = [air.strip() for air in (_env("PRELOAD") or "").split(",") if air.strip()]
+    trusted_proxies = args.trusted_proxies
+    if trusted_proxies is None:
+        try:
+            trusted_proxies = [_network(p.strip()) for p in (_env("TRUSTED_PROXIES") or "").split(",") if p.strip()]
+        except argparse.ArgumentTypeError as exc:
+            build_parser().error(f"IMAGEWIRE_TRUSTED_PROXIES: {exc}")
     return Config(
         host=args.host,
         port=args.port,
@@ -218,9 +294,29 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         image_ttl=args.image_ttl_days * 24 * 3600,
         shutdown_grace=args.shutdown_grace,
         price_per_gpu_second=args.price_per_gpu_second,
+        max_output_pixels=int(args.max_output_megapixels * 1_000_000),
+        upscale_tile_size=args.upscale_tile,
+        max_storage_bytes=_gib(args.max_storage_gib),
+        max_storage_bytes_per_key=_gib(args.max_storage_gib_per_key),
+        min_free_disk_bytes=_gib(args.min_free_disk_gib) or 0,
+        max_waiting_pixels=int(args.max_waiting_megapixels * 1_000_000),
+        handshake_timeout=args.handshake_timeout,
+        max_handshakes_per_ip=args.max_handshakes_per_ip,
+        trusted_proxies=tuple(trusted_proxies),
+        max_outbox_bytes=args.max_outbox_mib * MIB,
+        send_timeout=args.send_timeout,
         log_level=args.log_level,
         max_loaded_models=args.max_loaded_models,
         ram_models=args.ram_models,
         preload=tuple(preload),
         max_passed_over=args.max_passed_over,
+        default_model=args.default_model,
+        civitai_url=args.civitai_url,
+        civitai_token=args.civitai_token,
+        safety_checker=args.safety_checker,
     )
+
+
+def _gib(value: float) -> int | None:
+    """GiB as bytes; 0 means no bound."""
+    return int(value * 1024 ** 3) or None

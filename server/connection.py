@@ -5,14 +5,22 @@ The connection knows frames, pings, authentication and admission; what a task is
 delivered is the runner's and the task module's business (``server/runner.py``). Nothing here
 blocks the event loop: decoding a frame is microseconds per task, and all image work happens in
 the handlers' thread pool calls or on the device worker.
+
+Memory a client can pin is bounded both ways. Inbound, aiohttp stops reading the socket while a
+few unread messages wait. Outbound, answers go through an outbox of at most ``--max-outbox-mib``
+drained by one writer; what would overflow it waits for room. A client that leaves an answer
+untaken for ``--send-timeout`` is closed (1008, "not reading its answers"), and what it did not
+take waits in its session for it to resume. So a slow reader slows only its own answers, and a
+stopped one holds no socket and a bounded outbox.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections import Counter
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -20,68 +28,128 @@ from aiohttp import WSMsgType, web
 from imagewire.server import protocol
 from imagewire.server.auth import ApiKeys, owner_token
 from imagewire.server.config import Config
+from imagewire.server.intake import Intake, invalid_api_key
 from imagewire.server.runner import TaskRunner
 from imagewire.server.sessions import Session, SessionRegistry
 from imagewire.tasks import schema
-from imagewire.tasks.errors import InvalidApiKey, MissingApiKey, ServiceUnavailable
-from imagewire.tasks.supported import SUPPORTED
-from imagewire.tasks.task_type import Item
+from imagewire.tasks.errors import ServiceUnavailable
+from imagewire.tasks.task_type import Item, TaskType
 
-log = logging.getLogger("imagewire.task")
 connection_log = logging.getLogger("imagewire.connection")
 
 
-# Close codes (RFC 6455): a refused or overdue socket, and the server going away.
+# Close codes (RFC 6455): a refused, overdue or not-reading socket, and the server going away.
 POLICY_VIOLATION = 1008
 GOING_AWAY = 1001
+# A closing handshake with a peer that does not read cannot finish; past this the socket is dropped.
+CLOSE_TIMEOUT_SECONDS = 2.0
 
 
-class Connection:
-    def __init__(self, websocket: web.WebSocketResponse, request: web.Request, *, config: Config,
+class WaitingRoom:
+    """Sockets that have not authenticated yet, by address, oldest first. When an address has as many
+    as it may, its oldest is closed to make room: a flood of half-open sockets cannot lock out a
+    client that authenticates promptly."""
+
+    def __init__(self, per_address: int) -> None:
+        self.per_address = per_address
+        self._by_address: dict[str, dict[Connection, None]] = {}
+
+    def enter(self, connection: Connection) -> Connection | None:
+        """Let ``connection`` wait; the connection it displaces, if any."""
+        waiting = self._by_address.setdefault(connection.peer_ip, {})
+        oldest = next(iter(waiting)) if len(waiting) >= self.per_address else None
+        if oldest is not None:
+            del waiting[oldest]
+        waiting[connection] = None
+        return oldest
+
+    def leave(self, connection: Connection) -> None:
+        waiting = self._by_address.get(connection.peer_ip)
+        if waiting is not None:
+            waiting.pop(connection, None)
+            if not waiting:
+                del self._by_address[connection.peer_ip]
+
+    def __len__(self) -> int:
+        return sum(len(waiting) for waiting in self._by_address.values())
+
+
+class Connection(Intake):
+    def __init__(self, websocket: web.WebSocketResponse, request: web.Request, *, peer_ip: str, config: Config,
                  api_keys: ApiKeys, sessions: SessionRegistry, runner: TaskRunner,
-                 unauthenticated_by_ip: Counter[str]) -> None:
+                 waiting_room: WaitingRoom) -> None:
         self.websocket = websocket
         self.transport = request.transport
         self.config = config
         self.api_keys = api_keys
         self.sessions = sessions
         self.runner = runner
-        self.unauthenticated_by_ip = unauthenticated_by_ip
+        self.waiting_room = waiting_room
         self.session: Session | None = None
-        self.peer_ip = request.remote or "unknown"
+        self.peer_ip = peer_ip
+        self._outbox: deque[bytes] = deque()
+        self._outbox_bytes = 0
+        self._queued = asyncio.Event()
+        self._taken = asyncio.Event()  # set whenever the writer hands a frame to the socket, or gives up
+        self._closing = False
+        self._writer: asyncio.Task[None] | None = None
+        self._chores: set[asyncio.Task[None]] = set()
 
     async def serve(self) -> None:
         config = self.config
-        waiting = self.unauthenticated_by_ip
         connection_log.info("connection opened peer=%s", self.peer_ip)
-        if waiting[self.peer_ip] >= config.max_unauthenticated_per_ip:
-            await self._refuse(f"Too many connections from {self.peer_ip} are waiting to authenticate "
-                               f"(max {config.max_unauthenticated_per_ip}); authenticate or close them first.")
-            return
-        waiting[self.peer_ip] += 1
+        self._writer = asyncio.create_task(self._write_forever())
+        displaced = self.waiting_room.enter(self)
+        if displaced is not None:
+            displaced._soon(displaced._refuse(
+                f"Too many connections from {self.peer_ip} are waiting to authenticate "
+                f"(max {config.max_unauthenticated_per_ip}); this one, the oldest, was closed to let a newer "
+                "one in. Authenticate right after connecting."))
         deadline = asyncio.get_running_loop().call_later(config.auth_timeout, self._authentication_overdue)
         try:
-            async for message in self.websocket:
+            while True:
+                message = await self.websocket.receive()
                 if message.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
-                    break  # an error (a message over the size limit closes the socket with 1009)
-                was_authenticated = self.session is not None
-                await self._on_frame(message.data)
-                if self.session is not None and not was_authenticated:
+                    break  # closed, or an error (a message over the size limit closes the socket with 1009)
+                frame = message.data
+                del message
+                await self._on_frame(frame)
+                del frame  # this message (up to --max-frame-mib) is let go before the next one is awaited
+                if self.session is not None:
                     deadline.cancel()
-                    waiting[self.peer_ip] -= 1
+                    self.waiting_room.leave(self)
         finally:
             deadline.cancel()
-            if self.session is None:
-                waiting[self.peer_ip] -= 1
-            if waiting[self.peer_ip] <= 0:
-                del waiting[self.peer_ip]
+            self.waiting_room.leave(self)
+            self._closing = True
+            self._taken.set()
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
             if self.session is not None:
                 self.session.detach(self._send)
+                # What this socket did not take waits in the session, for the client to resume.
+                self.session.keep(list(self._outbox))
             connection_log.info("connection closed peer=%s session=%s code=%s", self.peer_ip,
                                 self.session.uuid if self.session else None, self.websocket.close_code)
 
     async def close(self, code: int = GOING_AWAY, reason: str = "going away") -> None:
-        await self.websocket.close(code=code, message=reason.encode())
+        self._closing = True
+        self._taken.set()
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
+                await self.websocket.close(code=code, message=reason.encode())
+        except TimeoutError:
+            pass
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                self.abort()
+                raise
+            # Not ours: aiohttp's writers share one drain future, and a send that timed out cancelled it.
+        # A peer that does not read never lets the closing handshake (or the bytes before it) through.
+        if self.transport is not None and (self.transport.get_write_buffer_size() or not self.transport.is_closing()):
+            self.abort()
 
     def abort(self) -> None:
         """Drop the TCP connection without a closing handshake, as a network failure would."""
@@ -91,26 +159,93 @@ class Connection:
     async def _refuse(self, message: str) -> None:
         """Answer with one error item, then close with 1008 (policy violation)."""
         await self._send(protocol.error_frame(ServiceUnavailable(message), "authentication", None))
+        await self._flushed()
         await self.close(POLICY_VIOLATION, "policy violation")
 
     def _authentication_overdue(self) -> None:
         if self.session is None:
-            asyncio.ensure_future(self._refuse(
+            self._soon(self._refuse(
                 f"No authentication within {self.config.auth_timeout:g} s of connecting; "
                 "send [{\"taskType\":\"authentication\",\"apiKey\":\"...\"}] first."))
 
     async def _send(self, frame: bytes) -> bool:
-        """Send one text frame; False when the socket is gone."""
-        if self.websocket.closed:
+        """Queue one text frame for the writer; False when this socket takes no more (closed, or closing
+        because its client does not read), and the caller keeps the frame for a resume."""
+        if self._closing or self.websocket.closed:
             return False
-        try:
-            await self.websocket.send_frame(frame, WSMsgType.TEXT)
-            return True
-        except ConnectionError:
+        if not await self._room_for(len(frame)):
             return False
+        self._outbox.append(frame)
+        self._outbox_bytes += len(frame)
+        self._queued.set()
+        return True
 
-    async def _reply(self, frame: bytes) -> None:
-        """Answer on this socket, or into the session's outbox once there is a session."""
+    async def _room_for(self, size: int) -> bool:
+        """Wait, up to the send timeout, until ``size`` more bytes fit in the outbox: a client reading
+        slower than answers come (or resuming with a full session outbox) slows their producers down,
+        and one that stops reading is closed."""
+        bound = self.config.max_outbox_bytes
+        try:
+            async with asyncio.timeout(self.config.send_timeout):
+                while self._outbox and self._outbox_bytes + size > bound:
+                    self._taken.clear()
+                    await self._taken.wait()
+                    if self._closing:
+                        return False
+        except TimeoutError:
+            self._not_reading(f"{(self._outbox_bytes + size) >> 20} MiB of answers waited untaken for "
+                              f"{self.config.send_timeout:g} s")
+            return False
+        return True
+
+    async def _write_forever(self) -> None:
+        while True:
+            await self._queued.wait()
+            while self._outbox:
+                frame = self._outbox[0]
+                try:
+                    async with asyncio.timeout(self.config.send_timeout):
+                        await self.websocket.send_frame(frame, WSMsgType.TEXT)
+                except TimeoutError:
+                    self._not_reading(f"an answer stayed untaken for {self.config.send_timeout:g} s")
+                    return
+                except ConnectionError:
+                    return
+                self._outbox.popleft()
+                self._outbox_bytes -= len(frame)
+                self._taken.set()
+            self._queued.clear()
+
+    async def _flushed(self) -> None:
+        """Wait until the writer has handed every queued frame to the socket (or gave up)."""
+        while self._outbox and self._writer is not None and not self._writer.done():
+            await asyncio.sleep(0.01)
+
+    def _not_reading(self, why: str) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._taken.set()
+        connection_log.warning("closing a connection that does not read its answers peer=%s session=%s: %s",
+                               self.peer_ip, self.session.uuid if self.session else None, why)
+        self._soon(self.close(POLICY_VIOLATION, "not reading its answers"))
+
+    def _soon(self, chore: Coroutine[Any, Any, None]) -> None:
+        """Run ``chore`` in its own task, held here: the loop keeps only weak references to tasks."""
+        task = asyncio.ensure_future(chore)
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
+
+    @property
+    def authenticated(self) -> bool:
+        return self.session is not None
+
+    async def answer(self, data: Sequence[Item] = (), errors: Sequence[dict[str, Any]] = ()) -> None:
+        await self._send(protocol.encode_frame(data=list(data), errors=list(errors)))
+
+    async def reply(self, data: Sequence[Item] = (), errors: Sequence[dict[str, Any]] = ()) -> None:
+        """Through the session once there is one, not this socket: a client that reconnects gets what it missed."""
+        frame = protocol.encode_frame(data=list(data), errors=list(errors))
         if self.session is not None:
             await self.session.send(frame)
         else:
@@ -120,48 +255,24 @@ class Connection:
         try:
             decoded = protocol.decode_frame(frame, max_tasks=self.config.max_tasks_per_message)
         except protocol.FrameError as error:
-            await self._send(protocol.error_frame(error, None, None))
+            await self.answer(errors=[error.to_item(None, None)])
             return
-        for element in decoded:
-            if self.session is None and element.task_type not in ("authentication", "ping"):
-                # Before authentication every other task gets the same answer, valid or not.
-                refusal = MissingApiKey("Authenticate first: send [{\"taskType\":\"authentication\",\"apiKey\":"
-                                      "\"...\"}] before other tasks.", parameter="apiKey", type="string")
-                await self._send(protocol.error_frame(refusal, element.task_type, element.task_uuid))
-            elif element.error is not None:
-                log.info("taskUUID=%s taskType=%s outcome=%s", element.task_uuid, element.task_type,
-                         element.error.code)
-                await self._reply(protocol.error_frame(element.error, element.task_type, element.task_uuid))
-            elif isinstance(element.task, schema.Ping):
-                await self._send(protocol.encode_frame(data=[schema.Pong(taskType="ping", pong=True)]))
-            elif isinstance(element.task, schema.Authentication):
-                await self._authenticate(element.task)
-            else:
-                assert element.task is not None and element.task_type is not None
-                await self._start(element.task, element.task_type, element.task_uuid)
+        await self.take(decoded)
 
-    async def _authenticate(self, task: schema.Authentication) -> None:
+    async def authenticate(self, task: schema.Authentication) -> None:
         if not self.api_keys.check(task.apiKey):
-            error = InvalidApiKey("Invalid API key: the server does not accept the apiKey given.",
-                                  parameter="apiKey", type="string")
-            await self._send(protocol.error_frame(error, "authentication", None))
+            await self.answer(errors=[invalid_api_key().to_item("authentication", None)])
             return
         assert task.apiKey is not None
         if self.session is not None:
             self.session.detach(self._send)
         self.session, resumed = self.sessions.open(owner_token(task.apiKey), task.connectionSessionUUID)
-        await self._send(protocol.encode_frame(data=[
-            schema.AuthenticationResult(taskType="authentication", connectionSessionUUID=self.session.uuid)]))
+        await self.answer(data=[
+            schema.AuthenticationResult(taskType="authentication", connectionSessionUUID=self.session.uuid)])
         connection_log.info("authenticated session=%s resumed=%s", self.session.uuid, resumed)
         await self.session.attach(self._send)
 
-    async def _start(self, task: schema.Task, task_type: str, task_uuid: str | None) -> None:
-        assert self.session is not None and task_uuid is not None
-        session = self.session
-
-        async def reply(data: Sequence[Item] = (), errors: Sequence[dict[str, Any]] = ()) -> None:
-            # Through the session, not this socket: a client that reconnects gets what it missed.
-            await session.send(protocol.encode_frame(data=list(data), errors=list(errors)))
-
-        await self.runner.start(task, SUPPORTED[task_type], task_uuid, owner=session.owner, connection=self,
-                                reply=reply)
+    async def start(self, task: schema.Task, task_type: TaskType[Any, Any], task_uuid: str) -> None:
+        assert self.session is not None
+        await self.runner.start(task, task_type, task_uuid, owner=self.session.owner, connection=self,
+                                reply=self.reply)

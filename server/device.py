@@ -1,28 +1,33 @@
 """The device queue: one worker thread owns the device and runs jobs from a bounded queue.
 
-The event loop never waits on the device. ``submit`` either queues a job at once or
-refuses it (queue full → ``serviceUnavailable``); the worker hands results back through
-``loop.call_soon_threadsafe`` onto the job's own asyncio queue, which ``JobHandle``
-iterates. The engine behind the worker is a seam (``Engine``): the real one runs
-diffusers pipelines (``server/engine``); tests of queueing and failure pass a
-small fake (``tests/engines.py``). This module imports no torch.
+The event loop never waits on the device. ``submit`` either queues a job at once or refuses it
+(queue full → ``serviceUnavailable``); the worker hands results back through
+``loop.call_soon_threadsafe`` onto the job's own asyncio queue, which ``JobHandle`` iterates. The
+engine behind the worker is a seam (``Engine``): the real one runs diffusers pipelines
+(``server/engine``); tests of queueing and failure pass a small fake (``tests/engines.py``). This
+module imports no torch.
 
-Jobs that wait together and share a ``batch_key`` (they differ only in prompts, seeds and
-seed images) share one pipeline call, up to ``max_batch_size`` images: a device computes a
-batch faster than the same images one by one, and no job waits for others to arrive,
-because only jobs already queued are taken.
+Fairness: the device takes jobs round-robin across API keys, so one key's backlog delays another
+key's job by about one call. Batching: jobs that wait together and share a type and a
+``batch_key`` (they differ only in prompts, seeds and seed images) share one call, up to
+``max_batch_size`` images, whoever sent them: a device computes a batch faster than the same images
+one by one, and no job waits for others to arrive, because only jobs already queued are taken.
 
-Loading a model costs far more than a call, so when the job at the head of the line needs a model
-that is not on the device, the worker takes the first waiting job whose models are there instead,
-but passes over no job more than ``max_passed_over`` times: a job waits at most that many jobs
-longer than its turn.
+Loaded models first: loading a model costs far more than a call, so the worker walks the waiting jobs
+in turn order (each key's oldest job, then each key's second, …) and takes the first whose models are on
+the device. Each job walked past counts as passed over once, and a job passed over ``max_passed_over``
+times ends the walk: it, or a job ahead of it, goes next. So a job waits at most that many jobs longer
+than its turn, and a key whose job was passed over keeps its turn (the key that went first goes to the
+end of the turn order, as after any job). With ``max_passed_over`` 0 the turn order is strict.
+
+A job can be cancelled: a waiting one leaves the queue, a running one is marked, and the engine's
+runner stops a call at its next step once every job in it is cancelled (its batch-mates carry on).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import logging
 import threading
 import time
@@ -32,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from imagewire.tasks.errors import InferenceError, ServiceUnavailable, TaskError
-from imagewire.tasks.jobs import Emit, Job
+from imagewire.tasks.jobs import Emit, Job, JobEvent, Queued, Step
 
 if TYPE_CHECKING:
     from imagewire.air_registry import ModelEntry
@@ -57,8 +62,16 @@ class Engine(Protocol):
     def recover(self) -> None:
         """Called after a job failed: free what the failure may have left behind."""
 
+    def device_memory(self) -> Mapping[str, int]:
+        """Bytes held on the device by kind; empty where there is nothing to say (a CPU)."""
+        ...
+
 
 _DONE = object()
+
+
+class Cancelled(Exception):
+    """Raised by a runner when every job of its call was cancelled: the call stops, nobody is answered."""
 
 
 @dataclass(eq=False)  # a handle is itself: the queue finds and removes handles by identity
@@ -67,11 +80,14 @@ class JobHandle:
 
     job: Job
     _loop: asyncio.AbstractEventLoop
+    on_event: Callable[[JobEvent], None] | None = None  # queue positions and steps, on the event loop
     _results: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     submitted_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
     finished_at: float | None = None
-    passed_over: int = 0  # times a later job went first because its model was loaded
+    cancelled: bool = False      # read by the worker thread between steps
+    passed_over: int = 0         # times a job behind it in turn order went first because its model was loaded
+    _queue: _WorkQueue | None = None
 
     @property
     def queue_seconds(self) -> float:
@@ -83,9 +99,21 @@ class JobHandle:
             return 0.0
         return self.finished_at - self.started_at
 
+    def cancel(self) -> None:
+        if self.finished_at is not None or self.cancelled:
+            return
+        self.cancelled = True
+        if self._queue is not None and self._queue.remove(self):
+            log.info("taskUUID=%s left the queue (cancelled)", self.job.task_uuid)
+
     def _post(self, item: Any) -> None:
         """Called from the worker thread."""
         self._loop.call_soon_threadsafe(self._results.put_nowait, item)
+
+    def _event(self, event: JobEvent) -> None:
+        """Called from the worker thread."""
+        if self.on_event is not None and not self.cancelled:
+            self._loop.call_soon_threadsafe(self.on_event, event)
 
     async def __aiter__(self) -> AsyncIterator[list[Any]]:
         while True:
@@ -95,6 +123,28 @@ class JobHandle:
             if isinstance(item, TaskError):
                 raise item
             yield item
+
+
+class _Outlet:
+    """What a runner emits to, for the handles of one group of jobs."""
+
+    def __init__(self, handles: list[JobHandle], before_results: Callable[[], None] | None = None) -> None:
+        self.handles = handles
+        self.answered: set[int] = set()
+        self.before_results = before_results
+
+    def __call__(self, index: int, results: list[Any]) -> None:
+        if not self.handles[index].cancelled:
+            self.answered.add(index)
+            if self.before_results is not None:
+                self.before_results()
+            self.handles[index]._post(results)
+
+    def progress(self, index: int, step: Step) -> None:
+        self.handles[index]._event(step)
+
+    def cancelled(self, index: int) -> bool:
+        return self.handles[index].cancelled
 
 
 class DeviceQueue:
@@ -110,7 +160,11 @@ class DeviceQueue:
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
         self.unavailable_samplers: Mapping[str, str] = {}
-        # What the worker last saw in the engine's memory, for modelSearch: replaced whole, never changed in place.
+        self._engine: Engine | None = None
+        # on_call(results, started, ended): after each call, from the worker thread (metrics).
+        self.on_call: Callable[[int, float, float], None] | None = None
+        # What the worker last saw in the engine's memory (modelSearch, metrics): replaced whole, never
+        # changed in place, so the event loop reads a consistent snapshot.
         self.loaded_models: Mapping[str, str] = {}
 
     def start(self) -> None:
@@ -135,14 +189,25 @@ class DeviceQueue:
     def pending(self) -> int:
         return self._queue.jobs
 
-    def submit(self, job: Job) -> JobHandle:
+    @property
+    def ready(self) -> bool:
+        """Taking jobs, with a live worker."""
+        return self._accepting and self.busy
+
+    def device_memory(self) -> Mapping[str, int]:
+        return self._engine.device_memory() if self._engine is not None else {}
+
+    def submit(self, job: Job, on_event: Callable[[JobEvent], None] | None = None) -> JobHandle:
         if not self._accepting:
             raise ServiceUnavailable("The server is shutting down and takes no new inference tasks.")
-        handle = JobHandle(job, asyncio.get_running_loop())
-        if not self._queue.put_job(handle):
+        handle = JobHandle(job, asyncio.get_running_loop(), on_event=on_event)
+        position = self._queue.put_job(handle)
+        if position is None:
             raise ServiceUnavailable(
                 f"The server is busy: {self._queue_size} inference tasks are already waiting. "
                 "Retry in a moment.")
+        if on_event is not None:
+            on_event(Queued(position))
         return handle
 
     def close_intake(self) -> None:
@@ -166,7 +231,7 @@ class DeviceQueue:
 
     def _work(self) -> None:
         try:
-            engine = self._engine_factory()
+            engine = self._engine = self._engine_factory()
             self.unavailable_samplers = dict(engine.unavailable_samplers)
         except BaseException as exc:
             self._start_error = exc
@@ -181,6 +246,7 @@ class DeviceQueue:
                 return
             if isinstance(item, JobHandle):
                 group = [item, *self._queue.take_joining(item, self._max_batch_size)]
+                self._queue.announce_positions()
                 self._run(engine, group)
             else:
                 self._load(engine, *item)
@@ -209,16 +275,14 @@ class DeviceQueue:
         for handle in handles:
             handle.started_at = started
             log.debug("taskUUID=%s on the device", handle.job.task_uuid)
-        answered: set[int] = set()
-
-        def emit(index: int, results: list[Any]) -> None:
-            answered.add(index)
-            # Published before the results go out, so that a client that has them sees their model loaded.
-            self._publish(engine)
-            handles[index]._post(results)
-
+        # Published before the results go out, so that a client that has them sees their model loaded.
+        emit = _Outlet(handles, before_results=lambda: self._publish(engine))
+        answered = emit.answered
         try:
             engine.run([handle.job for handle in handles], emit)
+        except Cancelled as stopped:
+            # Every job of the call was cancelled and has been answered so.
+            log.info("%s: cancelled, %s", " ".join(f"taskUUID={handle.job.task_uuid}" for handle in handles), stopped)
         except Exception as exc:
             if len(handles) == 1:
                 self._fail(engine, handles[0], exc)
@@ -228,13 +292,15 @@ class DeviceQueue:
                 log.warning("a shared pipeline call failed (%s); running its tasks one by one", type(exc).__name__)
                 self._recover(engine)
                 for index, handle in enumerate(handles):
-                    if index not in answered:
+                    if index not in answered and not handle.cancelled:
                         self._run(engine, [handle])
                 handles = [handle for index, handle in enumerate(handles) if index in answered]
         finished = time.perf_counter()
         for handle in handles:
             handle.finished_at = finished
             handle._post(_DONE)
+        if self.on_call is not None and answered:
+            self.on_call(sum(handles[index].job.images for index in answered), started, finished)
 
     def _fail(self, engine: Engine, handle: JobHandle, exc: Exception) -> None:
         if isinstance(exc, TaskError):
@@ -254,14 +320,17 @@ class DeviceQueue:
 
 
 class _WorkQueue:
-    """FIFO of jobs (bounded) and control items (preloads, the stop sentinel; never refused).
+    """Waiting jobs (bounded), one line per API key taken in turn, and control items (preloads, the
+    stop sentinel; never refused).
 
-    Unlike ``queue.Queue`` it lets the worker take the waiting jobs that can join the one it
-    is about to run, wherever they are in the line.
+    Unlike ``queue.Queue`` it lets the worker take the waiting jobs that can join the one it is about
+    to run, wherever they are, and lets a cancelled job leave. Control items come before jobs, except
+    the stop sentinel, which waits until no job is left.
     """
 
     def __init__(self, max_jobs: int) -> None:
-        self._items: deque[Any] = deque()
+        self._lines: dict[str, deque[JobHandle]] = {}  # owner → its jobs, oldest first; in turn order
+        self._controls: deque[Any] = deque()
         self._jobs = 0
         self._max_jobs = max_jobs
         self._changed = threading.Condition()
@@ -270,62 +339,110 @@ class _WorkQueue:
     def jobs(self) -> int:
         return self._jobs
 
-    def put_job(self, handle: JobHandle) -> bool:
-        """Queue a job; False when ``max_jobs`` are already waiting."""
+    def put_job(self, handle: JobHandle) -> int | None:
+        """Queue a job and return how many jobs will run before it; None when ``max_jobs`` already wait."""
         with self._changed:
             if self._jobs >= self._max_jobs:
-                return False
-            self._items.append(handle)
+                return None
+            self._lines.setdefault(handle.job.owner, deque()).append(handle)
+            handle._queue = self
             self._jobs += 1
             self._changed.notify()
-            return True
+            return self._position(handle)
 
     def put_control(self, item: Any) -> None:
         with self._changed:
-            self._items.append(item)
+            self._controls.append(item)
             self._changed.notify()
 
     def get(self, ready: Callable[[Job], bool] | None = None, max_passed_over: int = 0) -> Any:
-        """The next item: the first in line, or the first job that is ``ready`` when the first is not, as long
-        as no job ahead of it has been passed over ``max_passed_over`` times already. Control items are
-        never jumped."""
+        """The next item: a control item, else the first job in turn order, or the first one after it that
+        is ``ready`` when it is not, as long as no job ahead of that one has been passed over
+        ``max_passed_over`` times already."""
         with self._changed:
-            while not self._items:
+            while True:
+                if self._controls and (self._controls[0] is not None or not self._jobs):
+                    return self._controls.popleft()
+                if self._jobs:
+                    return self._take_next(ready, max_passed_over)
                 self._changed.wait()
-            chosen = 0
-            if ready is not None and max_passed_over > 0:
-                for index, item in enumerate(self._items):
-                    if not isinstance(item, JobHandle) or ready(item.job):
-                        chosen = index if isinstance(item, JobHandle) else 0
-                        break
-                    if item.passed_over >= max_passed_over:
-                        break  # it has waited long enough: nobody goes before it
-            for skipped in itertools.islice(self._items, chosen):
-                skipped.passed_over += 1
-            item = self._items[chosen]
-            del self._items[chosen]
-            if isinstance(item, JobHandle):
-                self._jobs -= 1
-                if chosen:
-                    log.debug("taskUUID=%s goes first: its model is loaded", item.job.task_uuid)
-            return item
+
+    def _take_next(self, ready: Callable[[Job], bool] | None, max_passed_over: int) -> JobHandle:
+        order = self._in_turn_order()
+        chosen = 0
+        if ready is not None and max_passed_over > 0:
+            for index, handle in enumerate(order):
+                if ready(handle.job):
+                    chosen = index
+                    break
+                if handle.passed_over >= max_passed_over:
+                    break  # it has waited long enough: nobody behind it goes first
+        for skipped in order[:chosen]:
+            skipped.passed_over += 1
+        handle = order[chosen]
+        owner = handle.job.owner
+        line = self._lines[owner]
+        line.remove(handle)
+        # Its owner goes to the end of the turn order (and leaves it when it has nothing waiting); owners
+        # passed over keep their places.
+        del self._lines[owner]
+        if line:
+            self._lines[owner] = line
+        self._taken(handle)
+        if chosen:
+            log.debug("taskUUID=%s goes first: its model is loaded", handle.job.task_uuid)
+        return handle
+
+    def _taken(self, handle: JobHandle) -> None:
+        handle._queue = None
+        self._jobs -= 1
+
+    def remove(self, handle: JobHandle) -> bool:
+        """Take a waiting job out of the queue; False when it is no longer waiting."""
+        with self._changed:
+            line = self._lines.get(handle.job.owner)
+            if handle._queue is not self or line is None:
+                return False
+            line.remove(handle)
+            if not line:
+                del self._lines[handle.job.owner]
+            self._taken(handle)
+            return True
 
     def take_joining(self, first: JobHandle, max_images: int) -> list[JobHandle]:
-        """Remove and return waiting jobs of ``first``'s type and batch key, in queue order, while the
+        """Remove and return waiting jobs of ``first``'s type and batch key, in turn order, while the
         images of all of them and ``first`` stay within ``max_images``."""
         kind, key, images = type(first.job), first.job.batch_key(), first.job.images
         taken: list[JobHandle] = []
         with self._changed:
-            for item in list(self._items):
+            for handle in self._in_turn_order():
                 if images >= max_images:
                     break
-                if (isinstance(item, JobHandle) and images + item.job.images <= max_images
-                        and type(item.job) is kind and item.job.batch_key() == key):
-                    self._items.remove(item)
-                    self._jobs -= 1
-                    taken.append(item)
-                    images += item.job.images
+                if images + handle.job.images <= max_images and type(handle.job) is kind \
+                        and handle.job.batch_key() == key:
+                    self._lines[handle.job.owner].remove(handle)
+                    self._taken(handle)
+                    taken.append(handle)
+                    images += handle.job.images
+            self._lines = {owner: line for owner, line in self._lines.items() if line}
         return taken
+
+    def announce_positions(self) -> None:
+        """Tell each waiting job that listens how many jobs will run before it now."""
+        with self._changed:
+            order = self._in_turn_order()
+        for position, handle in enumerate(order):
+            if handle.on_event is not None:
+                handle._event(Queued(position))
+
+    def _in_turn_order(self) -> list[JobHandle]:
+        """Waiting jobs in the order the worker would take them: one of each owner per round."""
+        lines = [list(line) for line in self._lines.values()]
+        depth = max((len(line) for line in lines), default=0)
+        return [line[round_] for round_ in range(depth) for line in lines if round_ < len(line)]
+
+    def _position(self, handle: JobHandle) -> int:
+        return self._in_turn_order().index(handle)
 
 
 def _on_device(loaded: Mapping[str, str], job: Job) -> bool:

@@ -1,4 +1,7 @@
-"""HTTP on the server's one port: the WebSocket endpoint, stored images at their imageURL, health.
+"""HTTP on the server's one port: the WebSocket endpoint and REST (``/v1``), stored images at their
+imageURL, health (``/health``; ``/health/live``: the process answers; ``/health/ready``: it takes
+tasks, its models loaded), Prometheus metrics (``/metrics``) and the status panel's numbers
+(``/status``).
 
 aiohttp serves HTTP/1.1 and the WebSocket upgrade on the same port, so REST, metrics and pages can
 live beside the socket. Every WebSocket bound is an explicit setting here: the largest message, no
@@ -8,18 +11,23 @@ compression (it would run on the event loop and delay pongs), the keep-alive pin
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from aiohttp import web
 
 from imagewire.server.device import DeviceQueue
+from imagewire.server.metrics import CONTENT_TYPE, Metrics
 from imagewire.storage import STORED_BY_EXTENSION, ImageStore, StorageError
 
 WEBSOCKET_PATHS = ("/", "/v1", "/v1/")
+# The web page at "/": one file, no build step; it speaks the public WebSocket API like any client.
+PLAYGROUND = Path(__file__).with_name("web") / "playground.html"
 IMAGE_ROUTE = "/image/{uuid:[0-9a-fA-F-]{36}}.{ext:" + "|".join(STORED_BY_EXTENSION) + "}"
 # The server pings every socket this often and closes one whose pong does not come within half of it.
 HEARTBEAT_SECONDS = 20.0
 
 SocketHandler = Callable[[web.WebSocketResponse, web.Request], Awaitable[None]]
+RequestHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def text(body: str, status: int = 200) -> web.Response:
@@ -27,18 +35,26 @@ def text(body: str, status: int = 200) -> web.Response:
 
 
 class HttpRoutes:
-    def __init__(self, *, store: ImageStore, device: DeviceQueue, max_message_bytes: int,
-                 serve_socket: SocketHandler) -> None:
+    def __init__(self, *, store: ImageStore, device: DeviceQueue, metrics: Metrics, max_message_bytes: int,
+                 serve_socket: SocketHandler, rest: RequestHandler) -> None:
         self.store = store
         self.device = device
+        self.metrics = metrics
         self.max_message_bytes = max_message_bytes
         self.serve_socket = serve_socket
+        self.rest = rest
+        self.playground = PLAYGROUND.read_bytes()
 
     def application(self) -> web.Application:
         app = web.Application(client_max_size=self.max_message_bytes)
         for path in WEBSOCKET_PATHS:
             app.router.add_get(path, self.websocket)
+            app.router.add_post(path, self.rest)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/health/live", self.live)
+        app.router.add_get("/health/ready", self.ready)
+        app.router.add_get("/metrics", self.prometheus)
+        app.router.add_get("/status", self.status)
         app.router.add_get(IMAGE_ROUTE, self.image)
         return app
 
@@ -46,13 +62,29 @@ class HttpRoutes:
         websocket = web.WebSocketResponse(
             max_msg_size=self.max_message_bytes, compress=False, autoping=True, heartbeat=HEARTBEAT_SECONDS)
         if not websocket.can_prepare(request).ok:
-            return text("imagewire: connect a WebSocket client to /v1\n")
+            if request.path == "/":
+                return web.Response(body=self.playground, content_type="text/html", charset="utf-8")
+            return text("imagewire: connect a WebSocket client to /v1, or open / in a browser\n")
         await websocket.prepare(request)
         await self.serve_socket(websocket, request)
         return websocket
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "queued": self.device.pending})
+
+    async def live(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        # The server listens only once its default model is loaded; it stops being ready when it shuts down.
+        ready = self.metrics.state.ready()
+        return web.json_response({"status": "ready" if ready else "not ready"}, status=200 if ready else 503)
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.metrics.status())
 
     async def image(self, request: web.Request) -> web.Response:
         try:
@@ -63,5 +95,7 @@ class HttpRoutes:
             data = await self.store.read(stored)
         except StorageError:
             raise web.HTTPNotFound(text="not found\n") from None
+        # nosniff: a browser takes the image for what its type says, never for a page or a script.
         return web.Response(body=data, content_type=stored.content_type,
-                            headers={"Cache-Control": "public, max-age=86400, immutable"})
+                            headers={"Cache-Control": "public, max-age=86400, immutable",
+                                     "X-Content-Type-Options": "nosniff"})

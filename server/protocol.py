@@ -16,6 +16,7 @@ so one bad task becomes one error item and its neighbours still run:
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from functools import cache
@@ -42,6 +43,7 @@ from imagewire.tasks.errors import (
     UnsupportedParameter,
     UnsupportedTaskType,
     describe_value,
+    short_name,
 )
 from imagewire.tasks.supported import SUPPORTED
 
@@ -73,32 +75,77 @@ class Decoded:
     error: TaskError | None = None
 
 
+# A \u escape in the UTF-16 surrogate range: where msgspec refuses a frame over one of these, the
+# frame may hold half a surrogate pair, JSON text that names no character (see _with_lone_surrogates).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def decode_frame(frame: str | bytes, *, max_tasks: int) -> list[Decoded]:
+    text = frame.encode("utf-8", "surrogatepass") if isinstance(frame, str) else frame
+    elements: list[Any]
+    surrogates = False
     try:
-        elements = _frame_decoder.decode(frame)
+        elements = _frame_decoder.decode(text)
     except RecursionError as exc:
-        raise FrameError("The message is nested too deeply to be a task array.") from exc
+        raise _too_deep() from exc
     except msgspec.DecodeError as exc:
-        raise FrameError(
-            "Each message must be a JSON array of task objects, e.g. "
-            '[{"taskType":"ping","ping":true}]; this one could not be read as one '
-            f"({_first_sentence(str(exc))}).",
-        ) from exc
+        elements = _with_lone_surrogates(text, exc)
+        surrogates = True
     if len(elements) > max_tasks:
         raise FrameError(
             f"A message may carry at most {max_tasks} tasks; this one carries {len(elements)}. "
             "Send the rest in further messages.",
         )
-    return [decode_task(element) for element in elements]
+    return [decode_task(element, surrogates=surrogates) for element in elements]
 
 
-def decode_task(raw: msgspec.Raw | bytes) -> Decoded:
+def _with_lone_surrogates(text: bytes, error: msgspec.DecodeError) -> list[Any]:
+    """The frame's elements, where msgspec refused it for half a surrogate pair (``"\\ud800"`` alone).
+
+    The standard library's parser reads such an escape as a lone surrogate, so the frame's other tasks
+    still run and the task that carries it is answered with the field it is in. Only frames msgspec
+    refused come here, so a frame that is fine costs nothing more.
+    """
+    if _SURROGATE_ESCAPE.search(text) is None:
+        raise _unreadable(error)
     try:
-        obj = _object_decoder.decode(raw)
-    except RecursionError:
-        return Decoded(None, None, error=InvalidParameter("A task is nested too deeply to be read."))
-    except msgspec.DecodeError as exc:  # pragma: no cover - the frame decoder already checked the JSON
-        return Decoded(None, None, error=InvalidParameter(f"A task is not valid JSON: {exc}"))
+        elements = json.loads(text, parse_constant=_not_json)
+    except RecursionError as exc:
+        raise _too_deep() from exc
+    except ValueError as exc:
+        raise _unreadable(error) from exc
+    if not isinstance(elements, list):
+        raise _unreadable(error)
+    return elements
+
+
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _too_deep() -> FrameError:
+    return FrameError("The message is nested too deeply to be a task array.")
+
+
+def _unreadable(error: msgspec.DecodeError) -> FrameError:
+    return FrameError(
+        "Each message must be a JSON array of task objects, e.g. "
+        '[{"taskType":"ping","ping":true}]; this one could not be read as one '
+        f"({_first_sentence(str(error))}).",
+    )
+
+
+def decode_task(raw: msgspec.Raw | bytes | Any, *, surrogates: bool = False) -> Decoded:
+    """One element of a frame: JSON text, or (``surrogates``) what the standard library parsed it into."""
+    obj = raw
+    if isinstance(raw, (msgspec.Raw, bytes)):
+        try:
+            obj = _object_decoder.decode(raw)
+        except RecursionError:
+            return Decoded(None, None, error=InvalidParameter("A task is nested too deeply to be read."))
+        except msgspec.DecodeError as exc:  # pragma: no cover - the frame decoder already checked the JSON
+            return Decoded(None, None, error=InvalidParameter(f"A task is not valid JSON: {exc}"))
     if not isinstance(obj, dict):
         return Decoded(None, None, error=InvalidParameter(
             f"Each task must be a JSON object; received {type(obj).__name__} {describe_value(obj)}."))
@@ -109,6 +156,12 @@ def decode_task(raw: msgspec.Raw | bytes) -> Decoded:
         return Decoded(None, task_uuid, error=MissingParameter(
             "Every task needs a taskType string, one of " + ", ".join(TASK_TYPES) + ".",
             parameter="taskType", type="string", allowed_values=list(TASK_TYPES)))
+    if surrogates:
+        where = _lone_surrogate_field(obj)
+        if where is not None:
+            return Decoded(task_type, task_uuid, error=InvalidParameter(
+                f"{where} holds a \\u escape of half a UTF-16 surrogate pair (such as \\ud800 alone), which is not "
+                "a character; send it as valid Unicode text.", parameter=where, type="string"))
     struct_type = TASK_TYPES.get(task_type)
     if struct_type is None:
         return Decoded(task_type, task_uuid, error=UnsupportedTaskType(
@@ -122,6 +175,26 @@ def decode_task(raw: msgspec.Raw | bytes) -> Decoded:
     return Decoded(task_type, task_uuid, task=task)
 
 
+def _lone_surrogate_field(value: Any, path: str = "") -> str | None:
+    """The path of the first string (or key) that holds a lone surrogate, or None."""
+    if isinstance(value, str):
+        return path or "task" if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        for key, member in value.items():
+            name = f"{path}.{key}" if path else str(key)
+            if _SURROGATE.search(key):
+                return short_name(_SURROGATE.sub("\ufffd", name))  # an error item must be valid text
+            found = _lone_surrogate_field(member, name)
+            if found is not None:
+                return found
+    if isinstance(value, list):
+        for index, member in enumerate(value):
+            found = _lone_surrogate_field(member, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None
+
+
 def convert_task(obj: dict[str, Any], struct_type: type[schema.Task]) -> schema.Task:
     task_type = obj["taskType"]
     fields = _field_names(struct_type)
@@ -130,7 +203,7 @@ def convert_task(obj: dict[str, Any], struct_type: type[schema.Task]) -> schema.
     cleaned = {key: _without_nulls(value) for key, value in obj.items()}
     present = {key: value for key, value in cleaned.items() if not _absent(key, value, optional)}
     extra = [key for key in present if key not in fields and key != "taskType"]
-    not_yet = [key for key in extra if key in unsupported]
+    not_yet = [short_name(key) for key in extra if key in unsupported]
     if not_yet:
         raise UnsupportedParameter(
             f"{', '.join(not_yet)} {'is' if len(not_yet) == 1 else 'are'} not supported by this server "
@@ -138,13 +211,14 @@ def convert_task(obj: dict[str, Any], struct_type: type[schema.Task]) -> schema.
             parameter=not_yet[0])
     if extra:
         raise UnknownParameter(
-            f"{extra[0]} is not a parameter of {task_type}. Known parameters: "
+            f"{short_name(extra[0])} is not a parameter of {task_type}. Known parameters: "
             + ", ".join(sorted(fields)) + ".",
-            parameter=extra[0], allowed_values=sorted(fields))
+            parameter=short_name(extra[0]), allowed_values=sorted(fields))
     try:
         return msgspec.convert(present, struct_type)
     except msgspec.ValidationError as exc:
-        raise _translate_validation_error(exc, present, struct_type) from exc
+        nested = _nested_validation_error(exc, present, struct_type)
+        raise (nested or _translate_validation_error(exc, present, struct_type)) from exc
 
 
 def _without_nulls(value: Any) -> Any:
@@ -165,18 +239,12 @@ def _absent(key: str, value: Any, optional: frozenset[str]) -> bool:
 
 _PATH = re.compile(r"at `\$\.(?P<field>[A-Za-z0-9_]+)(?P<rest>[^`]*)`")
 _MISSING = re.compile(r"missing required field `(?P<field>[A-Za-z0-9_]+)`")
-_UNKNOWN = re.compile(r"contains unknown field `(?P<field>[^`]+)`")
-_STEP = re.compile(r"\.(?P<field>[A-Za-z0-9_]+)|\[(?P<index>\d+)\]")
 
 
 def _translate_validation_error(
     exc: msgspec.ValidationError, present: dict[str, Any], struct_type: type[schema.Task]
 ) -> TaskError:
     text = str(exc)
-    at = _PATH.search(text)
-    # A path below a field, or a field missing from (or unknown to) an object given as a field's value.
-    if at and (at.group("rest") or _MISSING.search(text) or _UNKNOWN.search(text)):
-        return _translate_nested(text, present, struct_type)
     missing = _MISSING.search(text)
     if missing:
         name = missing.group("field")
@@ -184,6 +252,7 @@ def _translate_validation_error(
         return MissingParameter(
             f"{name} is required: expected {describe_type(info.type) if info else 'a value'}.",
             parameter=name, type=wire_type(info.type) if info else None)
+    at = _PATH.search(text)
     if not at:
         return InvalidParameter(f"The task could not be read: {_first_sentence(text)}.")
     name = at.group("field")
@@ -209,47 +278,88 @@ def _translate_validation_error(
         parameter=name, type=wire_type(info.type) if info else None, allowed_values=allowed)
 
 
-def _translate_nested(text: str, present: dict[str, Any], struct_type: type[schema.Task]) -> TaskError:
-    """An error inside an array or object (``lora[1].weight``): walk the path through the schema's
-    types and the request's values, then say what that member allows and what it holds."""
-    at = _PATH.search(text)
-    assert at is not None
-    path = at.group("field") + at.group("rest")
-    node: mi.Type | None = _field_info(struct_type)[at.group("field")].type
-    value: Any = present.get(at.group("field"))
-    for step in _STEP.finditer(at.group("rest")):
-        if step.group("index") is not None:
-            lists = [member for member in non_null(node) if isinstance(member, mi.ListType)] if node else []
-            node = lists[0].item_type if lists else None
-            index = int(step.group("index"))
-            value = value[index] if isinstance(value, list) and index < len(value) else None
-        else:
-            fields = _struct_fields(node)
-            node = fields[step.group("field")].type if step.group("field") in fields else None
-            value = value.get(step.group("field")) if isinstance(value, dict) else None
-    missing, unknown = _MISSING.search(text), _UNKNOWN.search(text)
-    fields = _struct_fields(node)
-    if missing:
-        name = f"{path}.{missing.group('field')}"
-        member = fields.get(missing.group("field"))
-        return MissingParameter(
-            f"{name} is required: expected {describe_type(member.type) if member else 'a value'}.",
-            parameter=name, type=wire_type(member.type) if member else None)
+# ``$.controlNet[0].weight`` → the parts ``controlNet``, 0, ``weight``.
+_NESTED_PATH = re.compile(r"at `\$(?P<path>(?:\.[A-Za-z0-9_]+|\[\d+\])+)`")
+_PATH_PART = re.compile(r"\.([A-Za-z0-9_]+)|\[(\d+)\]")
+_UNKNOWN_FIELD = re.compile(r"unknown field `(?P<field>[^`]+)`")
+
+
+def _nested_validation_error(
+    exc: msgspec.ValidationError, present: dict[str, Any], struct_type: type[schema.Task]
+) -> TaskError | None:
+    """The error for a value inside an object or array (``controlNet[0].weight``, ``outpaint.top``,
+    ``settings.rgba[3]``), named by its whole path; None for a top-level field, which
+    ``_translate_validation_error`` describes."""
+    text = str(exc)
+    at = _NESTED_PATH.search(text)
+    if at is None:
+        return None
+    parts: list[str | int] = [name if name else int(index) for name, index in _PATH_PART.findall(at.group("path"))]
+    unknown, missing = _UNKNOWN_FIELD.search(text), _MISSING.search(text)
+    if unknown or missing:  # about a key of the object at the path
+        parts.append((unknown or missing).group("field"))  # type: ignore[union-attr]
+    if len(parts) < 2:
+        return None
+    path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in parts).lstrip(".")
+    container = path.rsplit(".", 1)[0] if isinstance(parts[-1], str) else path
+    leaf, received = _walk(struct_type, present, parts)
     if unknown:
-        name = f"{path}.{unknown.group('field')}"
-        known = sorted(fields)
-        return UnknownParameter(f"{name} is not a field of {path}; its fields are {', '.join(known)}.",
-                                parameter=name, allowed_values=known)
-    if node is None:
+        known = sorted(_struct_fields(_walk(struct_type, present, parts[:-1])[0]))
+        return UnknownParameter(
+            f"{path} is not a parameter of {container}. Known parameters: {', '.join(known)}.",
+            parameter=path, allowed_values=known)
+    if missing:
+        expected = describe_type(leaf) if leaf is not None else "a value"
+        return MissingParameter(f"{path} is required: expected {expected}.", parameter=path,
+                                type=wire_type(leaf) if leaf is not None else None)
+    if leaf is None:
         return InvalidParameter(f"Invalid {path}: {_first_sentence(text)}.", parameter=path)
+    if isinstance(received, int) and not isinstance(received, bool):
+        stepped = stepped_range(leaf)
+        if stepped is not None:
+            nearest = nearest_valid(stepped, received)
+            return InvalidParameter(
+                f"Invalid {path}: must be from {stepped.ge} to {stepped.le} and divisible by "
+                f"{stepped.multiple_of}; received {received}. Nearest valid value{'s' if len(nearest) > 1 else ''}: "
+                f"{' or '.join(map(str, nearest))}.", parameter=path, type="integer", allowed_values=nearest)
     return InvalidParameter(
-        f"Invalid {path}: expected {describe_type(node)}; received {describe_value(value)}.",
-        parameter=path, type=wire_type(node), allowed_values=literal_values(node))
+        f"Invalid {path}: expected {describe_type(leaf)}; received {describe_value(received)}.",
+        parameter=path, type=wire_type(leaf), allowed_values=literal_values(leaf))
 
 
-def _struct_fields(node: mi.Type | None) -> dict[str, mi.Field]:
-    structs = [member for member in non_null(node) if isinstance(member, mi.StructType)] if node else []
-    return {field.encode_name: field for field in structs[0].fields} if structs else {}
+def _walk(struct_type: type[schema.Task], present: dict[str, Any], parts: list[str | int]) -> tuple[Any, Any]:
+    """The schema type and the client's value at ``parts`` (either None where the path leaves them)."""
+    node: Any = mi.type_info(struct_type)
+    value: Any = present
+    for part in parts:
+        node = _step(node, part)
+        if isinstance(part, int):
+            value = value[part] if isinstance(value, list) and part < len(value) else None
+        else:
+            value = value.get(part) if isinstance(value, dict) else None
+    return node, value
+
+
+def _step(node: Any, part: str | int) -> Any:
+    if node is None:
+        return None
+    for member in non_null(node) if not isinstance(node, mi.StructType) else [node]:
+        if isinstance(part, int) and isinstance(member, mi.ListType):
+            return member.item_type
+        if isinstance(part, int) and isinstance(member, mi.TupleType):
+            return member.item_types[part] if part < len(member.item_types) else None
+        if isinstance(part, str) and isinstance(member, mi.StructType):
+            return next((field.type for field in member.fields if field.encode_name == part), None)
+        if isinstance(part, str) and isinstance(member, mi.DictType):
+            return member.value_type
+    return None
+
+
+def _struct_fields(node: Any) -> list[str]:
+    for member in non_null(node) if node is not None and not isinstance(node, mi.StructType) else [node]:
+        if isinstance(member, mi.StructType):
+            return [field.encode_name for field in member.fields]
+    return []
 
 
 @cache

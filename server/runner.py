@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from typing import Any, Protocol
 
 import msgspec
@@ -27,7 +27,8 @@ from imagewire.server.sessions import TaskRecord, TaskRegistry
 from imagewire.server.webhooks import WebhookSender
 from imagewire.tasks import schema
 from imagewire.tasks.context import Services, TaskContext
-from imagewire.tasks.errors import InternalServerError, ServiceUnavailable, TaskError
+from imagewire.tasks.errors import InternalServerError, ServiceUnavailable, TaskCancelled, TaskError
+from imagewire.tasks.supported import SUPPORTED
 from imagewire.tasks.task_type import Delivery, Item, TaskType
 
 log = logging.getLogger("imagewire.task")
@@ -39,19 +40,33 @@ class Reply(Protocol):
     def __call__(self, data: Sequence[Item] = (), errors: Sequence[dict[str, Any]] = ()) -> Awaitable[None]: ...
 
 
+# on_finished(task type, outcome, total seconds, stage seconds): after each task, refused ones too.
+Finished = Callable[[str, str, float, Mapping[str, float]], None]
+
+
 class TaskRunner:
     def __init__(self, services: Services, *, registry: TaskRegistry, webhooks: WebhookSender,
-                 admission: Admission) -> None:
+                 admission: Admission, on_finished: Finished | None = None) -> None:
         self.services = services
         self.registry = registry
         self.webhooks = webhooks
         self.admission = admission
+        self.on_finished = on_finished
         self.running: set[asyncio.Task[None]] = set()  # every running task, so a shutdown can drain them
+        self.pending_sends: set[asyncio.Future[None]] = set()  # progress items on their way
+
+    def refused(self, task_type: str | None, code: str) -> None:
+        """A task that never started (it could not be decoded): counted like one that failed its checks.
+        Only task types this server knows are named; anything a client made up counts as "unknown"."""
+        if self.on_finished is not None:
+            known = task_type if task_type is not None and task_type in SUPPORTED else "unknown"
+            self.on_finished(known, code, 0.0, {})
 
     async def start(self, task: schema.Task, task_type: TaskType[Any, Any], task_uuid: str, *, owner: str,
-                    connection: Hashable, reply: Reply) -> asyncio.Task[None] | None:
+                    connection: Hashable, reply: Reply, streams: bool = True) -> asyncio.Task[None] | None:
         """Admit and launch one task; the asyncio task that runs it, or None when it was refused
-        (the refusal is answered through ``reply``)."""
+        (the refusal is answered through ``reply``). ``streams``: the transport delivers answers as
+        they come (a socket), so progress items may go out too; a REST answer waits for the end."""
         ctx = TaskContext(self.services, owner)
         delivery = task_type.delivery(task)
         ticket: Ticket | None = None
@@ -63,17 +78,23 @@ class TaskRunner:
             if ticket is not None:
                 self.admission.release(ticket)
             log.info("taskUUID=%s taskType=%s outcome=%s", task_uuid, task_type.name, error.code)
+            if self.on_finished is not None:
+                self.on_finished(task_type.name, error.code, 0.0, {})
             await reply(errors=[error.to_item(task_type.name, task_uuid)])
             return None
         if delivery.asynchronous:
             await reply(data=[schema.Acknowledgement(taskType=task_type.name, taskUUID=task_uuid)])
-        run = _Run(self, task_type, task_uuid, ctx, record, delivery, reply)
+        run = _Run(self, task_type, task_uuid, ctx, record, delivery, reply, streams)
         runner = asyncio.create_task(run.until_done(prepared))
+        run.task = runner
+        if record is not None:
+            record.stop = run.cancel
         self.running.add(runner)
 
         def finished(done: asyncio.Task[None]) -> None:
             self.running.discard(done)
             self.admission.release(ticket)
+            ctx.release()
 
         runner.add_done_callback(finished)
         return runner
@@ -83,7 +104,7 @@ class _Run:
     """One task's run: where its items go, and how it ends."""
 
     def __init__(self, runner: TaskRunner, task_type: TaskType[Any, Any], task_uuid: str, ctx: TaskContext,
-                 record: TaskRecord | None, delivery: Delivery, reply: Reply) -> None:
+                 record: TaskRecord | None, delivery: Delivery, reply: Reply, streams: bool) -> None:
         self.runner = runner
         self.task_type = task_type
         self.task_uuid = task_uuid
@@ -92,6 +113,24 @@ class _Run:
         self.asynchronous = delivery.asynchronous
         self.webhook = delivery.webhook_url if delivery.asynchronous else None
         self.reply = reply
+        self.streams = streams
+        self.task: asyncio.Task[None] | None = None
+        self.cancelled_by_client = False
+        ctx.progress_sink = self._progress
+
+    def cancel(self) -> None:
+        """cancelTask: stop the task; it answers that it was cancelled."""
+        if self.task is not None and not self.task.done():
+            self.cancelled_by_client = True
+            self.task.cancel()
+
+    def _progress(self, items: Sequence[Any], overall: int, push: bool) -> None:
+        if self.record is not None:
+            self.record.progress = overall
+        if push and self.streams and not self.asynchronous:
+            # Sent like any answer of the task; ahead of its results, which are still being encoded.
+            self.runner.pending_sends.add(sending := asyncio.ensure_future(self.reply(data=items)))
+            sending.add_done_callback(self.runner.pending_sends.discard)
 
     async def until_done(self, prepared: Any) -> None:
         """Results stream one frame per item as they are ready, unless the task type answers in one frame."""
@@ -113,8 +152,13 @@ class _Run:
             outcome = error.code
             await asyncio.shield(self._fail(error, collected))
         except asyncio.CancelledError:
-            # Only a shutdown whose grace ran out cancels a task: tell the client rather than go silent.
             outcome = "cancelled"
+            if self.cancelled_by_client:
+                stopped: TaskError = TaskCancelled(
+                    f"Task {self.task_uuid} was cancelled (cancelTask) before it finished.")
+                await asyncio.shield(self._fail(stopped, collected))
+                return
+            # A shutdown whose grace ran out: tell the client rather than go silent.
             stopped = ServiceUnavailable("The server shut down before this task finished; send it again.")
             await asyncio.shield(self._fail(stopped, collected))
             raise
@@ -126,9 +170,12 @@ class _Run:
         finally:
             if self.record is not None:
                 self.runner.registry.finish(self.record, "success" if outcome == "success" else "error")
+            total = time.perf_counter() - started
             stages = " ".join(f"{name}_ms={seconds * 1000:.1f}" for name, seconds in self.ctx.timings.items())
             log.info("taskUUID=%s taskType=%s outcome=%s results=%d total_ms=%.1f %s", self.task_uuid,
-                     self.task_type.name, outcome, results, (time.perf_counter() - started) * 1000, stages)
+                     self.task_type.name, outcome, results, total * 1000, stages)
+            if self.runner.on_finished is not None:
+                self.runner.on_finished(self.task_type.name, outcome, total, self.ctx.timings)
 
     def _keep(self, item: Item) -> None:
         """An item for getResponse and the webhook; turned into a dict once for both."""

@@ -42,6 +42,13 @@ class Session:
         while self.outbox_bytes > self.max_outbox_bytes and len(self.outbox) > 1:
             self.outbox_bytes -= len(self.outbox.pop(0))
 
+    def keep(self, frames: list[bytes]) -> None:
+        """Frames a closed socket did not take: they go first, ahead of anything kept since."""
+        self.outbox[:0] = frames
+        self.outbox_bytes += sum(len(frame) for frame in frames)
+        while self.outbox_bytes > self.max_outbox_bytes and len(self.outbox) > 1:
+            self.outbox_bytes -= len(self.outbox.pop(0))
+
     def detach(self, sender: Sender) -> None:
         # ==, not is: each access to a bound method makes a new object, and equal ones share their self.
         if self.sender == sender:
@@ -98,6 +105,8 @@ class TaskRecord:
     finished_at: float | None = None
     kept_bytes: int = 0
     items_dropped: bool = False          # its items were let go to bound memory
+    progress: int | None = None          # percent done, while it runs and reports it
+    stop: Callable[[], None] | None = None  # cancels it while it runs
 
 
 class TaskRegistry:
@@ -112,25 +121,27 @@ class TaskRegistry:
         self.retention = retention
         self.max_kept_bytes = max_kept_bytes
         self.kept_bytes = 0
-        self._records: dict[str, TaskRecord] = {}
+        # By (owner, taskUUID): a UUID is one API key's name for its task, so another key may use the same
+        # one without being told of, or kept from, a task it cannot see.
+        self._records: dict[tuple[str, str], TaskRecord] = {}
         # The records holding results, oldest first: what letting go walks, rather than every record.
-        self._holding: dict[str, TaskRecord] = {}
+        self._holding: dict[tuple[str, str], TaskRecord] = {}
 
     def begin(self, task_uuid: str, task_type: str, owner: str) -> TaskRecord:
-        if task_uuid in self._records:
+        if (owner, task_uuid) in self._records:
             raise ConflictTaskUUID(
                 f"taskUUID {task_uuid} was already used by a task that is running or was answered in the last "
                 f"{int(self.retention)} s; every task needs a new UUID. getResponse with this taskUUID "
                 "returns its results.", parameter="taskUUID", type="string")
         record = TaskRecord(task_uuid, task_type, owner)
-        self._records[task_uuid] = record
+        self._records[owner, task_uuid] = record
         return record
 
     def keep(self, record: TaskRecord, item: dict[str, Any]) -> None:
         """Remember one result item of ``record`` for getResponse."""
         size = 64 + sum(len(value) for value in item.values() if isinstance(value, str))
         record.items.append(item)
-        self._holding.setdefault(record.task_uuid, record)
+        self._holding.setdefault((record.owner, record.task_uuid), record)
         record.kept_bytes += size
         self.kept_bytes += size
         if self.kept_bytes > self.max_kept_bytes:
@@ -151,20 +162,29 @@ class TaskRegistry:
                 self._drop_items(record)
 
     def _drop_items(self, record: TaskRecord) -> None:
-        if self._holding.pop(record.task_uuid, None) is None:
+        if self._holding.pop((record.owner, record.task_uuid), None) is None:
             return
         self.kept_bytes -= record.kept_bytes
         record.items, record.kept_bytes, record.items_dropped = [], 0, True
 
     def get(self, task_uuid: str, owner: str) -> TaskRecord | None:
-        record = self._records.get(task_uuid)
-        if record is None or record.owner != owner:
-            return None
-        return record
+        return self._records.get((owner, task_uuid))
 
     def finish(self, record: TaskRecord, status: str) -> None:
         record.status = status
         record.finished_at = time.monotonic()
+        record.stop = None
+
+    def cancel(self, task_uuid: str, owner: str) -> bool | None:
+        """Stop a running task of ``owner``: True when stopped, False when it had ended, None when unknown
+        (another key's tasks are unknown to it, as for getResponse)."""
+        record = self.get(task_uuid, owner)
+        if record is None:
+            return None
+        if record.stop is None:
+            return False
+        record.stop()
+        return True
 
     def sweep(self, now: float | None = None) -> int:
         now = time.monotonic() if now is None else now

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import io
 import re
 import struct
@@ -26,6 +27,7 @@ from imagewire.storage.encode import encode_image, flatten_to_rgb
 from imagewire.storage.errors import InputRejected, shown
 from imagewire.storage.fetch import UrlFetcher
 from imagewire.storage.formats import BY_PIL, FORMATS, OUTPUT_FORMATS
+from imagewire.storage.metadata import STRIPPERS
 from imagewire.storage.store import ImageStore, canonical_uuid
 
 # PIL names multi-picture JPEGs (what many phone cameras write) MPO; to a client they are JPEG.
@@ -48,11 +50,12 @@ _NOT_AN_IMAGE_INPUT = "is not an image UUID, a data URI, base64 data or an http(
 
 @dataclass(frozen=True)
 class InputImage:
-    image: Image.Image  # fully loaded, RGB, EXIF orientation applied
+    image: Image.Image  # fully loaded, RGB, EXIF orientation applied; reduced when a target size was given
     format: str  # "PNG" | "JPEG" | "WEBP" | "BMP" | "GIF"
     data: bytes  # the original encoded bytes
-    width: int
+    width: int   # of the picture as sent, upright
     height: int
+    rotated: bool = False  # the file asked to be turned (EXIF orientation), and was
 
 
 async def resolve_image_input(
@@ -64,10 +67,13 @@ async def resolve_image_input(
     max_pixels: int,
     max_bytes: int,
     allowed_formats: frozenset[str],
+    target: tuple[int, int] | None = None,
 ) -> InputImage:
-    """Decode an image given in any of the four forms; every failure is a StorageError."""
+    """Decode an image given in any of the four forms; every failure is a StorageError. ``target``: see
+    ``decode_image``."""
     data = await _load_bytes(value, owner=owner, store=store, fetcher=fetcher, max_bytes=max_bytes)
-    return await asyncio.to_thread(decode_image, data, max_pixels=max_pixels, allowed_formats=allowed_formats)
+    return await asyncio.to_thread(decode_image, data, max_pixels=max_pixels, allowed_formats=allowed_formats,
+                                   target=target)
 
 
 async def _load_bytes(value: str, *, owner: str, store: ImageStore, fetcher: UrlFetcher, max_bytes: int) -> bytes:
@@ -118,8 +124,19 @@ def _check_size(size: int, max_bytes: int) -> None:
         raise InputRejected(f"is {size} bytes, more than the {max_bytes} bytes allowed")
 
 
-def decode_image(data: bytes, *, max_pixels: int, allowed_formats: frozenset[str]) -> InputImage:
-    """Decode ``data`` into an RGB image (blocking: run it in a thread)."""
+# EXIF orientations that turn the picture by a quarter: its upright width is the file's height.
+_QUARTER_TURNS = frozenset({5, 6, 7, 8})
+_ORIENTATION_TAG = 0x0112
+
+
+def decode_image(data: bytes, *, max_pixels: int, allowed_formats: frozenset[str],
+                 target: tuple[int, int] | None = None) -> InputImage:
+    """Decode ``data`` into an RGB image (blocking: run it in a thread).
+
+    With ``target`` (the size the caller will resize to), a larger picture is decoded straight to
+    a smaller size where the format allows it (JPEG's DCT scaling) and reduced right after decoding
+    otherwise, so that what is held is near the size that is used, not the size that was sent.
+    """
     allowed = ", ".join(sorted(allowed_formats))
     try:
         # Lazy: reads the header only, so format and size are known before any pixel is decoded.
@@ -142,11 +159,27 @@ def decode_image(data: bytes, *, max_pixels: int, allowed_formats: frozenset[str
         if width * height > max_pixels:
             raise _too_many_pixels(max_pixels, (width, height))
         try:
+            orientation = opened.getexif().get(_ORIENTATION_TAG, 1)
+            upright = (height, width) if orientation in _QUARTER_TURNS else (width, height)
+            if target is not None:
+                # JPEG decodes at 1/2, 1/4 or 1/8 where that still covers twice the target (see _reduced).
+                wanted = (2 * target[0], 2 * target[1])
+                opened.draft("RGB", wanted[::-1] if orientation in _QUARTER_TURNS else wanted)
             opened.load()  # for an animated GIF: the first frame
             image = flatten_to_rgb(ImageOps.exif_transpose(opened))
         except _DECODE_ERRORS as exc:
             raise _undecodable(exc) from exc
-    return InputImage(image=image, format=image_format, data=data, width=image.width, height=image.height)
+    if target is not None:
+        image = _reduced(image, target)
+    return InputImage(image=image, format=image_format, data=data, width=upright[0], height=upright[1],
+                      rotated=orientation not in (None, 1))
+
+
+def _reduced(image: Image.Image, target: tuple[int, int]) -> Image.Image:
+    """The picture reduced by a whole factor while it stays at least twice ``target`` in both sides:
+    cheap, and the caller's final resize from there keeps its quality."""
+    factor = min(image.width // (2 * target[0]), image.height // (2 * target[1]))
+    return image.reduce(factor) if factor >= 2 else image
 
 
 def _too_many_pixels(max_pixels: int, size: tuple[int, int] | None) -> InputRejected:
@@ -171,8 +204,10 @@ async def prepare_upload(image: InputImage, *, max_side: int = 2048) -> tuple[by
 def _prepare_upload(image: InputImage, max_side: int) -> tuple[bytes, str]:
     longer = max(image.width, image.height)
     kept = BY_PIL[image.format]
-    if kept.output and longer <= max_side:
-        return image.data, kept.extension
+    if kept.output and longer <= max_side and not image.rotated:
+        # Stored as sent, pixel for pixel, less what is not the picture (EXIF, GPS, text, trailing bytes).
+        with contextlib.suppress(ValueError):
+            return STRIPPERS[image.format](image.data), kept.extension
     picture = image.image
     if longer > max_side:
         scale = max_side / longer

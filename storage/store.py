@@ -2,20 +2,30 @@
 
 Layout: ``root/<first two hex digits>/<uuid>.<ext>`` holds the bytes and ``root/<xx>/<uuid>.json``
 the metadata (uuid, extension, content_type, owner, size, created, last_used). Both are written
-under a temporary name in the same directory and renamed into place, the metadata after the
-data, and only images with metadata are served: a reader never sees a half-written image.
+under a temporary name in the same directory, flushed to the disk and renamed into place, the
+metadata after the data, and only images with metadata are served: a reader never sees a
+half-written image, not even after a power cut.
+
+Reads never depend on a write succeeding: noting when an image was last used (which decides when it
+expires) is best-effort, kept in memory and written later when the disk refuses. Writes are held to
+bounds: the whole store, each owner, and a floor of free disk below which writes are refused and
+reads go on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import json
+import logging
 import os
 import re
 import secrets
+import shutil
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +34,8 @@ import aiofiles
 
 from imagewire.storage.errors import ImageNotStored, InputRejected, StoreFailed, shown
 from imagewire.storage.formats import STORED_BY_EXTENSION
+
+log = logging.getLogger("imagewire.storage")
 
 # Temporary files end with this suffix (and start with a dot), so that leftovers of an
 # interrupted write can be recognised and removed at start.
@@ -65,24 +77,85 @@ def storage_error(exc: OSError) -> StoreFailed:
     return StoreFailed(f"the server's image storage failed ({reason})")
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def _write_atomically(path: Path, data: bytes, *, sync_directory: bool = True) -> None:
+    """Write ``data`` to a temporary name, flush it to the disk, rename it into place, and (unless the
+    caller does it after several renames) flush the directory, so the rename itself survives a crash."""
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}{TEMP_SUFFIX}")
     try:
-        temporary.write_bytes(data)
+        with open(temporary, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+    if sync_directory:
+        _sync_directory(path.parent)
+
+
+def _sync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the store may hold; None: no bound."""
+
+    max_bytes: int | None = None
+    max_bytes_per_owner: int | None = None
+    min_free_bytes: int = 0     # writes stop while the disk has less free space than this
+
+
+GIB = 1024 ** 3
+
+
+# How many of each owner's newest images ``recent`` remembers.
+RECENT_PER_OWNER = 200
+
+
+# Uses not yet written down because the disk refused; past this many the oldest are forgotten.
+MAX_UNWRITTEN_USES = 100_000
 
 
 class ImageStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, limits: Limits | None = None) -> None:
         self.root = root
+        self.limits = limits or Limits()
+        # Each owner's newest images since this process started, newest last: what a gallery shows.
+        self._recent: dict[str, deque[StoredImage]] = {}
+        # Bytes stored, in all and by owner; counted once at start, then kept up to date.
+        self.used_bytes = 0
+        self._used_by_owner: dict[str, int] = {}
+        # uuid → last use the disk did not take; written again by the next sweep.
+        self._unwritten_uses: dict[str, float] = {}
+        self._last_failed_touch = 0.0
         try:
             root.mkdir(parents=True, exist_ok=True)
             self._remove_leftovers()
+            self._count_usage()
         except OSError as exc:
             raise storage_error(exc) from exc
+
+    def used_by(self, owner: str) -> int:
+        return self._used_by_owner.get(owner, 0)
+
+    def _count_usage(self) -> None:
+        for directory in self._shard_directories():
+            for metadata_path in directory.glob(f"*{METADATA_SUFFIX}"):
+                metadata = _read_metadata(metadata_path)
+                if metadata is not None and isinstance(metadata.get("size"), int):
+                    self._add_usage(str(metadata.get("owner")), metadata["size"])
+
+    def _add_usage(self, owner: str, size: int) -> None:
+        self.used_bytes += size
+        self._used_by_owner[owner] = self._used_by_owner.get(owner, 0) + size
+        if self._used_by_owner[owner] <= 0:
+            del self._used_by_owner[owner]
 
     # ------------------------------------------------------------------ paths
 
@@ -115,6 +188,7 @@ class ImageStore:
         """Store ``data`` under a new UUID v4 and return its record."""
         if extension not in STORED_BY_EXTENSION:
             raise ValueError(f"extension must be one of {', '.join(STORED_BY_EXTENSION)}, received {extension!r}")
+        self._check_room(len(data), owner)
         image_uuid = str(uuid.uuid4())
         image = StoredImage(
             uuid=image_uuid,
@@ -138,12 +212,37 @@ class ImageStore:
             await asyncio.to_thread(self._write_image, image, data, metadata)
         except OSError as exc:
             raise storage_error(exc) from exc
+        self._add_usage(owner, len(data))
+        self._recent.setdefault(owner, deque(maxlen=RECENT_PER_OWNER)).append(image)
         return image
+
+    def _check_room(self, size: int, owner: str) -> None:
+        limits = self.limits
+        if limits.max_bytes is not None and self.used_bytes + size > limits.max_bytes:
+            raise StoreFailed(
+                f"the server's image storage is full ({_gib(self.used_bytes)} of {_gib(limits.max_bytes)} "
+                "GiB); images expire after their last use, so room comes back with time", disk_full=True)
+        if limits.max_bytes_per_owner is not None and self.used_by(owner) + size > limits.max_bytes_per_owner:
+            raise StoreFailed(
+                f"this API key's images take {_gib(self.used_by(owner))} GiB, and it may keep "
+                f"{_gib(limits.max_bytes_per_owner)} GiB; images expire after their last use", disk_full=True)
+        if limits.min_free_bytes:
+            free = shutil.disk_usage(self.root).free
+            if free - size < limits.min_free_bytes:
+                raise StoreFailed(
+                    f"the server's disk is nearly full (less than {_gib(limits.min_free_bytes)} GiB free); "
+                    "the image could not be stored", disk_full=True)
+
+    def recent(self, owner: str, limit: int) -> list[StoredImage]:
+        """``owner``'s newest images stored since this process started, newest first, at most ``limit``;
+        images swept away since are left out."""
+        kept = (image for image in reversed(self._recent.get(owner, ())) if image.path.exists())
+        return list(itertools.islice(kept, limit))
 
     def _write_image(self, image: StoredImage, data: bytes, metadata: dict[str, Any]) -> None:
         image.path.parent.mkdir(exist_ok=True)
-        _write_atomically(image.path, data)
-        # Metadata last: its presence is what makes the image visible.
+        _write_atomically(image.path, data, sync_directory=False)
+        # Metadata last: its presence is what makes the image visible. One directory flush covers both renames.
         _write_atomically(self._metadata_path(image.uuid), json.dumps(metadata).encode())
 
     # ------------------------------------------------------------------ reading
@@ -181,8 +280,7 @@ class ImageStore:
         last_used = metadata.get("last_used")
         now = time.time()
         if not isinstance(last_used, (int, float)) or now - last_used > LAST_USED_RESOLUTION_SECONDS:
-            metadata["last_used"] = now
-            _write_atomically(metadata_path, json.dumps(metadata).encode())
+            self._touch(metadata_path, metadata, now)
         return StoredImage(
             uuid=image_uuid,
             extension=extension,
@@ -191,6 +289,22 @@ class ImageStore:
             path=path,
             size=int(metadata.get("size", 0)),
         )
+
+    def _touch(self, metadata_path: Path, metadata: dict[str, Any], now: float) -> None:
+        """Note a use of the image, best-effort: a disk that refuses the write does not fail the read."""
+        metadata["last_used"] = now
+        try:
+            _write_atomically(metadata_path, json.dumps(metadata).encode())
+        except OSError as exc:
+            if len(self._unwritten_uses) >= MAX_UNWRITTEN_USES:
+                self._unwritten_uses.pop(next(iter(self._unwritten_uses)))
+            self._unwritten_uses[metadata["uuid"]] = now
+            if now - self._last_failed_touch > 60:
+                self._last_failed_touch = now
+                log.warning("noting image uses failed (%s); reads go on, and the uses are written later",
+                            os.strerror(exc.errno) if exc.errno else type(exc).__name__)
+        else:
+            self._unwritten_uses.pop(metadata["uuid"], None)
 
     async def read(self, image: StoredImage) -> bytes:
         try:
@@ -220,6 +334,11 @@ class ImageStore:
                 if metadata is None:
                     continue
                 last_used = metadata.get("last_used")
+                unwritten = self._unwritten_uses.get(str(metadata.get("uuid")))
+                if unwritten is not None:
+                    # A use the disk refused earlier: it counts, and is written now if the disk takes it.
+                    self._touch(metadata_path, metadata, unwritten)
+                    last_used = unwritten
                 if not isinstance(last_used, (int, float)) or last_used >= cutoff:
                     continue
                 image_uuid = canonical_uuid(metadata_path.stem)
@@ -228,6 +347,8 @@ class ImageStore:
                     # Data first: a sweep interrupted here leaves metadata, which the next sweep finds again.
                     self._data_path(image_uuid, extension).unlink(missing_ok=True)
                 metadata_path.unlink(missing_ok=True)
+                if isinstance(metadata.get("size"), int):
+                    self._add_usage(str(metadata.get("owner")), -metadata["size"])
                 removed += 1
         return removed
 
@@ -253,3 +374,7 @@ def _read_metadata(path: Path) -> dict[str, Any] | None:
         # Never written half (it is renamed into place), so unreadable metadata is foreign: not ours to serve.
         return None
     return loaded if isinstance(loaded, dict) else None
+
+
+def _gib(size: int) -> str:
+    return f"{size / GIB:.2f}"

@@ -9,20 +9,23 @@ small stand-ins.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from imagewire.air_registry import Catalog
+from imagewire.air_registry.civitai import Civitai
 from imagewire.storage import ImageStore, UrlFetcher
-from imagewire.tasks.jobs import Job, JobProgress
+from imagewire.tasks.errors import ServiceUnavailable
+from imagewire.tasks.jobs import Job, JobEvent, JobProgress
 
 
 class Device(Protocol):
-    def submit(self, job: Job) -> JobProgress[Any]:
-        """Queue a job at once, or raise ServiceUnavailable."""
+    def submit(self, job: Job, on_event: Callable[[JobEvent], None] | None = None) -> JobProgress[Any]:
+        """Queue a job at once, or raise ServiceUnavailable. ``on_event`` hears of its queue position
+        and steps, on the event loop."""
         ...
 
     @property
@@ -59,6 +62,11 @@ class RecordedTask(Protocol):
     @property
     def items_dropped(self) -> bool: ...
 
+    @property
+    def progress(self) -> int | None:
+        """Percent done, while it runs and says so."""
+        ...
+
 
 class Results(Protocol):
     @property
@@ -68,6 +76,16 @@ class Results(Protocol):
     def max_kept_bytes(self) -> int: ...
 
     def get(self, task_uuid: str, owner: str) -> RecordedTask | None: ...
+
+    def cancel(self, task_uuid: str, owner: str) -> bool | None:
+        """Stop the task if it runs: True when it was stopped, False when it had ended, None when
+        ``owner`` has no such task."""
+        ...
+
+
+# progress(items, overall percent, push): what a handler reports while its task runs; the runner keeps
+# ``overall`` for getResponse and sends ``items`` on when ``push`` (the task asked for progress).
+ProgressSink = Callable[[Sequence[Any], int, bool], None]
 
 
 @dataclass(frozen=True)
@@ -79,6 +97,36 @@ class Settings:
     max_image_pixels: int = 4096 * 4096   # decoded input images (decompression bombs)
     max_image_bytes: int = 32 * 1024 * 1024
     price_per_gpu_second: float = 0.0
+    max_output_pixels: int = 4096 * 4096  # results of the tools that enlarge an image (upscale)
+    upscale_tile_size: int = 512          # upscaling works on tiles of at most this many input pixels a side
+    safety_checker: str = "imagewire:sd-safety-checker@1"  # the catalog model content checks run
+
+
+class PixelBudget:
+    """Decoded input pixels that unfinished tasks hold, all together (``--max-waiting-megapixels``).
+
+    A task waiting for the device keeps its decoded seed image, mask and guides; without a bound, a
+    queue of image-to-image tasks with large inputs grows memory without limit. Past the bound a new
+    image is refused (``serviceUnavailable``) rather than held; a lone image always fits, so a bound
+    smaller than one image slows the server down to one such task at a time rather than none.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, pixels: int) -> bool:
+        if self.held and self.held + pixels > self.limit:
+            return False
+        self.held += pixels
+        return True
+
+    def give(self, pixels: int) -> None:
+        self.held -= pixels
+
+
+def _megapixels(pixels: int) -> str:
+    return f"{pixels / 1e6:.3g} MP"
 
 
 @dataclass
@@ -90,6 +138,8 @@ class Services:
     device: Device
     results: Results
     base_url: str = ""   # of imageURLs; set once the server listens (its port may be chosen then)
+    pixels: PixelBudget = field(default_factory=lambda: PixelBudget(256_000_000))
+    civitai: Civitai | None = None   # where civitai:MODEL@VERSION checkpoints come from; None: nowhere
 
     def image_url(self, image_uuid: str, extension: str) -> str:
         return f"{self.base_url}/image/{image_uuid}.{extension}"
@@ -100,6 +150,31 @@ class TaskContext:
     services: Services
     owner: str                       # owner token of the API key the task came with
     timings: dict[str, float] = field(default_factory=dict)  # stage → seconds, for the task's log line
+    progress_sink: ProgressSink | None = None
+    held_pixels: int = 0             # of the budget, given back when the task is over (``release``)
+
+    def progress(self, items: Sequence[Any], overall: int, *, push: bool) -> None:
+        if self.progress_sink is not None:
+            self.progress_sink(items, overall, push)
+
+    def hold_pixels(self, pixels: int, *, parameter: str) -> None:
+        """Count a decoded input image of ``pixels`` against the budget for as long as the task lasts."""
+        budget = self.services.pixels
+        if not budget.take(pixels):
+            raise ServiceUnavailable(
+                f"The server holds {_megapixels(budget.held)} of decoded input images for unfinished tasks, "
+                f"and {parameter} ({_megapixels(pixels)}) would pass the bound of {_megapixels(budget.limit)}; "
+                "send it again once some tasks have finished, or send a smaller image.", parameter=parameter)
+        self.held_pixels += pixels
+
+    def let_go_of_pixels(self, pixels: int) -> None:
+        """An image this task held is gone (replaced by a smaller one)."""
+        self.services.pixels.give(pixels)
+        self.held_pixels -= pixels
+
+    def release(self) -> None:
+        """The task is over: what it held goes back to the budget."""
+        self.let_go_of_pixels(self.held_pixels)
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:

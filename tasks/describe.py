@@ -46,7 +46,7 @@ def wire_type(t: mi.Type) -> str:
     kinds = {
         mi.IntType: "integer", mi.FloatType: "number", mi.StrType: "string", mi.BoolType: "boolean",
         mi.LiteralType: "string", mi.ListType: "array", mi.DictType: "object",
-        mi.StructType: "object",
+        mi.TupleType: "array", mi.StructType: "object",
     }
     names: list[str] = []
     for member in non_null(t):
@@ -101,6 +101,8 @@ def _describe_one(t: mi.Type) -> str:
         return f"an array of {_describe_one(t.item_type)}"
     if isinstance(t, mi.DictType):
         return "an object"
+    if isinstance(t, mi.TupleType):
+        return f"an array of {len(t.item_types)}: " + ", ".join(map(_describe_one, t.item_types))
     if isinstance(t, mi.StructType):
         return "an object with " + ", ".join(field.encode_name for field in t.fields)
     return "a valid value"

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from imagewire.tasks.context import TaskContext
-from imagewire.tasks.errors import TaskError, TaskNotFound
+from imagewire.tasks.errors import ErrorItem, TaskError, TaskNotFound
 from imagewire.tasks.schema import GetResponse
 from imagewire.tasks.task_type import TaskType, unchanged
 
@@ -18,8 +18,10 @@ class RecordedErrors(TaskError):
         super().__init__(items[0].get("message", "the task failed"))
         self.items = items
 
-    def to_item(self, task_type: str | None, task_uuid: str | None) -> dict[str, Any]:
-        return self.items[0]
+    def to_item(self, task_type: str | None, task_uuid: str | None) -> ErrorItem:
+        item = ErrorItem(self.items[0])
+        item.http_status = 200  # getResponse itself answered: with the state of a task that failed
+        return item
 
 
 async def run(task: GetResponse, ctx: TaskContext) -> AsyncIterator[dict[str, Any]]:
@@ -39,7 +41,11 @@ async def run(task: GetResponse, ctx: TaskContext) -> AsyncIterator[dict[str, An
     if record.status == "error":
         raise RecordedErrors([{**error, "status": "error"} for error in record.errors])
     if record.status == "processing":
-        yield {"taskType": record.task_type, "taskUUID": record.task_uuid, "status": "processing"}
+        processing: dict[str, Any] = {"taskType": record.task_type, "taskUUID": record.task_uuid,
+                                      "status": "processing"}
+        if record.progress is not None:
+            processing["progress"] = record.progress
+        yield processing
 
 
 # getResponse reports on other tasks: it is not itself recorded, and its answer is one frame.

@@ -53,13 +53,8 @@ class AddOns:
 
 def prepare(task: ImageInference, model: ModelEntry, steps: int, ctx: TaskContext) -> AddOns:
     family = ARCHITECTURES[model.architecture].family
-    asked = [name for name, value in (("lora", task.lora), ("embeddings", task.embeddings), ("vae", task.vae),
-                                      ("clipSkip", task.clipSkip), ("promptWeighting", task.promptWeighting))
-             if value]
-    if asked and family not in ADD_ON_FAMILIES:
-        raise UnsupportedParameter(
-            f"{asked[0]} is not supported for model {model.air} ({model.architecture}) yet; it is for models of "
-            f"the {', '.join(sorted(ADD_ON_FAMILIES))} families.", parameter=asked[0])
+    if family not in ADD_ON_FAMILIES:
+        _refuse_add_ons(task, model, family)
     refiner, start = _refiner(task, model, steps, ctx)
     return AddOns(
         loras=_weighted(ctx, task.lora or [], model, name="lora", category="lora"),
@@ -72,13 +67,34 @@ def prepare(task: ImageInference, model: ModelEntry, steps: int, ctx: TaskContex
     )
 
 
+def _refuse_add_ons(task: ImageInference, model: ModelEntry, family: str) -> None:
+    """The first add-on a request for a model of another family asks for, refused by its path: these families'
+    pipelines (FLUX, SD 3) read prompts with T5 too and have no embeddings, CLIP skip or weighted prompts here,
+    and their LoRAs are not catalogued or loaded yet."""
+    asked = [parameter for parameter, value in (
+        ("lora[0].model", task.lora), ("embeddings[0].model", task.embeddings), ("vae", task.vae),
+        ("clipSkip", task.clipSkip), ("promptWeighting", task.promptWeighting),
+        ("usePromptWeighting", task.usePromptWeighting)) if value]
+    if not asked:
+        return
+    fitting = [architecture.name for architecture in ARCHITECTURES.values()
+               if architecture.family in ADD_ON_FAMILIES and architecture.task == "imageInference"]
+    raise UnsupportedParameter(
+        f"{asked[0]} is not supported for model {model.air} ({model.architecture}, {family} family) yet: LoRAs, "
+        f"embeddings, VAEs, clipSkip and promptWeighting apply to models of the SD 1.x/2.x and SDXL families "
+        f"(architectures {', '.join(fitting)}). Remove it from the request.",
+        parameter=asked[0], allowed_values=fitting)
+
+
 def _fitting(ctx: TaskContext, name: str, model: ModelEntry, *, parameter: str, category: str) -> ModelEntry:
-    """The add-on ``name`` names, which must be of ``category`` and made for the model's architecture."""
+    """The add-on ``name`` names, which must be of ``category`` and made for the model's architecture (or, for
+    an inpainting checkpoint, the architecture it was trained from)."""
     entry = inputs.model(ctx, name, parameter=parameter, category=category)
-    if entry.architecture != model.architecture:
+    fits = ARCHITECTURES[model.architecture].compatible
+    if entry.architecture != fits:
         kind = inputs.CATEGORY_NAMES[category]
         fitting = [other.air for other in ctx.services.catalog.entries
-                   if other.category == category and other.architecture == model.architecture]
+                   if other.category == category and other.architecture == fits]
         raise InvalidParameter(
             f"{parameter} {entry.air} is {kind[0]} for {entry.architecture} models (the architecture it fits: "
             f"{entry.architecture}), and model {model.air} is {model.architecture}. {kind[1]} that fit "

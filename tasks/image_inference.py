@@ -1,4 +1,5 @@
-"""imageInference: text-to-image, and image-to-image from a seedImage.
+"""imageInference: text-to-image, image-to-image from a seedImage, and the edits of ``tasks/editing.py``
+(inpainting, outpainting, ControlNet) with the content checks of ``tasks/content_safety.py``.
 
 The handler reads as the path of one task:
 
@@ -14,23 +15,22 @@ import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import get_args
 
 import msgspec
 from PIL import Image
 
-from imagewire.air_registry import ARCHITECTURES, ModelDefaults, ModelEntry, SamplerSpec
-from imagewire.storage import OUTPUT_FORMAT_NAMES, ImageFormat, encode_image, output_format, to_base64
-from imagewire.tasks import image_add_ons, inputs, schema
+from imagewire.air_registry import AIR, ARCHITECTURES, ModelDefaults, ModelEntry, SamplerSpec
+from imagewire.storage import OUTPUT_FORMATS, ImageFormat, encode_image, to_base64
+from imagewire.tasks import content_safety, editing, image_add_ons, inputs, schema
 from imagewire.tasks.context import TaskContext
 from imagewire.tasks.describe import describe_annotation, nearest_valid, stepped_range
-from imagewire.tasks.errors import InvalidParameter, MissingParameter, UnknownParameter, UnsupportedParameter
-from imagewire.tasks.jobs import GeneratedImage, InferenceJob
-from imagewire.tasks.schema import ImageInference, ImageResult
-from imagewire.tasks.task_type import Delivery, TaskType
+from imagewire.tasks.errors import InvalidParameter, MissingParameter
+from imagewire.tasks.jobs import GeneratedImage, InferenceJob, JobEvent, Queued
+from imagewire.tasks.outputs import ImageOutput, deliver_image, image_output
+from imagewire.tasks.schema import ImageInference, ImageResult, Progress
+from imagewire.tasks.task_type import TaskType
 
 BLANK_PROMPT = "__BLANK__"
-OUTPUT_TYPES: tuple[str, ...] = get_args(schema.OutputType)
 _SIZE = stepped_range(msgspec.inspect.type_info(schema.Width))
 assert _SIZE is not None
 
@@ -50,14 +50,29 @@ class Prepared:
     output_types: list[str]
     output_format: ImageFormat
     output_quality: int
+    edits: editing.Edits = editing.NO_EDITS
     add_ons: image_add_ons.AddOns = image_add_ons.AddOns()
 
 
-def prepare(task: ImageInference, ctx: TaskContext) -> Prepared:
+@dataclass(frozen=True)
+class AwaitingDownload:
+    """A request for a Civitai checkpoint this server has not fetched yet. Only the checkpoint tells
+    its architecture, so the checks that need the model wait for it: ``run`` fetches it, then
+    prepares the task as it would for any model in the catalog."""
+
+    task: ImageInference
+    air: AIR
+
+
+def prepare(task: ImageInference, ctx: TaskContext) -> Prepared | AwaitingDownload:
     """Every check that needs the model but no I/O. Raises a TaskError naming the parameter."""
+    download = inputs.model_to_download(ctx, task.model)
+    if download is not None:
+        content_safety.prepare(task, ctx)  # what can be checked before the model is known
+        return AwaitingDownload(task, download)
     model = inputs.model(ctx, task.model, category="checkpoint")
     defaults = model.defaults
-    check_safety(task)
+    edits = editing.prepare(task, model, ctx)
     if task.seedImage is None:
         if ARCHITECTURES[model.architecture].image_to_image_only:
             raise InvalidParameter(
@@ -69,17 +84,7 @@ def prepare(task: ImageInference, ctx: TaskContext) -> Prepared:
                     f"{name} is required for text-to-image (without seedImage): "
                     f"{describe_annotation(schema.Width)}; this model's default is "
                     f"{defaults.width}x{defaults.height}.", parameter=name, type="integer")
-    chosen_format = output_format(task.outputFormat)
-    if chosen_format is None:
-        raise InvalidParameter(
-            f"Invalid outputFormat: expected one of {', '.join(OUTPUT_FORMAT_NAMES)}; received "
-            f"{task.outputFormat!r}.", parameter="outputFormat", type="string",
-            allowed_values=list(OUTPUT_FORMAT_NAMES))
-    output_types: list[str] = (
-        [task.outputType] if isinstance(task.outputType, str) else list(dict.fromkeys(task.outputType)))
-    if not output_types:
-        raise InvalidParameter(f"outputType must name at least one of {', '.join(OUTPUT_TYPES)}; received [].",
-                               parameter="outputType", type="string", allowed_values=list(OUTPUT_TYPES))
+    output = image_output(task)
     steps = task.steps if task.steps is not None else defaults.steps
     if task.seedImage is not None and int(steps * task.strength) < 1:
         raise InvalidParameter(
@@ -94,36 +99,16 @@ def prepare(task: ImageInference, ctx: TaskContext) -> Prepared:
         negative_prompt=None if task.negativePrompt in (None, "", BLANK_PROMPT) else task.negativePrompt,
         steps=steps,
         cfg_scale=task.CFGScale if task.CFGScale is not None else defaults.cfg_scale,
-        sampler=inputs.sampler(ctx, task.scheduler if task.scheduler is not None else defaults.scheduler),
+        sampler=inputs.sampler(ctx, task.scheduler if task.scheduler is not None else defaults.scheduler,
+                               sampling=ARCHITECTURES[model.architecture].sampling),
         # Counting up wraps past the largest seed, so every returned seed can be sent back.
         seeds=[(first_seed + i) % (schema.MAX_SEED + 1) for i in range(task.numberResults)],
-        output_types=output_types,
-        output_format=chosen_format,
-        output_quality=task.outputQuality,
+        output_types=output.types,
+        output_format=output.format,
+        output_quality=output.quality,
+        edits=edits,
         add_ons=image_add_ons.prepare(task, model, steps, ctx),
     )
-
-
-SAFETY_FIELDS = ("checkContent", "checkInputs", "mode", "tolerance")
-
-
-def check_safety(task: ImageInference) -> None:
-    """Safety checks are not run here, so asking for one is an error rather than a silent no."""
-    safety = task.safety or {}
-    unknown = sorted(set(safety) - set(SAFETY_FIELDS))
-    if unknown:
-        raise UnknownParameter(
-            f"Unknown parameter safety.{unknown[0]}; the fields of safety are {', '.join(SAFETY_FIELDS)}.",
-            parameter=f"safety.{unknown[0]}", allowed_values=list(SAFETY_FIELDS))
-    asked = [f"safety.{name}" for name in ("checkContent", "checkInputs") if safety.get(name)]
-    if safety.get("mode") not in (None, "none"):
-        asked.append("safety.mode")
-    if task.checkNSFW:
-        asked.append("checkNSFW")
-    if asked:
-        raise UnsupportedParameter(
-            f"Content safety checks ({', '.join(asked)}) are not supported by this server yet; leave them off "
-            "(false, or mode 'none').", parameter=asked[0])
 
 
 def size_from_seed(value: int | None, seed_size: int) -> int:
@@ -151,28 +136,34 @@ def check_model_defaults(defaults: ModelDefaults) -> None:
             raise ValueError(f"defaults.{name} must be {describe_annotation(limits)}, not {value!r}") from None
 
 
-async def run(prepared: Prepared, ctx: TaskContext) -> AsyncIterator[ImageResult]:
-    task, services = prepared.task, ctx.services
+async def run(prepared: Prepared | AwaitingDownload, ctx: TaskContext) -> AsyncIterator[ImageResult]:
+    if isinstance(prepared, AwaitingDownload):
+        with ctx.timed("download"):
+            await inputs.download_model(ctx, prepared.air)
+        ready = prepare(prepared.task, ctx)  # in the catalog now
+        assert isinstance(ready, Prepared)
+        prepared = ready
+    task = prepared.task
     weights = await inputs.weights(ctx, prepared.model)
-    add_ons = await image_add_ons.job_fields(prepared.add_ons, ctx)
+    add_ons, loaded = await asyncio.gather(image_add_ons.job_fields(prepared.add_ons, ctx),
+                                           editing.load(ctx, prepared.edits))
     init_image = None
     width, height = task.width, task.height
     if task.seedImage is not None:
         with ctx.timed("decode"):
-            seed = await inputs.image(ctx, task.seedImage, parameter="seedImage")
-            width, height = size_from_seed(width, seed.width), size_from_seed(height, seed.height)
-            init_image = seed.image
-            if init_image.size != (width, height):
-                init_image = await asyncio.to_thread(init_image.resize, (width, height), Image.Resampling.LANCZOS)
+            init_image, width, height = await _seed_image(ctx, prepared)
     assert width is not None and height is not None
+    scene = await editing.compose(ctx, prepared.edits, loaded, task, init_image, width, height)
     job = InferenceJob(
         task_uuid=task.taskUUID, owner=ctx.owner, model=prepared.model, weights=weights, prompt=prepared.prompt,
-        negative_prompt=prepared.negative_prompt, width=width, height=height, steps=prepared.steps,
-        cfg_scale=prepared.cfg_scale, sampler=prepared.sampler, seeds=prepared.seeds, init_image=init_image,
-        strength=task.strength, **add_ons)
-    progress = services.device.submit(job)
+        negative_prompt=prepared.negative_prompt, width=scene.width, height=scene.height, steps=prepared.steps,
+        cfg_scale=prepared.cfg_scale, sampler=prepared.sampler, seeds=prepared.seeds, init_image=scene.init_image,
+        strength=task.strength, mask_image=scene.mask_image, controlnets=scene.controlnets,
+        guide_images=scene.guide_images, preview=task.includeProgress and task.includePreview, **add_ons)
+    progress = editing.submit(ctx, scene, job, on_event=_ProgressReport(task, len(prepared.seeds), ctx).on_event)
     try:
-        async for chunk in progress:
+        async for produced in progress:
+            chunk = await editing.finish(ctx, prepared.edits, loaded, scene, task.taskUUID, produced)
             pending = [asyncio.ensure_future(_deliver(prepared, image, ctx)) for image in chunk]
             try:
                 for finished in asyncio.as_completed(pending):
@@ -181,32 +172,65 @@ async def run(prepared: Prepared, ctx: TaskContext) -> AsyncIterator[ImageResult
                 for future in pending:
                     future.cancel()
     finally:
+        progress.cancel()  # the task ended early (cancelled, failed): its job stops too
         ctx.timings["queue"] = progress.queue_seconds
         ctx.timings["model"] = progress.compute_seconds
 
 
+async def _seed_image(ctx: TaskContext, prepared: Prepared) -> tuple[Image.Image, int, int]:
+    """The seed image at the size it is used, and the output size. Only that is kept while the task
+    waits: the image as sent (its bytes, its full-size pixels) is let go here."""
+    task = prepared.task
+    assert task.seedImage is not None
+    # Outpainting scales the seed image to the area it keeps of the result (editing.compose).
+    resize = prepared.edits.outpaint is None
+    target = (task.width, task.height) if resize and task.width and task.height else None
+    seed = await inputs.image(ctx, task.seedImage, parameter="seedImage", target=target)
+    width, height = size_from_seed(task.width, seed.width), size_from_seed(task.height, seed.height)
+    if not resize:
+        return seed.image, width, height
+    return await inputs.resized(ctx, seed, (width, height), parameter="seedImage"), width, height
+
+
+class _ProgressReport:
+    """Turns the job's queue positions and steps into progress items, for getResponse and, when the
+    task asked (includeProgress), for the client."""
+
+    def __init__(self, task: ImageInference, images: int, ctx: TaskContext) -> None:
+        self.task = task
+        self.ctx = ctx
+        self.percent = [0] * images  # per result index
+
+    def on_event(self, event: JobEvent) -> None:
+        task = self.task
+        if isinstance(event, Queued):
+            items = [Progress(taskType="imageInference", taskUUID=task.taskUUID, progress=0, status="processing",
+                              queuePosition=event.position)]
+        else:
+            percent = 100 * event.done // max(event.total, 1)
+            items = []
+            for index in event.indexes:
+                self.percent[index] = percent
+                preview = event.preview if index == event.indexes[0] else None
+                items.append(Progress(
+                    taskType="imageInference", taskUUID=task.taskUUID, progress=percent, status="processing",
+                    resultIndex=index, step=event.done, steps=event.total,
+                    preview=_preview_uri(preview) if preview is not None else None))
+        self.ctx.progress(items, sum(self.percent) // len(self.percent), push=task.includeProgress)
+
+
+def _preview_uri(picture: Image.Image) -> str:
+    preview_format = OUTPUT_FORMATS["JPG"]
+    data = encode_image(picture, preview_format, quality=70)
+    return f"data:{preview_format.media_type};base64,{to_base64(data)}"
+
+
 async def _deliver(prepared: Prepared, generated: GeneratedImage, ctx: TaskContext) -> ImageResult:
-    task, fmt = prepared.task, prepared.output_format
-    with ctx.timed("encode"):
-        data = await asyncio.to_thread(encode_image, generated.image, fmt, prepared.output_quality)
-    with ctx.timed("store"):
-        stored = await inputs.store(ctx, data, extension=fmt.extension)
-    result = ImageResult(taskType="imageInference", taskUUID=task.taskUUID, imageUUID=stored.uuid,
-                         seed=generated.seed)
-    if "URL" in prepared.output_types:
-        result.imageURL = ctx.services.image_url(stored.uuid, fmt.extension)
-    if "base64Data" in prepared.output_types or "dataURI" in prepared.output_types:
-        with ctx.timed("encode"):
-            encoded = await asyncio.to_thread(to_base64, data)
-        if "base64Data" in prepared.output_types:
-            result.imageBase64Data = encoded
-        if "dataURI" in prepared.output_types:
-            result.imageDataURI = f"data:{fmt.media_type};base64,{encoded}"
-    if task.includeCost:
-        result.cost = round(generated.seconds * ctx.services.settings.price_per_gpu_second, 6)
-    return result
+    task = prepared.task
+    output = ImageOutput(prepared.output_types, prepared.output_format, prepared.output_quality)
+    return await deliver_image(ctx, generated.image, output, task_type="imageInference", task_uuid=task.taskUUID,
+                               cost_seconds=generated.seconds if task.includeCost else None, seed=generated.seed,
+                               NSFWContent=generated.nsfw)
 
 
-TASK_TYPE = TaskType(
-    struct=ImageInference, prepare=prepare, run=run,
-    delivery=lambda task: Delivery(asynchronous=task.deliveryMethod == "async", webhook_url=task.webhookURL))
+TASK_TYPE = TaskType(struct=ImageInference, prepare=prepare, run=run)

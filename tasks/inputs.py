@@ -10,15 +10,23 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from PIL import Image
+
 from imagewire.air_registry import (
+    AIR,
+    ARCHITECTURES,
+    DIFFUSION,
+    MalformedAIR,
     ModelEntry,
     RegistryError,
     SamplerSpec,
     UnknownModel,
     WeightsMissing,
     locate_weights,
+    parse_air,
     resolve_sampler,
 )
+from imagewire.air_registry.civitai import Civitai
 from imagewire.storage import (
     INFERENCE_INPUTS,
     ImageNotStored,
@@ -47,16 +55,37 @@ def task_error(exc: StorageError | RegistryError, parameter: str) -> errors.Task
 
 
 async def image(
-    ctx: TaskContext, value: str, *, parameter: str, formats: frozenset[str] = INFERENCE_INPUTS
+    ctx: TaskContext, value: str, *, parameter: str, formats: frozenset[str] = INFERENCE_INPUTS,
+    target: tuple[int, int] | None = None,
 ) -> InputImage:
-    """An input image in any of the four forms (UUID, data URI, base64, URL), decoded and checked."""
+    """An input image in any of the four forms (UUID, data URI, base64, URL), decoded and checked.
+
+    Its decoded pixels count against the server's budget until the task is over (``ctx.hold_pixels``).
+    ``target``: the size the caller will resize it to, when known, so that a larger picture is decoded
+    (or reduced right away) to near that size rather than held at the size it was sent.
+    """
     services, settings = ctx.services, ctx.services.settings
     try:
-        return await resolve_image_input(
+        decoded = await resolve_image_input(
             value, owner=ctx.owner, store=services.store, fetcher=services.fetcher,
-            max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes, allowed_formats=formats)
+            max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes, allowed_formats=formats,
+            target=target)
     except StorageError as exc:
         raise task_error(exc, parameter) from exc
+    ctx.hold_pixels(decoded.image.width * decoded.image.height, parameter=parameter)
+    return decoded
+
+
+async def resized(ctx: TaskContext, picture: InputImage, size: tuple[int, int], *, parameter: str) -> Image.Image:
+    """``picture`` at ``size`` (Lanczos, in a thread), counted against the budget in its place: the caller
+    keeps the result and lets ``picture`` go."""
+    original = picture.image
+    if original.size == size:
+        return original
+    result = await asyncio.to_thread(original.resize, size, Image.Resampling.LANCZOS)
+    ctx.let_go_of_pixels(original.width * original.height)
+    ctx.hold_pixels(size[0] * size[1], parameter=parameter)
+    return result
 
 
 async def store(ctx: TaskContext, data: bytes, *, extension: str) -> StoredImage:
@@ -72,21 +101,73 @@ CATEGORY_NAMES = {"checkpoint": ("a checkpoint", "Checkpoints"), "lora": ("a LoR
                   "embeddings": ("an embedding", "Embeddings"), "vae": ("a VAE", "VAEs")}
 
 
-def model(ctx: TaskContext, name: str, *, parameter: str = "model", category: str | None = None) -> ModelEntry:
-    """The catalog entry a request's AIR id or alias names; with ``category``, it must be of that category."""
+def model(ctx: TaskContext, name: str, *, parameter: str = "model", task: str = "imageInference",
+          category: str | None = None) -> ModelEntry:
+    """The catalog entry a request's AIR id or alias names, a model of the task type ``task``; with
+    ``category``, it must be of that category."""
+    catalog = ctx.services.catalog
     try:
-        entry = ctx.services.catalog.resolve(name)
+        entry = catalog.resolve(name)
+    except UnknownModel as exc:
+        civitai, air = ctx.services.civitai, _air(name)
+        # Only imageInference's model is fetched (``model_to_download``); other fields name catalog models.
+        fetchable = task == "imageInference" and parameter == "model"
+        if fetchable and civitai is not None and air is not None and Civitai.names(air):
+            # Say what would fetch it: the server may, or the operator may add it to a catalog file.
+            message = (f"{parameter} {str(air)!r} is not in this server's catalog. It names a Civitai checkpoint: "
+                       f"{civitai.describe_download(air)}; or add it to a --catalog file")
+            raise errors.ModelNotFound(message, parameter=parameter, type="string") from exc
+        raise task_error(exc, parameter) from exc
     except RegistryError as exc:
         raise task_error(exc, parameter) from exc
+    serves = ARCHITECTURES[entry.architecture].task
+    if serves != task:
+        fitting = [candidate.air for candidate in catalog.serving(task)]
+        raise errors.InvalidParameter(
+            f"{parameter} {entry.label} is a {entry.category} model for {serves} tasks, not for {task}; "
+            f"models for {task}: {', '.join(fitting[:10]) or 'none'}.",
+            parameter=parameter, type="string", allowed_values=fitting[:100])
     if category is not None and entry.category != category:
         (wanted, plural), (found, _) = (CATEGORY_NAMES.get(c, (f"a {c} model", f"{c} models"))
                                         for c in (category, entry.category))
-        fitting = [other.air for other in ctx.services.catalog.entries if other.category == category]
+        fitting = [other.air for other in catalog.entries if other.category == category]
         raise errors.InvalidParameter(
             f"{parameter} must name {wanted}; {entry.air} is {found}. {plural} here: "
             f"{', '.join(fitting[:10]) or 'none'}{' and more (see modelSearch)' if len(fitting) > 10 else ''}.",
             parameter=parameter, type="string", allowed_values=fitting[:100])
     return entry
+
+
+def model_to_download(ctx: TaskContext, name: str) -> AIR | None:
+    """The Civitai checkpoint a request names when the catalog does not hold it yet and this server may
+    fetch it (``download_model`` does, in ``run``); None for every other name."""
+    civitai, air = ctx.services.civitai, _air(name)
+    if civitai is None or air is None or not ctx.services.settings.allow_downloads or not Civitai.names(air):
+        return None
+    try:
+        ctx.services.catalog.resolve(name)
+    except RegistryError:
+        return air
+    return None
+
+
+async def download_model(ctx: TaskContext, air: AIR, *, parameter: str = "model") -> ModelEntry:
+    """Fetch a Civitai checkpoint (in a thread: minutes, with a progress bar) and add it to the catalog."""
+    civitai = ctx.services.civitai
+    assert civitai is not None  # model_to_download names none without it
+    try:
+        entry = await asyncio.to_thread(civitai.fetch, air)
+    except RegistryError as exc:
+        raise task_error(exc, parameter) from exc
+    ctx.services.catalog.add(entry)
+    return entry
+
+
+def _air(name: str) -> AIR | None:
+    try:
+        return parse_air(name)
+    except MalformedAIR:
+        return None
 
 
 async def weights(ctx: TaskContext, entry: ModelEntry, *, parameter: str = "model") -> Path:
@@ -99,10 +180,12 @@ async def weights(ctx: TaskContext, entry: ModelEntry, *, parameter: str = "mode
         raise task_error(exc, parameter) from exc
 
 
-def sampler(ctx: TaskContext, name: str | None, *, parameter: str = "scheduler") -> SamplerSpec | None:
-    """The sampler a ``scheduler`` value names (None: the model's own), if this device can run it."""
+def sampler(ctx: TaskContext, name: str | None, *, parameter: str = "scheduler",
+            sampling: str = DIFFUSION) -> SamplerSpec | None:
+    """The sampler a ``scheduler`` value names (None: the model's own), if it fits the model's
+    ``sampling`` and this device can run it."""
     try:
-        spec = resolve_sampler(name)
+        spec = resolve_sampler(name, sampling)
     except RegistryError as exc:
         raise task_error(exc, parameter) from exc
     if spec is not None:

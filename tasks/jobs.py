@@ -9,7 +9,7 @@ torch: images are PIL images.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Hashable, Sequence
+from collections.abc import AsyncIterator, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -38,8 +38,10 @@ class Job:
 
     @property
     def models(self) -> tuple[str, ...]:
-        """AIR ids of the models the job runs on: the device queue prefers jobs whose models are loaded."""
-        return ()
+        """AIR ids of the models the job runs on: the device queue prefers jobs whose models are loaded. By
+        default the job's ``model`` (the tools' jobs have one), else none."""
+        model = getattr(self, "model", None)
+        return (model.air,) if model is not None else ()
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,10 @@ class InferenceJob(Job):
     seeds: list[int]
     init_image: Image | None = None  # already resized to width × height
     strength: float = 0.8
+    mask_image: Image | None = None  # inpainting: "L", width × height, white = repaint (init_image is set)
+    controlnets: tuple[ControlNetUse, ...] = ()
+    guide_images: tuple[Image, ...] = ()  # one per ControlNet, width × height
+    preview: bool = False           # progress events carry a low-resolution preview
     loras: tuple[AddOn, ...] = ()
     embeddings: tuple[AddOn, ...] = ()
     vae: AddOn | None = None         # None: the model's own
@@ -97,7 +103,8 @@ class InferenceJob(Job):
         """
         return (self.model.air, self.init_image is not None, self.width, self.height, self.steps,
                 self.cfg_scale, self.sampler, self.strength if self.init_image is not None else None,
-                bool(self.negative_prompt), self.add_ons_key())
+                bool(self.negative_prompt), self.mask_image is not None,
+                tuple(control.batch_key() for control in self.controlnets), self.add_ons_key())
 
     def add_ons_key(self) -> Hashable:
         """What the add-ons make one call share: a set of LoRAs (their order does not matter, their weights
@@ -109,7 +116,8 @@ class InferenceJob(Job):
 
     @property
     def models(self) -> tuple[str, ...]:
-        return (self.model.air,) + ((self.refiner.model.air,) if self.refiner else ())
+        return (self.model.air,) + ((self.refiner.model.air,) if self.refiner else ()) + tuple(
+            control.model.air for control in self.controlnets)
 
     def parameter_naming(self, air: str) -> str:
         """The request field that named the model ``air`` (for an error when it fails to load)."""
@@ -125,15 +133,97 @@ class InferenceJob(Job):
 
 
 @dataclass(frozen=True)
+class ControlNetUse:
+    """One ControlNet of a job, but its guide image: what every job sharing a call shares."""
+
+    model: ModelEntry
+    weights: Path
+    weight: float    # controlnet_conditioning_scale
+    start: float     # fraction of the denoising steps where it starts guiding …
+    end: float       # … and where it stops
+    mode: str        # controlMode: balanced | prompt | controlnet
+
+    def batch_key(self) -> Hashable:
+        return (self.model.air, self.weight, self.start, self.end, self.mode)
+
+
+@dataclass(kw_only=True)
+class SafetyCheckJob(Job):
+    """Pictures for the content safety checker; the result is one flag per picture (True: flagged)."""
+
+    checker: ModelEntry
+    weights: Path
+    pictures: list[Image]
+
+    @property
+    def images(self) -> int:
+        return len(self.pictures)
+
+    def batch_key(self) -> Hashable:
+        return self.checker.air
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return (self.checker.air,)
+
+
+@dataclass(frozen=True)
 class GeneratedImage:
     index: int       # within its job
     seed: int
     image: Image
     seconds: float   # device time spent on this image (its share of its call), for includeCost
+    nsfw: bool | None = None  # the content safety checker's verdict, when one was asked for
 
 
-# emit(i, results): results of jobs[i] are ready (called once per call that made some).
-Emit = Callable[[int, list[Any]], None]
+@dataclass(frozen=True)
+class ProcessedImage:
+    """An image a tool made from an input image (upscaled, cut out)."""
+
+    image: Image
+    seconds: float   # device time spent on it, for includeCost
+
+
+@dataclass(frozen=True)
+class GeneratedText:
+    """A caption, or one version of an enhanced prompt."""
+
+    text: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Queued:
+    """The job waits; this many jobs will run before it."""
+
+    position: int
+
+
+@dataclass(frozen=True)
+class Step:
+    """A call holding the job's results ``indexes`` finished step ``done`` of ``total``."""
+
+    indexes: tuple[int, ...]
+    done: int
+    total: int
+    preview: Image | None = None  # of the first of ``indexes``, when the job asked for one
+
+
+JobEvent = Queued | Step
+
+
+class Emit(Protocol):
+    """How a runner hands back what it makes for the jobs it was given (by their index)."""
+
+    def __call__(self, index: int, results: list[Any]) -> None:
+        """Results of jobs[index] are ready (called once per call that made some)."""
+
+    def progress(self, index: int, step: Step) -> None: ...
+
+    def cancelled(self, index: int) -> bool:
+        """Whether jobs[index] was cancelled: its results are no longer wanted."""
+        ...
+
 
 R_co = TypeVar("R_co", covariant=True)
 
@@ -148,3 +238,7 @@ class JobProgress(Protocol[R_co]):
     def compute_seconds(self) -> float: ...
 
     def __aiter__(self) -> AsyncIterator[Sequence[R_co]]: ...
+
+    def cancel(self) -> None:
+        """Stop the job: it leaves the queue, or its calls stop at their next step. Nothing after it
+        arrives. Does nothing once the job is done."""

@@ -37,6 +37,16 @@ NumberResults = Annotated[int, Meta(ge=1, le=20)]
 OutputQuality = Annotated[int, Meta(ge=20, le=99)]
 OutputType = Literal["URL", "base64Data", "dataURI"]
 DeliveryMethod = Literal["sync", "async"]
+WebhookURL = Annotated[str, Meta(max_length=2048)]
+# Inpainting, outpainting and ControlNet (image-inference_inpainting.md, _outpainting.md, api-reference).
+MaskMargin = Annotated[int, Meta(ge=32, le=128)]
+OutpaintExtension = Annotated[int, Meta(ge=0, le=1920, multiple_of=64)]
+OutpaintBlur = Annotated[int, Meta(ge=0, le=32)]
+ControlNetWeight = Annotated[float, Meta(ge=0, le=1)]
+ControlNetStep = Annotated[int, Meta(ge=1, le=100)]
+ControlMode = Literal["balanced", "prompt", "controlnet"]
+CannyThreshold = Annotated[int, Meta(ge=0, le=255)]
+MAX_CONTROLNETS = 4
 
 
 class Task(Struct, tag_field="taskType", forbid_unknown_fields=True, kw_only=True):
@@ -79,7 +89,15 @@ class Refiner(Struct, forbid_unknown_fields=True, kw_only=True):
     startStepPercentage: Annotated[float, Meta(ge=1, le=99)] | None = None
 
 
-class ImageInference(Task, tag="imageInference"):
+class Deliverable(Task, kw_only=True):
+    """A task whose results can come back later: ``deliveryMethod: "async"`` acknowledges it at once,
+    and its results are fetched with getResponse (and POSTed to ``webhookURL`` when one is given)."""
+
+    deliveryMethod: DeliveryMethod = "sync"
+    webhookURL: WebhookURL | None = None
+
+
+class ImageInference(Deliverable, tag="imageInference"):
     taskUUID: TaskUUID
     model: Annotated[str, Meta(min_length=1, max_length=200)]
     positivePrompt: Prompt
@@ -96,9 +114,10 @@ class ImageInference(Task, tag="imageInference"):
     outputType: OutputType | list[OutputType] = "URL"
     outputFormat: Annotated[str, Meta(max_length=10)] = "JPG"
     outputQuality: OutputQuality = 95
-    deliveryMethod: DeliveryMethod = "sync"
     includeCost: bool = False
-    webhookURL: Annotated[str, Meta(max_length=2048)] | None = None
+    # Extensions (docs/protocol.md): progress items pushed while the task runs, with small previews.
+    includeProgress: bool = False
+    includePreview: bool = False
     checkNSFW: bool = False
     safety: dict[str, Any] | None = None
     lora: Annotated[list[Lora], Meta(max_length=MAX_ADD_ONS)] | None = None
@@ -108,9 +127,41 @@ class ImageInference(Task, tag="imageInference"):
     promptWeighting: PromptWeighting | None = None
     usePromptWeighting: bool | None = None  # the JS SDK's older switch: true means "compel"
     refiner: Refiner | None = None
+    maskImage: str | None = None
+    maskMargin: MaskMargin | None = None
+    outpaint: Outpaint | None = None
+    controlNet: Annotated[list[ControlNet], Meta(max_length=MAX_CONTROLNETS)] | None = None
 
 
-class ImageUpload(Task, tag="imageUpload"):
+class Outpaint(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Pixels to add on each side of the seed image (``null`` counts as 0), and the mask's soft edge."""
+
+    top: OutpaintExtension | None = None
+    right: OutpaintExtension | None = None
+    bottom: OutpaintExtension | None = None
+    left: OutpaintExtension | None = None
+    blur: OutpaintBlur | None = None
+
+
+class ControlNet(Struct, forbid_unknown_fields=True, kw_only=True):
+    """One ControlNet of ``controlNet``. Every optional field may be ``null`` (the Python SDK sends them so)."""
+
+    model: Annotated[str, Meta(min_length=1, max_length=200)]
+    guideImage: str
+    weight: ControlNetWeight | None = None
+    startStep: ControlNetStep | None = None
+    endStep: ControlNetStep | None = None
+    startStepPercentage: Annotated[int, Meta(ge=0, le=99)] | None = None
+    endStepPercentage: Annotated[int, Meta(ge=1, le=100)] | None = None
+    controlMode: ControlMode | None = None
+    # The Python SDK's IControlNetCanny / IControlNetOpenPose: pre-process guideImage first.
+    preprocessor: Annotated[str, Meta(max_length=50)] | None = None
+    lowThresholdCanny: CannyThreshold | None = None
+    highThresholdCanny: CannyThreshold | None = None
+    includeHandsAndFaceOpenPose: bool | None = None
+
+
+class ImageUpload(Deliverable, tag="imageUpload"):
     taskUUID: TaskUUID
     image: str
 
@@ -119,7 +170,20 @@ class GetResponse(Task, tag="getResponse"):
     taskUUID: TaskUUID
 
 
-class ModelSearch(Task, tag="modelSearch"):
+class CancelTask(Task, tag="cancelTask"):
+    """Extension: stop the task with this taskUUID (sent by the same API key)."""
+
+    taskUUID: TaskUUID
+
+
+class ImageHistory(Task, tag="imageHistory"):
+    """Extension: this API key's newest images, newest first (those stored since the server started)."""
+
+    taskUUID: TaskUUID
+    limit: Annotated[int, Meta(ge=1, le=200)] = 50
+
+
+class ModelSearch(Deliverable, tag="modelSearch"):
     taskUUID: TaskUUID
     search: Annotated[str, Meta(max_length=200)] | None = None
     tags: list[str] | None = None
@@ -131,7 +195,131 @@ class ModelSearch(Task, tag="modelSearch"):
     offset: Annotated[int, Meta(ge=0)] = 0
 
 
-AnyTask = Authentication | Ping | ImageInference | ImageUpload | GetResponse | ModelSearch
+# ---------------------------------------------------------------- tools: upscale, background removal, caption,
+# prompt enhance. Each image tool takes its image as ``inputImage`` (older clients) or ``inputs.image`` (newer
+# ones); ``model`` is optional, the catalog names each task type's default model.
+
+ModelName = Annotated[str, Meta(min_length=1, max_length=200)]
+# Both inputs are the four image forms; which one a task uses, and that it has one, its handler checks.
+ImageInputs = dict[str, Any]
+UpscaleFactor = Annotated[float, Meta(ge=2, le=4)]
+ColourChannel = Annotated[int, Meta(ge=0, le=255)]
+Opacity = Annotated[float, Meta(ge=0, le=1)]
+# [red, green, blue, alpha]: the colour that replaces the background; alpha 0 is transparent, 1 opaque.
+RGBA = tuple[ColourChannel, ColourChannel, ColourChannel, Opacity]
+MattingLevel = Annotated[int, Meta(ge=1, le=255)]
+PromptMaxLength = Annotated[int, Meta(ge=12, le=400)]
+PromptVersions = Annotated[int, Meta(ge=1, le=5)]
+
+
+class ImageUpscale(Deliverable, tag="imageUpscale"):
+    taskUUID: TaskUUID
+    upscaleFactor: UpscaleFactor
+    inputImage: str | None = None
+    inputs: ImageInputs | None = None
+    model: ModelName | None = None
+    outputType: OutputType | list[OutputType] = "URL"
+    outputFormat: Annotated[str, Meta(max_length=10)] = "JPG"
+    outputQuality: OutputQuality = 95
+    includeCost: bool = False
+
+
+class Upscale(ImageUpscale, tag="upscale"):
+    """imageUpscale as the JavaScript SDK and the newer API spell it."""
+
+
+class BackgroundRemovalSettings(Struct, forbid_unknown_fields=True, kw_only=True):
+    rgba: RGBA | None = None
+    postProcessMask: bool | None = None
+    returnOnlyMask: bool | None = None
+    alphaMatting: bool | None = None
+    alphaMattingForegroundThreshold: MattingLevel | None = None
+    alphaMattingBackgroundThreshold: MattingLevel | None = None
+    alphaMattingErodeSize: MattingLevel | None = None
+
+
+class ImageBackgroundRemoval(Deliverable, tag="imageBackgroundRemoval"):
+    taskUUID: TaskUUID
+    inputImage: str | None = None
+    inputs: ImageInputs | None = None
+    model: ModelName | None = None
+    outputType: OutputType | list[OutputType] = "URL"
+    outputFormat: Annotated[str, Meta(max_length=10)] = "PNG"
+    outputQuality: OutputQuality = 95
+    includeCost: bool = False
+    settings: BackgroundRemovalSettings | None = None
+    # The official Python SDK sends the fields of ``settings`` at the top level of the task.
+    rgba: RGBA | None = None
+    postProcessMask: bool | None = None
+    returnOnlyMask: bool | None = None
+    alphaMatting: bool | None = None
+    alphaMattingForegroundThreshold: MattingLevel | None = None
+    alphaMattingBackgroundThreshold: MattingLevel | None = None
+    alphaMattingErodeSize: MattingLevel | None = None
+
+
+class RemoveBackground(ImageBackgroundRemoval, tag="removeBackground"):
+    """imageBackgroundRemoval as the JavaScript SDK and the newer API spell it."""
+
+
+class ImageCaption(Deliverable, tag="imageCaption"):
+    taskUUID: TaskUUID
+    inputImage: str | None = None
+    inputs: ImageInputs | None = None
+    model: ModelName | None = None
+    # What the caption should start with; the official Python SDK sends a list of strings.
+    prompt: Annotated[str, Meta(max_length=300)] | list[Annotated[str, Meta(max_length=300)]] | None = None
+    includeCost: bool = False
+
+
+class Caption(ImageCaption, tag="caption"):
+    """imageCaption as the JavaScript SDK and the newer API spell it."""
+
+
+class PromptEnhance(Deliverable, tag="promptEnhance"):
+    taskUUID: TaskUUID
+    prompt: Annotated[str, Meta(min_length=1, max_length=300)]
+    promptMaxLength: PromptMaxLength   # in the model's tokens, the enhanced prompt as a whole
+    promptVersions: PromptVersions
+    model: ModelName | None = None
+    seed: Seed | None = None           # absent: one derived from the request, so it repeats
+    includeCost: bool = False
+
+
+# ---------------------------------------------------------------- ControlNet guide images
+
+
+class ImageControlNetPreProcess(Deliverable, tag="imageControlNetPreProcess"):
+    """A guide image from an input image (tasks/controlnet_preprocess.py).
+
+    The older shape names the pre-processor in ``preProcessorType`` and the image in ``inputImage``;
+    the newer one in ``model`` (``runware:controlnet-preprocess@canny``) and ``inputs.image``.
+    """
+
+    taskUUID: TaskUUID
+    inputImage: str | None = None
+    inputs: ImageInputs | None = None
+    preProcessorType: Annotated[str, Meta(max_length=50)] | None = None
+    model: Annotated[str, Meta(max_length=200)] | None = None
+    width: Annotated[int, Meta(ge=1, le=2048)] | None = None
+    height: Annotated[int, Meta(ge=1, le=2048)] | None = None
+    lowThresholdCanny: CannyThreshold = 100
+    highThresholdCanny: CannyThreshold = 200
+    includeHandsAndFaceOpenPose: bool = False
+    outputType: OutputType | list[OutputType] = "URL"
+    outputFormat: Annotated[str, Meta(max_length=10)] = "JPG"
+    outputQuality: OutputQuality = 95
+    includeCost: bool = False
+
+
+class ControlNetPreprocess(ImageControlNetPreProcess, tag="controlNetPreprocess"):
+    """imageControlNetPreProcess as the newer official SDKs spell it."""
+
+
+AnyTask = (Authentication | Ping | ImageInference | ImageUpload | GetResponse | ModelSearch
+           | ImageUpscale | Upscale | ImageBackgroundRemoval | RemoveBackground | ImageCaption | Caption
+           | PromptEnhance | CancelTask | ImageHistory | ImageControlNetPreProcess
+           | ControlNetPreprocess)
 
 # Parameters the public API defines for a task type that this server does not implement yet.
 # They are answered with ``unsupportedParameter`` by name, never silently ignored; any other
@@ -139,8 +327,7 @@ AnyTask = Authentication | Ping | ImageInference | ImageUpload | GetResponse | M
 UNSUPPORTED_PARAMETERS: dict[str, frozenset[str]] = {
     "imageInference": frozenset(
         {
-            "controlNet", "maskImage", "maskMargin",
-            "acceleratorOptions", "ipAdapters", "outpaint",
+            "acceleratorOptions", "ipAdapters",
             "referenceImages", "inputs", "advancedFeatures", "puLID", "acePlusPlus",
             "photoMaker", "instantID", "layerDiffuse", "ttl", "uploadEndpoint", "outputs",
             "providerSettings", "settings", "frameImages", "resolution", "batchSize",
@@ -151,6 +338,13 @@ UNSUPPORTED_PARAMETERS: dict[str, frozenset[str]] = {
     "imageUpload": frozenset(),
     "modelSearch": frozenset({"conditioning"}),
     "getResponse": frozenset(),
+    **dict.fromkeys(("imageUpscale", "upscale"), frozenset(
+        {"settings", "targetMegapixels", "providerSettings", "safety", "ttl", "uploadEndpoint"})),
+    **dict.fromkeys(("imageBackgroundRemoval", "removeBackground"), frozenset(
+        {"providerSettings", "safety", "ttl", "uploadEndpoint", "inputImages"})),
+    **dict.fromkeys(("imageCaption", "caption"), frozenset({"inputImages", "template", "structuredData"})),
+    "promptEnhance": frozenset(),
+    **dict.fromkeys(("imageControlNetPreProcess", "controlNetPreprocess"), frozenset({"ttl", "uploadEndpoint"})),
 }
 
 # ---------------------------------------------------------------- answers
@@ -180,6 +374,25 @@ class ImageResult(Item):
     cost: float | None = None
     NSFWContent: bool | None = None
     status: str | None = None
+    inputImageUUID: str | None = None   # of the tools that transform an image (upscale, background removal)
+
+
+class TextResult(Item):
+    """A caption, or one version of an enhanced prompt."""
+
+    taskUUID: str
+    text: str
+    cost: float | None = None
+
+
+class GuideImageResult(Item):
+    taskUUID: str
+    guideImageUUID: str
+    inputImageUUID: str | None = None
+    guideImageURL: str | None = None
+    guideImageBase64Data: str | None = None
+    guideImageDataURI: str | None = None
+    cost: float | None = None
 
 
 class UploadResult(Item):
@@ -190,6 +403,36 @@ class UploadResult(Item):
 
 class Acknowledgement(Item):
     taskUUID: str
+
+
+class Progress(Item):
+    """A task's progress: never a result (no imageUUID, no image), so clients that count results by
+    imageUUID or by an image field are not misled. Pushed only to tasks that ask (includeProgress)."""
+
+    taskUUID: str
+    progress: int                   # percent, 0 to 100
+    status: str                     # "processing" (no default: omit_defaults would leave it off the wire)
+    resultIndex: int | None = None  # which of the task's images, 0-based
+    step: int | None = None
+    steps: int | None = None
+    queuePosition: int | None = None  # while waiting: how many jobs run before this one
+    preview: str | None = None      # a small JPEG data URI of the image so far
+
+
+class HistoryImage(Struct, kw_only=True):
+    imageUUID: str
+    imageURL: str
+
+
+class ImageHistoryResult(Item):
+    taskUUID: str
+    images: list[HistoryImage]
+
+
+class Cancellation(Item):
+    taskUUID: str
+    cancelled: bool   # false: the task had already ended
+    status: str       # the task's status now: error (cancelled) or how it ended
 
 
 class ModelInfo(Struct, kw_only=True):

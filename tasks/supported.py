@@ -7,7 +7,20 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from imagewire.tasks import get_response, image_inference, image_upload, model_search
+from imagewire.tasks import (
+    background_removal,
+    cancel_task,
+    controlnet_preprocess,
+    get_response,
+    image_caption,
+    image_history,
+    image_inference,
+    image_upload,
+    image_upscale,
+    model_search,
+    prompt_enhance,
+    schema,
+)
 from imagewire.tasks.task_type import TaskType
 
 SUPPORTED: Mapping[str, TaskType[Any, Any]] = MappingProxyType({
@@ -16,5 +29,16 @@ SUPPORTED: Mapping[str, TaskType[Any, Any]] = MappingProxyType({
         image_upload.TASK_TYPE,
         model_search.TASK_TYPE,
         get_response.TASK_TYPE,
+        cancel_task.TASK_TYPE,
+        image_history.TASK_TYPE,
+        image_upscale.TASK_TYPE,
+        image_upscale.TASK_TYPE.spelled(schema.Upscale),
+        background_removal.TASK_TYPE,
+        background_removal.TASK_TYPE.spelled(schema.RemoveBackground),
+        image_caption.TASK_TYPE,
+        image_caption.TASK_TYPE.spelled(schema.Caption),
+        prompt_enhance.TASK_TYPE,
+        controlnet_preprocess.TASK_TYPE,
+        controlnet_preprocess.TASK_TYPE.spelled(schema.ControlNetPreprocess),
     )
 })

@@ -11,12 +11,16 @@ is queued or acknowledged:
 ``delivery`` says how the results travel; ``recorded`` whether the task's UUID and results are
 kept (for ``conflictTaskUUID`` and ``getResponse``); ``single_frame`` whether the answer goes out
 in one frame rather than an item at a time.
+
+A task type that clients spell in more than one way (``imageUpscale`` and ``upscale``) has one wire
+struct per spelling, the others subclassing the first with their own tag, and one ``TaskType`` per
+spelling (``spelled``). Answers echo the spelling the client sent (``name_of``).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
 from imagewire.tasks import schema
@@ -34,11 +38,11 @@ class Delivery:
     webhook_url: str | None = None
 
 
-SYNC = Delivery()
-
-
-def _sync(task: Any) -> Delivery:
-    return SYNC
+def requested(task: schema.Task) -> Delivery:
+    """What the task asked for; tasks that are not ``Deliverable`` answer at once."""
+    if isinstance(task, schema.Deliverable):
+        return Delivery(asynchronous=task.deliveryMethod == "async", webhook_url=task.webhookURL)
+    return Delivery()
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,7 @@ class TaskType(Generic[T, P]):
     struct: type[T]   # the wire struct; its msgspec tag is the taskType clients send
     prepare: Callable[[T, TaskContext], P]
     run: Callable[[P, TaskContext], AsyncIterator[Item]]
-    delivery: Callable[[T], Delivery] = _sync
+    delivery: Callable[[T], Delivery] = requested
     recorded: bool = True
     single_frame: bool = False
 
@@ -55,6 +59,18 @@ class TaskType(Generic[T, P]):
         tag = self.struct.__struct_config__.tag
         assert isinstance(tag, str)
         return tag
+
+    def spelled(self, struct: type[T]) -> TaskType[T, P]:
+        """The same task type under another name: ``struct`` subclasses this one's with its own tag."""
+        assert issubclass(struct, self.struct), f"{struct.__name__} must subclass {self.struct.__name__}"
+        return replace(self, struct=struct)
+
+
+def name_of(task: schema.Task) -> str:
+    """The taskType a task was sent as: what its answers carry."""
+    tag = type(task).__struct_config__.tag
+    assert isinstance(tag, str)
+    return tag
 
 
 def unchanged(task: T, ctx: TaskContext) -> T:

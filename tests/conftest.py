@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import runpy
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,12 @@ from tests.wire import API_KEY
 
 # Tests never reach a model hub, and never wait for one.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# No test traffic leaves this machine: this process connects to loopback only and looks up no name
+# but localhost (tests/network_guard). Child processes that tests start inherit the guard.
+GUARD = Path(__file__).with_name("network_guard")
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(GUARD), os.environ.get("PYTHONPATH")]))
+runpy.run_path(str(GUARD / "sitecustomize.py"))
 
 
 @pytest.fixture(scope="session")
@@ -70,3 +77,27 @@ async def start_server(data_dir: Path) -> AsyncIterator[ServerFactory]:
 async def server(start_server: ServerFactory) -> ImagewireServer:
     """A server on the tiny model with default settings (URL inputs may reach loopback)."""
     return await start_server(allow_private_urls=True)
+
+
+@pytest.fixture
+def empty_hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty Hugging Face cache, and no network: hub models are then certainly missing."""
+    import huggingface_hub.constants as hub_constants
+
+    cache = tmp_path / "hf-home" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HOME", str(cache.parent))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads its environment once, at import; the module values are what it uses.
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """The tiny SD model as one safetensors checkpoint in the original layout, as Civitai serves them."""
+    from tests.checkpoints import write_tiny_sd_checkpoint
+
+    return write_tiny_sd_checkpoint(tmp_path_factory.mktemp("checkpoint") / "tiny.safetensors").read_bytes()

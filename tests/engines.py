@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from PIL import Image
 
-from imagewire.tasks.jobs import Emit, GeneratedImage, InferenceJob
+from imagewire.tasks.jobs import Emit, GeneratedImage, InferenceJob, Step
 from tests.timing import seconds
 
 
@@ -17,7 +18,8 @@ class HeldEngine:
 
     unavailable_samplers: Mapping[str, str] = {}
 
-    def __init__(self, *, released: bool = False) -> None:
+    def __init__(self, *, released: bool = False, step_first: bool = False) -> None:
+        self.step_first = step_first  # report step 1 of 2 for each job before holding
         # Where each model is, as the device queue reads it: a test puts AIRs here to say they are loaded.
         self.loaded_models: dict[str, str] = {}
         self.release = threading.Event()
@@ -31,6 +33,9 @@ class HeldEngine:
         pass
 
     def run(self, jobs: Sequence[InferenceJob], emit: Emit) -> None:
+        if self.step_first:
+            for index, job in enumerate(jobs):
+                emit.progress(index, Step(tuple(range(len(job.seeds))), 1, 2))
         self.started.set()
         if not self.release.wait(seconds(120)):
             raise RuntimeError("the test never released the engine")
@@ -38,9 +43,34 @@ class HeldEngine:
         if any("explode" in job.prompt for job in jobs):
             raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
         for index, job in enumerate(jobs):
+            if emit.cancelled(index):
+                continue
             self.ran.append(job.task_uuid)
             emit(index, [GeneratedImage(i, seed, Image.new("RGB", (job.width, job.height)), 0.01)
                          for i, seed in enumerate(job.seeds)])
 
     def recover(self) -> None:
         pass
+
+    def device_memory(self) -> dict[str, int]:
+        return {}
+
+
+class Collect:
+    """An ``Emit`` for tests that drive an engine directly: what each job got, by index."""
+
+    def __init__(self, jobs: int, *, cancelled: set[int] | None = None) -> None:
+        self.results: list[list[Any]] = [[] for _ in range(jobs)]
+        self.calls: list[int] = []  # how many results each emit carried
+        self.steps: list[list[Step]] = [[] for _ in range(jobs)]
+        self.cancel = cancelled if cancelled is not None else set()
+
+    def __call__(self, index: int, results: list[Any]) -> None:
+        self.results[index].extend(results)
+        self.calls.append(len(results))
+
+    def progress(self, index: int, step: Step) -> None:
+        self.steps[index].append(step)
+
+    def cancelled(self, index: int) -> bool:
+        return index in self.cancel

@@ -3,10 +3,11 @@ no download, so that every code path runs on any machine (tests, benchmarks, try
 
 An ``embedded`` catalog entry names its builder in ``location``; ``BUILDERS`` maps each name to the
 module that builds it (imported only when a model is built, so this package's top imports no torch).
-A builder module has ``build(directory)``, which saves the model there in diffusers format: a pipeline
-folder, or for what is not a pipeline (a LoRA, an embedding, a VAE) the folder diffusers saves for it,
-whose telling file ``BUILT_FILES`` names. ``ensure_embedded`` builds into a temporary sibling and renames
-it into place, so a model folder is either absent or complete, even when two processes build it at once.
+A builder module has ``build(directory)``, which saves the model there in diffusers format (or, with a
+``MARKER`` naming the file that shows a build is complete, in another layout: a LoRA's or an embedding's
+weights file, a single model's config.json).
+``ensure_embedded`` builds into a temporary sibling and renames it into place, so a model folder is
+either absent or complete, even when two processes build it at once.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 
-from imagewire.air_registry.model_files import COMPONENT_CONFIG, EMBEDDING_WEIGHTS, LORA_WEIGHTS, MODEL_INDEX
+from imagewire.air_registry.model_files import MODEL_INDEX
 
 BUILDERS: Mapping[str, str] = MappingProxyType({
     "tiny-sd": "imagewire.air_registry.tiny.sd",
@@ -29,19 +30,16 @@ BUILDERS: Mapping[str, str] = MappingProxyType({
     "tiny-vae": "imagewire.air_registry.tiny.vae",
     "tiny-sdxl": "imagewire.air_registry.tiny.sdxl",
     "tiny-sdxl-refiner": "imagewire.air_registry.tiny.sdxl_refiner",
+    "tiny-upscaler": "imagewire.air_registry.tiny.upscaler",
+    "tiny-background": "imagewire.air_registry.tiny.background",
+    "tiny-caption": "imagewire.air_registry.tiny.caption",
+    "tiny-prompt": "imagewire.air_registry.tiny.prompt",
+    "tiny-sd-inpaint": "imagewire.air_registry.tiny.inpaint",
+    "tiny-controlnet": "imagewire.air_registry.tiny.controlnet",
+    "tiny-safety": "imagewire.air_registry.tiny.safety",
+    "tiny-flux": "imagewire.air_registry.tiny.flux",
+    "tiny-sd3": "imagewire.air_registry.tiny.sd3",
 })
-
-# The file whose presence means a built model is complete, for builders that make something other than a
-# pipeline folder (whose file is MODEL_INDEX).
-BUILT_FILES: Mapping[str, str] = MappingProxyType({
-    "tiny-lora": LORA_WEIGHTS,
-    "tiny-embedding": EMBEDDING_WEIGHTS,
-    "tiny-vae": COMPONENT_CONFIG,
-})
-
-
-def built_file(builder: str) -> str:
-    return BUILT_FILES.get(builder, MODEL_INDEX)
 
 # Builders draw initial weights from torch's global generator, seeded per component: two builds in one
 # process at once would interleave their draws, so builds in a process take turns.
@@ -51,10 +49,10 @@ _BUILD_LOCK = threading.Lock()
 def ensure_embedded(builder: str, path: Path) -> Path:
     """Make sure the model of ``builder`` is saved at ``path``; build it if it is not."""
     path = Path(path)
-    marker = built_file(builder)
+    module = importlib.import_module(BUILDERS[builder])
+    marker = getattr(module, "MARKER", MODEL_INDEX)
     if (path / marker).is_file():
         return path
-    module = importlib.import_module(BUILDERS[builder])
     with _BUILD_LOCK:
         if (path / marker).is_file():
             return path  # built by another thread while this one waited
@@ -68,7 +66,7 @@ def ensure_embedded(builder: str, path: Path) -> Path:
     return path
 
 
-def _move_into_place(staging: Path, path: Path, marker: str) -> None:
+def _move_into_place(staging: Path, path: Path, marker: str = MODEL_INDEX) -> None:
     try:
         os.replace(staging, path)
         return

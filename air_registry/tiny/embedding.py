@@ -17,6 +17,8 @@ from safetensors.torch import save_file
 from imagewire.air_registry.model_files import EMBEDDING_WEIGHTS
 from imagewire.air_registry.tiny.sd import CROSS_ATTENTION_DIM
 
+MARKER = EMBEDDING_WEIGHTS  # the file that shows a build is complete
+
 TOKEN = "<tiny-embedding>"
 VECTORS = 2
 _SEED = 21

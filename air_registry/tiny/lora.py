@@ -20,6 +20,8 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from imagewire.air_registry.model_files import LORA_WEIGHTS
 from imagewire.air_registry.tiny.sd import _build_text_encoder, _build_unet
 
+MARKER = LORA_WEIGHTS  # the file that shows a build is complete
+
 LORA_SEED = 11
 RANK = 4
 ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0"]

@@ -8,7 +8,10 @@ from pathlib import Path
 
 import torch
 
+from imagewire.air_registry.model_files import COMPONENT_CONFIG
 from imagewire.air_registry.tiny.sd import _build_vae
+
+MARKER = COMPONENT_CONFIG  # the file that shows a build is complete
 
 _SEED = 31
 

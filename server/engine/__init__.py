@@ -17,12 +17,17 @@ from typing import Any
 
 import torch
 
-from imagewire.air_registry import ARCHITECTURES, AddOnUnusable, ModelEntry, RegistryError, SamplerUnusable
+from imagewire.air_registry import AddOnUnusable, ModelEntry, RegistryError, SamplerUnusable
 from imagewire.air_registry.loader import PipelineCache, unavailable_samplers
-from imagewire.server.engine import inference
+from imagewire.air_registry.tool_loader import ToolModels
+from imagewire.server.engine import background, caption, inference, prompts, safety, upscale
 from imagewire.server.engine.threads import limit_cpu_threads
+from imagewire.tasks.background_removal import BackgroundRemovalJob
+from imagewire.tasks.image_caption import CaptionJob
+from imagewire.tasks.image_upscale import UpscaleJob
 from imagewire.tasks.inputs import task_error
-from imagewire.tasks.jobs import Emit, InferenceJob, Job
+from imagewire.tasks.jobs import Emit, InferenceJob, Job, SafetyCheckJob
+from imagewire.tasks.prompt_enhance import PromptJob
 
 log = logging.getLogger("imagewire.engine")
 
@@ -31,6 +36,11 @@ Runner = Callable[["DiffusersEngine", Sequence[Any], Emit], None]
 
 RUNNERS: dict[type[Job], Runner] = {
     InferenceJob: inference.run,
+    UpscaleJob: upscale.run,
+    BackgroundRemovalJob: background.run,
+    CaptionJob: caption.run,
+    PromptJob: prompts.run,
+    SafetyCheckJob: safety.run,
 }
 
 
@@ -41,6 +51,8 @@ class DiffusersEngine:
         limit_cpu_threads(device)
         self.pipelines = PipelineCache(device=device, data_dir=data_dir, allow_downloads=allow_downloads,
                                        max_loaded=max_loaded_models, ram_models=ram_models)
+        # Upscalers, background removers, captioners and prompt models, beside the pipelines.
+        self.tools = ToolModels(device=device, data_dir=data_dir, allow_downloads=allow_downloads)
         self.max_batch_size = max_batch_size
         self.unavailable_samplers = unavailable_samplers()
         for name, why in self.unavailable_samplers.items():
@@ -48,13 +60,12 @@ class DiffusersEngine:
 
     @property
     def loaded_models(self) -> dict[str, str]:
-        return self.pipelines.memory
+        """Where each model in memory is, by AIR: the pipelines' models and their add-ons (``"device"`` or
+        ``"ram"``), and the tools' models (on the device)."""
+        return {**self.pipelines.memory, **dict.fromkeys(self.tools.loaded_models, "device")}
 
     def load(self, model: ModelEntry) -> None:
-        if ARCHITECTURES[model.architecture].image_to_image_only:
-            self.pipelines.image_to_image(model)
-        else:
-            self.pipelines.text_to_image(model)
+        self.pipelines.load(model)
 
     def run(self, jobs: Sequence[Job], emit: Emit) -> None:
         try:
@@ -65,6 +76,13 @@ class DiffusersEngine:
             if isinstance(exc, AddOnUnusable):
                 parameter = getattr(jobs[0], "parameter_naming", lambda _: "model")(exc.air)
             raise task_error(exc, parameter) from exc
+
+    def device_memory(self) -> dict[str, int]:
+        """Bytes torch holds on the GPU (nothing to say on a CPU)."""
+        if not self.pipelines.device.startswith("cuda"):
+            return {}
+        return {"allocated": torch.cuda.memory_allocated(self.pipelines.device),
+                "reserved": torch.cuda.memory_reserved(self.pipelines.device)}
 
     def recover(self) -> None:
         gc.collect()

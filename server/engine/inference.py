@@ -1,12 +1,17 @@
 """imageInference jobs on a diffusers pipeline.
 
 The steps mirror a diffusers pipeline's own: pick the pipeline and put the jobs' add-ons on it (LoRAs,
-embeddings, VAE; the refiner's pipeline too), then per call of at most ``max_batch_size`` images set a fresh
-sampler, make one CPU generator per image and call the pipeline with the family's arguments (weighted
-prompts become embeddings first, with CLIP skip applied while the text encoders run). With a refiner, the
-model denoises up to the hand-off and returns latents, and the refiner finishes them. The jobs given share a
-batch key, so one call can hold images of several of them; each job's images go back as soon as their call
-is done.
+embeddings, VAE; the refiner's pipeline too), add the jobs' ControlNets (a view on the same loaded modules,
+so the add-ons apply through it), then per call of at most ``max_batch_size`` images set a fresh sampler,
+make one CPU generator per image and call the pipeline with the family's arguments (weighted prompts become
+embeddings first, with CLIP skip applied while the text encoders run). With a refiner, the model denoises up
+to the hand-off and returns latents, and the refiner finishes them. The jobs given share a batch key, so one
+call can hold images of several of them; each job's images go back as soon as their call is done.
+
+After every denoising step the call reports progress for each of its jobs (with a cheap preview
+made from the latents, at most once a second, for jobs that asked), and stops at once when every
+job in it has been cancelled; a call whose jobs are partly cancelled goes on for the others. A refiner's
+steps continue the count of the model's.
 """
 
 from __future__ import annotations
@@ -18,22 +23,30 @@ from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 import torch
+from PIL import Image
 
 from imagewire.air_registry import ARCHITECTURES, RegistryError
+from imagewire.server.device import Cancelled
 from imagewire.server.engine.conditioning import skipping_clip_layers, weighted_prompt_arguments
+from imagewire.server.engine.controlnets import ModedControlNets
 from imagewire.server.engine.families import FAMILIES, Family
 from imagewire.tasks.inputs import task_error
-from imagewire.tasks.jobs import Emit, GeneratedImage, InferenceJob
+from imagewire.tasks.jobs import Emit, GeneratedImage, InferenceJob, Step
 
 if TYPE_CHECKING:
     from imagewire.server.engine import DiffusersEngine
+
+PREVIEW_INTERVAL_SECONDS = 1.0
+PREVIEW_SIDE = 128
 
 
 def run(engine: DiffusersEngine, jobs: Sequence[InferenceJob], emit: Emit) -> None:
     first = jobs[0]
     pipelines = engine.pipelines
-    # 1. the pipeline: image-to-image shares the weights of text-to-image
-    if first.init_image is not None:
+    # 1. the pipeline: image-to-image and inpainting share the weights of text-to-image
+    if first.mask_image is not None:
+        pipe = pipelines.inpainting(first.model, first.weights)
+    elif first.init_image is not None:
         pipe = pipelines.image_to_image(first.model, first.weights)
     else:
         pipe = pipelines.text_to_image(first.model, first.weights)
@@ -48,16 +61,19 @@ def run(engine: DiffusersEngine, jobs: Sequence[InferenceJob], emit: Emit) -> No
         pipelines.use_add_ons(first.refiner.model, vae=first.vae)
     pipelines.use_add_ons(first.model, loras=first.loras, embeddings=first.embeddings,
                           vae=None if refiner is not None else first.vae)
+    # 3. the ControlNets: a view made after the add-ons, so that it holds the VAE and tokenizers they chose
+    if first.controlnets:
+        pipe = pipelines.with_controlnet(pipe, _controlnets(engine, first))
     family = FAMILIES[ARCHITECTURES[first.model.architecture].family]
-    # 3. every image to make, as (job index, image index within its job, seed)
+    # 4. every image to make, as (job index, image index within its job, seed)
     images = [(j, i, seed) for j, job in enumerate(jobs) for i, seed in enumerate(job.seeds)]
-    # 4. calls of at most max_batch_size images, each image with its own generator, and a
-    #    fresh sampler per call: samplers keep per-run state, and the SDE ones take their
-    #    noise seeds from the sampler rather than the generators
+    # 5. calls of at most max_batch_size images, each image with its own generator (see _make)
     for start in range(0, len(images), engine.max_batch_size):
-        chunk = images[start : start + engine.max_batch_size]
+        chunk = [image for image in images[start : start + engine.max_batch_size] if not emit.cancelled(image[0])]
+        if not chunk:
+            continue
         started = time.perf_counter()
-        pictures = _make(engine, pipe, refiner, family, [jobs[j] for j, _, _ in chunk], [seed for _, _, seed in chunk])
+        pictures = _make(engine, pipe, refiner, family, jobs, chunk, emit)
         share = (time.perf_counter() - started) / len(chunk)
         made = [(j, GeneratedImage(i, seed, picture, share))
                 for (j, i, seed), picture in zip(chunk, pictures, strict=True)]
@@ -65,19 +81,23 @@ def run(engine: DiffusersEngine, jobs: Sequence[InferenceJob], emit: Emit) -> No
             emit(j, [image for _, image in owned])
 
 
-def _make(engine: DiffusersEngine, pipe: Any, refiner: Any, family: Family, owners: list[InferenceJob],
-          seeds: list[int]) -> list[Any]:
-    """The images of one chunk (image k for ``owners[k]``, ``seeds[k]``): one pipeline call, or with weighted
+def _make(engine: DiffusersEngine, pipe: Any, refiner: Any, family: Family, jobs: Sequence[InferenceJob],
+          chunk: list[tuple[int, int, int]], emit: Emit) -> list[Any]:
+    """The images of one chunk (``(job index, image index, seed)`` each): one pipeline call, or with weighted
     prompts one per conditioning length, since padding a prompt to a longer one's length would change its image."""
-    first, pipelines = owners[0], engine.pipelines
-    pictures: list[Any] = [None] * len(owners)
+    first, pipelines = jobs[0], engine.pipelines
+    owners = [jobs[j] for j, _, _ in chunk]
+    pictures: list[Any] = [None] * len(chunk)
     with skipping_clip_layers([pipe] + ([refiner] if refiner is not None else []), first.clip_skip):
         for positions, embeddings in _parts(pipe, owners):
-            part, part_seeds = [owners[k] for k in positions], [seeds[k] for k in positions]
+            part = [chunk[k] for k in positions]
+            part_owners, part_seeds = [owners[k] for k in positions], [seed for _, _, seed in part]
             # A fresh sampler per call: samplers keep per-run state, and the SDE ones take their noise seeds
             # from the sampler rather than the generators.
             pipe.scheduler = pipelines.make_sampler(pipe, first.sampler, seeds=part_seeds)
-            arguments = family.call_arguments(part)
+            arguments = family.call_arguments(part_owners)
+            report = _StepReport(jobs, part, emit, family, total=first.steps if refiner is not None else None)
+            arguments["callback_on_step_end"] = report
             generators = _generators(part_seeds)
             if refiner is None:
                 made = _call(pipe, _prompted(arguments, embeddings), generators)
@@ -88,12 +108,71 @@ def _make(engine: DiffusersEngine, pipe: Any, refiner: Any, family: Family, owne
                                 generators, output_type="latent")
                 finishing = {"prompt": arguments["prompt"], "negative_prompt": arguments["negative_prompt"],
                              "num_inference_steps": first.steps, "guidance_scale": first.cfg_scale,
-                             "denoising_start": first.refiner.start, "image": latents}
-                refined = None if embeddings is None else _weighted(refiner, part)
+                             "denoising_start": first.refiner.start, "image": latents,
+                             "callback_on_step_end": report}
+                refined = None if embeddings is None else _weighted(refiner, part_owners)
                 made = _call(refiner, _prompted(finishing, refined), generators)
             for position, picture in zip(positions, made, strict=True):
                 pictures[position] = picture
     return pictures
+
+
+def _controlnets(engine: DiffusersEngine, job: InferenceJob) -> ModedControlNets:
+    nets = [engine.pipelines.controlnet(control.model, control.weights) for control in job.controlnets]
+    # The pipelines run classifier-free guidance for a CFG scale above 1.
+    return ModedControlNets(nets, [control.mode for control in job.controlnets], guided=job.cfg_scale > 1)
+
+
+class _StepReport:
+    """diffusers' step-end callback for one call (or a model's call and its refiner's, which continue its
+    count up to ``total``): progress per job, previews, cancellation."""
+
+    def __init__(self, jobs: Sequence[InferenceJob], chunk: list[tuple[int, int, int]], emit: Emit,
+                 family: Family, total: int | None = None) -> None:
+        self.emit = emit
+        self.family = family
+        self.total = total
+        self.done = 0
+        # Each job of the call, with the indexes of its images in it and where they sit in the batch.
+        self.owners = [(j, tuple(i for _, i, _ in owned), position)
+                       for position, (j, owned) in _first_positions(chunk)]
+        self.wants_preview = {j for j, _, _ in self.owners if jobs[j].preview}
+        self.last_preview = 0.0
+
+    def __call__(self, pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        self.done += 1
+        total = max(self.done, self.total or int(getattr(pipe, "num_timesteps", 0) or step + 1))
+        live = [owner for owner in self.owners if not self.emit.cancelled(owner[0])]
+        if not live:
+            raise Cancelled(f"stopped after step {self.done} of {total}")
+        previews = self._previews(tensors.get("latents"), live)
+        for j, indexes, _ in live:
+            self.emit.progress(j, Step(indexes, self.done, total, previews.get(j)))
+        return tensors
+
+    def _previews(self, latents: Any, live: list[tuple[int, tuple[int, ...], int]]) -> dict[int, Image.Image]:
+        now = time.monotonic()
+        wanted = [(j, position) for j, _, position in live if j in self.wants_preview]
+        if latents is None or not wanted or now - self.last_preview < PREVIEW_INTERVAL_SECONDS:
+            return {}
+        self.last_preview = now
+        previews = {}
+        for j, position in wanted:
+            preview = self.family.preview(latents[position])
+            if preview is not None:
+                preview.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+                previews[j] = preview
+        return previews
+
+
+def _first_positions(chunk: list[tuple[int, int, int]]) -> list[tuple[int, tuple[int, list[tuple[int, int, int]]]]]:
+    """Each job's images in the chunk, with the batch position of its first image."""
+    grouped, position = [], 0
+    for j, owned in groupby(chunk, key=itemgetter(0)):
+        images = list(owned)
+        grouped.append((position, (j, images)))
+        position += len(images)
+    return grouped
 
 
 def _generators(seeds: list[int]) -> list[torch.Generator]:

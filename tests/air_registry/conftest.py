@@ -42,19 +42,3 @@ def pipelines(tiny_data_dir: Path) -> PipelineCache:
     from imagewire.air_registry.loader import PipelineCache
 
     return PipelineCache(device="cpu", data_dir=tiny_data_dir)
-
-
-@pytest.fixture
-def empty_hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty Hugging Face cache, and no network: hub models are then certainly missing."""
-    import huggingface_hub.constants as hub_constants
-
-    cache = tmp_path / "hf-home" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setenv("HF_HOME", str(cache.parent))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    # huggingface_hub reads its environment once, at import; the module values are what it uses.
-    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
-    return cache

@@ -11,7 +11,9 @@ from imagewire.air_registry.errors import CatalogError, MalformedAIR, UnknownMod
 from imagewire.tasks.image_inference import check_model_defaults
 from imagewire.tasks.inputs import task_error
 
-SHIPPED_AIRS = [
+# The imageInference models: checkpoints, the add-ons (LoRAs, embeddings, VAEs) and the ControlNets and safety
+# checkers beside them.
+INFERENCE_AIRS = [
     "imagewire:tiny@1",
     "imagewire:sd15@1",
     "imagewire:sd21@1",
@@ -22,9 +24,40 @@ SHIPPED_AIRS = [
     "imagewire:tiny-vae@1",
     "imagewire:tiny-sdxl@1",
     "imagewire:tiny-sdxl-refiner@1",
+    "imagewire:tiny-flux@1",
+    "imagewire:tiny-sd3@1",
+    "runware:100@1",
+    "runware:101@1",
+    "runware:107@1",
+    "runware:5@1",
+    "imagewire:sd35-medium@1",
+    "imagewire:sd35-large@1",
+    "imagewire:sd35-large-turbo@1",
+    "civitai:101055@128078",
+    "imagewire:sd-turbo@1",
+    "imagewire:sdxl-turbo@1",
+    "runware:106@1",
+    "runware:102@1",
+    "imagewire:tiny-inpaint@1",
+    "imagewire:tiny-controlnet@1",
+    "imagewire:tiny-safety@1",
+    "imagewire:sd15-inpaint@1",
+    "imagewire:sdxl-inpaint@1",
+    "imagewire:sd15-controlnet-canny@1",
+    "imagewire:sdxl-controlnet-canny@1",
+    "imagewire:sd-safety-checker@1",
 ]
-CHECKPOINTS = [air for air in SHIPPED_AIRS if air not in
-               ("imagewire:tiny-lora@1", "imagewire:tiny-embedding@1", "imagewire:tiny-vae@1")]
+# The models of the tool task types (upscale, background removal, caption, prompt enhance).
+TOOL_AIRS = [
+    "imagewire:tiny-upscaler@1", "imagewire:tiny-background@1", "imagewire:tiny-caption@1",
+    "imagewire:tiny-prompt@1", "runware:504@1", "runware:109@1", "runware:110@1",
+    *(f"runware:112@{version}" for version in (1, 2, 3, 5, 6, 7, 8, 9, 10)),
+    "runware:151@1", "imagewire:blip-base@1", "imagewire:magicprompt@1", "runware:llama-3-1-8b@prompt-enhancer",
+]
+SHIPPED_AIRS = INFERENCE_AIRS + TOOL_AIRS
+ADD_ON_AIRS = ["imagewire:tiny-lora@1", "imagewire:tiny-embedding@1", "imagewire:tiny-vae@1"]
+CHECKPOINT_AIRS = [air for air in INFERENCE_AIRS
+                   if "controlnet" not in air and "safety" not in air and air not in ADD_ON_AIRS]
 
 
 def write_catalog(path: Path, entries: Any) -> Path:
@@ -83,6 +116,18 @@ def test_the_tiny_model_is_embedded_with_its_defaults(catalog: Catalog) -> None:
         ("imagewire:sd21@1", "stabilityai/stable-diffusion-2-1", 768, 20, 0.8),
         ("imagewire:sdxl-base@1", "stabilityai/stable-diffusion-xl-base-1.0", 1024, 30, 0.8),
         ("imagewire:sdxl-refiner@1", "stabilityai/stable-diffusion-xl-refiner-1.0", 1024, 30, 0.3),
+        ("runware:100@1", "black-forest-labs/FLUX.1-schnell", 1024, 4, 0.8),
+        ("runware:101@1", "black-forest-labs/FLUX.1-dev", 1024, 28, 0.8),
+        ("runware:107@1", "black-forest-labs/FLUX.1-Krea-dev", 1024, 28, 0.8),
+        ("runware:5@1", "stabilityai/stable-diffusion-3-medium-diffusers", 1024, 28, 0.8),
+        ("imagewire:sd35-medium@1", "stabilityai/stable-diffusion-3.5-medium", 1024, 40, 0.8),
+        ("imagewire:sd35-large@1", "stabilityai/stable-diffusion-3.5-large", 1024, 28, 0.8),
+        ("imagewire:sd35-large-turbo@1", "stabilityai/stable-diffusion-3.5-large-turbo", 1024, 4, 0.8),
+        ("civitai:101055@128078", "stabilityai/stable-diffusion-xl-base-1.0", 1024, 30, 0.8),
+        ("imagewire:sd-turbo@1", "stabilityai/sd-turbo", 512, 2, 0.5),
+        ("imagewire:sdxl-turbo@1", "stabilityai/sdxl-turbo", 512, 2, 0.5),
+        ("runware:106@1", "black-forest-labs/FLUX.1-Kontext-dev", 1024, 28, 0.8),
+        ("runware:102@1", "black-forest-labs/FLUX.1-Fill-dev", 1024, 50, 0.8),
     ],
 )
 def test_hub_models_name_their_repos_and_defaults(
@@ -121,12 +166,12 @@ def test_models_resolve_by_air_or_alias(catalog: Catalog, name: str, air: str) -
 
 def test_an_unknown_air_is_model_not_found(catalog: Catalog) -> None:
     with pytest.raises(UnknownModel) as caught:
-        catalog.resolve("runware:101@1")
+        catalog.resolve("runware:999@1")
     error = task_error(caught.value, "model")
     assert error.code == "modelNotFound"
     assert error.parameter == "model"
     assert error.type == "string"
-    assert "'runware:101@1'" in error.message
+    assert "'runware:999@1'" in error.message
     assert "imagewire:tiny@1 (tiny)" in error.message
     assert error.allowed_values is not None
     assert set(SHIPPED_AIRS) <= set(error.allowed_values)
@@ -156,9 +201,9 @@ def test_the_not_found_message_names_at_most_ten_models(tmp_path: Path) -> None:
     with pytest.raises(UnknownModel) as caught:
         catalog.resolve("bulk:missing@1")
     message = task_error(caught.value, "model").message
-    named_bulk = max(0, 10 - len(SHIPPED_AIRS))
-    assert f"and {len(SHIPPED_AIRS) + 30 - 10} more" in message
-    assert message.count("bulk:model") == named_bulk
+    assert f"and {len(catalog.entries) - 10} more" in message
+    named = [entry.air for entry in catalog.entries[:10]]
+    assert all(air in message for air in named) and catalog.entries[10].air not in message
 
 
 # ---------------------------------------------------------------- user catalog files
@@ -208,8 +253,22 @@ def test_an_alias_claimed_by_a_later_entry_moves_to_it(tmp_path: Path) -> None:
 
 
 def test_an_alias_can_map_a_runware_air_to_a_local_model(tmp_path: Path) -> None:
-    user_file = write_catalog(tmp_path / "c.json", [folder_entry(aliases=["runware:101@1"])])
-    assert Catalog.load([user_file]).resolve("Runware:101@1").air == "mysite:portrait@2"
+    user_file = write_catalog(tmp_path / "c.json", [folder_entry(aliases=["runware:999@1"])])
+    assert Catalog.load([user_file]).resolve("Runware:999@1").air == "mysite:portrait@2"
+
+
+def test_a_shipped_air_is_pointed_at_local_weights_by_an_entry_of_that_air(tmp_path: Path) -> None:
+    local_flux = folder_entry(air="runware:101@1", name="FLUX.1 [dev], local copy", aliases=[],
+                              architecture="flux1-dev", location="/srv/flux-dev",
+                              defaults={"steps": 20})
+    catalog = Catalog.load([write_catalog(tmp_path / "c.json", [local_flux])])
+    entry = catalog.resolve("runware:101@1")
+    assert (entry.source, entry.location, entry.defaults.steps, entry.defaults.cfg_scale) == (
+        "folder", "/srv/flux-dev", 20, 3.5)
+    # An alias cannot claim it: the AIR itself would always be found first.
+    aliasing = folder_entry(aliases=["runware:101@1"])
+    with pytest.raises(CatalogError, match="alias 'runware:101@1' is the AIR id of another model"):
+        Catalog.load([write_catalog(tmp_path / "d.json", [aliasing])])
 
 
 def test_single_file_locations_resolve_against_the_catalog_file(tmp_path: Path) -> None:
@@ -261,6 +320,14 @@ def test_an_entry_may_leave_out_the_optional_keys(tmp_path: Path) -> None:
             "defaults.scheduler 'Warp' is not a known scheduler",
         ),
         ([folder_entry(defaults={"cfg": 7})], "unknown keys in 'defaults': cfg"),
+        (
+            [folder_entry(architecture="flux1-dev")],
+            "defaults.scheduler DPM++ 2M Karras runs here only on diffusion models",
+        ),
+        (
+            [folder_entry(defaults={"scheduler": "FlowMatchEulerDiscreteScheduler"})],
+            "defaults.scheduler FlowMatchEulerDiscreteScheduler runs here only on flow-matching models",
+        ),
         ([folder_entry(aliases=["imagewire:tiny@1"])], "is the AIR id of another model"),
     ],
 )
@@ -282,7 +349,7 @@ def test_a_malformed_file_names_the_file_and_the_problem(tmp_path: Path, content
 
 
 def test_a_malformed_entry_is_named_by_its_index_and_air(tmp_path: Path) -> None:
-    entries = [folder_entry(), folder_entry(air="mysite:other@1", architecture="sd3")]
+    entries = [folder_entry(), folder_entry(air="mysite:other@1", architecture="sd4")]
     with pytest.raises(CatalogError) as caught:
         Catalog.load([write_catalog(tmp_path / "c.json", entries)])
     assert "entry 1 (mysite:other@1)" in str(caught.value)
@@ -306,24 +373,36 @@ def test_search_without_filters_returns_everything(catalog: Catalog) -> None:
     ("filters", "airs"),
     [
         ({"text": "sdxl"}, ["imagewire:sdxl-base@1", "imagewire:sdxl-refiner@1", "imagewire:tiny-sdxl@1",
-                            "imagewire:tiny-sdxl-refiner@1"]),
+                            "imagewire:tiny-sdxl-refiner@1", "civitai:101055@128078", "imagewire:sdxl-turbo@1",
+                            "imagewire:sdxl-inpaint@1", "imagewire:sdxl-controlnet-canny@1"]),
         ({"text": "XL Refiner"}, ["imagewire:sdxl-refiner@1", "imagewire:tiny-sdxl-refiner@1"]),
         ({"text": "stable-diffusion-v1-5"}, ["imagewire:sd15@1"]),
         ({"text": "nothing like this"}, []),
-        ({"architecture": "sd15"}, ["imagewire:sd15@1"]),
-        ({"architecture": "SDXL"}, ["imagewire:sdxl-base@1"]),
-        ({"category": "checkpoint"}, CHECKPOINTS),
+        ({"architecture": "sd15"}, ["imagewire:sd15@1", "imagewire:sd15-controlnet-canny@1",
+                                    "imagewire:sd-safety-checker@1"]),
+        ({"architecture": "SDXL"}, ["imagewire:sdxl-base@1", "civitai:101055@128078", "imagewire:sdxl-turbo@1",
+                                    "imagewire:sdxl-controlnet-canny@1"]),
+        ({"architecture": "flux1-dev"}, ["runware:101@1", "runware:107@1"]),
+        ({"text": "flux"}, ["imagewire:tiny-flux@1", "runware:100@1", "runware:101@1", "runware:107@1",
+                            "runware:106@1", "runware:102@1"]),
+        ({"tags": ["turbo"]}, ["imagewire:sd35-large-turbo@1", "imagewire:sd-turbo@1", "imagewire:sdxl-turbo@1"]),
+        ({"category": "checkpoint"}, CHECKPOINT_AIRS),
+        ({"category": "controlnet"}, ["imagewire:tiny-controlnet@1", "imagewire:sd15-controlnet-canny@1",
+                                      "imagewire:sdxl-controlnet-canny@1"]),
+        ({"tags": ["inpainting"]},
+         ["runware:102@1", "imagewire:tiny-inpaint@1", "imagewire:sd15-inpaint@1", "imagewire:sdxl-inpaint@1"]),
+        ({"category": "upscaler"}, ["imagewire:tiny-upscaler@1", "runware:504@1"]),
         ({"category": "lora"}, ["imagewire:tiny-lora@1"]),
         ({"category": "embeddings"}, ["imagewire:tiny-embedding@1"]),
         ({"category": "vae", "architecture": "tiny"}, ["imagewire:tiny-vae@1"]),
         ({"tags": ["refiner"]}, ["imagewire:sdxl-refiner@1", "imagewire:tiny-sdxl-refiner@1"]),
-        ({"tags": ["SDXL", "base"]}, ["imagewire:sdxl-base@1"]),
+        ({"tags": ["SDXL", "base"]}, ["imagewire:sdxl-base@1", "civitai:101055@128078"]),
         ({"tags": ["sdxl", "sd1.5"]}, []),
-        ({"text": "stable", "architecture": "sd21"}, ["imagewire:sd21@1"]),
+        ({"text": "stable", "architecture": "sd21"}, ["imagewire:sd21@1", "imagewire:sd-turbo@1"]),
     ],
 )
 def test_search_filters(catalog: Catalog, filters: dict[str, Any], airs: list[str]) -> None:
-    total, page = catalog.search(limit=20, offset=0, **filters)
+    total, page = catalog.search(limit=100, offset=0, **filters)
     assert total == len(airs)
     assert [entry.air for entry in page] == airs
 
@@ -336,7 +415,7 @@ def test_search_pages_with_limit_and_offset(catalog: Catalog) -> None:
     assert (total, [e.air for e in page]) == (count, SHIPPED_AIRS[2:4])
     total, page = catalog.search(limit=2, offset=count - 1)
     assert (total, [e.air for e in page]) == (count, SHIPPED_AIRS[count - 1:])
-    assert catalog.search(limit=10, offset=50) == (count, [])
+    assert catalog.search(limit=10, offset=count + 50) == (count, [])
 
 
 # ---------------------------------------------------------------- LoRAs, embeddings, VAEs
@@ -350,10 +429,10 @@ def test_the_embedded_add_ons_fit_the_tiny_model(catalog: Catalog) -> None:
 
 
 def test_an_add_on_may_be_a_single_file_whatever_its_architecture(tmp_path: Path) -> None:
-    # The tiny architecture has no single-file pipeline, but a LoRA file needs none.
-    entry = folder_entry(architecture="tiny", category="lora", source="single_file", location="l.safetensors")
+    # The tiny SDXL architecture has no single-file pipeline, but a LoRA file needs none.
+    entry = folder_entry(architecture="tiny-sdxl", category="lora", source="single_file", location="l.safetensors")
     assert Catalog.load([write_catalog(tmp_path / "c.json", [entry])]).resolve("portrait").category == "lora"
-    checkpoint = folder_entry(architecture="tiny", source="single_file", location="m.safetensors")
+    checkpoint = folder_entry(architecture="tiny-sdxl", source="single_file", location="m.safetensors")
     with pytest.raises(CatalogError, match="cannot be loaded from a single file"):
         Catalog.load([write_catalog(tmp_path / "d.json", [checkpoint])])
 

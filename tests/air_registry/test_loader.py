@@ -61,9 +61,16 @@ def test_cuda_without_a_cuda_device_is_an_operator_error() -> None:
         resolve_device("cuda:0")
 
 
-def test_a_cache_on_the_cpu_uses_float32(tmp_path: Path) -> None:
-    assert PipelineCache(device="cpu", data_dir=tmp_path).dtype == torch.float32
-    assert PipelineCache(device="cuda:1", data_dir=tmp_path).dtype == torch.float16
+def test_models_run_in_float32_on_the_cpu_and_in_their_own_half_precision_on_cuda(
+    tmp_path: Path, catalog: Catalog
+) -> None:
+    cpu, cuda = PipelineCache(device="cpu", data_dir=tmp_path), PipelineCache(device="cuda:1", data_dir=tmp_path)
+    for air in ("imagewire:sd15@1", "runware:101@1", "imagewire:sd35-large@1"):
+        assert cpu.dtype_of(catalog.resolve(air)) == torch.float32
+    assert cuda.dtype_of(catalog.resolve("imagewire:sd15@1")) == torch.float16
+    assert cuda.dtype_of(catalog.resolve("runware:5@1")) == torch.float16  # SD 3 medium shipped in fp16
+    assert cuda.dtype_of(catalog.resolve("runware:101@1")) == torch.bfloat16
+    assert cuda.dtype_of(catalog.resolve("imagewire:sd35-large@1")) == torch.bfloat16
     with pytest.raises(ValueError, match="max_loaded"):
         PipelineCache(device="cpu", data_dir=tmp_path, max_loaded=0)
 

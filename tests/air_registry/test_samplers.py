@@ -5,8 +5,17 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from imagewire.air_registry.catalog import ModelEntry
-from imagewire.air_registry.errors import UnknownSampler
-from imagewire.air_registry.samplers import SAMPLER_NAMES, SAMPLERS, SamplerSpec, resolve_sampler
+from imagewire.air_registry.errors import SamplerUnusable, UnknownSampler
+from imagewire.air_registry.samplers import (
+    DIFFUSION,
+    FLOW,
+    FLOW_SAMPLERS,
+    NAMES_BY_SAMPLING,
+    SAMPLER_NAMES,
+    SAMPLERS,
+    SamplerSpec,
+    resolve_sampler,
+)
 from imagewire.tasks.inputs import task_error
 
 if TYPE_CHECKING:
@@ -110,9 +119,7 @@ def test_karras_variants_set_karras_sigmas_and_plain_ones_clear_them() -> None:
     assert sde.options["algorithm_type"] == "sde-dpmsolver++"
 
 
-@pytest.mark.parametrize(
-    "name", ["Warp", "Euler b", "", "DDIMInverseScheduler", "FlowMatchEulerDiscreteScheduler"]
-)
+@pytest.mark.parametrize("name", ["Warp", "Euler b", "", "DDIMInverseScheduler", "KarrasVeScheduler"])
 def test_unknown_names_are_rejected_with_the_allowed_values(name: str) -> None:
     with pytest.raises(UnknownSampler) as caught:
         resolve_sampler(name)
@@ -125,6 +132,55 @@ def test_unknown_names_are_rejected_with_the_allowed_values(name: str) -> None:
     assert "Euler a" in error.message and "DPM++ 2M Karras" in error.message
 
 
+# Runware's names for FLUX that flow-matching Euler implements.
+RUNWARE_FLOW_NAMES = ["FlowMatchEulerDiscreteScheduler", "Euler", "Euler Beta", "Euler Exponential", "Euler Karras"]
+
+
+@pytest.mark.parametrize("name", RUNWARE_FLOW_NAMES)
+def test_flow_names_resolve_to_flow_matching_euler_on_flow_models(name: str) -> None:
+    spec = resolve_sampler(name.upper(), FLOW)
+    assert spec is not None and spec.name == name and spec.sampling == FLOW
+    assert spec.class_name == "FlowMatchEulerDiscreteScheduler"
+
+
+def test_a_name_both_kinds_know_means_each_kinds_own_sampler() -> None:
+    diffusion, flow = resolve_sampler("Euler Karras", DIFFUSION), resolve_sampler("Euler Karras", FLOW)
+    assert diffusion is not None and flow is not None
+    assert diffusion.class_name == "EulerDiscreteScheduler" and flow.class_name == "FlowMatchEulerDiscreteScheduler"
+    assert diffusion.options["use_karras_sigmas"] is flow.options["use_karras_sigmas"] is True
+    assert diffusion != flow
+    assert resolve_sampler("Default", FLOW) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "sampling", "kind", "other"),
+    [
+        ("FlowMatchEulerDiscreteScheduler", DIFFUSION, "flow-matching models (FLUX", "diffusion models"),
+        ("flowmatch euler", DIFFUSION, "flow-matching models (FLUX", "diffusion models"),
+        ("DPM++ 2M Karras", FLOW, "diffusion models (Stable Diffusion 1.x", "flow-matching models"),
+        ("DDIMScheduler", FLOW, "diffusion models (Stable Diffusion 1.x", "flow-matching models"),
+    ],
+)
+def test_a_sampler_of_the_other_kind_is_refused_naming_those_that_fit(
+    name: str, sampling: str, kind: str, other: str
+) -> None:
+    with pytest.raises(SamplerUnusable) as caught:
+        resolve_sampler(name, sampling)
+    error = task_error(caught.value, "scheduler")
+    assert error.code == "invalidParameter" and error.parameter == "scheduler"
+    assert error.allowed_values == list(NAMES_BY_SAMPLING[sampling])
+    assert f"runs here only on {kind}" in error.message
+    assert f"this model is one of the {other}" in error.message
+
+
+def test_unknown_names_on_flow_models_list_the_flow_samplers() -> None:
+    with pytest.raises(UnknownSampler) as caught:
+        resolve_sampler("Warp", FLOW)
+    assert caught.value.allowed_values == list(NAMES_BY_SAMPLING[FLOW]) == sorted(
+        ["Default", *FLOW_SAMPLERS], key=str.casefold)
+    assert "FlowMatchEulerDiscreteScheduler" in caught.value.problem
+
+
 def test_allowed_values_are_sorted_and_complete() -> None:
     assert list(SAMPLER_NAMES) == sorted(SAMPLER_NAMES, key=str.casefold)
     assert set(SAMPLER_NAMES) == {"Default", *SAMPLERS}
@@ -135,7 +191,7 @@ def test_allowed_values_are_sorted_and_complete() -> None:
 def test_every_spec_names_a_diffusers_class() -> None:
     import diffusers
 
-    for spec in SAMPLERS.values():
+    for spec in [*SAMPLERS.values(), *FLOW_SAMPLERS.values()]:
         assert hasattr(diffusers, spec.class_name), spec
 
 

@@ -46,6 +46,15 @@ def test_an_existing_model_is_not_rebuilt(tiny_model_dir: Path) -> None:
     assert weights.stat().st_mtime_ns == before
 
 
+@pytest.mark.parametrize("builder", ["tiny-controlnet", "tiny-safety", "tiny-upscaler"])
+def test_a_model_of_another_layout_is_not_rebuilt_either(builder: str, tmp_path: Path) -> None:
+    target = ensure_embedded(builder, tmp_path / builder)
+    files = {path: path.stat().st_mtime_ns for path in target.rglob("*") if path.is_file()}
+    assert files and not (target / "model_index.json").exists()
+    assert ensure_embedded(builder, target) == target
+    assert {path: path.stat().st_mtime_ns for path in target.rglob("*") if path.is_file()} == files
+
+
 def test_an_incomplete_directory_is_replaced_and_no_temporary_files_remain(tmp_path: Path) -> None:
     target = tmp_path / "models" / "imagewire-tiny-1"
     (target / "unet").mkdir(parents=True)
@@ -221,3 +230,68 @@ def test_the_tiny_sdxl_pair_is_shaped_like_sdxl_base_and_refiner(models_dir: Pat
     assert base.vae.config.scaling_factor == 0.13025
     # Three text-encoder layers: every clipSkip value leaves some.
     assert base.text_encoder.config.num_hidden_layers == base.text_encoder_2.config.num_hidden_layers == 3
+
+
+# ---------------------------------------------------------------- the flow-matching models: FLUX and SD 3.5
+
+FLOW_BUILDS = {
+    "tiny-flux": ("imagewire-tiny-flux-1", "FluxPipeline", ["text_encoder", "text_encoder_2", "transformer", "vae"]),
+    "tiny-sd3": ("imagewire-tiny-sd3-1", "StableDiffusion3Pipeline",
+                 ["text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae"]),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FLOW_BUILDS))
+def flow_build(request: pytest.FixtureRequest, tiny_data_dir: Path) -> tuple[str, Path]:
+    builder = request.param
+    return builder, ensure_embedded(builder, tiny_data_dir / "models" / FLOW_BUILDS[builder][0])
+
+
+def weight_files(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.glob("*/*.safetensors"))}
+
+
+def test_flow_models_build_identically_every_time(flow_build: tuple[str, Path], tmp_path: Path) -> None:
+    builder, folder = flow_build
+    again = ensure_embedded(builder, tmp_path / "again")
+    assert weight_files(again) == weight_files(folder)
+    assert sorted({name.split("/")[0] for name in weight_files(folder)}) == FLOW_BUILDS[builder][2]
+
+
+def test_flow_models_have_every_component_of_the_real_architecture(flow_build: tuple[str, Path]) -> None:
+    builder, folder = flow_build
+    pipe: Any = AutoPipelineForText2Image.from_pretrained(folder)
+    assert type(pipe).__name__ == FLOW_BUILDS[builder][1]
+    # The 16-channel VAE with the latent scale factor of 8, and the flow-matching sampler.
+    assert pipe.vae.config.latent_channels == 16 and pipe.vae_scale_factor == 8
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    t5 = pipe.text_encoder_2 if builder == "tiny-flux" else pipe.text_encoder_3
+    t5_tokenizer = pipe.tokenizer_2 if builder == "tiny-flux" else pipe.tokenizer_3
+    assert type(t5).__name__ == "T5EncoderModel"
+    assert type(pipe.text_encoder).__name__.startswith("CLIPTextModel")
+    assert pipe.transformer.config.joint_attention_dim == t5.config.d_model
+    if builder == "tiny-flux":
+        assert pipe.transformer.config.in_channels == 16 * 4  # 2×2 patches of 16 channels
+        assert pipe.transformer.config.guidance_embeds  # FLUX.1 [dev]'s guidance embedding
+        assert pipe.scheduler.config.use_dynamic_shifting
+    else:
+        assert pipe.transformer.config.in_channels == 16 and pipe.transformer.config.patch_size == 2
+        assert pipe.transformer.config.pooled_projection_dim == 2 * pipe.text_encoder.config.projection_dim
+    ids = t5_tokenizer("a photo, 東京 🐱", padding="max_length", max_length=32, truncation=True).input_ids
+    assert len(ids) == 32 and max(ids) < t5.config.vocab_size
+    parameters = sum(p.numel() for p in pipe.transformer.parameters())
+    assert parameters < 500_000
+
+
+def test_the_t5_tokenizer_reads_back_as_it_was_built(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from imagewire.air_registry.tiny.tokenizers import build_t5_tokenizer
+
+    built = build_t5_tokenizer()
+    built.save_pretrained(tmp_path)
+    read = AutoTokenizer.from_pretrained(tmp_path)
+    for prompt in ["a castle on a hill", "", "ünïcödé, 東京", "x" * 600]:
+        assert read(prompt).input_ids == built(prompt).input_ids
+    ids = built("ab c").input_ids
+    assert built.convert_ids_to_tokens(ids) == ["\u2581", "a", "b", "\u2581", "c", "</s>"]

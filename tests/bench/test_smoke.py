@@ -68,6 +68,17 @@ def test_quick_cpu_run_writes_json_with_its_environment(cpu_results: dict[str, A
     assert "### Targets" in Path(cpu_results["files"]["markdown"]).read_text(encoding="utf-8")
 
 
+def test_gpu_suite_dry_run_serves_flux_and_sd35_shapes_through_a_catalog(tmp_path: Path) -> None:
+    results = main(["--suite", "gpu", "--dry-run", "--sections", "latency", "--models", "flux,sd35",
+                    "--models-dir", str(tmp_path / "models"), "--out", str(tmp_path / "out")])
+    assert [row["workload"] for row in results["latency"]] == [
+        "flux txt2img 128² 2 steps", "flux img2img 128² 2 steps", "sd35 txt2img 128² 2 steps",
+        "sd35 img2img 128² 2 steps"]
+    assert all(_numbers(row["served_ms"]) and _numbers(row["raw_ms"]) for row in results["latency"])
+    index = json.loads((tmp_path / "models" / "flux-random-small" / "model_index.json").read_text())
+    assert index["_class_name"] == "FluxPipeline"
+
+
 def test_gpu_suite_dry_run_serves_both_architectures_through_a_catalog(tmp_path: Path) -> None:
     results = main(["--suite", "gpu", "--dry-run", "--sections", "latency", "--models-dir", str(tmp_path / "models"),
                     "--out", str(tmp_path / "out")])
@@ -99,6 +110,45 @@ def test_shrunk_sd15_builds_with_real_block_layout() -> None:
     assert pipe.tokenizer("a lighthouse").input_ids[-1] < pipe.text_encoder.config.vocab_size
 
 
+def test_flow_configs_keep_their_published_shapes() -> None:
+    flux, sd35 = load_config("flux")["transformer"], load_config("sd35")
+    # FLUX.1 [dev]: 19 double- and 38 single-stream blocks of width 3072, reading T5 XXL and CLIP L's pool.
+    assert (flux["num_layers"], flux["num_single_layers"], flux["num_attention_heads"] * flux["attention_head_dim"]) \
+        == (19, 38, 3072)
+    assert flux["joint_attention_dim"] == load_config("flux")["text_encoder_2"]["d_model"] == 4096
+    assert flux["guidance_embeds"] and sum(flux["axes_dims_rope"]) == flux["attention_head_dim"]
+    # SD 3.5 large: 38 MMDiT blocks of width 2432, both CLIPs' pools, T5 XXL.
+    transformer = sd35["transformer"]
+    assert transformer["num_layers"] == 38 and transformer["caption_projection_dim"] == 38 * 64
+    assert transformer["pooled_projection_dim"] == sd35["text_encoder"]["projection_dim"] + sd35["text_encoder_2"][
+        "projection_dim"]
+    assert transformer["joint_attention_dim"] == sd35["text_encoder_3"]["d_model"]
+
+
+@pytest.mark.parametrize(("architecture", "model_class", "billions"), [
+    ("flux", "FluxTransformer2DModel", 11.9), ("sd35", "SD3Transformer2DModel", 8.1)])
+def test_flow_transformers_have_their_published_parameter_counts(architecture: str, model_class: str,
+                                                                 billions: float) -> None:
+    import diffusers
+    import torch
+
+    with torch.device("meta"):  # shapes only: no memory for the weights
+        transformer = getattr(diffusers, model_class)(**load_config(architecture)["transformer"])
+    assert round(sum(p.numel() for p in transformer.parameters()) / 1e9, 1) == billions
+
+
+@pytest.mark.parametrize(("architecture", "pipeline"), [("flux", "FluxPipeline"), ("sd35", "StableDiffusion3Pipeline")])
+def test_shrunk_flow_models_build_and_run_with_every_component(architecture: str, pipeline: str) -> None:
+    import torch
+
+    pipe = build_pipeline(shrink(load_config(architecture)), device="cpu", dtype=torch.float32)
+    assert type(pipe).__name__ == pipeline
+    assert pipe.vae_scale_factor == 8 and pipe.vae.config.latent_channels == 16
+    image = pipe("a lighthouse", width=64, height=64, num_inference_steps=1, max_sequence_length=32,
+                 generator=torch.Generator("cpu").manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+
+
 def test_task_log_lines_parse() -> None:
     line = ("2026-01-01 INFO imagewire.task taskUUID=abc taskType=imageInference outcome=success results=1 "
             "total_ms=412.0 decode_ms=3.1 queue_ms=0.2 model_ms=380.4 encode_ms=9.8 store_ms=1.2 send_ms=0.4")
@@ -125,3 +175,11 @@ def test_the_model_switch_script_times_every_scenario(tmp_path: Path) -> None:
     assert [row["scenario"] for row in results["rows"]] == [label for label, _, _ in SCENARIOS]
     assert all(_numbers(row["switch_ms"]) and _numbers(row["image_after_switch_ms"]) for row in results["rows"])
     assert results["environment"]["command"].startswith("python -m bench.model_switch")
+
+
+def test_the_editing_stages_benchmark_measures_every_stage():
+    from bench.editing import image_stages
+
+    rows = image_stages(repeats=1)
+    assert {size for _, size, _ in rows} == {"512²", "1024²"}
+    assert all(ms > 0 for _, _, ms in rows)

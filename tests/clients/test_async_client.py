@@ -171,7 +171,7 @@ async def test_eight_concurrent_calls_on_one_connection_each_get_their_own_resul
 async def test_models_lists_the_servers_models(server):
     async with Client(server.url, API_KEY) as client:
         every = await client.models()
-        tiny = await client.models(TINY)
+        tiny = await client.models(TINY, category="checkpoint")
     assert TINY in [model.air for model in every]
     assert [model.air for model in tiny] == [TINY]
     assert tiny[0].defaultWidth >= 128 and tiny[0].available
@@ -360,3 +360,68 @@ async def test_add_ons_reach_the_server_and_change_the_image(server):
     images = [result.image_bytes for result in (plain, with_lora, skipped, sdxl, refined)]
     assert len(set(images)) == 5
     assert failure.value.code == "invalidParameter" and failure.value.parameter == "lora[0].weight"
+
+
+# ---------------------------------------------------------------- editing
+
+
+async def test_inpainting_outpainting_controlnet_and_guide_images(start_server):
+    import numpy as np
+    from imagewire_client import ControlNet, Outpaint
+
+    from tests.server.test_editing import BOX, mask_picture, outside, seed_picture
+
+    server = await start_server(safety_checker="imagewire:tiny-safety@1")
+    seed = seed_picture()
+    async with Client(server.url, API_KEY) as client:
+        # Any image form: a PIL image for the seed, bytes for the mask.
+        buffer = io.BytesIO()
+        mask_picture().save(buffer, "PNG")
+        [inpainted] = await client.image_inference(
+            model=TINY, positive_prompt="a door", seed_image=seed, mask_image=buffer.getvalue(), width=128,
+            height=128, steps=2, seed=4, output_type="base64Data", mask_margin=32, check_nsfw=True)
+        guide = await client.controlnet_preprocess(seed, low_threshold=50, high_threshold=150)
+        [guided] = await client.image_inference(
+            model=TINY, positive_prompt="a door", width=128, height=128, steps=2, seed=4, output_type="base64Data",
+            control_net=[ControlNet(model="imagewire:tiny-controlnet@1", guide_image=guide.uuid, weight=0.8,
+                                    end_step_percentage=50, control_mode="prompt")])
+        [extended] = await client.image_inference(
+            model=TINY, positive_prompt="a door", seed_image=seed, steps=2, seed=4, output_type="base64Data",
+            outpaint=Outpaint(right=64, blur=8))
+    result = np.asarray(Image.open(io.BytesIO(inpainted.image_bytes)).convert("RGB"))
+    assert np.array_equal(result[outside(BOX)], np.asarray(seed)[outside(BOX)])
+    assert inpainted.nsfw_content is False
+    assert guide.image_bytes and set(np.unique(np.asarray(Image.open(io.BytesIO(guide.image_bytes))))) <= {0, 255}
+    assert Image.open(io.BytesIO(guided.image_bytes)).size == (128, 128)
+    assert Image.open(io.BytesIO(extended.image_bytes)).size == (192, 128)
+
+
+# ---------------------------------------------------------------- progress and cancelling
+
+
+async def test_on_progress_hears_each_step_before_the_results(server):
+    heard: list[dict] = []
+    async with Client(server.url, API_KEY) as client:
+        results = await generate(client, steps=5, number_results=2, on_progress=heard.append)
+    assert len(results) == 2 and all("imageUUID" not in item for item in heard)
+    for index in (0, 1):
+        steps = [item["step"] for item in heard if item.get("resultIndex") == index]
+        assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 5
+
+
+async def test_a_call_can_be_cancelled_by_its_task_uuid(start_server):
+    engine = HeldEngine()
+    server = await start_server(engine_factory=lambda: engine)
+    async with Client(server.url, API_KEY) as client:
+        task_uuid = "5b3a3f7e-8f2c-4c9e-9d3a-0c6e1a2b3c4d"
+        call = asyncio.create_task(generate(client, task_uuid=task_uuid))
+        assert await asyncio.to_thread(engine.started.wait, seconds(10))
+        assert await client.cancel(task_uuid) is True
+        with pytest.raises(ImagewireError) as failure:
+            await call
+        assert failure.value.code == "taskCancelled"
+        assert await client.cancel(task_uuid) is False  # it has ended
+        with pytest.raises(ImagewireError) as unknown:
+            await client.cancel("6b3a3f7e-8f2c-4c9e-9d3a-0c6e1a2b3c4d")
+        assert unknown.value.code == "taskNotFound"
+    engine.release.set()

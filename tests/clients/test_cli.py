@@ -126,16 +126,17 @@ async def test_generate_image_to_image_from_a_file_and_from_a_uuid(server, tmp_p
     assert opened(tmp_path / relative) == ("WEBP", (128, 128))
 
 
-async def test_generate_shows_elapsed_seconds_when_stderr_is_a_terminal(server, tmp_path: Path):
+async def test_generate_shows_a_progress_bar_when_stderr_is_a_terminal(server, tmp_path: Path):
     run = await imagewire("generate", *SMALL, "--prompt", "a kite", "--width", "128", "--height", "128",
                           "--out", str(tmp_path), url=server.url, stderr_tty=True)
     assert run.code == 0, run.stderr
-    assert "\rgenerating 1 image... " in run.stderr and " s" in run.stderr
+    assert "\r\x1b[Kgenerating 1 image" in run.stderr and " s" in run.stderr
+    assert "] 100% step " in run.stderr, "the bar follows the server's progress items"
     assert run.stderr.endswith("\r\x1b[K"), "the progress line is cleared at the end"
 
 
 async def test_models_lists_air_name_architecture_and_default_size(server):
-    run = await imagewire("models", TINY, url=server.url)
+    run = await imagewire("models", TINY, "--category", "checkpoint", url=server.url)
     assert run.code == 0, run.stderr
     (line,) = run.lines
     air, name, architecture, size = line.split("\t")
@@ -204,3 +205,75 @@ async def test_generate_with_a_lora_a_clip_skip_and_a_refiner(server, tmp_path: 
 async def test_bad_add_on_options_are_usage_errors(args: list[str], message: str):
     run = await imagewire("generate", *SMALL, "--prompt", "a fox", *args)
     assert run.code == 2 and message in run.stderr
+
+
+def size_of(path: str) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.size
+
+
+async def test_preprocess_then_inpaint_with_the_guide_image(server, tmp_path):
+    from tests.server.test_editing import mask_picture, seed_picture
+
+    seed_picture().save(tmp_path / "seed.png")
+    mask_picture().save(tmp_path / "mask.png")
+    run = await imagewire("preprocess", str(tmp_path / "seed.png"), "--low", "50", "--high", "150",
+                          "--out", str(tmp_path / "guides"), url=server.url)
+    assert run.code == 0, run.stderr
+    (guide_path,) = run.lines
+    assert size_of(guide_path) == (128, 128)
+    guide_uuid = Path(guide_path).stem
+    run = await imagewire("generate", *SMALL, "--prompt", "a door", "--image", str(tmp_path / "seed.png"),
+                          "--mask", str(tmp_path / "mask.png"), "--mask-margin", "32",
+                          "--controlnet", "imagewire:tiny-controlnet@1", guide_uuid, "0.7",
+                          "--control-mode", "controlnet", "--out", str(tmp_path / "out"), url=server.url)
+    assert run.code == 0, run.stderr
+    (path,) = run.lines
+    assert size_of(path) == (128, 128)
+    run = await imagewire("generate", *SMALL, "--prompt", "a door", "--image", str(tmp_path / "seed.png"),
+                          "--outpaint", "0,64,0,0", "--out", str(tmp_path / "out"), url=server.url)
+    assert run.code == 0, run.stderr
+    assert size_of(run.lines[0]) == (192, 128)
+    run = await imagewire("generate", *SMALL, "--prompt", "a door", "--controlnet", "imagewire:tiny-controlnet@1",
+                          url=server.url)
+    assert run.code == 1 and "AIR GUIDE [WEIGHT]" in run.stderr
+
+
+def test_the_progress_bar_shows_the_tasks_percent_and_step() -> None:
+    import io
+
+    from imagewire_client.cli import Progress
+
+    progress = Progress("generating 2 images", io.StringIO())
+    assert progress.line(1.0) == "generating 2 images... 1.0 s"
+    progress.update({"progress": 0, "queuePosition": 3})
+    assert progress.line(1.5) == "generating 2 images... queued, 3 ahead, 1.5 s"
+    progress.update({"progress": 50, "resultIndex": 0, "step": 5, "steps": 10})
+    progress.update({"progress": 100, "resultIndex": 1, "step": 10, "steps": 10})
+    assert progress.line(2.0) == "generating 2 images [##################------]  75% step 10/10 2.0 s"
+
+
+async def test_the_tool_commands_upscale_cut_out_caption_and_enhance(server, tmp_path: Path):
+    picture = tmp_path / "in.png"
+    Image.linear_gradient("L").resize((30, 20)).convert("RGB").save(picture)
+    upscaled = await imagewire("upscale", str(picture), "--factor", "4", "--out", str(tmp_path / "big"), url=server.url)
+    assert upscaled.code == 0, upscaled.stderr
+    (path,) = upscaled.lines
+    with Image.open(path) as result:
+        assert result.size == (120, 80)
+    cut = await imagewire("remove-background", str(picture), "--rgba", "0,0,255,0.5", "--format", "webp",
+                          "--out", str(tmp_path), url=server.url)
+    assert cut.code == 0, cut.stderr
+    (path,) = cut.lines
+    with Image.open(path) as result:
+        assert path.endswith(".webp") and result.mode == "RGBA"
+    caption = await imagewire("caption", str(picture), "--prompt", "a photo of", url=server.url)
+    assert caption.code == 0 and caption.stdout.startswith("a photo of"), caption.stderr
+    enhanced = await imagewire("enhance-prompt", "a red fox", "--versions", "3", "--max-length", "30", "--seed", "4",
+                               url=server.url)
+    assert enhanced.code == 0, enhanced.stderr
+    assert len(enhanced.lines) == 3 and all(line.startswith("a red fox") for line in enhanced.lines)
+    bad = await imagewire("upscale", str(picture), "--factor", "5", url=server.url)
+    assert bad.code == 1 and "upscaleFactor" in bad.stderr

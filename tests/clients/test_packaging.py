@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from imagewire_client import requests
+from imagewire_client import requests, schema
 
 from imagewire.server import protocol
 from tests.timing import seconds
@@ -48,6 +47,16 @@ def _every_request() -> list:
             vae="imagewire:tiny-vae@1", clip_skip=2, prompt_weighting="sdEmbeds",
             refiner=requests.refiner("imagewire:tiny-sdxl-refiner@1", start_percentage=75),
         ),
+        requests.image_inference(
+            model="imagewire:tiny-inpaint@1", positive_prompt="a door", seed_image=data_uri, mask_image=data_uri,
+            mask_margin=48, check_nsfw=True, safety={"checkInputs": True},
+            control_net=[schema.ControlNet(model="imagewire:tiny-controlnet@1", guideImage=data_uri, weight=0.5,
+                                           startStep=2, endStepPercentage=80, controlMode="controlnet")],
+        ),
+        requests.image_inference(model="imagewire:tiny@1", positive_prompt="a door", seed_image=data_uri,
+                                 outpaint=schema.Outpaint(top=64, left=128, blur=8)),
+        requests.controlnet_preprocess(input_image=data_uri, preprocessor="canny", width=256, low_threshold=50,
+                                       high_threshold=150, output_type=["URL", "base64Data"]),
     ]
 
 
@@ -69,10 +78,9 @@ def test_requests_leave_unset_fields_off_the_wire():
 
 
 def test_installing_the_client_pulls_no_model_stack():
-    # With setuptools at hand the metadata is built offline; otherwise pip fetches the build backend.
-    isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
+    # Offline: the test extra brings the build backend.
     report = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--no-deps", *isolation,
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--no-deps", "--no-build-isolation",
          "--quiet", "--report", "-", str(CLIENT_DIR)],
         capture_output=True, text=True, check=True, timeout=seconds(120),
     )

@@ -44,7 +44,7 @@ async def test_sync_client_uploads_and_generates_text_to_image_and_image_to_imag
             image_to_image = client.image_inference(
                 model=TINY, positive_prompt="a lighthouse at dawn", seed_image=uploaded, strength=0.5, steps=2,
                 output_type=["URL", "base64Data"])
-            models = client.models(TINY)
+            models = client.models(TINY, category="checkpoint")
         return uploaded, text_to_image, image_to_image, models
 
     uploaded, text_to_image, image_to_image, models = await asyncio.to_thread(work)
@@ -87,3 +87,23 @@ async def test_sync_client_close_is_idempotent_and_stops_its_thread(server):
     loop_threads, closed = await asyncio.to_thread(work)
     assert loop_threads and not any(thread.is_alive() for thread in loop_threads)
     assert closed.code == "clientClosed"
+
+
+async def test_the_tool_calls_of_the_blocking_client(server, tmp_path):
+    picture = Image.linear_gradient("L").resize((24, 16)).convert("RGB")
+
+    def work():
+        with SyncClient(server.url, API_KEY) as client:
+            upscaled = client.upscale(picture, factor=2, output_type="base64Data", include_cost=True)
+            cutout = client.remove_background(upscaled.image_uuid, output_type="base64Data",
+                                              settings={"returnOnlyMask": True})
+            caption = client.caption(upscaled.input_image_uuid)
+            versions = client.enhance_prompt("a castle", versions=2, max_length=20)
+        return upscaled, cutout, caption, versions
+
+    upscaled, cutout, caption, versions = await asyncio.to_thread(work)
+    assert Image.open(io.BytesIO(upscaled.image_bytes)).size == (48, 32) and upscaled.cost is not None
+    mask = Image.open(io.BytesIO(cutout.image_bytes))
+    assert mask.mode == "L" and mask.size == (48, 32) and cutout.input_image_uuid == upscaled.image_uuid
+    assert caption.text
+    assert len(versions) == 2 and len({version.text for version in versions}) == 2

@@ -21,6 +21,7 @@ from imagewire.server.engine import DiffusersEngine
 from imagewire.server.engine.conditioning import sd_embeds_fragments, skipping_clip_layers
 from imagewire.tasks.errors import TaskError
 from imagewire.tasks.jobs import AddOn, InferenceJob, RefinerPass
+from tests.engines import Collect
 
 CATALOG = Catalog.load()
 TINY, TINY_SDXL, REFINER = (CATALOG.resolve(name) for name in ("tiny", "tiny-sdxl", "tiny-sdxl-refiner"))
@@ -74,9 +75,9 @@ def job(engine_data: Path) -> Callable[..., InferenceJob]:
 
 def images(engine: DiffusersEngine, *jobs: InferenceJob) -> list[np.ndarray]:
     """Run ``jobs`` in one engine call (they must share a batch key); the first image of each."""
-    made: dict[int, list[Any]] = {}
-    engine.run(list(jobs), lambda index, results: made.setdefault(index, []).extend(results))
-    return [np.asarray(made[index][0].image).astype(int) for index in range(len(jobs))]
+    made = Collect(len(jobs))
+    engine.run(list(jobs), made)
+    return [np.asarray(made.results[index][0].image).astype(int) for index in range(len(jobs))]
 
 
 def image(engine: DiffusersEngine, job: InferenceJob) -> np.ndarray:
@@ -293,11 +294,14 @@ def test_sdxl_takes_weighted_prompts_like_plain_ones(engine, job):
 
 def test_an_image_from_the_tiny_pair_is_an_image(engine, job):
     refiner_weights = locate_weights(REFINER, data_dir=engine.pipelines.data_dir, allow_downloads=False)
-    made: dict[int, list[Any]] = {}
-    engine.run([job(model=TINY_SDXL, seeds=(1, 2), refiner=RefinerPass(REFINER, refiner_weights, 0.5))],
-               lambda index, results: made.setdefault(index, []).extend(results))
-    assert [result.seed for result in made[0]] == [1, 2]
-    assert all(isinstance(result.image, Image.Image) and result.image.size == (128, 128) for result in made[0])
+    made = Collect(1)
+    engine.run([job(model=TINY_SDXL, seeds=(1, 2), refiner=RefinerPass(REFINER, refiner_weights, 0.5))], made)
+    assert [result.seed for result in made.results[0]] == [1, 2]
+    assert all(isinstance(result.image, Image.Image) and result.image.size == (128, 128)
+               for result in made.results[0])
+    # The refiner's steps continue the model's count: one progress scale for the whole job.
+    assert [step.done for step in made.steps[0]] == list(range(1, len(made.steps[0]) + 1))
+    assert made.steps[0][-1].done == made.steps[0][-1].total == 3
 
 
 def test_a_loras_text_encoder_layers_switch_with_it(engine, job, add_on):

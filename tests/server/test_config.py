@@ -54,9 +54,22 @@ def test_environment_fills_in_what_flags_leave_out_and_flags_win(monkeypatch):
     (["--auth-timeout", "0"], "argument --auth-timeout: must be greater than 0, got 0"),
     (["--image-ttl-days", "nan"], "argument --image-ttl-days: must be greater than 0, got nan"),
     (["--shutdown-grace", "-1"], "argument --shutdown-grace: must be at least 0, got -1"),
+    (["--civitai-url", "civitai.com"],
+     "argument --civitai-url: expected an http:// or https:// URL, got 'civitai.com'"),
 ])
 def test_bad_values_stop_the_start_naming_the_flag_the_allowed_range_and_the_value(argv, expected, capsys):
     assert expected in parse_error(argv, capsys)
+
+
+def test_model_download_settings_have_flags_and_environment_fallbacks(monkeypatch):
+    default = parse_args([])
+    assert (default.default_model, default.civitai_url, default.civitai_token, default.allow_downloads) == (
+        "imagewire:tiny@1", "https://civitai.com", None, False)
+    monkeypatch.setenv("IMAGEWIRE_CIVITAI_TOKEN", "t0ken")
+    monkeypatch.setenv("IMAGEWIRE_DEFAULT_MODEL", "sd-turbo")
+    config = parse_args(["--civitai-url", "http://127.0.0.1:9000/", "--allow-downloads"])
+    assert (config.default_model, config.civitai_url, config.civitai_token, config.allow_downloads) == (
+        "sd-turbo", "http://127.0.0.1:9000", "t0ken", True)
 
 
 def test_a_bad_environment_value_is_reported_like_a_bad_flag(monkeypatch, capsys):

@@ -29,7 +29,10 @@ async def test_async_delivery_acknowledges_at_once_and_get_response_returns_resu
     ack = await wire.receive()
     assert ack == {"data": [{"taskType": "imageInference", "taskUUID": task["taskUUID"]}]}
     pending = await get_response(wire, task["taskUUID"])
-    assert pending["data"] == [{"taskType": "imageInference", "taskUUID": task["taskUUID"], "status": "processing"}]
+    [processing] = pending["data"]
+    # progress (0 here: the job waits) once the job is queued; until then the task is just processing.
+    assert processing.pop("progress", 0) == 0
+    assert processing == {"taskType": "imageInference", "taskUUID": task["taskUUID"], "status": "processing"}
     engine.release.set()
 
     async def finished() -> dict | None:
@@ -118,6 +121,24 @@ async def test_conflicting_task_uuid_while_running_runs_only_once(start_server):
     data, _ = await wire.items_for(task["taskUUID"], 1)
     assert data and engine.ran == [task["taskUUID"]]
     await wire.close()
+
+
+async def test_a_task_uuid_is_each_keys_own(start_server):
+    # Key B reusing key A's taskUUID runs its own task: it is not told of A's, nor kept from running.
+    server = await start_server(api_keys=("key-a", "key-b"))
+    first, second = await Wire.open(server.url, api_key="key-a"), await Wire.open(server.url, api_key="key-b")
+    task = inference(seed=5)
+    [mine] = await first.run(task)
+    [theirs] = await second.run(dict(task, seed=6))
+    assert (mine["seed"], theirs["seed"]) == (5, 6) and mine["imageUUID"] != theirs["imageUUID"]
+    for wire, expected in ((first, mine), (second, theirs)):
+        answer = await get_response(wire, task["taskUUID"])
+        assert [item["imageUUID"] for item in answer["data"]] == [expected["imageUUID"]]
+    await first.send([dict(task)])
+    _, errors = await first.items_for(task["taskUUID"], 1)
+    assert errors[0]["code"] == "conflictTaskUUID"  # within one key, a UUID is still used once
+    await first.close()
+    await second.close()
 
 
 async def test_webhooks_receive_each_async_result(start_server):

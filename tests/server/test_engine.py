@@ -14,6 +14,7 @@ from imagewire.air_registry.catalog import Catalog
 from imagewire.air_registry.weights import locate_weights
 from imagewire.server.engine import DiffusersEngine
 from imagewire.tasks.jobs import GeneratedImage, InferenceJob
+from tests.engines import Collect
 
 TINY = Catalog.load().resolve("imagewire:tiny@1")
 
@@ -37,9 +38,9 @@ def job(data_dir: Path) -> Callable[..., InferenceJob]:
 
 def run(engine: DiffusersEngine, jobs: list[InferenceJob]) -> dict[str, list[GeneratedImage]]:
     """Run ``jobs`` in one engine call; each job's images by taskUUID, in emit order."""
-    made: dict[str, list[GeneratedImage]] = {job.task_uuid: [] for job in jobs}
-    engine.run(jobs, lambda index, images: made[jobs[index].task_uuid].extend(images))
-    return made
+    collected = Collect(len(jobs))
+    engine.run(jobs, collected)
+    return {job.task_uuid: collected.results[index] for index, job in enumerate(jobs)}
 
 
 def largest_difference(first: Image.Image, second: Image.Image) -> int:
@@ -66,11 +67,10 @@ def test_jobs_sharing_a_call_get_the_images_they_would_get_alone(engine, job, im
 
 
 def test_more_images_than_the_batch_size_are_split_across_calls(engine, job):
-    calls: list[int] = []
-    jobs = [job("a", "a red fox", [1, 2, 3]), job("b", "a blue bird", [4, 5])]
-    engine.run(jobs, lambda index, images: calls.append(len(images)))
+    collected = Collect(2)
+    engine.run([job("a", "a red fox", [1, 2, 3]), job("b", "a blue bird", [4, 5])], collected)
     # Four images fit one call (a's three, b's first); b's last comes in a second call.
-    assert calls == [3, 1, 1]
+    assert collected.calls == [3, 1, 1]
 
 
 # ---------------------------------------------------------------- golden output
@@ -110,3 +110,58 @@ def test_the_tiny_model_gives_its_golden_pixels(engine, job, image_to_image):
     assert np.abs(centre_slice(engine, job, **{**seed_image, "cfg_scale": 7.5}) - golden).max() > GOLDEN_TOLERANCE
     if image_to_image:
         assert np.abs(centre_slice(engine, job, **{**seed_image, "strength": 0.8}) - golden).max() > GOLDEN_TOLERANCE
+
+
+# ---------------------------------------------------------------- editing jobs in shared calls
+
+CATALOG = Catalog.load()
+
+
+def edited(job: Callable[..., InferenceJob], name: str, seed: int, data_dir: Path, *, mask_box=None,
+           guide_box=None, weight: float = 1.0, mode: str = "balanced") -> InferenceJob:
+    from imagewire.tasks.jobs import ControlNetUse
+
+    init = Image.new("RGB", (128, 128), (40 * seed % 255, 90, 160))
+    made = job(name, f"a picture number {seed}", [seed], init if mask_box else None)
+    changes: dict = {}
+    if mask_box is not None:
+        mask = Image.new("L", (128, 128), 0)
+        mask.paste(255, mask_box)
+        changes.update(mask_image=mask, strength=1.0)
+    if guide_box is not None:
+        entry = CATALOG.resolve("imagewire:tiny-controlnet@1")
+        guide = Image.new("RGB", (128, 128))
+        guide.paste((255, 255, 255), guide_box)
+        use = ControlNetUse(model=entry, weights=locate_weights(entry, data_dir=data_dir, allow_downloads=False),
+                            weight=weight, start=0.0, end=1.0, mode=mode)
+        changes.update(controlnets=(use,), guide_images=(guide,))
+    return dataclasses.replace(made, **changes)
+
+
+@pytest.mark.parametrize("kind", ["inpainting", "controlnet", "both"])
+def test_editing_jobs_sharing_a_call_get_the_images_they_would_get_alone(engine, job, data_dir, kind):
+    masks = {"inpainting": ((10, 10, 60, 60), (60, 40, 120, 100)), "controlnet": (None, None)}
+    guides = {"controlnet": ((0, 0, 64, 128), (64, 0, 128, 128)), "inpainting": (None, None)}
+    masks["both"], guides["both"] = masks["inpainting"], guides["controlnet"]
+    jobs = [edited(job, name, seed, data_dir, mask_box=mask, guide_box=guide)
+            for name, seed, mask, guide in zip("ab", (3, 4), masks[kind], guides[kind], strict=True)]
+    assert jobs[0].batch_key() == jobs[1].batch_key()
+    together = run(engine, jobs)
+    for one in jobs:
+        [alone] = run(engine, [one])[one.task_uuid]
+        assert largest_difference(together[one.task_uuid][0].image, alone.image) <= 2
+    assert largest_difference(together["a"][0].image, together["b"][0].image) > 2
+
+
+def test_jobs_with_other_controlnet_settings_or_another_mask_kind_never_share_a_call(job, data_dir):
+    base = edited(job, "a", 1, data_dir, guide_box=(0, 0, 64, 64))
+    same_set_other_guide = edited(job, "b", 2, data_dir, guide_box=(64, 64, 128, 128))
+    assert base.batch_key() == same_set_other_guide.batch_key()
+    for other in (edited(job, "c", 1, data_dir, guide_box=(0, 0, 64, 64), weight=0.5),
+                  edited(job, "d", 1, data_dir, guide_box=(0, 0, 64, 64), mode="prompt"),
+                  edited(job, "e", 1, data_dir),
+                  edited(job, "f", 1, data_dir, guide_box=(0, 0, 64, 64), mask_box=(0, 0, 10, 10))):
+        assert other.batch_key() != base.batch_key(), other.task_uuid
+    inpainting = edited(job, "g", 1, data_dir, mask_box=(0, 0, 10, 10))
+    image_to_image = dataclasses.replace(inpainting, mask_image=None)
+    assert inpainting.batch_key() != image_to_image.batch_key()

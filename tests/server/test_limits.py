@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.server.test_scheduler import HeldEngine
+from tests.engines import HeldEngine
 from tests.timing import seconds
-from tests.wire import Wire, inference
+from tests.wire import API_KEY, Wire, eventually, inference
 
 
 async def test_tasks_in_flight_per_connection_are_bounded(start_server):
@@ -41,20 +42,21 @@ async def test_tasks_in_flight_per_api_key_are_bounded_over_connections(start_se
     await second.close()
 
 
-async def test_unauthenticated_sockets_per_address_are_bounded(start_server):
+async def test_unauthenticated_sockets_per_address_are_bounded_by_closing_the_oldest(start_server):
     server = await start_server(max_unauthenticated_per_ip=2)
-    idle = [await connect(server.url) for _ in range(2)]
-    third = await connect(server.url)
-    message = await asyncio.wait_for(third.recv(), seconds(5))
-    assert "serviceUnavailable" in message and "authenticate" in message
+    oldest, idle = await connect(server.url), await connect(server.url)
+    await eventually(lambda: len(server.waiting_room) == 2)
+    newest = await connect(server.url)
+    # The oldest waiting socket makes room: a flood cannot lock out a client that authenticates at once.
+    message = await asyncio.wait_for(oldest.recv(), seconds(5))
+    assert "serviceUnavailable" in message and "authenticate" in message and "oldest" in message
     with pytest.raises(ConnectionClosed):
-        await asyncio.wait_for(third.recv(), seconds(5))
-    assert third.close_code == 1008
-    for websocket in idle:
+        await asyncio.wait_for(oldest.recv(), seconds(5))
+    assert oldest.close_code == 1008
+    await newest.send(json.dumps([{"taskType": "authentication", "apiKey": API_KEY}]))
+    assert "connectionSessionUUID" in await asyncio.wait_for(newest.recv(), seconds(5))
+    for websocket in (idle, newest):
         await websocket.close()
-    # once those are gone, new sockets are welcome again
-    wire = await Wire.open(server.url)
-    await wire.close()
 
 
 async def test_a_socket_that_never_authenticates_is_closed(start_server):

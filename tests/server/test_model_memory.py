@@ -31,7 +31,8 @@ async def test_preloaded_models_and_where_they_are_after_each_request(start_serv
 
 @pytest.mark.parametrize(("preload", "problem"), [
     ("nothing:here@1", "--preload 'nothing:here@1': 'nothing:here@1' is not in this server's catalog"),
-    ("tiny-lora", "--preload 'tiny-lora' is a lora model; preload checkpoints"),
+    ("tiny-lora", "--preload 'tiny-lora' is a lora model; name an imageInference checkpoint"),
+    ("tiny-upscaler", "--preload 'tiny-upscaler' is an upscaler model; name an imageInference checkpoint"),
 ])
 async def test_a_preload_the_catalog_does_not_hold_stops_the_start(start_server, preload, problem):
     with pytest.raises(ValueError) as caught:

@@ -54,6 +54,19 @@ GOOD = [
     {"outputQuality": 99}, {"deliveryMethod": "async"}, {"includeCost": True}, {"webhookURL": "https://x.example/h"},
     {"safety": {"checkContent": False}},
     {"safety": {"checkContent": False, "mode": "none", "tolerance": True}},
+    # Content checks are checked here; whether the checker's weights are on the server, in run.
+    {"safety": {"checkContent": True}}, {"safety": {"checkInputs": True, "mode": "fast"}}, {"checkNSFW": True},
+    {"controlNet": []},  # empty arrays mean absent
+    {"seedImage": "x", "maskImage": "y", "maskMargin": 32},
+    {"seedImage": "x", "outpaint": {"top": 64, "right": None, "blur": 16}},
+    {"model": "imagewire:tiny-inpaint@1", "seedImage": "x", "maskImage": "y"},
+    {"controlNet": [{"model": "imagewire:tiny-controlnet@1", "guideImage": "g", "weight": None, "startStep": None,
+                     "endStep": None, "startStepPercentage": None, "endStepPercentage": None, "controlMode": None}]},
+    {"controlNet": [{"model": "tiny-controlnet", "guideImage": "g", "controlMode": "controlnet", "startStep": 2,
+                     "endStepPercentage": 80}] * 2},
+    {"model": "imagewire:tiny-inpaint@1", "seedImage": "x", "maskImage": "y",
+     "controlNet": [{"model": "imagewire:tiny-controlnet@1", "guideImage": "g", "preprocessor": "canny",
+                     "lowThresholdCanny": 10, "highThresholdCanny": 20}]},
     {"seedImage": "x", "width": None, "height": None},
     {"negativePrompt": None, "seed": None},
     # Empty means absent: what clients send for "none" (PROTOCOL.md §11), even for parameters not run yet.
@@ -110,11 +123,9 @@ BAD = [
     ({"deliveryMethod": "later"}, "invalidParameter", "deliveryMethod"),
     ({"includeCost": "yes"}, "invalidParameter", "includeCost"),
     ({"taskUUID": "not-a-uuid"}, "invalidParameter", "taskUUID"),
-    ({"safety": {"checkContent": True}}, "unsupportedParameter", "safety.checkContent"),
-    ({"safety": {"checkInputs": True}}, "unsupportedParameter", "safety.checkInputs"),
-    ({"safety": {"mode": "fast"}}, "unsupportedParameter", "safety.mode"),
+    ({"safety": {"mode": "strict"}}, "invalidParameter", "safety.mode"),
+    ({"safety": {"checkContent": "yes"}}, "invalidParameter", "safety.checkContent"),
     ({"safety": {"checkContent": False, "nsfw": True}}, "unknownParameter", "safety.nsfw"),
-    ({"checkNSFW": True}, "unsupportedParameter", "checkNSFW"),
     # LoRAs, embeddings, VAE, CLIP skip, prompt weighting, refiner: each bad value named by its path.
     ({"lora": [{"model": "tiny-lora", "weight": 4.5}]}, "invalidParameter", "lora[0].weight"),
     ({"lora": [{"model": "tiny-lora"}, {"model": "x:y@1", "weight": -5}]}, "invalidParameter", "lora[1].weight"),
@@ -154,9 +165,54 @@ BAD = [
      "refiner"),
     ({"refiner": {"model": "tiny-sdxl-refiner", "start": 3}, "model": "tiny-sdxl"}, "unknownParameter",
      "refiner.start"),
-    ({"controlNet": [{"model": "x"}]}, "unsupportedParameter", "controlNet"),
     ({"outputType": ["URL", "file"]}, "invalidParameter", "outputType[1]"),
-    ({"maskImage": "x"}, "unsupportedParameter", "maskImage"),
+    ({"maskImage": "x"}, "missingParameter", "seedImage"),
+    ({"outpaint": {"top": 64}}, "missingParameter", "seedImage"),
+    ({"seedImage": "x", "maskImage": "y", "outpaint": {"top": 64}}, "invalidParameter", "outpaint"),
+    ({"seedImage": "x", "outpaint": {"top": 100}}, "invalidParameter", "outpaint.top"),
+    ({"seedImage": "x", "outpaint": {"left": -64}}, "invalidParameter", "outpaint.left"),
+    ({"seedImage": "x", "outpaint": {"blur": 33, "top": 64}}, "invalidParameter", "outpaint.blur"),
+    ({"seedImage": "x", "outpaint": {"top": 64, "middle": 64}}, "unknownParameter", "outpaint.middle"),
+    ({"seedImage": "x", "maskImage": "y", "maskMargin": 16}, "invalidParameter", "maskMargin"),
+    ({"seedImage": "x", "maskImage": "y", "maskMargin": 129}, "invalidParameter", "maskMargin"),
+    ({"seedImage": "x", "maskMargin": 32}, "invalidParameter", "maskMargin"),
+    ({"model": "imagewire:tiny-inpaint@1", "seedImage": "x"}, "missingParameter", "maskImage"),
+    ({"model": "imagewire:tiny-inpaint@1"}, "missingParameter", "seedImage"),
+    ({"model": "imagewire:tiny-controlnet@1"}, "invalidParameter", "model"),
+    ({"controlNet": [{"model": "imagewire:tiny-controlnet@1", "guideImage": "g", "weight": 2}]},
+     "invalidParameter", "controlNet[0].weight"),
+    ({"controlNet": [{"model": "imagewire:tiny-controlnet@1"}]}, "missingParameter", "controlNet[0].guideImage"),
+    ({"controlNet": [{"model": "imagewire:tiny-controlnet@1", "guideImage": "g", "mode": "x"}]},
+     "unknownParameter", "controlNet[0].mode"),
+    ({"controlNet": [{"model": "imagewire:tiny-controlnet@1", "guideImage": "g", "controlMode": "strong"}]},
+     "invalidParameter", "controlNet[0].controlMode"),
+    ({"controlNet": [{"model": "imagewire:tiny-controlnet@1", "guideImage": "g"},
+                     {"model": "imagewire:sd15-controlnet-canny@1", "guideImage": "g"}]},
+     "invalidParameter", "controlNet[1].model"),
+    ({"controlNet": [{"model": "imagewire:tiny@1", "guideImage": "g"}]}, "invalidParameter", "controlNet[0].model"),
+    ({"controlNet": [{"model": "nope:1@1", "guideImage": "g"}]}, "modelNotFound", "controlNet[0].model"),
+    ({"controlNet": [{"model": "imagewire:tiny-controlnet@1", "guideImage": "g", "startStep": 9}], "steps": 8},
+     "invalidParameter", "controlNet[0].startStep"),
+    ({"controlNet": [{"model": "imagewire:tiny-controlnet@1", "guideImage": "g", "startStep": 2,
+                      "startStepPercentage": 10}]}, "invalidParameter", "controlNet[0].startStepPercentage"),
+    ({"controlNet": [{"model": "imagewire:tiny-controlnet@1", "guideImage": "g", "startStepPercentage": 50,
+                      "endStepPercentage": 40}]}, "invalidParameter", "controlNet[0].endStepPercentage"),
+    ({"controlNet": [{"model": "imagewire:tiny-controlnet@1", "guideImage": "g", "preprocessor": "depth_midas"}]},
+     "invalidParameter", "controlNet[0].preprocessor"),
+    ({"controlNet": [{"model": "imagewire:tiny-controlnet@1", "guideImage": "g", "preprocessor": "canny",
+                      "lowThresholdCanny": 200, "highThresholdCanny": 100}]},
+     "invalidParameter", "controlNet[0].lowThresholdCanny"),
+    ({"controlNet": [{"model": "imagewire:tiny-controlnet@1", "guideImage": "g"}] * 5},
+     "invalidParameter", "controlNet"),
+    # The flow-matching families take no add-ons yet: refused by the member's path, before anything is queued.
+    ({"lora": [{"model": "tiny-lora"}], "model": "tiny-flux"}, "unsupportedParameter", "lora[0].model"),
+    ({"embeddings": [{"model": "tiny-embedding"}], "model": "tiny-sd3"}, "unsupportedParameter",
+     "embeddings[0].model"),
+    ({"vae": "tiny-vae", "model": "tiny-flux"}, "unsupportedParameter", "vae"),
+    ({"clipSkip": 1, "model": "tiny-sd3"}, "unsupportedParameter", "clipSkip"),
+    ({"promptWeighting": "compel", "model": "tiny-flux"}, "unsupportedParameter", "promptWeighting"),
+    ({"usePromptWeighting": True, "model": "tiny-flux"}, "unsupportedParameter", "usePromptWeighting"),
+    ({"refiner": {"model": "tiny-sdxl-refiner"}, "model": "tiny-flux"}, "invalidParameter", "refiner"),
     ({"ttl": 60}, "unsupportedParameter", "ttl"),
     ({"frobnicate": 1}, "unknownParameter", "frobnicate"),
     ({"cfgScale": 7}, "unknownParameter", "cfgScale"),
@@ -214,7 +270,7 @@ def test_dimension_from_the_seed_image_is_rounded_to_64_and_clamped():
 
 @pytest.mark.parametrize("obj,code", [
     ({"taskUUID": UUID}, "missingParameter"),
-    ({"taskType": "imageCaption", "taskUUID": UUID}, "unsupportedTaskType"),
+    ({"taskType": "imageMasking", "taskUUID": UUID}, "unsupportedTaskType"),
     ({"taskType": "doesNotExist", "taskUUID": UUID}, "unsupportedTaskType"),
     ({"taskType": 5, "taskUUID": UUID}, "missingParameter"),
 ])
@@ -301,3 +357,16 @@ def test_add_on_errors_say_what_fits_and_what_was_received():
     assert error.allowed_values == ["compel", "sdEmbeds"] and "received 'fancy'" in error.message
     error = error_of(task(clipSkip=3))
     assert error.message == "Invalid clipSkip: expected an integer from 0 to 2; received 3."
+
+
+def test_a_lone_surrogate_anywhere_is_named_in_an_error_that_is_itself_valid_text():
+    frame = ('[{"taskType":"ping","ping":true,"note":"fine \\ud83d\\ude00 \\ud800"},'
+             '{"taskType":"ping","\\udc00":1},{"taskType":"ping","ping":true}]')
+    in_value, in_key, fine = protocol.decode_frame(frame, max_tasks=10)
+    assert in_value.error is not None and in_value.error.parameter == "note"
+    assert in_key.error is not None and in_key.error.parameter == "\ufffd"
+    orjson.loads(protocol.error_frame(in_key.error, in_key.task_type, in_key.task_uuid))
+    assert fine.error is None and fine.task == schema.Ping(ping=True)
+    # What the standard library's parser would take beyond JSON stays refused on that path too.
+    with pytest.raises(protocol.FrameError):
+        protocol.decode_frame('[{"taskType":"ping","x":"\\ud800","y":NaN}]', max_tasks=10)

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageChops
 
 from imagewire.storage.errors import StorageError
 from imagewire.storage.fetch import UrlFetcher
@@ -283,7 +283,13 @@ async def test_multi_picture_jpeg_counts_as_jpeg(store: ImageStore) -> None:
     assert Image.open(io.BytesIO(buffer.getvalue())).format == "MPO"
     image = await resolve(base64.b64encode(buffer.getvalue()).decode(), store)
     assert (image.format, image.width, image.height) == ("JPEG", 24, 16)
-    assert await prepare_upload(image) == (buffer.getvalue(), "jpg")
+    stored, extension = await prepare_upload(image)
+    # Stored as its first picture, byte for byte up to its end: the others and their index go.
+    assert extension == "jpg" and buffer.getvalue().startswith(stored[:2])
+    with Image.open(io.BytesIO(stored)) as kept:
+        assert kept.format == "JPEG" and kept.size == (24, 16) and getattr(kept, "n_frames", 1) == 1
+        assert ImageChops.difference(kept.convert("RGB"), Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+                                     ).getbbox() is None
 
 
 async def test_first_frame_of_an_animated_gif(store: ImageStore) -> None:

@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -9,7 +12,7 @@ import pytest
 
 from imagewire.storage import store as store_module
 from imagewire.storage.errors import ImageNotStored, InputRejected, StoreFailed
-from imagewire.storage.store import ImageStore, canonical_uuid
+from imagewire.storage.store import ImageStore, Limits, canonical_uuid
 from imagewire.tasks.errors import ImageNotFound, InvalidParameter, StorageError, TaskError
 from imagewire.tasks.inputs import task_error
 
@@ -201,7 +204,7 @@ async def test_sweep_with_explicit_now(tmp_path: Path) -> None:
 async def test_disk_errors_become_storage_errors_without_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = ImageStore(tmp_path)
 
-    def disk_full(path: Path, data: bytes) -> None:
+    def disk_full(path: Path, data: bytes, **options: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(store_module, "_write_atomically", disk_full)
@@ -244,3 +247,72 @@ async def test_an_interrupted_put_leaves_nothing_visible(tmp_path: Path, monkeyp
         await store.get(data_file.stem, owner=OWNER)
     ImageStore(tmp_path)
     assert files_under(tmp_path) == []
+
+
+# ---------------------------------------------------------------- a full or failing disk, bounds
+
+
+def refuse_writes(monkeypatch: pytest.MonkeyPatch, code: int = errno.ENOSPC) -> None:
+    def refuse(path: Path, data: bytes, **options: object) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(store_module, "_write_atomically", refuse)
+
+
+async def test_reads_go_on_when_the_disk_refuses_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = ImageStore(tmp_path)
+    stored = await store.put(b"kept", extension="png", owner=OWNER)
+    metadata_path = stored.path.with_suffix(".json")
+    metadata = json.loads(metadata_path.read_text())
+    metadata["last_used"] -= 1000  # its use is due to be noted on the next read
+    metadata_path.write_text(json.dumps(metadata))
+    for code in (errno.ENOSPC, errno.EROFS):
+        with monkeypatch.context() as patch:
+            refuse_writes(patch, code)
+            assert await store.read(await store.get(stored.uuid, owner=OWNER)) == b"kept"
+            with pytest.raises(StoreFailed):
+                await store.put(b"new", extension="png", owner=OWNER)
+    # The use the disk refused is remembered: the sweep does not take the image for unused, and writes it.
+    assert await store.sweep(max_age_seconds=500) == 0
+    assert json.loads(metadata_path.read_text())["last_used"] > metadata["last_used"] + 900
+    # Once the disk takes writes again, everything works as before.
+    assert await store.put(b"new", extension="png", owner=OWNER)
+
+
+async def test_the_store_and_each_owner_are_held_to_their_bounds(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path, Limits(max_bytes=100, max_bytes_per_owner=60))
+    await store.put(b"x" * 50, extension="png", owner="a")
+    with pytest.raises(StoreFailed, match="this API key's images take"):
+        await store.put(b"x" * 20, extension="png", owner="a")
+    await store.put(b"x" * 40, extension="png", owner="b")
+    with pytest.raises(StoreFailed, match="image storage is full"):
+        await store.put(b"x" * 20, extension="png", owner="c")
+    assert (store.used_bytes, store.used_by("a"), store.used_by("b")) == (90, 50, 40)
+    # Counted again at start, and given back as images expire.
+    reopened = ImageStore(tmp_path, Limits(max_bytes=100))
+    assert (reopened.used_bytes, reopened.used_by("a")) == (90, 50)
+    await reopened.sweep(max_age_seconds=0, now=time.time() + 10)
+    assert reopened.used_bytes == 0 and reopened.used_by("a") == 0
+
+
+async def test_writes_stop_above_the_free_space_floor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = ImageStore(tmp_path, Limits(min_free_bytes=10 * 1024 ** 3))
+    roomy = shutil.disk_usage(tmp_path).free > 11 * 1024 ** 3
+    stored = await store.put(b"kept", extension="png", owner=OWNER) if roomy else None
+    monkeypatch.setattr(store_module.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(100, 99, 1))
+    with pytest.raises(StoreFailed, match="nearly full"):
+        await store.put(b"new", extension="png", owner=OWNER)
+    if stored is not None:
+        assert await store.read(await store.get(stored.uuid, owner=OWNER)) == b"kept"
+
+
+async def test_each_write_reaches_the_disk_before_it_is_visible(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    store = ImageStore(tmp_path)
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(store_module.os, "fsync",
+                        lambda descriptor: (synced.append(descriptor), real_fsync(descriptor)))
+    await store.put(b"data", extension="png", owner=OWNER)
+    # The data file, the metadata file, and their directory once for both renames.
+    assert len(synced) == 3

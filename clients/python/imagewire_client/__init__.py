@@ -5,9 +5,10 @@ event loop. Every refusal, from the server or the connection, raises ``Imagewire
 """
 
 from imagewire_client.client import DEFAULT_URL, Client
+from imagewire_client.edits import ControlNet, Outpaint
 from imagewire_client.errors import ImagewireError
 from imagewire_client.images import ImageSource
-from imagewire_client.results import ImageResult, ModelInfo, UploadedImage
+from imagewire_client.results import GuideImage, ImageResult, ModelInfo, TextResult, UploadedImage
 from imagewire_client.schema import Embedding, Lora, Refiner
 from imagewire_client.sync import SyncClient
 
@@ -16,14 +17,18 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_URL",
     "Client",
+    "ControlNet",
     "Embedding",
+    "GuideImage",
     "ImageResult",
     "ImageSource",
     "ImagewireError",
     "Lora",
     "ModelInfo",
+    "Outpaint",
     "Refiner",
     "SyncClient",
+    "TextResult",
     "UploadedImage",
     "__version__",
 ]

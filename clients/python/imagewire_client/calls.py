@@ -8,6 +8,7 @@ as it expects, and fails on the first error item for its ``taskUUID``.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,12 +33,18 @@ class PendingCall:
     items: list[dict[str, Any]] = field(default_factory=list)
     # Set once the task was sent a second time after a dropped socket; see ``on_error``.
     resent: bool = False
+    # Hears the task's progress items (``progress`` and no imageUUID), which are never results.
+    on_progress: Callable[[dict[str, Any]], None] | None = None
 
     def on_item(self, item: dict[str, Any]) -> None:
         if self.future.done():
             return
         if any(item.get(marker) for marker in _ERROR_MARKERS):
             self.on_error(item)
+            return
+        if "progress" in item and not item.get("imageUUID"):
+            if self.on_progress is not None:
+                self.on_progress(item)
             return
         self.items.append(item)
         counted = [entry for entry in self.items if self.counted_key is None or entry.get(self.counted_key)]

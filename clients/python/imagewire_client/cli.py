@@ -1,4 +1,5 @@
-"""The ``imagewire`` command: upload images, generate images, list models.
+"""The ``imagewire`` command: upload, generate and edit images, make ControlNet guide images, upscale
+images, remove backgrounds, caption images, enhance prompts, list models.
 
 Results go to stdout one per line so they compose with other tools; progress and errors
 go to stderr. Exit codes: 0 success, 1 an error from the server or the connection,
@@ -19,7 +20,9 @@ from typing import Any, TextIO, TypeVar
 
 from imagewire_client import __version__
 from imagewire_client.client import DEFAULT_URL, Client
+from imagewire_client.edits import ControlNet, Outpaint
 from imagewire_client.errors import ImagewireError
+from imagewire_client.results import ImageResult
 
 T = TypeVar("T")
 
@@ -45,8 +48,10 @@ def _connection_options() -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     connection = _connection_options()
-    parser = argparse.ArgumentParser(prog="imagewire", parents=[connection],
-                                     description="Talk to an imagewire server: upload, generate, list models.")
+    parser = argparse.ArgumentParser(
+        prog="imagewire", parents=[connection],
+        description="Talk to an imagewire server: upload, generate, preprocess, upscale, remove backgrounds, "
+                    "caption, enhance prompts, list models.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -89,10 +94,70 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--refiner-start-step", type=int, metavar="N", help="the step the refiner takes over at")
     start.add_argument("--refiner-start-percentage", type=float, metavar="P",
                        help="or the percentage of the steps, 1-99 (default: the server's, 80)")
+    editing = generate.add_argument_group("editing")
+    editing.add_argument("--mask", metavar="FILE|UUID|URL", help="inpaint --image: white repaints, black keeps")
+    editing.add_argument("--mask-margin", type=int, metavar="PX",
+                         help="repaint a crop around the mask, with this much context (32-128), at full size")
+    editing.add_argument("--outpaint", type=_sides, metavar="TOP,RIGHT,BOTTOM,LEFT",
+                         help="extend --image by these pixels (multiples of 64)")
+    editing.add_argument("--outpaint-blur", type=int, default=0, metavar="PX", help="soft boundary (0-32)")
+    editing.add_argument("--controlnet", nargs="+", action="append", default=[], metavar="AIR GUIDE [WEIGHT]",
+                         help="a ControlNet model and its guide image (FILE|UUID|URL), optional weight 0-1; "
+                              "repeatable")
+    editing.add_argument("--control-mode", choices=["balanced", "prompt", "controlnet"],
+                         help="how the ControlNets weigh against the prompt (default balanced)")
+    editing.add_argument("--check-nsfw", action="store_true",
+                         help="check each result for unwanted content (flagged ones come back black)")
+
+    preprocess = commands.add_parser(
+        "preprocess", parents=[connection], help="make a ControlNet guide image",
+        description="Make a ControlNet guide image from an image; writes <guideImageUUID>.png to --out and "
+                    "prints its path (its UUID is the file name, usable as --controlnet's GUIDE).")
+    preprocess.add_argument("image", metavar="FILE|UUID|URL")
+    preprocess.add_argument("--type", default="canny", choices=["canny", "tile", "shuffle"],
+                            help="pre-processor (default canny)")
+    preprocess.add_argument("--low", type=int, metavar="N", help="canny's low threshold (default 100)")
+    preprocess.add_argument("--high", type=int, metavar="N", help="canny's high threshold (default 200)")
+    preprocess.add_argument("--width", type=int, help="scale a wider image down to this width")
+    preprocess.add_argument("--height", type=int, help="scale a taller image down to this height")
+    preprocess.add_argument("--out", type=Path, default=Path("."), metavar="DIR",
+                            help="output folder (default .)")
 
     models = commands.add_parser("models", parents=[connection], help="list the server's models",
                                  description="List models: AIR, name, architecture and default size, tab-separated.")
     models.add_argument("search", nargs="?", metavar="SEARCH", help="only models matching this text")
+    models.add_argument("--category", metavar="NAME",
+                        help="only models of this category: checkpoint, upscaler, background-removal, caption, "
+                             "prompt-enhancer")
+
+    def image_tool(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
+        tool = commands.add_parser(name, parents=[connection], help=help_text, description=description)
+        tool.add_argument("image", metavar="FILE|UUID|URL", help="the input image")
+        tool.add_argument("--model", metavar="AIR", help="the model (default: the server's default for this task)")
+        return tool
+
+    upscale = image_tool("upscale", "enlarge an image with a super-resolution model",
+                         "Upscale an image; writes <imageUUID>.<ext> to --out and prints its path.")
+    upscale.add_argument("--factor", type=float, default=2, help="2 to 4 (default 2)")
+    remove = image_tool("remove-background", "cut the subject out of an image",
+                        "Remove an image's background; writes <imageUUID>.<ext> (PNG keeps transparency) to --out "
+                        "and prints its path.")
+    remove.add_argument("--rgba", metavar="R,G,B,A", help="background colour instead of transparency, alpha 0-1")
+    remove.add_argument("--mask-only", action="store_true", help="write the mask instead of the cut-out")
+    remove.add_argument("--alpha-matting", action="store_true", help="refine soft edges such as hair")
+    for tool in (upscale, remove):
+        tool.add_argument("--format", choices=sorted(FORMATS), default="png", help="image format (default png)")
+        tool.add_argument("--quality", type=int, metavar="Q", help="JPG/WEBP quality 20-99")
+        tool.add_argument("--out", type=Path, default=Path("."), metavar="DIR", help="output folder (default .)")
+    caption = image_tool("caption", "describe an image in words", "Caption an image; prints the caption.")
+    caption.add_argument("--prompt", metavar="TEXT", help="how the caption begins")
+    enhance = commands.add_parser("enhance-prompt", parents=[connection], help="write richer versions of a prompt",
+                                  description="Enhance a prompt; prints one version per line.")
+    enhance.add_argument("prompt", metavar="TEXT")
+    enhance.add_argument("--versions", type=int, default=1, metavar="N", help="1 to 5 (default 1)")
+    enhance.add_argument("--max-length", type=int, default=380, metavar="TOKENS", help="12 to 400 (default 380)")
+    enhance.add_argument("--seed", type=int)
+    enhance.add_argument("--model", metavar="AIR")
     return parser
 
 
@@ -107,19 +172,58 @@ def weighted_air(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"expected AIR or AIR=WEIGHT with a number as WEIGHT, got {text!r}") from None
 
 
+def _sides(text: str) -> Outpaint:
+    try:
+        top, right, bottom, left = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected TOP,RIGHT,BOTTOM,LEFT in pixels, e.g. 0,128,0,128; got {text!r}") from None
+    return Outpaint(top=top, right=right, bottom=bottom, left=left)
+
+
+def _controlnets(values: list[list[str]], mode: str | None) -> list[ControlNet]:
+    controls = []
+    for value in values:
+        if len(value) not in (2, 3):
+            raise ImagewireError("usageError", f"--controlnet takes AIR GUIDE [WEIGHT]; got {' '.join(value)!r}.")
+        try:
+            weight = float(value[2]) if len(value) == 3 else None
+        except ValueError:
+            raise ImagewireError("usageError", f"--controlnet weight must be a number; got {value[2]!r}.") from None
+        controls.append(ControlNet(model=value[0], guide_image=value[1], weight=weight, control_mode=mode))
+    return controls
+
+
 class Progress:
-    """Elapsed seconds on stderr while waiting; a single line when stderr is not a terminal."""
+    """A progress bar on stderr while waiting (the task's percent once the server reports it, and the
+    elapsed seconds); a single line when stderr is not a terminal."""
+
+    WIDTH = 24
 
     def __init__(self, label: str, stream: TextIO) -> None:
         self.label = label
         self.stream = stream
         self.live = stream.isatty()
+        self.percent: dict[int, int] = {}  # by result index
+        self.detail = ""
+        self.started = time.monotonic()
+
+    def update(self, item: dict[str, Any]) -> None:
+        """A progress item of the task: its result's percent, or where it waits in the queue."""
+        if item.get("queuePosition") is not None:
+            self.detail = f"queued, {item['queuePosition']} ahead"
+        elif isinstance(item.get("progress"), int):
+            self.percent[int(item.get("resultIndex") or 0)] = item["progress"]
+            self.detail = f"step {item.get('step')}/{item.get('steps')}" if item.get("steps") else ""
+        if self.live:
+            self._draw()
 
     async def track(self, work: Awaitable[T]) -> T:
         if not self.live:
             print(f"{self.label}...", file=self.stream, flush=True)
             return await work
-        ticker = asyncio.create_task(self._tick(time.monotonic()))
+        self.started = time.monotonic()
+        ticker = asyncio.create_task(self._tick())
         try:
             return await work
         finally:
@@ -127,10 +231,21 @@ class Progress:
             self.stream.write("\r\033[K")
             self.stream.flush()
 
-    async def _tick(self, started: float) -> None:
+    def line(self, elapsed: float) -> str:
+        if not self.percent:
+            return f"{self.label}... {self.detail + ', ' if self.detail else ''}{elapsed:.1f} s"
+        percent = sum(self.percent.values()) // len(self.percent)
+        filled = self.WIDTH * percent // 100
+        bar = "#" * filled + "-" * (self.WIDTH - filled)
+        return f"{self.label} [{bar}] {percent:3d}% {self.detail} {elapsed:.1f} s"
+
+    def _draw(self) -> None:
+        self.stream.write(f"\r\033[K{self.line(time.monotonic() - self.started)}")
+        self.stream.flush()
+
+    async def _tick(self) -> None:
         while True:
-            self.stream.write(f"\r{self.label}... {time.monotonic() - started:.1f} s")
-            self.stream.flush()
+            self._draw()
             await asyncio.sleep(0.1)
 
 
@@ -145,6 +260,8 @@ async def run_upload(client: Client, args: argparse.Namespace, timeout: float) -
 
 async def run_generate(client: Client, args: argparse.Namespace, timeout: float) -> None:
     output_format, extension = FORMATS[args.format]
+    plural = "s" if args.number_results != 1 else ""
+    progress = Progress(f"generating {args.number_results} image{plural}", sys.stderr)
     call = client.image_inference(
         model=args.model, positive_prompt=args.prompt, negative_prompt=args.negative_prompt, seed_image=args.image,
         strength=args.strength, width=args.width, height=args.height, steps=args.steps, cfg_scale=args.cfg,
@@ -154,9 +271,14 @@ async def run_generate(client: Client, args: argparse.Namespace, timeout: float)
         embeddings=args.embedding, vae=args.vae, clip_skip=args.clip_skip, prompt_weighting=args.prompt_weighting,
         refiner=args.refiner, refiner_start_step=args.refiner_start_step,
         refiner_start_percentage=args.refiner_start_percentage, timeout=timeout,
+        mask_image=args.mask, mask_margin=args.mask_margin, check_nsfw=args.check_nsfw,
+        outpaint=None if args.outpaint is None else Outpaint(
+            top=args.outpaint.top, right=args.outpaint.right, bottom=args.outpaint.bottom, left=args.outpaint.left,
+            blur=args.outpaint_blur),
+        control_net=_controlnets(args.controlnet, args.control_mode),
+        on_progress=progress.update if progress.live else None,
     )
-    plural = "s" if args.number_results != 1 else ""
-    results = await Progress(f"generating {args.number_results} image{plural}", sys.stderr).track(call)
+    results = await progress.track(call)
     args.out.mkdir(parents=True, exist_ok=True)
     for result in results:
         if result.image_bytes is None:
@@ -164,17 +286,87 @@ async def run_generate(client: Client, args: argparse.Namespace, timeout: float)
         path = args.out / f"{result.image_uuid}.{extension}"
         path.write_bytes(result.image_bytes)
         print(path, flush=True)
+        if result.nsfw_content:
+            print(f"{path}: flagged by the content safety checker (the image is black)", file=sys.stderr)
+
+
+async def run_preprocess(client: Client, args: argparse.Namespace, timeout: float) -> None:
+    call = client.controlnet_preprocess(args.image, preprocessor=args.type, width=args.width, height=args.height,
+                                        low_threshold=args.low, high_threshold=args.high, timeout=timeout)
+    guide = await Progress(f"making a {args.type} guide image", sys.stderr).track(call)
+    if guide.image_bytes is None:
+        raise ImagewireError("invalidResponse", f"The server sent no image data for {guide.uuid}.")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{guide.uuid}.png"
+    path.write_bytes(guide.image_bytes)
+    print(path, flush=True)
 
 
 async def run_models(client: Client, args: argparse.Namespace, timeout: float) -> None:
-    for model in await client.models(args.search, timeout=timeout):
+    for model in await client.models(args.search, category=args.category, timeout=timeout):
         print(f"{model.air}\t{model.name}\t{model.architecture}\t{model.defaultWidth}x{model.defaultHeight}")
+
+
+def _save(result: ImageResult, out: Path, extension: str) -> None:
+    if result.image_bytes is None:
+        raise ImagewireError("invalidResponse", f"The server sent no image data for {result.image_uuid}.")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{result.image_uuid}.{extension}"
+    path.write_bytes(result.image_bytes)
+    print(path, flush=True)
+
+
+async def run_upscale(client: Client, args: argparse.Namespace, timeout: float) -> None:
+    output_format, extension = FORMATS[args.format]
+    call = client.upscale(args.image, factor=args.factor, model=args.model, output_type="base64Data",
+                          output_format=output_format, output_quality=args.quality, timeout=timeout)
+    _save(await Progress("upscaling", sys.stderr).track(call), args.out, extension)
+
+
+def _rgba(text: str) -> list[float]:
+    try:
+        red, green, blue, alpha = (float(part) for part in text.split(","))
+    except ValueError:
+        raise ImagewireError("invalidParameter", f"--rgba must be R,G,B,A like 255,255,255,0; got {text!r}.") from None
+    return [int(red), int(green), int(blue), alpha]
+
+
+async def run_remove_background(client: Client, args: argparse.Namespace, timeout: float) -> None:
+    output_format, extension = FORMATS[args.format]
+    settings: dict[str, Any] = {}
+    if args.rgba:
+        settings["rgba"] = _rgba(args.rgba)
+    if args.mask_only:
+        settings["returnOnlyMask"] = True
+    if args.alpha_matting:
+        settings["alphaMatting"] = True
+    call = client.remove_background(args.image, model=args.model, output_type="base64Data",
+                                    output_format=output_format, output_quality=args.quality,
+                                    settings=settings or None, timeout=timeout)
+    _save(await Progress("removing the background", sys.stderr).track(call), args.out, extension)
+
+
+async def run_caption(client: Client, args: argparse.Namespace, timeout: float) -> None:
+    call = client.caption(args.image, model=args.model, prompt=args.prompt, timeout=timeout)
+    print((await Progress("captioning", sys.stderr).track(call)).text, flush=True)
+
+
+async def run_enhance_prompt(client: Client, args: argparse.Namespace, timeout: float) -> None:
+    call = client.enhance_prompt(args.prompt, versions=args.versions, max_length=args.max_length, model=args.model,
+                                 seed=args.seed, timeout=timeout)
+    for version in await Progress("enhancing", sys.stderr).track(call):
+        print(version.text, flush=True)
 
 
 COMMANDS: dict[str, Callable[[Client, argparse.Namespace, float], Awaitable[None]]] = {
     "upload": run_upload,
     "generate": run_generate,
+    "preprocess": run_preprocess,
     "models": run_models,
+    "upscale": run_upscale,
+    "remove-background": run_remove_background,
+    "caption": run_caption,
+    "enhance-prompt": run_enhance_prompt,
 }
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -22,6 +22,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from imagewire_client import requests, schema
 from imagewire_client.calls import CallTable, PendingCall
+from imagewire_client.edits import ControlNet, Outpaint
 from imagewire_client.errors import (
     CLIENT_CLOSED,
     CONNECTION_FAILED,
@@ -30,7 +31,18 @@ from imagewire_client.errors import (
     ImagewireError,
 )
 from imagewire_client.images import ImageSource, image_field, is_remote_reference
-from imagewire_client.results import ImageResult, ModelInfo, UploadedImage, image_result, model_infos, uploaded_image
+from imagewire_client.results import (
+    GuideImage,
+    ImageResult,
+    ModelInfo,
+    TextResult,
+    UploadedImage,
+    guide_image,
+    image_result,
+    model_infos,
+    text_result,
+    uploaded_image,
+)
 
 log = logging.getLogger("imagewire_client")
 
@@ -89,6 +101,7 @@ class Client:
         self._session_uuid: str | None = None
         self._websocket: ClientConnection | None = None
         self._calls = CallTable()
+        self._cancels: dict[str, list[PendingCall]] = {}  # cancelTask calls, by the taskUUID they name
         self._connected = asyncio.Event()  # set while a live, authenticated socket is in ``_websocket``
         self._connect_lock = asyncio.Lock()
         self._reader: asyncio.Task[None] | None = None
@@ -191,6 +204,15 @@ class Client:
         refiner: str | schema.Refiner | None = None,
         refiner_start_step: int | None = None,
         refiner_start_percentage: float | None = None,
+        mask_image: ImageSource | None = None,
+        mask_margin: int | None = None,
+        outpaint: Outpaint | None = None,
+        control_net: Sequence[ControlNet] = (),
+        check_nsfw: bool = False,
+        check_inputs: bool = False,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        preview: bool = False,
+        task_uuid: str | None = None,
         timeout: float = 300.0,
     ) -> list[ImageResult]:
         """Generate images; returns one ``ImageResult`` per image, sorted by seed.
@@ -207,7 +229,27 @@ class Client:
         from -4 to 4), ``vae`` (an AIR), ``clip_skip`` (0-2), ``prompt_weighting`` (``"compel"`` or
         ``"sdEmbeds"``: the syntax of the prompts), and for SDXL models a ``refiner`` (an AIR) that takes over
         at ``refiner_start_step`` or ``refiner_start_percentage`` of the steps.
+
+        Editing: ``mask_image`` (white = repaint; any image form) inpaints the seed image, with
+        ``mask_margin`` (32–128) repainting a crop around the mask at full size; ``outpaint``
+        (``Outpaint(top=..., right=..., bottom=..., left=..., blur=...)``) extends it; ``control_net``
+        takes ``ControlNet`` settings whose ``guide_image`` is any image form. ``check_nsfw`` has each
+        result checked (``ImageResult.nsfw_content``; flagged results come back black) and
+        ``check_inputs`` the input images.
+
+        ``on_progress`` is called with each progress item of the task (``progress`` in percent,
+        ``resultIndex``, ``step`` and ``steps``, or ``queuePosition`` while it waits), and with a small
+        ``preview`` data URI about once a second when ``preview`` is true. Pass your own ``task_uuid``
+        to be able to ``cancel`` the task from elsewhere.
         """
+        controls = [
+            schema.ControlNet(model=control.model, guideImage=await _image_field(
+                control.guide_image, f"controlNet[{index}].guideImage"), weight=control.weight,
+                startStep=control.start_step, endStep=control.end_step,
+                startStepPercentage=control.start_step_percentage, endStepPercentage=control.end_step_percentage,
+                controlMode=control.control_mode)  # type: ignore[arg-type]  # checked by the server
+            for index, control in enumerate(control_net)
+        ]
         task = requests.image_inference(
             model=model, positive_prompt=positive_prompt, negative_prompt=negative_prompt,
             seed_image=None if seed_image is None else await _image_field(seed_image, "seedImage"),
@@ -217,11 +259,123 @@ class Client:
             clip_skip=clip_skip, prompt_weighting=prompt_weighting,
             refiner=None if refiner is None else requests.refiner(
                 refiner, start_step=refiner_start_step, start_percentage=refiner_start_percentage),
+            include_progress=on_progress is not None,
+            include_preview=preview and on_progress is not None, task_uuid=task_uuid,
+            mask_image=None if mask_image is None else await _image_field(mask_image, "maskImage"),
+            mask_margin=mask_margin, control_net=controls, check_nsfw=check_nsfw,
+            outpaint=None if outpaint is None else schema.Outpaint(
+                top=outpaint.top, right=outpaint.right, bottom=outpaint.bottom, left=outpaint.left,
+                blur=outpaint.blur),
+            safety={"checkInputs": True} if check_inputs else None,
         )
         items = await self._call(task, task.taskUUID, expected=number_results, timeout=timeout,
-                                 counted_key="imageUUID")
+                                 counted_key="imageUUID", on_progress=on_progress)
         results = [image_result(item) for item in items]
         return sorted(results, key=lambda result: (result.seed is None, result.seed or 0))
+
+    async def controlnet_preprocess(
+        self,
+        image: ImageSource,
+        *,
+        preprocessor: str = "canny",
+        width: int | None = None,
+        height: int | None = None,
+        low_threshold: int | None = None,
+        high_threshold: int | None = None,
+        output_format: str = "PNG",
+        timeout: float = 120.0,
+    ) -> GuideImage:
+        """A ControlNet guide image made from ``image`` (``canny``, ``tile``, ``shuffle``); its ``uuid`` can be a
+        ``ControlNet``'s ``guide_image``, and ``image_bytes`` holds it. ``width``/``height`` only scale down."""
+        task = requests.controlnet_preprocess(
+            input_image=await _image_field(image, "inputImage"), preprocessor=preprocessor, width=width,
+            height=height, low_threshold=low_threshold, high_threshold=high_threshold,
+            output_type=["URL", "base64Data"], output_format=output_format)
+        items = await self._call(task, task.taskUUID, expected=1, timeout=timeout)
+        return guide_image(items[0])
+
+    async def cancel(self, task_uuid: str, *, timeout: float = 60.0) -> bool:
+        """Stop a task this API key sent: True when it was stopped (its call then raises ``ImagewireError``
+        with code ``taskCancelled``), False when it had already ended. An unknown task raises code
+        ``taskNotFound``."""
+        task = requests.cancel_task(task_uuid)
+        call = PendingCall(task_uuid=task_uuid, task_type="cancelTask", expected=1)
+        # The answer carries the cancelled task's UUID, which that task's own call is waiting on too.
+        self._cancels.setdefault(task_uuid, []).append(call)
+        try:
+            async with asyncio.timeout(timeout):
+                await self.connect()
+                await self._send(requests.encode_tasks([task]), call)
+                items = await call.future
+        except TimeoutError:
+            raise ImagewireError(TIMEOUT, f"No answer to cancelTask for {task_uuid} within {timeout:g} s.",
+                                 task_uuid=task_uuid, task_type="cancelTask") from None
+        finally:
+            self._cancels[task_uuid].remove(call)
+            if not self._cancels[task_uuid]:
+                del self._cancels[task_uuid]
+        return bool(items[0].get("cancelled"))
+
+    async def upscale(
+        self,
+        image: ImageSource,
+        *,
+        factor: float = 2,
+        model: str | None = None,
+        output_type: str | list[str] = "URL",
+        output_format: str = "PNG",
+        output_quality: int | None = None,
+        include_cost: bool = False,
+        timeout: float = 300.0,
+    ) -> ImageResult:
+        """Enlarge an image by ``factor`` (2–4) with a super-resolution model (the server's default upscaler
+        unless ``model`` names one). ``image`` takes the same forms as ``seed_image``; the result's
+        ``input_image_uuid`` names the input as the server keeps it."""
+        task = requests.image_upscale(
+            image=await _image_field(image, "inputImage"), upscale_factor=factor, model=model,
+            output_type=output_type, output_format=output_format, output_quality=output_quality,
+            include_cost=include_cost)
+        items = await self._call(task, task.taskUUID, expected=1, timeout=timeout, counted_key="imageUUID")
+        return image_result(items[0])
+
+    async def remove_background(
+        self,
+        image: ImageSource,
+        *,
+        model: str | None = None,
+        output_type: str | list[str] = "URL",
+        output_format: str = "PNG",
+        output_quality: int | None = None,
+        settings: dict[str, Any] | None = None,
+        include_cost: bool = False,
+        timeout: float = 300.0,
+    ) -> ImageResult:
+        """Cut the subject out of an image: PNG and WEBP results keep an alpha channel. ``settings`` takes
+        the public API's fields: ``rgba`` ([r, g, b, alpha 0–1] of the background), ``returnOnlyMask``,
+        ``postProcessMask``, ``alphaMatting`` and its thresholds."""
+        task = requests.background_removal(
+            image=await _image_field(image, "inputImage"), model=model, output_type=output_type,
+            output_format=output_format, output_quality=output_quality, settings=settings, include_cost=include_cost)
+        items = await self._call(task, task.taskUUID, expected=1, timeout=timeout, counted_key="imageUUID")
+        return image_result(items[0])
+
+    async def caption(self, image: ImageSource, *, model: str | None = None, prompt: str | None = None,
+                      include_cost: bool = False, timeout: float = 300.0) -> TextResult:
+        """Describe an image in words; ``prompt`` is how the caption begins."""
+        task = requests.image_caption(image=await _image_field(image, "inputImage"), model=model, prompt=prompt,
+                                      include_cost=include_cost)
+        items = await self._call(task, task.taskUUID, expected=1, timeout=timeout, counted_key="text")
+        return text_result(items[0])
+
+    async def enhance_prompt(self, prompt: str, *, versions: int = 1, max_length: int = 380, model: str | None = None,
+                             seed: int | None = None, include_cost: bool = False,
+                             timeout: float = 300.0) -> list[TextResult]:
+        """``versions`` (1–5) richer versions of ``prompt``, each at most ``max_length`` (12–400) tokens;
+        the same request (or ``seed``) gives the same versions."""
+        task = requests.prompt_enhance(prompt=prompt, max_length=max_length, versions=versions, model=model,
+                                       seed=seed, include_cost=include_cost)
+        items = await self._call(task, task.taskUUID, expected=versions, timeout=timeout, counted_key="text")
+        return [text_result(item) for item in items]
 
     async def models(
         self,
@@ -242,10 +396,12 @@ class Client:
     # ------------------------------------------------------------------ sending and waiting
 
     async def _call(self, task: schema.Task, task_uuid: str, *, expected: int, timeout: float,
-                    counted_key: str | None = None) -> list[dict[str, Any]]:
+                    counted_key: str | None = None,
+                    on_progress: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
         task_type = type(task).__struct_config__.tag
         assert isinstance(task_type, str)
-        call = PendingCall(task_uuid=task_uuid, task_type=task_type, expected=expected, counted_key=counted_key)
+        call = PendingCall(task_uuid=task_uuid, task_type=task_type, expected=expected, counted_key=counted_key,
+                           on_progress=on_progress)
         self._calls.add(call)
         try:
             async with asyncio.timeout(timeout):
@@ -381,10 +537,18 @@ class Client:
 
     def _dispatch(self, envelope: schema.Envelope) -> None:
         for item in envelope.data or ():
+            if item.get("taskType") == "cancelTask":
+                for cancelling in self._cancels.get(item.get("taskUUID") or "", ()):
+                    cancelling.on_item(item)
+                continue
             call = self._calls.get(item.get("taskUUID"))
             if call is not None:
                 call.on_item(item)
         for item in envelope.errors or ():
+            if item.get("taskType") == "cancelTask":
+                for cancelling in self._cancels.get(item.get("taskUUID") or "", ()):
+                    cancelling.on_error(item)
+                continue
             call = self._calls.get(item.get("taskUUID"))
             if call is not None:
                 call.on_error(item)

@@ -42,6 +42,10 @@ def ping() -> schema.Ping:
     return schema.Ping(ping=True)
 
 
+def cancel_task(task_uuid: str) -> schema.CancelTask:
+    return schema.CancelTask(taskUUID=task_uuid)
+
+
 def image_upload(image: str, task_uuid: str | None = None) -> schema.ImageUpload:
     return schema.ImageUpload(taskUUID=task_uuid or new_task_uuid(), image=image)
 
@@ -108,9 +112,18 @@ def image_inference(
     clip_skip: int | None = None,
     prompt_weighting: str | None = None,
     refiner: schema.Refiner | None = None,
+    mask_image: str | None = None,
+    mask_margin: int | None = None,
+    outpaint: schema.Outpaint | None = None,
+    control_net: Sequence[schema.ControlNet] | None = None,
+    check_nsfw: bool = False,
+    safety: dict[str, Any] | None = None,
+    include_progress: bool = False,
+    include_preview: bool = False,
     task_uuid: str | None = None,
 ) -> schema.ImageInference:
-    """An ``imageInference`` task; ``seed_image`` is already in wire form (see ``images.image_field``).
+    """An ``imageInference`` task; ``seed_image``, ``mask_image`` and guide images are already in wire form
+    (see ``images.image_field``).
 
     ``lora`` and ``embeddings`` take AIRs (weight 1), ``(AIR, weight)`` pairs or ``schema.Lora`` /
     ``schema.Embedding``; ``refiner`` is built by ``refiner(...)``.
@@ -121,6 +134,9 @@ def image_inference(
         "outputQuality": output_quality, "lora": _weighted(schema.Lora, lora),
         "embeddings": _weighted(schema.Embedding, embeddings), "vae": vae, "clipSkip": clip_skip,
         "promptWeighting": prompt_weighting, "refiner": refiner,
+        "maskImage": mask_image, "maskMargin": mask_margin, "outpaint": outpaint,
+        "controlNet": list(control_net) if control_net else None, "safety": safety,
+        "checkNSFW": check_nsfw or None,
     }
     return schema.ImageInference(
         taskUUID=task_uuid or new_task_uuid(),
@@ -130,6 +146,68 @@ def image_inference(
         outputType=output_type,  # type: ignore[arg-type]  # not checked here: the server names bad values
         outputFormat=output_format,
         includeCost=include_cost,
+        includeProgress=include_progress,
+        includePreview=include_preview,
         # Unset fields keep the schema's defaults, which are the server's defaults too.
         **{name: value for name, value in fields.items() if value is not None},
     )
+
+
+def image_upscale(*, image: str, upscale_factor: float, model: str | None = None, output_type: str | list[str] = "URL",
+                  output_format: str = "PNG", output_quality: int | None = None, include_cost: bool = False,
+                  task_uuid: str | None = None) -> schema.ImageUpscale:
+    """An ``imageUpscale`` task; ``image`` is already in wire form."""
+    task = schema.ImageUpscale(
+        taskUUID=task_uuid or new_task_uuid(), inputImage=image, upscaleFactor=upscale_factor, model=model,
+        outputType=output_type, outputFormat=output_format, includeCost=include_cost)  # type: ignore[arg-type]
+    if output_quality is not None:  # unset, it keeps the schema's default, the server's too
+        task.outputQuality = output_quality
+    return task
+
+
+def background_removal(*, image: str, model: str | None = None, output_type: str | list[str] = "URL",
+                       output_format: str = "PNG", output_quality: int | None = None,
+                       settings: dict[str, Any] | None = None, include_cost: bool = False,
+                       task_uuid: str | None = None) -> schema.ImageBackgroundRemoval:
+    """An ``imageBackgroundRemoval`` task; ``settings`` holds the public API's fields (``rgba``, …)."""
+    task = schema.ImageBackgroundRemoval(
+        taskUUID=task_uuid or new_task_uuid(), inputImage=image, model=model,
+        outputType=output_type, outputFormat=output_format, includeCost=include_cost,  # type: ignore[arg-type]
+        settings=msgspec.convert(settings, schema.BackgroundRemovalSettings) if settings else None)
+    if output_quality is not None:
+        task.outputQuality = output_quality
+    return task
+
+
+def image_caption(*, image: str, model: str | None = None, prompt: str | None = None, include_cost: bool = False,
+                  task_uuid: str | None = None) -> schema.ImageCaption:
+    return schema.ImageCaption(taskUUID=task_uuid or new_task_uuid(), inputImage=image, model=model, prompt=prompt,
+                               includeCost=include_cost)
+
+
+def prompt_enhance(*, prompt: str, max_length: int = 380, versions: int = 1, model: str | None = None,
+                   seed: int | None = None, include_cost: bool = False,
+                   task_uuid: str | None = None) -> schema.PromptEnhance:
+    return schema.PromptEnhance(taskUUID=task_uuid or new_task_uuid(), prompt=prompt, promptMaxLength=max_length,
+                                promptVersions=versions, model=model, seed=seed, includeCost=include_cost)
+
+
+def controlnet_preprocess(
+    *,
+    input_image: str,
+    preprocessor: str = "canny",
+    width: int | None = None,
+    height: int | None = None,
+    low_threshold: int | None = None,
+    high_threshold: int | None = None,
+    output_type: str | list[str] = "URL",
+    output_format: str = "PNG",
+    task_uuid: str | None = None,
+) -> schema.ImageControlNetPreProcess:
+    """An ``imageControlNetPreProcess`` task; ``input_image`` is already in wire form."""
+    fields: dict[str, Any] = {"width": width, "height": height, "lowThresholdCanny": low_threshold,
+                              "highThresholdCanny": high_threshold}
+    return schema.ImageControlNetPreProcess(
+        taskUUID=task_uuid or new_task_uuid(), inputImage=input_image, preProcessorType=preprocessor,
+        outputType=output_type,  # type: ignore[arg-type]  # not checked here: the server names bad values
+        outputFormat=output_format, **{name: value for name, value in fields.items() if value is not None})

@@ -32,6 +32,18 @@ class ImageResult:
     image_data_uri: str | None = None
     cost: float | None = None
     nsfw_content: bool | None = None
+    input_image_uuid: str | None = None   # of upscale and background removal results: the input's UUID
+
+
+@dataclass(frozen=True)
+class GuideImage:
+    """A ControlNet guide image made by the server: pass ``uuid`` as a ControlNet's ``guide_image``."""
+
+    task_uuid: str
+    uuid: str
+    input_image_uuid: str | None = None
+    url: str | None = None
+    image_bytes: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -70,7 +82,19 @@ def image_result(item: dict[str, Any]) -> ImageResult:
     return ImageResult(
         task_uuid=wire.taskUUID, image_uuid=wire.imageUUID, seed=wire.seed, image_url=wire.imageURL,
         image_bytes=image_bytes, image_data_uri=wire.imageDataURI, cost=wire.cost, nsfw_content=wire.NSFWContent,
+        input_image_uuid=wire.inputImageUUID,
     )
+
+
+def guide_image(item: dict[str, Any]) -> GuideImage:
+    wire: schema.GuideImageResult = _convert(item, schema.GuideImageResult)
+    data = None
+    if wire.guideImageBase64Data:
+        data = _decode_base64(wire.guideImageBase64Data, wire.taskUUID)
+    elif wire.guideImageDataURI and "," in wire.guideImageDataURI:
+        data = _decode_base64(wire.guideImageDataURI.split(",", 1)[1], wire.taskUUID)
+    return GuideImage(task_uuid=wire.taskUUID, uuid=wire.guideImageUUID, input_image_uuid=wire.inputImageUUID,
+                      url=wire.guideImageURL, image_bytes=data)
 
 
 def uploaded_image(item: dict[str, Any]) -> UploadedImage:
@@ -81,3 +105,17 @@ def uploaded_image(item: dict[str, Any]) -> UploadedImage:
 def model_infos(item: dict[str, Any]) -> list[ModelInfo]:
     wire: schema.ModelSearchResult = _convert(item, schema.ModelSearchResult)
     return wire.results
+
+
+@dataclass(frozen=True)
+class TextResult:
+    """A caption, or one version of an enhanced prompt; ``cost`` only with ``include_cost=True``."""
+
+    task_uuid: str
+    text: str
+    cost: float | None = None
+
+
+def text_result(item: dict[str, Any]) -> TextResult:
+    wire: schema.TextResult = _convert(item, schema.TextResult)
+    return TextResult(task_uuid=wire.taskUUID, text=wire.text, cost=wire.cost)

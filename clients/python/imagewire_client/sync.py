@@ -80,7 +80,13 @@ class SyncClient:
     upload = _blocking(Client.upload)
     upload_image = _blocking(Client.upload_image)
     image_inference = _blocking(Client.image_inference)
+    cancel = _blocking(Client.cancel)
     models = _blocking(Client.models)
+    upscale = _blocking(Client.upscale)
+    remove_background = _blocking(Client.remove_background)
+    caption = _blocking(Client.caption)
+    enhance_prompt = _blocking(Client.enhance_prompt)
+    controlnet_preprocess = _blocking(Client.controlnet_preprocess)
 
     def close(self) -> None:
         """Close the connection and stop the background loop. Safe to call twice."""

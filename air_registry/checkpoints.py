@@ -1,0 +1,100 @@
+"""What a single-file checkpoint is, read from its tensor names and shapes alone.
+
+A ``.safetensors`` file starts with a JSON header naming every tensor with its shape, so the
+architecture of a downloaded checkpoint is known without loading a byte of its weights, and
+without torch. The names are those of the original model code (``model.diffusion_model.*`` for
+the Stable Diffusion UNets, ``double_blocks.*`` for FLUX, ``joint_blocks.*`` for SD 3), which is how
+checkpoints are published on Civitai.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from imagewire.air_registry.errors import RegistryError
+
+# The JSON header of a file many gigabytes long is still at most a few megabytes.
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+# SD 1.x and 2.x differ in their text encoder's width, which their UNet's cross-attention reads.
+# 32 is the embedded tiny model's (``tiny/sd.py``: CROSS_ATTENTION_DIM).
+_SD_CONTEXT_WIDTHS: Mapping[int, str] = {768: "sd15", 1024: "sd21", 32: "tiny"}
+_SD_CROSS_ATTENTION = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+_SD_UNET = "model.diffusion_model.input_blocks.0.0.weight"
+_SDXL_BASE = "conditioner.embedders.1.model.ln_final.weight"
+_SDXL_REFINER = "conditioner.embedders.0.model.ln_final.weight"
+_FLUX = "double_blocks.0.img_attn.norm.key_norm.scale"
+_FLUX_GUIDANCE = "guidance_in.in_layer.weight"
+_SD3 = "joint_blocks.0.context_block.attn.qkv.weight"
+_SD35_MEDIUM = "joint_blocks.0.x_block.attn2.qkv.weight"  # MMDiT-X's second attention
+# Prefixes that full checkpoints put before the transformer's own names.
+_TRANSFORMER_PREFIXES = ("model.diffusion_model.", "")
+
+
+class UnreadableCheckpoint(RegistryError):
+    """Not a safetensors file, or a damaged one."""
+
+
+class UnknownArchitecture(RegistryError):
+    """A checkpoint whose tensors match no architecture this server loads."""
+
+
+def tensor_shapes(path: Path) -> dict[str, list[int]]:
+    """Every tensor's name and shape, from the file's header."""
+    try:
+        with open(path, "rb") as file:
+            prefix = file.read(8)
+            if len(prefix) != 8:
+                raise UnreadableCheckpoint("is not a safetensors file: it is shorter than its header's length")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > _MAX_HEADER_BYTES:
+                raise UnreadableCheckpoint(f"is not a safetensors file: its header would be {length} bytes long")
+            header = json.loads(file.read(length))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise UnreadableCheckpoint(f"is not a readable safetensors file ({type(exc).__name__})") from exc
+    if not isinstance(header, dict):
+        raise UnreadableCheckpoint("is not a safetensors file: its header is not a JSON object")
+    return {name: list(entry.get("shape", [])) for name, entry in header.items()
+            if name != "__metadata__" and isinstance(entry, dict)}
+
+
+def _transformer_key(shapes: Mapping[str, Sequence[int]], name: str) -> str | None:
+    for prefix in _TRANSFORMER_PREFIXES:
+        if prefix + name in shapes:
+            return prefix + name
+    return None
+
+
+def detect_architecture(shapes: Mapping[str, Sequence[int]]) -> str:
+    """The name of the architecture (``architectures.py``) a checkpoint with these tensors has."""
+    if _transformer_key(shapes, _FLUX) is not None:
+        if _transformer_key(shapes, _FLUX_GUIDANCE) is None:
+            return "flux1-schnell"
+        image_in = _transformer_key(shapes, "img_in.weight")
+        if image_in is not None and list(shapes[image_in])[1:] != [64]:
+            # FLUX Fill and the structural-conditioning models read extra channels next to the latents.
+            raise UnknownArchitecture("is a FLUX.1 [dev] variant with extra input channels (Fill, Canny or "
+                                      "Depth), which this server does not load from a single file")
+        return "flux1-dev"
+    if _transformer_key(shapes, _SD3) is not None:
+        if _transformer_key(shapes, _SD35_MEDIUM) is not None:
+            return "sd35-medium"
+        blocks = {name.split(".")[-5] for name in shapes if ".context_block.attn.qkv.weight" in name}
+        return "sd35-large" if len(blocks) >= 38 else "sd3"
+    if _SDXL_BASE in shapes:
+        return "sdxl"
+    if _SDXL_REFINER in shapes:
+        return "sdxl-refiner"
+    if _SD_UNET in shapes and _SD_CROSS_ATTENTION in shapes:
+        width = list(shapes[_SD_CROSS_ATTENTION])[-1]
+        if width in _SD_CONTEXT_WIDTHS:
+            return _SD_CONTEXT_WIDTHS[width]
+        raise UnknownArchitecture(
+            f"is a Stable Diffusion UNet with a text width of {width}, which no architecture here has "
+            f"({', '.join(f'{w}: {name}' for w, name in _SD_CONTEXT_WIDTHS.items())})")
+    raise UnknownArchitecture(
+        "has tensors of no architecture this server loads from a single file (Stable Diffusion 1.x, 2.x, "
+        "XL, FLUX.1, SD 3 and 3.5 in their original layouts)")

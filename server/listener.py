@@ -1,0 +1,169 @@
+"""The listening socket, before HTTP: bounds on connections that have not sent their request yet, and
+who a request comes from.
+
+A TCP connection that sends half a request holds a file descriptor and a little memory for as long as
+it likes; thousands of them starve everyone. So each new connection has ``--handshake-timeout``
+seconds to send its request head, and each address at most ``--max-handshakes-per-ip`` connections
+in that state: past it, its oldest such connection is dropped, so a flood cannot lock out a client
+that sends its request promptly. Connections from trusted proxies (``--trusted-proxy``) are timed but
+not counted, since many clients share their address; behind one, a request's client is the last
+address in X-Forwarded-For that is not a trusted proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import resource
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from aiohttp import web
+
+log = logging.getLogger("imagewire.server")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's open-file limit to its hard limit (every connection is a descriptor)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        log.info("open-file limit raised from %d to %d", soft, hard)
+        return hard
+    return soft
+
+
+def networks(cidrs: Sequence[str]) -> list[IPNetwork]:
+    return [ipaddress.ip_network(cidr, strict=False) for cidr in cidrs]
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(text.strip().strip("[]"))
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def is_trusted(peer: str | None, trusted: Sequence[IPNetwork]) -> bool:
+    address = _address(peer) if peer else None
+    return address is not None and any(address in network for network in trusted)
+
+
+def client_address(request: web.Request, trusted: Sequence[IPNetwork]) -> str:
+    """The address a request comes from: its peer, or behind trusted proxies the last address in
+    X-Forwarded-For that is not one of them."""
+    peer = request.remote or "unknown"
+    if not trusted or not is_trusted(peer, trusted):
+        return peer
+    hops = [hop.strip() for header in request.headers.getall("X-Forwarded-For", ()) for hop in header.split(",")]
+    for hop in reversed(hops):
+        address = _address(hop)
+        if address is None:
+            break  # a malformed entry: what comes before it cannot be trusted either
+        if not any(address in network for network in trusted):
+            return str(address)
+    return peer
+
+
+class HandshakeGuard:
+    """Wraps aiohttp's protocol factory: times each connection until its first request arrives."""
+
+    def __init__(self, factory: Callable[[], asyncio.Protocol], *, timeout: float, per_address: int,
+                 trusted: Sequence[IPNetwork]) -> None:
+        self.factory = factory
+        self.timeout = timeout
+        self.per_address = per_address
+        self.trusted = trusted
+        self._pending: dict[str, dict[asyncio.Transport, asyncio.TimerHandle]] = {}
+        self.dropped = 0  # connections dropped for a slow or crowded handshake
+
+    def __call__(self) -> asyncio.Protocol:
+        return _Timed(self.factory(), self)
+
+    @property
+    def pending(self) -> int:
+        return sum(len(waiting) for waiting in self._pending.values())
+
+    def opened(self, transport: asyncio.Transport) -> None:
+        peer = transport.get_extra_info("peername")
+        address = str(peer[0]) if peer else "unknown"
+        key = "trusted" if is_trusted(address, self.trusted) else address
+        waiting = self._pending.setdefault(key, {})
+        if key != "trusted" and len(waiting) >= self.per_address:
+            oldest = next(iter(waiting))
+            self._drop(oldest)
+        loop = asyncio.get_running_loop()
+        waiting[transport] = loop.call_later(self.timeout, self._drop, transport)
+
+    def request_arrived(self, transport: asyncio.Transport | None) -> None:
+        """A request head came in: this connection is past its handshake."""
+        if transport is not None:
+            self._forget(transport)
+
+    def closed(self, transport: asyncio.Transport) -> None:
+        self._forget(transport)
+
+    def _forget(self, transport: asyncio.Transport) -> bool:
+        for key, waiting in self._pending.items():
+            timer = waiting.pop(transport, None)
+            if timer is not None:
+                timer.cancel()
+                if not waiting:
+                    del self._pending[key]
+                return True
+        return False
+
+    def _drop(self, transport: asyncio.Transport) -> None:
+        if self._forget(transport):
+            self.dropped += 1
+            transport.abort()
+
+
+class _Timed(asyncio.Protocol):
+    """aiohttp's protocol for one connection, as it is, with the guard told when it opens and closes."""
+
+    def __init__(self, inner: asyncio.Protocol, guard: HandshakeGuard) -> None:
+        self.inner = inner
+        self.guard = guard
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.guard.opened(transport)
+        self.inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is not None:
+            self.guard.closed(self.transport)
+        self.inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def request_arrived_middleware(guard: HandshakeGuard) -> Any:
+    @web.middleware
+    async def arrived(request: web.Request, handler: Any) -> web.StreamResponse:
+        guard.request_arrived(request.transport)
+        return await handler(request)
+
+    return arrived

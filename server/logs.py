@@ -1,0 +1,91 @@
+"""Keeping the log readable under abuse: what a client can cause again and again (a malformed HTTP
+request, a flood of connections that runs out of file descriptors) is one line per interval with a
+count, not a traceback per attempt; the server's own bugs keep their tracebacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import time
+import weakref
+from typing import Any
+
+from aiohttp import http_exceptions
+
+INTERVAL_SECONDS = 10.0
+log = logging.getLogger("imagewire.server")
+
+# An accept() that fails for want of descriptors or memory: the listening loop retries on its own.
+_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class Repeats:
+    """Counts a kind of event; says whether now is the time to log it, and how many went unsaid."""
+
+    def __init__(self, interval: float = INTERVAL_SECONDS) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._unsaid: dict[str, int] = {}
+
+    def due(self, kind: str) -> tuple[bool, int]:
+        now = time.monotonic()
+        if now - self._last.get(kind, -self.interval) < self.interval:
+            self._unsaid[kind] = self._unsaid.get(kind, 0) + 1
+            return False, 0
+        self._last[kind] = now
+        return True, self._unsaid.pop(kind, 0)
+
+
+class ClientMistakes(logging.Filter):
+    """For aiohttp's "Error handling request" lines about requests that are not valid HTTP: no
+    traceback, one line per interval."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.repeats = Repeats()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, http_exceptions.HttpProcessingError):
+            return True
+        due, unsaid = self.repeats.due("malformed-http")
+        if not due:
+            return False
+        record.exc_info, record.exc_text = None, None
+        record.msg = f"{record.msg}: {type(error).__name__}: {error.message}" + (
+            f" ({unsaid} more since the last such line)" if unsaid else "")
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+_FILTER = ClientMistakes()
+_LOOPS: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+
+
+def install(loop: asyncio.AbstractEventLoop) -> None:
+    """Once per process for aiohttp's log, once per event loop for its exception handler."""
+    server_log = logging.getLogger("aiohttp.server")
+    if _FILTER not in server_log.filters:
+        server_log.addFilter(_FILTER)
+    if loop in _LOOPS:
+        return
+    _LOOPS.add(loop)
+    repeats = Repeats()
+    default = loop.get_exception_handler()
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        error = context.get("exception")
+        if isinstance(error, OSError) and error.errno in _RESOURCE_ERRORS:
+            due, unsaid = repeats.due("accept")
+            if due:
+                log.warning("accepting connections failed: %s%s; the server goes on", error.strerror,
+                            f" ({unsaid} more since the last such line)" if unsaid else "")
+            return
+        if default is not None:
+            default(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handle)

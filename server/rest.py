@@ -1,0 +1,121 @@
+"""HTTP REST: ``POST /v1`` with the same JSON task array as a WebSocket frame, answered with one
+``{"data": [...], "errors": [...]}`` object once every task in the array is done.
+
+Authentication is an ``Authorization: Bearer KEY`` header or an ``authentication`` task first in
+the array. Async tasks (``deliveryMethod: "async"``) are acknowledged in the answer and their
+results fetched with getResponse, in later POSTs or over a socket. The tasks run through the same
+runner as the socket's, so validation, limits and error items are the same; only the envelope and
+the HTTP status differ:
+
+- 400 the body is not a JSON task array; 413 it is larger than ``--max-frame-mib``;
+- 401 no key or a wrong one;
+- otherwise 200 when any task produced an item, else the status of the first error (429 when a
+  connection's or key's task limit is reached, 503 when the queue is full, 404 for an unknown
+  model or image, 500 for a failure on the server, 400 for everything a client sent wrong).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from aiohttp import web
+
+from imagewire.server import protocol
+from imagewire.server.auth import ApiKeys, owner_token
+from imagewire.server.config import Config
+from imagewire.server.intake import Intake, invalid_api_key
+from imagewire.server.runner import TaskRunner
+from imagewire.tasks import schema
+from imagewire.tasks.task_type import Item, TaskType
+
+log = logging.getLogger("imagewire.rest")
+
+BEARER = "bearer "
+
+
+class RestEndpoint:
+    def __init__(self, *, config: Config, api_keys: ApiKeys, runner: TaskRunner) -> None:
+        self.config = config
+        self.api_keys = api_keys
+        self.runner = runner
+
+    async def __call__(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            error = protocol.FrameError(
+                f"A request body may be at most {self.config.max_frame_bytes // (1024 * 1024)} MiB "
+                "(--max-frame-mib); send large images by URL or upload them first.")
+            return _respond(413, errors=[error.to_item(None, None)])
+        try:
+            decoded = protocol.decode_frame(body, max_tasks=self.config.max_tasks_per_message)
+        except protocol.FrameError as error:
+            return _respond(400, errors=[error.to_item(None, None)])
+        exchange = RestExchange(self.api_keys, self.runner)
+        header = request.headers.get("Authorization", "")
+        if header[: len(BEARER)].lower() == BEARER:
+            if not exchange.accept_key(header[len(BEARER):].strip()):
+                return _respond(401, errors=[invalid_api_key().to_item("authentication", None)])
+        await exchange.take(decoded)
+        await exchange.finished()
+        return exchange.response()
+
+
+class RestExchange(Intake):
+    """One POST: its tasks, and every answer they give, collected for one response."""
+
+    def __init__(self, api_keys: ApiKeys, runner: TaskRunner) -> None:
+        self.api_keys = api_keys
+        self.runner = runner
+        self.owner: str | None = None
+        self.data: list[Item] = []
+        self.errors: list[dict[str, Any]] = []
+        self.running: list[asyncio.Task[None]] = []
+
+    def accept_key(self, key: str | None) -> bool:
+        if not self.api_keys.check(key):
+            return False
+        assert key is not None
+        self.owner = owner_token(key)
+        return True
+
+    @property
+    def authenticated(self) -> bool:
+        return self.owner is not None
+
+    async def answer(self, data: Sequence[Item] = (), errors: Sequence[dict[str, Any]] = ()) -> None:
+        self.data.extend(data)
+        self.errors.extend(errors)
+
+    reply = answer
+
+    async def authenticate(self, task: schema.Authentication) -> None:
+        # There is no session to resume over HTTP: a good key is simply used for the tasks that follow.
+        if not self.accept_key(task.apiKey):
+            await self.answer(errors=[invalid_api_key().to_item("authentication", None)])
+
+    async def start(self, task: schema.Task, task_type: TaskType[Any, Any], task_uuid: str) -> None:
+        assert self.owner is not None
+        running = await self.runner.start(task, task_type, task_uuid, owner=self.owner, connection=self,
+                                          reply=self.reply, streams=False)
+        if running is not None:
+            self.running.append(running)
+
+    async def finished(self) -> None:
+        """Wait for every task of the array. A client that hangs up does not stop them: their results
+        stay available to getResponse."""
+        if self.running:
+            await asyncio.wait(self.running)
+
+    def response(self) -> web.Response:
+        if self.data or not self.errors:
+            return _respond(200, data=self.data, errors=self.errors)
+        return _respond(getattr(self.errors[0], "http_status", 400), errors=self.errors)
+
+
+def _respond(status: int, *, data: Sequence[Item] = (), errors: Sequence[dict[str, Any]] = ()) -> web.Response:
+    body = protocol.encode_frame(data=list(data), errors=list(errors)) if data or errors else b'{"data":[]}'
+    return web.Response(status=status, body=body, content_type="application/json")

@@ -1,0 +1,24 @@
+"""imageHistory (an extension of ours): the API key's newest images, for a gallery such as the web page's.
+
+The server remembers each key's newest images since it started (storage keeps the list); older ones
+stay reachable by their UUIDs and URLs, as always.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from imagewire.tasks.context import TaskContext
+from imagewire.tasks.schema import HistoryImage, ImageHistory, ImageHistoryResult
+from imagewire.tasks.task_type import TaskType, unchanged
+
+
+async def run(task: ImageHistory, ctx: TaskContext) -> AsyncIterator[ImageHistoryResult]:
+    services = ctx.services
+    images = [HistoryImage(imageUUID=image.uuid, imageURL=services.image_url(image.uuid, image.extension))
+              for image in services.store.recent(ctx.owner, task.limit)]
+    yield ImageHistoryResult(taskType="imageHistory", taskUUID=task.taskUUID, images=images)
+
+
+# A report, not work: not recorded, so the same taskUUID may ask again.
+TASK_TYPE = TaskType(struct=ImageHistory, prepare=unchanged, run=run, recorded=False)

@@ -1,0 +1,99 @@
+"""Image results, as every task that makes images answers them: the output settings a request gives
+(``outputType``, ``outputFormat``, ``outputQuality``) checked once, then each image encoded, stored
+under a new image UUID and described in the forms asked for; ``includeCost`` priced by device time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any, Protocol, get_args
+
+from PIL.Image import Image
+
+from imagewire.storage import OUTPUT_FORMAT_NAMES, ImageFormat, encode_image, output_format, to_base64
+from imagewire.tasks import inputs, schema
+from imagewire.tasks.context import TaskContext
+from imagewire.tasks.errors import InvalidParameter
+from imagewire.tasks.schema import ImageResult
+
+OUTPUT_TYPES: tuple[str, ...] = get_args(schema.OutputType)
+
+
+class ImageOutputRequest(Protocol):
+    @property
+    def outputType(self) -> str | list[Any]: ...
+
+    @property
+    def outputFormat(self) -> str: ...
+
+    @property
+    def outputQuality(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class ImageOutput:
+    types: list[str]       # URL, base64Data, dataURI: each once
+    format: ImageFormat
+    quality: int
+
+
+def image_output(task: ImageOutputRequest) -> ImageOutput:
+    """The output settings of a request, checked. Raises InvalidParameter naming the one at fault."""
+    chosen_format = output_format(task.outputFormat)
+    if chosen_format is None:
+        raise InvalidParameter(
+            f"Invalid outputFormat: expected one of {', '.join(OUTPUT_FORMAT_NAMES)}; received "
+            f"{task.outputFormat!r}.", parameter="outputFormat", type="string",
+            allowed_values=list(OUTPUT_FORMAT_NAMES))
+    output_types: list[str] = (
+        [task.outputType] if isinstance(task.outputType, str) else list(dict.fromkeys(task.outputType)))
+    if not output_types:
+        raise InvalidParameter(f"outputType must name at least one of {', '.join(OUTPUT_TYPES)}; received [].",
+                               parameter="outputType", type="string", allowed_values=list(OUTPUT_TYPES))
+    return ImageOutput(types=output_types, format=chosen_format, quality=task.outputQuality)
+
+
+def cost(ctx: TaskContext, device_seconds: float) -> float:
+    """What ``includeCost`` reports for work that took ``device_seconds`` on the device."""
+    return round(device_seconds * ctx.services.settings.price_per_gpu_second, 6)
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """An image encoded and stored, in the forms a request asked for (the others None)."""
+
+    uuid: str
+    url: str | None = None
+    base64_data: str | None = None
+    data_uri: str | None = None
+
+
+async def store_image(ctx: TaskContext, image: Image, output: ImageOutput) -> StoredImage:
+    """Encode ``image`` as ``output`` says, store it under a new image UUID and describe it in each form asked for."""
+    fmt = output.format
+    with ctx.timed("encode"):
+        data = await asyncio.to_thread(encode_image, image, fmt, output.quality)
+    with ctx.timed("store"):
+        stored = await inputs.store(ctx, data, extension=fmt.extension)
+    url = ctx.services.image_url(stored.uuid, fmt.extension) if "URL" in output.types else None
+    encoded = None
+    if "base64Data" in output.types or "dataURI" in output.types:
+        with ctx.timed("encode"):
+            encoded = await asyncio.to_thread(to_base64, data)
+    return StoredImage(
+        uuid=stored.uuid, url=url, base64_data=encoded if "base64Data" in output.types else None,
+        data_uri=f"data:{fmt.media_type};base64,{encoded}" if encoded is not None and "dataURI" in output.types
+        else None)
+
+
+async def deliver_image(ctx: TaskContext, image: Image, output: ImageOutput, *, task_type: str, task_uuid: str,
+                        cost_seconds: float | None = None, **fields: Any) -> ImageResult:
+    """Encode and store ``image`` and answer it: an ``ImageResult`` with ``fields`` (seed, inputImageUUID)
+    and, when ``cost_seconds`` is given, its cost."""
+    stored = await store_image(ctx, image, output)
+    result = ImageResult(taskType=task_type, taskUUID=task_uuid, imageUUID=stored.uuid, imageURL=stored.url,
+                         imageBase64Data=stored.base64_data, imageDataURI=stored.data_uri, **fields)
+    if cost_seconds is not None:
+        result.cost = cost(ctx, cost_seconds)
+    return result

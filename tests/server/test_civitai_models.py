@@ -1,0 +1,116 @@
+"""civitai:MODEL@VERSION through a real server: fetched from a stand-in Civitai API on loopback with
+--allow-downloads, then run; described, not fetched, without it; kept for the next start."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import pytest
+from runware import IImageInference, IModelSearch, Runware
+from runware.utils import RunwareAPIError
+
+from imagewire.air_registry.tiny import ensure_embedded
+from tests.civitai import fake_civitai
+from tests.wire import API_KEY, Wire, inference
+
+AIR = "civitai:4201@130072"
+
+
+@pytest.fixture
+def own_data_dir(tmp_path: Path, models_dir: Path) -> Path:
+    """A data dir of its own, so that downloads stay out of the session's shared models folder; the tiny
+    models already built are linked in."""
+    ensure_embedded("tiny-sd", models_dir / "configs" / "tiny-sd")
+    models = tmp_path / "own-data" / "models"
+    models.mkdir(parents=True)
+    for built in models_dir.iterdir():
+        (models / built.name).symlink_to(built, target_is_directory=True)
+    return tmp_path / "own-data"
+
+
+@pytest.fixture
+async def api(tiny_checkpoint):
+    async with fake_civitai() as civitai:
+        civitai.add_version(model=4201, version=130072, data=tiny_checkpoint)
+        yield civitai
+
+
+async def generate(server, model: str) -> bytes:
+    client = Runware(api_key=API_KEY, url=server.url)
+    await client.connect()
+    try:
+        [image] = await client.imageInference(requestImage=IImageInference(
+            model=model, positivePrompt="a lighthouse at dawn", width=128, height=128, steps=2, seed=11,
+            outputType="base64Data", outputFormat="PNG"))
+        return base64.b64decode(image.imageBase64Data)
+    finally:
+        await client.disconnect()
+
+
+async def test_a_civitai_checkpoint_is_downloaded_then_runs_and_is_kept(start_server, own_data_dir, api):
+    server = await start_server(data_dir=own_data_dir, allow_downloads=True, civitai_url=api.url)
+    image = await generate(server, AIR)
+    # The checkpoint holds the tiny model's weights in the original layout: read back, they make its image.
+    assert image == await generate(server, "imagewire:tiny@1")
+    assert api.downloads() == 1
+    client = Runware(api_key=API_KEY, url=server.url)
+    await client.connect()
+    try:
+        found = await client.modelSearch(payload=IModelSearch(search="civitai:4201"))
+    finally:
+        await client.disconnect()
+    [model] = found.results
+    assert (model.air, model.architecture, model.name) == (AIR, "tiny", "Model 4201 v130072")
+    # A restarted server without downloads, with the API gone, still has it.
+    await api.close()
+    again = await start_server(data_dir=own_data_dir)
+    assert await generate(again, AIR) == image
+
+
+async def test_without_downloads_the_answer_names_the_download_it_would_make(start_server, own_data_dir, api):
+    server = await start_server(data_dir=own_data_dir, civitai_url=api.url)
+    wire = await Wire.open(server.url)
+    error = await wire.error(inference(model=AIR))
+    assert error["code"] == "modelNotFound" and error["parameter"] == "model"
+    assert error["message"] == (
+        f"model '{AIR}' is not in this server's catalog. It names a Civitai checkpoint: with --allow-downloads "
+        f"this server fetches it from Civitai: the version's details from {api.url}/api/v1/model-versions/130072, "
+        f"then its primary safetensors file into {own_data_dir / 'models' / 'civitai-4201-130072'}; "
+        "or add it to a --catalog file")
+    assert api.requests == []
+    await wire.close()
+
+
+async def test_a_failed_download_is_a_clear_error_and_the_server_serves_on(start_server, own_data_dir, api):
+    api.interrupted.add("model.safetensors")
+    server = await start_server(data_dir=own_data_dir, allow_downloads=True, civitai_url=api.url)
+    wire = await Wire.open(server.url)
+    error = await wire.error(inference(model=AIR))
+    assert error["code"] == "modelNotFound" and error["parameter"] == "model"
+    assert error["message"].startswith(f"the weights of {AIR} could not be downloaded: the download from {api.url}")
+    assert not (own_data_dir / "models" / "civitai-4201-130072").exists()
+    [item] = await wire.run(inference())
+    assert item["imageUUID"]
+    with pytest.raises(RunwareAPIError):
+        await generate(server, "civitai:4201@999")
+    await wire.close()
+
+
+async def test_a_civitai_default_model_is_fetched_before_the_server_listens(start_server, own_data_dir, api):
+    server = await start_server(data_dir=own_data_dir, allow_downloads=True, civitai_url=api.url, default_model=AIR)
+    assert api.downloads() == 1
+    assert server.services.catalog.get(AIR) is not None
+    await generate(server, AIR)
+    assert api.downloads() == 1
+
+
+async def test_a_default_model_that_does_not_exist_stops_the_start(start_server, own_data_dir, api):
+    with pytest.raises(ValueError, match="--default-model 'civitai:1@2' is not on Civitai"):
+        await start_server(data_dir=own_data_dir, allow_downloads=True, civitai_url=api.url,
+                           default_model="civitai:1@2")
+    with pytest.raises(ValueError, match="--default-model 'nothing:here@1' is not in this server's catalog"):
+        await start_server(data_dir=own_data_dir, default_model="nothing:here@1")
+    for other in ("imagewire:tiny-controlnet@1", "imagewire:tiny-upscaler@1"):
+        with pytest.raises(ValueError, match=f"--default-model '{other}' is an? .* model; name an imageInference"):
+            await start_server(data_dir=own_data_dir, default_model=other)

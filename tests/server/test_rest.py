@@ -1,0 +1,135 @@
+"""REST: POST /v1 with a task array, one JSON answer, the status codes a client expects."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+from PIL import Image
+
+from tests.engines import HeldEngine
+from tests.timing import seconds
+from tests.wire import API_KEY, inference, new_uuid
+
+
+def post(url: str, body: bytes | list[Any], *, key: str | None = API_KEY,
+         headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method="POST",
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    if key is not None:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=seconds(120)) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+async def rest(server, body: bytes | list[Any], **options: Any) -> tuple[int, dict[str, Any]]:
+    # The server runs on this event loop: post from a thread so it can answer.
+    return await asyncio.to_thread(post, f"http://127.0.0.1:{server.port}/v1", body, **options)
+
+
+def png_data_uri() -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (96, 64), "teal").save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+async def test_every_task_type_over_rest(server):
+    upload, search = new_uuid(), new_uuid()
+    status, answer = await rest(server, [
+        {"taskType": "ping", "ping": True},
+        {"taskType": "imageUpload", "taskUUID": upload, "image": png_data_uri()},
+        {"taskType": "modelSearch", "taskUUID": search, "search": "tiny"},
+    ])
+    assert status == 200 and "errors" not in answer
+    by_type = {item["taskType"]: item for item in answer["data"]}
+    assert by_type["ping"]["pong"] is True
+    assert by_type["imageUpload"]["taskUUID"] == upload and by_type["imageUpload"]["imageUUID"]
+    assert by_type["modelSearch"]["results"][0]["air"] == "imagewire:tiny@1"
+    # The upload is an input of the next request, by UUID.
+    task = inference(seedImage=by_type["imageUpload"]["imageUUID"], strength=0.5, numberResults=2)
+    status, answer = await rest(server, [task])
+    assert status == 200
+    assert sorted(item["seed"] for item in answer["data"]) == sorted({item["seed"] for item in answer["data"]})
+    assert len(answer["data"]) == 2 and all(item["taskUUID"] == task["taskUUID"] for item in answer["data"])
+    image_url = answer["data"][0]["imageURL"]
+    assert await asyncio.to_thread(lambda: urllib.request.urlopen(image_url, timeout=seconds(10)).status) == 200
+
+
+async def test_authentication_as_the_first_task_instead_of_a_header(server):
+    task = inference()
+    status, answer = await rest(server, [{"taskType": "authentication", "apiKey": API_KEY}, task], key=None)
+    assert status == 200 and answer["data"][0]["taskUUID"] == task["taskUUID"]
+
+
+async def test_async_tasks_are_acknowledged_and_fetched_with_get_response(server):
+    task = inference(deliveryMethod="async", seed=11)
+    status, answer = await rest(server, [task])
+    assert status == 200 and answer == {"data": [{"taskType": "imageInference", "taskUUID": task["taskUUID"]}]}
+    for _ in range(600):
+        status, answer = await rest(server, [{"taskType": "getResponse", "taskUUID": task["taskUUID"]}])
+        if answer["data"][0].get("status") == "success":
+            break
+        await asyncio.sleep(seconds(0.1))
+    assert status == 200 and answer["data"][0]["seed"] == 11 and answer["data"][0]["imageUUID"]
+
+
+async def test_a_frame_that_is_not_a_task_array_is_400(server):
+    for body in (b"not json", b'{"taskType": "ping"}'):
+        status, answer = await rest(server, body)
+        assert status == 400 and answer["errors"][0]["code"] == "invalidMessage"
+
+
+async def test_a_body_over_the_message_limit_is_413(start_server):
+    server = await start_server(max_frame_bytes=1024 * 1024)
+    status, answer = await rest(server, [inference(seedImage="A" * (2 * 1024 * 1024))])
+    assert status == 413 and "at most 1 MiB" in answer["errors"][0]["message"]
+
+
+async def test_a_missing_or_wrong_key_is_401(server):
+    status, answer = await rest(server, [inference()], key=None)
+    assert status == 401 and answer["errors"][0]["code"] == "missingApiKey"
+    status, answer = await rest(server, [inference()], key="wrong")
+    assert status == 401 and answer["errors"][0]["code"] == "invalidApiKey"
+    assert answer["errors"][0]["taskType"] == "authentication"
+    status, answer = await rest(server, [{"taskType": "authentication", "apiKey": "wrong"}, inference()], key=None)
+    assert status == 401 and {error["code"] for error in answer["errors"]} == {"invalidApiKey", "missingApiKey"}
+
+
+async def test_client_mistakes_are_4xx_with_error_items_and_a_partial_success_is_200(server):
+    bad_size, unknown_model, good = inference(width=100), inference(model="runware:404@1"), inference()
+    status, answer = await rest(server, [bad_size])
+    assert status == 400 and answer["errors"][0]["code"] == "invalidWidth"
+    status, answer = await rest(server, [unknown_model])
+    assert status == 404 and answer["errors"][0]["code"] == "modelNotFound"
+    status, answer = await rest(server, [inference(width=100), good])
+    assert status == 200
+    assert answer["data"][0]["taskUUID"] == good["taskUUID"] and answer["errors"][0]["code"] == "invalidWidth"
+
+
+async def test_a_full_queue_is_503_and_a_key_at_its_limit_is_429(start_server):
+    engine = HeldEngine()
+    server = await start_server(engine_factory=lambda: engine, queue_size=1, max_tasks_per_key=3)
+    held = asyncio.ensure_future(rest(server, [inference()]))
+    assert await asyncio.to_thread(engine.started.wait, seconds(30))
+    waiting = asyncio.ensure_future(rest(server, [inference()]))
+    while server.device.pending < 1:
+        await asyncio.sleep(seconds(0.05))
+    status, answer = await rest(server, [inference()])
+    assert status == 503 and answer["errors"][0]["code"] == "serviceUnavailable"
+    assert "busy" in answer["errors"][0]["message"]
+    # Two more: the first is admitted (the key's third unfinished task) and finds the queue full; the second
+    # is refused at the key's limit, which is answered first.
+    status, answer = await rest(server, [inference(), inference()])
+    assert status == 429 and "This API key already has 3 unfinished tasks" in answer["errors"][0]["message"]
+    assert answer["errors"][1]["code"] == "serviceUnavailable" and "busy" in answer["errors"][1]["message"]
+    engine.release.set()
+    assert [(await held)[0], (await waiting)[0]] == [200, 200]
