@@ -325,3 +325,58 @@ def test_a_prompt_compel_cannot_read_fails_naming_the_prompt(engine, job):
         image(engine, job('("a fox").blend(1, 2, 3)', prompt_weighting="compel"))
     assert (caught.value.code, caught.value.parameter) == ("invalidParameter", "positivePrompt")
     assert "compel syntax" in caught.value.message
+
+
+# ---------------------------------------------------------------- with inpainting and ControlNet
+
+TINY_INPAINT, CONTROLNET = (CATALOG.resolve(name) for name in ("tiny-inpaint", "tiny-controlnet"))
+
+
+def edits(engine_data: Path, *, mask: bool = False, guide: bool = False) -> dict[str, Any]:
+    """The fields of an inpainting job (a seed image and a mask over its left half) and of a ControlNet job."""
+    fields: dict[str, Any] = {}
+    if mask:
+        seed = Image.new("RGB", (128, 128), (60, 120, 200))
+        left = Image.new("L", (128, 128), 0)
+        left.paste(255, (0, 0, 64, 128))
+        fields.update(init_image=seed, mask_image=left, strength=1.0)
+    if guide:
+        from imagewire.tasks.jobs import ControlNetUse
+
+        picture = Image.new("RGB", (128, 128))
+        picture.paste((255, 255, 255), (32, 32, 96, 96))
+        use = ControlNetUse(model=CONTROLNET, weights=locate_weights(CONTROLNET, data_dir=engine_data,
+                                                                     allow_downloads=False),
+                            weight=1.0, start=0.0, end=1.0, mode="balanced")
+        fields.update(controlnets=(use,), guide_images=(picture,))
+    return fields
+
+
+@pytest.mark.parametrize(("model", "mask", "guide"), [
+    (TINY, True, False),          # the inpainting view on the text-to-image model's modules
+    (TINY_INPAINT, True, False),  # an inpainting checkpoint, which takes the LoRAs of the model it came from
+    (TINY, False, True),          # a ControlNet view made after the LoRA went on
+    (TINY, True, True),
+])
+def test_a_lora_applies_through_inpainting_and_controlnet_pipelines(engine, job, add_on, engine_data, model, mask,
+                                                                   guide):
+    fields = edits(engine_data, mask=mask, guide=guide)
+    plain = image(engine, job(model=model, **fields))
+    with_lora = image(engine, job(model=model, loras=(add_on(LORA, 1.0),), **fields))
+    at_zero = image(engine, job(model=model, loras=(add_on(LORA, 0.0),), **fields))
+    assert difference(with_lora, plain) > 20
+    assert difference(at_zero, plain) <= SAME
+    # And off again for the next plain call of the same pipelines.
+    assert difference(image(engine, job(model=model, **fields)), plain) <= SAME
+    if mask:  # pixels outside the mask are the runner's to paste back; inside, the LoRA shows
+        assert difference(with_lora[:, :64], plain[:, :64]) > 20
+
+
+def test_a_vae_and_an_embedding_apply_through_a_controlnet_view(engine, job, add_on, engine_data):
+    fields = edits(engine_data, guide=True)
+    prompt = "a photo of <tiny-embedding>"
+    plain = image(engine, job(prompt, **fields))
+    assert difference(image(engine, job(prompt, vae=add_on(VAE), **fields)), plain) > 20
+    assert difference(image(engine, job(prompt, embeddings=(add_on(EMBEDDING),), **fields)), plain) > 20
+    assert difference(image(engine, job(prompt, **fields)), plain) <= SAME
+

@@ -370,3 +370,22 @@ def test_a_lone_surrogate_anywhere_is_named_in_an_error_that_is_itself_valid_tex
     # What the standard library's parser would take beyond JSON stays refused on that path too.
     with pytest.raises(protocol.FrameError):
         protocol.decode_frame('[{"taskType":"ping","x":"\\ud800","y":NaN}]', max_tasks=10)
+
+
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3", "runware:101@1", "imagewire:sd35-large@1",
+                                   "runware:106@1"])
+def test_add_ons_on_flow_models_are_refused_naming_the_member_and_the_architectures_that_take_them(model):
+    error = error_of(task(model=model, lora=[{"model": "tiny-lora", "weight": 0.5}], clipSkip=1))
+    assert (error.code, error.parameter) == ("unsupportedParameter", "lora[0].model")
+    assert {"tiny", "sd15", "sdxl", "tiny-sdxl", "sd15-inpaint"} <= set(error.allowed_values or ())
+    assert not {"tiny-flux", "flux1-dev", "sd3", "sd35-large"} & set(error.allowed_values or ())
+    assert "SD 1.x/2.x and SDXL families" in error.message and "sd15, sd21" in error.message
+    # The first add-on the request has is the one named.
+    assert error_of(task(model=model, clipSkip=1, vae="tiny-vae")).parameter == "vae"
+
+
+def test_add_ons_fit_an_inpainting_checkpoint_through_the_architecture_it_came_from():
+    prepared = settle(task(model="imagewire:tiny-inpaint@1", seedImage="x", maskImage="y",
+                           lora=[{"model": "tiny-lora"}], vae="tiny-vae", embeddings=[{"model": "tiny-embedding"}]))
+    assert [item.model.air for item in prepared.add_ons.loras] == ["imagewire:tiny-lora@1"]
+    assert prepared.add_ons.vae is not None and prepared.add_ons.vae.air == "imagewire:tiny-vae@1"
