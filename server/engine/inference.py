@@ -10,8 +10,9 @@ call can hold images of several of them; each job's images go back as soon as th
 
 After every denoising step the call reports progress for each of its jobs (with a cheap preview
 made from the latents, at most once a second, for jobs that asked), and stops at once when every
-job in it has been cancelled; a call whose jobs are partly cancelled goes on for the others. A refiner's
-steps continue the count of the model's.
+job in it has been cancelled; a call whose jobs are partly cancelled goes on for the others, and so do the
+run's other calls (other chunks, other prompt lengths) while any of their jobs is wanted. A refiner's steps
+continue the count of the model's.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def run(engine: DiffusersEngine, jobs: Sequence[InferenceJob], emit: Emit) -> No
         pictures = _make(engine, pipe, refiner, family, jobs, chunk, emit)
         share = (time.perf_counter() - started) / len(chunk)
         made = [(j, GeneratedImage(i, seed, picture, share))
-                for (j, i, seed), picture in zip(chunk, pictures, strict=True)]
+                for (j, i, seed), picture in zip(chunk, pictures, strict=True) if picture is not None]
         for j, owned in groupby(made, key=itemgetter(0)):  # a job's images are adjacent in ``images``
             emit(j, [image for _, image in owned])
 
@@ -99,22 +100,30 @@ def _make(engine: DiffusersEngine, pipe: Any, refiner: Any, family: Family, jobs
             report = _StepReport(jobs, part, emit, family, total=first.steps if refiner is not None else None)
             arguments["callback_on_step_end"] = report
             generators = _generators(part_seeds)
-            if refiner is None:
-                made = _call(pipe, _prompted(arguments, embeddings), generators)
-            else:
-                assert first.refiner is not None
-                refiner.scheduler = pipelines.make_sampler(refiner, first.sampler, seeds=part_seeds)
-                latents = _call(pipe, {**_prompted(arguments, embeddings), "denoising_end": first.refiner.start},
-                                generators, output_type="latent")
-                finishing = {"prompt": arguments["prompt"], "negative_prompt": arguments["negative_prompt"],
-                             "num_inference_steps": first.steps, "guidance_scale": first.cfg_scale,
-                             "denoising_start": first.refiner.start, "image": latents,
-                             "callback_on_step_end": report}
-                refined = None if embeddings is None else _weighted(refiner, part_owners)
-                made = _call(refiner, _prompted(finishing, refined), generators)
+            try:
+                if refiner is None:
+                    made = _call(pipe, _prompted(arguments, embeddings), generators)
+                else:
+                    assert first.refiner is not None
+                    refiner.scheduler = pipelines.make_sampler(refiner, first.sampler, seeds=part_seeds)
+                    latents = _call(pipe, {**_prompted(arguments, embeddings), "denoising_end": first.refiner.start},
+                                    generators, output_type="latent")
+                    finishing = {"prompt": arguments["prompt"], "negative_prompt": arguments["negative_prompt"],
+                                 "num_inference_steps": first.steps, "guidance_scale": first.cfg_scale,
+                                 "denoising_start": first.refiner.start, "image": latents,
+                                 "callback_on_step_end": report}
+                    refined = None if embeddings is None else _weighted(refiner, part_owners)
+                    made = _call(refiner, _prompted(finishing, refined), generators)
+            except _CallStopped:
+                continue  # every job of this call was cancelled; the others' calls go on
             for position, picture in zip(positions, made, strict=True):
                 pictures[position] = picture
     return pictures
+
+
+class _CallStopped(Exception):
+    """Raised by the step callback when every job of one call is cancelled but jobs of other calls of the
+    same run are not: that call stops, the run goes on. (``Cancelled`` stops the run: nobody is left.)"""
 
 
 def _controlnets(engine: DiffusersEngine, job: InferenceJob) -> ModedControlNets:
@@ -129,6 +138,7 @@ class _StepReport:
 
     def __init__(self, jobs: Sequence[InferenceJob], chunk: list[tuple[int, int, int]], emit: Emit,
                  family: Family, total: int | None = None) -> None:
+        self.jobs = len(jobs)
         self.emit = emit
         self.family = family
         self.total = total
@@ -144,7 +154,9 @@ class _StepReport:
         total = max(self.done, self.total or int(getattr(pipe, "num_timesteps", 0) or step + 1))
         live = [owner for owner in self.owners if not self.emit.cancelled(owner[0])]
         if not live:
-            raise Cancelled(f"stopped after step {self.done} of {total}")
+            if all(self.emit.cancelled(j) for j in range(self.jobs)):
+                raise Cancelled(f"stopped after step {self.done} of {total}")
+            raise _CallStopped(f"stopped after step {self.done} of {total}")
         previews = self._previews(tensors.get("latents"), live)
         for j, indexes, _ in live:
             self.emit.progress(j, Step(indexes, self.done, total, previews.get(j)))

@@ -380,3 +380,36 @@ def test_a_vae_and_an_embedding_apply_through_a_controlnet_view(engine, job, add
     assert difference(image(engine, job(prompt, embeddings=(add_on(EMBEDDING),), **fields)), plain) > 20
     assert difference(image(engine, job(prompt, **fields)), plain) <= SAME
 
+
+class CancelOnFirstStep(Collect):
+    """Cancels job ``index`` when its first step is reported, as a client's cancelTask would mid-call."""
+
+    def __init__(self, jobs: int, index: int) -> None:
+        super().__init__(jobs)
+        self.index = index
+
+    def progress(self, index: int, step: Any) -> None:
+        super().progress(index, step)
+        if index == self.index:
+            self.cancel.add(index)
+
+
+def test_a_cancelled_call_stops_alone_and_the_runs_other_calls_go_on(engine, job):
+    # Weighted prompts of two lengths (one over 77 tokens) make two calls of one chunk: cancelling the job of
+    # the first call stops that call, and the second still makes its image.
+    long_prompt = "a (red:1.2) fox " + "in the deep snow " * 30
+    jobs = [job(long_prompt, prompt_weighting="sdEmbeds"), job("a (red:1.2) fox", prompt_weighting="sdEmbeds")]
+    assert jobs[0].batch_key() == jobs[1].batch_key()
+    made = CancelOnFirstStep(2, index=0)
+    engine.run(jobs, made)
+    assert made.results[0] == [] and len(made.results[1]) == 1
+    assert len(made.steps[0]) == 1 and len(made.steps[1]) == made.steps[1][-1].total > 1
+    assert difference(np.asarray(made.results[1][0].image).astype(int), image(engine, jobs[1])) <= SAME
+    # The same across chunks: with one image per call, the second job's call still runs.
+    engine.max_batch_size, size = 1, engine.max_batch_size
+    try:
+        made = CancelOnFirstStep(2, index=0)
+        engine.run([job(seeds=(1,)), job(seeds=(2,))], made)
+    finally:
+        engine.max_batch_size = size
+    assert made.results[0] == [] and len(made.results[1]) == 1
