@@ -248,8 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
              "device) [IMAGEWIRE_PRELOAD, comma-separated]")
     memory.add_argument(
         "--max-passed-over", type=AMOUNT, default=_env("MAX_PASSED_OVER", "4"), metavar="K",
-        help="the device takes a queued job whose model is loaded before older ones whose model is not, but passes "
-             "over no job more than this many times; 0 keeps strict arrival order [IMAGEWIRE_MAX_PASSED_OVER]")
+        help="API keys take turns; within them the device takes a queued job whose model is loaded before ones "
+             "whose model is not, but passes over no job more than this many times; 0 keeps strict turns "
+             "[IMAGEWIRE_MAX_PASSED_OVER]")
     return parser
 
 
