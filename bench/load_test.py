@@ -43,9 +43,9 @@ class LoadConnection:
         self.reader = asyncio.ensure_future(self._read())
 
     @classmethod
-    async def open(cls, url: str) -> LoadConnection:
+    async def open(cls, url: str, *, api_key: str = API_KEY) -> LoadConnection:
         websocket = await connect(url, max_size=None, compression=None, ping_interval=None, open_timeout=60)
-        await websocket.send(orjson.dumps([{"taskType": "authentication", "apiKey": API_KEY}]).decode())
+        await websocket.send(orjson.dumps([{"taskType": "authentication", "apiKey": api_key}]).decode())
         reply = orjson.loads(await websocket.recv())
         if "data" not in reply:
             raise RuntimeError(f"authentication failed: {reply}")

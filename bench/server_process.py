@@ -6,6 +6,7 @@ import collections
 import ctypes
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -75,13 +76,16 @@ class ServerProcess:
     """Owns one server child. Its stderr is read by a thread, so the log never blocks the server."""
 
     def __init__(self, *, data_dir: Path, api_key: str, device: str, catalogs: tuple[Path, ...] = (),
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), open_files: int | None = None) -> None:
         self.command = [sys.executable, "-m", "imagewire.server", "--host", "127.0.0.1", "--port", "0",
                         "--data-dir", str(data_dir), f"--api-key={api_key}", "--device", device,
                         "--log-level", "INFO", *extra_args]
         for catalog in catalogs:
             self.command += ["--catalog", str(catalog)]
+        self.open_files = open_files  # the child's hard and soft limit of open files; None: inherited
         self.url = ""
+        self.log_lines = 0
+        self.log_bytes = 0
         self.task_logs: dict[str, TaskLog] = {}
         self.call_images: dict[str, int] = {}  # taskUUID → images in its pipeline call, for shared calls
         self._tail: collections.deque[str] = collections.deque(maxlen=60)
@@ -100,7 +104,7 @@ class ServerProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
         self._process = subprocess.Popen(self.command, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, bufsize=1,
-                                         preexec_fn=_die_with_parent)
+                                         preexec_fn=self._in_child)
         self._reader = threading.Thread(target=self._read_log, name="bench-server-log", daemon=True)
         self._reader.start()
         deadline = time.monotonic() + timeout
@@ -110,9 +114,16 @@ class ServerProcess:
                 raise ServerError("the server did not start:\n" + self.log_tail())
         return self.url
 
+    def _in_child(self) -> None:
+        _die_with_parent()
+        if self.open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
+
     def _read_log(self) -> None:
         assert self._process is not None and self._process.stderr is not None
         for line in self._process.stderr:
+            self.log_lines += 1
+            self.log_bytes += len(line.encode())
             self._tail.append(line.rstrip())
             if not self._listening.is_set():
                 found = _LISTENING.search(line)

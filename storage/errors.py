@@ -40,12 +40,14 @@ class ImageNotStored(StorageError):
 
 
 class StoreFailed(StorageError):
-    def __init__(self, problem: str, *, disk_full: bool = False) -> None:
+    def __init__(self, problem: str, *, disk_full: bool = False, reading: bool = False) -> None:
         super().__init__(problem)
         self.disk_full = disk_full
+        self.reading = reading  # the disk failed a read (of an input), not a write
 
     def describe(self, name: str) -> str:
-        return self.problem
+        """``name``: the input read, or what was to be kept ("The result image")."""
+        return f"{name} could not be {'read' if self.reading else 'stored'}: {self.problem}."
 
 
 class InputRejected(StorageError):

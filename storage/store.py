@@ -69,12 +69,12 @@ def canonical_uuid(text: str) -> str | None:
     return canonical if text.lower() == canonical else None
 
 
-def storage_error(exc: OSError) -> StoreFailed:
+def storage_error(exc: OSError, *, reading: bool = False) -> StoreFailed:
     """A client-facing error for a failed file operation; the message never contains a path."""
     if exc.errno == errno.ENOSPC:
-        return StoreFailed("the server's disk is full; the image could not be stored", disk_full=True)
+        return StoreFailed("the server's disk is full", disk_full=True, reading=reading)
     reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__
-    return StoreFailed(f"the server's image storage failed ({reason})")
+    return StoreFailed(f"the server's image storage failed ({reason})", reading=reading)
 
 
 def _write_atomically(path: Path, data: bytes, *, sync_directory: bool = True) -> None:
@@ -230,8 +230,8 @@ class ImageStore:
             free = shutil.disk_usage(self.root).free
             if free - size < limits.min_free_bytes:
                 raise StoreFailed(
-                    f"the server's disk is nearly full (less than {_gib(limits.min_free_bytes)} GiB free); "
-                    "the image could not be stored", disk_full=True)
+                    f"the server's disk is nearly full (less than {_gib(limits.min_free_bytes)} GiB free)",
+                    disk_full=True)
 
     def recent(self, owner: str, limit: int) -> list[StoredImage]:
         """``owner``'s newest images stored since this process started, newest first, at most ``limit``;
@@ -258,7 +258,7 @@ class ImageStore:
         try:
             image = await asyncio.to_thread(self._load_and_touch, canonical, owner)
         except OSError as exc:
-            raise storage_error(exc) from exc
+            raise storage_error(exc, reading=True) from exc
         if image is None:
             raise not_found
         return image
@@ -314,7 +314,7 @@ class ImageStore:
         except FileNotFoundError as exc:
             raise ImageNotStored(image.uuid) from exc
         except OSError as exc:
-            raise storage_error(exc) from exc
+            raise storage_error(exc, reading=True) from exc
 
     # ------------------------------------------------------------------ expiry
 

@@ -16,7 +16,7 @@ async def run(task: ImageUpload, ctx: TaskContext) -> AsyncIterator[UploadResult
         image = await inputs.image(ctx, task.image, parameter="image", formats=UPLOAD_INPUTS)
         data, extension = await prepare_upload(image)
     with ctx.timed("store"):
-        stored = await inputs.store(ctx, data, extension=extension)
+        stored = await inputs.store(ctx, data, extension=extension, what="The uploaded image")
     yield UploadResult(
         taskType="imageUpload", taskUUID=task.taskUUID, imageUUID=stored.uuid,
         imageURL=ctx.services.image_url(stored.uuid, stored.extension))

@@ -210,10 +210,10 @@ async def test_disk_errors_become_storage_errors_without_paths(tmp_path: Path, m
     monkeypatch.setattr(store_module, "_write_atomically", disk_full)
     with pytest.raises(StoreFailed) as caught:
         await store.put(b"data", extension="png", owner=OWNER)
-    error = task_error(caught.value, "image")
+    error = task_error(caught.value, "The result image")
     assert isinstance(error, StorageError)
     assert error.code == "storageError"
-    assert "disk is full" in error.message
+    assert error.message == "The result image could not be stored: the server's disk is full."
     assert str(tmp_path) not in error.message
 
 
