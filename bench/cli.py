@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet-wait", type=float, default=None, metavar="SECONDS",
                         help="before each measurement, wait up to this long for other processes to leave the CPU "
                              "idle (default 60, 0 with --quick; 0 never waits)")
+    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="set an environment variable for the server process only (repeatable), e.g. "
+                             "OMP_NUM_THREADS=2 to compare a thread policy with raw diffusers in one run")
     gpu = parser.add_argument_group("gpu suite")
     gpu.add_argument("--models", type=lambda text: _names(text, ("sd15", "sdxl", "flux", "sd35"), "--models"),
                      default=("sd15", "sdxl"),
@@ -70,8 +73,14 @@ def options_from(argv: Sequence[str]) -> tuple[RunOptions, Path]:
         budget = QUICK if args.quick or args.dry_run else FULL_GPU
     quick = args.quick or args.dry_run
     quiet_wait = args.quiet_wait if args.quiet_wait is not None else (0.0 if quick else 60.0)
+    server_env = {}
+    for setting in args.server_env:
+        name, equals, value = setting.partition("=")
+        if not equals or not name:
+            parser.error(f"--server-env takes NAME=VALUE, received {setting!r}")
+        server_env[name] = value
     return RunOptions(suite=suite, budget=budget, sections=args.sections, models_dir=args.models_dir,
-                      argv=tuple(argv), quick=quick, quiet_wait=quiet_wait), args.out
+                      argv=tuple(argv), quick=quick, quiet_wait=quiet_wait, server_env=server_env), args.out
 
 
 def _cuda_available() -> bool:

@@ -181,7 +181,8 @@ async def seeds(data_dir: Path, waiting: int = 40) -> dict[str, Any]:
         tasks = [inference(seedImage=seed, strength=0.5, seed=index) for index in range(waiting)]
         async with MemoryWatch(server) as memory:
             runs = [asyncio.ensure_future(connection.run(task)) for task in tasks]
-            held_all = await until(lambda: metric(server, "imagewire_held_input_pixels") >= waiting * 128 * 128, 120)
+            # Every seed decoded and resized: each task then holds exactly its 128² seed.
+            held_all = await until(lambda: metric(server, "imagewire_held_input_pixels") == waiting * 128 * 128, 180)
             await asyncio.sleep(2)
             holding = server.memory_kib()["VmRSS"]
             still_waiting = not holder.done()

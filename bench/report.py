@@ -37,8 +37,8 @@ def _latency(results: dict[str, Any]) -> str:
                   at_default["raw_ms"]["p50"], at_default["raw_ms"]["p99"], _ratio(at_default["served_over_it"]["p50"])]
                  for row in results["latency"] if (at_default := row.get("raw_default_threads"))]
     if reference:
-        text += ("\n\nThe server runs torch on fewer threads than torch's default (see server/engine.py); raw at "
-                 "the default, same run:\n\n"
+        text += ("\n\nThe server runs torch on fewer threads than torch's default (see server/engine/threads.py); "
+                 "raw at the default, same run:\n\n"
                  + table(["workload", "server threads", "raw p50 ms", "default threads", "raw p50 ms at default",
                           "raw p99 ms at default", "served/raw-at-default p50"], reference))
     gpu = [[row["workload"], row.get("raw_gpu_peak_mib"), row.get("server_gpu_mib")]

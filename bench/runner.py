@@ -7,7 +7,7 @@ import json
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ class RunOptions:
     argv: tuple[str, ...]
     quick: bool
     quiet_wait: float = 0.0  # see BenchContext.quiet_wait
+    server_env: dict[str, str] = field(default_factory=dict)  # for the server process only (--server-env)
 
 
 def _write_catalog(suite: Suite, models_dir: Path, directory: Path) -> tuple[Path, ...]:
@@ -125,7 +126,8 @@ async def run(options: RunOptions) -> dict[str, Any]:
         catalogs = _write_catalog(suite, options.models_dir, Path(scratch))
 
         def new_server() -> ServerProcess:
-            return ServerProcess(data_dir=data_dir, api_key=api_key, device=suite.device, catalogs=catalogs)
+            return ServerProcess(data_dir=data_dir, api_key=api_key, device=suite.device, catalogs=catalogs,
+                                 env=options.server_env)
 
         if any(name in sections for name in ("latency", "concurrency", "neighbour", "uploads")):
             raw = RawRunner(device=suite.device, data_dir=data_dir, catalogs=catalogs)

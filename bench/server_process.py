@@ -76,12 +76,14 @@ class ServerProcess:
     """Owns one server child. Its stderr is read by a thread, so the log never blocks the server."""
 
     def __init__(self, *, data_dir: Path, api_key: str, device: str, catalogs: tuple[Path, ...] = (),
-                 extra_args: tuple[str, ...] = (), open_files: int | None = None) -> None:
+                 extra_args: tuple[str, ...] = (), open_files: int | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.command = [sys.executable, "-m", "imagewire.server", "--host", "127.0.0.1", "--port", "0",
                         "--data-dir", str(data_dir), f"--api-key={api_key}", "--device", device,
                         "--log-level", "INFO", *extra_args]
         for catalog in catalogs:
             self.command += ["--catalog", str(catalog)]
+        self.env = dict(env or {})  # on top of this process's environment
         self.open_files = open_files  # the child's hard and soft limit of open files; None: inherited
         self.url = ""
         self.log_lines = 0
@@ -101,7 +103,8 @@ class ServerProcess:
         return self._process.pid
 
     def start(self, timeout: float = 180.0) -> str:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+               **self.env}
         self._process = subprocess.Popen(self.command, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, bufsize=1,
                                          preexec_fn=self._in_child)
