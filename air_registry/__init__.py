@@ -11,6 +11,7 @@ from imagewire.air_registry.air import AIR, parse_air
 from imagewire.air_registry.architectures import ARCHITECTURES, Architecture
 from imagewire.air_registry.catalog import Catalog, ModelDefaults, ModelEntry
 from imagewire.air_registry.errors import (
+    AddOnUnusable,
     CatalogError,
     MalformedAIR,
     RegistryError,
@@ -40,6 +41,7 @@ __all__ = [
     "SAMPLERS",
     "SAMPLERS_BY_SAMPLING",
     "SAMPLER_NAMES",
+    "AddOnUnusable",
     "Architecture",
     "Catalog",
     "CatalogError",

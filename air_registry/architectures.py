@@ -26,6 +26,8 @@ class Architecture:
     single_file_pipeline: str | None = None
     # Refiners transform an image and have no text-to-image pipeline.
     image_to_image_only: bool = False
+    # The architectures whose images a refiner of this one finishes (the request's ``refiner``).
+    refines: tuple[str, ...] = ()
     # The kind of sampler that fits its models (``samplers.py``): checked before the device.
     sampling: str = DIFFUSION
     # The precision its weights run in on CUDA devices, as the model was trained (CPUs use float32).
@@ -71,7 +73,11 @@ ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType({
         Architecture("sd21", family="sd", size=768, steps=20, single_file_pipeline="StableDiffusionPipeline"),
         Architecture("sdxl", family="sdxl", size=1024, steps=30, single_file_pipeline="StableDiffusionXLPipeline"),
         Architecture("sdxl-refiner", family="sdxl", size=1024, steps=30, strength=0.3,
-                     single_file_pipeline="StableDiffusionXLImg2ImgPipeline", image_to_image_only=True),
+                     single_file_pipeline="StableDiffusionXLImg2ImgPipeline", image_to_image_only=True,
+                     refines=("sdxl",)),
+        Architecture("tiny-sdxl", family="sdxl", size=256, steps=8),
+        Architecture("tiny-sdxl-refiner", family="sdxl", size=256, steps=8, strength=0.3, image_to_image_only=True,
+                     refines=("tiny-sdxl",)),
         Architecture("tiny-inpaint", family="sd", size=256, steps=8, inpainting_only=True, base="tiny"),
         Architecture("sd15-inpaint", family="sd", size=512, steps=20, inpainting_only=True, base="sd15",
                      single_file_pipeline="StableDiffusionInpaintPipeline"),

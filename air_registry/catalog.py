@@ -16,6 +16,13 @@ in diffusers format) or ``single_file`` (a ``.safetensors``/``.ckpt`` checkpoint
 ``defaults`` keys take the architecture's usual values (``architectures.py``). Where the weights
 are is ``weights.py``'s business.
 
+``category`` is ``checkpoint`` (a whole model, the default) or what a request adds to one: ``lora``,
+``embeddings`` (textual inversion) or ``vae``; for those, ``architecture`` is the architecture they fit.
+An embedding also names its ``token``, the word that stands for it in prompts:
+
+    {"air": "civitai:7808@9208", "name": "EasyNegative", "category": "embeddings", "architecture": "sd15",
+     "token": "easynegative", "source": "single_file", "location": "embeddings/easynegative.safetensors"}
+
 Nothing here imports torch or diffusers: the task layer resolves models before any device work.
 """
 
@@ -39,6 +46,7 @@ from imagewire.air_registry.errors import (
     shown,
 )
 from imagewire.air_registry.model_files import (
+    ADD_ON_LAYOUTS,
     COMPONENT_CATEGORIES,
     COMPONENT_LAYOUT,
     SINGLE_FILE_SUFFIXES,
@@ -68,8 +76,10 @@ def _usual_defaults(architecture: Architecture) -> Mapping[str, Any]:
     }
 
 _ENTRY_KEYS = frozenset(
-    {"air", "name", "aliases", "architecture", "category", "tags", "source", "location", "defaults"}
+    {"air", "name", "aliases", "architecture", "category", "tags", "source", "location", "defaults", "token"}
 )
+# What a request adds to a checkpoint: a single file is the usual form of each, with no pipeline to read.
+ADD_ON_CATEGORIES: tuple[str, ...] = ("lora", "embeddings", "vae")
 _DEFAULTS_KEYS = frozenset({"width", "height", "steps", "scheduler", "CFGScale", "strength"})
 _HUB_REPO_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
 # A file of a hub repo, as weights_file models name theirs: "owner/name/path/in/repo.pth".
@@ -104,6 +114,7 @@ class ModelEntry:
     source: str
     location: str
     defaults: ModelDefaults
+    token: str = ""   # an embedding's word in prompts
 
     @property
     def label(self) -> str:
@@ -117,8 +128,10 @@ class ModelEntry:
 
 
 def layout_of(category: str, architecture: str) -> str:
-    """The architecture's layout, but for a model saved on its own (a ControlNet, a safety checker), which
-    is catalogued under the architecture it fits."""
+    """The architecture's layout, but for a model saved on its own (a ControlNet, a safety checker) or added
+    to a checkpoint (a LoRA, an embedding, a VAE), which is catalogued under the architecture it fits."""
+    if category in ADD_ON_LAYOUTS:
+        return ADD_ON_LAYOUTS[category]
     return COMPONENT_LAYOUT if category in COMPONENT_CATEGORIES else ARCHITECTURES[architecture].layout
 
 
@@ -239,16 +252,21 @@ def _parse_entry(raw: Any, base_dir: Path, check: DefaultsCheck | None) -> Model
     )
     source = _string(raw, "source")
     _require(source in SOURCES, f"'source' must be one of {', '.join(SOURCES)}, not {source!r}")
-    # The server can build exactly one model itself; everything else comes from weights on disk.
     category = _string(raw, "category", default="checkpoint")
     layout = layout_of(category, architecture)
+    # A checkpoint in one file needs the pipeline class that reads it; add-ons and single networks are read on
+    # their own.
     _require(
-        source != "single_file" or ARCHITECTURES[architecture].single_file_pipeline is not None
-        or layout == "weights_file",
+        source != "single_file" or category in ADD_ON_CATEGORIES
+        or ARCHITECTURES[architecture].single_file_pipeline is not None or layout == "weights_file",
         f"the {architecture!r} architecture cannot be loaded from a single file",
     )
     name = _string(raw, "name")
     _require(bool(name), "'name' must not be empty")
+    token = _string(raw, "token", default="")
+    _require(category != "embeddings" or bool(token),
+             "an 'embeddings' model needs a 'token': the word that stands for it in prompts")
+    _require(not token or category == "embeddings", "only an 'embeddings' model has a 'token'")
     return ModelEntry(
         air=str(air),
         name=name,
@@ -260,6 +278,7 @@ def _parse_entry(raw: Any, base_dir: Path, check: DefaultsCheck | None) -> Model
         source=source,
         location=_parse_location(raw, source, base_dir, layout),
         defaults=_parse_defaults(raw.get("defaults"), architecture, check),
+        token=token,
     )
 
 

@@ -5,7 +5,8 @@
     ├── UnknownModel        a well-formed AIR id that the catalog does not hold
     ├── WeightsMissing      a catalog model whose weights are not on this server (or do not load)
     ├── UnknownSampler      a scheduler name that means nothing here
-    └── SamplerUnusable     a known scheduler this server or this model cannot run
+    ├── SamplerUnusable     a known scheduler this server or this model cannot run
+    └── AddOnUnusable       a LoRA, embedding or VAE whose weights do not load into the model
     CatalogError            a catalog file is malformed: the operator's mistake, found at start-up
 
 The registry knows nothing of the wire. Each error is phrased to follow the name of the request
@@ -55,6 +56,17 @@ class UnknownSampler(RegistryError):
 
 class SamplerUnusable(RegistryError):
     pass
+
+
+class AddOnUnusable(RegistryError):
+    """The message is whole; ``air`` names the add-on, so the task layer can name the request field."""
+
+    def __init__(self, problem: str, *, air: str) -> None:
+        super().__init__(problem)
+        self.air = air
+
+    def describe(self, name: str) -> str:
+        return f"{name}: {self.problem}"
 
 
 class CatalogError(ValueError):

@@ -1,5 +1,11 @@
 """Loading diffusers pipelines for catalog entries and keeping the most recently used ones in memory.
 
+Loading a model is the most expensive thing the server does, so the cache keeps the ``max_loaded`` most
+recently used models on the device, and the ``ram_models`` used before those in host RAM: switching back
+to one of those is a copy to the device rather than a read from disk. A job that needs two models at once
+(an SDXL model and its refiner) pins the first while the second loads. Each loaded model carries its
+add-ons (``add_ons.py``: LoRAs, embeddings, VAEs), which go where it goes.
+
 Everything here runs in the server's GPU worker thread, one call at a time: diffusers pipelines
 hold sampler state and are not safe to share between threads, so the cache takes no locks.
 """
@@ -16,7 +22,7 @@ import re
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +43,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.import_utils import DummyObject
 
+from imagewire.air_registry.add_ons import ModelAddOns, WeightedModel
 from imagewire.air_registry.architectures import ARCHITECTURES
 from imagewire.air_registry.catalog import ModelEntry
 from imagewire.air_registry.errors import RegistryError, SamplerUnusable, WeightsMissing
@@ -92,9 +99,22 @@ class _LoadedModel:
     inpainting: DiffusionPipeline | None = None
     # Pipelines made from this model's for one call (with ControlNets), while they are in use.
     derived: weakref.WeakSet[DiffusionPipeline] = field(default_factory=weakref.WeakSet)
+    add_ons: ModelAddOns | None = None  # made on first use
 
     def owns(self, pipe: DiffusionPipeline) -> bool:
         return pipe is self.primary or pipe is self.image_to_image or pipe is self.inpainting or pipe in self.derived
+
+    @property
+    def pipes(self) -> list[DiffusionPipeline]:
+        """Its pipelines, the primary first: add-ons that replace a component (a VAE, tokenizers) go on each."""
+        return [pipe for pipe in (self.primary, self.image_to_image, self.inpainting, *self.derived)
+                if pipe is not None]
+
+    def to(self, device: str) -> None:
+        # image_to_image shares the primary's modules: moving the primary moves both.
+        self.primary.to(device)
+        if self.add_ons is not None:
+            self.add_ons.to(device)
 
 
 def unavailable_samplers() -> dict[str, str]:
@@ -113,19 +133,24 @@ def unavailable_samplers() -> dict[str, str]:
 
 
 class PipelineCache:
-    """Pipelines of the ``max_loaded`` most recently used models, loaded on first use."""
+    """Pipelines of the ``max_loaded`` most recently used models on the device, loaded on first use, and of
+    the ``ram_models`` used before them in host RAM."""
 
     def __init__(
         self, *, device: str, data_dir: Path, allow_downloads: bool = False, max_loaded: int = 1,
-        max_components: int = 5,
+        ram_models: int = 0, max_components: int = 5,
     ) -> None:
         if max_loaded < 1:
             raise ValueError(f"max_loaded must be at least 1; received {max_loaded}")
+        if ram_models < 0:
+            raise ValueError(f"ram_models must be at least 0; received {ram_models}")
         self.device = device
         self.data_dir = Path(data_dir)
         self.allow_downloads = allow_downloads
         self.max_loaded = max_loaded
-        self._loaded: OrderedDict[str, _LoadedModel] = OrderedDict()
+        self.ram_models = ram_models
+        self._loaded: OrderedDict[str, _LoadedModel] = OrderedDict()   # on the device, least recent first
+        self._in_ram: OrderedDict[str, _LoadedModel] = OrderedDict()   # in host RAM, least recent first
         # Single models used beside a pipeline (ControlNets, safety checkers), most recently used last.
         self.max_components = max_components
         self._components: OrderedDict[str, Any] = OrderedDict()
@@ -141,23 +166,39 @@ class PipelineCache:
 
     @property
     def loaded_models(self) -> list[str]:
-        """AIR ids of the models in memory, least recently used first."""
+        """AIR ids of the models on the device, least recently used first."""
         return list(self._loaded)
+
+    @property
+    def memory(self) -> dict[str, str]:
+        """Where each model in memory is, ``"device"`` or ``"ram"``, with the add-ons loaded into it and the
+        single models used beside the pipelines (ControlNets, safety checkers: on the device)."""
+        where: dict[str, str] = dict.fromkeys(self._components, "device")
+        for place, models in (("ram", self._in_ram), ("device", self._loaded)):
+            for air, loaded in models.items():
+                where[air] = place
+                for add_on in loaded.add_ons.loaded if loaded.add_ons else ():
+                    # An add-on loaded into several models is as near as its nearest one.
+                    where[add_on] = "device" if "device" in (place, where.get(add_on)) else place
+        return where
 
     def load(self, entry: ModelEntry, weights: Path | None = None) -> DiffusionPipeline:
         """The pipeline the model loads as (text-to-image, or its only one): to have it in memory."""
         return self._get(entry, weights).primary
 
-    def text_to_image(self, entry: ModelEntry, weights: Path | None = None) -> DiffusionPipeline:
-        """The model's text-to-image pipeline, loaded from ``weights`` (located here when None)."""
+    def text_to_image(self, entry: ModelEntry, weights: Path | None = None, *,
+                      keep: Collection[str] = ()) -> DiffusionPipeline:
+        """The model's text-to-image pipeline, loaded from ``weights`` (located here when None). Models named
+        in ``keep`` stay on the device meanwhile (the job needs them too)."""
         architecture = ARCHITECTURES[entry.architecture]
         if architecture.image_to_image_only or architecture.inpainting_only:
             # Requests are validated before they get here; this is a caller's bug.
             raise ValueError(f"model {entry.air} only does image-to-image")
-        return self._get(entry, weights).primary
+        return self._get(entry, weights, keep).primary
 
-    def image_to_image(self, entry: ModelEntry, weights: Path | None = None) -> DiffusionPipeline:
-        loaded = self._get(entry, weights)
+    def image_to_image(self, entry: ModelEntry, weights: Path | None = None, *,
+                       keep: Collection[str] = ()) -> DiffusionPipeline:
+        loaded = self._get(entry, weights, keep)
         if ARCHITECTURES[entry.architecture].image_to_image_only:
             return loaded.primary
         if loaded.image_to_image is None:
@@ -167,9 +208,10 @@ class PipelineCache:
             loaded.image_to_image = pipe
         return loaded.image_to_image
 
-    def inpainting(self, entry: ModelEntry, weights: Path | None = None) -> DiffusionPipeline:
+    def inpainting(self, entry: ModelEntry, weights: Path | None = None, *,
+                   keep: Collection[str] = ()) -> DiffusionPipeline:
         """The model's inpainting pipeline: an inpainting checkpoint's own, or a view on any other's weights."""
-        loaded = self._get(entry, weights)
+        loaded = self._get(entry, weights, keep)
         if ARCHITECTURES[entry.architecture].inpainting_only:
             return loaded.primary
         if loaded.inpainting is None:
@@ -281,30 +323,74 @@ class PipelineCache:
         current: Any = pipe.scheduler
         return type(current), current.config
 
+    def use_add_ons(self, entry: ModelEntry, *, loras: Sequence[WeightedModel] = (),
+                    embeddings: Sequence[WeightedModel] = (), vae: WeightedModel | None = None) -> None:
+        """Make the next call of the (loaded) model's pipelines use these add-ons, and no others."""
+        loaded = self._loaded[entry.air]
+        if loaded.add_ons is None:
+            if not (loras or embeddings or vae):
+                return  # nothing was ever added: nothing to take off
+            loaded.add_ons = ModelAddOns(loaded.primary, allow_downloads=self.allow_downloads)
+        loaded.add_ons.use(loaded.pipes, loras=loras, embeddings=embeddings, vae=vae)
+
     def unload_all(self) -> None:
         self._loaded.clear()
+        self._in_ram.clear()
         self._components.clear()
         self._free_memory()
 
     # ---------------------------------------------------------------- loading
 
-    def _get(self, entry: ModelEntry, weights: Path | None) -> _LoadedModel:
+    def _get(self, entry: ModelEntry, weights: Path | None, keep: Collection[str] = ()) -> _LoadedModel:
         loaded = self._loaded.get(entry.air)
         if loaded is not None:
             self._loaded.move_to_end(entry.air)
             return loaded
-        # Make room before loading, so that two models never have to fit in memory at once.
-        while len(self._loaded) >= self.max_loaded:
-            # Deleted by key so that no local variable keeps the evicted pipelines alive during gc.
-            evicted = next(iter(self._loaded))
-            del self._loaded[evicted]
-            logger.info("unloading model %s to make room for %s", evicted, entry.air)
-            self._free_memory()
+        # Taken out of RAM first, so that making room does not push it out of memory.
+        kept = self._in_ram.pop(entry.air, None)
+        # Make room before loading, so that two models never have to fit on the device at once.
+        self._make_room(entry, keep)
+        if kept is not None:
+            started = time.monotonic()
+            kept.to(self.device)
+            self._loaded[entry.air] = kept
+            logger.info("moved model %s from host RAM to %s in %.2f s", entry.air, self.device,
+                        time.monotonic() - started)
+            return kept
         pipe = self._load(entry, weights)
         sampler: Any = pipe.scheduler
         loaded = _LoadedModel(primary=pipe, sampler_class=type(sampler), sampler_config=sampler.config)
         self._loaded[entry.air] = loaded
         return loaded
+
+    def _make_room(self, entry: ModelEntry, keep: Collection[str]) -> None:
+        """Evict the least recently used models not in ``keep`` until one more fits: to host RAM while it
+        has room (the least recent of those leaving memory), else out of memory."""
+        while len(self._loaded) >= self.max_loaded:
+            evicted = next((air for air in self._loaded if air not in keep), None)
+            if evicted is None:
+                return  # every loaded model is needed by this job: hold one more for as long as it runs
+            moved = self._loaded.pop(evicted)
+            dropped = False
+            if self.ram_models > 0:
+                moved.to("cpu")
+                self._in_ram[evicted] = moved
+                logger.info("moved model %s to host RAM to make room for %s", evicted, entry.air)
+                while len(self._in_ram) > self.ram_models:
+                    oldest = next(iter(self._in_ram))
+                    del self._in_ram[oldest]
+                    dropped = True
+                    logger.info("unloading model %s from host RAM", oldest)
+            else:
+                dropped = True
+                logger.info("unloading model %s to make room for %s", evicted, entry.air)
+            # Deleted by key above, so that no local variable keeps evicted pipelines alive during gc.
+            del moved
+            if dropped:
+                self._free_memory()
+            elif self.device.startswith("cuda"):
+                # Moved, not dropped: its tensors left the device, nothing for the (slow) collector to find.
+                torch.cuda.empty_cache()
 
     def _load(self, entry: ModelEntry, weights: Path | None) -> DiffusionPipeline:
         if weights is None:

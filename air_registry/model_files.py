@@ -29,10 +29,21 @@ COMPONENT_CONFIG = "config.json"
 COMPONENT_HUB_INCLUDE: tuple[str, ...] = ("*.json", "*.safetensors")
 COMPONENT_CATEGORIES: frozenset[str] = frozenset({"controlnet", "safety"})
 
+# What a request adds to a checkpoint (catalog categories ``lora``, ``embeddings``, ``vae``) lies as: a VAE
+# as a single model saved on its own (``component``); a LoRA or an embedding as one weights file, alone or in
+# a folder or hub repo (``add_on_file``: diffusers' own name for it there, or else the only .safetensors file).
+ADD_ON_FILE_LAYOUT = "add_on_file"
+ADD_ON_LAYOUTS = {"vae": COMPONENT_LAYOUT, "lora": ADD_ON_FILE_LAYOUT, "embeddings": ADD_ON_FILE_LAYOUT}
+# The names diffusers gives a LoRA's and a textual-inversion embedding's weights file in a folder.
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+EMBEDDING_WEIGHTS = "learned_embeds.safetensors"
+ADD_ON_FILE_NAMES = {"lora": LORA_WEIGHTS, "embeddings": EMBEDDING_WEIGHTS}
+
 # What marks a complete model folder of each layout (``Architecture.layout``, ``ModelEntry.layout``); a
-# ``weights_file`` model is its one file.
+# ``weights_file`` model is its one file, an ``add_on_file`` one the file found as above.
 LAYOUT_MARKERS = {"diffusers": MODEL_INDEX, "transformers": TRANSFORMERS_CONFIG, COMPONENT_LAYOUT: COMPONENT_CONFIG}
 HUB_PATTERNS = {"diffusers": (HUB_INCLUDE, HUB_EXCLUDE),
                 "transformers": (TRANSFORMERS_HUB_INCLUDE, TRANSFORMERS_HUB_EXCLUDE),
-                COMPONENT_LAYOUT: (COMPONENT_HUB_INCLUDE, ())}
+                COMPONENT_LAYOUT: (COMPONENT_HUB_INCLUDE, ()),
+                ADD_ON_FILE_LAYOUT: (("*.safetensors",), ())}
 WEIGHTS_FILE_SUFFIXES: tuple[str, ...] = (".safetensors", ".pth", ".pt", ".ckpt")

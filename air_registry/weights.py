@@ -12,7 +12,25 @@ from pathlib import Path
 from imagewire.air_registry.air import parse_air
 from imagewire.air_registry.catalog import ModelEntry, hub_file
 from imagewire.air_registry.errors import WeightsMissing
-from imagewire.air_registry.model_files import HUB_PATTERNS, LAYOUT_MARKERS, MODEL_INDEX
+from imagewire.air_registry.model_files import (
+    ADD_ON_FILE_LAYOUT,
+    ADD_ON_FILE_NAMES,
+    HUB_PATTERNS,
+    LAYOUT_MARKERS,
+    MODEL_INDEX,
+)
+
+
+def weights_file(path: Path, category: str) -> Path | None:
+    """A LoRA's or an embedding's weights file at ``path`` (the file itself, or in a folder: diffusers' own name
+    for it, or else the folder's only ``.safetensors`` file); None: none there."""
+    if path.is_file():
+        return path
+    named = path / ADD_ON_FILE_NAMES.get(category, "")
+    if named.is_file():
+        return named
+    candidates = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    return candidates[0] if len(candidates) == 1 else None
 
 
 def local_model_dir(entry: ModelEntry, data_dir: Path) -> Path:
@@ -66,6 +84,13 @@ def _locate_hub_weights(entry: ModelEntry, *, allow_downloads: bool) -> Path:
             ) from download_exc
     if filename is not None:
         return snapshot / filename
+    if layout == ADD_ON_FILE_LAYOUT:
+        found = weights_file(snapshot, entry.category)
+        if found is None:
+            raise _missing(entry, f"the local copy of Hugging Face repo '{repo}' has no single .safetensors "
+                                  f"weights file (nor {ADD_ON_FILE_NAMES[entry.category]}); download it with "
+                                  f"`{command}`")
+        return found
     marker = LAYOUT_MARKERS[layout]
     if not (snapshot / marker).is_file():
         raise _missing(
@@ -80,6 +105,7 @@ def locate_weights(entry: ModelEntry, *, data_dir: Path, allow_downloads: bool) 
     """The local path of the entry's weights, or ``WeightsMissing`` saying what is missing and how to add it.
 
     For an embedded model this is where it is (or will be) built; building is ``tiny.ensure_embedded``.
+    A LoRA or an embedding from a folder or the hub is its weights file (see ``weights_file``).
     """
     if entry.source == "embedded":
         return local_model_dir(entry, data_dir)
@@ -94,6 +120,15 @@ def locate_weights(entry: ModelEntry, *, data_dir: Path, allow_downloads: bool) 
                 f"the folder '{entry.location}' named in the catalog does not exist; "
                 f"save the model there in {layout} format or change the catalog entry",
             )
+        if layout == ADD_ON_FILE_LAYOUT:
+            found = weights_file(location, entry.category)
+            if found is None:
+                raise _missing(
+                    entry,
+                    f"the folder '{entry.location}' named in the catalog holds no "
+                    f"{ADD_ON_FILE_NAMES[entry.category]} and not exactly one .safetensors file",
+                )
+            return found
         marker = LAYOUT_MARKERS.get(layout, MODEL_INDEX)
         if layout != "weights_file" and not (location / marker).is_file():
             raise _missing(

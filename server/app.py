@@ -47,9 +47,19 @@ def diffusers_engine_factory(config: Config) -> Callable[[], Engine]:
         from imagewire.server.engine import DiffusersEngine
 
         return DiffusersEngine(device=resolve_device(config.device), data_dir=config.data_dir,
-                               allow_downloads=config.allow_downloads, max_batch_size=config.max_batch_size)
+                               allow_downloads=config.allow_downloads, max_batch_size=config.max_batch_size,
+                               max_loaded_models=config.max_loaded_models, ram_models=config.ram_models)
 
     return build
+
+
+def _require_preloadable(flag: str, name: str, entry: ModelEntry) -> None:
+    """The device preloads models as imageInference pipelines: ControlNets, checkers, add-ons and tools are not
+    one. Raises ValueError naming the flag: the operator's mistake, found at start."""
+    if entry.category != "checkpoint" or ARCHITECTURES[entry.architecture].task != "imageInference":
+        article = "an" if entry.category[:1] in ("a", "e", "i", "o", "u") else "a"
+        raise ValueError(f"{flag} {name!r} is {article} {entry.category} model; name an imageInference checkpoint "
+                         "(modelSearch with category checkpoint lists them)")
 
 
 class ImagewireServer:
@@ -90,8 +100,9 @@ class ImagewireServer:
         catalog = await asyncio.to_thread(Catalog.load, [*downloaded, *config.catalog_files],
                                           check_defaults=check_model_defaults)
         default_model = await self._default_model(catalog, civitai) if self.preload else None
+        preloads = self._preloads(catalog, default_model)
         self.device = DeviceQueue(self.engine_factory, queue_size=config.queue_size,
-                                  max_batch_size=config.max_batch_size)
+                                  max_batch_size=config.max_batch_size, max_passed_over=config.max_passed_over)
         fetcher = UrlFetcher(allow_private=config.allow_private_urls, max_bytes=config.max_image_bytes,
                              timeout=config.url_fetch_timeout)
         # Opening the store also removes what interrupted writes left behind.
@@ -110,7 +121,8 @@ class ImagewireServer:
             catalog=catalog, store=self.store, fetcher=fetcher, device=self.device, results=self.registry,
             pixels=PixelBudget(config.max_waiting_pixels), civitai=civitai)
         self.metrics = Metrics(State(
-            queue_depth=lambda: self.device.pending, loaded_models=self.device.loaded_models,
+            queue_depth=lambda: self.device.pending,
+            loaded_models=lambda: [air for air, where in self.device.loaded_models.items() if where == "device"],
             device_memory=self.device.device_memory, connections=lambda: len(self.connections),
             sessions=lambda: len(self.sessions), ready=lambda: self.device.ready and self._web is not None,
             held_input_pixels=lambda: self.services.pixels.held,
@@ -125,9 +137,9 @@ class ImagewireServer:
         # Listen only once the engine exists and the default model is loaded: imports and loading
         # hold the GIL in long stretches, and clients should not see slow pongs meanwhile.
         await asyncio.to_thread(self.device.start)
-        if default_model is not None:
-            loaded = self.device.preload(default_model)
-            await asyncio.to_thread(loaded.wait)
+        if self.preload:
+            for entry in preloads:
+                await asyncio.to_thread(self.device.preload(entry).wait)
         routes = HttpRoutes(store=self.store, device=self.device, metrics=self.metrics,
                             max_message_bytes=config.max_frame_bytes, serve_socket=self._serve_socket, rest=self._rest)
         install_log_limits(asyncio.get_running_loop())
@@ -163,11 +175,23 @@ class ImagewireServer:
                 catalog.add(entry)
         except RegistryError as exc:
             raise ValueError(exc.describe("--default-model")) from exc
-        # The device preloads it as an imageInference pipeline: ControlNets, checkers and tools are not one.
-        if entry.category != "checkpoint" or ARCHITECTURES[entry.architecture].task != "imageInference":
-            raise ValueError(f"--default-model {name!r} is a {entry.category} model; name an imageInference "
-                             "checkpoint (modelSearch with category checkpoint lists them)")
+        _require_preloadable("--default-model", name, entry)
         return entry
+
+    def _preloads(self, catalog: Catalog, default_model: ModelEntry | None) -> list[ModelEntry]:
+        """The default model, then each --preload model, in order and once each; a name the catalog does not hold
+        as an imageInference checkpoint stops the start (ValueError), naming the flag."""
+        entries: dict[str, ModelEntry] = {}
+        if default_model is not None:
+            entries[default_model.air] = default_model
+        for name in self.config.preload:
+            try:
+                entry = catalog.resolve(name)
+            except RegistryError as exc:
+                raise ValueError(exc.describe(f"--preload {name!r}:")) from exc
+            _require_preloadable("--preload", name, entry)
+            entries.setdefault(entry.air, entry)
+        return list(entries.values())
 
     def _web_server(self) -> asyncio.Protocol:
         """aiohttp's protocol for one new connection."""

@@ -59,6 +59,11 @@ class Config:
     civitai_url: str = "https://civitai.com"   # Civitai's API, for civitai:MODEL@VERSION ids
     civitai_token: str | None = None            # for models Civitai lets only signed-in users download
     safety_checker: str = "imagewire:sd-safety-checker@1"   # the catalog model checkNSFW and safety run
+    # Model memory: pipelines kept on the device, then in host RAM; models loaded at start.
+    max_loaded_models: int = 1
+    ram_models: int = 0
+    preload: tuple[str, ...] = ()
+    max_passed_over: int = 4               # times a queued job may be passed over for one whose model is loaded
 
     @property
     def base_url(self) -> str:
@@ -121,6 +126,7 @@ def _network(text: str) -> str:
 
 # Defaults are the environment's strings, so argparse checks them with the same type as a flag would be.
 COUNT = _whole_number(1)
+AMOUNT = _whole_number(0)
 PORT = _whole_number(0, 65535)
 POSITIVE = _number(positive=True)
 NON_NEGATIVE = _number(positive=False)
@@ -227,6 +233,24 @@ def build_parser() -> argparse.ArgumentParser:
     add("--safety-checker", default=_env("SAFETY_CHECKER", Config.safety_checker), metavar="AIR",
         help="catalog model (category safety) that checkNSFW and safety.checkContent/checkInputs run "
              "(default %(default)s) [IMAGEWIRE_SAFETY_CHECKER]")
+    memory = parser.add_argument_group("model memory")
+    memory.add_argument(
+        "--max-loaded-models", type=COUNT, default=_env("MAX_LOADED_MODELS", "1"), metavar="N",
+        help="models kept on the device, most recently used first; a request for another loads it and moves the "
+             "least recently used out [IMAGEWIRE_MAX_LOADED_MODELS]")
+    memory.add_argument(
+        "--ram-models", type=AMOUNT, default=_env("RAM_MODELS", "0"), metavar="M",
+        help="models moved out of the device are kept in host RAM, up to this many, so that switching back is a "
+             "copy to the device rather than a load from disk; 0 frees them [IMAGEWIRE_RAM_MODELS]")
+    memory.add_argument(
+        "--preload", action="append", default=None, metavar="AIR",
+        help="load this model at start, after the default model; repeatable, in order (the last ones stay on the "
+             "device) [IMAGEWIRE_PRELOAD, comma-separated]")
+    memory.add_argument(
+        "--max-passed-over", type=AMOUNT, default=_env("MAX_PASSED_OVER", "4"), metavar="K",
+        help="API keys take turns; within them the device takes a queued job whose model is loaded before ones "
+             "whose model is not, but passes over no job more than this many times; 0 keeps strict turns "
+             "[IMAGEWIRE_MAX_PASSED_OVER]")
     return parser
 
 
@@ -238,6 +262,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     catalog_files = args.catalog_files
     if catalog_files is None:
         catalog_files = [Path(p.strip()) for p in (_env("CATALOG") or "").split(",") if p.strip()]
+    preload = args.preload
+    if preload is None:
+        preload = [air.strip() for air in (_env("PRELOAD") or "").split(",") if air.strip()]
     trusted_proxies = args.trusted_proxies
     if trusted_proxies is None:
         try:
@@ -280,6 +307,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         max_outbox_bytes=args.max_outbox_mib * MIB,
         send_timeout=args.send_timeout,
         log_level=args.log_level,
+        max_loaded_models=args.max_loaded_models,
+        ram_models=args.ram_models,
+        preload=tuple(preload),
+        max_passed_over=args.max_passed_over,
         default_model=args.default_model,
         civitai_url=args.civitai_url,
         civitai_token=args.civitai_token,

@@ -13,6 +13,13 @@ key's job by about one call. Batching: jobs that wait together and share a type 
 ``max_batch_size`` images, whoever sent them: a device computes a batch faster than the same images
 one by one, and no job waits for others to arrive, because only jobs already queued are taken.
 
+Loaded models first: loading a model costs far more than a call, so the worker walks the waiting jobs
+in turn order (each key's oldest job, then each key's second, …) and takes the first whose models are on
+the device. Each job walked past counts as passed over once, and a job passed over ``max_passed_over``
+times ends the walk: it, or a job ahead of it, goes next. So a job waits at most that many jobs longer
+than its turn, and a key whose job was passed over keeps its turn (the key that went first goes to the
+end of the turn order, as after any job). With ``max_passed_over`` 0 the turn order is strict.
+
 A job can be cancelled: a waiting one leaves the queue, a running one is marked, and the engine's
 runner stops a call at its next step once every job in it is cancelled (its batch-mates carry on).
 """
@@ -20,6 +27,7 @@ runner stops a call at its next step once every job in it is cancelled (its batc
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -42,6 +50,10 @@ class Engine(Protocol):
     def unavailable_samplers(self) -> Mapping[str, str]:
         """Sampler names this engine cannot run, each with why; the task layer refuses them before queueing."""
 
+    @property
+    def loaded_models(self) -> Mapping[str, str]:
+        """Where each model in memory is, by AIR: ``"device"`` (ready to run) or ``"ram"`` (host memory)."""
+
     def load(self, model: ModelEntry) -> None: ...
 
     def run(self, jobs: Sequence[Job], emit: Emit) -> None:
@@ -49,10 +61,6 @@ class Engine(Protocol):
 
     def recover(self) -> None:
         """Called after a job failed: free what the failure may have left behind."""
-
-    def loaded_models(self) -> list[str]:
-        """AIR ids of the models in memory (read from the event loop; a snapshot is enough)."""
-        ...
 
     def device_memory(self) -> Mapping[str, int]:
         """Bytes held on the device by kind; empty where there is nothing to say (a CPU)."""
@@ -78,6 +86,7 @@ class JobHandle:
     started_at: float | None = None
     finished_at: float | None = None
     cancelled: bool = False      # read by the worker thread between steps
+    passed_over: int = 0         # times a job behind it in turn order went first because its model was loaded
     _queue: _WorkQueue | None = None
 
     @property
@@ -119,13 +128,16 @@ class JobHandle:
 class _Outlet:
     """What a runner emits to, for the handles of one group of jobs."""
 
-    def __init__(self, handles: list[JobHandle]) -> None:
+    def __init__(self, handles: list[JobHandle], before_results: Callable[[], None] | None = None) -> None:
         self.handles = handles
         self.answered: set[int] = set()
+        self.before_results = before_results
 
     def __call__(self, index: int, results: list[Any]) -> None:
         if not self.handles[index].cancelled:
             self.answered.add(index)
+            if self.before_results is not None:
+                self.before_results()
             self.handles[index]._post(results)
 
     def progress(self, index: int, step: Step) -> None:
@@ -136,11 +148,13 @@ class _Outlet:
 
 
 class DeviceQueue:
-    def __init__(self, engine_factory: Callable[[], Engine], *, queue_size: int, max_batch_size: int) -> None:
+    def __init__(self, engine_factory: Callable[[], Engine], *, queue_size: int, max_batch_size: int,
+                 max_passed_over: int = 0) -> None:
         self._engine_factory = engine_factory
         self._queue = _WorkQueue(queue_size)
         self._queue_size = queue_size
         self._max_batch_size = max_batch_size
+        self._max_passed_over = max_passed_over
         self._thread: threading.Thread | None = None
         self._accepting = False
         self._ready = threading.Event()
@@ -149,6 +163,9 @@ class DeviceQueue:
         self._engine: Engine | None = None
         # on_call(results, started, ended): after each call, from the worker thread (metrics).
         self.on_call: Callable[[int, float, float], None] | None = None
+        # What the worker last saw in the engine's memory (modelSearch, metrics): replaced whole, never
+        # changed in place, so the event loop reads a consistent snapshot.
+        self.loaded_models: Mapping[str, str] = {}
 
     def start(self) -> None:
         """Start the worker and wait until its engine exists (imports done, device checked).
@@ -176,9 +193,6 @@ class DeviceQueue:
     def ready(self) -> bool:
         """Taking jobs, with a live worker."""
         return self._accepting and self.busy
-
-    def loaded_models(self) -> list[str]:
-        return self._engine.loaded_models() if self._engine is not None else []
 
     def device_memory(self) -> Mapping[str, int]:
         return self._engine.device_memory() if self._engine is not None else {}
@@ -224,8 +238,10 @@ class DeviceQueue:
             return
         finally:
             self._ready.set()
+        self._publish(engine)
         while True:
-            item = self._queue.get()
+            # Only this thread changes what the engine holds, so what it holds now holds until the next job.
+            item = self._queue.get(functools.partial(_on_device, dict(engine.loaded_models)), self._max_passed_over)
             if item is None:
                 return
             if isinstance(item, JobHandle):
@@ -234,6 +250,13 @@ class DeviceQueue:
                 self._run(engine, group)
             else:
                 self._load(engine, *item)
+            self._publish(engine)
+
+    def _publish(self, engine: Engine) -> None:
+        try:
+            self.loaded_models = dict(engine.loaded_models)
+        except Exception:
+            log.exception("reading which models are loaded failed")
 
     def _load(self, engine: Engine, model: ModelEntry, done: threading.Event) -> None:
         try:
@@ -252,7 +275,8 @@ class DeviceQueue:
         for handle in handles:
             handle.started_at = started
             log.debug("taskUUID=%s on the device", handle.job.task_uuid)
-        emit = _Outlet(handles)
+        # Published before the results go out, so that a client that has them sees their model loaded.
+        emit = _Outlet(handles, before_results=lambda: self._publish(engine))
         answered = emit.answered
         try:
             engine.run([handle.job for handle in handles], emit)
@@ -331,23 +355,42 @@ class _WorkQueue:
             self._controls.append(item)
             self._changed.notify()
 
-    def get(self) -> Any:
+    def get(self, ready: Callable[[Job], bool] | None = None, max_passed_over: int = 0) -> Any:
+        """The next item: a control item, else the first job in turn order, or the first one after it that
+        is ``ready`` when it is not, as long as no job ahead of that one has been passed over
+        ``max_passed_over`` times already."""
         with self._changed:
             while True:
                 if self._controls and (self._controls[0] is not None or not self._jobs):
                     return self._controls.popleft()
                 if self._jobs:
-                    return self._take_next()
+                    return self._take_next(ready, max_passed_over)
                 self._changed.wait()
 
-    def _take_next(self) -> JobHandle:
-        owner, line = next(iter(self._lines.items()))
-        handle = line.popleft()
-        # The owner goes to the end of the turn order (and leaves it when it has nothing waiting).
+    def _take_next(self, ready: Callable[[Job], bool] | None, max_passed_over: int) -> JobHandle:
+        order = self._in_turn_order()
+        chosen = 0
+        if ready is not None and max_passed_over > 0:
+            for index, handle in enumerate(order):
+                if ready(handle.job):
+                    chosen = index
+                    break
+                if handle.passed_over >= max_passed_over:
+                    break  # it has waited long enough: nobody behind it goes first
+        for skipped in order[:chosen]:
+            skipped.passed_over += 1
+        handle = order[chosen]
+        owner = handle.job.owner
+        line = self._lines[owner]
+        line.remove(handle)
+        # Its owner goes to the end of the turn order (and leaves it when it has nothing waiting); owners
+        # passed over keep their places.
         del self._lines[owner]
         if line:
             self._lines[owner] = line
         self._taken(handle)
+        if chosen:
+            log.debug("taskUUID=%s goes first: its model is loaded", handle.job.task_uuid)
         return handle
 
     def _taken(self, handle: JobHandle) -> None:
@@ -400,6 +443,10 @@ class _WorkQueue:
 
     def _position(self, handle: JobHandle) -> int:
         return self._in_turn_order().index(handle)
+
+
+def _on_device(loaded: Mapping[str, str], job: Job) -> bool:
+    return all(loaded.get(air) == "device" for air in job.models)
 
 
 def _describe_failure(exc: BaseException) -> str:

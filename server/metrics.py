@@ -111,8 +111,8 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily("imagewire_device_busy_ratio",
                                 f"Share of the last {BUSY_WINDOW_SECONDS:g} s the device spent in calls.",
                                 value=self.metrics.busy.ratio())
-        loaded = GaugeMetricFamily("imagewire_loaded_models", "Models whose pipelines are loaded (1 each).",
-                                   labels=["air"])
+        loaded = GaugeMetricFamily("imagewire_loaded_models",
+                                   "Models on the device, with the add-ons loaded into them (1 each).", labels=["air"])
         for air in state.loaded_models():
             loaded.add_metric([air], 1)
         yield loaded

@@ -5,11 +5,13 @@ so one bad task becomes one error item and its neighbours still run:
 
 1. the frame is parsed as ``list[msgspec.Raw]`` (not JSON or not an array → ``FrameError``);
 2. each element is parsed into a dict, its ``taskType`` and ``taskUUID`` read for scoping;
-3. ``null`` values are dropped (they count as absent), keys checked against the task's
-   fields (``unsupportedParameter`` for what the public API defines and we don't run yet,
-   ``unknownParameter`` for anything else);
+3. ``null`` values are dropped (they count as absent), and so are empty arrays and objects
+   given for optional parameters (``"lora": []``: clients send them for "none"); keys checked
+   against the task's fields (``unsupportedParameter`` for what the public API defines and we
+   don't run yet, ``unknownParameter`` for anything else);
 4. ``msgspec.convert`` checks types and value limits; its errors are rewritten into
-   sentences naming the parameter, the allowed values and the value received.
+   sentences naming the parameter (``lora[1].weight`` inside arrays and objects), the allowed
+   values and the value received.
 """
 
 from __future__ import annotations
@@ -194,10 +196,12 @@ def _lone_surrogate_field(value: Any, path: str = "") -> str | None:
 
 
 def convert_task(obj: dict[str, Any], struct_type: type[schema.Task]) -> schema.Task:
-    present = {key: value for key, value in obj.items() if value is not None}
-    task_type = present["taskType"]
+    task_type = obj["taskType"]
     fields = _field_names(struct_type)
     unsupported = schema.UNSUPPORTED_PARAMETERS.get(task_type, frozenset())
+    optional = _optional_fields(struct_type) | unsupported
+    cleaned = {key: _without_nulls(value) for key, value in obj.items()}
+    present = {key: value for key, value in cleaned.items() if not _absent(key, value, optional)}
     extra = [key for key in present if key not in fields and key != "taskType"]
     not_yet = [short_name(key) for key in extra if key in unsupported]
     if not_yet:
@@ -215,6 +219,22 @@ def convert_task(obj: dict[str, Any], struct_type: type[schema.Task]) -> schema.
     except msgspec.ValidationError as exc:
         nested = _nested_validation_error(exc, present, struct_type)
         raise (nested or _translate_validation_error(exc, present, struct_type)) from exc
+
+
+def _without_nulls(value: Any) -> Any:
+    """An object, or an array of objects, without its ``null`` members: one level down, null means
+    absent too (``{"model": "x", "weight": null}``). Deeper values are the schema's business."""
+    if isinstance(value, dict):
+        return {key: member for key, member in value.items() if member is not None}
+    if isinstance(value, list):
+        return [_without_nulls(item) if isinstance(item, dict) else item for item in value]
+    return value
+
+
+def _absent(key: str, value: Any, optional: frozenset[str]) -> bool:
+    """``null`` is absent anywhere; ``[]`` and ``{}`` are absent for a parameter that may be left
+    out (a key the task does not know keeps its ``unknownParameter``, whatever its value)."""
+    return value is None or (key in optional and (value == [] or value == {}))
 
 
 _PATH = re.compile(r"at `\$\.(?P<field>[A-Za-z0-9_]+)(?P<rest>[^`]*)`")
@@ -347,6 +367,11 @@ def _field_info(struct_type: type[schema.Task]) -> dict[str, mi.Field]:
     info = mi.type_info(struct_type)
     assert isinstance(info, mi.StructType)
     return {field.encode_name: field for field in info.fields}
+
+
+@cache
+def _optional_fields(struct_type: type[schema.Task]) -> frozenset[str]:
+    return frozenset(name for name, field in _field_info(struct_type).items() if not field.required)
 
 
 @cache

@@ -33,6 +33,11 @@ class Device(Protocol):
         """Sampler names this device cannot run, each with the reason (checked at start)."""
         ...
 
+    @property
+    def loaded_models(self) -> Mapping[str, str]:
+        """Where each model in memory is, by AIR: ``"device"`` or ``"ram"`` (as of the last job)."""
+        ...
+
 
 class RecordedTask(Protocol):
     """What the result registry remembers of a task, as getResponse reads it."""

@@ -92,8 +92,13 @@ def _describe_one(t: mi.Type) -> str:
     if isinstance(t, mi.BoolType):
         return "true or false"
     if isinstance(t, mi.ListType):
-        most = f" (at most {t.max_length})" if t.max_length is not None else ""
-        return f"an array of {_describe_one(t.item_type)}{most}"
+        bound = f"at most {t.max_length} " if t.max_length is not None else ""
+        item = _unannotated(t.item_type)
+        if isinstance(item, mi.StructType):
+            return f"an array of {bound}objects with " + ", ".join(field.encode_name for field in item.fields)
+        if bound:
+            return f"an array of {bound}items, each {_describe_one(t.item_type)}"
+        return f"an array of {_describe_one(t.item_type)}"
     if isinstance(t, mi.DictType):
         return "an object"
     if isinstance(t, mi.TupleType):

@@ -21,7 +21,7 @@ from PIL import Image
 
 from imagewire.air_registry import AIR, ARCHITECTURES, ModelDefaults, ModelEntry, SamplerSpec
 from imagewire.storage import OUTPUT_FORMATS, ImageFormat, encode_image, to_base64
-from imagewire.tasks import content_safety, editing, inputs, schema
+from imagewire.tasks import content_safety, editing, image_add_ons, inputs, schema
 from imagewire.tasks.context import TaskContext
 from imagewire.tasks.describe import describe_annotation, nearest_valid, stepped_range
 from imagewire.tasks.errors import InvalidParameter, MissingParameter
@@ -51,6 +51,7 @@ class Prepared:
     output_format: ImageFormat
     output_quality: int
     edits: editing.Edits = editing.NO_EDITS
+    add_ons: image_add_ons.AddOns = image_add_ons.AddOns()
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def prepare(task: ImageInference, ctx: TaskContext) -> Prepared | AwaitingDownlo
     if download is not None:
         content_safety.prepare(task, ctx)  # what can be checked before the model is known
         return AwaitingDownload(task, download)
-    model = inputs.model(ctx, task.model)
+    model = inputs.model(ctx, task.model, category="checkpoint")
     defaults = model.defaults
     edits = editing.prepare(task, model, ctx)
     if task.seedImage is None:
@@ -106,6 +107,7 @@ def prepare(task: ImageInference, ctx: TaskContext) -> Prepared | AwaitingDownlo
         output_format=output.format,
         output_quality=output.quality,
         edits=edits,
+        add_ons=image_add_ons.prepare(task, model, steps, ctx),
     )
 
 
@@ -143,7 +145,8 @@ async def run(prepared: Prepared | AwaitingDownload, ctx: TaskContext) -> AsyncI
         prepared = ready
     task = prepared.task
     weights = await inputs.weights(ctx, prepared.model)
-    loaded = await editing.load(ctx, prepared.edits)
+    add_ons, loaded = await asyncio.gather(image_add_ons.job_fields(prepared.add_ons, ctx),
+                                           editing.load(ctx, prepared.edits))
     init_image = None
     width, height = task.width, task.height
     if task.seedImage is not None:
@@ -156,7 +159,7 @@ async def run(prepared: Prepared | AwaitingDownload, ctx: TaskContext) -> AsyncI
         negative_prompt=prepared.negative_prompt, width=scene.width, height=scene.height, steps=prepared.steps,
         cfg_scale=prepared.cfg_scale, sampler=prepared.sampler, seeds=prepared.seeds, init_image=scene.init_image,
         strength=task.strength, mask_image=scene.mask_image, controlnets=scene.controlnets,
-        guide_images=scene.guide_images, preview=task.includeProgress and task.includePreview)
+        guide_images=scene.guide_images, preview=task.includeProgress and task.includePreview, **add_ons)
     progress = editing.submit(ctx, scene, job, on_event=_ProgressReport(task, len(prepared.seeds), ctx).on_event)
     try:
         async for produced in progress:

@@ -96,8 +96,15 @@ async def store(ctx: TaskContext, data: bytes, *, extension: str, what: str = "T
         raise task_error(exc, what) from exc
 
 
-def model(ctx: TaskContext, name: str, *, parameter: str = "model", task: str = "imageInference") -> ModelEntry:
-    """The catalog entry a request's AIR id or alias names, a model of the task type ``task``."""
+# How messages name each category of model: one, and several.
+CATEGORY_NAMES = {"checkpoint": ("a checkpoint", "Checkpoints"), "lora": ("a LoRA", "LoRAs"),
+                  "embeddings": ("an embedding", "Embeddings"), "vae": ("a VAE", "VAEs")}
+
+
+def model(ctx: TaskContext, name: str, *, parameter: str = "model", task: str = "imageInference",
+          category: str | None = None) -> ModelEntry:
+    """The catalog entry a request's AIR id or alias names, a model of the task type ``task``; with
+    ``category``, it must be of that category."""
     catalog = ctx.services.catalog
     try:
         entry = catalog.resolve(name)
@@ -119,6 +126,14 @@ def model(ctx: TaskContext, name: str, *, parameter: str = "model", task: str = 
         raise errors.InvalidParameter(
             f"{parameter} {entry.label} is a {entry.category} model for {serves} tasks, not for {task}; "
             f"models for {task}: {', '.join(fitting[:10]) or 'none'}.",
+            parameter=parameter, type="string", allowed_values=fitting[:100])
+    if category is not None and entry.category != category:
+        (wanted, plural), (found, _) = (CATEGORY_NAMES.get(c, (f"a {c} model", f"{c} models"))
+                                        for c in (category, entry.category))
+        fitting = [other.air for other in catalog.entries if other.category == category]
+        raise errors.InvalidParameter(
+            f"{parameter} must name {wanted}; {entry.air} is {found}. {plural} here: "
+            f"{', '.join(fitting[:10]) or 'none'}{' and more (see modelSearch)' if len(fitting) > 10 else ''}.",
             parameter=parameter, type="string", allowed_values=fitting[:100])
     return entry
 

@@ -36,6 +36,33 @@ class Job:
         """Jobs of one type with equal keys can run in one call; by default a job runs alone."""
         return id(self)
 
+    @property
+    def models(self) -> tuple[str, ...]:
+        """AIR ids of the models the job runs on: the device queue prefers jobs whose models are loaded. By
+        default the job's ``model`` (the tools' jobs have one), else none."""
+        model = getattr(self, "model", None)
+        return (model.air,) if model is not None else ()
+
+
+@dataclass(frozen=True)
+class AddOn:
+    """A LoRA, an embedding or a VAE that a job applies to its model: the catalog entry, where its weights
+    are (found when the task was checked), and its strength (``weight`` on the wire; 1 for a VAE)."""
+
+    model: ModelEntry
+    weights: Path
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class RefinerPass:
+    """An SDXL refiner finishing the image: the job's model denoises up to ``start`` (a fraction of the
+    steps), the refiner the rest, in one job."""
+
+    model: ModelEntry
+    weights: Path
+    start: float
+
 
 @dataclass(kw_only=True)
 class InferenceJob(Job):
@@ -57,6 +84,12 @@ class InferenceJob(Job):
     controlnets: tuple[ControlNetUse, ...] = ()
     guide_images: tuple[Image, ...] = ()  # one per ControlNet, width × height
     preview: bool = False           # progress events carry a low-resolution preview
+    loras: tuple[AddOn, ...] = ()
+    embeddings: tuple[AddOn, ...] = ()
+    vae: AddOn | None = None         # None: the model's own
+    clip_skip: int = 0               # text-encoder layers left out at the end
+    prompt_weighting: str | None = None  # the prompts' syntax: "compel" or "sdEmbeds"; None: plain text
+    refiner: RefinerPass | None = None
 
     @property
     def images(self) -> int:
@@ -71,7 +104,32 @@ class InferenceJob(Job):
         return (self.model.air, self.init_image is not None, self.width, self.height, self.steps,
                 self.cfg_scale, self.sampler, self.strength if self.init_image is not None else None,
                 bool(self.negative_prompt), self.mask_image is not None,
-                tuple(control.batch_key() for control in self.controlnets))
+                tuple(control.batch_key() for control in self.controlnets), self.add_ons_key())
+
+    def add_ons_key(self) -> Hashable:
+        """What the add-ons make one call share: a set of LoRAs (their order does not matter, their weights
+        do), of embeddings, the VAE, the CLIP skip, the prompt syntax and the refiner hand-off."""
+        return (frozenset((lora.model.air, lora.weight) for lora in self.loras),
+                frozenset((embedding.model.air, embedding.weight) for embedding in self.embeddings),
+                self.vae.model.air if self.vae else None, self.clip_skip, self.prompt_weighting,
+                (self.refiner.model.air, self.refiner.start) if self.refiner else None)
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return (self.model.air,) + ((self.refiner.model.air,) if self.refiner else ()) + tuple(
+            control.model.air for control in self.controlnets)
+
+    def parameter_naming(self, air: str) -> str:
+        """The request field that named the model ``air`` (for an error when it fails to load)."""
+        for name, add_ons in (("lora", self.loras), ("embeddings", self.embeddings)):
+            for index, add_on in enumerate(add_ons):
+                if add_on.model.air == air:
+                    return f"{name}[{index}].model"
+        if self.vae is not None and self.vae.model.air == air:
+            return "vae"
+        if self.refiner is not None and self.refiner.model.air == air:
+            return "refiner.model"
+        return "model"
 
 
 @dataclass(frozen=True)
@@ -103,6 +161,10 @@ class SafetyCheckJob(Job):
 
     def batch_key(self) -> Hashable:
         return self.checker.air
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return (self.checker.air,)
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ from imagewire.tasks.schema import ModelInfo, ModelSearch, ModelSearchResult
 from imagewire.tasks.task_type import TaskType, unchanged
 
 
-def model_info(entry: ModelEntry, *, available: bool, comment: str) -> ModelInfo:
-    """A catalog entry as a ``modelSearch`` result."""
+def model_info(entry: ModelEntry, *, available: bool, comment: str, loaded_on: str | None = None) -> ModelInfo:
+    """A catalog entry as a ``modelSearch`` result; ``loaded_on`` says where it is in memory, if it is."""
     return ModelInfo(
         air=entry.air,
         name=entry.name,
@@ -30,6 +30,9 @@ def model_info(entry: ModelEntry, *, available: bool, comment: str) -> ModelInfo
         aliases=list(entry.aliases),
         available=available,
         comment=comment,
+        positiveTriggerWords=entry.token,
+        loaded=loaded_on is not None,
+        loadedOn="device" if loaded_on == "device" else "ram" if loaded_on == "ram" else None,
     )
 
 
@@ -42,10 +45,11 @@ async def run(task: ModelSearch, ctx: TaskContext) -> AsyncIterator[ModelSearchR
         text=task.search, category=task.category, architecture=task.architecture, tags=task.tags,
         limit=task.limit, offset=task.offset)
     infos = []
+    loaded = services.device.loaded_models
     for entry in entries:
         # Looking into the Hugging Face cache touches the disk: keep it off the event loop.
         available, reason = await asyncio.to_thread(availability, entry, data_dir=services.settings.data_dir)
-        infos.append(model_info(entry, available=available, comment=reason))
+        infos.append(model_info(entry, available=available, comment=reason, loaded_on=loaded.get(entry.air)))
     yield ModelSearchResult(taskType="modelSearch", taskUUID=task.taskUUID, totalResults=total, results=infos)
 
 

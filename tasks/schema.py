@@ -62,6 +62,33 @@ class Ping(Task, tag="ping"):
     ping: bool = True
 
 
+ModelAIR = Annotated[str, Meta(min_length=1, max_length=200)]
+# LoRA and embedding strengths: negative values push away from what they learned.
+AddOnWeight = Annotated[float, Meta(ge=-4, le=4)]
+ClipSkip = Annotated[int, Meta(ge=0, le=2)]
+# Matched case-insensitively by the handler (the Python SDK sends "sdembeds").
+PromptWeighting = Annotated[str, Meta(max_length=20)]
+MAX_ADD_ONS = 10  # LoRAs, and embeddings, per task
+
+
+class Lora(Struct, forbid_unknown_fields=True, kw_only=True):
+    model: ModelAIR
+    weight: AddOnWeight = 1.0
+
+
+class Embedding(Struct, forbid_unknown_fields=True, kw_only=True):
+    model: ModelAIR
+    weight: AddOnWeight = 1.0
+
+
+class Refiner(Struct, forbid_unknown_fields=True, kw_only=True):
+    """An SDXL refiner finishes the image from a step on; give one of the two (default: 80 %)."""
+
+    model: ModelAIR
+    startStep: Annotated[int, Meta(ge=2, le=100)] | None = None
+    startStepPercentage: Annotated[float, Meta(ge=1, le=99)] | None = None
+
+
 class Deliverable(Task, kw_only=True):
     """A task whose results can come back later: ``deliveryMethod: "async"`` acknowledges it at once,
     and its results are fetched with getResponse (and POSTed to ``webhookURL`` when one is given)."""
@@ -93,6 +120,13 @@ class ImageInference(Deliverable, tag="imageInference"):
     includePreview: bool = False
     checkNSFW: bool = False
     safety: dict[str, Any] | None = None
+    lora: Annotated[list[Lora], Meta(max_length=MAX_ADD_ONS)] | None = None
+    embeddings: Annotated[list[Embedding], Meta(max_length=MAX_ADD_ONS)] | None = None
+    vae: ModelAIR | None = None
+    clipSkip: ClipSkip | None = None
+    promptWeighting: PromptWeighting | None = None
+    usePromptWeighting: bool | None = None  # the JS SDK's older switch: true means "compel"
+    refiner: Refiner | None = None
     maskImage: str | None = None
     maskMargin: MaskMargin | None = None
     outpaint: Outpaint | None = None
@@ -293,8 +327,7 @@ AnyTask = (Authentication | Ping | ImageInference | ImageUpload | GetResponse | 
 UNSUPPORTED_PARAMETERS: dict[str, frozenset[str]] = {
     "imageInference": frozenset(
         {
-            "lora", "refiner", "vae", "clipSkip",
-            "promptWeighting", "acceleratorOptions", "ipAdapters", "embeddings",
+            "acceleratorOptions", "ipAdapters",
             "referenceImages", "inputs", "advancedFeatures", "puLID", "acePlusPlus",
             "photoMaker", "instantID", "layerDiffuse", "ttl", "uploadEndpoint", "outputs",
             "providerSettings", "settings", "frameImages", "resolution", "batchSize",
@@ -419,6 +452,9 @@ class ModelInfo(Struct, kw_only=True):
     aliases: list[str] = []
     available: bool = True
     comment: str = ""
+    positiveTriggerWords: str = ""  # an embedding's token: what stands for it in prompts
+    loaded: bool = False            # in memory now: a request for it starts without a load from disk
+    loadedOn: Literal["device", "ram"] | None = None
 
 
 class ModelSearchResult(Item):

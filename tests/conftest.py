@@ -28,11 +28,17 @@ runpy.run_path(str(GUARD / "sitecustomize.py"))
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A models folder with the tiny model built once for the whole session."""
+    """A models folder with every embedded model (the tiny model, its LoRA, embedding and VAE, the tiny
+    SDXL pair) built once for the whole session, where a data dir's ``models`` folder keeps them."""
+    from imagewire.air_registry import Catalog
     from imagewire.air_registry.tiny import ensure_embedded
+    from imagewire.air_registry.weights import local_model_dir
 
     root = tmp_path_factory.mktemp("shared-models")
     ensure_embedded("tiny-sd", root / "imagewire-tiny-1")
+    for entry in Catalog.load().entries:
+        if entry.source == "embedded":
+            ensure_embedded(entry.location, root / local_model_dir(entry, Path(".")).name)
     return root
 
 

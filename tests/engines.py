@@ -20,6 +20,8 @@ class HeldEngine:
 
     def __init__(self, *, released: bool = False, step_first: bool = False) -> None:
         self.step_first = step_first  # report step 1 of 2 for each job before holding
+        # Where each model is, as the device queue reads it: a test puts AIRs here to say they are loaded.
+        self.loaded_models: dict[str, str] = {}
         self.release = threading.Event()
         if released:
             self.release.set()
@@ -49,9 +51,6 @@ class HeldEngine:
 
     def recover(self) -> None:
         pass
-
-    def loaded_models(self) -> list[str]:
-        return ["imagewire:tiny@1"]
 
     def device_memory(self) -> dict[str, int]:
         return {}

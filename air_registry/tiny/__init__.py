@@ -4,7 +4,8 @@ no download, so that every code path runs on any machine (tests, benchmarks, try
 An ``embedded`` catalog entry names its builder in ``location``; ``BUILDERS`` maps each name to the
 module that builds it (imported only when a model is built, so this package's top imports no torch).
 A builder module has ``build(directory)``, which saves the model there in diffusers format (or, with a
-``MARKER`` naming the file that shows a build is complete, in another layout).
+``MARKER`` naming the file that shows a build is complete, in another layout: a LoRA's or an embedding's
+weights file, a single model's config.json).
 ``ensure_embedded`` builds into a temporary sibling and renames it into place, so a model folder is
 either absent or complete, even when two processes build it at once.
 """
@@ -24,6 +25,11 @@ from imagewire.air_registry.model_files import MODEL_INDEX
 
 BUILDERS: Mapping[str, str] = MappingProxyType({
     "tiny-sd": "imagewire.air_registry.tiny.sd",
+    "tiny-lora": "imagewire.air_registry.tiny.lora",
+    "tiny-embedding": "imagewire.air_registry.tiny.embedding",
+    "tiny-vae": "imagewire.air_registry.tiny.vae",
+    "tiny-sdxl": "imagewire.air_registry.tiny.sdxl",
+    "tiny-sdxl-refiner": "imagewire.air_registry.tiny.sdxl_refiner",
     "tiny-upscaler": "imagewire.air_registry.tiny.upscaler",
     "tiny-background": "imagewire.air_registry.tiny.background",
     "tiny-caption": "imagewire.air_registry.tiny.caption",

@@ -77,8 +77,9 @@ def _build_unet() -> UNet2DConditionModel:
     )
 
 
-def _build_vae() -> AutoencoderKL:
-    torch.manual_seed(_VAE_SEED)
+def _build_vae(seed: int = _VAE_SEED, scaling_factor: float = 0.18215) -> AutoencoderKL:
+    """The tiny VAE; other seeds make VAEs that fit the same latents (``tiny-vae``, the tiny SDXL pair's)."""
+    torch.manual_seed(seed)
     # Four blocks, hence three downsamplings: the latent scale factor of 8 that every SD model has,
     # so image sizes behave exactly as with real weights.
     return AutoencoderKL(
@@ -91,6 +92,7 @@ def _build_vae() -> AutoencoderKL:
         latent_channels=4,
         norm_num_groups=8,
         sample_size=256,
+        scaling_factor=scaling_factor,
     )
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from imagewire.air_registry import ModelEntry, RegistryError, SamplerUnusable
+from imagewire.air_registry import AddOnUnusable, ModelEntry, RegistryError, SamplerUnusable
 from imagewire.air_registry.loader import PipelineCache, unavailable_samplers
 from imagewire.air_registry.tool_loader import ToolModels
 from imagewire.server.engine import background, caption, inference, prompts, safety, upscale
@@ -45,16 +45,24 @@ RUNNERS: dict[type[Job], Runner] = {
 
 
 class DiffusersEngine:
-    def __init__(self, *, device: str, data_dir: Path, allow_downloads: bool, max_batch_size: int) -> None:
+    def __init__(self, *, device: str, data_dir: Path, allow_downloads: bool, max_batch_size: int,
+                 max_loaded_models: int = 1, ram_models: int = 0) -> None:
         # The engine is built in the device worker thread, which runs every pipeline call.
         limit_cpu_threads(device)
-        self.pipelines = PipelineCache(device=device, data_dir=data_dir, allow_downloads=allow_downloads)
+        self.pipelines = PipelineCache(device=device, data_dir=data_dir, allow_downloads=allow_downloads,
+                                       max_loaded=max_loaded_models, ram_models=ram_models)
         # Upscalers, background removers, captioners and prompt models, beside the pipelines.
         self.tools = ToolModels(device=device, data_dir=data_dir, allow_downloads=allow_downloads)
         self.max_batch_size = max_batch_size
         self.unavailable_samplers = unavailable_samplers()
         for name, why in self.unavailable_samplers.items():
             log.warning("scheduler %s %s; requests for it are refused", name, why)
+
+    @property
+    def loaded_models(self) -> dict[str, str]:
+        """Where each model in memory is, by AIR: the pipelines' models and their add-ons (``"device"`` or
+        ``"ram"``), and the tools' models (on the device)."""
+        return {**self.pipelines.memory, **dict.fromkeys(self.tools.loaded_models, "device")}
 
     def load(self, model: ModelEntry) -> None:
         self.pipelines.load(model)
@@ -63,13 +71,11 @@ class DiffusersEngine:
         try:
             RUNNERS[type(jobs[0])](self, jobs, emit)
         except RegistryError as exc:
-            # Weights that do not load; a sampler this model's config rules out.
+            # Weights that do not load; a sampler this model's config rules out; an add-on that does not fit.
             parameter = "scheduler" if isinstance(exc, SamplerUnusable) else "model"
+            if isinstance(exc, AddOnUnusable):
+                parameter = getattr(jobs[0], "parameter_naming", lambda _: "model")(exc.air)
             raise task_error(exc, parameter) from exc
-
-    def loaded_models(self) -> list[str]:
-        """AIR ids of the models in memory, pipelines and tools."""
-        return [*self.pipelines.loaded_models, *self.tools.loaded_models]
 
     def device_memory(self) -> dict[str, int]:
         """Bytes torch holds on the GPU (nothing to say on a CPU)."""

@@ -1,13 +1,18 @@
 """imageInference jobs on a diffusers pipeline.
 
-The steps mirror a diffusers pipeline's own: pick the pipeline, then per call of at most
-``max_batch_size`` images set a fresh sampler, make one CPU generator per image and call the
-pipeline with the family's arguments. The jobs given share a batch key, so one call can hold
-images of several of them; each job's images go back as soon as their call is done.
+The steps mirror a diffusers pipeline's own: pick the pipeline and put the jobs' add-ons on it (LoRAs,
+embeddings, VAE; the refiner's pipeline too), add the jobs' ControlNets (a view on the same loaded modules,
+so the add-ons apply through it), then per call of at most ``max_batch_size`` images set a fresh sampler,
+make one CPU generator per image and call the pipeline with the family's arguments (weighted prompts become
+embeddings first, with CLIP skip applied while the text encoders run). With a refiner, the model denoises up
+to the hand-off and returns latents, and the refiner finishes them. The jobs given share a batch key, so one
+call can hold images of several of them; each job's images go back as soon as their call is done.
 
 After every denoising step the call reports progress for each of its jobs (with a cheap preview
 made from the latents, at most once a second, for jobs that asked), and stops at once when every
-job in it has been cancelled; a call whose jobs are partly cancelled goes on for the others.
+job in it has been cancelled; a call whose jobs are partly cancelled goes on for the others, and so do the
+run's other calls (other chunks, other prompt lengths) while any of their jobs is wanted. A refiner's steps
+continue the count of the model's.
 """
 
 from __future__ import annotations
@@ -21,10 +26,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
-from imagewire.air_registry import ARCHITECTURES
+from imagewire.air_registry import ARCHITECTURES, RegistryError
 from imagewire.server.device import Cancelled
+from imagewire.server.engine.conditioning import skipping_clip_layers, weighted_prompt_arguments
 from imagewire.server.engine.controlnets import ModedControlNets
 from imagewire.server.engine.families import FAMILIES, Family
+from imagewire.tasks.inputs import task_error
 from imagewire.tasks.jobs import Emit, GeneratedImage, InferenceJob, Step
 
 if TYPE_CHECKING:
@@ -44,29 +51,79 @@ def run(engine: DiffusersEngine, jobs: Sequence[InferenceJob], emit: Emit) -> No
         pipe = pipelines.image_to_image(first.model, first.weights)
     else:
         pipe = pipelines.text_to_image(first.model, first.weights)
+    # 2. the add-ons (the jobs share them: they are part of the batch key), and the refiner's pipeline,
+    #    which decodes the image and so takes the VAE
+    refiner = None
+    if first.refiner is not None:
+        try:
+            refiner = pipelines.image_to_image(first.refiner.model, first.refiner.weights, keep=first.models)
+        except RegistryError as exc:
+            raise task_error(exc, "refiner.model") from exc
+        pipelines.use_add_ons(first.refiner.model, vae=first.vae)
+    pipelines.use_add_ons(first.model, loras=first.loras, embeddings=first.embeddings,
+                          vae=None if refiner is not None else first.vae)
+    # 3. the ControlNets: a view made after the add-ons, so that it holds the VAE and tokenizers they chose
     if first.controlnets:
         pipe = pipelines.with_controlnet(pipe, _controlnets(engine, first))
     family = FAMILIES[ARCHITECTURES[first.model.architecture].family]
-    # 2. every image to make, as (job index, image index within its job, seed)
+    # 4. every image to make, as (job index, image index within its job, seed)
     images = [(j, i, seed) for j, job in enumerate(jobs) for i, seed in enumerate(job.seeds)]
-    # 3. calls of at most max_batch_size images, each image with its own generator, and a
-    #    fresh sampler per call: samplers keep per-run state, and the SDE ones take their
-    #    noise seeds from the sampler rather than the generators
+    # 5. calls of at most max_batch_size images, each image with its own generator (see _make)
     for start in range(0, len(images), engine.max_batch_size):
         chunk = [image for image in images[start : start + engine.max_batch_size] if not emit.cancelled(image[0])]
         if not chunk:
             continue
-        seeds = [seed for _, _, seed in chunk]
-        pipe.scheduler = pipelines.make_sampler(pipe, first.sampler, seeds=seeds)
         started = time.perf_counter()
-        arguments = family.call_arguments([jobs[j] for j, _, _ in chunk])
-        arguments["callback_on_step_end"] = _StepReport(jobs, chunk, emit, family)
-        pictures = _call(pipe, arguments, seeds)
+        pictures = _make(engine, pipe, refiner, family, jobs, chunk, emit)
         share = (time.perf_counter() - started) / len(chunk)
         made = [(j, GeneratedImage(i, seed, picture, share))
-                for (j, i, seed), picture in zip(chunk, pictures, strict=True)]
+                for (j, i, seed), picture in zip(chunk, pictures, strict=True) if picture is not None]
         for j, owned in groupby(made, key=itemgetter(0)):  # a job's images are adjacent in ``images``
             emit(j, [image for _, image in owned])
+
+
+def _make(engine: DiffusersEngine, pipe: Any, refiner: Any, family: Family, jobs: Sequence[InferenceJob],
+          chunk: list[tuple[int, int, int]], emit: Emit) -> list[Any]:
+    """The images of one chunk (``(job index, image index, seed)`` each): one pipeline call, or with weighted
+    prompts one per conditioning length, since padding a prompt to a longer one's length would change its image."""
+    first, pipelines = jobs[0], engine.pipelines
+    owners = [jobs[j] for j, _, _ in chunk]
+    pictures: list[Any] = [None] * len(chunk)
+    with skipping_clip_layers([pipe] + ([refiner] if refiner is not None else []), first.clip_skip):
+        for positions, embeddings in _parts(pipe, owners):
+            part = [chunk[k] for k in positions]
+            part_owners, part_seeds = [owners[k] for k in positions], [seed for _, _, seed in part]
+            # A fresh sampler per call: samplers keep per-run state, and the SDE ones take their noise seeds
+            # from the sampler rather than the generators.
+            pipe.scheduler = pipelines.make_sampler(pipe, first.sampler, seeds=part_seeds)
+            arguments = family.call_arguments(part_owners)
+            report = _StepReport(jobs, part, emit, family, total=first.steps if refiner is not None else None)
+            arguments["callback_on_step_end"] = report
+            generators = _generators(part_seeds)
+            try:
+                if refiner is None:
+                    made = _call(pipe, _prompted(arguments, embeddings), generators)
+                else:
+                    assert first.refiner is not None
+                    refiner.scheduler = pipelines.make_sampler(refiner, first.sampler, seeds=part_seeds)
+                    latents = _call(pipe, {**_prompted(arguments, embeddings), "denoising_end": first.refiner.start},
+                                    generators, output_type="latent")
+                    finishing = {"prompt": arguments["prompt"], "negative_prompt": arguments["negative_prompt"],
+                                 "num_inference_steps": first.steps, "guidance_scale": first.cfg_scale,
+                                 "denoising_start": first.refiner.start, "image": latents,
+                                 "callback_on_step_end": report}
+                    refined = None if embeddings is None else _weighted(refiner, part_owners)
+                    made = _call(refiner, _prompted(finishing, refined), generators)
+            except _CallStopped:
+                continue  # every job of this call was cancelled; the others' calls go on
+            for position, picture in zip(positions, made, strict=True):
+                pictures[position] = picture
+    return pictures
+
+
+class _CallStopped(Exception):
+    """Raised by the step callback when every job of one call is cancelled but jobs of other calls of the
+    same run are not: that call stops, the run goes on. (``Cancelled`` stops the run: nobody is left.)"""
 
 
 def _controlnets(engine: DiffusersEngine, job: InferenceJob) -> ModedControlNets:
@@ -76,12 +133,16 @@ def _controlnets(engine: DiffusersEngine, job: InferenceJob) -> ModedControlNets
 
 
 class _StepReport:
-    """diffusers' step-end callback for one call: progress per job, previews, cancellation."""
+    """diffusers' step-end callback for one call (or a model's call and its refiner's, which continue its
+    count up to ``total``): progress per job, previews, cancellation."""
 
     def __init__(self, jobs: Sequence[InferenceJob], chunk: list[tuple[int, int, int]], emit: Emit,
-                 family: Family) -> None:
+                 family: Family, total: int | None = None) -> None:
+        self.jobs = len(jobs)
         self.emit = emit
         self.family = family
+        self.total = total
+        self.done = 0
         # Each job of the call, with the indexes of its images in it and where they sit in the batch.
         self.owners = [(j, tuple(i for _, i, _ in owned), position)
                        for position, (j, owned) in _first_positions(chunk)]
@@ -89,13 +150,16 @@ class _StepReport:
         self.last_preview = 0.0
 
     def __call__(self, pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-        total = int(getattr(pipe, "num_timesteps", 0) or step + 1)
+        self.done += 1
+        total = max(self.done, self.total or int(getattr(pipe, "num_timesteps", 0) or step + 1))
         live = [owner for owner in self.owners if not self.emit.cancelled(owner[0])]
         if not live:
-            raise Cancelled(f"stopped after step {step + 1} of {total}")
+            if all(self.emit.cancelled(j) for j in range(self.jobs)):
+                raise Cancelled(f"stopped after step {self.done} of {total}")
+            raise _CallStopped(f"stopped after step {self.done} of {total}")
         previews = self._previews(tensors.get("latents"), live)
         for j, indexes, _ in live:
-            self.emit.progress(j, Step(indexes, step + 1, total, previews.get(j)))
+            self.emit.progress(j, Step(indexes, self.done, total, previews.get(j)))
         return tensors
 
     def _previews(self, latents: Any, live: list[tuple[int, tuple[int, ...], int]]) -> dict[int, Image.Image]:
@@ -123,10 +187,41 @@ def _first_positions(chunk: list[tuple[int, int, int]]) -> list[tuple[int, tuple
     return grouped
 
 
-def _call(pipe: Any, arguments: dict[str, Any], seeds: list[int]) -> list[Image.Image]:
+def _generators(seeds: list[int]) -> list[torch.Generator]:
     # Generators live on the CPU so that a seed gives the same starting noise on every
     # device; diffusers moves the noise to the pipeline's device.
-    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+
+
+def _parts(pipe: Any, owners: list[InferenceJob]) -> list[tuple[list[int], dict[str, Any] | None]]:
+    """The chunk's calls: positions in it, and with weighted prompts their embeddings (None: plain prompts)."""
+    if owners[0].prompt_weighting is None:
+        return [(list(range(len(owners))), None)]
+    by_length: dict[int, list[tuple[int, dict[str, Any]]]] = {}
+    for position, job in enumerate(owners):
+        embeddings = _weighted(pipe, [job])
+        by_length.setdefault(embeddings["prompt_embeds"].shape[1], []).append((position, embeddings))
+    return [([position for position, _ in group],
+             {key: torch.cat([embeddings[key] for _, embeddings in group]) for key in group[0][1]})
+            for group in by_length.values()]
+
+
+def _weighted(pipe: Any, owners: list[InferenceJob]) -> dict[str, Any]:
     with torch.inference_mode():
-        output = pipe(**arguments, generator=generators, output_type="pil")
-    return list(output.images)
+        return weighted_prompt_arguments(pipe, [job.prompt for job in owners],
+                                         [job.negative_prompt for job in owners], owners[0].prompt_weighting or "")
+
+
+def _prompted(arguments: dict[str, Any], embeddings: dict[str, Any] | None) -> dict[str, Any]:
+    """With weighted prompts, the call takes their embeddings instead of the prompts."""
+    if embeddings is None:
+        return arguments
+    rest = {key: value for key, value in arguments.items() if key not in ("prompt", "negative_prompt")}
+    return {**rest, **embeddings}
+
+
+def _call(pipe: Any, arguments: dict[str, Any], generators: list[torch.Generator],
+          output_type: str = "pil") -> Any:
+    with torch.inference_mode():
+        output = pipe(**arguments, generator=generators, output_type=output_type)
+    return output.images if output_type == "latent" else list(output.images)

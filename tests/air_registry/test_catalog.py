@@ -11,13 +11,19 @@ from imagewire.air_registry.errors import CatalogError, MalformedAIR, UnknownMod
 from imagewire.tasks.image_inference import check_model_defaults
 from imagewire.tasks.inputs import task_error
 
-# The imageInference models: checkpoints, and the ControlNets and safety checkers beside them.
+# The imageInference models: checkpoints, the add-ons (LoRAs, embeddings, VAEs) and the ControlNets and safety
+# checkers beside them.
 INFERENCE_AIRS = [
     "imagewire:tiny@1",
     "imagewire:sd15@1",
     "imagewire:sd21@1",
     "imagewire:sdxl-base@1",
     "imagewire:sdxl-refiner@1",
+    "imagewire:tiny-lora@1",
+    "imagewire:tiny-embedding@1",
+    "imagewire:tiny-vae@1",
+    "imagewire:tiny-sdxl@1",
+    "imagewire:tiny-sdxl-refiner@1",
     "imagewire:tiny-flux@1",
     "imagewire:tiny-sd3@1",
     "runware:100@1",
@@ -49,7 +55,9 @@ TOOL_AIRS = [
     "runware:151@1", "imagewire:blip-base@1", "imagewire:magicprompt@1", "runware:llama-3-1-8b@prompt-enhancer",
 ]
 SHIPPED_AIRS = INFERENCE_AIRS + TOOL_AIRS
-CHECKPOINT_AIRS = [air for air in INFERENCE_AIRS if "controlnet" not in air and "safety" not in air]
+ADD_ON_AIRS = ["imagewire:tiny-lora@1", "imagewire:tiny-embedding@1", "imagewire:tiny-vae@1"]
+CHECKPOINT_AIRS = [air for air in INFERENCE_AIRS
+                   if "controlnet" not in air and "safety" not in air and air not in ADD_ON_AIRS]
 
 
 def write_catalog(path: Path, entries: Any) -> Path:
@@ -187,6 +195,7 @@ def test_a_name_that_is_neither_an_air_nor_an_alias_is_invalid(catalog: Catalog)
 
 
 def test_the_not_found_message_names_at_most_ten_models(tmp_path: Path) -> None:
+    # The ten named are the first ten of the catalog: the shipped models first, then these.
     entries = [folder_entry(air=f"bulk:model{i}@1", aliases=[], name=f"Model {i}") for i in range(30)]
     catalog = Catalog.load([write_catalog(tmp_path / "bulk.json", entries)])
     with pytest.raises(UnknownModel) as caught:
@@ -363,9 +372,10 @@ def test_search_without_filters_returns_everything(catalog: Catalog) -> None:
 @pytest.mark.parametrize(
     ("filters", "airs"),
     [
-        ({"text": "sdxl"}, ["imagewire:sdxl-base@1", "imagewire:sdxl-refiner@1", "civitai:101055@128078",
-                            "imagewire:sdxl-turbo@1", "imagewire:sdxl-inpaint@1", "imagewire:sdxl-controlnet-canny@1"]),
-        ({"text": "XL Refiner"}, ["imagewire:sdxl-refiner@1"]),
+        ({"text": "sdxl"}, ["imagewire:sdxl-base@1", "imagewire:sdxl-refiner@1", "imagewire:tiny-sdxl@1",
+                            "imagewire:tiny-sdxl-refiner@1", "civitai:101055@128078", "imagewire:sdxl-turbo@1",
+                            "imagewire:sdxl-inpaint@1", "imagewire:sdxl-controlnet-canny@1"]),
+        ({"text": "XL Refiner"}, ["imagewire:sdxl-refiner@1", "imagewire:tiny-sdxl-refiner@1"]),
         ({"text": "stable-diffusion-v1-5"}, ["imagewire:sd15@1"]),
         ({"text": "nothing like this"}, []),
         ({"architecture": "sd15"}, ["imagewire:sd15@1", "imagewire:sd15-controlnet-canny@1",
@@ -382,8 +392,10 @@ def test_search_without_filters_returns_everything(catalog: Catalog) -> None:
         ({"tags": ["inpainting"]},
          ["runware:102@1", "imagewire:tiny-inpaint@1", "imagewire:sd15-inpaint@1", "imagewire:sdxl-inpaint@1"]),
         ({"category": "upscaler"}, ["imagewire:tiny-upscaler@1", "runware:504@1"]),
-        ({"category": "lora"}, []),
-        ({"tags": ["refiner"]}, ["imagewire:sdxl-refiner@1"]),
+        ({"category": "lora"}, ["imagewire:tiny-lora@1"]),
+        ({"category": "embeddings"}, ["imagewire:tiny-embedding@1"]),
+        ({"category": "vae", "architecture": "tiny"}, ["imagewire:tiny-vae@1"]),
+        ({"tags": ["refiner"]}, ["imagewire:sdxl-refiner@1", "imagewire:tiny-sdxl-refiner@1"]),
         ({"tags": ["SDXL", "base"]}, ["imagewire:sdxl-base@1", "civitai:101055@128078"]),
         ({"tags": ["sdxl", "sd1.5"]}, []),
         ({"text": "stable", "architecture": "sd21"}, ["imagewire:sd21@1", "imagewire:sd-turbo@1"]),
@@ -404,3 +416,33 @@ def test_search_pages_with_limit_and_offset(catalog: Catalog) -> None:
     total, page = catalog.search(limit=2, offset=count - 1)
     assert (total, [e.air for e in page]) == (count, SHIPPED_AIRS[count - 1:])
     assert catalog.search(limit=10, offset=count + 50) == (count, [])
+
+
+# ---------------------------------------------------------------- LoRAs, embeddings, VAEs
+
+
+def test_the_embedded_add_ons_fit_the_tiny_model(catalog: Catalog) -> None:
+    lora, embedding, vae = (catalog.resolve(name) for name in ("tiny-lora", "tiny-embedding", "tiny-vae"))
+    assert (lora.category, embedding.category, vae.category) == ("lora", "embeddings", "vae")
+    assert lora.architecture == embedding.architecture == vae.architecture == "tiny"
+    assert embedding.token == "<tiny-embedding>" and lora.token == ""
+
+
+def test_an_add_on_may_be_a_single_file_whatever_its_architecture(tmp_path: Path) -> None:
+    # The tiny SDXL architecture has no single-file pipeline, but a LoRA file needs none.
+    entry = folder_entry(architecture="tiny-sdxl", category="lora", source="single_file", location="l.safetensors")
+    assert Catalog.load([write_catalog(tmp_path / "c.json", [entry])]).resolve("portrait").category == "lora"
+    checkpoint = folder_entry(architecture="tiny-sdxl", source="single_file", location="m.safetensors")
+    with pytest.raises(CatalogError, match="cannot be loaded from a single file"):
+        Catalog.load([write_catalog(tmp_path / "d.json", [checkpoint])])
+
+
+@pytest.mark.parametrize(("entry", "problem"), [
+    (folder_entry(category="embeddings"), "an 'embeddings' model needs a 'token'"),
+    (folder_entry(token="<x>"), "only an 'embeddings' model has a 'token'"),
+])
+def test_an_embedding_names_its_token_and_nothing_else_does(
+    tmp_path: Path, entry: dict[str, Any], problem: str
+) -> None:
+    with pytest.raises(CatalogError, match=problem):
+        Catalog.load([write_catalog(tmp_path / "c.json", [entry])])

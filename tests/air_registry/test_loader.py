@@ -198,3 +198,42 @@ def test_weights_that_cannot_be_loaded_raise_model_not_found(tiny_entry: ModelEn
     assert "Traceback" not in message
     assert caught.value.__cause__ is not None
     assert cache.loaded_models == []
+
+
+# ---------------------------------------------------------------- host RAM, and models a job needs together
+
+
+def test_models_moved_off_the_device_wait_in_host_ram_and_come_back_without_a_load(
+    tiny_entry: ModelEntry, tiny_model_dir: Path, tiny_data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first, second, third = (folder_copy_of(tiny_entry, tiny_model_dir, f"test:ram{i}@1") for i in range(3))
+    cache = PipelineCache(device="cpu", data_dir=tiny_data_dir, max_loaded=1, ram_models=1)
+    pipe = cache.text_to_image(first)
+    image = generate(pipe, 3, width=128, height=128)
+    cache.text_to_image(second)
+    assert cache.loaded_models == ["test:ram1@1"]
+    assert cache.memory == {"test:ram0@1": "ram", "test:ram1@1": "device"}
+    with caplog.at_level(logging.INFO, logger="imagewire.air_registry.loader"):
+        back = cache.text_to_image(first)
+    messages = [record.getMessage() for record in caplog.records]
+    assert back is pipe and not any(message.startswith("loading model") for message in messages)
+    assert any(message.startswith("moved model test:ram0@1 from host RAM to cpu") for message in messages)
+    assert np.array_equal(generate(back, 3, width=128, height=128), image)
+    assert cache.memory == {"test:ram1@1": "ram", "test:ram0@1": "device"}
+    # A third model pushes the least recently used out of RAM altogether.
+    cache.text_to_image(third)
+    assert cache.memory == {"test:ram0@1": "ram", "test:ram2@1": "device"}
+
+
+def test_a_model_a_job_keeps_stays_on_the_device_while_the_next_loads(
+    tiny_entry: ModelEntry, tiny_model_dir: Path, tiny_data_dir: Path
+) -> None:
+    base, refiner, other = (folder_copy_of(tiny_entry, tiny_model_dir, f"test:pair{i}@1") for i in range(3))
+    cache = PipelineCache(device="cpu", data_dir=tiny_data_dir, max_loaded=1)
+    cache.text_to_image(base)
+    cache.image_to_image(refiner, keep=[base.air])
+    assert cache.loaded_models == ["test:pair0@1", "test:pair1@1"]  # one over the limit while the job runs
+    cache.text_to_image(other)
+    assert cache.loaded_models == ["test:pair2@1"]                   # and back to it after
+    with pytest.raises(ValueError, match="ram_models"):
+        PipelineCache(device="cpu", data_dir=tiny_data_dir, ram_models=-1)

@@ -145,6 +145,93 @@ def test_any_prompt_tokenizes_within_the_vocabulary(prompt: str) -> None:
     assert ids[0] == tokenizer.convert_tokens_to_ids("<|startoftext|>")
 
 
+# ---------------------------------------------------------------- the other embedded models
+
+EMBEDDED = {  # builder → the files it writes
+    "tiny-lora": ["pytorch_lora_weights.safetensors"],
+    "tiny-embedding": ["learned_embeds.safetensors"],
+    "tiny-vae": ["config.json", "diffusion_pytorch_model.safetensors"],
+    "tiny-sdxl": ["model_index.json", "unet/diffusion_pytorch_model.safetensors",
+                  "text_encoder/model.safetensors", "text_encoder_2/model.safetensors"],
+    "tiny-sdxl-refiner": ["model_index.json", "unet/diffusion_pytorch_model.safetensors",
+                          "text_encoder_2/model.safetensors"],
+}
+
+
+@pytest.mark.parametrize("builder", sorted(EMBEDDED))
+def test_every_embedded_model_builds_the_same_bytes_twice(models_dir: Path, tmp_path: Path, builder: str) -> None:
+    shipped = models_dir / f"imagewire-{builder}-1"
+    again = ensure_embedded(builder, tmp_path / builder)
+    for name in EMBEDDED[builder]:
+        assert (again / name).read_bytes() == (shipped / name).read_bytes(), name
+    # Built once, it is found complete by its own file and not rebuilt.
+    before = (again / EMBEDDED[builder][0]).stat().st_mtime_ns
+    ensure_embedded(builder, again)
+    assert (again / EMBEDDED[builder][0]).stat().st_mtime_ns == before
+
+
+def test_the_tiny_lora_is_a_diffusers_peft_lora_file_for_the_tiny_unet(models_dir: Path, tiny_model_dir: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(models_dir / "imagewire-tiny-lora-1" / "pytorch_lora_weights.safetensors"), "pt") as file:
+        keys = set(file.keys())
+        shapes = {key: tuple(file.get_slice(key).get_shape()) for key in keys}
+    assert keys and all(key.startswith(("unet.", "text_encoder.")) and (".lora_A." in key or ".lora_B." in key)
+                        for key in keys)
+    # Every attention projection of the tiny UNet and of its text encoder, as pairs of low-rank factors.
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    projections = {name for name, _ in pipe.unet.named_modules()
+                   if name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v") or name.endswith("to_out.0")}
+    text_projections = {name for name, _ in pipe.text_encoder.named_modules()
+                        if name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "out_proj")}
+    modules = {key.rsplit(".lora_", 1)[0] for key in keys}
+    assert {name.removeprefix("unet.") for name in modules if name.startswith("unet.")} == projections
+    assert {name.removeprefix("text_encoder.") for name in modules if name.startswith("text_encoder.")} \
+        == text_projections
+    key = next(iter(sorted(keys)))
+    a, b = key.replace("lora_B", "lora_A"), key.replace("lora_A", "lora_B")
+    assert shapes[a][0] == shapes[b][1] == 4  # rank 4
+
+
+def test_the_tiny_embedding_is_two_vectors_for_one_token_in_diffusers_format(models_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    vectors = load_file(str(models_dir / "imagewire-tiny-embedding-1" / "learned_embeds.safetensors"))
+    assert list(vectors) == ["<tiny-embedding>"]
+    assert tuple(vectors["<tiny-embedding>"].shape) == (2, 32)  # the tiny text encoder's width
+
+
+def test_the_tiny_vae_fits_the_tiny_model_with_other_weights(models_dir: Path, tiny_model_dir: Path) -> None:
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(models_dir / "imagewire-tiny-vae-1")
+    own = AutoencoderKL.from_pretrained(tiny_model_dir / "vae")
+    assert vae.config.block_out_channels == own.config.block_out_channels
+    assert vae.config.latent_channels == own.config.latent_channels == 4
+    assert not torch.equal(vae.decoder.conv_out.weight, own.decoder.conv_out.weight)
+
+
+def test_the_tiny_sdxl_pair_is_shaped_like_sdxl_base_and_refiner(models_dir: Path) -> None:
+    from diffusers import AutoPipelineForImage2Image, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    base = AutoPipelineForText2Image.from_pretrained(models_dir / "imagewire-tiny-sdxl-1")
+    refiner = AutoPipelineForImage2Image.from_pretrained(models_dir / "imagewire-tiny-sdxl-refiner-1")
+    assert isinstance(base, StableDiffusionXLPipeline) and isinstance(refiner, StableDiffusionXLImg2ImgPipeline)
+    # Two text encoders side by side for the base; the refiner has the second only, and an aesthetic score.
+    assert base.unet.config.cross_attention_dim == 2 * base.text_encoder.config.hidden_size
+    assert base.unet.config.addition_embed_type == "text_time"
+    assert refiner.text_encoder is None and refiner.tokenizer is None
+    assert refiner.config.requires_aesthetics_score is True
+    assert refiner.unet.config.cross_attention_dim == refiner.text_encoder_2.config.hidden_size
+    # They share the second text encoder and the VAE (one latent space), and nothing else.
+    for name, parameter in base.text_encoder_2.state_dict().items():
+        assert torch.equal(parameter, refiner.text_encoder_2.state_dict()[name])
+    assert torch.equal(base.vae.decoder.conv_out.weight, refiner.vae.decoder.conv_out.weight)
+    assert base.vae.config.scaling_factor == 0.13025
+    # Three text-encoder layers: every clipSkip value leaves some.
+    assert base.text_encoder.config.num_hidden_layers == base.text_encoder_2.config.num_hidden_layers == 3
+
+
 # ---------------------------------------------------------------- the flow-matching models: FLUX and SD 3.5
 
 FLOW_BUILDS = {

@@ -141,3 +141,61 @@ def test_a_single_file_model_needs_its_file(catalog: Catalog, tmp_path: Path) ->
     assert f"the file '{checkpoint}' named in the catalog does not exist" in reason
     checkpoint.write_bytes(b"\0")
     assert locate_weights(entry, data_dir=tmp_path, allow_downloads=False) == checkpoint
+
+
+# ---------------------------------------------------------------- LoRAs, embeddings, VAEs
+
+
+def lora_entry(catalog: Catalog, source: str, location: str) -> ModelEntry:
+    return with_source(catalog.resolve("imagewire:tiny-lora@1"), source, location)
+
+
+def test_a_lora_folder_answers_its_weights_file(catalog: Catalog, tmp_path: Path) -> None:
+    folder = tmp_path / "my-lora"
+    folder.mkdir()
+    entry = lora_entry(catalog, "folder", str(folder))
+    with pytest.raises(WeightsMissing, match="holds no pytorch_lora_weights.safetensors"):
+        locate_weights(entry, data_dir=tmp_path, allow_downloads=False)
+    # A folder with one weights file under any name (as downloaded from a model site) is that file...
+    (folder / "detail-tweaker.safetensors").write_bytes(b"\0")
+    assert locate_weights(entry, data_dir=tmp_path, allow_downloads=False) == folder / "detail-tweaker.safetensors"
+    # ...two are ambiguous, unless one has the name diffusers gives it.
+    (folder / "other.safetensors").write_bytes(b"\0")
+    with pytest.raises(WeightsMissing, match="not exactly one .safetensors file"):
+        locate_weights(entry, data_dir=tmp_path, allow_downloads=False)
+    named = folder / "pytorch_lora_weights.safetensors"
+    named.write_bytes(b"\0")
+    assert locate_weights(entry, data_dir=tmp_path, allow_downloads=False) == named
+
+
+def test_a_single_file_lora_is_its_file(catalog: Catalog, tmp_path: Path) -> None:
+    entry = lora_entry(catalog, "single_file", str(tmp_path / "style.safetensors"))
+    assert availability(entry, data_dir=tmp_path)[0] is False
+    (tmp_path / "style.safetensors").write_bytes(b"\0")
+    assert locate_weights(entry, data_dir=tmp_path, allow_downloads=False) == tmp_path / "style.safetensors"
+
+
+def test_a_cached_hub_lora_is_the_weights_file_in_its_snapshot(
+    catalog: Catalog, empty_hf_cache: Path, tmp_path: Path
+) -> None:
+    entry = lora_entry(catalog, "hub", "someone/pixel-art-lora")
+    with pytest.raises(WeightsMissing) as caught:
+        locate_weights(entry, data_dir=tmp_path, allow_downloads=False)
+    # The download command fetches the weights file, not a pipeline's folders.
+    assert "hf download someone/pixel-art-lora --include '*.safetensors'" in caught.value.problem
+    snapshot = fake_hub_snapshot(empty_hf_cache, "someone/pixel-art-lora", with_model_index=False)
+    with pytest.raises(WeightsMissing, match="no single .safetensors weights file"):
+        locate_weights(entry, data_dir=tmp_path, allow_downloads=False)
+    (snapshot / "pytorch_lora_weights.safetensors").write_bytes(b"\0")
+    found = locate_weights(entry, data_dir=tmp_path, allow_downloads=False)
+    assert found == snapshot / "pytorch_lora_weights.safetensors"
+
+
+def test_a_vae_folder_needs_its_config(catalog: Catalog, tmp_path: Path) -> None:
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    entry = with_source(catalog.resolve("imagewire:tiny-vae@1"), "folder", str(folder))
+    with pytest.raises(WeightsMissing, match="has no config.json"):
+        locate_weights(entry, data_dir=tmp_path, allow_downloads=False)
+    (folder / "config.json").write_text("{}", encoding="utf-8")
+    assert locate_weights(entry, data_dir=tmp_path, allow_downloads=False) == folder

@@ -165,6 +165,18 @@ def test_percentiles() -> None:
     assert summarize([])["p50"] is None
 
 
+def test_the_model_switch_script_times_every_scenario(tmp_path: Path) -> None:
+    from bench.model_switch import SCENARIOS
+    from bench.model_switch import main as switch_main
+
+    out = tmp_path / "switch.json"
+    assert switch_main(["--switches", "2", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert [row["scenario"] for row in results["rows"]] == [label for label, _, _ in SCENARIOS]
+    assert all(_numbers(row["switch_ms"]) and _numbers(row["image_after_switch_ms"]) for row in results["rows"])
+    assert results["environment"]["command"].startswith("python -m bench.model_switch")
+
+
 def test_the_editing_stages_benchmark_measures_every_stage():
     from bench.editing import image_stages
 

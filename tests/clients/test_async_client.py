@@ -347,6 +347,21 @@ async def test_a_silent_server_gets_pings_and_then_a_reconnect_that_resumes_the_
     assert client.session_uuid == "5c3e0e36-61f4-4c4b-9d59-1f0e1c4f8a21"
 
 
+async def test_add_ons_reach_the_server_and_change_the_image(server):
+    async with Client(server.url, API_KEY) as client:
+        [plain] = await generate(client, seed=4)
+        [with_lora] = await generate(client, seed=4, lora=[("imagewire:tiny-lora@1", 0.8)])
+        [skipped] = await generate(client, seed=4, clip_skip=1, prompt_weighting="compel")
+        [sdxl] = await generate(client, model="imagewire:tiny-sdxl@1", seed=4, steps=4)
+        [refined] = await generate(client, model="imagewire:tiny-sdxl@1", seed=4, steps=4,
+                                   refiner="imagewire:tiny-sdxl-refiner@1", refiner_start_step=2)
+        with pytest.raises(ImagewireError) as failure:
+            await generate(client, lora=[("imagewire:tiny-lora@1", 9)])
+    images = [result.image_bytes for result in (plain, with_lora, skipped, sdxl, refined)]
+    assert len(set(images)) == 5
+    assert failure.value.code == "invalidParameter" and failure.value.parameter == "lora[0].weight"
+
+
 # ---------------------------------------------------------------- editing
 
 

@@ -184,6 +184,29 @@ async def test_every_command_has_help(command: list[str]):
     assert run.stdout.startswith("usage: imagewire") and "--url" in run.stdout and "--api-key" in run.stdout
 
 
+async def test_generate_with_a_lora_a_clip_skip_and_a_refiner(server, tmp_path: Path):
+    common = ["--prompt", "a (castle:1.3)", "--width", "128", "--height", "128", "--seed", "5"]
+    plain = await imagewire("generate", *SMALL, *common, "--out", str(tmp_path / "plain"), url=server.url)
+    added = await imagewire("generate", *SMALL, *common, "--lora", "imagewire:tiny-lora@1=0.7", "--clip-skip", "1",
+                            "--prompt-weighting", "sdEmbeds", "--out", str(tmp_path / "added"), url=server.url)
+    refined = await imagewire("generate", "--model", "imagewire:tiny-sdxl@1", "--steps", "4", *common,
+                              "--refiner", "tiny-sdxl-refiner", "--refiner-start-step", "2",
+                              "--out", str(tmp_path / "refined"), url=server.url)
+    for run in (plain, added, refined):
+        assert run.code == 0, run.stderr
+    images = [Path(run.lines[0]).read_bytes() for run in (plain, added, refined)]
+    assert len(set(images)) == 3
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--lora", "imagewire:tiny-lora@1=strong"], "expected AIR or AIR=WEIGHT"),
+    (["--refiner-start-step", "3"], "need --refiner"),
+])
+async def test_bad_add_on_options_are_usage_errors(args: list[str], message: str):
+    run = await imagewire("generate", *SMALL, "--prompt", "a fox", *args)
+    assert run.code == 2 and message in run.stderr
+
+
 def size_of(path: str) -> tuple[int, int]:
     from PIL import Image
 

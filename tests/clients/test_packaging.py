@@ -42,6 +42,12 @@ def _every_request() -> list:
             include_cost=True,
         ),
         requests.image_inference(
+            model="imagewire:tiny-sdxl@1", positive_prompt="a (fox:1.2)", width=128, height=128,
+            lora=["civitai:58390@62833", ("imagewire:tiny-lora@1", -0.5)], embeddings=[("tiny-embedding", 1.5)],
+            vae="imagewire:tiny-vae@1", clip_skip=2, prompt_weighting="sdEmbeds",
+            refiner=requests.refiner("imagewire:tiny-sdxl-refiner@1", start_percentage=75),
+        ),
+        requests.image_inference(
             model="imagewire:tiny-inpaint@1", positive_prompt="a door", seed_image=data_uri, mask_image=data_uri,
             mask_margin=48, check_nsfw=True, safety={"checkInputs": True},
             control_net=[schema.ControlNet(model="imagewire:tiny-controlnet@1", guideImage=data_uri, weight=0.5,
@@ -96,3 +102,16 @@ def test_importing_the_client_loads_neither_torch_nor_pillow():
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                             timeout=seconds(60))
     assert result.stdout.strip() == "[]"
+
+
+def test_add_ons_are_built_as_the_public_api_spells_them():
+    task = requests.image_inference(model="m", positive_prompt="a fox", lora=["a:b@1", ("c:d@2", 0.5)],
+                                    embeddings=["e:f@1"], clip_skip=1, prompt_weighting="compel",
+                                    refiner=requests.refiner("r:s@1", start_step=20))
+    [wire] = json.loads(requests.encode_tasks([task]))
+    assert wire["lora"] == [{"model": "a:b@1", "weight": 1.0}, {"model": "c:d@2", "weight": 0.5}]
+    assert wire["embeddings"] == [{"model": "e:f@1", "weight": 1.0}]
+    assert (wire["clipSkip"], wire["promptWeighting"]) == (1, "compel")
+    assert wire["refiner"] == {"model": "r:s@1", "startStep": 20}  # the unset alternative stays off the wire
+    plain = json.loads(requests.encode_tasks([requests.image_inference(model="m", positive_prompt="a fox")]))[0]
+    assert not {"lora", "embeddings", "vae", "clipSkip", "promptWeighting", "refiner"} & set(plain)

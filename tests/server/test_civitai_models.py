@@ -112,5 +112,5 @@ async def test_a_default_model_that_does_not_exist_stops_the_start(start_server,
     with pytest.raises(ValueError, match="--default-model 'nothing:here@1' is not in this server's catalog"):
         await start_server(data_dir=own_data_dir, default_model="nothing:here@1")
     for other in ("imagewire:tiny-controlnet@1", "imagewire:tiny-upscaler@1"):
-        with pytest.raises(ValueError, match=f"--default-model '{other}' is a .* model; name an imageInference"):
+        with pytest.raises(ValueError, match=f"--default-model '{other}' is an? .* model; name an imageInference"):
             await start_server(data_dir=own_data_dir, default_model=other)

@@ -86,3 +86,26 @@ def test_generated_keys_can_be_passed_back_on_the_command_line(tmp_path):
     key, created = load_or_create_key(tmp_path)
     assert created and parse_args(["--api-key", key]).api_keys == (key,)
     assert load_or_create_key(tmp_path) == (key, False)
+
+
+def test_model_memory_flags_and_their_environment(monkeypatch):
+    config = parse_args(["--max-loaded-models", "2", "--ram-models", "3", "--preload", "tiny-sdxl",
+                         "--preload", "imagewire:sd15@1", "--max-passed-over", "0"])
+    assert (config.max_loaded_models, config.ram_models, config.max_passed_over) == (2, 3, 0)
+    assert config.preload == ("tiny-sdxl", "imagewire:sd15@1")
+    defaults = parse_args([])
+    memory = (defaults.max_loaded_models, defaults.ram_models, defaults.preload, defaults.max_passed_over)
+    assert memory == (1, 0, (), 4)
+    monkeypatch.setenv("IMAGEWIRE_PRELOAD", "a:b@1, c:d@2")
+    monkeypatch.setenv("IMAGEWIRE_RAM_MODELS", "1")
+    config = parse_args([])
+    assert config.preload == ("a:b@1", "c:d@2") and config.ram_models == 1
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--max-loaded-models", "0"], "argument --max-loaded-models: must be at least 1, got 0"),
+    (["--ram-models", "-1"], "argument --ram-models: must be at least 0, got -1"),
+    (["--max-passed-over", "x"], "argument --max-passed-over: expected a whole number, got 'x'"),
+])
+def test_bad_model_memory_values_stop_the_start(argv, message, capsys):
+    assert message in parse_error(argv, capsys)

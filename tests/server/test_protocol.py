@@ -69,6 +69,18 @@ GOOD = [
                      "lowThresholdCanny": 10, "highThresholdCanny": 20}]},
     {"seedImage": "x", "width": None, "height": None},
     {"negativePrompt": None, "seed": None},
+    # Empty means absent: what clients send for "none" (PROTOCOL.md §11), even for parameters not run yet.
+    {"controlNet": [], "ipAdapters": [], "referenceImages": [], "outpaint": {}, "safety": {}},
+    {"outputType": []}, {"safety": {"checkContent": None}},
+    {"lora": [{"model": "tiny-lora", "weight": 0.8}]}, {"lora": [{"model": "imagewire:tiny-lora@1", "weight": -4}]},
+    {"lora": [{"model": "tiny-lora", "weight": 4}], "embeddings": [{"model": "tiny-embedding"}]},
+    {"lora": [{"model": "tiny-lora", "weight": None}]}, {"vae": "tiny-vae"}, {"clipSkip": 0}, {"clipSkip": 2},
+    {"promptWeighting": "compel"}, {"promptWeighting": "sdEmbeds"}, {"promptWeighting": "sdembeds"},
+    {"usePromptWeighting": True}, {"usePromptWeighting": False}, {"lora": [], "embeddings": [], "refiner": {}},
+    {"model": "tiny-sdxl", "refiner": {"model": "tiny-sdxl-refiner"}},
+    {"model": "tiny-sdxl", "steps": 10, "refiner": {"model": "tiny-sdxl-refiner", "startStep": 9}},
+    {"model": "tiny-sdxl", "refiner": {"model": "tiny-sdxl-refiner", "startStepPercentage": 62.5}},
+    {"model": "tiny-sdxl", "refiner": {"model": "tiny-sdxl", "startStep": 4}},
 ]
 
 
@@ -105,7 +117,6 @@ BAD = [
     ({"numberResults": 0}, "invalidParameter", "numberResults"),
     ({"numberResults": 21}, "invalidParameter", "numberResults"),
     ({"outputType": "file"}, "invalidParameter", "outputType"),
-    ({"outputType": []}, "invalidParameter", "outputType"),
     ({"outputFormat": "GIF"}, "invalidParameter", "outputFormat"),
     ({"outputQuality": 19}, "invalidParameter", "outputQuality"),
     ({"outputQuality": 100}, "invalidParameter", "outputQuality"),
@@ -115,7 +126,46 @@ BAD = [
     ({"safety": {"mode": "strict"}}, "invalidParameter", "safety.mode"),
     ({"safety": {"checkContent": "yes"}}, "invalidParameter", "safety.checkContent"),
     ({"safety": {"checkContent": False, "nsfw": True}}, "unknownParameter", "safety.nsfw"),
-    ({"lora": [{"model": "x", "weight": 1}]}, "unsupportedParameter", "lora"),
+    # LoRAs, embeddings, VAE, CLIP skip, prompt weighting, refiner: each bad value named by its path.
+    ({"lora": [{"model": "tiny-lora", "weight": 4.5}]}, "invalidParameter", "lora[0].weight"),
+    ({"lora": [{"model": "tiny-lora"}, {"model": "x:y@1", "weight": -5}]}, "invalidParameter", "lora[1].weight"),
+    ({"lora": [{"weight": 1}]}, "missingParameter", "lora[0].model"),
+    ({"lora": [{"model": "tiny-lora", "strength": 1}]}, "unknownParameter", "lora[0].strength"),
+    ({"lora": [{"model": "runware:13090@1"}]}, "modelNotFound", "lora[0].model"),
+    ({"lora": [{"model": "tiny-vae"}]}, "invalidParameter", "lora[0].model"),
+    ({"lora": [{"model": "tiny-lora"}], "model": "tiny-sdxl"}, "invalidParameter", "lora[0].model"),
+    ({"lora": [{"model": "tiny-lora"}, {"model": "imagewire:tiny-lora@1"}]}, "invalidParameter", "lora[1].model"),
+    ({"lora": [{"model": "tiny-lora"}] * 11}, "invalidParameter", "lora"),
+    ({"lora": {"model": "tiny-lora"}}, "invalidParameter", "lora"),
+    ({"embeddings": [{"model": "tiny-embedding", "weight": 9}]}, "invalidParameter", "embeddings[0].weight"),
+    ({"embeddings": [{"model": "tiny-lora"}]}, "invalidParameter", "embeddings[0].model"),
+    ({"vae": "tiny-lora"}, "invalidParameter", "vae"),
+    ({"vae": "tiny-vae", "model": "tiny-sdxl"}, "invalidParameter", "vae"),
+    ({"clipSkip": 3}, "invalidParameter", "clipSkip"),
+    ({"clipSkip": -1}, "invalidParameter", "clipSkip"),
+    ({"clipSkip": "1"}, "invalidParameter", "clipSkip"),
+    ({"promptWeighting": "fancy"}, "invalidParameter", "promptWeighting"),
+    ({"usePromptWeighting": "yes"}, "invalidParameter", "usePromptWeighting"),
+    ({"refiner": {"model": "tiny-sdxl-refiner"}}, "invalidParameter", "refiner"),
+    ({"refiner": {"model": "tiny"}, "model": "tiny-sdxl"}, "invalidParameter", "refiner.model"),
+    ({"refiner": {"model": "tiny-lora"}, "model": "tiny-sdxl"}, "invalidParameter", "refiner.model"),
+    ({"refiner": {"startStep": 2}, "model": "tiny-sdxl"}, "missingParameter", "refiner.model"),
+    ({"refiner": {"model": "tiny-sdxl-refiner", "startStep": 8}, "model": "tiny-sdxl", "steps": 8},
+     "invalidParameter", "refiner.startStep"),
+    ({"refiner": {"model": "tiny-sdxl-refiner", "startStep": 1}, "model": "tiny-sdxl"},
+     "invalidParameter", "refiner.startStep"),
+    ({"refiner": {"model": "tiny-sdxl-refiner", "startStepPercentage": 100}, "model": "tiny-sdxl"},
+     "invalidParameter", "refiner.startStepPercentage"),
+    ({"refiner": {"model": "tiny-sdxl-refiner", "startStepPercentage": 5}, "model": "tiny-sdxl", "steps": 4},
+     "invalidParameter", "refiner.startStepPercentage"),
+    ({"refiner": {"model": "tiny-sdxl-refiner", "startStep": 3, "startStepPercentage": 50}, "model": "tiny-sdxl"},
+     "invalidParameter", "refiner.startStepPercentage"),
+    ({"refiner": {"model": "tiny-sdxl-refiner"}, "model": "tiny-sdxl", "steps": 1}, "invalidParameter", "refiner"),
+    ({"refiner": {"model": "tiny-sdxl-refiner"}, "model": "tiny-sdxl", "seedImage": "x"}, "invalidParameter",
+     "refiner"),
+    ({"refiner": {"model": "tiny-sdxl-refiner", "start": 3}, "model": "tiny-sdxl"}, "unknownParameter",
+     "refiner.start"),
+    ({"outputType": ["URL", "file"]}, "invalidParameter", "outputType[1]"),
     ({"maskImage": "x"}, "missingParameter", "seedImage"),
     ({"outpaint": {"top": 64}}, "missingParameter", "seedImage"),
     ({"seedImage": "x", "maskImage": "y", "outpaint": {"top": 64}}, "invalidParameter", "outpaint"),
@@ -154,6 +204,15 @@ BAD = [
      "invalidParameter", "controlNet[0].lowThresholdCanny"),
     ({"controlNet": [{"model": "imagewire:tiny-controlnet@1", "guideImage": "g"}] * 5},
      "invalidParameter", "controlNet"),
+    # The flow-matching families take no add-ons yet: refused by the member's path, before anything is queued.
+    ({"lora": [{"model": "tiny-lora"}], "model": "tiny-flux"}, "unsupportedParameter", "lora[0].model"),
+    ({"embeddings": [{"model": "tiny-embedding"}], "model": "tiny-sd3"}, "unsupportedParameter",
+     "embeddings[0].model"),
+    ({"vae": "tiny-vae", "model": "tiny-flux"}, "unsupportedParameter", "vae"),
+    ({"clipSkip": 1, "model": "tiny-sd3"}, "unsupportedParameter", "clipSkip"),
+    ({"promptWeighting": "compel", "model": "tiny-flux"}, "unsupportedParameter", "promptWeighting"),
+    ({"usePromptWeighting": True, "model": "tiny-flux"}, "unsupportedParameter", "usePromptWeighting"),
+    ({"refiner": {"model": "tiny-sdxl-refiner"}, "model": "tiny-flux"}, "invalidParameter", "refiner"),
     ({"ttl": 60}, "unsupportedParameter", "ttl"),
     ({"frobnicate": 1}, "unknownParameter", "frobnicate"),
     ({"cfgScale": 7}, "unknownParameter", "cfgScale"),
@@ -241,6 +300,65 @@ def test_the_wire_schema_is_exported_and_names_fields_exactly():
     assert inference["steps"]["anyOf"][0]["maximum"] == 100
 
 
+def test_empty_values_count_as_absent_only_for_parameters_of_the_task():
+    assert settle(task(outputType=[], safety={})).output_types == ["URL"]
+    # A key the task does not know stays unknown, whatever its value.
+    for empty in ([], {}):
+        error = error_of(task(loras=empty))
+        assert (error.code, error.parameter) == ("unknownParameter", "loras")
+
+
+def test_errors_inside_arrays_name_the_member_the_allowed_values_and_what_it_holds():
+    error = error_of(task(outputType=["URL", "file"]))
+    assert error.parameter == "outputType[1]" and error.allowed_values == ["URL", "base64Data", "dataURI"]
+    assert error.message == "Invalid outputType[1]: expected one of 'URL', 'base64Data', 'dataURI'; received 'file'."
+
+
+def test_add_ons_are_resolved_and_checked_against_the_model():
+    add_ons = settle(task(lora=[{"model": "tiny-lora", "weight": 0.8}], embeddings=[{"model": "tiny-embedding"}],
+                          vae="tiny-vae", clipSkip=2, promptWeighting="SDEMBEDS")).add_ons
+    assert [(item.model.air, item.weight) for item in add_ons.loras] == [("imagewire:tiny-lora@1", 0.8)]
+    assert [(item.model.air, item.weight) for item in add_ons.embeddings] == [("imagewire:tiny-embedding@1", 1.0)]
+    assert add_ons.vae is not None and add_ons.vae.air == "imagewire:tiny-vae@1"
+    assert (add_ons.clip_skip, add_ons.prompt_weighting, add_ons.refiner) == (2, "sdEmbeds", None)
+    assert settle(task(usePromptWeighting=True)).add_ons.prompt_weighting == "compel"
+    assert settle(task(usePromptWeighting=True, promptWeighting="sdEmbeds")).add_ons.prompt_weighting == "sdEmbeds"
+
+
+def test_the_refiner_hand_off_is_a_fraction_of_the_steps():
+    def start(steps: int, **refiner: Any) -> float:
+        prepared = settle(task(model="tiny-sdxl", steps=steps, refiner={"model": "tiny-sdxl-refiner", **refiner}))
+        assert prepared.add_ons.refiner is not None and prepared.add_ons.refiner.air == "imagewire:tiny-sdxl-refiner@1"
+        return prepared.add_ons.refiner_start
+
+    assert start(40, startStep=30) == 0.75
+    assert start(10, startStepPercentage=35) == 0.35
+    assert start(10) == 0.8          # neither given: the refiner takes the last fifth
+    assert start(2) == 0.5           # ...but always leaves each model a step
+
+
+def test_add_on_errors_say_what_fits_and_what_was_received():
+    error = error_of(task(model="tiny-sdxl", lora=[{"model": "tiny-lora"}]))
+    assert error.message == ("lora[0].model imagewire:tiny-lora@1 is a LoRA for tiny models (the architecture it "
+                             "fits: tiny), and model imagewire:tiny-sdxl@1 is tiny-sdxl. LoRAs that fit tiny-sdxl "
+                             "here: none.")
+    assert error.allowed_values == []
+    error = error_of(task(lora=[{"model": "tiny-lora", "weight": 4.5}]))
+    assert error.message == "Invalid lora[0].weight: expected a number from -4 to 4; received 4.5."
+    error = error_of(task(lora=[{"model": "tiny-vae"}]))
+    assert error.message.startswith("lora[0].model must name a LoRA; imagewire:tiny-vae@1 is a VAE. LoRAs here: ")
+    assert error.allowed_values == ["imagewire:tiny-lora@1"]
+    error = error_of(task(model="tiny-sdxl", steps=8, refiner={"model": "tiny-sdxl-refiner", "startStep": 8}))
+    assert "from 2 to 7" in error.message and "received 8" in error.message
+    assert error.allowed_values == [2, 3, 4, 5, 6, 7]
+    error = error_of(task(model="tiny-sdxl", refiner={"model": "tiny"}))
+    assert error.allowed_values == ["imagewire:tiny-sdxl@1", "imagewire:tiny-sdxl-refiner@1"]
+    error = error_of(task(promptWeighting="fancy"))
+    assert error.allowed_values == ["compel", "sdEmbeds"] and "received 'fancy'" in error.message
+    error = error_of(task(clipSkip=3))
+    assert error.message == "Invalid clipSkip: expected an integer from 0 to 2; received 3."
+
+
 def test_a_lone_surrogate_anywhere_is_named_in_an_error_that_is_itself_valid_text():
     frame = ('[{"taskType":"ping","ping":true,"note":"fine \\ud83d\\ude00 \\ud800"},'
              '{"taskType":"ping","\\udc00":1},{"taskType":"ping","ping":true}]')
@@ -252,3 +370,22 @@ def test_a_lone_surrogate_anywhere_is_named_in_an_error_that_is_itself_valid_tex
     # What the standard library's parser would take beyond JSON stays refused on that path too.
     with pytest.raises(protocol.FrameError):
         protocol.decode_frame('[{"taskType":"ping","x":"\\ud800","y":NaN}]', max_tasks=10)
+
+
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3", "runware:101@1", "imagewire:sd35-large@1",
+                                   "runware:106@1"])
+def test_add_ons_on_flow_models_are_refused_naming_the_member_and_the_architectures_that_take_them(model):
+    error = error_of(task(model=model, lora=[{"model": "tiny-lora", "weight": 0.5}], clipSkip=1))
+    assert (error.code, error.parameter) == ("unsupportedParameter", "lora[0].model")
+    assert {"tiny", "sd15", "sdxl", "tiny-sdxl", "sd15-inpaint"} <= set(error.allowed_values or ())
+    assert not {"tiny-flux", "flux1-dev", "sd3", "sd35-large"} & set(error.allowed_values or ())
+    assert "SD 1.x/2.x and SDXL families" in error.message and "sd15, sd21" in error.message
+    # The first add-on the request has is the one named.
+    assert error_of(task(model=model, clipSkip=1, vae="tiny-vae")).parameter == "vae"
+
+
+def test_add_ons_fit_an_inpainting_checkpoint_through_the_architecture_it_came_from():
+    prepared = settle(task(model="imagewire:tiny-inpaint@1", seedImage="x", maskImage="y",
+                           lora=[{"model": "tiny-lora"}], vae="tiny-vae", embeddings=[{"model": "tiny-embedding"}]))
+    assert [item.model.air for item in prepared.add_ons.loras] == ["imagewire:tiny-lora@1"]
+    assert prepared.add_ons.vae is not None and prepared.add_ons.vae.air == "imagewire:tiny-vae@1"

@@ -147,3 +147,62 @@ async def test_max_batch_size_one_keeps_every_task_in_its_own_call(start_server)
     assert all(data and not errors for data, errors in answers.values())
     assert [len(call) for call in engine.calls] == [1, 1, 1, 1]
     await wire.close()
+
+
+# ---------------------------------------------------------------- jobs for loaded models go first, within a bound
+
+
+async def test_jobs_for_a_loaded_model_go_first_but_pass_no_job_more_than_the_bound(start_server):
+    engine = HeldEngine()
+    engine.loaded_models = {"imagewire:tiny@1": "device", "imagewire:tiny-sdxl@1": "ram"}
+    server = await start_server(engine_factory=lambda: engine, max_batch_size=1, max_passed_over=2)
+    wire = await Wire.open(server.url)
+    blocker = await hold_the_device(engine, wire)
+    # A job for a model in host RAM (not on the device) waits first in line, then three for the loaded one.
+    elsewhere = inference(model="imagewire:tiny-sdxl@1", positivePrompt="needs a switch")
+    loaded = [inference(positivePrompt=f"loaded {index}") for index in range(3)]
+    await queue_in_order(server, wire, [elsewhere, *loaded])
+    engine.release.set()
+    answers = await wire.answers({task["taskUUID"]: 1 for task in (blocker, elsewhere, *loaded)})
+    assert all(data and not errors for data, errors in answers.values())
+    # Two jobs for the loaded model went before it, then it had waited long enough.
+    assert engine.calls == [[blocker["taskUUID"]], [loaded[0]["taskUUID"]], [loaded[1]["taskUUID"]],
+                            [elsewhere["taskUUID"]], [loaded[2]["taskUUID"]]]
+    await wire.close()
+
+
+async def test_with_no_bound_jobs_keep_their_order(start_server):
+    engine = HeldEngine()
+    engine.loaded_models = {"imagewire:tiny@1": "device"}
+    server = await start_server(engine_factory=lambda: engine, max_batch_size=1, max_passed_over=0)
+    wire = await Wire.open(server.url)
+    blocker = await hold_the_device(engine, wire)
+    tasks = [inference(model="imagewire:tiny-sdxl@1"), inference(), inference(model="imagewire:tiny-sdxl@1")]
+    await queue_in_order(server, wire, tasks)
+    engine.release.set()
+    await wire.answers({task["taskUUID"]: 1 for task in (blocker, *tasks)})
+    assert engine.calls == [[blocker["taskUUID"]], *([task["taskUUID"]] for task in tasks)]
+    await wire.close()
+
+
+async def test_keys_take_turns_and_a_key_waiting_for_a_load_keeps_its_turn(start_server):
+    # Key a's task needs a model that is not on the device; key b's three run on the loaded one.
+    engine = HeldEngine()
+    engine.loaded_models = {"imagewire:tiny@1": "device"}
+    server = await start_server(engine_factory=lambda: engine, api_keys=("key-a", "key-b"), max_batch_size=1,
+                                max_passed_over=1)
+    first, second = await Wire.open(server.url, api_key="key-a"), await Wire.open(server.url, api_key="key-b")
+    blocker = await hold_the_device(engine, second)
+    elsewhere = inference(model="imagewire:tiny-sdxl@1", positivePrompt="needs a load")
+    loaded = [inference(positivePrompt=f"loaded {index}") for index in range(3)]
+    await queue_in_order(server, second, loaded)
+    await queue_in_order(server, first, [elsewhere])
+    engine.release.set()
+    await first.answers({elsewhere["taskUUID"]: 1})
+    await second.answers({task["taskUUID"]: 1 for task in (blocker, *loaded)})
+    # Turns alone would run key a's task second (after b's first), arrival order alone last. Its turn comes
+    # after b's first task; one loaded task (the bound) goes before it, and it keeps its turn meanwhile.
+    assert engine.calls == [[blocker["taskUUID"]], [loaded[0]["taskUUID"]], [loaded[1]["taskUUID"]],
+                            [elsewhere["taskUUID"]], [loaded[2]["taskUUID"]]]
+    await first.close()
+    await second.close()

@@ -104,3 +104,13 @@ def test_catalog_defaults_are_held_to_the_wire_limits() -> None:
     image_inference.check_model_defaults(tiny.defaults)
     with pytest.raises(ValueError, match="defaults.steps must be an integer from 1 to 100, not 101"):
         image_inference.check_model_defaults(type(tiny.defaults)(**{**vars(tiny.defaults), "steps": 101}))
+
+
+def test_a_model_that_is_not_a_checkpoint_is_refused_naming_the_checkpoints() -> None:
+    with pytest.raises(InvalidParameter) as caught:
+        image_inference.prepare(task(model="tiny-lora"), pure_context())
+    error = caught.value
+    assert error.parameter == "model"
+    assert error.message.startswith("model must name a checkpoint; imagewire:tiny-lora@1 is a LoRA. Checkpoints here: ")
+    assert error.allowed_values is not None and "imagewire:tiny@1" in error.allowed_values
+    assert "imagewire:tiny-lora@1" not in error.allowed_values

@@ -23,3 +23,11 @@ def test_model_info_maps_an_entry_to_the_wire_struct() -> None:
     assert info.defaultStrength == 0.3
     assert info.aliases == ["sdxl-refiner-1.0"]
     assert (info.available, info.comment) == (False, "not downloaded")
+
+
+def test_an_embedding_reports_its_token_as_its_trigger_words() -> None:
+    catalog = Catalog.load()
+    embedding = model_info(catalog.resolve("tiny-embedding"), available=True, comment="")
+    assert (embedding.category, embedding.architecture) == ("embeddings", "tiny")
+    assert embedding.positiveTriggerWords == "<tiny-embedding>"
+    assert model_info(catalog.resolve("tiny-lora"), available=True, comment="").positiveTriggerWords == ""

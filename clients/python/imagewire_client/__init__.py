@@ -9,6 +9,7 @@ from imagewire_client.edits import ControlNet, Outpaint
 from imagewire_client.errors import ImagewireError
 from imagewire_client.images import ImageSource
 from imagewire_client.results import GuideImage, ImageResult, ModelInfo, TextResult, UploadedImage
+from imagewire_client.schema import Embedding, Lora, Refiner
 from imagewire_client.sync import SyncClient
 
 __version__ = "0.1.0"
@@ -17,12 +18,15 @@ __all__ = [
     "DEFAULT_URL",
     "Client",
     "ControlNet",
+    "Embedding",
     "GuideImage",
     "ImageResult",
     "ImageSource",
     "ImagewireError",
+    "Lora",
     "ModelInfo",
     "Outpaint",
+    "Refiner",
     "SyncClient",
     "TextResult",
     "UploadedImage",

@@ -80,6 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--format", choices=sorted(FORMATS), default="png", help="image format (default png)")
     generate.add_argument("--quality", type=int, metavar="Q", help="JPG/WEBP quality 20-99")
     generate.add_argument("--out", type=Path, default=Path("."), metavar="DIR", help="output folder (default .)")
+    add_ons = generate.add_argument_group("what to add to the model")
+    add_ons.add_argument("--lora", action="append", type=weighted_air, default=[], metavar="AIR[=WEIGHT]",
+                         help="a LoRA, weight -4 to 4 (default 1); repeatable")
+    add_ons.add_argument("--embedding", action="append", type=weighted_air, default=[], metavar="AIR[=WEIGHT]",
+                         help="a textual-inversion embedding (put its token in the prompt); repeatable")
+    add_ons.add_argument("--vae", metavar="AIR", help="a VAE to use instead of the model's own")
+    add_ons.add_argument("--clip-skip", type=int, metavar="N", help="text-encoder layers to skip, 0-2")
+    add_ons.add_argument("--prompt-weighting", choices=("compel", "sdEmbeds"),
+                         help="the prompts' weighting syntax: compel '(cat)1.5', sdEmbeds '(cat:1.5)'")
+    add_ons.add_argument("--refiner", metavar="AIR", help="an SDXL refiner that finishes the image")
+    start = add_ons.add_mutually_exclusive_group()
+    start.add_argument("--refiner-start-step", type=int, metavar="N", help="the step the refiner takes over at")
+    start.add_argument("--refiner-start-percentage", type=float, metavar="P",
+                       help="or the percentage of the steps, 1-99 (default: the server's, 80)")
     editing = generate.add_argument_group("editing")
     editing.add_argument("--mask", metavar="FILE|UUID|URL", help="inpaint --image: white repaints, black keeps")
     editing.add_argument("--mask-margin", type=int, metavar="PX",
@@ -145,6 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
     enhance.add_argument("--seed", type=int)
     enhance.add_argument("--model", metavar="AIR")
     return parser
+
+
+def weighted_air(text: str) -> tuple[str, float]:
+    """``AIR`` or ``AIR=WEIGHT`` (AIRs hold colons and at signs, never an equals sign)."""
+    air, equals, weight = text.rpartition("=")
+    if not equals:
+        return text, 1.0
+    try:
+        return air, float(weight)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected AIR or AIR=WEIGHT with a number as WEIGHT, got {text!r}") from None
 
 
 def _sides(text: str) -> Outpaint:
@@ -242,7 +267,10 @@ async def run_generate(client: Client, args: argparse.Namespace, timeout: float)
         strength=args.strength, width=args.width, height=args.height, steps=args.steps, cfg_scale=args.cfg,
         scheduler=args.scheduler, seed=args.seed, number_results=args.number_results,
         # Ask for the bytes inline, so no second request is needed to save them.
-        output_type="base64Data", output_format=output_format, output_quality=args.quality, timeout=timeout,
+        output_type="base64Data", output_format=output_format, output_quality=args.quality, lora=args.lora,
+        embeddings=args.embedding, vae=args.vae, clip_skip=args.clip_skip, prompt_weighting=args.prompt_weighting,
+        refiner=args.refiner, refiner_start_step=args.refiner_start_step,
+        refiner_start_percentage=args.refiner_start_percentage, timeout=timeout,
         mask_image=args.mask, mask_margin=args.mask_margin, check_nsfw=args.check_nsfw,
         outpaint=None if args.outpaint is None else Outpaint(
             top=args.outpaint.top, right=args.outpaint.right, bottom=args.outpaint.bottom, left=args.outpaint.left,
@@ -356,7 +384,11 @@ def _report(error: ImagewireError) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``imagewire`` command; returns the exit code."""
-    args: Any = build_parser().parse_args(argv)
+    parser = build_parser()
+    args: Any = parser.parse_args(argv)
+    starts = ("refiner_start_step", "refiner_start_percentage")
+    if args.command == "generate" and args.refiner is None and any(getattr(args, name) is not None for name in starts):
+        parser.error("--refiner-start-step and --refiner-start-percentage need --refiner")
     try:
         asyncio.run(_run(args))
     except ImagewireError as error:

@@ -196,6 +196,14 @@ class Client:
         output_format: str = "PNG",
         output_quality: int | None = None,
         include_cost: bool = False,
+        lora: Sequence[requests.AddOnSpec] = (),
+        embeddings: Sequence[requests.AddOnSpec] = (),
+        vae: str | None = None,
+        clip_skip: int | None = None,
+        prompt_weighting: str | None = None,
+        refiner: str | schema.Refiner | None = None,
+        refiner_start_step: int | None = None,
+        refiner_start_percentage: float | None = None,
         mask_image: ImageSource | None = None,
         mask_margin: int | None = None,
         outpaint: Outpaint | None = None,
@@ -216,6 +224,11 @@ class Client:
         ``"dataURI"`` (or a list of them); with either of the last two, ``ImageResult.image_bytes``
         holds the encoded image. Server-side validation errors raise ``ImagewireError`` naming
         the parameter; no answer within ``timeout`` seconds raises one with code ``timeout``.
+
+        What to add to the model: ``lora`` and ``embeddings`` (AIRs, or ``(AIR, weight)`` pairs with weights
+        from -4 to 4), ``vae`` (an AIR), ``clip_skip`` (0-2), ``prompt_weighting`` (``"compel"`` or
+        ``"sdEmbeds"``: the syntax of the prompts), and for SDXL models a ``refiner`` (an AIR) that takes over
+        at ``refiner_start_step`` or ``refiner_start_percentage`` of the steps.
 
         Editing: ``mask_image`` (white = repaint; any image form) inpaints the seed image, with
         ``mask_margin`` (32–128) repainting a crop around the mask at full size; ``outpaint``
@@ -242,7 +255,11 @@ class Client:
             seed_image=None if seed_image is None else await _image_field(seed_image, "seedImage"),
             strength=strength, width=width, height=height, steps=steps, cfg_scale=cfg_scale, scheduler=scheduler,
             seed=seed, number_results=number_results, output_type=output_type, output_format=output_format,
-            output_quality=output_quality, include_cost=include_cost, include_progress=on_progress is not None,
+            output_quality=output_quality, include_cost=include_cost, lora=lora, embeddings=embeddings, vae=vae,
+            clip_skip=clip_skip, prompt_weighting=prompt_weighting,
+            refiner=None if refiner is None else requests.refiner(
+                refiner, start_step=refiner_start_step, start_percentage=refiner_start_percentage),
+            include_progress=on_progress is not None,
             include_preview=preview and on_progress is not None, task_uuid=task_uuid,
             mask_image=None if mask_image is None else await _image_field(mask_image, "maskImage"),
             mask_margin=mask_margin, control_net=controls, check_nsfw=check_nsfw,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -24,7 +24,9 @@ def new_task_uuid() -> str:
 
 def _wire_object(task: schema.Task) -> dict[str, Any]:
     wire = msgspec.to_builtins(task)  # carries the ``taskType`` tag
-    return {key: value for key, value in wire.items() if value is not None}
+    # Unset members of nested objects (a refiner's other start) stay off the wire too.
+    return {key: {name: member for name, member in value.items() if member is not None}
+            if isinstance(value, dict) else value for key, value in wire.items() if value is not None}
 
 
 def encode_tasks(tasks: Sequence[schema.Task]) -> bytes:
@@ -61,6 +63,31 @@ def model_search(
                               architecture=architecture, limit=limit, offset=offset)
 
 
+# A LoRA or an embedding: its AIR (weight 1), an (AIR, weight) pair, or the schema's struct.
+AddOnSpec = str | tuple[str, float] | schema.Lora | schema.Embedding
+_Weighted = TypeVar("_Weighted", schema.Lora, schema.Embedding)
+
+
+def _weighted(kind: type[_Weighted], items: Sequence[AddOnSpec]) -> list[_Weighted] | None:
+    chosen = []
+    for item in items:
+        if isinstance(item, str):
+            chosen.append(kind(model=item))
+        elif isinstance(item, tuple):
+            chosen.append(kind(model=item[0], weight=item[1]))
+        else:
+            chosen.append(kind(model=item.model, weight=item.weight))
+    return chosen or None
+
+
+def refiner(model: str | schema.Refiner, *, start_step: int | None = None,
+            start_percentage: float | None = None) -> schema.Refiner:
+    """An SDXL refiner pass: the refiner's AIR, and where it takes over (neither: the server's default)."""
+    if isinstance(model, schema.Refiner):
+        return model
+    return schema.Refiner(model=model, startStep=start_step, startStepPercentage=start_percentage)
+
+
 def image_inference(
     *,
     model: str,
@@ -79,6 +106,12 @@ def image_inference(
     output_format: str = "PNG",
     output_quality: int | None = None,
     include_cost: bool = False,
+    lora: Sequence[AddOnSpec] = (),
+    embeddings: Sequence[AddOnSpec] = (),
+    vae: str | None = None,
+    clip_skip: int | None = None,
+    prompt_weighting: str | None = None,
+    refiner: schema.Refiner | None = None,
     mask_image: str | None = None,
     mask_margin: int | None = None,
     outpaint: schema.Outpaint | None = None,
@@ -90,11 +123,18 @@ def image_inference(
     task_uuid: str | None = None,
 ) -> schema.ImageInference:
     """An ``imageInference`` task; ``seed_image``, ``mask_image`` and guide images are already in wire form
-    (see ``images.image_field``)."""
+    (see ``images.image_field``).
+
+    ``lora`` and ``embeddings`` take AIRs (weight 1), ``(AIR, weight)`` pairs or ``schema.Lora`` /
+    ``schema.Embedding``; ``refiner`` is built by ``refiner(...)``.
+    """
     fields: dict[str, Any] = {
         "negativePrompt": negative_prompt, "seedImage": seed_image, "strength": strength, "width": width,
         "height": height, "steps": steps, "CFGScale": cfg_scale, "scheduler": scheduler, "seed": seed,
-        "outputQuality": output_quality, "maskImage": mask_image, "maskMargin": mask_margin, "outpaint": outpaint,
+        "outputQuality": output_quality, "lora": _weighted(schema.Lora, lora),
+        "embeddings": _weighted(schema.Embedding, embeddings), "vae": vae, "clipSkip": clip_skip,
+        "promptWeighting": prompt_weighting, "refiner": refiner,
+        "maskImage": mask_image, "maskMargin": mask_margin, "outpaint": outpaint,
         "controlNet": list(control_net) if control_net else None, "safety": safety,
         "checkNSFW": check_nsfw or None,
     }
