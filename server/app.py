@@ -13,7 +13,7 @@ from aiohttp import web
 
 from imagewire.air_registry import ARCHITECTURES, Catalog, ModelEntry, RegistryError, UnknownModel, parse_air
 from imagewire.air_registry.civitai import Civitai
-from imagewire.server.admission import Admission
+from imagewire.server.admission import Admission, DeviceTime
 from imagewire.server.auth import ApiKeys, load_or_create_key
 from imagewire.server.config import Config
 from imagewire.server.connection import GOING_AWAY, Connection, WaitingRoom
@@ -128,9 +128,13 @@ class ImagewireServer:
             held_input_pixels=lambda: self.services.pixels.held,
         ), max_batch_size=config.max_batch_size)
         self.device.on_call = self.metrics.device_call
+        device_time = DeviceTime(config.device_seconds_per_key_hour) if config.device_seconds_per_key_hour else None
+        if device_time is not None:
+            self.device.on_use = device_time.use
         self.runner = TaskRunner(
             self.services, registry=self.registry, webhooks=WebhookSender(fetcher, attempts=config.webhook_attempts),
-            admission=Admission(per_connection=config.max_tasks_in_flight, per_key=config.max_tasks_per_key),
+            admission=Admission(per_connection=config.max_tasks_in_flight, per_key=config.max_tasks_per_key,
+                                device_time=device_time),
             on_finished=self.metrics.task_finished)
         self.waiting_room = WaitingRoom(config.max_unauthenticated_per_ip)
         self.trusted_proxies = networks(config.trusted_proxies)

@@ -31,6 +31,7 @@ class Config:
     max_tasks_per_message: int = 64
     max_tasks_in_flight: int = 64          # per connection
     max_tasks_per_key: int = 256           # unfinished tasks of one API key, all its connections together
+    device_seconds_per_key_hour: float | None = None  # device time one API key may use an hour; None: no bound
     max_unauthenticated_per_ip: int = 16   # sockets from one address that have not authenticated yet
     auth_timeout: float = 30.0             # seconds a new socket has to authenticate
     queue_size: int = 256                  # inference jobs waiting for the GPU, all connections together
@@ -174,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="unfinished tasks per connection [IMAGEWIRE_MAX_TASKS_IN_FLIGHT]")
     add("--max-tasks-per-key", type=COUNT, default=_env("MAX_TASKS_PER_KEY", "256"),
         help="unfinished tasks per API key over all its connections [IMAGEWIRE_MAX_TASKS_PER_KEY]")
+    add("--device-seconds-per-key-hour", type=NON_NEGATIVE, default=_env("DEVICE_SECONDS_PER_KEY_HOUR", "0"),
+        help="device seconds one API key may use over any hour; past it its new tasks answer tooManyTasks "
+             "until time comes back; 0: no bound [IMAGEWIRE_DEVICE_SECONDS_PER_KEY_HOUR]")
     add("--max-unauthenticated-per-ip", type=COUNT, default=_env("MAX_UNAUTHENTICATED_PER_IP", "16"),
         help="sockets from one address not yet authenticated [IMAGEWIRE_MAX_UNAUTHENTICATED_PER_IP]")
     add("--auth-timeout", type=POSITIVE, default=_env("AUTH_TIMEOUT", "30"),
@@ -286,6 +290,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         max_batch_size=args.max_batch_size,
         max_tasks_in_flight=args.max_tasks_in_flight,
         max_tasks_per_key=args.max_tasks_per_key,
+        device_seconds_per_key_hour=args.device_seconds_per_key_hour or None,
         max_unauthenticated_per_ip=args.max_unauthenticated_per_ip,
         auth_timeout=args.auth_timeout,
         max_image_bytes=args.max_image_mib * MIB,

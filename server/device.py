@@ -163,6 +163,8 @@ class DeviceQueue:
         self._engine: Engine | None = None
         # on_call(results, started, ended): after each call, from the worker thread (metrics).
         self.on_call: Callable[[int, float, float], None] | None = None
+        # on_use(owner, seconds): each API key's share of a call's device time (split by images).
+        self.on_use: Callable[[str, float], None] | None = None
         # What the worker last saw in the engine's memory (modelSearch, metrics): replaced whole, never
         # changed in place, so the event loop reads a consistent snapshot.
         self.loaded_models: Mapping[str, str] = {}
@@ -279,7 +281,7 @@ class DeviceQueue:
         emit = _Outlet(handles, before_results=lambda: self._publish(engine))
         answered = emit.answered
         try:
-            engine.run([handle.job for handle in handles], emit)
+            self._call(engine, handles, emit)
         except Cancelled as stopped:
             # Every job of the call was cancelled and has been answered so.
             log.info("%s: cancelled, %s", " ".join(f"taskUUID={handle.job.task_uuid}" for handle in handles), stopped)
@@ -301,6 +303,19 @@ class DeviceQueue:
             handle._post(_DONE)
         if self.on_call is not None and answered:
             self.on_call(sum(handles[index].job.images for index in answered), started, finished)
+
+    def _call(self, engine: Engine, handles: list[JobHandle], emit: _Outlet) -> None:
+        """One engine call; its device time is charged to the jobs' owners however it ends (each
+        pays in proportion to the images its job asked for)."""
+        started = time.perf_counter()
+        try:
+            engine.run([handle.job for handle in handles], emit)
+        finally:
+            if self.on_use is not None:
+                seconds = time.perf_counter() - started
+                images = sum(max(1, handle.job.images) for handle in handles)
+                for handle in handles:
+                    self.on_use(handle.job.owner, seconds * max(1, handle.job.images) / images)
 
     def _fail(self, engine: Engine, handle: JobHandle, exc: Exception) -> None:
         if isinstance(exc, TaskError):

@@ -34,7 +34,7 @@ def write_lora(path: Path, *, seed: int = LORA_SEED) -> Path:
         unet, text_encoder = _build_unet(), _build_text_encoder()
         torch.manual_seed(seed)
         unet.add_adapter(_config(ATTENTION_PROJECTIONS))
-        text_encoder = inject_adapter_in_model(_config(TEXT_PROJECTIONS), text_encoder)
+        inject_adapter_in_model(_config(TEXT_PROJECTIONS), text_encoder)  # in place
     StableDiffusionPipeline.save_lora_weights(
         path.parent, unet_lora_layers=get_peft_model_state_dict(unet),
         text_encoder_lora_layers=get_peft_model_state_dict(text_encoder), weight_name=path.name,

@@ -9,6 +9,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from imagewire.server.admission import DeviceTime
 from tests.engines import HeldEngine
 from tests.timing import seconds
 from tests.wire import API_KEY, Wire, eventually, inference
@@ -84,3 +85,40 @@ async def test_a_frame_over_the_limit_closes_only_that_socket(start_server):
     other = await Wire.open(server.url)
     assert await other.run(inference())
     await other.close()
+
+
+def test_device_time_fills_back_at_its_hourly_rate_and_forgets_full_keys():
+    now = [0.0]
+    budget = DeviceTime(36.0, clock=lambda: now[0])  # 36 s an hour: 0.01 s back per second
+    assert budget.refuse("a") is None
+    budget.use("a", 40.0)
+    refused = budget.refuse("a")
+    assert refused is not None and "36 device seconds an hour" in refused.message
+    assert "about 500 s" in refused.message  # 4 s short, and 1 s more to run on, at 0.01 s a second
+    assert budget.refuse("b") is None  # another key is not touched
+    now[0] = 401.0
+    assert budget.refuse("a") is None and budget.left("a") == pytest.approx(0.01)
+    now[0] = 10_000.0
+    budget.use("a", 0.0)
+    assert budget.left("a") == 36.0 and "a" not in budget._buckets
+
+
+async def test_a_key_past_its_device_time_is_refused_while_other_keys_run(start_server):
+    engine = HeldEngine()
+    other = "another-key"
+    server = await start_server(engine_factory=lambda: engine, api_keys=(API_KEY, other),
+                                device_seconds_per_key_hour=0.2)
+    wire = await Wire.open(server.url)
+    first = inference()
+    await wire.send([first])
+    assert await asyncio.to_thread(engine.started.wait, seconds(10))
+    await asyncio.sleep(0.5)  # the call holds the device for at least this long: more than 0.2 s
+    engine.release.set()
+    data, errors = await wire.items_for(first["taskUUID"], 1)
+    assert data and not errors
+    error = await wire.error(inference())
+    assert error["code"] == "serviceUnavailable" and "device time" in error["message"], error
+    other_wire = await Wire.open(server.url, api_key=other)
+    assert await other_wire.run(inference())
+    await wire.close()
+    await other_wire.close()
