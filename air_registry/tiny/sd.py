@@ -23,14 +23,11 @@ from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 from diffusers.schedulers.scheduling_pndm import PNDMScheduler
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextModel
 
+from imagewire.air_registry.tiny.parts import CLIP_WIDTH, clip_text_encoder
 from imagewire.air_registry.tiny.tokenizers import (
-    CLIP_MAX_LENGTH,
-    END_TOKEN,
-    START_TOKEN,
     build_clip_tokenizer,
-    clip_vocab,
     write_clip_vocabulary,
 )
 
@@ -39,25 +36,13 @@ _TEXT_ENCODER_SEED = 1
 _UNET_SEED = 2
 _VAE_SEED = 3
 
-CROSS_ATTENTION_DIM = 32
+CROSS_ATTENTION_DIM = CLIP_WIDTH  # the UNet attends to the text encoder's states
 
 
 def _build_text_encoder() -> CLIPTextModel:
-    vocab = clip_vocab()
-    config = CLIPTextConfig(
-        vocab_size=len(vocab),
-        hidden_size=CROSS_ATTENTION_DIM,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=CLIP_MAX_LENGTH,
-        projection_dim=CROSS_ATTENTION_DIM,
-        bos_token_id=vocab[START_TOKEN],
-        eos_token_id=vocab[END_TOKEN],
-        pad_token_id=vocab[END_TOKEN],
-    )
-    torch.manual_seed(_TEXT_ENCODER_SEED)
-    return CLIPTextModel(config)
+    encoder = clip_text_encoder(_TEXT_ENCODER_SEED, with_projection=False)
+    assert isinstance(encoder, CLIPTextModel)
+    return encoder
 
 
 def _build_unet() -> UNet2DConditionModel:
