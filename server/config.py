@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from imagewire.storage.s3 import S3Location
+
 MIB = 1024 * 1024
 
 
@@ -59,6 +61,8 @@ class Config:
     civitai_url: str = "https://civitai.com"   # Civitai's API, for civitai:MODEL@VERSION ids
     civitai_token: str | None = None            # for models Civitai lets only signed-in users download
     safety_checker: str = "imagewire:sd-safety-checker@1"   # the catalog model checkNSFW and safety run
+    store: str | None = None         # s3://BUCKET/PREFIX keeps images in an S3-compatible store; None: data_dir
+    s3_endpoint: str | None = None   # the S3 API's URL (MinIO and the like); None: AWS's, or AWS_ENDPOINT_URL
 
     @property
     def base_url(self) -> str:
@@ -110,6 +114,13 @@ def _http_url(text: str) -> str:
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise argparse.ArgumentTypeError(f"expected an http:// or https:// URL, got {text!r}")
     return text.strip().rstrip("/")
+
+
+def _store(text: str) -> str:
+    try:
+        return str(S3Location.parse(text.strip()))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _network(text: str) -> str:
@@ -227,6 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--safety-checker", default=_env("SAFETY_CHECKER", Config.safety_checker), metavar="AIR",
         help="catalog model (category safety) that checkNSFW and safety.checkContent/checkInputs run "
              "(default %(default)s) [IMAGEWIRE_SAFETY_CHECKER]")
+    add("--store", type=_store, default=_env("STORE"), metavar="s3://BUCKET/PREFIX",
+        help="keep uploaded and generated images in an S3-compatible bucket instead of DATA_DIR/images; "
+             "credentials and region come from the standard AWS environment variables (AWS_ACCESS_KEY_ID, "
+             "AWS_SECRET_ACCESS_KEY, AWS_REGION); needs pip install 'imagewire[s3]' [IMAGEWIRE_STORE]")
+    add("--s3-endpoint", type=_http_url, default=_env("S3_ENDPOINT"), metavar="URL",
+        help="URL of the S3 API for --store, for MinIO and other S3-compatible stores (default: AWS's) "
+             "[IMAGEWIRE_S3_ENDPOINT]")
     return parser
 
 
@@ -284,6 +302,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         civitai_url=args.civitai_url,
         civitai_token=args.civitai_token,
         safety_checker=args.safety_checker,
+        store=args.store,
+        s3_endpoint=args.s3_endpoint,
     )
 
 
