@@ -106,6 +106,10 @@ class S3Store:
             s3={"addressing_style": "path"} if endpoint_url else {})
         # What a call to the store may raise; anything else is a bug, not the store failing.
         self._errors: tuple[type[Exception], ...] = (BotoCoreError, ClientError)
+        # botocore says at INFO where it found the credentials, at every start; the operator set them.
+        credentials_log = logging.getLogger("botocore.credentials")
+        if credentials_log.level == logging.NOTSET:
+            credentials_log.setLevel(logging.WARNING)
         self._client: Any = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
         self._recent: dict[str, deque[StoredImage]] = {}
         self.used_bytes = 0
