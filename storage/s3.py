@@ -27,6 +27,7 @@ import time
 import urllib.parse
 import uuid
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,7 +168,7 @@ class S3Store:
         elif self.limits.max_bytes is not None:
             self.used_bytes = sum(int(entry.get("Size", 0)) for entry in self._list("images/"))
 
-    def _list(self, folder: str) -> Any:
+    def _list(self, folder: str) -> Iterator[dict[str, Any]]:
         pages = self._client.get_paginator("list_objects_v2").paginate(
             Bucket=self.location.bucket, Prefix=f"{self.location.prefix}{folder}")
         for page in pages:

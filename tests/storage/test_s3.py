@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 import uuid
 from typing import Any
@@ -225,3 +226,10 @@ def test_an_unusable_bucket_is_one_clear_start_error(s3_endpoint: str, s3_bucket
         f"--store s3://no-such-bucket/x: bucket 'no-such-bucket' does not exist at {s3_endpoint}")
     with pytest.raises(ValueError, match=r"^--store s3://\S+: cannot reach http://127\.0\.0\.1:9$"):
         S3Store(S3Location.parse(f"s3://{s3_bucket}"), endpoint_url="http://127.0.0.1:9/some/path")
+
+
+def test_without_boto3_the_start_says_which_extra_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "boto3", None)  # what an import finds when the package is absent
+    with pytest.raises(ValueError, match=r"^--store s3://images: the S3 store needs boto3; install it with: "
+                                         r"pip install 'imagewire\[s3\]'$"):
+        S3Store(S3Location.parse("s3://images"))
