@@ -53,22 +53,6 @@ def diffusers_engine_factory(config: Config) -> Callable[[], Engine]:
     return build
 
 
-def open_store(config: Config) -> ImageStorage:
-    """The image store the config names: an S3-compatible bucket with ``--store``, else DATA_DIR/images.
-
-    Raises ValueError naming ``--store`` when the bucket cannot be used: the server must not start then.
-    """
-    if config.store is not None:
-        store = S3Store(S3Location.parse(config.store), endpoint_url=config.s3_endpoint, limits=StoreLimits(
-            max_bytes=config.max_storage_bytes, max_bytes_per_owner=config.max_storage_bytes_per_key))
-        log.info("images kept in %s", store.location)
-        return store
-    # Opening the store also removes what interrupted writes left behind.
-    return ImageStore(config.data_dir / "images", StoreLimits(
-        max_bytes=config.max_storage_bytes, max_bytes_per_owner=config.max_storage_bytes_per_key,
-        min_free_bytes=config.min_free_disk_bytes))
-
-
 class ImagewireServer:
     def __init__(self, config: Config, *, engine_factory: Callable[[], Engine] | None = None,
                  preload: bool = True) -> None:
@@ -260,3 +244,19 @@ class ImagewireServer:
 
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.stop()
+
+
+def open_store(config: Config) -> ImageStorage:
+    """The image store the config names: an S3-compatible bucket with ``--store``, else DATA_DIR/images.
+
+    Raises ValueError naming ``--store`` when the bucket cannot be used: the server must not start then.
+    """
+    if config.store is not None:
+        store = S3Store(S3Location.parse(config.store), endpoint_url=config.s3_endpoint, limits=StoreLimits(
+            max_bytes=config.max_storage_bytes, max_bytes_per_owner=config.max_storage_bytes_per_key))
+        log.info("images kept in %s", store.location)
+        return store
+    # Opening the store also removes what interrupted writes left behind.
+    return ImageStore(config.data_dir / "images", StoreLimits(
+        max_bytes=config.max_storage_bytes, max_bytes_per_owner=config.max_storage_bytes_per_key,
+        min_free_bytes=config.min_free_disk_bytes))
