@@ -26,7 +26,8 @@ from imagewire.server.rest import RestEndpoint
 from imagewire.server.runner import TaskRunner
 from imagewire.server.sessions import SessionRegistry, TaskRegistry
 from imagewire.server.webhooks import WebhookSender
-from imagewire.storage import ImageStore, UrlFetcher
+from imagewire.storage import ImageStorage, ImageStore, UrlFetcher
+from imagewire.storage.s3 import S3Location, S3Store
 from imagewire.storage.store import Limits as StoreLimits
 from imagewire.tasks.context import PixelBudget, Services, Settings
 from imagewire.tasks.image_inference import check_model_defaults
@@ -105,10 +106,7 @@ class ImagewireServer:
                                   max_batch_size=config.max_batch_size, max_passed_over=config.max_passed_over)
         fetcher = UrlFetcher(allow_private=config.allow_private_urls, max_bytes=config.max_image_bytes,
                              timeout=config.url_fetch_timeout)
-        # Opening the store also removes what interrupted writes left behind.
-        self.store = await asyncio.to_thread(ImageStore, config.data_dir / "images", StoreLimits(
-            max_bytes=config.max_storage_bytes, max_bytes_per_owner=config.max_storage_bytes_per_key,
-            min_free_bytes=config.min_free_disk_bytes))
+        self.store = await asyncio.to_thread(open_store, config)
         self.sessions = SessionRegistry(resume_window=config.resume_window, max_outbox_bytes=MAX_OUTBOX_BYTES)
         self.registry = TaskRegistry(retention=config.result_retention)
         self.services = Services(
@@ -274,3 +272,19 @@ class ImagewireServer:
 
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.stop()
+
+
+def open_store(config: Config) -> ImageStorage:
+    """The image store the config names: an S3-compatible bucket with ``--store``, else DATA_DIR/images.
+
+    Raises ValueError naming ``--store`` when the bucket cannot be used: the server must not start then.
+    """
+    if config.store is not None:
+        store = S3Store(S3Location.parse(config.store), endpoint_url=config.s3_endpoint, limits=StoreLimits(
+            max_bytes=config.max_storage_bytes, max_bytes_per_owner=config.max_storage_bytes_per_key))
+        log.info("images kept in %s", store.location)
+        return store
+    # Opening the store also removes what interrupted writes left behind.
+    return ImageStore(config.data_dir / "images", StoreLimits(
+        max_bytes=config.max_storage_bytes, max_bytes_per_owner=config.max_storage_bytes_per_key,
+        min_free_bytes=config.min_free_disk_bytes))

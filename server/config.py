@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from imagewire.storage.s3 import S3Location
+
 MIB = 1024 * 1024
 
 
@@ -49,6 +51,8 @@ class Config:
     max_storage_bytes: int | None = None   # the image store as a whole; None: no bound
     max_storage_bytes_per_key: int | None = None
     min_free_disk_bytes: int = 512 * MIB   # below this much free disk, writes stop (reads go on)
+    store: str | None = None         # s3://BUCKET/PREFIX keeps images in an S3-compatible store; None: data_dir
+    s3_endpoint: str | None = None   # the S3 API's URL (MinIO and the like); None: AWS's
     max_waiting_pixels: int = 256_000_000  # decoded input pixels held by unfinished tasks, all together
     handshake_timeout: float = 10.0        # seconds a new TCP connection has to send its HTTP request
     max_handshakes_per_ip: int = 16        # connections from one address still sending their request
@@ -116,6 +120,13 @@ def _http_url(text: str) -> str:
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise argparse.ArgumentTypeError(f"expected an http:// or https:// URL, got {text!r}")
     return text.strip().rstrip("/")
+
+
+def _store(text: str) -> str:
+    try:
+        return str(S3Location.parse(text.strip()))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _network(text: str) -> str:
@@ -208,6 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--min-free-disk-gib", type=NON_NEGATIVE, default=_env("MIN_FREE_DISK_GIB", "0.5"),
         help="free disk below which new images are refused and stored ones still served "
              "[IMAGEWIRE_MIN_FREE_DISK_GIB]")
+    add("--store", type=_store, default=_env("STORE"), metavar="s3://BUCKET/PREFIX",
+        help="keep uploaded and generated images in an S3-compatible bucket instead of DATA_DIR/images; "
+             "credentials and region come from the standard AWS environment variables (AWS_ACCESS_KEY_ID, "
+             "AWS_SECRET_ACCESS_KEY, AWS_REGION); needs pip install 'imagewire[s3]' [IMAGEWIRE_STORE]")
+    add("--s3-endpoint", type=_http_url, default=_env("S3_ENDPOINT"), metavar="URL",
+        help="URL of the S3 API for --store, for MinIO and other S3-compatible stores (default: AWS's) "
+             "[IMAGEWIRE_S3_ENDPOINT]")
     add("--max-waiting-megapixels", type=POSITIVE, default=_env("MAX_WAITING_MEGAPIXELS", "256"),
         help="decoded input images that unfinished tasks may hold, all together; past it a task's input image "
              "is refused with serviceUnavailable [IMAGEWIRE_MAX_WAITING_MEGAPIXELS]")
@@ -305,6 +323,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         max_storage_bytes=_gib(args.max_storage_gib),
         max_storage_bytes_per_key=_gib(args.max_storage_gib_per_key),
         min_free_disk_bytes=_gib(args.min_free_disk_gib) or 0,
+        store=args.store,
+        s3_endpoint=args.s3_endpoint,
         max_waiting_pixels=int(args.max_waiting_megapixels * 1_000_000),
         handshake_timeout=args.handshake_timeout,
         max_handshakes_per_ip=args.max_handshakes_per_ip,

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from imagewire.server.device import DeviceQueue
 from imagewire.server.metrics import CONTENT_TYPE, Metrics
-from imagewire.storage import STORED_BY_EXTENSION, ImageStore, StorageError
+from imagewire.storage import STORED_BY_EXTENSION, ImageStorage, StorageError
 
 WEBSOCKET_PATHS = ("/", "/v1", "/v1/")
 # The web page at "/": one file, no build step; it speaks the public WebSocket API like any client.
@@ -35,7 +35,7 @@ def text(body: str, status: int = 200) -> web.Response:
 
 
 class HttpRoutes:
-    def __init__(self, *, store: ImageStore, device: DeviceQueue, metrics: Metrics, max_message_bytes: int,
+    def __init__(self, *, store: ImageStorage, device: DeviceQueue, metrics: Metrics, max_message_bytes: int,
                  serve_socket: SocketHandler, rest: RequestHandler) -> None:
         self.store = store
         self.device = device

@@ -4,6 +4,7 @@ The ground floor: nothing here knows the wire protocol. Failures are :mod:`stora
 <imagewire.storage.errors>`, which the task layer turns into error items.
 """
 
+from imagewire.storage.backend import ImageStorage
 from imagewire.storage.encode import PNG_COMPRESS_LEVEL, encode_image, to_base64
 from imagewire.storage.errors import FetchFailed, ImageNotStored, InputRejected, StorageError, StoreFailed
 from imagewire.storage.fetch import UrlFetcher, is_forbidden_address
@@ -31,6 +32,7 @@ __all__ = [
     "FetchFailed",
     "ImageFormat",
     "ImageNotStored",
+    "ImageStorage",
     "ImageStore",
     "InputImage",
     "InputRejected",

@@ -23,12 +23,13 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from imagewire.storage.backend import ImageStorage
 from imagewire.storage.encode import encode_image, flatten_to_rgb
 from imagewire.storage.errors import InputRejected, shown
 from imagewire.storage.fetch import UrlFetcher
 from imagewire.storage.formats import BY_PIL, FORMATS, OUTPUT_FORMATS
 from imagewire.storage.metadata import STRIPPERS
-from imagewire.storage.store import ImageStore, canonical_uuid
+from imagewire.storage.store import canonical_uuid
 
 # PIL names multi-picture JPEGs (what many phone cameras write) MPO; to a client they are JPEG.
 _FORMAT_ALIASES = {"MPO": "JPEG"}
@@ -62,7 +63,7 @@ async def resolve_image_input(
     value: str,
     *,
     owner: str,
-    store: ImageStore,
+    store: ImageStorage,
     fetcher: UrlFetcher,
     max_pixels: int,
     max_bytes: int,
@@ -76,7 +77,7 @@ async def resolve_image_input(
                                    target=target)
 
 
-async def _load_bytes(value: str, *, owner: str, store: ImageStore, fetcher: UrlFetcher, max_bytes: int) -> bytes:
+async def _load_bytes(value: str, *, owner: str, store: ImageStorage, fetcher: UrlFetcher, max_bytes: int) -> bytes:
     if not isinstance(value, str) or not value.strip():
         raise InputRejected(
             f"must be an image UUID, a data URI, base64 data or an http(s) URL; received {shown(value)}")

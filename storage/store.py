@@ -54,7 +54,7 @@ class StoredImage:
     extension: str
     content_type: str
     owner: str
-    path: Path
+    path: Path | None  # where the bytes lie on local disk; None in an object store
     size: int
 
 
@@ -112,6 +112,27 @@ class Limits:
 
 
 GIB = 1024 ** 3
+
+
+def check_bounds(limits: Limits, *, size: int, used: int, used_by_owner: int) -> None:
+    """Refuse a write of ``size`` bytes that would take the store or its owner past their bounds."""
+    if limits.max_bytes is not None and used + size > limits.max_bytes:
+        raise StoreFailed(
+            f"the server's image storage is full ({_gib(used)} of {_gib(limits.max_bytes)} "
+            "GiB); images expire after their last use, so room comes back with time", disk_full=True)
+    if limits.max_bytes_per_owner is not None and used_by_owner + size > limits.max_bytes_per_owner:
+        raise StoreFailed(
+            f"this API key's images take {_gib(used_by_owner)} GiB, and it may keep "
+            f"{_gib(limits.max_bytes_per_owner)} GiB; images expire after their last use", disk_full=True)
+
+
+def require_uuid(image_uuid: object) -> str:
+    """The canonical form of a client's imageUUID; InputRejected when it is not one."""
+    canonical = canonical_uuid(image_uuid) if isinstance(image_uuid, str) else None
+    if canonical is None:
+        raise InputRejected(
+            f"must be a UUID such as '123e4567-e89b-42d3-a456-426614174000', received {shown(image_uuid)}")
+    return canonical
 
 
 # How many of each owner's newest images ``recent`` remembers.
@@ -218,14 +239,7 @@ class ImageStore:
 
     def _check_room(self, size: int, owner: str) -> None:
         limits = self.limits
-        if limits.max_bytes is not None and self.used_bytes + size > limits.max_bytes:
-            raise StoreFailed(
-                f"the server's image storage is full ({_gib(self.used_bytes)} of {_gib(limits.max_bytes)} "
-                "GiB); images expire after their last use, so room comes back with time", disk_full=True)
-        if limits.max_bytes_per_owner is not None and self.used_by(owner) + size > limits.max_bytes_per_owner:
-            raise StoreFailed(
-                f"this API key's images take {_gib(self.used_by(owner))} GiB, and it may keep "
-                f"{_gib(limits.max_bytes_per_owner)} GiB; images expire after their last use", disk_full=True)
+        check_bounds(limits, size=size, used=self.used_bytes, used_by_owner=self.used_by(owner))
         if limits.min_free_bytes:
             free = shutil.disk_usage(self.root).free
             if free - size < limits.min_free_bytes:
@@ -236,12 +250,14 @@ class ImageStore:
     def recent(self, owner: str, limit: int) -> list[StoredImage]:
         """``owner``'s newest images stored since this process started, newest first, at most ``limit``;
         images swept away since are left out."""
-        kept = (image for image in reversed(self._recent.get(owner, ())) if image.path.exists())
+        kept = (image for image in reversed(self._recent.get(owner, ()))
+                if self._data_path(image.uuid, image.extension).exists())
         return list(itertools.islice(kept, limit))
 
     def _write_image(self, image: StoredImage, data: bytes, metadata: dict[str, Any]) -> None:
-        image.path.parent.mkdir(exist_ok=True)
-        _write_atomically(image.path, data, sync_directory=False)
+        path = self._data_path(image.uuid, image.extension)
+        path.parent.mkdir(exist_ok=True)
+        _write_atomically(path, data, sync_directory=False)
         # Metadata last: its presence is what makes the image visible. One directory flush covers both renames.
         _write_atomically(self._metadata_path(image.uuid), json.dumps(metadata).encode())
 
@@ -249,10 +265,7 @@ class ImageStore:
 
     async def get(self, image_uuid: str, *, owner: str | None) -> StoredImage:
         """The stored image ``image_uuid`` if it exists and belongs to ``owner`` (None: anyone's)."""
-        canonical = canonical_uuid(image_uuid) if isinstance(image_uuid, str) else None
-        if canonical is None:
-            raise InputRejected(
-                f"must be a UUID such as '123e4567-e89b-42d3-a456-426614174000', received {shown(image_uuid)}")
+        canonical = require_uuid(image_uuid)
         # Answered the same for a missing image and for someone else's, so existence does not leak.
         not_found = ImageNotStored(canonical)
         try:
@@ -308,7 +321,7 @@ class ImageStore:
 
     async def read(self, image: StoredImage) -> bytes:
         try:
-            async with aiofiles.open(image.path, "rb") as file:
+            async with aiofiles.open(self._data_path(image.uuid, image.extension), "rb") as file:
                 data: bytes = await file.read()
                 return data
         except FileNotFoundError as exc:

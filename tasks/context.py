@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from imagewire.air_registry import Catalog
 from imagewire.air_registry.civitai import Civitai
-from imagewire.storage import ImageStore, UrlFetcher
+from imagewire.storage import ImageStorage, UrlFetcher
 from imagewire.tasks.errors import ServiceUnavailable
 from imagewire.tasks.jobs import Job, JobEvent, JobProgress
 
@@ -133,7 +133,7 @@ def _megapixels(pixels: int) -> str:
 class Services:
     settings: Settings
     catalog: Catalog
-    store: ImageStore
+    store: ImageStorage
     fetcher: UrlFetcher
     device: Device
     results: Results

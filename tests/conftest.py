@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import runpy
 from collections.abc import AsyncIterator, Callable
@@ -101,3 +102,36 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     from tests.checkpoints import write_tiny_sd_checkpoint
 
     return write_tiny_sd_checkpoint(tmp_path_factory.mktemp("checkpoint") / "tiny.safetensors").read_bytes()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Any:
+    """An S3-compatible endpoint for the whole session: moto's server, in this process, on loopback."""
+    pytest.importorskip("boto3", reason="the S3 store's tests need boto3: pip install -e '.[s3]'")
+    threaded = pytest.importorskip("moto.moto_server.threaded_moto_server",
+                                   reason="the S3 store's tests need moto's server: pip install 'moto[server]'")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    moto = threaded.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto.start()
+    host, port = moto.get_host_and_port()
+    yield f"http://{host}:{port}"
+    moto.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
+    """A new empty bucket at ``s3_endpoint``, and dummy AWS credentials for this test only."""
+    import boto3
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test-access-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret-key")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    # Nothing probes the instance metadata address, and no one's ~/.aws is read.
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    bucket = f"imagewire-{os.urandom(6).hex()}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    return bucket

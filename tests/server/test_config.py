@@ -72,6 +72,18 @@ def test_model_download_settings_have_flags_and_environment_fallbacks(monkeypatc
         "sd-turbo", "http://127.0.0.1:9000", "t0ken", True)
 
 
+def test_the_image_store_is_local_by_default_and_an_s3_bucket_by_flag_or_environment(monkeypatch, capsys):
+    assert (parse_args([]).store, parse_args([]).s3_endpoint) == (None, None)
+    config = parse_args(["--store", "s3://team-images/imagewire/", "--s3-endpoint", "http://127.0.0.1:9000/"])
+    assert (config.store, config.s3_endpoint) == ("s3://team-images/imagewire", "http://127.0.0.1:9000")
+    monkeypatch.setenv("IMAGEWIRE_STORE", "s3://other-bucket")
+    monkeypatch.setenv("IMAGEWIRE_S3_ENDPOINT", "https://s3.example.test")
+    assert (parse_args([]).store, parse_args([]).s3_endpoint) == ("s3://other-bucket", "https://s3.example.test")
+    assert "argument --store: expected s3://BUCKET/PREFIX, got '/srv/images'" in parse_error(
+        ["--store", "/srv/images"], capsys)
+    assert "is not an S3 bucket name" in parse_error(["--store", "s3://Team_Images"], capsys)
+
+
 def test_a_bad_environment_value_is_reported_like_a_bad_flag(monkeypatch, capsys):
     monkeypatch.setenv("IMAGEWIRE_MAX_BATCH_SIZE", "0")
     assert "argument --max-batch-size: must be at least 1, got 0" in parse_error([], capsys)

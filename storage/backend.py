@@ -1,0 +1,35 @@
+"""The seam between the server and where images live: what every image store does.
+
+Two stores implement it: :class:`~imagewire.storage.store.ImageStore` (local disk, the default) and
+:class:`~imagewire.storage.s3.S3Store` (an S3-compatible bucket). Callers never learn which one they
+have; every failure either raises is a :mod:`storage.errors <imagewire.storage.errors>` error.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from imagewire.storage.store import StoredImage
+
+
+class ImageStorage(Protocol):
+    async def put(self, data: bytes, *, extension: str, owner: str) -> StoredImage:
+        """Store ``data`` under a new UUID v4, visible only once whole, and return its record."""
+        ...
+
+    async def get(self, image_uuid: str, *, owner: str | None) -> StoredImage:
+        """The image ``image_uuid`` if it exists and belongs to ``owner`` (None: anyone's); someone
+        else's image raises the same ImageNotStored as a missing one. Notes the use, best-effort."""
+        ...
+
+    async def read(self, image: StoredImage) -> bytes:
+        """The bytes of an image ``get`` or ``put`` returned."""
+        ...
+
+    def recent(self, owner: str, limit: int) -> list[StoredImage]:
+        """``owner``'s newest images stored by this process, newest first, at most ``limit``."""
+        ...
+
+    async def sweep(self, *, max_age_seconds: float, now: float | None = None) -> int:
+        """Delete images unused for more than ``max_age_seconds``; return how many."""
+        ...

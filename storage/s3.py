@@ -1,0 +1,374 @@
+"""Images in an S3-compatible bucket (AWS S3, MinIO, ...), addressed by UUID and scoped to an owner.
+
+Layout under ``s3://BUCKET/PREFIX``: ``images/<uuid>.<ext>`` holds the bytes (stored with their
+Content-Type) and ``meta/<uuid>.json`` the metadata, the same fields as on local disk. A PutObject is
+atomic, so no object is ever seen half-written; the data is put before its metadata, and only images
+with metadata are served, so an image is visible under its UUID only when whole. Several servers may
+share one bucket: any of them serves any image.
+
+Reads never depend on a write: noting a use (last_used, rewritten at most once a minute per image) is
+best-effort, and a use the store refused is kept in memory and written by the next sweep. The metadata
+object is rewritten on each noted use, so its LastModified bounds last_used from above: a sweep reads
+only the metadata of images that listing shows as old enough.
+
+boto3 is an optional extra (``pip install 'imagewire[s3]'``); it is imported only when a store opens.
+Its calls block, so each runs in a thread. Credentials and region come from the standard AWS
+environment variables (or ~/.aws) as boto3 finds them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import re
+import time
+import urllib.parse
+import uuid
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from imagewire.storage.errors import ImageNotStored, StoreFailed
+from imagewire.storage.formats import STORED_BY_EXTENSION
+from imagewire.storage.store import (
+    LAST_USED_RESOLUTION_SECONDS,
+    MAX_UNWRITTEN_USES,
+    RECENT_PER_OWNER,
+    Limits,
+    StoredImage,
+    canonical_uuid,
+    check_bounds,
+    require_uuid,
+)
+
+log = logging.getLogger("imagewire.storage")
+
+SCHEME = "s3://"
+# S3's rules for bucket names (3-63 characters, lowercase letters, digits, dots and hyphens).
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
+# Error codes of stores that ran out of room (MinIO's, and quota codes of S3-compatible stores).
+_FULL_CODES = frozenset({"XMinioStorageFull", "QuotaExceeded", "StorageFull", "InsufficientStorage"})
+_MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+# Data objects without metadata this old are what an interrupted put left; younger ones may be in flight
+# on another server sharing the bucket.
+LEFTOVER_AGE_SECONDS = 3600.0
+
+
+@dataclass(frozen=True)
+class S3Location:
+    bucket: str
+    prefix: str  # "" or ending with "/"
+
+    @classmethod
+    def parse(cls, text: str) -> S3Location:
+        """``s3://BUCKET`` or ``s3://BUCKET/PREFIX``; ValueError for anything else."""
+        if not text.startswith(SCHEME):
+            raise ValueError(f"expected s3://BUCKET/PREFIX, got {text!r}")
+        bucket, _, prefix = text[len(SCHEME):].partition("/")
+        if not _BUCKET.fullmatch(bucket):
+            raise ValueError(f"{bucket!r} is not an S3 bucket name (3-63 lowercase letters, digits, dots, hyphens)")
+        prefix = prefix.strip("/")
+        return cls(bucket=bucket, prefix=f"{prefix}/" if prefix else "")
+
+    def __str__(self) -> str:
+        return f"{SCHEME}{self.bucket}/{self.prefix}".rstrip("/")
+
+
+def _origin(url: str) -> str:
+    """scheme://host[:port] of ``url``: what a message may show of an endpoint, never credentials or paths."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}"
+
+
+class S3Store:
+    """The :class:`~imagewire.storage.backend.ImageStorage` of an S3-compatible bucket."""
+
+    def __init__(self, location: S3Location, *, endpoint_url: str | None = None, limits: Limits | None = None) -> None:
+        """Connect and check the bucket; ValueError, naming ``--store``, when it cannot be used."""
+        self.location = location
+        self.limits = limits or Limits()
+        self._endpoint = endpoint_url
+        failing = f"--store {location}"
+        try:
+            import boto3
+            from botocore.config import Config as BotoConfig
+            from botocore.exceptions import BotoCoreError, ClientError
+        except ImportError:
+            raise ValueError(f"{failing}: the S3 store needs boto3; install it with: pip install "
+                             "'imagewire[s3]'") from None
+        config = BotoConfig(
+            connect_timeout=5, read_timeout=30, retries={"max_attempts": 3, "mode": "standard"},
+            # Self-hosted stores (MinIO and the like) answer at one host; bucket names in host names
+            # need wildcard DNS they seldom have.
+            s3={"addressing_style": "path"} if endpoint_url else {})
+        # What a call to the store may raise; anything else is a bug, not the store failing.
+        self._errors: tuple[type[Exception], ...] = (BotoCoreError, ClientError)
+        # botocore says at INFO where it found the credentials, at every start; the operator set them.
+        credentials_log = logging.getLogger("botocore.credentials")
+        if credentials_log.level == logging.NOTSET:
+            credentials_log.setLevel(logging.WARNING)
+        self._client: Any = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
+        self._recent: dict[str, deque[StoredImage]] = {}
+        self.used_bytes = 0
+        self._used_by_owner: dict[str, int] = {}
+        self._unwritten_uses: dict[str, float] = {}
+        self._last_failed_touch = 0.0
+        try:
+            self._client.head_bucket(Bucket=location.bucket)
+            self._count_usage()
+        except self._errors as exc:
+            raise ValueError(f"{failing}: {self._start_failure(exc)}") from None
+
+    def _start_failure(self, exc: Exception) -> str:
+        """Why the store cannot be used, for the operator."""
+        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+        where = _origin(self._endpoint) if self._endpoint else "AWS S3"
+        if isinstance(exc, ClientError):
+            code = _code(exc)
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                return f"bucket {self.location.bucket!r} does not exist at {where}"
+            if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                return f"access to bucket {self.location.bucket!r} at {where} is denied; check the AWS credentials"
+            return f"{where} answered {code}"
+        if isinstance(exc, NoCredentialsError):
+            return "no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+        if isinstance(exc, EndpointConnectionError):
+            return f"cannot reach {where}"
+        return f"{where} failed ({type(exc).__name__})"
+
+    # ------------------------------------------------------------------ keys and usage
+
+    def _data_key(self, image_uuid: str, extension: str) -> str:
+        return f"{self.location.prefix}images/{image_uuid}.{extension}"
+
+    def _metadata_key(self, image_uuid: str) -> str:
+        return f"{self.location.prefix}meta/{image_uuid}.json"
+
+    def used_by(self, owner: str) -> int:
+        return self._used_by_owner.get(owner, 0)
+
+    def _add_usage(self, owner: str, size: int) -> None:
+        self.used_bytes = max(0, self.used_bytes + size)
+        self._used_by_owner[owner] = self._used_by_owner.get(owner, 0) + size
+        if self._used_by_owner[owner] <= 0:
+            del self._used_by_owner[owner]
+
+    def _count_usage(self) -> None:
+        """Count what the bucket holds, only when a bound needs it: per owner it reads every metadata object."""
+        if self.limits.max_bytes_per_owner is not None:
+            for entry in self._list("meta/"):
+                metadata = self._load_metadata(entry["Key"])
+                if metadata is not None and isinstance(metadata.get("size"), int):
+                    self._add_usage(str(metadata.get("owner")), metadata["size"])
+        elif self.limits.max_bytes is not None:
+            self.used_bytes = sum(int(entry.get("Size", 0)) for entry in self._list("images/"))
+
+    def _list(self, folder: str) -> Iterator[dict[str, Any]]:
+        pages = self._client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.location.bucket, Prefix=f"{self.location.prefix}{folder}")
+        for page in pages:
+            yield from page.get("Contents", ())
+
+    # ------------------------------------------------------------------ writing
+
+    async def put(self, data: bytes, *, extension: str, owner: str) -> StoredImage:
+        if extension not in STORED_BY_EXTENSION:
+            raise ValueError(f"extension must be one of {', '.join(STORED_BY_EXTENSION)}, received {extension!r}")
+        check_bounds(self.limits, size=len(data), used=self.used_bytes, used_by_owner=self.used_by(owner))
+        image_uuid = str(uuid.uuid4())
+        image = StoredImage(uuid=image_uuid, extension=extension,
+                            content_type=STORED_BY_EXTENSION[extension].media_type, owner=owner, path=None,
+                            size=len(data))
+        now = time.time()
+        metadata = {"uuid": image_uuid, "extension": extension, "content_type": image.content_type,
+                    "owner": owner, "size": image.size, "created": now, "last_used": now}
+        try:
+            await asyncio.to_thread(self._write_image, image, data, metadata)
+        except self._errors as exc:
+            raise _failure(exc) from None
+        self._add_usage(owner, len(data))
+        self._recent.setdefault(owner, deque(maxlen=RECENT_PER_OWNER)).append(image)
+        return image
+
+    def _write_image(self, image: StoredImage, data: bytes, metadata: dict[str, Any]) -> None:
+        data_key = self._data_key(image.uuid, image.extension)
+        self._client.put_object(Bucket=self.location.bucket, Key=data_key, Body=data,
+                                ContentType=image.content_type)
+        try:
+            # Metadata last: its presence is what makes the image visible.
+            self._put_metadata(metadata)
+        except self._errors:
+            try:
+                self._client.delete_object(Bucket=self.location.bucket, Key=data_key)
+            except self._errors:
+                pass  # a leftover the sweep removes
+            raise
+
+    def _put_metadata(self, metadata: dict[str, Any]) -> None:
+        self._client.put_object(Bucket=self.location.bucket, Key=self._metadata_key(metadata["uuid"]),
+                                Body=json.dumps(metadata).encode(), ContentType="application/json")
+
+    def recent(self, owner: str, limit: int) -> list[StoredImage]:
+        # Images this process swept are dropped from the list by the sweep itself.
+        return list(itertools.islice(reversed(self._recent.get(owner, ())), limit))
+
+    # ------------------------------------------------------------------ reading
+
+    async def get(self, image_uuid: str, *, owner: str | None) -> StoredImage:
+        canonical = require_uuid(image_uuid)
+        try:
+            image = await asyncio.to_thread(self._load_and_touch, canonical, owner)
+        except self._errors as exc:
+            raise _failure(exc, reading=True) from None
+        if image is None:
+            # Answered the same for a missing image and for someone else's, so existence does not leak.
+            raise ImageNotStored(canonical)
+        return image
+
+    def _load_metadata(self, key: str) -> dict[str, Any] | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            response = self._client.get_object(Bucket=self.location.bucket, Key=key)
+        except ClientError as exc:
+            if _code(exc) in _MISSING_CODES:
+                return None
+            raise
+        with response["Body"] as body:
+            raw = body.read()
+        try:
+            loaded = json.loads(raw)
+        except ValueError:
+            return None  # never written half (a PutObject is atomic): foreign, not ours to serve
+        return loaded if isinstance(loaded, dict) else None
+
+    def _load_and_touch(self, image_uuid: str, owner: str | None) -> StoredImage | None:
+        metadata = self._load_metadata(self._metadata_key(image_uuid))
+        if metadata is None or metadata.get("uuid") != image_uuid:
+            return None
+        if owner is not None and metadata.get("owner") != owner:
+            return None
+        extension = metadata.get("extension")
+        if not isinstance(extension, str) or extension not in STORED_BY_EXTENSION:
+            return None
+        last_used = metadata.get("last_used")
+        now = time.time()
+        if not isinstance(last_used, (int, float)) or now - last_used > LAST_USED_RESOLUTION_SECONDS:
+            self._touch(metadata, now)
+        return StoredImage(uuid=image_uuid, extension=extension, content_type=STORED_BY_EXTENSION[extension].media_type,
+                           owner=str(metadata.get("owner")), path=None, size=int(metadata.get("size", 0)))
+
+    def _touch(self, metadata: dict[str, Any], now: float) -> None:
+        """Note a use of the image, best-effort: a store that refuses the write does not fail the read."""
+        metadata["last_used"] = now
+        try:
+            self._put_metadata(metadata)
+        except self._errors as exc:
+            if len(self._unwritten_uses) >= MAX_UNWRITTEN_USES:
+                self._unwritten_uses.pop(next(iter(self._unwritten_uses)))
+            self._unwritten_uses[metadata["uuid"]] = now
+            if now - self._last_failed_touch > 60:
+                self._last_failed_touch = now
+                log.warning("noting image uses failed (%s); reads go on, and the uses are written later",
+                            _failure(exc).problem)
+        else:
+            self._unwritten_uses.pop(metadata["uuid"], None)
+
+    async def read(self, image: StoredImage) -> bytes:
+        try:
+            data = await asyncio.to_thread(self._read, image)
+        except self._errors as exc:
+            raise _failure(exc, reading=True) from None
+        if data is None:
+            raise ImageNotStored(image.uuid)
+        return data
+
+    def _read(self, image: StoredImage) -> bytes | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            response = self._client.get_object(Bucket=self.location.bucket,
+                                               Key=self._data_key(image.uuid, image.extension))
+        except ClientError as exc:
+            if _code(exc) in _MISSING_CODES:
+                return None  # swept since its metadata was read
+            raise
+        with response["Body"] as body:
+            data: bytes = body.read()
+        return data
+
+    # ------------------------------------------------------------------ expiry
+
+    async def sweep(self, *, max_age_seconds: float, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        try:
+            return await asyncio.to_thread(self._sweep, now - max_age_seconds, now)
+        except self._errors as exc:
+            raise _failure(exc) from None
+
+    def _sweep(self, cutoff: float, now: float) -> int:
+        removed: set[str] = set()
+        described: set[str] = set()
+        for entry in self._list("meta/"):
+            image_uuid = canonical_uuid(entry["Key"].rsplit("/", 1)[-1].removesuffix(".json"))
+            if image_uuid is None:
+                continue
+            described.add(image_uuid)
+            unwritten = self._unwritten_uses.get(image_uuid)
+            if unwritten is None and entry["LastModified"].timestamp() >= cutoff:
+                continue  # noted as used no earlier than its metadata was written
+            metadata = self._load_metadata(entry["Key"])
+            if metadata is None:
+                continue
+            last_used = metadata.get("last_used")
+            if unwritten is not None:
+                # A use the store refused earlier: it counts, and is written now if the store takes it.
+                self._touch(metadata, unwritten)
+                last_used = unwritten
+            if not isinstance(last_used, (int, float)) or last_used >= cutoff:
+                continue
+            extension = metadata.get("extension")
+            if isinstance(extension, str) and extension in STORED_BY_EXTENSION:
+                # Data first: a sweep interrupted here leaves metadata, which the next sweep finds again.
+                self._client.delete_object(Bucket=self.location.bucket, Key=self._data_key(image_uuid, extension))
+            self._client.delete_object(Bucket=self.location.bucket, Key=entry["Key"])
+            if isinstance(metadata.get("size"), int):
+                self._add_usage(str(metadata.get("owner")), -metadata["size"])
+            removed.add(image_uuid)
+        # Data whose metadata never came: what an interrupted put left, once old enough not to be in flight.
+        for entry in self._list("images/"):
+            name = entry["Key"].rsplit("/", 1)[-1]
+            stem, _, extension = name.rpartition(".")
+            image_uuid = canonical_uuid(stem)
+            if (image_uuid is not None and extension in STORED_BY_EXTENSION and image_uuid not in described
+                    and entry["LastModified"].timestamp() < now - LEFTOVER_AGE_SECONDS):
+                self._client.delete_object(Bucket=self.location.bucket, Key=entry["Key"])
+        if removed:
+            for owner, images in self._recent.items():
+                self._recent[owner] = deque((image for image in images if image.uuid not in removed),
+                                            maxlen=RECENT_PER_OWNER)
+        return len(removed)
+
+
+def _code(exc: Exception) -> str:
+    response = getattr(exc, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))
+
+
+def _failure(exc: Exception, *, reading: bool = False) -> StoreFailed:
+    """A client-facing error for a failed call to the store: an error code at most, never a URL or credentials."""
+    code = re.sub(r"[^A-Za-z0-9]", "", _code(exc))[:40]
+    if code in _FULL_CODES:
+        return StoreFailed("the server's image storage is full", disk_full=True, reading=reading)
+    if code:
+        return StoreFailed(f"the server's image storage failed ({code})", reading=reading)
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    if isinstance(exc, BotoConnectionError | ConnectionError | TimeoutError):
+        return StoreFailed("the server's image storage could not be reached", reading=reading)
+    return StoreFailed(f"the server's image storage failed ({type(exc).__name__})", reading=reading)
