@@ -316,3 +316,17 @@ async def test_each_write_reaches_the_disk_before_it_is_visible(tmp_path: Path,
     await store.put(b"data", extension="png", owner=OWNER)
     # The data file, the metadata file, and their directory once for both renames.
     assert len(synced) == 3
+
+
+async def test_a_disk_that_fails_a_read_is_named_as_a_read_of_that_input(tmp_path: Path, monkeypatch) -> None:
+    store = ImageStore(tmp_path)
+    stored = await store.put(b"data", extension="png", owner=OWNER)
+
+    def failing(self: ImageStore, image_uuid: str, owner: str | None) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(ImageStore, "_load_and_touch", failing)
+    with pytest.raises(StoreFailed) as caught:
+        await store.get(stored.uuid, owner=OWNER)
+    error = task_error(caught.value, "seedImage")
+    assert error.message == "seedImage could not be read: the server's image storage failed (Input/output error)."
