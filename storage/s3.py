@@ -34,14 +34,15 @@ from typing import Any
 from imagewire.storage.errors import ImageNotStored, StoreFailed
 from imagewire.storage.formats import STORED_BY_EXTENSION
 from imagewire.storage.store import (
-    LAST_USED_RESOLUTION_SECONDS,
-    MAX_UNWRITTEN_USES,
     RECENT_PER_OWNER,
     Limits,
     StoredImage,
+    UnwrittenUses,
     canonical_uuid,
     check_bounds,
     require_uuid,
+    servable_extension,
+    stored_image,
 )
 
 log = logging.getLogger("imagewire.storage")
@@ -115,8 +116,7 @@ class S3Store:
         self._recent: dict[str, deque[StoredImage]] = {}
         self.used_bytes = 0
         self._used_by_owner: dict[str, int] = {}
-        self._unwritten_uses: dict[str, float] = {}
-        self._last_failed_touch = 0.0
+        self._unwritten_uses = UnwrittenUses()
         try:
             self._client.head_bucket(Bucket=location.bucket)
             self._count_usage()
@@ -249,19 +249,13 @@ class S3Store:
 
     def _load_and_touch(self, image_uuid: str, owner: str | None) -> StoredImage | None:
         metadata = self._load_metadata(self._metadata_key(image_uuid))
-        if metadata is None or metadata.get("uuid") != image_uuid:
+        extension = servable_extension(metadata, image_uuid, owner)
+        if metadata is None or extension is None:
             return None
-        if owner is not None and metadata.get("owner") != owner:
-            return None
-        extension = metadata.get("extension")
-        if not isinstance(extension, str) or extension not in STORED_BY_EXTENSION:
-            return None
-        last_used = metadata.get("last_used")
         now = time.time()
-        if not isinstance(last_used, (int, float)) or now - last_used > LAST_USED_RESOLUTION_SECONDS:
+        if UnwrittenUses.due(metadata, now):
             self._touch(metadata, now)
-        return StoredImage(uuid=image_uuid, extension=extension, content_type=STORED_BY_EXTENSION[extension].media_type,
-                           owner=str(metadata.get("owner")), path=None, size=int(metadata.get("size", 0)))
+        return stored_image(metadata, extension, None)
 
     def _touch(self, metadata: dict[str, Any], now: float) -> None:
         """Note a use of the image, best-effort: a store that refuses the write does not fail the read."""
@@ -269,15 +263,9 @@ class S3Store:
         try:
             self._put_metadata(metadata)
         except self._errors as exc:
-            if len(self._unwritten_uses) >= MAX_UNWRITTEN_USES:
-                self._unwritten_uses.pop(next(iter(self._unwritten_uses)))
-            self._unwritten_uses[metadata["uuid"]] = now
-            if now - self._last_failed_touch > 60:
-                self._last_failed_touch = now
-                log.warning("noting image uses failed (%s); reads go on, and the uses are written later",
-                            _failure(exc).problem)
+            self._unwritten_uses.failed(metadata["uuid"], now, _failure(exc).problem)
         else:
-            self._unwritten_uses.pop(metadata["uuid"], None)
+            self._unwritten_uses.written(metadata["uuid"])
 
     async def read(self, image: StoredImage) -> bytes:
         try:
@@ -319,7 +307,7 @@ class S3Store:
             if image_uuid is None:
                 continue
             described.add(image_uuid)
-            unwritten = self._unwritten_uses.get(image_uuid)
+            unwritten = self._unwritten_uses.when.get(image_uuid)
             if unwritten is None and entry["LastModified"].timestamp() >= cutoff:
                 continue  # noted as used no earlier than its metadata was written
             metadata = self._load_metadata(entry["Key"])

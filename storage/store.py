@@ -143,6 +143,51 @@ RECENT_PER_OWNER = 200
 MAX_UNWRITTEN_USES = 100_000
 
 
+def servable_extension(metadata: dict[str, Any] | None, image_uuid: str, owner: str | None) -> str | None:
+    """The extension of the image ``metadata`` describes, when that is ``image_uuid``, of ``owner`` (None:
+    anyone's) and of a format this server serves; None otherwise (answered like a missing image)."""
+    if metadata is None or metadata.get("uuid") != image_uuid:
+        return None
+    if owner is not None and metadata.get("owner") != owner:
+        return None
+    extension = metadata.get("extension")
+    return extension if isinstance(extension, str) and extension in STORED_BY_EXTENSION else None
+
+
+def stored_image(metadata: dict[str, Any], extension: str, path: Path | None) -> StoredImage:
+    return StoredImage(uuid=str(metadata["uuid"]), extension=extension,
+                       content_type=STORED_BY_EXTENSION[extension].media_type, owner=str(metadata.get("owner")),
+                       path=path, size=int(metadata.get("size", 0)))
+
+
+class UnwrittenUses:
+    """Uses of images a store could not note (the write was refused), kept to be written by the sweep.
+
+    Bounded (the oldest is forgotten first); a failure is logged at most once a minute.
+    """
+
+    def __init__(self) -> None:
+        self.when: dict[str, float] = {}  # image UUID → its last use not yet written
+        self._last_logged = 0.0
+
+    @staticmethod
+    def due(metadata: dict[str, Any], now: float) -> bool:
+        """Whether a read at ``now`` should note its use (at most once per LAST_USED_RESOLUTION_SECONDS)."""
+        last_used = metadata.get("last_used")
+        return not isinstance(last_used, (int, float)) or now - last_used > LAST_USED_RESOLUTION_SECONDS
+
+    def failed(self, image_uuid: str, now: float, reason: str) -> None:
+        if len(self.when) >= MAX_UNWRITTEN_USES:
+            self.when.pop(next(iter(self.when)))
+        self.when[image_uuid] = now
+        if now - self._last_logged > 60:
+            self._last_logged = now
+            log.warning("noting image uses failed (%s); reads go on, and the uses are written later", reason)
+
+    def written(self, image_uuid: str) -> None:
+        self.when.pop(image_uuid, None)
+
+
 class ImageStore:
     def __init__(self, root: Path, limits: Limits | None = None) -> None:
         self.root = root
@@ -153,8 +198,7 @@ class ImageStore:
         self.used_bytes = 0
         self._used_by_owner: dict[str, int] = {}
         # uuid → last use the disk did not take; written again by the next sweep.
-        self._unwritten_uses: dict[str, float] = {}
-        self._last_failed_touch = 0.0
+        self._unwritten_uses = UnwrittenUses()
         try:
             root.mkdir(parents=True, exist_ok=True)
             self._remove_leftovers()
@@ -279,29 +323,17 @@ class ImageStore:
     def _load_and_touch(self, image_uuid: str, owner: str | None) -> StoredImage | None:
         metadata_path = self._metadata_path(image_uuid)
         metadata = _read_metadata(metadata_path)
-        if metadata is None or metadata.get("uuid") != image_uuid:
-            return None
-        if owner is not None and metadata.get("owner") != owner:
-            return None
-        extension = metadata.get("extension")
-        if not isinstance(extension, str) or extension not in STORED_BY_EXTENSION:
+        extension = servable_extension(metadata, image_uuid, owner)
+        if metadata is None or extension is None:
             return None
         # The path comes from the parsed UUID and a known extension, never from client text.
         path = self._data_path(image_uuid, extension)
         if not path.is_file():
             return None  # swept between its data and its metadata
-        last_used = metadata.get("last_used")
         now = time.time()
-        if not isinstance(last_used, (int, float)) or now - last_used > LAST_USED_RESOLUTION_SECONDS:
+        if UnwrittenUses.due(metadata, now):
             self._touch(metadata_path, metadata, now)
-        return StoredImage(
-            uuid=image_uuid,
-            extension=extension,
-            content_type=STORED_BY_EXTENSION[extension].media_type,
-            owner=str(metadata.get("owner")),
-            path=path,
-            size=int(metadata.get("size", 0)),
-        )
+        return stored_image(metadata, extension, path)
 
     def _touch(self, metadata_path: Path, metadata: dict[str, Any], now: float) -> None:
         """Note a use of the image, best-effort: a disk that refuses the write does not fail the read."""
@@ -309,15 +341,10 @@ class ImageStore:
         try:
             _write_atomically(metadata_path, json.dumps(metadata).encode())
         except OSError as exc:
-            if len(self._unwritten_uses) >= MAX_UNWRITTEN_USES:
-                self._unwritten_uses.pop(next(iter(self._unwritten_uses)))
-            self._unwritten_uses[metadata["uuid"]] = now
-            if now - self._last_failed_touch > 60:
-                self._last_failed_touch = now
-                log.warning("noting image uses failed (%s); reads go on, and the uses are written later",
-                            os.strerror(exc.errno) if exc.errno else type(exc).__name__)
+            self._unwritten_uses.failed(metadata["uuid"], now,
+                                        os.strerror(exc.errno) if exc.errno else type(exc).__name__)
         else:
-            self._unwritten_uses.pop(metadata["uuid"], None)
+            self._unwritten_uses.written(metadata["uuid"])
 
     async def read(self, image: StoredImage) -> bytes:
         try:
@@ -347,7 +374,7 @@ class ImageStore:
                 if metadata is None:
                     continue
                 last_used = metadata.get("last_used")
-                unwritten = self._unwritten_uses.get(str(metadata.get("uuid")))
+                unwritten = self._unwritten_uses.when.get(str(metadata.get("uuid")))
                 if unwritten is not None:
                     # A use the disk refused earlier: it counts, and is written now if the disk takes it.
                     self._touch(metadata_path, metadata, unwritten)
