@@ -202,10 +202,7 @@ class PipelineCache:
         if ARCHITECTURES[entry.architecture].image_to_image_only:
             return loaded.primary
         if loaded.image_to_image is None:
-            # from_pipe reuses the loaded modules: a second view on the same weights, not a copy.
-            pipe = AutoPipelineForImage2Image.from_pipe(loaded.primary)
-            pipe.set_progress_bar_config(disable=True)
-            loaded.image_to_image = pipe
+            loaded.image_to_image = _view(AutoPipelineForImage2Image, loaded.primary)
         return loaded.image_to_image
 
     def inpainting(self, entry: ModelEntry, weights: Path | None = None, *,
@@ -215,9 +212,7 @@ class PipelineCache:
         if ARCHITECTURES[entry.architecture].inpainting_only:
             return loaded.primary
         if loaded.inpainting is None:
-            pipe = AutoPipelineForInpainting.from_pipe(loaded.primary)
-            pipe.set_progress_bar_config(disable=True)
-            loaded.inpainting = pipe
+            loaded.inpainting = _view(AutoPipelineForInpainting, loaded.primary)
         return loaded.inpainting
 
     def with_controlnet(self, pipe: DiffusionPipeline, controlnet: Any) -> DiffusionPipeline:
@@ -485,3 +480,10 @@ def _enable_loading_progress_bars() -> None:
         return
     diffusers.utils.logging.enable_progress_bar()
     transformers.utils.logging.enable_progress_bar()
+
+
+def _view(auto_class: Any, pipe: DiffusionPipeline) -> DiffusionPipeline:
+    """Another task's pipeline on ``pipe``'s loaded modules (from_pipe: a second view, not a copy)."""
+    view = auto_class.from_pipe(pipe)
+    view.set_progress_bar_config(disable=True)
+    return view
