@@ -1,11 +1,14 @@
 """What a hostile but authenticated client can make the server hold, and what others see meanwhile.
 
-    python -m bench.pressure [--scenarios silent,seeds,fairness,disk,handshakes] [--out FILE]
+    python -m bench.pressure [--scenarios silent,crowd,seeds,fairness,disk,handshakes] [--out FILE]
 
 Each scenario starts its own server (CPU, the embedded tiny model, loopback only) and reports figures:
 
 - ``silent``: a client that never reads sends 60 tasks whose error replies are twice their size
   (a ~900 KB unknown key each), then frames of almost ``--max-frame-mib`` back to back. Server RSS.
+- ``crowd``: eight such clients at once, each sending frames of almost ``--max-frame-mib`` back to
+  back, against the default ``--max-inbound-mib`` and against a budget too large to matter, side by
+  side; a ninth client pings throughout. Server RSS, frames taken, ping round trips.
 - ``seeds``: while a slow task holds the device, 40 image-to-image tasks whose seed is a one-colour
   4000² PNG (a ~75 KB data URI), output 128². Server RSS while they wait.
 - ``fairness``: key A queues 128 tasks (256², 4 steps) and disconnects; key B then runs 128² tasks.
@@ -168,6 +171,60 @@ async def silent(data_dir: Path, duration: float = 40.0) -> dict[str, Any]:
             "closed_1008_not_reading": bool(closed),
             "rss_mib": {"before": mib(baseline), "peak_sampled": memory.peak_mib,
                         "high_water_mark": mib(after["VmHWM"]), "after": mib(after["VmRSS"])}}
+
+
+async def crowd(data_dir: Path, sockets: int = 8, duration: float = 40.0) -> dict[str, Any]:
+    results: dict[str, Any] = {"sockets": sockets}
+    for budget_mib in (256, 65536):
+        results[f"max_inbound_mib_{budget_mib}"] = await crowd_against(data_dir / str(budget_mib), budget_mib,
+                                                                       sockets, duration)
+    return results
+
+
+async def crowd_against(data_dir: Path, budget_mib: int, sockets: int, duration: float) -> dict[str, Any]:
+    frame = "[" + ",".join(["{\"taskType\":\"ping\",\"pad\":\"" + "x" * (MIB - 40) + "\"}"] * 62) + "]"
+    with server_on(data_dir, f"--max-inbound-mib={budget_mib}") as server:
+        pinger = await LoadConnection.open(server.url)
+        await pinger.run(inference())
+        baseline = server.memory_kib()["VmRSS"]
+        senders = []
+        for _ in range(sockets):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # clients that do not read
+            sock.connect(("127.0.0.1", port_of(server)))
+            websocket = await connect(server.url, sock=sock, max_size=None, max_queue=1, compression=None,
+                                      ping_interval=None, open_timeout=30)
+            await websocket.send(orjson.dumps([{"taskType": "authentication", "apiKey": KEY_A}]).decode())
+            await websocket.recv()
+            senders.append(websocket)
+        sent = [0] * sockets
+        pings: list[float] = []
+        deadline = time.monotonic() + duration
+
+        async def flood(index: int) -> None:
+            with contextlib.suppress(ConnectionClosed, TimeoutError, OSError):
+                while time.monotonic() < deadline:
+                    await asyncio.wait_for(senders[index].send(frame), max(0.1, deadline - time.monotonic()))
+                    sent[index] += 1
+
+        async def ping() -> None:
+            while time.monotonic() < deadline:
+                pings.append(await pinger.ping() * 1000)
+                await asyncio.sleep(0.5)
+
+        async with MemoryWatch(server) as memory:
+            await asyncio.gather(ping(), *(flood(index) for index in range(sockets)))
+        after = server.memory_kib()
+        for websocket in senders:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(websocket.close(), 2)
+        await pinger.close()
+    pings.sort()
+    return {"frame_mib": round(len(frame) / MIB, 1), "frames_sent": sum(sent),
+            "rss_mib": {"before": mib(baseline), "peak_sampled": memory.peak_mib,
+                        "high_water_mark": mib(after["VmHWM"])},
+            "ping_ms": {"median": round(statistics.median(pings), 1), "max": round(pings[-1], 1),
+                        "count": len(pings)} if pings else None}
 
 
 async def seeds(data_dir: Path, waiting: int = 40) -> dict[str, Any]:
@@ -354,7 +411,8 @@ async def timed_connect(url: str, source: str = "127.0.0.2") -> float | None:
     return elapsed if "data" in reply else None
 
 
-SCENARIOS = {"silent": silent, "seeds": seeds, "fairness": fairness, "disk": disk, "handshakes": handshakes}
+SCENARIOS = {"silent": silent, "crowd": crowd, "seeds": seeds, "fairness": fairness, "disk": disk,
+             "handshakes": handshakes}
 
 
 async def run(names: list[str]) -> AsyncIterator[tuple[str, dict[str, Any]]]:

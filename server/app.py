@@ -19,6 +19,7 @@ from imagewire.server.config import Config
 from imagewire.server.connection import GOING_AWAY, Connection, WaitingRoom
 from imagewire.server.device import DeviceQueue, Engine
 from imagewire.server.http import HttpRoutes
+from imagewire.server.inbound import FrameCounter, InboundBudget
 from imagewire.server.listener import HandshakeGuard, client_address, networks, request_arrived_middleware
 from imagewire.server.logs import install as install_log_limits
 from imagewire.server.metrics import Metrics, State
@@ -118,12 +119,14 @@ class ImagewireServer:
                               safety_checker=config.safety_checker),
             catalog=catalog, store=self.store, fetcher=fetcher, device=self.device, results=self.registry,
             pixels=PixelBudget(config.max_waiting_pixels), civitai=civitai)
+        self.inbound = InboundBudget(config.max_inbound_bytes)
         self.metrics = Metrics(State(
             queue_depth=lambda: self.device.pending,
             loaded_models=lambda: [air for air, where in self.device.loaded_models.items() if where == "device"],
             device_memory=self.device.device_memory, connections=lambda: len(self.connections),
             sessions=lambda: len(self.sessions), ready=lambda: self.device.ready and self._web is not None,
             held_input_pixels=lambda: self.services.pixels.held,
+            inbound_bytes=lambda: self.inbound.held, inbound_waiting=lambda: self.inbound.waiting,
         ), max_batch_size=config.max_batch_size)
         self.device.on_call = self.metrics.device_call
         device_time = DeviceTime(config.device_seconds_per_key_hour) if config.device_seconds_per_key_hour else None
@@ -143,7 +146,8 @@ class ImagewireServer:
             for entry in preloads:
                 await asyncio.to_thread(self.device.preload(entry).wait)
         routes = HttpRoutes(store=self.store, device=self.device, metrics=self.metrics,
-                            max_message_bytes=config.max_frame_bytes, serve_socket=self._serve_socket, rest=self._rest)
+                            max_message_bytes=config.max_frame_bytes, inbound=self.inbound,
+                            serve_socket=self._serve_socket, rest=self._rest)
         install_log_limits(asyncio.get_running_loop())
         self.handshakes = HandshakeGuard(lambda: self._web_server(), timeout=config.handshake_timeout,
                                          per_address=config.max_handshakes_per_ip, trusted=self.trusted_proxies)
@@ -203,12 +207,14 @@ class ImagewireServer:
 
     async def _rest(self, request: web.Request) -> web.Response:
         # Built per request from the current config: the port is only known once the server listens.
-        return await RestEndpoint(config=self.config, api_keys=self.api_keys, runner=self.runner)(request)
+        return await RestEndpoint(config=self.config, api_keys=self.api_keys, runner=self.runner,
+                                  inbound=self.inbound)(request)
 
-    async def _serve_socket(self, websocket: web.WebSocketResponse, request: web.Request) -> None:
+    async def _serve_socket(self, websocket: web.WebSocketResponse, request: web.Request,
+                            frames: FrameCounter | None) -> None:
         connection = Connection(websocket, request, peer_ip=client_address(request, self.trusted_proxies),
                                 config=self.config, api_keys=self.api_keys, sessions=self.sessions,
-                                runner=self.runner, waiting_room=self.waiting_room)
+                                runner=self.runner, waiting_room=self.waiting_room, frames=frames)
         self.connections.add(connection)
         try:
             await connection.serve()

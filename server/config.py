@@ -30,6 +30,7 @@ class Config:
     default_model: str = "imagewire:tiny@1"
     # Bounds: past each one a client gets a clear error, never unbounded growth.
     max_frame_bytes: int = 64 * MIB
+    max_inbound_bytes: int = 256 * MIB     # large inbound messages being received or handled, all sockets together
     max_tasks_per_message: int = 64
     max_tasks_in_flight: int = 64          # per connection
     max_tasks_per_key: int = 256           # unfinished tasks of one API key, all its connections together
@@ -176,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="extra model catalog JSON file, repeatable [IMAGEWIRE_CATALOG, comma-separated]")
     add("--max-frame-mib", type=COUNT, default=_env("MAX_FRAME_MIB", "64"),
         help="largest inbound WebSocket message, MiB [IMAGEWIRE_MAX_FRAME_MIB]")
+    add("--max-inbound-mib", type=COUNT, default=_env("MAX_INBOUND_MIB", "256"),
+        help="large inbound messages (64 KiB and up) being received or handled, all sockets and REST requests "
+             "together, MiB; past it sockets are read again as room comes back [IMAGEWIRE_MAX_INBOUND_MIB]")
     add("--queue-size", type=COUNT, default=_env("QUEUE_SIZE", "256"),
         help="inference jobs that may wait for the device [IMAGEWIRE_QUEUE_SIZE]")
     add("--max-batch-size", type=COUNT, default=_env("MAX_BATCH_SIZE", "4"),
@@ -304,6 +308,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         allow_downloads=args.allow_downloads,
         catalog_files=tuple(catalog_files),
         max_frame_bytes=args.max_frame_mib * 1024 * 1024,
+        max_inbound_bytes=args.max_inbound_mib * MIB,
         queue_size=args.queue_size,
         max_batch_size=args.max_batch_size,
         max_tasks_in_flight=args.max_tasks_in_flight,

@@ -7,7 +7,8 @@ blocks the event loop: decoding a frame is microseconds per task, and all image 
 the handlers' thread pool calls or on the device worker.
 
 Memory a client can pin is bounded both ways. Inbound, aiohttp stops reading the socket while a
-few unread messages wait. Outbound, answers go through an outbox of at most ``--max-outbox-mib``
+message waits unread, and every large message counts against the server-wide ``--max-inbound-mib``
+until it is handled here (``server/inbound.py``). Outbound, answers go through an outbox of at most ``--max-outbox-mib``
 drained by one writer; what would overflow it waits for room. A client that leaves an answer
 untaken for ``--send-timeout`` is closed (1008, "not reading its answers"), and what it did not
 take waits in its session for it to resume. So a slow reader slows only its own answers, and a
@@ -28,6 +29,7 @@ from aiohttp import WSMsgType, web
 from imagewire.server import protocol
 from imagewire.server.auth import ApiKeys, owner_token
 from imagewire.server.config import Config
+from imagewire.server.inbound import FrameCounter
 from imagewire.server.intake import Intake, invalid_api_key
 from imagewire.server.runner import TaskRunner
 from imagewire.server.sessions import Session, SessionRegistry
@@ -77,8 +79,11 @@ class WaitingRoom:
 class Connection(Intake):
     def __init__(self, websocket: web.WebSocketResponse, request: web.Request, *, peer_ip: str, config: Config,
                  api_keys: ApiKeys, sessions: SessionRegistry, runner: TaskRunner,
-                 waiting_room: WaitingRoom) -> None:
+                 waiting_room: WaitingRoom, frames: FrameCounter | None = None) -> None:
         self.websocket = websocket
+        self.frames = frames
+        if frames is not None:
+            frames.on_overdue = self._message_overdue
         self.transport = request.transport
         self.config = config
         self.api_keys = api_keys
@@ -113,8 +118,12 @@ class Connection(Intake):
                     break  # closed, or an error (a message over the size limit closes the socket with 1009)
                 frame = message.data
                 del message
-                await self._on_frame(frame)
-                del frame  # this message (up to --max-frame-mib) is let go before the next one is awaited
+                try:
+                    await self._on_frame(frame)
+                finally:
+                    del frame  # this message (up to --max-frame-mib) is let go before the next one is awaited
+                    if self.frames is not None:
+                        self.frames.handled()
                 if self.session is not None:
                     deadline.cancel()
                     self.waiting_room.leave(self)
@@ -229,6 +238,15 @@ class Connection(Intake):
         connection_log.warning("closing a connection that does not read its answers peer=%s session=%s: %s",
                                self.peer_ip, self.session.uuid if self.session else None, why)
         self._soon(self.close(POLICY_VIOLATION, "not reading its answers"))
+
+    def _message_overdue(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._taken.set()
+        connection_log.warning("closing a connection whose message arrives too slowly peer=%s session=%s",
+                               self.peer_ip, self.session.uuid if self.session else None)
+        self._soon(self.close(POLICY_VIOLATION, "message arriving too slowly"))
 
     def _soon(self, chore: Coroutine[Any, Any, None]) -> None:
         """Run ``chore`` in its own task, held here: the loop keeps only weak references to tasks."""

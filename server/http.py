@@ -16,6 +16,8 @@ from pathlib import Path
 from aiohttp import web
 
 from imagewire.server.device import DeviceQueue
+from imagewire.server.inbound import FrameCounter, InboundBudget
+from imagewire.server.listener import count_frames
 from imagewire.server.metrics import CONTENT_TYPE, Metrics
 from imagewire.storage import STORED_BY_EXTENSION, ImageStorage, StorageError
 
@@ -26,7 +28,7 @@ IMAGE_ROUTE = "/image/{uuid:[0-9a-fA-F-]{36}}.{ext:" + "|".join(STORED_BY_EXTENS
 # The server pings every socket this often and closes one whose pong does not come within half of it.
 HEARTBEAT_SECONDS = 20.0
 
-SocketHandler = Callable[[web.WebSocketResponse, web.Request], Awaitable[None]]
+SocketHandler = Callable[[web.WebSocketResponse, web.Request, FrameCounter | None], Awaitable[None]]
 RequestHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -36,8 +38,9 @@ def text(body: str, status: int = 200) -> web.Response:
 
 class HttpRoutes:
     def __init__(self, *, store: ImageStorage, device: DeviceQueue, metrics: Metrics, max_message_bytes: int,
-                 serve_socket: SocketHandler, rest: RequestHandler) -> None:
+                 inbound: InboundBudget, serve_socket: SocketHandler, rest: RequestHandler) -> None:
         self.store = store
+        self.inbound = inbound
         self.device = device
         self.metrics = metrics
         self.max_message_bytes = max_message_bytes
@@ -65,8 +68,10 @@ class HttpRoutes:
             if request.path == "/":
                 return web.Response(body=self.playground, content_type="text/html", charset="utf-8")
             return text("imagewire: connect a WebSocket client to /v1, or open / in a browser\n")
+        # Counted from before the upgrade answer, so that the count starts at the client's first frame.
+        frames = count_frames(request, self.inbound, max_message_bytes=self.max_message_bytes)
         await websocket.prepare(request)
-        await self.serve_socket(websocket, request)
+        await self.serve_socket(websocket, request, frames)
         return websocket
 
     async def health(self, request: web.Request) -> web.Response:

@@ -21,6 +21,8 @@ from typing import Any
 
 from aiohttp import web
 
+from imagewire.server.inbound import FrameCounter, InboundBudget
+
 log = logging.getLogger("imagewire.server")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -126,12 +128,23 @@ class HandshakeGuard:
 
 
 class _Timed(asyncio.Protocol):
-    """aiohttp's protocol for one connection, as it is, with the guard told when it opens and closes."""
+    """aiohttp's protocol for one connection, as it is, with the guard told when it opens and closes, and,
+    once it is a WebSocket, its frames counted against the server's inbound budget."""
 
     def __init__(self, inner: asyncio.Protocol, guard: HandshakeGuard) -> None:
         self.inner = inner
         self.guard = guard
         self.transport: asyncio.Transport | None = None
+        self.frames: FrameCounter | None = None
+        self._held_back = bytearray()  # bytes read past a message that waits for the budget
+
+    def count_frames(self, budget: InboundBudget, *, max_message_bytes: int) -> FrameCounter:
+        """Charge this connection's messages to ``budget`` from now on (called before the upgrade answer)."""
+        self.frames = FrameCounter(budget, max_message_bytes=max_message_bytes, resume=self._resume)
+        # Bytes a client sent before it was answered already went past: count them, so that the counter
+        # starts at a frame boundary.
+        self.frames.feed(bytes(getattr(self.inner, "_message_tail", b"")))
+        return self.frames
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -142,10 +155,38 @@ class _Timed(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.transport is not None:
             self.guard.closed(self.transport)
+        if self.frames is not None:
+            self.frames.close()
+            self._held_back = bytearray()
         self.inner.connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        self.inner.data_received(data)
+        if self.frames is None:
+            self.inner.data_received(data)
+            return
+        if self._held_back:
+            self._held_back += data
+            self._pause()
+            return
+        passed = self.frames.feed(data)
+        if passed:
+            self.inner.data_received(data if passed == len(data) else data[:passed])
+        if passed < len(data):
+            self._held_back += data[passed:]
+            self._pause()
+
+    def _pause(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def _resume(self) -> None:
+        """The message that waited was granted: pass on what was held back, and read again unless aiohttp
+        itself holds the socket (a message waits unread)."""
+        held_back, self._held_back = bytes(self._held_back), bytearray()
+        self.data_received(held_back)
+        inner_holds = getattr(self.inner, "_reading_paused", False) or getattr(self.inner, "_buffer_paused", False)
+        if not self._held_back and not inner_holds and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def eof_received(self) -> bool | None:
         return self.inner.eof_received()
@@ -158,6 +199,14 @@ class _Timed(asyncio.Protocol):
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
+
+
+def count_frames(request: web.Request, budget: InboundBudget, *, max_message_bytes: int) -> FrameCounter | None:
+    """Charge a WebSocket's inbound messages to ``budget``; None for a connection the guard did not open."""
+    protocol = request.transport.get_protocol() if request.transport is not None else None
+    if not isinstance(protocol, _Timed):
+        return None
+    return protocol.count_frames(budget, max_message_bytes=max_message_bytes)
 
 
 def request_arrived_middleware(guard: HandshakeGuard) -> Any:

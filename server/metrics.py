@@ -36,6 +36,8 @@ class State:
     sessions: Callable[[], int]
     ready: Callable[[], bool]
     held_input_pixels: Callable[[], int] = lambda: 0
+    inbound_bytes: Callable[[], int] = lambda: 0        # large inbound messages being received or handled
+    inbound_waiting: Callable[[], int] = lambda: 0      # sockets and requests waiting for inbound room
 
 
 class BusyClock:
@@ -126,6 +128,12 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily("imagewire_held_input_pixels",
                                 "Decoded input image pixels held by unfinished tasks (--max-waiting-megapixels).",
                                 value=state.held_input_pixels())
+        yield GaugeMetricFamily("imagewire_inbound_message_bytes",
+                                "Bytes of large inbound messages being received or handled (--max-inbound-mib).",
+                                value=state.inbound_bytes())
+        yield GaugeMetricFamily("imagewire_inbound_waiting",
+                                "Sockets and REST requests whose next message waits for inbound room.",
+                                value=state.inbound_waiting())
         yield GaugeMetricFamily("imagewire_ready", "1 when the server takes tasks.", value=int(state.ready()))
 
 

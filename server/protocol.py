@@ -82,14 +82,16 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def decode_frame(frame: str | bytes, *, max_tasks: int) -> list[Decoded]:
-    text = frame.encode("utf-8", "surrogatepass") if isinstance(frame, str) else frame
     elements: list[Any]
     surrogates = False
     try:
-        elements = _frame_decoder.decode(text)
+        # A str is read in place: msgspec takes its UTF-8 form, without a copy for ASCII text.
+        elements = _frame_decoder.decode(frame)
     except RecursionError as exc:
         raise _too_deep() from exc
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeEncodeError) as exc:
+        # (A str with a lone surrogate in it has no UTF-8 form: it is read as the bytes it would be.)
+        text = frame.encode("utf-8", "surrogatepass") if isinstance(frame, str) else frame
         elements = _with_lone_surrogates(text, exc)
         surrogates = True
     if len(elements) > max_tasks:
@@ -100,7 +102,7 @@ def decode_frame(frame: str | bytes, *, max_tasks: int) -> list[Decoded]:
     return [decode_task(element, surrogates=surrogates) for element in elements]
 
 
-def _with_lone_surrogates(text: bytes, error: msgspec.DecodeError) -> list[Any]:
+def _with_lone_surrogates(text: bytes, error: msgspec.DecodeError | UnicodeEncodeError) -> list[Any]:
     """The frame's elements, where msgspec refused it for half a surrogate pair (``"\\ud800"`` alone).
 
     The standard library's parser reads such an escape as a lone surrogate, so the frame's other tasks
@@ -128,7 +130,7 @@ def _too_deep() -> FrameError:
     return FrameError("The message is nested too deeply to be a task array.")
 
 
-def _unreadable(error: msgspec.DecodeError) -> FrameError:
+def _unreadable(error: msgspec.DecodeError | UnicodeEncodeError) -> FrameError:
     return FrameError(
         "Each message must be a JSON array of task objects, e.g. "
         '[{"taskType":"ping","ping":true}]; this one could not be read as one '
@@ -171,7 +173,9 @@ def decode_task(raw: msgspec.Raw | bytes | Any, *, surrogates: bool = False) -> 
     try:
         task = convert_task(obj, struct_type)
     except TaskError as error:
-        return Decoded(task_type, task_uuid, error=error)
+        # Without its traceback: its frames hold this task's text and objects (megabytes, in a large
+        # message) for as long as the error waits to be answered.
+        return Decoded(task_type, task_uuid, error=error.with_traceback(None))
     return Decoded(task_type, task_uuid, task=task)
 
 

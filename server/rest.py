@@ -26,6 +26,7 @@ from aiohttp import web
 from imagewire.server import protocol
 from imagewire.server.auth import ApiKeys, owner_token
 from imagewire.server.config import Config
+from imagewire.server.inbound import SMALL_MESSAGE_BYTES, InboundBudget
 from imagewire.server.intake import Intake, invalid_api_key
 from imagewire.server.runner import TaskRunner
 from imagewire.tasks import schema
@@ -37,29 +38,37 @@ BEARER = "bearer "
 
 
 class RestEndpoint:
-    def __init__(self, *, config: Config, api_keys: ApiKeys, runner: TaskRunner) -> None:
+    def __init__(self, *, config: Config, api_keys: ApiKeys, runner: TaskRunner, inbound: InboundBudget) -> None:
         self.config = config
         self.api_keys = api_keys
         self.runner = runner
+        self.inbound = inbound
 
     async def __call__(self, request: web.Request) -> web.Response:
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            error = protocol.FrameError(
-                f"A request body may be at most {self.config.max_frame_bytes // (1024 * 1024)} MiB "
-                "(--max-frame-mib); send large images by URL or upload them first.")
-            return _respond(413, errors=[error.to_item(None, None)])
-        try:
-            decoded = protocol.decode_frame(body, max_tasks=self.config.max_tasks_per_message)
-        except protocol.FrameError as error:
-            return _respond(400, errors=[error.to_item(None, None)])
         exchange = RestExchange(self.api_keys, self.runner)
         header = request.headers.get("Authorization", "")
         if header[: len(BEARER)].lower() == BEARER:
             if not exchange.accept_key(header[len(BEARER):].strip()):
                 return _respond(401, errors=[invalid_api_key().to_item("authentication", None)])
-        await exchange.take(decoded)
+        # A large body counts against the server's inbound budget from before it is read until its tasks
+        # are taken, as a large WebSocket message does; one without a length may be as large as allowed.
+        size = min(request.content_length or self.config.max_frame_bytes, self.config.max_frame_bytes)
+        charge = size if size >= SMALL_MESSAGE_BYTES else 0
+        async with self.inbound.reserved(charge):
+            try:
+                body = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                error = protocol.FrameError(
+                    f"A request body may be at most {self.config.max_frame_bytes // (1024 * 1024)} MiB "
+                    "(--max-frame-mib); send large images by URL or upload them first.")
+                return _respond(413, errors=[error.to_item(None, None)])
+            try:
+                decoded = protocol.decode_frame(body, max_tasks=self.config.max_tasks_per_message)
+            except protocol.FrameError as error:
+                return _respond(400, errors=[error.to_item(None, None)])
+            del body
+            await exchange.take(decoded)
+            del decoded
         await exchange.finished()
         return exchange.response()
 
