@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from typing import Any
 
 import orjson
@@ -389,3 +390,18 @@ def test_add_ons_fit_an_inpainting_checkpoint_through_the_architecture_it_came_f
                            lora=[{"model": "tiny-lora"}], vae="tiny-vae", embeddings=[{"model": "tiny-embedding"}]))
     assert [item.model.air for item in prepared.add_ons.loras] == ["imagewire:tiny-lora@1"]
     assert prepared.add_ons.vae is not None and prepared.add_ons.vae.air == "imagewire:tiny-vae@1"
+
+
+def test_a_refused_task_does_not_keep_its_text_alive_until_it_is_answered() -> None:
+    pad = "x" * 1_000_000
+    frame = "[" + ",".join(['{"taskType":"ping","ping":true,"pad":"' + pad + '"}'] * 8) + "]"
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        decoded = protocol.decode_frame(frame, max_tasks=64)
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert [item.error.parameter for item in decoded if item.error] == ["pad"] * 8
+    # Eight refused tasks of 1 MB each: what their errors keep is their short messages, not the tasks.
+    assert kept < 200_000, kept
