@@ -97,10 +97,12 @@ class HttpRoutes:
             stored = await self.store.get(request.match_info["uuid"], owner=None)
             if stored.extension != request.match_info["ext"]:
                 raise web.HTTPNotFound(text="not found\n")
-            data = await self.store.read(stored)
+            # HEAD answers from the record alone: no read of the bytes (from a bucket, a whole GET).
+            data = None if request.method == "HEAD" else await self.store.read(stored)
         except StorageError:
             raise web.HTTPNotFound(text="not found\n") from None
         # nosniff: a browser takes the image for what its type says, never for a page or a script.
-        return web.Response(body=data, content_type=stored.content_type,
-                            headers={"Cache-Control": "public, max-age=86400, immutable",
-                                     "X-Content-Type-Options": "nosniff"})
+        headers = {"Cache-Control": "public, max-age=86400, immutable", "X-Content-Type-Options": "nosniff"}
+        if data is None:
+            headers["Content-Length"] = str(stored.size)
+        return web.Response(body=data, content_type=stored.content_type, headers=headers)

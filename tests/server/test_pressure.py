@@ -130,10 +130,24 @@ async def test_head_sends_no_body_and_images_are_not_sniffed(server):
     image = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
     [upload] = await wire.run({"taskType": "imageUpload", "image": image})
     path = upload["imageURL"].split(str(server.port), 1)[1]
+    stored = await server.store.get(upload["imageUUID"], owner=None)
+    reads = []
+    real_read = server.store.read
+
+    async def read(image):
+        reads.append(image.uuid)
+        return await real_read(image)
+
+    server.store.read = read
     head = await raw_http(server.port, f"HEAD {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
     headers, _, body = head.partition(b"\r\n\r\n")
     assert headers.startswith(b"HTTP/1.1 200") and body == b""
     assert b"X-Content-Type-Options: nosniff" in headers and b"Content-Type: image/png" in headers
+    # Its length without its bytes: the store's record answers HEAD, and nothing is read.
+    assert f"Content-Length: {stored.size}".encode() in headers and stored.size == len(buffer.getvalue())
+    assert reads == []
+    get = await raw_http(server.port, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    assert get.partition(b"\r\n\r\n")[2] == buffer.getvalue() and reads == [upload["imageUUID"]]
     await wire.close()
 
 
