@@ -26,8 +26,9 @@ class ImageStorage(Protocol):
         """The bytes of an image ``get`` or ``put`` returned."""
         ...
 
-    def recent(self, owner: str, limit: int) -> list[StoredImage]:
-        """``owner``'s newest images stored by this process, newest first, at most ``limit``."""
+    async def recent(self, owner: str, limit: int) -> list[StoredImage]:
+        """``owner``'s newest images, newest first, at most ``limit``: on local disk those this process
+        stored since it started, in a bucket those any server stored."""
         ...
 
     async def sweep(self, *, max_age_seconds: float, now: float | None = None) -> int:

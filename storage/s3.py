@@ -1,10 +1,12 @@
 """Images in an S3-compatible bucket (AWS S3, MinIO, ...), addressed by UUID and scoped to an owner.
 
 Layout under ``s3://BUCKET/PREFIX``: ``images/<uuid>.<ext>`` holds the bytes (stored with their
-Content-Type) and ``meta/<uuid>.json`` the metadata, the same fields as on local disk. A PutObject is
-atomic, so no object is ever seen half-written; the data is put before its metadata, and only images
-with metadata are served, so an image is visible under its UUID only when whole. Several servers may
-share one bucket: any of them serves any image.
+Content-Type), ``meta/<uuid>.json`` the metadata, the same fields as on local disk, and
+``owners/<owner>/<newest-first>-<uuid>-<size>.<ext>`` is an empty object per image that lists an owner's
+images newest first in one request (imageHistory), whichever server stored them. A PutObject is atomic,
+so no object is ever seen half-written; the data is put before its metadata, and only images with
+metadata are served, so an image is visible under its UUID only when whole. Several servers may share
+one bucket: any of them serves any image.
 
 Reads never depend on a write: noting a use (last_used, rewritten at most once a minute per image) is
 best-effort, and a use the store refused is kept in memory and written by the next sweep. The metadata
@@ -19,14 +21,13 @@ environment variables (or ~/.aws) as boto3 finds them.
 from __future__ import annotations
 
 import asyncio
-import itertools
+import contextlib
 import json
 import logging
 import re
 import time
 import urllib.parse
 import uuid
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,9 @@ _MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 # Data objects without metadata this old are what an interrupted put left; younger ones may be in flight
 # on another server sharing the bucket.
 LEFTOVER_AGE_SECONDS = 3600.0
+# History keys count down in milliseconds from this moment (the year 5138), so that newer sort first.
+_HISTORY_EPOCH_MS = 10**14
+_HISTORY_NAME = re.compile(r"(?P<countdown>\d{15})-(?P<uuid>[0-9a-f-]{36})-(?P<size>\d+)\.(?P<extension>[a-z0-9]+)")
 
 
 @dataclass(frozen=True)
@@ -113,7 +117,6 @@ class S3Store:
         if credentials_log.level == logging.NOTSET:
             credentials_log.setLevel(logging.WARNING)
         self._client: Any = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
-        self._recent: dict[str, deque[StoredImage]] = {}
         self.used_bytes = 0
         self._used_by_owner: dict[str, int] = {}
         self._unwritten_uses = UnwrittenUses()
@@ -148,6 +151,15 @@ class S3Store:
 
     def _metadata_key(self, image_uuid: str) -> str:
         return f"{self.location.prefix}meta/{image_uuid}.json"
+
+    def _owner_folder(self, owner: str) -> str:
+        return f"{self.location.prefix}owners/{urllib.parse.quote(owner, safe='')}/"
+
+    def _history_key(self, metadata: dict[str, Any]) -> str:
+        # Listing is in key order, oldest key first: a countdown from far in the future puts the newest first.
+        countdown = _HISTORY_EPOCH_MS - int(float(metadata["created"]) * 1000)
+        return (f"{self._owner_folder(str(metadata['owner']))}{countdown:015d}-{metadata['uuid']}-"
+                f"{metadata['size']}.{metadata['extension']}")
 
     def used_by(self, owner: str) -> int:
         return self._used_by_owner.get(owner, 0)
@@ -192,7 +204,6 @@ class S3Store:
         except self._errors as exc:
             raise _failure(exc) from None
         self._add_usage(owner, len(data))
-        self._recent.setdefault(owner, deque(maxlen=RECENT_PER_OWNER)).append(image)
         return image
 
     def _write_image(self, image: StoredImage, data: bytes, metadata: dict[str, Any]) -> None:
@@ -208,14 +219,36 @@ class S3Store:
             except self._errors:
                 pass  # a leftover the sweep removes
             raise
+        try:
+            self._client.put_object(Bucket=self.location.bucket, Key=self._history_key(metadata), Body=b"")
+        except self._errors as exc:
+            # The image is stored and served; only its owner's gallery will not show it.
+            log.warning("image %s is stored but not listed in its owner's history: %s", image.uuid,
+                        _failure(exc).problem)
 
     def _put_metadata(self, metadata: dict[str, Any]) -> None:
         self._client.put_object(Bucket=self.location.bucket, Key=self._metadata_key(metadata["uuid"]),
                                 Body=json.dumps(metadata).encode(), ContentType="application/json")
 
-    def recent(self, owner: str, limit: int) -> list[StoredImage]:
-        # Images this process swept are dropped from the list by the sweep itself.
-        return list(itertools.islice(reversed(self._recent.get(owner, ())), limit))
+    async def recent(self, owner: str, limit: int) -> list[StoredImage]:
+        try:
+            return await asyncio.to_thread(self._recent, owner, min(limit, RECENT_PER_OWNER))
+        except self._errors as exc:
+            raise _failure(exc, reading=True) from None
+
+    def _recent(self, owner: str, limit: int) -> list[StoredImage]:
+        listed = self._client.list_objects_v2(Bucket=self.location.bucket, Prefix=self._owner_folder(owner),
+                                              MaxKeys=limit)
+        images = []
+        for entry in listed.get("Contents", ()):
+            found = _HISTORY_NAME.fullmatch(entry["Key"].rsplit("/", 1)[-1])
+            if found is None or found["extension"] not in STORED_BY_EXTENSION:
+                continue  # not ours
+            extension = found["extension"]
+            images.append(StoredImage(uuid=found["uuid"], extension=extension,
+                                      content_type=STORED_BY_EXTENSION[extension].media_type, owner=owner,
+                                      path=None, size=int(found["size"])))
+        return images
 
     # ------------------------------------------------------------------ reading
 
@@ -322,8 +355,11 @@ class S3Store:
                 continue
             extension = metadata.get("extension")
             if isinstance(extension, str) and extension in STORED_BY_EXTENSION:
-                # Data first: a sweep interrupted here leaves metadata, which the next sweep finds again.
+                # Data first, metadata last: a sweep interrupted on the way leaves metadata, which the next
+                # sweep finds again.
                 self._client.delete_object(Bucket=self.location.bucket, Key=self._data_key(image_uuid, extension))
+                with contextlib.suppress(KeyError, TypeError, ValueError):  # metadata of an older layout
+                    self._client.delete_object(Bucket=self.location.bucket, Key=self._history_key(metadata))
             self._client.delete_object(Bucket=self.location.bucket, Key=entry["Key"])
             if isinstance(metadata.get("size"), int):
                 self._add_usage(str(metadata.get("owner")), -metadata["size"])
@@ -336,10 +372,6 @@ class S3Store:
             if (image_uuid is not None and extension in STORED_BY_EXTENSION and image_uuid not in described
                     and entry["LastModified"].timestamp() < now - LEFTOVER_AGE_SECONDS):
                 self._client.delete_object(Bucket=self.location.bucket, Key=entry["Key"])
-        if removed:
-            for owner, images in self._recent.items():
-                self._recent[owner] = deque((image for image in images if image.uuid not in removed),
-                                            maxlen=RECENT_PER_OWNER)
         return len(removed)
 
 

@@ -291,9 +291,12 @@ class ImageStore:
                     f"the server's disk is nearly full (less than {_gib(limits.min_free_bytes)} GiB free)",
                     disk_full=True)
 
-    def recent(self, owner: str, limit: int) -> list[StoredImage]:
+    async def recent(self, owner: str, limit: int) -> list[StoredImage]:
         """``owner``'s newest images stored since this process started, newest first, at most ``limit``;
         images swept away since are left out."""
+        return await asyncio.to_thread(self._recent_kept, owner, limit)
+
+    def _recent_kept(self, owner: str, limit: int) -> list[StoredImage]:
         kept = (image for image in reversed(self._recent.get(owner, ()))
                 if self._data_path(image.uuid, image.extension).exists())
         return list(itertools.islice(kept, limit))

@@ -1,6 +1,7 @@
 """imageHistory (an extension of ours): the API key's newest images, for a gallery such as the web page's.
 
-The server remembers each key's newest images since it started (storage keeps the list); older ones
+On local disk the server remembers each key's newest images since it started; in a bucket
+(``--store s3://``) the list is kept there, and shows what any server sharing it stored. Older images
 stay reachable by their UUIDs and URLs, as always.
 """
 
@@ -8,15 +9,21 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from imagewire.storage import StorageError
 from imagewire.tasks.context import TaskContext
+from imagewire.tasks.inputs import task_error
 from imagewire.tasks.schema import HistoryImage, ImageHistory, ImageHistoryResult
 from imagewire.tasks.task_type import TaskType, unchanged
 
 
 async def run(task: ImageHistory, ctx: TaskContext) -> AsyncIterator[ImageHistoryResult]:
     services = ctx.services
+    try:
+        recent = await services.store.recent(ctx.owner, task.limit)
+    except StorageError as exc:
+        raise task_error(exc, "limit") from exc
     images = [HistoryImage(imageUUID=image.uuid, imageURL=services.image_url(image.uuid, image.extension))
-              for image in services.store.recent(ctx.owner, task.limit)]
+              for image in recent]
     yield ImageHistoryResult(taskType="imageHistory", taskUUID=task.taskUUID, images=images)
 
 

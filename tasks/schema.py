@@ -177,7 +177,7 @@ class CancelTask(Task, tag="cancelTask"):
 
 
 class ImageHistory(Task, tag="imageHistory"):
-    """Extension: this API key's newest images, newest first (those stored since the server started)."""
+    """Extension: this API key's newest images, newest first (on local disk: stored since the server started)."""
 
     taskUUID: TaskUUID
     limit: Annotated[int, Meta(ge=1, le=200)] = 50

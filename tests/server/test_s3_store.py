@@ -107,6 +107,23 @@ async def test_images_in_the_bucket_stay_scoped_to_their_api_key(start_server, s
     await stranger.close()
 
 
+async def test_two_servers_on_one_bucket_serve_each_others_images_and_history(start_server, s3_endpoint: str,
+                                                                              s3_bucket: str) -> None:
+    store = {"store": f"s3://{s3_bucket}/{PREFIX}", "s3_endpoint": s3_endpoint}
+    first, second = await start_server(**store), await start_server(**store)
+    on_first, on_second = await Wire.open(first.url), await Wire.open(second.url)
+    [upload] = await on_first.run({"taskType": "imageUpload", "image": base64.b64encode(png_bytes()).decode()})
+    [result] = await on_second.run(inference(seed=3, seedImage=upload["imageUUID"], strength=0.5, outputType="URL"))
+    # The second server read the first one's upload, and the first serves the second one's result.
+    status, _, body = await asyncio.to_thread(request, result["imageURL"].replace(str(second.port), str(first.port)))
+    assert status == 200 and Image.open(io.BytesIO(body)).size == (128, 128)
+    for wire in (on_first, on_second):
+        [history] = await wire.run({"taskType": "imageHistory"})
+        assert [image["imageUUID"] for image in history["images"]] == [result["imageUUID"], upload["imageUUID"]]
+    await on_first.close()
+    await on_second.close()
+
+
 @pytest.mark.usefixtures("s3_bucket")
 def test_the_server_does_not_start_without_its_bucket(tmp_path: Path, s3_endpoint: str) -> None:
     result = subprocess.run(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import time
@@ -62,7 +63,9 @@ async def test_put_get_read_roundtrip_with_data_before_metadata(s3_endpoint: str
         "png", "image/png", OWNER, 15, None)
     found = objects(store)
     data_key, metadata_key = f"{PREFIX}/images/{stored.uuid}.png", f"{PREFIX}/meta/{stored.uuid}.json"
-    assert set(found) == {data_key, metadata_key}
+    [history_key] = set(found) - {data_key, metadata_key}
+    assert history_key.startswith(f"{PREFIX}/owners/{OWNER}/") and history_key.endswith(f"-{stored.uuid}-15.png")
+    assert found[history_key]["ContentLength"] == 0
     assert found[data_key]["ContentType"] == "image/png"
     # The data is put first: its metadata, which makes it visible, is never older.
     assert found[data_key]["LastModified"] <= found[metadata_key]["LastModified"]
@@ -73,7 +76,7 @@ async def test_put_get_read_roundtrip_with_data_before_metadata(s3_endpoint: str
     fetched = await store.get(stored.uuid.upper(), owner=OWNER)
     assert fetched == stored
     assert await store.read(fetched) == b"\x89PNG fake bytes"
-    assert [image.uuid for image in store.recent(OWNER, 10)] == [stored.uuid]
+    assert await store.recent(OWNER, 10) == [stored]
 
 
 async def test_another_owners_image_answers_like_a_missing_one(s3_endpoint: str, s3_bucket: str) -> None:
@@ -118,7 +121,7 @@ async def test_a_put_whose_metadata_fails_leaves_nothing_visible(s3_endpoint: st
         await store.put(b"z", extension="png", owner=OWNER)
     assert failed.value.problem == "the server's image storage failed (SlowDown)"
     assert isinstance(task_error(failed.value, "The result image"), StorageError)
-    assert objects(store) == {} and store.used_bytes == 0 and store.recent(OWNER, 10) == []
+    assert objects(store) == {} and store.used_bytes == 0 and await store.recent(OWNER, 10) == []
 
 
 async def test_last_used_is_noted_at_most_once_a_minute(s3_endpoint: str, s3_bucket: str) -> None:
@@ -163,8 +166,11 @@ async def test_sweep_deletes_only_images_unused_for_too_long(s3_endpoint: str, s
     assert store.used_bytes == 30
 
     assert await store.sweep(max_age_seconds=86400, now=now) == 1
-    assert set(objects(store)) == {f"{PREFIX}/images/{kept.uuid}.png", f"{PREFIX}/meta/{kept.uuid}.json"}
-    assert [image.uuid for image in store.recent(OWNER, 10)] == [kept.uuid]
+    left = {key for key in objects(store) if not key.startswith(f"{PREFIX}/owners/")}
+    assert left == {f"{PREFIX}/images/{kept.uuid}.png", f"{PREFIX}/meta/{kept.uuid}.json"}
+    # Its history entry went with it.
+    assert [image.uuid for image in await store.recent(OWNER, 10)] == [kept.uuid]
+    assert len(objects(store)) == 3
     assert store.used_bytes == 10
     with pytest.raises(ImageNotStored):
         await store.get(swept.uuid, owner=OWNER)
@@ -233,3 +239,19 @@ def test_without_boto3_the_start_says_which_extra_to_install(monkeypatch: pytest
     with pytest.raises(ValueError, match=r"^--store s3://images: the S3 store needs boto3; install it with: "
                                          r"pip install 'imagewire\[s3\]'$"):
         S3Store(S3Location.parse("s3://images"))
+
+
+async def test_an_owners_history_lists_what_every_server_on_the_bucket_stored_newest_first(
+        s3_endpoint: str, s3_bucket: str) -> None:
+    first, second = open_store(s3_endpoint, s3_bucket), open_store(s3_endpoint, s3_bucket)
+    stored = []
+    for index in range(5):
+        store = (first, second)[index % 2]
+        stored.append(await store.put(bytes([index]) * (index + 1), extension=("png", "jpg")[index % 2], owner=OWNER))
+        await asyncio.sleep(0.002)  # distinct milliseconds: the order is the order they were stored
+    await second.put(b"other", extension="png", owner="owner-b")
+    newest_first = list(reversed(stored))
+    assert await first.recent(OWNER, 10) == newest_first == await second.recent(OWNER, 10)
+    assert await first.recent(OWNER, 2) == newest_first[:2]
+    assert [image.owner for image in await first.recent("owner-b", 10)] == ["owner-b"]
+    assert await first.recent("owner-c", 10) == []
