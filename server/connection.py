@@ -30,9 +30,9 @@ from imagewire.server.auth import ApiKeys, owner_token
 from imagewire.server.config import Config
 from imagewire.server.intake import Intake, invalid_api_key
 from imagewire.server.runner import TaskRunner
-from imagewire.server.sessions import Session, SessionRegistry
+from imagewire.server.sessions import ClientSession, Sessions
 from imagewire.tasks import schema
-from imagewire.tasks.errors import ServiceUnavailable
+from imagewire.tasks.errors import ServiceUnavailable, TaskError
 from imagewire.tasks.task_type import Item, TaskType
 
 connection_log = logging.getLogger("imagewire.connection")
@@ -76,7 +76,7 @@ class WaitingRoom:
 
 class Connection(Intake):
     def __init__(self, websocket: web.WebSocketResponse, request: web.Request, *, peer_ip: str, config: Config,
-                 api_keys: ApiKeys, sessions: SessionRegistry, runner: TaskRunner,
+                 api_keys: ApiKeys, sessions: Sessions, runner: TaskRunner,
                  waiting_room: WaitingRoom) -> None:
         self.websocket = websocket
         self.transport = request.transport
@@ -85,7 +85,7 @@ class Connection(Intake):
         self.sessions = sessions
         self.runner = runner
         self.waiting_room = waiting_room
-        self.session: Session | None = None
+        self.session: ClientSession | None = None
         self.peer_ip = peer_ip
         self._outbox: deque[bytes] = deque()
         self._outbox_bytes = 0
@@ -127,9 +127,9 @@ class Connection(Intake):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
             if self.session is not None:
-                self.session.detach(self._send)
+                await self.session.detach(self._send)
                 # What this socket did not take waits in the session, for the client to resume.
-                self.session.keep(list(self._outbox))
+                await self.session.keep(list(self._outbox))
             connection_log.info("connection closed peer=%s session=%s code=%s", self.peer_ip,
                                 self.session.uuid if self.session else None, self.websocket.close_code)
 
@@ -264,9 +264,14 @@ class Connection(Intake):
             await self.answer(errors=[invalid_api_key().to_item("authentication", None)])
             return
         assert task.apiKey is not None
+        try:
+            session, resumed = await self.sessions.open(owner_token(task.apiKey), task.connectionSessionUUID)
+        except TaskError as error:  # the shared state cannot be reached: this socket stays unauthenticated
+            await self.answer(errors=[error.to_item("authentication", None)])
+            return
         if self.session is not None:
-            self.session.detach(self._send)
-        self.session, resumed = self.sessions.open(owner_token(task.apiKey), task.connectionSessionUUID)
+            await self.session.detach(self._send)
+        self.session = session
         await self.answer(data=[
             schema.AuthenticationResult(taskType="authentication", connectionSessionUUID=self.session.uuid)])
         connection_log.info("authenticated session=%s resumed=%s", self.session.uuid, resumed)
