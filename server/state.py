@@ -214,8 +214,11 @@ class RedisState:
         return self.sessions
 
     async def start(self) -> None:
-        with shared():
+        """Listen on this server's channel; ValueError (the server must not start) when Redis fails now."""
+        try:
             await self._pubsub.subscribe(self.channel(self.gateway))
+        except (RedisError, OSError) as exc:
+            raise ValueError(f"--state {shown_url(self.url)}: cannot subscribe to Redis ({_cause(exc)})") from None
         self.soon(self._listen())
         self.soon(self._renew_forever())
         log.info("shared state in %s (this server: %s)", shown_url(self.url), self.gateway)
@@ -245,7 +248,7 @@ class RedisState:
         while True:
             try:
                 message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            except (RedisError, OSError) as exc:
+            except Exception as exc:  # the listener must outlive any failure; it reconnects
                 self.warn("listening on this server's channel", exc)
                 await asyncio.sleep(1.0)
                 continue
@@ -266,10 +269,20 @@ class RedisState:
                     if self.tasks is not None:
                         self.tasks.renew(pipe)
                     if self.sessions is not None:
-                        self.sessions.renew(pipe)
+                        await self.sessions.renew(pipe)
                     await pipe.execute()
-            except (RedisError, OSError) as exc:
+            except Exception as exc:  # renewal goes on, whatever one round failed of
                 self.warn("renewing leases", exc)
+
+
+# An attached session's record outlives the resume window while its socket is here, and comes back if Redis lost
+# it (a restart without persistence), unless another server has the socket by now. KEYS: session.
+# ARGV: owner, this server's id, ttl ms.
+RENEW_SESSION = """
+if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'gateway', ARGV[2]) end
+if redis.call('HGET', KEYS[1], 'gateway') == ARGV[2] then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+return 1
+"""
 
 
 def _cause(exc: BaseException) -> str:
@@ -509,6 +522,7 @@ class RedisSessionRegistry:
         self._push = client.register_script(PUSH)
         self._pop = client.register_script(POP)
         self._detach = client.register_script(DETACH)
+        self._renew = client.register_script(RENEW_SESSION)
 
     def keys(self, session_uuid: str) -> list[str]:
         """The session, its outbox, the outbox's size in bytes."""
@@ -541,11 +555,13 @@ class RedisSessionRegistry:
 
     async def attached(self, session: RedisSession) -> None:
         key = self.keys(session.uuid)[0]
-        with shared():
+        try:
             async with self.state.client.pipeline(transaction=True) as pipe:
                 pipe.hset(key, mapping={"owner": session.owner, "gateway": self.state.gateway})
                 pipe.pexpire(key, self._attached_ttl)
                 await pipe.execute()
+        except (RedisError, OSError) as exc:  # the socket still takes what is produced here
+            self.state.warn(f"attaching session={session.uuid}", exc)
 
     async def detached(self, session: RedisSession) -> None:
         if self._local.get(session.uuid) is session:
@@ -578,10 +594,11 @@ class RedisSessionRegistry:
         if session is not None and session.sender is not None:
             self.state.soon(session.drain())
 
-    def renew(self, pipe: Any) -> None:
-        for session_uuid, session in self._local.items():
+    async def renew(self, pipe: Any) -> None:
+        for session_uuid, session in list(self._local.items()):
             if session.sender is not None:
-                pipe.pexpire(self.keys(session_uuid)[0], self._attached_ttl)
+                await self._renew(keys=self.keys(session_uuid)[:1],
+                            args=[session.owner, self.state.gateway, self._attached_ttl], client=pipe)
 
     async def sweep(self) -> int:
         return 0  # Redis expires sessions and outboxes itself

@@ -11,10 +11,13 @@ from tests.timing import seconds
 
 
 class RedisProcess:
-    def __init__(self, executable: str, directory: Path) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+    def __init__(self, executable: str, directory: Path, port: int | None = None) -> None:
+        """``port``: a given one (to start a stopped server again where its clients look for it), else a free one."""
+        if port is None:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+        self.port = port
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process = subprocess.Popen(
             [executable, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",

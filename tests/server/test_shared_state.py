@@ -60,8 +60,12 @@ async def test_a_task_answered_on_one_server_is_visible_through_get_response_on_
     on_first, on_second = await Wire.open(first.url), await Wire.open(second.url)
     task = inference(seed=11, outputType=["URL", "base64Data"])
     [item] = await on_first.run(task)
-    answer = await answer_for(on_second, get_response(task["taskUUID"]))
-    [kept] = answer["data"]
+
+    async def finished() -> list[dict] | None:  # the result is sent just before the task's end is recorded
+        items = (await answer_for(on_second, get_response(task["taskUUID"])))["data"]
+        return items if all(kept["status"] != "processing" for kept in items) else None
+
+    [kept] = await eventually(finished)
     assert kept["status"] == "success" and kept["imageUUID"] == item["imageUUID"] and kept["seed"] == 11
     assert kept["imageBase64Data"] == item["imageBase64Data"]
     # The image itself is in the shared bucket: the second server serves it too, the same bytes.
@@ -228,12 +232,25 @@ async def test_when_redis_goes_away_running_tasks_deliver_and_new_ones_fail_clea
         start_server, tmp_path: Path, redis_executable: str) -> None:
     own_redis = RedisProcess(redis_executable, tmp_path)  # this test's own, to stop
     try:
-        await _running_tasks_outlive_redis(start_server, own_redis)
+        server, wire = await _running_tasks_outlive_redis(start_server, own_redis)
     finally:
         own_redis.stop()
+    # Redis back (empty: it kept nothing): the same server serves new tasks again, without a restart.
+    back = RedisProcess(redis_executable, tmp_path, port=own_redis.port)
+    try:
+        async def serves() -> list[dict] | None:
+            task = inference(seed=13)
+            await wire.send([task])
+            data, errors = await wire.items_for(task["taskUUID"], 1)
+            return data if not errors else None
+
+        assert (await eventually(serves))[0]["seed"] == 13
+        await wire.close()
+    finally:
+        back.stop()
 
 
-async def _running_tasks_outlive_redis(start_server, own_redis: RedisProcess) -> None:
+async def _running_tasks_outlive_redis(start_server, own_redis: RedisProcess) -> tuple:
     engine = HeldEngine(step_first=True)
     server = await start_server(engine_factory=lambda: engine, state=own_redis.url)
     wire = await Wire.open(server.url)
@@ -256,7 +273,7 @@ async def _running_tasks_outlive_redis(start_server, own_redis: RedisProcess) ->
     message = await refused.receive()
     assert message["errors"][0]["code"] == "serviceUnavailable" and "data" not in message
     await refused.close()
-    await wire.close()
+    return server, wire
 
 
 @pytest.mark.usefixtures("redis_executable")

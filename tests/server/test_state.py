@@ -119,12 +119,13 @@ def _encoded(value: dict) -> bytes:
 
 
 async def test_a_task_whose_server_died_is_reported_failed_once_its_lease_lapses(connect) -> None:
-    alive, dying, reader = await connect(lease=0.3), await connect(lease=0.3), await connect(lease=0.3)
+    lease = seconds(1.0)
+    alive, dying, reader = await connect(lease=lease), await connect(lease=lease), await connect(lease=lease)
     assert alive.tasks is not None and dying.tasks is not None and reader.tasks is not None
     kept_alive = await alive.tasks.begin(new_uuid(), "imageInference", OWNER)
     orphan = await dying.tasks.begin(new_uuid(), "imageInference", OWNER)
     await dying.close()  # stops renewing, as a killed server would, without finishing its task
-    await asyncio.sleep(seconds(0.8))
+    await asyncio.sleep(lease * 1.6)
     lapsed = await reader.tasks.get(orphan.task_uuid, OWNER)
     assert lapsed is not None and lapsed.status == "error"
     [error] = lapsed.errors
