@@ -160,6 +160,15 @@ for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[2]) end
 return 1
 """
 
+# An attached session's record outlives the resume window while its socket is here, and comes back if Redis lost
+# it (a restart without persistence), unless another server has the socket by now. KEYS: session.
+# ARGV: owner, this server's id, ttl ms.
+RENEW_SESSION = """
+if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'gateway', ARGV[2]) end
+if redis.call('HGET', KEYS[1], 'gateway') == ARGV[2] then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+return 1
+"""
+
 
 @contextlib.contextmanager
 def shared() -> Iterator[None]:
@@ -256,10 +265,13 @@ class RedisState:
                 continue
             data: bytes = message["data"]
             kind, _, rest = data.partition(b" ")
-            if kind == b"session" and self.sessions is not None:
-                self.sessions.announced(rest.decode())
-            elif kind == b"cancel" and self.tasks is not None:
-                self.soon(self.tasks.cancel_asked(orjson.loads(rest)))
+            try:
+                if kind == b"session" and self.sessions is not None:
+                    self.sessions.announced(rest.decode())
+                elif kind == b"cancel" and self.tasks is not None:
+                    self.soon(self.tasks.cancel_asked(orjson.loads(rest)))
+            except ValueError:  # not one of ours (a hand-made PUBLISH): ignored
+                log.warning("ignored a message on this server's Redis channel: %r", data[:200])
 
     async def _renew_forever(self) -> None:
         while True:
@@ -273,16 +285,6 @@ class RedisState:
                     await pipe.execute()
             except Exception as exc:  # renewal goes on, whatever one round failed of
                 self.warn("renewing leases", exc)
-
-
-# An attached session's record outlives the resume window while its socket is here, and comes back if Redis lost
-# it (a restart without persistence), unless another server has the socket by now. KEYS: session.
-# ARGV: owner, this server's id, ttl ms.
-RENEW_SESSION = """
-if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'gateway', ARGV[2]) end
-if redis.call('HGET', KEYS[1], 'gateway') == ARGV[2] then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
-return 1
-"""
 
 
 def _cause(exc: BaseException) -> str:

@@ -152,3 +152,48 @@ async def test_redis_refusing_the_credentials_is_named_at_connect(redis_url: str
     finally:
         redis.Redis.from_url(redis_url.replace("redis://", "redis://:right-password@")).config_set("requirepass", "")
         admin.close()
+
+
+async def test_a_session_resumes_on_another_server_with_its_outbox_in_order(connect) -> None:
+    first, second = await connect(), await connect()
+    assert first.sessions is not None and second.sessions is not None
+    session, resumed = await first.sessions.open(OWNER, None)
+    assert not resumed
+    await session.send(b"one")  # no socket anywhere: kept in Redis
+    await session.send(b"two")
+    await session.keep([b"untaken-a", b"untaken-b"])  # what a closing socket did not take goes first
+    stranger, resumed = await second.sessions.open("another-owner", session.uuid)
+    assert not resumed and stranger.uuid != session.uuid
+    again, resumed = await second.sessions.open(OWNER, session.uuid)
+    assert resumed and again.uuid == session.uuid
+    taken: list[bytes] = []
+
+    async def socket(frame: bytes) -> bool:
+        taken.append(frame)
+        return True
+
+    await again.attach(socket)
+    assert taken == [b"untaken-a", b"untaken-b", b"one", b"two"]
+    await session.send(b"three")  # produced on the first server, for the socket on the second
+    await eventually(lambda: len(taken) == 5)
+    assert taken[-1] == b"three"
+    await again.detach(socket)
+    await session.send(b"four")
+    await asyncio.sleep(seconds(0.2))
+    assert len(taken) == 5, "a detached socket takes nothing more"
+    assert await first.client.lrange(f"imagewire:session:{session.uuid}:outbox", 0, -1) == [b"four"]
+
+
+async def test_the_server_does_not_start_without_redis_py(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from imagewire.server.app import open_state
+    from imagewire.server.config import Config
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "redis" else
+                        find_spec(name, *rest))
+    with pytest.raises(ValueError) as refused:
+        await open_state(Config(state=redis_url.replace("redis://", "redis://:pw@")))
+    assert str(refused.value) == (f"--state {redis_url.replace('redis://', 'redis://:***@')}: redis-py is not "
+                                  "installed; pip install 'imagewire[redis]'")
