@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import importlib.util
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -15,7 +16,7 @@ from imagewire.air_registry import ARCHITECTURES, Catalog, ModelEntry, RegistryE
 from imagewire.air_registry.civitai import Civitai
 from imagewire.server.admission import Admission, DeviceTime
 from imagewire.server.auth import ApiKeys, load_or_create_key
-from imagewire.server.config import Config
+from imagewire.server.config import Config, shown_url
 from imagewire.server.connection import GOING_AWAY, Connection, WaitingRoom
 from imagewire.server.device import DeviceQueue, Engine
 from imagewire.server.http import HttpRoutes
@@ -25,13 +26,16 @@ from imagewire.server.logs import install as install_log_limits
 from imagewire.server.metrics import Metrics, State
 from imagewire.server.rest import RestEndpoint
 from imagewire.server.runner import TaskRunner
-from imagewire.server.sessions import SessionRegistry, TaskRegistry
+from imagewire.server.sessions import SessionRegistry, Sessions, TaskRegistry, Tasks
 from imagewire.server.webhooks import WebhookSender
 from imagewire.storage import ImageStorage, ImageStore, UrlFetcher
 from imagewire.storage.s3 import S3Location, S3Store
 from imagewire.storage.store import Limits as StoreLimits
 from imagewire.tasks.context import PixelBudget, Services, Settings
 from imagewire.tasks.image_inference import check_model_defaults
+
+if TYPE_CHECKING:
+    from imagewire.server.state import RedisState
 
 log = logging.getLogger("imagewire.server")
 
@@ -40,6 +44,7 @@ LISTEN_BACKLOG = 1024
 SWEEP_INTERVAL = 30.0             # sessions and task records
 STORE_SWEEP_INTERVAL = 3600.0     # stored images: a walk over the disk, so less often
 MAX_OUTBOX_BYTES = 256 * 1024 * 1024
+MAX_KEPT_BYTES = 256 * 1024 * 1024   # results kept for getResponse, oldest finished let go first
 
 
 def diffusers_engine_factory(config: Config) -> Callable[[], Engine]:
@@ -75,6 +80,7 @@ class ImagewireServer:
         self._web: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self.state: RedisState | None = None  # the link to Redis, with --state
 
     @property
     def port(self) -> int:
@@ -108,8 +114,17 @@ class ImagewireServer:
         fetcher = UrlFetcher(allow_private=config.allow_private_urls, max_bytes=config.max_image_bytes,
                              timeout=config.url_fetch_timeout)
         self.store = await asyncio.to_thread(open_store, config)
-        self.sessions = SessionRegistry(resume_window=config.resume_window, max_outbox_bytes=MAX_OUTBOX_BYTES)
-        self.registry = TaskRegistry(retention=config.result_retention)
+        self.sessions: Sessions
+        self.registry: Tasks
+        if config.state is not None:
+            self.state = state = await open_state(config)
+            self.sessions = state.session_registry(resume_window=config.resume_window,
+                                                        max_outbox_bytes=MAX_OUTBOX_BYTES)
+            self.registry = state.task_registry(retention=config.result_retention, max_kept_bytes=MAX_KEPT_BYTES)
+            await state.start()
+        else:
+            self.sessions = SessionRegistry(resume_window=config.resume_window, max_outbox_bytes=MAX_OUTBOX_BYTES)
+            self.registry = TaskRegistry(retention=config.result_retention, max_kept_bytes=MAX_KEPT_BYTES)
         self.services = Services(
             settings=Settings(data_dir=config.data_dir, allow_downloads=config.allow_downloads,
                               max_image_pixels=config.max_image_pixels, max_image_bytes=config.max_image_bytes,
@@ -233,8 +248,8 @@ class ImagewireServer:
 
     async def sweep(self, *, store: bool) -> None:
         """Forget expired sessions and task records; with ``store``, delete images unused for the image TTL."""
-        self.sessions.sweep()
-        self.registry.sweep()
+        await self.sessions.sweep()
+        await self.registry.sweep()
         if not store:
             return
         try:
@@ -269,6 +284,8 @@ class ImagewireServer:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        if self.state is not None:
+            await self.state.close()
         await asyncio.to_thread(self.device.stop, grace)
         log.info("stopped")
 
@@ -278,6 +295,19 @@ class ImagewireServer:
 
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.stop()
+
+
+async def open_state(config: Config) -> RedisState:
+    """The link to the Redis ``--state`` names, answering; ValueError naming ``--state`` when Redis cannot be
+    used (redis-py not installed, Redis unreachable or refusing the credentials): the server must not start then."""
+    assert config.state is not None
+    if importlib.util.find_spec("redis") is None:
+        raise ValueError(f"--state {shown_url(config.state)}: redis-py is not installed; "
+                         "pip install 'imagewire[redis]'")
+    # Imported here: redis-py is an optional extra, needed only with --state.
+    from imagewire.server.state import RedisState
+
+    return await RedisState.connect(config.state)
 
 
 def open_store(config: Config) -> ImageStorage:

@@ -54,6 +54,7 @@ class Config:
     min_free_disk_bytes: int = 512 * MIB   # below this much free disk, writes stop (reads go on)
     store: str | None = None         # s3://BUCKET/PREFIX keeps images in an S3-compatible store; None: data_dir
     s3_endpoint: str | None = None   # the S3 API's URL (MinIO and the like); None: AWS's
+    state: str | None = None         # redis://HOST:PORT/DB keeps sessions and task records in Redis; None: memory
     max_waiting_pixels: int = 256_000_000  # decoded input pixels held by unfinished tasks, all together
     handshake_timeout: float = 10.0        # seconds a new TCP connection has to send its HTTP request
     max_handshakes_per_ip: int = 16        # connections from one address still sending their request
@@ -128,6 +129,23 @@ def _store(text: str) -> str:
         return str(S3Location.parse(text.strip()))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _state(text: str) -> str:
+    parsed = urllib.parse.urlsplit(text.strip())
+    if parsed.scheme not in ("redis", "rediss") or not parsed.hostname or not parsed.path.strip("/").isdigit() \
+            and parsed.path.strip("/"):
+        raise argparse.ArgumentTypeError(f"expected redis://HOST:PORT/DB (or rediss:// for TLS), got {text!r}")
+    return text.strip()
+
+
+def shown_url(url: str) -> str:
+    """``url`` without its password, for messages and logs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 def _network(text: str) -> str:
@@ -230,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--s3-endpoint", type=_http_url, default=_env("S3_ENDPOINT"), metavar="URL",
         help="URL of the S3 API for --store, for MinIO and other S3-compatible stores (default: AWS's) "
              "[IMAGEWIRE_S3_ENDPOINT]")
+    add("--state", type=_state, default=_env("STATE"), metavar="redis://HOST:PORT/DB",
+        help="keep sessions, task records and results in Redis, shared by every server using it, so a client may "
+             "use any of them (default: this process's memory); a password goes in the URL "
+             "(redis://:PASSWORD@HOST:PORT/DB), rediss:// is TLS; needs pip install 'imagewire[redis]' "
+             "[IMAGEWIRE_STATE]")
     add("--max-waiting-megapixels", type=POSITIVE, default=_env("MAX_WAITING_MEGAPIXELS", "256"),
         help="decoded input images that unfinished tasks may hold, all together; past it a task's input image "
              "is refused with serviceUnavailable [IMAGEWIRE_MAX_WAITING_MEGAPIXELS]")
@@ -330,6 +353,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         min_free_disk_bytes=_gib(args.min_free_disk_gib) or 0,
         store=args.store,
         s3_endpoint=args.s3_endpoint,
+        state=args.state,
         max_waiting_pixels=int(args.max_waiting_megapixels * 1_000_000),
         handshake_timeout=args.handshake_timeout,
         max_handshakes_per_ip=args.max_handshakes_per_ip,

@@ -8,8 +8,8 @@ the handlers' thread pool calls or on the device worker.
 
 Memory a client can pin is bounded both ways. Inbound, aiohttp stops reading the socket while a
 message waits unread, and every large message counts against the server-wide ``--max-inbound-mib``
-until it is handled here (``server/inbound.py``). Outbound, answers go through an outbox of at most ``--max-outbox-mib``
-drained by one writer; what would overflow it waits for room. A client that leaves an answer
+until it is handled here (``server/inbound.py``). Outbound, answers go through an outbox of at most
+``--max-outbox-mib`` drained by one writer; what would overflow it waits for room. A client that leaves an answer
 untaken for ``--send-timeout`` is closed (1008, "not reading its answers"), and what it did not
 take waits in its session for it to resume. So a slow reader slows only its own answers, and a
 stopped one holds no socket and a bounded outbox.
@@ -32,9 +32,9 @@ from imagewire.server.config import Config
 from imagewire.server.inbound import FrameCounter
 from imagewire.server.intake import Intake, invalid_api_key
 from imagewire.server.runner import TaskRunner
-from imagewire.server.sessions import Session, SessionRegistry
+from imagewire.server.sessions import ClientSession, Sessions
 from imagewire.tasks import schema
-from imagewire.tasks.errors import ServiceUnavailable
+from imagewire.tasks.errors import ServiceUnavailable, TaskError
 from imagewire.tasks.task_type import Item, TaskType
 
 connection_log = logging.getLogger("imagewire.connection")
@@ -78,7 +78,7 @@ class WaitingRoom:
 
 class Connection(Intake):
     def __init__(self, websocket: web.WebSocketResponse, request: web.Request, *, peer_ip: str, config: Config,
-                 api_keys: ApiKeys, sessions: SessionRegistry, runner: TaskRunner,
+                 api_keys: ApiKeys, sessions: Sessions, runner: TaskRunner,
                  waiting_room: WaitingRoom, frames: FrameCounter | None = None) -> None:
         self.websocket = websocket
         self.frames = frames
@@ -90,7 +90,7 @@ class Connection(Intake):
         self.sessions = sessions
         self.runner = runner
         self.waiting_room = waiting_room
-        self.session: Session | None = None
+        self.session: ClientSession | None = None
         self.peer_ip = peer_ip
         self._outbox: deque[bytes] = deque()
         self._outbox_bytes = 0
@@ -136,9 +136,9 @@ class Connection(Intake):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
             if self.session is not None:
-                self.session.detach(self._send)
+                await self.session.detach(self._send)
                 # What this socket did not take waits in the session, for the client to resume.
-                self.session.keep(list(self._outbox))
+                await self.session.keep(list(self._outbox))
             connection_log.info("connection closed peer=%s session=%s code=%s", self.peer_ip,
                                 self.session.uuid if self.session else None, self.websocket.close_code)
 
@@ -282,9 +282,14 @@ class Connection(Intake):
             await self.answer(errors=[invalid_api_key().to_item("authentication", None)])
             return
         assert task.apiKey is not None
+        try:
+            session, resumed = await self.sessions.open(owner_token(task.apiKey), task.connectionSessionUUID)
+        except TaskError as error:  # the shared state cannot be reached: this socket stays unauthenticated
+            await self.answer(errors=[error.to_item("authentication", None)])
+            return
         if self.session is not None:
-            self.session.detach(self._send)
-        self.session, resumed = self.sessions.open(owner_token(task.apiKey), task.connectionSessionUUID)
+            await self.session.detach(self._send)
+        self.session = session
         await self.answer(data=[
             schema.AuthenticationResult(taskType="authentication", connectionSessionUUID=self.session.uuid)])
         connection_log.info("authenticated session=%s resumed=%s", self.session.uuid, resumed)

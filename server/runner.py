@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import msgspec
 
 from imagewire.server.admission import Admission, Ticket
-from imagewire.server.sessions import TaskRecord, TaskRegistry
+from imagewire.server.sessions import TaskRecord, Tasks
 from imagewire.server.webhooks import WebhookSender
 from imagewire.tasks import schema
 from imagewire.tasks.context import Services, TaskContext
@@ -45,7 +45,7 @@ Finished = Callable[[str, str, float, Mapping[str, float]], None]
 
 
 class TaskRunner:
-    def __init__(self, services: Services, *, registry: TaskRegistry, webhooks: WebhookSender,
+    def __init__(self, services: Services, *, registry: Tasks, webhooks: WebhookSender,
                  admission: Admission, on_finished: Finished | None = None) -> None:
         self.services = services
         self.registry = registry
@@ -73,7 +73,7 @@ class TaskRunner:
         try:
             ticket = self.admission.acquire(connection, owner)
             prepared = task_type.prepare(task, ctx)
-            record = self.registry.begin(task_uuid, task_type.name, owner) if task_type.recorded else None
+            record = await self.registry.begin(task_uuid, task_type.name, owner) if task_type.recorded else None
         except TaskError as error:
             if ticket is not None:
                 self.admission.release(ticket)
@@ -126,7 +126,7 @@ class _Run:
 
     def _progress(self, items: Sequence[Any], overall: int, push: bool) -> None:
         if self.record is not None:
-            self.record.progress = overall
+            self.runner.registry.progress(self.record, overall)
         if push and self.streams and not self.asynchronous:
             # Sent like any answer of the task; ahead of its results, which are still being encoded.
             self.runner.pending_sends.add(sending := asyncio.ensure_future(self.reply(data=items)))
@@ -140,7 +140,7 @@ class _Run:
         try:
             async for item in self.task_type.run(prepared, self.ctx):
                 results += 1
-                self._keep(item)
+                await self._keep(item)
                 if self.task_type.single_frame:
                     collected.append(item)
                 elif not self.asynchronous:
@@ -169,7 +169,9 @@ class _Run:
             await asyncio.shield(self._fail(internal, collected))
         finally:
             if self.record is not None:
-                self.runner.registry.finish(self.record, "success" if outcome == "success" else "error")
+                # Shielded: a shutdown cutting the task off must not cut off its record's last write too.
+                await asyncio.shield(self.runner.registry.finish(self.record, "success" if outcome == "success"
+                                                                 else "error"))
             total = time.perf_counter() - started
             stages = " ".join(f"{name}_ms={seconds * 1000:.1f}" for name, seconds in self.ctx.timings.items())
             log.info("taskUUID=%s taskType=%s outcome=%s results=%d total_ms=%.1f %s", self.task_uuid,
@@ -177,13 +179,13 @@ class _Run:
             if self.runner.on_finished is not None:
                 self.runner.on_finished(self.task_type.name, outcome, total, self.ctx.timings)
 
-    def _keep(self, item: Item) -> None:
+    async def _keep(self, item: Item) -> None:
         """An item for getResponse and the webhook; turned into a dict once for both."""
         if self.record is None and not self.webhook:
             return
         as_dict = _as_dict(item)
         if self.record is not None:
-            self.runner.registry.keep(self.record, as_dict)
+            await self.runner.registry.keep(self.record, as_dict)
         if self.webhook:
             self.runner.webhooks.send(self.webhook, as_dict)
 

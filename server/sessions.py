@@ -6,6 +6,10 @@ attached are kept in its outbox for ``resume_window`` seconds and flushed when t
 authenticates again with the same UUID and API key. A ``TaskRecord`` remembers that a
 taskUUID was used (so it runs only once) and, for async tasks, the items to hand back.
 Both registries are swept periodically so nothing grows without bound.
+
+Two implementations keep them: the classes here, in this process's memory (the default), and
+``server/state.py``, in Redis (``--state redis://…``), shared by every server using it. Callers see
+them through ``Sessions`` and ``Tasks``; every call that may reach Redis is a coroutine.
 """
 
 from __future__ import annotations
@@ -14,11 +18,84 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from imagewire.tasks.errors import ConflictTaskUUID
 
 Sender = Callable[[bytes], Awaitable[bool]]  # returns False when the socket is gone
+
+
+class ClientSession(Protocol):
+    """One ``connectionSessionUUID``: where a task's frames go, whichever socket (if any) is attached."""
+
+    @property
+    def uuid(self) -> str: ...
+
+    @property
+    def owner(self) -> str: ...
+
+    async def send(self, frame: bytes) -> None:
+        """To the attached socket, else kept for a resuming client."""
+        ...
+
+    async def keep(self, frames: list[bytes]) -> None:
+        """Frames a closed socket did not take: they go first when the client resumes."""
+        ...
+
+    async def detach(self, sender: Sender) -> None: ...
+
+    async def attach(self, sender: Sender) -> None:
+        """``sender`` takes this session's frames from now on, those kept first."""
+        ...
+
+
+class Sessions(Protocol):
+    async def open(self, owner: str, resume_uuid: str | None) -> tuple[ClientSession, bool]:
+        """The session to use after authentication, and whether it is a resumed one."""
+        ...
+
+    async def sweep(self) -> int: ...
+
+    def __len__(self) -> int: ...
+
+
+class Tasks(Protocol):
+    """The record of every task: its UUID is used once, its results are kept for getResponse."""
+
+    @property
+    def retention(self) -> float: ...
+
+    @property
+    def max_kept_bytes(self) -> int: ...
+
+    async def begin(self, task_uuid: str, task_type: str, owner: str) -> TaskRecord:
+        """A record for a task that starts now; ConflictTaskUUID when ``owner`` used the UUID already."""
+        ...
+
+    async def keep(self, record: TaskRecord, item: dict[str, Any]) -> None: ...
+
+    def progress(self, record: TaskRecord, percent: int) -> None:
+        """How far the task is, for getResponse (written in the background where it is not in memory)."""
+        ...
+
+    async def finish(self, record: TaskRecord, status: str) -> None:
+        """The task ended with ``status``, and with ``record.errors`` when it failed."""
+        ...
+
+    async def get(self, task_uuid: str, owner: str) -> TaskRecord | None: ...
+
+    async def cancel(self, task_uuid: str, owner: str) -> bool | None: ...
+
+    async def sweep(self) -> int: ...
+
+    def __len__(self) -> int: ...
+
+
+def conflict(task_uuid: str, retention: float) -> ConflictTaskUUID:
+    return ConflictTaskUUID(
+        f"taskUUID {task_uuid} was already used by a task that is running or was answered in the last "
+        f"{int(retention)} s; every task needs a new UUID. getResponse with this taskUUID "
+        "returns its results.", parameter="taskUUID", type="string")
 
 
 @dataclass
@@ -42,14 +119,14 @@ class Session:
         while self.outbox_bytes > self.max_outbox_bytes and len(self.outbox) > 1:
             self.outbox_bytes -= len(self.outbox.pop(0))
 
-    def keep(self, frames: list[bytes]) -> None:
+    async def keep(self, frames: list[bytes]) -> None:
         """Frames a closed socket did not take: they go first, ahead of anything kept since."""
         self.outbox[:0] = frames
         self.outbox_bytes += sum(len(frame) for frame in frames)
         while self.outbox_bytes > self.max_outbox_bytes and len(self.outbox) > 1:
             self.outbox_bytes -= len(self.outbox.pop(0))
 
-    def detach(self, sender: Sender) -> None:
+    async def detach(self, sender: Sender) -> None:
         # ==, not is: each access to a bound method makes a new object, and equal ones share their self.
         if self.sender == sender:
             self.sender = None
@@ -69,7 +146,7 @@ class SessionRegistry:
         self.max_outbox_bytes = max_outbox_bytes
         self._sessions: dict[str, Session] = {}
 
-    def open(self, owner: str, resume_uuid: str | None) -> tuple[Session, bool]:
+    async def open(self, owner: str, resume_uuid: str | None) -> tuple[ClientSession, bool]:
         """The session to use after authentication, and whether it is a resumed one."""
         if resume_uuid is not None:
             session = self._sessions.get(resume_uuid)
@@ -79,7 +156,7 @@ class SessionRegistry:
         self._sessions[session.uuid] = session
         return session, False
 
-    def sweep(self, now: float | None = None) -> int:
+    async def sweep(self, now: float | None = None) -> int:
         """Forget sessions detached for longer than the resume window; returns how many."""
         now = time.monotonic() if now is None else now
         expired = [
@@ -127,17 +204,14 @@ class TaskRegistry:
         # The records holding results, oldest first: what letting go walks, rather than every record.
         self._holding: dict[tuple[str, str], TaskRecord] = {}
 
-    def begin(self, task_uuid: str, task_type: str, owner: str) -> TaskRecord:
+    async def begin(self, task_uuid: str, task_type: str, owner: str) -> TaskRecord:
         if (owner, task_uuid) in self._records:
-            raise ConflictTaskUUID(
-                f"taskUUID {task_uuid} was already used by a task that is running or was answered in the last "
-                f"{int(self.retention)} s; every task needs a new UUID. getResponse with this taskUUID "
-                "returns its results.", parameter="taskUUID", type="string")
+            raise conflict(task_uuid, self.retention)
         record = TaskRecord(task_uuid, task_type, owner)
         self._records[owner, task_uuid] = record
         return record
 
-    def keep(self, record: TaskRecord, item: dict[str, Any]) -> None:
+    async def keep(self, record: TaskRecord, item: dict[str, Any]) -> None:
         """Remember one result item of ``record`` for getResponse."""
         size = 64 + sum(len(value) for value in item.values() if isinstance(value, str))
         record.items.append(item)
@@ -167,18 +241,21 @@ class TaskRegistry:
         self.kept_bytes -= record.kept_bytes
         record.items, record.kept_bytes, record.items_dropped = [], 0, True
 
-    def get(self, task_uuid: str, owner: str) -> TaskRecord | None:
+    async def get(self, task_uuid: str, owner: str) -> TaskRecord | None:
         return self._records.get((owner, task_uuid))
 
-    def finish(self, record: TaskRecord, status: str) -> None:
+    def progress(self, record: TaskRecord, percent: int) -> None:
+        record.progress = percent
+
+    async def finish(self, record: TaskRecord, status: str) -> None:
         record.status = status
         record.finished_at = time.monotonic()
         record.stop = None
 
-    def cancel(self, task_uuid: str, owner: str) -> bool | None:
+    async def cancel(self, task_uuid: str, owner: str) -> bool | None:
         """Stop a running task of ``owner``: True when stopped, False when it had ended, None when unknown
         (another key's tasks are unknown to it, as for getResponse)."""
-        record = self.get(task_uuid, owner)
+        record = self._records.get((owner, task_uuid))
         if record is None:
             return None
         if record.stop is None:
@@ -186,7 +263,7 @@ class TaskRegistry:
         record.stop()
         return True
 
-    def sweep(self, now: float | None = None) -> int:
+    async def sweep(self, now: float | None = None) -> int:
         now = time.monotonic() if now is None else now
         expired = [key for key, record in self._records.items()
                    if record.finished_at is not None and now - record.finished_at > self.retention]

@@ -17,12 +17,12 @@ from imagewire.tasks.task_type import TaskType, unchanged
 
 async def run(task: CancelTask, ctx: TaskContext) -> AsyncIterator[Cancellation]:
     results = ctx.services.results
-    stopped = results.cancel(task.taskUUID, ctx.owner)
+    stopped = await results.cancel(task.taskUUID, ctx.owner)
     if stopped is None:
         raise TaskNotFound(
             f"No task with taskUUID {task.taskUUID} is known: cancelTask stops tasks sent by the same API key.",
             parameter="taskUUID", type="string")
-    record = results.get(task.taskUUID, ctx.owner)
+    record = await results.get(task.taskUUID, ctx.owner)
     status = "error" if stopped or record is None else record.status
     yield Cancellation(taskType="cancelTask", taskUUID=task.taskUUID, cancelled=stopped, status=status)
 

@@ -26,7 +26,7 @@ class RecordedErrors(TaskError):
 
 async def run(task: GetResponse, ctx: TaskContext) -> AsyncIterator[dict[str, Any]]:
     registry = ctx.services.results
-    record = registry.get(task.taskUUID, ctx.owner)
+    record = await registry.get(task.taskUUID, ctx.owner)
     if record is None:
         raise TaskNotFound(
             f"No task with taskUUID {task.taskUUID} is known: getResponse answers for tasks sent by the same "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import runpy
+import shutil
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import pytest_asyncio
 
 from imagewire.server.app import ImagewireServer
 from imagewire.server.config import Config
+from tests.redis_process import RedisProcess
 from tests.timing import seconds
 from tests.wire import API_KEY
 
@@ -135,3 +137,41 @@ def s3_bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     bucket = f"imagewire-{os.urandom(6).hex()}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
     return bucket
+
+
+@pytest.fixture(scope="session")
+def redis_executable() -> str:
+    """redis-server's path; the test is skipped without it or without redis-py, unless IMAGEWIRE_REQUIRE_REDIS=1
+    (CI) makes that a failure."""
+    required = os.environ.get("IMAGEWIRE_REQUIRE_REDIS") == "1"
+    executable = shutil.which("redis-server")
+    if executable is None:
+        if required:
+            pytest.fail("IMAGEWIRE_REQUIRE_REDIS=1 but redis-server is not installed (apt-get install redis-server)")
+        pytest.skip("the shared-state tests need redis-server (apt-get install redis-server)")
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        if required:
+            pytest.fail("IMAGEWIRE_REQUIRE_REDIS=1 but redis-py is not installed (pip install -e '.[redis]')")
+        pytest.skip("the shared-state tests need redis-py: pip install -e '.[redis]'")
+    return executable
+
+
+@pytest.fixture(scope="session")
+def redis_server(redis_executable: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A redis-server of our own for the whole session (tests/redis_process.py)."""
+    server = RedisProcess(redis_executable, tmp_path_factory.mktemp("redis"))
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: str) -> str:
+    """The session's Redis, emptied for this test."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server)
+    client.flushall()
+    client.close()
+    return redis_server

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from imagewire.server.auth import load_or_create_key, new_api_key
-from imagewire.server.config import parse_args
+from imagewire.server.config import parse_args, shown_url
 
 
 @pytest.fixture(autouse=True)
@@ -121,3 +121,16 @@ def test_model_memory_flags_and_their_environment(monkeypatch):
 ])
 def test_bad_model_memory_values_stop_the_start(argv, message, capsys):
     assert message in parse_error(argv, capsys)
+
+
+def test_shared_state_is_in_memory_by_default_and_in_redis_by_flag_or_environment(monkeypatch, capsys):
+    assert parse_args([]).state is None
+    assert parse_args(["--state", "redis://10.0.0.7:6379/2"]).state == "redis://10.0.0.7:6379/2"
+    assert parse_args(["--state", "rediss://:pw@redis.internal:6380"]).state == "rediss://:pw@redis.internal:6380"
+    monkeypatch.setenv("IMAGEWIRE_STATE", "redis://127.0.0.1:6379/0")
+    assert parse_args([]).state == "redis://127.0.0.1:6379/0"
+    for wrong in ("127.0.0.1:6379", "redis://127.0.0.1:6379/zero", "http://127.0.0.1:6379"):
+        assert (f"argument --state: expected redis://HOST:PORT/DB (or rediss:// for TLS), got '{wrong}'"
+                in parse_error(["--state", wrong], capsys))
+    assert shown_url("redis://:hunter2@10.0.0.7:6379/0") == "redis://:***@10.0.0.7:6379/0"
+    assert shown_url("rediss://user:hunter2@10.0.0.7/0") == "rediss://user:***@10.0.0.7/0"

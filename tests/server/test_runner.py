@@ -84,7 +84,7 @@ async def test_a_sync_task_streams_each_item_and_is_recorded(runner: TaskRunner,
         await asyncio.wait_for(running, seconds(10))
     assert [frame for frame, _ in replies.frames] == [[{"taskType": "modelSearch", "taskUUID": task.taskUUID,
                                                         "index": i}] for i in range(2)]
-    record = runner.registry.get(task.taskUUID, OWNER)
+    record = await runner.registry.get(task.taskUUID, OWNER)
     assert record is not None and record.status == "success" and len(record.items) == 2
     assert runner.admission.unfinished() == 0
     [line] = [r.getMessage() for r in caplog.records if "outcome=" in r.getMessage()]
@@ -99,7 +99,7 @@ async def test_a_task_that_fails_its_checks_is_answered_at_once_and_not_recorded
     assert await start(runner, task_type(results(1), prepare=refuse), task, replies) is None
     assert replies.errors == [{"code": "invalidParameter", "message": "no such thing", "parameter": "search",
                                "taskType": "modelSearch", "taskUUID": task.taskUUID}]
-    assert runner.registry.get(task.taskUUID, OWNER) is None
+    assert await runner.registry.get(task.taskUUID, OWNER) is None
     assert runner.admission.unfinished() == 0
 
 
@@ -110,7 +110,7 @@ async def test_an_async_task_is_acknowledged_and_its_results_kept_not_sent(runne
     assert running is not None
     await asyncio.wait_for(running, seconds(10))
     assert replies.frames == [([schema.Acknowledgement(taskType="modelSearch", taskUUID=task.taskUUID)], [])]
-    record = runner.registry.get(task.taskUUID, OWNER)
+    record = await runner.registry.get(task.taskUUID, OWNER)
     assert record is not None and [item["index"] for item in record.items] == [0, 1]
 
 
@@ -155,7 +155,7 @@ async def test_our_own_bug_is_an_internal_error_without_details(runner: TaskRunn
     assert running is not None
     await running
     assert replies.errors[0]["code"] == "internalServerError" and "secret" not in replies.errors[0]["message"]
-    record = runner.registry.get(task.taskUUID, OWNER)
+    record = await runner.registry.get(task.taskUUID, OWNER)
     assert record is not None and record.status == "error"
 
 
