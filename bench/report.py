@@ -149,8 +149,9 @@ def _cluster(results: dict[str, Any]) -> str:
     rows = [[row["engine"], row["replicas"] or "-", row["latency_ms"]["p50"], row["latency_ms"]["p99"],
              row["overhead_p50_ms"], row["images_per_s"], _ratio(row["throughput_vs_local"])]
             for row in cluster["rows"]]
-    return (f"{cluster['workload']}; latency: {cluster['sequential']} tasks one at a time; throughput: "
-            f"{cluster['connections']} connections × {cluster['tasks_per_connection']} tasks\n\n"
+    return (f"{cluster['workload']}; per round and configuration, latency: {cluster['sequential']} tasks one at a "
+            f"time; throughput: {cluster['connections']} connections × {cluster['tasks_per_connection']} tasks; "
+            f"{cluster['rounds']} round(s), each a fresh server\n\n"
             + table(["engine", "replicas", "p50 ms", "p99 ms", "p50 over local, ms", "images/s", "vs local"], rows))
 
 
