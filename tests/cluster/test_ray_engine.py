@@ -38,6 +38,8 @@ JOIN = re.compile(r"--ray-address (\S+)")
 MODELS = ("test:tiny-b@1", "test:tiny-c@1")
 # About ten seconds on a shared 2-core machine: time to find the replica running it and kill it.
 SLOW = {"steps": 100, "width": 256, "height": 256}
+# Far longer (a minute or more), so that it is still running when the cancel comes; cancelled, it costs seconds.
+SLOWER = {"steps": 100, "width": 512, "height": 512}
 
 
 class Gateway:
@@ -257,6 +259,37 @@ async def test_the_cluster_serves_on_after_a_replica_died(cluster: Cluster) -> N
         return len(await asyncio.to_thread(cluster.board)) == 2
 
     await eventually(two_replicas, timeout=seconds(180))
+
+
+async def test_a_cancel_reaches_the_replica_running_the_task(cluster: Cluster) -> None:
+    gateway, air = cluster.gateways[1], MODELS[1]
+    await run_on(gateway, inference(model=air))   # its replica holds the model (see the test above)
+    slow = inference(model=air, seed=3, **SLOWER)
+    wire = await Wire.open(gateway.url)
+    try:
+        await wire.send([slow])
+
+        def holder() -> dict | None:
+            return next((replica for replica in cluster.board() if slow["taskUUID"] in replica["jobs"]), None)
+
+        before = await eventually(holder, timeout=seconds(120))
+        await wire.send([{"taskType": "cancelTask", "taskUUID": slow["taskUUID"]}])
+        # The cancelTask answer carries the same taskUUID: wait for the imageInference task's own answer.
+        while not (answers := [item for item in (await wire.receive()).get("errors", [])
+                               if item.get("taskType") == "imageInference"]):
+            pass
+        assert answers[0]["code"] == "taskCancelled" and answers[0]["taskUUID"] == slow["taskUUID"]
+
+        def let_go() -> dict | None:
+            replica = next(replica for replica in cluster.board() if replica["name"] == before["name"])
+            return replica if slow["taskUUID"] not in replica["jobs"] else None
+
+        after = await eventually(let_go, timeout=seconds(60))
+    finally:
+        await wire.close()
+    # The replica's call ended without an answer: cancelled there, not run to its end.
+    assert after["runs"].get(air, 0) == before["runs"].get(air, 0)
+    assert f"taskUUID={slow['taskUUID']}" in cluster.gateways[0].log   # the replica's own lines, via gateway A
 
 
 def test_without_a_cluster_at_ray_address_the_start_fails_with_one_line(tmp_path: Path) -> None:
