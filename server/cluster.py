@@ -40,6 +40,7 @@ log = logging.getLogger("imagewire.cluster")
 LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 NAMESPACE = "imagewire"
 CONNECT_TIMEOUT = 5.0        # seconds to reach --ray-address before saying that nothing answers there
+JOIN_TIMEOUT = 30.0          # seconds for Ray to join the cluster there
 DEPLOY_TIMEOUT = 900.0       # seconds the replicas get to start (imports, the default model's load)
 FIRST_EVENT_TIMEOUT = 120.0  # a job no replica has taken by then answers serviceUnavailable
 BOARD_READ_INTERVAL = 1.0
@@ -74,6 +75,29 @@ def _use_token_if_any() -> None:
     if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") \
             or os.path.exists(os.path.expanduser("~/.ray/auth_token")):
         os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def _join(ray: Any, address: str) -> None:
+    """``ray.init`` at ``address``, within ``JOIN_TIMEOUT``: Ray itself retries without end when what answers
+    there is not a Ray GCS, or refuses this machine's token."""
+    failure: list[BaseException] = []
+
+    def join() -> None:
+        try:
+            ray.init(address=address, namespace=NAMESPACE, configure_logging=False)
+        except BaseException as exc:  # handed to the caller
+            failure.append(exc)
+
+    joining = threading.Thread(target=join, name="imagewire-ray-join", daemon=True)
+    joining.start()
+    joining.join(JOIN_TIMEOUT)
+    if joining.is_alive():
+        raise ValueError(f"--ray-address {address}: no Ray cluster answered there within {JOIN_TIMEOUT:.0f} s; is it "
+                         "the head's GCS port, and does this machine have the cluster's token (RAY_AUTH_TOKEN)?")
+    if failure:
+        why = str(failure[0]).strip()
+        raise ValueError(f"--ray-address {address}: joining the Ray cluster failed: "
+                         + (why.splitlines()[0] if why else type(failure[0]).__name__))
 
 
 @dataclass(frozen=True)
@@ -222,7 +246,7 @@ class RayDevice:
         except ImportError:
             raise ValueError("--engine ray needs Ray Serve: pip install 'imagewire[cluster]'") from None
         if self.config.ray_address is not None:
-            ray.init(address=self.config.ray_address, namespace=NAMESPACE, configure_logging=False)
+            _join(ray, self.config.ray_address)
         else:
             ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, namespace=NAMESPACE,
                      configure_logging=False)

@@ -304,3 +304,18 @@ def test_without_a_cluster_at_ray_address_the_start_fails_with_one_line(tmp_path
     assert result.stderr.strip().splitlines() == [
         f"imagewire-server: error: --ray-address 127.0.0.1:{port}: no Ray cluster answers there (Connection refused); "
         "start one with `ray start --head` or leave --ray-address out to start one on this machine"]
+
+
+def test_a_port_that_is_no_ray_cluster_fails_the_start_within_a_bound(tmp_path: Path) -> None:
+    with socket.socket() as listener:   # accepts connections and never answers, as a wrong service might
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        port = listener.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "imagewire.server", "--engine", "ray", "--ray-address", f"127.0.0.1:{port}",
+             "--data-dir", str(tmp_path), "--port", "0", "--api-key", API_KEY],
+            capture_output=True, text=True, timeout=seconds(120), cwd=ROOT)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"imagewire-server: error: --ray-address 127.0.0.1:{port}: no Ray cluster answered there within 30 s; "
+        "is it the head's GCS port, and does this machine have the cluster's token (RAY_AUTH_TOKEN)?")
