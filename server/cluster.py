@@ -135,7 +135,6 @@ class RemoteJob:
 
     job: Job
     on_event: Callable[[JobEvent], None] | None = None
-    submitted_at: float = field(default_factory=time.perf_counter)
     queue_seconds: float = 0.0
     compute_seconds: float = 0.0
     device_seconds: float = 0.0
