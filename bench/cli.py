@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import render, write
-from bench.runner import SECTIONS, RunOptions, run
+from bench.runner import DEFAULT_SECTIONS, SECTIONS, RunOptions, run
 from bench.server_process import REPO_ROOT
 from bench.workloads import FULL_CPU, FULL_GPU, QUICK, cpu_suite, gpu_suite
 
@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="a few requests per section: checks the harness works")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the JSON and Markdown results")
     parser.add_argument("--sections", type=lambda text: _names(text, SECTIONS, "--sections"),
-                        default=SECTIONS, help="comma-separated subset of " + ", ".join(SECTIONS))
+                        default=DEFAULT_SECTIONS, help="comma-separated subset of " + ", ".join(SECTIONS)
+                        + "; cluster (--engine local beside --engine ray with 1, 2, … replicas) runs only when named")
     parser.add_argument("--quiet-wait", type=float, default=None, metavar="SECONDS",
                         help="before each measurement, wait up to this long for other processes to leave the CPU "
                              "idle (default 60, 0 with --quick; 0 never waits)")

@@ -142,6 +142,19 @@ def _memory(results: dict[str, Any]) -> str:
             + f"\n\nRSS (MiB) by tasks done ({', '.join(memory['workloads'])}): {samples}")
 
 
+def _cluster(results: dict[str, Any]) -> str:
+    cluster = results["cluster"]
+    if cluster.get("skipped"):
+        return f"skipped: {cluster['skipped']}"
+    rows = [[row["engine"], row["replicas"] or "-", row["latency_ms"]["p50"], row["latency_ms"]["p99"],
+             row["overhead_p50_ms"], row["images_per_s"], _ratio(row["throughput_vs_local"])]
+            for row in cluster["rows"]]
+    return (f"{cluster['workload']}; per round and configuration, latency: {cluster['sequential']} tasks one at a "
+            f"time; throughput: {cluster['connections']} connections × {cluster['tasks_per_connection']} tasks; "
+            f"{cluster['rounds']} round(s), each a fresh server\n\n"
+            + table(["engine", "replicas", "p50 ms", "p99 ms", "p50 over local, ms", "images/s", "vs local"], rows))
+
+
 def _conditions(results: dict[str, Any]) -> str:
     rows = [[label, values["foreign_cpu_cores"], values["foreign_cpu_cores_before"]]
             for label, values in results["conditions"].items()]
@@ -162,6 +175,7 @@ _SECTIONS = (
     ("uploads", "imageUpload with a data URI (sequential)", _uploads),
     ("encoding", "Output encoding in-process (storage.encode)", _encoding),
     ("memory", "Server memory", _memory),
+    ("cluster", "Cluster: --engine local beside --engine ray", _cluster),
     ("conditions", "Machine load from other processes", _conditions),
     ("checks", "Targets", _checks),
 )

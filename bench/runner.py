@@ -12,6 +12,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from bench.cluster import cluster_section
 from bench.concurrency import concurrency_section
 from bench.context import BenchContext, Conditions, progress
 from bench.environment import describe
@@ -25,7 +26,9 @@ from bench.uploads import encoding_section, upload_section
 from bench.workloads import GPU_SIZES, GPU_STEPS, GPU_STRENGTH, Budget, Suite
 from imagewire.server.auth import new_api_key
 
-SECTIONS = ("latency", "concurrency", "neighbour", "uploads", "encoding", "memory")
+SECTIONS = ("latency", "concurrency", "neighbour", "uploads", "encoding", "memory", "cluster")
+# Run only when named in --sections: the cluster section starts Ray clusters and needs the [cluster] extra.
+DEFAULT_SECTIONS = tuple(name for name in SECTIONS if name != "cluster")
 
 # The CPU suite's targets (issue 4), checked on its first latency and concurrency workload.
 TARGET_SERVED_OVER_RAW_P50 = 1.05
@@ -156,6 +159,10 @@ async def run(options: RunOptions) -> dict[str, Any]:
             finally:
                 await asyncio.to_thread(server.stop)
                 conditions.our_pids = []
+        if "cluster" in sections:
+            # Not through ``measured``: Ray's processes are not the server's children it counts as ours.
+            results["cluster"] = await cluster_section(suite, quick=options.quick, data_dir=data_dir, api_key=api_key,
+                                                       catalogs=catalogs, env=options.server_env)
     results["conditions"] = conditions.by_section
     results["repeated_blocks"] = conditions.repeated_blocks
     results["checks"] = check_targets(results) if suite.name == "cpu" else []

@@ -18,7 +18,7 @@ from imagewire.server.admission import Admission, DeviceTime
 from imagewire.server.auth import ApiKeys, load_or_create_key
 from imagewire.server.config import Config, shown_url
 from imagewire.server.connection import GOING_AWAY, Connection, WaitingRoom
-from imagewire.server.device import DeviceQueue, Engine
+from imagewire.server.device import DeviceQueue, DeviceService, Engine
 from imagewire.server.http import HttpRoutes
 from imagewire.server.inbound import FrameCounter, InboundBudget
 from imagewire.server.listener import HandshakeGuard, client_address, networks, request_arrived_middleware
@@ -70,9 +70,12 @@ def _require_preloadable(flag: str, name: str, entry: ModelEntry) -> None:
 
 
 class ImagewireServer:
+    device: DeviceService
+
     def __init__(self, config: Config, *, engine_factory: Callable[[], Engine] | None = None,
                  preload: bool = True) -> None:
         self.config = config
+        self.given_engine_factory = engine_factory
         self.engine_factory = engine_factory or diffusers_engine_factory(config)
         self.preload = preload
         self.generated_key: str | None = None
@@ -111,6 +114,8 @@ class ImagewireServer:
         preloads = self._preloads(catalog, default_model)
         self.device = DeviceQueue(self.engine_factory, queue_size=config.queue_size,
                                   max_batch_size=config.max_batch_size, max_passed_over=config.max_passed_over)
+        if config.engine == "ray":
+            self.device = self._ray_device(preloads)
         fetcher = UrlFetcher(allow_private=config.allow_private_urls, max_bytes=config.max_image_bytes,
                              timeout=config.url_fetch_timeout)
         self.store = await asyncio.to_thread(open_store, config)
@@ -213,6 +218,18 @@ class ImagewireServer:
             _require_preloadable("--preload", name, entry)
             entries.setdefault(entry.air, entry)
         return list(entries.values())
+
+    def _ray_device(self, preloads: list[ModelEntry]) -> DeviceService:
+        """Ray Serve replicas as the device (``--engine ray``); Ray is imported only here."""
+        import functools
+
+        from imagewire.server.cluster import RayDevice, given_engine
+
+        # What each replica builds its engine with, from its own settings (its device): sent to the replicas,
+        # so a module-level function, or the factory this server was given.
+        engine_for = (diffusers_engine_factory if self.given_engine_factory is None
+                      else functools.partial(given_engine, self.given_engine_factory))
+        return RayDevice(self.config, preloads, engine_for=engine_for)
 
     def _web_server(self) -> asyncio.Protocol:
         """aiohttp's protocol for one new connection."""

@@ -10,6 +10,7 @@ import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from imagewire.storage.s3 import S3Location
 
@@ -71,6 +72,12 @@ class Config:
     ram_models: int = 0
     preload: tuple[str, ...] = ()
     max_passed_over: int = 4               # times a queued job may be passed over for one whose model is loaded
+    # The compute plane: the device in this process ("local"), or Ray Serve replicas ("ray", docs/cluster.md).
+    engine: str = "local"
+    ray_address: str | None = None   # HOST:PORT of a running Ray cluster's GCS; None: start one on 127.0.0.1
+    replicas: int = 1                # fixed replica count, unless min_replicas/max_replicas autoscale
+    min_replicas: int | None = None
+    max_replicas: int | None = None
 
     @property
     def base_url(self) -> str:
@@ -122,6 +129,13 @@ def _http_url(text: str) -> str:
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise argparse.ArgumentTypeError(f"expected an http:// or https:// URL, got {text!r}")
     return text.strip().rstrip("/")
+
+
+def _host_port(text: str) -> str:
+    host, _, port = text.strip().rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT (the Ray head's GCS address), got {text!r}")
+    return f"{host}:{int(port)}"
 
 
 def _store(text: str) -> str:
@@ -300,6 +314,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="API keys take turns; within them the device takes a queued job whose model is loaded before ones "
              "whose model is not, but passes over no job more than this many times; 0 keeps strict turns "
              "[IMAGEWIRE_MAX_PASSED_OVER]")
+    cluster = parser.add_argument_group("compute plane (docs/cluster.md)")
+    cluster.add_argument(
+        "--engine", choices=["local", "ray"], default=_env("ENGINE", "local"),
+        help="local: this process runs the device; ray: Ray Serve replicas do, each with its own device queue "
+             "and engine, and this server is a gateway to them; needs pip install 'imagewire[cluster]' "
+             "[IMAGEWIRE_ENGINE]")
+    cluster.add_argument(
+        "--ray-address", type=_host_port, default=_env("RAY_ADDRESS"), metavar="HOST:PORT",
+        help="with --engine ray: join the running Ray cluster whose head is there (several gateways may join one "
+             "and share its replicas); without it a cluster of this machine alone is started on 127.0.0.1 "
+             "[IMAGEWIRE_RAY_ADDRESS]")
+    cluster.add_argument(
+        "--replicas", type=COUNT, default=_env("REPLICAS", "1"), metavar="N",
+        help="with --engine ray: replicas, one device each (a GPU each where the cluster has GPUs, else CPU) "
+             "[IMAGEWIRE_REPLICAS]")
+    cluster.add_argument(
+        "--min-replicas", type=AMOUNT, default=_env("MIN_REPLICAS"), metavar="N",
+        help="with --engine ray and --max-replicas: autoscale between these bounds on queue depth instead of "
+             "a fixed --replicas [IMAGEWIRE_MIN_REPLICAS]")
+    cluster.add_argument(
+        "--max-replicas", type=COUNT, default=_env("MAX_REPLICAS"), metavar="N",
+        help="with --engine ray: the most replicas autoscaling starts [IMAGEWIRE_MAX_REPLICAS]")
     return parser
 
 
@@ -369,7 +405,21 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         civitai_url=args.civitai_url,
         civitai_token=args.civitai_token,
         safety_checker=args.safety_checker,
+        **_compute_plane(args),
     )
+
+
+def _compute_plane(args: argparse.Namespace) -> dict[str, Any]:
+    """The --engine flags, checked together: one line names what does not fit."""
+    parser = build_parser()
+    if args.engine != "ray" and args.ray_address is not None:
+        parser.error("--ray-address needs --engine ray")
+    if (args.min_replicas is None) != (args.max_replicas is None):
+        parser.error("--min-replicas and --max-replicas go together (autoscaling between them)")
+    if args.min_replicas is not None and args.min_replicas > args.max_replicas:
+        parser.error(f"--min-replicas {args.min_replicas} is more than --max-replicas {args.max_replicas}")
+    return {"engine": args.engine, "ray_address": args.ray_address, "replicas": args.replicas,
+            "min_replicas": args.min_replicas, "max_replicas": args.max_replicas}
 
 
 def _gib(value: float) -> int | None:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from imagewire.tasks.errors import InferenceError, ServiceUnavailable, TaskError
-from imagewire.tasks.jobs import Emit, Job, JobEvent, Queued, Step
+from imagewire.tasks.jobs import Emit, Job, JobEvent, JobProgress, Queued, Step
 
 if TYPE_CHECKING:
     from imagewire.air_registry import ModelEntry
@@ -67,6 +67,51 @@ class Engine(Protocol):
         ...
 
 
+class DeviceService(Protocol):
+    """What the server needs of its compute plane: the ``DeviceQueue`` of this process (``--engine local``), or
+    ``server/cluster.py``'s ``RayDevice`` in front of Ray Serve replicas, each running a ``DeviceQueue``
+    (``--engine ray``). The task layer sees the ``submit`` part of it only (``tasks/context.py`` ``Device``)."""
+
+    # Hooks the server sets: after each call (metrics) and each API key's share of device time (its budget).
+    on_call: Callable[[int, float, float], None] | None
+    on_use: Callable[[str, float], None] | None
+
+    @property
+    def unavailable_samplers(self) -> Mapping[str, str]: ...
+
+    @property
+    def loaded_models(self) -> Mapping[str, str]: ...
+
+    @property
+    def pending(self) -> int:
+        """Jobs waiting for a device."""
+        ...
+
+    @property
+    def ready(self) -> bool:
+        """Taking jobs, with a live worker behind."""
+        ...
+
+    @property
+    def busy(self) -> bool:
+        """Whether work of this process is still on a device (after ``stop``: a job it could not finish)."""
+        ...
+
+    def start(self) -> None:
+        """Blocking (call it from a thread): ready to take jobs when it returns; raises why not."""
+
+    def preload(self, model: ModelEntry) -> threading.Event: ...
+
+    def device_memory(self) -> Mapping[str, int]: ...
+
+    def submit(self, job: Job, on_event: Callable[[JobEvent], None] | None = None) -> JobProgress[Any]: ...
+
+    def close_intake(self) -> None: ...
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Blocking: let queued jobs finish (for up to ``timeout`` seconds), then let go of the device."""
+
+
 _DONE = object()
 
 
@@ -87,6 +132,7 @@ class JobHandle:
     finished_at: float | None = None
     cancelled: bool = False      # read by the worker thread between steps
     passed_over: int = 0         # times a job behind it in turn order went first because its model was loaded
+    device_seconds: float = 0.0  # its share of the device time of the calls it was in (split by images)
     _queue: _WorkQueue | None = None
 
     @property
@@ -311,11 +357,13 @@ class DeviceQueue:
         try:
             engine.run([handle.job for handle in handles], emit)
         finally:
-            if self.on_use is not None:
-                seconds = time.perf_counter() - started
-                images = sum(max(1, handle.job.images) for handle in handles)
-                for handle in handles:
-                    self.on_use(handle.job.owner, seconds * max(1, handle.job.images) / images)
+            seconds = time.perf_counter() - started
+            images = sum(max(1, handle.job.images) for handle in handles)
+            for handle in handles:
+                share = seconds * max(1, handle.job.images) / images
+                handle.device_seconds += share
+                if self.on_use is not None:
+                    self.on_use(handle.job.owner, share)
 
     def _fail(self, engine: Engine, handle: JobHandle, exc: Exception) -> None:
         if isinstance(exc, TaskError):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from imagewire.server.device import DeviceQueue
+from imagewire.server.device import DeviceService
 from imagewire.server.inbound import FrameCounter, InboundBudget
 from imagewire.server.listener import count_frames
 from imagewire.server.metrics import CONTENT_TYPE, Metrics
@@ -37,7 +37,7 @@ def text(body: str, status: int = 200) -> web.Response:
 
 
 class HttpRoutes:
-    def __init__(self, *, store: ImageStorage, device: DeviceQueue, metrics: Metrics, max_message_bytes: int,
+    def __init__(self, *, store: ImageStorage, device: DeviceService, metrics: Metrics, max_message_bytes: int,
                  inbound: InboundBudget, serve_socket: SocketHandler, rest: RequestHandler) -> None:
         self.store = store
         self.inbound = inbound

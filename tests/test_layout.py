@@ -144,13 +144,23 @@ def test_the_protocol_side_imports_no_torch() -> None:
         "import imagewire.tasks.supported, imagewire.storage, imagewire.air_registry\n"
         "from imagewire.air_registry import Catalog, resolve_sampler\n"
         "Catalog.load().resolve('tiny'); resolve_sampler('Euler a')\n"
-        "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'huggingface_hub') if m in sys.modules]\n"
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'huggingface_hub', 'ray') if m in sys.modules]\n"
         "print(','.join(heavy))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                             timeout=seconds(60), check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ""
+
+
+# Ray (the [cluster] extra) is for --engine ray only: the gateway's compute plane and the replica beside it.
+RAY_MODULES = {"imagewire.server.cluster", "imagewire.server.replica"}
+
+
+def test_only_the_compute_plane_on_ray_imports_ray() -> None:
+    importing = {name for name, path in MODULES.items()
+                 for _, imported in imported_modules(path) if imported.split(".")[0] == "ray"}
+    assert importing == RAY_MODULES
 
 
 @pytest.fixture(scope="module")

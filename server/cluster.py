@@ -1,0 +1,454 @@
+"""The gateway's compute plane on Ray Serve (``--engine ray``): ``RayDevice`` stands where ``DeviceQueue`` stands
+in a one-process server (``server/device.py`` ``DeviceService``), and sends each job to a replica
+(``server/replica.py``) through a Serve deployment handle, streaming its events back. Nothing above the device
+changes: the task modules still submit a job and iterate its results.
+
+Imported only with ``--engine ray``; it imports Ray inside its functions, after deciding how Ray must bind.
+
+Where Ray listens. Ray resolves a node address of 127.0.0.1 to the machine's outward address unless
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (then it keeps loopback, as it does on a laptop), and that variable is read
+when Ray is imported. So for a cluster of this machine alone (no ``--ray-address``, or a loopback one) the
+gateway sets it before importing Ray; the processes of a cluster it starts inherit it. Replicas bind Serve's
+gRPC server to loopback too (``replica.keep_serve_on_loopback``); the dashboard and Serve's HTTP proxy are off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from imagewire.server.config import Config
+from imagewire.server.device import Engine
+from imagewire.tasks.errors import InferenceError, ServiceUnavailable, TaskError
+from imagewire.tasks.jobs import Job, JobEvent, Queued, Step
+
+if TYPE_CHECKING:
+    from ray.serve.handle import DeploymentHandle
+
+    from imagewire.air_registry import ModelEntry
+
+log = logging.getLogger("imagewire.cluster")
+
+LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+NAMESPACE = "imagewire"
+CONNECT_TIMEOUT = 5.0        # seconds to reach --ray-address before saying that nothing answers there
+JOIN_TIMEOUT = 30.0          # seconds for Ray to join the cluster there
+DEPLOY_TIMEOUT = 900.0       # seconds the replicas get to start (imports, the default model's load)
+FIRST_EVENT_TIMEOUT = 120.0  # a job no replica has taken by then answers serviceUnavailable
+BOARD_READ_INTERVAL = 1.0
+ATTEMPTS = 2                 # a job whose replica died before sending any image goes once more elsewhere
+
+
+def is_loopback(address: str | None) -> bool:
+    if address is None:
+        return True
+    host = address.rpartition(":")[0].strip("[]")
+    return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
+def _check_reachable(address: str) -> None:
+    """One clear line when nothing listens at ``--ray-address`` (Ray itself would retry for a minute)."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__.replace("Error", " error").lower()
+        raise ValueError(f"--ray-address {address}: no Ray cluster answers there ({reason}); start one with "
+                         "`ray start --head` or leave --ray-address out to start one on this machine") from None
+
+
+def _use_token_if_any() -> None:
+    """Present this machine's Ray token when joining by address, as Ray itself does only for a cluster it finds
+    without one: a cluster started by ``ray.init`` or ``ray start`` asks for the token it wrote to
+    ``~/.ray/auth_token``. An explicit ``RAY_AUTH_MODE`` wins."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") \
+            or os.path.exists(os.path.expanduser("~/.ray/auth_token")):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def _join(ray: Any, address: str) -> None:
+    """``ray.init`` at ``address``, within ``JOIN_TIMEOUT``: Ray itself retries without end when what answers
+    there is not a Ray GCS, or refuses this machine's token."""
+    failure: list[BaseException] = []
+
+    def join() -> None:
+        try:
+            ray.init(address=address, namespace=NAMESPACE, configure_logging=False)
+        except BaseException as exc:  # handed to the caller
+            failure.append(exc)
+
+    joining = threading.Thread(target=join, name="imagewire-ray-join", daemon=True)
+    joining.start()
+    joining.join(JOIN_TIMEOUT)
+    if joining.is_alive():
+        raise ValueError(f"--ray-address {address}: no Ray cluster answered there within {JOIN_TIMEOUT:.0f} s; is it "
+                         "the head's GCS port, and does this machine have the cluster's token (RAY_AUTH_TOKEN)?")
+    if failure:
+        why = str(failure[0]).strip()
+        raise ValueError(f"--ray-address {address}: joining the Ray cluster failed: "
+                         + (why.splitlines()[0] if why else type(failure[0]).__name__))
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """How many replicas, on what: from the flags and what the cluster has."""
+
+    num_replicas: int | None
+    autoscaling: Mapping[str, Any] | None
+    actor_options: Mapping[str, Any]
+    device: str   # the device as the replica's engine names it (a replica sees its one GPU as "cuda")
+
+    @classmethod
+    def of(cls, config: Config, cluster_gpus: float) -> ClusterOptions:
+        wants_gpu = config.device.startswith("cuda") or (config.device == "auto" and cluster_gpus > 0)
+        actor_options = {"num_gpus": 1} if wants_gpu else {"num_cpus": 1}
+        autoscaling = None
+        if config.max_replicas is not None:
+            # Serve scales on each replica's ongoing requests: its device queue's waiting and running jobs.
+            # A replica with a full batch waiting is as busy as one device should be.
+            autoscaling = {"min_replicas": config.min_replicas or 0, "max_replicas": config.max_replicas,
+                           "initial_replicas": max(1, config.min_replicas or 0),
+                           "target_ongoing_requests": max(1, config.max_batch_size)}
+        return cls(num_replicas=None if autoscaling else config.replicas, autoscaling=autoscaling,
+                   actor_options=actor_options, device="cuda" if wants_gpu else "cpu")
+
+
+def given_engine(factory: Callable[[], Engine], _config: Config) -> Callable[[], Engine]:
+    """An engine factory that ignores the replica's settings (tests hand replicas an engine of their own)."""
+    return factory
+
+
+@dataclass(eq=False)
+class RemoteJob:
+    """A job on a replica, as its handler sees it (``JobProgress``): iterate it for chunks of results."""
+
+    job: Job
+    on_event: Callable[[JobEvent], None] | None = None
+    queue_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    device_seconds: float = 0.0
+    started: bool = False         # a step or a result came: it is on a device now
+    cancelled: bool = False
+    _results: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+    _driver: asyncio.Task[None] | None = None
+
+    async def __aiter__(self) -> AsyncIterator[Sequence[Any]]:
+        while True:
+            item = await self._results.get()
+            if item is None:
+                return
+            if isinstance(item, TaskError):
+                raise item
+            yield item
+
+    def cancel(self) -> None:
+        """Stop the job: Serve cancels the replica's call, so the job leaves its queue or stops at its next
+        step. Nothing after it arrives."""
+        if self.cancelled or self._driver is None or self._driver.done():
+            return
+        self.cancelled = True
+        self._driver.cancel()
+        self._results.put_nowait(None)
+
+
+class RayDevice:
+    """The device of a gateway: Ray Serve replicas, each with its own device queue and engine."""
+
+    def __init__(self, config: Config, preloads: Sequence[ModelEntry],
+                 engine_for: Callable[[Config], Callable[[], Engine]]) -> None:
+        self.config = config
+        self.preloads = list(preloads)
+        self.engine_for = engine_for
+        self.on_call: Callable[[int, float, float], None] | None = None
+        self.on_use: Callable[[str, float], None] | None = None
+        self._handle: DeploymentHandle | None = None
+        self._accepting = False
+        self._owns_cluster = False
+        self._waiting: set[RemoteJob] = set()
+        self._replicas: list[Mapping[str, Any]] = []
+        self._stopping = threading.Event()
+        self._reader: threading.Thread | None = None
+        self.address: str | None = None   # the GCS address other gateways join with
+
+    # ------------------------------------------------------------ what the server reads
+
+    @property
+    def replicas(self) -> list[Mapping[str, Any]]:
+        """The board as last read: one entry per live replica (``replica.Replica.state``)."""
+        return self._replicas
+
+    @property
+    def unavailable_samplers(self) -> Mapping[str, str]:
+        """Samplers some replica cannot run: a job may go to any of them."""
+        merged: dict[str, str] = {}
+        for state in self._replicas:
+            merged.update(state["unavailable_samplers"])
+        return merged
+
+    @property
+    def loaded_models(self) -> Mapping[str, str]:
+        """Each model some replica holds, at the best place any holds it ("device" before "ram")."""
+        merged: dict[str, str] = {}
+        for state in self._replicas:
+            for air, where in state["loaded_models"].items():
+                if merged.get(air) != "device":
+                    merged[air] = where
+        return merged
+
+    def device_memory(self) -> Mapping[str, int]:
+        total: dict[str, int] = {}
+        for state in self._replicas:
+            for kind, value in state["device_memory"].items():
+                total[kind] = total.get(kind, 0) + value
+        return total
+
+    @property
+    def pending(self) -> int:
+        """This gateway's jobs that no device has started yet."""
+        return len(self._waiting)
+
+    @property
+    def ready(self) -> bool:
+        return self._accepting and bool(self._replicas)
+
+    @property
+    def busy(self) -> bool:
+        """A gateway leaves no work of its own on a device: replicas are other processes."""
+        return False
+
+    # ------------------------------------------------------------ start and stop
+
+    def start(self) -> None:
+        """Join (or start) the cluster, deploy the replicas unless another gateway did, wait for them to run.
+
+        Blocking: call it from a thread. Raises ValueError with one line when the cluster cannot be used.
+        """
+        if is_loopback(self.config.ray_address):
+            os.environ.update(LOOPBACK_ONLY)
+        if self.config.ray_address is not None:
+            _check_reachable(self.config.ray_address)
+            _use_token_if_any()
+        try:
+            import ray
+            from ray import serve
+        except ImportError:
+            raise ValueError("--engine ray needs Ray Serve: pip install 'imagewire[cluster]'") from None
+        if self.config.ray_address is not None:
+            _join(ray, self.config.ray_address)
+        else:
+            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, namespace=NAMESPACE,
+                     configure_logging=False)
+            self._owns_cluster = True
+        self.address = ray.get_runtime_context().gcs_address
+        if self._owns_cluster:
+            log.info("started a Ray cluster on %s; other gateways join it with --engine ray --ray-address %s",
+                     self.address, self.address)
+        else:
+            log.info("joined the Ray cluster at %s", self.address)
+        serve.start(proxy_location="Disabled")
+        self._handle = self._deploy(serve, ray.cluster_resources().get("GPU", 0.0))
+        self._read_board()
+        self._reader = threading.Thread(target=self._read_board_forever, name="imagewire-board", daemon=True)
+        self._reader.start()
+        self._accepting = True
+
+    def _deploy(self, serve: Any, cluster_gpus: float) -> DeploymentHandle:
+        from imagewire.server.replica import APP_NAME, DEPLOYMENT_NAME, Replica
+
+        if _state(serve, APP_NAME) in ("RUNNING", "DEPLOYING"):
+            log.info("the cluster runs imagewire replicas already: this gateway shares them (its own "
+                     "--replicas and model flags do not apply to them)")
+        else:
+            options = ClusterOptions.of(self.config, cluster_gpus)
+            replica_config = dataclasses.replace(self.config, device=options.device)
+            deployment = serve.deployment(
+                Replica, name=DEPLOYMENT_NAME, num_replicas=options.num_replicas,
+                autoscaling_config=dict(options.autoscaling) if options.autoscaling else None,
+                ray_actor_options=dict(options.actor_options),
+                # The replica's device queue does the queueing and batching: let Serve hand it all it holds. Past
+                # that, jobs wait at the gateway, up to --queue-size of them, then serviceUnavailable.
+                max_ongoing_requests=self.config.queue_size, max_queued_requests=self.config.queue_size,
+                graceful_shutdown_timeout_s=self.config.shutdown_grace)
+            scale = (f"{options.autoscaling['min_replicas']}-{options.autoscaling['max_replicas']} autoscaled"
+                     if options.autoscaling else str(options.num_replicas))
+            log.info("deploying %s replicas on %s", scale, "a GPU each" if options.device == "cuda" else "CPU")
+            serve._run(deployment.bind(replica_config, self.engine_for, self.preloads), name=APP_NAME,
+                       route_prefix=None, _blocking=False)
+        self._wait_running(serve, APP_NAME)
+        handle: DeploymentHandle = serve.get_app_handle(APP_NAME)
+        return handle
+
+    @staticmethod
+    def _wait_running(serve: Any, app_name: str) -> None:
+        deadline = time.monotonic() + DEPLOY_TIMEOUT
+        while True:
+            state = _state(serve, app_name)
+            if state == "RUNNING":
+                return
+            if state in ("DEPLOY_FAILED", "UNHEALTHY"):
+                message = serve.status().applications[app_name].message
+                raise ValueError("--engine ray: the replicas failed to start"
+                                 + (f": {message.strip().splitlines()[0]}" if message.strip() else ""))
+            if time.monotonic() > deadline:
+                raise ValueError(f"--engine ray: the replicas were not running after {DEPLOY_TIMEOUT:.0f} s "
+                                 f"({state}); does the cluster have the CPUs or GPUs they ask for?")
+            time.sleep(0.5)
+
+    def _read_board(self) -> None:
+        from imagewire.server.replica import read_board
+
+        try:
+            self._replicas = read_board()
+        except Exception:
+            log.warning("reading the replicas' board failed; keeping what it said before", exc_info=True)
+
+    def _read_board_forever(self) -> None:
+        while not self._stopping.wait(BOARD_READ_INTERVAL):
+            self._read_board()
+
+    def preload(self, model: ModelEntry) -> threading.Event:
+        """Replicas load the default and --preload models themselves when they start."""
+        done = threading.Event()
+        done.set()
+        return done
+
+    def close_intake(self) -> None:
+        self._accepting = False
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Let go of the cluster: a cluster this gateway started stops with it, a joined one keeps serving."""
+        self._accepting = False
+        self._stopping.set()
+        import ray
+
+        if self._owns_cluster:
+            from ray import serve
+
+            try:
+                serve.shutdown()
+            except Exception:
+                log.warning("stopping the replicas failed", exc_info=True)
+        ray.shutdown()
+
+    # ------------------------------------------------------------ jobs
+
+    def submit(self, job: Job, on_event: Callable[[JobEvent], None] | None = None) -> RemoteJob:
+        if not self._accepting or self._handle is None:
+            raise ServiceUnavailable("The server is shutting down and takes no new inference tasks.")
+        remote = RemoteJob(job, on_event=on_event)
+        self._waiting.add(remote)
+        remote._driver = asyncio.get_running_loop().create_task(self._drive(remote))
+        return remote
+
+    async def _drive(self, remote: RemoteJob) -> None:
+        """Stream the job's events from a replica; on a replica's death before any image came, once more."""
+        from ray.exceptions import ActorUnavailableError, RayActorError
+        from ray.serve.exceptions import BackPressureError
+
+        from imagewire.server.replica import routing_model
+
+        assert self._handle is not None
+        job, air = remote.job, routing_model(remote.job)
+        results_sent = False
+        try:
+            for attempt in range(1, ATTEMPTS + 1):
+                stream = self._handle.options(stream=True, multiplexed_model_id=air).run.remote(job)
+                try:
+                    async for event in _events(stream):
+                        results_sent |= self._take(remote, event)
+                    return
+                except (RayActorError, ActorUnavailableError) as exc:
+                    if results_sent or attempt == ATTEMPTS:
+                        log.error("taskUUID=%s: its replica stopped (%s)%s", job.task_uuid, type(exc).__name__,
+                                  " after sending images" if results_sent else ", twice")
+                        remote._results.put_nowait(InferenceError(
+                            "The worker running this task stopped before it finished"
+                            + (" (some images were sent already)" if results_sent else ", and so did the one it was "
+                               "retried on") + ". Other tasks are unaffected; retry it."))
+                        return
+                    log.warning("taskUUID=%s: its replica stopped (%s) before any image; trying another replica",
+                                job.task_uuid, type(exc).__name__)
+                finally:
+                    stream.cancel()
+        except BackPressureError:
+            remote._results.put_nowait(ServiceUnavailable(
+                f"The server is busy: {self.config.queue_size} inference tasks are already waiting. "
+                "Retry in a moment."))
+        except TimeoutError:
+            remote._results.put_nowait(ServiceUnavailable(
+                f"No worker took this task within {FIRST_EVENT_TIMEOUT:.0f} s; the cluster may have none running. "
+                "Retry in a moment."))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("taskUUID=%s: the call to its replica failed", job.task_uuid, exc_info=exc)
+            remote._results.put_nowait(InferenceError(
+                f"Inference failed ({type(exc).__name__}). Other tasks are unaffected; the server log has details."))
+        finally:
+            self._waiting.discard(remote)
+            remote._results.put_nowait(None)
+
+    def _take(self, remote: RemoteJob, event: tuple[Any, ...]) -> bool:
+        """Hand one event of the replica's on; True when it carried results."""
+        from imagewire.server.replica import rebuild_error
+
+        kind = event[0]
+        if kind == "queued":
+            if remote.on_event is not None and not remote.started:
+                remote.on_event(Queued(event[1]))
+            return False
+        if kind == "step":
+            self._started(remote)
+            step: Step = event[1]
+            if remote.on_event is not None:
+                remote.on_event(step)
+            return False
+        if kind == "results":
+            self._started(remote)
+            remote._results.put_nowait(event[1])
+            return True
+        if kind == "done":
+            remote.queue_seconds, remote.compute_seconds, remote.device_seconds = event[1:4]
+            finished = time.perf_counter()
+            if self.on_use is not None:
+                self.on_use(remote.job.owner, remote.device_seconds)
+            if self.on_call is not None and remote.device_seconds:
+                self.on_call(remote.job.images, finished - remote.device_seconds, finished)
+            return False
+        if kind == "error":
+            remote._results.put_nowait(rebuild_error(event))
+            return False
+        raise ValueError(f"unknown event from a replica: {kind!r}")
+
+    def _started(self, remote: RemoteJob) -> None:
+        remote.started = True
+        self._waiting.discard(remote)
+
+
+def _state(serve: Any, app_name: str) -> str:
+    """The Serve application's status by name (RUNNING, DEPLOYING, DEPLOY_FAILED, …), NOT_STARTED without one."""
+    status = serve.status().applications.get(app_name)
+    return "NOT_STARTED" if status is None else str(getattr(status.status, "value", status.status))
+
+
+async def _events(stream: Any) -> AsyncIterator[tuple[Any, ...]]:
+    """The stream's events; the first within ``FIRST_EVENT_TIMEOUT`` (a replica answers "queued" at once)."""
+    iterator = stream.__aiter__()
+    try:
+        first = await asyncio.wait_for(iterator.__anext__(), FIRST_EVENT_TIMEOUT)
+    except StopAsyncIteration:
+        return
+    yield first
+    async for event in iterator:
+        yield event

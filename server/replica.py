@@ -1,0 +1,215 @@
+"""One Ray Serve replica (``--engine ray``): a device queue and its engine, exactly as ``--engine local`` builds
+them in one server, behind a deployment handle. The gateway side is ``server/cluster.py``.
+
+Ray imports this module in each replica's own process. A job arrives whole (a plain dataclass with PIL images),
+goes into this replica's ``DeviceQueue`` (so jobs that wait together on this replica share pipeline calls, as in
+one server), and its events stream back as plain tuples (``Event``): queue positions, steps, each chunk of
+results, then one last ``done`` or ``error``. When the caller lets go (the task was cancelled, the gateway went
+away), Serve cancels ``run``, and the job leaves the queue or stops at its next step.
+
+Models are multiplexed: a request carries its model's AIR as the multiplexed model id, ``_hold`` records it in
+Serve's per-replica LRU, and Serve's router sends a model's jobs to the replicas that hold it.
+
+Each replica writes what it holds to the board (Ray's key-value store in the cluster's GCS, ``BOARD_NAMESPACE``)
+every ``BOARD_INTERVAL`` seconds and after each job: loaded models, device memory, samplers it cannot run, the
+jobs it has, how many jobs per model it ran. Gateways read the board to answer modelSearch, /metrics and
+prepare's sampler check; an entry not rewritten for ``BOARD_EXPIRY`` seconds is a replica that is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import ray
+from ray import serve
+from ray.experimental import internal_kv
+
+from imagewire.air_registry import ModelEntry
+from imagewire.server.config import Config
+from imagewire.server.device import DeviceQueue, Engine
+from imagewire.tasks.errors import TaskError
+from imagewire.tasks.jobs import Job, JobEvent, Queued, Step
+
+log = logging.getLogger("imagewire.replica")
+
+APP_NAME = "imagewire"                 # the Serve application every gateway of a cluster shares
+DEPLOYMENT_NAME = "imagewire-replica"
+BOARD_NAMESPACE = "imagewire"
+BOARD_PREFIX = "replica/"
+BOARD_INTERVAL = 2.0
+BOARD_EXPIRY = 10.0
+
+# What ``run`` yields: ("queued", position), ("step", Step), ("results", [result, ...]),
+# ("done", queue_seconds, compute_seconds, device_seconds), ("error", class, message, attributes).
+Event = tuple[Any, ...]
+
+
+def routing_model(job: Job) -> str:
+    """The multiplexed model id a job travels with: its model's AIR. Jobs without a model of their own (the
+    content safety checks that follow a task's images) carry none and go to whichever replica is least busy."""
+    model = getattr(job, "model", None)
+    return model.air if isinstance(model, ModelEntry) else ""
+
+
+def error_event(exc: TaskError) -> Event:
+    """A TaskError as plain values: rebuilt by the gateway whatever the subclass's constructor takes."""
+    return ("error", type(exc), exc.message, dict(vars(exc)))
+
+
+def rebuild_error(event: Event) -> TaskError:
+    _, kind, message, attributes = event
+    exc: TaskError = kind.__new__(kind)
+    Exception.__init__(exc, message)
+    vars(exc).update(attributes)
+    return exc
+
+
+def keep_serve_on_loopback() -> None:
+    """On a node whose address is loopback, bind the replica's inter-deployment gRPC server to 127.0.0.1.
+
+    Serve binds it to ``[::]`` whatever the node's address (ray 2.60); this cluster calls replicas through Ray's
+    actor calls only, never that server, but a port open on every interface is one too many. Called from the
+    replica's constructor, which runs before Serve starts that server.
+    """
+    if not ray.util.get_node_ip_address().startswith("127."):
+        return
+    try:
+        from ray.serve._private import replica as serve_replica
+    except ImportError:
+        return
+    bind = getattr(serve_replica, "add_port_to_grpc_server", None)
+    if bind is None or getattr(bind, "imagewire_loopback", False):
+        return
+
+    def bind_loopback(server: Any, address: str) -> Any:
+        if address.startswith("[::]:"):
+            address = "127.0.0.1:" + address.removeprefix("[::]:")
+        return bind(server, address)
+
+    bind_loopback.imagewire_loopback = True  # type: ignore[attr-defined]
+    serve_replica.add_port_to_grpc_server = bind_loopback
+
+
+class Replica:
+    """The Serve deployment's class: one device queue, one engine (``server/cluster.py`` deploys it)."""
+
+    def __init__(self, config: Config, engine_for: Callable[[Config], Callable[[], Engine]],
+                 preloads: list[ModelEntry]) -> None:
+        logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        keep_serve_on_loopback()
+        context = serve.get_replica_context()
+        self.name = f"{context.replica_id.unique_id}"
+        self.device = DeviceQueue(engine_for(config), queue_size=config.queue_size,
+                                  max_batch_size=config.max_batch_size, max_passed_over=config.max_passed_over)
+        self.device.start()
+        for entry in preloads:
+            self.device.preload(entry).wait()
+        self.runs: collections.Counter[str] = collections.Counter()  # jobs run, by routing model
+        self.jobs: dict[str, str] = {}    # task UUIDs of the jobs it holds → their routing model
+        # Serve's per-replica LRU of multiplexed ids follows the engine's: the models it keeps on the device.
+        self._hold = serve.multiplexed(max_num_models_per_replica=max(1, config.max_loaded_models))(self._held)
+        self._changed = threading.Event()
+        self._stopping = threading.Event()
+        self._board = threading.Thread(target=self._publish_forever, name="imagewire-board", daemon=True)
+        self._board.start()
+        log.info("replica %s ready (pid %d, device %s)", self.name, os.getpid(), config.device)
+
+    @staticmethod
+    async def _held(air: str) -> str:
+        """The multiplexed "model": the engine loads and evicts the pipelines itself, so Serve keeps the id."""
+        return air
+
+    async def run(self, job: Job) -> AsyncIterator[Event]:
+        air = serve.get_multiplexed_model_id()
+        if air:
+            await self._hold(air)
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        def on_event(event: JobEvent) -> None:
+            if isinstance(event, Queued):
+                events.put_nowait(("queued", event.position))
+            elif isinstance(event, Step):
+                events.put_nowait(("step", event))
+
+        try:
+            handle = self.device.submit(job, on_event=on_event)
+        except TaskError as exc:  # the queue is full, the replica is stopping
+            yield error_event(exc)
+            return
+        log.info("taskUUID=%s on replica %s (model %s)", job.task_uuid, self.name, air or "-")
+        self.jobs[job.task_uuid] = air
+        self._changed.set()
+
+        async def drain() -> None:
+            try:
+                async for chunk in handle:
+                    events.put_nowait(("results", list(chunk)))
+            except TaskError as exc:
+                events.put_nowait(error_event(exc))
+            else:
+                events.put_nowait(("done", handle.queue_seconds, handle.compute_seconds, handle.device_seconds))
+
+        draining = asyncio.create_task(drain())
+        try:
+            while True:
+                event = await events.get()
+                yield event
+                if event[0] in ("done", "error"):
+                    self.runs[air] += 1
+                    return
+        finally:
+            # Cancelled by the caller, or over: a job still queued leaves, one running stops at its next step.
+            handle.cancel()
+            draining.cancel()
+            self.jobs.pop(job.task_uuid, None)
+            self._changed.set()
+
+    def state(self) -> dict[str, Any]:
+        """What the board says of this replica."""
+        return {"name": self.name, "pid": os.getpid(), "node": ray.util.get_node_ip_address(), "at": time.time(),
+                "loaded_models": dict(self.device.loaded_models), "device_memory": dict(self.device.device_memory()),
+                "unavailable_samplers": dict(self.device.unavailable_samplers), "pending": self.device.pending,
+                "jobs": dict(self.jobs), "runs": dict(self.runs)}
+
+    def _publish_forever(self) -> None:
+        key = (BOARD_PREFIX + self.name).encode()
+        while not self._stopping.is_set():
+            self._changed.wait(BOARD_INTERVAL)
+            self._changed.clear()
+            try:
+                internal_kv._internal_kv_put(key, json.dumps(self.state()).encode(), namespace=BOARD_NAMESPACE)
+            except Exception:
+                log.warning("writing this replica's state to the board failed; trying again", exc_info=True)
+        try:
+            internal_kv._internal_kv_del(key, namespace=BOARD_NAMESPACE)
+        except Exception:
+            log.debug("removing this replica from the board failed", exc_info=True)
+
+    def __del__(self) -> None:
+        # Serve calls it when it stops the replica gracefully: queued jobs finish, then the entry goes.
+        self.device.stop(timeout=30.0)
+        self._stopping.set()
+        self._changed.set()
+        self._board.join(timeout=5.0)
+
+
+def read_board() -> list[Mapping[str, Any]]:
+    """The replicas that wrote to the board within ``BOARD_EXPIRY`` seconds (from a process connected to Ray)."""
+    now = time.time()
+    states = []
+    for key in internal_kv._internal_kv_list(BOARD_PREFIX.encode(), namespace=BOARD_NAMESPACE):
+        value = internal_kv._internal_kv_get(key, namespace=BOARD_NAMESPACE)
+        if value is None:
+            continue
+        state = json.loads(value)
+        if now - state["at"] <= BOARD_EXPIRY:
+            states.append(state)
+    return sorted(states, key=lambda state: state["name"])

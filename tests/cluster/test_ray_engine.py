@@ -1,0 +1,321 @@
+"""--engine ray end to end: two gateways (server processes) and two CPU replicas on the tiny model.
+
+Gateway A starts a Ray cluster of this machine on loopback and deploys the replicas; gateway B joins it with
+--ray-address and shares them. The replicas' board (tests/cluster/board.py) says which replica ran what and
+which process each one is. One cluster for the module: starting one is the slow part (Ray, torch, the model).
+Run with ``python -m pytest -m cluster tests/cluster``; the plain run deselects these.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.timing import seconds
+from tests.wire import API_KEY, Wire, eventually, inference
+
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs pip install -e '.[cluster]'"),
+]
+
+ROOT = Path(__file__).resolve().parents[2]
+READY = re.compile(r"imagewire ready: (ws://\S+)")
+JOIN = re.compile(r"--ray-address (\S+)")
+# Two catalog models on the tiny model's weights: distinct AIRs, so distinct multiplexed ids.
+MODELS = ("test:tiny-b@1", "test:tiny-c@1")
+# About ten seconds on a shared 2-core machine: time to find the replica running it and kill it.
+SLOW = {"steps": 100, "width": 256, "height": 256}
+# Far longer (a minute or more), so that it is still running when the cancel comes; cancelled, it costs seconds.
+SLOWER = {"steps": 100, "width": 512, "height": 512}
+
+
+class Gateway:
+    """A server process with --engine ray; its stderr is kept (Ray's and the replicas' lines too)."""
+
+    def __init__(self, data_dir: Path, *flags: str) -> None:
+        environment = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "imagewire.server", "--port", "0", "--data-dir", str(data_dir),
+             "--api-key", API_KEY, "--engine", "ray", *flags],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=environment, cwd=ROOT)
+        self.lines: list[str] = []
+        self.url = ""
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if not self._ready.wait(seconds(300)) or not self.url:
+            self.stop()
+            raise AssertionError("the gateway did not start:\n" + self.log[-4000:])
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line)
+            match = READY.search(line)
+            if match:
+                self.url = match.group(1)
+                self._ready.set()
+        self._ready.set()
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(seconds(60))
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._reader.join(seconds(30))
+        assert self.process.stderr is not None
+        self.process.stderr.close()
+
+
+class Cluster:
+    def __init__(self, first: Gateway, second: Gateway, address: str) -> None:
+        self.gateways = (first, second)
+        self.address = address
+
+    def board(self) -> list[dict]:
+        """The replicas as they describe themselves (name, pid, loaded models, jobs held, jobs run per model)."""
+        result = subprocess.run([sys.executable, str(Path(__file__).with_name("board.py")), self.address],
+                                capture_output=True, text=True, timeout=seconds(60), cwd=ROOT, check=True)
+        return list(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    root = tmp_path_factory.mktemp("cluster")
+    catalog = root / "catalog.json"
+    catalog.write_text(json.dumps([
+        {"air": air, "name": f"tiny under another name ({air})", "architecture": "tiny", "category": "checkpoint",
+         "source": "embedded", "location": "tiny-sd",
+         "defaults": {"width": 128, "height": 128, "steps": 2, "scheduler": "Default", "CFGScale": 7,
+                      "strength": 0.8}} for air in MODELS]))
+    models = root / "models"
+    models.mkdir()
+    data_dirs = []
+    for name in ("a", "b"):
+        data = root / name
+        data.mkdir()
+        (data / "models").symlink_to(models, target_is_directory=True)
+        data_dirs.append(data)
+    # The models flags matter to the gateway that deploys the replicas: one model on each replica's device.
+    flags = ("--catalog", str(catalog), "--max-loaded-models", "1", "--log-level", "INFO")
+    first = Gateway(data_dirs[0], "--replicas", "2", *flags)
+    joined = JOIN.search(first.log)
+    assert joined, first.log[-4000:]
+    try:
+        second = Gateway(data_dirs[1], "--ray-address", joined.group(1), *flags)
+    except BaseException:
+        first.stop()
+        raise
+    yield Cluster(first, second, joined.group(1))
+    second.stop()
+    first.stop()   # the gateway that started the cluster takes it down with it
+
+
+async def run_on(gateway: Gateway, task: dict) -> list[dict]:
+    wire = await Wire.open(gateway.url)
+    try:
+        return await wire.run(task, timeout=seconds(180))
+    finally:
+        await wire.close()
+
+
+def runs_by_model(board: list[dict]) -> dict[str, dict[str, int]]:
+    """Model → replica name → jobs it ran."""
+    found: dict[str, dict[str, int]] = {}
+    for replica in board:
+        for air, count in replica["runs"].items():
+            found.setdefault(air, {})[replica["name"]] = count
+    return found
+
+
+# First: the routing needs replicas that hold no multiplexed model yet (see the test).
+async def test_tasks_for_two_models_go_to_the_replicas_holding_them(cluster: Cluster) -> None:
+    first, second = cluster.gateways
+    board = cluster.board()
+    assert len(board) == 2, board
+    # The first model goes to either replica; the second to the one holding no model (Serve's fallback for a model
+    # nobody holds), once the first replica has said what it holds (it reports it as it takes the job).
+    await run_on(first, inference(model=MODELS[0]))
+    await asyncio.sleep(seconds(3))
+    await run_on(second, inference(model=MODELS[1]))
+    await asyncio.sleep(seconds(3))
+    for gateway in (first, second, second, first):
+        for air in MODELS:
+            await run_on(gateway, inference(model=air))
+    runs = runs_by_model(cluster.board())
+    holders = {air: set(runs.get(air, {})) for air in MODELS}
+    assert all(len(names) == 1 for names in holders.values()), runs
+    assert holders[MODELS[0]] != holders[MODELS[1]], runs
+    assert [sum(runs[air].values()) for air in MODELS] == [5, 5], runs
+
+
+async def test_a_task_sent_to_either_gateway_is_answered(cluster: Cluster) -> None:
+    for gateway in cluster.gateways:
+        (item,) = await run_on(gateway, inference(seed=7))
+        assert item["imageUUID"] and item["seed"] == 7
+    # The same seed through either gateway: the same engine on the replicas, the same picture.
+    pictures = [item["imageBase64Data"] for gateway in cluster.gateways
+                for item in await run_on(gateway, inference(seed=11, outputType="base64Data"))]
+    assert len(pictures) == 2 and pictures[0] == pictures[1]
+
+
+def ray_sockets(gateway_pids: set[int]) -> list[str]:
+    """``ss -tanp`` lines of the gateways' processes and their descendants (Ray's GCS, raylet, workers)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    ours = set(gateway_pids)
+    grew = True
+    while grew:
+        grew = False
+        for pid, parent in parents.items():
+            if parent in ours and pid not in ours:
+                ours.add(pid)
+                grew = True
+    output = subprocess.run(["ss", "-tanp"], capture_output=True, text=True, timeout=seconds(30), check=True).stdout
+    return [line for line in output.splitlines()
+            if any(int(pid) in ours for pid in re.findall(r"pid=(\d+)", line))]
+
+
+def is_loopback_endpoint(endpoint: str) -> bool:
+    host = endpoint.rsplit(":", 1)[0].strip("[]").removeprefix("::ffff:")
+    return host.startswith("127.") or host == "::1"
+
+
+@pytest.mark.skipif(subprocess.run(["which", "ss"], capture_output=True).returncode != 0, reason="needs ss")
+async def test_ray_keeps_to_loopback(cluster: Cluster) -> None:
+    await run_on(cluster.gateways[1], inference())
+    lines = ray_sockets({gateway.process.pid for gateway in cluster.gateways})
+    assert len(lines) > 10, lines   # GCS, raylet, workers, replicas: listening and connected
+    # Listening: on a loopback address. Connected: both ends on loopback.
+    outward = [line for line in lines
+               if not all(is_loopback_endpoint(end) for end in line.split()[3:4 if line.startswith("LISTEN") else 5])]
+    assert not outward, "\n".join(outward)
+
+
+async def test_killing_a_replica_mid_job_still_answers_its_tasks(cluster: Cluster) -> None:
+    first, second = cluster.gateways
+    air = MODELS[0]
+    slow = [inference(model=air, seed=seed, **SLOW) for seed in (1, 2)]
+    # One task first, alone: its replica then holds the model, and the next ones for it go there (tasks for a
+    # model nobody holds yet that arrive together may go to different replicas, see docs/cluster.md).
+    await run_on(first, inference(model=air))
+    await asyncio.sleep(seconds(3))
+    wires = [await Wire.open(gateway.url) for gateway in (first, second)]
+    try:
+        for wire, task in zip(wires, slow, strict=True):
+            await wire.send([task])
+
+        def holder() -> dict | None:
+            replicas = [replica for replica in cluster.board() if replica["jobs"]]
+            holding = [replica for replica in replicas if all(task["taskUUID"] in replica["jobs"] for task in slow)]
+            return holding[0] if holding else None
+
+        # Both tasks are for that model, so both are on the replica holding it, in one call.
+        replica = await eventually(holder, timeout=seconds(120))
+        os.kill(replica["pid"], signal.SIGKILL)
+        answers = [await wire.items_for(task["taskUUID"], 1, timeout=seconds(300))
+                   for wire, task in zip(wires, slow, strict=True)]
+    finally:
+        for wire in wires:
+            await wire.close()
+    for data, errors in answers:
+        assert not errors, errors
+        assert len(data) == 1 and data[0]["imageUUID"]
+    log = first.log + second.log
+    assert log.count("before any image; trying another replica") == 2, log[-4000:]
+
+
+async def test_the_cluster_serves_on_after_a_replica_died(cluster: Cluster) -> None:
+    # Serve starts a replacement; meanwhile the live replica takes the work.
+    for gateway in cluster.gateways:
+        assert await run_on(gateway, inference())
+
+    async def two_replicas() -> bool:
+        return len(await asyncio.to_thread(cluster.board)) == 2
+
+    await eventually(two_replicas, timeout=seconds(180))
+
+
+async def test_a_cancel_reaches_the_replica_running_the_task(cluster: Cluster) -> None:
+    gateway, air = cluster.gateways[1], MODELS[1]
+    await run_on(gateway, inference(model=air))   # its replica holds the model (see the test above)
+    slow = inference(model=air, seed=3, **SLOWER)
+    wire = await Wire.open(gateway.url)
+    try:
+        await wire.send([slow])
+
+        def holder() -> dict | None:
+            return next((replica for replica in cluster.board() if slow["taskUUID"] in replica["jobs"]), None)
+
+        before = await eventually(holder, timeout=seconds(120))
+        await wire.send([{"taskType": "cancelTask", "taskUUID": slow["taskUUID"]}])
+        # The cancelTask answer carries the same taskUUID: wait for the imageInference task's own answer.
+        while not (answers := [item for item in (await wire.receive()).get("errors", [])
+                               if item.get("taskType") == "imageInference"]):
+            pass
+        assert answers[0]["code"] == "taskCancelled" and answers[0]["taskUUID"] == slow["taskUUID"]
+
+        def let_go() -> dict | None:
+            replica = next(replica for replica in cluster.board() if replica["name"] == before["name"])
+            return replica if slow["taskUUID"] not in replica["jobs"] else None
+
+        after = await eventually(let_go, timeout=seconds(60))
+    finally:
+        await wire.close()
+    # The replica's call ended without an answer: cancelled there, not run to its end.
+    assert after["runs"].get(air, 0) == before["runs"].get(air, 0)
+    assert f"taskUUID={slow['taskUUID']}" in cluster.gateways[0].log   # the replica's own lines, via gateway A
+
+
+def test_without_a_cluster_at_ray_address_the_start_fails_with_one_line(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]   # free, and nothing listens there once closed
+    result = subprocess.run(
+        [sys.executable, "-m", "imagewire.server", "--engine", "ray", "--ray-address", f"127.0.0.1:{port}",
+         "--data-dir", str(tmp_path), "--port", "0", "--api-key", API_KEY],
+        capture_output=True, text=True, timeout=seconds(60), cwd=ROOT)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"imagewire-server: error: --ray-address 127.0.0.1:{port}: no Ray cluster answers there (Connection refused); "
+        "start one with `ray start --head` or leave --ray-address out to start one on this machine"]
+
+
+def test_a_port_that_is_no_ray_cluster_fails_the_start_within_a_bound(tmp_path: Path) -> None:
+    with socket.socket() as listener:   # accepts connections and never answers, as a wrong service might
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        port = listener.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "imagewire.server", "--engine", "ray", "--ray-address", f"127.0.0.1:{port}",
+             "--data-dir", str(tmp_path), "--port", "0", "--api-key", API_KEY],
+            capture_output=True, text=True, timeout=seconds(120), cwd=ROOT)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"imagewire-server: error: --ray-address 127.0.0.1:{port}: no Ray cluster answered there within 30 s; "
+        "is it the head's GCS port, and does this machine have the cluster's token (RAY_AUTH_TOKEN)?")
