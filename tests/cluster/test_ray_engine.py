@@ -1,15 +1,19 @@
 """--engine ray end to end: two gateways (server processes) and two CPU replicas on the tiny model.
 
 Gateway A starts a Ray cluster of this machine on loopback and deploys the replicas; gateway B joins it with
---ray-address and shares them. The replicas' board (tests/cluster/board.py) says which replica ran what and
-which process each one is. One cluster for the module: starting one is the slow part (Ray, torch, the model).
+--ray-address and shares them. Both keep their sessions and task records in one Redis (--state) and their
+images in one bucket (--store, moto's S3 server), as a deployment of one service over several machines does.
+The replicas' board (tests/cluster/board.py) says which replica ran what and which process each one is. One
+cluster for the module: starting one is the slow part (Ray, torch, the model).
 Run with ``python -m pytest -m cluster tests/cluster``; the plain run deselects these.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import importlib.util
+import io
 import json
 import os
 import re
@@ -18,10 +22,14 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from tests.timing import seconds
 from tests.wire import API_KEY, Wire, eventually, inference
@@ -45,8 +53,8 @@ SLOWER = {"steps": 100, "width": 512, "height": 512}
 class Gateway:
     """A server process with --engine ray; its stderr is kept (Ray's and the replicas' lines too)."""
 
-    def __init__(self, data_dir: Path, *flags: str) -> None:
-        environment = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    def __init__(self, data_dir: Path, *flags: str, env: dict[str, str] | None = None) -> None:
+        environment = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "imagewire.server", "--port", "0", "--data-dir", str(data_dir),
              "--api-key", API_KEY, "--engine", "ray", *flags],
@@ -99,8 +107,28 @@ class Cluster:
         return list(json.loads(result.stdout.strip().splitlines()[-1]))
 
 
+# Dummy credentials for moto's S3 server on loopback: no AWS configuration of this machine is read.
+S3_ENVIRONMENT = {"AWS_ACCESS_KEY_ID": "cluster-access-key", "AWS_SECRET_ACCESS_KEY": "cluster-secret-key",
+                  "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": os.devnull,
+                  "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+# A database of its own on the session's Redis, which other tests' fixtures empty.
+REDIS_DATABASE = 7
+
+
+def shared_state_flags(redis_server: str, s3_endpoint: str) -> tuple[str, ...]:
+    import boto3
+
+    bucket = f"cluster-{os.getpid()}"
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1",
+                          aws_access_key_id=S3_ENVIRONMENT["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=S3_ENVIRONMENT["AWS_SECRET_ACCESS_KEY"])
+    client.create_bucket(Bucket=bucket)
+    redis_url = redis_server.rsplit("/", 1)[0] + f"/{REDIS_DATABASE}"
+    return ("--state", redis_url, "--store", f"s3://{bucket}/images", "--s3-endpoint", s3_endpoint)
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(tmp_path_factory: pytest.TempPathFactory, redis_server: str, s3_endpoint: str) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("cluster")
     catalog = root / "catalog.json"
     catalog.write_text(json.dumps([
@@ -117,12 +145,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         (data / "models").symlink_to(models, target_is_directory=True)
         data_dirs.append(data)
     # The models flags matter to the gateway that deploys the replicas: one model on each replica's device.
-    flags = ("--catalog", str(catalog), "--max-loaded-models", "1", "--log-level", "INFO")
-    first = Gateway(data_dirs[0], "--replicas", "2", *flags)
+    flags = ("--catalog", str(catalog), "--max-loaded-models", "1", "--log-level", "INFO",
+             *shared_state_flags(redis_server, s3_endpoint))
+    first = Gateway(data_dirs[0], "--replicas", "2", *flags, env=S3_ENVIRONMENT)
     joined = JOIN.search(first.log)
     assert joined, first.log[-4000:]
     try:
-        second = Gateway(data_dirs[1], "--ray-address", joined.group(1), *flags)
+        second = Gateway(data_dirs[1], "--ray-address", joined.group(1), *flags, env=S3_ENVIRONMENT)
     except BaseException:
         first.stop()
         raise
@@ -290,6 +319,93 @@ async def test_a_cancel_reaches_the_replica_running_the_task(cluster: Cluster) -
     # The replica's call ended without an answer: cancelled there, not run to its end.
     assert after["runs"].get(air, 0) == before["runs"].get(air, 0)
     assert f"taskUUID={slow['taskUUID']}" in cluster.gateways[0].log   # the replica's own lines, via gateway A
+
+
+# One service over both gateways: Redis holds sessions and task records, the bucket the images.
+
+def get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=seconds(30)) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, b""
+
+
+def on_gateway(url: str, gateway: Gateway) -> str:
+    """``url`` (an imageURL) as the other gateway serves it."""
+    return re.sub(r"^http://[^/]+", "http://" + urllib.parse.urlsplit(gateway.url).netloc, url)
+
+
+async def test_a_task_run_through_one_gateway_is_visible_through_get_response_on_the_other(
+        cluster: Cluster) -> None:
+    first, second = cluster.gateways
+    task = inference(seed=21, deliveryMethod="async", outputType="URL")
+    on_first, on_second = await Wire.open(first.url), await Wire.open(second.url)
+    try:
+        await on_first.send([task])
+
+        async def finished() -> dict | None:
+            answer = await on_second.run({"taskType": "getResponse", "taskUUID": task["taskUUID"]})
+            done = [item for item in answer if item.get("status") == "success"]
+            return done[0] if done else None
+
+        item = await eventually(finished, timeout=seconds(180))
+    finally:
+        await on_first.close()
+        await on_second.close()
+    # Its image is in the bucket: both gateways serve the same bytes.
+    served = [await asyncio.to_thread(get, on_gateway(item["imageURL"], gateway)) for gateway in cluster.gateways]
+    assert served[0][0] == 200 and served[0] == served[1]
+
+
+async def test_the_same_task_uuid_sent_to_both_gateways_runs_once(cluster: Cluster) -> None:
+    task = inference(seed=22)
+    wires = [await Wire.open(gateway.url) for gateway in cluster.gateways]
+    try:
+        for wire in wires:
+            await wire.send([task])
+        answers = [await wire.items_for(task["taskUUID"], 1, timeout=seconds(180)) for wire in wires]
+    finally:
+        for wire in wires:
+            await wire.close()
+    images = [data for data, _ in answers if data]
+    conflicts = [errors[0]["code"] for _, errors in answers if errors]
+    assert len(images) == 1 and conflicts == ["conflictTaskUUID"], answers
+
+
+async def test_an_upload_through_one_gateway_is_a_seed_image_through_the_other(cluster: Cluster) -> None:
+    first, second = cluster.gateways
+    buffer = io.BytesIO()
+    Image.new("RGB", (128, 128), (30, 160, 220)).save(buffer, "PNG")
+    upload_wire = await Wire.open(first.url)
+    try:
+        [upload] = await upload_wire.run({"taskType": "imageUpload",
+                                          "image": base64.b64encode(buffer.getvalue()).decode()})
+    finally:
+        await upload_wire.close()
+    edits = []
+    for seed_image in (upload["imageUUID"], base64.b64encode(buffer.getvalue()).decode()):
+        [edit] = await run_on(second, inference(seed=23, seedImage=seed_image, strength=0.5, outputType="base64Data"))
+        edits.append(edit["imageBase64Data"])
+    # From the UUID the other gateway stored, the same picture as from the same bytes sent inline.
+    assert edits[0] == edits[1]
+    for gateway in cluster.gateways:
+        assert await asyncio.to_thread(get, on_gateway(upload["imageURL"], gateway)) == (200, buffer.getvalue())
+
+
+async def test_a_session_started_on_one_gateway_resumes_on_the_other(cluster: Cluster) -> None:
+    first, second = cluster.gateways
+    task = inference(seed=24, numberResults=2)
+    started = await Wire.open(first.url)
+    await started.send([task])
+    await started.close()   # gone before its results: they wait in the session, in Redis
+    resumed = await Wire.open(second.url, session=started.session)
+    try:
+        assert resumed.session == started.session
+        data, errors = await resumed.items_for(task["taskUUID"], 2, timeout=seconds(180))
+    finally:
+        await resumed.close()
+    assert not errors and sorted(item["seed"] for item in data) == [24, 25]
 
 
 def test_without_a_cluster_at_ray_address_the_start_fails_with_one_line(tmp_path: Path) -> None:
