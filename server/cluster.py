@@ -276,9 +276,13 @@ class RayDevice:
                 Replica, name=DEPLOYMENT_NAME, num_replicas=options.num_replicas,
                 autoscaling_config=dict(options.autoscaling) if options.autoscaling else None,
                 ray_actor_options=dict(options.actor_options),
-                # The replica's device queue does the queueing and batching: let Serve hand it all it holds. Past
-                # that, jobs wait at the gateway, up to --queue-size of them, then serviceUnavailable.
-                max_ongoing_requests=self.config.queue_size, max_queued_requests=self.config.queue_size,
+                # A replica holds a batch running and a batch waiting (so that its device queue still joins
+                # jobs into calls); the rest wait at the gateway's handle, up to --queue-size of them, then
+                # serviceUnavailable, and go to whichever replica frees first. Holding more would pin a
+                # backlog to the replica that has the model while another replica, or a new one that
+                # autoscaling brought up, stands idle.
+                max_ongoing_requests=max(2, 2 * self.config.max_batch_size),
+                max_queued_requests=self.config.queue_size,
                 graceful_shutdown_timeout_s=self.config.shutdown_grace)
             scale = (f"{options.autoscaling['min_replicas']}-{options.autoscaling['max_replicas']} autoscaled"
                      if options.autoscaling else str(options.num_replicas))

@@ -21,7 +21,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -31,6 +30,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.cluster.gateways import JOIN, ROOT, Cluster, Gateway, run_on
 from tests.timing import seconds
 from tests.wire import API_KEY, Wire, eventually, inference
 
@@ -39,72 +39,12 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs pip install -e '.[cluster]'"),
 ]
 
-ROOT = Path(__file__).resolve().parents[2]
-READY = re.compile(r"imagewire ready: (ws://\S+)")
-JOIN = re.compile(r"--ray-address (\S+)")
 # Two catalog models on the tiny model's weights: distinct AIRs, so distinct multiplexed ids.
 MODELS = ("test:tiny-b@1", "test:tiny-c@1")
 # About ten seconds on a shared 2-core machine: time to find the replica running it and kill it.
 SLOW = {"steps": 100, "width": 256, "height": 256}
 # Far longer (a minute or more), so that it is still running when the cancel comes; cancelled, it costs seconds.
 SLOWER = {"steps": 100, "width": 512, "height": 512}
-
-
-class Gateway:
-    """A server process with --engine ray; its stderr is kept (Ray's and the replicas' lines too)."""
-
-    def __init__(self, data_dir: Path, *flags: str, env: dict[str, str] | None = None) -> None:
-        environment = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "imagewire.server", "--port", "0", "--data-dir", str(data_dir),
-             "--api-key", API_KEY, "--engine", "ray", *flags],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=environment, cwd=ROOT)
-        self.lines: list[str] = []
-        self.url = ""
-        self._ready = threading.Event()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        if not self._ready.wait(seconds(300)) or not self.url:
-            self.stop()
-            raise AssertionError("the gateway did not start:\n" + self.log[-4000:])
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.lines.append(line)
-            match = READY.search(line)
-            if match:
-                self.url = match.group(1)
-                self._ready.set()
-        self._ready.set()
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(seconds(60))
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._reader.join(seconds(30))
-        assert self.process.stderr is not None
-        self.process.stderr.close()
-
-
-class Cluster:
-    def __init__(self, first: Gateway, second: Gateway, address: str) -> None:
-        self.gateways = (first, second)
-        self.address = address
-
-    def board(self) -> list[dict]:
-        """The replicas as they describe themselves (name, pid, loaded models, jobs held, jobs run per model)."""
-        result = subprocess.run([sys.executable, str(Path(__file__).with_name("board.py")), self.address],
-                                capture_output=True, text=True, timeout=seconds(60), cwd=ROOT, check=True)
-        return list(json.loads(result.stdout.strip().splitlines()[-1]))
 
 
 # Dummy credentials for moto's S3 server on loopback: no AWS configuration of this machine is read.
@@ -155,17 +95,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, redis_server: str, s3_endp
     except BaseException:
         first.stop()
         raise
-    yield Cluster(first, second, joined.group(1))
+    yield Cluster((first, second), joined.group(1))
     second.stop()
     first.stop()   # the gateway that started the cluster takes it down with it
-
-
-async def run_on(gateway: Gateway, task: dict) -> list[dict]:
-    wire = await Wire.open(gateway.url)
-    try:
-        return await wire.run(task, timeout=seconds(180))
-    finally:
-        await wire.close()
 
 
 def runs_by_model(board: list[dict]) -> dict[str, dict[str, int]]:
