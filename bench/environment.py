@@ -57,12 +57,13 @@ def _accelerator(device: str) -> dict[str, Any]:
 
 
 def _server_threads(device: str, default: int) -> int:
-    """The torch thread count the server's engine runs inference on (see ``server.engine.limit_cpu_threads``)."""
-    from imagewire.server.engine.threads import THREADS_VARIABLE, serving_cpu_threads
+    """The torch thread count the server's engine starts inference on (``server/engine/threads.py``): every
+    core, one fewer while other processes keep a core busy; an explicit ``OMP_NUM_THREADS`` wins."""
+    from imagewire.server.engine.threads import THREADS_VARIABLE
 
     if device != "cpu" or os.environ.get(THREADS_VARIABLE):
         return default
-    return serving_cpu_threads(len(os.sched_getaffinity(0)))
+    return len(os.sched_getaffinity(0))
 
 
 def describe(device: str, argv: Sequence[str]) -> dict[str, Any]:

@@ -59,6 +59,9 @@ class Engine(Protocol):
     def run(self, jobs: Sequence[Job], emit: Emit) -> None:
         """Run jobs of one type and ``batch_key``; several are given only when their images fit one call."""
 
+    def before_call(self) -> None:
+        """Called before each call (a CPU engine sets its thread count here)."""
+
     def recover(self) -> None:
         """Called after a job failed: free what the failure may have left behind."""
 
@@ -353,6 +356,7 @@ class DeviceQueue:
     def _call(self, engine: Engine, handles: list[JobHandle], emit: _Outlet) -> None:
         """One engine call; its device time is charged to the jobs' owners however it ends (each
         pays in proportion to the images its job asked for)."""
+        engine.before_call()
         started = time.perf_counter()
         try:
             engine.run([handle.job for handle in handles], emit)

@@ -49,6 +49,9 @@ class HeldEngine:
             emit(index, [GeneratedImage(i, seed, Image.new("RGB", (job.width, job.height)), 0.01)
                          for i, seed in enumerate(job.seeds)])
 
+    def before_call(self) -> None:
+        pass
+
     def recover(self) -> None:
         pass
 

@@ -21,7 +21,7 @@ from imagewire.air_registry import AddOnUnusable, ModelEntry, RegistryError, Sam
 from imagewire.air_registry.loader import PipelineCache, unavailable_samplers
 from imagewire.air_registry.tool_loader import ToolModels
 from imagewire.server.engine import background, caption, inference, prompts, safety, upscale
-from imagewire.server.engine.threads import limit_cpu_threads
+from imagewire.server.engine.threads import CpuThreads
 from imagewire.tasks.background_removal import BackgroundRemovalJob
 from imagewire.tasks.image_caption import CaptionJob
 from imagewire.tasks.image_upscale import UpscaleJob
@@ -48,7 +48,7 @@ class DiffusersEngine:
     def __init__(self, *, device: str, data_dir: Path, allow_downloads: bool, max_batch_size: int,
                  max_loaded_models: int = 1, ram_models: int = 0) -> None:
         # The engine is built in the device worker thread, which runs every pipeline call.
-        limit_cpu_threads(device)
+        self.threads = CpuThreads(device)
         self.pipelines = PipelineCache(device=device, data_dir=data_dir, allow_downloads=allow_downloads,
                                        max_loaded=max_loaded_models, ram_models=ram_models)
         # Upscalers, background removers, captioners and prompt models, beside the pipelines.
@@ -66,6 +66,9 @@ class DiffusersEngine:
 
     def load(self, model: ModelEntry) -> None:
         self.pipelines.load(model)
+
+    def before_call(self) -> None:
+        self.threads.for_call()
 
     def run(self, jobs: Sequence[Job], emit: Emit) -> None:
         try:

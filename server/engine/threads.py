@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Callable
 
 import torch
 
@@ -11,31 +13,86 @@ log = logging.getLogger("imagewire.engine")
 
 # An operator's explicit thread count wins over ours.
 THREADS_VARIABLE = "OMP_NUM_THREADS"
+# Other processes' CPU, in cores, at which a core is left to them, and below which it is taken back: apart,
+# so that a neighbour near the line does not flip the count call after call.
+CROWDED_CORES = 0.5
+QUIET_CORES = 0.25
+# The shortest stretch over which other processes' CPU is judged (the kernel counts it in 10 ms ticks).
+WINDOW_SECONDS = 0.5
+
+# (monotonic seconds, CPU seconds the machine spent busy, CPU seconds this process spent)
+CpuClock = Callable[[], tuple[float, float, float]]
 
 
 def serving_cpu_threads(cores: int) -> int:
-    """Torch threads for inference on a CPU with ``cores`` usable cores: all but one.
+    """Torch threads on a CPU with ``cores`` usable cores while another process keeps one busy: all but one.
 
-    torch's OpenMP threads meet at the end of every operation. When anything else takes one of
-    their cores (this process's event loop and image encoding, or another process), the threads
-    that got there first spin until the missing one is scheduled again, so every operation waits
-    a scheduler time slice. On 2 cores with one busy neighbour, a 2-thread pipeline ran 5–80×
-    slower and a 1-thread pipeline 1.2× slower (see BENCHMARKS.md); the spare core keeps the
-    server responsive and its throughput steady.
+    torch's OpenMP threads meet at the end of every operation. When another process takes one of their
+    cores, the threads that got there first spin until the missing one is scheduled again, so every
+    operation waits a scheduler time slice: on 2 cores beside one busy process a 2-thread pipeline ran
+    5–80× slower, a 1-thread one 1.2× slower (BENCHMARKS.md). The server's own work beside a call
+    (the event loop, encoding and storing results) is short enough not to matter: with every core, 16
+    connections got 1.8× the images of one thread, pings at 6 ms p99.
     """
     return max(1, cores - 1)
 
 
-def limit_cpu_threads(device: str) -> int | None:
-    """Set torch's thread count for CPU inference in the calling thread; None when left as it is.
+def machine_cpu_clock() -> tuple[float, float, float]:
+    """Now, the machine's busy CPU seconds so far (``/proc/stat``), and this process's own."""
+    own = os.times()
+    try:
+        with open("/proc/stat", "rb") as stat:
+            fields = [int(value) for value in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        busy = own.user + own.system  # no /proc: nobody else is seen
+    else:
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle and iowait
+        busy = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # guest time is counted in user already
+    return time.monotonic(), busy, own.user + own.system
 
-    Call it from the thread that runs the pipelines. Left alone on CUDA devices (the CPU only
-    feeds the GPU there) and when ``OMP_NUM_THREADS`` is set.
+
+class CpuThreads:
+    """Sets torch's thread count before each pipeline call, in the thread that runs them: every core, as
+    torch and a plain script would take, unless other processes keep about a core busy; then all but one.
+
+    Left alone on CUDA devices (the CPU only feeds the GPU there) and when ``OMP_NUM_THREADS`` is set.
     """
-    if device != "cpu" or os.environ.get(THREADS_VARIABLE):
-        return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = serving_cpu_threads(cores)
-    torch.set_num_threads(threads)
-    log.info("CPU inference on %d torch threads of %d cores (%s overrides)", threads, cores, THREADS_VARIABLE)
-    return threads
+
+    def __init__(self, device: str, *, clock: CpuClock = machine_cpu_clock) -> None:
+        self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.fixed = device != "cpu" or bool(os.environ.get(THREADS_VARIABLE))
+        self.clock = clock
+        self.current: int | None = None
+        self._since = clock()
+        if not self.fixed:
+            log.info("CPU inference on %d torch threads, %d while other processes keep a core busy "
+                     "(%s overrides)", self.cores, serving_cpu_threads(self.cores), THREADS_VARIABLE)
+            self._set(self.cores)
+
+    def for_call(self) -> int | None:
+        """Set the count for the next call from what other processes did lately; None when left as it is."""
+        if self.fixed:
+            return None
+        now = self.clock()
+        wall = now[0] - self._since[0]
+        if wall >= WINDOW_SECONDS:
+            others = max(0.0, (now[1] - self._since[1]) - (now[2] - self._since[2])) / wall
+            self._since = now
+            if others >= CROWDED_CORES:
+                self._set(serving_cpu_threads(self.cores))
+            elif others < QUIET_CORES:
+                self._set(self.cores)
+        return self.current
+
+    def _set(self, threads: int) -> None:
+        if threads != self.current:
+            if self.current is not None:
+                log.info("CPU inference now on %d torch threads (other processes %s)", threads,
+                         "keep a core busy" if threads < self.cores else "are quiet")
+            torch.set_num_threads(threads)
+            self.current = threads
+
+
+def limit_cpu_threads(device: str) -> int | None:
+    """Set, in the calling thread, the count the server starts with; None when left as it is."""
+    return CpuThreads(device).current

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -165,3 +166,42 @@ def test_jobs_with_other_controlnet_settings_or_another_mask_kind_never_share_a_
     inpainting = edited(job, "g", 1, data_dir, mask_box=(0, 0, 10, 10))
     image_to_image = dataclasses.replace(inpainting, mask_image=None)
     assert inpainting.batch_key() != image_to_image.batch_key()
+
+
+def test_cpu_calls_take_every_core_and_leave_one_while_another_process_keeps_it_busy(monkeypatch):
+    import torch
+
+    from imagewire.server.engine.threads import CpuThreads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    # A clock of our own: (wall seconds, the machine's busy CPU seconds, this process's CPU seconds).
+    readings = iter([(0.0, 0.0, 0.0),
+                     (0.2, 0.2, 0.2),     # too short a stretch to judge: the count stands
+                     (1.0, 1.6, 0.8),     # others took 0.8 core-seconds in 1 s: leave them a core
+                     (2.0, 2.9, 1.5),     # others 0.6 cores: still crowded
+                     (3.0, 4.2, 2.5),     # others 0.3 cores: between the lines, the count stands
+                     (4.0, 5.3, 3.5)])    # others 0.1 cores: every core again
+    before = torch.get_num_threads()
+    try:
+        threads = CpuThreads("cpu", clock=lambda: next(readings))
+        cores, fewer = threads.cores, max(1, threads.cores - 1)
+        assert threads.current == cores == torch.get_num_threads()
+        assert [threads.for_call() for _ in range(5)] == [cores, fewer, fewer, fewer, cores]
+        assert CpuThreads("cuda").for_call() is None
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert CpuThreads("cpu").for_call() is None  # the operator's count stands
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_machine_cpu_clock_counts_this_process_and_the_machine():
+    from imagewire.server.engine.threads import machine_cpu_clock
+
+    start = machine_cpu_clock()
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:
+        pass
+    end = machine_cpu_clock()
+    own = end[2] - start[2]
+    assert own >= 0.25
+    assert end[1] - start[1] >= own - 0.05  # the machine was busy at least while this process was
