@@ -10,6 +10,7 @@ session resumes on any of them. Keys, all under ``imagewire:``:
     task:OWNER:UUID:lease       exists while the server running it is alive: it renews it every LEASE / 3 s
     task:OWNER:UUID:dropped     its items were let go to stay within the bound
     kept, kept:bytes, kept:total   finished tasks holding items, by finish time; their sizes; the sum
+    kept:last                   the score of the latest finish (finishes in one ms are ordered after it)
     session:UUID                the session (hash: owner, the server its socket is attached to, if any)
     session:UUID:outbox         frames produced while no socket takes them (a list), and :outbox-bytes
 
@@ -105,8 +106,10 @@ redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
 return 1
 """
 
-# KEYS: kept, kept:bytes, kept:total, record, items, lease. ARGV: prefix, retention ms, max bytes, record JSON,
-# member, bytes of its items.
+# KEYS: kept, kept:bytes, kept:total, record, items, lease, kept:last. ARGV: prefix, retention ms, max bytes,
+# record JSON, member, bytes of its items. A finish is scored by its time in ms, and a finish in the same ms as
+# the last one a thousandth after it (written with %.3f: Lua would print the number with 14 digits only), so that
+# "oldest first" never falls back on the order of the members' names.
 FINISH = _TIDY + """
 redis.call('SET', KEYS[4], ARGV[4], 'PX', ARGV[2])
 redis.call('PEXPIRE', KEYS[5], ARGV[2])
@@ -116,7 +119,10 @@ local bytes = tonumber(ARGV[6])
 local dropped = 0
 if bytes > 0 then
   local now = redis.call('TIME')
-  redis.call('ZADD', KEYS[1], tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000), ARGV[5])
+  local score = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  score = string.format('%.3f', math.max(score, tonumber(redis.call('GET', KEYS[7]) or '0') + 0.001))
+  redis.call('SET', KEYS[7], score)
+  redis.call('ZADD', KEYS[1], score, ARGV[5])
   redis.call('HSET', KEYS[2], ARGV[5], bytes)
   redis.call('INCRBY', KEYS[3], bytes)
 end
@@ -381,7 +387,7 @@ class RedisTaskRegistry:
         self._running.pop((record.owner, record.task_uuid), None)
         key = self.key(record.owner, record.task_uuid)
         try:
-            await self._finish(keys=[*self._kept_keys(), key, f"{key}:items", f"{key}:lease"],
+            await self._finish(keys=[*self._kept_keys(), key, f"{key}:items", f"{key}:lease", f"{PREFIX}kept:last"],
                                args=[f"{PREFIX}task:", _ms(self.retention), self.max_kept_bytes, self._state(record),
                                      self.member(record.owner, record.task_uuid), record.kept_bytes])
         except (RedisError, OSError) as exc:
