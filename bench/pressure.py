@@ -133,21 +133,32 @@ async def until(check: Callable[[], bool], timeout: float) -> bool:
     return True
 
 
+def large_frame() -> str:
+    """62 ping tasks padded to 1 MiB each: a frame of almost the default --max-frame-mib."""
+    return "[" + ",".join(["{\"taskType\":\"ping\",\"pad\":\"" + "x" * (MIB - 40) + "\"}"] * 62) + "]"
+
+
+async def non_reading_client(server: ServerProcess) -> Any:
+    """An authenticated socket with a small receive window, whose client then never reads."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.connect(("127.0.0.1", port_of(server)))
+    websocket = await connect(server.url, sock=sock, max_size=None, max_queue=1, compression=None,
+                              ping_interval=None, open_timeout=30)
+    await websocket.send(orjson.dumps([{"taskType": "authentication", "apiKey": KEY_A}]).decode())
+    await websocket.recv()
+    return websocket
+
+
 async def silent(data_dir: Path, duration: float = 40.0) -> dict[str, Any]:
     with server_on(data_dir) as server:
         warm = await LoadConnection.open(server.url)
         await warm.run(inference())
         await warm.close()
         baseline = server.memory_kib()["VmRSS"]
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # a client that stops reading
-        sock.connect(("127.0.0.1", port_of(server)))
-        websocket = await connect(server.url, sock=sock, max_size=None, max_queue=1, compression=None,
-                                  ping_interval=None, open_timeout=30)
-        await websocket.send(orjson.dumps([{"taskType": "authentication", "apiKey": KEY_A}]).decode())
-        await websocket.recv()
+        websocket = await non_reading_client(server)
         wide = [inference(**{"k" * 900_000: 1}) for _ in range(60)]
-        frame = "[" + ",".join(["{\"taskType\":\"ping\",\"pad\":\"" + "x" * (MIB - 40) + "\"}"] * 62) + "]"
+        frame = large_frame()
         sent = 0
         started = time.monotonic()
         closed_after = None
@@ -182,21 +193,14 @@ async def crowd(data_dir: Path, sockets: int = 8, duration: float = 40.0) -> dic
 
 
 async def crowd_against(data_dir: Path, budget_mib: int, sockets: int, duration: float) -> dict[str, Any]:
-    frame = "[" + ",".join(["{\"taskType\":\"ping\",\"pad\":\"" + "x" * (MIB - 40) + "\"}"] * 62) + "]"
+    frame = large_frame()
     with server_on(data_dir, f"--max-inbound-mib={budget_mib}") as server:
         pinger = await LoadConnection.open(server.url)
         await pinger.run(inference())
         baseline = server.memory_kib()["VmRSS"]
         senders = []
         for _ in range(sockets):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # clients that do not read
-            sock.connect(("127.0.0.1", port_of(server)))
-            websocket = await connect(server.url, sock=sock, max_size=None, max_queue=1, compression=None,
-                                      ping_interval=None, open_timeout=30)
-            await websocket.send(orjson.dumps([{"taskType": "authentication", "apiKey": KEY_A}]).decode())
-            await websocket.recv()
-            senders.append(websocket)
+            senders.append(await non_reading_client(server))
         sent = [0] * sockets
         pings: list[float] = []
         deadline = time.monotonic() + duration

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from imagewire.server.config import Config
-from imagewire.server.device import Engine
-from imagewire.tasks.errors import InferenceError, ServiceUnavailable, TaskError
+from imagewire.server.device import END_OF_RESULTS, Engine, result_chunks
+from imagewire.tasks.errors import InferenceError, ServiceUnavailable
 from imagewire.tasks.jobs import Job, JobEvent, Queued, Step
 
 if TYPE_CHECKING:
@@ -143,14 +143,8 @@ class RemoteJob:
     _results: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     _driver: asyncio.Task[None] | None = None
 
-    async def __aiter__(self) -> AsyncIterator[Sequence[Any]]:
-        while True:
-            item = await self._results.get()
-            if item is None:
-                return
-            if isinstance(item, TaskError):
-                raise item
-            yield item
+    def __aiter__(self) -> AsyncIterator[Sequence[Any]]:
+        return result_chunks(self._results)
 
     def cancel(self) -> None:
         """Stop the job: Serve cancels the replica's call, so the job leaves its queue or stops at its next
@@ -159,7 +153,7 @@ class RemoteJob:
             return
         self.cancelled = True
         self._driver.cancel()
-        self._results.put_nowait(None)
+        self._results.put_nowait(END_OF_RESULTS)
 
 
 class RayDevice:
@@ -401,7 +395,7 @@ class RayDevice:
                 f"Inference failed ({type(exc).__name__}). Other tasks are unaffected; the server log has details."))
         finally:
             self._waiting.discard(remote)
-            remote._results.put_nowait(None)
+            remote._results.put_nowait(END_OF_RESULTS)
 
     def _take(self, remote: RemoteJob, event: tuple[Any, ...]) -> bool:
         """Hand one event of the replica's on; True when it carried results."""

@@ -115,7 +115,19 @@ class DeviceService(Protocol):
         """Blocking: let queued jobs finish (for up to ``timeout`` seconds), then let go of the device."""
 
 
-_DONE = object()
+# The last item of a job's results: nothing more comes.
+END_OF_RESULTS = object()
+
+
+async def result_chunks(results: asyncio.Queue[Any]) -> AsyncIterator[list[Any]]:
+    """A job's chunks of results as they are posted, until ``END_OF_RESULTS``; a posted TaskError is raised."""
+    while True:
+        item = await results.get()
+        if item is END_OF_RESULTS:
+            return
+        if isinstance(item, TaskError):
+            raise item
+        yield item
 
 
 class Cancelled(Exception):
@@ -164,14 +176,8 @@ class JobHandle:
         if self.on_event is not None and not self.cancelled:
             self._loop.call_soon_threadsafe(self.on_event, event)
 
-    async def __aiter__(self) -> AsyncIterator[list[Any]]:
-        while True:
-            item = await self._results.get()
-            if item is _DONE:
-                return
-            if isinstance(item, TaskError):
-                raise item
-            yield item
+    def __aiter__(self) -> AsyncIterator[list[Any]]:
+        return result_chunks(self._results)
 
 
 class _Outlet:
@@ -349,7 +355,7 @@ class DeviceQueue:
         finished = time.perf_counter()
         for handle in handles:
             handle.finished_at = finished
-            handle._post(_DONE)
+            handle._post(END_OF_RESULTS)
         if self.on_call is not None and answered:
             self.on_call(sum(handles[index].job.images for index in answered), started, finished)
 

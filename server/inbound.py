@@ -27,7 +27,7 @@ SMALL_MESSAGE_BYTES = 64 * 1024
 # A charged frame must arrive within this: one that trickles in would hold its share of the budget
 # (and make others wait) for as long as its client likes.
 FRAME_DEADLINE_SECONDS = 60.0
-_CONTINUATION, _TEXT, _BINARY = 0x0, 0x1, 0x2
+_TEXT, _BINARY = 0x1, 0x2
 
 
 class InboundBudget:
