@@ -275,6 +275,9 @@ async def test_a_task_run_through_one_gateway_is_visible_through_get_response_on
     on_first, on_second = await Wire.open(first.url), await Wire.open(second.url)
     try:
         await on_first.send([task])
+        # Acknowledged by A once it is recorded: from then on B knows it.
+        acknowledged, errors = await on_first.items_for(task["taskUUID"], 1)
+        assert acknowledged and not errors, errors
 
         async def finished() -> dict | None:
             answer = await on_second.run({"taskType": "getResponse", "taskUUID": task["taskUUID"]})
