@@ -41,8 +41,8 @@ class InboundBudget:
     def claim(self, size: int) -> asyncio.Future[None] | None:
         """Take ``size``: None when taken now, else a future set once it is granted. Claims are granted in
         the order they were made, so a large message is not passed over forever by smaller ones."""
-        if not self._waiting and self._fits(size):
-            self.held += size
+        if size == 0 or (not self._waiting and self._fits(size)):
+            self.held += size  # nothing charged (a small message) never waits behind a large one
             return None
         granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.append((size, granted))

@@ -85,6 +85,18 @@ async def test_a_message_that_does_not_fit_waits_and_resumes_when_room_comes_bac
     assert budget.held == 0
 
 
+async def test_a_small_rest_body_charged_nothing_never_waits_behind_a_large_one():
+    budget = InboundBudget(3 * MIB)
+    await budget.take(2 * MIB)
+    waiting = asyncio.ensure_future(budget.take(2 * MIB))
+    await asyncio.sleep(0)
+    assert budget.waiting == 1
+    await asyncio.wait_for(budget.take(0), seconds(1))
+    budget.give_back(2 * MIB)
+    await asyncio.wait_for(waiting, seconds(5))
+    assert budget.held == 2 * MIB and budget.waiting == 0
+
+
 async def test_a_message_larger_than_the_budget_gets_through_alone():
     budget = InboundBudget(1 * MIB)
     frames = counter(budget)
