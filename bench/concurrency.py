@@ -17,7 +17,7 @@ from PIL import Image
 
 from bench.client import BenchConnection
 from bench.context import BenchContext, progress
-from bench.served import PING_INTERVAL, raw_block
+from bench.served import PING_INTERVAL, after_raw, raw_block
 from bench.stats import milliseconds, ratio, summarize
 from bench.workloads import Workload, tasks_at_level
 from imagewire.server.config import Config
@@ -107,6 +107,7 @@ async def _one_round(ctx: BenchContext, workload: Workload, seed_uuid: str | Non
     """A raw block, then the same number of requests served: one comparable pair."""
     pair = _Level()
     await _raw_round(ctx, workload, _raw_count(ctx, len(connections) * per_round), init, pair)
+    await after_raw()
     await _served_round(connections, workload, seed_uuid, first_index, per_round, probe, pair)
     return pair
 

@@ -18,6 +18,19 @@ PING_INTERVAL = 0.02  # seconds between pings on the probe connection
 IDLE_PINGS = 50
 
 
+async def after_raw() -> None:
+    """Wait before a served block that follows a raw one.
+
+    To the server's CPU thread policy (``server/engine/threads.py``) a raw block that has just ended is
+    another process keeping every core busy, and it rightly leaves that process a core for the next steps.
+    A deployment has no torch loop taking turns with the server, so served blocks start once the policy's
+    window has passed.
+    """
+    from imagewire.server.engine.threads import WINDOW_SECONDS  # imports torch, as the raw runner does
+
+    await asyncio.sleep(2 * WINDOW_SECONDS)
+
+
 async def raw_block(ctx: BenchContext, workload: Workload, indices: range,
                     init: Image.Image | None) -> list[float]:
     # Off the event loop, so this process keeps answering the server's keepalive pings.
@@ -59,6 +72,7 @@ async def latency_section(ctx: BenchContext, workload: Workload) -> dict[str, An
             await raw.call(raw.use_threads, raw.default_threads)
             reference_times = await raw_block(ctx, workload, indices, init)
             await raw.call(raw.use_threads, raw.server_threads)
+        await after_raw()
         served_times, block_uuids = await _served_block(connection, workload, indices, seed_uuid)
         return raw_times, reference_times, served_times, block_uuids
 

@@ -68,7 +68,7 @@ class DiffusersEngine:
         self.pipelines.load(model)
 
     def before_call(self) -> None:
-        self.threads.for_call()
+        self.threads.adjust()
 
     def run(self, jobs: Sequence[Job], emit: Emit) -> None:
         try:

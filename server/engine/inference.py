@@ -18,7 +18,7 @@ continue the count of the model's.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import groupby
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
@@ -97,7 +97,8 @@ def _make(engine: DiffusersEngine, pipe: Any, refiner: Any, family: Family, jobs
             # from the sampler rather than the generators.
             pipe.scheduler = pipelines.make_sampler(pipe, first.sampler, seeds=part_seeds)
             arguments = family.call_arguments(part_owners)
-            report = _StepReport(jobs, part, emit, family, total=first.steps if refiner is not None else None)
+            report = _StepReport(jobs, part, emit, family, engine.threads.adjust,
+                                 total=first.steps if refiner is not None else None)
             arguments["callback_on_step_end"] = report
             generators = _generators(part_seeds)
             try:
@@ -134,12 +135,14 @@ def _controlnets(engine: DiffusersEngine, job: InferenceJob) -> ModedControlNets
 
 class _StepReport:
     """diffusers' step-end callback for one call (or a model's call and its refiner's, which continue its
-    count up to ``total``): progress per job, previews, cancellation."""
+    count up to ``total``): progress per job, previews, cancellation, and the CPU thread count for the
+    next steps (``between_steps``)."""
 
     def __init__(self, jobs: Sequence[InferenceJob], chunk: list[tuple[int, int, int]], emit: Emit,
-                 family: Family, total: int | None = None) -> None:
+                 family: Family, between_steps: Callable[[], object], total: int | None = None) -> None:
         self.jobs = len(jobs)
         self.emit = emit
+        self.between_steps = between_steps
         self.family = family
         self.total = total
         self.done = 0
@@ -160,6 +163,7 @@ class _StepReport:
         previews = self._previews(tensors.get("latents"), live)
         for j, indexes, _ in live:
             self.emit.progress(j, Step(indexes, self.done, total, previews.get(j)))
+        self.between_steps()
         return tensors
 
     def _previews(self, latents: Any, live: list[tuple[int, tuple[int, ...], int]]) -> dict[int, Image.Image]:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
+import threading
 import time
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -17,8 +20,10 @@ THREADS_VARIABLE = "OMP_NUM_THREADS"
 # so that a neighbour near the line does not flip the count call after call.
 CROWDED_CORES = 0.5
 QUIET_CORES = 0.25
-# The shortest stretch over which other processes' CPU is judged (the kernel counts it in 10 ms ticks).
-WINDOW_SECONDS = 0.5
+# The shortest stretch over which other processes' CPU is judged: long enough for the kernel's 10 ms ticks to
+# add up to a figure (25 per core), short enough that a neighbour which starts or stops mid-call is seen
+# within a step or two, as the count is judged again between a pipeline's steps.
+WINDOW_SECONDS = 0.25
 
 # (monotonic seconds, CPU seconds the machine spent busy, CPU seconds this process spent)
 CpuClock = Callable[[], tuple[float, float, float]]
@@ -52,32 +57,61 @@ def machine_cpu_clock() -> tuple[float, float, float]:
 
 
 class CpuThreads:
-    """Sets torch's thread count before each pipeline call, in the thread that runs them: every core, as
-    torch and a plain script would take, unless other processes keep about a core busy; then all but one.
+    """Sets torch's thread count in the thread that runs the pipelines, before each call and between a
+    call's steps: every core, as torch and a plain script would take, unless other processes keep about a
+    core busy; then all but one.
 
+    Judged between steps too, because one call can last minutes on a CPU: a neighbour that starts mid-call
+    would otherwise slow the rest of it several times over, and one that stops would leave a core unused.
+    Each judgement looks at the last ``WINDOW_SECONDS`` or a little more, however long the device was idle
+    before: a background thread reads the clock every half window (``sample_in_background``), so that a
+    neighbour busy minutes ago but quiet now does not cost the next call a core.
     Left alone on CUDA devices (the CPU only feeds the GPU there) and when ``OMP_NUM_THREADS`` is set.
     """
 
-    def __init__(self, device: str, *, clock: CpuClock = machine_cpu_clock) -> None:
+    def __init__(self, device: str, *, clock: CpuClock = machine_cpu_clock, sample_in_background: bool = True) -> None:
         self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         self.fixed = device != "cpu" or bool(os.environ.get(THREADS_VARIABLE))
         self.clock = clock
         self.current: int | None = None
-        self._since = clock()
+        # Clock readings, oldest first: the newest one at least a window old, and every later one.
+        self._readings: collections.deque[tuple[float, float, float]] = collections.deque()
+        self._lock = threading.Lock()
         if not self.fixed:
             log.info("CPU inference on %d torch threads, %d while other processes keep a core busy "
                      "(%s overrides)", self.cores, serving_cpu_threads(self.cores), THREADS_VARIABLE)
             self._set(self.cores)
+            self.sample()
+            if sample_in_background:
+                threading.Thread(target=_sample_while_used, args=(weakref.ref(self),), name="imagewire-cpu-sampler",
+                                 daemon=True).start()
 
-    def for_call(self) -> int | None:
-        """Set the count for the next call from what other processes did lately; None when left as it is."""
+    def sample(self) -> tuple[float, float, float]:
+        """Read the clock and keep the reading; return it."""
+        reading = self.clock()
+        with self._lock:
+            self._readings.append(reading)
+            while len(self._readings) > 2 and reading[0] - self._readings[1][0] >= WINDOW_SECONDS:
+                self._readings.popleft()
+        return reading
+
+    def others(self) -> float | None:
+        """Other processes' CPU, in cores, over the last window or a little more; None before a window has passed."""
+        now = self.sample()
+        with self._lock:
+            since = self._readings[0]
+        wall = now[0] - since[0]
+        if wall < WINDOW_SECONDS:
+            return None
+        return max(0.0, (now[1] - since[1]) - (now[2] - since[2])) / wall
+
+    def adjust(self) -> int | None:
+        """Set the count for what runs next (a call, or the rest of one) from what other processes did lately;
+        None when left as it is."""
         if self.fixed:
             return None
-        now = self.clock()
-        wall = now[0] - self._since[0]
-        if wall >= WINDOW_SECONDS:
-            others = max(0.0, (now[1] - self._since[1]) - (now[2] - self._since[2])) / wall
-            self._since = now
+        others = self.others()
+        if others is not None:
             if others >= CROWDED_CORES:
                 self._set(serving_cpu_threads(self.cores))
             elif others < QUIET_CORES:
@@ -93,6 +127,17 @@ class CpuThreads:
             self.current = threads
 
 
+def _sample_while_used(threads: weakref.ref[CpuThreads]) -> None:
+    """Read the clock every half window for as long as the engine holding ``threads`` exists."""
+    while True:
+        time.sleep(WINDOW_SECONDS / 2)
+        held = threads()
+        if held is None:
+            return
+        held.sample()
+        del held
+
+
 def limit_cpu_threads(device: str) -> int | None:
     """Set, in the calling thread, the count the server starts with; None when left as it is."""
-    return CpuThreads(device).current
+    return CpuThreads(device, sample_in_background=False).current

@@ -177,19 +177,83 @@ def test_cpu_calls_take_every_core_and_leave_one_while_another_process_keeps_it_
     # A clock of our own: (wall seconds, the machine's busy CPU seconds, this process's CPU seconds).
     readings = iter([(0.0, 0.0, 0.0),
                      (0.2, 0.2, 0.2),     # too short a stretch to judge: the count stands
-                     (1.0, 1.6, 0.8),     # others took 0.8 core-seconds in 1 s: leave them a core
+                     (1.0, 1.6, 0.8),     # others took 0.8 core-seconds in the 0.8 s since: leave them a core
                      (2.0, 2.9, 1.5),     # others 0.6 cores: still crowded
                      (3.0, 4.2, 2.5),     # others 0.3 cores: between the lines, the count stands
                      (4.0, 5.3, 3.5)])    # others 0.1 cores: every core again
     before = torch.get_num_threads()
     try:
-        threads = CpuThreads("cpu", clock=lambda: next(readings))
+        threads = CpuThreads("cpu", clock=lambda: next(readings), sample_in_background=False)
         cores, fewer = threads.cores, max(1, threads.cores - 1)
         assert threads.current == cores == torch.get_num_threads()
-        assert [threads.for_call() for _ in range(5)] == [cores, fewer, fewer, fewer, cores]
-        assert CpuThreads("cuda").for_call() is None
+        assert [threads.adjust() for _ in range(5)] == [cores, fewer, fewer, fewer, cores]
+        assert CpuThreads("cuda").adjust() is None
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
-        assert CpuThreads("cpu").for_call() is None  # the operator's count stands
+        assert CpuThreads("cpu").adjust() is None  # the operator's count stands
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_neighbour_that_stopped_while_the_device_was_idle_costs_the_next_call_no_core(monkeypatch):
+    import torch
+
+    from imagewire.server.engine.threads import WINDOW_SECONDS, CpuThreads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    # Real time; another process keeps two cores busy for the first second, then nothing runs.
+    start = time.monotonic()
+
+    def clock() -> tuple[float, float, float]:
+        now = time.monotonic()
+        return now, 2.0 * min(now - start, 1.0), 0.0
+
+    before = torch.get_num_threads()
+    try:
+        threads = CpuThreads("cpu", clock=clock)
+        cores = threads.cores
+        time.sleep(0.3)
+        assert threads.adjust() == max(1, cores - 1)
+        # The device idles; the neighbour stops at 1 s. Judged over everything since the last call, the
+        # next one would still see 1.3 busy cores; the background readings make it look at the last window.
+        time.sleep(max(0.0, start + 1.0 + 1.5 * WINDOW_SECONDS + 0.05 - time.monotonic()))
+        assert threads.adjust() == cores
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_neighbour_that_starts_mid_call_gets_its_core_from_the_next_step(engine, job, monkeypatch):
+    import torch
+
+    from imagewire.server.engine.threads import CpuThreads, serving_cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    # Quiet until the first judgement before the call; from then on another process keeps two cores busy.
+    seconds = iter(range(100))
+
+    def clock() -> tuple[float, float, float]:
+        now = next(seconds)
+        return float(now), now * 1.0 + max(0, now - 1) * 2.0, now * 1.0
+
+    threads_by_step: list[int] = []
+
+    class Watch(Collect):
+        def progress(self, index, step):
+            super().progress(index, step)
+            threads_by_step.append(torch.get_num_threads())
+
+    before = torch.get_num_threads()
+    try:
+        engine.threads = CpuThreads("cpu", clock=clock, sample_in_background=False)
+        engine.threads.cores = 4  # any count with one to spare; set before the first judgement
+        engine.threads._set(4)
+        engine.before_call()
+        engine.run([job("a", "a red cube", [1])], Watch(1))
+        # Progress is reported before each step's judgement: the first step ran on every core, every
+        # later one on one fewer.
+        fewer = serving_cpu_threads(4)
+        assert len(threads_by_step) >= 3
+        assert threads_by_step == [4] + [fewer] * (len(threads_by_step) - 1)
+        assert torch.get_num_threads() == serving_cpu_threads(4)
     finally:
         torch.set_num_threads(before)
 
@@ -205,3 +269,28 @@ def test_the_machine_cpu_clock_counts_this_process_and_the_machine():
     own = end[2] - start[2]
     assert own >= 0.25
     assert end[1] - start[1] >= own - 0.05  # the machine was busy at least while this process was
+
+
+def test_the_background_readings_stop_with_the_engine_that_used_them(monkeypatch):
+    import gc
+    import threading
+
+    import torch
+
+    from imagewire.server.engine.threads import WINDOW_SECONDS, CpuThreads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+
+    def samplers() -> set[threading.Thread]:
+        return {thread for thread in threading.enumerate() if thread.name == "imagewire-cpu-sampler"}
+
+    before, threads_before = samplers(), torch.get_num_threads()
+    try:
+        threads = CpuThreads("cpu")
+        (sampler,) = samplers() - before
+        del threads
+        gc.collect()
+        sampler.join(10 * WINDOW_SECONDS)
+        assert not sampler.is_alive()  # engines built and dropped (tests, reloads) leave no thread behind
+    finally:
+        torch.set_num_threads(threads_before)
