@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -41,7 +41,7 @@ def run(engine: DiffusersEngine, jobs: Sequence[UpscaleJob], emit: Emit) -> None
     dtype = tools.dtype if network.supports_half and tools.half else torch.float32
     batch = to_tensor([job.image for job in jobs], device=tools.device, dtype=dtype)
     with torch.inference_mode():
-        enlarged = upscale(network, batch, tile_size=first.tile_size)
+        enlarged = upscale(network, batch, tile_size=first.tile_size, between_tiles=engine.threads.adjust)
     share = (time.perf_counter() - started) / len(jobs)
     for index, job in enumerate(jobs):
         picture = to_image(enlarged[index])
@@ -50,8 +50,10 @@ def run(engine: DiffusersEngine, jobs: Sequence[UpscaleJob], emit: Emit) -> None
         emit(index, [ProcessedImage(picture, share)])
 
 
-def upscale(network: Any, batch: torch.Tensor, *, tile_size: int, overlap: int = OVERLAP) -> torch.Tensor:
-    """``batch`` (N, 3, H, W) enlarged by the network's scale, in tiles of at most ``tile_size`` a side."""
+def upscale(network: Any, batch: torch.Tensor, *, tile_size: int, overlap: int = OVERLAP,
+            between_tiles: Callable[[], object] = lambda: None) -> torch.Tensor:
+    """``batch`` (N, 3, H, W) enlarged by the network's scale, in tiles of at most ``tile_size`` a side;
+    ``between_tiles`` runs after each tile (the CPU thread count is judged again there, as between steps)."""
     count, channels, height, width = batch.shape
     scale = network.scale
     if height <= tile_size and width <= tile_size:
@@ -66,6 +68,7 @@ def upscale(network: Any, batch: torch.Tensor, *, tile_size: int, overlap: int =
             out = _call(network, batch[:, :, y0:y1, x0:x1]).float().cpu()
             result[:, :, top * scale:bottom * scale, left * scale:right * scale] = out[
                 :, :, (top - y0) * scale:(bottom - y0) * scale, (left - x0) * scale:(right - x0) * scale]
+            between_tiles()
     return result
 
 

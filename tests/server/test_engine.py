@@ -294,3 +294,25 @@ def test_the_background_readings_stop_with_the_engine_that_used_them(monkeypatch
         assert not sampler.is_alive()  # engines built and dropped (tests, reloads) leave no thread behind
     finally:
         torch.set_num_threads(threads_before)
+
+
+def test_a_tiled_upscale_judges_the_thread_count_after_each_tile():
+    import types
+
+    import torch
+    import torch.nn.functional as F
+
+    from imagewire.server.engine.upscale import upscale
+
+    class Nearest(types.SimpleNamespace):
+        """A ×2 stand-in for a spandrel network: nearest-neighbour enlargement, any size accepted."""
+
+        def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+            return F.interpolate(pixels, scale_factor=2, mode="nearest")
+
+    network = Nearest(scale=2, size_requirements=types.SimpleNamespace(minimum=1, multiple_of=1, square=False))
+    judged: list[int] = []
+    batch = torch.rand(1, 3, 40, 24)
+    tiled = upscale(network, batch, tile_size=16, between_tiles=lambda: judged.append(1))
+    assert len(judged) == 3 * 2  # 40×24 in tiles of 16: three rows of two
+    assert torch.equal(tiled, F.interpolate(batch, scale_factor=2, mode="nearest"))
