@@ -59,15 +59,15 @@ def _accelerator(device: str) -> dict[str, Any]:
 def _server_threads(device: str, default: int) -> int:
     """The torch thread count the server's engine starts inference on (``server/engine/threads.py``): every
     core, one fewer while other processes keep a core busy; an explicit ``OMP_NUM_THREADS`` wins."""
-    from imagewire.server.engine.threads import THREADS_VARIABLE
+    from imagewire.server.engine.threads import leaves_threads_alone, usable_cores
 
-    if device != "cpu" or os.environ.get(THREADS_VARIABLE):
-        return default
-    return len(os.sched_getaffinity(0))
+    return default if leaves_threads_alone(device) else usable_cores()
 
 
 def describe(device: str, argv: Sequence[str]) -> dict[str, Any]:
     import torch
+
+    from imagewire.server.engine.threads import usable_cores
 
     return {
         "command": shlex.join(["python", "-m", "bench", *argv]),
@@ -75,7 +75,7 @@ def describe(device: str, argv: Sequence[str]) -> dict[str, Any]:
         "device": device,
         "accelerator": _accelerator(device),
         "cpu_model": cpu_model(),
-        "cpu_cores": len(os.sched_getaffinity(0)),
+        "cpu_cores": usable_cores(),
         "torch_default_threads": torch.get_num_threads(),
         "server_torch_threads": _server_threads(device, torch.get_num_threads()),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),

@@ -340,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     api_keys = args.api_keys
     if api_keys is None:
         api_keys = [k.strip() for k in (_env("API_KEYS") or "").split(",") if k.strip()]
@@ -355,7 +356,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         try:
             trusted_proxies = [_network(p.strip()) for p in (_env("TRUSTED_PROXIES") or "").split(",") if p.strip()]
         except argparse.ArgumentTypeError as exc:
-            build_parser().error(f"IMAGEWIRE_TRUSTED_PROXIES: {exc}")
+            parser.error(f"IMAGEWIRE_TRUSTED_PROXIES: {exc}")
     return Config(
         host=args.host,
         port=args.port,
@@ -405,13 +406,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         civitai_url=args.civitai_url,
         civitai_token=args.civitai_token,
         safety_checker=args.safety_checker,
-        **_compute_plane(args),
+        **_compute_plane(parser, args),
     )
 
 
-def _compute_plane(args: argparse.Namespace) -> dict[str, Any]:
+def _compute_plane(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
     """The --engine flags, checked together: one line names what does not fit."""
-    parser = build_parser()
     if args.engine != "ray" and args.ray_address is not None:
         parser.error("--ray-address needs --engine ray")
     if (args.min_replicas is None) != (args.max_replicas is None):

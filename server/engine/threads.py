@@ -29,6 +29,17 @@ WINDOW_SECONDS = 0.25
 CpuClock = Callable[[], tuple[float, float, float]]
 
 
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def leaves_threads_alone(device: str) -> bool:
+    """Whether torch's thread count is left as it is: on CUDA devices (the CPU only feeds the GPU there), and
+    when the operator set ``OMP_NUM_THREADS``."""
+    return device != "cpu" or bool(os.environ.get(THREADS_VARIABLE))
+
+
 def serving_cpu_threads(cores: int) -> int:
     """Torch threads on a CPU with ``cores`` usable cores while another process keeps one busy: all but one.
 
@@ -66,12 +77,12 @@ class CpuThreads:
     Each judgement looks at the last ``WINDOW_SECONDS`` or a little more, however long the device was idle
     before: a background thread reads the clock every half window (``sample_in_background``), so that a
     neighbour busy minutes ago but quiet now does not cost the next call a core.
-    Left alone on CUDA devices (the CPU only feeds the GPU there) and when ``OMP_NUM_THREADS`` is set.
+    Left alone where ``leaves_threads_alone``.
     """
 
     def __init__(self, device: str, *, clock: CpuClock = machine_cpu_clock, sample_in_background: bool = True) -> None:
-        self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        self.fixed = device != "cpu" or bool(os.environ.get(THREADS_VARIABLE))
+        self.cores = usable_cores()
+        self.fixed = leaves_threads_alone(device)
         self.clock = clock
         self.current: int | None = None
         # Clock readings, oldest first: the newest one at least a window old, and every later one.
