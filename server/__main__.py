@@ -12,11 +12,12 @@ from collections.abc import Sequence
 from imagewire.server.app import ImagewireServer
 from imagewire.server.config import parse_args
 from imagewire.server.listener import raise_open_file_limit
+from imagewire.server.logs import configure as configure_logging
 
 
 async def serve(argv: Sequence[str] | None = None) -> None:
     config = parse_args(argv)
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(config.log_level)
     raise_open_file_limit()
     server = ImagewireServer(config)
     try:

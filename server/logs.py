@@ -1,6 +1,7 @@
-"""Keeping the log readable under abuse: what a client can cause again and again (a malformed HTTP
-request, a flood of connections that runs out of file descriptors) is one line per interval with a
-count, not a traceback per attempt; the server's own bugs keep their tracebacks.
+"""The process's log: one line per record, greppable by taskUUID, and readable under abuse. What a client
+can cause again and again (a malformed HTTP request, a flood of connections that runs out of file
+descriptors) is one line per interval with a count, not a traceback per attempt; the server's own bugs keep
+their tracebacks.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from aiohttp import http_exceptions
 
 INTERVAL_SECONDS = 10.0
+FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 log = logging.getLogger("imagewire.server")
 
 # An accept() that fails for want of descriptors or memory: the listening loop retries on its own.
@@ -58,6 +60,23 @@ class ClientMistakes(logging.Filter):
             f" ({unsaid} more since the last such line)" if unsaid else "")
         record.levelno, record.levelname = logging.INFO, "INFO"
         return True
+
+
+class WithoutTorchvisionNotices(logging.Filter):
+    """Drops transformers' notice that an image processor falls back to its PIL version for want of
+    torchvision. Loading the first model imports every diffusers pipeline module, and each start printed three
+    such notices asking for a package the server does not use: its image processors are the PIL ones."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision" not in record.getMessage()
+
+
+def configure(level: int | str) -> None:
+    """Logging for a server or replica process, before anything loads a model."""
+    logging.basicConfig(level=level, format=FORMAT)
+    notices = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(existing, WithoutTorchvisionNotices) for existing in notices.filters):
+        notices.addFilter(WithoutTorchvisionNotices())
 
 
 _FILTER = ClientMistakes()

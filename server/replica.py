@@ -35,6 +35,7 @@ from ray.experimental import internal_kv
 from imagewire.air_registry import ModelEntry
 from imagewire.server.config import Config
 from imagewire.server.device import DeviceQueue, Engine
+from imagewire.server.logs import configure as configure_logging
 from imagewire.tasks.errors import TaskError
 from imagewire.tasks.jobs import Job, JobEvent, Queued, Step
 
@@ -103,7 +104,7 @@ class Replica:
 
     def __init__(self, config: Config, engine_for: Callable[[Config], Callable[[], Engine]],
                  preloads: list[ModelEntry]) -> None:
-        logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        configure_logging(config.log_level)
         keep_serve_on_loopback()
         context = serve.get_replica_context()
         self.name = f"{context.replica_id.unique_id}"

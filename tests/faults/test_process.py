@@ -35,12 +35,15 @@ class ServerProcess:
             *extra, stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"})
         assert process.stderr is not None
+        start = b""
         while True:
-            line = (await asyncio.wait_for(process.stderr.readline(), seconds(120))).decode()
+            line = await asyncio.wait_for(process.stderr.readline(), seconds(120))
             assert line, "the server exited before it was ready"
-            match = READY.search(line)
+            start += line
+            match = READY.search(line.decode())
             if match:
                 server = cls(process, match.group(1))
+                server.log = start
                 server._drain = asyncio.ensure_future(server._read_rest())
                 return server
 
@@ -141,3 +144,18 @@ async def test_a_hard_kill_loses_nothing_already_answered(data_dir, processes):
     await wire.close()
     second.process.send_signal(signal.SIGINT)
     assert await second.wait() == 0
+
+
+async def test_a_start_logs_nothing_an_operator_could_not_act_on(data_dir, processes):
+    # transformers names each image processor that falls back to PIL without torchvision, and the first model's
+    # load imports every diffusers pipeline: a plain start printed three notices asking for torchvision.
+    server = await ServerProcess.start(data_dir)
+    processes.append(server)
+    wire = await Wire.open(server.url)
+    await wire.run(inference())
+    await wire.close()
+    server.process.send_signal(signal.SIGTERM)
+    assert await server.wait() == 0
+    log = server.log.decode()
+    assert "loaded model imagewire:tiny@1" in log, log
+    assert "torchvision" not in log and "Traceback" not in log and " WARNING " not in log, log
