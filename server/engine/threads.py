@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import collections
+import functools
 import logging
+import math
 import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from pathlib import Path
 
 import torch
 
@@ -16,22 +19,94 @@ log = logging.getLogger("imagewire.engine")
 
 # An operator's explicit thread count wins over ours.
 THREADS_VARIABLE = "OMP_NUM_THREADS"
-# Other processes' CPU, in cores, at which a core is left to them, and below which it is taken back: apart,
-# so that a neighbour near the line does not flip the count call after call.
-CROWDED_CORES = 0.5
-QUIET_CORES = 0.25
+# Other processes' CPU use, in cores, is rounded to the cores left to them, with a margin either way: one more
+# is left once they use half a core beyond those left to them, and one is taken back once they use three
+# quarters of a core less, so that a neighbour near a line does not flip the count call after call. On two
+# cores: a core is left at 0.5 busy cores and taken back below 0.25.
+LEAVE_MARGIN = 0.5
+TAKE_BACK_MARGIN = 0.75
 # The shortest stretch over which other processes' CPU is judged: long enough for the kernel's 10 ms ticks to
 # add up to a figure (25 per core), short enough that a neighbour which starts or stops mid-call is seen
 # within a step or two, as the count is judged again between a pipeline's steps.
 WINDOW_SECONDS = 0.25
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 
-# (monotonic seconds, CPU seconds the machine spent busy, CPU seconds this process spent)
+# (monotonic seconds, CPU seconds busy on this process's CPUs, CPU seconds this process spent)
 CpuClock = Callable[[], tuple[float, float, float]]
 
 
+def allowed_cpus() -> set[int]:
+    """The CPUs this process may run on (its affinity: a container's cpuset, ``taskset``)."""
+    if hasattr(os, "sched_getaffinity"):
+        return set(os.sched_getaffinity(0))
+    return set(range(os.cpu_count() or 1))
+
+
+def cpu_quota(root: Path = CGROUP_ROOT, membership: Path = Path("/proc/self/cgroup")) -> float | None:
+    """The CPU time this process's cgroups allow, in cores (a container's ``--cpus``, a Kubernetes CPU limit,
+    a systemd ``CPUQuota``); None without a limit or where there are no cgroups.
+
+    Every cgroup from this process's own up to the mount's root may limit it, so the smallest limit on
+    that path counts. Inside a container the path named in ``/proc/self/cgroup`` can be the host's, with the
+    container's own cgroup mounted at the root: the parts of the path that do not exist are skipped.
+    """
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        return None
+    limits: list[float] = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2: "0::/path"
+            limits += _cgroup_limits(root, path, _v2_limit)
+        elif "cpu" in controllers.split(","):  # cgroup v1: "4:cpu,cpuacct:/path"
+            mounts = [child for child in _children(root) if "cpu" in child.name.split(",")]
+            for mount in mounts[:1]:
+                limits += _cgroup_limits(mount, path, _v1_limit)
+    return min(limits) if limits else None
+
+
+def _children(root: Path) -> list[Path]:
+    try:
+        return sorted(child for child in root.iterdir() if child.is_dir())
+    except OSError:
+        return []
+
+
+def _cgroup_limits(mount: Path, path: str, read: Callable[[Path], float | None]) -> list[float]:
+    parts = [part for part in path.split("/") if part and part not in (".", "..")]
+    limits = []
+    for depth in range(len(parts), -1, -1):
+        limit = read(mount.joinpath(*parts[:depth]))
+        if limit is not None:
+            limits.append(limit)
+    return limits
+
+
+def _v2_limit(directory: Path) -> float | None:
+    try:
+        quota, period = (directory / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
+def _v1_limit(directory: Path) -> float | None:
+    try:
+        quota = int((directory / "cpu.cfs_quota_us").read_text())
+        period = int((directory / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
 def usable_cores() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """The cores this process may keep busy at once: its CPUs, or the whole cores of its CPU quota where that
+    is less, and at least one. torch's default ignores the quota: under a quota of one core on 2 CPUs its 2
+    threads ran 1.5× slower than one (BENCHMARKS.md); at 1.5 cores, one thread and two measured the same."""
+    cpus = len(allowed_cpus())
+    quota = cpu_quota()
+    return cpus if quota is None else max(1, min(cpus, int(quota)))
 
 
 def leaves_threads_alone(device: str) -> bool:
@@ -40,37 +115,53 @@ def leaves_threads_alone(device: str) -> bool:
     return device != "cpu" or bool(os.environ.get(THREADS_VARIABLE))
 
 
-def serving_cpu_threads(cores: int) -> int:
-    """Torch threads on a CPU with ``cores`` usable cores while another process keeps one busy: all but one.
-
-    torch's OpenMP threads meet at the end of every operation. When another process takes one of their
-    cores, the threads that got there first spin until the missing one is scheduled again, so every
-    operation waits a scheduler time slice: on 2 cores beside one busy process a 2-thread pipeline ran
-    5–80× slower, a 1-thread one 1.2× slower (BENCHMARKS.md). The server's own work beside a call
-    (the event loop, encoding and storing results) is short enough not to matter: with every core, 16
-    connections got 1.8× the images of one thread, pings at 6 ms p99.
-    """
-    return max(1, cores - 1)
+def cores_left_to_others(others: float, left: int) -> int:
+    """How many of this process's CPUs to leave to other processes that used ``others`` cores of them lately,
+    when ``left`` were left to them so far."""
+    if others >= left + LEAVE_MARGIN:
+        return math.floor(others + LEAVE_MARGIN)
+    if others < left - TAKE_BACK_MARGIN:
+        return max(0, math.ceil(others - (1 - TAKE_BACK_MARGIN)))
+    return left
 
 
-def machine_cpu_clock() -> tuple[float, float, float]:
-    """Now, the machine's busy CPU seconds so far (``/proc/stat``), and this process's own."""
+def machine_cpu_clock(cpus: Collection[int] | None = None) -> tuple[float, float, float]:
+    """Now, the CPU seconds spent busy so far on ``cpus`` (every CPU if None; ``/proc/stat``), and this
+    process's own."""
     own = os.times()
     try:
         with open("/proc/stat", "rb") as stat:
-            fields = [int(value) for value in stat.readline().split()[1:]]
-    except (OSError, ValueError):
-        busy = own.user + own.system  # no /proc: nobody else is seen
+            lines = stat.read().splitlines()
+    except OSError:
+        lines = []
+    if cpus is None:
+        rows = [line for line in lines[:1] if line.startswith(b"cpu ")]
     else:
+        names = {b"cpu%d" % cpu for cpu in cpus}
+        rows = [line for line in lines if line.split(maxsplit=1)[:1] and line.split(maxsplit=1)[0] in names]
+    ticks = 0
+    for row in rows:
+        fields = [int(value) for value in row.split()[1:]]
         idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle and iowait
-        busy = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # guest time is counted in user already
+        ticks += sum(fields[:8]) - idle  # guest time is counted in user already
+    # No /proc: nobody else is seen.
+    busy = ticks / os.sysconf("SC_CLK_TCK") if rows else own.user + own.system
     return time.monotonic(), busy, own.user + own.system
 
 
 class CpuThreads:
     """Sets torch's thread count in the thread that runs the pipelines, before each call and between a
-    call's steps: every core, as torch and a plain script would take, unless other processes keep about a
-    core busy; then all but one.
+    call's steps: every usable core, as torch and a plain script would take, less the cores that other
+    processes keep busy on this process's CPUs.
+
+    Why leave them those cores: torch's OpenMP threads meet at the end of every operation. When another
+    process takes one of their cores, the threads that got there first spin until the missing one is
+    scheduled again, so every operation waits a scheduler time slice: on 2 cores beside one busy process a
+    2-thread pipeline ran 5–80× slower, a 1-thread one 1.2× slower (BENCHMARKS.md). The server's own work
+    beside a call (the event loop, encoding and storing results) is short enough not to matter: with every
+    core, 16 connections got 1.8× the images of one thread, pings at 6 ms p99. Only the CPUs this process may
+    run on count: a neighbour on other CPUs takes none of ours, and under a CPU quota with CPUs to spare the
+    scheduler finds free ones.
 
     Judged between steps too, because one call can last minutes on a CPU: a neighbour that starts mid-call
     would otherwise slow the rest of it several times over, and one that stops would leave a core unused.
@@ -80,17 +171,23 @@ class CpuThreads:
     Left alone where ``leaves_threads_alone``.
     """
 
-    def __init__(self, device: str, *, clock: CpuClock = machine_cpu_clock, sample_in_background: bool = True) -> None:
+    def __init__(self, device: str, *, clock: CpuClock | None = None, sample_in_background: bool = True) -> None:
+        cpus = allowed_cpus()
+        self.cpus = len(cpus)
         self.cores = usable_cores()
         self.fixed = leaves_threads_alone(device)
-        self.clock = clock
+        self.clock = clock or functools.partial(machine_cpu_clock, cpus)
         self.current: int | None = None
+        self.left_to_others = 0
         # Clock readings, oldest first: the newest one at least a window old, and every later one.
         self._readings: collections.deque[tuple[float, float, float]] = collections.deque()
         self._lock = threading.Lock()
         if not self.fixed:
-            log.info("CPU inference on %d torch threads, %d while other processes keep a core busy "
-                     "(%s overrides)", self.cores, serving_cpu_threads(self.cores), THREADS_VARIABLE)
+            quota = cpu_quota()
+            log.info("CPU inference on %d torch threads%s, one fewer for each core other processes keep busy "
+                     "(%s overrides)", self.cores,
+                     f" (a CPU quota of {quota:g} cores)" if quota is not None and int(quota) < self.cpus else "",
+                     THREADS_VARIABLE)
             self._set(self.cores)
             self.sample()
             if sample_in_background:
@@ -123,17 +220,20 @@ class CpuThreads:
             return None
         others = self.others()
         if others is not None:
-            if others >= CROWDED_CORES:
-                self._set(serving_cpu_threads(self.cores))
-            elif others < QUIET_CORES:
-                self._set(self.cores)
+            self.left_to_others = cores_left_to_others(others, self.left_to_others)
+            self._set(self.threads_beside(self.left_to_others))
         return self.current
+
+    def threads_beside(self, left_to_others: int) -> int:
+        """Threads while ``left_to_others`` of this process's CPUs are left to other processes."""
+        return max(1, min(self.cores, self.cpus - left_to_others))
 
     def _set(self, threads: int) -> None:
         if threads != self.current:
             if self.current is not None:
                 log.info("CPU inference now on %d torch threads (other processes %s)", threads,
-                         "keep a core busy" if threads < self.cores else "are quiet")
+                         f"keep {self.left_to_others} of {self.cpus} cores busy" if self.left_to_others
+                         else "are quiet")
             torch.set_num_threads(threads)
             self.current = threads
 

@@ -183,3 +183,21 @@ def test_the_editing_stages_benchmark_measures_every_stage():
     rows = image_stages(repeats=1)
     assert {size for _, size, _ in rows} == {"512²", "1024²"}
     assert all(ms > 0 for _, _, ms in rows)
+
+
+def test_the_cpu_quota_script_compares_torchs_default_with_the_servers_count(monkeypatch, capsys) -> None:
+    from bench.cpu_quota import main as quota_main
+    from imagewire.server.engine import threads
+
+    monkeypatch.setattr(threads, "cpu_quota", lambda: None)
+    assert quota_main(["--rounds", "1", "--per-round", "1"]) is None
+    assert "nothing to compare" in capsys.readouterr().out
+    cpus = len(threads.allowed_cpus())
+    if cpus < 2:
+        pytest.skip("needs two CPUs for a quota below them")
+    monkeypatch.setattr(threads, "cpu_quota", lambda: 1.0)  # as a container started with --cpus 1 reads it
+    results = quota_main(["--rounds", "1", "--per-round", "1"])
+    assert results is not None and results["quota_cores"] == 1.0
+    assert sorted(results["threads"]) == [1, cpus]
+    assert all(row["p50_ms"] > 0 for row in results["threads"].values())
+    assert results["environment"]["command"] == "python -m bench.cpu_quota --rounds 1 --per-round 1"

@@ -184,8 +184,10 @@ def test_cpu_calls_take_every_core_and_leave_one_while_another_process_keeps_it_
     before = torch.get_num_threads()
     try:
         threads = CpuThreads("cpu", clock=lambda: next(readings), sample_in_background=False)
-        cores, fewer = threads.cores, max(1, threads.cores - 1)
-        assert threads.current == cores == torch.get_num_threads()
+        assert threads.current == threads.cores == torch.get_num_threads()
+        cores = threads.cpus = threads.cores = 4  # whatever this machine has
+        threads._set(cores)
+        fewer = 3
         assert [threads.adjust() for _ in range(5)] == [cores, fewer, fewer, fewer, cores]
         assert CpuThreads("cuda").adjust() is None
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -224,7 +226,7 @@ def test_a_neighbour_that_stopped_while_the_device_was_idle_costs_the_next_call_
 def test_a_neighbour_that_starts_mid_call_gets_its_core_from_the_next_step(engine, job, monkeypatch):
     import torch
 
-    from imagewire.server.engine.threads import CpuThreads, serving_cpu_threads
+    from imagewire.server.engine.threads import CpuThreads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     # Quiet until the first judgement before the call; from then on another process keeps two cores busy.
@@ -244,18 +246,97 @@ def test_a_neighbour_that_starts_mid_call_gets_its_core_from_the_next_step(engin
     before = torch.get_num_threads()
     try:
         engine.threads = CpuThreads("cpu", clock=clock, sample_in_background=False)
-        engine.threads.cores = 4  # any count with one to spare; set before the first judgement
+        engine.threads.cpus = engine.threads.cores = 4  # any count with cores to spare; before the first judgement
         engine.threads._set(4)
         engine.before_call()
         engine.run([job("a", "a red cube", [1])], Watch(1))
         # Progress is reported before each step's judgement: the first step ran on every core, every
-        # later one on one fewer.
-        fewer = serving_cpu_threads(4)
+        # later one on two fewer.
         assert len(threads_by_step) >= 3
-        assert threads_by_step == [4] + [fewer] * (len(threads_by_step) - 1)
-        assert torch.get_num_threads() == serving_cpu_threads(4)
+        assert threads_by_step == [4] + [2] * (len(threads_by_step) - 1)
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_cores_are_left_to_other_processes_by_their_use_rounded_with_a_margin_either_way(monkeypatch):
+    from imagewire.server.engine.threads import CpuThreads, cores_left_to_others
+
+    # Up at half a core beyond those left, down at three quarters of one below.
+    assert [cores_left_to_others(others, 0) for others in (0.0, 0.49, 0.5, 1.49, 1.5, 3.2)] == [0, 0, 1, 1, 2, 3]
+    assert [cores_left_to_others(others, 1) for others in (0.24, 0.25, 1.0, 1.49, 1.5)] == [0, 1, 1, 1, 2]
+    assert [cores_left_to_others(others, 3) for others in (3.49, 3.5, 2.25, 2.24, 0.3, 0.2)] == [3, 4, 3, 2, 1, 0]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    # On 8 CPUs, a neighbour that keeps 3 cores busy, then 1, then none.
+    readings = iter([(0.0, 0.0, 0.0), (1.0, 4.0, 1.0), (2.0, 8.0, 2.0), (3.0, 11.0, 4.0), (4.0, 16.0, 9.0)])
+    threads = CpuThreads("cpu", clock=lambda: next(readings), sample_in_background=False)
+    try:
+        threads.cpus = threads.cores = 8
+        assert [threads.adjust() for _ in range(4)] == [5, 5, 7, 8]
+        assert [threads.threads_beside(left) for left in (0, 3, 7, 8, 12)] == [8, 5, 1, 1, 1]
+        # A quota of two cores on a machine of 64 CPUs: neighbours on the other 62 take none of ours.
+        threads.cpus, threads.cores = 64, 2
+        assert [threads.threads_beside(left) for left in (0, 20, 62, 63)] == [2, 2, 2, 1]
+    finally:
+        threads._set(threads.cores)
+
+
+def test_the_cpu_quota_is_the_smallest_limit_on_the_path_of_this_process_cgroups(tmp_path, monkeypatch):
+    from imagewire.server.engine import threads
+    from imagewire.server.engine.threads import cpu_quota
+
+    def write(path, text):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+    membership = tmp_path / "cgroup"
+    # cgroup v2: a pod's limit of 1.5 cores above a container's of 4; the machine's root has no cpu.max.
+    v2 = tmp_path / "v2"
+    write(v2 / "kubepods" / "pod1" / "cpu.max", "150000 100000\n")
+    write(v2 / "kubepods" / "pod1" / "app" / "cpu.max", "400000 100000\n")
+    write(v2 / "kubepods" / "cpu.max", "max 100000\n")
+    write(membership, "0::/kubepods/pod1/app\n")
+    assert cpu_quota(v2, membership) == 1.5
+    write(membership, "0::/kubepods\n")
+    assert cpu_quota(v2, membership) is None  # "max": no limit
+    # cgroup v1, inside a container: the path is the host's, the container's own cgroup is the mount's root.
+    v1 = tmp_path / "v1"
+    write(v1 / "cpu,cpuacct" / "cpu.cfs_quota_us", "250000\n")
+    write(v1 / "cpu,cpuacct" / "cpu.cfs_period_us", "100000\n")
+    (v1 / "cpuset").mkdir()
+    write(membership, "12:cpuset:/docker/abc\n4:cpu,cpuacct:/docker/abc\n0::/\n")
+    assert cpu_quota(v1, membership) == 2.5
+    write(v1 / "cpu,cpuacct" / "cpu.cfs_quota_us", "-1\n")
+    assert cpu_quota(v1, membership) is None
+    assert cpu_quota(v1, tmp_path / "absent") is None  # no cgroups at all
+    # 2.5 cores are two threads; a limit under one core still leaves one.
+    for quota, cores in ((2.5, 2), (0.5, 1), (None, len(threads.allowed_cpus()))):
+        monkeypatch.setattr(threads, "cpu_quota", lambda quota=quota: quota)
+        assert threads.usable_cores() == min(cores, len(threads.allowed_cpus()))
+
+
+def test_the_cpu_clock_counts_only_the_cpus_it_is_given():
+    import os
+
+    from imagewire.server.engine.threads import machine_cpu_clock
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs")
+    mine, other = cpus[0], cpus[1:]
+    os.sched_setaffinity(0, {mine})  # this thread only
+    try:
+        start = machine_cpu_clock({mine}), machine_cpu_clock(other), machine_cpu_clock()
+        deadline = time.process_time() + 0.3
+        while time.process_time() < deadline:
+            pass
+        end = machine_cpu_clock({mine}), machine_cpu_clock(other), machine_cpu_clock()
+    finally:
+        os.sched_setaffinity(0, set(cpus))
+    own = end[0][2] - start[0][2]
+    on_mine, on_others, on_all = (finish[1] - begin[1] for begin, finish in zip(start, end, strict=True))
+    assert on_mine >= own - 0.05  # the spin ran on the CPU it was pinned to
+    assert abs(on_mine + on_others - on_all) < 0.05 * len(cpus) + 0.02  # the per-CPU rows add up to the total
 
 
 def test_the_machine_cpu_clock_counts_this_process_and_the_machine():
