@@ -43,8 +43,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     default, served, quota = len(allowed_cpus()), usable_cores(), cpu_quota()
     environment = describe("cpu", [])  # before the thread count changes
     environment["command"] = shlex.join(["python", "-m", "bench.cpu_quota", *(argv or sys.argv[1:])])
-    print(f"CPUs this process may run on: {default}; CPU quota: "
-          f"{'none' if quota is None else f'{quota:g} cores'}; torch threads: {default} by default, "
+    limit = "none" if quota is None else f"{quota:g} core" + ("" if quota == 1 else "s")
+    print(f"CPUs this process may run on: {default}; CPU quota: {limit}; torch threads: {default} by default, "
           f"{served} in the server")
     if default == served:
         print("torch's default and the server's count are the same here: nothing to compare")

@@ -186,7 +186,8 @@ class CpuThreads:
             quota = cpu_quota()
             log.info("CPU inference on %d torch threads%s, one fewer for each core other processes keep busy "
                      "(%s overrides)", self.cores,
-                     f" (a CPU quota of {quota:g} cores)" if quota is not None and int(quota) < self.cpus else "",
+                     f" (a CPU quota of {quota:g} core{'' if quota == 1 else 's'})"
+                     if quota is not None and int(quota) < self.cpus else "",
                      THREADS_VARIABLE)
             self._set(self.cores)
             self.sample()
