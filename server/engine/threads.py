@@ -56,7 +56,10 @@ def cpu_quota(root: Path = CGROUP_ROOT, membership: Path = Path("/proc/self/cgro
         return None
     limits: list[float] = []
     for line in lines:
-        _, controllers, path = line.split(":", 2)
+        _, _, rest = line.partition(":")
+        controllers, separator, path = rest.partition(":")
+        if not separator:
+            continue  # not a "hierarchy:controllers:path" line
         if controllers == "":  # cgroup v2: "0::/path"
             limits += _cgroup_limits(root, path, _v2_limit)
         elif "cpu" in controllers.split(","):  # cgroup v1: "4:cpu,cpuacct:/path"
@@ -138,7 +141,7 @@ def machine_cpu_clock(cpus: Collection[int] | None = None) -> tuple[float, float
         rows = [line for line in lines[:1] if line.startswith(b"cpu ")]
     else:
         names = {b"cpu%d" % cpu for cpu in cpus}
-        rows = [line for line in lines if line.split(maxsplit=1)[:1] and line.split(maxsplit=1)[0] in names]
+        rows = [line for line in lines if line.partition(b" ")[0] in names]
     ticks = 0
     for row in rows:
         fields = [int(value) for value in row.split()[1:]]

@@ -304,7 +304,7 @@ def test_the_cpu_quota_is_the_smallest_limit_on_the_path_of_this_process_cgroups
     write(v1 / "cpu,cpuacct" / "cpu.cfs_quota_us", "250000\n")
     write(v1 / "cpu,cpuacct" / "cpu.cfs_period_us", "100000\n")
     (v1 / "cpuset").mkdir()
-    write(membership, "12:cpuset:/docker/abc\n4:cpu,cpuacct:/docker/abc\n0::/\n")
+    write(membership, "12:cpuset:/docker/abc\nnot a cgroup line\n4:cpu,cpuacct:/docker/abc\n0::/\n")
     assert cpu_quota(v1, membership) == 2.5
     write(v1 / "cpu,cpuacct" / "cpu.cfs_quota_us", "-1\n")
     assert cpu_quota(v1, membership) is None
