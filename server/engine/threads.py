@@ -30,6 +30,7 @@ TAKE_BACK_MARGIN = 0.75
 # within a step or two, as the count is judged again between a pipeline's steps.
 WINDOW_SECONDS = 0.25
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+CPU_TOPOLOGY = Path("/sys/devices/system/cpu")
 
 # (monotonic seconds, CPU seconds busy on this process's CPUs, CPU seconds this process spent)
 CpuClock = Callable[[], tuple[float, float, float]]
@@ -103,13 +104,40 @@ def _v1_limit(directory: Path) -> float | None:
     return quota / period if quota > 0 and period > 0 else None
 
 
+def physical_cores(cpus: Collection[int], topology: Path = CPU_TOPOLOGY) -> int | None:
+    """How many physical cores ``cpus`` sit on: two hyperthreads of one core count once. None where the
+    kernel does not say (no sysfs)."""
+    cores = set()
+    for cpu in cpus:
+        for name in ("core_cpus_list", "thread_siblings_list"):  # the newer name, then the older
+            try:
+                cores.add((topology / f"cpu{cpu}" / "topology" / name).read_text().strip())
+                break
+            except OSError:
+                continue
+        else:
+            return None
+    return len(cores) or None
+
+
+@functools.cache
+def _torch_default_threads() -> int:
+    """torch's own count as first read, before this module sets one: a thread per physical core."""
+    return torch.get_num_threads()
+
+
 def usable_cores() -> int:
-    """The cores this process may keep busy at once: its CPUs, or the whole cores of its CPU quota where that
-    is less, and at least one. torch's default ignores the quota: under a quota of one core on 2 CPUs its 2
-    threads ran 1.5× slower than one (BENCHMARKS.md); at 1.5 cores, one thread and two measured the same."""
-    cpus = len(allowed_cpus())
+    """The cores this process may keep busy at once, and at least one: a thread per physical core among its
+    CPUs, as torch's default takes a thread per physical core (hyperthreads share a core's arithmetic units),
+    and no more than the whole cores of its CPU quota. torch's default ignores the CPU affinity and the quota:
+    under a quota of one core on 2 CPUs its 2 threads ran 1.5× slower than one (BENCHMARKS.md); at 1.5 cores,
+    one thread and two measured the same."""
+    cpus = allowed_cpus()
+    cores = physical_cores(cpus)
+    if cores is None:  # no topology to read (not Linux): torch's default is the physical cores there too
+        cores = min(len(cpus), _torch_default_threads())
     quota = cpu_quota()
-    return cpus if quota is None else max(1, min(cpus, int(quota)))
+    return max(1, cores if quota is None else min(cores, int(quota)))
 
 
 def leaves_threads_alone(device: str) -> bool:
@@ -186,12 +214,8 @@ class CpuThreads:
         self._readings: collections.deque[tuple[float, float, float]] = collections.deque()
         self._lock = threading.Lock()
         if not self.fixed:
-            quota = cpu_quota()
-            log.info("CPU inference on %d torch threads%s, one fewer for each core other processes keep busy "
-                     "(%s overrides)", self.cores,
-                     f" (a CPU quota of {quota:g} core{'' if quota == 1 else 's'})"
-                     if quota is not None and int(quota) < self.cpus else "",
-                     THREADS_VARIABLE)
+            log.info("CPU inference on %d torch threads (%s), fewer while other processes keep its CPUs busy "
+                     "(%s overrides)", self.cores, self._what_limits(cpu_quota()), THREADS_VARIABLE)
             self._set(self.cores)
             self.sample()
             if sample_in_background:
@@ -227,6 +251,11 @@ class CpuThreads:
             self.left_to_others = cores_left_to_others(others, self.left_to_others)
             self._set(self.threads_beside(self.left_to_others))
         return self.current
+
+    def _what_limits(self, quota: float | None) -> str:
+        if quota is not None and int(quota) <= self.cores:
+            return f"a CPU quota of {quota:g} core{'' if quota == 1 else 's'}"
+        return f"a thread per core of {self.cpus} CPU{'' if self.cpus == 1 else 's'}"
 
     def threads_beside(self, left_to_others: int) -> int:
         """Threads while ``left_to_others`` of this process's CPUs are left to other processes."""

@@ -309,10 +309,44 @@ def test_the_cpu_quota_is_the_smallest_limit_on_the_path_of_this_process_cgroups
     write(v1 / "cpu,cpuacct" / "cpu.cfs_quota_us", "-1\n")
     assert cpu_quota(v1, membership) is None
     assert cpu_quota(v1, tmp_path / "absent") is None  # no cgroups at all
-    # 2.5 cores are two threads; a limit under one core still leaves one.
-    for quota, cores in ((2.5, 2), (0.5, 1), (None, len(threads.allowed_cpus()))):
+    # On 4 physical cores: 2.5 cores are two threads, a limit under one core still leaves one, and a limit above
+    # the cores is no limit.
+    monkeypatch.setattr(threads, "physical_cores", lambda cpus: 4)
+    for quota, cores in ((2.5, 2), (0.5, 1), (6.0, 4), (None, 4)):
         monkeypatch.setattr(threads, "cpu_quota", lambda quota=quota: quota)
-        assert threads.usable_cores() == min(cores, len(threads.allowed_cpus()))
+        assert threads.usable_cores() == cores
+
+
+def test_hyperthreads_of_one_core_count_once(tmp_path, monkeypatch):
+    import torch
+
+    from imagewire.server.engine import threads
+    from imagewire.server.engine.threads import physical_cores
+
+    # 4 CPUs on 2 cores, as the kernel lists them: CPUs 0 and 2 share a core, 1 and 3 the other.
+    for cpu, siblings in ((0, "0,2"), (1, "1,3"), (2, "0,2"), (3, "1,3")):
+        (tmp_path / f"cpu{cpu}" / "topology").mkdir(parents=True)
+        (tmp_path / f"cpu{cpu}" / "topology" / "core_cpus_list").write_text(siblings + "\n")
+    assert physical_cores({0, 1, 2, 3}, tmp_path) == 2
+    assert physical_cores({0, 2}, tmp_path) == 1  # a cpuset of one core's two hyperthreads
+    assert physical_cores({0, 1}, tmp_path) == 2
+    (tmp_path / "cpu3" / "topology" / "core_cpus_list").rename(tmp_path / "cpu3" / "topology" / "thread_siblings_list")
+    assert physical_cores({0, 1, 2, 3}, tmp_path) == 2  # older kernels name the list thread_siblings_list
+    assert physical_cores({0, 7}, tmp_path) is None  # a CPU the topology does not describe
+    # So torch runs a thread per core, as its own default does, and not one per hyperthread.
+    monkeypatch.setattr(threads, "allowed_cpus", lambda: {0, 1, 2, 3})
+    monkeypatch.setattr(threads, "physical_cores", lambda cpus: physical_cores(cpus, tmp_path))
+    monkeypatch.setattr(threads, "cpu_quota", lambda: None)
+    assert threads.usable_cores() == 2
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        engine_threads = threads.CpuThreads("cpu", sample_in_background=False)
+        assert (engine_threads.cpus, engine_threads.cores, engine_threads.current) == (4, 2, 2)
+        # A neighbour on two of the four CPUs leaves our two threads a CPU each.
+        assert [engine_threads.threads_beside(left) for left in (0, 2, 3)] == [2, 2, 1]
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_the_cpu_clock_counts_only_the_cpus_it_is_given():
