@@ -265,7 +265,7 @@ class CpuThreads:
         if threads != self.current:
             if self.current is not None:
                 log.info("CPU inference now on %d torch threads (other processes %s)", threads,
-                         f"keep {self.left_to_others} of {self.cpus} cores busy" if self.left_to_others
+                         f"keep {self.left_to_others} of {self.cpus} CPUs busy" if self.left_to_others
                          else "are quiet")
             torch.set_num_threads(threads)
             self.current = threads
