@@ -8,7 +8,7 @@ own (cgroup v1, as root)::
     mkdir /sys/fs/cgroup/cpu/quota-bench && echo 100000 > /sys/fs/cgroup/cpu/quota-bench/cpu.cfs_quota_us
     sh -c 'echo $$ > /sys/fs/cgroup/cpu/quota-bench/tasks && exec python -m bench.cpu_quota'
 
-torch's default is one thread per CPU the process may run on, whatever the quota; the server takes the
+torch's default is a thread per physical core of the machine, whatever the quota; the server takes the
 quota's whole cores (``usable_cores`` in ``server/engine/threads.py``), and at least one. Both counts run
 the same raw tiny img2img call, alternating in rounds so that drift hits both alike. With no quota the two
 counts are equal, and the run says so rather than measure one count against itself.
@@ -37,15 +37,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--per-round", type=int, default=10, help="calls per count and round (default 10)")
     args = parser.parse_args(argv)
 
+    import torch
+
     from bench.environment import describe
     from imagewire.server.engine.threads import allowed_cpus, cpu_quota, usable_cores
 
-    default, served, quota = len(allowed_cpus()), usable_cores(), cpu_quota()
+    default, served, quota = torch.get_num_threads(), usable_cores(), cpu_quota()
     environment = describe("cpu", [])  # before the thread count changes
     environment["command"] = shlex.join(["python", "-m", "bench.cpu_quota", *(argv or sys.argv[1:])])
     limit = "none" if quota is None else f"{quota:g} core" + ("" if quota == 1 else "s")
-    print(f"CPUs this process may run on: {default}; CPU quota: {limit}; torch threads: {default} by default, "
-          f"{served} in the server")
+    print(f"CPUs this process may run on: {len(allowed_cpus())}; CPU quota: {limit}; torch threads: {default} by "
+          f"default, {served} in the server")
     if default == served:
         print("torch's default and the server's count are the same here: nothing to compare")
         return None

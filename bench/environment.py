@@ -57,8 +57,8 @@ def _accelerator(device: str) -> dict[str, Any]:
 
 
 def _server_threads(device: str, default: int) -> int:
-    """The torch thread count the server's engine starts inference on (``server/engine/threads.py``): every
-    core, one fewer while other processes keep a core busy; an explicit ``OMP_NUM_THREADS`` wins."""
+    """The torch thread count the server's engine starts inference on (``server/engine/threads.py``): a thread
+    per usable core, fewer while other processes keep its CPUs busy; an explicit ``OMP_NUM_THREADS`` wins."""
     from imagewire.server.engine.threads import leaves_threads_alone, usable_cores
 
     return default if leaves_threads_alone(device) else usable_cores()

@@ -186,18 +186,21 @@ def test_the_editing_stages_benchmark_measures_every_stage():
 
 
 def test_the_cpu_quota_script_compares_torchs_default_with_the_servers_count(monkeypatch, capsys) -> None:
+    import torch
+
     from bench.cpu_quota import main as quota_main
     from imagewire.server.engine import threads
 
-    monkeypatch.setattr(threads, "cpu_quota", lambda: None)
-    assert quota_main(["--rounds", "1", "--per-round", "1"]) is None
+    with monkeypatch.context() as patch:  # no quota, and the server's count is torch's default
+        patch.setattr(threads, "usable_cores", torch.get_num_threads)
+        assert quota_main(["--rounds", "1", "--per-round", "1"]) is None
     assert "nothing to compare" in capsys.readouterr().out
-    cpus = len(threads.allowed_cpus())
-    if cpus < 2:
-        pytest.skip("needs two CPUs for a quota below them")
+    default = torch.get_num_threads()
+    if default < 2:
+        pytest.skip("needs a default of two threads or more for a quota below it")
     monkeypatch.setattr(threads, "cpu_quota", lambda: 1.0)  # as a container started with --cpus 1 reads it
     results = quota_main(["--rounds", "1", "--per-round", "1"])
     assert results is not None and results["quota_cores"] == 1.0
-    assert sorted(results["threads"]) == [1, cpus]
+    assert sorted(results["threads"]) == [1, default]
     assert all(row["p50_ms"] > 0 for row in results["threads"].values())
     assert results["environment"]["command"] == "python -m bench.cpu_quota --rounds 1 --per-round 1"
