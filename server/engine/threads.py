@@ -132,11 +132,14 @@ def usable_cores() -> int:
     and no more than the whole cores of its CPU quota. torch's default ignores the CPU affinity and the quota:
     under a quota of one core on 2 CPUs its 2 threads ran 1.5× slower than one (BENCHMARKS.md); at 1.5 cores,
     one thread and two measured the same."""
-    cpus = allowed_cpus()
+    return cores_within(allowed_cpus(), cpu_quota())
+
+
+def cores_within(cpus: Collection[int], quota: float | None) -> int:
+    """``usable_cores`` for the CPUs ``cpus`` under the CPU quota ``quota`` (None: no limit)."""
     cores = physical_cores(cpus)
     if cores is None:  # no topology to read (not Linux): torch's default is the physical cores there too
         cores = min(len(cpus), _torch_default_threads())
-    quota = cpu_quota()
     return max(1, cores if quota is None else min(cores, int(quota)))
 
 
@@ -203,9 +206,9 @@ class CpuThreads:
     """
 
     def __init__(self, device: str, *, clock: CpuClock | None = None, sample_in_background: bool = True) -> None:
-        cpus = allowed_cpus()
+        cpus, quota = allowed_cpus(), cpu_quota()
         self.cpus = len(cpus)
-        self.cores = usable_cores()
+        self.cores = cores_within(cpus, quota)
         self.fixed = leaves_threads_alone(device)
         self.clock = clock or functools.partial(machine_cpu_clock, cpus)
         self.current: int | None = None
@@ -215,7 +218,7 @@ class CpuThreads:
         self._lock = threading.Lock()
         if not self.fixed:
             log.info("CPU inference on %d torch threads (%s), fewer while other processes keep its CPUs busy "
-                     "(%s overrides)", self.cores, self._what_limits(cpu_quota()), THREADS_VARIABLE)
+                     "(%s overrides)", self.cores, self._what_limits(quota), THREADS_VARIABLE)
             self._set(self.cores)
             self.sample()
             if sample_in_background:
