@@ -20,13 +20,13 @@ import argparse
 import asyncio
 import json
 import shlex
-import statistics
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.stats import milliseconds, percentile
 from bench.workloads import TINY_IMG2IMG
 
 
@@ -52,10 +52,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         print("torch's default and the server's count are the same here: nothing to compare")
         return None
     seconds = asyncio.run(_alternate((default, served), args.rounds, args.per_round))
-    rows = {threads: {"p50_ms": round(statistics.median(values) * 1000, 1),
-                      "mean_ms": round(statistics.mean(values) * 1000, 1),
-                      "p90_ms": round(sorted(values)[int(0.9 * len(values))] * 1000, 1)}
-            for threads, values in seconds.items()}
+    rows: dict[int, dict[str, float]] = {}
+    for threads, values in seconds.items():
+        ms = milliseconds(values)
+        rows[threads] = {"p50_ms": round(percentile(ms, 50), 1), "mean_ms": round(sum(ms) / len(ms), 1),
+                         "p90_ms": round(percentile(ms, 90), 1)}
     print(f"| torch threads | p50 ms | mean ms | p90 ms |  ({TINY_IMG2IMG.name}, "
           f"{args.rounds * args.per_round} calls each)")
     print("| --- | --- | --- | --- |")
