@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+import torch
 
 from imagewire.server.app import ImagewireServer
 from imagewire.server.config import Config
@@ -21,6 +22,13 @@ from tests.wire import API_KEY
 
 # Tests never reach a model hub, and never wait for one.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# One seed gives the same pixels only on the same torch thread count: a CPU sum taken in another order differs
+# in its last bits, now and then by one level of an 8-bit image. The server's CPU policy changes the count with
+# the machine's load, so the tests that compare two calls' images for equality would fail whenever something
+# else on the machine got busy mid-run. They run on torch's own default, held fixed as an operator holds it
+# (README); the policy's own tests (tests/server/test_engine.py) unset this. Child processes inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 # No test traffic leaves this machine: this process connects to loopback only and looks up no name
 # but localhost (tests/network_guard). Child processes that tests start inherit the guard.
