@@ -275,7 +275,7 @@ class Config:
         256 * MIB, "--max-inbound-mib", LIMITS,
         "large inbound messages (64 KiB and up) being received or handled, all sockets and REST requests "
         "together, MiB; past it sockets are read again as room comes back", parse=COUNT, unit=MEBIBYTES)
-    max_tasks_per_message: int = 64
+    max_tasks_per_message: int = 64        # no flag: set only by whoever builds a Config
     max_tasks_in_flight: int = setting(
         64, "--max-tasks-in-flight", LIMITS,
         "unfinished tasks per connection; past it a new task answers serviceUnavailable", parse=COUNT)
@@ -306,7 +306,7 @@ class Config:
     max_image_bytes: int = setting(
         32 * MIB, "--max-image-mib", LIMITS, "largest encoded input image, inline or fetched, MiB", parse=COUNT,
         unit=MEBIBYTES)
-    url_fetch_timeout: float = 15.0
+    url_fetch_timeout: float = 15.0        # no flag
     resume_window: float = setting(
         120.0, "--resume-window", SESSIONS, "seconds undelivered results wait for a client to resume its session",
         parse=NON_NEGATIVE)
@@ -319,7 +319,7 @@ class Config:
     shutdown_grace: float = setting(
         30.0, "--shutdown-grace", SESSIONS, "seconds running tasks get to finish on SIGTERM/SIGINT",
         parse=NON_NEGATIVE)
-    webhook_attempts: int = 4
+    webhook_attempts: int = 4              # no flag
     price_per_gpu_second: float = setting(
         0.0, "--price-per-gpu-second", SESSIONS, "cost reported with includeCost, per second of device time",
         parse=NON_NEGATIVE)
@@ -379,7 +379,7 @@ class Config:
         "images; larger tiles are faster where memory allows", parse=WholeNumber(32))
     log_level: str = setting(
         "INFO", "--log-level", LOGGING,
-        "least severe log records written to standard error (one line a record)",
+        "the least severe log records written to standard error",
         parse=Choice(("DEBUG", "INFO", "WARNING", "ERROR")))
     civitai_url: str = setting(
         "https://civitai.com", "--civitai-url", MODELS,
@@ -572,7 +572,7 @@ def _read_file(path: str) -> dict[str, Any]:
             table = tomllib.load(file)
     except OSError as exc:
         stop(f"{where}: cannot read it: {exc.strerror or exc}")
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:  # TOML is UTF-8
         stop(f"{where}: not valid TOML: {exc}")
     options = {option.key: option for option in OPTIONS.values()}
     values: dict[str, Any] = {}

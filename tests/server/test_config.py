@@ -375,6 +375,10 @@ def test_a_missing_or_malformed_file_stops_the_start_with_one_line(config_file, 
     path = config_file("port = \n")
     assert one_line_error(["--config", path], capsys).startswith(
         f"imagewire-server: error: --config {path}: not valid TOML: ")
+    latin = tmp_path / "latin-1.toml"
+    latin.write_bytes('default-model = "café"\n'.encode("latin-1"))
+    assert one_line_error(["--config", str(latin)], capsys).startswith(
+        f"imagewire-server: error: --config {latin}: not valid TOML: ")
 
 
 def test_the_engine_settings_are_checked_together_whatever_their_source(config_file, capsys):
