@@ -90,16 +90,17 @@ ProgressSink = Callable[[Sequence[Any], int, bool], None]
 
 @dataclass(frozen=True)
 class Settings:
-    """The operator's settings that handlers act on."""
+    """The operator's settings that handlers act on. No defaults here: the server fills every field from
+    its Config (``server/config.py``), where each setting's default is written once."""
 
     data_dir: Path
-    allow_downloads: bool = False
-    max_image_pixels: int = 4096 * 4096   # decoded input images (decompression bombs)
-    max_image_bytes: int = 32 * 1024 * 1024
-    price_per_gpu_second: float = 0.0
-    max_output_pixels: int = 4096 * 4096  # results of the tools that enlarge an image (upscale)
-    upscale_tile_size: int = 512          # upscaling works on tiles of at most this many input pixels a side
-    safety_checker: str = "imagewire:sd-safety-checker@1"  # the catalog model content checks run
+    allow_downloads: bool
+    max_image_pixels: int         # decoded input images (decompression bombs)
+    max_image_bytes: int
+    price_per_gpu_second: float
+    max_output_pixels: int        # results of the tools that enlarge an image (upscale)
+    upscale_tile_size: int        # upscaling works on tiles of at most this many input pixels a side
+    safety_checker: str           # the catalog model content checks run
 
 
 class PixelBudget:
@@ -137,8 +138,8 @@ class Services:
     fetcher: UrlFetcher
     device: Device
     results: Results
+    pixels: PixelBudget
     base_url: str = ""   # of imageURLs; set once the server listens (its port may be chosen then)
-    pixels: PixelBudget = field(default_factory=lambda: PixelBudget(256_000_000))
     civitai: Civitai | None = None   # where civitai:MODEL@VERSION checkpoints come from; None: nowhere
 
     def image_url(self, image_uuid: str, extension: str) -> str:

@@ -5,11 +5,19 @@ reaches for them."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from imagewire.air_registry import Catalog
-from imagewire.tasks.context import Services, Settings, TaskContext
+from imagewire.server.config import Config
+from imagewire.tasks.context import PixelBudget, Services, Settings, TaskContext
+
+
+def settings(**overrides: Any) -> Settings:
+    """The task settings a server with ``Config(**overrides)`` gives its handlers: the defaults are Config's."""
+    config = Config(**overrides)
+    return Settings(**{each.name: getattr(config, each.name) for each in fields(Settings)})
 
 
 class Unreachable:
@@ -31,7 +39,8 @@ class PureDevice(Unreachable):
 def pure_context(*, catalog: Catalog | None = None, unavailable_samplers: Mapping[str, str] | None = None,
                  owner: str = "test-owner") -> TaskContext:
     services = Services(
-        settings=Settings(data_dir=Path("unused-data-dir")), catalog=catalog or Catalog.load(),
+        settings=settings(data_dir=Path("unused-data-dir")), catalog=catalog or Catalog.load(),
         store=Unreachable("store"), fetcher=Unreachable("fetcher"),  # type: ignore[arg-type]
-        device=PureDevice(unavailable_samplers or {}), results=Unreachable("results"))  # type: ignore[arg-type]
+        device=PureDevice(unavailable_samplers or {}), results=Unreachable("results"),  # type: ignore[arg-type]
+        pixels=PixelBudget(Config().max_waiting_pixels))
     return TaskContext(services, owner)
