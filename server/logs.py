@@ -2,6 +2,12 @@
 can cause again and again (a malformed HTTP request, a flood of connections that runs out of file
 descriptors) is one line per interval with a count, not a traceback per attempt; the server's own bugs keep
 their tracebacks.
+
+A record's message is one line whatever a client sent: every record made in the process has the control
+characters of its message (newlines, carriage returns, escape sequences, Unicode line separators) written as
+escapes (``\\n``, ``\\x1b``), at the one place records are made (``escape_messages``). A taskUUID holding a
+newline cannot forge an ``outcome=success`` line below its own, and a terminal reading the log runs no
+escape sequence a client chose. Tracebacks are not messages: they keep their lines.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import re
 import time
 import weakref
 from typing import Any
@@ -21,6 +28,39 @@ log = logging.getLogger("imagewire.server")
 
 # An accept() that fails for want of descriptors or memory: the listening loop retries on its own.
 _RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+# C0 controls, DEL, C1 controls, and the Unicode line and paragraph separators: whatever could end a line or
+# steer a terminal.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escaped(text: str) -> str:
+    """``text`` with each control character written as its escape: one line, printable."""
+    return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def escape_messages() -> None:
+    """Make every log record's message one printable line, once per process.
+
+    The record factory is where every record of every logger is made, after its level was found enabled, so
+    no message can reach a handler (ours, a test's, a library's) unescaped, however it was formatted."""
+    make = logging.getLogRecordFactory()
+    if getattr(make, "escapes_messages", False):
+        return
+
+    def make_escaped(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:
+            return record  # a bad format: logging's own error handling reports it where the record is emitted
+        if _CONTROL.search(message):
+            record.msg, record.args = escaped(message), ()
+        return record
+
+    make_escaped.escapes_messages = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(make_escaped)
 
 
 class Repeats:
@@ -56,7 +96,7 @@ class ClientMistakes(logging.Filter):
         if not due:
             return False
         record.exc_info, record.exc_text = None, None
-        record.msg = f"{record.msg}: {type(error).__name__}: {error.message}" + (
+        record.msg = f"{record.msg}: {type(error).__name__}: {escaped(str(error.message))}" + (
             f" ({unsaid} more since the last such line)" if unsaid else "")
         record.levelno, record.levelname = logging.INFO, "INFO"
         return True
@@ -73,6 +113,7 @@ class WithoutTorchvisionNotices(logging.Filter):
 
 def configure(level: int | str) -> None:
     """Logging for a server or replica process, before anything loads a model."""
+    escape_messages()
     logging.basicConfig(level=level, format=FORMAT)
     notices = logging.getLogger("transformers.utils.import_utils")
     if not any(isinstance(existing, WithoutTorchvisionNotices) for existing in notices.filters):
@@ -84,7 +125,8 @@ _LOOPS: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
 
 
 def install(loop: asyncio.AbstractEventLoop) -> None:
-    """Once per process for aiohttp's log, once per event loop for its exception handler."""
+    """Once per process for aiohttp's log and for escaping, once per event loop for its exception handler."""
+    escape_messages()
     server_log = logging.getLogger("aiohttp.server")
     if _FILTER not in server_log.filters:
         server_log.addFilter(_FILTER)

@@ -145,3 +145,26 @@ async def test_hostile_tasks_get_an_error_item_and_the_server_lives(start_server
     # after all of it, the same socket still runs real inference
     assert await wire.run(inference())
     await wire.close()
+
+
+async def test_values_a_client_sends_reach_the_log_as_one_escaped_line(start_server, caplog):
+    """A taskUUID or taskType holding a newline (or a terminal escape) cannot forge a line of the log: the
+    record carries it escaped, on the line of the task it belongs to."""
+    server = await start_server()
+    forged = "imagewire.task taskUUID=forged taskType=imageInference outcome=success"
+    wire = await Wire.open(server.url)
+    with caplog.at_level("INFO"):
+        await wire.send([
+            {"taskType": "modelSearch", "taskUUID": f"{new_uuid()}\n{forged}", "search": "tiny"},
+            {"taskType": f"imageInference\r\n{forged}\x1b[2J", "taskUUID": new_uuid()},
+            inference(taskUUID=f"{new_uuid()}\u2028{forged}", steps=0),
+        ])
+        errors = []
+        while len(errors) < 3:
+            errors += (await wire.receive(timeout=seconds(30))).get("errors", [])
+    await wire.close()
+    messages = [record.getMessage() for record in caplog.records]
+    assert not [message for message in messages if any(c in message for c in "\n\r\x1b\u2028")]
+    # The values were logged (escaped), so the check above had something to find.
+    logged = "\n".join(messages)
+    assert f"\\n{forged}" in logged and f"\\r\\n{forged}\\x1b[2J" in logged and f"\\u2028{forged}" in logged
