@@ -258,9 +258,11 @@ class TaskRegistry:
         record = self._records.get((owner, task_uuid))
         if record is None:
             return None
-        if record.stop is None:
+        # Taken as it is used: of several cancels for one task (one frame may hold many), only the first stops it.
+        stop, record.stop = record.stop, None
+        if stop is None:
             return False
-        record.stop()
+        stop()
         return True
 
     async def sweep(self, now: float | None = None) -> int:

@@ -421,7 +421,9 @@ class RedisTaskRegistry:
     async def cancel(self, task_uuid: str, owner: str) -> bool | None:
         local = self._running.get((owner, task_uuid))
         if local is not None and local.stop is not None:
-            local.stop()
+            # Taken as it is used: of several cancels for one task, only the first stops it.
+            stop, local.stop = local.stop, None
+            stop()
             return True
         key = self.key(owner, task_uuid)
         with shared():
@@ -448,7 +450,8 @@ class RedisTaskRegistry:
         local = self._running.get((request["owner"], request["taskUUID"]))
         stopped = local is not None and local.stop is not None
         if local is not None and local.stop is not None:
-            local.stop()
+            stop, local.stop = local.stop, None
+            stop()
         try:
             async with self.state.client.pipeline(transaction=False) as pipe:
                 pipe.rpush(request["reply"], b"1" if stopped else b"0")

@@ -129,3 +129,21 @@ async def test_get_response_shows_a_cancelled_task(start_server):
     error = (await eventually(failed))["errors"][0]
     assert (error["code"], error["status"], error["taskType"]) == ("taskCancelled", "error", "imageInference")
     await wire.close()
+
+
+async def test_of_many_cancels_for_one_task_in_one_frame_only_the_first_stops_it(start_server):
+    engine = HeldEngine()
+    server = await start_server(engine_factory=lambda: engine)
+    wire = await Wire.open(server.url)
+    running = inference()
+    await wire.send([running])
+    assert await asyncio.to_thread(engine.started.wait, seconds(10))
+    await wire.send([cancel(running["taskUUID"]) for _ in range(16)])
+    answers: list[dict] = []
+    while len(answers) < 16:
+        message = await wire.receive()
+        answers += [item for item in message.get("data", []) + message.get("errors", [])
+                    if item.get("taskType") == "cancelTask"]
+    engine.release.set()
+    assert sorted(answer["cancelled"] for answer in answers) == [False] * 15 + [True]
+    await wire.close()
