@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from imagewire.storage import StorageError
+from imagewire.tasks import errors
 from imagewire.tasks.context import TaskContext
-from imagewire.tasks.inputs import task_error
 from imagewire.tasks.schema import HistoryImage, ImageHistory, ImageHistoryResult
 from imagewire.tasks.task_type import TaskType, unchanged
 
@@ -21,7 +21,9 @@ async def run(task: ImageHistory, ctx: TaskContext) -> AsyncIterator[ImageHistor
     try:
         recent = await services.store.recent(ctx.owner, task.limit)
     except StorageError as exc:
-        raise task_error(exc, "limit") from exc
+        # The store failed to list, not the request: no parameter is to blame.
+        raise errors.StorageError(f"This key's image history could not be read: {exc.problem}. "
+                                  "Retry in a moment; the images themselves stay reachable by UUID.") from exc
     images = [HistoryImage(imageUUID=image.uuid, imageURL=services.image_url(image.uuid, image.extension))
               for image in recent]
     yield ImageHistoryResult(taskType="imageHistory", taskUUID=task.taskUUID, images=images)

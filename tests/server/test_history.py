@@ -19,3 +19,19 @@ async def test_a_key_sees_its_own_newest_images_only(start_server):
     assert nothing["images"] == []
     await owner.close()
     await other.close()
+
+
+async def test_a_store_that_fails_to_list_is_a_storage_error_naming_no_parameter(start_server, monkeypatch):
+    from imagewire.storage.errors import StoreFailed
+
+    server = await start_server()
+
+    async def failing(owner: str, limit: int) -> list:
+        raise StoreFailed("the disk answered EIO", reading=True)
+
+    monkeypatch.setattr(server.store, "recent", failing)
+    wire = await Wire.open(server.url)
+    error = await wire.error({"taskType": "imageHistory", "taskUUID": new_uuid(), "limit": 3})
+    assert error["code"] == "storageError" and "parameter" not in error
+    assert "image history could not be read: the disk answered EIO" in error["message"]
+    await wire.close()
