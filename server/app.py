@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import logging
+import urllib.parse
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +20,7 @@ from imagewire.server.auth import ApiKeys, load_or_create_key
 from imagewire.server.config import Config, shown_url
 from imagewire.server.connection import GOING_AWAY, Connection, WaitingRoom
 from imagewire.server.device import DeviceQueue, DeviceService, Engine
-from imagewire.server.http import HttpRoutes
+from imagewire.server.http import HostCheck, HttpRoutes
 from imagewire.server.inbound import FrameCounter, InboundBudget
 from imagewire.server.listener import HandshakeGuard, client_address, networks, request_arrived_middleware
 from imagewire.server.logs import install as install_log_limits
@@ -167,7 +168,8 @@ class ImagewireServer:
                 await asyncio.to_thread(self.device.preload(entry).wait)
         routes = HttpRoutes(store=self.store, device=self.device, metrics=self.metrics,
                             max_message_bytes=config.max_frame_bytes, inbound=self.inbound,
-                            serve_socket=self._serve_socket, rest=self._rest)
+                            serve_socket=self._serve_socket, rest=self._rest,
+                            reports=HostCheck(report_hosts(config), self.api_keys))
         install_log_limits(asyncio.get_running_loop())
         self.handshakes = HandshakeGuard(lambda: self._web_server(), timeout=config.handshake_timeout,
                                          per_address=config.max_handshakes_per_ip, trusted=self.trusted_proxies)
@@ -312,6 +314,12 @@ class ImagewireServer:
 
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.stop()
+
+
+def report_hosts(config: Config) -> tuple[str, ...]:
+    """The host names /status and /metrics answer to without a key: the operator's, and --public-url's."""
+    public = urllib.parse.urlsplit(config.public_url).hostname if config.public_url else None
+    return (*config.allowed_hosts, *([public] if public else []))
 
 
 async def open_state(config: Config) -> RedisState:

@@ -366,6 +366,12 @@ class Config:
         (), "--trusted-proxy", NETWORK, "a reverse proxy whose X-Forwarded-For names the client, repeatable",
         parse=Text("an address or a CIDR such as 10.0.0.0/8", _network), metavar="CIDR",
         repeatable=True, env="IMAGEWIRE_TRUSTED_PROXIES")
+    allowed_hosts: tuple[str, ...] = setting(
+        (), "--allowed-host", NETWORK,
+        "a host name /status and /metrics answer to without an API key, repeatable; addresses, localhost and "
+        "--public-url's host always are, * allows any (other requests need Authorization: Bearer KEY, so that no "
+        "web page can read them through a name it points here)",
+        parse=Text("a host name, or *", str.strip), metavar="NAME", repeatable=True, env="IMAGEWIRE_ALLOWED_HOSTS")
     max_outbox_bytes: int = setting(
         64 * MIB, "--max-outbox-mib", LIMITS,
         "answers a connection has not taken yet, MiB; a task whose answer does not fit waits for room",

@@ -78,3 +78,48 @@ async def test_liveness_readiness_and_the_status_numbers(server):
     status, body = await asyncio.to_thread(get, f"{base}/health/ready")
     assert status == 503 and json.loads(body)["status"] == "not ready"
     assert (await asyncio.to_thread(get, f"{base}/health/live"))[0] == 200
+
+
+def get_with(url: str, headers: dict[str, str]) -> tuple[int, dict[str, str], str]:
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=seconds(30)) as response:
+            return response.status, dict(response.headers), response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read().decode()
+
+
+async def test_reports_answer_this_servers_own_names_or_a_key_never_a_rebound_name(start_server):
+    server = await start_server(allowed_hosts=("imagewire.internal",), public_url="https://images.example.com")
+    base = f"http://127.0.0.1:{server.port}"
+    for path in ("/status", "/metrics"):
+        async def fetch(host: str, path: str = path, **headers: str) -> int:
+            status, _, _ = await asyncio.to_thread(get_with, base + path, {"Host": host, **headers})
+            return status
+
+        # What an operator, a scraper or the page itself sends.
+        for host in (f"127.0.0.1:{server.port}", f"localhost:{server.port}", "[::1]:8080",
+                     "imagewire.internal:8080", "images.example.com"):
+            assert await fetch(host) == 200, (path, host)
+        # A page of another site whose name now points here.
+        assert await fetch("attacker.example:8080") == 403
+        assert await fetch("attacker.example", Authorization="Bearer wrong-key") == 403
+        assert await fetch("attacker.example", Authorization="Bearer test-key") == 200
+    status, _, body = await asyncio.to_thread(get_with, base + "/status", {"Host": "attacker.example"})
+    assert "--allowed-host" in body and "ready" not in body
+
+
+async def test_any_host_when_the_operator_says_so(start_server):
+    server = await start_server(allowed_hosts=("*",))
+    status, _, _ = await asyncio.to_thread(get_with, f"http://127.0.0.1:{server.port}/metrics",
+                                           {"Host": "anything.example"})
+    assert status == 200
+
+
+async def test_no_other_site_may_frame_the_page_or_the_answers(server):
+    base = f"http://127.0.0.1:{server.port}"
+    for path in ("/", "/status", "/health", "/v1", "/image/00000000-0000-0000-0000-000000000000.png"):
+        _, headers, _ = await asyncio.to_thread(get_with, base + path, {})
+        assert headers.get("X-Frame-Options") == "DENY", path
+        assert "frame-ancestors 'none'" in headers.get("Content-Security-Policy", ""), path
+        assert headers.get("X-Content-Type-Options") == "nosniff", path
