@@ -7,11 +7,21 @@ results fetched with getResponse, in later POSTs or over a socket. The tasks run
 runner as the socket's, so validation, limits and error items are the same; only the envelope and
 the HTTP status differ:
 
-- 400 the body is not a JSON task array; 413 it is larger than ``--max-frame-mib``;
-- 401 no key or a wrong one;
+- 400 the body is not a JSON task array; 413 it is larger than ``--max-frame-mib``; 408 it did not
+  arrive within ``FRAME_DEADLINE_SECONDS``;
+- 401 no key or a wrong one, or a body over ``SMALL_MESSAGE_BYTES`` without the key in the header;
 - otherwise 200 when any task produced an item, else the status of the first error (429 when a
   connection's or key's task limit is reached, 503 when the queue is full, 404 for an unknown
   model or image, 500 for a failure on the server, 400 for everything a client sent wrong).
+
+A body is read only as far as its sender has earned. Without a good key in the header, at most
+``SMALL_MESSAGE_BYTES`` of it (decompressed) are read, which is room for an ``authentication`` task and a few
+small ones, and it is charged nothing; a larger one is answered 401 before the rest is read, so no keyless
+client can make the server inflate a compressed body or hold the inbound budget. With the key, a body is
+charged its length from before it is read, or the largest body allowed when its decompressed length is
+unknown (compressed, or chunked), as a fragmented WebSocket message is; it is read in pieces up to
+``--max-frame-mib`` after decompression. Either way the whole body must arrive within
+``FRAME_DEADLINE_SECONDS``, as a WebSocket message must: a body that trickles in gives its charge back then.
 """
 
 from __future__ import annotations
@@ -26,15 +36,20 @@ from aiohttp import web
 from imagewire.server import protocol
 from imagewire.server.auth import ApiKeys, owner_token
 from imagewire.server.config import Config
-from imagewire.server.inbound import SMALL_MESSAGE_BYTES, InboundBudget
+from imagewire.server.inbound import FRAME_DEADLINE_SECONDS, SMALL_MESSAGE_BYTES, InboundBudget
 from imagewire.server.intake import Intake, invalid_api_key
 from imagewire.server.runner import TaskRunner
 from imagewire.tasks import schema
+from imagewire.tasks.errors import MissingApiKey
 from imagewire.tasks.task_type import Item, TaskType
 
 log = logging.getLogger("imagewire.rest")
 
 BEARER = "bearer "
+
+
+class BodyTooLarge(Exception):
+    """The body grew past what it may be."""
 
 
 class RestEndpoint:
@@ -50,18 +65,25 @@ class RestEndpoint:
         if header[: len(BEARER)].lower() == BEARER:
             if not exchange.accept_key(header[len(BEARER):].strip()):
                 return _respond(401, errors=[invalid_api_key().to_item("authentication", None)])
-        # A large body counts against the server's inbound budget from before it is read until its tasks
-        # are taken, as a large WebSocket message does; one without a length may be as large as allowed.
-        size = min(request.content_length or self.config.max_frame_bytes, self.config.max_frame_bytes)
-        charge = size if size >= SMALL_MESSAGE_BYTES else 0
-        async with self.inbound.reserved(charge):
+        limit = self.config.max_frame_bytes if exchange.authenticated else SMALL_MESSAGE_BYTES
+        async with self.inbound.reserved(self._charge(request) if exchange.authenticated else 0):
             try:
-                body = await request.read()
-            except web.HTTPRequestEntityTooLarge:
+                body = await _read_body(request, limit)
+            except BodyTooLarge:
+                if not exchange.authenticated:
+                    error = MissingApiKey(
+                        f"A request body over {SMALL_MESSAGE_BYTES // 1024} KiB needs the API key in its "
+                        "Authorization header (Bearer KEY); an authentication task in the body is read only "
+                        "in smaller ones.")
+                    return _respond(401, errors=[error.to_item("authentication", None)])
                 error = protocol.FrameError(
                     f"A request body may be at most {self.config.max_frame_bytes // (1024 * 1024)} MiB "
                     "(--max-frame-mib); send large images by URL or upload them first.")
                 return _respond(413, errors=[error.to_item(None, None)])
+            except TimeoutError:
+                error = protocol.FrameError(
+                    f"The request body did not arrive within {FRAME_DEADLINE_SECONDS:.0f} s; send it at once.")
+                return _respond(408, errors=[error.to_item(None, None)])
             try:
                 decoded = protocol.decode_frame(body, max_tasks=self.config.max_tasks_per_message)
             except protocol.FrameError as error:
@@ -71,6 +93,29 @@ class RestEndpoint:
             del decoded
         await exchange.finished()
         return exchange.response()
+
+
+    def _charge(self, request: web.Request) -> int:
+        """What a keyed body holds of the inbound budget while it is read and its tasks are taken: its length,
+        or the largest body allowed when the length after decompression is unknown."""
+        encoded = request.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity")
+        known = request.content_length if request.content_length is not None and not encoded else None
+        size = min(known if known is not None else self.config.max_frame_bytes, self.config.max_frame_bytes)
+        return size if size >= SMALL_MESSAGE_BYTES else 0
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The body as aiohttp decompresses it, in pieces, up to ``limit`` bytes, within the arrival deadline.
+
+    Raises BodyTooLarge as soon as it passes ``limit`` (the rest is never read: aiohttp closes the connection
+    after the answer) and TimeoutError when it has not all arrived in time."""
+    body = bytearray()
+    async with asyncio.timeout(FRAME_DEADLINE_SECONDS):
+        while piece := await request.content.readany():
+            body += piece
+            if len(body) > limit:
+                raise BodyTooLarge
+    return bytes(body)
 
 
 class RestExchange(Intake):

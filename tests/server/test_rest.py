@@ -133,3 +133,80 @@ async def test_a_full_queue_is_503_and_a_key_at_its_limit_is_429(start_server):
     assert answer["errors"][1]["code"] == "serviceUnavailable" and "busy" in answer["errors"][1]["message"]
     engine.release.set()
     assert [(await held)[0], (await waiting)[0]] == [200, 200]
+
+
+def raw_post(port: int, head: bytes, pieces: list[bytes], *, pause: float = 0.0) -> tuple[int, bytes]:
+    """POST /v1 over a plain socket: the head, then each piece of the body (``pause`` seconds apart)."""
+    import socket
+    import time
+
+    with socket.create_connection(("127.0.0.1", port), timeout=seconds(30)) as connection:
+        connection.sendall(head)
+        try:
+            for piece in pieces:
+                connection.sendall(piece)
+                time.sleep(pause)
+        except OSError:
+            pass  # the server answered and closed before the rest was sent
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < _length(answer):
+            chunk = connection.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    status = int(answer.split(b" ", 2)[1])
+    return status, answer.partition(b"\r\n\r\n")[2]
+
+
+def _length(answer: bytes) -> int:
+    for line in answer.partition(b"\r\n\r\n")[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 1 << 30
+
+
+def gzip_bomb(size: int) -> bytes:
+    import gzip
+
+    return gzip.compress(b"[" + b" " * size + b"]", compresslevel=9)
+
+
+async def test_a_keyless_body_is_read_only_as_far_as_an_authentication_task_needs(server):
+    bomb = gzip_bomb(48 * 1024 * 1024)
+    assert len(bomb) < 64 * 1024  # under the size a body is charged at, before this change
+    head = (b"POST /v1 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+            b"Content-Length: " + str(len(bomb)).encode() + b"\r\n\r\n")
+    status, body = await asyncio.to_thread(raw_post, server.port, head, [bomb])
+    answer = json.loads(body)
+    assert status == 401 and answer["errors"][0]["code"] == "missingApiKey"
+    assert "Authorization header" in answer["errors"][0]["message"]
+    # Nothing was charged or held for it.
+    assert server.inbound.held == 0
+    # A small keyless body still authenticates with a task, compressed or not.
+    import gzip
+    status, answer = await rest(server, gzip.compress(json.dumps(
+        [{"taskType": "authentication", "apiKey": API_KEY}, {"taskType": "ping", "ping": True}]).encode()),
+        key=None, headers={"Content-Encoding": "gzip"})
+    assert status == 200 and any(item.get("pong") for item in answer["data"])
+
+
+async def test_a_keyed_compressed_body_is_bounded_after_decompression(start_server):
+    server = await start_server(max_frame_bytes=1024 * 1024)
+    bomb = gzip_bomb(8 * 1024 * 1024)
+    head = (b"POST /v1 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Encoding: gzip\r\nAuthorization: Bearer "
+            + API_KEY.encode() + b"\r\nContent-Length: " + str(len(bomb)).encode() + b"\r\n\r\n")
+    status, body = await asyncio.to_thread(raw_post, server.port, head, [bomb])
+    assert status == 413 and "at most 1 MiB" in json.loads(body)["errors"][0]["message"]
+
+
+async def test_a_body_that_trickles_in_is_answered_408_and_gives_its_charge_back(server, monkeypatch):
+    from imagewire.server import rest as rest_module
+
+    monkeypatch.setattr(rest_module, "FRAME_DEADLINE_SECONDS", seconds(1))
+    head = (b"POST /v1 HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\nAuthorization: Bearer "
+            + API_KEY.encode() + b"\r\n\r\n")
+    pieces = [b"1\r\n[\r\n"] * 40
+    status, body = await asyncio.to_thread(raw_post, server.port, head, pieces, pause=0.1)
+    assert status == 408 and "did not arrive within" in json.loads(body)["errors"][0]["message"]
+    assert server.inbound.held == 0
