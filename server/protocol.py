@@ -400,5 +400,10 @@ def encode_frame(*, data: list[Any] | None = None, errors: list[dict[str, Any]] 
     return _encoder.encode(frame)
 
 
+def encode_item(item: Any) -> bytes:
+    """One answer item as JSON, to be placed in a frame as ``msgspec.Raw``."""
+    return _encoder.encode(item)
+
+
 def error_frame(error: TaskError, task_type: str | None, task_uuid: str | None) -> bytes:
     return encode_frame(errors=[error.to_item(task_type, task_uuid)])

@@ -22,6 +22,10 @@ charged its length from before it is read, or the largest body allowed when its 
 unknown (compressed, or chunked), as a fragmented WebSocket message is; it is read in pieces up to
 ``--max-frame-mib`` after decompression. Either way the whole body must arrive within
 ``FRAME_DEADLINE_SECONDS``, as a WebSocket message must: a body that trickles in gives its charge back then.
+
+An answer is bounded as a socket's outbox is (``--max-outbox-mib``): each result is encoded as it comes and
+counted; one that would pass the bound is left out and answered with a ``responseTooLarge`` error item for its
+task instead (its results stay available to getResponse), so the answer is whole and its size known.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
 from aiohttp import web
 
 from imagewire.server import protocol
@@ -40,7 +45,7 @@ from imagewire.server.inbound import FRAME_DEADLINE_SECONDS, SMALL_MESSAGE_BYTES
 from imagewire.server.intake import Intake, invalid_api_key
 from imagewire.server.runner import TaskRunner
 from imagewire.tasks import schema
-from imagewire.tasks.errors import MissingApiKey
+from imagewire.tasks.errors import MissingApiKey, ResponseTooLarge
 from imagewire.tasks.task_type import Item, TaskType
 
 log = logging.getLogger("imagewire.rest")
@@ -60,7 +65,7 @@ class RestEndpoint:
         self.inbound = inbound
 
     async def __call__(self, request: web.Request) -> web.Response:
-        exchange = RestExchange(self.api_keys, self.runner)
+        exchange = RestExchange(self.api_keys, self.runner, max_answer_bytes=self.config.max_outbox_bytes)
         header = request.headers.get("Authorization", "")
         if header[: len(BEARER)].lower() == BEARER:
             if not exchange.accept_key(header[len(BEARER):].strip()):
@@ -121,11 +126,13 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
 class RestExchange(Intake):
     """One POST: its tasks, and every answer they give, collected for one response."""
 
-    def __init__(self, api_keys: ApiKeys, runner: TaskRunner) -> None:
+    def __init__(self, api_keys: ApiKeys, runner: TaskRunner, *, max_answer_bytes: int) -> None:
         self.api_keys = api_keys
         self.runner = runner
         self.owner: str | None = None
-        self.data: list[Item] = []
+        self.max_answer_bytes = max_answer_bytes
+        self.answer_bytes = 0
+        self.data: list[msgspec.Raw] = []   # encoded as they come, so that their size is known
         self.errors: list[dict[str, Any]] = []
         self.running: list[asyncio.Task[None]] = []
 
@@ -141,7 +148,13 @@ class RestExchange(Intake):
         return self.owner is not None
 
     async def answer(self, data: Sequence[Item] = (), errors: Sequence[dict[str, Any]] = ()) -> None:
-        self.data.extend(data)
+        for item in data:
+            encoded = protocol.encode_item(item)
+            if self.answer_bytes + len(encoded) > self.max_answer_bytes:
+                self.errors.append(_left_out(item, len(encoded), self.max_answer_bytes))
+                continue
+            self.answer_bytes += len(encoded)
+            self.data.append(msgspec.Raw(encoded))
         self.errors.extend(errors)
 
     reply = answer
@@ -170,6 +183,14 @@ class RestExchange(Intake):
         return _respond(getattr(self.errors[0], "http_status", 400), errors=self.errors)
 
 
-def _respond(status: int, *, data: Sequence[Item] = (), errors: Sequence[dict[str, Any]] = ()) -> web.Response:
+def _left_out(item: Item, size: int, bound: int) -> dict[str, Any]:
+    task_type, task_uuid = getattr(item, "taskType", None), getattr(item, "taskUUID", None)
+    return ResponseTooLarge(
+        f"This result ({size / 2**20:.1f} MiB encoded) would take the answer past {bound // 2**20} MiB "
+        "(--max-outbox-mib), so it is left out; fetch it with getResponse (taskUUID), ask for outputType URL, "
+        "or send fewer tasks or results per request.").to_item(task_type, task_uuid)
+
+
+def _respond(status: int, *, data: Sequence[Any] = (), errors: Sequence[dict[str, Any]] = ()) -> web.Response:
     body = protocol.encode_frame(data=list(data), errors=list(errors)) if data or errors else b'{"data":[]}'
     return web.Response(status=status, body=body, content_type="application/json")

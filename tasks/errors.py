@@ -153,6 +153,13 @@ class StorageError(TaskError):
     http_status = 507
 
 
+class ResponseTooLarge(TaskError):
+    """A REST answer would pass its bound (``--max-outbox-mib``): this result is left out of it."""
+
+    code = "responseTooLarge"
+    http_status = 413
+
+
 class InternalServerError(TaskError):
     code = "internalServerError"
     http_status = 500

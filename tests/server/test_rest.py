@@ -210,3 +210,20 @@ async def test_a_body_that_trickles_in_is_answered_408_and_gives_its_charge_back
     status, body = await asyncio.to_thread(raw_post, server.port, head, pieces, pause=0.1)
     assert status == 408 and "did not arrive within" in json.loads(body)["errors"][0]["message"]
     assert server.inbound.held == 0
+
+
+async def test_an_answer_past_the_outbox_bound_leaves_results_out_with_an_error_each(start_server):
+    server = await start_server(max_outbox_bytes=200_000)
+    tasks = [inference(numberResults=4, outputType="base64Data", seed=seed) for seed in (1, 2)]
+    status, answer = await rest(server, tasks)
+    assert status == 200
+    kept, left_out = answer["data"], [error for error in answer["errors"] if error["code"] == "responseTooLarge"]
+    assert kept and left_out and len(kept) + len(left_out) == 8
+    assert sum(len(json.dumps(item, separators=(",", ":"))) for item in kept) <= 200_000
+    assert {error["taskUUID"] for error in left_out} <= {task["taskUUID"] for task in tasks}
+    assert "--max-outbox-mib" in left_out[0]["message"] and "getResponse" in left_out[0]["message"]
+    # Every result is still kept for getResponse, whose answer is bounded the same way.
+    uuid = left_out[0]["taskUUID"]
+    status, answer = await rest(server, [{"taskType": "getResponse", "taskUUID": uuid}])
+    images = {item["imageUUID"] for item in answer["data"] if item.get("imageUUID")}
+    assert status == 200 and len(images) + len(answer.get("errors", [])) == 4 and len(images) >= 2
