@@ -43,6 +43,7 @@ from imagewire.server.auth import ApiKeys, owner_token
 from imagewire.server.config import Config
 from imagewire.server.inbound import FRAME_DEADLINE_SECONDS, SMALL_MESSAGE_BYTES, InboundBudget
 from imagewire.server.intake import Intake, invalid_api_key
+from imagewire.server.logs import Repeats
 from imagewire.server.runner import TaskRunner
 from imagewire.tasks import schema
 from imagewire.tasks.errors import MissingApiKey, ResponseTooLarge
@@ -51,6 +52,7 @@ from imagewire.tasks.task_type import Item, TaskType
 log = logging.getLogger("imagewire.rest")
 
 BEARER = "bearer "
+_hang_ups = Repeats()   # one log line per interval for bodies cut off by their clients
 
 
 class BodyTooLarge(Exception):
@@ -85,6 +87,13 @@ class RestEndpoint:
                     f"A request body may be at most {self.config.max_frame_bytes // (1024 * 1024)} MiB "
                     "(--max-frame-mib); send large images by URL or upload them first.")
                 return _respond(413, errors=[error.to_item(None, None)])
+            except ConnectionError:
+                # The client hung up mid-body: nobody to answer, and nothing of ours went wrong.
+                due, unsaid = _hang_ups.due("rest-body")
+                if due:
+                    log.info("a client hung up before its request body arrived%s",
+                             f" ({unsaid} more since the last such line)" if unsaid else "")
+                return web.Response(status=400)
             except TimeoutError:
                 error = protocol.FrameError(
                     f"The request body did not arrive within {FRAME_DEADLINE_SECONDS:.0f} s; send it at once.")

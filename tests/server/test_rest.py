@@ -227,3 +227,21 @@ async def test_an_answer_past_the_outbox_bound_leaves_results_out_with_an_error_
     status, answer = await rest(server, [{"taskType": "getResponse", "taskUUID": uuid}])
     images = {item["imageUUID"] for item in answer["data"] if item.get("imageUUID")}
     assert status == 200 and len(images) + len(answer.get("errors", [])) == 4 and len(images) >= 2
+
+
+async def test_a_body_cut_off_by_its_client_is_one_line_without_a_traceback(server, caplog):
+    import logging
+    import socket
+
+    def hang_up() -> None:
+        with socket.create_connection(("127.0.0.1", server.port)) as connection:
+            connection.sendall(b"POST /v1 HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + API_KEY.encode()
+                               + b"\r\nContent-Length: 100000\r\n\r\n[" + b" " * 1000)
+
+    with caplog.at_level(logging.INFO):
+        for _ in range(3):
+            await asyncio.to_thread(hang_up)
+        await asyncio.sleep(seconds(1))
+    assert not [record for record in caplog.records if record.exc_info or record.levelno >= logging.WARNING]
+    # One line per interval at most (another test may have said it within the interval).
+    assert len([record for record in caplog.records if "hung up before its request body" in record.getMessage()]) <= 1
