@@ -11,8 +11,12 @@ whatever fails on the way (the network, the size, the hash, the architecture) le
 
 Only safetensors files are fetched: a pickled ``.ckpt`` can run code when it is loaded.
 
-Blocking (``urllib``): callers run ``fetch`` in a thread. Two fetches of one version wait for each
-other, so it is downloaded once.
+Blocking (``urllib``): callers run ``fetch`` in a thread (the server's download threads,
+``tasks/downloads.py``). Two fetches of one version wait for each other, so it is downloaded once.
+
+A download is bounded (``DownloadLimits``): its size, announced or not (a file served without a length is
+counted as it comes), the free disk it leaves while it is written, and its total time. Past any of them it
+stops and leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -22,13 +26,16 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +62,21 @@ class DownloadFailed(WeightsMissing):
     """The weights could not be fetched or did not check out; nothing of them was kept."""
 
 
+@dataclass(frozen=True)
+class DownloadLimits:
+    """Bounds of one download; None: no bound."""
+
+    max_bytes: int | None = None        # the file's size (--max-download-gib)
+    min_free_bytes: int | None = None   # free disk left while writing (--min-free-disk-gib)
+    seconds: float | None = None        # the whole download, first byte to last (--download-timeout)
+
+
 class Civitai:
     """Fetches Civitai checkpoints into ``models_dir`` (the data dir's ``models``)."""
 
-    def __init__(self, *, base_url: str = DEFAULT_URL, token: str | None = None, models_dir: Path) -> None:
+    def __init__(self, *, base_url: str = DEFAULT_URL, token: str | None = None, models_dir: Path,
+                 limits: DownloadLimits = DownloadLimits()) -> None:
+        self.limits = limits
         self.base_url = base_url.rstrip("/")
         self.token = token or None
         self.models_dir = Path(models_dir)
@@ -181,18 +199,26 @@ class Civitai:
         size_kb = file.get("sizeKB")
         log.info("downloading %s: %s (%s) from %s", air, file.get("name"),
                  f"{size_kb / 1024:.0f} MiB" if isinstance(size_kb, (int, float)) else "size unknown", url)
+        listed = int(size_kb * 1024) if isinstance(size_kb, (int, float)) else None
+        self._check_size(air, listed, "Civitai lists it at")
         digest = hashlib.sha256()
         received = 0
+        deadline = None if self.limits.seconds is None else time.monotonic() + self.limits.seconds
         try:
             with self._request(url) as response, open(partial, "wb") as out:
                 length = response.headers.get("Content-Length")
                 total = int(length) if length and length.isdigit() else None
-                with _progress(total or (int(size_kb * 1024) if isinstance(size_kb, (int, float)) else None),
-                               f"downloading {air}") as progress:
+                self._check_size(air, total, f"{url} announces")
+                with _progress(total or listed, f"downloading {air}") as progress:
                     while chunk := response.read(_CHUNK):
+                        received += len(chunk)
+                        self._check_size(air, received, "it passed")
+                        self._check_room(air, partial, len(chunk))
+                        if deadline is not None and time.monotonic() > deadline:
+                            raise DownloadFailed(self._failed(
+                                air, f"it took longer than {self.limits.seconds:.0f} s (--download-timeout)"))
                         out.write(chunk)
                         digest.update(chunk)
-                        received += len(chunk)
                         progress(len(chunk))
         except urllib.error.HTTPError as exc:
             exc.close()
@@ -206,8 +232,28 @@ class Civitai:
             raise DownloadFailed(self._failed(
                 air, f"the file from {url} has SHA-256 {digest.hexdigest()}, not {expected_hash} as Civitai lists"))
 
+    def _check_size(self, air: AIR, size: int | None, what: str) -> None:
+        bound = self.limits.max_bytes
+        if size is not None and bound is not None and size > bound:
+            raise DownloadFailed(self._failed(
+                air, f"{what} {_gib(size)}, more than the {_gib(bound)} a download may be (--max-download-gib)"))
+
+    def _check_room(self, air: AIR, partial: Path, coming: int) -> None:
+        """Stop before a write would leave less free disk than the reserve."""
+        reserve = self.limits.min_free_bytes
+        if reserve is None:
+            return
+        free = shutil.disk_usage(partial.parent).free
+        if free - coming < reserve:
+            raise DownloadFailed(self._failed(
+                air, f"the disk would have less than the {_gib(reserve)} free it keeps (--min-free-disk-gib)"))
+
     def _failed(self, air: AIR, why: str) -> str:
         return f"the weights of {air} could not be downloaded: {why}; nothing was kept (send the task again to retry)"
+
+
+def _gib(size: int) -> str:
+    return f"{size / 1024 ** 3:.3g} GiB"
 
 
 def _object(value: Any) -> dict[str, Any]:

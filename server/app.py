@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from imagewire.air_registry import ARCHITECTURES, Catalog, ModelEntry, RegistryError, UnknownModel, parse_air
-from imagewire.air_registry.civitai import Civitai
+from imagewire.air_registry.civitai import Civitai, DownloadLimits
 from imagewire.server.admission import Admission, DeviceTime
 from imagewire.server.auth import ApiKeys, load_or_create_key
 from imagewire.server.config import Config, shown_url
@@ -33,6 +33,7 @@ from imagewire.storage import ImageStorage, ImageStore, UrlFetcher
 from imagewire.storage.s3 import S3Location, S3Store
 from imagewire.storage.store import Limits as StoreLimits
 from imagewire.tasks.context import PixelBudget, Services, Settings
+from imagewire.tasks.downloads import Downloads
 from imagewire.tasks.image_inference import check_model_defaults
 
 if TYPE_CHECKING:
@@ -107,7 +108,10 @@ class ImagewireServer:
         # Checkpoints fetched from Civitai before are part of the catalog; the operator's files come after,
         # so that they can rename or replace them.
         civitai = Civitai(base_url=config.civitai_url, token=config.civitai_token,
-                          models_dir=config.data_dir / "models")
+                          models_dir=config.data_dir / "models", limits=DownloadLimits(
+                              max_bytes=config.max_download_bytes, min_free_bytes=config.min_free_disk_bytes,
+                              seconds=config.download_timeout))
+        self.downloads = Downloads(workers=config.max_downloads, per_key=config.max_downloads_per_key)
         downloaded = await asyncio.to_thread(Civitai.downloaded_catalogs, civitai.models_dir)
         catalog = await asyncio.to_thread(Catalog.load, [*downloaded, *config.catalog_files],
                                           check_defaults=check_model_defaults)
@@ -139,7 +143,7 @@ class ImagewireServer:
                               upscale_tile_size=config.upscale_tile_size,
                               safety_checker=config.safety_checker),
             catalog=catalog, store=self.store, fetcher=fetcher, device=self.device, results=self.registry,
-            pixels=PixelBudget(config.max_waiting_pixels), civitai=civitai)
+            pixels=PixelBudget(config.max_waiting_pixels), civitai=civitai, downloads=self.downloads)
         self.inbound = InboundBudget(config.max_inbound_bytes)
         self.metrics = Metrics(State(
             queue_depth=lambda: self.device.pending,
@@ -199,7 +203,7 @@ class ImagewireServer:
                 air = parse_air(name)
                 if not (self.config.allow_downloads and Civitai.names(air)):
                     raise
-                entry = await asyncio.to_thread(civitai.fetch, air)
+                entry = await self.downloads.run("", civitai.fetch, air)  # the operator's, before any key
                 catalog.add(entry)
         except RegistryError as exc:
             raise ValueError(exc.describe("--default-model")) from exc
@@ -305,6 +309,7 @@ class ImagewireServer:
                 await self._sweeper
         if self.state is not None:
             await self.state.close()
+        self.downloads.close()
         await asyncio.to_thread(self.device.stop, grace)
         log.info("stopped")
 

@@ -394,6 +394,20 @@ class Config:
     civitai_token: str | None = setting(
         None, "--civitai-token", MODELS, "Civitai API token, for checkpoints only signed-in users may download",
         metavar="TOKEN")
+    max_downloads: int = setting(
+        2, "--max-downloads", MODELS,
+        "model downloads at once, server-wide, each on a thread of its own (never the threads that serve tasks)",
+        parse=COUNT)
+    max_downloads_per_key: int = setting(
+        1, "--max-downloads-per-key", MODELS,
+        "model downloads one API key may have at once; its others wait for them", parse=COUNT)
+    max_download_bytes: int | None = setting(
+        64 * 1024 ** 3, "--max-download-gib", MODELS,
+        "largest model file downloaded, GiB, announced or counted as it arrives; 0: no bound",
+        parse=NON_NEGATIVE, unit=GIBIBYTES, zero_is_no_bound=True)
+    download_timeout: float = setting(
+        3600.0, "--download-timeout", MODELS, "seconds one model download may take, first byte to last",
+        parse=POSITIVE)
     safety_checker: str = setting(
         "imagewire:sd-safety-checker@1", "--safety-checker", MODELS,
         "catalog model (category safety) that checkNSFW and safety.checkContent/checkInputs run", metavar="AIR")

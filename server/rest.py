@@ -46,7 +46,7 @@ from imagewire.server.intake import Intake, invalid_api_key
 from imagewire.server.logs import Repeats
 from imagewire.server.runner import TaskRunner
 from imagewire.tasks import schema
-from imagewire.tasks.errors import MissingApiKey, ResponseTooLarge
+from imagewire.tasks.errors import MissingApiKey, ResponseTooLarge, TaskError
 from imagewire.tasks.task_type import Item, TaskType
 
 log = logging.getLogger("imagewire.rest")
@@ -78,7 +78,7 @@ class RestEndpoint:
                 body = await _read_body(request, limit)
             except BodyTooLarge:
                 if not exchange.authenticated:
-                    error = MissingApiKey(
+                    error: TaskError = MissingApiKey(
                         f"A request body over {SMALL_MESSAGE_BYTES // 1024} KiB needs the API key in its "
                         "Authorization header (Bearer KEY); an authentication task in the body is read only "
                         "in smaller ones.")

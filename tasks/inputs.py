@@ -152,11 +152,11 @@ def model_to_download(ctx: TaskContext, name: str) -> AIR | None:
 
 
 async def download_model(ctx: TaskContext, air: AIR, *, parameter: str = "model") -> ModelEntry:
-    """Fetch a Civitai checkpoint (in a thread: minutes, with a progress bar) and add it to the catalog."""
-    civitai = ctx.services.civitai
-    assert civitai is not None  # model_to_download names none without it
+    """Fetch a Civitai checkpoint (on a download thread: minutes, with a progress bar) and add it to the catalog."""
+    civitai, downloads = ctx.services.civitai, ctx.services.downloads
+    assert civitai is not None and downloads is not None  # model_to_download names none without them
     try:
-        entry = await asyncio.to_thread(civitai.fetch, air)
+        entry = await downloads.run(ctx.owner, civitai.fetch, air)
     except RegistryError as exc:
         raise task_error(exc, parameter) from exc
     ctx.services.catalog.add(entry)

@@ -3,6 +3,7 @@ whole, cut off half-way, or not at all, so that every way a download can go is t
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,6 +20,8 @@ class FakeCivitai:
     versions: dict[str, dict[str, Any]] = field(default_factory=dict)
     files: dict[str, bytes] = field(default_factory=dict)
     interrupted: set[str] = field(default_factory=set)   # file names sent only half-way
+    unannounced: set[str] = field(default_factory=set)   # file names sent without a Content-Length
+    seconds_per_chunk: dict[str, float] = field(default_factory=dict)  # file names sent slowly, 64 KiB a step
     requests: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Authorization)
     url: str = ""
     runner: web.AppRunner | None = None
@@ -62,6 +65,18 @@ class FakeCivitai:
         data = self.files.get(name)
         if data is None:
             return web.Response(status=404, text="not found")
+        delay = self.seconds_per_chunk.get(name)
+        if name in self.unannounced or delay is not None:
+            response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+            if name not in self.unannounced:
+                response.content_length = len(data)
+            await response.prepare(request)
+            for start in range(0, len(data), 65536):
+                await response.write(data[start:start + 65536])
+                if delay:
+                    await asyncio.sleep(delay)
+            await response.write_eof()
+            return response
         if name not in self.interrupted:
             return web.Response(body=data, content_type="application/octet-stream")
         response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})

@@ -194,3 +194,57 @@ def test_files_that_are_not_safetensors_are_unreadable(tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(UnreadableCheckpoint):
         tensor_shapes(path)
+
+
+async def test_a_file_past_the_size_bound_is_refused_announced_or_not(api, tiny_checkpoint, tmp_path):
+    from imagewire.air_registry.civitai import DownloadLimits
+
+    limits = DownloadLimits(max_bytes=len(tiny_checkpoint) // 2)
+    announced = api.add_version(model=1, version=10, data=tiny_checkpoint, file_name="a.safetensors")
+    # Civitai lists no size and the file comes without a length: it is counted as it arrives.
+    unannounced = api.add_version(model=1, version=11, data=tiny_checkpoint, file_name="b.safetensors")
+    del api.versions["11"]["files"][0]["sizeKB"]
+    api.unannounced.add("b.safetensors")
+    civitai = Civitai(base_url=api.url, models_dir=tmp_path / "models", limits=limits)
+    for air, what in ((announced, "Civitai lists it at"), (unannounced, "it passed")):
+        with pytest.raises(DownloadFailed, match=f"{what} .* GiB, more than the .* GiB a download may be "
+                                                 r"\(--max-download-gib\)"):
+            await fetch(civitai, air)
+    assert files_under(tmp_path / "models") == []
+    # Unbounded, the same length-less file is whole.
+    assert (await fetch(Civitai(base_url=api.url, models_dir=tmp_path / "models"), unannounced)).air == unannounced
+
+
+async def test_a_download_stops_before_the_disk_passes_its_free_reserve(api, tiny_checkpoint, tmp_path,
+                                                                        monkeypatch):
+    import collections
+    import shutil
+
+    from imagewire.air_registry import civitai as civitai_module
+    from imagewire.air_registry.civitai import DownloadLimits
+
+    air = api.add_version(model=1, version=12, data=tiny_checkpoint)
+    real = shutil.disk_usage(tmp_path)
+    usage = collections.namedtuple("usage", "total used free")
+    # A disk with room for half the file above the reserve; what is written takes from it.
+    def disk_usage(path: Path) -> usage:
+        written = sum(file.stat().st_size for file in (tmp_path / "models").rglob("*") if file.is_file())
+        return usage(real.total, real.used, 10 * 1024 ** 2 + len(tiny_checkpoint) // 2 - written)
+
+    monkeypatch.setattr(civitai_module.shutil, "disk_usage", disk_usage)
+    civitai = Civitai(base_url=api.url, models_dir=tmp_path / "models",
+                      limits=DownloadLimits(min_free_bytes=10 * 1024 ** 2))
+    with pytest.raises(DownloadFailed, match=r"less than the 0.00977 GiB free it keeps \(--min-free-disk-gib\)"):
+        await fetch(civitai, air)
+    assert files_under(tmp_path / "models") == []
+
+
+async def test_a_download_past_its_time_bound_stops_and_leaves_nothing(api, tiny_checkpoint, tmp_path):
+    from imagewire.air_registry.civitai import DownloadLimits
+
+    air = api.add_version(model=1, version=13, data=tiny_checkpoint)
+    api.seconds_per_chunk["model.safetensors"] = 0.05
+    civitai = Civitai(base_url=api.url, models_dir=tmp_path / "models", limits=DownloadLimits(seconds=0.3))
+    with pytest.raises(DownloadFailed, match=r"took longer than 0 s \(--download-timeout\)|took longer than"):
+        await fetch(civitai, air)
+    assert files_under(tmp_path / "models") == []

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from pathlib import Path
 
@@ -12,7 +13,8 @@ from runware.utils import RunwareAPIError
 
 from imagewire.air_registry.tiny import ensure_embedded
 from tests.civitai import fake_civitai
-from tests.wire import API_KEY, Wire, inference
+from tests.timing import seconds
+from tests.wire import API_KEY, Wire, eventually, inference, new_uuid
 
 AIR = "civitai:4201@130072"
 
@@ -114,3 +116,32 @@ async def test_a_default_model_that_does_not_exist_stops_the_start(start_server,
     for other in ("imagewire:tiny-controlnet@1", "imagewire:tiny-upscaler@1"):
         with pytest.raises(ValueError, match=f"--default-model '{other}' is an? .* model; name an imageInference"):
             await start_server(data_dir=own_data_dir, default_model=other)
+
+
+async def test_while_one_key_downloads_other_keys_are_served_as_usual(start_server, own_data_dir, api,
+                                                                      tiny_checkpoint):
+    """Six slow downloads of one key used to take every thread of asyncio's default pool, which also encodes
+    results: another key's inference then waited for them. Downloads now run on threads of their own, at most
+    --max-downloads-per-key of a key at once."""
+    slow = []
+    for version in range(1, 7):
+        name = f"slow-{version}.safetensors"
+        slow.append(api.add_version(model=77, version=version, data=tiny_checkpoint, file_name=name))
+        api.seconds_per_chunk[name] = 0.2   # a few tens of seconds a file
+    server = await start_server(data_dir=own_data_dir, allow_downloads=True, civitai_url=api.url,
+                                api_keys=("downloader", "other"), max_downloads=2, max_downloads_per_key=1)
+    downloader, other = (await Wire.open(server.url, api_key="downloader"),
+                         await Wire.open(server.url, api_key="other"))
+    await downloader.send([inference(model=air) for air in slow])
+    await eventually(lambda: api.downloads() >= 1)
+    started = asyncio.get_running_loop().time()
+    for seed in range(3):
+        [item] = await other.run(inference(seed=seed, outputType="base64Data"), timeout=seconds(15))
+        assert item["imageBase64Data"]
+    [found] = await other.run({"taskType": "modelSearch", "taskUUID": new_uuid(), "search": "tiny"})
+    assert found["results"]
+    assert asyncio.get_running_loop().time() - started < seconds(15)
+    # One of the downloader's files at a time: its others wait for it, not for the server's threads.
+    assert api.downloads() == 1
+    await downloader.close()
+    await other.close()
