@@ -30,8 +30,7 @@ from PIL import Image
 from scipy import ndimage
 
 from imagewire.air_registry import ARCHITECTURES, ModelEntry
-from imagewire.tasks import content_safety, guides, inputs, schema
-from imagewire.tasks.content_safety import SafetyRequest
+from imagewire.tasks import guides, inputs, schema
 from imagewire.tasks.context import TaskContext
 from imagewire.tasks.controlnet_preprocess import check_preprocessor, check_thresholds
 from imagewire.tasks.describe import nearest_valid, stepped_range
@@ -64,7 +63,6 @@ class Edits:
     mask_margin: int | None = None
     outpaint: schema.Outpaint | None = None
     controlnets: tuple[ControlNetRequest, ...] = ()
-    safety: SafetyRequest = content_safety.NO_CHECKS
 
     @property
     def repaints(self) -> bool:
@@ -118,8 +116,7 @@ def prepare(task: schema.ImageInference, model: ModelEntry, ctx: TaskContext) ->
     steps = task.steps if task.steps is not None else model.defaults.steps
     controlnets = tuple(_controlnet(ctx, index, control, model, steps)
                         for index, control in enumerate(task.controlNet or ()))
-    return Edits(mask=task.maskImage, mask_margin=task.maskMargin, outpaint=outpaint, controlnets=controlnets,
-                 safety=content_safety.prepare(task, ctx))
+    return Edits(mask=task.maskImage, mask_margin=task.maskMargin, outpaint=outpaint, controlnets=controlnets)
 
 
 def _able(feature: str) -> list[str]:
@@ -186,11 +183,10 @@ class Loaded:
     mask: Image.Image | None = None
     guides: list[Image.Image] = field(default_factory=list)
     controlnet_weights: list[Path] = field(default_factory=list)
-    checker_weights: Path | None = None
 
 
 async def load(ctx: TaskContext, edits: Edits) -> Loaded:
-    loaded = Loaded(checker_weights=await content_safety.checker_weights(ctx, edits.safety))
+    loaded = Loaded()
     for control in edits.controlnets:
         path = await inputs.weights(ctx, control.model, parameter=f"{control.parameter}.model")
         loaded.controlnet_weights.append(path)
@@ -224,17 +220,17 @@ class Scene:
     guide_images: tuple[Image.Image, ...] = ()
 
 
-async def compose(ctx: TaskContext, edits: Edits, loaded: Loaded, task: schema.ImageInference,
-                  init_image: Image.Image | None, width: int, height: int) -> Scene:
+async def compose(edits: Edits, loaded: Loaded, task: schema.ImageInference, init_image: Image.Image | None,
+                  width: int, height: int) -> Scene:
     """The scene of one request: ``init_image`` is the seed image at width × height, or, when outpainting,
     as decoded (it is scaled to the area it keeps)."""
-    scene = await asyncio.to_thread(_compose, edits, loaded, task, init_image, width, height)
-    named = [("seedImage", init_image)] if init_image is not None else []
-    named += [(f"{control.parameter}.guideImage", guide)
-              for control, guide in zip(edits.controlnets, loaded.guides, strict=True)]
-    await content_safety.check_inputs(ctx, edits.safety, loaded.checker_weights, task.taskUUID,
-                                      [(name, picture) for name, picture in named if picture is not None])
-    return scene
+    return await asyncio.to_thread(_compose, edits, loaded, task, init_image, width, height)
+
+
+def named_guides(edits: Edits, loaded: Loaded) -> list[tuple[str, Image.Image]]:
+    """The guide images as decoded, each with the parameter that sent it."""
+    return [(f"{control.parameter}.guideImage", guide)
+            for control, guide in zip(edits.controlnets, loaded.guides, strict=True)]
 
 
 def _compose(edits: Edits, loaded: Loaded, task: schema.ImageInference, init_image: Image.Image | None,
@@ -367,15 +363,14 @@ class _Unchanged:
         """Nothing runs on the device: nothing to stop."""
 
 
-async def finish(ctx: TaskContext, edits: Edits, loaded: Loaded, scene: Scene, task_uuid: str,
-                 chunk: Sequence[GeneratedImage]) -> list[GeneratedImage]:
-    """The results: pictures pasted back into the canvas, then checked for unwanted content."""
+async def finish(ctx: TaskContext, scene: Scene, chunk: Sequence[GeneratedImage]) -> list[GeneratedImage]:
+    """The results: pictures pasted back into the canvas."""
     if scene.canvas is not None and scene.alpha is not None and not scene.nothing_to_do:
         with ctx.timed("paste"):
             pictures = await asyncio.to_thread(lambda: [paste_back(scene, g.image) for g in chunk])
         chunk = [GeneratedImage(g.index, g.seed, picture, g.seconds, g.nsfw)
                  for g, picture in zip(chunk, pictures, strict=True)]
-    return await content_safety.check_results(ctx, edits.safety, loaded.checker_weights, task_uuid, chunk)
+    return list(chunk)
 
 
 def paste_back(scene: Scene, generated: Image.Image) -> Image.Image:

@@ -51,6 +51,7 @@ class Prepared:
     output_format: ImageFormat
     output_quality: int
     edits: editing.Edits = editing.NO_EDITS
+    safety: content_safety.SafetyRequest = content_safety.NO_CHECKS
     add_ons: image_add_ons.AddOns = image_add_ons.AddOns()
 
 
@@ -73,6 +74,7 @@ def prepare(task: ImageInference, ctx: TaskContext) -> Prepared | AwaitingDownlo
     model = inputs.model(ctx, task.model, category="checkpoint")
     defaults = model.defaults
     edits = editing.prepare(task, model, ctx)
+    safety = content_safety.prepare(task, ctx)
     if task.seedImage is None:
         if ARCHITECTURES[model.architecture].image_to_image_only:
             raise InvalidParameter(
@@ -107,6 +109,7 @@ def prepare(task: ImageInference, ctx: TaskContext) -> Prepared | AwaitingDownlo
         output_format=output.format,
         output_quality=output.quality,
         edits=edits,
+        safety=safety,
         add_ons=image_add_ons.prepare(task, model, steps, ctx),
     )
 
@@ -145,15 +148,19 @@ async def run(prepared: Prepared | AwaitingDownload, ctx: TaskContext) -> AsyncI
         prepared = ready
     task = prepared.task
     weights = await inputs.weights(ctx, prepared.model)
-    add_ons, loaded = await asyncio.gather(image_add_ons.job_fields(prepared.add_ons, ctx),
-                                           editing.load(ctx, prepared.edits))
+    add_ons, checker, loaded = await asyncio.gather(
+        image_add_ons.job_fields(prepared.add_ons, ctx), content_safety.checker_weights(ctx, prepared.safety),
+        editing.load(ctx, prepared.edits))
     init_image = None
     width, height = task.width, task.height
     if task.seedImage is not None:
         with ctx.timed("decode"):
             init_image, width, height = await _seed_image(ctx, prepared)
     assert width is not None and height is not None
-    scene = await editing.compose(ctx, prepared.edits, loaded, task, init_image, width, height)
+    scene = await editing.compose(prepared.edits, loaded, task, init_image, width, height)
+    seed = [("seedImage", init_image)] if init_image is not None else []
+    await content_safety.check_inputs(ctx, prepared.safety, checker, task.taskUUID,
+                                      seed + editing.named_guides(prepared.edits, loaded))
     job = InferenceJob(
         task_uuid=task.taskUUID, owner=ctx.owner, model=prepared.model, weights=weights, prompt=prepared.prompt,
         negative_prompt=prepared.negative_prompt, width=scene.width, height=scene.height, steps=prepared.steps,
@@ -163,7 +170,8 @@ async def run(prepared: Prepared | AwaitingDownload, ctx: TaskContext) -> AsyncI
     progress = editing.submit(ctx, scene, job, on_event=_ProgressReport(task, len(prepared.seeds), ctx).on_event)
     try:
         async for produced in progress:
-            chunk = await editing.finish(ctx, prepared.edits, loaded, scene, task.taskUUID, produced)
+            chunk = await editing.finish(ctx, scene, produced)
+            chunk = await content_safety.check_results(ctx, prepared.safety, checker, task.taskUUID, chunk)
             pending = [asyncio.ensure_future(_deliver(prepared, image, ctx)) for image in chunk]
             try:
                 for finished in asyncio.as_completed(pending):
