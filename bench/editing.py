@@ -47,26 +47,26 @@ def _mask(size: int) -> Image.Image:
 
 
 def image_stages(repeats: int) -> list[tuple[str, str, float]]:
-    from imagewire.tasks import editing, guides
+    from imagewire.tasks import canvas, guides
 
     rows = []
     for size in (512, 1024):
         picture, mask = _picture(size), _mask(size)
-        alpha = editing.blend_weights(mask)
-        box = editing.crop_box(mask, 64, (size, size))
-        scene = editing.Scene(width=size, height=size, init_image=picture, mask_image=mask, canvas=picture,
-                              alpha=alpha)
-        cropped = editing.Scene(width=size, height=size, init_image=picture, mask_image=mask, canvas=picture,
-                                alpha=alpha, crop=box)
+        alpha = canvas.blend_weights(mask)
+        box = canvas.crop_box(mask, 64, (size, size))
+        scene = canvas.Scene(width=size, height=size, init_image=picture, mask_image=mask, canvas=picture,
+                             alpha=alpha)
+        cropped = canvas.Scene(width=size, height=size, init_image=picture, mask_image=mask, canvas=picture,
+                               alpha=alpha, crop=box)
         generated = _picture(size).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         side = f"{size}²"
         rows += [
-            ("mask blend weights", side, _median_ms(lambda m=mask: editing.blend_weights(m), repeats)),
+            ("mask blend weights", side, _median_ms(lambda m=mask: canvas.blend_weights(m), repeats)),
             ("maskMargin crop, scaled to full size", side, _median_ms(
                 lambda p=picture, b=box, s=size: p.crop(b).resize((s, s), Image.Resampling.LANCZOS), repeats)),
-            ("paste-back", side, _median_ms(lambda sc=scene, g=generated: editing.paste_back(sc, g), repeats)),
+            ("paste-back", side, _median_ms(lambda sc=scene, g=generated: canvas.paste_back(sc, g), repeats)),
             ("paste-back of a maskMargin crop", side,
-             _median_ms(lambda sc=cropped, g=generated: editing.paste_back(sc, g), repeats)),
+             _median_ms(lambda sc=cropped, g=generated: canvas.paste_back(sc, g), repeats)),
             ("canny guide image", side,
              _median_ms(lambda p=picture: guides.canny(p, guides.GuideOptions()), repeats)),
         ]

@@ -4,9 +4,11 @@
 The handler reads as the path of one task:
 
 1. ``prepare``: resolve the model and check every parameter against it, without I/O;
-2. ``run``: find the weights, resolve the seed image (any of the four input forms) and settle
-   the output size, queue the job on the device, and as chunks of images come back, encode and
-   store each one concurrently and yield its result item as soon as it is ready.
+2. ``run``: find the weights, decode the seed image (any of the four input forms), the mask and the
+   guides, and settle the output size; compose the scene (``editing.compose``: the canvas, the mask,
+   the guides) and check the inputs; queue the job on the device; and as chunks of images come back,
+   paste each back into the canvas (``tasks/canvas.py``), check it, encode and store it concurrently
+   with the others, and yield its result item as soon as it is ready.
 """
 
 from __future__ import annotations
@@ -21,11 +23,11 @@ from PIL import Image
 
 from imagewire.air_registry import AIR, ARCHITECTURES, ModelDefaults, ModelEntry, SamplerSpec
 from imagewire.storage import OUTPUT_FORMATS, ImageFormat, encode_image, to_base64
-from imagewire.tasks import content_safety, editing, image_add_ons, inputs, schema
+from imagewire.tasks import canvas, content_safety, editing, image_add_ons, inputs, schema
 from imagewire.tasks.context import TaskContext
 from imagewire.tasks.describe import describe_annotation, nearest_valid, stepped_range
 from imagewire.tasks.errors import InvalidParameter, MissingParameter
-from imagewire.tasks.jobs import GeneratedImage, InferenceJob, JobEvent, Queued
+from imagewire.tasks.jobs import GeneratedImage, InferenceJob, JobEvent, JobProgress, Queued
 from imagewire.tasks.outputs import ImageOutput, deliver_image, image_output
 from imagewire.tasks.schema import ImageInference, ImageResult, Progress
 from imagewire.tasks.task_type import TaskType
@@ -51,6 +53,7 @@ class Prepared:
     output_format: ImageFormat
     output_quality: int
     edits: editing.Edits = editing.NO_EDITS
+    safety: content_safety.SafetyRequest = content_safety.NO_CHECKS
     add_ons: image_add_ons.AddOns = image_add_ons.AddOns()
 
 
@@ -73,6 +76,7 @@ def prepare(task: ImageInference, ctx: TaskContext) -> Prepared | AwaitingDownlo
     model = inputs.model(ctx, task.model, category="checkpoint")
     defaults = model.defaults
     edits = editing.prepare(task, model, ctx)
+    safety = content_safety.prepare(task, ctx)
     if task.seedImage is None:
         if ARCHITECTURES[model.architecture].image_to_image_only:
             raise InvalidParameter(
@@ -107,6 +111,7 @@ def prepare(task: ImageInference, ctx: TaskContext) -> Prepared | AwaitingDownlo
         output_format=output.format,
         output_quality=output.quality,
         edits=edits,
+        safety=safety,
         add_ons=image_add_ons.prepare(task, model, steps, ctx),
     )
 
@@ -145,25 +150,37 @@ async def run(prepared: Prepared | AwaitingDownload, ctx: TaskContext) -> AsyncI
         prepared = ready
     task = prepared.task
     weights = await inputs.weights(ctx, prepared.model)
-    add_ons, loaded = await asyncio.gather(image_add_ons.job_fields(prepared.add_ons, ctx),
-                                           editing.load(ctx, prepared.edits))
+    add_ons, checker, loaded = await asyncio.gather(
+        image_add_ons.job_fields(prepared.add_ons, ctx), content_safety.checker_weights(ctx, prepared.safety),
+        editing.load(ctx, prepared.edits))
     init_image = None
     width, height = task.width, task.height
     if task.seedImage is not None:
         with ctx.timed("decode"):
             init_image, width, height = await _seed_image(ctx, prepared)
     assert width is not None and height is not None
-    scene = await editing.compose(ctx, prepared.edits, loaded, task, init_image, width, height)
-    job = InferenceJob(
-        task_uuid=task.taskUUID, owner=ctx.owner, model=prepared.model, weights=weights, prompt=prepared.prompt,
-        negative_prompt=prepared.negative_prompt, width=scene.width, height=scene.height, steps=prepared.steps,
-        cfg_scale=prepared.cfg_scale, sampler=prepared.sampler, seeds=prepared.seeds, init_image=scene.init_image,
-        strength=task.strength, mask_image=scene.mask_image, controlnets=scene.controlnets,
-        guide_images=scene.guide_images, preview=task.includeProgress and task.includePreview, **add_ons)
-    progress = editing.submit(ctx, scene, job, on_event=_ProgressReport(task, len(prepared.seeds), ctx).on_event)
+    scene = await editing.compose(prepared.edits, loaded, task, init_image, width, height)
+    # A flagged input fails the task before it costs any device time.
+    seed = [("seedImage", init_image)] if init_image is not None else []
+    await content_safety.check_inputs(ctx, prepared.safety, checker, task.taskUUID,
+                                      seed + editing.named_guides(prepared.edits, loaded))
+    progress: JobProgress[GeneratedImage]
+    if scene.nothing_to_do:  # an empty mask: the results are known without spending device time
+        progress = canvas.unchanged(scene, prepared.seeds)
+    else:
+        job = InferenceJob(
+            task_uuid=task.taskUUID, owner=ctx.owner, model=prepared.model, weights=weights, prompt=prepared.prompt,
+            negative_prompt=prepared.negative_prompt, width=scene.width, height=scene.height, steps=prepared.steps,
+            cfg_scale=prepared.cfg_scale, sampler=prepared.sampler, seeds=prepared.seeds,
+            init_image=scene.init_image, strength=task.strength, mask_image=scene.mask_image,
+            controlnets=scene.controlnets, guide_images=scene.guide_images,
+            preview=task.includeProgress and task.includePreview, **add_ons)
+        progress = ctx.services.device.submit(job, on_event=_ProgressReport(task, len(prepared.seeds), ctx).on_event)
     try:
         async for produced in progress:
-            chunk = await editing.finish(ctx, prepared.edits, loaded, scene, task.taskUUID, produced)
+            chunk = await canvas.paste_back_all(ctx, scene, produced)
+            # Checked as delivered: an edit's result after its paste-back, so a flagged one is black throughout.
+            chunk = await content_safety.check_results(ctx, prepared.safety, checker, task.taskUUID, chunk)
             pending = [asyncio.ensure_future(_deliver(prepared, image, ctx)) for image in chunk]
             try:
                 for finished in asyncio.as_completed(pending):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from imagewire.air_registry.tiny import safety
 from tests.server.test_controlnet import guide
@@ -58,6 +59,10 @@ async def test_a_flagged_result_is_black_and_says_so(start_server, flagging_cata
     [edited] = await wire.run(checked(seedImage=b64(png(seed_picture())), maskImage=b64(png(seed_picture())),
                                       safety={"checkContent": True}))
     assert edited["NSFWContent"] is True and decoded(edited).max() == 0
+    # A mask with nothing to repaint skips the device, not the check: the seed image comes back checked.
+    [unchanged] = await wire.run(checked(seedImage=b64(png(seed_picture())),
+                                         maskImage=b64(png(Image.new("L", (128, 128), 0))), checkNSFW=True))
+    assert unchanged["NSFWContent"] is True and decoded(unchanged).max() == 0
     await wire.close()
 
 

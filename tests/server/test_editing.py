@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagewire.tasks.editing import EDGE_PIXELS
+from imagewire.tasks.canvas import EDGE_PIXELS
 from tests.server.test_hostile_input import png_claiming
 from tests.timing import seconds
 from tests.wire import Wire, inference, new_uuid

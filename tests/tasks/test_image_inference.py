@@ -114,3 +114,12 @@ def test_a_model_that_is_not_a_checkpoint_is_refused_naming_the_checkpoints() ->
     assert error.message.startswith("model must name a checkpoint; imagewire:tiny-lora@1 is a LoRA. Checkpoints here: ")
     assert error.allowed_values is not None and "imagewire:tiny@1" in error.allowed_values
     assert "imagewire:tiny-lora@1" not in error.allowed_values
+
+
+def test_the_content_checks_are_the_tasks_not_its_edits() -> None:
+    plain = image_inference.prepare(task(), pure_context())
+    assert isinstance(plain, image_inference.Prepared) and not plain.safety.active
+    checked = image_inference.prepare(task(checkNSFW=True, seedImage="an image", maskImage="a mask"), pure_context())
+    assert isinstance(checked, image_inference.Prepared)
+    assert (checked.safety.check_content, checked.safety.parameter) == (True, "checkNSFW")
+    assert checked.edits.mask == "a mask"
