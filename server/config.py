@@ -72,7 +72,8 @@ class Config:
     ram_models: int = 0
     preload: tuple[str, ...] = ()
     max_passed_over: int = 4               # times a queued job may be passed over for one whose model is loaded
-    # The compute plane: the device in this process ("local"), or Ray Serve replicas ("ray", docs/cluster.md).
+    # The compute plane: the device in this process ("local"), or Ray Serve replicas ("ray", docs/cluster.md);
+    # "fake": the device runs server/fake_engine.py, which answers every job at once without a model.
     engine: str = "local"
     ray_address: str | None = None   # HOST:PORT of a running Ray cluster's GCS; None: start one on 127.0.0.1
     replicas: int = 1                # fixed replica count, unless min_replicas/max_replicas autoscale
@@ -316,10 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
              "[IMAGEWIRE_MAX_PASSED_OVER]")
     cluster = parser.add_argument_group("compute plane (docs/cluster.md)")
     cluster.add_argument(
-        "--engine", choices=["local", "ray"], default=_env("ENGINE", "local"),
+        "--engine", choices=["local", "ray", "fake"], default=_env("ENGINE", "local"),
         help="local: this process runs the device; ray: Ray Serve replicas do, each with its own device queue "
-             "and engine, and this server is a gateway to them; needs pip install 'imagewire[cluster]' "
-             "[IMAGEWIRE_ENGINE]")
+             "and engine, and this server is a gateway to them; needs pip install 'imagewire[cluster]'; "
+             "fake: no model runs, every task is answered at once with deterministic results (for testing "
+             "client code; no torch, no weights) [IMAGEWIRE_ENGINE]")
     cluster.add_argument(
         "--ray-address", type=_host_port, default=_env("RAY_ADDRESS"), metavar="HOST:PORT",
         help="with --engine ray: join the running Ray cluster whose head is there (several gateways may join one "

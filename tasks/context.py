@@ -100,6 +100,10 @@ class Settings:
     max_output_pixels: int = 4096 * 4096  # results of the tools that enlarge an image (upscale)
     upscale_tile_size: int = 512          # upscaling works on tiles of at most this many input pixels a side
     safety_checker: str = "imagewire:sd-safety-checker@1"  # the catalog model content checks run
+    # Whether the engine reads model weights. False with --engine fake, which serves every catalog model without
+    # its files: the one switch that makes tasks skip looking for weights (``inputs.weights``) and modelSearch
+    # call every model available.
+    needs_weights: bool = True
 
 
 class PixelBudget:
