@@ -92,10 +92,10 @@ class FakeEngine:
         }
 
     def load(self, model: Any) -> None:
-        self._use([model.air])
+        self.mark_loaded([model.air])
 
     def run(self, jobs: Sequence[Job], emit: Emit) -> None:
-        self._use([air for job in jobs for air in job.models])
+        self.mark_loaded([air for job in jobs for air in job.models])
         self._runners[type(jobs[0])](jobs, emit)
 
     def before_call(self) -> None:
@@ -107,7 +107,8 @@ class FakeEngine:
     def device_memory(self) -> dict[str, int]:
         return {}
 
-    def _use(self, airs: Sequence[str]) -> None:
+    def mark_loaded(self, airs: Sequence[str]) -> None:
+        """Report ``airs`` as on the device, as the most recently used."""
         for air in airs:
             self.loaded_models.pop(air, None)
             self.loaded_models[air] = "device"
