@@ -8,13 +8,15 @@ diffusers engine (``tests/engines.py`` builds its held engine on it).
 What each job gets, the same types the real runners in ``server/engine/`` emit:
 
 - imageInference: a picture of the requested size, a gradient with a checker over it whose colours, cell size
-  and direction come from a hash of the model, the LoRAs, the prompts and the seed. The same request gives
-  the same bytes; another seed or prompt gives another picture. Image-to-image blends it over the seed image
-  by ``strength``; inpainting keeps the seed image outside the mask. A few ``Step`` events come first (with
-  a small preview when the job asks for one), and a call stops when all its jobs are cancelled.
-- a prompt containing the word ``nsfw`` (any case) gives a solid magenta picture, and the content safety
-  check flags any picture whose mean colour is near magenta: clients can test their NSFW path with
-  ``checkNSFW`` (the result comes back black with ``NSFWContent`` true) or ``safety.checkInputs``.
+  and direction come from a hash of the request (model, add-ons, prompts, steps, CFG scale, sampler,
+  ControlNets and their guide images) and the seed. The same request gives the same bytes; another seed or
+  prompt gives another picture. Image-to-image blends it over the seed image by ``strength``; inpainting keeps
+  the seed image outside the mask. A few ``Step`` events come first (with a small preview when the job asks
+  for one), and a call stops when all its jobs are cancelled.
+- a prompt containing the word ``nsfw`` (any case) gives a magenta picture (magenta where the mask is, when
+  inpainting), and the content safety check flags any picture at least a quarter magenta: clients can test
+  their NSFW path with ``checkNSFW`` (the result comes back black with ``NSFWContent`` true) or
+  ``safety.checkInputs`` (a magenta seed image is refused). No pattern pixel is ever near magenta.
 - imageUpscale: the input resized to the result size; imageBackgroundRemoval: a soft ellipse in the middle
   as the subject's mask; imageCaption: a sentence naming the input's size and mean colour (after the
   caption's prompt, if any); promptEnhance: ``promptVersions`` distinct texts, the prompt followed by words
@@ -55,9 +57,10 @@ from imagewire.tasks.prompt_enhance import PromptJob
 # The word that makes a prompt's pictures ones the fake safety check flags, and how those look.
 FLAG_WORD = "nsfw"
 FLAGGED_COLOUR = (255, 0, 255)
-# How far from FLAGGED_COLOUR (per channel) a picture's mean colour may be and still be flagged. Patterns keep
-# every channel within PATTERN_LEVELS, so no plain pattern is flagged by chance.
+# How far from FLAGGED_COLOUR (per channel) a pixel may be and count as magenta, and the share of such pixels
+# that makes a picture flagged. Patterns keep every channel within PATTERN_LEVELS, so no pattern pixel counts.
 FLAGGED_DISTANCE = 24
+FLAGGED_SHARE = 0.25
 PATTERN_LEVELS = (48, 207)
 CHECKER_CONTRAST = 16
 # Step events per call: the last step and evenly spaced ones before it.
@@ -190,17 +193,31 @@ def pattern(key: bytes, width: int, height: int) -> Image.Image:
     return Image.fromarray(np.rint(pixels).astype(np.uint8), "RGB")
 
 
+def request_key(job: InferenceJob, seed: int) -> bytes:
+    """What the picture of one seed of ``job`` is made from: everything a real model's result depends on but
+    the seed image, which is blended in afterwards."""
+    add_ons = (sorted((lora.model.air, lora.weight) for lora in job.loras),
+               sorted((embedding.model.air, embedding.weight) for embedding in job.embeddings),
+               job.vae.model.air if job.vae else None, job.clip_skip, job.prompt_weighting,
+               (job.refiner.model.air, job.refiner.start) if job.refiner else None)
+    controlnets = [(control.batch_key(), hashlib.blake2b(guide.tobytes(), digest_size=16).hexdigest())
+                   for control, guide in zip(job.controlnets, job.guide_images, strict=True)]
+    return _digest(job.model.air, add_ons, job.prompt, job.negative_prompt, job.steps, job.cfg_scale,
+                   job.sampler.name if job.sampler else None, controlnets, seed)
+
+
 def picture(job: InferenceJob, seed: int) -> Image.Image:
     """The fake's image for one seed of ``job``: deterministic from the request, and from its seed image."""
-    if FLAG_WORD in job.prompt.lower():
+    marked = FLAG_WORD in job.prompt.lower()
+    if marked:
         made = Image.new("RGB", (job.width, job.height), FLAGGED_COLOUR)
     else:
-        loras = sorted((lora.model.air, lora.weight) for lora in job.loras)
-        made = pattern(_digest(job.model.air, loras, job.prompt, job.negative_prompt, seed), job.width, job.height)
+        made = pattern(request_key(job, seed), job.width, job.height)
     if job.init_image is None:
         return made
     canvas = job.init_image.convert("RGB").resize(made.size)
-    blended = Image.blend(canvas, made, job.strength)
+    # The marker is not watered down by the seed image: its pictures stay flagged whatever the strength.
+    blended = made if marked else Image.blend(canvas, made, job.strength)
     if job.mask_image is None:
         return blended
     return Image.composite(blended, canvas, job.mask_image.convert("L").resize(made.size))
@@ -215,9 +232,10 @@ def _preview(final: Image.Image, fraction: float) -> Image.Image:
 
 
 def flagged(picture: Image.Image) -> bool:
-    """The fake safety check: a picture whose mean colour is near ``FLAGGED_COLOUR``."""
-    mean = np.asarray(picture.convert("RGB"), dtype=np.float32).mean(axis=(0, 1))
-    return bool(np.all(np.abs(mean - np.array(FLAGGED_COLOUR, dtype=np.float32)) <= FLAGGED_DISTANCE))
+    """The fake safety check: at least ``FLAGGED_SHARE`` of the picture's pixels are near ``FLAGGED_COLOUR``."""
+    pixels = np.asarray(picture.convert("RGB"), dtype=np.int16)
+    near = np.abs(pixels - np.array(FLAGGED_COLOUR, dtype=np.int16)).max(axis=-1) <= FLAGGED_DISTANCE
+    return bool(near.mean() >= FLAGGED_SHARE)
 
 
 def subject_mask(width: int, height: int) -> Image.Image:

@@ -179,8 +179,11 @@ async def test_images_have_the_requested_size_and_count_and_repeat_exactly(sdk) 
     assert len({picture.tobytes() for picture in pictures}) == 3  # each seed its own picture
     [again] = await sdk.imageInference(requestImage=request())
     assert decoded(again).convert("RGB").tobytes() == pictures[0].tobytes()
-    [other_prompt] = await sdk.imageInference(requestImage=request(positivePrompt="a castle under the sea"))
-    assert decoded(other_prompt).convert("RGB").tobytes() != pictures[0].tobytes()
+    # Whatever a real model's picture depends on changes the fake's too.
+    for change in ({"positivePrompt": "a castle under the sea"}, {"steps": 5}, {"CFGScale": 3.0},
+                   {"scheduler": "Euler a"}, {"model": "imagewire:tiny-sdxl@1"}):
+        [other] = await sdk.imageInference(requestImage=request(**change))
+        assert decoded(other).convert("RGB").tobytes() != pictures[0].tobytes(), change
 
 
 async def test_a_model_whose_weights_are_nowhere_is_served(fake_server: FakeServer, sdk) -> None:
@@ -234,6 +237,11 @@ async def test_the_nsfw_marker_makes_a_flagged_result(sdk, tmp_path: Path) -> No
     assert decoded(flagged).convert("RGB").getextrema() == ((0, 0), (0, 0), (0, 0))  # blacked out
     [clean] = await sdk.imageInference(requestImage=request(safety=ISafety(checkContent=True)))
     assert clean.NSFWContent is False
+    # A seed image does not water the marker down, whatever the strength.
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "white.png")
+    [blended] = await sdk.imageInference(requestImage=request(
+        positivePrompt="nsfw", seedImage=str(tmp_path / "white.png"), strength=0.3, safety=ISafety(checkContent=True)))
+    assert blended.NSFWContent is True
     # The same rule checks inputs: a magenta seed image is refused.
     Image.new("RGB", (64, 64), (255, 0, 255)).save(tmp_path / "magenta.png")
     with pytest.raises(RunwareAPIError) as caught:
@@ -319,8 +327,9 @@ async def test_a_running_task_is_cancelled_at_its_next_step(tmp_path: Path) -> N
                         if item.get("taskUUID") == task["taskUUID"]]
         assert {"taskType": "cancelTask", "taskUUID": task["taskUUID"], "cancelled": True, "status": "error"} in answers
         assert not any("imageUUID" in item for item in answers)
-        # The device is free again at once: the call stopped instead of finishing its steps.
-        answer = await asyncio.wait_for(wire.run(inference(steps=1)), seconds(4))
+        # The call stopped at its next step (within 2 s) instead of running its 3 others (6 s); the next task
+        # takes one step (2 s).
+        answer = await asyncio.wait_for(wire.run(inference(steps=1)), seconds(6))
         assert answer[0]["imageUUID"]
         await wire.close()
     finally:
@@ -337,3 +346,22 @@ async def test_rest_answers_with_the_same_images_as_the_socket(fake_server: Fake
     by_rest = Image.open(io.BytesIO(base64.b64decode(item["imageBase64Data"]))).convert("RGB")
     [by_socket] = await sdk.imageInference(requestImage=request())
     assert by_rest.size == (256, 192) and by_rest.tobytes() == decoded(by_socket).convert("RGB").tobytes()
+
+
+def test_controlnet_guide_images_change_the_picture() -> None:
+    from imagewire.air_registry import Catalog
+    from imagewire.server.fake_engine import picture
+    from imagewire.tasks.jobs import ControlNetUse, InferenceJob
+
+    catalog = Catalog.load()
+    control = ControlNetUse(model=catalog.resolve("imagewire:tiny-controlnet@1"), weights=Path("."), weight=1.0,
+                            start=0.0, end=1.0, mode="balanced")
+
+    def made(guide: Image.Image) -> bytes:
+        job = InferenceJob(task_uuid=new_uuid(), model=catalog.resolve("imagewire:tiny@1"), weights=Path("."),
+                           prompt="a door", negative_prompt=None, width=64, height=64, steps=2, cfg_scale=7.0,
+                           sampler=None, seeds=[1], controlnets=(control,), guide_images=(guide,))
+        return picture(job, 1).tobytes()
+
+    black, white = Image.new("RGB", (64, 64), "black"), Image.new("RGB", (64, 64), "white")
+    assert made(black) == made(black.copy()) != made(white)
