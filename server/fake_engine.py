@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -53,6 +53,9 @@ from imagewire.tasks.jobs import (
     Step,
 )
 from imagewire.tasks.prompt_enhance import PromptJob
+
+if TYPE_CHECKING:
+    from imagewire.air_registry import ModelEntry
 
 # The word that makes a prompt's pictures ones the fake safety check flags, and how those look.
 FLAG_WORD = "nsfw"
@@ -94,7 +97,7 @@ class FakeEngine:
             PromptJob: self._prompt,
         }
 
-    def load(self, model: Any) -> None:
+    def load(self, model: ModelEntry) -> None:
         self.mark_loaded([model.air])
 
     def run(self, jobs: Sequence[Job], emit: Emit) -> None:
