@@ -20,6 +20,7 @@ from imagewire.server.auth import ApiKeys, load_or_create_key
 from imagewire.server.config import Config, shown_url
 from imagewire.server.connection import GOING_AWAY, Connection, WaitingRoom
 from imagewire.server.device import DeviceQueue, DeviceService, Engine
+from imagewire.server.fake_engine import FakeEngine
 from imagewire.server.http import HostCheck, HttpRoutes
 from imagewire.server.inbound import FrameCounter, InboundBudget
 from imagewire.server.listener import HandshakeGuard, client_address, networks, request_arrived_middleware
@@ -78,7 +79,8 @@ class ImagewireServer:
                  preload: bool = True) -> None:
         self.config = config
         self.given_engine_factory = engine_factory
-        self.engine_factory = engine_factory or diffusers_engine_factory(config)
+        self.engine_factory = engine_factory or (FakeEngine if config.engine == "fake"
+                                                 else diffusers_engine_factory(config))
         self.preload = preload
         self.generated_key: str | None = None
         self.connections: set[Connection] = set()  # open WebSockets, closed with 1001 at shutdown
@@ -141,7 +143,8 @@ class ImagewireServer:
                               price_per_gpu_second=config.price_per_gpu_second,
                               max_output_pixels=config.max_output_pixels,
                               upscale_tile_size=config.upscale_tile_size,
-                              safety_checker=config.safety_checker),
+                              safety_checker=config.safety_checker,
+                              needs_weights=config.needs_weights),
             catalog=catalog, store=self.store, fetcher=fetcher, device=self.device, results=self.registry,
             pixels=PixelBudget(config.max_waiting_pixels), civitai=civitai, downloads=self.downloads)
         self.inbound = InboundBudget(config.max_inbound_bytes)

@@ -454,6 +454,11 @@ class Config:
         metavar="N")
 
     @property
+    def needs_weights(self) -> bool:
+        """Whether the engine reads model weights: every engine but the fake, which serves models without files."""
+        return self.engine != "fake"
+
+    @property
     def base_url(self) -> str:
         """Where clients reach this server over HTTP; the prefix of every imageURL."""
         if self.public_url:

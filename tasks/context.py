@@ -102,6 +102,10 @@ class Settings:
     max_output_pixels: int        # results of the tools that enlarge an image (upscale)
     upscale_tile_size: int        # upscaling works on tiles of at most this many input pixels a side
     safety_checker: str           # the catalog model content checks run
+    # Whether the engine reads model weights. False with --engine fake, which serves every catalog model without
+    # its files: the one switch that makes tasks skip looking for weights (``inputs.weights``) and modelSearch
+    # call every model available.
+    needs_weights: bool
 
 
 class PixelBudget:

@@ -171,8 +171,11 @@ def _air(name: str) -> AIR | None:
 
 
 async def weights(ctx: TaskContext, entry: ModelEntry, *, parameter: str = "model") -> Path:
-    """Where the model's weights are (a look at the disk and the Hugging Face cache, in a thread)."""
+    """Where the model's weights are (a look at the disk and the Hugging Face cache, in a thread). An engine
+    that reads no weights (``Settings.needs_weights``) gets the catalog's location unchecked: it never opens it."""
     settings = ctx.services.settings
+    if not settings.needs_weights:
+        return Path(entry.location)
     try:
         return await asyncio.to_thread(
             locate_weights, entry, data_dir=settings.data_dir, allow_downloads=settings.allow_downloads)

@@ -48,7 +48,8 @@ async def run(task: ModelSearch, ctx: TaskContext) -> AsyncIterator[ModelSearchR
     loaded = services.device.loaded_models
     for entry in entries:
         # Looking into the Hugging Face cache touches the disk: keep it off the event loop.
-        available, reason = await asyncio.to_thread(availability, entry, data_dir=services.settings.data_dir)
+        available, reason = ((True, "") if not services.settings.needs_weights else
+                             await asyncio.to_thread(availability, entry, data_dir=services.settings.data_dir))
         infos.append(model_info(entry, available=available, comment=reason, loaded_on=loaded.get(entry.air)))
     yield ModelSearchResult(taskType="modelSearch", taskUUID=task.taskUUID, totalResults=total, results=infos)
 

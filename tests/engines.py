@@ -1,27 +1,25 @@
-"""The one stand-in for the diffusers engine: it holds each call until released, so that tests can
-show queueing, batching, failures and pongs during inference deterministically."""
+"""The tests' stand-in for the diffusers engine: the shipped fake engine (``--engine fake``), held at each
+call until released, so that tests can show queueing, batching, failures and pongs during inference
+deterministically."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from PIL import Image
-
-from imagewire.tasks.jobs import Emit, GeneratedImage, InferenceJob, Step
+from imagewire.server.fake_engine import FakeEngine
+from imagewire.tasks.jobs import Emit, Job, Step
 from tests.timing import seconds
 
 
-class HeldEngine:
-    """Blocks each call until released; fails calls holding a job whose prompt says "explode"."""
-
-    unavailable_samplers: Mapping[str, str] = {}
+class HeldEngine(FakeEngine):
+    """Blocks each call until released, then answers as the fake engine does; fails calls holding a job whose
+    prompt says "explode"."""
 
     def __init__(self, *, released: bool = False, step_first: bool = False) -> None:
+        super().__init__()
         self.step_first = step_first  # report step 1 of 2 for each job before holding
-        # Where each model is, as the device queue reads it: a test puts AIRs here to say they are loaded.
-        self.loaded_models: dict[str, str] = {}
         self.release = threading.Event()
         if released:
             self.release.set()
@@ -29,34 +27,22 @@ class HeldEngine:
         self.ran: list[str] = []
         self.calls: list[list[str]] = []  # the taskUUIDs of each run() call
 
-    def load(self, model: object) -> None:
+    def mark_loaded(self, airs: Sequence[str]) -> None:
+        # A test says which models are loaded by writing loaded_models itself; loading and running change nothing.
         pass
 
-    def run(self, jobs: Sequence[InferenceJob], emit: Emit) -> None:
+    def run(self, jobs: Sequence[Job], emit: Emit) -> None:
         if self.step_first:
             for index, job in enumerate(jobs):
-                emit.progress(index, Step(tuple(range(len(job.seeds))), 1, 2))
+                emit.progress(index, Step(tuple(range(job.images)), 1, 2))
         self.started.set()
         if not self.release.wait(seconds(120)):
             raise RuntimeError("the test never released the engine")
         self.calls.append([job.task_uuid for job in jobs])
-        if any("explode" in job.prompt for job in jobs):
+        if any("explode" in getattr(job, "prompt", "") for job in jobs):
             raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        for index, job in enumerate(jobs):
-            if emit.cancelled(index):
-                continue
-            self.ran.append(job.task_uuid)
-            emit(index, [GeneratedImage(i, seed, Image.new("RGB", (job.width, job.height)), 0.01)
-                         for i, seed in enumerate(job.seeds)])
-
-    def before_call(self) -> None:
-        pass
-
-    def recover(self) -> None:
-        pass
-
-    def device_memory(self) -> dict[str, int]:
-        return {}
+        self.ran += [job.task_uuid for index, job in enumerate(jobs) if not emit.cancelled(index)]
+        super().run(jobs, emit)
 
 
 class Collect:
