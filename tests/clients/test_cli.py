@@ -157,6 +157,24 @@ async def test_generate_with_a_model_the_catalog_lacks_gets_the_servers_answer(s
     assert "nowhere:1@1" in run.stderr and "error: " in run.stderr
 
 
+@pytest.mark.parametrize(("command", "key"), [
+    (["models"], None), (["models"], ""), (["models"], "  "), (["upload", "seed.png"], None),
+    (["generate", *SMALL, "--prompt", "a fox"], ""), (["caption", "seed.png"], None),
+    (["enhance-prompt", "a fox"], None),
+])
+async def test_a_missing_api_key_is_named_as_missing(tmp_path: Path, command: list[str], key: str | None):
+    # Nothing listens at this URL: a command that tried to connect would fail with connectionFailed instead.
+    run = await imagewire(*command, url="ws://127.0.0.1:9/v1", api_key=key, cwd=tmp_path)
+    assert run.code == 2 and run.stdout == ""
+    (line,) = run.stderr.splitlines()
+    assert line.startswith("imagewire: error: no API key: ")
+    assert "IMAGEWIRE_API_KEY" in line and "--api-key" in line and "/api-key" in line
+    as_flag = await imagewire(*command, "--api-key", key or "", url="ws://127.0.0.1:9/v1", api_key=None, cwd=tmp_path)
+    assert as_flag.code == 2 and as_flag.stderr == run.stderr
+    given = await imagewire(*command, "--api-key", "some-key", url="ws://127.0.0.1:9/v1", api_key=key, cwd=tmp_path)
+    assert given.code == 1 and given.stderr.startswith("error: connectionFailed: "), given.stderr
+
+
 async def test_generate_shows_a_progress_bar_when_stderr_is_a_terminal(server, tmp_path: Path):
     run = await imagewire("generate", *SMALL, "--prompt", "a kite", "--width", "128", "--height", "128",
                           "--out", str(tmp_path), url=server.url, stderr_tty=True)

@@ -40,7 +40,9 @@ def _connection_options() -> argparse.ArgumentParser:
     options = argparse.ArgumentParser(add_help=False)
     options.add_argument("--url", default=argparse.SUPPRESS,
                          help=f"server WebSocket URL (env IMAGEWIRE_URL, default {DEFAULT_URL})")
-    options.add_argument("--api-key", default=argparse.SUPPRESS, help="API key (env IMAGEWIRE_API_KEY)")
+    options.add_argument("--api-key", default=argparse.SUPPRESS,
+                         help="API key (env IMAGEWIRE_API_KEY); the server prints it when it first starts and keeps "
+                              "it in <data dir>/api-key")
     options.add_argument("--timeout", type=float, default=argparse.SUPPRESS,
                          help="seconds to wait for the server's answer (default 300)")
     return options
@@ -389,9 +391,20 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace, float], Awaitable[None
 }
 
 
-async def _run(args: argparse.Namespace) -> None:
+NO_API_KEY = ("no API key: set IMAGEWIRE_API_KEY or pass --api-key (the server prints its key when it first "
+              "starts and keeps it in <data dir>/api-key, by default ./imagewire-data/api-key)")
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    """--api-key, else IMAGEWIRE_API_KEY; an empty or blank value is no key."""
+    for value in (getattr(args, "api_key", None), os.environ.get("IMAGEWIRE_API_KEY")):
+        if value and value.strip():
+            return value
+    return None
+
+
+async def _run(args: argparse.Namespace, api_key: str) -> None:
     url = getattr(args, "url", None) or os.environ.get("IMAGEWIRE_URL") or DEFAULT_URL
-    api_key = getattr(args, "api_key", None) or os.environ.get("IMAGEWIRE_API_KEY")
     timeout: float = getattr(args, "timeout", 300.0)
     async with Client(url, api_key) as client:
         await COMMANDS[args.command](client, args, timeout)
@@ -408,8 +421,14 @@ def main(argv: list[str] | None = None) -> int:
     starts = ("refiner_start_step", "refiner_start_percentage")
     if args.command == "generate" and args.refiner is None and any(getattr(args, name) is not None for name in starts):
         parser.error("--refiner-start-step and --refiner-start-percentage need --refiner")
+    # Every command talks to the server. Without a key it would refuse the connection as invalidApiKey,
+    # which reads as a wrong key rather than a forgotten one: say what is missing, as a usage error.
+    api_key = _api_key(args)
+    if api_key is None:
+        print(f"{parser.prog}: error: {NO_API_KEY}", file=sys.stderr)
+        return 2
     try:
-        asyncio.run(_run(args))
+        asyncio.run(_run(args, api_key))
     except ImagewireError as error:
         _report(error)
         return 1
