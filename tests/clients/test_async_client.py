@@ -177,6 +177,20 @@ async def test_models_lists_the_servers_models(server):
     assert tiny[0].defaultWidth >= 128 and tiny[0].available
 
 
+async def test_text_to_image_without_a_size_takes_the_models_default(server):
+    async with Client(server.url, API_KEY) as client:
+        by_alias = await client.model_info("TINY")  # an alias, in any case
+        assert by_alias is not None and by_alias.air == TINY and by_alias.defaultWidth == 256
+        assert await client.model_info("imagewire:tiny") is None  # a part of an AIR names nothing
+        assert await client.model_info("nowhere:1@1") is None
+        (default,) = await generate(client, width=None, height=None)
+        (taller,) = await generate(client, width=128, height=None)
+        (from_seed,) = await generate(client, width=None, height=None, seed_image=png_bytes(192, 128))
+    assert decoded_size(default.image_bytes or b"") == (256, 256)
+    assert decoded_size(taller.image_bytes or b"") == (128, 256)
+    assert decoded_size(from_seed.image_bytes or b"") == (192, 128)
+
+
 # ---------------------------------------------------------------- errors
 
 

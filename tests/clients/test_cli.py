@@ -126,6 +126,55 @@ async def test_generate_image_to_image_from_a_file_and_from_a_uuid(server, tmp_p
     assert opened(tmp_path / relative) == ("WEBP", (128, 128))
 
 
+async def test_generate_without_a_size_takes_the_models_default_size(server, tmp_path: Path):
+    both = await imagewire("generate", "--model", "imagewire:tiny-sdxl@1", "--steps", "2", "--prompt", "a harbour",
+                           "--out", str(tmp_path / "both"), url=server.url)
+    width_only = await imagewire("generate", *SMALL, "--prompt", "a harbour", "--width", "128",
+                                 "--out", str(tmp_path / "width"), url=server.url)
+    by_alias = await imagewire("generate", "--model", "tiny", "--steps", "2", "--prompt", "a harbour",
+                               "--height", "192", "--out", str(tmp_path / "alias"), url=server.url)
+    for run in (both, width_only, by_alias):
+        assert run.code == 0, run.stderr
+    assert opened(Path(both.lines[0])) == ("PNG", (256, 256))
+    assert "256x256 (the model's default size)" in both.stderr
+    assert opened(Path(width_only.lines[0])) == ("PNG", (128, 256))
+    assert "128x256 (the model's default height)" in width_only.stderr
+    assert opened(Path(by_alias.lines[0])) == ("PNG", (256, 192))
+
+
+async def test_generate_from_an_image_keeps_its_size_and_asks_for_no_default(server, tmp_path: Path):
+    seed = seed_png(tmp_path, 320, 192)
+    run = await imagewire("generate", *SMALL, "--prompt", "a harbour", "--image", str(seed), "--out", str(tmp_path),
+                          url=server.url)
+    assert run.code == 0, run.stderr
+    assert opened(Path(run.lines[0]))[1] == (320, 192)
+    assert "default" not in run.stderr
+
+
+async def test_generate_with_a_model_the_catalog_lacks_gets_the_servers_answer(server):
+    run = await imagewire("generate", "--model", "nowhere:1@1", "--prompt", "a fox", url=server.url)
+    assert run.code == 1
+    assert "nowhere:1@1" in run.stderr and "error: " in run.stderr
+
+
+@pytest.mark.parametrize(("command", "key"), [
+    (["models"], None), (["models"], ""), (["models"], "  "), (["upload", "seed.png"], None),
+    (["generate", *SMALL, "--prompt", "a fox"], ""), (["caption", "seed.png"], None),
+    (["enhance-prompt", "a fox"], None),
+])
+async def test_a_missing_api_key_is_named_as_missing(tmp_path: Path, command: list[str], key: str | None):
+    # Nothing listens at this URL: a command that tried to connect would fail with connectionFailed instead.
+    run = await imagewire(*command, url="ws://127.0.0.1:9/v1", api_key=key, cwd=tmp_path)
+    assert run.code == 2 and run.stdout == ""
+    (line,) = run.stderr.splitlines()
+    assert line.startswith("imagewire: error: no API key: ")
+    assert "IMAGEWIRE_API_KEY" in line and "--api-key" in line and "/api-key" in line
+    as_flag = await imagewire(*command, "--api-key", key or "", url="ws://127.0.0.1:9/v1", api_key=None, cwd=tmp_path)
+    assert as_flag.code == 2 and as_flag.stderr == run.stderr
+    given = await imagewire(*command, "--api-key", "some-key", url="ws://127.0.0.1:9/v1", api_key=key, cwd=tmp_path)
+    assert given.code == 1 and given.stderr.startswith("error: connectionFailed: "), given.stderr
+
+
 async def test_generate_shows_a_progress_bar_when_stderr_is_a_terminal(server, tmp_path: Path):
     run = await imagewire("generate", *SMALL, "--prompt", "a kite", "--width", "128", "--height", "128",
                           "--out", str(tmp_path), url=server.url, stderr_tty=True)

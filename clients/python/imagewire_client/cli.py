@@ -40,7 +40,9 @@ def _connection_options() -> argparse.ArgumentParser:
     options = argparse.ArgumentParser(add_help=False)
     options.add_argument("--url", default=argparse.SUPPRESS,
                          help=f"server WebSocket URL (env IMAGEWIRE_URL, default {DEFAULT_URL})")
-    options.add_argument("--api-key", default=argparse.SUPPRESS, help="API key (env IMAGEWIRE_API_KEY)")
+    options.add_argument("--api-key", default=argparse.SUPPRESS,
+                         help="API key (env IMAGEWIRE_API_KEY); the server prints it when it first starts and keeps "
+                              "it in <data dir>/api-key")
     options.add_argument("--timeout", type=float, default=argparse.SUPPRESS,
                          help="seconds to wait for the server's answer (default 300)")
     return options
@@ -64,14 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser(
         "generate", parents=[connection], help="generate images and save them",
         description="Generate images (text-to-image, or image-to-image with --image); writes <imageUUID>.<ext> "
-                    "files to --out and prints their paths, one per line.")
+                    "files to --out and prints their paths, one per line. Without --width/--height, text-to-image "
+                    "takes the model's default size (from the server's catalog) and image-to-image the --image's.")
     generate.add_argument("--model", required=True, metavar="AIR", help="model AIR, e.g. runware:101@1")
     generate.add_argument("--prompt", required=True, metavar="TEXT", help="positive prompt")
     generate.add_argument("--negative-prompt", metavar="TEXT")
     generate.add_argument("--image", metavar="FILE|UUID|URL", help="seed image for image-to-image")
     generate.add_argument("--strength", type=float, help="how far to move from --image, 0 < s <= 1 (default 0.8)")
-    generate.add_argument("--width", type=int)
-    generate.add_argument("--height", type=int)
+    generate.add_argument("--width", type=int, help="128-2048, a multiple of 64 (default: the model's default "
+                          "width, which the server tells; with --image, the image's)")
+    generate.add_argument("--height", type=int, help="likewise (default: the model's default height, or the "
+                          "--image's)")
     generate.add_argument("--steps", type=int)
     generate.add_argument("--cfg", type=float, metavar="SCALE", help="CFG scale")
     generate.add_argument("--scheduler", metavar="NAME", help="e.g. Euler, 'DPM++ 2M Karras', UniPC")
@@ -258,13 +263,29 @@ async def run_upload(client: Client, args: argparse.Namespace, timeout: float) -
             print(uploaded.uuid, flush=True)
 
 
+async def _size(client: Client, args: argparse.Namespace, timeout: float) -> tuple[int | None, int | None, str]:
+    """--width and --height, the missing ones of a text-to-image request filled with the model's defaults;
+    and a note on where they came from, for the progress line."""
+    width, height = args.width, args.height
+    if args.image is not None or (width is not None and height is not None):
+        return width, height, ""
+    info = await client.model_info(args.model, timeout=timeout)
+    if info is None:  # not in the server's catalog: its answer to the task says what is wrong
+        return width, height, ""
+    taken = "size" if width is None and height is None else "width" if width is None else "height"
+    width = info.defaultWidth if width is None else width
+    height = info.defaultHeight if height is None else height
+    return width, height, f", {width}x{height} (the model's default {taken})"
+
+
 async def run_generate(client: Client, args: argparse.Namespace, timeout: float) -> None:
     output_format, extension = FORMATS[args.format]
+    width, height, size_note = await _size(client, args, timeout)
     plural = "s" if args.number_results != 1 else ""
-    progress = Progress(f"generating {args.number_results} image{plural}", sys.stderr)
+    progress = Progress(f"generating {args.number_results} image{plural}{size_note}", sys.stderr)
     call = client.image_inference(
         model=args.model, positive_prompt=args.prompt, negative_prompt=args.negative_prompt, seed_image=args.image,
-        strength=args.strength, width=args.width, height=args.height, steps=args.steps, cfg_scale=args.cfg,
+        strength=args.strength, width=width, height=height, steps=args.steps, cfg_scale=args.cfg,
         scheduler=args.scheduler, seed=args.seed, number_results=args.number_results,
         # Ask for the bytes inline, so no second request is needed to save them.
         output_type="base64Data", output_format=output_format, output_quality=args.quality, lora=args.lora,
@@ -370,9 +391,20 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace, float], Awaitable[None
 }
 
 
-async def _run(args: argparse.Namespace) -> None:
+NO_API_KEY = ("no API key: set IMAGEWIRE_API_KEY or pass --api-key (the server prints its key when it first "
+              "starts and keeps it in <data dir>/api-key, by default ./imagewire-data/api-key)")
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    """--api-key, else IMAGEWIRE_API_KEY; an empty or blank value is no key."""
+    for value in (getattr(args, "api_key", None), os.environ.get("IMAGEWIRE_API_KEY")):
+        if value and value.strip():
+            return value
+    return None
+
+
+async def _run(args: argparse.Namespace, api_key: str) -> None:
     url = getattr(args, "url", None) or os.environ.get("IMAGEWIRE_URL") or DEFAULT_URL
-    api_key = getattr(args, "api_key", None) or os.environ.get("IMAGEWIRE_API_KEY")
     timeout: float = getattr(args, "timeout", 300.0)
     async with Client(url, api_key) as client:
         await COMMANDS[args.command](client, args, timeout)
@@ -389,8 +421,14 @@ def main(argv: list[str] | None = None) -> int:
     starts = ("refiner_start_step", "refiner_start_percentage")
     if args.command == "generate" and args.refiner is None and any(getattr(args, name) is not None for name in starts):
         parser.error("--refiner-start-step and --refiner-start-percentage need --refiner")
+    # Every command talks to the server. Without a key it would refuse the connection as invalidApiKey,
+    # which reads as a wrong key rather than a forgotten one: say what is missing, as a usage error.
+    api_key = _api_key(args)
+    if api_key is None:
+        print(f"{parser.prog}: error: {NO_API_KEY}", file=sys.stderr)
+        return 2
     try:
-        asyncio.run(_run(args))
+        asyncio.run(_run(args, api_key))
     except ImagewireError as error:
         _report(error)
         return 1

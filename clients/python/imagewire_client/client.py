@@ -55,6 +55,8 @@ RECONNECT_BASE_DELAY = 0.25
 RECONNECT_MAX_DELAY = 5.0
 # Results carry whole images as base64; the websockets default of 1 MiB would cut them off.
 MAX_FRAME_BYTES = 512 * 1024 * 1024
+# The longest ``search`` text modelSearch takes.
+MAX_SEARCH_LENGTH = 200
 
 _envelope_decoder = msgspec.json.Decoder(schema.Envelope)
 # Answers to these never depend on anything that can change; a refused key stays refused.
@@ -217,10 +219,11 @@ class Client:
     ) -> list[ImageResult]:
         """Generate images; returns one ``ImageResult`` per image, sorted by seed.
 
-        Without ``seed_image`` this is text-to-image and ``width``/``height`` are required
-        (128–2048, multiples of 64). With ``seed_image`` (a path, bytes, a PIL image, an image
-        UUID, a data URI or an http(s) URL) it is image-to-image; ``strength`` (0–1] sets how
-        far the result may move from it. ``output_type`` is ``"URL"``, ``"base64Data"`` or
+        Without ``seed_image`` this is text-to-image at ``width`` x ``height`` (128–2048, multiples
+        of 64); either one left out is the model's default, which the client asks the server for
+        (``model_info``). With ``seed_image`` (a path, bytes, a PIL image, an image UUID, a data URI
+        or an http(s) URL) it is image-to-image, at the seed image's size unless both are given;
+        ``strength`` (0–1] sets how far the result may move from it. ``output_type`` is ``"URL"``, ``"base64Data"`` or
         ``"dataURI"`` (or a list of them); with either of the last two, ``ImageResult.image_bytes``
         holds the encoded image. Server-side validation errors raise ``ImagewireError`` naming
         the parameter; no answer within ``timeout`` seconds raises one with code ``timeout``.
@@ -242,6 +245,8 @@ class Client:
         ``preview`` data URI about once a second when ``preview`` is true. Pass your own ``task_uuid``
         to be able to ``cancel`` the task from elsewhere.
         """
+        if seed_image is None and (width is None or height is None):
+            width, height = await self._default_size(model, width, height, timeout=timeout)
         controls = [
             schema.ControlNet(model=control.model, guideImage=await _image_field(
                 control.guide_image, f"controlNet[{index}].guideImage"), weight=control.weight,
@@ -392,6 +397,25 @@ class Client:
                                      offset=offset)
         items = await self._call(task, task.taskUUID, expected=1, timeout=timeout)
         return model_infos(items[0])
+
+    async def model_info(self, model: str, *, timeout: float = 60.0) -> ModelInfo | None:
+        """The catalog entry that ``model`` (an AIR or an alias) names on this server, or None when the
+        server lists none by that name (it may still serve it, e.g. a Civitai checkpoint not fetched yet)."""
+        wanted = model.strip().casefold()
+        if not wanted or len(wanted) > MAX_SEARCH_LENGTH:  # a name no catalog entry has
+            return None
+        for info in await self.models(wanted, timeout=timeout):
+            if wanted == info.air.casefold() or wanted in (alias.casefold() for alias in info.aliases):
+                return info
+        return None
+
+    async def _default_size(self, model: str, width: int | None, height: int | None, *,
+                            timeout: float) -> tuple[int | None, int | None]:
+        """``width`` and ``height`` with the one left out (or both) taken from the model's defaults."""
+        info = await self.model_info(model, timeout=timeout)
+        if info is None:  # the server's answer to the task will say what is wrong
+            return width, height
+        return (info.defaultWidth if width is None else width, info.defaultHeight if height is None else height)
 
     # ------------------------------------------------------------------ sending and waiting
 

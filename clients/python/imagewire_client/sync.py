@@ -82,6 +82,7 @@ class SyncClient:
     image_inference = _blocking(Client.image_inference)
     cancel = _blocking(Client.cancel)
     models = _blocking(Client.models)
+    model_info = _blocking(Client.model_info)
     upscale = _blocking(Client.upscale)
     remove_background = _blocking(Client.remove_background)
     caption = _blocking(Client.caption)
