@@ -36,7 +36,7 @@ from imagewire.tasks.context import TaskContext
 from imagewire.tasks.controlnet_preprocess import check_preprocessor, check_thresholds
 from imagewire.tasks.describe import nearest_valid, stepped_range
 from imagewire.tasks.errors import InvalidParameter, MissingParameter, UnsupportedParameter
-from imagewire.tasks.jobs import ControlNetUse, GeneratedImage, InferenceJob, JobEvent, JobProgress
+from imagewire.tasks.jobs import ControlNetUse, GeneratedImage, InferenceJob, JobEvent, RunningJob
 
 # Generated pixels are blended with the canvas over this many pixels inside the mask's edge.
 EDGE_PIXELS = 4
@@ -344,13 +344,13 @@ def crop_box(mask: Image.Image, margin: int, size: tuple[int, int]) -> tuple[int
 
 
 def submit(ctx: TaskContext, scene: Scene, job: InferenceJob,
-           on_event: Callable[[JobEvent], None] | None = None) -> JobProgress[GeneratedImage]:
+           on_event: Callable[[JobEvent], None] | None = None) -> RunningJob[GeneratedImage]:
     """Queue the job (``on_event`` hears of its queue position and steps), unless the mask leaves nothing
     to repaint: then the canvas is every result."""
     if scene.nothing_to_do:
         assert scene.canvas is not None
         return _Unchanged([GeneratedImage(index, seed, scene.canvas, 0.0) for index, seed in enumerate(job.seeds)])
-    progress: JobProgress[GeneratedImage] = ctx.services.device.submit(job, on_event=on_event)
+    progress: RunningJob[GeneratedImage] = ctx.services.device.submit(job, on_event=on_event)
     return progress
 
 
