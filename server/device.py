@@ -48,8 +48,8 @@ log = logging.getLogger("imagewire.device")
 
 class Engine(Protocol):
     """What runs jobs on one device: the seam below the device queue. The diffusers engine (``server/engine``) is
-    one; tests pass small fakes. The device queue calls every member from its one worker thread, never two at a
-    time, and builds the engine in that thread too."""
+    one; tests pass small fakes. The device queue builds the engine in its one worker thread and calls every
+    member there, one at a time, but ``device_memory``."""
 
     @property
     def unavailable_samplers(self) -> Mapping[str, str]:
@@ -70,8 +70,8 @@ class Engine(Protocol):
 
         Each job's results go to ``emit(index, results)`` as they are made, its steps to ``emit.progress``.
         A job ``emit.cancelled`` wants no more results; once every job is, the runner raises ``Cancelled``.
-        Any other exception fails the call: a TaskError is that job's answer as it is, anything else an
-        ``inferenceError``; jobs of a failed shared call that had no results yet run again one by one."""
+        Any other exception fails the call. The jobs of a failed shared call that had no results yet run again
+        one by one; a lone job's answer is the exception if it is a TaskError, else an ``inferenceError``."""
 
     def before_call(self) -> None:
         """Called before each ``run`` (a CPU engine sets its thread count here)."""

@@ -199,11 +199,12 @@ class GeneratedText:
 #
 # A handler submits a job to the ``Device`` and iterates the ``RunningJob`` it gets back. What happens to the
 # job on its way travels as typed events: ``Queued`` and ``Step`` go to the handler's ``on_event`` as they
-# happen (``JobEvent``); ``Results``, then one ``Finished`` or ``Failed``, are what the handle yields from
-# (``JobOutcome``). Both devices speak them: the device queue of this process (``server/device.py``) posts
-# them from its worker thread, and a Ray replica (``server/replica.py``) streams all of them, in that order,
-# to its gateway (``DeviceEvent``). The engine's side of the seam is ``Emit``: what a runner hands its
-# results and steps to, from the device's worker thread.
+# happen (``JobEvent``); ``Results``, then one ``Finished`` or ``Failed``, are what the handle yields from.
+# Both devices speak them: the device queue of this process (``server/device.py``) posts them from its worker
+# thread, and a Ray replica (``server/replica.py``) streams all five (``DeviceEvent``), in order, to its
+# gateway. The engine's side of the seam is ``Emit``: what a runner hands its results and steps to, from the
+# device's worker thread. ``Emit`` lives here, beside the results and ``Step`` it carries, because runners
+# and test engines build those; the ``Engine`` that receives it is the server's (``server/device.py``).
 
 
 @dataclass(frozen=True)
@@ -260,9 +261,8 @@ def _failed(kind: type[TaskError], message: str, attributes: dict[str, Any]) -> 
     return Failed(error)
 
 
-JobEvent = Queued | Step
-JobOutcome = Results | Finished | Failed
-DeviceEvent = JobEvent | JobOutcome
+JobEvent = Queued | Step  # what ``on_event`` hears
+DeviceEvent = JobEvent | Results | Finished | Failed  # all of a job's stream, as a replica sends it
 
 
 class Emit(Protocol):
