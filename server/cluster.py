@@ -152,9 +152,6 @@ class RemoteJob(JobStream):
         self._driver.cancel()
         self._deliver(self.finished())
 
-    def finished(self) -> Finished:
-        return Finished(self.queue_seconds, self.compute_seconds, self.device_seconds)
-
 
 class RayDevice:
     """The device of a gateway: Ray Serve replicas, each with its own device queue and engine."""

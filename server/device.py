@@ -146,6 +146,23 @@ class JobStream:
     _events: asyncio.Queue[DeviceEvent]
     _ended = False
 
+    @property
+    def queue_seconds(self) -> float:
+        raise NotImplementedError
+
+    @property
+    def compute_seconds(self) -> float:
+        raise NotImplementedError
+
+    @property
+    def device_seconds(self) -> float:
+        """Its share of the device time of the calls it was in."""
+        raise NotImplementedError
+
+    def finished(self) -> Finished:
+        """The end of the job as it stands now."""
+        return Finished(self.queue_seconds, self.compute_seconds, self.device_seconds)
+
     def _deliver(self, event: DeviceEvent) -> None:
         """On the event loop."""
         if self._ended:
@@ -208,9 +225,6 @@ class JobHandle(JobStream):
         if self._queue is not None and self._queue.remove(self):
             log.info("taskUUID=%s left the queue (cancelled)", self.job.task_uuid)
         self._deliver(self.finished())
-
-    def finished(self) -> Finished:
-        return Finished(self.queue_seconds, self.compute_seconds, self.device_seconds)
 
     def _post(self, event: DeviceEvent) -> None:
         """Called from the worker thread."""
