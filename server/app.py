@@ -119,10 +119,11 @@ class ImagewireServer:
                                           check_defaults=check_model_defaults)
         default_model = await self._default_model(catalog, civitai) if self.preload else None
         preloads = self._preloads(catalog, default_model)
-        self.device = DeviceQueue(self.engine_factory, queue_size=config.queue_size,
-                                  max_batch_size=config.max_batch_size, max_passed_over=config.max_passed_over)
         if config.engine == "ray":
             self.device = self._ray_device(preloads)
+        else:
+            self.device = DeviceQueue(self.engine_factory, queue_size=config.queue_size,
+                                      max_batch_size=config.max_batch_size, max_passed_over=config.max_passed_over)
         fetcher = UrlFetcher(allow_private=config.allow_private_urls, max_bytes=config.max_image_bytes,
                              timeout=config.url_fetch_timeout)
         self.store = await asyncio.to_thread(open_store, config)

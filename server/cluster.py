@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from imagewire.server.config import Config
-from imagewire.server.device import END_OF_RESULTS, Engine, result_chunks
+from imagewire.server.device import Engine, JobStream
 from imagewire.tasks.errors import InferenceError, ServiceUnavailable
-from imagewire.tasks.jobs import Job, JobEvent, Queued, Step
+from imagewire.tasks.jobs import DeviceEvent, Failed, Finished, Job, JobEvent, Queued, Results, Step
 
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle
@@ -130,8 +130,8 @@ def given_engine(factory: Callable[[], Engine], _config: Config) -> Callable[[],
 
 
 @dataclass(eq=False)
-class RemoteJob:
-    """A job on a replica, as its handler sees it (``JobProgress``): iterate it for chunks of results."""
+class RemoteJob(JobStream):
+    """A job on a replica, as its handler sees it (``RunningJob``): the replica's events, as they stream in."""
 
     job: Job
     on_event: Callable[[JobEvent], None] | None = None
@@ -140,11 +140,8 @@ class RemoteJob:
     device_seconds: float = 0.0
     started: bool = False         # a step or a result came: it is on a device now
     cancelled: bool = False
-    _results: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+    _events: asyncio.Queue[DeviceEvent] = field(default_factory=asyncio.Queue)
     _driver: asyncio.Task[None] | None = None
-
-    def __aiter__(self) -> AsyncIterator[Sequence[Any]]:
-        return result_chunks(self._results)
 
     def cancel(self) -> None:
         """Stop the job: Serve cancels the replica's call, so the job leaves its queue or stops at its next
@@ -153,7 +150,7 @@ class RemoteJob:
             return
         self.cancelled = True
         self._driver.cancel()
-        self._results.put_nowait(END_OF_RESULTS)
+        self._deliver(self.finished())
 
 
 class RayDevice:
@@ -370,64 +367,53 @@ class RayDevice:
                     if results_sent or attempt == ATTEMPTS:
                         log.error("taskUUID=%s: its replica stopped (%s)%s", job.task_uuid, type(exc).__name__,
                                   " after sending images" if results_sent else ", twice")
-                        remote._results.put_nowait(InferenceError(
+                        remote._deliver(Failed(InferenceError(
                             "The worker running this task stopped before it finished"
                             + (" (some images were sent already)" if results_sent else ", and so did the one it was "
-                               "retried on") + ". Other tasks are unaffected; retry it."))
+                               "retried on") + ". Other tasks are unaffected; retry it.")))
                         return
                     log.warning("taskUUID=%s: its replica stopped (%s) before any image; trying another replica",
                                 job.task_uuid, type(exc).__name__)
                 finally:
                     stream.cancel()
         except BackPressureError:
-            remote._results.put_nowait(ServiceUnavailable(
+            remote._deliver(Failed(ServiceUnavailable(
                 f"The server is busy: {self.config.queue_size} inference tasks are already waiting. "
-                "Retry in a moment."))
+                "Retry in a moment.")))
         except TimeoutError:
-            remote._results.put_nowait(ServiceUnavailable(
+            remote._deliver(Failed(ServiceUnavailable(
                 f"No worker took this task within {FIRST_EVENT_TIMEOUT:.0f} s; the cluster may have none running. "
-                "Retry in a moment."))
+                "Retry in a moment.")))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.error("taskUUID=%s: the call to its replica failed", job.task_uuid, exc_info=exc)
-            remote._results.put_nowait(InferenceError(
-                f"Inference failed ({type(exc).__name__}). Other tasks are unaffected; the server log has details."))
+            remote._deliver(Failed(InferenceError(
+                f"Inference failed ({type(exc).__name__}). Other tasks are unaffected; the server log has details.")))
         finally:
             self._waiting.discard(remote)
-            remote._results.put_nowait(END_OF_RESULTS)
+            remote._deliver(remote.finished())  # unless it ended already
 
-    def _take(self, remote: RemoteJob, event: tuple[Any, ...]) -> bool:
+    def _take(self, remote: RemoteJob, event: DeviceEvent) -> bool:
         """Hand one event of the replica's on; True when it carried results."""
-        from imagewire.server.replica import rebuild_error
-
-        kind = event[0]
-        if kind == "queued":
-            if remote.on_event is not None and not remote.started:
-                remote.on_event(Queued(event[1]))
+        if isinstance(event, Queued):
+            if not remote.started:  # a position the replica announced before it started the job
+                remote._deliver(event)
             return False
-        if kind == "step":
-            self._started(remote)
-            step: Step = event[1]
-            if remote.on_event is not None:
-                remote.on_event(step)
-            return False
-        if kind == "results":
-            self._started(remote)
-            remote._results.put_nowait(event[1])
-            return True
-        if kind == "done":
-            remote.queue_seconds, remote.compute_seconds, remote.device_seconds = event[1:4]
+        if isinstance(event, Finished):
+            remote.queue_seconds, remote.compute_seconds = event.queue_seconds, event.compute_seconds
+            remote.device_seconds = event.device_seconds
             finished = time.perf_counter()
             if self.on_use is not None:
                 self.on_use(remote.job.owner, remote.device_seconds)
             if self.on_call is not None and remote.device_seconds:
                 self.on_call(remote.job.images, finished - remote.device_seconds, finished)
-            return False
-        if kind == "error":
-            remote._results.put_nowait(rebuild_error(event))
-            return False
-        raise ValueError(f"unknown event from a replica: {kind!r}")
+        elif isinstance(event, (Step, Results)):
+            self._started(remote)
+        elif not isinstance(event, Failed):
+            raise ValueError(f"unknown event from a replica: {event!r}")
+        remote._deliver(event)
+        return isinstance(event, Results)
 
     def _started(self, remote: RemoteJob) -> None:
         remote.started = True
@@ -440,8 +426,8 @@ def _state(serve: Any, app_name: str) -> str:
     return "NOT_STARTED" if status is None else str(getattr(status.status, "value", status.status))
 
 
-async def _events(stream: Any) -> AsyncIterator[tuple[Any, ...]]:
-    """The stream's events; the first within ``FIRST_EVENT_TIMEOUT`` (a replica answers "queued" at once)."""
+async def _events(stream: Any) -> AsyncIterator[DeviceEvent]:
+    """The stream's events; the first within ``FIRST_EVENT_TIMEOUT`` (a replica answers ``Queued`` at once)."""
     iterator = stream.__aiter__()
     try:
         first = await asyncio.wait_for(iterator.__anext__(), FIRST_EVENT_TIMEOUT)

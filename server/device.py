@@ -1,11 +1,12 @@
 """The device queue: one worker thread owns the device and runs jobs from a bounded queue.
 
 The event loop never waits on the device. ``submit`` either queues a job at once or refuses it
-(queue full → ``serviceUnavailable``); the worker hands results back through
-``loop.call_soon_threadsafe`` onto the job's own asyncio queue, which ``JobHandle`` iterates. The
-engine behind the worker is a seam (``Engine``): the real one runs diffusers pipelines
-(``server/engine``); tests of queueing and failure pass a small fake (``tests/engines.py``). This
-module imports no torch.
+(queue full → ``serviceUnavailable``); the worker hands the job's events (``tasks/jobs.py``: ``Queued``,
+``Step``, ``Results``, then ``Finished`` or ``Failed``) back through ``loop.call_soon_threadsafe`` to its
+``JobHandle``. Above it is the device seam: the task side's ``Device`` and the server's ``DeviceService``,
+which ``server/cluster.py``'s ``RayDevice`` implements too. Below it is the engine seam (``Engine``): the
+real one runs diffusers pipelines (``server/engine``); tests of queueing and failure pass a small fake.
+This module imports no torch.
 
 Fairness: the device takes jobs round-robin across API keys, so one key's backlog delays another
 key's job by about one call. Batching: jobs that wait together and share a type and a
@@ -37,53 +38,62 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from imagewire.tasks.errors import InferenceError, ServiceUnavailable, TaskError
-from imagewire.tasks.jobs import Emit, Job, JobEvent, JobProgress, Queued, Step
+from imagewire.tasks.jobs import Device, DeviceEvent, Emit, Failed, Finished, Job, JobEvent, Queued, Results, Step
 
 if TYPE_CHECKING:
     from imagewire.air_registry import ModelEntry
 
-log = logging.getLogger("imagewire.scheduler")
+log = logging.getLogger("imagewire.device")
 
 
 class Engine(Protocol):
+    """What runs jobs on one device: the seam below the device queue. The diffusers engine (``server/engine``) is
+    one; tests pass small fakes. The device queue builds the engine in its one worker thread and calls every
+    member there, one at a time, but ``device_memory``."""
+
     @property
     def unavailable_samplers(self) -> Mapping[str, str]:
-        """Sampler names this engine cannot run, each with why; the task layer refuses them before queueing."""
+        """Sampler names this engine cannot run, each with why; read once, after it is built. The task layer
+        refuses them before queueing."""
 
     @property
     def loaded_models(self) -> Mapping[str, str]:
-        """Where each model in memory is, by AIR: ``"device"`` (ready to run) or ``"ram"`` (host memory)."""
+        """Where each model in memory is, by AIR: ``"device"`` (ready to run) or ``"ram"`` (host memory). Read
+        after each job and load; the device queue prefers jobs whose models are all on the device."""
 
-    def load(self, model: ModelEntry) -> None: ...
+    def load(self, model: ModelEntry) -> None:
+        """Bring ``model`` onto the device before a job needs it (``--preload``, the default model). A failure is
+        logged and left for the first job that needs the model to report."""
 
     def run(self, jobs: Sequence[Job], emit: Emit) -> None:
-        """Run jobs of one type and ``batch_key``; several are given only when their images fit one call."""
+        """Run jobs of one type and ``batch_key``; several are given only when their images fit one call.
+
+        Each job's results go to ``emit(index, results)`` as they are made, its steps to ``emit.progress``.
+        A job ``emit.cancelled`` wants no more results; once every job is, the runner raises ``Cancelled``.
+        Any other exception fails the call. The jobs of a failed shared call that had no results yet run again
+        one by one; a lone job's answer is the exception if it is a TaskError, else an ``inferenceError``."""
 
     def before_call(self) -> None:
-        """Called before each call (a CPU engine sets its thread count here)."""
+        """Called before each ``run`` (a CPU engine sets its thread count here)."""
 
     def recover(self) -> None:
         """Called after a job failed: free what the failure may have left behind."""
 
     def device_memory(self) -> Mapping[str, int]:
-        """Bytes held on the device by kind; empty where there is nothing to say (a CPU)."""
+        """Bytes held on the device by kind; empty where there is nothing to say (a CPU). Read from the event
+        loop (metrics), so it must not wait for a call to end."""
         ...
 
 
-class DeviceService(Protocol):
-    """What the server needs of its compute plane: the ``DeviceQueue`` of this process (``--engine local``), or
-    ``server/cluster.py``'s ``RayDevice`` in front of Ray Serve replicas, each running a ``DeviceQueue``
-    (``--engine ray``). The task layer sees the ``submit`` part of it only (``tasks/context.py`` ``Device``)."""
+class DeviceService(Device, Protocol):
+    """A device as the server runs it: the task side's ``Device`` (submit, and what tasks read), plus its
+    lifecycle and hooks. The ``DeviceQueue`` of this process (``--engine local``) and ``server/cluster.py``'s
+    ``RayDevice`` in front of Ray Serve replicas, each running a ``DeviceQueue`` (``--engine ray``), implement it;
+    ``tests/server/test_device_contract.py`` holds both to one behaviour."""
 
     # Hooks the server sets: after each call (metrics) and each API key's share of device time (its budget).
     on_call: Callable[[int, float, float], None] | None
     on_use: Callable[[str, float], None] | None
-
-    @property
-    def unavailable_samplers(self) -> Mapping[str, str]: ...
-
-    @property
-    def loaded_models(self) -> Mapping[str, str]: ...
 
     @property
     def pending(self) -> int:
@@ -103,45 +113,93 @@ class DeviceService(Protocol):
     def start(self) -> None:
         """Blocking (call it from a thread): ready to take jobs when it returns; raises why not."""
 
-    def preload(self, model: ModelEntry) -> threading.Event: ...
+    def preload(self, model: ModelEntry) -> threading.Event:
+        """Have ``model`` on the device before the first request needs it; the event is set when done."""
+        ...
 
-    def device_memory(self) -> Mapping[str, int]: ...
+    def device_memory(self) -> Mapping[str, int]:
+        """Bytes held on the device(s) by kind (``Engine.device_memory``, summed over replicas)."""
+        ...
 
-    def submit(self, job: Job, on_event: Callable[[JobEvent], None] | None = None) -> JobProgress[Any]: ...
-
-    def close_intake(self) -> None: ...
+    def close_intake(self) -> None:
+        """Refuse new jobs from now on (``serviceUnavailable``); queued and running ones go on."""
 
     def stop(self, timeout: float | None = None) -> None:
         """Blocking: let queued jobs finish (for up to ``timeout`` seconds), then let go of the device."""
-
-
-# The last item of a job's results: nothing more comes.
-END_OF_RESULTS = object()
-
-
-async def result_chunks(results: asyncio.Queue[Any]) -> AsyncIterator[list[Any]]:
-    """A job's chunks of results as they are posted, until ``END_OF_RESULTS``; a posted TaskError is raised."""
-    while True:
-        item = await results.get()
-        if item is END_OF_RESULTS:
-            return
-        if isinstance(item, TaskError):
-            raise item
-        yield item
 
 
 class Cancelled(Exception):
     """Raised by a runner when every job of its call was cancelled: the call stops, nobody is answered."""
 
 
+class JobStream:
+    """What the handles of both devices share (``RunningJob``): a job's events in the order they happened, from
+    ``Queued`` to the first ``Finished`` or ``Failed``, handed over on the event loop (``_deliver``).
+
+    ``on_event`` hears of ``Queued`` and ``Step`` as they come, whether or not anyone iterates; ``events``
+    yields all of them, to pass on (a replica streams them to its gateway); iterating the handle yields the
+    chunks of results. Nothing is delivered after the end, nor after ``cancel``.
+    """
+
+    job: Job
+    on_event: Callable[[JobEvent], None] | None
+    _events: asyncio.Queue[DeviceEvent]
+    _ended = False
+
+    @property
+    def queue_seconds(self) -> float:
+        raise NotImplementedError
+
+    @property
+    def compute_seconds(self) -> float:
+        raise NotImplementedError
+
+    @property
+    def device_seconds(self) -> float:
+        """Its share of the device time of the calls it was in."""
+        raise NotImplementedError
+
+    def finished(self) -> Finished:
+        """The end of the job as it stands now."""
+        return Finished(self.queue_seconds, self.compute_seconds, self.device_seconds)
+
+    def _deliver(self, event: DeviceEvent) -> None:
+        """On the event loop."""
+        if self._ended:
+            return
+        if isinstance(event, (Finished, Failed)):
+            self._ended = True
+        elif isinstance(event, (Queued, Step)) and self.on_event is not None:
+            self.on_event(event)
+        self._events.put_nowait(event)
+
+    async def events(self) -> AsyncIterator[DeviceEvent]:
+        """Every event of the job, in order; the last is a ``Finished`` or a ``Failed``."""
+        while True:
+            event = await self._events.get()
+            yield event
+            if isinstance(event, (Finished, Failed)):
+                return
+
+    async def _chunks(self) -> AsyncIterator[list[Any]]:
+        async for event in self.events():
+            if isinstance(event, Results):
+                yield event.chunk
+            elif isinstance(event, Failed):
+                raise event.error
+
+    def __aiter__(self) -> AsyncIterator[list[Any]]:
+        return self._chunks()
+
+
 @dataclass(eq=False)  # a handle is itself: the queue finds and removes handles by identity
-class JobHandle:
-    """The event-loop side of a queued job: iterate it for chunks of results."""
+class JobHandle(JobStream):
+    """The event-loop side of a job in this process's device queue: iterate it for chunks of results."""
 
     job: Job
     _loop: asyncio.AbstractEventLoop
     on_event: Callable[[JobEvent], None] | None = None  # queue positions and steps, on the event loop
-    _results: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+    _events: asyncio.Queue[DeviceEvent] = field(default_factory=asyncio.Queue)
     submitted_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
     finished_at: float | None = None
@@ -161,23 +219,16 @@ class JobHandle:
         return self.finished_at - self.started_at
 
     def cancel(self) -> None:
-        if self.finished_at is not None or self.cancelled:
+        if self._ended or self.cancelled:
             return
         self.cancelled = True
         if self._queue is not None and self._queue.remove(self):
             log.info("taskUUID=%s left the queue (cancelled)", self.job.task_uuid)
+        self._deliver(self.finished())
 
-    def _post(self, item: Any) -> None:
+    def _post(self, event: DeviceEvent) -> None:
         """Called from the worker thread."""
-        self._loop.call_soon_threadsafe(self._results.put_nowait, item)
-
-    def _event(self, event: JobEvent) -> None:
-        """Called from the worker thread."""
-        if self.on_event is not None and not self.cancelled:
-            self._loop.call_soon_threadsafe(self.on_event, event)
-
-    def __aiter__(self) -> AsyncIterator[list[Any]]:
-        return result_chunks(self._results)
+        self._loop.call_soon_threadsafe(self._deliver, event)
 
 
 class _Outlet:
@@ -193,10 +244,10 @@ class _Outlet:
             self.answered.add(index)
             if self.before_results is not None:
                 self.before_results()
-            self.handles[index]._post(results)
+            self.handles[index]._post(Results(results))
 
     def progress(self, index: int, step: Step) -> None:
-        self.handles[index]._event(step)
+        self.handles[index]._post(step)
 
     def cancelled(self, index: int) -> bool:
         return self.handles[index].cancelled
@@ -263,8 +314,7 @@ class DeviceQueue:
             raise ServiceUnavailable(
                 f"The server is busy: {self._queue_size} inference tasks are already waiting. "
                 "Retry in a moment.")
-        if on_event is not None:
-            on_event(Queued(position))
+        handle._deliver(Queued(position))
         return handle
 
     def close_intake(self) -> None:
@@ -355,7 +405,7 @@ class DeviceQueue:
         finished = time.perf_counter()
         for handle in handles:
             handle.finished_at = finished
-            handle._post(END_OF_RESULTS)
+            handle._post(handle.finished())
         if self.on_call is not None and answered:
             self.on_call(sum(handles[index].job.images for index in answered), started, finished)
 
@@ -377,11 +427,11 @@ class DeviceQueue:
 
     def _fail(self, engine: Engine, handle: JobHandle, exc: Exception) -> None:
         if isinstance(exc, TaskError):
-            handle._post(exc)
+            handle._post(Failed(exc))
             return
         # The pipeline failed (out of memory, a bug in a model): only this task.
         log.error("taskUUID=%s inference failed", handle.job.task_uuid, exc_info=exc)
-        handle._post(InferenceError(_describe_failure(exc)))
+        handle._post(Failed(InferenceError(_describe_failure(exc))))
         self._recover(engine)
 
     @staticmethod
@@ -501,12 +551,11 @@ class _WorkQueue:
         return taken
 
     def announce_positions(self) -> None:
-        """Tell each waiting job that listens how many jobs will run before it now."""
+        """Tell each waiting job how many jobs will run before it now."""
         with self._changed:
             order = self._in_turn_order()
         for position, handle in enumerate(order):
-            if handle.on_event is not None:
-                handle._event(Queued(position))
+            handle._post(Queued(position))
 
     def _in_turn_order(self) -> list[JobHandle]:
         """Waiting jobs in the order the worker would take them: one of each owner per round."""

@@ -3,9 +3,11 @@ them in one server, behind a deployment handle. The gateway side is ``server/clu
 
 Ray imports this module in each replica's own process. A job arrives whole (a plain dataclass with PIL images),
 goes into this replica's ``DeviceQueue`` (so jobs that wait together on this replica share pipeline calls, as in
-one server), and its events stream back as plain tuples (``Event``): queue positions, steps, each chunk of
-results, then one last ``done`` or ``error``. When the caller lets go (the task was cancelled, the gateway went
-away), Serve cancels ``run``, and the job leaves the queue or stops at its next step.
+one server), and its events stream back as they are (``tasks/jobs.py`` ``DeviceEvent``): queue positions, steps,
+each chunk of results, then one last ``Finished`` or ``Failed`` (a ``Failed`` pickles its TaskError as class,
+message and attributes, so subclasses with constructors of their own travel too). When the caller lets go (the
+task was cancelled, the gateway went away), Serve cancels ``run``, and the job leaves the queue or stops at its
+next step.
 
 Models are multiplexed: a request carries its model's AIR as the multiplexed model id, ``_hold`` records it in
 Serve's per-replica LRU, and Serve's router sends a model's jobs to the replicas that hold it.
@@ -18,7 +20,6 @@ prepare's sampler check; an entry not rewritten for ``BOARD_EXPIRY`` seconds is 
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import json
 import logging
@@ -37,7 +38,7 @@ from imagewire.server.config import Config
 from imagewire.server.device import DeviceQueue, Engine
 from imagewire.server.logs import configure as configure_logging
 from imagewire.tasks.errors import TaskError
-from imagewire.tasks.jobs import Job, JobEvent, Queued, Step
+from imagewire.tasks.jobs import DeviceEvent, Failed, Finished, Job
 
 log = logging.getLogger("imagewire.replica")
 
@@ -48,29 +49,11 @@ BOARD_PREFIX = "replica/"
 BOARD_INTERVAL = 2.0
 BOARD_EXPIRY = 10.0
 
-# What ``run`` yields: ("queued", position), ("step", Step), ("results", [result, ...]),
-# ("done", queue_seconds, compute_seconds, device_seconds), ("error", class, message, attributes).
-Event = tuple[Any, ...]
-
-
 def routing_model(job: Job) -> str:
     """The multiplexed model id a job travels with: its model's AIR. Jobs without a model of their own (the
     content safety checks that follow a task's images) carry none and go to whichever replica is least busy."""
     model = getattr(job, "model", None)
     return model.air if isinstance(model, ModelEntry) else ""
-
-
-def error_event(exc: TaskError) -> Event:
-    """A TaskError as plain values: rebuilt by the gateway whatever the subclass's constructor takes."""
-    return ("error", type(exc), exc.message, dict(vars(exc)))
-
-
-def rebuild_error(event: Event) -> TaskError:
-    _, kind, message, attributes = event
-    exc: TaskError = kind.__new__(kind)
-    Exception.__init__(exc, message)
-    vars(exc).update(attributes)
-    return exc
 
 
 def keep_serve_on_loopback() -> None:
@@ -128,48 +111,26 @@ class Replica:
         """The multiplexed "model": the engine loads and evicts the pipelines itself, so Serve keeps the id."""
         return air
 
-    async def run(self, job: Job) -> AsyncIterator[Event]:
+    async def run(self, job: Job) -> AsyncIterator[DeviceEvent]:
         air = serve.get_multiplexed_model_id()
         if air:
             await self._hold(air)
-        events: asyncio.Queue[Event] = asyncio.Queue()
-
-        def on_event(event: JobEvent) -> None:
-            if isinstance(event, Queued):
-                events.put_nowait(("queued", event.position))
-            elif isinstance(event, Step):
-                events.put_nowait(("step", event))
-
         try:
-            handle = self.device.submit(job, on_event=on_event)
+            handle = self.device.submit(job)
         except TaskError as exc:  # the queue is full, the replica is stopping
-            yield error_event(exc)
+            yield Failed(exc)
             return
         log.info("taskUUID=%s on replica %s (model %s)", job.task_uuid, self.name, air or "-")
         self.jobs[job.task_uuid] = air
         self._changed.set()
-
-        async def drain() -> None:
-            try:
-                async for chunk in handle:
-                    events.put_nowait(("results", list(chunk)))
-            except TaskError as exc:
-                events.put_nowait(error_event(exc))
-            else:
-                events.put_nowait(("done", handle.queue_seconds, handle.compute_seconds, handle.device_seconds))
-
-        draining = asyncio.create_task(drain())
         try:
-            while True:
-                event = await events.get()
-                yield event
-                if event[0] in ("done", "error"):
+            async for event in handle.events():
+                if isinstance(event, (Finished, Failed)):
                     self.runs[air] += 1
-                    return
+                yield event
         finally:
             # Cancelled by the caller, or over: a job still queued leaves, one running stops at its next step.
             handle.cancel()
-            draining.cancel()
             self.jobs.pop(job.task_uuid, None)
             self._changed.set()
 

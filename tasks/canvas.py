@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from imagewire.tasks.context import TaskContext
-from imagewire.tasks.jobs import ControlNetUse, GeneratedImage, JobProgress
+from imagewire.tasks.jobs import ControlNetUse, GeneratedImage, RunningJob
 
 # Generated pixels are blended with the canvas over this many pixels inside the mask's edge.
 EDGE_PIXELS = 4
@@ -119,7 +119,7 @@ async def paste_back_all(ctx: TaskContext, scene: Scene, chunk: Sequence[Generat
             for g, picture in zip(chunk, pictures, strict=True)]
 
 
-def unchanged(scene: Scene, seeds: Sequence[int]) -> JobProgress[GeneratedImage]:
+def unchanged(scene: Scene, seeds: Sequence[int]) -> RunningJob[GeneratedImage]:
     """The results of a scene with nothing to repaint: the canvas once per seed, without the device."""
     assert scene.nothing_to_do and scene.canvas is not None
     return _Unchanged([GeneratedImage(index, seed, scene.canvas, 0.0) for index, seed in enumerate(seeds)])

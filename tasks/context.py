@@ -1,15 +1,15 @@
 """The small interface a task handler may use, and nothing more.
 
 A handler gets a :class:`TaskContext`: the API key's owner token, its stage timings, and the
-process-wide :class:`Services`. The device and the result registry are described here as protocols;
-the server provides them (``server/device.py``, ``server/sessions.py``), and tests can provide
-small stand-ins.
+process-wide :class:`Services`. The result registry is described here as a protocol, the device in
+``tasks/jobs.py`` beside the jobs it runs; the server provides them (``server/sessions.py``,
+``server/device.py``), and tests can provide small stand-ins.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,24 +20,7 @@ from imagewire.air_registry.civitai import Civitai
 from imagewire.storage import ImageStorage, UrlFetcher
 from imagewire.tasks.downloads import Downloads
 from imagewire.tasks.errors import ServiceUnavailable
-from imagewire.tasks.jobs import Job, JobEvent, JobProgress
-
-
-class Device(Protocol):
-    def submit(self, job: Job, on_event: Callable[[JobEvent], None] | None = None) -> JobProgress[Any]:
-        """Queue a job at once, or raise ServiceUnavailable. ``on_event`` hears of its queue position
-        and steps, on the event loop."""
-        ...
-
-    @property
-    def unavailable_samplers(self) -> Mapping[str, str]:
-        """Sampler names this device cannot run, each with the reason (checked at start)."""
-        ...
-
-    @property
-    def loaded_models(self) -> Mapping[str, str]:
-        """Where each model in memory is, by AIR: ``"device"`` or ``"ram"`` (as of the last job)."""
-        ...
+from imagewire.tasks.jobs import Device
 
 
 class RecordedTask(Protocol):

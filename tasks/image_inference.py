@@ -27,7 +27,7 @@ from imagewire.tasks import canvas, content_safety, editing, image_add_ons, inpu
 from imagewire.tasks.context import TaskContext
 from imagewire.tasks.describe import describe_annotation, nearest_valid, stepped_range
 from imagewire.tasks.errors import InvalidParameter, MissingParameter
-from imagewire.tasks.jobs import GeneratedImage, InferenceJob, JobEvent, JobProgress, Queued
+from imagewire.tasks.jobs import GeneratedImage, InferenceJob, JobEvent, Queued, RunningJob
 from imagewire.tasks.outputs import ImageOutput, deliver_image, image_output
 from imagewire.tasks.schema import ImageInference, ImageResult, Progress
 from imagewire.tasks.task_type import TaskType
@@ -164,7 +164,7 @@ async def run(prepared: Prepared | AwaitingDownload, ctx: TaskContext) -> AsyncI
     seed = [("seedImage", init_image)] if init_image is not None else []
     await content_safety.check_inputs(ctx, prepared.safety, checker, task.taskUUID,
                                       seed + editing.named_guides(prepared.edits, loaded))
-    progress: JobProgress[GeneratedImage]
+    progress: RunningJob[GeneratedImage]
     if scene.nothing_to_do:  # an empty mask: the results are known without spending device time
         progress = canvas.unchanged(scene, prepared.seeds)
     else:

@@ -1,7 +1,8 @@
 """What the device works on: jobs, fully validated by their task handlers, and what comes back.
 
-A handler builds a job, the device queue (``server/device.py``) runs it on an engine, and the
-engine hands results back per job. Jobs of one type that wait together and share a ``batch_key``
+A handler builds a job and submits it to the ``Device`` (the seam between tasks and the server, at the
+end of this module); the device queue (``server/device.py``) runs it on an engine, and the engine hands
+results back per job. Jobs of one type that wait together and share a ``batch_key``
 may run in one call. A new kind of job subclasses ``Job`` (in its task's module, or here when
 several task types share it) and gets a runner in ``server/engine``. This module imports no
 torch: images are PIL images.
@@ -9,10 +10,12 @@ torch: images are PIL images.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Hashable, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from imagewire.tasks.errors import TaskError
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -192,6 +195,18 @@ class GeneratedText:
     seconds: float
 
 
+# ---------------------------------------------------------------- the device seam
+#
+# A handler submits a job to the ``Device`` and iterates the ``RunningJob`` it gets back. What happens to the
+# job on its way travels as typed events: ``Queued`` and ``Step`` go to the handler's ``on_event`` as they
+# happen (``JobEvent``); ``Results``, then one ``Finished`` or ``Failed``, are what the handle yields from.
+# Both devices speak them: the device queue of this process (``server/device.py``) posts them from its worker
+# thread, and a Ray replica (``server/replica.py``) streams all five (``DeviceEvent``), in order, to its
+# gateway. The engine's side of the seam is ``Emit``: what a runner hands its results and steps to, from the
+# device's worker thread. ``Emit`` lives here, beside the results and ``Step`` it carries, because runners
+# and test engines build those; the ``Engine`` that receives it is the server's (``server/device.py``).
+
+
 @dataclass(frozen=True)
 class Queued:
     """The job waits; this many jobs will run before it."""
@@ -209,36 +224,104 @@ class Step:
     preview: Image | None = None  # of the first of ``indexes``, when the job asked for one
 
 
-JobEvent = Queued | Step
+@dataclass(frozen=True)
+class Results:
+    """A chunk of the job's results (``GeneratedImage``, ``ProcessedImage``, …), in the order they were made."""
+
+    chunk: list[Any]
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The job is over and nothing more comes: it ran (seconds waiting, computing, and its share of the device
+    time of the calls it was in), or it was cancelled."""
+
+    queue_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    device_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The job is over with this error; nothing more comes."""
+
+    error: TaskError
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A TaskError subclass whose constructor takes other arguments than the message cannot be unpickled
+        # by calling it, as pickle does exceptions: it travels as its class, message and attributes.
+        error = self.error
+        return _failed, (type(error), error.message, dict(vars(error)))
+
+
+def _failed(kind: type[TaskError], message: str, attributes: dict[str, Any]) -> Failed:
+    error = kind.__new__(kind)
+    Exception.__init__(error, message)
+    vars(error).update(attributes)
+    return Failed(error)
+
+
+JobEvent = Queued | Step  # what ``on_event`` hears
+DeviceEvent = JobEvent | Results | Finished | Failed  # all of a job's stream, as a replica sends it
 
 
 class Emit(Protocol):
-    """How a runner hands back what it makes for the jobs it was given (by their index)."""
+    """How a runner hands back what it makes for the jobs it was given (by their index): the engine's side of
+    the device seam, called from the device's worker thread."""
 
     def __call__(self, index: int, results: list[Any]) -> None:
         """Results of jobs[index] are ready (called once per call that made some)."""
 
-    def progress(self, index: int, step: Step) -> None: ...
+    def progress(self, index: int, step: Step) -> None:
+        """A call holding jobs[index] finished a step."""
 
     def cancelled(self, index: int) -> bool:
-        """Whether jobs[index] was cancelled: its results are no longer wanted."""
+        """Whether jobs[index] was cancelled: its results are no longer wanted. A runner checks it between steps
+        and stops its call (``server/device.py`` ``Cancelled``) once every job in it is."""
         ...
 
 
 R_co = TypeVar("R_co", covariant=True)
 
 
-class JobProgress(Protocol[R_co]):
-    """A queued job as its handler sees it: iterate it for chunks of results as they are made."""
+class RunningJob(Protocol[R_co]):
+    """A submitted job as its handler sees it: iterate it for chunks of results as they are made."""
 
     @property
-    def queue_seconds(self) -> float: ...
+    def queue_seconds(self) -> float:
+        """Seconds it waited for a device (so far, while it waits)."""
+        ...
 
     @property
-    def compute_seconds(self) -> float: ...
+    def compute_seconds(self) -> float:
+        """Seconds from its call's start to its end; 0 until it is over."""
+        ...
 
-    def __aiter__(self) -> AsyncIterator[Sequence[R_co]]: ...
+    def __aiter__(self) -> AsyncIterator[Sequence[R_co]]:
+        """Chunks of results as they are made; ends when the job is over, raises the TaskError it failed with."""
+        ...
 
     def cancel(self) -> None:
-        """Stop the job: it leaves the queue, or its calls stop at their next step. Nothing after it
-        arrives. Does nothing once the job is done."""
+        """Stop the job: it leaves the queue, or its calls stop at their next step (batch-mates carry on). The
+        iteration ends, and nothing after it arrives. Does nothing once the job is over."""
+
+
+class Device(Protocol):
+    """What a task handler may ask of the device: the whole device seam. The server's devices (``server/device.py``
+    ``DeviceService``) add their lifecycle to it."""
+
+    def submit(self, job: Job, on_event: Callable[[JobEvent], None] | None = None) -> RunningJob[Any]:
+        """Queue a job at once, or raise ServiceUnavailable. ``on_event`` hears of its queue position and
+        steps, in that order, on the event loop."""
+        ...
+
+    @property
+    def unavailable_samplers(self) -> Mapping[str, str]:
+        """Sampler names this device cannot run, each with the reason (checked at start)."""
+        ...
+
+    @property
+    def loaded_models(self) -> Mapping[str, str]:
+        """Where each model in memory is, by AIR: ``"device"`` (ready to run) or ``"ram"`` (host memory), as of
+        the last job."""
+        ...

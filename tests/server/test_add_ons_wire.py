@@ -77,7 +77,7 @@ async def test_the_refiner_runs_in_one_task_on_the_tiny_sdxl_pair(server):
 
 
 async def test_a_batch_mixing_lora_sets_gives_each_task_the_image_it_gets_alone(server, caplog):
-    caplog.set_level(logging.INFO, logger="imagewire.scheduler")
+    caplog.set_level(logging.INFO, logger="imagewire.device")
     wire = await Wire.open(server.url)
     sets = [[], [{"model": "tiny-lora"}], [{"model": "tiny-lora", "weight": -1.5}], [{"model": "tiny-lora"}]]
     tasks = [task(positivePrompt=f"a fox, take {index}", seed=20 + index, lora=lora) for index, lora in enumerate(sets)]

@@ -77,7 +77,7 @@ async def test_a_running_task_stops_at_its_next_step_and_its_batch_mates_carry_o
     assert outcome["kept"]["seed"] is not None  # its batch-mate got its image
 
     # Alone in its call, a cancelled task stops the call at the next step.
-    with caplog.at_level(logging.INFO, logger="imagewire.scheduler"):
+    with caplog.at_level(logging.INFO, logger="imagewire.device"):
         lone = inference(steps=40, includeProgress=True)
         await wire.send([lone])
         await first_step(wire, lone["taskUUID"])

@@ -53,7 +53,7 @@ async def stopped(wire: Wire, task_uuid: str) -> dict:
 async def test_a_cancelled_inpainting_task_with_a_controlnet_stops_at_its_next_step(server, caplog):
     wire = await Wire.open(server.url)
     controls = [{"model": "imagewire:tiny-controlnet@1", "guideImage": guide("square"), "weight": 0.8}]
-    with caplog.at_level(logging.INFO, logger="imagewire.scheduler"):
+    with caplog.at_level(logging.INFO, logger="imagewire.device"):
         task = repaint(steps=40, strength=1.0, includeProgress=True, controlNet=controls)
         await wire.send([task])
         await first_step(wire, task["taskUUID"])
