@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from imagewire.server.app import ImagewireServer
 from imagewire.server.config import parse_args
-from imagewire.server.listener import raise_open_file_limit
+from imagewire.server.handshakes import raise_open_file_limit
 from imagewire.server.logs import configure as configure_logging
 
 

@@ -21,14 +21,14 @@ from imagewire.server.config import Config, shown_url
 from imagewire.server.connection import GOING_AWAY, Connection, WaitingRoom
 from imagewire.server.device import DeviceQueue, DeviceService, Engine
 from imagewire.server.fake_engine import FakeEngine
+from imagewire.server.handshakes import HandshakeGuard, client_address, networks, request_arrived_middleware
 from imagewire.server.http import HostCheck, HttpRoutes
-from imagewire.server.inbound import FrameCounter, InboundBudget
-from imagewire.server.listener import HandshakeGuard, client_address, networks, request_arrived_middleware
+from imagewire.server.inbound_budget import FrameCounter, InboundBudget
 from imagewire.server.logs import install as install_log_limits
 from imagewire.server.metrics import Metrics, State
 from imagewire.server.rest import RestEndpoint
-from imagewire.server.runner import TaskRunner
 from imagewire.server.sessions import SessionRegistry, Sessions, TaskRegistry, Tasks
+from imagewire.server.task_runner import TaskRunner
 from imagewire.server.webhooks import WebhookSender
 from imagewire.storage import ImageStorage, ImageStore, UrlFetcher
 from imagewire.storage.s3 import S3Location, S3Store

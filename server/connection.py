@@ -2,13 +2,13 @@
 task to the task runner, and carry its answers back.
 
 The connection knows frames, pings, authentication and admission; what a task is and how it is
-delivered is the runner's and the task module's business (``server/runner.py``). Nothing here
+delivered is the runner's and the task module's business (``server/task_runner.py``). Nothing here
 blocks the event loop: decoding a frame is microseconds per task, and all image work happens in
 the handlers' thread pool calls or on the device worker.
 
 Memory a client can pin is bounded both ways. Inbound, aiohttp stops reading the socket while a
 message waits unread, and every large message counts against the server-wide ``--max-inbound-mib``
-until it is handled here (``server/inbound.py``). Outbound, answers go through an outbox of at most
+until it is handled here (``server/inbound_budget.py``). Outbound, answers go through an outbox of at most
 ``--max-outbox-mib`` drained by one writer; what would overflow it waits for room. A client that leaves an answer
 untaken for ``--send-timeout`` is closed (1008, "not reading its answers"), and what it did not
 take waits in its session for it to resume. So a slow reader slows only its own answers, and a
@@ -29,10 +29,10 @@ from aiohttp import WSMsgType, web
 from imagewire.server import protocol
 from imagewire.server.auth import ApiKeys, owner_token
 from imagewire.server.config import Config
-from imagewire.server.inbound import FrameCounter
-from imagewire.server.intake import Intake, invalid_api_key
-from imagewire.server.runner import TaskRunner
+from imagewire.server.dispatch import Dispatcher, invalid_api_key
+from imagewire.server.inbound_budget import FrameCounter
 from imagewire.server.sessions import ClientSession, Sessions
+from imagewire.server.task_runner import TaskRunner
 from imagewire.tasks import schema
 from imagewire.tasks.errors import ServiceUnavailable, TaskError
 from imagewire.tasks.task_type import Item, TaskType
@@ -76,7 +76,7 @@ class WaitingRoom:
         return sum(len(waiting) for waiting in self._by_address.values())
 
 
-class Connection(Intake):
+class Connection(Dispatcher):
     def __init__(self, websocket: web.WebSocketResponse, request: web.Request, *, peer_ip: str, config: Config,
                  api_keys: ApiKeys, sessions: Sessions, runner: TaskRunner,
                  waiting_room: WaitingRoom, frames: FrameCounter | None = None) -> None:

@@ -26,8 +26,8 @@ from aiohttp import web
 
 from imagewire.server.auth import ApiKeys
 from imagewire.server.device import DeviceService
-from imagewire.server.inbound import FrameCounter, InboundBudget
-from imagewire.server.listener import count_frames
+from imagewire.server.handshakes import count_frames
+from imagewire.server.inbound_budget import FrameCounter, InboundBudget
 from imagewire.server.metrics import CONTENT_TYPE, Metrics
 from imagewire.storage import STORED_BY_EXTENSION, ImageStorage, StorageError
 

@@ -41,10 +41,10 @@ from aiohttp import web
 from imagewire.server import protocol
 from imagewire.server.auth import ApiKeys, owner_token
 from imagewire.server.config import Config
-from imagewire.server.inbound import FRAME_DEADLINE_SECONDS, SMALL_MESSAGE_BYTES, InboundBudget
-from imagewire.server.intake import Intake, invalid_api_key
+from imagewire.server.dispatch import Dispatcher, invalid_api_key
+from imagewire.server.inbound_budget import FRAME_DEADLINE_SECONDS, SMALL_MESSAGE_BYTES, InboundBudget
 from imagewire.server.logs import Repeats
-from imagewire.server.runner import TaskRunner
+from imagewire.server.task_runner import TaskRunner
 from imagewire.tasks import schema
 from imagewire.tasks.errors import MissingApiKey, ResponseTooLarge, TaskError
 from imagewire.tasks.task_type import Item, TaskType
@@ -132,7 +132,7 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     return bytes(body)
 
 
-class RestExchange(Intake):
+class RestExchange(Dispatcher):
     """One POST: its tasks, and every answer they give, collected for one response."""
 
     def __init__(self, api_keys: ApiKeys, runner: TaskRunner, *, max_answer_bytes: int) -> None:

@@ -139,7 +139,7 @@ def test_the_protocol_side_imports_no_torch() -> None:
     # A fresh interpreter: in this one, other tests have long imported torch.
     code = (
         "import sys\n"
-        "import imagewire.server.protocol, imagewire.server.connection, imagewire.server.runner\n"
+        "import imagewire.server.protocol, imagewire.server.connection, imagewire.server.task_runner\n"
         "import imagewire.server.app, imagewire.server.http, imagewire.server.fake_engine\n"
         "import imagewire.tasks.supported, imagewire.storage, imagewire.air_registry\n"
         "from imagewire.air_registry import Catalog, resolve_sampler\n"

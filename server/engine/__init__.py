@@ -1,9 +1,9 @@
 """The engine: runs validated jobs on the device. Lives in the device worker thread.
 
 ``DiffusersEngine`` owns the pipelines (``air_registry/loader.py``) and hands each kind of job to its
-runner: ``RUNNERS`` maps a job type to the function that runs a group of such jobs (jobs given
+runner: ``JOB_RUNNERS`` maps a job type to the function that runs a group of such jobs (jobs given
 together share a batch key, see ``server/device.py``). A new kind of job is a runner module beside
-``inference.py`` and a line in ``RUNNERS``. This package is the only part of the server that imports
+``inference.py`` and a line in ``JOB_RUNNERS``. This package is the only part of the server that imports
 torch.
 """
 
@@ -31,10 +31,10 @@ from imagewire.tasks.prompt_enhance import PromptJob
 
 log = logging.getLogger("imagewire.engine")
 
-# runner(engine, jobs, emit): run jobs of one type and batch key, emitting each job's results.
-Runner = Callable[["DiffusersEngine", Sequence[Any], Emit], None]
+# A job runner (engine, jobs, emit): run jobs of one type and batch key, emitting each job's results.
+JobRunner = Callable[["DiffusersEngine", Sequence[Any], Emit], None]
 
-RUNNERS: dict[type[Job], Runner] = {
+JOB_RUNNERS: dict[type[Job], JobRunner] = {
     InferenceJob: inference.run,
     UpscaleJob: upscale.run,
     BackgroundRemovalJob: background.run,
@@ -72,7 +72,7 @@ class DiffusersEngine:
 
     def run(self, jobs: Sequence[Job], emit: Emit) -> None:
         try:
-            RUNNERS[type(jobs[0])](self, jobs, emit)
+            JOB_RUNNERS[type(jobs[0])](self, jobs, emit)
         except RegistryError as exc:
             # Weights that do not load; a sampler this model's config rules out; an add-on that does not fit.
             parameter = "scheduler" if isinstance(exc, SamplerUnusable) else "model"

@@ -15,7 +15,7 @@ from aiohttp import http_exceptions
 from PIL import Image
 from websockets.asyncio.client import connect
 
-from imagewire.server import listener
+from imagewire.server import handshakes
 from imagewire.server.logs import ClientMistakes
 from tests.engines import HeldEngine
 from tests.timing import seconds
@@ -107,13 +107,13 @@ async def test_a_connection_that_never_sends_its_request_is_dropped(start_server
 def test_behind_a_trusted_proxy_the_client_is_the_last_untrusted_forwarded_address() -> None:
     from aiohttp.test_utils import make_mocked_request
 
-    trusted = listener.networks(["10.0.0.0/8", "::1/128"])
+    trusted = handshakes.networks(["10.0.0.0/8", "::1/128"])
 
     def request(peer: str, forwarded: str | None) -> str:
         headers = {"X-Forwarded-For": forwarded} if forwarded else {}
         transport = type("Transport", (), {"get_extra_info": lambda self, name, default=None:
                                            (peer, 1234) if name == "peername" else default})()
-        return listener.client_address(make_mocked_request("GET", "/", headers=headers, transport=transport),
+        return handshakes.client_address(make_mocked_request("GET", "/", headers=headers, transport=transport),
                                        trusted)
 
     assert request("10.1.2.3", "203.0.113.7, 10.9.9.9") == "203.0.113.7"
@@ -180,7 +180,7 @@ def test_the_open_file_limit_is_raised_to_the_hard_limit() -> None:
     try:
         if hard != resource.RLIM_INFINITY and hard > 256:
             resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
-            assert listener.raise_open_file_limit() == hard
+            assert handshakes.raise_open_file_limit() == hard
             assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

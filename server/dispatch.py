@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from imagewire.server.protocol import Decoded
-from imagewire.server.runner import TaskRunner
+from imagewire.server.task_runner import TaskRunner
 from imagewire.tasks import schema
 from imagewire.tasks.errors import InvalidApiKey, MissingApiKey
 from imagewire.tasks.supported import SUPPORTED
@@ -34,7 +34,7 @@ def invalid_api_key() -> InvalidApiKey:
                          parameter="apiKey", type="string")
 
 
-class Intake(ABC):
+class Dispatcher(ABC):
     runner: TaskRunner
 
     @property

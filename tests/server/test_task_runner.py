@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from imagewire.server.admission import Admission
-from imagewire.server.runner import TaskRunner
 from imagewire.server.sessions import TaskRegistry
+from imagewire.server.task_runner import TaskRunner
 from imagewire.server.webhooks import WebhookSender
 from imagewire.storage import UrlFetcher
 from imagewire.tasks import schema

@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from imagewire.server.inbound import FrameCounter, InboundBudget
+from imagewire.server.inbound_budget import FrameCounter, InboundBudget
 
 log = logging.getLogger("imagewire.server")
 

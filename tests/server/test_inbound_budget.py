@@ -12,8 +12,8 @@ import struct
 import aiohttp
 import pytest
 
-from imagewire.server import inbound
-from imagewire.server.inbound import SMALL_MESSAGE_BYTES, FrameCounter, InboundBudget
+from imagewire.server import inbound_budget
+from imagewire.server.inbound_budget import SMALL_MESSAGE_BYTES, FrameCounter, InboundBudget
 from tests.timing import seconds
 from tests.wire import API_KEY, Wire, eventually
 
@@ -192,7 +192,7 @@ async def test_over_the_wire_a_rest_body_waits_for_room_too(start_server):
 
 
 async def test_a_message_that_trickles_in_is_closed_and_gives_its_room_back(start_server, monkeypatch):
-    monkeypatch.setattr(inbound, "FRAME_DEADLINE_SECONDS", seconds(1))
+    monkeypatch.setattr(inbound_budget, "FRAME_DEADLINE_SECONDS", seconds(1))
     server = await start_server(max_inbound_bytes=3 * MIB, max_frame_bytes=4 * MIB)
     holder = await raw_socket(server.url)
     holder._writer.transport.write(frame(TEXT, ping_message(2 * MIB))[:MIB])  # type: ignore[attr-defined]
