@@ -5,10 +5,11 @@ Each case is written once, against a ``Bench``: a started device, a way to keep 
 ``GateEngine`` (``fake``) and with the diffusers engine on the embedded tiny model (``diffusers``);
 ``tests/cluster/test_device_contract_ray.py`` runs the same functions on ``RayDevice`` and a Ray Serve replica.
 
-``GateEngine`` holds a call while a job of it says "hold" and the test has not released it (a file it creates),
-and writes what it does to another file: files, because on Ray the engine runs in a replica's process. The
-diffusers engine holds nothing: a held job there is a long one (``LONG`` steps), cancelled at its first step.
-Cases that need a call to fail take ``gated``: only an engine of the test's own fails on request.
+``GateEngine`` is the shipped fake engine behind a gate: it holds a call while a job of it says "hold" and the test
+has not released it (a file it creates), and writes what it does to another file: files, because on Ray the engine
+runs in a replica's process. The diffusers engine holds nothing: a held job there is a long one (``LONG`` steps),
+cancelled at its first step. Cases that need a call to fail take ``gated``: only an engine of the test's own fails
+on request.
 """
 
 from __future__ import annotations
@@ -23,17 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from PIL import Image
 
-from imagewire.air_registry.catalog import Catalog, ModelEntry
+from imagewire.air_registry.catalog import Catalog
 from imagewire.server.device import Cancelled, DeviceQueue, DeviceService, JobStream
+from imagewire.server.fake_engine import FakeEngine
 from imagewire.tasks.errors import InferenceError
 from imagewire.tasks.get_response import RecordedErrors
 from imagewire.tasks.jobs import (
     DeviceEvent,
     Emit,
     Finished,
-    GeneratedImage,
     InferenceJob,
     Job,
     JobEvent,
@@ -57,20 +57,16 @@ def write_log(folder: Path, **entry: Any) -> None:
         log.write(json.dumps(entry) + "\n")
 
 
-class GateEngine:
-    """Reports step 1 of 2 for each job of a call, then holds the call while a job of it that is not cancelled says
-    "hold" and has not been released; stops the call once all its jobs are cancelled. A job whose prompt says
-    "explode" fails its call (as a device out of memory would); one that says "refuse" answers with a TaskError
-    whose constructor is not the base class's."""
-
-    unavailable_samplers: dict[str, str] = {}
+class GateEngine(FakeEngine):
+    """The shipped fake engine (``--engine fake``) behind a gate: reports step 1 of 2 for each job of a call, then
+    holds the call while a job of it that is not cancelled says "hold" and has not been released; stops the call
+    once all its jobs are cancelled; then answers as the fake does. A job whose prompt says "explode" fails its
+    call (as a device out of memory would); one that says "refuse" answers with a TaskError whose constructor is
+    not the base class's."""
 
     def __init__(self, folder: Path) -> None:
+        super().__init__()
         self.folder = folder
-        self.loaded_models: dict[str, str] = {}
-
-    def load(self, model: ModelEntry) -> None:
-        pass
 
     def run(self, jobs: Sequence[Job], emit: Emit) -> None:
         names = [job.task_uuid for job in jobs]
@@ -95,22 +91,8 @@ class GateEngine:
                 raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
             if "refuse" in job.prompt:
                 raise RecordedErrors([{"message": f"{job.task_uuid} refused", "code": "refused"}])
-        for index, job in enumerate(jobs):
-            assert isinstance(job, InferenceJob)
-            emit.progress(index, Step(tuple(range(job.images)), 2, 2))
-            if not emit.cancelled(index):
-                emit(index, [GeneratedImage(i, seed, Image.new("RGB", (8, 8)), 0.01)
-                             for i, seed in enumerate(job.seeds)])
+        super().run(jobs, emit)
         write_log(self.folder, ran=names)
-
-    def before_call(self) -> None:
-        pass
-
-    def recover(self) -> None:
-        pass
-
-    def device_memory(self) -> dict[str, int]:
-        return {}
 
 
 class LoggedEngine:
