@@ -9,15 +9,23 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from imagewire.server.app import ImagewireServer
-from imagewire.server.config import parse_args
-from imagewire.server.handshakes import raise_open_file_limit
+from imagewire.server.config import Config, parse_args, version
 from imagewire.server.logs import configure as configure_logging
+
+log = logging.getLogger("imagewire.server")
 
 
 async def serve(argv: Sequence[str] | None = None) -> None:
     config = parse_args(argv)
     configure_logging(config.log_level)
+    # Said before anything slow (imports, the key, the model): a start is never silent.
+    log.info("imagewire-server %s starting: %s on %s, default model %s; it answers on port %s once that is loaded",
+             version(), "no model (--engine fake)" if config.engine == "fake" else f"--engine {config.engine}",
+             config.device, config.default_model, config.port or "(any free)")
+    # Imported here, after the first line: the server's modules take about a second to import.
+    from imagewire.server.app import ImagewireServer
+    from imagewire.server.handshakes import raise_open_file_limit
+
     raise_open_file_limit()
     server = ImagewireServer(config)
     try:
@@ -28,21 +36,31 @@ async def serve(argv: Sequence[str] | None = None) -> None:
     if server.generated_key:
         print(f"\nGenerated an API key (kept in {config.data_dir / 'api-key'}, readable only by you):\n"
               f"    {server.generated_key}\n", file=sys.stderr, flush=True)
-    print(f"imagewire ready: {server.url}", file=sys.stderr, flush=True)
+    print(banner(server.config, server.url), file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
-    logging.getLogger("imagewire.server").info("signal received; shutting down")
+    log.info("signal received; shutting down")
     await server.stop()
     if server.device.busy:
         # The grace period ran out with a job still on the device. Interpreter shutdown would
         # tear torch down under that thread (SIGABRT); the tasks were answered, so leave now.
-        logging.getLogger("imagewire.server").info("leaving a device job unfinished")
+        log.info("leaving a device job unfinished")
         logging.shutdown()
         sys.stderr.flush()
         os._exit(0)
+
+
+def banner(config: Config, url: str) -> str:
+    """What a person needs once the server answers: where clients connect, where the playground is, the key."""
+    key = (f"the key kept in {(config.data_dir / 'api-key').resolve()}" if not config.api_keys
+           else f"{'the key' if len(config.api_keys) == 1 else 'the keys'} given with --api-key")
+    return (f"imagewire ready: {url}\n"
+            f"    playground: {config.base_url}/\n"
+            f"    REST:       POST {config.base_url}/v1 (Authorization: Bearer KEY)\n"
+            f"    API key:    {key}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import logging
+import socket
 import urllib.parse
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -21,7 +22,7 @@ from imagewire.server.config import Config, shown_url
 from imagewire.server.connection import GOING_AWAY, Connection, WaitingRoom
 from imagewire.server.device import DeviceQueue, DeviceService, Engine
 from imagewire.server.fake_engine import FakeEngine
-from imagewire.server.handshakes import HandshakeGuard, client_address, networks, request_arrived_middleware
+from imagewire.server.handshakes import HandshakeGuard, bind, client_address, networks, request_arrived_middleware
 from imagewire.server.http import HostCheck, HttpRoutes
 from imagewire.server.inbound_budget import FrameCounter, InboundBudget
 from imagewire.server.logs import install as install_log_limits
@@ -85,7 +86,8 @@ class ImagewireServer:
         self.generated_key: str | None = None
         self.connections: set[Connection] = set()  # open WebSockets, closed with 1001 at shutdown
         self._web: web.AppRunner | None = None
-        self._listener: asyncio.Server | None = None
+        self._sockets: list[socket.socket] = []        # bound at the start of start(), listening at its end
+        self._listeners: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
         self.state: RedisState | None = None  # the link to Redis, with --state
 
@@ -98,6 +100,18 @@ class ImagewireServer:
         return f"ws://{self.config.host}:{self.port}/v1"
 
     async def start(self) -> None:
+        # The port first: a taken one is said at once, not after the models have loaded.
+        self._sockets = await asyncio.to_thread(bind, self.config.host, self.config.port)
+        if self.config.port == 0:
+            self.config = dataclasses.replace(self.config, port=self._sockets[0].getsockname()[1])
+        try:
+            await self._start()
+        except BaseException:
+            for listening in self._sockets:
+                listening.close()
+            raise
+
+    async def _start(self) -> None:
         config = self.config
         keys = list(config.api_keys)
         if not keys:
@@ -173,7 +187,7 @@ class ImagewireServer:
         await asyncio.to_thread(self.device.start)
         if self.preload:
             for entry in preloads:
-                await asyncio.to_thread(self.device.preload(entry).wait)
+                await self._load_at_start(entry, flag="--default-model" if entry is default_model else "--preload")
         routes = HttpRoutes(store=self.store, device=self.device, metrics=self.metrics,
                             max_message_bytes=config.max_frame_bytes, inbound=self.inbound,
                             serve_socket=self._serve_socket, rest=self._rest,
@@ -186,13 +200,24 @@ class ImagewireServer:
         # Our own log line per task tells each task's story; per-request access lines would drown it.
         self._web = web.AppRunner(application, access_log=None, handle_signals=False, shutdown_timeout=5.0)
         await self._web.setup()
-        self._listener = await asyncio.get_running_loop().create_server(
-            self.handshakes, config.host, config.port, backlog=LISTEN_BACKLOG, reuse_address=True)
-        port = self._listener.sockets[0].getsockname()[1] if config.port == 0 else config.port
-        self.config = config = dataclasses.replace(config, port=port)
+        loop = asyncio.get_running_loop()
+        self._listeners = [await loop.create_server(self.handshakes, sock=listening, backlog=LISTEN_BACKLOG)
+                           for listening in self._sockets]
         self.services.base_url = config.base_url
         self._sweeper = asyncio.create_task(self._sweep_forever())
         log.info("imagewire listening on %s (images at %s/image/)", self.url, config.base_url)
+
+    async def _load_at_start(self, entry: ModelEntry, *, flag: str) -> None:
+        """Load a model before listening. One that fails stops the start with one line naming it and why, or with
+        --on-preload-failure continue, is left out with a warning (requests for it then say why)."""
+        try:
+            await asyncio.wrap_future(self.device.preload(entry))
+        except Exception as exc:
+            why = exc.describe(entry.air) if isinstance(exc, RegistryError) else _first_line(exc)
+            if self.config.on_preload_failure == "stop":
+                raise ValueError(f"{flag} {entry.air} could not be loaded: {why} (--on-preload-failure continue "
+                                 "starts without it)") from None
+            log.warning("%s %s could not be loaded, starting without it: %s", flag, entry.air, why)
 
     async def _default_model(self, catalog: Catalog, civitai: Civitai) -> ModelEntry:
         """The entry of ``--default-model``; a Civitai checkpoint is fetched first when downloads are on.
@@ -288,11 +313,12 @@ class ImagewireServer:
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop listening, let running tasks finish for up to ``grace`` seconds, close sockets with 1001."""
-        if self._web is None or self._listener is None:
+        if self._web is None or not self._listeners:
             return
         web_runner, self._web = self._web, None
         # Stop accepting new connections; the open sockets stay so running tasks can still deliver.
-        self._listener.close()
+        for listener in self._listeners:
+            listener.close()
         self.device.close_intake()
         grace = self.config.shutdown_grace if grace is None else grace
         running = self.runner.running
@@ -323,6 +349,12 @@ class ImagewireServer:
 
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.stop()
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message (a library's may run to pages)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def report_hosts(config: Config) -> tuple[str, ...]:

@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -312,10 +313,10 @@ class RayDevice:
         while not self._stopping.wait(BOARD_READ_INTERVAL):
             self._read_board()
 
-    def preload(self, model: ModelEntry) -> threading.Event:
+    def preload(self, model: ModelEntry) -> Future[None]:
         """Replicas load the default and --preload models themselves when they start."""
-        done = threading.Event()
-        done.set()
+        done: Future[None] = Future()
+        done.set_result(None)
         return done
 
     def close_intake(self) -> None:

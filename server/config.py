@@ -424,6 +424,12 @@ class Config:
         (), "--preload", MODELS,
         "load this model at start, after the default model; repeatable, in order (the last ones stay on the "
         "device)", metavar="AIR", repeatable=True)
+    on_preload_failure: str = setting(
+        "stop", "--on-preload-failure", MODELS,
+        "what a model loaded at start (--default-model, --preload) that cannot be loaded or downloaded does: stop "
+        "the start with one line naming it and why, or continue without it (with a warning; its requests then say "
+        "why)",
+        parse=Choice(("stop", "continue")))
     max_passed_over: int = setting(
         4, "--max-passed-over", MODELS,
         "API keys take turns; within them the device takes a queued job whose model is loaded before ones whose "

@@ -34,6 +34,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -113,8 +114,9 @@ class DeviceService(Device, Protocol):
     def start(self) -> None:
         """Blocking (call it from a thread): ready to take jobs when it returns; raises why not."""
 
-    def preload(self, model: ModelEntry) -> threading.Event:
-        """Have ``model`` on the device before the first request needs it; the event is set when done."""
+    def preload(self, model: ModelEntry) -> Future[None]:
+        """Have ``model`` on the device before the first request needs it; the future is done when it is, and
+        holds why it could not be."""
         ...
 
     def device_memory(self) -> Mapping[str, int]:
@@ -287,9 +289,9 @@ class DeviceQueue:
         if self._start_error is not None:
             raise self._start_error
 
-    def preload(self, model: ModelEntry) -> threading.Event:
-        """Load a model in the worker before the first request needs it; the event is set when done."""
-        done = threading.Event()
+    def preload(self, model: ModelEntry) -> Future[None]:
+        """Load a model in the worker before the first request needs it; the future holds why it could not be."""
+        done: Future[None] = Future()
         self._queue.put_control((model, done))
         return done
 
@@ -365,13 +367,15 @@ class DeviceQueue:
         except Exception:
             log.exception("reading which models are loaded failed")
 
-    def _load(self, engine: Engine, model: ModelEntry, done: threading.Event) -> None:
+    def _load(self, engine: Engine, model: ModelEntry, done: Future[None]) -> None:
         try:
             engine.load(model)
-        except Exception:
-            log.exception("preloading %s failed; requests for it will report why", model.air)
-        finally:
-            done.set()
+        except Exception as exc:
+            # The caller decides what a failed preload means (the server's start stops, or goes on without it).
+            log.debug("preloading %s failed", model.air, exc_info=exc)
+            done.set_exception(exc)
+        else:
+            done.set_result(None)
 
     def _run(self, engine: Engine, handles: list[JobHandle]) -> None:
         if len(handles) > 1:

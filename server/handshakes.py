@@ -16,6 +16,7 @@ import asyncio
 import ipaddress
 import logging
 import resource
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -207,6 +208,37 @@ def count_frames(request: web.Request, budget: InboundBudget, *, max_message_byt
     if not isinstance(protocol, _Timed):
         return None
     return protocol.count_frames(budget, max_message_bytes=max_message_bytes)
+
+
+def bind(host: str, port: int) -> list[socket.socket]:
+    """The listening addresses of ``host``, bound to ``port`` but not yet listening: bound first thing at start,
+    so that a taken port is said at once, while connections are refused (not left waiting) until the server is
+    ready to answer them. Port 0 picks one port free on every address."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    bound: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            listening = socket.socket(family, kind, proto)
+            bound.append(listening)
+            listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                listening.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(bound) > 1:  # the port the first address got, on the others too
+                address = (address[0], bound[0].getsockname()[1], *address[2:])
+            try:
+                listening.bind(address)
+            except OSError as exc:
+                raise OSError(f"cannot listen on {_shown(address)}: {exc.strerror}") from None
+    except BaseException:
+        for listening in bound:
+            listening.close()
+        raise
+    return bound
+
+
+def _shown(address: tuple[Any, ...]) -> str:
+    host = f"[{address[0]}]" if ":" in address[0] else address[0]
+    return f"{host}:{address[1]}"
 
 
 def request_arrived_middleware(guard: HandshakeGuard) -> Any:

@@ -95,7 +95,7 @@ class Replica:
                                   max_batch_size=config.max_batch_size, max_passed_over=config.max_passed_over)
         self.device.start()
         for entry in preloads:
-            self.device.preload(entry).wait()
+            self.device.preload(entry).result()
         self.runs: collections.Counter[str] = collections.Counter()  # jobs run, by routing model
         self.jobs: dict[str, str] = {}    # task UUIDs of the jobs it holds → their routing model
         # Serve's per-replica LRU of multiplexed ids follows the engine's: the models it keeps on the device.
