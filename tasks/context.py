@@ -67,6 +67,36 @@ class Results(Protocol):
         ...
 
 
+class Subscription(Protocol):
+    """One socket's subscription to the results of a task running on this server (``Feed.follow``).
+
+    It is taken before getResponse reads the record, so that nothing the task keeps meanwhile is missed, and
+    started once the answer is known: ``seen`` is how many result items the answer holds (those are never
+    pushed again), ``running`` whether the task was still processing (if not, there is nothing to push)."""
+
+    async def start(self, seen: int, running: bool) -> None: ...
+
+    def cancel(self) -> None: ...
+
+
+class Feed(Protocol):
+    """What getResponse may do beyond reading the record; the runner provides it."""
+
+    @property
+    def hold_seconds(self) -> float:
+        """How long getResponse may hold its answer for a task to finish (0: answer at once)."""
+        ...
+
+    def follow(self, task_uuid: str) -> Subscription | None:
+        """Push the results of ``task_uuid`` to the asking socket as they come; None when that is not possible
+        here (the transport answers once, or the task does not run on this server, or is not async)."""
+        ...
+
+    async def changed(self, task_uuid: str, timeout: float) -> None:
+        """Return when the task may have finished, at the latest after ``timeout`` seconds."""
+        ...
+
+
 # progress(items, overall percent, push): what a handler reports while its task runs; the runner keeps
 # ``overall`` for getResponse and sends ``items`` on when ``push`` (the task asked for progress).
 ProgressSink = Callable[[Sequence[Any], int, bool], None]
@@ -142,6 +172,7 @@ class TaskContext:
     timings: dict[str, float] = field(default_factory=dict)  # stage → seconds, for the task's log line
     progress_sink: ProgressSink | None = None
     held_pixels: int = 0             # of the budget, given back when the task is over (``release``)
+    feed: Feed | None = None         # for getResponse: holding its answer, pushing results as they come
 
     def progress(self, items: Sequence[Any], overall: int, *, push: bool) -> None:
         if self.progress_sink is not None:
