@@ -6,13 +6,15 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 from runware import IImageInference, Runware
 
 from imagewire.server import rest as rest_module
 from tests.engines import HeldEngine
+from tests.sdk import run_script, runware_sdk_dir
 from tests.server.test_rest import rest
 from tests.timing import seconds
-from tests.wire import Wire, inference
+from tests.wire import API_KEY, Wire, inference
 
 
 async def acknowledged(wire: Wire, task: dict) -> None:
@@ -203,3 +205,41 @@ async def test_with_shared_state_a_task_on_another_server_is_answered_by_polling
     await nothing_more(sender, task["taskUUID"])
     await sender.close()
     await asker.close()
+
+
+NEXT_SDK_SCRIPT = r'''
+import asyncio, json, sys
+from runware import Runware, RunOptions
+
+async def main(port, key, transport):
+    progress = []
+    client = Runware(api_key=key, transport=transport, ws_base_url=f"ws://127.0.0.1:{port}/v1",
+                     http_base_url=f"http://127.0.0.1:{port}/v1", max_retries=0)
+    async with client:
+        images = await client.run(
+            {"taskType": "imageInference", "model": "imagewire:tiny@1", "positivePrompt": "a lighthouse",
+             "width": 128, "height": 128, "steps": 2, "seed": 8, "deliveryMethod": "async"},
+            RunOptions(on_progress=progress.append))
+    print(json.dumps({"seeds": [image["seed"] for image in images], "statuses": [image["status"] for image in images],
+                      "progress": [item.get("progress") for item in progress]}))
+
+asyncio.run(main(int(sys.argv[1]), sys.argv[2], sys.argv[3]))
+'''
+
+
+@pytest.mark.parametrize("transport", ["websocket", "rest"])
+async def test_the_newer_sdk_polling_still_sees_progress_then_its_results(start_server, transport, monkeypatch):
+    """runware-sdk 1.8 polls getResponse: its polls while the job is held report progress, and the result
+    (pushed, or in a held REST answer) ends its run once, not twice."""
+    # A REST poll is held until the task finishes or the hold is over: shortened, so one answers processing.
+    monkeypatch.setattr(rest_module, "GET_RESPONSE_HOLD_SECONDS", seconds(0.5))
+    engine = HeldEngine(step_first=True)
+    server = await start_server(engine_factory=lambda: engine)
+    running = asyncio.create_task(asyncio.to_thread(
+        run_script, runware_sdk_dir(), NEXT_SDK_SCRIPT, str(server.port), API_KEY, transport))
+    assert await asyncio.to_thread(engine.started.wait, seconds(60))
+    await asyncio.sleep(seconds(3))  # its first poll comes 1 s after the acknowledgement
+    engine.release.set()
+    outcome = await running
+    assert outcome["seeds"] == [8] and outcome["statuses"] == ["success"]
+    assert outcome["progress"] and all(0 <= value < 100 for value in outcome["progress"])
