@@ -123,7 +123,9 @@ class _Run:
         self.ctx = ctx
         self.record = record
         self.asynchronous = delivery.asynchronous
-        self.webhook = delivery.webhook_url if delivery.asynchronous else None
+        # The webhook gets each result and error whichever way the task is delivered: Runware's docs put no
+        # async-only condition on it, and a sync task's results still go over the socket as well.
+        self.webhook = delivery.webhook_url
         self.reply = reply
         self.streams = streams
         self.task: asyncio.Task[None] | None = None
