@@ -2,8 +2,9 @@
 
 ``start`` admits a task (the connection's and the API key's bounds), prepares it (every check that
 needs no I/O), records its taskUUID (``conflictTaskUUID``), acknowledges it when it is async, and
-runs it as its own asyncio task. Results go to the ``Reply`` the transport gave, or for async tasks
-to the result registry and the webhook. Every way a task can end (results, a TaskError, our own
+runs it as its own asyncio task. Results go to the ``Reply`` the transport gave (for async tasks, to the
+result registry instead, and from there to the sockets that asked getResponse), and to the webhook when the
+task names one. Every way a task can end (results, a TaskError, our own
 bug, a shutdown that cuts it off) is one outcome in one log line, greppable by taskUUID:
 
     taskUUID=… taskType=imageInference outcome=success results=1 total_ms=412.0 decode_ms=3.1 …
