@@ -84,7 +84,10 @@ def prepare(task: ModelSearch, ctx: TaskContext) -> Search:
 
 def _matches(entry: ModelEntry, search: Search) -> bool:
     task = search.task
-    return ((search.architectures is None or entry.architecture.casefold() in search.architectures)
+    # Any of the tags, as the public API filters (a model with at least one of them), in any case.
+    wanted = {tag.casefold() for tag in task.tags or ()}
+    return ((not wanted or not wanted.isdisjoint(tag.casefold() for tag in entry.tags))
+            and (search.architectures is None or entry.architecture.casefold() in search.architectures)
             and (task.type is None or model_type(entry) == task.type)
             and (task.conditioning is None or conditioning(entry) == task.conditioning))
 
@@ -95,10 +98,10 @@ async def run(search: Search, ctx: TaskContext) -> AsyncIterator[ModelSearchResu
     if task.visibility == "private":  # every catalog model is public ("private": false)
         yield ModelSearchResult(taskType="modelSearch", taskUUID=task.taskUUID, totalResults=0, results=[])
         return
-    # The catalog filters by text, category and tags; architecture sets, type and conditioning are filtered
+    # The catalog filters by text and category; tags, architecture sets, type and conditioning are filtered
     # here, so the page is cut after every filter.
     _, candidates = services.catalog.search(
-        text=task.search, category=task.category, tags=task.tags, limit=len(services.catalog.entries), offset=0)
+        text=task.search, category=task.category, limit=len(services.catalog.entries), offset=0)
     matches = [entry for entry in candidates if _matches(entry, search)]
     entries = matches[task.offset: task.offset + task.limit]
     infos = []

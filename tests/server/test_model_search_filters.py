@@ -99,3 +99,11 @@ async def test_pages_are_cut_after_every_filter(server):
     assert page["totalResults"] == everything["totalResults"]
     assert [m["air"] for m in page["results"]] == [m["air"] for m in everything["results"][1:3]]
     await wire.close()
+
+
+async def test_tags_find_models_with_any_of_them(server):
+    wire = await Wire.open(server.url)
+    either = await search(wire, tags=["inpainting", "REFINER"])
+    assert {"imagewire:sd15-inpaint@1", "imagewire:sdxl-refiner@1"} <= airs(either)
+    assert all({"inpainting", "refiner"} & {tag.casefold() for tag in model["tags"]} for model in either["results"])
+    await wire.close()
