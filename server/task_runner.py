@@ -70,13 +70,14 @@ class TaskRunner:
 
     async def start(self, task: schema.Task, task_type: TaskType[Any, Any], task_uuid: str, *, owner: str,
                     connection: Hashable, reply: Reply, streams: bool = True,
-                    hold_seconds: float = 0.0) -> asyncio.Task[None] | None:
+                    hold_seconds: float = 0.0, session: str | None = None) -> asyncio.Task[None] | None:
         """Admit and launch one task; the asyncio task that runs it, or None when it was refused
         (the refusal is answered through ``reply``). ``streams``: the transport delivers answers as
         they come (a socket), so progress items and the results a getResponse follows may go out too; a
-        REST answer waits for the end, and its getResponse may hold it up to ``hold_seconds``."""
+        REST answer waits for the end, and its getResponse may hold it up to ``hold_seconds``. ``session``: the
+        UUID of the socket's session, which another server pushes the results of a task it runs to."""
         ctx = TaskContext(self.services, owner)
-        ctx.feed = _Feed(self, owner, connection, reply, streams, hold_seconds)
+        ctx.feed = _Feed(self, owner, connection, reply, streams, hold_seconds, session)
         delivery = task_type.delivery(task)
         ticket: Ticket | None = None
         try:
@@ -98,6 +99,7 @@ class TaskRunner:
         run.task = runner
         if record is not None:
             record.stop = run.cancel
+            record.pushes = delivery.asynchronous
             self.runs[owner, task_uuid] = run
         self.running.add(runner)
 
@@ -285,13 +287,19 @@ class _Feed:
     """What getResponse may do beyond reading the record (``tasks/context.py`` Feed), for one transport."""
 
     def __init__(self, runner: TaskRunner, owner: str, connection: Hashable, reply: Reply, streams: bool,
-                 hold_seconds: float) -> None:
+                 hold_seconds: float, session: str | None) -> None:
         self.runner = runner
         self.owner = owner
         self.connection = connection
         self.reply = reply
         self.streams = streams
         self.hold_seconds = hold_seconds
+        self.session = session
+
+    def follower(self, task_uuid: str) -> str | None:
+        if not self.streams or (self.owner, task_uuid) in self.runner.runs:
+            return None
+        return self.session
 
     def follow(self, task_uuid: str) -> _Following | None:
         run = self.runner.runs.get((self.owner, task_uuid))

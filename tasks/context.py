@@ -59,7 +59,9 @@ class Results(Protocol):
     @property
     def max_kept_bytes(self) -> int: ...
 
-    async def get(self, task_uuid: str, owner: str) -> RecordedTask | None: ...
+    async def get(self, task_uuid: str, owner: str, follower: str | None = None) -> RecordedTask | None:
+        """``follower``: a session UUID to push the task's later results to, where another server runs it."""
+        ...
 
     async def cancel(self, task_uuid: str, owner: str) -> bool | None:
         """Stop the task if it runs: True when it was stopped, False when it had ended, None when
@@ -90,6 +92,11 @@ class Feed(Protocol):
     def follow(self, task_uuid: str) -> Subscription | None:
         """Push the results of ``task_uuid`` to the asking socket as they come; None when that is not possible
         here (the transport answers once, or the task does not run on this server, or is not async)."""
+        ...
+
+    def follower(self, task_uuid: str) -> str | None:
+        """The asking socket's session, to subscribe with the read of the record when ``follow`` could not
+        (the task runs on another server); None when the transport answers once."""
         ...
 
     async def changed(self, task_uuid: str, timeout: float) -> None:

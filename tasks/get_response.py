@@ -31,7 +31,9 @@ async def run(task: GetResponse, ctx: TaskContext) -> AsyncIterator[dict[str, An
     following = feed.follow(task.taskUUID) if feed is not None else None
     started = False
     try:
-        record = await _record(task.taskUUID, ctx)
+        # Where the task runs elsewhere, the read itself subscribes this socket's session there.
+        follower = feed.follower(task.taskUUID) if feed is not None and following is None else None
+        record = await _record(task.taskUUID, ctx, follower)
         if following is not None:
             await following.start(len(record.items), record.status == "processing")
             started = True
@@ -50,10 +52,10 @@ async def run(task: GetResponse, ctx: TaskContext) -> AsyncIterator[dict[str, An
         yield processing
 
 
-async def _record(task_uuid: str, ctx: TaskContext) -> RecordedTask:
+async def _record(task_uuid: str, ctx: TaskContext, follower: str | None) -> RecordedTask:
     """The task's record; where the transport answers once (REST), held up to ``hold_seconds`` for it to finish."""
     registry = ctx.services.results
-    record = await registry.get(task_uuid, ctx.owner)
+    record = await registry.get(task_uuid, ctx.owner, follower)
     feed = ctx.feed
     if feed is not None and feed.hold_seconds > 0:
         loop = asyncio.get_running_loop()

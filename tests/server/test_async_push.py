@@ -14,7 +14,7 @@ from tests.engines import HeldEngine
 from tests.sdk import run_script, runware_sdk_dir
 from tests.server.test_rest import rest
 from tests.timing import seconds
-from tests.wire import API_KEY, Wire, inference
+from tests.wire import API_KEY, Wire, eventually, inference
 
 
 async def acknowledged(wire: Wire, task: dict) -> None:
@@ -59,9 +59,14 @@ async def test_results_are_pushed_once_each_to_a_socket_that_polled_many_times(s
     assert sorted(item["seed"] for item in items) == [4, 5]
     assert all(item["status"] == "success" and item["imageUUID"] for item in items)
     await nothing_more(wire, task["taskUUID"])
-    # Asked again once it is over, getResponse answers with both, as before.
-    await wire.send([{"taskType": "getResponse", "taskUUID": task["taskUUID"]}])
-    done = await wire.receive()
+
+    async def finished() -> dict | None:
+        await wire.send([{"taskType": "getResponse", "taskUUID": task["taskUUID"]}])
+        answer = await wire.receive()
+        return answer if all(item["status"] == "success" for item in answer["data"]) else None
+
+    # Asked again once it is over, getResponse answers with both, as before, and nothing is pushed again.
+    done = await eventually(finished)
     assert sorted(item["imageUUID"] for item in done["data"]) == sorted(item["imageUUID"] for item in items)
     await nothing_more(wire, task["taskUUID"])
     await wire.close()
@@ -184,25 +189,40 @@ async def test_with_shared_state_results_are_pushed_by_the_server_running_the_ta
     await wire.close()
 
 
-async def test_with_shared_state_a_task_on_another_server_is_answered_by_polling(start_server, redis_url):
-    """The server asked does not run the task: it answers processing, and the results once they exist."""
+async def test_with_shared_state_a_task_on_another_server_pushes_to_the_socket_that_asked(start_server, redis_url):
+    """The server asked does not run the task: the read subscribes its session in Redis, and the server running
+    the task pushes each later result into that session's outbox, which the asking server drains to the socket."""
     engine = HeldEngine()
     running = await start_server(engine_factory=lambda: engine, state=redis_url)
     asked = await start_server(engine_factory=lambda: HeldEngine(released=True), state=redis_url)
     sender, asker = await Wire.open(running.url), await Wire.open(asked.url)
-    task = inference(deliveryMethod="async", seed=50)
+    task = inference(deliveryMethod="async", numberResults=2, seed=50)
+    await acknowledged(sender, task)
+    for _ in range(3):
+        await poll(asker, task["taskUUID"])
+    engine.release.set()
+    data, errors = await asker.items_for(task["taskUUID"], 2, timeout=seconds(30))
+    assert not errors and sorted(item["seed"] for item in data) == [50, 51]
+    assert all(item["status"] == "success" for item in data)
+    await nothing_more(asker, task["taskUUID"])
+    # The running server pushed nothing to the sender, which never asked.
+    await nothing_more(sender, task["taskUUID"])
+    await sender.close()
+    await asker.close()
+
+
+async def test_with_shared_state_the_error_of_a_task_on_another_server_is_pushed(start_server, redis_url):
+    engine = HeldEngine()
+    running = await start_server(engine_factory=lambda: engine, state=redis_url)
+    asked = await start_server(engine_factory=lambda: HeldEngine(released=True), state=redis_url)
+    sender, asker = await Wire.open(running.url), await Wire.open(asked.url)
+    task = inference(deliveryMethod="async", positivePrompt="explode")
     await acknowledged(sender, task)
     await poll(asker, task["taskUUID"])
     engine.release.set()
-    while True:
-        await asker.send([{"taskType": "getResponse", "taskUUID": task["taskUUID"]}])
-        [item] = (await asker.receive())["data"]
-        if item["status"] == "success":
-            break
-        await asyncio.sleep(seconds(0.05))
-    assert item["seed"] == 50
-    # The running server pushed nothing to the sender, which never asked.
-    await nothing_more(sender, task["taskUUID"])
+    [error] = (await asker.receive(seconds(30)))["errors"]
+    assert (error["taskUUID"], error["status"], error["code"]) == (task["taskUUID"], "error", "inferenceError")
+    await nothing_more(asker, task["taskUUID"])
     await sender.close()
     await asker.close()
 

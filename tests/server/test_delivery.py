@@ -37,7 +37,11 @@ async def test_async_delivery_acknowledges_at_once_and_get_response_returns_resu
     # Having asked, the socket gets the results pushed as they exist (tests/server/test_async_push.py) ...
     pushed, _ = await wire.items_for(task["taskUUID"], 2)
     # ... and getResponse answers with all of them once the task is over.
-    done = await get_response(wire, task["taskUUID"])
+    async def finished() -> dict | None:
+        done = await get_response(wire, task["taskUUID"])
+        return done if all(item["status"] == "success" for item in done["data"]) else None
+
+    done = await eventually(finished)
     assert sorted(item["seed"] for item in done["data"]) == [4, 5]
     assert [item["imageUUID"] for item in pushed] == [item["imageUUID"] for item in done["data"]]
     assert all(item["taskType"] == "imageInference" and item["imageUUID"] for item in done["data"])
