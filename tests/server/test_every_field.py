@@ -118,6 +118,12 @@ DOCUMENTED: dict[str, set[str]] = {
 }
 
 
+# The newer SDKs' spellings of a task type are the same task, documented on the same page.
+for spelled, documented_as in (("upscale", "imageUpscale"), ("removeBackground", "imageBackgroundRemoval"),
+                               ("caption", "imageCaption"), ("controlNetPreprocess", "imageControlNetPreProcess")):
+    DOCUMENTED[spelled] = DOCUMENTED[documented_as]
+
+
 def table_struct(struct: type[schema.Task]) -> type[schema.Task]:
     """The struct a spelling's struct subclasses (``Upscale`` → ``ImageUpscale``): one row for both."""
     return next(base for base in struct.__mro__ if base in HONOURED)
