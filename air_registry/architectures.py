@@ -126,3 +126,24 @@ ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType({
                      cuda_dtype="bfloat16", single_file_pipeline="StableDiffusion3Pipeline", controlnets=False),
     )
 })
+
+
+# The architecture names of Runware's public API (modelSearch's ``architecture``, in its docs' list), each with
+# the rows above that its models would be filed under. The public names are coarser: "sdxl" is SDXL 1.0 of every
+# type (base, refiner, inpainting), which is why a public name that is also a row's name means the public set.
+# A name with no rows is one the public API defines that no model here can be (a hosted model, a distillation
+# this server has no row for); searching for it finds nothing.
+PUBLIC_ARCHITECTURES: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "sd1x": ("sd15", "sd15-inpaint"),
+    "sdxl": ("sdxl", "sdxl-refiner", "sdxl-inpaint"),
+    "flux1s": ("flux1-schnell",),
+    "flux1d": ("flux1-dev", "flux1-fill"),
+    "fluxkontextdev": ("flux1-kontext",),
+    "sd3": ("sd3", "sd35-medium", "sd35-large"),
+    **dict.fromkeys((
+        "fluxpro", "fluxultra", "fluxkontextpro", "fluxkontextmax", "imagen3", "imagen3fast", "imagen4preview",
+        "imagen4ultra", "imagen4fast", "gemini_2_5_flash_image", "hidreamfast", "hidreamdev", "hidreamfull",
+        "qwen_image", "qwen_image_edit", "flex_1_alpha", "ideogram1", "ideogram2a", "ideogram2", "ideogram3",
+        "sdhyper", "sd1xlcm", "sdxllcm", "sdxldistilled", "sdxlhyper", "sdxllightning", "sdxlturbo", "pony",
+    ), ()),
+})

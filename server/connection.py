@@ -298,4 +298,4 @@ class Connection(Dispatcher):
     async def start(self, task: schema.Task, task_type: TaskType[Any, Any], task_uuid: str) -> None:
         assert self.session is not None
         await self.runner.start(task, task_type, task_uuid, owner=self.session.owner, connection=self,
-                                reply=self.reply)
+                                reply=self.reply, session=self.session.uuid)

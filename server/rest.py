@@ -3,7 +3,8 @@
 
 Authentication is an ``Authorization: Bearer KEY`` header or an ``authentication`` task first in
 the array. Async tasks (``deliveryMethod: "async"``) are acknowledged in the answer and their
-results fetched with getResponse, in later POSTs or over a socket. The tasks run through the same
+results fetched with getResponse, in later POSTs or over a socket; a getResponse for a task still processing
+holds its answer up to ``GET_RESPONSE_HOLD_SECONDS`` for it to finish. The tasks run through the same
 runner as the socket's, so validation, limits and error items are the same; only the envelope and
 the HTTP status differ:
 
@@ -52,6 +53,9 @@ from imagewire.tasks.task_type import Item, TaskType
 log = logging.getLogger("imagewire.rest")
 
 BEARER = "bearer "
+# A getResponse over HTTP holds its answer up to this long for a task still processing to finish: a client
+# polling by REST gets the results as soon as they exist rather than at its next poll.
+GET_RESPONSE_HOLD_SECONDS = 5.0
 _hang_ups = Repeats()   # one log line per interval for bodies cut off by their clients
 
 
@@ -176,8 +180,9 @@ class RestExchange(Dispatcher):
     async def start(self, task: schema.Task, task_type: TaskType[Any, Any], task_uuid: str) -> None:
         assert self.owner is not None
         running = await self.runner.start(task, task_type, task_uuid, owner=self.owner, connection=self,
-                                          reply=self.reply, streams=False)
-        if running is not None:
+                                          reply=self.reply, streams=False, hold_seconds=GET_RESPONSE_HOLD_SECONDS)
+        # An async task is answered by its acknowledgement: the response does not wait for its results.
+        if running is not None and not task_type.delivery(task).asynchronous:
             self.running.append(running)
 
     async def finished(self) -> None:

@@ -82,7 +82,10 @@ class Tasks(Protocol):
         """The task ended with ``status``, and with ``record.errors`` when it failed."""
         ...
 
-    async def get(self, task_uuid: str, owner: str) -> TaskRecord | None: ...
+    async def get(self, task_uuid: str, owner: str, follower: str | None = None) -> TaskRecord | None:
+        """The record; ``follower``, a session UUID, is also subscribed to the task's later results where another
+        server runs it (the shared state; in memory every task runs here, and the runner follows it)."""
+        ...
 
     async def cancel(self, task_uuid: str, owner: str) -> bool | None: ...
 
@@ -184,6 +187,7 @@ class TaskRecord:
     items_dropped: bool = False          # its items were let go to bound memory
     progress: int | None = None          # percent done, while it runs and reports it
     stop: Callable[[], None] | None = None  # cancels it while it runs
+    pushes: bool = False                 # its results go to the sessions that asked getResponse (async tasks)
 
 
 class TaskRegistry:
@@ -241,7 +245,7 @@ class TaskRegistry:
         self.kept_bytes -= record.kept_bytes
         record.items, record.kept_bytes, record.items_dropped = [], 0, True
 
-    async def get(self, task_uuid: str, owner: str) -> TaskRecord | None:
+    async def get(self, task_uuid: str, owner: str, follower: str | None = None) -> TaskRecord | None:
         return self._records.get((owner, task_uuid))
 
     def progress(self, record: TaskRecord, percent: int) -> None:

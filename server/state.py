@@ -9,6 +9,9 @@ session resumes on any of them. Keys, all under ``imagewire:``:
     task:OWNER:UUID:progress    percent done, while it runs
     task:OWNER:UUID:lease       exists while the server running it is alive: it renews it every LEASE / 3 s
     task:OWNER:UUID:dropped     its items were let go to stay within the bound
+    task:OWNER:UUID:followers   sessions that asked getResponse on another server while it ran (a set): the
+                                server running an async task pushes each later result, and its error, to their
+                                outboxes
     kept, kept:bytes, kept:total   finished tasks holding items, by finish time; their sizes; the sum
     kept:last                   the score of the latest finish (finishes in one ms are ordered after it)
     session:UUID                the session (hash: owner, the server its socket is attached to, if any)
@@ -31,7 +34,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -43,6 +46,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from imagewire.server.config import shown_url
+from imagewire.server.protocol import encode_frame
 from imagewire.server.sessions import ClientSession, Sender, TaskRecord, conflict
 from imagewire.tasks.errors import ServiceUnavailable
 
@@ -109,8 +113,11 @@ return 1
 # KEYS: kept, kept:bytes, kept:total, record, items, lease, kept:last. ARGV: prefix, retention ms, max bytes,
 # record JSON, member, bytes of its items. A finish is scored by its time in ms, and a finish in the same ms as
 # the last one a thousandth after it (written with %.3f: Lua would print the number with 14 digits only), so that
-# "oldest first" never falls back on the order of the members' names.
+# "oldest first" never falls back on the order of the members' names. Returns the sessions that followed the task,
+# taken in the step that writes its status: a getResponse reading before it follows, one reading after sees the end.
 FINISH = _TIDY + """
+local followers = redis.call('SMEMBERS', KEYS[4] .. ':followers')
+redis.call('DEL', KEYS[4] .. ':followers')
 redis.call('SET', KEYS[4], ARGV[4], 'PX', ARGV[2])
 redis.call('PEXPIRE', KEYS[5], ARGV[2])
 redis.call('DEL', KEYS[6])
@@ -126,7 +133,8 @@ if bytes > 0 then
   redis.call('HSET', KEYS[2], ARGV[5], bytes)
   redis.call('INCRBY', KEYS[3], bytes)
 end
-return tidy(tonumber(ARGV[2]), tonumber(ARGV[3]))[2]
+tidy(tonumber(ARGV[2]), tonumber(ARGV[3]))
+return followers
 """
 
 # Frames into a session's outbox, at its end or (``front``) ahead of it, oldest let go past the bound, and the
@@ -357,14 +365,32 @@ class RedisTaskRegistry:
     async def keep(self, record: TaskRecord, item: dict[str, Any]) -> None:
         encoded = orjson.dumps(item)
         record.kept_bytes += len(encoded)
-        items = f"{self.key(record.owner, record.task_uuid)}:items"
+        key = self.key(record.owner, record.task_uuid)
         try:
-            async with self.state.client.pipeline(transaction=False) as pipe:
-                pipe.rpush(items, encoded)
-                pipe.pexpire(items, self._running_ttl)
-                await pipe.execute()
+            # One transaction: a getResponse that subscribes with its read (``get``) either reads this item or
+            # is among the followers it is pushed to, never both.
+            async with self.state.client.pipeline(transaction=record.pushes) as pipe:
+                pipe.rpush(f"{key}:items", encoded)
+                pipe.pexpire(f"{key}:items", self._running_ttl)
+                if record.pushes:
+                    pipe.smembers(f"{key}:followers")
+                replies = await pipe.execute()
         except (RedisError, OSError) as exc:
             self.state.warn(f"keeping a result of taskUUID={record.task_uuid}", exc)
+            return
+        if record.pushes:
+            await self._push(record, replies[2], data=[{**item, "status": "success"}])
+
+    async def _push(self, record: TaskRecord, followers: Any, *, data: Sequence[dict[str, Any]] = (),
+                    errors: Sequence[dict[str, Any]] = ()) -> None:
+        """A frame for the task to each session that followed it from another server, into its outbox (which
+        announces it to the server holding its socket)."""
+        if not followers or self.state.sessions is None:
+            return
+        frame = encode_frame(data=list(data), errors=list(errors))
+        for follower in followers:
+            await self.state.sessions.push(follower.decode() if isinstance(follower, bytes) else str(follower),
+                                           [frame], front=False)
 
     def progress(self, record: TaskRecord, percent: int) -> None:
         record.progress = percent
@@ -387,13 +413,17 @@ class RedisTaskRegistry:
         self._running.pop((record.owner, record.task_uuid), None)
         key = self.key(record.owner, record.task_uuid)
         try:
-            await self._finish(keys=[*self._kept_keys(), key, f"{key}:items", f"{key}:lease", f"{PREFIX}kept:last"],
-                               args=[f"{PREFIX}task:", _ms(self.retention), self.max_kept_bytes, self._state(record),
-                                     self.member(record.owner, record.task_uuid), record.kept_bytes])
+            followers = await self._finish(
+                keys=[*self._kept_keys(), key, f"{key}:items", f"{key}:lease", f"{PREFIX}kept:last"],
+                args=[f"{PREFIX}task:", _ms(self.retention), self.max_kept_bytes, self._state(record),
+                      self.member(record.owner, record.task_uuid), record.kept_bytes])
         except (RedisError, OSError) as exc:
             self.state.warn(f"recording the end of taskUUID={record.task_uuid}", exc)
+            return
+        if record.pushes and status == "error" and record.errors:
+            await self._push(record, followers, errors=[{**record.errors[0], "status": "error"}])
 
-    async def get(self, task_uuid: str, owner: str) -> TaskRecord | None:
+    async def get(self, task_uuid: str, owner: str, follower: str | None = None) -> TaskRecord | None:
         key = self.key(owner, task_uuid)
         with shared():
             async with self.state.client.pipeline(transaction=True) as pipe:
@@ -402,7 +432,12 @@ class RedisTaskRegistry:
                 pipe.exists(f"{key}:lease")
                 pipe.exists(f"{key}:dropped")
                 pipe.get(f"{key}:progress")
-                raw, items, leased, dropped, progress = await pipe.execute()
+                if follower is not None and (owner, task_uuid) not in self._running:
+                    # Subscribed in the same transaction as the read (see ``keep`` and FINISH). A task that has
+                    # ended, or runs sync, never reads the set, which expires with the record.
+                    pipe.sadd(f"{key}:followers", follower)
+                    pipe.pexpire(f"{key}:followers", self._running_ttl)
+                raw, items, leased, dropped, progress, *_ = await pipe.execute()
         if raw is None:
             return None
         saved = orjson.loads(raw)
@@ -464,7 +499,7 @@ class RedisTaskRegistry:
         for owner, task_uuid in self._running:
             key = self.key(owner, task_uuid)
             pipe.set(f"{key}:lease", b"1", px=_ms(self.state.lease))
-            for name in (key, f"{key}:items", f"{key}:progress"):
+            for name in (key, f"{key}:items", f"{key}:progress", f"{key}:followers"):
                 pipe.pexpire(name, self._running_ttl)
 
     async def sweep(self) -> int:

@@ -2,8 +2,9 @@
 
 ``start`` admits a task (the connection's and the API key's bounds), prepares it (every check that
 needs no I/O), records its taskUUID (``conflictTaskUUID``), acknowledges it when it is async, and
-runs it as its own asyncio task. Results go to the ``Reply`` the transport gave, or for async tasks
-to the result registry and the webhook. Every way a task can end (results, a TaskError, our own
+runs it as its own asyncio task. Results go to the ``Reply`` the transport gave (for async tasks, to the
+result registry instead, and from there to the sockets that asked getResponse), and to the webhook when the
+task names one. Every way a task can end (results, a TaskError, our own
 bug, a shutdown that cuts it off) is one outcome in one log line, greppable by taskUUID:
 
     taskUUID=… taskType=imageInference outcome=success results=1 total_ms=412.0 decode_ms=3.1 …
@@ -33,6 +34,9 @@ from imagewire.tasks.task_type import Delivery, Item, TaskType
 
 log = logging.getLogger("imagewire.task")
 
+# A getResponse holding its answer re-reads the record of a task running on another server this often.
+RECHECK_SECONDS = 0.25
+
 
 class Reply(Protocol):
     """Where a task's answers go: one call per frame's worth of data items and error items."""
@@ -53,6 +57,8 @@ class TaskRunner:
         self.admission = admission
         self.on_finished = on_finished
         self.running: set[asyncio.Task[None]] = set()  # every running task, so a shutdown can drain them
+        # The recorded tasks running here, by (owner, taskUUID): what getResponse follows and waits for.
+        self.runs: dict[tuple[str, str], _Run] = {}
         self.pending_sends: set[asyncio.Future[None]] = set()  # progress items on their way
 
     def refused(self, task_type: str | None, code: str) -> None:
@@ -63,11 +69,15 @@ class TaskRunner:
             self.on_finished(known, code, 0.0, {})
 
     async def start(self, task: schema.Task, task_type: TaskType[Any, Any], task_uuid: str, *, owner: str,
-                    connection: Hashable, reply: Reply, streams: bool = True) -> asyncio.Task[None] | None:
+                    connection: Hashable, reply: Reply, streams: bool = True,
+                    hold_seconds: float = 0.0, session: str | None = None) -> asyncio.Task[None] | None:
         """Admit and launch one task; the asyncio task that runs it, or None when it was refused
         (the refusal is answered through ``reply``). ``streams``: the transport delivers answers as
-        they come (a socket), so progress items may go out too; a REST answer waits for the end."""
+        they come (a socket), so progress items and the results a getResponse follows may go out too; a
+        REST answer waits for the end, and its getResponse may hold it up to ``hold_seconds``. ``session``: the
+        UUID of the socket's session, which another server pushes the results of a task it runs to."""
         ctx = TaskContext(self.services, owner)
+        ctx.feed = _Feed(self, owner, connection, reply, streams, hold_seconds, session)
         delivery = task_type.delivery(task)
         ticket: Ticket | None = None
         try:
@@ -89,10 +99,15 @@ class TaskRunner:
         run.task = runner
         if record is not None:
             record.stop = run.cancel
+            record.pushes = delivery.asynchronous
+            self.runs[owner, task_uuid] = run
         self.running.add(runner)
 
         def finished(done: asyncio.Task[None]) -> None:
             self.running.discard(done)
+            if self.runs.get((owner, task_uuid)) is run:
+                del self.runs[owner, task_uuid]
+            run.followers.clear()
             self.admission.release(ticket)
             ctx.release()
 
@@ -111,12 +126,24 @@ class _Run:
         self.ctx = ctx
         self.record = record
         self.asynchronous = delivery.asynchronous
-        self.webhook = delivery.webhook_url if delivery.asynchronous else None
+        # The webhook gets each result and error whichever way the task is delivered: Runware's docs put no
+        # async-only condition on it, and a sync task's results still go over the socket as well.
+        self.webhook = delivery.webhook_url
         self.reply = reply
         self.streams = streams
         self.task: asyncio.Task[None] | None = None
         self.cancelled_by_client = False
+        self.kept = 0                                     # result items kept so far
+        self.failure: dict[str, Any] | None = None        # the error item it ended with
+        self.followers: dict[Hashable, _Following] = {}   # one per socket that asked getResponse
         ctx.progress_sink = self._progress
+
+    def follow(self, connection: Hashable, reply: Reply) -> _Following:
+        """Push what this task produces from now on to ``reply``. A socket that asks again replaces its
+        subscription, so that each result is pushed to it once however often it polls."""
+        following = _Following(self, connection, reply, missed=self.failure)
+        self.followers[connection] = following
+        return following
 
     def cancel(self) -> None:
         """cancelTask: stop the task; it answers that it was cancelled."""
@@ -184,21 +211,110 @@ class _Run:
         if self.record is None and not self.webhook:
             return
         as_dict = _as_dict(item)
+        index, self.kept = self.kept, self.kept + 1
         if self.record is not None:
             await self.runner.registry.keep(self.record, as_dict)
         if self.webhook:
             self.runner.webhooks.send(self.webhook, as_dict)
+        # After the registry has it: a getResponse reading from now on has it in its answer (and skips it here).
+        for following in list(self.followers.values()):
+            await following.offer(index, as_dict)
 
     async def _fail(self, error: TaskError, collected: list[Item]) -> None:
         item = error.to_item(self.task_type.name, self.task_uuid)
         if self.record is not None:
             self.record.errors.append(item)
+        self.failure = item
         if self.webhook:
             self.runner.webhooks.send(self.webhook, item)
+        for following in list(self.followers.values()):
+            await following.offer(None, item)
         if self.task_type.single_frame:
             await self.reply(data=collected, errors=[item])
         elif not self.asynchronous:
             await self.reply(errors=[item])
+
+
+class _Following:
+    """One socket's subscription to a running async task (``tasks/context.py`` Subscription).
+
+    Until getResponse has read the record (``start``), what the task offers is held here; then each result
+    the answer did not hold, and the task's error, is sent through the socket's ``reply``, the session's send
+    like any answer (so a client that resumes its session gets them too)."""
+
+    def __init__(self, run: _Run, connection: Hashable, reply: Reply, missed: dict[str, Any] | None) -> None:
+        self.run = run
+        self.connection = connection
+        self.reply = reply
+        self.seen: int | None = None   # result items the getResponse answer held, once it is known
+        self.early: list[tuple[int | None, dict[str, Any]]] = []
+        # The task had failed before this subscription: its error is pushed unless the answer holds it.
+        self.missed = missed
+
+    async def start(self, seen: int, running: bool) -> None:
+        if not running:  # the answer holds every result, or the error
+            self.cancel()
+            return
+        self.seen = seen
+        early, self.early = self.early, []
+        if self.missed is not None:
+            early.append((None, self.missed))
+        for index, item in early:
+            await self._send(index, item)
+
+    def cancel(self) -> None:
+        self.early = []
+        if self.run.followers.get(self.connection) is self:
+            del self.run.followers[self.connection]
+
+    async def offer(self, index: int | None, item: dict[str, Any]) -> None:
+        """A result (``index``: its place among the task's results) or the error (``index`` None)."""
+        if self.seen is None:
+            self.early.append((index, item))
+        else:
+            await self._send(index, item)
+
+    async def _send(self, index: int | None, item: dict[str, Any]) -> None:
+        if index is None:
+            self.missed = None
+            self.cancel()
+            await self.reply(errors=[{**item, "status": "error"}])
+        elif self.seen is not None and index >= self.seen:
+            await self.reply(data=[{**item, "status": "success"}])
+
+
+class _Feed:
+    """What getResponse may do beyond reading the record (``tasks/context.py`` Feed), for one transport."""
+
+    def __init__(self, runner: TaskRunner, owner: str, connection: Hashable, reply: Reply, streams: bool,
+                 hold_seconds: float, session: str | None) -> None:
+        self.runner = runner
+        self.owner = owner
+        self.connection = connection
+        self.reply = reply
+        self.streams = streams
+        self.hold_seconds = hold_seconds
+        self.session = session
+
+    def follower(self, task_uuid: str) -> str | None:
+        if not self.streams or (self.owner, task_uuid) in self.runner.runs:
+            return None
+        return self.session
+
+    def follow(self, task_uuid: str) -> _Following | None:
+        run = self.runner.runs.get((self.owner, task_uuid))
+        # Only async tasks: a sync task's results already go to its session, a resumed one included.
+        if not self.streams or run is None or not run.asynchronous:
+            return None
+        return run.follow(self.connection, self.reply)
+
+    async def changed(self, task_uuid: str, timeout: float) -> None:
+        run = self.runner.runs.get((self.owner, task_uuid))
+        if run is None or run.task is None:
+            # Running on another server (shared state): its record is read again shortly.
+            await asyncio.sleep(min(timeout, RECHECK_SECONDS))
+            return
+        await asyncio.wait({run.task}, timeout=timeout)
 
 
 def _as_dict(item: Item) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Webhook delivery for async tasks: each finished result is POSTed as ``{"data": [item]}``.
+"""Webhook delivery for tasks sent with a webhookURL: each finished result is POSTed as ``{"data": [item]}``.
 
 Deliveries run in the background with bounded retries and exponential backoff; the URL is
 held to the same address rules as image URLs (no loopback or private networks unless the

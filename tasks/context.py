@@ -59,11 +59,48 @@ class Results(Protocol):
     @property
     def max_kept_bytes(self) -> int: ...
 
-    async def get(self, task_uuid: str, owner: str) -> RecordedTask | None: ...
+    async def get(self, task_uuid: str, owner: str, follower: str | None = None) -> RecordedTask | None:
+        """``follower``: a session UUID to push the task's later results to, where another server runs it."""
+        ...
 
     async def cancel(self, task_uuid: str, owner: str) -> bool | None:
         """Stop the task if it runs: True when it was stopped, False when it had ended, None when
         ``owner`` has no such task."""
+        ...
+
+
+class Subscription(Protocol):
+    """One socket's subscription to the results of a task running on this server (``Feed.follow``).
+
+    It is taken before getResponse reads the record, so that nothing the task keeps meanwhile is missed, and
+    started once the answer is known: ``seen`` is how many result items the answer holds (those are never
+    pushed again), ``running`` whether the task was still processing (if not, there is nothing to push)."""
+
+    async def start(self, seen: int, running: bool) -> None: ...
+
+    def cancel(self) -> None: ...
+
+
+class Feed(Protocol):
+    """What getResponse may do beyond reading the record; the runner provides it."""
+
+    @property
+    def hold_seconds(self) -> float:
+        """How long getResponse may hold its answer for a task to finish (0: answer at once)."""
+        ...
+
+    def follow(self, task_uuid: str) -> Subscription | None:
+        """Push the results of ``task_uuid`` to the asking socket as they come; None when that is not possible
+        here (the transport answers once, or the task does not run on this server, or is not async)."""
+        ...
+
+    def follower(self, task_uuid: str) -> str | None:
+        """The asking socket's session, to subscribe with the read of the record when ``follow`` could not
+        (the task runs on another server); None when the transport answers once."""
+        ...
+
+    async def changed(self, task_uuid: str, timeout: float) -> None:
+        """Return when the task may have finished, at the latest after ``timeout`` seconds."""
         ...
 
 
@@ -142,6 +179,7 @@ class TaskContext:
     timings: dict[str, float] = field(default_factory=dict)  # stage → seconds, for the task's log line
     progress_sink: ProgressSink | None = None
     held_pixels: int = 0             # of the budget, given back when the task is over (``release``)
+    feed: Feed | None = None         # for getResponse: holding its answer, pushing results as they come
 
     def progress(self, items: Sequence[Any], overall: int, *, push: bool) -> None:
         if self.progress_sink is not None:

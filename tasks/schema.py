@@ -14,7 +14,7 @@ several fields or the model are checked by the task handlers.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 from msgspec import Meta, Struct
@@ -183,13 +183,24 @@ class ImageHistory(Task, tag="imageHistory"):
     limit: Annotated[int, Meta(ge=1, le=200)] = 50
 
 
+# modelSearch's documented values (utilities_model-search.md): checkpoint types and ControlNet conditionings.
+ModelType = Literal["base", "inpainting", "refiner"]
+Conditioning = Literal[
+    "blur", "canny", "depth", "gray", "hed", "inpaint", "inpaintdepth", "lineart", "lowquality", "normal",
+    "openmlsd", "openpose", "outfit", "pix2pix", "qrcode", "scribble", "seg", "shuffle", "sketch", "softedge",
+    "tile"]
+CONDITIONINGS: tuple[str, ...] = get_args(Conditioning)
+
+
 class ModelSearch(Deliverable, tag="modelSearch"):
     taskUUID: TaskUUID
     search: Annotated[str, Meta(max_length=200)] | None = None
     tags: list[str] | None = None
     category: str | None = None
-    type: str | None = None
-    architecture: str | None = None
+    type: ModelType | None = None
+    # Ours (air_registry/architectures.py) or the public API's names; checked in prepare, where both are known.
+    architecture: Annotated[str, Meta(max_length=100)] | None = None
+    conditioning: Conditioning | None = None
     visibility: Literal["public", "private", "all"] | None = None
     limit: Annotated[int, Meta(ge=1, le=100)] = 20
     offset: Annotated[int, Meta(ge=0)] = 0
@@ -336,7 +347,7 @@ UNSUPPORTED_PARAMETERS: dict[str, frozenset[str]] = {
         }
     ),
     "imageUpload": frozenset(),
-    "modelSearch": frozenset({"conditioning"}),
+    "modelSearch": frozenset(),
     "getResponse": frozenset(),
     **dict.fromkeys(("imageUpscale", "upscale"), frozenset(
         {"settings", "targetMegapixels", "providerSettings", "safety", "ttl", "uploadEndpoint"})),
@@ -455,6 +466,9 @@ class ModelInfo(Struct, kw_only=True):
     positiveTriggerWords: str = ""  # an embedding's token: what stands for it in prompts
     loaded: bool = False            # in memory now: a request for it starts without a load from disk
     loadedOn: Literal["device", "ram"] | None = None
+    type: ModelType | None = None          # of a checkpoint; null for other categories
+    conditioning: str | None = None        # of a ControlNet, where its tags say it; null otherwise
+    heroImage: str | None = None           # no catalog model has a preview image: always null
 
 
 class ModelSearchResult(Item):

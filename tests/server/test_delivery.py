@@ -34,13 +34,16 @@ async def test_async_delivery_acknowledges_at_once_and_get_response_returns_resu
     assert processing.pop("progress", 0) == 0
     assert processing == {"taskType": "imageInference", "taskUUID": task["taskUUID"], "status": "processing"}
     engine.release.set()
-
+    # Having asked, the socket gets the results pushed as they exist (tests/server/test_async_push.py) ...
+    pushed, _ = await wire.items_for(task["taskUUID"], 2)
+    # ... and getResponse answers with all of them once the task is over.
     async def finished() -> dict | None:
         done = await get_response(wire, task["taskUUID"])
         return done if all(item["status"] == "success" for item in done["data"]) else None
 
     done = await eventually(finished)
     assert sorted(item["seed"] for item in done["data"]) == [4, 5]
+    assert [item["imageUUID"] for item in pushed] == [item["imageUUID"] for item in done["data"]]
     assert all(item["taskType"] == "imageInference" and item["imageUUID"] for item in done["data"])
     await wire.close()
 
@@ -162,6 +165,36 @@ async def test_webhooks_receive_each_async_result(start_server):
     await eventually(lambda: len(received) == 2)
     assert {body["data"][0]["taskUUID"] for body in received} == {task["taskUUID"]}
     assert all(body["data"][0]["imageUUID"] for body in received)
+    listener.close()
+    await wire.close()
+
+
+async def test_a_sync_task_with_a_webhook_posts_to_it_too(start_server):
+    received: list[dict] = []
+
+    async def hook(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        length = int(next(line.split(b":")[1] for line in lines if line.lower().startswith(b"content-length")))
+        received.append(orjson.loads(await reader.readexactly(length)))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    listener = await asyncio.start_server(hook, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    server = await start_server(allow_private_urls=True, engine_factory=lambda: HeldEngine(released=True))
+    wire = await Wire.open(server.url)
+    url = f"http://127.0.0.1:{port}/hook"
+    # Results over the socket as ever, and each one POSTed as well.
+    [result] = await wire.run(inference(seed=6, webhookURL=url))
+    await eventually(lambda: len(received) == 1)
+    assert received[0]["data"][0]["imageUUID"] == result["imageUUID"]
+    # An error of the run too (one of the checks before it starts is only answered, as for async tasks).
+    error = await wire.error(inference(positivePrompt="explode", webhookURL=url))
+    await eventually(lambda: len(received) == 2)
+    assert received[1]["data"][0]["code"] == error["code"] == "inferenceError"
+    assert received[1]["data"][0]["taskUUID"] == error["taskUUID"]
     listener.close()
     await wire.close()
 

@@ -90,7 +90,10 @@ async def test_async_results_and_progress_reach_get_response_on_another_server(s
 
     assert (await eventually(processing))["status"] == "processing"
     engine.release.set()
-
+    # Having asked, the second server's socket gets the results pushed (tests/server/test_async_push.py) ...
+    pushed, _ = await on_second.items_for(task["taskUUID"], 2)
+    assert sorted(item["seed"] for item in pushed) == [40, 41]
+    # ... and getResponse there answers with both once the task is over.
     async def finished() -> list[dict] | None:
         items = (await answer_for(on_second, get_response(task["taskUUID"])))["data"]
         return items if all(item["status"] == "success" for item in items) else None
