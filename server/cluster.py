@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from imagewire.server.config import Config
 from imagewire.server.device import Engine, JobStream
 from imagewire.tasks.errors import InferenceError, ServiceUnavailable
-from imagewire.tasks.jobs import DeviceEvent, Failed, Finished, Job, JobEvent, Queued, Results, Step
+from imagewire.tasks.jobs import DeviceEvent, Failed, Finished, Job, JobEvent, ModelPlacement, Queued, Results, Step
 
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle
@@ -195,6 +195,14 @@ class RayDevice:
             for air, where in state["loaded_models"].items():
                 if merged.get(air) != "device":
                     merged[air] = where
+        return merged
+
+    @property
+    def memory_plans(self) -> Mapping[str, ModelPlacement]:
+        """Each model's placement on the replicas that hold it (one of them where they differ)."""
+        merged: dict[str, ModelPlacement] = {}
+        for state in self._replicas:
+            merged.update(state.get("memory_plans", {}))
         return merged
 
     def device_memory(self) -> Mapping[str, int]:

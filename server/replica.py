@@ -137,7 +137,8 @@ class Replica:
     def state(self) -> dict[str, Any]:
         """What the board says of this replica."""
         return {"name": self.name, "pid": os.getpid(), "node": ray.util.get_node_ip_address(), "at": time.time(),
-                "loaded_models": dict(self.device.loaded_models), "device_memory": dict(self.device.device_memory()),
+                "loaded_models": dict(self.device.loaded_models),
+                "memory_plans": dict(self.device.memory_plans), "device_memory": dict(self.device.device_memory()),
                 "unavailable_samplers": dict(self.device.unavailable_samplers), "pending": self.device.pending,
                 "jobs": dict(self.jobs), "runs": dict(self.runs)}
 

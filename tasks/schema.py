@@ -455,6 +455,7 @@ class ModelInfo(Struct, kw_only=True):
     positiveTriggerWords: str = ""  # an embedding's token: what stands for it in prompts
     loaded: bool = False            # in memory now: a request for it starts without a load from disk
     loadedOn: Literal["device", "ram"] | None = None
+    memoryPlan: str | None = None   # a loaded model's placement: all-on-device, text-encoders-on-cpu, model-offload, …
 
 
 class ModelSearchResult(Item):
