@@ -577,8 +577,21 @@ def _encode_on(module: torch.nn.Module, device: str) -> None:
         mod.to("cpu")
         mod._imagewire_encodes = getattr(mod, "_imagewire_encodes", 0) + 1  # type: ignore[assignment]
 
-    module.register_forward_pre_hook(move_in, with_kwargs=True)
-    module.register_forward_hook(move_out, with_kwargs=True)
+    module._imagewire_hooks = [  # type: ignore[assignment]
+        module.register_forward_pre_hook(move_in, with_kwargs=True),
+        module.register_forward_hook(move_out, with_kwargs=True)]
+
+
+def unplace(pipe: DiffusionPipeline) -> None:
+    """Undo ``place`` (but group offload, which diffusers cannot take off): every module back in host RAM, no
+    hooks. For benchmarks that place one pipeline several ways in turn."""
+    for _, module in _modules(pipe):
+        for hook in getattr(module, "_imagewire_hooks", ()):
+            hook.remove()
+        module._imagewire_hooks = []  # type: ignore[assignment]
+    pipe.remove_all_hooks()
+    pipe.to("cpu")
+    pipe._imagewire_placement = ALL_ON_DEVICE  # type: ignore[attr-defined]
 
 
 def _seed_option(sampler_class: Any, seeds: Sequence[int]) -> dict[str, Any]:

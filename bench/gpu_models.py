@@ -16,6 +16,7 @@ On disk, in their CUDA precision: SD 1.5 2 GB, SDXL 7 GB, FLUX.1 [dev] 34 GB, SD
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import shutil
 import tempfile
@@ -236,6 +237,7 @@ def _meta_component(key: str, config: dict[str, Any]) -> Any:
     return _t5_encoder(part) if part.get("class") == "T5EncoderModel" else _text_encoder(part)
 
 
+@functools.cache
 def meta_size(architecture: str, *, dtype_bytes: int = 2) -> Any:
     """The ``memory_plan.ModelSize`` of a full-size architecture, from its modules built on the meta device: real
     shapes and parameter counts without a byte of weights, in a few seconds."""
