@@ -202,7 +202,8 @@ class RayDevice:
         """Each model's placement on the replicas that hold it (one of them where they differ)."""
         merged: dict[str, ModelPlacement] = {}
         for state in self._replicas:
-            merged.update(state.get("memory_plans", {}))
+            # The board is JSON: each placement comes as its fields.
+            merged.update({air: ModelPlacement(**fields) for air, fields in state.get("memory_plans", {}).items()})
         return merged
 
     def device_memory(self) -> Mapping[str, int]:
