@@ -3,6 +3,7 @@ the server would place them under ``--device-memory-gib`` 12, 16, 24 and without
 with the same offload method.
 
     python -m bench.gpu_quick [--models flux,sdxl] [--budgets 12,16,24,0] [--steps 4] [--out bench/results]
+    python -m bench --suite gpu-quick [the same options]
     python -m bench.gpu_quick --dry-run     # no CUDA needed: the plans it would run, from the real shapes
 
 For each model and budget it plans the placement from the model's real shapes (``air_registry/memory_plan.py``,

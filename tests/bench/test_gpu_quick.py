@@ -31,3 +31,11 @@ def test_a_budget_too_small_for_any_plan_is_a_refusal_row(tmp_path: Path) -> Non
     results = main(["--dry-run", "--models", "flux", "--budgets", "2", "--out", str(tmp_path)])
     [row] = results["rows"]
     assert row["plan"] is None and "does not fit this device" in row["refused"]
+
+
+def test_python_m_bench_suite_gpu_quick_is_the_same_run(tmp_path: Path) -> None:
+    from bench.cli import main as bench_main
+
+    results = bench_main(["--suite", "gpu-quick", "--dry-run", "--models", "sdxl", "--budgets", "12",
+                          "--out", str(tmp_path)])
+    assert [(row["model"], row["plan"]) for row in results["rows"]] == [("sdxl", "all-on-device")]
