@@ -387,6 +387,12 @@ class PipelineCache:
                 return  # nothing was ever added: nothing to take off
             loaded.add_ons = ModelAddOns(loaded.primary, allow_downloads=self.allow_downloads)
         loaded.add_ons.use(loaded.pipes, loras=loras, embeddings=embeddings, vae=vae)
+        if loaded.plan is not None and loaded.plan.placement in (MODEL_OFFLOAD, SEQUENTIAL_OFFLOAD):
+            # A VAE swapped in has none of the offload hooks, which would leave it in host RAM while its latents
+            # are on the device. VAEs are small (about 160 MB): it stays on the device while it is in use.
+            for pipe in loaded.pipes:
+                if pipe.vae is not None and not _hooked(pipe.vae):
+                    pipe.vae.to(self.device)
 
     def unload_all(self) -> None:
         self._loaded.clear()
@@ -557,6 +563,11 @@ def place(pipe: DiffusionPipeline, placement: str, device: str) -> None:
         raise ValueError(f"unknown placement {placement!r}")
     # Which placement a pipeline has, for the engine and the tests to see.
     pipe._imagewire_placement = placement  # type: ignore[attr-defined]
+
+
+def _hooked(module: torch.nn.Module) -> bool:
+    """Whether an offload method moves ``module`` in and out (accelerate's hooks, diffusers' group offload)."""
+    return hasattr(module, "_hf_hook") or getattr(module, "_diffusers_hook", None) is not None
 
 
 def placement_of(pipe: Any) -> str:

@@ -325,3 +325,33 @@ def test_models_that_fit_together_stay_together_and_one_that_does_not_fit_beside
     single.text_to_image(first)
     single.text_to_image(second)
     assert single.loaded_models == ["test:fit1@1"]
+
+
+def test_a_vae_swapped_into_an_offloaded_model_is_on_the_device_for_its_calls(
+    catalog: Catalog, tiny_entry: ModelEntry, tiny_model_dir: Path, tiny_data_dir: Path, models_dir: Path
+) -> None:
+    from imagewire.air_registry.weights import locate_weights
+    from imagewire.tasks.jobs import AddOn
+
+    entry = folder_copy_of(tiny_entry, tiny_model_dir, "test:offloaded-vae@1")
+    budget = _budget_for(MODEL_OFFLOAD, PipelineCache(device="cpu", data_dir=tiny_data_dir), entry, tiny_model_dir)
+    cache = PipelineCache(device="cpu", data_dir=tiny_data_dir, memory_budget=budget)
+    pipe = cache.text_to_image(entry)
+    vae_entry = catalog.resolve("tiny-vae")
+    moved: list[str] = []
+    vae = AddOn(vae_entry, locate_weights(vae_entry, data_dir=tiny_data_dir, allow_downloads=False))
+    original_to = torch.nn.Module.to
+
+    def recording_to(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if module is pipe.vae:
+            moved.append(str(args[0] if args else kwargs.get("device")))
+        return original_to(module, *args, **kwargs)
+
+    torch.nn.Module.to = recording_to  # type: ignore[method-assign]
+    try:
+        cache.use_add_ons(entry, vae=vae)
+    finally:
+        torch.nn.Module.to = original_to  # type: ignore[method-assign]
+    # Not hooked by the model offload: moved to the device (a CPU's device is "cpu") rather than left alone.
+    assert not hasattr(pipe.vae, "_hf_hook") and moved == ["cpu"]
+    assert generate(pipe, 3, width=64, height=64).shape == (64, 64, 3)
