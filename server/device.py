@@ -656,8 +656,8 @@ def _out_of_memory_message(job: Job) -> str:
     width, height = getattr(job, "width", None), getattr(job, "height", None)
     size = f" of {width}x{height}" if width and height else ""
     return (f"The device ran out of memory for one image{size} of {_model_of(job)}, even alone in its call: "
-            "this device does not fit it. A smaller width and height fits in less memory; a server with more "
-            "device memory (or a lower --max-batch-size beside it) fits it. Other tasks are unaffected.")
+            "this server's device does not fit it. A smaller width and height needs less memory. Other tasks "
+            "are unaffected.")
 
 
 def _on_device(loaded: Mapping[str, str], job: Job) -> bool:
