@@ -47,6 +47,19 @@ from imagewire.air_registry.add_ons import ModelAddOns, WeightedModel
 from imagewire.air_registry.architectures import ARCHITECTURES
 from imagewire.air_registry.catalog import ModelEntry
 from imagewire.air_registry.errors import RegistryError, SamplerUnusable, WeightsMissing
+from imagewire.air_registry.memory_plan import (
+    ALL_ON_DEVICE,
+    MODEL_OFFLOAD,
+    SEQUENTIAL_OFFLOAD,
+    TEXT_ENCODER,
+    TEXT_ENCODERS_ON_CPU,
+    Activations,
+    MemoryPlan,
+    ModelSize,
+    plan_placement,
+    read_sizes,
+    role_of,
+)
 from imagewire.air_registry.model_files import MODEL_INDEX
 from imagewire.air_registry.samplers import FLOW_SAMPLERS, SAMPLERS, SamplerSpec
 from imagewire.air_registry.tiny import ensure_embedded
@@ -100,6 +113,7 @@ class _LoadedModel:
     # Pipelines made from this model's for one call (with ControlNets), while they are in use.
     derived: weakref.WeakSet[DiffusionPipeline] = field(default_factory=weakref.WeakSet)
     add_ons: ModelAddOns | None = None  # made on first use
+    plan: MemoryPlan | None = None      # where its weights live (``memory_plan.py``); None: all on the device
 
     def owns(self, pipe: DiffusionPipeline) -> bool:
         return pipe is self.primary or pipe is self.image_to_image or pipe is self.inpainting or pipe in self.derived
@@ -112,8 +126,16 @@ class _LoadedModel:
 
     def to(self, device: str) -> None:
         # image_to_image shares the primary's modules: moving the primary moves both.
-        self.primary.to(device)
-        if self.add_ons is not None:
+        placement = self.plan.placement if self.plan is not None else ALL_ON_DEVICE
+        if placement == ALL_ON_DEVICE:
+            self.primary.to(device)
+        elif placement == TEXT_ENCODERS_ON_CPU:
+            # The text encoders stay in host RAM whatever happens; the rest goes where the model goes.
+            for name, module in _modules(self.primary):
+                if role_of(name) != TEXT_ENCODER:
+                    module.to(device)
+        # Offloaded models wait in host RAM between calls already: nothing to move.
+        if self.add_ons is not None and placement in (ALL_ON_DEVICE, TEXT_ENCODERS_ON_CPU):
             self.add_ons.to(device)
 
 
@@ -138,7 +160,7 @@ class PipelineCache:
 
     def __init__(
         self, *, device: str, data_dir: Path, allow_downloads: bool = False, max_loaded: int = 1,
-        ram_models: int = 0, max_components: int = 5,
+        ram_models: int = 0, max_components: int = 5, memory_budget: int | None = None, max_batch_size: int = 1,
     ) -> None:
         if max_loaded < 1:
             raise ValueError(f"max_loaded must be at least 1; received {max_loaded}")
@@ -154,6 +176,10 @@ class PipelineCache:
         # Single models used beside a pipeline (ControlNets, safety checkers), most recently used last.
         self.max_components = max_components
         self._components: OrderedDict[str, Any] = OrderedDict()
+        # Bytes the device may hold for models and their calls (None: no limit), and the largest batch a call
+        # makes: what each model's memory plan is made for.
+        self.memory_budget = memory_budget
+        self.max_batch_size = max_batch_size
 
     def dtype_of(self, entry: ModelEntry) -> torch.dtype:
         """The precision ``entry`` runs in here: its architecture's on CUDA (half precision halves memory
@@ -168,6 +194,40 @@ class PipelineCache:
     def loaded_models(self) -> list[str]:
         """AIR ids of the models on the device, least recently used first."""
         return list(self._loaded)
+
+    @property
+    def plans(self) -> dict[str, MemoryPlan]:
+        """The memory plan of each model in memory (on the device or in host RAM), by AIR."""
+        return {air: loaded.plan for models in (self._in_ram, self._loaded) for air, loaded in models.items()
+                if loaded.plan is not None}
+
+    def decode_headroom(self, entry: ModelEntry) -> int | None:
+        """Bytes a call of the (loaded) model may use beside the weights on the device (None: no limit)."""
+        loaded = self._loaded.get(entry.air)
+        if self.memory_budget is None or loaded is None or loaded.plan is None:
+            return None
+        others = sum(model.plan.resident_bytes for air, model in self._loaded.items()
+                     if air != entry.air and model.plan is not None)
+        return max(0, (loaded.plan.headroom or 0) - others)
+
+    def plan(self, entry: ModelEntry, weights: Path, *, held: int = 0) -> MemoryPlan:
+        """Where ``entry``'s weights (at ``weights``) will live, decided from their sizes before they load, for
+        the budget less ``held`` bytes of other models. Raises ``ModelTooLarge`` when no placement fits."""
+        dtype = self.dtype_of(entry)
+        dtype_bytes = torch.finfo(dtype).bits // 8
+        size = read_sizes(weights, dtype_bytes) or ModelSize(())
+        flux = ARCHITECTURES[entry.architecture].family == "flux"
+        # Guidance-distilled FLUX runs one latent per image; the others two with classifier-free guidance.
+        activations = Activations(batch=self.max_batch_size, width=entry.defaults.width,
+                                  height=entry.defaults.height, dtype_bytes=dtype_bytes, copies=1 if flux else 2)
+        budget = None if self.memory_budget is None else max(0, self.memory_budget - held)
+        return plan_placement(size, budget=budget, activations=activations.total(size.denoiser_kind),
+                              device=self.device, label=entry.label)
+
+    def resident_bytes(self, *, besides: Collection[str] = ()) -> int:
+        """Bytes of weights the models on the device keep there between calls, but those in ``besides``."""
+        return sum(loaded.plan.resident_bytes for air, loaded in self._loaded.items()
+                   if air not in besides and loaded.plan is not None)
 
     @property
     def memory(self) -> dict[str, str]:
@@ -327,6 +387,12 @@ class PipelineCache:
                 return  # nothing was ever added: nothing to take off
             loaded.add_ons = ModelAddOns(loaded.primary, allow_downloads=self.allow_downloads)
         loaded.add_ons.use(loaded.pipes, loras=loras, embeddings=embeddings, vae=vae)
+        if loaded.plan is not None and loaded.plan.placement in (MODEL_OFFLOAD, SEQUENTIAL_OFFLOAD):
+            # A VAE swapped in has none of the offload hooks, which would leave it in host RAM while its latents
+            # are on the device. VAEs are small (about 160 MB): it stays on the device while it is in use.
+            for pipe in loaded.pipes:
+                if pipe.vae is not None and not _hooked(pipe.vae):
+                    pipe.vae.to(self.device)
 
     def unload_all(self) -> None:
         self._loaded.clear()
@@ -343,8 +409,12 @@ class PipelineCache:
             return loaded
         # Taken out of RAM first, so that making room does not push it out of memory.
         kept = self._in_ram.pop(entry.air, None)
+        plan = kept.plan if kept is not None else None
+        if kept is None:
+            weights = self._weights(entry, weights)
+            plan = self.plan(entry, weights)  # alone on the device: the fastest placement it can have
         # Make room before loading, so that two models never have to fit on the device at once.
-        self._make_room(entry, keep)
+        self._make_room(entry, keep, plan)
         if kept is not None:
             started = time.monotonic()
             kept.to(self.device)
@@ -352,16 +422,34 @@ class PipelineCache:
             logger.info("moved model %s from host RAM to %s in %.2f s", entry.air, self.device,
                         time.monotonic() - started)
             return kept
-        pipe = self._load(entry, weights)
+        # Planned again beside what stayed: the models this job keeps may leave less than the budget.
+        assert weights is not None
+        plan = self.plan(entry, weights, held=self.resident_bytes())
+        pipe = self._load(entry, weights, plan)
         sampler: Any = pipe.scheduler
-        loaded = _LoadedModel(primary=pipe, sampler_class=type(sampler), sampler_config=sampler.config)
+        loaded = _LoadedModel(primary=pipe, sampler_class=type(sampler), sampler_config=sampler.config, plan=plan)
         self._loaded[entry.air] = loaded
         return loaded
 
-    def _make_room(self, entry: ModelEntry, keep: Collection[str]) -> None:
-        """Evict the least recently used models not in ``keep`` until one more fits: to host RAM while it
-        has room (the least recent of those leaving memory), else out of memory."""
-        while len(self._loaded) >= self.max_loaded:
+    def _weights(self, entry: ModelEntry, weights: Path | None) -> Path:
+        if weights is None:
+            weights = locate_weights(entry, data_dir=self.data_dir, allow_downloads=self.allow_downloads)
+        if entry.source == "embedded":
+            weights = ensure_embedded(entry.location, weights)
+        return weights
+
+    def _fits(self, plan: MemoryPlan | None) -> bool:
+        """Whether ``plan``'s call fits beside the weights the models on the device keep there."""
+        if plan is None or plan.budget_bytes is None:
+            return True
+        return self.resident_bytes() + plan.peak_bytes <= plan.budget_bytes
+
+    def _make_room(self, entry: ModelEntry, keep: Collection[str], plan: MemoryPlan | None = None) -> None:
+        """Evict the least recently used models not in ``keep`` until one more fits, by count
+        (``max_loaded``) and by memory (the weights they keep on the device beside ``plan``'s peak): to host
+        RAM while it has room (the least recent of those leaving memory), else out of memory. Models that fit
+        together stay together; a model that needs offloading has the others leave first."""
+        while len(self._loaded) >= self.max_loaded or not self._fits(plan):
             evicted = next((air for air in self._loaded if air not in keep), None)
             if evicted is None:
                 return  # every loaded model is needed by this job: hold one more for as long as it runs
@@ -387,18 +475,14 @@ class PipelineCache:
                 # Moved, not dropped: its tensors left the device, nothing for the (slow) collector to find.
                 torch.cuda.empty_cache()
 
-    def _load(self, entry: ModelEntry, weights: Path | None) -> DiffusionPipeline:
-        if weights is None:
-            weights = locate_weights(entry, data_dir=self.data_dir, allow_downloads=self.allow_downloads)
+    def _load(self, entry: ModelEntry, weights: Path, plan: MemoryPlan) -> DiffusionPipeline:
         location = "the embedded model" if entry.source == "embedded" else entry.location
-        logger.info("loading model %s from %s on %s", entry.air, location, self.device)
+        logger.info("loading model %s from %s on %s: %s", entry.air, location, self.device, plan.describe())
         started = time.monotonic()
         _enable_loading_progress_bars()
         try:
-            if entry.source == "embedded":
-                weights = ensure_embedded(entry.location, weights)
             pipe = self._read_pipeline(entry, weights)
-            pipe.to(self.device)
+            place(pipe, plan.placement, self.device)
         except RegistryError:
             raise
         except Exception as exc:
@@ -452,6 +536,73 @@ class PipelineCache:
         gc.collect()
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
+
+
+def _modules(pipe: DiffusionPipeline) -> list[tuple[str, torch.nn.Module]]:
+    return [(name, module) for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)]
+
+
+def place(pipe: DiffusionPipeline, placement: str, device: str) -> None:
+    """Put a freshly read pipeline (in host RAM) where ``placement`` says, for calls on ``device``."""
+    if placement == ALL_ON_DEVICE:
+        pipe.to(device)
+    elif placement == TEXT_ENCODERS_ON_CPU:
+        for name, module in _modules(pipe):
+            if role_of(name) == TEXT_ENCODER:
+                _encode_on(module, device)
+            else:
+                module.to(device)
+    elif placement == MODEL_OFFLOAD:
+        pipe.enable_model_cpu_offload(device=device)
+    elif placement == SEQUENTIAL_OFFLOAD:
+        # Group offload, block by block; on CUDA the next block is copied on a side stream while one runs.
+        pipe.enable_group_offload(onload_device=torch.device(device), offload_device=torch.device("cpu"),
+                                  offload_type="block_level", num_blocks_per_group=1,
+                                  use_stream=device.startswith("cuda"))
+    else:
+        raise ValueError(f"unknown placement {placement!r}")
+    # Which placement a pipeline has, for the engine and the tests to see.
+    pipe._imagewire_placement = placement  # type: ignore[attr-defined]
+
+
+def _hooked(module: torch.nn.Module) -> bool:
+    """Whether an offload method moves ``module`` in and out (accelerate's hooks, diffusers' group offload)."""
+    return hasattr(module, "_hf_hook") or getattr(module, "_diffusers_hook", None) is not None
+
+
+def placement_of(pipe: Any) -> str:
+    return str(getattr(pipe, "_imagewire_placement", ALL_ON_DEVICE))
+
+
+def _encode_on(module: torch.nn.Module, device: str) -> None:
+    """Keep ``module`` in host RAM but run it on ``device``: moved in before each forward (with its tensor
+    arguments), and out after it. Its output stays on the device, where the denoiser wants it."""
+
+    def move_in(mod: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+        mod.to(device)
+        moved = tuple(value.to(device) if isinstance(value, torch.Tensor) else value for value in args)
+        return moved, {key: value.to(device) if isinstance(value, torch.Tensor) else value
+                       for key, value in kwargs.items()}
+
+    def move_out(mod: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        mod.to("cpu")
+        mod._imagewire_encodes = getattr(mod, "_imagewire_encodes", 0) + 1  # type: ignore[assignment]
+
+    module._imagewire_hooks = [  # type: ignore[assignment]
+        module.register_forward_pre_hook(move_in, with_kwargs=True),
+        module.register_forward_hook(move_out, with_kwargs=True)]
+
+
+def unplace(pipe: DiffusionPipeline) -> None:
+    """Undo ``place`` (but group offload, which diffusers cannot take off): every module back in host RAM, no
+    hooks. For benchmarks that place one pipeline several ways in turn."""
+    for _, module in _modules(pipe):
+        for hook in getattr(module, "_imagewire_hooks", ()):
+            hook.remove()
+        module._imagewire_hooks = []  # type: ignore[assignment]
+    pipe.remove_all_hooks()
+    pipe.to("cpu")
+    pipe._imagewire_placement = ALL_ON_DEVICE  # type: ignore[attr-defined]
 
 
 def _seed_option(sampler_class: Any, seeds: Sequence[int]) -> dict[str, Any]:

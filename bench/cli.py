@@ -34,9 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark imagewire: the raw diffusers pipeline against the served path (sequential and "
                     "concurrent), pings under load, uploads, output encoding, server memory.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--suite", choices=("cpu", "gpu"), default="cpu",
+    parser.add_argument("--suite", choices=("cpu", "gpu", "gpu-quick"), default="cpu",
                         help="cpu: the embedded tiny model; gpu: SD 1.5 and SDXL shapes (and with --models, FLUX.1 "
-                             "[dev] and SD 3.5 large) with random weights, in their CUDA precision")
+                             "[dev] and SD 3.5 large) with random weights, in their CUDA precision; gpu-quick: "
+                             "each memory plan's peak and speed (python -m bench.gpu_quick, its own options)")
     parser.add_argument("--quick", action="store_true", help="a few requests per section: checks the harness works")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the JSON and Markdown results")
     parser.add_argument("--sections", type=lambda text: _names(text, SECTIONS, "--sections"),
@@ -84,6 +85,28 @@ def options_from(argv: Sequence[str]) -> tuple[RunOptions, Path]:
                       argv=tuple(argv), quick=quick, quiet_wait=quiet_wait, server_env=server_env), args.out
 
 
+def _suite(arguments: Sequence[str]) -> str | None:
+    for index, argument in enumerate(arguments):
+        if argument == "--suite" and index + 1 < len(arguments):
+            return arguments[index + 1]
+        if argument.startswith("--suite="):
+            return argument.partition("=")[2]
+    return None
+
+
+def _without_suite(arguments: Sequence[str]) -> list[str]:
+    kept: list[str] = []
+    skip = False
+    for argument in arguments:
+        if skip:
+            skip = False
+        elif argument == "--suite":
+            skip = True
+        elif not argument.startswith("--suite="):
+            kept.append(argument)
+    return kept
+
+
 def _cuda_available() -> bool:
     import torch
 
@@ -97,6 +120,11 @@ def _interrupt(signum: int, frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run, print the tables, write the files; returns the results (the smoke test reads them)."""
     arguments = list(sys.argv[1:] if argv is None else argv)
+    if _suite(arguments) == "gpu-quick":
+        # Its own options (bench/gpu_quick.py): everything but --suite goes to it.
+        from bench import gpu_quick
+
+        return gpu_quick.main(_without_suite(arguments))
     options, out_dir = options_from(arguments)
     # SIGTERM ends the run like Ctrl-C: the cleanup code runs and the server child is stopped.
     previous = signal.signal(signal.SIGTERM, _interrupt)

@@ -16,6 +16,7 @@ On disk, in their CUDA precision: SD 1.5 2 GB, SDXL 7 GB, FLUX.1 [dev] 34 GB, SD
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import shutil
 import tempfile
@@ -24,6 +25,8 @@ from typing import Any
 
 CONFIG_DIR = Path(__file__).with_name("model_configs")
 ARCHITECTURES = ("sd15", "sdxl", "flux", "sd35")
+# Configs without a pipeline of their own in the suites, for memory plans: SDXL's refiner.
+PLAN_ONLY = ("sdxl_refiner",)
 # The server's architecture (``air_registry/architectures.py``) each bench model is served as: its family
 # adapter, its precision on CUDA.
 SERVED_AS = {"sd15": "sd15", "sdxl": "sdxl", "flux": "flux1-dev", "sd35": "sd35-large"}
@@ -217,3 +220,37 @@ def catalog_entry(architecture: str, folder: Path, *, size: int, steps: int, str
         "location": str(folder.resolve()),
         "defaults": {"width": size, "height": size, "steps": steps, "strength": strength},
     }
+
+
+def _meta_component(key: str, config: dict[str, Any]) -> Any:
+    import diffusers
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+
+    part = config[key]
+    if key == "unet":
+        return UNet2DConditionModel(**part)
+    if key == "transformer":
+        return getattr(diffusers, _TRANSFORMERS[config["pipeline"]])(**part)
+    if key == "vae":
+        return AutoencoderKL(**part)
+    return _t5_encoder(part) if part.get("class") == "T5EncoderModel" else _text_encoder(part)
+
+
+@functools.cache
+def meta_size(architecture: str, *, dtype_bytes: int = 2) -> Any:
+    """The ``memory_plan.ModelSize`` of a full-size architecture, from its modules built on the meta device: real
+    shapes and parameter counts without a byte of weights, in a few seconds."""
+    import torch
+
+    from imagewire.air_registry.memory_plan import sizes_from_headers
+
+    config = load_config(architecture)
+    components = {}
+    with torch.device("meta"):
+        for key in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+            if key in config:
+                module = _meta_component(key, config)
+                components[key] = {name: {"dtype": "BF16", "shape": list(tensor.shape)}
+                                   for name, tensor in module.state_dict().items()}
+    return sizes_from_headers(components, dtype_bytes)

@@ -26,7 +26,7 @@ from imagewire.server.handshakes import HandshakeGuard, bind, client_address, ne
 from imagewire.server.http import HostCheck, HttpRoutes
 from imagewire.server.inbound_budget import FrameCounter, InboundBudget
 from imagewire.server.logs import install as install_log_limits
-from imagewire.server.metrics import Metrics, State
+from imagewire.server.metrics import Metrics, State, placed_bytes
 from imagewire.server.rest import RestEndpoint
 from imagewire.server.sessions import SessionRegistry, Sessions, TaskRegistry, Tasks
 from imagewire.server.task_runner import TaskRunner
@@ -59,7 +59,8 @@ def diffusers_engine_factory(config: Config) -> Callable[[], Engine]:
 
         return DiffusersEngine(device=resolve_device(config.device), data_dir=config.data_dir,
                                allow_downloads=config.allow_downloads, max_batch_size=config.max_batch_size,
-                               max_loaded_models=config.max_loaded_models, ram_models=config.ram_models)
+                               max_loaded_models=config.max_loaded_models, ram_models=config.ram_models,
+                               device_memory_bytes=config.device_memory_bytes)
 
     return build
 
@@ -170,6 +171,7 @@ class ImagewireServer:
             sessions=lambda: len(self.sessions), ready=lambda: self.device.ready and self._web is not None,
             held_input_pixels=lambda: self.services.pixels.held,
             inbound_bytes=lambda: self.inbound.held, inbound_waiting=lambda: self.inbound.waiting,
+            model_bytes=lambda: placed_bytes(self.device.memory_plans, self.device.loaded_models),
         ), max_batch_size=config.max_batch_size)
         self.device.on_call = self.metrics.device_call
         device_time = DeviceTime(config.device_seconds_per_key_hour) if config.device_seconds_per_key_hour else None

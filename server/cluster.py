@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from imagewire.server.config import Config
 from imagewire.server.device import Engine, JobStream
 from imagewire.tasks.errors import InferenceError, ServiceUnavailable
-from imagewire.tasks.jobs import DeviceEvent, Failed, Finished, Job, JobEvent, Queued, Results, Step
+from imagewire.tasks.jobs import DeviceEvent, Failed, Finished, Job, JobEvent, ModelPlacement, Queued, Results, Step
 
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle
@@ -196,6 +196,15 @@ class RayDevice:
             for air, where in state["loaded_models"].items():
                 if merged.get(air) != "device":
                     merged[air] = where
+        return merged
+
+    @property
+    def memory_plans(self) -> Mapping[str, ModelPlacement]:
+        """Each model's placement on the replicas that hold it (one of them where they differ)."""
+        merged: dict[str, ModelPlacement] = {}
+        for state in self._replicas:
+            # The board is JSON: each placement comes as its fields.
+            merged.update({air: ModelPlacement(**fields) for air, fields in state.get("memory_plans", {}).items()})
         return merged
 
     def device_memory(self) -> Mapping[str, int]:

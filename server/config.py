@@ -420,6 +420,12 @@ class Config:
         0, "--ram-models", MODELS,
         "models moved out of the device are kept in host RAM, up to this many, so that switching back is a copy "
         "to the device rather than a load from disk; 0 frees them", parse=AMOUNT, metavar="M")
+    device_memory_bytes: int | None = setting(
+        None, "--device-memory-gib", MODELS,
+        "device memory the models and their calls may use, GiB; each model is placed to fit it before it loads "
+        "(all on the device, text encoders in host RAM, model offload, sequential offload) or refused; on a CUDA "
+        "device it is capped by what the device has free at start", parse=POSITIVE, unit=GIBIBYTES,
+        shown_default="what the device has free")
     preload: tuple[str, ...] = setting(
         (), "--preload", MODELS,
         "load this model at start, after the default model; repeatable, in order (the last ones stay on the "

@@ -21,6 +21,10 @@ times ends the walk: it, or a job ahead of it, goes next. So a job waits at most
 than its turn, and a key whose job was passed over keeps its turn (the key that went first goes to the
 end of the turn order, as after any job). With ``max_passed_over`` 0 the turn order is strict.
 
+Out of memory: a call that runs out of device memory fails no worker. Its tasks run again in calls of half
+as many images (and that model's calls stay at most that large from then on: ``batch_limits``), until one
+image alone does not fit, which fails that task with an error saying so.
+
 A job can be cancelled: a waiting one leaves the queue, a running one is marked, and the engine's
 runner stops a call at its next step once every job in it is cancelled (its batch-mates carry on).
 """
@@ -32,6 +36,7 @@ import functools
 import logging
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import Future
@@ -39,7 +44,19 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from imagewire.tasks.errors import InferenceError, ServiceUnavailable, TaskError
-from imagewire.tasks.jobs import Device, DeviceEvent, Emit, Failed, Finished, Job, JobEvent, Queued, Results, Step
+from imagewire.tasks.jobs import (
+    Device,
+    DeviceEvent,
+    Emit,
+    Failed,
+    Finished,
+    Job,
+    JobEvent,
+    ModelPlacement,
+    Queued,
+    Results,
+    Step,
+)
 
 if TYPE_CHECKING:
     from imagewire.air_registry import ModelEntry
@@ -60,7 +77,8 @@ class Engine(Protocol):
     @property
     def loaded_models(self) -> Mapping[str, str]:
         """Where each model in memory is, by AIR: ``"device"`` (ready to run) or ``"ram"`` (host memory). Read
-        after each job and load; the device queue prefers jobs whose models are all on the device."""
+        after each job and load; the device queue prefers jobs whose models are all on the device. An engine may
+        also have ``memory_plans`` (AIR → ``ModelPlacement``), read at the same times."""
 
     def load(self, model: ModelEntry) -> None:
         """Bring ``model`` onto the device before a job needs it (``--preload``, the default model). A failure is
@@ -234,10 +252,13 @@ class JobHandle(JobStream):
 
 
 class _Outlet:
-    """What a runner emits to, for the handles of one group of jobs."""
+    """What a runner emits to, for the handles of one group of jobs. ``max_images``: the most images one
+    call of theirs may make (lowered for a model after it ran out of memory)."""
 
-    def __init__(self, handles: list[JobHandle], before_results: Callable[[], None] | None = None) -> None:
+    def __init__(self, handles: list[JobHandle], before_results: Callable[[], None] | None = None,
+                 max_images: int | None = None) -> None:
         self.handles = handles
+        self.max_images = max_images
         self.answered: set[int] = set()
         self.before_results = before_results
 
@@ -263,6 +284,9 @@ class DeviceQueue:
         self._queue_size = queue_size
         self._max_batch_size = max_batch_size
         self._max_passed_over = max_passed_over
+        # Images per call by model, for models whose larger calls ran out of device memory; written and read
+        # by the worker, read by tests.
+        self.batch_limits: dict[str, int] = {}
         self._thread: threading.Thread | None = None
         self._accepting = False
         self._ready = threading.Event()
@@ -276,6 +300,7 @@ class DeviceQueue:
         # What the worker last saw in the engine's memory (modelSearch, metrics): replaced whole, never
         # changed in place, so the event loop reads a consistent snapshot.
         self.loaded_models: Mapping[str, str] = {}
+        self.memory_plans: Mapping[str, ModelPlacement] = {}
 
     def start(self) -> None:
         """Start the worker and wait until its engine exists (imports done, device checked).
@@ -354,7 +379,7 @@ class DeviceQueue:
             if item is None:
                 return
             if isinstance(item, JobHandle):
-                group = [item, *self._queue.take_joining(item, self._max_batch_size)]
+                group = [item, *self._queue.take_joining(item, self._limit(item.job))]
                 self._queue.announce_positions()
                 self._run(engine, group)
             else:
@@ -364,6 +389,7 @@ class DeviceQueue:
     def _publish(self, engine: Engine) -> None:
         try:
             self.loaded_models = dict(engine.loaded_models)
+            self.memory_plans = dict(getattr(engine, "memory_plans", {}))
         except Exception:
             log.exception("reading which models are loaded failed")
 
@@ -387,15 +413,17 @@ class DeviceQueue:
             handle.started_at = started
             log.debug("taskUUID=%s on the device", handle.job.task_uuid)
         # Published before the results go out, so that a client that has them sees their model loaded.
-        emit = _Outlet(handles, before_results=lambda: self._publish(engine))
-        answered = emit.answered
+        emit = _Outlet(handles, before_results=lambda: self._publish(engine), max_images=self._limit(handles[0].job))
+        answered, called = emit.answered, handles
         try:
             self._call(engine, handles, emit)
         except Cancelled as stopped:
             # Every job of the call was cancelled and has been answered so.
             log.info("%s: cancelled, %s", " ".join(f"taskUUID={handle.job.task_uuid}" for handle in handles), stopped)
         except Exception as exc:
-            if len(handles) == 1:
+            if _out_of_memory(exc):
+                handles = self._after_out_of_memory(engine, handles, answered, exc)
+            elif len(handles) == 1:
                 self._fail(engine, handles[0], exc)
             else:
                 # Whatever failed (one job's input, memory for the larger batch), each job still
@@ -411,7 +439,40 @@ class DeviceQueue:
             handle.finished_at = finished
             handle._post(handle.finished())
         if self.on_call is not None and answered:
-            self.on_call(sum(handles[index].job.images for index in answered), started, finished)
+            self.on_call(sum(called[index].job.images for index in answered), started, finished)
+
+    def _limit(self, job: Job) -> int:
+        """The most images one call of ``job``'s model may make."""
+        return min(self._max_batch_size, self.batch_limits.get(_model_of(job), self._max_batch_size))
+
+    def _after_out_of_memory(self, engine: Engine, handles: list[JobHandle], answered: set[int],
+                             exc: Exception) -> list[JobHandle]:
+        """A call of ``handles`` ran out of device memory: give back what it held, halve its model's calls and run
+        the jobs not yet answered again in calls that size; at one image, fail them. Returns the handles this call
+        still has to finish (the others are run again, or failed)."""
+        job = handles[0].job
+        model = _model_of(job)
+        tried = min(sum(handle.job.images for handle in handles), self._limit(job))
+        # The traceback's frames hold the call's tensors: let go of them before memory is given back.
+        traceback.clear_frames(exc.__traceback__)
+        self._recover(engine)
+        waiting = [handle for index, handle in enumerate(handles) if index not in answered and not handle.cancelled]
+        if tried > 1:
+            limit = self.batch_limits[model] = max(1, tried // 2)
+            log.warning("out of device memory making %d images of %s in one call (%s); its calls now make at most %d",
+                        tried, model, type(exc).__name__, limit)
+            for group in _groups(waiting, limit):
+                self._run(engine, group)
+        else:
+            log.error("out of device memory for %s even at one image per call (%s)", model, type(exc).__name__)
+            for handle in waiting:
+                handle._post(Failed(InferenceError(_out_of_memory_message(handle.job))))
+        if len(handles) == 1 and 0 in answered:
+            # A lone job with some of its images made: the others did not fit, and are not made twice.
+            handles[0]._post(Failed(InferenceError(
+                f"The device ran out of memory after some of this task's images; {_out_of_memory_message(job)}")))
+            return []
+        return [handle for index, handle in enumerate(handles) if index in answered]
 
     def _call(self, engine: Engine, handles: list[JobHandle], emit: _Outlet) -> None:
         """One engine call; its device time is charged to the jobs' owners however it ends (each
@@ -569,6 +630,38 @@ class _WorkQueue:
 
     def _position(self, handle: JobHandle) -> int:
         return self._in_turn_order().index(handle)
+
+
+def _model_of(job: Job) -> str:
+    """What a job's calls are limited by after running out of memory: its (first) model, else its kind."""
+    return job.models[0] if job.models else type(job).__name__
+
+
+def _groups(handles: list[JobHandle], max_images: int) -> list[list[JobHandle]]:
+    """``handles`` in order, in groups of at most ``max_images`` images (a larger job alone: the engine splits
+    its images into calls that size)."""
+    groups: list[list[JobHandle]] = []
+    images = max_images
+    for handle in handles:
+        if images + handle.job.images > max_images:
+            groups.append([])
+            images = 0
+        groups[-1].append(handle)
+        images += handle.job.images
+    return groups
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    # torch.OutOfMemoryError by name: this module imports no torch.
+    return "OutOfMemory" in type(exc).__name__ or "out of memory" in str(exc).lower()
+
+
+def _out_of_memory_message(job: Job) -> str:
+    width, height = getattr(job, "width", None), getattr(job, "height", None)
+    size = f" of {width}x{height}" if width and height else ""
+    return (f"The device ran out of memory for one image{size} of {_model_of(job)}, even alone in its call: "
+            "this server's device does not fit it. A smaller width and height needs less memory. Other tasks "
+            "are unaffected.")
 
 
 def _on_device(loaded: Mapping[str, str], job: Job) -> bool:

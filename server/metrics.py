@@ -38,6 +38,8 @@ class State:
     held_input_pixels: Callable[[], int] = lambda: 0
     inbound_bytes: Callable[[], int] = lambda: 0        # large inbound messages being received or handled
     inbound_waiting: Callable[[], int] = lambda: 0      # sockets and requests waiting for inbound room
+    # (model AIR, where: the device's name or "cpu" for host RAM) → bytes of its weights there
+    model_bytes: Callable[[], Mapping[tuple[str, str], int]] = lambda: {}
 
 
 class BusyClock:
@@ -118,6 +120,13 @@ class _StateCollector(Collector):
         for air in state.loaded_models():
             loaded.add_metric([air], 1)
         yield loaded
+        model_bytes = GaugeMetricFamily("imagewire_model_bytes",
+                                        "Bytes of each loaded model's weights by where they wait between calls "
+                                        "(its memory plan): the device, or cpu for host RAM.",
+                                        labels=["model", "device"])
+        for (air, where), value in state.model_bytes().items():
+            model_bytes.add_metric([air, where], value)
+        yield model_bytes
         memory = GaugeMetricFamily("imagewire_device_memory_bytes", "Memory torch holds on the GPU.", labels=["kind"])
         for kind, value in state.device_memory().items():
             memory.add_metric([kind], value)
@@ -135,6 +144,20 @@ class _StateCollector(Collector):
                                 "Sockets and REST requests whose next message waits for inbound room.",
                                 value=state.inbound_waiting())
         yield GaugeMetricFamily("imagewire_ready", "1 when the server takes tasks.", value=int(state.ready()))
+
+
+def placed_bytes(plans: Mapping[str, Any], loaded: Mapping[str, str]) -> dict[tuple[str, str], int]:
+    """Bytes of each model's weights by where they wait between calls: its plan's device share on its device
+    and the rest in host RAM ("cpu"); all of it in host RAM while the model was moved there (``--ram-models``)."""
+    found: dict[tuple[str, str], int] = {}
+    for air, plan in plans.items():
+        on_device = plan.device_bytes if loaded.get(air) == "device" else 0
+        if plan.device != "cpu":
+            found[(air, plan.device)] = on_device
+            found[(air, "cpu")] = plan.model_bytes - on_device
+        else:
+            found[(air, "cpu")] = plan.model_bytes
+    return found
 
 
 def _counter_values(counter: Counter) -> Iterator[tuple[dict[str, str], float]]:

@@ -21,6 +21,7 @@ prepare's sampler check; an entry not rewritten for ``BOARD_EXPIRY`` seconds is 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import os
@@ -137,7 +138,9 @@ class Replica:
     def state(self) -> dict[str, Any]:
         """What the board says of this replica."""
         return {"name": self.name, "pid": os.getpid(), "node": ray.util.get_node_ip_address(), "at": time.time(),
-                "loaded_models": dict(self.device.loaded_models), "device_memory": dict(self.device.device_memory()),
+                "loaded_models": dict(self.device.loaded_models),
+                "memory_plans": {air: dataclasses.asdict(plan) for air, plan in self.device.memory_plans.items()},
+                "device_memory": dict(self.device.device_memory()),
                 "unavailable_samplers": dict(self.device.unavailable_samplers), "pending": self.device.pending,
                 "jobs": dict(self.jobs), "runs": dict(self.runs)}
 

@@ -265,6 +265,21 @@ JobEvent = Queued | Step  # what ``on_event`` hears
 DeviceEvent = JobEvent | Results | Finished | Failed  # all of a job's stream, as a replica sends it
 
 
+@dataclass(frozen=True)
+class ModelPlacement:
+    """Where a loaded model's weights live (``air_registry/memory_plan.py``): its plan's name, the device its calls
+    run on, the bytes it keeps there between calls and the bytes of all its weights (the rest in host RAM)."""
+
+    plan: str
+    device: str
+    device_bytes: int
+    model_bytes: int
+
+    @property
+    def host_bytes(self) -> int:
+        return self.model_bytes - self.device_bytes
+
+
 class Emit(Protocol):
     """How a runner hands back what it makes for the jobs it was given (by their index): the engine's side of
     the device seam, called from the device's worker thread."""
@@ -324,4 +339,9 @@ class Device(Protocol):
     def loaded_models(self) -> Mapping[str, str]:
         """Where each model in memory is, by AIR: ``"device"`` (ready to run) or ``"ram"`` (host memory), as of
         the last job."""
+        ...
+
+    @property
+    def memory_plans(self) -> Mapping[str, ModelPlacement]:
+        """How each pipeline model in memory is placed (its memory plan), by AIR, as of the last job."""
         ...

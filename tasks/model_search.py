@@ -31,8 +31,10 @@ def conditioning(entry: ModelEntry) -> str | None:
     return next((tag.casefold() for tag in entry.tags if tag.casefold() in CONDITIONINGS), None)
 
 
-def model_info(entry: ModelEntry, *, available: bool, comment: str, loaded_on: str | None = None) -> ModelInfo:
-    """A catalog entry as a ``modelSearch`` result; ``loaded_on`` says where it is in memory, if it is."""
+def model_info(entry: ModelEntry, *, available: bool, comment: str, loaded_on: str | None = None,
+               memory_plan: str | None = None) -> ModelInfo:
+    """A catalog entry as a ``modelSearch`` result; ``loaded_on`` says where it is in memory, if it is, and
+    ``memory_plan`` how its weights are placed."""
     return ModelInfo(
         air=entry.air,
         name=entry.name,
@@ -55,6 +57,7 @@ def model_info(entry: ModelEntry, *, available: bool, comment: str, loaded_on: s
         loadedOn="device" if loaded_on == "device" else "ram" if loaded_on == "ram" else None,
         type=model_type(entry),
         conditioning=conditioning(entry),
+        memoryPlan=memory_plan if loaded_on is not None else None,
     )
 
 
@@ -105,12 +108,14 @@ async def run(search: Search, ctx: TaskContext) -> AsyncIterator[ModelSearchResu
     matches = [entry for entry in candidates if _matches(entry, search)]
     entries = matches[task.offset: task.offset + task.limit]
     infos = []
-    loaded = services.device.loaded_models
+    loaded, plans = services.device.loaded_models, services.device.memory_plans
     for entry in entries:
         # Looking into the Hugging Face cache touches the disk: keep it off the event loop.
         available, reason = ((True, "") if not services.settings.needs_weights else
                              await asyncio.to_thread(availability, entry, data_dir=services.settings.data_dir))
-        infos.append(model_info(entry, available=available, comment=reason, loaded_on=loaded.get(entry.air)))
+        plan = plans.get(entry.air)
+        infos.append(model_info(entry, available=available, comment=reason, loaded_on=loaded.get(entry.air),
+                                memory_plan=plan.plan if plan is not None else None))
     yield ModelSearchResult(taskType="modelSearch", taskUUID=task.taskUUID, totalResults=len(matches), results=infos)
 
 

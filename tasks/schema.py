@@ -469,6 +469,7 @@ class ModelInfo(Struct, kw_only=True):
     type: ModelType | None = None          # of a checkpoint; null for other categories
     conditioning: str | None = None        # of a ControlNet, where its tags say it; null otherwise
     heroImage: str | None = None           # no catalog model has a preview image: always null
+    memoryPlan: str | None = None   # a loaded model's placement: all-on-device, text-encoders-on-cpu, model-offload, …
 
 
 class ModelSearchResult(Item):

@@ -26,10 +26,21 @@ from imagewire.tasks.background_removal import BackgroundRemovalJob
 from imagewire.tasks.image_caption import CaptionJob
 from imagewire.tasks.image_upscale import UpscaleJob
 from imagewire.tasks.inputs import task_error
-from imagewire.tasks.jobs import Emit, InferenceJob, Job, SafetyCheckJob
+from imagewire.tasks.jobs import Emit, InferenceJob, Job, ModelPlacement, SafetyCheckJob
 from imagewire.tasks.prompt_enhance import PromptJob
 
 log = logging.getLogger("imagewire.engine")
+
+GIB = 1024**3
+
+
+def memory_budget(device: str, limit: int | None) -> int | None:
+    """Bytes the models and their calls may use on ``device``: on CUDA what it has free now (nothing is
+    loaded yet), capped by ``limit`` (``--device-memory-gib``); on a CPU ``limit`` alone (None: no limit)."""
+    if not device.startswith("cuda"):
+        return limit
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return free if limit is None else min(free, limit)
 
 # A job runner (engine, jobs, emit): run jobs of one type and batch key, emitting each job's results.
 JobRunner = Callable[["DiffusersEngine", Sequence[Any], Emit], None]
@@ -46,11 +57,15 @@ JOB_RUNNERS: dict[type[Job], JobRunner] = {
 
 class DiffusersEngine:
     def __init__(self, *, device: str, data_dir: Path, allow_downloads: bool, max_batch_size: int,
-                 max_loaded_models: int = 1, ram_models: int = 0) -> None:
+                 max_loaded_models: int = 1, ram_models: int = 0, device_memory_bytes: int | None = None) -> None:
         # The engine is built in the device worker thread, which runs every pipeline call.
         self.threads = CpuThreads(device)
+        budget = memory_budget(device, device_memory_bytes)
+        log.info("device %s: models may use %s", device,
+                 "no set amount of memory" if budget is None else f"{budget / GIB:.1f} GiB")
         self.pipelines = PipelineCache(device=device, data_dir=data_dir, allow_downloads=allow_downloads,
-                                       max_loaded=max_loaded_models, ram_models=ram_models)
+                                       max_loaded=max_loaded_models, ram_models=ram_models, memory_budget=budget,
+                                       max_batch_size=max_batch_size)
         # Upscalers, background removers, captioners and prompt models, beside the pipelines.
         self.tools = ToolModels(device=device, data_dir=data_dir, allow_downloads=allow_downloads)
         self.max_batch_size = max_batch_size
@@ -63,6 +78,12 @@ class DiffusersEngine:
         """Where each model in memory is, by AIR: the pipelines' models and their add-ons (``"device"`` or
         ``"ram"``), and the tools' models (on the device)."""
         return {**self.pipelines.memory, **dict.fromkeys(self.tools.loaded_models, "device")}
+
+    @property
+    def memory_plans(self) -> dict[str, ModelPlacement]:
+        """How each pipeline's model in memory is placed, by AIR (modelSearch, metrics)."""
+        return {air: ModelPlacement(plan.placement, plan.device, plan.resident_bytes, plan.model_bytes)
+                for air, plan in self.pipelines.plans.items()}
 
     def load(self, model: ModelEntry) -> None:
         self.pipelines.load(model)
@@ -88,6 +109,7 @@ class DiffusersEngine:
                 "reserved": torch.cuda.memory_reserved(self.pipelines.device)}
 
     def recover(self) -> None:
+        # Whatever the failed call held (activations, a half-moved offloaded model) goes back to the allocator.
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

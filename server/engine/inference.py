@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from imagewire.air_registry import ARCHITECTURES, RegistryError
+from imagewire.air_registry.memory_plan import DecodeMode, decode_mode
 from imagewire.server.device import Cancelled
 from imagewire.server.engine.conditioning import skipping_clip_layers, weighted_prompt_arguments
 from imagewire.server.engine.controlnets import ModedControlNets
@@ -68,12 +69,15 @@ def run(engine: DiffusersEngine, jobs: Sequence[InferenceJob], emit: Emit) -> No
     family = FAMILIES[ARCHITECTURES[first.model.architecture].family]
     # 4. every image to make, as (job index, image index within its job, seed)
     images = [(j, i, seed) for j, job in enumerate(jobs) for i, seed in enumerate(job.seeds)]
-    # 5. calls of at most max_batch_size images, each image with its own generator (see _make)
-    for start in range(0, len(images), engine.max_batch_size):
-        chunk = [image for image in images[start : start + engine.max_batch_size] if not emit.cancelled(image[0])]
+    # 5. calls of at most max_batch_size images (fewer for a model whose calls ran out of memory: the device
+    #    queue's emit says how many), each image with its own generator (see _make)
+    per_call = min(engine.max_batch_size, getattr(emit, "max_images", None) or engine.max_batch_size)
+    for start in range(0, len(images), per_call):
+        chunk = [image for image in images[start : start + per_call] if not emit.cancelled(image[0])]
         if not chunk:
             continue
         started = time.perf_counter()
+        bound_decode(refiner if refiner is not None else pipe, decoding_mode(engine, first, len(chunk)))
         pictures = _make(engine, pipe, refiner, family, jobs, chunk, emit)
         share = (time.perf_counter() - started) / len(chunk)
         made = [(j, GeneratedImage(i, seed, picture, share))
@@ -120,6 +124,28 @@ def _make(engine: DiffusersEngine, pipe: Any, refiner: Any, family: Family, jobs
             for position, picture in zip(positions, made, strict=True):
                 pictures[position] = picture
     return pictures
+
+
+def decoding_mode(engine: DiffusersEngine, job: InferenceJob, images: int) -> DecodeMode:
+    """How a call of ``images`` images of ``job``'s size decodes within what the model's memory plan leaves
+    beside its weights: whole, image by image, or in tiles (``memory_plan.decode_mode``)."""
+    pipelines = engine.pipelines
+    model = job.refiner.model if job.refiner is not None else job.model
+    dtype_bytes = torch.finfo(pipelines.dtype_of(model)).bits // 8
+    return decode_mode(pipelines.decode_headroom(model), images, job.width, job.height, dtype_bytes)
+
+
+def bound_decode(pipe: Any, mode: DecodeMode) -> None:
+    """Switch the VAE of ``pipe`` to ``mode`` for the next call (the VAE is shared by the model's views)."""
+    vae = getattr(pipe, "vae", None)
+    if vae is None or not hasattr(vae, "use_tiling"):
+        return
+    vae.use_slicing = mode.slicing
+    vae.use_tiling = mode.tiling
+    if mode.tiling:
+        scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        vae.tile_sample_min_size = mode.tile_side
+        vae.tile_latent_min_size = mode.tile_side // scale
 
 
 class _CallStopped(Exception):

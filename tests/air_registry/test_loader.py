@@ -14,7 +14,17 @@ from PIL import Image
 
 from imagewire.air_registry.catalog import Catalog, ModelEntry
 from imagewire.air_registry.errors import WeightsMissing
-from imagewire.air_registry.loader import PipelineCache, resolve_device
+from imagewire.air_registry.loader import PipelineCache, placement_of, resolve_device
+from imagewire.air_registry.memory_plan import (
+    ALL_ON_DEVICE,
+    MODEL_OFFLOAD,
+    PLACEMENTS,
+    SEQUENTIAL_OFFLOAD,
+    TEXT_ENCODERS_ON_CPU,
+    ModelTooLarge,
+    peak_of,
+    read_sizes,
+)
 from imagewire.tasks.inputs import task_error
 
 pytestmark = [
@@ -122,7 +132,7 @@ def test_loading_logs_where_from_and_how_long(
     with caplog.at_level(logging.INFO, logger="imagewire.air_registry.loader"):
         cache.text_to_image(tiny_entry)
     messages = [record.getMessage() for record in caplog.records if record.name == "imagewire.air_registry.loader"]
-    assert messages[0] == "loading model imagewire:tiny@1 from the embedded model on cpu"
+    assert messages[0].startswith("loading model imagewire:tiny@1 from the embedded model on cpu: plan all-on-device")
     assert messages[1].startswith("loaded model imagewire:tiny@1 in ")
 
 
@@ -237,3 +247,111 @@ def test_a_model_a_job_keeps_stays_on_the_device_while_the_next_loads(
     assert cache.loaded_models == ["test:pair2@1"]                   # and back to it after
     with pytest.raises(ValueError, match="ram_models"):
         PipelineCache(device="cpu", data_dir=tiny_data_dir, ram_models=-1)
+
+
+# ---------------------------------------------------------------- memory plans
+
+
+def _budget_for(placement: str, cache: PipelineCache, entry: ModelEntry, folder: Path) -> int:
+    """The smallest budget ``placement`` fits in for ``entry``: every faster placement needs more."""
+    unbounded = cache.plan(entry, folder)
+    size = read_sizes(folder, 4)
+    assert size is not None
+    return peak_of(placement, size, unbounded.activation_bytes)[1]
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_a_budget_below_the_models_size_still_runs_with_the_plan_the_log_names(
+    placement: str, tiny_entry: ModelEntry, tiny_model_dir: Path, tiny_data_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    entry = folder_copy_of(tiny_entry, tiny_model_dir, f"test:{placement}@1")
+    unbounded = PipelineCache(device="cpu", data_dir=tiny_data_dir)
+    budget = _budget_for(placement, unbounded, entry, tiny_model_dir)
+    cache = PipelineCache(device="cpu", data_dir=tiny_data_dir, memory_budget=budget)
+    with caplog.at_level(logging.INFO, logger="imagewire.air_registry.loader"):
+        pipe = cache.text_to_image(entry)
+    [line] = [record.getMessage() for record in caplog.records if record.getMessage().startswith("loading model")]
+    assert f": plan {placement} on cpu: weights " in line
+    assert placement_of(pipe) == placement and cache.plans[entry.air].placement == placement
+    # The placement is really in force: its hooks moved the modules in (a CPU's "device" is the CPU itself).
+    if placement == TEXT_ENCODERS_ON_CPU:
+        assert getattr(pipe.text_encoder, "_imagewire_encodes", 0) == 0
+    elif placement == MODEL_OFFLOAD:
+        assert hasattr(pipe.unet, "_hf_hook")
+    elif placement == SEQUENTIAL_OFFLOAD:
+        assert getattr(pipe.unet, "_diffusers_hook", None) is not None
+    image = generate(pipe, 11, width=64, height=64)
+    if placement == TEXT_ENCODERS_ON_CPU:
+        assert pipe.text_encoder._imagewire_encodes >= 1
+    # Where the weights wait changes nothing in the image.
+    reference = generate(unbounded.text_to_image(entry), 11, width=64, height=64)
+    assert np.abs(image.astype(int) - reference.astype(int)).max() <= 1
+    # Image-to-image shares the placed modules.
+    init = Image.fromarray(reference)
+    assert generate(cache.image_to_image(entry), 12, image=init, strength=0.5).shape == reference.shape
+
+
+def test_a_budget_no_placement_fits_refuses_the_load_saying_what_it_needs(
+    tiny_entry: ModelEntry, tiny_model_dir: Path, tiny_data_dir: Path
+) -> None:
+    entry = folder_copy_of(tiny_entry, tiny_model_dir, "test:too-large@1")
+    cache = PipelineCache(device="cpu", data_dir=tiny_data_dir, memory_budget=1024 * 1024)
+    with pytest.raises(ModelTooLarge, match="does not fit this device: its weights take") as refused:
+        cache.text_to_image(entry)
+    assert "sequential-offload, would need" in task_error(refused.value, "model").message
+    assert cache.loaded_models == []
+
+
+def test_models_that_fit_together_stay_together_and_one_that_does_not_fit_beside_them_evicts_them(
+    tiny_entry: ModelEntry, tiny_model_dir: Path, tiny_data_dir: Path
+) -> None:
+    first, second, third = (folder_copy_of(tiny_entry, tiny_model_dir, f"test:fit{i}@1") for i in range(3))
+    one = _budget_for(ALL_ON_DEVICE, PipelineCache(device="cpu", data_dir=tiny_data_dir), first, tiny_model_dir)
+    size = read_sizes(tiny_model_dir, 4)
+    assert size is not None
+    # Room for two models' weights and one call: both stay, all on the device.
+    cache = PipelineCache(device="cpu", data_dir=tiny_data_dir, max_loaded=3, memory_budget=one + size.total)
+    cache.text_to_image(first)
+    cache.text_to_image(second)
+    assert cache.loaded_models == ["test:fit0@1", "test:fit1@1"]
+    assert {plan.placement for plan in cache.plans.values()} == {ALL_ON_DEVICE}
+    # A third does not fit beside both: the least recently used leaves first, and it loads all on the device.
+    cache.text_to_image(third)
+    assert cache.loaded_models == ["test:fit1@1", "test:fit2@1"]
+    assert cache.plans["test:fit2@1"].placement == ALL_ON_DEVICE
+    # Room for one: each model evicts the other, whatever --max-loaded-models allows.
+    single = PipelineCache(device="cpu", data_dir=tiny_data_dir, max_loaded=3, memory_budget=one)
+    single.text_to_image(first)
+    single.text_to_image(second)
+    assert single.loaded_models == ["test:fit1@1"]
+
+
+def test_a_vae_swapped_into_an_offloaded_model_is_on_the_device_for_its_calls(
+    catalog: Catalog, tiny_entry: ModelEntry, tiny_model_dir: Path, tiny_data_dir: Path, models_dir: Path
+) -> None:
+    from imagewire.air_registry.weights import locate_weights
+    from imagewire.tasks.jobs import AddOn
+
+    entry = folder_copy_of(tiny_entry, tiny_model_dir, "test:offloaded-vae@1")
+    budget = _budget_for(MODEL_OFFLOAD, PipelineCache(device="cpu", data_dir=tiny_data_dir), entry, tiny_model_dir)
+    cache = PipelineCache(device="cpu", data_dir=tiny_data_dir, memory_budget=budget)
+    pipe = cache.text_to_image(entry)
+    vae_entry = catalog.resolve("tiny-vae")
+    moved: list[str] = []
+    vae = AddOn(vae_entry, locate_weights(vae_entry, data_dir=tiny_data_dir, allow_downloads=False))
+    original_to = torch.nn.Module.to
+
+    def recording_to(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if module is pipe.vae:
+            moved.append(str(args[0] if args else kwargs.get("device")))
+        return original_to(module, *args, **kwargs)
+
+    torch.nn.Module.to = recording_to  # type: ignore[method-assign]
+    try:
+        cache.use_add_ons(entry, vae=vae)
+    finally:
+        torch.nn.Module.to = original_to  # type: ignore[method-assign]
+    # Not hooked by the model offload: moved to the device (a CPU's device is "cpu") rather than left alone.
+    assert not hasattr(pipe.vae, "_hf_hook") and moved == ["cpu"]
+    assert generate(pipe, 3, width=64, height=64).shape == (64, 64, 3)

@@ -3,8 +3,11 @@ says is loaded."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from tests.server.test_metrics import scrape, value
 from tests.wire import Wire, inference
 
 
@@ -38,3 +41,31 @@ async def test_a_preload_the_catalog_does_not_hold_stops_the_start(start_server,
     with pytest.raises(ValueError) as caught:
         await start_server(preload=(preload,))
     assert problem in str(caught.value)
+
+
+async def test_a_budget_below_the_models_size_runs_and_says_its_plan_in_model_search_and_metrics(
+        start_server, models_dir: Path, tmp_path: Path):
+    from imagewire.air_registry.catalog import Catalog
+    from imagewire.air_registry.loader import PipelineCache
+    from imagewire.air_registry.memory_plan import MODEL_OFFLOAD, peak_of, read_sizes
+
+    # The budget model offload needs for the tiny model (in float32, at the server's default batch size):
+    # less than all on the device needs.
+    folder = models_dir / "imagewire-tiny-1"
+    entry = Catalog.load().resolve("imagewire:tiny@1")
+    unbounded = PipelineCache(device="cpu", data_dir=tmp_path, max_batch_size=4).plan(entry, folder)
+    size = read_sizes(folder, 4)
+    assert size is not None
+    budget = peak_of(MODEL_OFFLOAD, size, unbounded.activation_bytes)[1]
+    assert budget < unbounded.peak_bytes
+    server = await start_server(device_memory_bytes=budget)
+    wire = await Wire.open(server.url)
+    [image] = await wire.run(inference())
+    assert image["imageUUID"]
+    [result] = await wire.run({"taskType": "modelSearch", "search": "imagewire:tiny@1"})
+    [found] = [model for model in result["results"] if model["air"] == "imagewire:tiny@1"]
+    assert (found["loadedOn"], found["memoryPlan"]) == ("device", MODEL_OFFLOAD)
+    samples = await scrape(server)
+    # Offloaded: every byte of its weights waits in host RAM between calls.
+    assert value(samples, "imagewire_model_bytes", model="imagewire:tiny@1", device="cpu") == size.total
+    await wire.close()
