@@ -113,9 +113,10 @@ ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType({
         # Kontext [dev] edits the seed image as the prompt says; Fill [dev] inpaints.
         Architecture("flux1-kontext", family="flux-kontext", size=1024, steps=28, cfg_scale=2.5, sampling=FLOW,
                      cuda_dtype="bfloat16", max_sequence_length=512, pipeline="FluxKontextPipeline",
-                     masks=False, controlnets=False),
+                     single_file_pipeline="FluxKontextPipeline", masks=False, controlnets=False),
         Architecture("flux1-fill", family="flux", size=1024, steps=50, cfg_scale=30.0, sampling=FLOW,
                      cuda_dtype="bfloat16", max_sequence_length=512, pipeline="FluxFillPipeline",
+                     single_file_pipeline="FluxFillPipeline",
                      inpainting_only=True, controlnets=False),
         # SD 3 medium was released in float16; SD 3.5 in bfloat16.
         Architecture("sd3", family="sd3", size=1024, steps=28, cfg_scale=7.0, sampling=FLOW,

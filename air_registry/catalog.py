@@ -37,9 +37,11 @@ from typing import Any
 
 from imagewire.air_registry.air import parse_air
 from imagewire.air_registry.architectures import ARCHITECTURES, Architecture
+from imagewire.air_registry.checkpoints import detect_architecture, matches, tensor_shapes
 from imagewire.air_registry.errors import (
     CatalogError,
     MalformedAIR,
+    RegistryError,
     SamplerUnusable,
     UnknownModel,
     UnknownSampler,
@@ -235,6 +237,30 @@ def _parse_location(raw: Mapping[str, Any], source: str, base_dir: Path, layout:
     return str((base_dir / Path(location).expanduser()).resolve())
 
 
+def _checkpoint_architecture(raw: Mapping[str, Any], source: str, category: str, base_dir: Path) -> str:
+    """The entry's architecture: as stated, or for a checkpoint in one .safetensors file, as its tensors say
+    (read from the file's header). A stated one that the file contradicts is an error naming both."""
+    stated = _string(raw, "architecture", default="") if "architecture" in raw else ""
+    location = raw.get("location")
+    if source != "single_file" or category != "checkpoint" or not isinstance(location, str):
+        return stated or _string(raw, "architecture")
+    path = (base_dir / Path(location.strip()).expanduser()).resolve()
+    if not path.name.lower().endswith(".safetensors"):
+        _require(bool(stated), f"'architecture' is required for {path.name}: only a .safetensors file's "
+                               "architecture can be read without loading it")
+        return stated
+    try:
+        detected = detect_architecture(tensor_shapes(path))
+    except RegistryError as exc:
+        # A stated architecture stands for a file that is not there yet; the load says what is wrong.
+        _require(bool(stated), f"'architecture' is not given and the file {path} {exc.problem}")
+        return stated
+    _require(not stated or matches(stated, detected),
+             f"'architecture' is {stated!r} but the file {path} is a {detected!r} checkpoint by its tensors; "
+             f"state {detected!r} or leave 'architecture' out")
+    return stated or detected
+
+
 def _parse_entry(raw: Any, base_dir: Path, check: DefaultsCheck | None) -> ModelEntry:
     _require(isinstance(raw, dict), f"an entry must be an object, not {shown(raw)}")
     unknown = sorted(set(raw) - _ENTRY_KEYS)
@@ -245,14 +271,14 @@ def _parse_entry(raw: Any, base_dir: Path, check: DefaultsCheck | None) -> Model
         raise CatalogError(
             f"'air' must have the form source:id@version, not {shown(raw['air'])}"
         ) from exc
-    architecture = _string(raw, "architecture")
+    source = _string(raw, "source")
+    _require(source in SOURCES, f"'source' must be one of {', '.join(SOURCES)}, not {source!r}")
+    category = _string(raw, "category", default="checkpoint")
+    architecture = _checkpoint_architecture(raw, source, category, base_dir)
     _require(
         architecture in ARCHITECTURES,
         f"'architecture' must be one of {', '.join(ARCHITECTURES)}, not {architecture!r}",
     )
-    source = _string(raw, "source")
-    _require(source in SOURCES, f"'source' must be one of {', '.join(SOURCES)}, not {source!r}")
-    category = _string(raw, "category", default="checkpoint")
     layout = layout_of(category, architecture)
     # A checkpoint in one file needs the pipeline class that reads it; add-ons and single networks are read on
     # their own.

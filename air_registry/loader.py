@@ -46,9 +46,12 @@ from diffusers.utils.import_utils import DummyObject
 from imagewire.air_registry.add_ons import ModelAddOns, WeightedModel
 from imagewire.air_registry.architectures import ARCHITECTURES
 from imagewire.air_registry.catalog import ModelEntry
+from imagewire.air_registry.checkpoints import tensor_shapes
 from imagewire.air_registry.errors import RegistryError, SamplerUnusable, WeightsMissing
 from imagewire.air_registry.model_files import MODEL_INDEX
+from imagewire.air_registry.pipeline_configs import PIPELINE_CONFIGS
 from imagewire.air_registry.samplers import FLOW_SAMPLERS, SAMPLERS, SamplerSpec
+from imagewire.air_registry.single_file import config_folder, missing_components
 from imagewire.air_registry.tiny import ensure_embedded
 from imagewire.air_registry.weights import locate_weights
 
@@ -433,6 +436,10 @@ class PipelineCache:
                 builder = architecture.single_file_config
                 options["config"] = str(ensure_embedded(builder, self.data_dir / "models" / "configs" / builder))
                 local_only = True
+            elif entry.architecture in PIPELINE_CONFIGS:
+                # Our own configs and tokenizers: nothing is looked up on the hub.
+                options.update(self._single_file_configs(entry, path))
+                local_only = True
             pipe: DiffusionPipeline = pipeline_class.from_single_file(
                 str(path), local_files_only=local_only, **options)
             return pipe
@@ -447,6 +454,26 @@ class PipelineCache:
         if architecture.inpainting_only:
             return AutoPipelineForInpainting.from_pretrained(str(path), **options)
         return AutoPipelineForText2Image.from_pretrained(str(path), **options)
+
+    def _single_file_configs(self, entry: ModelEntry, path: Path) -> dict[str, Any]:
+        """``from_single_file`` options that point it at the configs written here for ``entry``'s architecture,
+        leaving out the optional components its file lacks; WeightsMissing naming the pieces it lacks that a
+        pipeline needs."""
+        table = PIPELINE_CONFIGS[entry.architecture]
+        # A pickled checkpoint cannot be listed without unpickling it: taken as complete.
+        names = tensor_shapes(path) if path.suffix.lower() == ".safetensors" else None
+        missing = missing_components(entry.architecture, names) if names is not None else []
+        needed = [name for name in missing if name not in table.optional]
+        if needed:
+            raise WeightsMissing(
+                f"the file of {entry.label} ({path}) holds only some of the model: it lacks "
+                f"{', '.join(needed)}; use a checkpoint that includes them")
+        # An optional text encoder goes with its tokenizer (text_encoder_3 with tokenizer_3).
+        left_out = [*missing, *(name.replace("text_encoder", "tokenizer") for name in missing)]
+        left_out = [name for name in dict.fromkeys(left_out) if name in table.components]
+        folder = config_folder(entry.architecture, self.data_dir / "models" / "configs",
+                               leave_out=left_out, tokenizer_dirs=[self.data_dir / "tokenizers"])
+        return {"config": str(folder), **dict.fromkeys(left_out)}
 
     def _free_memory(self) -> None:
         gc.collect()
