@@ -183,13 +183,15 @@ def _flux_transformer(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     for block in range(config["num_layers"]):
         for stream in ("img", "txt"):
             prefix = f"double_blocks.{block}.{stream}_"
-            shapes |= {prefix + "mod.lin.weight": (6 * hidden, hidden), prefix + "attn.qkv.weight": (3 * hidden, hidden),
+            shapes |= {prefix + "mod.lin.weight": (6 * hidden, hidden),
+                       prefix + "attn.qkv.weight": (3 * hidden, hidden),
                        prefix + "attn.norm.query_norm.scale": (head,), prefix + "attn.norm.key_norm.scale": (head,),
                        prefix + "attn.proj.weight": (hidden, hidden), prefix + "mlp.0.weight": (mlp, hidden),
                        prefix + "mlp.2.weight": (hidden, mlp)}
     for block in range(config["num_single_layers"]):
         prefix = f"single_blocks.{block}."
-        shapes |= {prefix + "linear1.weight": (3 * hidden + mlp, hidden), prefix + "linear2.weight": (hidden, hidden + mlp),
+        shapes |= {prefix + "linear1.weight": (3 * hidden + mlp, hidden),
+                   prefix + "linear2.weight": (hidden, hidden + mlp),
                    prefix + "norm.query_norm.scale": (head,), prefix + "norm.key_norm.scale": (head,),
                    prefix + "modulation.lin.weight": (3 * hidden, hidden)}
     return shapes
@@ -268,4 +270,24 @@ def write_sd15_checkpoint(path: Path) -> Path:
             tensors[key] = (torch.randn(shape, generator=generator) * 0.02).to(torch.float16)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path))
+    return path
+
+
+def write_header_only(path: Path, shapes: Mapping[str, tuple[int, ...]], *, dtype: str = "F16") -> Path:
+    """A safetensors file that has its header and no data: what detection reads, without gigabytes of weights."""
+    import json
+    import struct
+
+    sizes = {"F16": 2, "BF16": 2, "F32": 4}
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, shape in shapes.items():
+        length = sizes[dtype]
+        for dimension in shape:
+            length *= dimension
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + length]}
+        offset += length
+    encoded = json.dumps(header).encode("utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded)
     return path

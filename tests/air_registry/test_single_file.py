@@ -1,0 +1,128 @@
+"""Single-file checkpoints without the hub: their architecture from their tensors' names and shapes, the configs
+and tokenizers diffusers reads them with from this package, and clear answers for what is missing.
+
+Detection reads headers only: each architecture's full table of names and shapes is built from the configs the
+server writes for it, on the meta device (``tests/checkpoints.py``), and written as a safetensors header with
+no data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from imagewire.air_registry.catalog import Catalog, read_catalog_file
+from imagewire.air_registry.checkpoints import detect_architecture, matches
+from imagewire.air_registry.errors import CatalogError, WeightsMissing
+from imagewire.air_registry.pipeline_configs import PIPELINE_CONFIGS
+from imagewire.air_registry.single_file import TokenizerMissing, config_folder, missing_components
+from tests.checkpoints import original_layout_shapes, write_header_only
+
+ARCHITECTURES = ["sd15", "sd15-inpaint", "sd21", "sdxl", "sdxl-inpaint", "sdxl-refiner", "flux1-dev",
+                 "flux1-schnell", "flux1-fill", "sd3", "sd35-medium", "sd35-large"]
+
+
+@pytest.fixture(scope="module")
+def layouts() -> dict[str, dict[str, tuple[int, ...]]]:
+    return {architecture: original_layout_shapes(architecture) for architecture in ARCHITECTURES}
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_each_architecture_is_told_by_its_tensors(layouts, architecture: str) -> None:
+    assert detect_architecture(layouts[architecture]) == architecture
+
+
+def test_every_table_is_a_detectable_architecture() -> None:
+    # Kontext has [dev]'s shapes: it is stated in a catalog entry, never detected.
+    assert set(PIPELINE_CONFIGS) == {*ARCHITECTURES, "flux1-kontext"}
+    assert matches("flux1-kontext", "flux1-dev") and not matches("flux1-fill", "flux1-dev")
+
+
+def _catalog_file(tmp_path: Path, entry: dict) -> Path:
+    path = tmp_path / "catalog.json"
+    path.write_text(json.dumps([{"air": "local:mine@1", "name": "Mine", "source": "single_file", **entry}]))
+    return path
+
+
+def test_a_catalog_entry_of_one_file_needs_no_architecture(tmp_path: Path, layouts) -> None:
+    write_header_only(tmp_path / "xl.safetensors", layouts["sdxl"])
+    [(entry, _)] = read_catalog_file(_catalog_file(tmp_path, {"location": "xl.safetensors"}))
+    assert entry.architecture == "sdxl"
+    assert (entry.defaults.width, entry.defaults.steps) == (1024, 30)  # the detected architecture's defaults
+
+
+def test_a_stated_architecture_the_file_contradicts_is_an_error_naming_both(tmp_path: Path, layouts) -> None:
+    write_header_only(tmp_path / "model.safetensors", layouts["sd15"])
+    with pytest.raises(CatalogError) as raised:
+        Catalog.load([_catalog_file(tmp_path, {"location": "model.safetensors", "architecture": "sdxl"})])
+    message = str(raised.value)
+    assert "'architecture' is 'sdxl'" in message and "is a 'sd15' checkpoint by its tensors" in message
+    assert str(tmp_path / "model.safetensors") in message
+
+
+def test_kontext_may_be_stated_for_a_file_of_dev_shapes(tmp_path: Path, layouts) -> None:
+    write_header_only(tmp_path / "kontext.safetensors", layouts["flux1-dev"], dtype="BF16")
+    [(entry, _)] = read_catalog_file(_catalog_file(
+        tmp_path, {"location": "kontext.safetensors", "architecture": "flux1-kontext"}))
+    assert entry.architecture == "flux1-kontext"
+
+
+def test_an_unreadable_file_without_an_architecture_is_named(tmp_path: Path) -> None:
+    (tmp_path / "broken.safetensors").write_bytes(b"\x01")
+    with pytest.raises(CatalogError, match=r"'architecture' is not given and the file .*broken\.safetensors is "
+                                           r"not a safetensors file"):
+        read_catalog_file(_catalog_file(tmp_path, {"location": "broken.safetensors"}))
+
+
+def test_the_clip_tokenizer_is_clips_own_vocabulary(tmp_path: Path, empty_hf_cache: Path) -> None:
+    from transformers import CLIPTokenizer
+
+    folder = config_folder("sdxl", tmp_path)
+    first = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    second = CLIPTokenizer.from_pretrained(folder / "tokenizer_2")
+    # OpenAI's ids for these words: a made-up vocabulary would give others.
+    assert first("a cat").input_ids == [49406, 320, 2368, 49407]
+    assert len(first) == 49408
+    # OpenCLIP's towers pad with "!" (id 0), OpenAI's with the end marker.
+    assert (first.pad_token_id, second.pad_token_id) == (49407, 0)
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline"
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+
+
+def test_a_missing_t5_tokenizer_is_named_with_where_it_was_looked_for(tmp_path: Path, empty_hf_cache: Path) -> None:
+    with pytest.raises(TokenizerMissing) as raised:
+        config_folder("flux1-dev", tmp_path / "configs", tokenizer_dirs=[tmp_path / "tokenizers"])
+    message = raised.value.problem
+    assert "tokenizer.json or spiece.model of google/t5-v1_1-xxl" in message
+    assert f"{tmp_path / 'tokenizers' / 't5'}/tokenizer.json or spiece.model" in message
+    assert "the Hugging Face cache" in message
+    assert not (tmp_path / "configs" / "flux1-dev").exists()  # nothing half-written is left to be found
+
+
+def test_a_t5_tokenizer_in_the_tokenizers_folder_is_used(tmp_path: Path, empty_hf_cache: Path) -> None:
+    from imagewire.air_registry.tiny.tokenizers import build_t5_tokenizer
+
+    (tmp_path / "tokenizers" / "t5").mkdir(parents=True)
+    build_t5_tokenizer().backend_tokenizer.save(str(tmp_path / "tokenizers" / "t5" / "tokenizer.json"))
+    folder = config_folder("flux1-schnell", tmp_path / "configs", tokenizer_dirs=[tmp_path / "tokenizers"])
+    assert (folder / "tokenizer_2" / "tokenizer.json").is_file()
+    assert json.loads((folder / "transformer" / "config.json").read_text())["guidance_embeds"] is False
+
+
+def test_a_transformer_saved_alone_lacks_the_other_pieces(layouts) -> None:
+    assert missing_components("flux1-dev", layouts["flux1-dev"]) == ["vae", "text_encoder", "text_encoder_2"]
+    assert missing_components("sd15", layouts["sd15"]) == []
+
+
+def test_loading_a_transformer_alone_lists_what_it_lacks(tmp_path: Path, layouts, empty_hf_cache: Path) -> None:
+    from imagewire.air_registry.loader import PipelineCache
+
+    path = write_header_only(tmp_path / "flux1-dev.safetensors", layouts["flux1-dev"], dtype="BF16")
+    [(entry, _)] = read_catalog_file(_catalog_file(tmp_path, {"location": path.name}))
+    with pytest.raises(WeightsMissing) as raised:
+        PipelineCache(device="cpu", data_dir=tmp_path / "data").load(entry)
+    assert raised.value.problem == (
+        f"the file of Mine (local:mine@1) ({path}) holds only some of the model: it lacks vae, text_encoder, "
+        "text_encoder_2; use a checkpoint that includes them")
