@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from imagewire.air_registry.air import parse_air
-from imagewire.air_registry.architectures import ARCHITECTURES, Architecture
+from imagewire.air_registry.architectures import ARCHITECTURES, UNKNOWN_ARCHITECTURE, Architecture
 from imagewire.air_registry.checkpoints import detect_architecture, matches, tensor_shapes
 from imagewire.air_registry.errors import (
     CatalogError,
@@ -117,6 +117,8 @@ class ModelEntry:
     location: str
     defaults: ModelDefaults
     token: str = ""   # an embedding's word in prompts
+    # Why the model cannot be used (a broken file in a models folder, ``models_dir.py``); empty: it can.
+    problem: str = ""
 
     @property
     def label(self) -> str:
@@ -261,6 +263,18 @@ def _checkpoint_architecture(raw: Mapping[str, Any], source: str, category: str,
     return stated or detected
 
 
+def usual_defaults(architecture: str) -> ModelDefaults:
+    """The defaults of a model of ``architecture`` that states none."""
+    usual = _usual_defaults(ARCHITECTURES[architecture])
+    return ModelDefaults(width=usual["width"], height=usual["height"], steps=usual["steps"],
+                         scheduler=usual["scheduler"], cfg_scale=usual["CFGScale"], strength=usual["strength"])
+
+
+def parse_entry(raw: Any, base_dir: Path, check: DefaultsCheck | None = None) -> ModelEntry:
+    """One catalog entry from its JSON form; relative locations are relative to ``base_dir``."""
+    return _parse_entry(raw, base_dir, check)
+
+
 def _parse_entry(raw: Any, base_dir: Path, check: DefaultsCheck | None) -> ModelEntry:
     _require(isinstance(raw, dict), f"an entry must be an object, not {shown(raw)}")
     unknown = sorted(set(raw) - _ENTRY_KEYS)
@@ -275,10 +289,8 @@ def _parse_entry(raw: Any, base_dir: Path, check: DefaultsCheck | None) -> Model
     _require(source in SOURCES, f"'source' must be one of {', '.join(SOURCES)}, not {source!r}")
     category = _string(raw, "category", default="checkpoint")
     architecture = _checkpoint_architecture(raw, source, category, base_dir)
-    _require(
-        architecture in ARCHITECTURES,
-        f"'architecture' must be one of {', '.join(ARCHITECTURES)}, not {architecture!r}",
-    )
+    known = [name for name in ARCHITECTURES if name != UNKNOWN_ARCHITECTURE]
+    _require(architecture in known, f"'architecture' must be one of {', '.join(known)}, not {architecture!r}")
     layout = layout_of(category, architecture)
     # A checkpoint in one file needs the pipeline class that reads it; add-ons and single networks are read on
     # their own.
@@ -379,6 +391,23 @@ class Catalog:
         self._by_air[entry.air] = entry
         for alias in entry.aliases:
             self._by_alias[alias.casefold()] = entry
+
+    def remove(self, air: str) -> None:
+        """Take a model out while the server runs (its file left a models folder); an alias it had claimed goes
+        back to the latest other entry that has it."""
+        entry = self._by_air.pop(air, None)
+        if entry is None:
+            return
+        self.entries = tuple(known for known in self.entries if known.air != air)
+        for alias in entry.aliases:
+            folded = alias.casefold()
+            if self._by_alias.get(folded) is not entry:
+                continue
+            del self._by_alias[folded]
+            for other in reversed(self.entries):
+                if any(name.casefold() == folded for name in other.aliases):
+                    self._by_alias[folded] = other
+                    break
 
     def get(self, air: str) -> ModelEntry | None:
         return self._by_air.get(air)
