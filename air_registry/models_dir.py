@@ -189,8 +189,9 @@ def _width_of(shapes: Mapping[str, Sequence[int]], endings: tuple[str, ...], axi
     return None
 
 
-def add_on_architecture(category: str, shapes: Mapping[str, Sequence[int]]) -> str:
-    """The architecture a LoRA, embedding, VAE or ControlNet fits, from its tensors; RegistryError if none."""
+def add_on_architecture(category: str, shapes: Mapping[str, Sequence[int]], name: str = "") -> str:
+    """The architecture a LoRA, embedding, VAE or ControlNet fits, from its tensors (and for a VAE its file
+    ``name``); RegistryError if none."""
     names = list(shapes)
     if category == "lora":
         if any("double_blocks" in name or "single_transformer_blocks" in name for name in names):
@@ -198,14 +199,14 @@ def add_on_architecture(category: str, shapes: Mapping[str, Sequence[int]]) -> s
         # The key projection of cross-attention reads the text's width: kohya's and diffusers' names.
         width = _width_of(shapes, ("attn2_to_k.lora_down.weight", "attn2.to_k.lora_down.weight",
                                    "attn2.to_k.lora_A.weight", "attn2_to_k.lora_A.weight"))
-        if width in _TEXT_WIDTHS:
+        if width is not None and width in _TEXT_WIDTHS:
             return _TEXT_WIDTHS[width]
         raise RegistryError("is a LoRA of no architecture this server tells apart (SD 1.x, 2.x, XL, FLUX.1)")
     if category == "embeddings":
         if "clip_g" in shapes:
             return "sdxl"
         width = _width_of(shapes, ("emb_params",), axis=-1) if "emb_params" in shapes else None
-        if width in (768, 1024):
+        if width is not None and width in (768, 1024):
             return _TEXT_WIDTHS[width]
         raise RegistryError("is not a textual-inversion embedding of SD 1.x, 2.x or XL (emb_params, clip_l/clip_g)")
     if category == "vae":
@@ -214,11 +215,11 @@ def add_on_architecture(category: str, shapes: Mapping[str, Sequence[int]]) -> s
             return "flux1-dev"
         if channels == 4:
             # SD 1.x and SDXL VAEs have the same shapes; the file name is the only hint there is.
-            return "sd15"
+            return "sdxl" if "xl" in name.lower() else "sd15"
         raise RegistryError("is not a VAE this server tells apart (4 or 16 latent channels)")
     if category == "controlnet":
         width = _width_of(shapes, ("attn2.to_k.weight",))
-        if width in _TEXT_WIDTHS:
+        if width is not None and width in _TEXT_WIDTHS:
             return _TEXT_WIDTHS[width]
         raise RegistryError("is a ControlNet of no architecture this server tells apart (SD 1.x, 2.x, XL)")
     raise ValueError(f"no architecture detection for category {category!r}")
@@ -242,7 +243,7 @@ def _raw_entry(found: FoundFile, digest: str) -> dict[str, Any]:
         raw["architecture"] = detect_architecture(tensor_shapes(found.path))
     else:
         raw["category"] = found.category
-        raw["architecture"] = add_on_architecture(found.category, tensor_shapes(found.path))
+        raw["architecture"] = add_on_architecture(found.category, tensor_shapes(found.path), stem)
         if found.category == "embeddings":
             raw["token"] = stem
     return raw
