@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from imagewire.air_registry.errors import WeightsMissing
@@ -198,3 +198,88 @@ def missing_components(architecture: str, names: Iterable[str]) -> list[str]:
         if not any(key.startswith(prefixes) for key in keys):
             missing.append(component_name)
     return missing
+
+
+# ---------------------------------------------------------------- the pieces of a denoiser saved alone
+
+# Where a models folder keeps the pieces that complete a denoiser saved alone (ComfyUI's layout; ``models_dir``).
+PIECE_FOLDERS: tuple[str, ...] = ("text_encoders", "clip", "vae")
+# The subfolders a denoiser saved alone lies in, whose parent is then the models folder.
+DENOISER_FOLDERS: tuple[str, ...] = ("diffusion_models", "unet", "checkpoints", "stable-diffusion")
+_PIECE_NAMES = {"clip_l": "a CLIP-L text encoder", "clip_g": "a CLIP-G text encoder",
+                "t5": "a T5-XXL text encoder", "vae16": "a 16-channel VAE", "vae4": "a 4-channel VAE"}
+
+
+def piece_kind(shapes: Mapping[str, Sequence[int]]) -> str | None:
+    """What a file of a models folder's ``text_encoders/``, ``clip/`` or ``vae/`` is, from its tensors: ``clip_l``,
+    ``clip_g``, ``t5``, ``vae16`` or ``vae4``; None for anything else."""
+    if "shared.weight" in shapes and any(name.startswith("encoder.block.") for name in shapes):
+        return "t5"
+    norm = next((name for name in shapes if name.endswith("text_model.final_layer_norm.weight")), None)
+    if norm is not None:
+        return {768: "clip_l", 1280: "clip_g"}.get(int(list(shapes[norm])[0]))
+    conv = shapes.get("decoder.conv_in.weight")
+    if conv is not None and len(conv) == 4:
+        return {16: "vae16", 4: "vae4"}.get(int(list(conv)[1]))
+    return None
+
+
+def wanted_piece(component: Component) -> str | None:
+    """The kind of piece (``piece_kind``) that stands for ``component``."""
+    if component.class_name == "AutoencoderKL":
+        return "vae16" if component.config.get("latent_channels") == 16 else "vae4"
+    if component.class_name.startswith("CLIPTextModel"):
+        return {768: "clip_l", 1280: "clip_g"}.get(int(component.config.get("hidden_size", 0)))
+    if component.class_name == "T5EncoderModel":
+        return "t5"
+    return None
+
+
+def piece_folders(checkpoint: Path) -> list[Path]:
+    """The folders a denoiser saved alone at ``checkpoint`` is completed from: those of its own models folder, when
+    it lies in one (``<models>/diffusion_models/...``). Nothing outside that models folder is looked at."""
+    for parent in checkpoint.parents:
+        if parent.name.casefold() in DENOISER_FOLDERS:
+            return [parent.parent / name for name in PIECE_FOLDERS]
+    return []
+
+
+def find_pieces(architecture: str, components: Iterable[str], checkpoint: Path,
+                read_shapes: Callable[[Path], Mapping[str, Sequence[int]]]) -> dict[str, Path]:
+    """A file for each of ``components`` of ``architecture`` among the pieces beside ``checkpoint``, by its tensors
+    (the first in name order of the right kind); those with none are left out."""
+    table = PIPELINE_CONFIGS[architecture]
+    wanted: dict[str, str] = {}
+    for name in components:
+        component = table.components.get(name)
+        kind = wanted_piece(component) if component is not None else None
+        if kind is not None:
+            wanted[name] = kind
+    found: dict[str, Path] = {}
+    for folder in piece_folders(checkpoint):
+        candidates = sorted(folder.rglob("*.safetensors")) if folder.is_dir() else []
+        for candidate in candidates:
+            try:
+                kind = piece_kind(read_shapes(candidate))
+            except Exception:  # a broken piece is not a piece: it is passed over
+                continue
+            for name, wanted_kind in wanted.items():
+                if kind == wanted_kind and name not in found:
+                    found[name] = candidate
+    return found
+
+
+def missing_pieces_message(architecture: str, components: Sequence[str], checkpoint: Path) -> str:
+    """What a denoiser saved alone lacks, what would stand for each, and where that was looked for."""
+    table = PIPELINE_CONFIGS[architecture]
+    described = []
+    for name in components:
+        component = table.components.get(name)
+        kind = wanted_piece(component) if component is not None else None
+        described.append(f"{name} ({_PIECE_NAMES[kind]})" if kind else name)
+    folders = piece_folders(checkpoint)
+    where = (f"looked for them in {', '.join(str(folder) for folder in folders)}" if folders else
+             "pieces are looked for only beside a file in a models folder's diffusion_models/, unet/ or "
+             "checkpoints/ (in its text_encoders/, clip/ and vae/)")
+    return (f"holds only some of the model: it lacks {', '.join(described)}; {where}. Put those files there, or use "
+            "a checkpoint that includes them")

@@ -13,10 +13,16 @@ from pathlib import Path
 import pytest
 
 from imagewire.air_registry.catalog import Catalog, read_catalog_file
-from imagewire.air_registry.checkpoints import detect_architecture, matches
+from imagewire.air_registry.checkpoints import detect_architecture, matches, tensor_shapes
 from imagewire.air_registry.errors import CatalogError, WeightsMissing
 from imagewire.air_registry.pipeline_configs import PIPELINE_CONFIGS
-from imagewire.air_registry.single_file import TokenizerMissing, config_folder, missing_components
+from imagewire.air_registry.single_file import (
+    TokenizerMissing,
+    config_folder,
+    find_pieces,
+    missing_components,
+    missing_pieces_message,
+)
 from tests.checkpoints import original_layout_shapes, write_header_only
 
 ARCHITECTURES = ["sd15", "sd15-inpaint", "sd21", "sdxl", "sdxl-inpaint", "sdxl-refiner", "flux1-dev",
@@ -124,5 +130,76 @@ def test_loading_a_transformer_alone_lists_what_it_lacks(tmp_path: Path, layouts
     with pytest.raises(WeightsMissing) as raised:
         PipelineCache(device="cpu", data_dir=tmp_path / "data").load(entry)
     assert raised.value.problem == (
-        f"the file of Mine (local:mine@1) ({path}) holds only some of the model: it lacks vae, text_encoder, "
-        "text_encoder_2; use a checkpoint that includes them")
+        f"the file of Mine (local:mine@1) ({path}) holds only some of the model: it lacks vae (a 16-channel VAE), "
+        "text_encoder (a CLIP-L text encoder), text_encoder_2 (a T5-XXL text encoder); pieces are looked for only "
+        "beside a file in a models folder's diffusion_models/, unet/ or checkpoints/ (in its text_encoders/, clip/ "
+        "and vae/). Put those files there, or use a checkpoint that includes them")
+
+
+CLIP_L_PIECE = {"text_model.embeddings.position_embedding.weight": (77, 768),
+                "text_model.final_layer_norm.weight": (768,)}
+T5_PIECE = {"shared.weight": (32128, 4096), "encoder.block.0.layer.0.SelfAttention.q.weight": (4096, 4096)}
+FLUX_VAE_PIECE = {"decoder.conv_in.weight": (512, 16, 3, 3)}
+
+
+def test_a_transformer_alone_is_completed_from_its_models_folder(tmp_path: Path, layouts) -> None:
+    root = tmp_path / "ComfyUI" / "models"
+    path = write_header_only(root / "diffusion_models" / "flux1-dev.safetensors", layouts["flux1-dev"])
+    clip = write_header_only(root / "text_encoders" / "clip_l.safetensors", CLIP_L_PIECE)
+    t5 = write_header_only(root / "text_encoders" / "t5xxl_fp16.safetensors", T5_PIECE)
+    vae = write_header_only(root / "vae" / "ae.safetensors", FLUX_VAE_PIECE)
+    (root / "vae" / "broken.safetensors").write_bytes(b"\x00")  # passed over
+    needed = missing_components("flux1-dev", layouts["flux1-dev"])
+    assert find_pieces("flux1-dev", needed, path, tensor_shapes) == {
+        "text_encoder": clip, "text_encoder_2": t5, "vae": vae}
+
+
+def test_missing_pieces_are_named_with_where_they_were_looked_for(tmp_path: Path, layouts) -> None:
+    root = tmp_path / "models"
+    path = write_header_only(root / "unet" / "flux1-schnell.safetensors", layouts["flux1-schnell"])
+    write_header_only(root / "clip" / "clip_l.safetensors", CLIP_L_PIECE)
+    needed = missing_components("flux1-schnell", layouts["flux1-schnell"])
+    found = find_pieces("flux1-schnell", needed, path, tensor_shapes)
+    assert sorted(found) == ["text_encoder"]
+    message = missing_pieces_message("flux1-schnell", [name for name in needed if name not in found], path)
+    assert message == (
+        "holds only some of the model: it lacks vae (a 16-channel VAE), text_encoder_2 (a T5-XXL text encoder); "
+        f"looked for them in {root / 'text_encoders'}, {root / 'clip'}, {root / 'vae'}. Put those files there, or "
+        "use a checkpoint that includes them")
+
+
+def test_pieces_load_with_their_own_weights(tmp_path: Path, empty_hf_cache: Path) -> None:
+    """A CLIP-L and a FLUX VAE in ComfyUI's files (the text encoder's own names, the VAE's original layout),
+    full size with random weights: each loads as its pipeline component, its weights those of the file."""
+    import torch
+    from safetensors.torch import save_file
+
+    from imagewire.air_registry.loader import PipelineCache
+    from imagewire.air_registry.tiny.tokenizers import build_t5_tokenizer
+    from tests.checkpoints import _component, _text_encoder, _vae
+
+    generator = torch.Generator().manual_seed(0)
+
+    def random(state: dict, prefix: str) -> dict:
+        return {key.removeprefix(prefix): (torch.randn(tuple(value.shape), generator=generator) * 0.02).half()
+                for key, value in state.items()}
+
+    clip = random(_text_encoder(_component("flux1-dev", "text_encoder")), "cond_stage_model.transformer.")
+    vae = random(_vae(_component("flux1-dev", "vae")), "first_stage_model.")
+    save_file(clip, str(tmp_path / "clip_l.safetensors"))
+    save_file(vae, str(tmp_path / "ae.safetensors"))
+    (tmp_path / "data" / "tokenizers" / "t5").mkdir(parents=True)
+    build_t5_tokenizer().backend_tokenizer.save(str(tmp_path / "data" / "tokenizers" / "t5" / "tokenizer.json"))
+    [(entry, _)] = read_catalog_file(_catalog_file(
+        tmp_path, {"location": "flux.safetensors", "architecture": "flux1-dev"}))
+    cache = PipelineCache(device="cpu", data_dir=tmp_path / "data")
+    folder = config_folder("flux1-dev", tmp_path / "data" / "models" / "configs",
+                           tokenizer_dirs=[tmp_path / "data" / "tokenizers"])
+
+    encoder = cache._read_piece(entry, "text_encoder", tmp_path / "clip_l.safetensors", folder)
+    assert type(encoder).__name__ == "CLIPTextModel"
+    norm = next(value for key, value in encoder.state_dict().items() if key.endswith("final_layer_norm.weight"))
+    assert torch.equal(norm.half(), clip["text_model.final_layer_norm.weight"])
+    decoder = cache._read_piece(entry, "vae", tmp_path / "ae.safetensors", folder)
+    assert (decoder.config.latent_channels, decoder.config.scaling_factor) == (16, 0.3611)
+    assert torch.equal(decoder.state_dict()["decoder.conv_in.weight"].half(), vae["decoder.conv_in.weight"])
