@@ -166,7 +166,8 @@ def _open_clip(text_encoder: Any) -> dict[str, Any]:
 
 
 def _flux_transformer(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    """The FLUX.1 transformer's tensors in Black Forest Labs' own layout (``double_blocks.*``)."""
+    """The FLUX.1 transformer's weight matrices in Black Forest Labs' own layout (``double_blocks.*``): what detection
+    reads (biases left out)."""
     hidden = config["num_attention_heads"] * config["attention_head_dim"]
     head = config["attention_head_dim"]
     mlp = hidden * 4
@@ -198,8 +199,8 @@ def _flux_transformer(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
 
 
 def _sd3_transformer(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    """The MMDiT's tensors in Stability's own layout (``joint_blocks.*``); MMDiT-X (SD 3.5 medium) has a second
-    attention in its first blocks."""
+    """The MMDiT's weight matrices in Stability's own layout (``joint_blocks.*``): what detection reads (biases and
+    norms left out); MMDiT-X (SD 3.5 medium) has a second attention in its first blocks."""
     hidden = config["num_attention_heads"] * config["attention_head_dim"]
     shapes: dict[str, tuple[int, ...]] = {
         "x_embedder.proj.weight": (hidden, config["in_channels"], config["patch_size"], config["patch_size"]),
@@ -224,8 +225,9 @@ def _shapes(state: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
 
 
 def original_layout_shapes(architecture: str) -> dict[str, tuple[int, ...]]:
-    """Every tensor's name and shape of a full checkpoint of ``architecture`` as it is published in one file
-    (the original layout), from the configs the server writes for it; nothing is allocated."""
+    """The tensors' names and shapes of a checkpoint of ``architecture`` as it is published in one file (the
+    original layout), from the configs the server writes for it; nothing is allocated. Every tensor for the
+    UNet models; the weight matrices of the transformer for FLUX and SD 3."""
     from imagewire.air_registry.pipeline_configs import PIPELINE_CONFIGS
 
     table = PIPELINE_CONFIGS[architecture]

@@ -39,6 +39,40 @@ def test_each_architecture_is_told_by_its_tensors(layouts, architecture: str) ->
     assert detect_architecture(layouts[architecture]) == architecture
 
 
+@pytest.mark.parametrize("architecture", ["sd15", "sd15-inpaint", "sd21", "sdxl", "sdxl-inpaint", "sdxl-refiner"])
+def test_each_unet_table_is_what_diffusers_converts_its_checkpoints_into(layouts, architecture: str) -> None:
+    """diffusers' own conversion of the original layout gives exactly the names and shapes of the UNet our config
+    builds: the table has the published shapes, and a real checkpoint's weights fit it."""
+    import torch
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    from tests.checkpoints import _component
+
+    unet = _component(architecture, "unet")
+    original = {key: torch.empty(*shape, device="meta") for key, shape in layouts[architecture].items()
+                if key.startswith("model.diffusion_model.")}
+    converted = convert_ldm_unet_checkpoint(original, dict(unet.config))
+    assert {key: tuple(value.shape) for key, value in converted.items()} == {
+        key: tuple(value.shape) for key, value in unet.state_dict().items()}
+
+
+# The published sizes of these models' components, in parameters.
+PUBLISHED_SIZES = [
+    ("sd15", "unet", 859_520_964), ("sd15", "vae", 83_653_863), ("sd15", "text_encoder", 123_060_480),
+    ("sd21", "unet", 865_910_724), ("sdxl", "unet", 2_567_463_684), ("sdxl", "text_encoder_2", 694_659_840),
+    ("flux1-dev", "transformer", 11_901_408_320), ("flux1-dev", "text_encoder_2", 4_762_310_656),
+    ("sd3", "transformer", 2_028_328_000), ("sd35-large", "transformer", 8_056_627_520),
+]
+
+
+@pytest.mark.parametrize(("architecture", "component", "size"), PUBLISHED_SIZES)
+def test_each_table_builds_the_published_model(architecture: str, component: str, size: int) -> None:
+    from tests.checkpoints import _component
+
+    model = _component(architecture, component)  # on the meta device: nothing allocated
+    assert sum(parameter.numel() for parameter in model.parameters()) == size
+
+
 def test_every_table_is_a_detectable_architecture() -> None:
     # Kontext has [dev]'s shapes: it is stated in a catalog entry, never detected.
     assert set(PIPELINE_CONFIGS) == {*ARCHITECTURES, "flux1-kontext"}
