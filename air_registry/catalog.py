@@ -13,7 +13,9 @@ or replace models with their own files in the same format (see :meth:`Catalog.lo
 the builder, see ``air_registry/tiny``),
 ``hub`` (a Hugging Face repo id, read from the local Hugging Face cache), ``folder`` (a model saved
 in diffusers format) or ``single_file`` (a ``.safetensors``/``.ckpt`` checkpoint). Missing
-``defaults`` keys take the architecture's usual values (``architectures.py``). Where the weights
+``defaults`` keys take the architecture's usual values (``architectures.py``). A ``single_file``
+checkpoint in ``.safetensors`` may leave ``architecture`` out: its tensors tell it (``checkpoints.py``), and
+a stated one they contradict is an error. Where the weights
 are is ``weights.py``'s business.
 
 ``category`` is ``checkpoint`` (a whole model, the default) or what a request adds to one: ``lora``,

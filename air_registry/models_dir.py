@@ -160,6 +160,8 @@ class HashCache:
         known = self._hashes.get(key)
         if known and known.get("size") == found.size and known.get("mtime_ns") == found.mtime_ns:
             return str(known["sha256"])
+        # Seconds per gigabyte: said, so that a first start over a large folder is not taken for a hang.
+        logger.info("models folder: hashing %s (%.1f GB) once; kept in %s", found.path, found.size / 1e9, self.path)
         digest = hashlib.sha256()
         with open(found.path, "rb") as file:
             while chunk := file.read(_CHUNK):

@@ -157,3 +157,20 @@ def test_a_rescan_finds_new_changed_and_removed_files(tmp_path: Path, sd15_shape
     first.unlink()
     added, removed = folders.rescan()
     assert [new.air for new in added] == [air_of(second)] and removed == [entry.air]
+
+
+def test_a_removed_file_gives_its_alias_back_to_the_entry_that_had_it(tmp_path: Path, sd15_shapes) -> None:
+    catalog = Catalog.load()
+    shipped = catalog.resolve("sd15")
+    root = tmp_path / "models"
+    write_header_only(root / "checkpoints" / "sd15.safetensors", sd15_shapes)
+    folders = ModelsFolders([root], tmp_path / "data")
+    [entry], _ = folders.rescan()
+    catalog.add(entry)
+    assert catalog.resolve("sd15") is entry  # the file's name claims the alias while it is there
+    (root / "checkpoints" / "sd15.safetensors").unlink()
+    _, removed = folders.rescan()
+    for air in removed:
+        catalog.remove(air)
+    assert catalog.resolve("sd15") is shipped and catalog.get(entry.air) is None
+    assert entry not in catalog.entries
