@@ -52,7 +52,9 @@ from imagewire.air_registry.model_files import MODEL_INDEX
 from imagewire.air_registry.pipeline_configs import PIPELINE_CONFIGS
 from imagewire.air_registry.samplers import FLOW_SAMPLERS, SAMPLERS, SamplerSpec
 from imagewire.air_registry.single_file import (
+    CONTROLNET_SUBFOLDER,
     config_folder,
+    controlnet_config_folder,
     find_pieces,
     missing_components,
     missing_pieces_message,
@@ -240,7 +242,12 @@ class PipelineCache:
 
         def read(path: Path) -> Any:
             if entry.source == "single_file":
-                return ControlNetModel.from_single_file(str(path), **{_DTYPE_KEYWORD: self.dtype_of(entry)})
+                options: dict[str, Any] = {_DTYPE_KEYWORD: self.dtype_of(entry)}
+                # The config of a ControlNet for the model it fits, written here: nothing from the hub.
+                folder = controlnet_config_folder(entry.architecture, self.data_dir / "models" / "configs")
+                if folder is not None:
+                    options.update(config=str(folder), subfolder=CONTROLNET_SUBFOLDER, local_files_only=True)
+                return ControlNetModel.from_single_file(str(path), **options)
             return ControlNetModel.from_pretrained(str(path), **self._options(entry))
 
         model: ControlNetModel = self._component(entry, weights, read)

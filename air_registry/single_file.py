@@ -283,3 +283,42 @@ def missing_pieces_message(architecture: str, components: Sequence[str], checkpo
              "checkpoints/ (in its text_encoders/, clip/ and vae/)")
     return (f"holds only some of the model: it lacks {', '.join(described)}; {where}. Put those files there, or use "
             "a checkpoint that includes them")
+
+
+# ---------------------------------------------------------------- ControlNets
+
+# What a ControlNet's config takes from its UNet's: the encoder half's shapes (diffusers' ControlNetModel arguments).
+_CONTROLNET_KEYS = frozenset({
+    "flip_sin_to_cos", "freq_shift", "down_block_types", "mid_block_type", "only_cross_attention",
+    "block_out_channels", "layers_per_block", "downsample_padding", "mid_block_scale_factor", "act_fn",
+    "norm_num_groups", "norm_eps", "cross_attention_dim", "transformer_layers_per_block", "attention_head_dim",
+    "num_attention_heads", "use_linear_projection", "addition_embed_type", "addition_time_embed_dim",
+    "projection_class_embeddings_input_dim", "addition_embed_type_num_heads", "upcast_attention",
+})
+CONTROLNET_SUBFOLDER = "controlnet"
+
+
+def controlnet_config_folder(architecture: str, root: Path) -> Path | None:
+    """A folder whose ``controlnet/config.json`` is the config of a ControlNet for ``architecture``'s UNet (written on
+    first use); None where the architecture has no UNet table."""
+    table = PIPELINE_CONFIGS.get(architecture)
+    unet = table.components.get("unet") if table is not None else None
+    if unet is None:
+        return None
+    path = Path(root) / f"{architecture}-controlnet"
+    config = path / CONTROLNET_SUBFOLDER / "config.json"
+    if config.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.writing-", dir=path.parent))
+    try:
+        (staging / CONTROLNET_SUBFOLDER).mkdir()
+        # It reads the latents alone (an inpainting UNet's extra channels are not its) and a 3-channel guide image.
+        _write_json(staging / CONTROLNET_SUBFOLDER / "config.json", {
+            **{key: value for key, value in unet.config.items() if key in _CONTROLNET_KEYS},
+            "_class_name": "ControlNetModel", "in_channels": 4, "conditioning_channels": 3})
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path

@@ -9,6 +9,8 @@ same images (``tests/air_registry/test_checkpoints.py``).
 
 from __future__ import annotations
 
+import json
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -67,6 +69,51 @@ def _unet(unet: Any) -> dict[str, Any]:
                                 f"output_blocks.{last}.{2 if has_attention else 1}.conv."))
     assert len(out) == len(state), "every UNet weight has its place in the original layout"
     return {f"model.diffusion_model.{key}": tensor for key, tensor in out.items()}
+
+
+def _controlnet(controlnet: Any) -> dict[str, Any]:
+    """A ControlNet in the original layout (``control_model.*``): the UNet's encoder half, a zero convolution per
+    skip connection (``zero_convs``), one after the middle block, and the guide image's encoder
+    (``input_hint_block``)."""
+    state, config = controlnet.state_dict(), controlnet.config
+    per_block = config.layers_per_block
+    out: dict[str, Any] = {}
+    for ours, theirs in (("time_embedding.linear_1", "time_embed.0"), ("time_embedding.linear_2", "time_embed.2"),
+                         ("add_embedding.linear_1", "label_emb.0.0"), ("add_embedding.linear_2", "label_emb.0.2"),
+                         ("conv_in", "input_blocks.0.0"), ("controlnet_mid_block", "middle_block_out.0"),
+                         ("controlnet_cond_embedding.conv_in", "input_hint_block.0"),
+                         ("controlnet_cond_embedding.conv_out", "input_hint_block.14")):
+        out.update(_renamed(state, ours + ".", theirs + "."))
+    for index in range(6):  # the guide encoder's convolutions, each after a SiLU
+        out.update(_renamed(state, f"controlnet_cond_embedding.blocks.{index}.", f"input_hint_block.{2 * index + 2}."))
+    blocks = len(config.block_out_channels)
+    for i in range(blocks):
+        for j in range(per_block):
+            index = 1 + i * (per_block + 1) + j
+            out.update(_renamed(state, f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{index}.0.", _RESNET))
+            out.update(_renamed(state, f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{index}.1."))
+        if i < blocks - 1:
+            out.update(_renamed(state, f"down_blocks.{i}.downsamplers.0.conv.",
+                                f"input_blocks.{(i + 1) * (per_block + 1)}.0.op."))
+    for index in range(1 + blocks * (per_block + 1) - 1):
+        out.update(_renamed(state, f"controlnet_down_blocks.{index}.", f"zero_convs.{index}.0."))
+    out.update(_renamed(state, "mid_block.resnets.0.", "middle_block.0.", _RESNET))
+    out.update(_renamed(state, "mid_block.attentions.0.", "middle_block.1."))
+    out.update(_renamed(state, "mid_block.resnets.1.", "middle_block.2.", _RESNET))
+    assert len(out) == len(state), "every ControlNet weight has its place in the original layout"
+    return {f"control_model.{key}": tensor for key, tensor in out.items()}
+
+
+def controlnet_meta(architecture: str) -> Any:
+    """A full-size ControlNet for ``architecture``'s UNet, on the meta device, from the config the server writes."""
+    import diffusers
+
+    from imagewire.air_registry.single_file import controlnet_config_folder
+
+    folder = controlnet_config_folder(architecture, Path(tempfile.mkdtemp(prefix="controlnet-config-")))
+    assert folder is not None
+    config = json.loads((folder / "controlnet" / "config.json").read_text())
+    return _meta(diffusers.ControlNetModel, config)
 
 
 def _vae(vae: Any) -> dict[str, Any]:

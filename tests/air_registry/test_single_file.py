@@ -7,6 +7,7 @@ no data."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -237,3 +238,39 @@ def test_pieces_load_with_their_own_weights(tmp_path: Path, empty_hf_cache: Path
     decoder = cache._read_piece(entry, "vae", tmp_path / "ae.safetensors", folder)
     assert (decoder.config.latent_channels, decoder.config.scaling_factor) == (16, 0.3611)
     assert torch.equal(decoder.state_dict()["decoder.conv_in.weight"].half(), vae["decoder.conv_in.weight"])
+
+
+@pytest.mark.parametrize("architecture", ["sd15", "sd21"])
+def test_each_controlnet_config_is_what_diffusers_converts_its_checkpoints_into(architecture: str) -> None:
+    import torch
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+    from tests.checkpoints import _controlnet, controlnet_meta
+
+    controlnet = controlnet_meta(architecture)
+    original = {key: torch.empty(*value.shape, device="meta") for key, value in _controlnet(controlnet).items()}
+    converted = convert_controlnet_checkpoint(original, dict(controlnet.config))
+    assert {key: tuple(value.shape) for key, value in converted.items()} == {
+        key: tuple(value.shape) for key, value in controlnet.state_dict().items()}
+
+
+def test_a_controlnet_file_loads_offline(tmp_path: Path, empty_hf_cache: Path) -> None:
+    """A full-size SD 1.5 ControlNet in the original layout (random weights), as A1111's ControlNet/ keeps them."""
+    import torch
+    from safetensors.torch import save_file
+
+    from imagewire.air_registry.loader import PipelineCache
+    from tests.checkpoints import _controlnet, controlnet_meta
+
+    meta = controlnet_meta("sd15")
+    assert sum(parameter.numel() for parameter in meta.parameters()) == 361_279_120  # the published size
+    generator = torch.Generator().manual_seed(0)
+    state = {key: (torch.randn(tuple(value.shape), generator=generator) * 0.02).half()
+             for key, value in _controlnet(meta).items()}
+    save_file(state, str(tmp_path / "control_canny.safetensors"))
+    entry = dataclasses.replace(
+        Catalog.load().resolve("imagewire:sd15-controlnet-canny@1"), air="file:canny@1", source="single_file",
+        location=str(tmp_path / "control_canny.safetensors"))
+    controlnet = PipelineCache(device="cpu", data_dir=tmp_path / "data").controlnet(entry)
+    assert torch.equal(controlnet.controlnet_mid_block.weight.detach().half(),
+                       state["control_model.middle_block_out.0.weight"])
