@@ -267,9 +267,14 @@ def scan(models_dirs: Sequence[Path], hashes: HashCache,
     """A catalog entry for each file of ``models_dirs``, by (path, size, modification time). Files seen before
     unchanged (in ``known``) keep their entries, unread."""
     entries: dict[tuple[Path, int, int], ModelEntry] = {}
+    folders = {Path(folder) for folder in models_dirs}
     for found in find_files(models_dirs):
         if isinstance(found, tuple):
             path, reason = found
+            if path in folders:
+                # A folder that is missing now may be mounted later: said in the log, looked at again next time.
+                logger.warning("models folder %s %s", path, reason)
+                continue
             entries[(path, -1, -1)] = unavailable(path, "checkpoint", reason)
             continue
         key = (found.path, found.size, found.mtime_ns)

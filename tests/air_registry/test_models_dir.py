@@ -174,3 +174,14 @@ def test_a_removed_file_gives_its_alias_back_to_the_entry_that_had_it(tmp_path: 
         catalog.remove(air)
     assert catalog.resolve("sd15") is shipped and catalog.get(entry.air) is None
     assert entry not in catalog.entries
+
+
+def test_a_missing_models_folder_is_said_and_looked_at_again(tmp_path: Path, sd15_shapes,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "not-mounted-yet"
+    folders = ModelsFolders([root], tmp_path / "data")
+    assert folders.rescan() == ([], [])
+    assert f"models folder {root} cannot be read as a models folder (No such file or directory)" in caplog.text
+    write_header_only(root / "checkpoints" / "model.safetensors", sd15_shapes)
+    [entry], _ = folders.rescan()
+    assert entry.architecture == "sd15"
