@@ -20,6 +20,7 @@ import contextlib
 import copy
 import logging
 import re
+import tempfile
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -198,8 +199,11 @@ class ModelAddOns:
         dtype = getattr(self._own_vae, "dtype", torch.float32)
         try:
             if path.is_file():
-                loaded: Any = AutoencoderKL.from_single_file(
-                    str(path), torch_dtype=dtype, local_files_only=not self._allow_downloads)
+                # A VAE that fits the model has its VAE's shapes: read with its config, nothing from the hub.
+                with tempfile.TemporaryDirectory(prefix="imagewire-vae-config-") as folder:
+                    self._own_vae.save_config(Path(folder) / "vae")
+                    loaded: Any = AutoencoderKL.from_single_file(
+                        str(path), config=folder, subfolder="vae", torch_dtype=dtype, local_files_only=True)
             else:
                 loaded = AutoencoderKL.from_pretrained(str(path), torch_dtype=dtype)
             loaded.to(pipe.device)

@@ -63,6 +63,10 @@ class Architecture:
         return self.base or self.name
 
 
+# What a file in a models folder is when its architecture cannot be told (``models_dir.py``): listed, with why,
+# and never run.
+UNKNOWN_ARCHITECTURE = "unknown"
+
 # Embedded test models have architectures of their own ("tiny"): nothing made for a real
 # architecture (a LoRA, a VAE) fits their shapes, though the same code path runs them.
 ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType({
@@ -83,6 +87,7 @@ ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType({
                      single_file_pipeline="StableDiffusionInpaintPipeline"),
         Architecture("sdxl-inpaint", family="sdxl", size=1024, steps=30, inpainting_only=True, base="sdxl",
                      single_file_pipeline="StableDiffusionXLInpaintPipeline"),
+        Architecture(UNKNOWN_ARCHITECTURE, family="none", size=512, steps=1, task="none", layout="weights_file"),
         # The tools beside imageInference; ``family`` names the adapter in that task's runner
         # (server/engine/<task>.py). Their size and steps mean nothing and are never used.
         *(Architecture(name, family=family, size=512, steps=1, task=task, layout=layout)
@@ -113,9 +118,10 @@ ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType({
         # Kontext [dev] edits the seed image as the prompt says; Fill [dev] inpaints.
         Architecture("flux1-kontext", family="flux-kontext", size=1024, steps=28, cfg_scale=2.5, sampling=FLOW,
                      cuda_dtype="bfloat16", max_sequence_length=512, pipeline="FluxKontextPipeline",
-                     masks=False, controlnets=False),
+                     single_file_pipeline="FluxKontextPipeline", masks=False, controlnets=False),
         Architecture("flux1-fill", family="flux", size=1024, steps=50, cfg_scale=30.0, sampling=FLOW,
                      cuda_dtype="bfloat16", max_sequence_length=512, pipeline="FluxFillPipeline",
+                     single_file_pipeline="FluxFillPipeline",
                      inpainting_only=True, controlnets=False),
         # SD 3 medium was released in float16; SD 3.5 in bfloat16.
         Architecture("sd3", family="sd3", size=1024, steps=28, cfg_scale=7.0, sampling=FLOW,

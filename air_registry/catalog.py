@@ -13,7 +13,9 @@ or replace models with their own files in the same format (see :meth:`Catalog.lo
 the builder, see ``air_registry/tiny``),
 ``hub`` (a Hugging Face repo id, read from the local Hugging Face cache), ``folder`` (a model saved
 in diffusers format) or ``single_file`` (a ``.safetensors``/``.ckpt`` checkpoint). Missing
-``defaults`` keys take the architecture's usual values (``architectures.py``). Where the weights
+``defaults`` keys take the architecture's usual values (``architectures.py``). A ``single_file``
+checkpoint in ``.safetensors`` may leave ``architecture`` out: its tensors tell it (``checkpoints.py``), and
+a stated one they contradict is an error. Where the weights
 are is ``weights.py``'s business.
 
 ``category`` is ``checkpoint`` (a whole model, the default) or what a request adds to one: ``lora``,
@@ -36,10 +38,12 @@ from pathlib import Path
 from typing import Any
 
 from imagewire.air_registry.air import parse_air
-from imagewire.air_registry.architectures import ARCHITECTURES, Architecture
+from imagewire.air_registry.architectures import ARCHITECTURES, UNKNOWN_ARCHITECTURE, Architecture
+from imagewire.air_registry.checkpoints import detect_architecture, matches, tensor_shapes
 from imagewire.air_registry.errors import (
     CatalogError,
     MalformedAIR,
+    RegistryError,
     SamplerUnusable,
     UnknownModel,
     UnknownSampler,
@@ -115,6 +119,8 @@ class ModelEntry:
     location: str
     defaults: ModelDefaults
     token: str = ""   # an embedding's word in prompts
+    # Why the model cannot be used (a broken file in a models folder, ``models_dir.py``); empty: it can.
+    problem: str = ""
 
     @property
     def label(self) -> str:
@@ -235,6 +241,42 @@ def _parse_location(raw: Mapping[str, Any], source: str, base_dir: Path, layout:
     return str((base_dir / Path(location).expanduser()).resolve())
 
 
+def _checkpoint_architecture(raw: Mapping[str, Any], source: str, category: str, base_dir: Path) -> str:
+    """The entry's architecture: as stated, or for a checkpoint in one .safetensors file, as its tensors say
+    (read from the file's header). A stated one that the file contradicts is an error naming both."""
+    stated = _string(raw, "architecture", default="") if "architecture" in raw else ""
+    location = raw.get("location")
+    if source != "single_file" or category != "checkpoint" or not isinstance(location, str):
+        return stated or _string(raw, "architecture")
+    path = (base_dir / Path(location.strip()).expanduser()).resolve()
+    if not path.name.lower().endswith(".safetensors"):
+        _require(bool(stated), f"'architecture' is required for {path.name}: only a .safetensors file's "
+                               "architecture can be read without loading it")
+        return stated
+    try:
+        detected = detect_architecture(tensor_shapes(path))
+    except RegistryError as exc:
+        # A stated architecture stands for a file that is not there yet; the load says what is wrong.
+        _require(bool(stated), f"'architecture' is not given and the file {path} {exc.problem}")
+        return stated
+    _require(not stated or matches(stated, detected),
+             f"'architecture' is {stated!r} but the file {path} is a {detected!r} checkpoint by its tensors; "
+             f"state {detected!r} or leave 'architecture' out")
+    return stated or detected
+
+
+def usual_defaults(architecture: str) -> ModelDefaults:
+    """The defaults of a model of ``architecture`` that states none."""
+    usual = _usual_defaults(ARCHITECTURES[architecture])
+    return ModelDefaults(width=usual["width"], height=usual["height"], steps=usual["steps"],
+                         scheduler=usual["scheduler"], cfg_scale=usual["CFGScale"], strength=usual["strength"])
+
+
+def parse_entry(raw: Any, base_dir: Path, check: DefaultsCheck | None = None) -> ModelEntry:
+    """One catalog entry from its JSON form; relative locations are relative to ``base_dir``."""
+    return _parse_entry(raw, base_dir, check)
+
+
 def _parse_entry(raw: Any, base_dir: Path, check: DefaultsCheck | None) -> ModelEntry:
     _require(isinstance(raw, dict), f"an entry must be an object, not {shown(raw)}")
     unknown = sorted(set(raw) - _ENTRY_KEYS)
@@ -245,14 +287,12 @@ def _parse_entry(raw: Any, base_dir: Path, check: DefaultsCheck | None) -> Model
         raise CatalogError(
             f"'air' must have the form source:id@version, not {shown(raw['air'])}"
         ) from exc
-    architecture = _string(raw, "architecture")
-    _require(
-        architecture in ARCHITECTURES,
-        f"'architecture' must be one of {', '.join(ARCHITECTURES)}, not {architecture!r}",
-    )
     source = _string(raw, "source")
     _require(source in SOURCES, f"'source' must be one of {', '.join(SOURCES)}, not {source!r}")
     category = _string(raw, "category", default="checkpoint")
+    architecture = _checkpoint_architecture(raw, source, category, base_dir)
+    known = [name for name in ARCHITECTURES if name != UNKNOWN_ARCHITECTURE]
+    _require(architecture in known, f"'architecture' must be one of {', '.join(known)}, not {architecture!r}")
     layout = layout_of(category, architecture)
     # A checkpoint in one file needs the pipeline class that reads it; add-ons and single networks are read on
     # their own.
@@ -353,6 +393,23 @@ class Catalog:
         self._by_air[entry.air] = entry
         for alias in entry.aliases:
             self._by_alias[alias.casefold()] = entry
+
+    def remove(self, air: str) -> None:
+        """Take a model out while the server runs (its file left a models folder); an alias it had claimed goes
+        back to the latest other entry that has it."""
+        entry = self._by_air.pop(air, None)
+        if entry is None:
+            return
+        self.entries = tuple(known for known in self.entries if known.air != air)
+        for alias in entry.aliases:
+            folded = alias.casefold()
+            if self._by_alias.get(folded) is not entry:
+                continue
+            del self._by_alias[folded]
+            for other in reversed(self.entries):
+                if any(name.casefold() == folded for name in other.aliases):
+                    self._by_alias[folded] = other
+                    break
 
     def get(self, air: str) -> ModelEntry | None:
         return self._by_air.get(air)

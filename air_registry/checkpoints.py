@@ -30,6 +30,10 @@ _FLUX = "double_blocks.0.img_attn.norm.key_norm.scale"
 _FLUX_GUIDANCE = "guidance_in.in_layer.weight"
 _SD3 = "joint_blocks.0.context_block.attn.qkv.weight"
 _SD35_MEDIUM = "joint_blocks.0.x_block.attn2.qkv.weight"  # MMDiT-X's second attention
+_INPAINT_CHANNELS = 9
+_FLUX_FILL_CHANNELS = 384  # 64 of latents, 64 of the masked image's, 256 of the mask's, packed
+# What a stated architecture may be where the file's tensors say another: Kontext is [dev]'s shapes.
+_SAME_SHAPES: Mapping[str, str] = {"flux1-kontext": "flux1-dev"}
 # Prefixes that full checkpoints put before the transformer's own names.
 _TRANSFORMER_PREFIXES = ("model.diffusion_model.", "")
 
@@ -74,22 +78,33 @@ def detect_architecture(shapes: Mapping[str, Sequence[int]]) -> str:
         if _transformer_key(shapes, _FLUX_GUIDANCE) is None:
             return "flux1-schnell"
         image_in = _transformer_key(shapes, "img_in.weight")
-        if image_in is not None and list(shapes[image_in])[1:] != [64]:
-            # FLUX Fill and the structural-conditioning models read extra channels next to the latents.
-            raise UnknownArchitecture("is a FLUX.1 [dev] variant with extra input channels (Fill, Canny or "
-                                      "Depth), which this server does not load from a single file")
+        channels = list(shapes[image_in])[1:] if image_in is not None else [64]
+        if channels == [_FLUX_FILL_CHANNELS]:
+            return "flux1-fill"
+        if channels != [64]:
+            # The structural-conditioning models (Canny, Depth) read their guide image's latents too.
+            raise UnknownArchitecture(f"is a FLUX.1 [dev] variant reading {channels[0]} input channels (Canny "
+                                      "or Depth), which this server does not load from a single file")
+        # Kontext has [dev]'s shapes exactly: a catalog entry says so (``matches``).
         return "flux1-dev"
     if _transformer_key(shapes, _SD3) is not None:
         if _transformer_key(shapes, _SD35_MEDIUM) is not None:
             return "sd35-medium"
         blocks = {name.split(".")[-5] for name in shapes if ".context_block.attn.qkv.weight" in name}
         return "sd35-large" if len(blocks) >= 38 else "sd3"
+    # An inpainting UNet reads the mask and the masked image's latents beside its own: 9 channels, not 4.
+    inpainting = _SD_UNET in shapes and len(shapes[_SD_UNET]) > 1 and list(shapes[_SD_UNET])[1] == _INPAINT_CHANNELS
     if _SDXL_BASE in shapes:
-        return "sdxl"
+        return "sdxl-inpaint" if inpainting else "sdxl"
     if _SDXL_REFINER in shapes:
         return "sdxl-refiner"
     if _SD_UNET in shapes and _SD_CROSS_ATTENTION in shapes:
         width = list(shapes[_SD_CROSS_ATTENTION])[-1]
+        if inpainting and width == 768:
+            return "sd15-inpaint"
+        if inpainting:
+            raise UnknownArchitecture(f"is an inpainting Stable Diffusion UNet with a text width of {width}; only "
+                                      "SD 1.x (768) and SDXL inpainting checkpoints load from a single file")
         if width in _SD_CONTEXT_WIDTHS:
             return _SD_CONTEXT_WIDTHS[width]
         raise UnknownArchitecture(
@@ -98,3 +113,8 @@ def detect_architecture(shapes: Mapping[str, Sequence[int]]) -> str:
     raise UnknownArchitecture(
         "has tensors of no architecture this server loads from a single file (Stable Diffusion 1.x, 2.x, "
         "XL, FLUX.1, SD 3 and 3.5 in their original layouts)")
+
+
+def matches(stated: str, detected: str) -> bool:
+    """Whether a catalog entry's ``architecture`` fits what its file's tensors say it is."""
+    return stated == detected or _SAME_SHAPES.get(stated) == detected

@@ -46,6 +46,7 @@ from diffusers.utils.import_utils import DummyObject
 from imagewire.air_registry.add_ons import ModelAddOns, WeightedModel
 from imagewire.air_registry.architectures import ARCHITECTURES
 from imagewire.air_registry.catalog import ModelEntry
+from imagewire.air_registry.checkpoints import tensor_shapes
 from imagewire.air_registry.errors import RegistryError, SamplerUnusable, WeightsMissing
 from imagewire.air_registry.memory_plan import (
     ALL_ON_DEVICE,
@@ -61,7 +62,16 @@ from imagewire.air_registry.memory_plan import (
     role_of,
 )
 from imagewire.air_registry.model_files import MODEL_INDEX
+from imagewire.air_registry.pipeline_configs import PIPELINE_CONFIGS
 from imagewire.air_registry.samplers import FLOW_SAMPLERS, SAMPLERS, SamplerSpec
+from imagewire.air_registry.single_file import (
+    CONTROLNET_SUBFOLDER,
+    config_folder,
+    controlnet_config_folder,
+    find_pieces,
+    missing_components,
+    missing_pieces_message,
+)
 from imagewire.air_registry.tiny import ensure_embedded
 from imagewire.air_registry.weights import locate_weights
 
@@ -292,7 +302,12 @@ class PipelineCache:
 
         def read(path: Path) -> Any:
             if entry.source == "single_file":
-                return ControlNetModel.from_single_file(str(path), **{_DTYPE_KEYWORD: self.dtype_of(entry)})
+                options: dict[str, Any] = {_DTYPE_KEYWORD: self.dtype_of(entry)}
+                # The config of a ControlNet for the model it fits, written here: nothing from the hub.
+                folder = controlnet_config_folder(entry.architecture, self.data_dir / "models" / "configs")
+                if folder is not None:
+                    options.update(config=str(folder), subfolder=CONTROLNET_SUBFOLDER, local_files_only=True)
+                return ControlNetModel.from_single_file(str(path), **options)
             return ControlNetModel.from_pretrained(str(path), **self._options(entry))
 
         model: ControlNetModel = self._component(entry, weights, read)
@@ -517,6 +532,10 @@ class PipelineCache:
                 builder = architecture.single_file_config
                 options["config"] = str(ensure_embedded(builder, self.data_dir / "models" / "configs" / builder))
                 local_only = True
+            elif entry.architecture in PIPELINE_CONFIGS:
+                # Our own configs and tokenizers: nothing is looked up on the hub.
+                options.update(self._single_file_configs(entry, path))
+                local_only = True
             pipe: DiffusionPipeline = pipeline_class.from_single_file(
                 str(path), local_files_only=local_only, **options)
             return pipe
@@ -531,6 +550,59 @@ class PipelineCache:
         if architecture.inpainting_only:
             return AutoPipelineForInpainting.from_pretrained(str(path), **options)
         return AutoPipelineForText2Image.from_pretrained(str(path), **options)
+
+    def _single_file_configs(self, entry: ModelEntry, path: Path) -> dict[str, Any]:
+        """``from_single_file`` options that point it at the configs written here for ``entry``'s architecture,
+        with the components its file lacks: loaded from the pieces of its models folder (a FLUX transformer saved
+        alone, with ComfyUI's text_encoders/ and vae/), or left out where the pipeline runs without them (SD 3's
+        T5). WeightsMissing lists the pieces it lacks that a pipeline needs, and where they were looked for."""
+        table = PIPELINE_CONFIGS[entry.architecture]
+        # A pickled checkpoint cannot be listed without unpickling it: taken as complete.
+        names = tensor_shapes(path) if path.suffix.lower() == ".safetensors" else None
+        missing = missing_components(entry.architecture, names) if names is not None else []
+        pieces = find_pieces(entry.architecture, missing, path, tensor_shapes) if missing else {}
+        needed = [name for name in missing if name not in pieces and name not in table.optional]
+        if needed:
+            raise WeightsMissing(f"the file of {entry.label} ({path}) "
+                                 + missing_pieces_message(entry.architecture, needed, path))
+        # An optional text encoder that is nowhere goes with its tokenizer (text_encoder_3 with tokenizer_3).
+        absent = [name for name in missing if name not in pieces]
+        left_out = [*absent, *(name.replace("text_encoder", "tokenizer") for name in absent)]
+        left_out = [name for name in dict.fromkeys(left_out) if name in table.components]
+        folder = config_folder(entry.architecture, self.data_dir / "models" / "configs",
+                               leave_out=left_out, tokenizer_dirs=[self.data_dir / "tokenizers"])
+        loaded = {name: self._read_piece(entry, name, piece, folder) for name, piece in pieces.items()}
+        return {"config": str(folder), **dict.fromkeys(left_out), **loaded}
+
+    def _read_piece(self, entry: ModelEntry, name: str, path: Path, folder: Path) -> Any:
+        """One component of a pipeline from its own file (a VAE, a text encoder), in ``entry``'s precision, with the
+        config of ``folder/name``."""
+        from diffusers.loaders.single_file_utils import (
+            create_diffusers_clip_model_from_ldm,
+            create_diffusers_t5_model_from_checkpoint,
+        )
+        from safetensors.torch import load_file
+
+        component = PIPELINE_CONFIGS[entry.architecture].components[name]
+        assert component is not None
+        dtype = self.dtype_of(entry)
+        logger.info("completing %s with its %s from %s", entry.air, name, path)
+        if component.class_name == "AutoencoderKL":
+            return diffusers.AutoencoderKL.from_single_file(str(path), config=str(folder), subfolder=name,
+                                                           local_files_only=True, torch_dtype=dtype)
+        model_class = getattr(transformers, component.class_name)
+        state = load_file(str(path))
+        if component.class_name == "T5EncoderModel":
+            # The layout diffusers reads a T5 in from a full checkpoint, which is T5's own names under a prefix.
+            prefixed = {f"text_encoders.t5xxl.transformer.{key}": value for key, value in state.items()}
+            return create_diffusers_t5_model_from_checkpoint(
+                model_class, checkpoint=prefixed, config=str(folder), subfolder=name, torch_dtype=dtype,
+                local_files_only=True)
+        prefix = "text_encoders.clip_l.transformer." if component.config.get("hidden_size") == 768 else \
+            "text_encoders.clip_g.transformer."
+        return create_diffusers_clip_model_from_ldm(
+            model_class, checkpoint={prefix + key: value for key, value in state.items()}, config=str(folder),
+            subfolder=name, torch_dtype=dtype, local_files_only=True)
 
     def _free_memory(self) -> None:
         gc.collect()

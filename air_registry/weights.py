@@ -107,6 +107,8 @@ def locate_weights(entry: ModelEntry, *, data_dir: Path, allow_downloads: bool) 
     For an embedded model this is where it is (or will be) built; building is ``tiny.ensure_embedded``.
     A LoRA or an embedding from a folder or the hub is its weights file (see ``weights_file``).
     """
+    if entry.problem:
+        raise WeightsMissing(entry.problem)
     if entry.source == "embedded":
         return local_model_dir(entry, data_dir)
     if entry.source == "hub":
@@ -154,6 +156,8 @@ def availability(entry: ModelEntry, *, data_dir: Path, allow_downloads: bool = F
     Cheap: it looks at the disk and the Hugging Face cache, never at the network or torch. With
     ``allow_downloads`` a hub model missing from the cache counts as available: it is fetched on first use.
     """
+    if entry.problem:
+        return False, entry.problem
     if entry.source == "embedded":
         return True, ""
     try:

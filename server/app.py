@@ -16,6 +16,8 @@ from aiohttp import web
 
 from imagewire.air_registry import ARCHITECTURES, Catalog, ModelEntry, RegistryError, UnknownModel, parse_air
 from imagewire.air_registry.civitai import Civitai, DownloadLimits
+from imagewire.air_registry.models_dir import RESCAN_SECONDS as MODELS_RESCAN_SECONDS
+from imagewire.air_registry.models_dir import ModelsFolders
 from imagewire.server.admission import Admission, DeviceTime
 from imagewire.server.auth import ApiKeys, load_or_create_key
 from imagewire.server.config import Config, shown_url
@@ -90,6 +92,8 @@ class ImagewireServer:
         self._sockets: list[socket.socket] = []        # bound at the start of start(), listening at its end
         self._listeners: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
+        self.models_folders: ModelsFolders | None = None
+        self._models_watch: asyncio.Task[None] | None = None
         self.state: RedisState | None = None  # the link to Redis, with --state
 
     @property
@@ -132,6 +136,10 @@ class ImagewireServer:
         downloaded = await asyncio.to_thread(Civitai.downloaded_catalogs, civitai.models_dir)
         catalog = await asyncio.to_thread(Catalog.load, [*downloaded, *config.catalog_files],
                                           check_defaults=check_model_defaults)
+        if config.models_dirs:
+            # Read before the default model is looked for, so that it may be a file of these folders.
+            self.models_folders = ModelsFolders(config.models_dirs, config.data_dir)
+            await self._rescan_models(catalog)
         default_model = await self._default_model(catalog, civitai) if self.preload else None
         preloads = self._preloads(catalog, default_model)
         if config.engine == "ray":
@@ -207,6 +215,8 @@ class ImagewireServer:
                            for listening in self._sockets]
         self.services.base_url = config.base_url
         self._sweeper = asyncio.create_task(self._sweep_forever())
+        if self.models_folders is not None:
+            self._models_watch = asyncio.create_task(self._watch_models(catalog))
         log.info("imagewire listening on %s (images at %s/image/)", self.url, config.base_url)
 
     async def _load_at_start(self, entry: ModelEntry, *, flag: str) -> None:
@@ -290,6 +300,28 @@ class ImagewireServer:
         finally:
             self.connections.discard(connection)
 
+    async def _rescan_models(self, catalog: Catalog) -> None:
+        """Bring the catalog in line with the models folders' files (read and hashed in a thread)."""
+        assert self.models_folders is not None
+        added, removed = await asyncio.to_thread(self.models_folders.rescan)
+        for air in removed:
+            catalog.remove(air)
+            log.info("models folder: %s is gone", air)
+        for entry in added:
+            catalog.add(entry)
+            if not entry.problem:
+                log.info("models folder: %s (%s, %s) from %s", entry.air, entry.category, entry.architecture,
+                         entry.location)
+
+    async def _watch_models(self, catalog: Catalog) -> None:
+        # A polling rescan: one stat per file every few seconds, where file-system events differ by platform.
+        while True:
+            await asyncio.sleep(MODELS_RESCAN_SECONDS)
+            try:
+                await self._rescan_models(catalog)
+            except Exception:  # a folder that vanished, a full disk for the hash cache: try again next time
+                log.exception("rescanning the models folders failed")
+
     async def _sweep_forever(self) -> None:
         last_store_sweep: float | None = None
         loop = asyncio.get_running_loop()
@@ -335,6 +367,10 @@ class ImagewireServer:
         await self.runner.webhooks.close(timeout=min(grace, 5.0))
         await asyncio.gather(*(connection.close(GOING_AWAY) for connection in list(self.connections)))
         await web_runner.cleanup()
+        if self._models_watch is not None:
+            self._models_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._models_watch
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -264,6 +264,11 @@ class Config:
     catalog_files: tuple[Path, ...] = setting(
         (), "--catalog", MODELS, "extra model catalog JSON file, repeatable", parse=Text("a path", Path),
         metavar="FILE", repeatable=True)
+    models_dirs: tuple[Path, ...] = setting(
+        (), "--models-dir", MODELS,
+        "a ComfyUI or AUTOMATIC1111 models folder whose files become catalog models (local:NAME@HASH, the file "
+        "name as alias), looked at again every few seconds; repeatable (docs/models.md)",
+        parse=Text("a path", Path), metavar="DIR", repeatable=True)
     default_model: str = setting(
         "imagewire:tiny@1", "--default-model", MODELS,
         "model loaded (and with --allow-downloads fetched) before the server listens, by AIR id or alias",

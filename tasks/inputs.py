@@ -120,6 +120,10 @@ def model(ctx: TaskContext, name: str, *, parameter: str = "model", task: str = 
         raise task_error(exc, parameter) from exc
     except RegistryError as exc:
         raise task_error(exc, parameter) from exc
+    if entry.problem:
+        # A broken file of a models folder: listed by modelSearch, never run.
+        raise errors.ModelNotFound(f"{parameter} {entry.label} cannot be used: {entry.problem}",
+                                   parameter=parameter, type="string")
     serves = ARCHITECTURES[entry.architecture].task
     if serves != task:
         fitting = [candidate.air for candidate in catalog.serving(task)]

@@ -115,6 +115,14 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 
 
 @pytest.fixture(scope="session")
+def sd15_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A full-size SD 1.5 checkpoint in the original layout (float16, random weights, ~2 GB), written once."""
+    from tests.checkpoints import write_sd15_checkpoint
+
+    return write_sd15_checkpoint(tmp_path_factory.mktemp("sd15") / "my-sd15-model.safetensors")
+
+
+@pytest.fixture(scope="session")
 def s3_endpoint() -> Any:
     """An S3-compatible endpoint for the whole session: moto's server, in this process, on loopback."""
     pytest.importorskip("boto3", reason="the S3 store's tests need boto3: pip install -e '.[s3]'")

@@ -75,3 +75,23 @@ def test_an_embedding_file_that_is_not_one_is_refused(catalog: Catalog, cache: P
     cache.text_to_image(tiny_entry)
     with pytest.raises(AddOnUnusable, match="holds 2 tensors"):
         cache.use_add_ons(tiny_entry, embeddings=[AddOn(broken, path)])
+
+
+def test_a_single_file_vae_loads_offline_with_the_models_own_config(
+        catalog: Catalog, cache: PipelineCache, tiny_entry: ModelEntry, models_dir: Path, tmp_path: Path,
+        empty_hf_cache: Path) -> None:
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from safetensors.torch import save_file
+
+    from tests.checkpoints import _vae
+
+    folder_vae = AutoencoderKL.from_pretrained(models_dir / "imagewire-tiny-vae-1")
+    # A VAE file as ComfyUI's vae/ folder keeps them: the original layout, without the checkpoint's prefix.
+    state = {key.removeprefix("first_stage_model."): tensor.contiguous() for key, tensor in _vae(folder_vae).items()}
+    save_file(state, str(tmp_path / "vae.safetensors"))
+    vae = dataclasses.replace(catalog.resolve("tiny-vae"), air="file:vae@1", source="single_file",
+                              location=str(tmp_path / "vae.safetensors"))
+    pipe = cache.text_to_image(tiny_entry)
+    cache.use_add_ons(tiny_entry, vae=located(vae, tmp_path))
+    assert torch.equal(pipe.vae.decoder.conv_out.weight.detach(), folder_vae.decoder.conv_out.weight.detach())
+    cache.use_add_ons(tiny_entry)

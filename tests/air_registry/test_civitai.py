@@ -178,7 +178,7 @@ def test_architectures_are_told_apart_by_their_tensors(shapes, architecture):
 @pytest.mark.parametrize(("shapes", "problem"), [
     ({**SD_UNET, **cross_attention(512)}, "a text width of 512"),
     ({"double_blocks.0.img_attn.norm.key_norm.scale": [128], "guidance_in.in_layer.weight": [1, 1],
-      "img_in.weight": [3072, 384]}, "extra input channels (Fill, Canny or Depth)"),
+      "img_in.weight": [3072, 128]}, "reading 128 input channels (Canny or Depth)"),
     ({"lora_unet_down_blocks_0.alpha": []}, "no architecture this server loads"),
 ])
 def test_other_checkpoints_are_refused_saying_what_they_are(shapes, problem):
