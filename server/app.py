@@ -165,7 +165,7 @@ class ImagewireServer:
         self.runner = TaskRunner(
             self.services, registry=self.registry, webhooks=WebhookSender(fetcher, attempts=config.webhook_attempts),
             admission=Admission(per_connection=config.max_tasks_in_flight, per_key=config.max_tasks_per_key,
-                                device_time=device_time),
+                                device_time=device_time, per_connection_placeless=config.max_tasks_per_message),
             on_finished=self.metrics.task_finished)
         self.waiting_room = WaitingRoom(config.max_unauthenticated_per_ip)
         # Answer bytes per key and per socket; a full outbox may go at once.
