@@ -1,6 +1,6 @@
 """What a hostile but authenticated client can make the server hold, and what others see meanwhile.
 
-    python -m bench.pressure [--scenarios silent,crowd,seeds,fairness,disk,handshakes] [--out FILE]
+    python -m bench.pressure [--scenarios silent,crowd,...] [--out FILE] [--server-checkout DIR]
 
 Each scenario starts its own server (CPU, the embedded tiny model, loopback only) and reports figures:
 
@@ -17,6 +17,18 @@ Each scenario starts its own server (CPU, the embedded tiny model, loopback only
 - ``handshakes``: 1,100 sockets from one address each send half an HTTP request and open again when
   dropped, for 30 s, against a server limited to 1,024 open files. A normal client connects and
   authenticates every 2 s; the server's log volume is counted.
+- ``storm``: key A sends frames of 64 getResponse for one finished 20-image task, reading every answer, for
+  20 s; key B pings every 50 ms. B's ping round trips, A's answers and refusals.
+- ``gzip``: ten keyless REST bodies at once, each 256 MiB of zeros gzipped. Statuses, server RSS.
+- ``slowbody``: four keyless chunked REST bodies trickle in; then key B uploads a 198 KB image over its
+  socket. Answered, and how soon.
+- ``restanswer``: one POST of 64 getResponse, each for a task of 20 base64 PNG results. Status, answer size,
+  server RSS.
+- ``logforge``: tasks with a newline and a made-up log line in their taskUUID, a key and their taskType. Log
+  lines starting with it.
+
+``--server-checkout DIR`` runs the servers of another checkout (with its own ``.venv``), e.g. a worktree of the
+commit before a fix, so that before and after come from the same scenario code.
 
 Every loop is bounded in time; nothing but loopback traffic is sent.
 """
