@@ -8,7 +8,7 @@ second (``--answer-mib-per-second``): a task's answers through the API key's buc
 sockets and REST requests; what a socket answers itself (pongs, authentication, errors before it has a
 key) through that socket's own.
 
-An answer waits until its bucket is not in debt, then is encoded and charged its size, but at least
+An answer waits until its bucket is not in debt (behind those already waiting), then is encoded and charged its size, but at least
 ``FRAME_COST_BYTES``: below that, what a frame costs the event loop is its handling, not its bytes (a
 64-task frame of refusals is 64 small frames). So a lone answer larger than the bucket still goes (the
 bucket goes into debt, and the next one waits it off), and a storm is slowed to the rate, its tasks waiting
@@ -39,6 +39,7 @@ class TokenBucket:
         self._clock = clock
         self._level = burst
         self._when = clock()
+        self._turn = asyncio.Lock()  # answers waiting for the bucket, first come first served
 
     def level(self) -> float:
         now = self._clock()
@@ -51,10 +52,13 @@ class TokenBucket:
         return self.level() >= self.burst
 
     async def ready(self) -> None:
-        """Wait until the bucket is out of debt. Charge right after, without awaiting in between: of several
-        answers waiting, the first to wake pays before the others look again."""
-        while (level := self.level()) < 0:
-            await asyncio.sleep(-level / self.rate)
+        """Wait until the bucket is out of debt, behind the answers already waiting. Charge right after, without
+        awaiting in between: the next in line looks only once this one has paid."""
+        if not self._turn.locked() and self.level() >= 0:
+            return
+        async with self._turn:
+            while (level := self.level()) < 0:
+                await asyncio.sleep(-level / self.rate)
 
     def charge(self, size: int) -> None:
         self.level()

@@ -57,3 +57,30 @@ def test_keys_have_their_own_buckets_and_full_ones_are_forgotten_when_many() -> 
     for index in range(MAX_BUCKETS):
         budget.bucket(f"key-{index}")
     assert len(budget) <= MAX_BUCKETS and budget.bucket("a").level() < 0  # a key in debt is kept
+
+
+
+async def test_answers_waiting_for_the_bucket_are_paid_in_the_order_they_came() -> None:
+    clock = Clock()
+    bucket = TokenBucket(rate=100 * FRAME_COST_BYTES, burst=FRAME_COST_BYTES, clock=clock)
+    bucket.charge(1)
+    bucket.charge(1)  # in debt: whoever comes now waits (10 ms of the bucket's time)
+    order: list[int] = []
+
+    async def answer(index: int) -> None:
+        await bucket.ready()
+        bucket.charge(1)
+        order.append(index)
+
+    waiting = [asyncio.ensure_future(answer(index)) for index in range(5)]
+    await asyncio.sleep(0)  # they look, find the debt, and wait
+    clock.now += 0.02  # the debt is paid off while they sleep: a newcomer now must still queue behind them
+    newcomer = asyncio.ensure_future(answer(5))
+
+    async def time_passes() -> None:
+        while len(order) < 6:
+            await asyncio.sleep(0.002)
+            clock.now += 0.01
+
+    await asyncio.wait_for(asyncio.gather(*waiting, newcomer, time_passes()), seconds(10))
+    assert order == list(range(6))
