@@ -86,6 +86,12 @@ class Tally:
         self.outcomes: collections.Counter[str] = collections.Counter()
         self.hostile: collections.Counter[str] = collections.Counter()
         self.pings: list[float] = []
+        self.kinds: dict[str, str] = {}  # taskUUID → which client sent it, to say where an answer went missing
+        self.failed_requests: collections.Counter[str] = collections.Counter()
+
+    def send(self, task_uuid: str, kind: str) -> None:
+        self.sent.add(task_uuid)
+        self.kinds[task_uuid] = kind
 
     def answered(self, item: dict[str, Any]) -> None:
         if item.get("taskUUID") in self.sent:
@@ -129,7 +135,7 @@ class Socket:
         self.waiting[tasks[0]["taskUUID"]] = waiter
         for task in tasks:
             if task["taskType"] != "cancelTask":
-                self.tally.sent.add(task["taskUUID"])
+                self.tally.send(task["taskUUID"], f"socket {task['taskType']}{' cancelled' if len(tasks) > 1 else ''}")
         await self.websocket.send(orjson.dumps(list(tasks)).decode())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(waiter, timeout)
@@ -163,13 +169,18 @@ async def rest_client(url: str, deadline: float, tally: Tally) -> None:
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
             task = inference()
-            tally.sent.add(task["taskUUID"])
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            tally.send(task["taskUUID"], "rest")
+            try:
                 async with session.post(endpoint, json=[task], headers=headers,
                                         timeout=aiohttp.ClientTimeout(total=60)) as answer:
                     body = await answer.json()
-                    for item in body.get("data", []) + body.get("errors", []):
-                        tally.answered(item)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                # Not the server's answer: the request never got one (say, dropped while connecting).
+                tally.failed_requests[type(exc).__name__] += 1
+                tally.sent.discard(task["taskUUID"])
+                continue
+            for item in body.get("data", []) + body.get("errors", []):
+                tally.answered(item)
 
 
 async def bad_input_client(url: str, deadline: float, tally: Tally) -> None:
@@ -306,6 +317,8 @@ async def soak(seconds: float, clients: int, max_rss_growth_mib: float) -> dict[
               f"ping p99 under {PING_P99_BOUND_MS:g} ms": p99 < PING_P99_BOUND_MS}
     return {"seconds": round(elapsed, 1), "clients": clients, "tasks_sent": len(tally.sent),
             "outcomes": dict(tally.outcomes), "unanswered": len(missing), "answered_twice": len(twice),
+            "unanswered_by_client": dict(collections.Counter(tally.kinds[uuid_] for uuid_ in missing)),
+            "rest_requests_without_an_answer": dict(tally.failed_requests),
             "hostile": dict(tally.hostile),
             "ping_ms": {"p50": round(percentile(tally.pings, 50), 1), "p99": round(p99, 1),
                         "max": round(max(tally.pings, default=0), 1), "count": len(tally.pings)},
