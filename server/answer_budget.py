@@ -8,12 +8,12 @@ second (``--answer-mib-per-second``): a task's answers through the API key's buc
 sockets and REST requests; what a socket answers itself (pongs, authentication, errors before it has a
 key) through that socket's own.
 
-An answer waits until its bucket is not in debt (behind those already waiting), then is encoded and charged its size, but at least
-``FRAME_COST_BYTES``: below that, what a frame costs the event loop is its handling, not its bytes (a
-64-task frame of refusals is 64 small frames). So a lone answer larger than the bucket still goes (the
-bucket goes into debt, and the next one waits it off), and a storm is slowed to the rate, its tasks waiting
-with the places they hold (``--max-tasks-in-flight``); past those, its refusals wait too, and its socket is
-not read meanwhile. Other keys never wait for it.
+An answer waits until its bucket is not in debt (behind those already waiting), then is encoded and
+charged its size, but at least ``FRAME_COST_BYTES``: below that, what a frame costs the event loop is its
+handling, not its bytes (a 64-task frame of refusals is 64 small frames). So a lone answer larger than the
+bucket still goes (the bucket goes into debt, and the next one waits it off), and a storm is slowed to the
+rate, its tasks waiting with the places they hold (``--max-tasks-in-flight``); past those, its refusals
+wait too, and its socket is not read meanwhile. Other keys never wait for it.
 """
 
 from __future__ import annotations
