@@ -143,7 +143,11 @@ class Socket:
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.websocket.close(), 5)
+        # A socket the server is not reading (the storm's, slowed) cannot finish its closing handshake.
+        self.websocket.transport.abort()
         self.reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.reader
 
 
 async def socket_client(url: str, deadline: float, tally: Tally, upload: str, finished: list[str]) -> None:
