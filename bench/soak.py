@@ -24,6 +24,7 @@ import gzip
 import io
 import json
 import multiprocessing
+import queue
 import socket
 import sys
 import tempfile
@@ -87,6 +88,7 @@ class Tally:
         self.outcomes: collections.Counter[str] = collections.Counter()
         self.hostile: collections.Counter[str] = collections.Counter()
         self.pings: list[float] = []
+        self.pinger_error: str | None = None
         self.kinds: dict[str, str] = {}  # taskUUID → which client sent it, to say where an answer went missing
         self.failed_requests: collections.Counter[str] = collections.Counter()
 
@@ -264,20 +266,24 @@ async def gzip_bomber(url: str, deadline: float, tally: Tally) -> None:
             await asyncio.sleep(2)
 
 
-async def ping_every(url: str, seconds: float) -> list[float]:
-    websocket = await connect_retrying(url)
-    await websocket.send(orjson.dumps([{"taskType": "authentication", "apiKey": PINGER_KEY}]).decode())
-    await websocket.recv()
-    pings = []
+async def ping_every(url: str, seconds: float) -> tuple[list[float], str | None]:
+    """Round trips in ms, and what stopped them early, if anything."""
+    pings: list[float] = []
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        started = time.perf_counter()
-        await websocket.send('[{"taskType":"ping","ping":true}]')
-        await asyncio.wait_for(websocket.recv(), 30)
-        pings.append((time.perf_counter() - started) * 1000)
-        await asyncio.sleep(0.2)
-    await websocket.close()
-    return pings
+    try:
+        websocket = await connect_retrying(url)
+        await websocket.send(orjson.dumps([{"taskType": "authentication", "apiKey": PINGER_KEY}]).decode())
+        await websocket.recv()
+        while time.monotonic() < deadline:
+            started = time.perf_counter()
+            await websocket.send('[{"taskType":"ping","ping":true}]')
+            await asyncio.wait_for(websocket.recv(), 30)
+            pings.append((time.perf_counter() - started) * 1000)
+            await asyncio.sleep(0.2)
+        await websocket.close()
+    except Exception as exc:  # reported with the figures, rather than leaving the parent waiting
+        return pings, repr(exc)
+    return pings, None
 
 
 def _ping_process(url: str, seconds: float, out: Any) -> None:
@@ -291,7 +297,10 @@ async def pinger(url: str, seconds: float, tally: Tally) -> None:
     out = context.Queue()
     process = context.Process(target=_ping_process, args=(url, seconds, out), daemon=True)
     process.start()
-    tally.pings = await asyncio.to_thread(out.get, True, seconds + 120)
+    try:
+        tally.pings, tally.pinger_error = await asyncio.to_thread(out.get, True, seconds + 60)
+    except queue.Empty:
+        tally.pinger_error = f"the ping process gave nothing back (exit code {process.exitcode})"
     await asyncio.to_thread(process.join, 10)
 
 
@@ -337,12 +346,13 @@ async def soak(seconds: float, clients: int, max_rss_growth_mib: float) -> dict[
     p99 = percentile(tally.pings, 99)
     checks = {"every task answered exactly once": not missing and not twice,
               f"RSS grew at most {max_rss_growth_mib:g} MiB": growth <= max_rss_growth_mib,
-              f"ping p99 under {PING_P99_BOUND_MS:g} ms": p99 < PING_P99_BOUND_MS}
+              f"ping p99 under {PING_P99_BOUND_MS:g} ms": p99 < PING_P99_BOUND_MS and tally.pinger_error is None}
     return {"seconds": round(elapsed, 1), "clients": clients, "tasks_sent": len(tally.sent),
             "outcomes": dict(tally.outcomes), "unanswered": len(missing), "answered_twice": len(twice),
             "unanswered_by_client": dict(collections.Counter(tally.kinds[uuid_] for uuid_ in missing)),
             "rest_requests_without_an_answer": dict(tally.failed_requests),
             "hostile": dict(tally.hostile),
+            "pinger_error": tally.pinger_error,
             "ping_ms": {"p50": round(percentile(tally.pings, 50), 1), "p99": round(p99, 1),
                         "max": round(max(tally.pings, default=0), 1), "count": len(tally.pings)},
             "rss_mib": {"before": round(baseline / 1024, 1), "peak_sampled": round(max(samples, default=0) / 1024, 1),
