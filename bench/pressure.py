@@ -1,6 +1,6 @@
 """What a hostile but authenticated client can make the server hold, and what others see meanwhile.
 
-    python -m bench.pressure [--scenarios silent,crowd,seeds,fairness,disk,handshakes] [--out FILE]
+    python -m bench.pressure [--scenarios silent,crowd,...] [--out FILE] [--server-checkout DIR]
 
 Each scenario starts its own server (CPU, the embedded tiny model, loopback only) and reports figures:
 
@@ -17,6 +17,18 @@ Each scenario starts its own server (CPU, the embedded tiny model, loopback only
 - ``handshakes``: 1,100 sockets from one address each send half an HTTP request and open again when
   dropped, for 30 s, against a server limited to 1,024 open files. A normal client connects and
   authenticates every 2 s; the server's log volume is counted.
+- ``storm``: key A sends frames of 64 getResponse for one finished 20-image task, reading every answer, for
+  20 s; key B pings every 50 ms. B's ping round trips, A's answers and refusals.
+- ``gzip``: ten keyless REST bodies at once, each 256 MiB of zeros gzipped. Statuses, server RSS.
+- ``slowbody``: four keyless chunked REST bodies trickle in; then key B uploads a 198 KB image over its
+  socket. Answered, and how soon.
+- ``restanswer``: one POST of 64 getResponse, each for a task of 20 base64 PNG results. Status, answer size,
+  server RSS.
+- ``logforge``: tasks with a newline and a made-up log line in their taskUUID, a key and their taskType. Log
+  lines starting with it.
+
+``--server-checkout DIR`` runs the servers of another checkout (with its own ``.venv``), e.g. a worktree of the
+commit before a fix, so that before and after come from the same scenario code.
 
 Every loop is bounded in time; nothing but loopback traffic is sent.
 """
@@ -27,6 +39,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import gzip
 import io
 import json
 import os
@@ -37,6 +50,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
@@ -52,15 +66,19 @@ from websockets.exceptions import ConnectionClosed
 from bench.load_test import API_KEY as KEY_A
 from bench.load_test import LoadConnection
 from bench.server_process import ServerProcess
+from bench.stats import percentile
 
 KEY_B = "pressure-key-b"
 MIB = 1024 * 1024
+# --server-checkout: the checkout whose server the scenarios run against (its own .venv); None: this one.
+SERVER_CHECKOUT: Path | None = None
 
 
 @contextlib.contextmanager
 def server_on(data_dir: Path, *args: str, open_files: int | None = None) -> Any:
     server = ServerProcess(data_dir=data_dir, api_key=KEY_A, device="cpu",
-                           extra_args=(f"--api-key={KEY_B}", *args), open_files=open_files)
+                           extra_args=(f"--api-key={KEY_B}", *args), open_files=open_files,
+                           checkout=SERVER_CHECKOUT)
     with server:
         yield server
 
@@ -394,6 +412,202 @@ async def handshakes(data_dir: Path, sockets: int = 1100, duration: float = 30.0
             "server_log_during_flood": log, "accept_error_lines_in_the_last_60": accept_errors}
 
 
+async def pinging(connection: LoadConnection, deadline: float, every: float = 0.05) -> list[float]:
+    """Round trips of ``connection``'s pings, in ms, one every ``every`` s until ``deadline``."""
+    pings: list[float] = []
+    while time.monotonic() < deadline:
+        try:
+            pings.append(await connection.ping() * 1000)
+        except TimeoutError:
+            pings.append(30_000.0)
+        await asyncio.sleep(every)
+    return pings
+
+
+def ping_summary(pings: list[float]) -> dict[str, Any]:
+    return {"p50": round(percentile(pings, 50), 1), "p99": round(percentile(pings, 99), 1),
+            "max": round(max(pings), 1), "count": len(pings)} if pings else {"count": 0}
+
+
+async def storm(data_dir: Path, duration: float = 20.0) -> dict[str, Any]:
+    """Key A asks getResponse for one finished 20-image task, 64 times a frame, as fast as it reads the
+    answers; key B pings every 50 ms on its own socket."""
+    with server_on(data_dir) as server:
+        pinger = await LoadConnection.open(server.url, api_key=KEY_B)
+        connection = await LoadConnection.open(server.url)
+        finished = inference(numberResults=20)
+        await connection.run(finished)
+        await asyncio.sleep(1)  # its other results arrive
+        await connection.close()
+        quiet = await pinging(pinger, time.monotonic() + 3)
+        websocket = await connect(server.url, max_size=None, compression=None, ping_interval=None)
+        await websocket.send(orjson.dumps([{"taskType": "authentication", "apiKey": KEY_A}]).decode())
+        await websocket.recv()
+        frame = orjson.dumps([{"taskType": "getResponse", "taskUUID": finished["taskUUID"]}] * 64).decode()
+        tally = {"frames_sent": 0, "bytes_sent": 0, "bytes_received": 0, "answers": 0, "refused": {}}
+        deadline = time.monotonic() + duration
+
+        async def send() -> None:
+            with contextlib.suppress(ConnectionClosed, TimeoutError):
+                while time.monotonic() < deadline:
+                    await asyncio.wait_for(websocket.send(frame), max(0.1, deadline - time.monotonic()))
+                    tally["frames_sent"] += 1
+                    tally["bytes_sent"] += len(frame)
+                    await asyncio.sleep(0)
+
+        async def receive() -> None:
+            with contextlib.suppress(ConnectionClosed, TimeoutError):
+                while time.monotonic() < deadline:
+                    message = await asyncio.wait_for(websocket.recv(), max(0.1, deadline - time.monotonic()))
+                    tally["bytes_received"] += len(message)
+                    answer = orjson.loads(message)
+                    if answer.get("data"):
+                        tally["answers"] += 1
+                    for error in answer.get("errors", []):
+                        tally["refused"][error.get("code")] = tally["refused"].get(error.get("code"), 0) + 1
+
+        pings, *_ = await asyncio.gather(pinging(pinger, deadline), send(), receive())
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(websocket.close(), 2)
+        await pinger.close()
+    return {"seconds": duration, "storm": {**tally, "bytes_out_per_byte_in":
+                                            round(tally["bytes_received"] / max(1, tally["bytes_sent"]), 1)},
+            "other_key_ping_ms_idle": ping_summary(quiet), "other_key_ping_ms_during_storm": ping_summary(pings)}
+
+
+async def raw_post(port: int, headers: dict[str, str], body: bytes, *, timeout: float) -> tuple[int | None, float]:
+    """POST ``body`` over a raw connection; the answer's status (None if none came in time) and seconds taken."""
+    started = time.monotonic()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    writer.write(f"POST /v1 HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}Content-Length: {len(body)}\r\n\r\n".encode()
+                 + body)
+    try:
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), timeout)
+        status = int(line.split()[1]) if line.startswith(b"HTTP/") else None
+    except (OSError, TimeoutError, ValueError, IndexError):
+        status = None
+    writer.close()
+    return status, round(time.monotonic() - started, 2)
+
+
+async def gzip_bodies(data_dir: Path, bodies: int = 10) -> dict[str, Any]:
+    """Ten keyless REST bodies at once, each 256 MiB of zeros gzipped to ~250 KB, whose senders keep their
+    connections open waiting for an answer."""
+    bomb = gzip.compress(b"\0" * (256 * MIB), compresslevel=9)
+    with server_on(data_dir) as server:
+        warm = await LoadConnection.open(server.url)
+        await warm.run(inference())
+        await warm.close()
+        baseline = server.memory_kib()["VmRSS"]
+        headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+        async with MemoryWatch(server) as memory:
+            answers = await asyncio.gather(*(raw_post(port_of(server), headers, bomb, timeout=30)
+                                             for _ in range(bodies)))
+            await asyncio.sleep(1)
+        after = server.memory_kib()
+    statuses: dict[str, int] = {}
+    for status, _ in answers:
+        statuses[str(status)] = statuses.get(str(status), 0) + 1
+    return {"bodies": bodies, "compressed_kb": round(len(bomb) / 1000), "inflated_mib": 256,
+            "statuses": statuses, "slowest_answer_s": max(seconds for _, seconds in answers),
+            "rss_mib": {"before": mib(baseline), "peak_sampled": memory.peak_mib,
+                        "high_water_mark": mib(after["VmHWM"]), "after": mib(after["VmRSS"])}}
+
+
+async def trickle(port: int, deadline: float) -> None:
+    """A keyless chunked REST body that sends one byte a second until ``deadline``."""
+    with contextlib.suppress(OSError):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /v1 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n1\r\n[\r\n")
+        while time.monotonic() < deadline:
+            await asyncio.sleep(1)
+            writer.write(b"1\r\n \r\n")
+            await writer.drain()
+        writer.close()
+
+
+async def slowbody(data_dir: Path, trickles: int = 4, wait: float = 40.0) -> dict[str, Any]:
+    """Four keyless chunked REST bodies trickle in a byte a second; then another key uploads a 197 KB image over
+    its socket. Is it answered, and how soon?"""
+    noise = Image.frombytes("RGB", (222, 222), os.urandom(222 * 222 * 3))  # a PNG that does not compress
+    buffer = io.BytesIO()
+    noise.save(buffer, "PNG")
+    image = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    with server_on(data_dir) as server:
+        uploader = await LoadConnection.open(server.url, api_key=KEY_B)
+        deadline = time.monotonic() + wait + 5
+        slow = [asyncio.ensure_future(trickle(port_of(server), deadline)) for _ in range(trickles)]
+        await asyncio.sleep(3)
+        started = time.monotonic()
+        try:
+            item = await asyncio.wait_for(uploader.run({"taskType": "imageUpload", "taskUUID": str(uuid.uuid4()),
+                                                        "image": image}), wait)
+            outcome, latency = item.get("code", "success"), round(time.monotonic() - started, 2)
+        except TimeoutError:
+            outcome, latency = f"no answer within {wait:g} s", None
+        for task in slow:
+            task.cancel()
+        await asyncio.gather(*slow, return_exceptions=True)
+        await uploader.close()
+    return {"trickling_bodies": trickles, "upload_kb": round(len(image) / 1000), "upload": outcome,
+            "upload_answered_after_s": latency}
+
+
+async def restanswer(data_dir: Path, tasks: int = 64, results: int = 20) -> dict[str, Any]:
+    """One POST of 64 getResponse tasks, each for one finished task of 20 base64 PNG results (256², noise-like
+    output of the random-weight model): an answer of 64 × 20 images."""
+    with server_on(data_dir) as server:
+        connection = await LoadConnection.open(server.url)
+        finished = inference(numberResults=results, width=256, height=256, outputType="base64Data",
+                             outputFormat="PNG")
+        await connection.run(finished)
+        await asyncio.sleep(2)  # its other results
+        await connection.close()
+        baseline = server.memory_kib()["VmRSS"]
+        body = orjson.dumps([{"taskType": "getResponse", "taskUUID": finished["taskUUID"]}] * tasks)
+        request = urllib.request.Request(http_base(server) + "/v1", data=body, method="POST", headers={
+            "Authorization": f"Bearer {KEY_A}", "Content-Type": "application/json"})
+        started = time.monotonic()
+        async with MemoryWatch(server) as memory:
+            def post() -> tuple[int, int]:
+                try:
+                    with urllib.request.urlopen(request, timeout=55) as answer:
+                        return answer.status, len(answer.read())
+                except urllib.error.HTTPError as error:
+                    return error.code, len(error.read())
+            try:
+                status, size = await asyncio.to_thread(post)
+            except (OSError, TimeoutError) as exc:
+                status, size = f"failed: {exc!r}", 0
+        seconds = round(time.monotonic() - started, 1)
+        after = server.memory_kib()
+    return {"tasks": tasks, "results_each": results, "status": status, "answer_mib": round(size / MIB, 1),
+            "seconds": seconds, "rss_mib": {"before": mib(baseline), "peak_sampled": memory.peak_mib,
+                                            "growth_to_high_water_mark": mib(after["VmHWM"] - baseline)}}
+
+
+FORGED = "FORGED imagewire.task taskUUID=00000000-0000-0000-0000-000000000000 outcome=success"
+
+
+async def logforge(data_dir: Path) -> dict[str, Any]:
+    """Tasks whose taskUUID (and a prompt and an unknown key) carry a newline and a line of the client's making:
+    how many lines of the server's log start with it?"""
+    forged_uuid = "x\n" + FORGED
+    with server_on(data_dir) as server:
+        connection = await LoadConnection.open(server.url)
+        tasks = [inference(taskUUID=forged_uuid), {"taskType": "getResponse", "taskUUID": forged_uuid},
+                 inference(**{"\n" + FORGED: 1}), {"taskType": "\n" + FORGED, "taskUUID": forged_uuid}]
+        await connection.websocket.send(orjson.dumps(tasks).decode())
+        await asyncio.sleep(3)
+        await connection.close()
+        lines = server.log_tail().splitlines()
+    return {"tasks_sent": len(tasks), "log_lines_starting_with_the_forged_prefix":
+            sum(line.startswith("FORGED") for line in lines)}
+
+
 async def timed_connect(url: str, source: str = "127.0.0.2") -> float | None:
     """Seconds to connect and authenticate from ``source`` (another loopback address than the flood's,
     as a real client has another address than an attacker); None if the server dropped it."""
@@ -416,7 +630,8 @@ async def timed_connect(url: str, source: str = "127.0.0.2") -> float | None:
 
 
 SCENARIOS = {"silent": silent, "crowd": crowd, "seeds": seeds, "fairness": fairness, "disk": disk,
-             "handshakes": handshakes}
+             "handshakes": handshakes, "storm": storm, "gzip": gzip_bodies, "slowbody": slowbody,
+             "restanswer": restanswer, "logforge": logforge}
 
 
 async def run(names: list[str]) -> AsyncIterator[tuple[str, dict[str, Any]]]:
@@ -441,7 +656,12 @@ def main() -> None:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS),
                         help=f"comma-separated, of {', '.join(SCENARIOS)}")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--server-checkout", type=Path,
+                        help="run the servers of another checkout of this project (with its own .venv), e.g. an "
+                             "older commit's worktree, for a before-and-after figure")
     args = parser.parse_args()
+    global SERVER_CHECKOUT
+    SERVER_CHECKOUT = args.server_checkout
     names = [name.strip() for name in args.scenarios.split(",") if name.strip()]
     unknown = sorted(set(names) - set(SCENARIOS))
     if unknown:

@@ -77,8 +77,12 @@ class ServerProcess:
 
     def __init__(self, *, data_dir: Path, api_key: str, device: str, catalogs: tuple[Path, ...] = (),
                  extra_args: tuple[str, ...] = (), open_files: int | None = None,
-                 env: dict[str, str] | None = None) -> None:
-        self.command = [sys.executable, "-m", "imagewire.server", "--host", "127.0.0.1", "--port", "0",
+                 env: dict[str, str] | None = None, checkout: Path | None = None) -> None:
+        # ``checkout``: another checkout of this project with its own .venv, to run the same scenario against
+        # its server (an older commit, for a before-and-after figure); by default this one.
+        self.checkout = checkout or REPO_ROOT
+        python = str(self.checkout / ".venv" / "bin" / "python") if checkout is not None else sys.executable
+        self.command = [python, "-m", "imagewire.server", "--host", "127.0.0.1", "--port", "0",
                         "--data-dir", str(data_dir), f"--api-key={api_key}", "--device", device,
                         "--log-level", "INFO", *extra_args]
         for catalog in catalogs:
@@ -105,7 +109,7 @@ class ServerProcess:
     def start(self, timeout: float = 180.0) -> str:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
                **self.env}
-        self._process = subprocess.Popen(self.command, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
+        self._process = subprocess.Popen(self.command, cwd=self.checkout, env=env, stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, bufsize=1,
                                          preexec_fn=self._in_child)
         self._reader = threading.Thread(target=self._read_log, name="bench-server-log", daemon=True)

@@ -23,6 +23,7 @@ from imagewire.tasks.errors import TooManyTasks
 class Ticket:
     connection: Hashable
     owner: str
+    takes_place: bool = True
 
 
 class DeviceTime:
@@ -68,15 +69,29 @@ class DeviceTime:
 
 
 class Admission:
-    def __init__(self, *, per_connection: int, per_key: int, device_time: DeviceTime | None = None) -> None:
+    """Places for unfinished tasks. A task that takes no place (cancelTask: it would otherwise be refused
+    when the tasks it is sent to stop hold every place) counts apart, ``per_connection_placeless`` at most
+    per connection: one message's worth of them answered at a time."""
+
+    def __init__(self, *, per_connection: int, per_key: int, device_time: DeviceTime | None = None,
+                 per_connection_placeless: int = 64) -> None:
         self.per_connection = per_connection
         self.per_key = per_key
         self.device_time = device_time
+        self.per_connection_placeless = per_connection_placeless
         self._by_connection: Counter[Hashable] = Counter()
         self._by_owner: Counter[str] = Counter()
+        self._placeless: Counter[Hashable] = Counter()
 
-    def acquire(self, connection: Hashable, owner: str) -> Ticket:
+    def acquire(self, connection: Hashable, owner: str, *, takes_place: bool = True) -> Ticket:
         """A place for one more task of ``connection`` (any hashable that names it) and ``owner``."""
+        if not takes_place:
+            if self._placeless[connection] >= self.per_connection_placeless:
+                raise TooManyTasks(
+                    f"This connection already has {self._placeless[connection]} unanswered cancelTask tasks, the "
+                    f"most allowed (max {self.per_connection_placeless}); wait for their answers.")
+            self._placeless[connection] += 1
+            return Ticket(connection, owner, takes_place=False)
         if self._by_connection[connection] >= self.per_connection:
             raise TooManyTasks(
                 f"This connection already has {self._by_connection[connection]} unfinished tasks, the most "
@@ -93,6 +108,9 @@ class Admission:
         return Ticket(connection, owner)
 
     def release(self, ticket: Ticket) -> None:
+        if not ticket.takes_place:
+            _decrement(self._placeless, ticket.connection)
+            return
         _decrement(self._by_connection, ticket.connection)
         _decrement(self._by_owner, ticket.owner)
 

@@ -19,6 +19,7 @@ from imagewire.air_registry.civitai import Civitai, DownloadLimits
 from imagewire.air_registry.models_dir import RESCAN_SECONDS as MODELS_RESCAN_SECONDS
 from imagewire.air_registry.models_dir import ModelsFolders
 from imagewire.server.admission import Admission, DeviceTime
+from imagewire.server.answer_budget import AnswerBudget
 from imagewire.server.auth import ApiKeys, load_or_create_key
 from imagewire.server.config import Config, shown_url
 from imagewire.server.connection import GOING_AWAY, Connection, WaitingRoom
@@ -188,9 +189,11 @@ class ImagewireServer:
         self.runner = TaskRunner(
             self.services, registry=self.registry, webhooks=WebhookSender(fetcher, attempts=config.webhook_attempts),
             admission=Admission(per_connection=config.max_tasks_in_flight, per_key=config.max_tasks_per_key,
-                                device_time=device_time),
+                                device_time=device_time, per_connection_placeless=config.max_tasks_per_message),
             on_finished=self.metrics.task_finished)
         self.waiting_room = WaitingRoom(config.max_unauthenticated_per_ip)
+        # Answer bytes per key and per socket; a full outbox may go at once.
+        self.answers = AnswerBudget(config.answer_bytes_per_second, burst=config.max_outbox_bytes)
         self.trusted_proxies = networks(config.trusted_proxies)
         # Listen only once the engine exists and the default model is loaded: imports and loading
         # hold the GIL in long stretches, and clients should not see slow pongs meanwhile.
@@ -287,13 +290,14 @@ class ImagewireServer:
     async def _rest(self, request: web.Request) -> web.Response:
         # Built per request from the current config: the port is only known once the server listens.
         return await RestEndpoint(config=self.config, api_keys=self.api_keys, runner=self.runner,
-                                  inbound=self.inbound)(request)
+                                  inbound=self.inbound, answers=self.answers)(request)
 
     async def _serve_socket(self, websocket: web.WebSocketResponse, request: web.Request,
                             frames: FrameCounter | None) -> None:
         connection = Connection(websocket, request, peer_ip=client_address(request, self.trusted_proxies),
                                 config=self.config, api_keys=self.api_keys, sessions=self.sessions,
-                                runner=self.runner, waiting_room=self.waiting_room, frames=frames)
+                                runner=self.runner, waiting_room=self.waiting_room, answers=self.answers,
+                                frames=frames)
         self.connections.add(connection)
         try:
             await connection.serve()

@@ -381,6 +381,11 @@ class Config:
         64 * MIB, "--max-outbox-mib", LIMITS,
         "answers a connection has not taken yet, MiB; a task whose answer does not fit waits for room",
         parse=COUNT, unit=MEBIBYTES)
+    answer_bytes_per_second: int = setting(
+        32 * MIB, "--answer-mib-per-second", LIMITS,
+        "answer bytes one API key may be sent per second over all its connections (and a socket its own pongs), "
+        "MiB, each frame counted as at least 64 KiB; answers past it wait, so a storm of cheap tasks is slowed "
+        "while other keys are not; a burst of --max-outbox-mib goes at once", parse=COUNT, unit=MEBIBYTES)
     send_timeout: float = setting(
         30.0, "--send-timeout", SESSIONS, "seconds a client may leave answers untaken before it is closed",
         parse=POSITIVE)

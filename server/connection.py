@@ -27,6 +27,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from imagewire.server import protocol
+from imagewire.server.answer_budget import AnswerBudget, TokenBucket
 from imagewire.server.auth import ApiKeys, owner_token
 from imagewire.server.config import Config
 from imagewire.server.dispatch import Dispatcher, invalid_api_key
@@ -79,8 +80,12 @@ class WaitingRoom:
 class Connection(Dispatcher):
     def __init__(self, websocket: web.WebSocketResponse, request: web.Request, *, peer_ip: str, config: Config,
                  api_keys: ApiKeys, sessions: Sessions, runner: TaskRunner,
-                 waiting_room: WaitingRoom, frames: FrameCounter | None = None) -> None:
+                 waiting_room: WaitingRoom, answers: AnswerBudget, frames: FrameCounter | None = None) -> None:
         self.websocket = websocket
+        # What answering costs (server/answer_budget.py): a task's answers are paid by its API key, what the
+        # socket answers itself (pongs, authentication, errors before it has a key) by the socket.
+        self.answers = answers
+        self.own_answers = answers.per_socket()
         self.frames = frames
         if frames is not None:
             frames.on_overdue = self._message_overdue
@@ -259,15 +264,14 @@ class Connection(Dispatcher):
         return self.session is not None
 
     async def answer(self, data: Sequence[Item] = (), errors: Sequence[dict[str, Any]] = ()) -> None:
-        await self._send(protocol.encode_frame(data=list(data), errors=list(errors)))
+        await self._send(await _paid(self.own_answers, data, errors))
 
     async def reply(self, data: Sequence[Item] = (), errors: Sequence[dict[str, Any]] = ()) -> None:
         """Through the session once there is one, not this socket: a client that reconnects gets what it missed."""
-        frame = protocol.encode_frame(data=list(data), errors=list(errors))
         if self.session is not None:
-            await self.session.send(frame)
+            await self.session.send(await _paid(self.answers.bucket(self.session.owner), data, errors))
         else:
-            await self._send(frame)
+            await self._send(await _paid(self.own_answers, data, errors))
 
     async def _on_frame(self, frame: str | bytes) -> None:
         try:
@@ -299,3 +303,11 @@ class Connection(Dispatcher):
         assert self.session is not None
         await self.runner.start(task, task_type, task_uuid, owner=self.session.owner, connection=self,
                                 reply=self.reply, session=self.session.uuid)
+
+
+async def _paid(bucket: TokenBucket, data: Sequence[Item], errors: Sequence[dict[str, Any]]) -> bytes:
+    """One answer frame, encoded once ``bucket`` can pay for it, and charged to it."""
+    await bucket.ready()
+    frame = protocol.encode_frame(data=list(data), errors=list(errors))
+    bucket.charge(len(frame))
+    return frame

@@ -40,6 +40,7 @@ import msgspec
 from aiohttp import web
 
 from imagewire.server import protocol
+from imagewire.server.answer_budget import AnswerBudget
 from imagewire.server.auth import ApiKeys, owner_token
 from imagewire.server.config import Config
 from imagewire.server.dispatch import Dispatcher, invalid_api_key
@@ -64,14 +65,17 @@ class BodyTooLarge(Exception):
 
 
 class RestEndpoint:
-    def __init__(self, *, config: Config, api_keys: ApiKeys, runner: TaskRunner, inbound: InboundBudget) -> None:
+    def __init__(self, *, config: Config, api_keys: ApiKeys, runner: TaskRunner, inbound: InboundBudget,
+                 answers: AnswerBudget) -> None:
         self.config = config
+        self.answers = answers
         self.api_keys = api_keys
         self.runner = runner
         self.inbound = inbound
 
     async def __call__(self, request: web.Request) -> web.Response:
-        exchange = RestExchange(self.api_keys, self.runner, max_answer_bytes=self.config.max_outbox_bytes)
+        exchange = RestExchange(self.api_keys, self.runner, max_answer_bytes=self.config.max_outbox_bytes,
+                                answers=self.answers)
         header = request.headers.get("Authorization", "")
         if header[: len(BEARER)].lower() == BEARER:
             if not exchange.accept_key(header[len(BEARER):].strip()):
@@ -139,8 +143,10 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
 class RestExchange(Dispatcher):
     """One POST: its tasks, and every answer they give, collected for one response."""
 
-    def __init__(self, api_keys: ApiKeys, runner: TaskRunner, *, max_answer_bytes: int) -> None:
+    def __init__(self, api_keys: ApiKeys, runner: TaskRunner, *, max_answer_bytes: int,
+                 answers: AnswerBudget) -> None:
         self.api_keys = api_keys
+        self.answers = answers
         self.runner = runner
         self.owner: str | None = None
         self.max_answer_bytes = max_answer_bytes
@@ -170,7 +176,17 @@ class RestExchange(Dispatcher):
             self.data.append(msgspec.Raw(encoded))
         self.errors.extend(errors)
 
-    reply = answer
+    async def reply(self, data: Sequence[Item] = (), errors: Sequence[dict[str, Any]] = ()) -> None:
+        """A task's answer, paid by its API key as over a socket (server/answer_budget.py); what the request
+        answers itself (pongs, authentication) is bounded by its body and goes in this one response."""
+        if self.owner is None:
+            await self.answer(data, errors)
+            return
+        bucket = self.answers.bucket(self.owner)
+        await bucket.ready()
+        before = self.answer_bytes
+        await self.answer(data, errors)  # encodes without awaiting: nothing else is charged in between
+        bucket.charge(self.answer_bytes - before)
 
     async def authenticate(self, task: schema.Authentication) -> None:
         # There is no session to resume over HTTP: a good key is simply used for the tasks that follow.

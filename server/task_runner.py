@@ -81,7 +81,7 @@ class TaskRunner:
         delivery = task_type.delivery(task)
         ticket: Ticket | None = None
         try:
-            ticket = self.admission.acquire(connection, owner)
+            ticket = self.admission.acquire(connection, owner, takes_place=task_type.takes_place)
             prepared = task_type.prepare(task, ctx)
             record = await self.registry.begin(task_uuid, task_type.name, owner) if task_type.recorded else None
         except TaskError as error:

@@ -61,6 +61,29 @@ LEFTOVER_AGE_SECONDS = 3600.0
 _HISTORY_EPOCH_MS = 10**14
 _HISTORY_NAME = re.compile(r"(?P<countdown>\d{15})-(?P<uuid>[0-9a-f-]{36})-(?P<size>\d+)\.(?P<extension>[a-z0-9]+)")
 
+# How long a store that stops answering can keep a task waiting. Each call to the store waits at most
+# CONNECT_TIMEOUT_SECONDS for a connection and READ_TIMEOUT_SECONDS of silence (per read, not per transfer,
+# so large images are not cut off), and is tried ATTEMPTS times in all, with boto3's standard backoff between
+# tries (a random share of 1 s, then of 2 s, ...). A task meets at most HANGING_CALLS_PER_TASK such calls
+# before one fails it: a best-effort write that waits and is let go (noting a use before a read, listing an
+# image in its owner's history after a store, removing the data of an image whose metadata failed), then
+# the call that fails. docs/cluster.md promises that a frozen store fails a task within two minutes;
+# ``worst_case_task_seconds()`` is what these constants give (96 s).
+CONNECT_TIMEOUT_SECONDS = 5.0
+READ_TIMEOUT_SECONDS = 10.0
+ATTEMPTS = 3
+HANGING_CALLS_PER_TASK = 2
+_BACKOFF_CAP_SECONDS = 20.0  # boto3's standard retries never wait longer than this between tries
+
+
+def worst_case_call_seconds() -> float:
+    backoff = sum(min(2.0 ** retry, _BACKOFF_CAP_SECONDS) for retry in range(ATTEMPTS - 1))
+    return ATTEMPTS * (CONNECT_TIMEOUT_SECONDS + READ_TIMEOUT_SECONDS) + backoff
+
+
+def worst_case_task_seconds() -> float:
+    return HANGING_CALLS_PER_TASK * worst_case_call_seconds()
+
 
 @dataclass(frozen=True)
 class S3Location:
@@ -106,7 +129,9 @@ class S3Store:
             raise ValueError(f"{failing}: the S3 store needs boto3; install it with: pip install "
                              "'imagewire[s3]'") from None
         config = BotoConfig(
-            connect_timeout=5, read_timeout=30, retries={"max_attempts": 3, "mode": "standard"},
+            connect_timeout=CONNECT_TIMEOUT_SECONDS, read_timeout=READ_TIMEOUT_SECONDS,
+            # total_max_attempts counts the first try; max_attempts would count only retries (one try more).
+            retries={"total_max_attempts": ATTEMPTS, "mode": "standard"},
             # Self-hosted stores (MinIO and the like) answer at one host; bucket names in host names
             # need wildcard DNS they seldom have.
             s3={"addressing_style": "path"} if endpoint_url else {})

@@ -27,5 +27,7 @@ async def run(task: CancelTask, ctx: TaskContext) -> AsyncIterator[Cancellation]
     yield Cancellation(taskType="cancelTask", taskUUID=task.taskUUID, cancelled=stopped, status=status)
 
 
-# It names another task's UUID: not itself recorded, answered in one frame.
-TASK_TYPE = TaskType(struct=CancelTask, prepare=unchanged, run=run, recorded=False, single_frame=True)
+# It names another task's UUID: not itself recorded, answered in one frame, and taking no place of the tasks
+# it may be sent to stop (its own bound is one message's worth per connection: server/admission.py).
+TASK_TYPE = TaskType(struct=CancelTask, prepare=unchanged, run=run, recorded=False, single_frame=True,
+                     takes_place=False)

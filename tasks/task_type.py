@@ -53,6 +53,9 @@ class TaskType(Generic[T, P]):
     delivery: Callable[[T], Delivery] = requested
     recorded: bool = True
     single_frame: bool = False
+    # Whether it takes one of the unfinished-task places of its connection and key. A task that acts on
+    # other tasks (cancelTask) does not, or it would be refused when they fill every place.
+    takes_place: bool = True
 
     @property
     def name(self) -> str:

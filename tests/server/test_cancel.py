@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import pytest
+
 from tests.engines import HeldEngine
 from tests.timing import seconds
 from tests.wire import Wire, eventually, inference, new_uuid
@@ -147,3 +149,34 @@ async def test_of_many_cancels_for_one_task_in_one_frame_only_the_first_stops_it
     engine.release.set()
     assert sorted(answer["cancelled"] for answer in answers) == [False] * 15 + [True]
     await wire.close()
+
+
+async def test_a_cancel_is_answered_when_the_tasks_it_stops_hold_every_place(start_server):
+    engine = HeldEngine()
+    server = await start_server(engine_factory=lambda: engine, max_tasks_in_flight=2, max_tasks_per_key=2)
+    wire = await Wire.open(server.url)
+    running, waiting = inference(positivePrompt="running"), inference()
+    await wire.send([running, waiting])
+    assert await asyncio.to_thread(engine.started.wait, seconds(10))
+    # Both places taken: a third task is refused, but a cancel takes no place and is answered.
+    assert (await wire.error(inference()))["code"] == "serviceUnavailable"
+    answer = await cancel_answer(wire, waiting["taskUUID"])
+    assert answer["cancelled"] is True
+    engine.release.set()
+    data, _ = await wire.items_for(running["taskUUID"], 1)
+    assert data
+    await wire.close()
+
+
+def test_cancels_take_no_place_but_one_messages_worth_per_connection_at_most() -> None:
+    from imagewire.server.admission import Admission
+    from imagewire.tasks.errors import TooManyTasks
+
+    admission = Admission(per_connection=1, per_key=1, per_connection_placeless=2)
+    admission.acquire("socket", "key")
+    cancels = [admission.acquire("socket", "key", takes_place=False) for _ in range(2)]
+    with pytest.raises(TooManyTasks, match=r"cancelTask.*max 2"):
+        admission.acquire("socket", "key", takes_place=False)
+    admission.release(cancels[0])
+    admission.acquire("socket", "key", takes_place=False)
+    assert admission.unfinished(connection="socket") == 1  # cancels are not counted as unfinished tasks

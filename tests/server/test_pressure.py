@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import logging
+import math
 import resource
 import socket
 
@@ -15,6 +17,7 @@ from aiohttp import http_exceptions
 from PIL import Image
 from websockets.asyncio.client import connect
 
+from bench.server_process import ServerProcess
 from imagewire.server import handshakes
 from imagewire.server.logs import ClientMistakes
 from tests.engines import HeldEngine
@@ -228,3 +231,54 @@ async def test_waiting_image_to_image_tasks_hold_their_seed_at_the_size_used_and
     assert all(data and not errors for data, errors in found.values()), found
     await eventually(lambda: server.services.pixels.held == 0)
     await wire.close()
+
+
+
+async def test_a_storm_of_get_response_from_one_key_leaves_another_keys_pongs_fast(tmp_path):
+    # A server process of its own (the fake engine, which answers at once): in this process, the storm's own
+    # client would share the event loop with the server, and slow itself as much as the server.
+    other_key = "another-key"
+    server = ServerProcess(data_dir=tmp_path, api_key=API_KEY, device="cpu",
+                           extra_args=("--engine", "fake", f"--api-key={other_key}"))
+    await asyncio.to_thread(server.start)
+    try:
+        storm, pinger = await Wire.open(server.url), await Wire.open(server.url, api_key=other_key)
+        # The storm's target: a finished task with 20 results, each getResponse answering all of them from memory.
+        finished = inference(numberResults=20, width=128, height=128)
+        assert len(await storm.run(finished, count=20)) == 20
+        frame = json.dumps([{"taskType": "getResponse", "taskUUID": finished["taskUUID"]}] * 64)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds(4)
+        answered = 0
+
+        async def flood() -> None:
+            # Slowed, the storm's socket is not read for a while: its sends wait for the kernel's buffers.
+            with contextlib.suppress(TimeoutError):
+                while loop.time() < deadline:
+                    await asyncio.wait_for(storm.send(frame), max(0.01, deadline - loop.time()))
+
+        async def drain() -> None:
+            nonlocal answered
+            with contextlib.suppress(TimeoutError):
+                while loop.time() < deadline:
+                    message = await storm.receive(timeout=max(0.01, deadline - loop.time()))
+                    answered += bool(message.get("data"))
+
+        async def ping() -> list[float]:
+            round_trips = []
+            while loop.time() < deadline:
+                started = loop.time()
+                await pinger.send([{"taskType": "ping", "ping": True}])
+                assert (await pinger.receive())["data"][0]["pong"] is True
+                round_trips.append(loop.time() - started)
+                await asyncio.sleep(0.02)
+            return round_trips
+
+        round_trips, *_ = await asyncio.gather(ping(), flood(), drain())
+        assert answered > 200  # it was a storm: the key's burst went out at once, the rest at its rate
+        round_trips.sort()
+        assert round_trips[math.ceil(len(round_trips) * 0.99) - 1] < seconds(0.1), round_trips[-5:]
+        storm.websocket.transport.abort()
+        await pinger.close()
+    finally:
+        server.stop()

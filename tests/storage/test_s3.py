@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 import sys
+import threading
 import time
 import uuid
 from typing import Any
 
 import pytest
 
+from imagewire.storage import s3
 from imagewire.storage.errors import ImageNotStored, InputRejected, StoreFailed
 from imagewire.storage.s3 import S3Location, S3Store
 from imagewire.storage.store import Limits
 from imagewire.tasks.errors import ImageNotFound, StorageError
 from imagewire.tasks.inputs import task_error
+from tests.timing import seconds
 
 OWNER = "owner-a"
 PREFIX = "imagewire/images-test"
@@ -255,3 +260,56 @@ async def test_an_owners_history_lists_what_every_server_on_the_bucket_stored_ne
     assert await first.recent(OWNER, 2) == newest_first[:2]
     assert [image.owner for image in await first.recent("owner-b", 10)] == ["owner-b"]
     assert await first.recent("owner-c", 10) == []
+
+
+class FrozenEndpoint:
+    """A loopback TCP server that accepts connections and never answers: an S3 endpoint that froze."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.accepted: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                self.accepted.append(self.listener.accept()[0])
+
+    def __enter__(self) -> FrozenEndpoint:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for connection in [*self.accepted, self.listener]:
+            connection.close()
+
+
+async def test_a_frozen_store_fails_a_read_after_its_attempts_within_the_worst_case(
+        s3_endpoint: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import boto3
+
+    # The same constants, shortened, so that the worst case takes seconds.
+    monkeypatch.setattr(s3, "CONNECT_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(s3, "READ_TIMEOUT_SECONDS", 0.3)
+    store = open_store(s3_endpoint, s3_bucket)
+    image = await store.put(b"not a real png", extension="png", owner=OWNER)
+    with FrozenEndpoint() as frozen:
+        store._client = boto3.session.Session().client("s3", endpoint_url=frozen.url,
+                                                        config=store._client.meta.config)
+        started = time.monotonic()
+        with pytest.raises(StoreFailed):
+            await store.read(image)
+        elapsed = time.monotonic() - started
+    assert len(frozen.accepted) == s3.ATTEMPTS  # each attempt waited its read timeout on a connection of its own
+    assert s3.ATTEMPTS * s3.READ_TIMEOUT_SECONDS <= elapsed <= s3.worst_case_call_seconds() + seconds(2)
+
+
+def test_with_the_real_timeouts_a_frozen_store_fails_a_task_well_within_two_minutes() -> None:
+    # docs/cluster.md promises two minutes; a fifth of it is kept as margin.
+    assert s3.worst_case_task_seconds() <= 0.8 * 120
+    assert s3.worst_case_call_seconds() == s3.ATTEMPTS * (s3.CONNECT_TIMEOUT_SECONDS + s3.READ_TIMEOUT_SECONDS) + 3
