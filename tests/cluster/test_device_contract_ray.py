@@ -6,7 +6,6 @@ Run with ``python -m pytest -m cluster tests/cluster/test_device_contract_ray.py
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import importlib.util
 import warnings
@@ -63,7 +62,8 @@ async def _bench(ray_device: tuple[Any, Path]) -> AsyncIterator[Bench]:
     finally:
         await bench.finish()
         # The replica lets go of a cancelled job once Serve's cancel reaches it: before the next case holds it.
-        await asyncio.sleep(seconds(0.5))
+        for watched in bench.watched:
+            await bench.gone_from_device(watched)
 
 
 @pytest.fixture

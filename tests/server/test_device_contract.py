@@ -88,7 +88,8 @@ class GateEngine(FakeEngine):
         for job in jobs:
             assert isinstance(job, InferenceJob)
             if "explode" in job.prompt:
-                raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+                # Not an out-of-memory error: that would also lower the model's batch size for later cases.
+                raise RuntimeError("the model failed on this input")
             if "refuse" in job.prompt:
                 raise RecordedErrors([{"message": f"{job.task_uuid} refused", "code": "refused"}])
         super().run(jobs, emit)
@@ -183,6 +184,12 @@ class Bench:
     async def all_queued(self, *watched: Watched) -> None:
         await until(lambda: all(job.queued for job in watched), "queued")
 
+    async def gone_from_device(self, watched: Watched) -> None:
+        """Wait until the device has let go of a cancelled job. At once on this process's queue; a Ray replica lets
+        go when Serve's cancel reaches it, which its entry on the board shows (``RayDevice.replicas``)."""
+        await until(lambda: not any(watched.job.task_uuid in state.get("jobs", {})
+                                    for state in getattr(self.device, "replicas", [])), "let go of")
+
     def release(self, name: str = "blocker") -> None:
         if self.gated:
             released(self.folder, f"{self.prefix}-{name}").touch()
@@ -258,6 +265,7 @@ async def test_a_cancelled_waiting_job_never_runs_and_ends_with_no_results(bench
     await bench.all_queued(cancelled, after)
     cancelled.handle.cancel()
     assert await cancelled.results() == []
+    await bench.gone_from_device(cancelled)
     bench.release()
     # The job behind it ran, so the device was past the place where the cancelled one waited.
     assert len(await after.results()) == 1
@@ -304,7 +312,7 @@ async def test_a_failing_job_leaves_its_batch_mates_their_own_answers(gated: Ben
     kept = bench.submit(bench.job("kept", owner="c", seeds=[3]))
     await bench.all_queued(failing, refused, kept)
     bench.release()
-    with pytest.raises(InferenceError, match="ran out of memory"):
+    with pytest.raises(InferenceError, match=r"Inference failed \(RuntimeError\)"):
         await failing.results()
     # A TaskError whose constructor takes other arguments than the message arrives whole, attributes and all.
     with pytest.raises(RecordedErrors) as refusal:
@@ -312,8 +320,11 @@ async def test_a_failing_job_leaves_its_batch_mates_their_own_answers(gated: Ben
     assert refusal.value.items == [{"message": f"{bench.prefix}-refused refused", "code": "refused"}]
     assert str(refusal.value) == f"{bench.prefix}-refused refused"
     assert seeds_of(await kept.results()) == [3]
-    # The shared call failed, then each job ran alone: each answer is its own.
-    assert bench.calls() == [["failing", "refused", "kept"], ["failing"], ["refused"], ["kept"]]
+    # The shared call failed, then each job ran alone: each answer is its own. (On Ray the three reach the replica
+    # in whichever order Serve delivers them.)
+    first, *alone = bench.calls()
+    assert sorted(first) == ["failing", "kept", "refused"]
+    assert alone == [[name] for name in first]
 
 
 async def test_events_come_in_order_queued_then_steps_then_results_then_the_end(bench: Bench) -> None:
