@@ -144,7 +144,8 @@ async def test_a_task_uuid_is_each_keys_own(start_server):
     await second.close()
 
 
-async def test_webhooks_receive_each_async_result(start_server):
+async def webhook_receiver() -> tuple[asyncio.Server, int, list[dict]]:
+    """A webhook endpoint on loopback: its server, its port, and the JSON body of each POST it has taken."""
     received: list[dict] = []
 
     async def hook(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -157,7 +158,11 @@ async def test_webhooks_receive_each_async_result(start_server):
         writer.close()
 
     listener = await asyncio.start_server(hook, "127.0.0.1", 0)
-    port = listener.sockets[0].getsockname()[1]
+    return listener, listener.sockets[0].getsockname()[1], received
+
+
+async def test_webhooks_receive_each_async_result(start_server):
+    listener, port, received = await webhook_receiver()
     server = await start_server(allow_private_urls=True)
     wire = await Wire.open(server.url)
     task = inference(deliveryMethod="async", numberResults=2, webhookURL=f"http://127.0.0.1:{port}/hook")
@@ -170,19 +175,7 @@ async def test_webhooks_receive_each_async_result(start_server):
 
 
 async def test_a_sync_task_with_a_webhook_posts_to_it_too(start_server):
-    received: list[dict] = []
-
-    async def hook(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        lines = head.split(b"\r\n")
-        length = int(next(line.split(b":")[1] for line in lines if line.lower().startswith(b"content-length")))
-        received.append(orjson.loads(await reader.readexactly(length)))
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-        await writer.drain()
-        writer.close()
-
-    listener = await asyncio.start_server(hook, "127.0.0.1", 0)
-    port = listener.sockets[0].getsockname()[1]
+    listener, port, received = await webhook_receiver()
     server = await start_server(allow_private_urls=True, engine_factory=lambda: HeldEngine(released=True))
     wire = await Wire.open(server.url)
     url = f"http://127.0.0.1:{port}/hook"
