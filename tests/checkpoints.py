@@ -23,6 +23,20 @@ _RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj",
 _VAE_ATTENTION = (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out"))
 
 
+def _down_blocks(state: Any, blocks: int, per_block: int) -> dict[str, Any]:
+    """The down blocks of a UNet or a ControlNet (they share them) under their original names."""
+    out: dict[str, Any] = {}
+    for i in range(blocks):
+        for j in range(per_block):
+            index = 1 + i * (per_block + 1) + j
+            out.update(_renamed(state, f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{index}.0.", _RESNET))
+            out.update(_renamed(state, f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{index}.1."))
+        if i < blocks - 1:
+            out.update(_renamed(state, f"down_blocks.{i}.downsamplers.0.conv.",
+                                f"input_blocks.{(i + 1) * (per_block + 1)}.0.op."))
+    return out
+
+
 def _renamed(state: dict[str, Any], old: str, new: str, pairs: tuple[tuple[str, str], ...] = ()) -> dict[str, Any]:
     """The entries of ``state`` under ``old``, moved under ``new``, each inner name renamed by ``pairs``."""
     moved = {}
@@ -46,14 +60,7 @@ def _unet(unet: Any) -> dict[str, Any]:
                          ("conv_in", "input_blocks.0.0"), ("conv_norm_out", "out.0"), ("conv_out", "out.2")):
         out.update(_renamed(state, ours + ".", theirs + "."))
     blocks = len(config.block_out_channels)
-    for i in range(blocks):
-        for j in range(per_block):
-            index = 1 + i * (per_block + 1) + j
-            out.update(_renamed(state, f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{index}.0.", _RESNET))
-            out.update(_renamed(state, f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{index}.1."))
-        if i < blocks - 1:
-            out.update(_renamed(state, f"down_blocks.{i}.downsamplers.0.conv.",
-                                f"input_blocks.{(i + 1) * (per_block + 1)}.0.op."))
+    out.update(_down_blocks(state, blocks, per_block))
     out.update(_renamed(state, "mid_block.resnets.0.", "middle_block.0.", _RESNET))
     out.update(_renamed(state, "mid_block.attentions.0.", "middle_block.1."))
     out.update(_renamed(state, "mid_block.resnets.1.", "middle_block.2.", _RESNET))
@@ -87,14 +94,7 @@ def _controlnet(controlnet: Any) -> dict[str, Any]:
     for index in range(6):  # the guide encoder's convolutions, each after a SiLU
         out.update(_renamed(state, f"controlnet_cond_embedding.blocks.{index}.", f"input_hint_block.{2 * index + 2}."))
     blocks = len(config.block_out_channels)
-    for i in range(blocks):
-        for j in range(per_block):
-            index = 1 + i * (per_block + 1) + j
-            out.update(_renamed(state, f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{index}.0.", _RESNET))
-            out.update(_renamed(state, f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{index}.1."))
-        if i < blocks - 1:
-            out.update(_renamed(state, f"down_blocks.{i}.downsamplers.0.conv.",
-                                f"input_blocks.{(i + 1) * (per_block + 1)}.0.op."))
+    out.update(_down_blocks(state, blocks, per_block))
     for index in range(1 + blocks * (per_block + 1) - 1):
         out.update(_renamed(state, f"controlnet_down_blocks.{index}.", f"zero_convs.{index}.0."))
     out.update(_renamed(state, "mid_block.resnets.0.", "middle_block.0.", _RESNET))
