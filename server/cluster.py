@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from imagewire.server.config import Config
-from imagewire.server.device import Engine, JobStream
+from imagewire.server.device import Engine, JobStream, WorkQueue
 from imagewire.tasks.errors import InferenceError, ServiceUnavailable
 from imagewire.tasks.jobs import DeviceEvent, Failed, Finished, Job, JobEvent, ModelPlacement, Queued, Results, Step
 
@@ -43,8 +43,8 @@ NAMESPACE = "imagewire"
 CONNECT_TIMEOUT = 5.0        # seconds to reach --ray-address before saying that nothing answers there
 JOIN_TIMEOUT = 30.0          # seconds for Ray to join the cluster there
 DEPLOY_TIMEOUT = 900.0       # seconds the replicas get to start (imports, the default model's load)
-FIRST_EVENT_TIMEOUT = 120.0  # a job no replica has taken by then answers serviceUnavailable
 BOARD_READ_INTERVAL = 1.0
+BOARD_STALENESS = 10.0       # seconds a job that ended may still show on the board as read (a replica writes on change)
 ATTEMPTS = 2                 # a job whose replica died before sending any image goes once more elsewhere
 
 
@@ -130,32 +130,54 @@ def given_engine(factory: Callable[[], Engine], _config: Config) -> Callable[[],
     return factory
 
 
-@dataclass(eq=False)
+@dataclass(eq=False)  # a job is itself: the gateway's queue finds and removes jobs by identity
 class RemoteJob(JobStream):
-    """A job on a replica, as its handler sees it (``RunningJob``): the replica's events, as they stream in."""
+    """A job of this gateway, as its handler sees it (``RunningJob``): waiting in the gateway's queue, then on a
+    replica, whose events it passes on as they stream in."""
 
     job: Job
     on_event: Callable[[JobEvent], None] | None = None
     queue_seconds: float = 0.0
     compute_seconds: float = 0.0
     device_seconds: float = 0.0
+    submitted_at: float = field(default_factory=time.monotonic)
     started: bool = False         # a step or a result came: it is on a device now
     cancelled: bool = False
+    passed_over: int = 0          # in the gateway's queue (``WorkQueue``)
+    _queue: WorkQueue[Any] | None = None
     _events: asyncio.Queue[DeviceEvent] = field(default_factory=asyncio.Queue)
     _driver: asyncio.Task[None] | None = None
 
     def cancel(self) -> None:
-        """Stop the job: Serve cancels the replica's call, so the job leaves its queue or stops at its next
-        step. Nothing after it arrives."""
-        if self.cancelled or self._driver is None or self._driver.done():
+        """Stop the job: one in the gateway's queue leaves it; for one handed to a replica, Serve cancels the
+        replica's call, so the job leaves that queue or stops at its next step. Nothing after it arrives."""
+        if self.cancelled or self._ended:
             return
         self.cancelled = True
-        self._driver.cancel()
+        if self._queue is not None and self._queue.remove(self):
+            log.info("taskUUID=%s left the gateway's queue (cancelled)", self.job.task_uuid)
+        if self._driver is not None:
+            self._driver.cancel()
         self._deliver(self.finished())
+
+    def _post(self, event: DeviceEvent) -> None:
+        """A queue position from the gateway's queue (on the event loop, as every event of a gateway's job)."""
+        self._deliver(event)
 
 
 class RayDevice:
-    """The device of a gateway: Ray Serve replicas, each with its own device queue and engine."""
+    """The device of a gateway: Ray Serve replicas, each with its own device queue and engine.
+
+    Jobs wait in the gateway's own queue (``WorkQueue``, as in a one-process server: bounded by --queue-size,
+    API keys in turn, jobs whose model a replica with room holds on its device first) and are handed to Serve
+    only while the replicas have room (``slots`` each: a batch running and a batch waiting, Serve's
+    ``max_ongoing_requests``), so a job handed over starts or waits briefly on the replica Serve picked, never
+    long in Serve's own queue. How long a job waits in turn is never an error; the cluster having no replica at
+    all is, once it has lasted --replica-wait seconds of the job's wait.
+
+    The room is the replicas' places less this gateway's own jobs handed over and not yet ended (always
+    current) and the other gateways' jobs on the board (as of its last read, a second old at most).
+    """
 
     def __init__(self, config: Config, preloads: Sequence[ModelEntry],
                  engine_for: Callable[[Config], Callable[[], Engine]]) -> None:
@@ -167,8 +189,14 @@ class RayDevice:
         self._handle: DeploymentHandle | None = None
         self._accepting = False
         self._owns_cluster = False
-        self._waiting: set[RemoteJob] = set()
+        self._line: WorkQueue[RemoteJob] = WorkQueue(config.queue_size)
+        self._handed: set[RemoteJob] = set()     # on Serve's side and not ended
+        self._ended_lately: dict[str, float] = {}       # task UUIDs of jobs handed over that ended, and when
+        self._wake = asyncio.Event()             # a job came or ended, or the board changed: hand over what fits
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._replicas: list[Mapping[str, Any]] = []
+        self._without_replicas_since: float | None = None  # monotonic time the board was first seen empty
         self._stopping = threading.Event()
         self._reader: threading.Thread | None = None
         self.address: str | None = None   # the GCS address other gateways join with
@@ -216,8 +244,14 @@ class RayDevice:
 
     @property
     def pending(self) -> int:
-        """This gateway's jobs that no device has started yet."""
-        return len(self._waiting)
+        """This gateway's jobs that no device has started yet: in its queue, or handed over and not started."""
+        return self._line.jobs + sum(1 for remote in self._handed if not remote.started)
+
+    @property
+    def slots(self) -> int:
+        """Jobs one replica takes at once (Serve's ``max_ongoing_requests``): a batch running, a batch waiting,
+        so that the replica's device queue still joins jobs into calls."""
+        return max(2, 2 * self.config.max_batch_size)
 
     @property
     def ready(self) -> bool:
@@ -314,9 +348,21 @@ class RayDevice:
         from imagewire.server.replica import read_board
 
         try:
-            self._replicas = read_board()
+            states = read_board()
         except Exception:
             log.warning("reading the replicas' board failed; keeping what it said before", exc_info=True)
+            states = self._replicas
+        self._saw_board(states)
+
+    def _saw_board(self, states: list[Mapping[str, Any]]) -> None:
+        """What the board says now (from the reader thread): the replicas and their jobs."""
+        self._replicas = states
+        if self._replicas:
+            self._without_replicas_since = None
+        elif self._without_replicas_since is None:
+            self._without_replicas_since = time.monotonic()
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
 
     def _read_board_forever(self) -> None:
         while not self._stopping.wait(BOARD_READ_INTERVAL):
@@ -335,6 +381,8 @@ class RayDevice:
         """Let go of the cluster: a cluster this gateway started stops with it, a joined one keeps serving."""
         self._accepting = False
         self._stopping.set()
+        if self._dispatcher is not None and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._dispatcher.cancel)
         import ray
 
         if self._owns_cluster:
@@ -351,10 +399,88 @@ class RayDevice:
     def submit(self, job: Job, on_event: Callable[[JobEvent], None] | None = None) -> RemoteJob:
         if not self._accepting or self._handle is None:
             raise ServiceUnavailable("The server is shutting down and takes no new inference tasks.")
+        if self._dispatcher is None:
+            self._loop = asyncio.get_running_loop()
+            self._dispatcher = self._loop.create_task(self._dispatch_forever(), name="imagewire-gateway-queue")
         remote = RemoteJob(job, on_event=on_event)
-        self._waiting.add(remote)
-        remote._driver = asyncio.get_running_loop().create_task(self._drive(remote))
+        position = self._line.put_job(remote)
+        if position is None:
+            raise ServiceUnavailable(
+                f"The server is busy: {self.config.queue_size} inference tasks are already waiting. "
+                "Retry in a moment.")
+        remote._deliver(Queued(position))
+        self._wake.set()
         return remote
+
+    def _room(self) -> int:
+        """Jobs the replicas can take now: their places, less this gateway's jobs on them and the other
+        gateways' jobs the board shows."""
+        # This gateway's jobs that ended lately may still be on the board as read: they are not others' jobs.
+        horizon = time.monotonic() - BOARD_STALENESS
+        self._ended_lately = {task: at for task, at in self._ended_lately.items() if at > horizon}
+        mine = {remote.job.task_uuid for remote in self._handed} | self._ended_lately.keys()
+        others = sum(1 for state in self._replicas for task in state["jobs"] if task not in mine)
+        return len(self._replicas) * self.slots - len(self._handed) - others
+
+    def _scales_from_zero(self) -> bool:
+        """Whether Serve starts a replica for a job handed over while none runs (autoscaling from zero)."""
+        return self.config.max_replicas is not None and not self.config.min_replicas
+
+    def _on_a_free_replica(self, job: Job) -> bool:
+        """Whether a replica with room holds the job's model on its device (Serve's router sends it there)."""
+        from imagewire.server.replica import routing_model
+
+        air = routing_model(job)
+        return not air or any(state["loaded_models"].get(air) == "device" and len(state["jobs"]) < self.slots
+                              for state in self._replicas)
+
+    async def _dispatch_forever(self) -> None:
+        """Hand jobs over while the replicas have room; fail the ones that waited --replica-wait with none."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                self._dispatch()
+            except Exception:  # never leave the queue without its dispatcher
+                log.exception("handing jobs to the replicas failed; trying again at the next change")
+
+    def _dispatch(self) -> None:
+        room = self._room()
+        if not self._replicas and self._scales_from_zero():
+            room = self.slots - len(self._handed)  # Serve starts a replica for what waits at its handle
+        handed = 0
+        while room > 0:
+            remote = self._line.take(self._on_a_free_replica, self.config.max_passed_over)
+            if remote is None:
+                break
+            self._hand_over(remote)
+            room -= 1
+            handed += 1
+        if not self._replicas:
+            self._fail_unserved(self._line.drain_where(self._waited_too_long))
+        if handed:
+            self._line.announce_positions()
+
+    def _waited_too_long(self, remote: RemoteJob) -> bool:
+        """Whether the job has waited --replica-wait seconds while the cluster had no replica."""
+        if self._replicas or self._without_replicas_since is None:
+            return False
+        empty_since = max(self._without_replicas_since, remote.submitted_at)
+        return time.monotonic() - empty_since >= self.config.replica_wait
+
+    def _fail_unserved(self, remotes: Sequence[RemoteJob]) -> None:
+        for remote in remotes:
+            log.warning("taskUUID=%s: no replica ran for %g s of its wait", remote.job.task_uuid,
+                        self.config.replica_wait)
+            remote._deliver(Failed(ServiceUnavailable(
+                f"No worker was running for {self.config.replica_wait:g} s while this task waited; the cluster "
+                "may have none (they failed to start, or stopped). Retry in a moment.")))
+
+    def _hand_over(self, remote: RemoteJob) -> None:
+        assert self._loop is not None
+        self._handed.add(remote)
+        remote.queue_seconds = time.monotonic() - remote.submitted_at
+        remote._driver = self._loop.create_task(self._drive(remote))
 
     async def _drive(self, remote: RemoteJob) -> None:
         """Stream the job's events from a replica; on a replica's death before any image came, once more."""
@@ -370,8 +496,9 @@ class RayDevice:
             for attempt in range(1, ATTEMPTS + 1):
                 stream = self._handle.options(stream=True, multiplexed_model_id=air).run.remote(job)
                 try:
-                    async for event in _events(stream):
-                        results_sent |= self._take(remote, event)
+                    async for batch in self._batches(stream, remote):
+                        for event in batch:
+                            results_sent |= self._take(remote, event)
                     return
                 except (RayActorError, ActorUnavailableError) as exc:
                     if results_sent or attempt == ATTEMPTS:
@@ -391,9 +518,7 @@ class RayDevice:
                 f"The server is busy: {self.config.queue_size} inference tasks are already waiting. "
                 "Retry in a moment.")))
         except TimeoutError:
-            remote._deliver(Failed(ServiceUnavailable(
-                f"No worker took this task within {FIRST_EVENT_TIMEOUT:.0f} s; the cluster may have none running. "
-                "Retry in a moment.")))
+            self._fail_unserved([remote])
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -401,8 +526,31 @@ class RayDevice:
             remote._deliver(Failed(InferenceError(
                 f"Inference failed ({type(exc).__name__}). Other tasks are unaffected; the server log has details.")))
         finally:
-            self._waiting.discard(remote)
+            self._handed.discard(remote)
+            self._ended_lately[job.task_uuid] = time.monotonic()
+            self._wake.set()
             remote._deliver(remote.finished())  # unless it ended already
+
+    async def _batches(self, stream: Any, remote: RemoteJob) -> AsyncIterator[list[DeviceEvent]]:
+        """The stream's lists of events (``replica.Replica.run``). Until the first (a replica answers ``Queued``
+        as soon as it has the job), the job may wait in Serve's own queue, briefly when this gateway alone fills
+        the replicas, longer when other gateways share them: that wait is an error only once the cluster has
+        had no replica for --replica-wait seconds of it (``TimeoutError``)."""
+        iterator = stream.__aiter__()
+        first = asyncio.ensure_future(iterator.__anext__())
+        try:
+            while not first.done():
+                await asyncio.wait({first}, timeout=BOARD_READ_INTERVAL)
+                if not first.done() and self._waited_too_long(remote):
+                    raise TimeoutError
+            batch = first.result()
+        except StopAsyncIteration:
+            return
+        finally:
+            first.cancel()
+        yield batch
+        async for batch in iterator:
+            yield batch
 
     def _take(self, remote: RemoteJob, event: DeviceEvent) -> bool:
         """Hand one event of the replica's on; True when it carried results."""
@@ -411,8 +559,10 @@ class RayDevice:
                 remote._deliver(event)
             return False
         if isinstance(event, Finished):
-            remote.queue_seconds, remote.compute_seconds = event.queue_seconds, event.compute_seconds
-            remote.device_seconds = event.device_seconds
+            # Its wait: in this gateway's queue (counted when it was handed over), then on the replica.
+            remote.queue_seconds += event.queue_seconds
+            remote.compute_seconds, remote.device_seconds = event.compute_seconds, event.device_seconds
+            event = remote.finished()
             finished = time.perf_counter()
             if self.on_use is not None:
                 self.on_use(remote.job.owner, remote.device_seconds)
@@ -427,22 +577,9 @@ class RayDevice:
 
     def _started(self, remote: RemoteJob) -> None:
         remote.started = True
-        self._waiting.discard(remote)
 
 
 def _state(serve: Any, app_name: str) -> str:
     """The Serve application's status by name (RUNNING, DEPLOYING, DEPLOY_FAILED, …), NOT_STARTED without one."""
     status = serve.status().applications.get(app_name)
     return "NOT_STARTED" if status is None else str(getattr(status.status, "value", status.status))
-
-
-async def _events(stream: Any) -> AsyncIterator[DeviceEvent]:
-    """The stream's events; the first within ``FIRST_EVENT_TIMEOUT`` (a replica answers ``Queued`` at once)."""
-    iterator = stream.__aiter__()
-    try:
-        first = await asyncio.wait_for(iterator.__anext__(), FIRST_EVENT_TIMEOUT)
-    except StopAsyncIteration:
-        return
-    yield first
-    async for event in iterator:
-        yield event

@@ -474,6 +474,11 @@ class Config:
     max_replicas: int | None = setting(
         None, "--max-replicas", CLUSTER, "with --engine ray: the most replicas autoscaling starts", parse=COUNT,
         metavar="N")
+    replica_wait: float = setting(
+        300.0, "--replica-wait", CLUSTER,
+        "with --engine ray: seconds a task may wait while the cluster has no replica running (none started yet, "
+        "or all stopped) before it answers serviceUnavailable; a task queued behind others waits as long as "
+        "its turn takes", parse=POSITIVE, metavar="SECONDS")
 
     @property
     def needs_weights(self) -> bool:

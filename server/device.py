@@ -41,7 +41,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from imagewire.tasks.errors import InferenceError, ServiceUnavailable, TaskError
 from imagewire.tasks.jobs import (
@@ -201,6 +201,28 @@ class JobStream:
             if isinstance(event, (Finished, Failed)):
                 return
 
+    async def batches(self, step_interval: float = 0.0) -> AsyncIterator[list[DeviceEvent]]:
+        """The events of ``events``, in lists of those that had come by the time the last was taken, and of the
+        steps no more than one per ``step_interval`` seconds (a replica streams these: each list is one message
+        to its gateway, and a fast call's steps need not cross one by one)."""
+        last_step = -step_interval
+        while True:
+            batch = [await self._events.get()]
+            while not self._events.empty():
+                batch.append(self._events.get_nowait())
+            now = time.monotonic()
+            kept = []
+            for event in batch:
+                if isinstance(event, Step):
+                    if now - last_step < step_interval:
+                        continue
+                    last_step = now
+                kept.append(event)
+            if kept:
+                yield kept
+            if isinstance(batch[-1], (Finished, Failed)):
+                return
+
     async def _chunks(self) -> AsyncIterator[list[Any]]:
         async for event in self.events():
             if isinstance(event, Results):
@@ -226,7 +248,7 @@ class JobHandle(JobStream):
     cancelled: bool = False      # read by the worker thread between steps
     passed_over: int = 0         # times a job behind it in turn order went first because its model was loaded
     device_seconds: float = 0.0  # its share of the device time of the calls it was in (split by images)
-    _queue: _WorkQueue | None = None
+    _queue: WorkQueue[Any] | None = None
 
     @property
     def queue_seconds(self) -> float:
@@ -280,7 +302,7 @@ class DeviceQueue:
     def __init__(self, engine_factory: Callable[[], Engine], *, queue_size: int, max_batch_size: int,
                  max_passed_over: int = 0) -> None:
         self._engine_factory = engine_factory
-        self._queue = _WorkQueue(queue_size)
+        self._queue: WorkQueue[JobHandle] = WorkQueue(queue_size)
         self._queue_size = queue_size
         self._max_batch_size = max_batch_size
         self._max_passed_over = max_passed_over
@@ -507,17 +529,32 @@ class DeviceQueue:
             log.exception("recovering the engine failed")
 
 
-class _WorkQueue:
+class Waiting(Protocol):
+    """What waits in a ``WorkQueue``: a job's handle, here (``JobHandle``) or at a cluster's gateway
+    (``server/cluster.py`` ``RemoteJob``)."""
+
+    job: Job
+    passed_over: int  # times a job behind it in turn order went first because its model was loaded
+    _queue: WorkQueue[Any] | None
+
+    def _post(self, event: DeviceEvent) -> None: ...
+
+
+W = TypeVar("W", bound=Waiting)
+
+
+class WorkQueue(Generic[W]):
     """Waiting jobs (bounded), one line per API key taken in turn, and control items (preloads, the
     stop sentinel; never refused).
 
     Unlike ``queue.Queue`` it lets the worker take the waiting jobs that can join the one it is about
     to run, wherever they are, and lets a cancelled job leave. Control items come before jobs, except
-    the stop sentinel, which waits until no job is left.
+    the stop sentinel, which waits until no job is left. A cluster's gateway keeps its own jobs in one
+    too, and takes them without blocking (``take``) whenever a replica has room.
     """
 
     def __init__(self, max_jobs: int) -> None:
-        self._lines: dict[str, deque[JobHandle]] = {}  # owner → its jobs, oldest first; in turn order
+        self._lines: dict[str, deque[W]] = {}  # owner → its jobs, oldest first; in turn order
         self._controls: deque[Any] = deque()
         self._jobs = 0
         self._max_jobs = max_jobs
@@ -527,7 +564,7 @@ class _WorkQueue:
     def jobs(self) -> int:
         return self._jobs
 
-    def put_job(self, handle: JobHandle) -> int | None:
+    def put_job(self, handle: W) -> int | None:
         """Queue a job and return how many jobs will run before it; None when ``max_jobs`` already wait."""
         with self._changed:
             if self._jobs >= self._max_jobs:
@@ -555,7 +592,12 @@ class _WorkQueue:
                     return self._take_next(ready, max_passed_over)
                 self._changed.wait()
 
-    def _take_next(self, ready: Callable[[Job], bool] | None, max_passed_over: int) -> JobHandle:
+    def take(self, ready: Callable[[Job], bool] | None = None, max_passed_over: int = 0) -> W | None:
+        """``get``'s choice of job, without waiting: None when no job waits."""
+        with self._changed:
+            return self._take_next(ready, max_passed_over) if self._jobs else None
+
+    def _take_next(self, ready: Callable[[Job], bool] | None, max_passed_over: int) -> W:
         order = self._in_turn_order()
         chosen = 0
         if ready is not None and max_passed_over > 0:
@@ -581,11 +623,11 @@ class _WorkQueue:
             log.debug("taskUUID=%s goes first: its model is loaded", handle.job.task_uuid)
         return handle
 
-    def _taken(self, handle: JobHandle) -> None:
+    def _taken(self, handle: W) -> None:
         handle._queue = None
         self._jobs -= 1
 
-    def remove(self, handle: JobHandle) -> bool:
+    def remove(self, handle: W) -> bool:
         """Take a waiting job out of the queue; False when it is no longer waiting."""
         with self._changed:
             line = self._lines.get(handle.job.owner)
@@ -597,11 +639,21 @@ class _WorkQueue:
             self._taken(handle)
             return True
 
-    def take_joining(self, first: JobHandle, max_images: int) -> list[JobHandle]:
+    def drain_where(self, chosen: Callable[[W], bool]) -> list[W]:
+        """Remove and return the waiting jobs ``chosen`` picks, in turn order."""
+        with self._changed:
+            taken = [handle for handle in self._in_turn_order() if chosen(handle)]
+            for handle in taken:
+                self._lines[handle.job.owner].remove(handle)
+                self._taken(handle)
+            self._lines = {owner: line for owner, line in self._lines.items() if line}
+        return taken
+
+    def take_joining(self, first: W, max_images: int) -> list[W]:
         """Remove and return waiting jobs of ``first``'s type and batch key, in turn order, while the
         images of all of them and ``first`` stay within ``max_images``."""
         kind, key, images = type(first.job), first.job.batch_key(), first.job.images
-        taken: list[JobHandle] = []
+        taken: list[W] = []
         with self._changed:
             for handle in self._in_turn_order():
                 if images >= max_images:
@@ -622,13 +674,13 @@ class _WorkQueue:
         for position, handle in enumerate(order):
             handle._post(Queued(position))
 
-    def _in_turn_order(self) -> list[JobHandle]:
+    def _in_turn_order(self) -> list[W]:
         """Waiting jobs in the order the worker would take them: one of each owner per round."""
         lines = [list(line) for line in self._lines.values()]
         depth = max((len(line) for line in lines), default=0)
         return [line[round_] for round_ in range(depth) for line in lines if round_ < len(line)]
 
-    def _position(self, handle: JobHandle) -> int:
+    def _position(self, handle: W) -> int:
         return self._in_turn_order().index(handle)
 
 

@@ -3,8 +3,9 @@ them in one server, behind a deployment handle. The gateway side is ``server/clu
 
 Ray imports this module in each replica's own process. A job arrives whole (a plain dataclass with PIL images),
 goes into this replica's ``DeviceQueue`` (so jobs that wait together on this replica share pipeline calls, as in
-one server), and its events stream back as they are (``tasks/jobs.py`` ``DeviceEvent``): queue positions, steps,
-each chunk of results, then one last ``Finished`` or ``Failed`` (a ``Failed`` pickles its TaskError as class,
+one server), and its events stream back (``tasks/jobs.py`` ``DeviceEvent``): queue positions, steps (at most
+one per ``STEP_INTERVAL``), each chunk of results, then one last ``Finished`` or ``Failed``, in lists of the
+events that came together, each list one message (a ``Failed`` pickles its TaskError as class,
 message and attributes, so subclasses with constructors of their own travel too). When the caller lets go (the
 task was cancelled, the gateway went away), Serve cancels ``run``, and the job leaves the queue or stops at its
 next step.
@@ -49,6 +50,9 @@ BOARD_NAMESPACE = "imagewire"
 BOARD_PREFIX = "replica/"
 BOARD_INTERVAL = 2.0
 BOARD_EXPIRY = 10.0
+# The fewest seconds between two steps a replica passes on: progress to a person, at a few updates a second,
+# not a Ray message per step of a fast model.
+STEP_INTERVAL = 0.2
 
 def routing_model(job: Job) -> str:
     """The multiplexed model id a job travels with: its model's AIR. Jobs without a model of their own (the
@@ -112,23 +116,23 @@ class Replica:
         """The multiplexed "model": the engine loads and evicts the pipelines itself, so Serve keeps the id."""
         return air
 
-    async def run(self, job: Job) -> AsyncIterator[DeviceEvent]:
+    async def run(self, job: Job) -> AsyncIterator[list[DeviceEvent]]:
         air = serve.get_multiplexed_model_id()
         if air:
             await self._hold(air)
         try:
             handle = self.device.submit(job)
         except TaskError as exc:  # the queue is full, the replica is stopping
-            yield Failed(exc)
+            yield [Failed(exc)]
             return
         log.info("taskUUID=%s on replica %s (model %s)", job.task_uuid, self.name, air or "-")
         self.jobs[job.task_uuid] = air
         self._changed.set()
         try:
-            async for event in handle.events():
-                if isinstance(event, (Finished, Failed)):
+            async for batch in handle.batches(STEP_INTERVAL):
+                if isinstance(batch[-1], (Finished, Failed)):
                     self.runs[air] += 1
-                yield event
+                yield batch
         finally:
             # Cancelled by the caller, or over: a job still queued leaves, one running stops at its next step.
             handle.cancel()

@@ -80,7 +80,8 @@ async def test_a_backlog_on_one_replica_brings_up_a_second_and_every_task_is_ans
         reader.cancel()
         await wire.close()
     assert len(answers) == len(sent), reader
-    assert all(len(items) == 1 and "imageUUID" in items[0] for items in answers.values()), answers
+    wrong = {uuid: items for uuid, items in answers.items() if len(items) != 1 or "imageUUID" not in items[0]}
+    assert not wrong, (wrong, cluster.gateways[0].log[-6000:])
     # Both replicas ran some of the jobs: the second one came up to work, not only to exist.
     ran = [sum(replica["runs"].values()) for replica in await asyncio.to_thread(cluster.board)]
     assert len(ran) == 2 and all(ran) and sum(ran) == len(sent), ran

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from imagewire.server.device import JobHandle, _WorkQueue
+from imagewire.server.device import JobHandle, WorkQueue
 from imagewire.tasks.jobs import Job
 
 
@@ -32,15 +32,15 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop.close()
 
 
-def queue_of(loop: asyncio.AbstractEventLoop, *jobs: tuple[str, str, str]) -> _WorkQueue:
+def queue_of(loop: asyncio.AbstractEventLoop, *jobs: tuple[str, str, str]) -> WorkQueue:
     """A queue holding ``(name, owner, model)`` jobs, put in that order."""
-    queue = _WorkQueue(100)
+    queue = WorkQueue(100)
     for name, owner, model in jobs:
         assert queue.put_job(JobHandle(ModelJob(task_uuid=name, owner=owner, model_air=model), loop)) is not None
     return queue
 
 
-def taken(queue: _WorkQueue, ready: Callable[[Job], bool] | None, max_passed_over: int) -> list[str]:
+def taken(queue: WorkQueue, ready: Callable[[Job], bool] | None, max_passed_over: int) -> list[str]:
     order = []
     while queue.jobs:
         order.append(queue.get(ready, max_passed_over).job.task_uuid)
