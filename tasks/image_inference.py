@@ -55,6 +55,8 @@ class Prepared:
     edits: editing.Edits = editing.NO_EDITS
     safety: content_safety.SafetyRequest = content_safety.NO_CHECKS
     add_ons: image_add_ons.AddOns = image_add_ons.AddOns()
+    upload_endpoint: str | None = None
+    ttl: int | None = None
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,13 @@ def prepare(task: ImageInference, ctx: TaskContext) -> Prepared | AwaitingDownlo
                     f"{name} is required for text-to-image (without seedImage): "
                     f"{describe_annotation(schema.Width)}; this model's default is "
                     f"{defaults.width}x{defaults.height}.", parameter=name, type="integer")
-    output = image_output(task)
+    output = image_output(task, ctx)
+    if output.upload_endpoint is not None and task.numberResults > 1:
+        # One URL takes one body: each further image would replace the one before it there.
+        raise InvalidParameter(
+            f"uploadEndpoint takes one image: send numberResults 1 with it (received numberResults "
+            f"{task.numberResults}), or one task per image, each with its own uploadEndpoint.",
+            parameter="uploadEndpoint", type="string")
     steps = task.steps if task.steps is not None else defaults.steps
     if task.seedImage is not None and int(steps * task.strength) < 1:
         raise InvalidParameter(
@@ -113,6 +121,8 @@ def prepare(task: ImageInference, ctx: TaskContext) -> Prepared | AwaitingDownlo
         edits=edits,
         safety=safety,
         add_ons=image_add_ons.prepare(task, model, steps, ctx),
+        upload_endpoint=output.upload_endpoint,
+        ttl=output.ttl,
     )
 
 
@@ -244,7 +254,8 @@ def _preview_uri(picture: Image.Image) -> str:
 
 async def _deliver(prepared: Prepared, generated: GeneratedImage, ctx: TaskContext) -> ImageResult:
     task = prepared.task
-    output = ImageOutput(prepared.output_types, prepared.output_format, prepared.output_quality)
+    output = ImageOutput(prepared.output_types, prepared.output_format, prepared.output_quality,
+                         upload_endpoint=prepared.upload_endpoint, ttl=prepared.ttl)
     return await deliver_image(ctx, generated.image, output, task_type="imageInference", task_uuid=task.taskUUID,
                                cost_seconds=generated.seconds if task.includeCost else None, seed=generated.seed,
                                NSFWContent=generated.nsfw)

@@ -25,7 +25,9 @@ from imagewire.tasks.supported import SUPPORTED
 ROOT = Path(__file__).resolve().parents[2]
 
 DELIVERY = {"deliveryMethod": ("tasks/task_type.py",), "webhookURL": ("tasks/task_type.py",)}
-OUTPUT = {name: ("tasks/outputs.py",) for name in ("outputType", "outputFormat", "outputQuality")}
+# ttl and uploadEndpoint are read with the output settings, for every task type that makes images.
+OUTPUT = {name: ("tasks/outputs.py",)
+          for name in ("outputType", "outputFormat", "outputQuality", "ttl", "uploadEndpoint")}
 INPUT_IMAGE = {"inputImage": ("tasks/tools.py",), "inputs": ("tasks/tools.py",)}
 
 
