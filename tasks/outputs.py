@@ -22,6 +22,7 @@ from imagewire.tasks.errors import InvalidParameter
 from imagewire.tasks.schema import ImageResult
 
 OUTPUT_TYPES: tuple[str, ...] = get_args(schema.OutputType)
+MIN_TTL = 60
 
 
 class ImageOutputRequest(Protocol):
@@ -63,12 +64,12 @@ def image_output(task: ImageOutputRequest, ctx: TaskContext) -> ImageOutput:
     if not output_types:
         raise InvalidParameter(f"outputType must name at least one of {', '.join(OUTPUT_TYPES)}; received [].",
                                parameter="outputType", type="string", allowed_values=list(OUTPUT_TYPES))
+    # 60 s is the docs' minimum; the longest is this server's own: an image is deleted after --image-ttl-days
+    # without a use, so a longer ttl could not be kept.
     longest = int(ctx.services.settings.image_ttl)
-    if task.ttl is not None and task.ttl > longest:
-        # The schema holds the lower bound (60 s, the docs' minimum); the upper one is this server's own: an
-        # image is deleted after --image-ttl-days without a use, so a longer ttl could not be kept.
+    if task.ttl is not None and not MIN_TTL <= task.ttl <= longest:
         raise InvalidParameter(
-            f"Invalid ttl: expected an integer from 60 to {longest} seconds (this server deletes stored images "
+            f"Invalid ttl: expected an integer from {MIN_TTL} to {longest} seconds (this server deletes stored images "
             f"{longest // 86400} days after their last use); received {task.ttl}.", parameter="ttl", type="integer")
     endpoint = uploads.check(ctx, task.uploadEndpoint) if task.uploadEndpoint is not None else None
     return ImageOutput(types=output_types, format=chosen_format, quality=task.outputQuality,

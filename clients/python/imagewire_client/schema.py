@@ -40,7 +40,9 @@ DeliveryMethod = Literal["sync", "async"]
 WebhookURL = Annotated[str, Meta(max_length=2048)]
 # Of the tasks that make images (tasks/outputs.py): where each is PUT once stored, and seconds it is kept.
 UploadEndpoint = Annotated[str, Meta(max_length=2048)]
-TTL = Annotated[int, Meta(ge=60)]  # the longest is the server's --image-ttl-days, checked by the handler
+# Seconds, from 60 (the docs' minimum) to the server's --image-ttl-days: both ends checked by the handler
+# (tasks/outputs.py), so that a value out of range is told the whole range.
+TTL = int
 # Inpainting, outpainting and ControlNet (image-inference_inpainting.md, _outpainting.md, api-reference).
 MaskMargin = Annotated[int, Meta(ge=32, le=128)]
 OutpaintExtension = Annotated[int, Meta(ge=0, le=1920, multiple_of=64)]
