@@ -129,3 +129,32 @@ async def test_get_response_stops_answering_results_whose_ttl_ended(start_server
     assert "expired" in error["message"] and "ttl" in error["message"]
     await asking.close()
     await wire.close()
+
+
+async def test_with_shared_state_the_other_server_knows_the_results_expired(start_server, monkeypatch, redis_url,
+                                                                            s3_endpoint, s3_bucket):
+    shared = {"state": redis_url, "store": f"s3://{s3_bucket}/ttl", "s3_endpoint": s3_endpoint,
+              "engine_factory": lambda: HeldEngine(released=True)}
+    first, second = await start_server(**shared), await start_server(**shared)
+    on_first, on_second = await Wire.open(first.url), await Wire.open(second.url)
+    task = inference(ttl=60)
+    [item] = await on_first.run(task)
+
+    async def answer() -> dict:
+        await on_second.send([{"taskType": "getResponse", "taskUUID": task["taskUUID"]}])
+        return await on_second.receive()
+
+    async def recorded() -> dict | None:  # the result is sent just before the task's end is recorded
+        answered = await answer()
+        return answered if [kept.get("status") for kept in answered.get("data", [])] == ["success"] else None
+
+    assert (await eventually(recorded))["data"][0]["imageUUID"] == item["imageUUID"]
+    monkeypatch.setattr(get_response, "now", lambda: REAL_TIME() + 61)
+    [error] = (await answer())["errors"]
+    assert error["code"] == "taskNotFound" and "expired" in error["message"]
+    # The image goes from the bucket by the other server's sweep as well.
+    move_clock(monkeypatch, 61, store_module, s3_module)
+    await second.sweep(store=False)
+    assert await asyncio.to_thread(status_of, item["imageURL"]) == 404
+    await on_first.close()
+    await on_second.close()
