@@ -138,6 +138,8 @@ class ImageInference(Deliverable, tag="imageInference"):
     controlNet: Annotated[list[ControlNet], Meta(max_length=MAX_CONTROLNETS)] | None = None
     uploadEndpoint: UploadEndpoint | None = None
     ttl: TTL | None = None
+    # FLUX.1 Kontext's input images, in the four forms; how many a model takes, tasks/references.py checks.
+    referenceImages: list[str] | None = None
 
 
 class Outpaint(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -351,8 +353,7 @@ AnyTask = (Authentication | Ping | ImageInference | ImageUpload | GetResponse | 
 UNSUPPORTED_PARAMETERS: dict[str, frozenset[str]] = {
     "imageInference": frozenset(
         {
-            "acceleratorOptions", "ipAdapters",
-            "referenceImages", "inputs", "advancedFeatures", "puLID", "acePlusPlus",
+            "acceleratorOptions", "ipAdapters", "inputs", "advancedFeatures", "puLID", "acePlusPlus",
             "photoMaker", "instantID", "layerDiffuse", "outputs",
             "providerSettings", "settings", "frameImages", "resolution", "batchSize",
             "vectorize", "teaCache", "fbCache", "deepCache", "cacheStartStep", "cacheEndStep",
