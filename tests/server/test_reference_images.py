@@ -10,7 +10,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from tests.wire import Wire, inference, new_uuid
+from tests.wire import API_KEY, Wire, inference, new_uuid
 
 KONTEXT = "imagewire:tiny-flux-kontext@1"
 
@@ -81,3 +81,22 @@ async def test_what_cannot_be_done_is_refused_naming_the_parameter(server):
     not_text = await wire.error(kontext(referenceImages=[RED, 7]))
     assert not_text["parameter"] == "referenceImages[1]"
     await wire.close()
+
+
+async def test_the_python_sdk_sends_reference_images(server):
+    from runware import IImageInference, Runware
+
+    wire = await Wire.open(server.url)
+    [upload] = await wire.run({"taskType": "imageUpload", "taskUUID": new_uuid(), "image": BLUE})
+    [expected] = await wire.run(kontext(referenceImages=[RED, upload["imageUUID"]]))
+    await wire.close()
+    client = Runware(api_key=API_KEY, url=server.url)
+    await client.connect()
+    try:
+        [image] = await client.imageInference(requestImage=IImageInference(
+            model=KONTEXT, positivePrompt="a red fox in the snow", width=128, height=128, steps=2, seed=4,
+            outputType="base64Data", outputFormat="PNG", referenceImages=[f"data:image/png;base64,{RED}",
+                                                                         upload["imageUUID"]]))
+    finally:
+        await client.disconnect()
+    assert np.array_equal(pixels({"imageBase64Data": image.imageBase64Data}), pixels(expected))

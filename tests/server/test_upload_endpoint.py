@@ -18,7 +18,7 @@ from imagewire.tasks import uploads
 from tests.engines import HeldEngine
 from tests.server.test_tools_end_to_end import encoded, picture
 from tests.timing import seconds
-from tests.wire import Wire, eventually, inference
+from tests.wire import API_KEY, Wire, eventually, inference
 
 
 @dataclass
@@ -197,3 +197,23 @@ async def test_a_slow_endpoint_holds_up_only_its_own_tasks(start_server):
     endpoint.close()
     await first.close()
     await second.close()
+
+
+async def test_the_python_sdk_sends_upload_endpoint_and_ttl(start_server):
+    from runware import IImageInference, Runware
+
+    endpoint, base = await receiver()
+    server = await start_server(allow_private_urls=True, engine_factory=lambda: HeldEngine(released=True))
+    client = Runware(api_key=API_KEY, url=server.url)
+    await client.connect()
+    try:
+        [image] = await client.imageInference(requestImage=IImageInference(
+            model="imagewire:tiny@1", positivePrompt="a castle on a hill", width=128, height=128, steps=2,
+            outputFormat="PNG", uploadEndpoint=f"{base}/from-the-sdk.png", ttl=120))
+    finally:
+        await client.disconnect()
+    [put] = endpoint.requests
+    assert put.target == "/from-the-sdk.png" and put.body == (await asyncio.to_thread(http_get, image.imageURL))[1]
+    stored = await server.store.get(image.imageUUID, owner=None)
+    assert stored.expires is not None and 110 < stored.expires - time.time() <= 120
+    endpoint.close()
