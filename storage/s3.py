@@ -255,10 +255,14 @@ class S3Store:
             # Metadata last: its presence is what makes the image visible.
             self._put_metadata(metadata)
         except self._errors:
-            try:
-                self._client.delete_object(Bucket=self.location.bucket, Key=data_key)
-            except self._errors:
-                pass  # a leftover the sweep removes
+            leftovers = [data_key]
+            if image.expires is not None:
+                leftovers.append(self._expiring_key(image.uuid, image.extension, image.expires))
+            for key in leftovers:
+                try:
+                    self._client.delete_object(Bucket=self.location.bucket, Key=key)
+                except self._errors:
+                    pass  # a leftover the sweep (data) or the expiry pass (its entry, once due) removes
             raise
         try:
             self._client.put_object(Bucket=self.location.bucket, Key=self._history_key(metadata), Body=b"")

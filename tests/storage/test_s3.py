@@ -127,6 +127,9 @@ async def test_a_put_whose_metadata_fails_leaves_nothing_visible(s3_endpoint: st
     assert failed.value.problem == "the server's image storage failed (SlowDown)"
     assert isinstance(task_error(failed.value, "The result image"), StorageError)
     assert objects(store) == {} and store.used_bytes == 0 and await store.recent(OWNER, 10) == []
+    with pytest.raises(StoreFailed):  # with a ttl, its expiry entry goes too
+        await store.put(b"z", extension="png", owner=OWNER, ttl=60)
+    assert objects(store) == {}
 
 
 async def test_last_used_is_noted_at_most_once_a_minute(s3_endpoint: str, s3_bucket: str) -> None:
