@@ -217,3 +217,18 @@ async def test_the_python_sdk_sends_upload_endpoint_and_ttl(start_server):
     stored = await server.store.get(image.imageUUID, owner=None)
     assert stored.expires is not None and 110 < stored.expires - time.time() <= 120
     endpoint.close()
+
+
+async def test_over_rest_the_answer_holds_the_result_and_the_upload_error(start_server, monkeypatch):
+    from tests.server.test_rest import rest
+
+    monkeypatch.setattr(uploads, "FIRST_DELAY_SECONDS", 0.01)
+    endpoint, base = await receiver(403)
+    server = await start_server(allow_private_urls=True, engine_factory=lambda: HeldEngine(released=True))
+    status, answer = await rest(server, [inference(uploadEndpoint=f"{base}/denied")])
+    assert status == 200  # the image was made: the answer is not an error as a whole
+    [item], [error] = answer["data"], answer["errors"]
+    assert item["uploaded"] is False and (await asyncio.to_thread(http_get, item["imageURL"]))[0] == 200
+    assert (error["code"], error["parameter"]) == ("uploadFailed", "uploadEndpoint")
+    assert "answered HTTP 403" in error["message"]
+    endpoint.close()
