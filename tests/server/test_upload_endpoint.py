@@ -106,6 +106,14 @@ async def test_every_task_type_that_makes_an_image_uploads_it(server):
     [put] = endpoint.requests
     assert put.headers["content-type"] == "image/webp"
     assert Image.open(io.BytesIO(put.body)).format == "WEBP"
+    for task in ({"taskType": "upscale", "upscaleFactor": 2}, {"taskType": "removeBackground", "outputFormat": "PNG"}):
+        [item] = await wire.run({**task, "taskUUID": str(uuid.uuid4()), "inputImage": encoded(picture((64, 64))),
+                                 "uploadEndpoint": f"{base}/{task['taskType']}"})
+        assert item["uploaded"] is True, task
+        put = endpoint.requests[-1]
+        assert put.target == f"/{task['taskType']}"
+        assert put.body == (await asyncio.to_thread(http_get, item["imageURL"]))[1]
+    assert len(endpoint.requests) == 3
     endpoint.close()
     await wire.close()
 
