@@ -107,6 +107,10 @@ ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType({
         # FLUX's own guidance (CFGScale, see families.py) and reads twice as many T5 tokens.
         Architecture("tiny-flux", family="flux", size=256, steps=4, cfg_scale=3.5, sampling=FLOW,
                      cuda_dtype="bfloat16", max_sequence_length=64, controlnets=False),
+        # Kontext's code path on the tiny FLUX's components (reference images, the seed image to edit).
+        Architecture("tiny-flux-kontext", family="flux-kontext", size=256, steps=4, cfg_scale=2.5, sampling=FLOW,
+                     cuda_dtype="bfloat16", max_sequence_length=64, pipeline="FluxKontextPipeline", masks=False,
+                     controlnets=False),
         Architecture("tiny-sd3", family="sd3", size=256, steps=4, cfg_scale=4.5, sampling=FLOW,
                      cuda_dtype="bfloat16", max_sequence_length=64, controlnets=False),
         Architecture("flux1-schnell", family="flux", size=1024, steps=4, cfg_scale=0.0, sampling=FLOW,

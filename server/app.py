@@ -169,7 +169,7 @@ class ImagewireServer:
                               max_output_pixels=config.max_output_pixels,
                               upscale_tile_size=config.upscale_tile_size,
                               safety_checker=config.safety_checker,
-                              needs_weights=config.needs_weights),
+                              needs_weights=config.needs_weights, image_ttl=config.image_ttl),
             catalog=catalog, store=self.store, fetcher=fetcher, device=self.device, results=self.registry,
             pixels=PixelBudget(config.max_waiting_pixels), civitai=civitai, downloads=self.downloads)
         self.inbound = InboundBudget(config.max_inbound_bytes)
@@ -337,9 +337,17 @@ class ImagewireServer:
             await asyncio.sleep(SWEEP_INTERVAL)
 
     async def sweep(self, *, store: bool) -> None:
-        """Forget expired sessions and task records; with ``store``, delete images unused for the image TTL."""
+        """Forget expired sessions and task records, delete images past a task's ``ttl``; with ``store``, also
+        images unused for the image TTL."""
         await self.sessions.sweep()
         await self.registry.sweep()
+        try:
+            # Every round (30 s): a ttl is as short as a minute, and this reads only the images that are due.
+            expired = await self.store.expire()
+            if expired:
+                log.info("deleted %d images past their ttl", expired)
+        except Exception:
+            log.exception("deleting images past their ttl failed; serving goes on")
         if not store:
             return
         try:

@@ -188,6 +188,7 @@ class TaskRecord:
     progress: int | None = None          # percent done, while it runs and reports it
     stop: Callable[[], None] | None = None  # cancels it while it runs
     pushes: bool = False                 # its results go to the sessions that asked getResponse (async tasks)
+    expires: float | None = None         # when its first image's ttl ends (epoch seconds): its results stop then
 
 
 class TaskRegistry:

@@ -349,7 +349,7 @@ class RedisTaskRegistry:
 
     def _state(self, record: TaskRecord) -> bytes:
         return orjson.dumps({"type": record.task_type, "status": record.status, "errors": record.errors,
-                             "gateway": self.state.gateway})
+                             "gateway": self.state.gateway, "expires": record.expires})
 
     async def begin(self, task_uuid: str, task_type: str, owner: str) -> TaskRecord:
         record = TaskRecord(task_uuid, task_type, owner)
@@ -442,7 +442,8 @@ class RedisTaskRegistry:
             return None
         saved = orjson.loads(raw)
         record = TaskRecord(task_uuid, saved["type"], owner, status=saved["status"], errors=saved["errors"],
-                            items=[orjson.loads(item) for item in items], items_dropped=bool(dropped))
+                            items=[orjson.loads(item) for item in items], items_dropped=bool(dropped),
+                            expires=saved.get("expires"))
         if record.status == "processing":
             record.progress = int(progress) if progress is not None else None
             if not leased:

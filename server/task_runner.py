@@ -173,6 +173,8 @@ class _Run:
                 elif not self.asynchronous:
                     with self.ctx.timed("send"):
                         await self.reply(data=[item])
+            if self.ctx.deferred is not None:
+                raise self.ctx.deferred  # after its results, which stand (a failed uploadEndpoint)
             if collected:
                 await self.reply(data=collected)
         except TaskError as error:
@@ -213,6 +215,7 @@ class _Run:
         as_dict = _as_dict(item)
         index, self.kept = self.kept, self.kept + 1
         if self.record is not None:
+            self.record.expires = self.ctx.expires  # written with the record's end, where it is shared
             await self.runner.registry.keep(self.record, as_dict)
         if self.webhook:
             self.runner.webhooks.send(self.webhook, as_dict)

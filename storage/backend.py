@@ -13,8 +13,9 @@ from imagewire.storage.store import StoredImage
 
 
 class ImageStorage(Protocol):
-    async def put(self, data: bytes, *, extension: str, owner: str) -> StoredImage:
-        """Store ``data`` under a new UUID v4, visible only once whole, and return its record."""
+    async def put(self, data: bytes, *, extension: str, owner: str, ttl: float | None = None) -> StoredImage:
+        """Store ``data`` under a new UUID v4, visible only once whole, and return its record. With ``ttl``
+        it is served for that many seconds and never after, and ``expire`` deletes it once they are over."""
         ...
 
     async def get(self, image_uuid: str, *, owner: str | None) -> StoredImage:
@@ -32,5 +33,11 @@ class ImageStorage(Protocol):
         ...
 
     async def sweep(self, *, max_age_seconds: float, now: float | None = None) -> int:
-        """Delete images unused for more than ``max_age_seconds``; return how many."""
+        """Delete images unused for more than ``max_age_seconds``, and those past their time to live; return
+        how many."""
+        ...
+
+    async def expire(self, *, now: float | None = None) -> int:
+        """Delete the images whose time to live has ended by ``now``; return how many. Quick where none is
+        due: it reads only the images it deletes, and runs as often as the task records are swept."""
         ...

@@ -200,10 +200,24 @@ class UrlFetcher:
         The same address rules as fetching apply. Redirects are not followed: a webhook
         endpoint that moves is a configuration error the client should see.
         """
+        return await self._send("POST", url, body, "application/json")
+
+    async def put(self, url: str, body: bytes, content_type: str) -> int:
+        """PUT ``body`` as it is (a result image to a task's uploadEndpoint); the HTTP status of a 2xx answer,
+        else an InputRejected. The same rules as ``post_json``: the address checked, no redirects followed,
+        the whole request within the timeout, and the answer's body never read."""
+        return await self._send("PUT", url, body, content_type)
+
+    def check(self, url: str) -> None:
+        """Raise the InputRejected a request to ``url`` would meet before it is sent: not http(s), no host, an
+        IP address that is not public. A host name is checked when it is resolved, at the request."""
+        self._parse(url)
+
+    async def _send(self, method: str, url: str, body: bytes, content_type: str) -> int:
         target = self._parse(url)
         try:
             async with asyncio.timeout(self.timeout), self._session() as session, self._request(
-                    session, target, "POST", data=body, headers={"Content-Type": "application/json"}) as response:
+                    session, target, method, data=body, headers={"Content-Type": content_type}) as response:
                 status = response.status
         except TimeoutError as exc:
             raise FetchFailed(target.origin, f"timed out after {self.timeout:g} s") from exc

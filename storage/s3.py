@@ -3,7 +3,9 @@
 Layout under ``s3://BUCKET/PREFIX``: ``images/<uuid>.<ext>`` holds the bytes (stored with their
 Content-Type), ``meta/<uuid>.json`` the metadata, the same fields as on local disk, and
 ``owners/<owner>/<newest-first>-<uuid>-<size>.<ext>`` is an empty object per image that lists an owner's
-images newest first in one request (imageHistory), whichever server stored them. A PutObject is atomic,
+images newest first in one request (imageHistory), whichever server stored them. An image stored with a time
+to live also has an empty ``expiring/<expires in ms>-<uuid>.<ext>``, put before the image, which ``expire``
+lists in key order (expiry order) up to the first not due, whichever server stored it. A PutObject is atomic,
 so no object is ever seen half-written; the data is put before its metadata, and only images with
 metadata are served, so an image is visible under its UUID only when whole. Several servers may share
 one bucket: any of them serves any image.
@@ -35,12 +37,16 @@ from typing import Any
 from imagewire.storage.errors import ImageNotStored, StoreFailed
 from imagewire.storage.formats import STORED_BY_EXTENSION
 from imagewire.storage.store import (
+    EXPIRING_FOLDER,
+    EXPIRING_NAME,
     RECENT_PER_OWNER,
     Limits,
     StoredImage,
     UnwrittenUses,
     canonical_uuid,
     check_bounds,
+    expired,
+    expiring_name,
     require_uuid,
     servable_extension,
     stored_image,
@@ -213,17 +219,19 @@ class S3Store:
 
     # ------------------------------------------------------------------ writing
 
-    async def put(self, data: bytes, *, extension: str, owner: str) -> StoredImage:
+    async def put(self, data: bytes, *, extension: str, owner: str, ttl: float | None = None) -> StoredImage:
         if extension not in STORED_BY_EXTENSION:
             raise ValueError(f"extension must be one of {', '.join(STORED_BY_EXTENSION)}, received {extension!r}")
         check_bounds(self.limits, size=len(data), used=self.used_bytes, used_by_owner=self.used_by(owner))
         image_uuid = str(uuid.uuid4())
+        now = time.time()
         image = StoredImage(uuid=image_uuid, extension=extension,
                             content_type=STORED_BY_EXTENSION[extension].media_type, owner=owner, path=None,
-                            size=len(data))
-        now = time.time()
+                            size=len(data), expires=now + ttl if ttl is not None else None)
         metadata = {"uuid": image_uuid, "extension": extension, "content_type": image.content_type,
                     "owner": owner, "size": image.size, "created": now, "last_used": now}
+        if image.expires is not None:
+            metadata["expires"] = image.expires
         try:
             await asyncio.to_thread(self._write_image, image, data, metadata)
         except self._errors as exc:
@@ -231,18 +239,30 @@ class S3Store:
         self._add_usage(owner, len(data))
         return image
 
+    def _expiring_key(self, image_uuid: str, extension: str, expires: float) -> str:
+        return f"{self.location.prefix}{EXPIRING_FOLDER}/{expiring_name(image_uuid, extension, expires)}"
+
     def _write_image(self, image: StoredImage, data: bytes, metadata: dict[str, Any]) -> None:
         data_key = self._data_key(image.uuid, image.extension)
-        self._client.put_object(Bucket=self.location.bucket, Key=data_key, Body=data,
-                                ContentType=image.content_type)
+        if image.expires is not None:
+            # Its expiry entry first: an image with a time to live is never in the bucket without one. An entry
+            # whose image never came is dropped by ``expire`` when due.
+            self._client.put_object(Bucket=self.location.bucket, Body=b"",
+                                    Key=self._expiring_key(image.uuid, image.extension, image.expires))
         try:
+            self._client.put_object(Bucket=self.location.bucket, Key=data_key, Body=data,
+                                    ContentType=image.content_type)
             # Metadata last: its presence is what makes the image visible.
             self._put_metadata(metadata)
         except self._errors:
-            try:
-                self._client.delete_object(Bucket=self.location.bucket, Key=data_key)
-            except self._errors:
-                pass  # a leftover the sweep removes
+            leftovers = [data_key]
+            if image.expires is not None:
+                leftovers.append(self._expiring_key(image.uuid, image.extension, image.expires))
+            for key in leftovers:
+                try:
+                    self._client.delete_object(Bucket=self.location.bucket, Key=key)
+                except self._errors:
+                    pass  # a leftover the sweep (data) or the expiry pass (its entry, once due) removes
             raise
         try:
             self._client.put_object(Bucket=self.location.bucket, Key=self._history_key(metadata), Body=b"")
@@ -376,18 +396,11 @@ class S3Store:
                 # A use the store refused earlier: it counts, and is written now if the store takes it.
                 self._touch(metadata, unwritten)
                 last_used = unwritten
-            if not isinstance(last_used, (int, float)) or last_used >= cutoff:
+            unused = isinstance(last_used, (int, float)) and last_used < cutoff
+            # An image past its time to live whose expiry entry was lost goes here too, once its metadata is old.
+            if not unused and not expired(metadata, now):
                 continue
-            extension = metadata.get("extension")
-            if isinstance(extension, str) and extension in STORED_BY_EXTENSION:
-                # Data first, metadata last: a sweep interrupted on the way leaves metadata, which the next
-                # sweep finds again.
-                self._client.delete_object(Bucket=self.location.bucket, Key=self._data_key(image_uuid, extension))
-                with contextlib.suppress(KeyError, TypeError, ValueError):  # metadata of an older layout
-                    self._client.delete_object(Bucket=self.location.bucket, Key=self._history_key(metadata))
-            self._client.delete_object(Bucket=self.location.bucket, Key=entry["Key"])
-            if isinstance(metadata.get("size"), int):
-                self._add_usage(str(metadata.get("owner")), -metadata["size"])
+            self._remove(image_uuid, entry["Key"], metadata)
             removed.add(image_uuid)
         # Data whose metadata never came: what an interrupted put left, once old enough not to be in flight.
         for entry in self._list("images/"):
@@ -398,6 +411,45 @@ class S3Store:
                     and entry["LastModified"].timestamp() < now - LEFTOVER_AGE_SECONDS):
                 self._client.delete_object(Bucket=self.location.bucket, Key=entry["Key"])
         return len(removed)
+
+    def _remove(self, image_uuid: str, metadata_key: str, metadata: dict[str, Any]) -> None:
+        extension = metadata.get("extension")
+        if isinstance(extension, str) and extension in STORED_BY_EXTENSION:
+            # Data first, metadata last: a sweep interrupted on the way leaves metadata, which the next
+            # sweep finds again.
+            self._client.delete_object(Bucket=self.location.bucket, Key=self._data_key(image_uuid, extension))
+            with contextlib.suppress(KeyError, TypeError, ValueError):  # metadata of an older layout
+                self._client.delete_object(Bucket=self.location.bucket, Key=self._history_key(metadata))
+        self._client.delete_object(Bucket=self.location.bucket, Key=metadata_key)
+        if isinstance(metadata.get("size"), int):
+            self._add_usage(str(metadata.get("owner")), -metadata["size"])
+
+    async def expire(self, *, now: float | None = None) -> int:
+        """Delete the images whose time to live has ended by ``now``; return how many."""
+        try:
+            return await asyncio.to_thread(self._expire, time.time() if now is None else now)
+        except self._errors as exc:
+            raise _failure(exc) from None
+
+    def _expire(self, now: float) -> int:
+        removed = 0
+        for entry in self._list(f"{EXPIRING_FOLDER}/"):
+            found = EXPIRING_NAME.fullmatch(entry["Key"].rsplit("/", 1)[-1])
+            if found is None:
+                continue  # not ours
+            if int(found["expires"]) > now * 1000:
+                break  # listed in key order, which is expiry order: every later one is due later still
+            image_uuid = canonical_uuid(found["uuid"])
+            if image_uuid is not None:
+                metadata_key = self._metadata_key(image_uuid)
+                metadata = self._load_metadata(metadata_key)
+                # The metadata decides: an entry whose image is gone already (swept as unused) only goes itself.
+                if metadata is not None and metadata.get("uuid") == image_uuid and expired(metadata, now):
+                    self._remove(image_uuid, metadata_key, metadata)
+                    removed += 1
+            # The entry last: an expiry interrupted before this finds the image again next time.
+            self._client.delete_object(Bucket=self.location.bucket, Key=entry["Key"])
+        return removed
 
 
 def _code(exc: Exception) -> str:

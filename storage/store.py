@@ -1,7 +1,8 @@
 """Images on disk, addressed by UUID and scoped to an owner.
 
 Layout: ``root/<first two hex digits>/<uuid>.<ext>`` holds the bytes and ``root/<xx>/<uuid>.json``
-the metadata (uuid, extension, content_type, owner, size, created, last_used). Both are written
+the metadata (uuid, extension, content_type, owner, size, created, last_used, and ``expires`` for an
+image stored with a time to live). Both are written
 under a temporary name in the same directory, flushed to the disk and renamed into place, the
 metadata after the data, and only images with metadata are served: a reader never sees a
 half-written image, not even after a power cut.
@@ -10,6 +11,12 @@ Reads never depend on a write succeeding: noting when an image was last used (wh
 expires) is best-effort, kept in memory and written later when the disk refuses. Writes are held to
 bounds: the whole store, each owner, and a floor of free disk below which writes are refused and
 reads go on.
+
+An image stored with a time to live (a task's ``ttl``) is served until ``expires`` and never after,
+whether or not it has been deleted yet. So that deleting it does not wait for the walk over every
+image, it is also named in ``root/expiring/<expires in ms>-<uuid>.<ext>`` (an empty file, written
+before the image): ``expire`` reads that folder in name order, which is expiry order, and stops at the
+first image not due.
 """
 
 from __future__ import annotations
@@ -42,6 +49,9 @@ log = logging.getLogger("imagewire.storage")
 TEMP_SUFFIX = ".tmp"
 METADATA_SUFFIX = ".json"
 _SHARD_NAME = re.compile("[0-9a-f]{2}")
+EXPIRING_FOLDER = "expiring"
+# An expiry entry's name: when the image expires (ms since the epoch, zero-padded so names sort by it), its UUID.
+EXPIRING_NAME = re.compile(r"(?P<expires>\d{15})-(?P<uuid>[0-9a-f-]{36})\.(?P<extension>[a-z0-9]+)")
 
 # ``get`` rewrites the metadata only when last_used is older than this: a popular image
 # read many times a second must not cost a file write each time, and expiry is counted in days.
@@ -56,6 +66,7 @@ class StoredImage:
     owner: str
     path: Path | None  # where the bytes lie on local disk; None in an object store
     size: int
+    expires: float | None = None  # when a time to live ends (seconds since the epoch); None: kept until unused
 
 
 def canonical_uuid(text: str) -> str | None:
@@ -143,21 +154,37 @@ RECENT_PER_OWNER = 200
 MAX_UNWRITTEN_USES = 100_000
 
 
+def expired(metadata: dict[str, Any], now: float) -> bool:
+    """Whether the image ``metadata`` describes was stored with a time to live that has ended by ``now``."""
+    expires = metadata.get("expires")
+    return isinstance(expires, (int, float)) and expires <= now
+
+
+def expiring_name(image_uuid: str, extension: str, expires: float) -> str:
+    return f"{int(expires * 1000):015d}-{image_uuid}.{extension}"
+
+
 def servable_extension(metadata: dict[str, Any] | None, image_uuid: str, owner: str | None) -> str | None:
     """The extension of the image ``metadata`` describes, when that is ``image_uuid``, of ``owner`` (None:
-    anyone's) and of a format this server serves; None otherwise (answered like a missing image)."""
+    anyone's), of a format this server serves and not past its time to live; None otherwise (answered like a
+    missing image)."""
     if metadata is None or metadata.get("uuid") != image_uuid:
         return None
     if owner is not None and metadata.get("owner") != owner:
+        return None
+    # Past its time to live an image is gone for clients at once, before a sweep has deleted it.
+    if expired(metadata, time.time()):
         return None
     extension = metadata.get("extension")
     return extension if isinstance(extension, str) and extension in STORED_BY_EXTENSION else None
 
 
 def stored_image(metadata: dict[str, Any], extension: str, path: Path | None) -> StoredImage:
+    expires = metadata.get("expires")
     return StoredImage(uuid=str(metadata["uuid"]), extension=extension,
                        content_type=STORED_BY_EXTENSION[extension].media_type, owner=str(metadata.get("owner")),
-                       path=path, size=int(metadata.get("size", 0)))
+                       path=path, size=int(metadata.get("size", 0)),
+                       expires=float(expires) if isinstance(expires, (int, float)) else None)
 
 
 class UnwrittenUses:
@@ -249,12 +276,14 @@ class ImageStore:
 
     # ------------------------------------------------------------------ writing
 
-    async def put(self, data: bytes, *, extension: str, owner: str) -> StoredImage:
-        """Store ``data`` under a new UUID v4 and return its record."""
+    async def put(self, data: bytes, *, extension: str, owner: str, ttl: float | None = None) -> StoredImage:
+        """Store ``data`` under a new UUID v4 and return its record; with ``ttl``, it is deleted that many
+        seconds from now (or earlier, when unused for the store's own time)."""
         if extension not in STORED_BY_EXTENSION:
             raise ValueError(f"extension must be one of {', '.join(STORED_BY_EXTENSION)}, received {extension!r}")
         self._check_room(len(data), owner)
         image_uuid = str(uuid.uuid4())
+        now = time.time()
         image = StoredImage(
             uuid=image_uuid,
             extension=extension,
@@ -262,8 +291,8 @@ class ImageStore:
             owner=owner,
             path=self._data_path(image_uuid, extension),
             size=len(data),
+            expires=now + ttl if ttl is not None else None,
         )
-        now = time.time()
         metadata = {
             "uuid": image_uuid,
             "extension": extension,
@@ -273,6 +302,8 @@ class ImageStore:
             "created": now,
             "last_used": now,
         }
+        if image.expires is not None:
+            metadata["expires"] = image.expires
         try:
             await asyncio.to_thread(self._write_image, image, data, metadata)
         except OSError as exc:
@@ -297,16 +328,34 @@ class ImageStore:
         return await asyncio.to_thread(self._recent_kept, owner, limit)
 
     def _recent_kept(self, owner: str, limit: int) -> list[StoredImage]:
+        now = time.time()
         kept = (image for image in reversed(self._recent.get(owner, ()))
-                if self._data_path(image.uuid, image.extension).exists())
+                if (image.expires is None or image.expires > now)
+                and self._data_path(image.uuid, image.extension).exists())
         return list(itertools.islice(kept, limit))
 
     def _write_image(self, image: StoredImage, data: bytes, metadata: dict[str, Any]) -> None:
         path = self._data_path(image.uuid, image.extension)
         path.parent.mkdir(exist_ok=True)
-        _write_atomically(path, data, sync_directory=False)
-        # Metadata last: its presence is what makes the image visible. One directory flush covers both renames.
-        _write_atomically(self._metadata_path(image.uuid), json.dumps(metadata).encode())
+        entry = None
+        if image.expires is not None:
+            # Its expiry entry first: an image with a time to live is never on disk without one. An entry whose
+            # image never came is dropped by ``expire`` when due.
+            entry = self._expiring_folder() / expiring_name(image.uuid, image.extension, image.expires)
+            entry.parent.mkdir(exist_ok=True)
+            entry.touch()
+        try:
+            _write_atomically(path, data, sync_directory=False)
+            # Metadata last: its presence is what makes the image visible. One directory flush covers both renames.
+            _write_atomically(self._metadata_path(image.uuid), json.dumps(metadata).encode())
+        except BaseException:
+            # Data without metadata is never served, and goes at the next start (``_remove_leftovers``).
+            if entry is not None:
+                entry.unlink(missing_ok=True)
+            raise
+
+    def _expiring_folder(self) -> Path:
+        return self.root / EXPIRING_FOLDER
 
     # ------------------------------------------------------------------ reading
 
@@ -363,13 +412,13 @@ class ImageStore:
 
     async def sweep(self, *, max_age_seconds: float, now: float | None = None) -> int:
         """Delete images whose last use is more than ``max_age_seconds`` before ``now``; return how many."""
-        cutoff = (time.time() if now is None else now) - max_age_seconds
+        now = time.time() if now is None else now
         try:
-            return await asyncio.to_thread(self._sweep, cutoff)
+            return await asyncio.to_thread(self._sweep, now - max_age_seconds, now)
         except OSError as exc:
             raise storage_error(exc) from exc
 
-    def _sweep(self, cutoff: float) -> int:
+    def _sweep(self, cutoff: float, now: float) -> int:
         removed = 0
         for directory in self._shard_directories():
             for metadata_path in directory.glob(f"*{METADATA_SUFFIX}"):
@@ -382,17 +431,53 @@ class ImageStore:
                     # A use the disk refused earlier: it counts, and is written now if the disk takes it.
                     self._touch(metadata_path, metadata, unwritten)
                     last_used = unwritten
-                if not isinstance(last_used, (int, float)) or last_used >= cutoff:
-                    continue
-                image_uuid = canonical_uuid(metadata_path.stem)
-                extension = metadata.get("extension")
-                if image_uuid is not None and isinstance(extension, str) and extension in STORED_BY_EXTENSION:
-                    # Data first: a sweep interrupted here leaves metadata, which the next sweep finds again.
-                    self._data_path(image_uuid, extension).unlink(missing_ok=True)
-                metadata_path.unlink(missing_ok=True)
-                if isinstance(metadata.get("size"), int):
-                    self._add_usage(str(metadata.get("owner")), -metadata["size"])
-                removed += 1
+                unused = isinstance(last_used, (int, float)) and last_used < cutoff
+                # An image past its time to live whose expiry entry was lost (a crash) goes here too.
+                if unused or expired(metadata, now):
+                    self._remove(metadata_path, metadata)
+                    removed += 1
+        return removed
+
+    def _remove(self, metadata_path: Path, metadata: dict[str, Any]) -> None:
+        image_uuid = canonical_uuid(metadata_path.stem)
+        extension = metadata.get("extension")
+        if image_uuid is not None and isinstance(extension, str) and extension in STORED_BY_EXTENSION:
+            # Data first: a sweep interrupted here leaves metadata, which the next sweep finds again.
+            self._data_path(image_uuid, extension).unlink(missing_ok=True)
+        metadata_path.unlink(missing_ok=True)
+        if isinstance(metadata.get("size"), int):
+            self._add_usage(str(metadata.get("owner")), -metadata["size"])
+
+    async def expire(self, *, now: float | None = None) -> int:
+        """Delete the images whose time to live has ended by ``now``; return how many."""
+        try:
+            return await asyncio.to_thread(self._expire, time.time() if now is None else now)
+        except OSError as exc:
+            raise storage_error(exc) from exc
+
+    def _expire(self, now: float) -> int:
+        folder = self._expiring_folder()
+        try:
+            names = sorted(os.listdir(folder))
+        except FileNotFoundError:
+            return 0
+        removed = 0
+        for name in names:
+            found = EXPIRING_NAME.fullmatch(name)
+            if found is None:
+                continue  # not ours
+            if int(found["expires"]) > now * 1000:
+                break  # in expiry order: every later one is due later still
+            image_uuid = canonical_uuid(found["uuid"])
+            if image_uuid is not None:
+                metadata_path = self._metadata_path(image_uuid)
+                metadata = _read_metadata(metadata_path)
+                # The metadata decides: an entry whose image is gone already (swept as unused) only goes itself.
+                if metadata is not None and metadata.get("uuid") == image_uuid and expired(metadata, now):
+                    self._remove(metadata_path, metadata)
+                    removed += 1
+            # The entry last: an expiry interrupted before this finds the image again next time.
+            (folder / name).unlink(missing_ok=True)
         return removed
 
 

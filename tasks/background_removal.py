@@ -89,7 +89,7 @@ def matting_settings(task: ImageBackgroundRemoval) -> MattingSettings:
 def prepare(task: ImageBackgroundRemoval, ctx: TaskContext) -> Prepared:
     image, parameter = tools.input_image_field(task, purpose="cut out")
     model = tools.model(ctx, task.model, default=DEFAULT_MODEL, task=TASK)
-    return Prepared(task=task, model=model, image=image, image_parameter=parameter, output=image_output(task),
+    return Prepared(task=task, model=model, image=image, image_parameter=parameter, output=image_output(task, ctx),
                     settings=matting_settings(task))
 
 

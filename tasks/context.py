@@ -19,7 +19,7 @@ from imagewire.air_registry import Catalog
 from imagewire.air_registry.civitai import Civitai
 from imagewire.storage import ImageStorage, UrlFetcher
 from imagewire.tasks.downloads import Downloads
-from imagewire.tasks.errors import ServiceUnavailable
+from imagewire.tasks.errors import ServiceUnavailable, TaskError
 from imagewire.tasks.jobs import Device
 
 
@@ -49,6 +49,11 @@ class RecordedTask(Protocol):
     @property
     def progress(self) -> int | None:
         """Percent done, while it runs and says so."""
+        ...
+
+    @property
+    def expires(self) -> float | None:
+        """When its results stop being served (a ``ttl`` ended; seconds since the epoch), if they do."""
         ...
 
 
@@ -126,6 +131,7 @@ class Settings:
     # its files: the one switch that makes tasks skip looking for weights (``inputs.weights``) and modelSearch
     # call every model available.
     needs_weights: bool
+    image_ttl: float              # seconds stored images are kept after their last use: the longest ``ttl``
 
 
 class PixelBudget:
@@ -180,10 +186,21 @@ class TaskContext:
     progress_sink: ProgressSink | None = None
     held_pixels: int = 0             # of the budget, given back when the task is over (``release``)
     feed: Feed | None = None         # for getResponse: holding its answer, pushing results as they come
+    # An error that does not take back the results already made (an uploadEndpoint that failed): the runner
+    # answers it after the task's last result, and the task ends with it.
+    deferred: TaskError | None = None
+    # When the task's results stop being served (a ``ttl``: seconds since the epoch); getResponse answers
+    # that they expired from then on.
+    expires: float | None = None
 
     def progress(self, items: Sequence[Any], overall: int, *, push: bool) -> None:
         if self.progress_sink is not None:
             self.progress_sink(items, overall, push)
+
+    def defer(self, error: TaskError) -> None:
+        """Report ``error`` once the results are answered (the first one, of several)."""
+        if self.deferred is None:
+            self.deferred = error
 
     def hold_pixels(self, pixels: int, *, parameter: str) -> None:
         """Count a decoded input image of ``pixels`` against the budget for as long as the task lasts."""

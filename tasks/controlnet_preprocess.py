@@ -65,7 +65,7 @@ def prepare(task: ImageControlNetPreProcess, ctx: TaskContext) -> Prepared:
             allowed_values=guides.names())
     options = check_thresholds(task.lowThresholdCanny, task.highThresholdCanny)
     return Prepared(task=task, image=image, image_parameter=image_parameter, preprocessor=preprocessor,
-                    options=options, output=image_output(task))
+                    options=options, output=image_output(task, ctx))
 
 
 async def run(prepared: Prepared, ctx: TaskContext) -> AsyncIterator[GuideImageResult]:
@@ -81,6 +81,7 @@ async def run(prepared: Prepared, ctx: TaskContext) -> AsyncIterator[GuideImageR
     yield GuideImageResult(
         taskType=name_of(task), taskUUID=task.taskUUID, guideImageUUID=stored.uuid, inputImageUUID=input_uuid,
         guideImageURL=stored.url, guideImageBase64Data=stored.base64_data, guideImageDataURI=stored.data_uri,
+        uploaded=stored.uploaded,
         cost=cost(ctx, seconds) if task.includeCost else None)
 
 

@@ -17,6 +17,7 @@
     ├── TaskCancelled              taskCancelled (cancelTask stopped it)
     ├── InferenceError             inferenceError (the pipeline failed; other tasks go on)
     ├── StorageError               storageError (disk full and friends)
+    ├── UploadFailed               uploadFailed (a result's PUT to uploadEndpoint; the result itself stands)
     └── InternalServerError        internalServerError (our own bug; the message never leaks details)
 
 Foreign exceptions (PIL, OSError, torch, msgspec) are translated where they are caught,
@@ -151,6 +152,13 @@ class InferenceError(TaskError):
 class StorageError(TaskError):
     code = "storageError"
     http_status = 507
+
+
+class UploadFailed(TaskError):
+    """A result image was stored, and is answered, but the PUT to the task's uploadEndpoint failed."""
+
+    code = "uploadFailed"
+    http_status = 502
 
 
 class ResponseTooLarge(TaskError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -67,12 +68,23 @@ async def _record(task_uuid: str, ctx: TaskContext, follower: str | None) -> Rec
         raise TaskNotFound(
             f"No task with taskUUID {task_uuid} is known: getResponse answers for tasks sent by the same "
             f"API key, for {int(registry.retention)} s after they finish.", parameter="taskUUID", type="string")
+    if record.expires is not None and now() >= record.expires:
+        # Its images are past their ttl, deleted or about to be: their URLs and UUIDs must not be handed out.
+        raise TaskNotFound(
+            f"The results of task {task_uuid} have expired: it was sent with a ttl, and its images stopped being "
+            f"served {now() - record.expires:.0f} s ago. Run the task again with a new taskUUID.",
+            parameter="taskUUID", type="string")
     if record.items_dropped:
         raise TaskNotFound(
             f"The results of task {task_uuid} are no longer kept: the server let go of its oldest results "
             f"to stay within {registry.max_kept_bytes // (1024 * 1024)} MiB. Use the imageUUIDs or imageURLs "
             "already delivered, or run the task again with a new taskUUID.", parameter="taskUUID", type="string")
     return record
+
+
+def now() -> float:
+    """The wall clock, which a ttl is counted on (a function, so that tests can move it on)."""
+    return time.time()
 
 
 # getResponse reports on other tasks: it is not itself recorded, and its answer is one frame.

@@ -23,7 +23,7 @@ from PIL import Image
 
 from imagewire.air_registry import AIR, ARCHITECTURES, ModelDefaults, ModelEntry, SamplerSpec
 from imagewire.storage import OUTPUT_FORMATS, ImageFormat, encode_image, to_base64
-from imagewire.tasks import canvas, content_safety, editing, image_add_ons, inputs, schema
+from imagewire.tasks import canvas, content_safety, editing, image_add_ons, inputs, references, schema
 from imagewire.tasks.context import TaskContext
 from imagewire.tasks.describe import describe_annotation, nearest_valid, stepped_range
 from imagewire.tasks.errors import InvalidParameter, MissingParameter
@@ -55,6 +55,9 @@ class Prepared:
     edits: editing.Edits = editing.NO_EDITS
     safety: content_safety.SafetyRequest = content_safety.NO_CHECKS
     add_ons: image_add_ons.AddOns = image_add_ons.AddOns()
+    upload_endpoint: str | None = None
+    ttl: int | None = None
+    references: tuple[str, ...] = ()   # referenceImages (FLUX.1 Kontext), as sent
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,8 @@ def prepare(task: ImageInference, ctx: TaskContext) -> Prepared | AwaitingDownlo
     defaults = model.defaults
     edits = editing.prepare(task, model, ctx)
     safety = content_safety.prepare(task, ctx)
-    if task.seedImage is None:
+    reference_images = references.prepare(task, model)
+    if task.seedImage is None and not reference_images:
         if ARCHITECTURES[model.architecture].image_to_image_only:
             raise InvalidParameter(
                 f"model {model.air} is a refiner and only does image-to-image: send a seedImage with it",
@@ -88,7 +92,13 @@ def prepare(task: ImageInference, ctx: TaskContext) -> Prepared | AwaitingDownlo
                     f"{name} is required for text-to-image (without seedImage): "
                     f"{describe_annotation(schema.Width)}; this model's default is "
                     f"{defaults.width}x{defaults.height}.", parameter=name, type="integer")
-    output = image_output(task)
+    output = image_output(task, ctx)
+    if output.upload_endpoint is not None and task.numberResults > 1:
+        # One URL takes one body: each further image would replace the one before it there.
+        raise InvalidParameter(
+            f"uploadEndpoint takes one image: send numberResults 1 with it (received numberResults "
+            f"{task.numberResults}), or one task per image, each with its own uploadEndpoint.",
+            parameter="uploadEndpoint", type="string")
     steps = task.steps if task.steps is not None else defaults.steps
     if task.seedImage is not None and int(steps * task.strength) < 1:
         raise InvalidParameter(
@@ -113,6 +123,9 @@ def prepare(task: ImageInference, ctx: TaskContext) -> Prepared | AwaitingDownlo
         edits=edits,
         safety=safety,
         add_ons=image_add_ons.prepare(task, model, steps, ctx),
+        upload_endpoint=output.upload_endpoint,
+        ttl=output.ttl,
+        references=reference_images,
     )
 
 
@@ -155,15 +168,24 @@ async def run(prepared: Prepared | AwaitingDownload, ctx: TaskContext) -> AsyncI
         editing.load(ctx, prepared.edits))
     init_image = None
     width, height = task.width, task.height
-    if task.seedImage is not None:
+    seed: list[tuple[str, Image.Image]] = []
+    if prepared.references:
+        # Kontext reads the seed image and the references as one picture, at its own proportions.
+        with ctx.timed("decode"):
+            seed = await references.pictures(ctx, task, prepared.references)
+            first = seed[0][1]
+            width, height = size_from_seed(task.width, first.width), size_from_seed(task.height, first.height)
+            init_image = await references.conditioning(ctx, seed)
+    elif task.seedImage is not None:
         with ctx.timed("decode"):
             init_image, width, height = await _seed_image(ctx, prepared)
+            seed = [("seedImage", init_image)]
     assert width is not None and height is not None
     scene = await editing.compose(prepared.edits, loaded, task, init_image, width, height)
     # A flagged input fails the task before it costs any device time.
-    seed = [("seedImage", init_image)] if init_image is not None else []
     await content_safety.check_inputs(ctx, prepared.safety, checker, task.taskUUID,
                                       seed + editing.named_guides(prepared.edits, loaded))
+    del seed  # the reference images as sent are not kept while the task waits: only what the job reads
     progress: RunningJob[GeneratedImage]
     if scene.nothing_to_do:  # an empty mask: the results are known without spending device time
         progress = canvas.unchanged(scene, prepared.seeds)
@@ -244,7 +266,8 @@ def _preview_uri(picture: Image.Image) -> str:
 
 async def _deliver(prepared: Prepared, generated: GeneratedImage, ctx: TaskContext) -> ImageResult:
     task = prepared.task
-    output = ImageOutput(prepared.output_types, prepared.output_format, prepared.output_quality)
+    output = ImageOutput(prepared.output_types, prepared.output_format, prepared.output_quality,
+                         upload_endpoint=prepared.upload_endpoint, ttl=prepared.ttl)
     return await deliver_image(ctx, generated.image, output, task_type="imageInference", task_uuid=task.taskUUID,
                                cost_seconds=generated.seconds if task.includeCost else None, seed=generated.seed,
                                NSFWContent=generated.nsfw)

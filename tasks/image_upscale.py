@@ -57,7 +57,7 @@ class Prepared:
 def prepare(task: ImageUpscale, ctx: TaskContext) -> Prepared:
     image, parameter = tools.input_image_field(task, purpose="upscale")
     model = tools.model(ctx, task.model, default=DEFAULT_MODEL, task=TASK)
-    return Prepared(task=task, model=model, image=image, image_parameter=parameter, output=image_output(task))
+    return Prepared(task=task, model=model, image=image, image_parameter=parameter, output=image_output(task, ctx))
 
 
 def result_size(width: int, height: int, factor: float) -> tuple[int, int]:

@@ -88,10 +88,12 @@ async def resized(ctx: TaskContext, picture: InputImage, size: tuple[int, int], 
     return result
 
 
-async def store(ctx: TaskContext, data: bytes, *, extension: str, what: str = "The result image") -> StoredImage:
-    """Keep a result or an upload under a new image UUID; ``what`` names it in an error."""
+async def store(ctx: TaskContext, data: bytes, *, extension: str, what: str = "The result image",
+                ttl: float | None = None) -> StoredImage:
+    """Keep a result or an upload under a new image UUID (for ``ttl`` seconds, when given); ``what`` names it in
+    an error."""
     try:
-        return await ctx.services.store.put(data, extension=extension, owner=ctx.owner)
+        return await ctx.services.store.put(data, extension=extension, owner=ctx.owner, ttl=ttl)
     except StorageError as exc:
         raise task_error(exc, what) from exc
 

@@ -81,7 +81,8 @@ class InferenceJob(Job):
     cfg_scale: float
     sampler: SamplerSpec | None     # None: the model's own
     seeds: list[int]
-    init_image: Image | None = None  # already resized to width × height
+    # Already resized to width × height; for FLUX.1 Kontext, the picture it reads, at its own proportions.
+    init_image: Image | None = None
     strength: float = 0.8
     mask_image: Image | None = None  # inpainting: "L", width × height, white = repaint (init_image is set)
     controlnets: tuple[ControlNetUse, ...] = ()
@@ -104,7 +105,10 @@ class InferenceJob(Job):
         Prompts, seeds and seed images go per image. A missing negative prompt is not the same
         as an empty one for every model, so having one is part of the key.
         """
-        return (self.model.air, self.init_image is not None, self.width, self.height, self.steps,
+        # The seed images of one call are scaled to one size: Kontext's, whose size is its own, only share one
+        # with seed images of the same size.
+        return (self.model.air, self.init_image.size if self.init_image is not None else None, self.width,
+                self.height, self.steps,
                 self.cfg_scale, self.sampler, self.strength if self.init_image is not None else None,
                 bool(self.negative_prompt), self.mask_image is not None,
                 tuple(control.batch_key() for control in self.controlnets), self.add_ons_key())

@@ -1,6 +1,10 @@
 """Image results, as every task that makes images answers them: the output settings a request gives
-(``outputType``, ``outputFormat``, ``outputQuality``) checked once, then each image encoded, stored
-under a new image UUID and described in the forms asked for; ``includeCost`` priced by device time.
+(``outputType``, ``outputFormat``, ``outputQuality``, ``ttl``, ``uploadEndpoint``) checked once, then each
+image encoded, stored under a new image UUID (for ``ttl`` seconds, when given), PUT to ``uploadEndpoint``
+(``tasks/uploads.py``) and described in the forms asked for; ``includeCost`` priced by device time.
+
+``ttl`` applies to the stored image whatever the output type: the docs speak of the URL, and a task that asked
+for base64 data still has its image stored under the imageUUID it answers, which expires with it.
 """
 
 from __future__ import annotations
@@ -12,12 +16,13 @@ from typing import Any, Protocol, get_args
 from PIL.Image import Image
 
 from imagewire.storage import OUTPUT_FORMAT_NAMES, ImageFormat, encode_image, output_format, to_base64
-from imagewire.tasks import inputs, schema
+from imagewire.tasks import inputs, schema, uploads
 from imagewire.tasks.context import TaskContext
 from imagewire.tasks.errors import InvalidParameter
 from imagewire.tasks.schema import ImageResult
 
 OUTPUT_TYPES: tuple[str, ...] = get_args(schema.OutputType)
+MIN_TTL = 60
 
 
 class ImageOutputRequest(Protocol):
@@ -30,15 +35,23 @@ class ImageOutputRequest(Protocol):
     @property
     def outputQuality(self) -> int: ...
 
+    @property
+    def uploadEndpoint(self) -> str | None: ...
+
+    @property
+    def ttl(self) -> int | None: ...
+
 
 @dataclass(frozen=True)
 class ImageOutput:
     types: list[str]       # URL, base64Data, dataURI: each once
     format: ImageFormat
     quality: int
+    upload_endpoint: str | None = None
+    ttl: int | None = None   # seconds the stored image is kept
 
 
-def image_output(task: ImageOutputRequest) -> ImageOutput:
+def image_output(task: ImageOutputRequest, ctx: TaskContext) -> ImageOutput:
     """The output settings of a request, checked. Raises InvalidParameter naming the one at fault."""
     chosen_format = output_format(task.outputFormat)
     if chosen_format is None:
@@ -51,7 +64,16 @@ def image_output(task: ImageOutputRequest) -> ImageOutput:
     if not output_types:
         raise InvalidParameter(f"outputType must name at least one of {', '.join(OUTPUT_TYPES)}; received [].",
                                parameter="outputType", type="string", allowed_values=list(OUTPUT_TYPES))
-    return ImageOutput(types=output_types, format=chosen_format, quality=task.outputQuality)
+    # 60 s is the docs' minimum; the longest is this server's own: an image is deleted after --image-ttl-days
+    # without a use, so a longer ttl could not be kept.
+    longest = int(ctx.services.settings.image_ttl)
+    if task.ttl is not None and not MIN_TTL <= task.ttl <= longest:
+        raise InvalidParameter(
+            f"Invalid ttl: expected an integer from {MIN_TTL} to {longest} seconds (this server deletes stored images "
+            f"{longest // 86400} days after their last use); received {task.ttl}.", parameter="ttl", type="integer")
+    endpoint = uploads.check(ctx, task.uploadEndpoint) if task.uploadEndpoint is not None else None
+    return ImageOutput(types=output_types, format=chosen_format, quality=task.outputQuality,
+                       upload_endpoint=endpoint, ttl=task.ttl)
 
 
 def cost(ctx: TaskContext, device_seconds: float) -> float:
@@ -67,6 +89,7 @@ class StoredImage:
     url: str | None = None
     base64_data: str | None = None
     data_uri: str | None = None
+    uploaded: bool | None = None   # with an uploadEndpoint: whether the PUT succeeded
 
 
 async def store_image(ctx: TaskContext, image: Image, output: ImageOutput) -> StoredImage:
@@ -75,7 +98,14 @@ async def store_image(ctx: TaskContext, image: Image, output: ImageOutput) -> St
     with ctx.timed("encode"):
         data = await asyncio.to_thread(encode_image, image, fmt, output.quality)
     with ctx.timed("store"):
-        stored = await inputs.store(ctx, data, extension=fmt.extension)
+        stored = await inputs.store(ctx, data, extension=fmt.extension, ttl=output.ttl)
+    if stored.expires is not None:
+        # getResponse stops answering the task's results when its first image expires.
+        ctx.expires = stored.expires if ctx.expires is None else min(ctx.expires, stored.expires)
+    uploaded = None
+    if output.upload_endpoint is not None:
+        # After the image is stored: a failed upload leaves it available, and the task says so.
+        uploaded = await uploads.upload(ctx, output.upload_endpoint, data, fmt.media_type, image_uuid=stored.uuid)
     url = ctx.services.image_url(stored.uuid, fmt.extension) if "URL" in output.types else None
     encoded = None
     if "base64Data" in output.types or "dataURI" in output.types:
@@ -84,7 +114,7 @@ async def store_image(ctx: TaskContext, image: Image, output: ImageOutput) -> St
     return StoredImage(
         uuid=stored.uuid, url=url, base64_data=encoded if "base64Data" in output.types else None,
         data_uri=f"data:{fmt.media_type};base64,{encoded}" if encoded is not None and "dataURI" in output.types
-        else None)
+        else None, uploaded=uploaded)
 
 
 async def deliver_image(ctx: TaskContext, image: Image, output: ImageOutput, *, task_type: str, task_uuid: str,
@@ -93,7 +123,8 @@ async def deliver_image(ctx: TaskContext, image: Image, output: ImageOutput, *, 
     and, when ``cost_seconds`` is given, its cost."""
     stored = await store_image(ctx, image, output)
     result = ImageResult(taskType=task_type, taskUUID=task_uuid, imageUUID=stored.uuid, imageURL=stored.url,
-                         imageBase64Data=stored.base64_data, imageDataURI=stored.data_uri, **fields)
+                         imageBase64Data=stored.base64_data, imageDataURI=stored.data_uri, uploaded=stored.uploaded,
+                         **fields)
     if cost_seconds is not None:
         result.cost = cost(ctx, cost_seconds)
     return result

@@ -38,6 +38,11 @@ OutputQuality = Annotated[int, Meta(ge=20, le=99)]
 OutputType = Literal["URL", "base64Data", "dataURI"]
 DeliveryMethod = Literal["sync", "async"]
 WebhookURL = Annotated[str, Meta(max_length=2048)]
+# Of the tasks that make images (tasks/outputs.py): where each is PUT once stored, and seconds it is kept.
+UploadEndpoint = Annotated[str, Meta(max_length=2048)]
+# Seconds, from 60 (the docs' minimum) to the server's --image-ttl-days: both ends checked by the handler
+# (tasks/outputs.py), so that a value out of range is told the whole range.
+TTL = int
 # Inpainting, outpainting and ControlNet (image-inference_inpainting.md, _outpainting.md, api-reference).
 MaskMargin = Annotated[int, Meta(ge=32, le=128)]
 OutpaintExtension = Annotated[int, Meta(ge=0, le=1920, multiple_of=64)]
@@ -131,6 +136,10 @@ class ImageInference(Deliverable, tag="imageInference"):
     maskMargin: MaskMargin | None = None
     outpaint: Outpaint | None = None
     controlNet: Annotated[list[ControlNet], Meta(max_length=MAX_CONTROLNETS)] | None = None
+    uploadEndpoint: UploadEndpoint | None = None
+    ttl: TTL | None = None
+    # FLUX.1 Kontext's input images, in the four forms; how many a model takes, tasks/references.py checks.
+    referenceImages: list[str] | None = None
 
 
 class Outpaint(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -233,6 +242,8 @@ class ImageUpscale(Deliverable, tag="imageUpscale"):
     outputFormat: Annotated[str, Meta(max_length=10)] = "JPG"
     outputQuality: OutputQuality = 95
     includeCost: bool = False
+    uploadEndpoint: UploadEndpoint | None = None
+    ttl: TTL | None = None
 
 
 class Upscale(ImageUpscale, tag="upscale"):
@@ -267,6 +278,8 @@ class ImageBackgroundRemoval(Deliverable, tag="imageBackgroundRemoval"):
     alphaMattingForegroundThreshold: MattingLevel | None = None
     alphaMattingBackgroundThreshold: MattingLevel | None = None
     alphaMattingErodeSize: MattingLevel | None = None
+    uploadEndpoint: UploadEndpoint | None = None
+    ttl: TTL | None = None
 
 
 class RemoveBackground(ImageBackgroundRemoval, tag="removeBackground"):
@@ -321,6 +334,8 @@ class ImageControlNetPreProcess(Deliverable, tag="imageControlNetPreProcess"):
     outputFormat: Annotated[str, Meta(max_length=10)] = "JPG"
     outputQuality: OutputQuality = 95
     includeCost: bool = False
+    uploadEndpoint: UploadEndpoint | None = None
+    ttl: TTL | None = None
 
 
 class ControlNetPreprocess(ImageControlNetPreProcess, tag="controlNetPreprocess"):
@@ -338,9 +353,8 @@ AnyTask = (Authentication | Ping | ImageInference | ImageUpload | GetResponse | 
 UNSUPPORTED_PARAMETERS: dict[str, frozenset[str]] = {
     "imageInference": frozenset(
         {
-            "acceleratorOptions", "ipAdapters",
-            "referenceImages", "inputs", "advancedFeatures", "puLID", "acePlusPlus",
-            "photoMaker", "instantID", "layerDiffuse", "ttl", "uploadEndpoint", "outputs",
+            "acceleratorOptions", "ipAdapters", "inputs", "advancedFeatures", "puLID", "acePlusPlus",
+            "photoMaker", "instantID", "layerDiffuse", "outputs",
             "providerSettings", "settings", "frameImages", "resolution", "batchSize",
             "vectorize", "teaCache", "fbCache", "deepCache", "cacheStartStep", "cacheEndStep",
             "lycoris", "useCache", "acceleration", "upscaleFactor", "ultralytics", "extraArgs",
@@ -350,12 +364,12 @@ UNSUPPORTED_PARAMETERS: dict[str, frozenset[str]] = {
     "modelSearch": frozenset(),
     "getResponse": frozenset(),
     **dict.fromkeys(("imageUpscale", "upscale"), frozenset(
-        {"settings", "targetMegapixels", "providerSettings", "safety", "ttl", "uploadEndpoint"})),
+        {"settings", "targetMegapixels", "providerSettings", "safety"})),
     **dict.fromkeys(("imageBackgroundRemoval", "removeBackground"), frozenset(
-        {"providerSettings", "safety", "ttl", "uploadEndpoint", "inputImages"})),
+        {"providerSettings", "safety", "inputImages"})),
     **dict.fromkeys(("imageCaption", "caption"), frozenset({"inputImages", "template", "structuredData"})),
     "promptEnhance": frozenset(),
-    **dict.fromkeys(("imageControlNetPreProcess", "controlNetPreprocess"), frozenset({"ttl", "uploadEndpoint"})),
+    **dict.fromkeys(("imageControlNetPreProcess", "controlNetPreprocess"), frozenset()),
 }
 
 # ---------------------------------------------------------------- answers
@@ -386,6 +400,7 @@ class ImageResult(Item):
     NSFWContent: bool | None = None
     status: str | None = None
     inputImageUUID: str | None = None   # of the tools that transform an image (upscale, background removal)
+    uploaded: bool | None = None        # with uploadEndpoint: whether the PUT to it succeeded
 
 
 class TextResult(Item):
@@ -404,6 +419,7 @@ class GuideImageResult(Item):
     guideImageBase64Data: str | None = None
     guideImageDataURI: str | None = None
     cost: float | None = None
+    uploaded: bool | None = None        # with uploadEndpoint: whether the PUT to it succeeded
 
 
 class UploadResult(Item):

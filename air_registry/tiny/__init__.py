@@ -38,6 +38,7 @@ BUILDERS: Mapping[str, str] = MappingProxyType({
     "tiny-controlnet": "imagewire.air_registry.tiny.controlnet",
     "tiny-safety": "imagewire.air_registry.tiny.safety",
     "tiny-flux": "imagewire.air_registry.tiny.flux",
+    "tiny-flux-kontext": "imagewire.air_registry.tiny.flux_kontext",
     "tiny-sd3": "imagewire.air_registry.tiny.sd3",
 })
 

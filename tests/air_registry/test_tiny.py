@@ -236,6 +236,8 @@ def test_the_tiny_sdxl_pair_is_shaped_like_sdxl_base_and_refiner(models_dir: Pat
 
 FLOW_BUILDS = {
     "tiny-flux": ("imagewire-tiny-flux-1", "FluxPipeline", ["text_encoder", "text_encoder_2", "transformer", "vae"]),
+    "tiny-flux-kontext": ("imagewire-tiny-flux-kontext-1", "FluxKontextPipeline",
+                          ["text_encoder", "text_encoder_2", "transformer", "vae"]),
     "tiny-sd3": ("imagewire-tiny-sd3-1", "StableDiffusion3Pipeline",
                  ["text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae"]),
 }
@@ -265,12 +267,13 @@ def test_flow_models_have_every_component_of_the_real_architecture(flow_build: t
     # The 16-channel VAE with the latent scale factor of 8, and the flow-matching sampler.
     assert pipe.vae.config.latent_channels == 16 and pipe.vae_scale_factor == 8
     assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
-    t5 = pipe.text_encoder_2 if builder == "tiny-flux" else pipe.text_encoder_3
-    t5_tokenizer = pipe.tokenizer_2 if builder == "tiny-flux" else pipe.tokenizer_3
+    flux = builder.startswith("tiny-flux")
+    t5 = pipe.text_encoder_2 if flux else pipe.text_encoder_3
+    t5_tokenizer = pipe.tokenizer_2 if flux else pipe.tokenizer_3
     assert type(t5).__name__ == "T5EncoderModel"
     assert type(pipe.text_encoder).__name__.startswith("CLIPTextModel")
     assert pipe.transformer.config.joint_attention_dim == t5.config.d_model
-    if builder == "tiny-flux":
+    if flux:
         assert pipe.transformer.config.in_channels == 16 * 4  # 2×2 patches of 16 channels
         assert pipe.transformer.config.guidance_embeds  # FLUX.1 [dev]'s guidance embedding
         assert pipe.scheduler.config.use_dynamic_shifting
@@ -281,6 +284,14 @@ def test_flow_models_have_every_component_of_the_real_architecture(flow_build: t
     assert len(ids) == 32 and max(ids) < t5.config.vocab_size
     parameters = sum(p.numel() for p in pipe.transformer.parameters())
     assert parameters < 500_000
+
+
+def test_the_tiny_kontext_is_the_tiny_flux_as_a_kontext_pipeline(tiny_data_dir: Path) -> None:
+    # Kontext [dev] has [dev]'s components exactly; only the pipeline that runs them differs.
+    flux = ensure_embedded("tiny-flux", tiny_data_dir / "models" / FLOW_BUILDS["tiny-flux"][0])
+    kontext = ensure_embedded("tiny-flux-kontext", tiny_data_dir / "models" / FLOW_BUILDS["tiny-flux-kontext"][0])
+    assert weight_files(kontext) == weight_files(flux)
+    assert '"_class_name": "FluxKontextPipeline"' in (kontext / "model_index.json").read_text()
 
 
 def test_the_t5_tokenizer_reads_back_as_it_was_built(tmp_path: Path) -> None:

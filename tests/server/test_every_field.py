@@ -25,7 +25,9 @@ from imagewire.tasks.supported import SUPPORTED
 ROOT = Path(__file__).resolve().parents[2]
 
 DELIVERY = {"deliveryMethod": ("tasks/task_type.py",), "webhookURL": ("tasks/task_type.py",)}
-OUTPUT = {name: ("tasks/outputs.py",) for name in ("outputType", "outputFormat", "outputQuality")}
+# ttl and uploadEndpoint are read with the output settings, for every task type that makes images.
+OUTPUT = {name: ("tasks/outputs.py",)
+          for name in ("outputType", "outputFormat", "outputQuality", "ttl", "uploadEndpoint")}
 INPUT_IMAGE = {"inputImage": ("tasks/tools.py",), "inputs": ("tasks/tools.py",)}
 
 
@@ -44,6 +46,7 @@ HONOURED: dict[type[schema.Task], dict[str, tuple[str, ...]]] = {
         **handled_by("tasks/image_add_ons.py", "lora", "embeddings", "vae", "clipSkip", "promptWeighting",
                      "usePromptWeighting", "refiner"),
         **handled_by("tasks/editing.py", "maskImage", "maskMargin", "outpaint", "controlNet"),
+        "referenceImages": ("tasks/references.py",),
         **OUTPUT, **DELIVERY,
     },
     schema.ImageUpload: {**handled_by("tasks/image_upload.py", "taskUUID", "image"), **DELIVERY},

@@ -127,6 +127,9 @@ async def test_a_put_whose_metadata_fails_leaves_nothing_visible(s3_endpoint: st
     assert failed.value.problem == "the server's image storage failed (SlowDown)"
     assert isinstance(task_error(failed.value, "The result image"), StorageError)
     assert objects(store) == {} and store.used_bytes == 0 and await store.recent(OWNER, 10) == []
+    with pytest.raises(StoreFailed):  # with a ttl, its expiry entry goes too
+        await store.put(b"z", extension="png", owner=OWNER, ttl=60)
+    assert objects(store) == {}
 
 
 async def test_last_used_is_noted_at_most_once_a_minute(s3_endpoint: str, s3_bucket: str) -> None:
@@ -313,3 +316,36 @@ def test_with_the_real_timeouts_a_frozen_store_fails_a_task_well_within_two_minu
     # docs/cluster.md promises two minutes; a fifth of it is kept as margin.
     assert s3.worst_case_task_seconds() <= 0.8 * 120
     assert s3.worst_case_call_seconds() == s3.ATTEMPTS * (s3.CONNECT_TIMEOUT_SECONDS + s3.READ_TIMEOUT_SECONDS) + 3
+
+
+async def test_an_image_with_a_ttl_is_deleted_when_it_is_over_and_not_before(s3_endpoint: str, s3_bucket: str) -> None:
+    store = open_store(s3_endpoint, s3_bucket)
+    short = await store.put(b"s" * 10, extension="png", owner=OWNER, ttl=60)
+    kept = await store.put(b"k" * 20, extension="jpg", owner=OWNER)
+    assert short.expires is not None and metadata_of(store, short.uuid)["expires"] == short.expires
+    [entry] = [key for key in objects(store) if key.startswith(f"{PREFIX}/expiring/")]
+    assert entry.endswith(f"-{short.uuid}.png")
+
+    assert await store.expire(now=short.expires - 1) == 0
+    assert await store.read(await store.get(short.uuid, owner=OWNER)) == b"s" * 10
+
+    # Another server on the bucket (its own memory empty) deletes it just the same.
+    other = open_store(s3_endpoint, s3_bucket)
+    assert await other.expire(now=short.expires + 1) == 1
+    assert not [key for key in objects(store) if short.uuid in key]  # data, metadata, history, expiry entry
+    with pytest.raises(ImageNotStored):
+        await store.get(short.uuid, owner=OWNER)
+    assert await store.read(await store.get(kept.uuid, owner=OWNER)) == b"k" * 20
+    assert [image.uuid for image in await store.recent(OWNER, 10)] == [kept.uuid]
+
+
+async def test_an_image_past_its_ttl_is_not_served_even_before_it_is_deleted(s3_endpoint: str,
+                                                                           s3_bucket: str) -> None:
+    store = open_store(s3_endpoint, s3_bucket)
+    stored = await store.put(b"x", extension="png", owner=OWNER, ttl=60)
+    rewrite_metadata(store, stored.uuid, expires=time.time() - 1)
+    with pytest.raises(ImageNotStored):
+        await store.get(stored.uuid, owner=None)
+    assert f"{PREFIX}/images/{stored.uuid}.png" in objects(store)  # deleted by the expiry pass once due
+    assert stored.expires is not None and await store.expire(now=stored.expires + 1) == 1
+    assert not [key for key in objects(store) if stored.uuid in key]

@@ -330,3 +330,72 @@ async def test_a_disk_that_fails_a_read_is_named_as_a_read_of_that_input(tmp_pat
         await store.get(stored.uuid, owner=OWNER)
     error = task_error(caught.value, "seedImage")
     assert error.message == "seedImage could not be read: the server's image storage failed (Input/output error)."
+
+
+# ---------------------------------------------------------------- a time to live (a task's ttl)
+
+
+def expiring_entries(root: Path) -> list[str]:
+    folder = root / store_module.EXPIRING_FOLDER
+    return sorted(os.listdir(folder)) if folder.exists() else []
+
+
+async def test_an_image_with_a_ttl_is_deleted_when_it_is_over_and_not_before(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    before = time.time()
+    short = await store.put(b"s" * 10, extension="png", owner=OWNER, ttl=60)
+    kept = await store.put(b"k" * 20, extension="jpg", owner=OWNER)
+    assert short.expires is not None and before + 60 <= short.expires <= time.time() + 60
+    assert json.loads(short.path.with_suffix(".json").read_text())["expires"] == short.expires
+    [entry] = expiring_entries(tmp_path)
+    assert entry.endswith(f"-{short.uuid}.png")
+    assert store.used_bytes == 30
+
+    assert await store.expire(now=short.expires - 1) == 0  # a second early: still there, still served
+    assert await store.read(await store.get(short.uuid, owner=OWNER)) == b"s" * 10
+
+    assert await store.expire(now=short.expires + 1) == 1
+    assert not short.path.exists() and not short.path.with_suffix(".json").exists()
+    assert expiring_entries(tmp_path) == []
+    assert store.used_bytes == 20
+    with pytest.raises(ImageNotStored):
+        await store.get(short.uuid, owner=OWNER)
+    assert await store.read(await store.get(kept.uuid, owner=OWNER)) == b"k" * 20  # no ttl: kept
+
+
+async def test_an_image_past_its_ttl_is_not_served_even_before_it_is_deleted(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    stored = await store.put(b"x", extension="png", owner=OWNER, ttl=60)
+    assert stored.path is not None
+    metadata_path = stored.path.with_suffix(".json")
+    metadata = json.loads(metadata_path.read_text())
+    metadata_path.write_text(json.dumps({**metadata, "expires": time.time() - 1}))
+    with pytest.raises(ImageNotStored):
+        await store.get(stored.uuid, owner=None)
+    assert stored.path.exists()  # the data waits for the next expiry pass, unseen
+
+
+async def test_the_sweep_deletes_an_expired_image_whose_expiry_entry_was_lost(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    stored = await store.put(b"x", extension="png", owner=OWNER, ttl=60)
+    assert stored.expires is not None
+    shutil.rmtree(tmp_path / store_module.EXPIRING_FOLDER)
+    assert await store.expire(now=stored.expires + 1) == 0
+    assert await store.sweep(max_age_seconds=86400, now=stored.expires + 1) == 1
+    assert files_under(tmp_path) == []
+
+
+async def test_an_expiry_entry_whose_image_never_came_is_dropped(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    store = ImageStore(tmp_path)
+    # The entry stays for a moment after an interrupted put too, and the expiry pass drops it alone.
+    stale = f"{int((time.time() - 5) * 1000):015d}-{uuid.uuid4()}.png"
+    (tmp_path / store_module.EXPIRING_FOLDER).mkdir()
+    (tmp_path / store_module.EXPIRING_FOLDER / stale).touch()
+    refuse_writes(monkeypatch, errno.EIO)
+    with pytest.raises(StoreFailed):
+        await store.put(b"x", extension="png", owner=OWNER, ttl=60)
+    monkeypatch.undo()
+    assert expiring_entries(tmp_path) == [stale]  # the failed put took its own entry back
+    assert await store.expire() == 0
+    assert expiring_entries(tmp_path) == []
