@@ -21,12 +21,12 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs pip install -e '.[cluster]'"),
 ]
 
-# About ten seconds each on a 2-core machine, so that a few of them keep one replica busy.
-SLOW = {"steps": 100, "width": 256, "height": 256}
-# Jobs kept unanswered while one replica runs: one running and one waiting on it (its max_ongoing_requests), two
-# more waiting at the gateway's handle. Serve scales up once a replica's ongoing requests stay above target for
-# its upscale delay (30 s).
-BACKLOG = 4
+# About three seconds each on a quiet 2-core machine.
+SLOW = {"steps": 30, "width": 256, "height": 256}
+# Jobs kept unanswered while one replica runs: one running and one waiting on it (its places), four more waiting
+# in the gateway's queue. Serve scales up once a replica's ongoing requests stay above target for its upscale
+# delay (30 s).
+BACKLOG = 6
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +72,13 @@ async def test_a_backlog_on_one_replica_brings_up_a_second_and_every_task_is_ans
             assert loop.time() < deadline, f"still one replica after {len(sent)} jobs"
             assert not reader.done(), reader
             await send(BACKLOG - (len(sent) - len(answers)))
-            await asyncio.sleep(1)
+            await asyncio.sleep(0.5)
         # One more backlog once it is there: the new replica must take some of it.
         await send(BACKLOG)
-        await eventually(lambda: len(answers) == len(sent) or reader.done(), timeout=seconds(600))
+        try:
+            await eventually(lambda: len(answers) == len(sent) or reader.done(), timeout=seconds(600))
+        except AssertionError:
+            raise AssertionError(f"{len(answers)} of {len(sent)} answered\n{cluster.gateways[0].log[-6000:]}") from None
     finally:
         reader.cancel()
         await wire.close()
