@@ -1,29 +1,44 @@
 """The web page at "/", in a real headless Chromium: connect with a key, generate, see progress and the
-image (checked in a screenshot), use an uploaded seed image, and see the key's gallery and the server panel.
+image (checked in a screenshot), exact seeds that re-run to the same pixels, the tools on a result, a seed
+image set and removed, a failed task's message, reconnects after a server restart, dark mode, a phone's
+layout and generation from the keyboard alone.
 
 Needs Debian's ``chromium`` and ``chromium-driver``; without them the test is skipped, unless
 ``IMAGEWIRE_REQUIRE_BROWSER`` is set (as in CI), where their absence fails it. The browser reaches no
 address but the test server: every other request goes to a proxy on a closed loopback port.
+
+Screenshots (desktop, phone, dark) are kept in ``IMAGEWIRE_SCREENSHOTS`` when it names a folder, else in
+the test's temporary folder.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import shutil
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from PIL import Image, ImageStat
+from PIL import Image, ImageChops, ImageStat
 
 from tests.timing import seconds
 from tests.wire import API_KEY
 
 CHROMIUM = shutil.which("chromium")
 DRIVER = shutil.which("chromedriver")
+DESKTOP = (1280, 1000)
+PHONE = (390, 844)
+# Records every frame the page sends, so that a test can read the requests as the server got them.
+RECORD_FRAMES = """
+window.sentFrames = [];
+const original = WebSocket.prototype.send;
+WebSocket.prototype.send = function (data) { window.sentFrames.push(data); return original.call(this, data); };
+"""
 
 
 @pytest.fixture(scope="module")
@@ -39,18 +54,27 @@ def browser() -> Iterator[Any]:
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--window-size=1280,1000", "--no-first-run", "--no-default-browser-check",
+                 f"--window-size={DESKTOP[0]},{DESKTOP[1]}", "--no-first-run", "--no-default-browser-check",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--disable-extensions", "--disable-default-apps", "--metrics-recording-only",
                  # Nothing leaves this machine: whatever is not loopback goes to a closed port.
                  "--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=127.0.0.1;localhost"):
         options.add_argument(flag)
+    # The console's messages, to check that the page logs no errors.
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=options, service=Service(executable_path=DRIVER))
     driver.set_page_load_timeout(seconds(60))
     try:
         yield driver
     finally:
         driver.quit()
+
+
+@pytest.fixture
+def screenshots(tmp_path: Path) -> Path:
+    folder = Path(os.environ.get("IMAGEWIRE_SCREENSHOTS") or tmp_path / "screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 async def until(check: Callable[[], Any], timeout: float = 120) -> Any:
@@ -73,49 +97,192 @@ def screenshot_of(driver: Any, element: Any) -> Image.Image:
                       int((box["x"] + box["width"]) * ratio), int((box["y"] + box["height"]) * ratio)))
 
 
-async def test_the_page_generates_shows_progress_and_the_image(server, browser, tmp_path: Path):
-    from selenium.webdriver.common.by import By
+def console_errors(driver: Any) -> list[str]:
+    return [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
 
-    def css(selector: str) -> list[Any]:
-        return browser.find_elements(By.CSS_SELECTOR, selector)
 
-    await asyncio.to_thread(browser.get, f"http://127.0.0.1:{server.port}/")
+def fetched(url: str) -> Image.Image:
+    with urllib.request.urlopen(url, timeout=seconds(30)) as answer:
+        return Image.open(io.BytesIO(answer.read())).convert("RGB")
 
-    def connect() -> None:
-        browser.find_element(By.ID, "api-key").clear()
-        browser.find_element(By.ID, "api-key").send_keys(API_KEY)
-        browser.find_element(By.ID, "connect").click()
 
-    await asyncio.to_thread(connect)
-    await until(lambda: "up" in browser.find_element(By.ID, "connection").get_attribute("class"))
-    await until(lambda: browser.find_element(By.ID, "status-ready").text == "yes")
-    assert "imagewire:tiny@1" in browser.find_element(By.ID, "status-models").text
+class Page:
+    """The playground in the browser, as a user drives it; every call blocks (run it in a thread)."""
 
-    def generate(steps: str) -> None:
-        field = browser.find_element(By.ID, "steps")
+    def __init__(self, driver: Any, port: int) -> None:
+        from selenium.webdriver.common.by import By
+
+        self.driver, self.port, self.by = driver, port, By
+
+    def open(self) -> None:
+        self.driver.get(f"http://127.0.0.1:{self.port}/")
+        self.driver.execute_script(RECORD_FRAMES)
+        self.driver.get_log("browser")   # what earlier pages logged is theirs
+
+    def css(self, selector: str) -> list[Any]:
+        return self.driver.find_elements(self.by.CSS_SELECTOR, selector)
+
+    def field(self, element_id: str) -> Any:
+        return self.driver.find_element(self.by.ID, element_id)
+
+    def type(self, element_id: str, text: str) -> None:
+        field = self.field(element_id)
         field.clear()
-        field.send_keys(steps)
-        browser.find_element(By.ID, "generate").click()
+        if text:
+            field.send_keys(text)
+
+    def connect(self) -> None:
+        self.type("api-key", API_KEY)
+        self.field("connect").click()
+
+    def connected(self) -> bool:
+        return "up" in self.field("connection").get_attribute("class")
+
+    def tasks(self, selector: str = "") -> list[dict[str, Any]]:
+        """The requests of one task type the page sent, oldest first."""
+        frames = self.driver.execute_script("return window.sentFrames")
+        return [task for frame in frames for task in json.loads(frame) if selector in ("", task["taskType"])]
+
+    def raw_frames(self) -> list[str]:
+        return self.driver.execute_script("return window.sentFrames")
+
+    def cards(self, selector: str = "") -> list[Any]:
+        return self.css(f".task{selector}")
+
+    def loaded_results(self, card: Any) -> list[Any]:
+        return [img for img in card.find_elements(self.by.CSS_SELECTOR, "img.result")
+                if self.driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img)]
+
+    def colour(self, selector: str, prop: str) -> str:
+        return self.driver.execute_script(
+            "return getComputedStyle(document.querySelector(arguments[0]))[arguments[1]]", selector, prop)
+
+
+async def test_the_page_generates_shows_progress_and_the_image(server, browser, tmp_path: Path, screenshots: Path):
+    page = Page(browser, server.port)
+    await asyncio.to_thread(page.open)
+    await asyncio.to_thread(page.connect)
+    await until(page.connected)
+    await until(lambda: page.field("status-ready").text == "yes")
+    assert "imagewire:tiny@1" in page.field("status-models").text
+
+    def generate(steps: str, seed: str = "") -> None:
+        page.type("steps", steps)
+        page.type("seed", seed)
+        page.field("generate").click()
 
     await asyncio.to_thread(generate, "30")
     # The card reports the steps while the task runs, then shows the image.
-    await until(lambda: any(card.text and "step " in card.find_element(By.CLASS_NAME, "state").text
-                            for card in css(".task")))
-    await until(lambda: css(".task.done"))
-    [result] = await until(lambda: [img for img in css(".task.done img.result")
-                                    if browser.execute_script("return arguments[0].naturalWidth", img) > 0])
+    await until(lambda: any("step " in card.find_element(page.by.CLASS_NAME, "state").text
+                            for card in page.cards()))
+    [first] = await until(lambda: page.cards(".done"))
+    [result] = await until(lambda: page.loaded_results(first))
     picture = await asyncio.to_thread(screenshot_of, browser, result)
     picture.save(tmp_path / "result.png")
     # The tiny model's image is noise: far from the flat placeholder an empty slot shows.
     assert max(ImageStat.Stat(picture).stddev) > 20
+    await asyncio.to_thread(browser.save_screenshot, str(screenshots / "desktop.png"))
+
+    # The seed the page drew is below 2^53, sent as it is shown, and shown as the server answered it.
+    [sent] = page.tasks("imageInference")
+    seed = first.find_element(page.by.CSS_SELECTOR, ".params .seed").text
+    assert seed == str(sent["seed"]) and 0 <= int(seed) < 2**53
+    assert result.get_attribute("alt") == f"{sent['positivePrompt']}, seed {seed}"
+    assert "imagewire:tiny@1" in first.find_element(page.by.CLASS_NAME, "params").text
+
+    # Re-run sends the same seed and parameters under a new taskUUID: the same pixels again.
+    await asyncio.to_thread(lambda: first.find_element(page.by.XPATH, ".//button[text()='Re-run']").click())
+    await until(lambda: len(page.cards(".done")) == 2)
+    again = page.cards(".done")[0]
+    rerun = page.tasks("imageInference")[-1]
+    assert {k: v for k, v in rerun.items() if k != "taskUUID"} == {k: v for k, v in sent.items() if k != "taskUUID"}
+    assert again.find_element(page.by.CSS_SELECTOR, ".params .seed").text == seed
+    urls = [card.find_element(page.by.CSS_SELECTOR, "img.result").get_attribute("src") for card in page.cards(".done")]
+    assert urls[0] != urls[1]
+    assert ImageChops.difference(*[await asyncio.to_thread(fetched, url) for url in urls]).getbbox() is None
+
+    # A seed past 2^53 (here the largest the protocol allows) goes out and comes back digit for digit.
+    largest = "9223372036854775807"
+    await asyncio.to_thread(generate, "1", largest)
+    await until(lambda: len(page.cards(".done")) == 3)
+    assert f'"seed":{largest}' in [frame for frame in page.raw_frames() if "imageInference" in frame][-1]
+    assert page.cards(".done")[0].find_element(page.by.CSS_SELECTOR, ".params .seed").text == largest
+    # "Edit settings" puts a card's seed and parameters back into the form.
+    await asyncio.to_thread(lambda: first.find_element(page.by.XPATH, ".//button[text()='Edit settings']").click())
+    assert page.field("seed").get_attribute("value") == seed
+    assert page.field("steps").get_attribute("value") == "30"
+
+    # An empty prompt is said beside the field and nothing is sent.
+    before = len(page.tasks("imageInference"))
+    await asyncio.to_thread(page.type, "prompt", "")
+    await asyncio.to_thread(lambda: page.field("generate").click())
+    assert "Type a prompt" in page.field("prompt-error").text
+    assert page.field("prompt").get_attribute("aria-invalid") == "true"
+    assert len(page.tasks("imageInference")) == before and not any("__BLANK__" in f for f in page.raw_frames())
+    await asyncio.to_thread(page.type, "prompt", "a red bicycle")
+
+    # A task the server refuses: the card shows the server's message, not only the code.
+    await asyncio.to_thread(generate, "0")
+    [failed] = await until(lambda: page.cards(".failed"))
+    assert failed.find_element(page.by.CLASS_NAME, "state").text
+    message = failed.find_element(page.by.CLASS_NAME, "message").text
+    assert "steps" in message.lower() and len(message) > 20
+
+    # A result opens full size; its download link points at the image; Esc closes the view.
+    await asyncio.to_thread(lambda: first.find_element(page.by.CSS_SELECTOR, "button.view").click())
+    await until(lambda: page.field("viewer").get_attribute("open") is not None)
+    assert page.field("viewer-image").get_attribute("src") == result.get_attribute("src")
+    await until(lambda: browser.execute_script("return document.getElementById('viewer-image').naturalWidth") == 256)
+    from selenium.webdriver.common.keys import Keys
+    await asyncio.to_thread(lambda: page.field("viewer").send_keys(Keys.ESCAPE))
+    await until(lambda: page.field("viewer").get_attribute("open") is None)
+    download = first.find_element(page.by.CSS_SELECTOR, "a.download")
+    assert download.get_attribute("href") == result.get_attribute("src")
+    assert download.get_attribute("download") == f"imagewire-{seed}.png"
+
+    # Tools on a result: upscale (twice the size), remove background, caption (text).
+    def tool(name: str) -> None:
+        first.find_element(page.by.XPATH, f".//figcaption//button[text()='{name}']").click()
+
+    for name in ("Upscale ×2", "Remove background", "Caption"):
+        await asyncio.to_thread(tool, name)
+    await until(lambda: len(page.cards(".tool.done")) == 3)
+    def tool_card(title: str) -> Any:
+        return next(card for card in page.cards(".tool") if card.find_element(page.by.CLASS_NAME, "prompt")
+                    .get_attribute("title").startswith(title))
+
+    upscaled = tool_card("Upscale")
+    [big] = await until(lambda: page.loaded_results(upscaled))
+    assert browser.execute_script("return arguments[0].naturalWidth", big) == 512
+    assert [t["inputImage"] for t in page.tasks() if t["taskType"] in
+            ("imageUpscale", "imageBackgroundRemoval", "imageCaption")] == [sent_image_uuid(result)] * 3
+    caption = tool_card("Caption")
+    assert caption.find_element(page.by.CLASS_NAME, "caption-text").text
+
+    # "Use as seed" makes a result the seed image; removing it sends the next task without one.
+    await asyncio.to_thread(tool, "Use as seed")
+    await until(lambda: page.css("#drop img"))
+    await asyncio.to_thread(generate, "2")
+    await until(lambda: page.tasks("imageInference")[-1].get("seedImage") == sent_image_uuid(result))
+    await asyncio.to_thread(lambda: page.field("seed-image-remove").click())
+    assert not page.css("#drop img")
+    await asyncio.to_thread(generate, "2")
+    assert "seedImage" not in page.tasks("imageInference")[-1]
 
     # A seed image chosen in the file picker is uploaded and used for image-to-image.
-    seed = tmp_path / "seed.png"
-    Image.new("RGB", (256, 256), (20, 120, 200)).save(seed)
-    await asyncio.to_thread(lambda: browser.find_element(By.ID, "seed-file").send_keys(str(seed)))
-    await until(lambda: browser.find_elements(By.CSS_SELECTOR, "#drop img"))
+    seed_file = tmp_path / "seed.png"
+    Image.new("RGB", (256, 256), (20, 120, 200)).save(seed_file)
+    await asyncio.to_thread(lambda: page.field("seed-file").send_keys(str(seed_file)))
+    await until(lambda: page.css("#drop img"))
     await asyncio.to_thread(generate, "4")
-    await until(lambda: len(css(".task.done")) == 2)
-    # The gallery lists this key's images, newest first.
-    await until(lambda: len(css("#gallery img")) >= 3)
-    assert not browser.find_element(By.ID, "generate-error").text
+    await until(lambda: not page.cards(".running"))
+    assert "seedImage" in page.tasks("imageInference")[-1]
+    # The gallery lists this key's images, newest first, as buttons with the prompt and seed as their text.
+    await until(lambda: len(page.css("#gallery button img")) >= 6)
+    alts = [img.get_attribute("alt") for img in page.css("#gallery img")]
+    assert f"a lighthouse on a cliff at dawn, soft light, seed {seed}" in alts
+    assert console_errors(browser) == []
+
+
+def sent_image_uuid(img: Any) -> str:
+    return img.get_attribute("src").rsplit("/", 1)[1].split(".")[0]
