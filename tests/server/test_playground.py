@@ -286,3 +286,46 @@ async def test_the_page_generates_shows_progress_and_the_image(server, browser, 
 
 def sent_image_uuid(img: Any) -> str:
     return img.get_attribute("src").rsplit("/", 1)[1].split(".")[0]
+
+
+async def test_a_restarted_server_is_found_again_without_a_click(start_server, browser):
+    server = await start_server()
+    page = Page(browser, server.port)
+    await asyncio.to_thread(page.open)
+    await asyncio.to_thread(page.connect)
+    await until(page.connected)
+    await until(lambda: page.field("status-ready").text == "yes")
+
+    # A dropped socket: the page reconnects into its session, and a task that ran meanwhile still finishes.
+    await asyncio.to_thread(page.type, "steps", "60")
+    await asyncio.to_thread(lambda: page.field("generate").click())
+    await until(lambda: "step " in page.cards()[0].find_element(page.by.CLASS_NAME, "state").text)
+    await asyncio.to_thread(browser.execute_script, "socket.close()")
+    await until(lambda: page.cards(".done"))
+    assert not page.cards(".failed")
+    auths = page.tasks("authentication")
+    assert len(auths) == 2 and auths[1]["connectionSessionUUID"]
+
+    await server.stop(grace=seconds(1))
+    # Down: the header says so, Generate is off, and the server panel no longer claims the server is ready.
+    await until(lambda: "reconnecting" in page.field("connection-text").text)
+    assert not page.field("generate").is_enabled()
+    assert page.field("status-ready").text == "unreachable"
+
+    restarted = await start_server(port=server.port)
+    loop = asyncio.get_running_loop()
+    listening = loop.time()
+    await until(page.connected, timeout=10)
+    assert loop.time() - listening < seconds(10)
+    assert page.field("generate").is_enabled()
+    await until(lambda: page.field("status-ready").text == "yes")
+    # The page works as before: a task goes out on the new socket and its image comes back.
+    await asyncio.to_thread(page.type, "steps", "2")
+    await asyncio.to_thread(lambda: page.field("generate").click())
+    await until(lambda: len(page.cards(".done")) == 2)
+    # The only errors in the console are the browser's own notes of refused connections while the server was
+    # away, a few of them (the page backs off), and none of the status panel's.
+    errors = console_errors(browser)
+    assert all("WebSocket connection" in error for error in errors), errors
+    assert len(errors) <= 8, errors
+    assert restarted.port == server.port
