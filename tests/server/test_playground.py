@@ -329,3 +329,117 @@ async def test_a_restarted_server_is_found_again_without_a_click(start_server, b
     assert all("WebSocket connection" in error for error in errors), errors
     assert len(errors) <= 8, errors
     assert restarted.port == server.port
+
+
+UNLABELLED = """
+return [...document.querySelectorAll("input, select, textarea, button")]
+  .filter((el) => el.type !== "hidden" && !el.hidden && el.offsetParent !== null)
+  .filter((el) => !(el.labels && el.labels.length) && !el.getAttribute("aria-label")
+                  && !el.getAttribute("aria-labelledby") && !el.textContent.trim())
+  .map((el) => el.outerHTML);
+"""
+
+
+def luminance(css_colour: str) -> float:
+    red, green, blue = (float(part) for part in css_colour.split("(")[1].rstrip(")").split(",")[:3])
+    return 0.2126 * red + 0.7152 * green + 0.0722 * blue
+
+
+async def test_keyboard_only_generation_dark_mode_and_a_phone(server, browser, screenshots: Path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    page = Page(browser, server.port)
+    await asyncio.to_thread(page.open)
+    assert await asyncio.to_thread(browser.execute_script, UNLABELLED) == []
+
+    def press(*keys: str) -> None:
+        ActionChains(browser).send_keys(*keys).perform()
+
+    def chord(modifier: str, key: str) -> None:
+        ActionChains(browser).key_down(modifier).send_keys(key).key_up(modifier).perform()
+
+    def focused() -> Any:
+        return browser.switch_to.active_element
+
+    def tab_to(matches: Callable[[Any], bool], most: int = 60) -> Any:
+        for _ in range(most):
+            press(Keys.TAB)
+            if matches(focused()):
+                return focused()
+        raise AssertionError("Tab never reached it")
+
+    # The key field is the first stop; Enter there connects.
+    key_field = await asyncio.to_thread(tab_to, lambda el: el.get_attribute("id") == "api-key")
+    # Focus is visible: a solid outline on the field Tab reached.
+    assert browser.execute_script("return getComputedStyle(arguments[0]).outlineStyle", key_field) == "solid"
+    await asyncio.to_thread(press, API_KEY, Keys.ENTER)
+    await until(page.connected)
+
+    await asyncio.to_thread(tab_to, lambda el: el.get_attribute("id") == "prompt")
+    await asyncio.to_thread(chord, Keys.CONTROL, "a")
+    await asyncio.to_thread(press, "a quiet harbour at night")
+    await asyncio.to_thread(tab_to, lambda el: el.get_attribute("id") == "steps")
+    await asyncio.to_thread(press, "3")
+    # Ctrl+Enter generates from wherever the focus is.
+    await asyncio.to_thread(chord, Keys.CONTROL, Keys.ENTER)
+    [card] = await until(lambda: page.cards(".done"))
+    assert page.tasks("imageInference")[-1]["positivePrompt"] == "a quiet harbour at night"
+    # The live region said so, for a screen reader.
+    assert page.field("announce").text or browser.execute_script(
+        "return document.getElementById('announce').textContent") == "Done: 1 image."
+    # The result is reachable by Tab; Enter opens it full size; Esc closes it.
+    view = await asyncio.to_thread(tab_to, lambda el: "view" in (el.get_attribute("class") or "").split())
+    assert view.find_element(page.by.TAG_NAME, "img").get_attribute("alt") == \
+        f"a quiet harbour at night, seed {page.tasks('imageInference')[-1]['seed']}"
+    await asyncio.to_thread(press, Keys.ENTER)
+    await until(lambda: page.field("viewer").get_attribute("open") is not None)
+    await asyncio.to_thread(press, Keys.ESCAPE)
+    await until(lambda: page.field("viewer").get_attribute("open") is None)
+    # Gallery images are buttons with the prompt as their text, so they are reachable and named too.
+    gallery = await asyncio.to_thread(tab_to, lambda el: el.get_attribute("title") == "view"
+                                      and el.find_element(page.by.XPATH, "..").get_attribute("id") == "gallery")
+    assert "a quiet harbour at night" in gallery.find_element(page.by.TAG_NAME, "img").get_attribute("alt")
+
+    # Esc cancels the running task.
+    await asyncio.to_thread(tab_to, lambda el: el.get_attribute("id") == "steps")
+    await asyncio.to_thread(chord, Keys.CONTROL, "a")
+    await asyncio.to_thread(press, "100")
+    await asyncio.to_thread(chord, Keys.CONTROL, Keys.ENTER)
+    await until(lambda: "step " in page.cards()[0].find_element(page.by.CLASS_NAME, "state").text)
+    await asyncio.to_thread(press, Keys.ESCAPE)
+    [cancelled] = await until(lambda: page.cards(".failed"))
+    assert cancelled.find_element(page.by.CLASS_NAME, "state").text == "taskCancelled"
+    assert page.tasks("cancelTask")[-1]["taskUUID"] == page.tasks("imageInference")[-1]["taskUUID"]
+    assert console_errors(browser) == []
+
+    # Dark mode follows the system's preference: a dark page with light text, not the light page's colours.
+    light = (page.colour("body", "backgroundColor"), page.colour("body", "color"), page.colour(".task", "borderColor"))
+    await asyncio.to_thread(browser.execute_cdp_cmd, "Emulation.setEmulatedMedia",
+                            {"features": [{"name": "prefers-color-scheme", "value": "dark"}]})
+    try:
+        dark = (page.colour("body", "backgroundColor"), page.colour("body", "color"),
+                page.colour(".task", "borderColor"))
+        assert all(a != b for a, b in zip(light, dark, strict=True)), (light, dark)
+        assert luminance(dark[0]) < 40 < 200 < luminance(dark[1])
+        assert luminance(page.colour("#prompt", "backgroundColor")) < 60
+        await asyncio.to_thread(browser.save_screenshot, str(screenshots / "dark.png"))
+    finally:
+        await asyncio.to_thread(browser.execute_cdp_cmd, "Emulation.setEmulatedMedia", {"features": []})
+
+    # On a phone the running task's card is on screen once Generate is pressed, above the server panel.
+    await asyncio.to_thread(browser.execute_cdp_cmd, "Emulation.setDeviceMetricsOverride",
+                            {"width": PHONE[0], "height": PHONE[1], "deviceScaleFactor": 2, "mobile": True})
+    try:
+        await asyncio.to_thread(page.type, "steps", "40")
+        await asyncio.to_thread(lambda: page.field("generate").click())
+        await until(lambda: len(page.cards()) == 3)
+        running = page.cards()[0]
+        box = browser.execute_script("const r = arguments[0].getBoundingClientRect(); "
+                                     "return [r.top, r.bottom, innerHeight, innerWidth]", running)
+        assert 0 <= box[0] and box[0] + 100 < box[2] and box[3] == PHONE[0], box
+        assert running.rect["y"] < page.field("status").rect["y"]
+        await asyncio.to_thread(browser.save_screenshot, str(screenshots / "phone.png"))
+        await until(lambda: len(page.cards(".done")) == 2)
+    finally:
+        await asyncio.to_thread(browser.execute_cdp_cmd, "Emulation.clearDeviceMetricsOverride", {})
