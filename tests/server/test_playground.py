@@ -166,6 +166,21 @@ async def test_the_page_generates_shows_progress_and_the_image(server, browser, 
     await until(lambda: page.field("status-ready").text == "yes")
     assert "imagewire:tiny@1" in page.field("status-models").text
 
+    # Models: those on the server first, those missing listed off with the server's reason (how to get them),
+    # and none the task cannot use (a refiner needs a seed image; an inpainting model a mask).
+    def offered() -> dict[str, bool]:
+        return {option.get_attribute("value"): option.is_enabled() for option in page.css("#model option")}
+
+    await until(lambda: len(offered()) > 1)
+    models = offered()
+    assert models["imagewire:tiny@1"] and models["imagewire:tiny-flux@1"]
+    assert models["imagewire:sd15@1"] is False
+    assert not any("refiner" in air or "inpaint" in air for air in models)
+    await asyncio.to_thread(lambda: page.css("#model-notes summary")[0].click())
+    notes = page.field("model-notes").text
+    assert "Stable Diffusion 1.5: " in notes and "hf download stable-diffusion-v1-5/stable-diffusion-v1-5" in notes
+    assert "why" in notes.lower() and "unavailable" in notes
+
     def generate(steps: str, seed: str = "") -> None:
         page.type("steps", steps)
         page.type("seed", seed)
@@ -264,8 +279,11 @@ async def test_the_page_generates_shows_progress_and_the_image(server, browser, 
     await until(lambda: page.css("#drop img"))
     await asyncio.to_thread(generate, "2")
     await until(lambda: page.tasks("imageInference")[-1].get("seedImage") == sent_image_uuid(result))
+    # With a seed image, a refiner is offered too.
+    assert offered()["imagewire:tiny-sdxl-refiner@1"] is True
     await asyncio.to_thread(lambda: page.field("seed-image-remove").click())
     assert not page.css("#drop img")
+    assert "imagewire:tiny-sdxl-refiner@1" not in offered()
     await asyncio.to_thread(generate, "2")
     assert "seedImage" not in page.tasks("imageInference")[-1]
 
