@@ -461,3 +461,92 @@ async def test_keyboard_only_generation_dark_mode_and_a_phone(server, browser, s
         await until(lambda: len(page.cards(".done")) == 2)
     finally:
         await asyncio.to_thread(browser.execute_cdp_cmd, "Emulation.clearDeviceMetricsOverride", {})
+
+
+def data_uri_image(uri: str) -> Image.Image:
+    import base64
+
+    return Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+
+
+async def test_a_painted_mask_is_sent_and_only_its_inside_changes(server, browser, tmp_path: Path):
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    page = Page(browser, server.port)
+    await asyncio.to_thread(page.open)
+    await asyncio.to_thread(page.connect)
+    await until(page.connected)
+    # A seed image with structure: a gradient with a disc, so that "unchanged" means something.
+    seed_file = tmp_path / "seed.png"
+    from PIL import ImageDraw
+    seed_image = Image.linear_gradient("L").resize((256, 256)).convert("RGB")
+    ImageDraw.Draw(seed_image).ellipse((40, 40, 216, 216), fill=(30, 140, 90))
+    seed_image.save(seed_file)
+    await asyncio.to_thread(lambda: page.field("seed-file").send_keys(str(seed_file)))
+    await until(lambda: page.css("#drop img"))
+    canvas = await until(lambda: page.field("mask-canvas") if page.field("mask-canvas").get_attribute("width") == "256"
+                         else None)
+    assert not page.field("mask-editor").get_attribute("hidden")
+    assert "imagewire:tiny-inpaint@1" not in {o.get_attribute("value") for o in page.css("#model option")}
+
+    def paint() -> None:
+        # A horizontal stroke across the middle of the picture (offsets from the canvas's centre).
+        width = canvas.rect["width"]
+        ActionChains(browser).move_to_element_with_offset(canvas, int(-width * 0.3), 0).click_and_hold() \
+            .move_by_offset(int(width * 0.2), 0).move_by_offset(int(width * 0.2), 0) \
+            .move_by_offset(int(width * 0.2), 0).release().perform()
+
+    await asyncio.to_thread(paint)
+    # Once painted, inpainting models are offered too.
+    await until(lambda: "imagewire:tiny-inpaint@1" in {o.get_attribute("value") for o in page.css("#model option")})
+    await asyncio.to_thread(page.type, "steps", "4")
+    await asyncio.to_thread(page.type, "seed", "1234")
+    await asyncio.to_thread(lambda: page.field("generate").click())
+    [card] = await until(lambda: page.cards(".done"))
+    sent = page.tasks("imageInference")[-1]
+    assert sent["seed"] == 1234 and sent["seedImage"]
+    mask = data_uri_image(sent["maskImage"]).convert("L")
+    assert mask.size == (256, 256)
+    painted = mask.point(lambda value: 255 if value > 127 else 0)
+    box = painted.getbbox()
+    # The stroke: across the middle from 20% to 80% of the width, widened by the brush's radius, a brush's
+    # width high (32 screen pixels on a canvas shown larger than its 256); the rest black.
+    assert box is not None and 30 < box[0] < 60 and 195 < box[2] < 230 and 100 < box[1] < box[3] < 160, box
+    assert 15 < box[3] - box[1] < 40, box
+    assert [count for count in mask.histogram() if count] == [mask.histogram()[0], mask.histogram()[255]]
+    [result_img] = await until(lambda: page.loaded_results(card))
+    result = await asyncio.to_thread(fetched, result_img.get_attribute("src"))
+    assert result.size == (256, 256)
+    difference = ImageChops.difference(result, seed_image).convert("L").point(lambda value: 255 if value else 0)
+    # Outside the painted stroke the result is the seed image, pixel for pixel; inside, it was repainted.
+    outside = ImageChops.multiply(difference, ImageChops.invert(painted))
+    assert outside.getbbox() is None
+    inside = ImageStat.Stat(difference, mask=painted).mean[0] / 255
+    assert inside > 0.5, inside
+    assert "inpainting" in card.find_element(page.by.CLASS_NAME, "params").text
+
+    # The eraser takes paint away; Clear takes it all, and the next task goes without a mask.
+    await asyncio.to_thread(lambda: page.field("mask-eraser").click())
+    await asyncio.to_thread(paint)
+    await asyncio.to_thread(lambda: page.field("mask-brush").click())
+    assert browser.execute_script("return maskAsDataURI()") is None
+    await asyncio.to_thread(paint)
+    assert browser.execute_script("return maskAsDataURI()") is not None
+    await asyncio.to_thread(lambda: page.field("mask-clear").click())
+    await asyncio.to_thread(page.type, "seed", "1234")
+    await asyncio.to_thread(lambda: page.field("generate").click())
+    await until(lambda: len(page.cards(".done")) == 2)
+    assert "maskImage" not in page.tasks("imageInference")[-1] and page.tasks("imageInference")[-1]["seedImage"]
+
+    # Re-run of the inpainting card sends the same mask again; Edit settings paints it back.
+    await asyncio.to_thread(lambda: card.find_element(page.by.XPATH, ".//button[text()='Re-run']").click())
+    await until(lambda: len(page.cards(".done")) == 3)
+    assert page.tasks("imageInference")[-1]["maskImage"] == sent["maskImage"]
+    rerun = await until(lambda: page.loaded_results(page.cards(".done")[0]))
+    again = await asyncio.to_thread(fetched, rerun[0].get_attribute("src"))
+    assert ImageChops.difference(again, result).getbbox() is None
+    await asyncio.to_thread(lambda: card.find_element(page.by.XPATH, ".//button[text()='Edit settings']").click())
+    await until(lambda: browser.execute_script("return maskAsDataURI()") is not None)
+    restored = data_uri_image(browser.execute_script("return maskAsDataURI()")).convert("L")
+    assert ImageChops.difference(restored, mask).getbbox() is None
+    assert console_errors(browser) == []
