@@ -186,7 +186,7 @@ async def test_the_page_generates_shows_progress_and_the_image(server, browser, 
         page.type("seed", seed)
         page.field("generate").click()
 
-    await asyncio.to_thread(generate, "30")
+    await asyncio.to_thread(generate, "20")
     # The card reports the steps while the task runs, then shows the image.
     await until(lambda: any("step " in card.find_element(page.by.CLASS_NAME, "state").text
                             for card in page.cards()))
@@ -225,7 +225,7 @@ async def test_the_page_generates_shows_progress_and_the_image(server, browser, 
     # "Edit settings" puts a card's seed and parameters back into the form.
     await asyncio.to_thread(lambda: first.find_element(page.by.XPATH, ".//button[text()='Edit settings']").click())
     assert page.field("seed").get_attribute("value") == seed
-    assert page.field("steps").get_attribute("value") == "30"
+    assert page.field("steps").get_attribute("value") == "20"
 
     # An empty prompt is said beside the field and nothing is sent.
     before = len(page.tasks("imageInference"))
@@ -315,7 +315,7 @@ async def test_a_restarted_server_is_found_again_without_a_click(start_server, b
     await until(lambda: page.field("status-ready").text == "yes")
 
     # A dropped socket: the page reconnects into its session, and a task that ran meanwhile still finishes.
-    await asyncio.to_thread(page.type, "steps", "60")
+    await asyncio.to_thread(page.type, "steps", "40")
     await asyncio.to_thread(lambda: page.field("generate").click())
     await until(lambda: "step " in page.cards()[0].find_element(page.by.CLASS_NAME, "state").text)
     await asyncio.to_thread(browser.execute_script, "socket.close()")
@@ -449,7 +449,7 @@ async def test_keyboard_only_generation_dark_mode_and_a_phone(server, browser, s
     await asyncio.to_thread(browser.execute_cdp_cmd, "Emulation.setDeviceMetricsOverride",
                             {"width": PHONE[0], "height": PHONE[1], "deviceScaleFactor": 2, "mobile": True})
     try:
-        await asyncio.to_thread(page.type, "steps", "40")
+        await asyncio.to_thread(page.type, "steps", "20")
         await asyncio.to_thread(lambda: page.field("generate").click())
         await until(lambda: len(page.cards()) == 3)
         running = page.cards()[0]
@@ -549,4 +549,71 @@ async def test_a_painted_mask_is_sent_and_only_its_inside_changes(server, browse
     await until(lambda: browser.execute_script("return maskAsDataURI()") is not None)
     restored = data_uri_image(browser.execute_script("return maskAsDataURI()")).convert("L")
     assert ImageChops.difference(restored, mask).getbbox() is None
+    assert console_errors(browser) == []
+
+
+async def test_sampler_lora_controlnet_and_prompt_enhance(server, browser, tmp_path: Path):
+    from selenium.webdriver.support.ui import Select
+
+    page = Page(browser, server.port)
+    await asyncio.to_thread(page.open)
+    await asyncio.to_thread(page.connect)
+    await until(page.connected)
+    await until(lambda: len(page.css("#model option")) > 1 and len(page.css("#controlnet-model option")) >= 1)
+
+    # Prompt enhance: three versions to choose from; the chosen one becomes the prompt.
+    await asyncio.to_thread(page.type, "prompt", "a cat")
+    await asyncio.to_thread(lambda: page.field("enhance").click())
+    versions = await until(lambda: page.css("#enhanced button") if page.field("enhanced").is_displayed() else None)
+    assert len(versions) == 3
+    [enhance] = page.tasks("promptEnhance")
+    assert enhance["prompt"] == "a cat" and enhance["promptVersions"] == 3
+    chosen = versions[1].text
+    assert chosen.startswith("a cat") and len(chosen) > len("a cat")
+    await asyncio.to_thread(versions[1].click)
+    assert page.field("prompt").get_attribute("value") == chosen
+
+    # Sampler, a LoRA with its weight, and a ControlNet on a guide image pre-processed to canny edges.
+    await asyncio.to_thread(lambda: page.css("#advanced summary")[0].click())
+    await asyncio.to_thread(lambda: Select(page.field("scheduler")).select_by_visible_text("DPM++ 2M Karras"))
+    await asyncio.to_thread(lambda: page.field("lora-add").click())
+    await asyncio.to_thread(lambda: Select(page.css(".lora-model")[0]).select_by_value("imagewire:tiny-lora@1"))
+    weight = page.css(".lora-weight")[0]
+    await asyncio.to_thread(lambda: (weight.clear(), weight.send_keys("0.7")))
+    guide_file = tmp_path / "guide.png"
+    from PIL import ImageDraw
+    guide = Image.new("RGB", (256, 256), "black")
+    ImageDraw.Draw(guide).rectangle((64, 64, 192, 192), outline="white", width=6)
+    guide.save(guide_file)
+    await asyncio.to_thread(lambda: page.field("guide-file").send_keys(str(guide_file)))
+    await until(lambda: page.field("guide-settings").is_displayed())
+    await asyncio.to_thread(lambda: Select(page.field("preprocessor")).select_by_value("canny"))
+    await asyncio.to_thread(page.type, "steps", "3")
+    await asyncio.to_thread(lambda: page.field("generate").click())
+    [card] = await until(lambda: page.cards(".done"))
+    sent = page.tasks("imageInference")[-1]
+    assert sent["scheduler"] == "DPM++ 2M Karras"
+    assert sent["lora"] == [{"model": "imagewire:tiny-lora@1", "weight": 0.7}]
+    [unit] = sent["controlNet"]
+    assert unit["model"] == "imagewire:tiny-controlnet@1" and unit["preprocessor"] == "canny" and unit["weight"] == 1
+    upload = page.tasks("imageUpload")[-1]
+    assert upload["image"].startswith("data:image/png;base64,")
+    assert unit["guideImage"] in page.field("guide-preview").get_attribute("src")
+    params = card.find_element(page.by.CLASS_NAME, "params").text
+    assert "DPM++ 2M Karras" in params and "imagewire:tiny-lora@1 × 0.7" in params and "canny" in params
+
+    # Edit settings after a change puts them all back.
+    await asyncio.to_thread(lambda: page.field("guide-remove").click())
+    await asyncio.to_thread(lambda: page.css(".lora-row button")[0].click())
+    await asyncio.to_thread(lambda: card.find_element(page.by.XPATH, ".//button[text()='Edit settings']").click())
+    assert Select(page.field("scheduler")).first_selected_option.text == "DPM++ 2M Karras"
+    assert page.css(".lora-weight")[0].get_attribute("value") == "0.7"
+    assert page.field("guide-settings").is_displayed()
+    assert Select(page.field("preprocessor")).first_selected_option.get_attribute("value") == "canny"
+
+    # A flow-matching model offers its own samplers, and no LoRA of another architecture.
+    await asyncio.to_thread(lambda: Select(page.field("model")).select_by_value("imagewire:tiny-flux@1"))
+    samplers = [option.text for option in page.css("#scheduler option")]
+    assert "FlowMatch Euler" in samplers and "DPM++ 2M Karras" not in samplers
+    assert not page.field("lora-add").is_enabled() and page.field("lora-none").is_displayed()
     assert console_errors(browser) == []
