@@ -617,3 +617,30 @@ async def test_sampler_lora_controlnet_and_prompt_enhance(server, browser, tmp_p
     assert "FlowMatch Euler" in samplers and "DPM++ 2M Karras" not in samplers
     assert not page.field("lora-add").is_enabled() and page.field("lora-none").is_displayed()
     assert console_errors(browser) == []
+
+
+async def test_the_gallery_shows_older_images_on_request(server, browser):
+    import base64
+
+    from tests.wire import Wire
+
+    # 60 images of this key, uploaded by another client of the same key: more than one page of the gallery.
+    wire = await Wire.open(server.url)
+    uploaded = []
+    for shade in range(60):
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8), (shade * 4, 90, 160)).save(buffer, "PNG")
+        [item] = await wire.run({"taskType": "imageUpload",
+                                 "image": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()})
+        uploaded.append(item["imageUUID"])
+    await wire.close()
+    page = Page(browser, server.port)
+    await asyncio.to_thread(page.open)
+    await asyncio.to_thread(page.connect)
+    await until(lambda: len(page.css("#gallery img")) == 48)
+    newest = [sent_image_uuid(img) for img in page.css("#gallery img")]
+    assert newest == uploaded[::-1][:48]
+    await asyncio.to_thread(lambda: page.field("gallery-more").click())
+    await until(lambda: len(page.css("#gallery img")) == 60)
+    assert [sent_image_uuid(img) for img in page.css("#gallery img")] == uploaded[::-1]
+    assert not page.field("gallery-more").is_displayed()
