@@ -644,3 +644,61 @@ async def test_the_gallery_shows_older_images_on_request(server, browser):
     await until(lambda: len(page.css("#gallery img")) == 60)
     assert [sent_image_uuid(img) for img in page.css("#gallery img")] == uploaded[::-1]
     assert not page.field("gallery-more").is_displayed()
+
+
+async def test_outpainting_by_dragging_an_edge_keeps_the_seed_image(server, browser, tmp_path: Path,
+                                                                    screenshots: Path):
+    from PIL import ImageDraw
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    page = Page(browser, server.port)
+    await asyncio.to_thread(page.open)
+    await asyncio.to_thread(page.connect)
+    await until(page.connected)
+    seed_file = tmp_path / "seed.png"
+    seed_image = Image.linear_gradient("L").resize((256, 256)).convert("RGB")
+    ImageDraw.Draw(seed_image).ellipse((40, 40, 216, 216), fill=(200, 60, 40))
+    seed_image.save(seed_file)
+    await asyncio.to_thread(lambda: page.field("seed-file").send_keys(str(seed_file)))
+    await until(lambda: page.field("mask-canvas").get_attribute("width") == "256")
+
+    def edge(side: str) -> Any:
+        return page.css(f".edge[data-side={side}]")[0]
+
+    def drag_right() -> None:
+        # Half the canvas's shown width outwards: 128 pixels of a 256-pixel picture.
+        width = page.field("outpaint-frame").rect["width"]
+        ActionChains(browser).click_and_hold(edge("right")).move_by_offset(int(width / 4), 0) \
+            .move_by_offset(int(width / 4), 0).release().perform()
+
+    await asyncio.to_thread(drag_right)
+    assert edge("right").get_attribute("aria-valuenow") == "128"
+    # From the keyboard: the top edge, one step of 64 outwards.
+    await asyncio.to_thread(lambda: edge("top").send_keys(Keys.ARROW_UP))
+    assert edge("top").get_attribute("aria-valuenow") == "64"
+    assert "384×320" in page.field("outpaint-text").text
+    # The frame shows the new shape: the seed image now takes 2/3 of its width.
+    frame, stage = page.field("outpaint-frame").rect, page.field("mask-stage").rect
+    assert abs(stage["width"] / frame["width"] - 256 / 384) < 0.02
+    assert abs(frame["width"] / frame["height"] - 1.2) < 0.02
+
+    await asyncio.to_thread(page.type, "steps", "3")
+    await asyncio.to_thread(page.type, "seed", "77")
+    await asyncio.to_thread(lambda: page.field("generate").click())
+    [card] = await until(lambda: page.cards(".done"))
+    sent = page.tasks("imageInference")[-1]
+    assert sent["outpaint"] == {"top": 64, "right": 128, "bottom": 0, "left": 0, "blur": 0}
+    assert "width" not in sent and "height" not in sent and "maskImage" not in sent
+    [img] = await until(lambda: page.loaded_results(card))
+    result = await asyncio.to_thread(fetched, img.get_attribute("src"))
+    assert result.size == (384, 320)
+    # The seed image is kept pixel for pixel where it was; the added area is generated.
+    assert ImageChops.difference(result.crop((0, 64, 256, 320)), seed_image).getbbox() is None
+    assert max(ImageStat.Stat(result.crop((256, 0, 384, 320))).stddev) > 10
+    assert "outpainting top 64, right 128" in card.find_element(page.by.CLASS_NAME, "params").text
+    await asyncio.to_thread(browser.save_screenshot, str(screenshots / "outpainting.png"))
+    # Removing the seed image puts the edges back.
+    await asyncio.to_thread(lambda: page.field("seed-image-remove").click())
+    assert edge("right").get_attribute("aria-valuenow") == "0"
+    assert console_errors(browser) == []
