@@ -180,6 +180,7 @@ async def test_the_page_generates_shows_progress_and_the_image(server, browser, 
     notes = page.field("model-notes").text
     assert "Stable Diffusion 1.5: " in notes and "hf download stable-diffusion-v1-5/stable-diffusion-v1-5" in notes
     assert "why" in notes.lower() and "unavailable" in notes
+    await asyncio.to_thread(lambda: page.css("#model-notes summary")[0].click())
 
     def generate(steps: str, seed: str = "") -> None:
         page.type("steps", steps)
@@ -196,6 +197,7 @@ async def test_the_page_generates_shows_progress_and_the_image(server, browser, 
     picture.save(tmp_path / "result.png")
     # The tiny model's image is noise: far from the flat placeholder an empty slot shows.
     assert max(ImageStat.Stat(picture).stddev) > 20
+    await asyncio.to_thread(browser.execute_script, "window.scrollTo(0, 0)")
     await asyncio.to_thread(browser.save_screenshot, str(screenshots / "desktop.png"))
 
     # The seed the page drew is below 2^53, sent as it is shown, and shown as the server answered it.
