@@ -326,7 +326,11 @@ async def test_a_restarted_server_is_found_again_without_a_click(start_server, b
     auths = page.tasks("authentication")
     assert len(auths) == 2 and auths[1]["connectionSessionUUID"]
 
-    await server.stop(grace=seconds(1))
+    # A task running when the server stops is marked failed with a message, not left spinning.
+    await asyncio.to_thread(page.type, "steps", "100")
+    await asyncio.to_thread(lambda: page.field("generate").click())
+    await until(lambda: "step " in page.cards()[0].find_element(page.by.CLASS_NAME, "state").text)
+    await server.stop(grace=seconds(0.2))
     # Down: the header says so, Generate is off, and the server panel no longer claims the server is ready.
     await until(lambda: "reconnecting" in page.field("connection-text").text)
     assert not page.field("generate").is_enabled()
@@ -335,6 +339,8 @@ async def test_a_restarted_server_is_found_again_without_a_click(start_server, b
     restarted = await start_server(port=server.port)
     loop = asyncio.get_running_loop()
     listening = loop.time()
+    [lost] = await until(lambda: page.cards(".failed"))
+    assert lost.find_element(page.by.CLASS_NAME, "message").text
     await until(page.connected, timeout=10)
     assert loop.time() - listening < seconds(10)
     assert page.field("generate").is_enabled()
@@ -342,7 +348,7 @@ async def test_a_restarted_server_is_found_again_without_a_click(start_server, b
     # The page works as before: a task goes out on the new socket and its image comes back.
     await asyncio.to_thread(page.type, "steps", "2")
     await asyncio.to_thread(lambda: page.field("generate").click())
-    await until(lambda: len(page.cards(".done")) == 2)
+    await until(lambda: len(page.cards(".done")) == 2 and not page.cards(".running"))
     # The only errors in the console are the browser's own notes of refused connections while the server was
     # away, a few of them (the page backs off), and none of the status panel's.
     errors = console_errors(browser)
