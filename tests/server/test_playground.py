@@ -301,6 +301,19 @@ async def test_the_page_generates_shows_progress_and_the_image(server, browser, 
     await until(lambda: len(page.css("#gallery button img")) >= 6)
     alts = [img.get_attribute("alt") for img in page.css("#gallery img")]
     assert f"a lighthouse on a cliff at dawn, soft light, seed {seed}" in alts
+    # From the gallery too, an image this page made gives back its settings (after a reload as well).
+    await asyncio.to_thread(page.open)
+    await until(page.connected)
+    await until(lambda: len(page.css("#gallery img")) >= 6)
+    # The first image and its re-run: the same seed.
+    first_in_gallery, _ = [img for img in page.css("#gallery img") if img.get_attribute("alt").endswith(f"seed {seed}")]
+    await asyncio.to_thread(first_in_gallery.click)
+    await until(lambda: page.field("viewer").get_attribute("open") is not None)
+    assert page.css("#viewer-actions a.download")[0].get_attribute("download") == f"imagewire-{seed}.png"
+    await asyncio.to_thread(lambda: page.field("viewer-actions").find_element(
+        page.by.XPATH, ".//button[text()='Edit settings']").click())
+    assert page.field("seed").get_attribute("value") == seed
+    assert page.field("prompt").get_attribute("value") == "a lighthouse on a cliff at dawn, soft light"
     assert console_errors(browser) == []
 
 
