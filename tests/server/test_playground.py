@@ -609,6 +609,14 @@ async def test_sampler_lora_controlnet_and_prompt_enhance(server, browser, tmp_p
     await asyncio.to_thread(lambda: page.field("guide-file").send_keys(str(guide_file)))
     await until(lambda: page.field("guide-settings").is_displayed())
     await asyncio.to_thread(lambda: Select(page.field("preprocessor")).select_by_value("canny"))
+    # The pre-processed guide can be seen first: the square's edges, white on black.
+    await asyncio.to_thread(lambda: page.field("guide-preprocess").click())
+    await until(lambda: browser.execute_script(
+        "const i = document.getElementById('guide-processed'); return !i.hidden && i.complete && i.naturalWidth"))
+    [preprocess] = page.tasks("imageControlNetPreProcess")
+    assert preprocess["preProcessorType"] == "canny"
+    edges = await asyncio.to_thread(fetched, page.field("guide-processed").get_attribute("src"))
+    assert edges.convert("L").getbbox() is not None and edges.convert("L").getpixel((128, 128)) == 0
     await asyncio.to_thread(page.type, "steps", "3")
     await asyncio.to_thread(lambda: page.field("generate").click())
     [card] = await until(lambda: page.cards(".done"))
