@@ -449,6 +449,8 @@ async def test_keyboard_only_generation_dark_mode_and_a_phone(server, browser, s
     await asyncio.to_thread(press, Keys.ESCAPE)
     [cancelled] = await until(lambda: page.cards(".failed"))
     assert cancelled.find_element(page.by.CLASS_NAME, "state").text == "taskCancelled"
+    assert "cancelled" in cancelled.find_element(page.by.CLASS_NAME, "message").text
+    assert not cancelled.find_elements(page.by.CSS_SELECTOR, "img")
     assert page.tasks("cancelTask")[-1]["taskUUID"] == page.tasks("imageInference")[-1]["taskUUID"]
     assert console_errors(browser) == []
 
