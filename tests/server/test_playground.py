@@ -733,3 +733,29 @@ async def test_outpainting_by_dragging_an_edge_keeps_the_seed_image(server, brow
     await asyncio.to_thread(lambda: page.field("seed-image-remove").click())
     assert edge("right").get_attribute("aria-valuenow") == "0"
     assert console_errors(browser) == []
+
+
+def test_the_pages_sampler_lists_are_the_servers():
+    """The page lists samplers by the kind of model; each name it offers must be one the server takes for it."""
+    import re
+
+    from imagewire.air_registry import ARCHITECTURES
+    from imagewire.air_registry.samplers import DIFFUSION, FLOW, resolve_sampler
+    from imagewire.server.http import PLAYGROUND
+
+    page = PLAYGROUND.read_text()
+
+    def listed(name: str) -> list[str]:
+        body = re.search(rf"const {name} = \[(.*?)\];", page, re.S)
+        assert body, name
+        return re.findall(r'"([^"]+)"', body.group(1))
+
+    for sampler in listed("SAMPLERS"):
+        resolve_sampler(sampler, DIFFUSION)
+    for sampler in listed("FLOW_SAMPLERS"):
+        resolve_sampler(sampler, FLOW)
+    # The page tells flow-matching models by their architecture's name.
+    pattern = re.search(r"const flow = /(.+?)/\.test", page)
+    assert pattern
+    for architecture, spec in ARCHITECTURES.items():
+        assert bool(re.search(pattern.group(1), architecture)) == (spec.sampling == FLOW), architecture
