@@ -486,6 +486,19 @@ async def test_keyboard_only_generation_dark_mode_and_a_phone(server, browser, s
         await asyncio.to_thread(browser.execute_cdp_cmd, "Emulation.clearDeviceMetricsOverride", {})
 
 
+# A paste of a small PNG drawn in the page, as a paste from the clipboard delivers it.
+PASTE_PICTURE = """
+const canvas = document.createElement("canvas");
+canvas.width = canvas.height = 64;
+canvas.getContext("2d").fillRect(8, 8, 48, 48);
+canvas.toBlob((blob) => {
+  const transfer = new DataTransfer();
+  transfer.items.add(new File([blob], "pasted.png", {type: "image/png"}));
+  document.dispatchEvent(new ClipboardEvent("paste", {clipboardData: transfer, bubbles: true}));
+}, "image/png");
+"""
+
+
 def data_uri_image(uri: str) -> Image.Image:
     import base64
 
@@ -732,6 +745,10 @@ async def test_outpainting_by_dragging_an_edge_keeps_the_seed_image(server, brow
     # Removing the seed image puts the edges back.
     await asyncio.to_thread(lambda: page.field("seed-image-remove").click())
     assert edge("right").get_attribute("aria-valuenow") == "0"
+    # A pasted picture becomes the seed image.
+    await asyncio.to_thread(browser.execute_script, PASTE_PICTURE)
+    await until(lambda: page.css("#drop img"))
+    assert page.tasks("imageUpload")[-1]["image"].startswith("data:image/png;base64,")
     assert console_errors(browser) == []
 
 
