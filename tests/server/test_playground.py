@@ -623,6 +623,8 @@ async def test_sampler_lora_controlnet_and_prompt_enhance(server, browser, tmp_p
     guide.save(guide_file)
     await asyncio.to_thread(lambda: page.field("guide-file").send_keys(str(guide_file)))
     await until(lambda: page.field("guide-settings").is_displayed())
+    # Every control shown now, the advanced ones included, has a name.
+    assert await asyncio.to_thread(browser.execute_script, UNLABELLED) == []
     await asyncio.to_thread(lambda: Select(page.field("preprocessor")).select_by_value("canny"))
     # The pre-processed guide can be seen first: the square's edges, white on black.
     await asyncio.to_thread(lambda: page.field("guide-preprocess").click())
