@@ -33,6 +33,9 @@ from imagewire.tasks.schema import ImageInference, ImageResult, Progress
 from imagewire.tasks.task_type import TaskType
 
 BLANK_PROMPT = "__BLANK__"
+# A seed the server draws stays below 2^53 (with room for numberResults counting up): JavaScript reads JSON
+# numbers as doubles, and a larger seed would reach a browser rounded, naming another image.
+DRAWN_SEED_LIMIT = 2**53 - 20   # numberResults is at most 20
 _SIZE = stepped_range(msgspec.inspect.type_info(schema.Width))
 assert _SIZE is not None
 
@@ -105,7 +108,7 @@ def prepare(task: ImageInference, ctx: TaskContext) -> Prepared | AwaitingDownlo
             f"strength x steps must leave at least one denoising step; received strength {task.strength} "
             f"with steps {steps} ({steps * task.strength:.2f} steps). Use strength of at least "
             f"{1 / steps:.3g} or more steps.", parameter="strength", type="number")
-    first_seed = task.seed if task.seed is not None else secrets.randbelow(schema.MAX_SEED - 20)
+    first_seed = task.seed if task.seed is not None else secrets.randbelow(DRAWN_SEED_LIMIT)
     return Prepared(
         task=task,
         model=model,

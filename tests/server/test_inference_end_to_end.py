@@ -72,6 +72,16 @@ async def test_number_results_gives_one_item_each_with_consecutive_seeds(server)
     await wire.close()
 
 
+async def test_a_drawn_seed_is_exact_in_javascript(server):
+    # Without a seed the server draws one, below 2^53: a browser reads it as a double without rounding.
+    wire = await Wire.open(server.url)
+    task = inference(numberResults=3)
+    items = await wire.run(task, count=3)
+    seeds = sorted(item["seed"] for item in items)
+    assert seeds == list(range(seeds[0], seeds[0] + 3)) and seeds[-1] < 2**53
+    await wire.close()
+
+
 async def test_output_types_and_formats(server):
     wire = await Wire.open(server.url)
     [item] = await wire.run(inference(outputType=["URL", "base64Data", "dataURI"], outputFormat="webp",
