@@ -198,6 +198,11 @@ def add_on_architecture(category: str, shapes: Mapping[str, Sequence[int]], name
     if category == "lora":
         if any("double_blocks" in name or "single_transformer_blocks" in name for name in names):
             return "flux1-dev"
+        # A FLUX LoRA of the double-stream blocks alone (diffusers' and ai-toolkit's names): FLUX.1's joint
+        # attention is 3072 wide (SD 3's, with the same names, 1536 or 2432).
+        if _width_of(shapes, ("attn.add_q_proj.lora_A.weight", "attn.to_q.lora_A.weight")) == 3072 and any(
+                ".attn.add_q_proj." in name or ".attn.to_add_out." in name for name in names):
+            return "flux1-dev"
         # The key projection of cross-attention reads the text's width: kohya's and diffusers' names.
         width = _width_of(shapes, ("attn2_to_k.lora_down.weight", "attn2.to_k.lora_down.weight",
                                    "attn2.to_k.lora_A.weight", "attn2_to_k.lora_A.weight"))
