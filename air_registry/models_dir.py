@@ -66,7 +66,8 @@ _SUFFIXES: Mapping[str, tuple[str, ...]] = MappingProxyType({
 _CHUNK = 4 * 1024 * 1024
 
 # The width of the text a UNet attends to names its family (LoRAs, ControlNets, embeddings read it too).
-_TEXT_WIDTHS: Mapping[int, str] = MappingProxyType({768: "sd15", 1024: "sd21", 2048: "sdxl"})
+# 32 is the embedded tiny model's (``tiny/sd.py``), as in ``checkpoints.py``: its add-ons are told apart too.
+_TEXT_WIDTHS: Mapping[int, str] = MappingProxyType({768: "sd15", 1024: "sd21", 2048: "sdxl", 32: "tiny"})
 
 
 @dataclass(frozen=True)

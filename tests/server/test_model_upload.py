@@ -1,0 +1,211 @@
+"""modelUpload through a real server: a checkpoint and a LoRA served from a loopback HTTP server, uploaded with
+--allow-downloads, then run by their AIR; every refusal names its parameter and leaves nothing behind."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imagewire.air_registry.tiny import ensure_embedded
+from imagewire.air_registry.tiny.sd import build_tiny_pipeline
+from tests import loras
+from tests.civitai import fake_civitai
+from tests.wire import Wire, inference, new_uuid
+
+PHASES = ["validated", "downloaded", "optimized", "stored", "ready"]
+
+
+@pytest.fixture
+def own_data_dir(tmp_path: Path, models_dir: Path) -> Path:
+    """A data dir of its own, so that uploads stay out of the session's shared models folder; the tiny models
+    already built are linked in."""
+    ensure_embedded("tiny-sd", models_dir / "configs" / "tiny-sd")
+    models = tmp_path / "own-data" / "models"
+    models.mkdir(parents=True)
+    for built in models_dir.iterdir():
+        (models / built.name).symlink_to(built, target_is_directory=True)
+    return tmp_path / "own-data"
+
+
+@pytest.fixture(scope="module")
+def tiny_lora(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """A kohya-format LoRA of the tiny model, as Civitai serves LoRAs."""
+    pipe = build_tiny_pipeline()
+    path = loras.save(loras.kohya_sd(pipe.unet, (pipe.text_encoder,), seed=51),
+                      tmp_path_factory.mktemp("upload-lora") / "lora.safetensors")
+    return path.read_bytes()
+
+
+@pytest.fixture
+async def files(tiny_checkpoint, tiny_lora):
+    async with fake_civitai() as server:
+        server.files.update({"tiny.safetensors": tiny_checkpoint, "lora.safetensors": tiny_lora,
+                             "cut.safetensors": tiny_checkpoint, "noise.safetensors": b"\x00" * 4096,
+                             "short.safetensors": tiny_checkpoint[: len(tiny_checkpoint) // 2]})
+        server.interrupted.add("cut.safetensors")
+        yield server
+
+
+def upload(url: str, **fields: Any) -> dict[str, Any]:
+    task: dict[str, Any] = {
+        "taskType": "modelUpload", "taskUUID": new_uuid(), "category": "checkpoint", "type": "base",
+        "architecture": "tiny", "format": "safetensors", "air": "myteam:7@1", "uniqueIdentifier": "first",
+        "name": "My model", "version": "v1", "downloadURL": url,
+    }
+    task.update(fields)
+    return {key: value for key, value in task.items() if value is not ...}
+
+
+def uploads_in(data_dir: Path) -> list[Path]:
+    return sorted((data_dir / "models").glob("upload-*"))
+
+
+async def failure(wire: Wire, task: dict[str, Any]) -> dict[str, Any]:
+    """The error a modelUpload ends with, after the phases it passed."""
+    await wire.send([task])
+    data, errors = await wire.items_for(task["taskUUID"], len(PHASES) + 1)
+    assert errors, f"expected an error, got {data}"
+    assert [answer["status"] for answer in data] in (PHASES[:0], PHASES[:1], PHASES[:2])
+    return errors[0]
+
+
+async def image(wire: Wire, **fields: Any) -> str:
+    [made] = await wire.run(inference(outputType="base64Data", seed=7, **fields))
+    return made["imageBase64Data"]
+
+
+async def test_a_checkpoint_upload_answers_each_phase_then_runs_by_its_air_and_is_kept(start_server, own_data_dir,
+                                                                                        files, tiny_checkpoint):
+    server = await start_server(data_dir=own_data_dir, allow_downloads=True, allow_private_urls=True)
+    wire = await Wire.open(server.url)
+    task = upload(f"{files.url}/files/tiny.safetensors", defaultSteps=3, defaultCFG=5.5, tags=["mine"],
+                  uniqueIdentifier=hashlib.sha256(tiny_checkpoint).hexdigest())
+    answers = await wire.run(task, count=5)
+    assert [answer["status"] for answer in answers] == PHASES
+    assert all(answer["air"] == "myteam:7@1" and answer["taskType"] == "modelUpload" for answer in answers)
+    assert answers[-1]["message"] == "Model successfully deployed and ready for use."
+    # The checkpoint holds the tiny model's weights in the original layout: by its AIR, they make its image
+    # (at the same settings: its own defaults, CFGScale 5.5 and 3 steps, make another).
+    same = {"steps": 2, "CFGScale": 7.0}
+    assert await image(wire, model="myteam:7@1", **same) == await image(wire, model="imagewire:tiny@1", **same)
+    assert await image(wire, model="myteam:7@1", steps=..., CFGScale=...) != await image(
+        wire, model="imagewire:tiny@1", steps=..., CFGScale=...)
+    [found] = await wire.run({"taskType": "modelSearch", "search": "myteam"})
+    [model] = found["results"]
+    assert (model["name"], model["architecture"], model["category"], model["type"]) == (
+        "My model v1", "tiny", "checkpoint", "base")
+    assert (model["defaultSteps"], model["defaultCFG"], model["tags"]) == (3, 5.5, ["upload", "mine"])
+    await wire.close()
+    # A restarted server without downloads, and with the file's server gone, still has it.
+    await files.close()
+    again = await start_server(data_dir=own_data_dir)
+    wire = await Wire.open(again.url)
+    assert await image(wire, model="myteam:7@1", **same) == await image(wire, model="imagewire:tiny@1", **same)
+    await wire.close()
+
+
+async def test_a_lora_upload_is_usable_in_a_request_by_its_air(start_server, own_data_dir, files):
+    server = await start_server(data_dir=own_data_dir, allow_downloads=True, allow_private_urls=True)
+    wire = await Wire.open(server.url)
+    task = upload(f"{files.url}/files/lora.safetensors", category="lora", type=..., air="myteam:8@1")
+    assert [answer["status"] for answer in await wire.run(task, count=5)] == PHASES
+    plain = await image(wire)
+    assert await image(wire, lora=[{"model": "myteam:8@1", "weight": 1.0}]) != plain
+    assert await image(wire, lora=[{"model": "myteam:8@1", "weight": 0.0}]) == plain
+    # The same AIR and uniqueIdentifier again: the file is kept, not downloaded again.
+    fetched = files.downloads()
+    assert [answer["status"] for answer in await wire.run(upload(
+        f"{files.url}/files/lora.safetensors", category="lora", type=..., air="myteam:8@1", name="Renamed"),
+        count=5)] == PHASES
+    assert files.downloads() == fetched
+    [found] = await wire.run({"taskType": "modelSearch", "search": "myteam:8"})
+    assert [model["name"] for model in found["results"]] == ["Renamed v1"]
+    await wire.close()
+
+
+async def test_without_allow_downloads_the_upload_is_refused_naming_the_flag(start_server, own_data_dir, files):
+    server = await start_server(data_dir=own_data_dir, allow_private_urls=True)
+    wire = await Wire.open(server.url)
+    error = await wire.error(upload(f"{files.url}/files/tiny.safetensors"))
+    assert (error["code"], error["parameter"]) == ("unsupportedParameter", "downloadURL")
+    assert "--allow-downloads" in error["message"]
+    assert files.downloads() == 0 and uploads_in(own_data_dir) == []
+    await wire.close()
+
+
+@pytest.mark.parametrize(("file", "fields", "parameter", "words"), [
+    # A file of another architecture than the one stated.
+    ("tiny.safetensors", {"architecture": "sdxl"}, "architecture", "is a checkpoint of tiny"),
+    ("tiny.safetensors", {"type": "inpainting"}, "type", "is a base checkpoint"),
+    ("lora.safetensors", {"category": "lora", "type": ..., "architecture": "sd1x"}, "architecture",
+     "is a lora of tiny"),
+    # Corrupt: not safetensors, cut short by the server, cut off mid-download.
+    ("noise.safetensors", {}, "downloadURL", "is not a readable safetensors file"),
+    ("short.safetensors", {}, "downloadURL", "is not a complete safetensors file"),
+    ("cut.safetensors", {}, "downloadURL", "ended after"),
+    ("missing.safetensors", {}, "downloadURL", "answered HTTP 404"),
+    # A SHA-256 as uniqueIdentifier that is not the file's.
+    ("tiny.safetensors", {"uniqueIdentifier": "0" * 64}, "uniqueIdentifier", "is not the file named"),
+])
+async def test_a_wrong_or_corrupt_file_is_refused_naming_the_parameter_and_nothing_is_kept(
+        start_server, own_data_dir, files, file, fields, parameter, words):
+    server = await start_server(data_dir=own_data_dir, allow_downloads=True, allow_private_urls=True)
+    wire = await Wire.open(server.url)
+    error = await failure(wire, upload(f"{files.url}/files/{file}", **fields))
+    assert (error["code"], error["parameter"]) == ("invalidParameter", parameter), error
+    assert words in error["message"] and "nothing was kept" in error["message"]
+    assert uploads_in(own_data_dir) == []
+    refused = await wire.error(inference(model="myteam:7@1"))
+    assert refused["code"] == "modelNotFound"
+    await wire.close()
+
+
+async def test_a_loopback_url_is_refused_without_allow_private_urls(start_server, own_data_dir, files):
+    server = await start_server(data_dir=own_data_dir, allow_downloads=True)
+    wire = await Wire.open(server.url)
+    error = await failure(wire, upload(f"{files.url}/files/tiny.safetensors"))
+    assert (error["code"], error["parameter"]) == ("invalidParameter", "downloadURL")
+    assert "non-public address" in error["message"]
+    assert files.downloads() == 0 and uploads_in(own_data_dir) == []
+    await wire.close()
+
+
+async def test_a_file_past_the_size_bound_is_refused(start_server, own_data_dir, files):
+    server = await start_server(data_dir=own_data_dir, allow_downloads=True, allow_private_urls=True,
+                                max_download_bytes=1024)
+    wire = await Wire.open(server.url)
+    files.unannounced.add("tiny.safetensors")  # counted as it comes, not only as announced
+    error = await failure(wire, upload(f"{files.url}/files/tiny.safetensors"))
+    assert (error["code"], error["parameter"]) == ("invalidParameter", "downloadURL")
+    assert "--max-download-gib" in error["message"]
+    assert uploads_in(own_data_dir) == []
+    await wire.close()
+
+
+@pytest.mark.parametrize(("fields", "code", "parameter"), [
+    ({"category": "vae"}, "invalidParameter", "category"),
+    ({"architecture": "sd9"}, "invalidParameter", "architecture"),
+    ({"type": ...}, "missingParameter", "type"),
+    ({"type": "positive"}, "invalidParameter", "type"),
+    ({"category": "lora", "type": ..., "defaultSteps": 20}, "invalidParameter", "defaultSteps"),
+    ({"conditioning": "canny"}, "invalidParameter", "conditioning"),
+    ({"defaultScheduler": "NoSuchScheduler"}, "invalidParameter", "defaultScheduler"),
+    ({"private": True}, "unsupportedParameter", "private"),
+    ({"air": "imagewire:tiny@1"}, "invalidParameter", "air"),
+    ({"air": "not an air"}, "invalidParameter", "air"),
+    ({"downloadURL": ...}, "missingParameter", "downloadURL"),
+    ({"downloadURL": "ftp://example.com/model.safetensors"}, "invalidParameter", "downloadURL"),
+    ({"format": "ckpt"}, "invalidParameter", "format"),
+    ({"shortDescription": "a model"}, "unsupportedParameter", "shortDescription"),
+])
+async def test_a_request_that_cannot_be_uploaded_is_refused_before_any_download(start_server, own_data_dir, files,
+                                                                                 fields, code, parameter):
+    server = await start_server(data_dir=own_data_dir, allow_downloads=True, allow_private_urls=True)
+    wire = await Wire.open(server.url)
+    error = await wire.error(upload(f"{files.url}/files/tiny.safetensors", **fields))
+    assert (error["code"], error["parameter"]) == (code, parameter), error
+    assert files.downloads() == 0 and uploads_in(own_data_dir) == []
+    await wire.close()
