@@ -78,10 +78,17 @@ def kohya_sd(unet: Any, text_encoders: tuple[Any, ...], *, seed: int, original_l
         _kohya(state, "lora_unet_" + path.replace(".", "_"), down, up, alpha)
     prefixes = ("lora_te",) if len(text_encoders) == 1 else ("lora_te1", "lora_te2")[:len(text_encoders)]
     for prefix, encoder in zip(prefixes, text_encoders, strict=True):
-        for name, layer in _attention_linears(encoder):
-            down, up = _pair(generator, layer.out_features, layer.in_features)
-            _kohya(state, f"{prefix}_" + name.replace(".", "_"), down, up, alpha)
+        _kohya_text_encoder(state, prefix, encoder, generator, alpha)
     return state
+
+
+def _kohya_text_encoder(state: dict[str, Any], prefix: str, encoder: Any, generator: torch.Generator,
+                        alpha: float) -> None:
+    for name, layer in _attention_linears(encoder):
+        # Trainers name CLIP's modules with transformers' older ``text_model.`` level, which newer versions drop.
+        path = name if name.startswith("text_model.") else f"text_model.{name}"
+        down, up = _pair(generator, layer.out_features, layer.in_features)
+        _kohya(state, f"{prefix}_" + path.replace(".", "_"), down, up, alpha)
 
 
 def loha_sd(unet: Any, *, seed: int) -> dict[str, Any]:
@@ -102,8 +109,9 @@ def _flux_widths(transformer: Any) -> tuple[int, int]:
     return inner, transformer.transformer_blocks[0].ff.net[0].proj.out_features
 
 
-def kohya_flux(transformer: Any, *, seed: int, alpha: float = RANK / 2) -> dict[str, Any]:
-    """A FLUX LoRA as sd-scripts writes it: the original layout's names, q/k/v fused."""
+def kohya_flux(transformer: Any, *, seed: int, alpha: float = RANK / 2, text_encoder: Any = None) -> dict[str, Any]:
+    """A FLUX LoRA as sd-scripts writes it: the original layout's names, q/k/v fused; with ``text_encoder``, CLIP's
+    layers too (``lora_te1_``)."""
     generator = torch.Generator().manual_seed(seed)
     inner, mlp = _flux_widths(transformer)
     state: dict[str, Any] = {}
@@ -115,6 +123,8 @@ def kohya_flux(transformer: Any, *, seed: int, alpha: float = RANK / 2) -> dict[
     for i in range(len(transformer.single_transformer_blocks)):
         # linear1 fuses q, k, v and the MLP at FLUX.1's own widths, which diffusers' converter assumes.
         _kohya(state, f"lora_unet_single_blocks_{i}_linear2", *_pair(generator, inner, inner + mlp), alpha)
+    if text_encoder is not None:
+        _kohya_text_encoder(state, "lora_te1", text_encoder, generator, alpha)
     return state
 
 

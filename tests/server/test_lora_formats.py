@@ -90,7 +90,8 @@ FORMATS: dict[str, tuple[ModelEntry, Callable[[], dict[str, Any]]]] = {
     "locon-sd15": (TINY, lambda: loras.kohya_sd((p := _sd_parts()).unet, (p.text_encoder,), seed=22, locon=True)),
     "kohya-sdxl": (TINY_SDXL, lambda: loras.kohya_sd((p := _sdxl_parts()).unet, (p.text_encoder, p.text_encoder_2),
                                                       seed=23, original_layout=True)),
-    "kohya-flux": (TINY_FLUX, lambda: loras.kohya_flux(flux.build_tiny_pipeline().transformer, seed=24)),
+    "kohya-flux": (TINY_FLUX, lambda: loras.kohya_flux((p := flux.build_tiny_pipeline()).transformer, seed=24,
+                                                       text_encoder=p.text_encoder)),
     "xlabs-flux": (TINY_FLUX, lambda: loras.xlabs_flux(flux.build_tiny_pipeline().transformer, seed=25)),
     "peft-flux": (TINY_FLUX, lambda: loras.peft_flux(flux.build_tiny_pipeline().transformer, seed=26)),
     "peft-sd3": (TINY_SD3, lambda: loras.peft_flux(sd3.build_tiny_pipeline().transformer, seed=27)),
@@ -108,7 +109,13 @@ def test_a_lora_in_each_format_changes_the_image_and_at_weight_zero_does_not(eng
     assert difference(image(engine, job(model)), plain) <= SAME  # switched off again for a call without it
     adapters = engine.pipelines.text_to_image(model).get_list_adapters()
     denoiser = "unet" if model.architecture in ("tiny", "tiny-sdxl") else "transformer"
-    assert f"lora_test_{name.replace('-', '_')}_1" in adapters[denoiser]
+    adapter = f"lora_test_{name.replace('-', '_')}_1"
+    assert adapter in adapters[denoiser]
+    # The kohya files hold CLIP's layers too, under trainers' names: they load with the rest.
+    if name.startswith("kohya"):
+        assert adapter in adapters["text_encoder"]
+    if name == "kohya-sdxl":
+        assert adapter in adapters["text_encoder_2"]
 
 
 def test_a_locon_adapts_the_unets_convolutions_too(engine, job, folder):
@@ -172,3 +179,30 @@ def test_a_lora_of_another_model_is_refused_not_ignored(engine, job, folder, lay
     if layout == "diffusers":
         assert "names no layer of this model" in caught.value.message
     assert difference(image(engine, job(TINY_FLUX)), plain) <= SAME  # the model is as it was
+
+
+async def test_a_flux_lora_from_a_catalog_file_over_the_wire(start_server, folder, tmp_path):
+    """FLUX takes lora on the wire: by its AIR, from an operator's catalog file, weights switched per task."""
+    import json
+
+    from tests.wire import Wire, inference
+
+    path = loras.save(loras.kohya_flux(flux.build_tiny_pipeline().transformer, seed=61), folder / "wire.safetensors")
+    catalog = tmp_path / "catalog.json"
+    catalog.write_text(json.dumps([{"air": "test:flux-style@1", "name": "FLUX style", "architecture": "tiny-flux",
+                                    "category": "lora", "source": "single_file", "location": str(path)}]))
+    server = await start_server(catalog_files=(catalog,))
+    wire = await Wire.open(server.url)
+
+    async def made(**fields: Any) -> str:
+        [answer] = await wire.run(inference(model="imagewire:tiny-flux@1", outputType="base64Data", seed=3,
+                                            width=128, height=128, **fields))
+        return answer["imageBase64Data"]
+
+    plain = await made()
+    assert await made(lora=[{"model": "test:flux-style@1", "weight": 1.5}]) != plain
+    assert await made(lora=[{"model": "test:flux-style@1", "weight": 0}]) == plain
+    error = await wire.error(inference(model="imagewire:tiny-flux@1", lora=[{"model": "test:flux-style@1"}],
+                                       clipSkip=1))
+    assert (error["code"], error["parameter"]) == ("unsupportedParameter", "clipSkip")
+    await wire.close()
