@@ -32,6 +32,7 @@ import shutil
 import socket
 import ssl
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -129,16 +130,20 @@ class ModelUploads:
 
     # ---------------------------------------------------------------- download
 
-    def download(self, upload: Upload) -> Path:
-        """The file at the upload's URL, bounded and hashed, under a temporary name in its folder (the caller
-        passes it to ``store``, or removes it)."""
-        folder = self.folder(upload.air)
+    def partial(self, upload: Upload) -> Path:
+        """Where ``download`` writes: a temporary name in the upload's folder."""
+        return self.folder(upload.air) / f".upload-{os.getpid()}-{time.monotonic_ns()}.part"
+
+    def download(self, upload: Upload, partial: Path, stop: threading.Event | None = None) -> Path:
+        """The file at the upload's URL, bounded and hashed, written to ``partial`` (the caller passes it to
+        ``store``, or removes it); ``stop`` set ends the download (its task was cancelled)."""
+        folder = partial.parent
         folder.mkdir(parents=True, exist_ok=True)
         for leftover in folder.glob(".upload-*.part"):  # what a process killed mid-download left
-            leftover.unlink(missing_ok=True)
-        partial = folder / f".upload-{os.getpid()}-{time.monotonic_ns()}.part"
+            if leftover != partial:
+                leftover.unlink(missing_ok=True)
         try:
-            digest = self._copy(upload, partial)
+            digest = self._copy(upload, partial, stop)
             expected = upload.unique_identifier
             if _SHA256.fullmatch(expected) and digest != expected.lower():
                 raise UploadFailed(
@@ -151,7 +156,7 @@ class ModelUploads:
             raise
         return partial
 
-    def _copy(self, upload: Upload, partial: Path) -> str:
+    def _copy(self, upload: Upload, partial: Path, stop: threading.Event | None) -> str:
         limits, parameter = self.limits, upload.url_parameter
         digest = hashlib.sha256()
         received = 0
@@ -162,6 +167,9 @@ class ModelUploads:
             self._check_size(total, f"{origin} announces", parameter)
             try:
                 while chunk := response.read(_CHUNK):
+                    if stop is not None and stop.is_set():
+                        raise UploadFailed(f"{parameter}: the upload was cancelled; nothing was kept",
+                                           parameter=parameter)
                     received += len(chunk)
                     self._check_size(received, "the file passed", parameter)
                     self._check_room(partial, len(chunk))

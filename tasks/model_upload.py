@@ -12,6 +12,9 @@ file), ``ready`` (in the catalog). A failure answers an error naming the paramet
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,26 +215,39 @@ async def run(prepared: Prepared, ctx: TaskContext) -> AsyncIterator[ModelUpload
         raise InvalidParameter(f"Invalid air: an upload of {upload.air} is under way; send this one once it has "
                                "ended.", parameter="air", type="string")
     _UNDER_WAY.add(str(upload.air))
+    stop = threading.Event()
+    partial: Path | None = None
     try:
         yield _phase(upload, task_uuid, "validated")
-        partial: Path | None = None
         try:
-            if not uploads.kept(upload):
+            if not await asyncio.to_thread(uploads.kept, upload):
+                if str(upload.air) in services.device.loaded_models:
+                    # The loaded pipelines (or adapters) hold the earlier file's weights under this AIR, and would
+                    # go on answering with them.
+                    raise InvalidParameter(
+                        f"Invalid air: {upload.air} is loaded now with the weights of its earlier upload, which "
+                        "would go on answering for it; upload the new file as a new version (the same id, another "
+                        "version), as the public API advises.", parameter="air", type="string")
+                partial = uploads.partial(upload)
                 with ctx.timed("download"):
-                    partial = await downloads.run(ctx.owner, uploads.download, upload)
+                    await downloads.run(ctx.owner, uploads.download, upload, partial, stop)
             yield _phase(upload, task_uuid, "downloaded")
             with ctx.timed("store"):
                 entry = await downloads.run(ctx.owner, uploads.store, upload, partial)
         except UploadFailed as exc:
             raise _error(exc) from exc
-        finally:
-            if partial is not None:
-                partial.unlink(missing_ok=True)  # gone already unless the upload stopped before it was stored
         yield _phase(upload, task_uuid, "optimized")
         yield _phase(upload, task_uuid, "stored")
         services.catalog.add(entry)
         yield _phase(upload, task_uuid, "ready")
     finally:
+        # A cancelled task leaves its download thread running: it stops at its next chunk, and what it wrote
+        # goes (the file is gone already where it was stored or refused).
+        stop.set()
+        if partial is not None:
+            partial.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                partial.parent.rmdir()  # only if nothing else is in it
         _UNDER_WAY.discard(str(upload.air))
 
 

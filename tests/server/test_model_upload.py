@@ -13,7 +13,8 @@ from imagewire.air_registry.tiny import ensure_embedded
 from imagewire.air_registry.tiny.sd import build_tiny_pipeline
 from tests import loras
 from tests.civitai import fake_civitai
-from tests.wire import Wire, inference, new_uuid
+from tests.server.test_cancel import cancel_answer
+from tests.wire import Wire, eventually, inference, new_uuid
 
 PHASES = ["validated", "downloaded", "optimized", "stored", "ready"]
 
@@ -123,6 +124,26 @@ async def test_a_lora_upload_is_usable_in_a_request_by_its_air(start_server, own
     assert files.downloads() == fetched
     [found] = await wire.run({"taskType": "modelSearch", "search": "myteam:8"})
     assert [model["name"] for model in found["results"]] == ["Renamed v1"]
+    # Another file under the AIR of a LoRA that is loaded would not be used: refused, and the file kept.
+    error = await failure(wire, upload(f"{files.url}/files/lora.safetensors", category="lora", type=...,
+                                       air="myteam:8@1", uniqueIdentifier="second"))
+    assert (error["code"], error["parameter"]) == ("invalidParameter", "air")
+    assert "new version" in error["message"] and files.downloads() == fetched
+    assert await image(wire, lora=[{"model": "myteam:8@1", "weight": 0.0}]) == plain
+    await wire.close()
+
+
+async def test_a_cancelled_upload_stops_its_download_and_leaves_nothing(start_server, own_data_dir, files):
+    server = await start_server(data_dir=own_data_dir, allow_downloads=True, allow_private_urls=True)
+    wire = await Wire.open(server.url)
+    files.seconds_per_chunk["tiny.safetensors"] = 0.2  # minutes for the whole file
+    task = upload(f"{files.url}/files/tiny.safetensors", deliveryMethod="async")
+    await wire.send([task])
+    await eventually(lambda: list((own_data_dir / "models").glob("upload-*/.upload-*.part")))
+    assert (await cancel_answer(wire, task["taskUUID"]))["cancelled"] is True
+    await eventually(lambda: uploads_in(own_data_dir) == [])
+    refused = await wire.error(inference(model="myteam:7@1"))
+    assert refused["code"] == "modelNotFound"
     await wire.close()
 
 
