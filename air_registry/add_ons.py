@@ -36,7 +36,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from safetensors.torch import load_file
 
 from imagewire.air_registry.catalog import ModelEntry
-from imagewire.air_registry.errors import AddOnUnusable
+from imagewire.air_registry.errors import AddOnUnusable, shown
 from imagewire.air_registry.tiny import ensure_embedded
 from imagewire.air_registry.weights import weights_file
 
@@ -139,9 +139,10 @@ class ModelAddOns:
             # diffusers skips what names no layer of the model (with a log line): a LoRA for another model's
             # layer names would otherwise answer images as if it were not there.
             raise AddOnUnusable(
-                f"{entry.label} names no layer of this model: none of its {len(tensors)} tensors is a LoRA "
-                "update of this model's denoiser or text encoders, so it is a LoRA of another architecture",
-                air=entry.air)
+                f"{entry.label} names no layer of this model: none of its {len(tensors)} tensors (named like "
+                f"{shown(min(tensors, default=''), 80)}) is a LoRA update of this model's denoiser or text encoders "
+                "as diffusers reads them, so it is a LoRA of another architecture, or in a format diffusers does "
+                "not convert for this one (SD 3 LoRAs load in diffusers' own format only)", air=entry.air)
         self._adapters[entry.air] = name
         logger.info("loaded LoRA %s as adapter %s", entry.air, name)
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from imagewire.air_registry.catalog import Catalog, ModelEntry
 from imagewire.air_registry.tiny import flux, sd, sd3, sdxl
@@ -206,3 +207,18 @@ async def test_a_flux_lora_from_a_catalog_file_over_the_wire(start_server, folde
                                        clipSkip=1))
     assert (error["code"], error["parameter"]) == ("unsupportedParameter", "clipSkip")
     await wire.close()
+
+
+def test_an_sd3_lora_in_a_format_diffusers_does_not_convert_is_refused_naming_its_keys(engine, job, folder):
+    # sd-scripts' names for SD 3's joint blocks: diffusers reads SD 3 LoRAs in its own format only.
+    transformer = sd3.build_tiny_pipeline().transformer
+    inner = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    state: dict[str, Any] = {}
+    loras._kohya(state, "lora_unet_joint_blocks_0_x_block_attn_qkv", *loras._pair(torch.Generator(), 3 * inner, inner),
+                 2.0)
+    kohya = entry(loras.save(state, folder / "sd3-kohya.safetensors"), TINY_SD3, "sd3-kohya")
+    with pytest.raises(TaskError) as caught:
+        image(engine, job(TINY_SD3, add_on(kohya)))
+    assert (caught.value.code, caught.value.parameter) == ("invalidParameter", "lora[0].model")
+    assert "lora_unet_joint_blocks_0_x_block_attn_qkv" in caught.value.message
+    assert "SD 3 LoRAs load in diffusers' own format only" in caught.value.message
