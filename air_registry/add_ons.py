@@ -37,6 +37,7 @@ from safetensors.torch import load_file
 
 from imagewire.air_registry.catalog import ModelEntry
 from imagewire.air_registry.errors import AddOnUnusable, shown
+from imagewire.air_registry.models_dir import unloadable_lora_format
 from imagewire.air_registry.tiny import ensure_embedded
 from imagewire.air_registry.weights import weights_file
 
@@ -247,25 +248,13 @@ def _add_on_path(add_on: WeightedModel) -> Path:
     return found
 
 
-# LyCORIS algorithms other than LoCon (which is kohya's LoRA on convolutions too, and loads as one), each told by
-# the tensor names it writes. diffusers' LoRA loading has no layers for them.
-_UNLOADABLE_FORMATS = (
-    (r"\.hada_w1_", "LyCORIS LoHa (Hadamard-product factors: hada_w1_a, hada_w2_a, ...)"),
-    (r"\.lokr_w1", "LyCORIS LoKr (Kronecker-product factors: lokr_w1, lokr_w2, ...)"),
-    (r"\.oft_blocks$", "LyCORIS OFT/BOFT (orthogonal fine-tuning blocks)"),
-    (r"\.oft_diag$", "LyCORIS diag-OFT (orthogonal fine-tuning blocks)"),
-    # FLUX trainers' bias and norm differences (``.diff_b``, ``.norm….diff``) are filtered out by diffusers.
-    (r"^lora_unet_(?!.*norm).*\.diff$", "LyCORIS full fine-tune differences (.diff tensors)"),
-)
-
-
 def _refuse_unloadable_format(entry: ModelEntry, tensors: dict[str, Any]) -> None:
-    for marker, format_name in _UNLOADABLE_FORMATS:
-        if any(re.search(marker, key) for key in tensors):
-            raise AddOnUnusable(
-                f"{entry.label} is a {format_name}, a format this server does not load; LoRAs load in the "
-                "kohya/AUTOMATIC1111 format (LyCORIS LoCon included), the diffusers/peft format, and for FLUX "
-                "XLabs' and ai-toolkit's", air=entry.air)
+    format_name = unloadable_lora_format(tensors)
+    if format_name is not None:
+        raise AddOnUnusable(
+            f"{entry.label} is a {format_name}, a format this server does not load; LoRAs load in the "
+            "kohya/AUTOMATIC1111 format (LyCORIS LoCon included), the diffusers/peft format, and for FLUX "
+            "XLabs' and ai-toolkit's", air=entry.air)
 
 
 def _adapter_name(air: str, *, taken: set[str]) -> str:

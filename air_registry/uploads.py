@@ -47,7 +47,7 @@ from imagewire.air_registry.catalog import ModelEntry, read_catalog_file
 from imagewire.air_registry.checkpoints import detect_architecture, matches, tensor_shapes
 from imagewire.air_registry.civitai import DownloadLimits
 from imagewire.air_registry.errors import RegistryError, shown
-from imagewire.air_registry.models_dir import add_on_architecture
+from imagewire.air_registry.models_dir import UnloadableLoraFormat, add_on_architecture
 from imagewire.storage.fetch import is_forbidden_address
 
 log = logging.getLogger("imagewire.downloads")
@@ -92,6 +92,7 @@ class Upload:
     entry: dict[str, Any] = field(default_factory=dict)   # the catalog entry, but its architecture
     type: str | None = None          # a checkpoint's: base, inpainting, refiner
     format: str = "safetensors"      # the file format stated (the only one taken)
+    stated_category: str = ""        # the category as the client wrote it (lycoris is kept as a LoRA)
 
 
 def checkpoint_type(architecture: str) -> str:
@@ -292,6 +293,10 @@ class ModelUploads:
                 detected = detect_architecture(shapes)
             else:
                 detected = add_on_architecture(upload.category, shapes)
+        except UnloadableLoraFormat as exc:
+            raise UploadFailed(f"category is {upload.stated_category!r}, and the file from {origin} {exc.problem} "
+                               "(LoRAs load in the kohya, LyCORIS LoCon and diffusers/peft formats, and for FLUX "
+                               "XLabs' and ai-toolkit's); nothing was kept", parameter="category") from exc
         except RegistryError as exc:
             raise UploadFailed(f"architecture: the file from {origin} {exc.problem}, so it is not a "
                                f"{upload.stated} {upload.category}; nothing was kept", parameter="architecture",

@@ -37,7 +37,7 @@ from imagewire.tasks.schema import ModelUpload, ModelUploadResult
 from imagewire.tasks.task_type import TaskType
 
 # The public categories this server takes, and the catalog's category each becomes: a LyCORIS file is loaded
-# as a LoRA (LoCon is; the formats diffusers cannot load are refused when first used, naming the format).
+# as a LoRA (LoCon is; the formats diffusers cannot load are refused naming the format).
 CATEGORIES = {"checkpoint": "checkpoint", "lora": "lora", "lycoris": "lora"}
 CHECKPOINT_TYPES = ("base", "inpainting", "refiner")
 # Public names of SDXL and SD 1.x fine-tunes and distillations: their files have their base's shapes and run as it.
@@ -125,7 +125,7 @@ def prepare(task: ModelUpload, ctx: TaskContext) -> Prepared:
     return Prepared(task.taskUUID, Upload(
         air=air, url=url, url_parameter=url_parameter, category=category, architectures=architectures,
         stated=task.architecture, unique_identifier=task.uniqueIdentifier, entry=entry, type=task.type,
-        format=task.format))
+        format=task.format, stated_category=task.category))
 
 
 def _url(task: ModelUpload) -> tuple[str, str]:

@@ -209,3 +209,13 @@ def test_a_lora_of_sd3_width_is_not_taken_for_flux():
 
     with pytest.raises(RegistryError, match="LoRA of no architecture"):
         add_on_architecture("lora", {"transformer.transformer_blocks.0.attn.add_q_proj.lora_A.weight": (16, 1536)})
+
+
+def test_a_lycoris_format_diffusers_cannot_load_is_told_by_name():
+    from imagewire.air_registry.models_dir import UnloadableLoraFormat, add_on_architecture
+
+    with pytest.raises(UnloadableLoraFormat, match="LyCORIS LoHa"):
+        add_on_architecture("lora", {"lora_unet_mid_block_attentions_0_proj_in.hada_w1_a": (4, 4)})
+    # FLUX trainers' bias differences are not LyCORIS full differences: diffusers drops them.
+    assert add_on_architecture("lora", {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": (16, 3072),
+                                        "lora_unet_double_blocks_0_img_attn_qkv.diff_b": (9216,)}) == "flux1-dev"

@@ -40,10 +40,18 @@ def tiny_lora(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     return path.read_bytes()
 
 
+@pytest.fixture(scope="module")
+def tiny_loha(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    path = loras.save(loras.loha_sd(build_tiny_pipeline().unet, seed=52),
+                      tmp_path_factory.mktemp("upload-loha") / "loha.safetensors")
+    return path.read_bytes()
+
+
 @pytest.fixture
-async def files(tiny_checkpoint, tiny_lora):
+async def files(tiny_checkpoint, tiny_lora, tiny_loha):
     async with fake_civitai() as server:
         server.files.update({"tiny.safetensors": tiny_checkpoint, "lora.safetensors": tiny_lora,
+                             "loha.safetensors": tiny_loha,
                              "cut.safetensors": tiny_checkpoint, "noise.safetensors": b"\x00" * 4096,
                              "short.safetensors": tiny_checkpoint[: len(tiny_checkpoint) // 2]})
         server.interrupted.add("cut.safetensors")
@@ -163,6 +171,8 @@ async def test_without_allow_downloads_the_upload_is_refused_naming_the_flag(sta
     ("tiny.safetensors", {"type": "inpainting"}, "type", "is a base checkpoint"),
     ("lora.safetensors", {"category": "lora", "type": ..., "architecture": "sd1x"}, "architecture",
      "is a lora of tiny"),
+    # A LyCORIS format diffusers cannot load.
+    ("loha.safetensors", {"category": "lycoris", "type": ...}, "category", "is a LyCORIS LoHa"),
     # Corrupt: not safetensors, cut short by the server, cut off mid-download.
     ("noise.safetensors", {}, "downloadURL", "is not a readable safetensors file"),
     ("short.safetensors", {}, "downloadURL", "is not a complete safetensors file"),
