@@ -62,6 +62,7 @@ _MAX_REDIRECTS = 3
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _SAFE_TARGET = "/?=&%:@!$'()*+,;-._~[]"
+_LATENT_CHANNELS = 4  # of the SD 1.x/2.x and SDXL VAEs, the only ones a request can swap in
 
 
 class UploadFailed(RegistryError):
@@ -85,7 +86,7 @@ class Upload:
     air: AIR
     url: str
     url_parameter: str               # downloadURL or downloadUrl, as the client spelled it
-    category: str                    # the catalog's: checkpoint, lora
+    category: str                    # the catalog's: checkpoint, lora, vae
     architectures: tuple[str, ...]   # what the stated architecture may be here
     stated: str                      # the architecture as the client wrote it
     unique_identifier: str
@@ -288,6 +289,8 @@ class ModelUploads:
         except RegistryError as exc:
             raise UploadFailed(f"{upload.url_parameter}: format is {upload.format!r}, and the file from {origin} "
                                f"{exc.problem}; nothing was kept", parameter=upload.url_parameter) from exc
+        if upload.category == "vae":
+            return self._vae_architecture(upload, shapes, origin)
         try:
             if upload.category == "checkpoint":
                 detected = detect_architecture(shapes)
@@ -312,6 +315,20 @@ class ModelUploads:
                 f"type is {upload.type!r}, and the file from {origin} is a {checkpoint_type(fitting)} checkpoint "
                 f"({fitting}); nothing was kept", parameter="type", allowed_values=[checkpoint_type(fitting)])
         return fitting
+
+    @staticmethod
+    def _vae_architecture(upload: Upload, shapes: dict[str, list[int]], origin: str) -> str:
+        """A VAE fits models whose latents have its channels: its shapes cannot tell SD 1.x's from SDXL's, so
+        the stated architecture is taken where the channels agree."""
+        channels = next((shape[1] for name, shape in shapes.items()
+                         if name.endswith("decoder.conv_in.weight") and len(shape) == 4), None)
+        target = ARCHITECTURES[upload.architectures[0]].compatible
+        if channels != _LATENT_CHANNELS:
+            what = "not a VAE (no decoder.conv_in)" if channels is None else f"a VAE of {channels}-channel latents"
+            raise UploadFailed(
+                f"architecture is {upload.stated!r}, whose models have {_LATENT_CHANNELS}-channel latents, and the "
+                f"file from {origin} is {what}; nothing was kept", parameter="architecture")
+        return target
 
     def store(self, upload: Upload, partial: Path | None) -> ModelEntry:
         """Keep the checked file (``partial``; None: the one kept from an upload with the same uniqueIdentifier)

@@ -1,4 +1,4 @@
-"""modelUpload: a checkpoint or a LoRA fetched from the client's ``downloadURL`` into the catalog, usable by its
+"""modelUpload: a checkpoint, a LoRA or a VAE fetched from the client's ``downloadURL`` into the catalog, usable by its
 ``air`` once the task answers ``ready``.
 
 ``prepare`` checks everything a request can get wrong without I/O: that this server downloads at all
@@ -38,7 +38,9 @@ from imagewire.tasks.task_type import TaskType
 
 # The public categories this server takes, and the catalog's category each becomes: a LyCORIS file is loaded
 # as a LoRA (LoCon is; the formats diffusers cannot load are refused naming the format).
-CATEGORIES = {"checkpoint": "checkpoint", "lora": "lora", "lycoris": "lora"}
+CATEGORIES = {"checkpoint": "checkpoint", "lora": "lora", "lycoris": "lora", "vae": "vae"}
+# The families whose requests take another VAE (``image_add_ons.ADD_ON_FAMILIES``): a VAE for others is no use.
+VAE_FAMILIES = ("sd", "sdxl")
 CHECKPOINT_TYPES = ("base", "inpainting", "refiner")
 # Public names of SDXL and SD 1.x fine-tunes and distillations: their files have their base's shapes and run as it.
 _FINE_TUNES = {**dict.fromkeys(("pony", "illustrious", "sdxldistilled", "sdxlhyper", "sdxllightning", "sdxlturbo",
@@ -107,6 +109,13 @@ def prepare(task: ModelUpload, ctx: TaskContext) -> Prepared:
         raise InvalidParameter(
             f"Invalid architecture: expected one of {', '.join(allowed)}; received "
             f"{describe_value(task.architecture)}.", parameter="architecture", type="string", allowed_values=allowed)
+    if category == "vae" and not all(ARCHITECTURES[name].family in VAE_FAMILIES for name in architectures):
+        fitting = [name for name in _uploadable_architectures() if _architectures(name) and all(
+            ARCHITECTURES[row].family in VAE_FAMILIES for row in _architectures(name))]
+        raise InvalidParameter(
+            f"Invalid architecture: a VAE upload is for models whose requests take a vae (SD 1.x/2.x and SDXL), "
+            f"one of {', '.join(fitting)}; received {describe_value(task.architecture)}.", parameter="architecture",
+            type="string", allowed_values=fitting)
     air = _air(task, ctx)
     _check_category_fields(task, category)
     if task.private:

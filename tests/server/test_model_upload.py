@@ -47,11 +47,23 @@ def tiny_loha(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     return path.read_bytes()
 
 
+@pytest.fixture(scope="module")
+def tiny_vae(models_dir: Path) -> bytes:
+    """The tiny VAE as one file, as ComfyUI's vae/ folder keeps them: the original layout, no prefix."""
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from safetensors.torch import save
+
+    from tests.checkpoints import _vae
+
+    vae = AutoencoderKL.from_pretrained(ensure_embedded("tiny-vae", models_dir / "imagewire-tiny-vae-1"))
+    return save({key.removeprefix("first_stage_model."): tensor.contiguous() for key, tensor in _vae(vae).items()})
+
+
 @pytest.fixture
-async def files(tiny_checkpoint, tiny_lora, tiny_loha):
+async def files(tiny_checkpoint, tiny_lora, tiny_loha, tiny_vae):
     async with fake_civitai() as server:
         server.files.update({"tiny.safetensors": tiny_checkpoint, "lora.safetensors": tiny_lora,
-                             "loha.safetensors": tiny_loha,
+                             "loha.safetensors": tiny_loha, "vae.safetensors": tiny_vae,
                              "cut.safetensors": tiny_checkpoint, "noise.safetensors": b"\x00" * 4096,
                              "short.safetensors": tiny_checkpoint[: len(tiny_checkpoint) // 2]})
         server.interrupted.add("cut.safetensors")
@@ -155,6 +167,17 @@ async def test_a_cancelled_upload_stops_its_download_and_leaves_nothing(start_se
     await wire.close()
 
 
+async def test_a_vae_upload_replaces_the_models_own_in_a_request_by_its_air(start_server, own_data_dir, files):
+    server = await start_server(data_dir=own_data_dir, allow_downloads=True, allow_private_urls=True)
+    wire = await Wire.open(server.url)
+    task = upload(f"{files.url}/files/vae.safetensors", category="vae", type=..., air="myteam:9@1")
+    assert [answer["status"] for answer in await wire.run(task, count=5)] == PHASES
+    # The same weights as the catalog's tiny VAE, read from the uploaded file: the same image.
+    assert await image(wire, vae="myteam:9@1") == await image(wire, vae="imagewire:tiny-vae@1")
+    assert await image(wire, vae="myteam:9@1") != await image(wire)
+    await wire.close()
+
+
 async def test_without_allow_downloads_the_upload_is_refused_naming_the_flag(start_server, own_data_dir, files):
     server = await start_server(data_dir=own_data_dir, allow_private_urls=True)
     wire = await Wire.open(server.url)
@@ -171,6 +194,8 @@ async def test_without_allow_downloads_the_upload_is_refused_naming_the_flag(sta
     ("tiny.safetensors", {"type": "inpainting"}, "type", "is a base checkpoint"),
     ("lora.safetensors", {"category": "lora", "type": ..., "architecture": "sd1x"}, "architecture",
      "is a lora of tiny"),
+    # A VAE of no latents here, and one for a family whose requests take none.
+    ("lora.safetensors", {"category": "vae", "type": ...}, "architecture", "is not a VAE"),
     # A LyCORIS format diffusers cannot load.
     ("loha.safetensors", {"category": "lycoris", "type": ...}, "category", "is a LyCORIS LoHa"),
     # Corrupt: not safetensors, cut short by the server, cut off mid-download.
@@ -217,7 +242,8 @@ async def test_a_file_past_the_size_bound_is_refused(start_server, own_data_dir,
 
 
 @pytest.mark.parametrize(("fields", "code", "parameter"), [
-    ({"category": "vae"}, "invalidParameter", "category"),
+    ({"category": "embeddings"}, "invalidParameter", "category"),
+    ({"category": "vae", "type": ..., "architecture": "flux1d"}, "invalidParameter", "architecture"),
     ({"architecture": "sd9"}, "invalidParameter", "architecture"),
     ({"type": ...}, "missingParameter", "type"),
     ({"type": "positive"}, "invalidParameter", "type"),
