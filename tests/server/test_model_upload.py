@@ -14,7 +14,7 @@ from imagewire.air_registry.tiny.sd import build_tiny_pipeline
 from tests import loras
 from tests.civitai import fake_civitai
 from tests.server.test_cancel import cancel_answer
-from tests.wire import Wire, eventually, inference, new_uuid
+from tests.wire import API_KEY, Wire, eventually, inference, new_uuid
 
 PHASES = ["validated", "downloaded", "optimized", "stored", "ready"]
 
@@ -266,3 +266,30 @@ async def test_a_request_that_cannot_be_uploaded_is_refused_before_any_download(
     assert (error["code"], error["parameter"]) == (code, parameter), error
     assert files.downloads() == 0 and uploads_in(own_data_dir) == []
     await wire.close()
+
+
+async def test_one_keys_uploads_take_one_download_slot_and_another_keys_upload_goes_on(start_server, own_data_dir,
+                                                                                        files):
+    """--max-downloads-per-key 1: a key's second upload waits for its first, and another key's runs meanwhile."""
+    other_key = "b" * 32
+    server = await start_server(data_dir=own_data_dir, allow_downloads=True, allow_private_urls=True,
+                                api_keys=(API_KEY, other_key), max_downloads=2, max_downloads_per_key=1)
+    files.seconds_per_chunk["tiny.safetensors"] = 0.2
+    first = await Wire.open(server.url)
+    second = await Wire.open(server.url, api_key=other_key)
+    slow = [upload(f"{files.url}/files/tiny.safetensors", air=f"slow:{n}@1", deliveryMethod="async")
+            for n in (1, 2)]
+    await first.send(slow)
+
+    def slow_requests() -> int:
+        return sum(1 for path, _ in files.requests if path == "/files/tiny.safetensors")
+
+    await eventually(lambda: slow_requests() == 1)
+    answers = await second.run(upload(f"{files.url}/files/lora.safetensors", category="lora", type=...,
+                                      air="fast:1@1"), count=5)
+    assert [answer["status"] for answer in answers] == PHASES
+    assert slow_requests() == 1, "the first key's second upload waits for its first"
+    for task in slow:
+        await cancel_answer(first, task["taskUUID"])
+    await first.close()
+    await second.close()
