@@ -361,10 +361,9 @@ def _fitting(detected: str, stated: tuple[str, ...], category: str) -> str | Non
             if matches(name, detected):
                 return name
             continue
+        # The architecture whose add-ons fit the stated one's models: [dev]'s for every FLUX.1 variant.
         target = ARCHITECTURES[name].compatible
-        # FLUX.1 [dev], [schnell] and Kontext share the transformer's shapes: a FLUX LoRA (told apart as one of
-        # [dev], the kind trainers use) fits each.
-        if target == detected or (detected == "flux1-dev" and target in ("flux1-schnell", "flux1-kontext")):
+        if target == detected:
             return target
     return None
 

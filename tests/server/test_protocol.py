@@ -390,6 +390,27 @@ def test_add_ons_on_flow_models_are_refused_naming_the_member_and_the_architectu
     assert "imagewire:tiny-lora@1 is a LoRA for tiny models" in error.message
 
 
+@pytest.mark.parametrize("model", ["flux-dev", "flux-schnell", "runware:106@1", "runware:102@1"],
+                         ids=["dev", "schnell", "kontext", "fill"])
+def test_a_flux_lora_fits_every_flux_variant(model):
+    import dataclasses
+
+    catalog = Catalog.load()
+    flux_lora = dataclasses.replace(catalog.resolve("tiny-lora"), air="test:flux-lora@1", aliases=(),
+                                    architecture="flux1-dev")
+    context = pure_context(catalog=Catalog([*catalog.entries, flux_lora]))
+    extra = {"seedImage": "x", "maskImage": "y"} if model == "runware:102@1" else {}
+    decoded = decode(task(model=model, lora=[{"model": "test:flux-lora@1", "weight": 0.7}], **extra))
+    assert decoded.task is not None
+    prepared = image_inference.prepare(decoded.task, context)
+    assert [(lora.model.air, lora.weight) for lora in prepared.add_ons.loras] == [("test:flux-lora@1", 0.7)]
+    # And nothing made for [dev] fits SD 3.
+    sd3 = decode(task(model="imagewire:sd35-large@1", lora=[{"model": "test:flux-lora@1"}]))
+    with pytest.raises(TaskError) as caught:
+        image_inference.prepare(sd3.task, context)
+    assert caught.value.parameter == "lora[0].model"
+
+
 def test_add_ons_fit_an_inpainting_checkpoint_through_the_architecture_it_came_from():
     prepared = settle(task(model="imagewire:tiny-inpaint@1", seedImage="x", maskImage="y",
                            lora=[{"model": "tiny-lora"}], vae="tiny-vae", embeddings=[{"model": "tiny-embedding"}]))
