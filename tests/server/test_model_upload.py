@@ -293,3 +293,20 @@ async def test_one_keys_uploads_take_one_download_slot_and_another_keys_upload_g
         await cancel_answer(first, task["taskUUID"])
     await first.close()
     await second.close()
+
+
+async def test_the_python_client_uploads_a_model_and_raises_the_servers_error(start_server, own_data_dir, files):
+    from imagewire_client import Client, ImagewireError
+
+    server = await start_server(data_dir=own_data_dir, allow_downloads=True, allow_private_urls=True)
+    async with Client(server.url, API_KEY) as client:
+        phases = await client.upload_model(
+            f"{files.url}/files/lora.safetensors", air="myteam:10@1", category="lora", architecture="tiny",
+            name="Client LoRA", version="v2", unique_identifier="client")
+        assert phases == PHASES
+        [info] = await client.models("myteam:10")
+        assert (info.name, info.category, info.architecture) == ("Client LoRA v2", "lora", "tiny")
+        with pytest.raises(ImagewireError) as caught:
+            await client.upload_model(f"{files.url}/files/lora.safetensors", air="myteam:11@1", category="lora",
+                                      architecture="sdxl", name="Wrong", version="v1", unique_identifier="x")
+        assert caught.value.parameter == "architecture"
