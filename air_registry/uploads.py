@@ -21,6 +21,7 @@ Blocking (``http.client``): callers run ``download`` and ``store`` in threads.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import http.client
 import ipaddress
@@ -174,7 +175,7 @@ class ModelUploads:
                                            parameter=parameter)
                     received += len(chunk)
                     self._check_size(received, "the file passed", parameter)
-                    self._check_room(partial, len(chunk))
+                    self._check_room(partial, len(chunk), parameter)
                     if deadline is not None and time.monotonic() > deadline:
                         raise UploadFailed(
                             f"{parameter}: the download from {origin} took longer than {limits.seconds:.0f} s "
@@ -182,6 +183,9 @@ class ModelUploads:
                     out.write(chunk)
                     digest.update(chunk)
             except (OSError, http.client.HTTPException) as exc:
+                if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                    raise UploadFailed(f"{parameter}: the server's disk is full; nothing was kept",
+                                       parameter=parameter, server_side=True) from exc
                 raise UploadFailed(f"{parameter}: the download from {origin} broke off ({type(exc).__name__}); "
                                    "nothing was kept", parameter=parameter) from exc
         if total is not None and received != total:
@@ -195,11 +199,11 @@ class ModelUploads:
             raise UploadFailed(f"{parameter}: {what} {_gib(size)}, more than the {_gib(bound)} a download may be "
                                "(--max-download-gib); nothing was kept", parameter=parameter)
 
-    def _check_room(self, partial: Path, coming: int) -> None:
+    def _check_room(self, partial: Path, coming: int, parameter: str) -> None:
         reserve = self.limits.min_free_bytes
         if reserve is not None and shutil.disk_usage(partial.parent).free - coming < reserve:
-            raise UploadFailed(f"downloadURL: the server's disk would have less than the {_gib(reserve)} free it keeps "
-                               "(--min-free-disk-gib); nothing was kept", parameter="downloadURL", server_side=True)
+            raise UploadFailed(f"{parameter}: the server's disk would have less than the {_gib(reserve)} free it "
+                               "keeps (--min-free-disk-gib); nothing was kept", parameter=parameter, server_side=True)
 
     @contextmanager
     def _open(self, url: str, parameter: str) -> Iterator[tuple[http.client.HTTPResponse, str]]:
