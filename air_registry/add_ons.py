@@ -2,8 +2,11 @@
 and switched per call, never by reloading the model.
 
 - **LoRAs** load through diffusers' own LoRA loading (peft adapters, one per LoRA, named after its AIR) into the
-  model's UNet and text encoders; a call activates its set with ``set_adapters`` and its weights, or turns
-  adapters off. At most ``MAX_LORAS`` stay loaded per model, the least recently used going first.
+  model's denoiser (a UNet, or FLUX's and SD 3's transformer) and text encoders; diffusers converts the formats
+  trainers write (kohya/AUTOMATIC1111 and LyCORIS LoCon; for FLUX also XLabs and ai-toolkit). A call activates
+  its set with ``set_adapters`` and its weights, or turns adapters off. LyCORIS formats diffusers has no layers
+  for (LoHa, LoKr, OFT) are refused naming the format, and so is a LoRA that names no layer of the model. At
+  most ``MAX_LORAS`` stay loaded per model, the least recently used going first.
 - **Embeddings** are tokens added to the tokenizers with their vectors (times the request's weight) in the text
   encoders, through diffusers' textual-inversion loading. A token left in the tokenizer would change every
   prompt that spells it, so when a call wants another set than the last, the tokenizers go back to a pristine
@@ -33,7 +36,8 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from safetensors.torch import load_file
 
 from imagewire.air_registry.catalog import ModelEntry
-from imagewire.air_registry.errors import AddOnUnusable
+from imagewire.air_registry.errors import AddOnUnusable, shown
+from imagewire.air_registry.models_dir import unloadable_lora_format
 from imagewire.air_registry.tiny import ensure_embedded
 from imagewire.air_registry.weights import weights_file
 
@@ -121,12 +125,25 @@ class ModelAddOns:
         name = _adapter_name(entry.air, taken=set(self._adapters.values()))
         path = _add_on_path(lora)
         try:
+            # Read here rather than by diffusers, so that a folder, a hub snapshot and a single file are alike.
+            tensors = load_file(str(path))
+        except Exception as exc:
+            raise _unusable(entry, "a LoRA", exc) from exc
+        _refuse_unloadable_format(entry, tensors)
+        try:
             with _expected_peft_warnings():
-                # Read here rather than by diffusers, so that a folder, a hub snapshot and a single file are alike.
-                pipe.load_lora_weights(load_file(str(path)), adapter_name=name)
+                pipe.load_lora_weights(tensors, adapter_name=name)
         except Exception as exc:
             _forget_adapter(pipe, name)
             raise _unusable(entry, "a LoRA of this model", exc) from exc
+        if not any(name in adapters for adapters in pipe.get_list_adapters().values()):
+            # diffusers skips what names no layer of the model (with a log line): a LoRA for another model's
+            # layer names would otherwise answer images as if it were not there.
+            raise AddOnUnusable(
+                f"{entry.label} names no layer of this model: none of its {len(tensors)} tensors (named like "
+                f"{shown(min(tensors, default=''), 80)}) is a LoRA update of this model's denoiser or text encoders "
+                "as diffusers reads them, so it is a LoRA of another architecture, or in a format diffusers does "
+                "not convert for this one (SD 3 LoRAs load in diffusers' own format only)", air=entry.air)
         self._adapters[entry.air] = name
         logger.info("loaded LoRA %s as adapter %s", entry.air, name)
 
@@ -229,6 +246,15 @@ def _add_on_path(add_on: WeightedModel) -> Path:
     if found is None:
         raise AddOnUnusable(f"the weights file of {entry.label} is missing", air=entry.air)
     return found
+
+
+def _refuse_unloadable_format(entry: ModelEntry, tensors: dict[str, Any]) -> None:
+    format_name = unloadable_lora_format(tensors)
+    if format_name is not None:
+        raise AddOnUnusable(
+            f"{entry.label} is a {format_name}, a format this server does not load; LoRAs load in the "
+            "kohya/AUTOMATIC1111 format (LyCORIS LoCon included), the diffusers/peft format, and for FLUX "
+            "XLabs' and ai-toolkit's", air=entry.air)
 
 
 def _adapter_name(air: str, *, taken: set[str]) -> str:

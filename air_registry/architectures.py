@@ -113,20 +113,22 @@ ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType({
                      controlnets=False),
         Architecture("tiny-sd3", family="sd3", size=256, steps=4, cfg_scale=4.5, sampling=FLOW,
                      cuda_dtype="bfloat16", max_sequence_length=64, controlnets=False),
+        # [schnell], Kontext and Fill have [dev]'s transformer blocks: the LoRAs people train on [dev] (and
+        # files tell apart only as FLUX.1) apply to them too.
         Architecture("flux1-schnell", family="flux", size=1024, steps=4, cfg_scale=0.0, sampling=FLOW,
                      cuda_dtype="bfloat16", max_sequence_length=256, single_file_pipeline="FluxPipeline",
-                     controlnets=False),
+                     controlnets=False, base="flux1-dev"),
         Architecture("flux1-dev", family="flux", size=1024, steps=28, cfg_scale=3.5, sampling=FLOW,
                      cuda_dtype="bfloat16", max_sequence_length=512, single_file_pipeline="FluxPipeline",
                      controlnets=False),
         # Kontext [dev] edits the seed image as the prompt says; Fill [dev] inpaints.
         Architecture("flux1-kontext", family="flux-kontext", size=1024, steps=28, cfg_scale=2.5, sampling=FLOW,
                      cuda_dtype="bfloat16", max_sequence_length=512, pipeline="FluxKontextPipeline",
-                     single_file_pipeline="FluxKontextPipeline", masks=False, controlnets=False),
+                     single_file_pipeline="FluxKontextPipeline", masks=False, controlnets=False, base="flux1-dev"),
         Architecture("flux1-fill", family="flux", size=1024, steps=50, cfg_scale=30.0, sampling=FLOW,
                      cuda_dtype="bfloat16", max_sequence_length=512, pipeline="FluxFillPipeline",
                      single_file_pipeline="FluxFillPipeline",
-                     inpainting_only=True, controlnets=False),
+                     inpainting_only=True, controlnets=False, base="flux1-dev"),
         # SD 3 medium was released in float16; SD 3.5 in bfloat16.
         Architecture("sd3", family="sd3", size=1024, steps=28, cfg_scale=7.0, sampling=FLOW,
                      single_file_pipeline="StableDiffusion3Pipeline", controlnets=False),

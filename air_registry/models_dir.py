@@ -66,7 +66,8 @@ _SUFFIXES: Mapping[str, tuple[str, ...]] = MappingProxyType({
 _CHUNK = 4 * 1024 * 1024
 
 # The width of the text a UNet attends to names its family (LoRAs, ControlNets, embeddings read it too).
-_TEXT_WIDTHS: Mapping[int, str] = MappingProxyType({768: "sd15", 1024: "sd21", 2048: "sdxl"})
+# 32 is the embedded tiny model's (``tiny/sd.py``), as in ``checkpoints.py``: its add-ons are told apart too.
+_TEXT_WIDTHS: Mapping[int, str] = MappingProxyType({768: "sd15", 1024: "sd21", 2048: "sdxl", 32: "tiny"})
 
 
 @dataclass(frozen=True)
@@ -191,12 +192,45 @@ def _width_of(shapes: Mapping[str, Sequence[int]], endings: tuple[str, ...], axi
     return None
 
 
+# LyCORIS algorithms other than LoCon (which is kohya's LoRA on convolutions too, and loads as one), each told by
+# the tensor names it writes. diffusers' LoRA loading has no layers for them.
+_UNLOADABLE_LORA_FORMATS = (
+    (r"\.hada_w1_", "LyCORIS LoHa (Hadamard-product factors: hada_w1_a, hada_w2_a, ...)"),
+    (r"\.lokr_w1", "LyCORIS LoKr (Kronecker-product factors: lokr_w1, lokr_w2, ...)"),
+    (r"\.oft_blocks$", "LyCORIS OFT/BOFT (orthogonal fine-tuning blocks)"),
+    (r"\.oft_diag$", "LyCORIS diag-OFT (orthogonal fine-tuning blocks)"),
+    # FLUX trainers' bias and norm differences (``.diff_b``, ``.norm….diff``) are filtered out by diffusers.
+    (r"^lora_unet_(?!.*norm).*\.diff$", "LyCORIS full fine-tune differences (.diff tensors)"),
+)
+
+
+class UnloadableLoraFormat(RegistryError):
+    """A LoRA-like file in a format diffusers has no layers for."""
+
+
+def unloadable_lora_format(names: Iterable[str]) -> str | None:
+    """The name of the LyCORIS format whose tensors ``names`` are, where diffusers cannot load it; else None."""
+    listed = list(names)
+    for marker, format_name in _UNLOADABLE_LORA_FORMATS:
+        if any(re.search(marker, name) for name in listed):
+            return format_name
+    return None
+
+
 def add_on_architecture(category: str, shapes: Mapping[str, Sequence[int]], name: str = "") -> str:
     """The architecture a LoRA, embedding, VAE or ControlNet fits, from its tensors (and for a VAE its file
     ``name``); RegistryError if none."""
     names = list(shapes)
     if category == "lora":
+        unloadable = unloadable_lora_format(names)
+        if unloadable is not None:
+            raise UnloadableLoraFormat(f"is a {unloadable}, a format this server does not load")
         if any("double_blocks" in name or "single_transformer_blocks" in name for name in names):
+            return "flux1-dev"
+        # A FLUX LoRA of the double-stream blocks alone (diffusers' and ai-toolkit's names): FLUX.1's joint
+        # attention is 3072 wide (SD 3's, with the same names, 1536 or 2432).
+        if _width_of(shapes, ("attn.add_q_proj.lora_A.weight", "attn.to_q.lora_A.weight")) == 3072 and any(
+                ".attn.add_q_proj." in name or ".attn.to_add_out." in name for name in names):
             return "flux1-dev"
         # The key projection of cross-attention reads the text's width: kohya's and diffusers' names.
         width = _width_of(shapes, ("attn2_to_k.lora_down.weight", "attn2.to_k.lora_down.weight",

@@ -18,6 +18,7 @@ from imagewire.air_registry import ARCHITECTURES, Catalog, ModelEntry, RegistryE
 from imagewire.air_registry.civitai import Civitai, DownloadLimits
 from imagewire.air_registry.models_dir import RESCAN_SECONDS as MODELS_RESCAN_SECONDS
 from imagewire.air_registry.models_dir import ModelsFolders
+from imagewire.air_registry.uploads import ModelUploads
 from imagewire.server.admission import Admission, DeviceTime
 from imagewire.server.answer_budget import AnswerBudget
 from imagewire.server.auth import ApiKeys, load_or_create_key
@@ -134,7 +135,10 @@ class ImagewireServer:
                               max_bytes=config.max_download_bytes, min_free_bytes=config.min_free_disk_bytes,
                               seconds=config.download_timeout))
         self.downloads = Downloads(workers=config.max_downloads, per_key=config.max_downloads_per_key)
-        downloaded = await asyncio.to_thread(Civitai.downloaded_catalogs, civitai.models_dir)
+        uploads = ModelUploads(models_dir=config.data_dir / "models", limits=civitai.limits,
+                               allow_private=config.allow_private_urls)
+        downloaded = [*await asyncio.to_thread(Civitai.downloaded_catalogs, civitai.models_dir),
+                      *await asyncio.to_thread(ModelUploads.uploaded_catalogs, uploads.models_dir)]
         catalog = await asyncio.to_thread(Catalog.load, [*downloaded, *config.catalog_files],
                                           check_defaults=check_model_defaults)
         if config.models_dirs:
@@ -171,7 +175,8 @@ class ImagewireServer:
                               safety_checker=config.safety_checker,
                               needs_weights=config.needs_weights, image_ttl=config.image_ttl),
             catalog=catalog, store=self.store, fetcher=fetcher, device=self.device, results=self.registry,
-            pixels=PixelBudget(config.max_waiting_pixels), civitai=civitai, downloads=self.downloads)
+            pixels=PixelBudget(config.max_waiting_pixels), civitai=civitai, downloads=self.downloads,
+            uploads=uploads)
         self.inbound = InboundBudget(config.max_inbound_bytes)
         self.metrics = Metrics(State(
             queue_depth=lambda: self.device.pending,

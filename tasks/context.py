@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from imagewire.air_registry import Catalog
 from imagewire.air_registry.civitai import Civitai
+from imagewire.air_registry.uploads import ModelUploads
 from imagewire.storage import ImageStorage, UrlFetcher
 from imagewire.tasks.downloads import Downloads
 from imagewire.tasks.errors import ServiceUnavailable, TaskError
@@ -173,6 +174,7 @@ class Services:
     base_url: str = ""   # of imageURLs; set once the server listens (its port may be chosen then)
     civitai: Civitai | None = None   # where civitai:MODEL@VERSION checkpoints come from; None: nowhere
     downloads: Downloads | None = None   # the threads downloads run on; None: nothing is downloaded
+    uploads: ModelUploads | None = None  # where modelUpload keeps what it fetches; None: nowhere
 
     def image_url(self, image_uuid: str, extension: str) -> str:
         return f"{self.base_url}/image/{image_uuid}.{extension}"

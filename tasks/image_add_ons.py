@@ -23,8 +23,11 @@ from imagewire.tasks.errors import InvalidParameter, UnsupportedParameter, descr
 from imagewire.tasks.jobs import AddOn, RefinerPass
 from imagewire.tasks.schema import Embedding, ImageInference, Lora
 
-# The model families whose pipelines take LoRAs, embeddings, another VAE, CLIP skip and weighted prompts.
+# The model families whose pipelines take embeddings, another VAE, CLIP skip and weighted prompts.
 ADD_ON_FAMILIES = frozenset({"sd", "sdxl"})
+# Those whose pipelines take LoRAs: diffusers' LoRA loading of FLUX and SD 3 pipelines reads their trainers'
+# formats too (kohya, XLabs, ai-toolkit), into the transformer and the CLIP text encoder.
+LORA_FAMILIES = ADD_ON_FAMILIES | {"flux", "flux-kontext", "sd3"}
 REFINER_FAMILIES = frozenset({"sdxl"})
 # Where the refiner takes over when the request says neither startStep nor startStepPercentage.
 DEFAULT_REFINER_START = 0.8
@@ -53,8 +56,13 @@ class AddOns:
 
 def prepare(task: ImageInference, model: ModelEntry, steps: int, ctx: TaskContext) -> AddOns:
     family = ARCHITECTURES[model.architecture].family
+    if family not in LORA_FAMILIES:
+        _refuse_add_ons(task, model, family, [("lora[0].model", task.lora)], LORA_FAMILIES)
     if family not in ADD_ON_FAMILIES:
-        _refuse_add_ons(task, model, family)
+        _refuse_add_ons(task, model, family, [
+            ("embeddings[0].model", task.embeddings), ("vae", task.vae), ("clipSkip", task.clipSkip),
+            ("promptWeighting", task.promptWeighting), ("usePromptWeighting", task.usePromptWeighting)],
+            ADD_ON_FAMILIES)
     refiner, start = _refiner(task, model, steps, ctx)
     return AddOns(
         loras=_weighted(ctx, task.lora or [], model, name="lora", category="lora"),
@@ -67,22 +75,21 @@ def prepare(task: ImageInference, model: ModelEntry, steps: int, ctx: TaskContex
     )
 
 
-def _refuse_add_ons(task: ImageInference, model: ModelEntry, family: str) -> None:
-    """The first add-on a request for a model of another family asks for, refused by its path: these families'
-    pipelines (FLUX, SD 3) read prompts with T5 too and have no embeddings, CLIP skip or weighted prompts here,
-    and their LoRAs are not catalogued or loaded yet."""
-    asked = [parameter for parameter, value in (
-        ("lora[0].model", task.lora), ("embeddings[0].model", task.embeddings), ("vae", task.vae),
-        ("clipSkip", task.clipSkip), ("promptWeighting", task.promptWeighting),
-        ("usePromptWeighting", task.usePromptWeighting)) if value]
+def _refuse_add_ons(task: ImageInference, model: ModelEntry, family: str, given: list[tuple[str, Any]],
+                    families: frozenset[str]) -> None:
+    """The first of ``given`` (parameter path, value) that the request sets, refused by its path: FLUX and SD 3
+    pipelines read prompts with T5 too and have no embeddings, CLIP skip or weighted prompts here; LoRAs apply
+    to the families in ``LORA_FAMILIES``."""
+    asked = [parameter for parameter, value in given if value]
     if not asked:
         return
     fitting = [architecture.name for architecture in ARCHITECTURES.values()
-               if architecture.family in ADD_ON_FAMILIES and architecture.task == "imageInference"]
+               if architecture.family in families and architecture.task == "imageInference"]
+    what = "LoRAs apply" if asked[0].startswith("lora") else (
+        "embeddings, VAEs, clipSkip and promptWeighting apply")
     raise UnsupportedParameter(
-        f"{asked[0]} is not supported for model {model.air} ({model.architecture}, {family} family) yet: LoRAs, "
-        f"embeddings, VAEs, clipSkip and promptWeighting apply to models of the SD 1.x/2.x and SDXL families "
-        f"(architectures {', '.join(fitting)}). Remove it from the request.",
+        f"{asked[0]} is not supported for model {model.air} ({model.architecture}, {family} family): {what} "
+        f"to models of the architectures {', '.join(fitting)}. Remove it from the request.",
         parameter=asked[0], allowed_values=fitting)
 
 

@@ -18,6 +18,7 @@ from imagewire.tasks import (
     image_upload,
     image_upscale,
     model_search,
+    model_upload,
     prompt_enhance,
     schema,
 )
@@ -40,5 +41,6 @@ SUPPORTED: Mapping[str, TaskType[Any, Any]] = MappingProxyType({
         prompt_enhance.TASK_TYPE,
         controlnet_preprocess.TASK_TYPE,
         controlnet_preprocess.TASK_TYPE.spelled(schema.ControlNetPreprocess),
+        model_upload.TASK_TYPE,
     )
 })

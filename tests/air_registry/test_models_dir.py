@@ -185,3 +185,37 @@ def test_a_missing_models_folder_is_said_and_looked_at_again(tmp_path: Path, sd1
     write_header_only(root / "checkpoints" / "model.safetensors", sd15_shapes)
     [entry], _ = folders.rescan()
     assert entry.architecture == "sd15"
+
+
+@pytest.mark.parametrize(("keys", "expected"), [
+    # kohya (sd-scripts) FLUX names, XLabs' names, diffusers' names with the single-stream blocks
+    ({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": (16, 3072)}, "flux1-dev"),
+    ({"double_blocks.0.processor.qkv_lora1.down.weight": (16, 3072)}, "flux1-dev"),
+    ({"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": (16, 3072)}, "flux1-dev"),
+    # diffusers' names on the double-stream blocks alone: FLUX's width
+    ({"transformer.transformer_blocks.0.attn.add_q_proj.lora_A.weight": (16, 3072)}, "flux1-dev"),
+    # kohya SD 1.x and SDXL names: the width cross-attention reads
+    ({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight": (4, 768)}, "sd15"),
+    ({"lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight": (4, 2048)}, "sdxl"),
+])
+def test_a_loras_architecture_is_told_from_its_names_and_widths(keys, expected):
+    from imagewire.air_registry.models_dir import add_on_architecture
+
+    assert add_on_architecture("lora", keys) == expected
+
+
+def test_a_lora_of_sd3_width_is_not_taken_for_flux():
+    from imagewire.air_registry.models_dir import add_on_architecture
+
+    with pytest.raises(RegistryError, match="LoRA of no architecture"):
+        add_on_architecture("lora", {"transformer.transformer_blocks.0.attn.add_q_proj.lora_A.weight": (16, 1536)})
+
+
+def test_a_lycoris_format_diffusers_cannot_load_is_told_by_name():
+    from imagewire.air_registry.models_dir import UnloadableLoraFormat, add_on_architecture
+
+    with pytest.raises(UnloadableLoraFormat, match="LyCORIS LoHa"):
+        add_on_architecture("lora", {"lora_unet_mid_block_attentions_0_proj_in.hada_w1_a": (4, 4)})
+    # FLUX trainers' bias differences are not LyCORIS full differences: diffusers drops them.
+    assert add_on_architecture("lora", {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": (16, 3072),
+                                        "lora_unet_double_blocks_0_img_attn_qkv.diff_b": (9216,)}) == "flux1-dev"

@@ -83,6 +83,12 @@ HONOURED: dict[type[schema.Task], dict[str, tuple[str, ...]]] = {
                      "lowThresholdCanny", "highThresholdCanny", "includeCost"),
         **INPUT_IMAGE, **OUTPUT, **DELIVERY,
     },
+    schema.ModelUpload: {
+        **handled_by("tasks/model_upload.py", "taskUUID", "category", "architecture", "format", "air",
+                     "uniqueIdentifier", "name", "version", "downloadURL", "downloadUrl", "type", "conditioning",
+                     "defaultScheduler", "defaultSteps", "defaultCFG", "defaultStrength", "private", "tags"),
+        **DELIVERY,
+    },
 }
 
 # Fields accepted because the public API defines them, that only matter in a case this server refuses.
@@ -117,6 +123,13 @@ DOCUMENTED: dict[str, set[str]] = {
         "taskUUID", "inputImage", "outputType", "outputFormat", "outputQuality", "webhookURL", "deliveryMethod",
         "uploadEndpoint", "ttl", "includeCost", "preProcessorType", "height", "width", "lowThresholdCanny",
         "highThresholdCanny", "includeHandsAndFaceOpenPose",
+    },
+    # Its examples spell the URLs downloadUrl and heroImageUrl too.
+    "modelUpload": {
+        "taskUUID", "webhookURL", "deliveryMethod", "category", "type", "architecture", "conditioning", "format",
+        "air", "uniqueIdentifier", "name", "version", "downloadURL", "downloadUrl", "defaultSteps",
+        "defaultScheduler", "defaultCFG", "defaultStrength", "defaultWeight", "private", "heroImageURL",
+        "heroImageUrl", "tags", "positiveTriggerWords", "negativeTriggerWords", "shortDescription", "comment",
     },
 }
 

@@ -205,8 +205,9 @@ BAD = [
      "invalidParameter", "controlNet[0].lowThresholdCanny"),
     ({"controlNet": [{"model": "imagewire:tiny-controlnet@1", "guideImage": "g"}] * 5},
      "invalidParameter", "controlNet"),
-    # The flow-matching families take no add-ons yet: refused by the member's path, before anything is queued.
-    ({"lora": [{"model": "tiny-lora"}], "model": "tiny-flux"}, "unsupportedParameter", "lora[0].model"),
+    # The flow-matching families take LoRAs (of their own architecture) and no other add-ons: refused by the
+    # member's path, before anything is queued.
+    ({"lora": [{"model": "tiny-lora"}], "model": "tiny-flux"}, "invalidParameter", "lora[0].model"),
     ({"embeddings": [{"model": "tiny-embedding"}], "model": "tiny-sd3"}, "unsupportedParameter",
      "embeddings[0].model"),
     ({"vae": "tiny-vae", "model": "tiny-flux"}, "unsupportedParameter", "vae"),
@@ -383,12 +384,37 @@ def test_a_lone_surrogate_anywhere_is_named_in_an_error_that_is_itself_valid_tex
                                    "runware:106@1"])
 def test_add_ons_on_flow_models_are_refused_naming_the_member_and_the_architectures_that_take_them(model):
     error = error_of(task(model=model, lora=[{"model": "tiny-lora", "weight": 0.5}], clipSkip=1))
-    assert (error.code, error.parameter) == ("unsupportedParameter", "lora[0].model")
+    assert (error.code, error.parameter) == ("unsupportedParameter", "clipSkip")
     assert {"tiny", "sd15", "sdxl", "tiny-sdxl", "sd15-inpaint"} <= set(error.allowed_values or ())
     assert not {"tiny-flux", "flux1-dev", "sd3", "sd35-large"} & set(error.allowed_values or ())
-    assert "SD 1.x/2.x and SDXL families" in error.message and "sd15, sd21" in error.message
+    assert "embeddings, VAEs, clipSkip and promptWeighting apply" in error.message and "sd15, sd21" in error.message
     # The first add-on the request has is the one named.
     assert error_of(task(model=model, clipSkip=1, vae="tiny-vae")).parameter == "vae"
+    # LoRAs apply to these models: one made for another architecture is refused as not fitting.
+    error = error_of(task(model=model, lora=[{"model": "tiny-lora", "weight": 0.5}]))
+    assert (error.code, error.parameter) == ("invalidParameter", "lora[0].model")
+    assert "imagewire:tiny-lora@1 is a LoRA for tiny models" in error.message
+
+
+@pytest.mark.parametrize("model", ["flux-dev", "flux-schnell", "runware:106@1", "runware:102@1"],
+                         ids=["dev", "schnell", "kontext", "fill"])
+def test_a_flux_lora_fits_every_flux_variant(model):
+    import dataclasses
+
+    catalog = Catalog.load()
+    flux_lora = dataclasses.replace(catalog.resolve("tiny-lora"), air="test:flux-lora@1", aliases=(),
+                                    architecture="flux1-dev")
+    context = pure_context(catalog=Catalog([*catalog.entries, flux_lora]))
+    extra = {"seedImage": "x", "maskImage": "y"} if model == "runware:102@1" else {}
+    decoded = decode(task(model=model, lora=[{"model": "test:flux-lora@1", "weight": 0.7}], **extra))
+    assert decoded.task is not None
+    prepared = image_inference.prepare(decoded.task, context)
+    assert [(lora.model.air, lora.weight) for lora in prepared.add_ons.loras] == [("test:flux-lora@1", 0.7)]
+    # And nothing made for [dev] fits SD 3.
+    sd3 = decode(task(model="imagewire:sd35-large@1", lora=[{"model": "test:flux-lora@1"}]))
+    with pytest.raises(TaskError) as caught:
+        image_inference.prepare(sd3.task, context)
+    assert caught.value.parameter == "lora[0].model"
 
 
 def test_add_ons_fit_an_inpainting_checkpoint_through_the_architecture_it_came_from():

@@ -32,6 +32,7 @@ from imagewire_client.errors import (
 )
 from imagewire_client.images import ImageSource, image_field, is_remote_reference
 from imagewire_client.results import (
+    UPLOAD_PHASES,
     GuideImage,
     ImageResult,
     ModelInfo,
@@ -41,6 +42,7 @@ from imagewire_client.results import (
     image_result,
     model_infos,
     text_result,
+    upload_phase,
     uploaded_image,
 )
 
@@ -397,6 +399,34 @@ class Client:
                                      offset=offset)
         items = await self._call(task, task.taskUUID, expected=1, timeout=timeout)
         return model_infos(items[0])
+
+    async def upload_model(
+        self,
+        download_url: str,
+        *,
+        air: str,
+        category: str,
+        architecture: str,
+        name: str,
+        version: str,
+        unique_identifier: str,
+        type: str | None = None,
+        tags: Sequence[str] | None = None,
+        default_steps: int | None = None,
+        default_cfg: float | None = None,
+        default_strength: float | None = None,
+        default_scheduler: str | None = None,
+        timeout: float = 3600.0,
+    ) -> list[str]:
+        """Add a model to the server's catalog from ``download_url`` (modelUpload; the server needs
+        --allow-downloads); the phases it answered, ``validated`` to ``ready``. Usable by ``air`` once it returns.
+        ``unique_identifier``: the file's SHA-256 makes the server check it."""
+        task = requests.model_upload(
+            download_url, air=air, category=category, architecture=architecture, name=name, version=version,
+            unique_identifier=unique_identifier, type=type, tags=tags, default_steps=default_steps,
+            default_cfg=default_cfg, default_strength=default_strength, default_scheduler=default_scheduler)
+        items = await self._call(task, task.taskUUID, expected=UPLOAD_PHASES, timeout=timeout)
+        return [upload_phase(item) for item in items]
 
     async def model_info(self, model: str, *, timeout: float = 60.0) -> ModelInfo | None:
         """The catalog entry that ``model`` (an AIR or an alias) names on this server, or None when the

@@ -63,6 +63,34 @@ def model_search(
                               architecture=architecture, limit=limit, offset=offset)
 
 
+def model_upload(
+    download_url: str,
+    *,
+    air: str,
+    category: str,
+    architecture: str,
+    name: str,
+    version: str,
+    unique_identifier: str,
+    type: str | None = None,
+    tags: Sequence[str] | None = None,
+    default_steps: int | None = None,
+    default_cfg: float | None = None,
+    default_strength: float | None = None,
+    default_scheduler: str | None = None,
+    task_uuid: str | None = None,
+) -> schema.ModelUpload:
+    # category and type are checked by the server, which names the values it takes.
+    return schema.ModelUpload(
+        taskUUID=task_uuid or new_task_uuid(), downloadURL=download_url, air=air,
+        category=category,  # type: ignore[arg-type]
+        architecture=architecture, format="safetensors", name=name, version=version,
+        uniqueIdentifier=unique_identifier, type=type,  # type: ignore[arg-type]
+        tags=list(tags) if tags is not None else None,
+        defaultSteps=default_steps, defaultCFG=default_cfg, defaultStrength=default_strength,
+        defaultScheduler=default_scheduler)
+
+
 # A LoRA or an embedding: its AIR (weight 1), an (AIR, weight) pair, or the schema's struct.
 AddOnSpec = str | tuple[str, float] | schema.Lora | schema.Embedding
 _Weighted = TypeVar("_Weighted", schema.Lora, schema.Embedding)

@@ -119,3 +119,12 @@ class TextResult:
 def text_result(item: dict[str, Any]) -> TextResult:
     wire: schema.TextResult = _convert(item, schema.TextResult)
     return TextResult(task_uuid=wire.taskUUID, text=wire.text, cost=wire.cost)
+
+
+UPLOAD_PHASES = 5  # validated, downloaded, optimized, stored, ready
+
+
+def upload_phase(item: dict[str, Any]) -> str:
+    """The phase a modelUpload answer says is done."""
+    wire: schema.ModelUploadResult = _convert(item, schema.ModelUploadResult)
+    return wire.status

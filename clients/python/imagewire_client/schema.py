@@ -342,10 +342,38 @@ class ControlNetPreprocess(ImageControlNetPreProcess, tag="controlNetPreprocess"
     """imageControlNetPreProcess as the newer official SDKs spell it."""
 
 
+# modelUpload (image-inference_model-upload.md): a model file fetched from a URL into the catalog. Which
+# categories, architectures and values fit together is checked by its handler (tasks/model_upload.py).
+UploadCategory = Literal["checkpoint", "lora", "lycoris", "controlnet", "vae", "embeddings"]
+DownloadURL = Annotated[str, Meta(min_length=1, max_length=8192)]
+
+
+class ModelUpload(Deliverable, tag="modelUpload"):
+    taskUUID: TaskUUID
+    category: UploadCategory
+    architecture: Annotated[str, Meta(max_length=100)]
+    format: Literal["safetensors"]
+    air: ModelAIR
+    uniqueIdentifier: Annotated[str, Meta(min_length=1, max_length=200)]
+    name: Annotated[str, Meta(min_length=1, max_length=200)]
+    version: Annotated[str, Meta(min_length=1, max_length=100)]
+    # The public page spells it both ways (downloadUrl in its ControlNet example).
+    downloadURL: DownloadURL | None = None
+    downloadUrl: DownloadURL | None = None
+    type: Literal["base", "inpainting", "refiner", "positive", "negative"] | None = None
+    conditioning: Conditioning | None = None
+    defaultScheduler: Annotated[str, Meta(max_length=100)] | None = None
+    defaultSteps: Steps | None = None
+    defaultCFG: Annotated[float, Meta(ge=0, le=30)] | None = None
+    defaultStrength: Annotated[float, Meta(ge=0, le=1)] | None = None
+    private: bool | None = None
+    tags: Annotated[list[Annotated[str, Meta(max_length=400)]], Meta(max_length=100)] | None = None
+
+
 AnyTask = (Authentication | Ping | ImageInference | ImageUpload | GetResponse | ModelSearch
            | ImageUpscale | Upscale | ImageBackgroundRemoval | RemoveBackground | ImageCaption | Caption
            | PromptEnhance | CancelTask | ImageHistory | ImageControlNetPreProcess
-           | ControlNetPreprocess)
+           | ControlNetPreprocess | ModelUpload)
 
 # Parameters the public API defines for a task type that this server does not implement yet.
 # They are answered with ``unsupportedParameter`` by name, never silently ignored; any other
@@ -370,6 +398,10 @@ UNSUPPORTED_PARAMETERS: dict[str, frozenset[str]] = {
     **dict.fromkeys(("imageCaption", "caption"), frozenset({"inputImages", "template", "structuredData"})),
     "promptEnhance": frozenset(),
     **dict.fromkeys(("imageControlNetPreProcess", "controlNetPreprocess"), frozenset()),
+    # What modelSearch has no place for, or this server no meaning: a preview image, descriptions, trigger
+    # words, a LoRA's default weight (a request's weight defaults to 1).
+    "modelUpload": frozenset({"heroImageURL", "heroImageUrl", "shortDescription", "comment", "positiveTriggerWords",
+                              "negativeTriggerWords", "defaultWeight"}),
 }
 
 # ---------------------------------------------------------------- answers
@@ -492,6 +524,15 @@ class ModelSearchResult(Item):
     taskUUID: str
     totalResults: int
     results: list[ModelInfo]
+
+
+class ModelUploadResult(Item):
+    """One phase of a modelUpload done: validated, downloaded, optimized, stored, ready."""
+
+    taskUUID: str
+    status: str
+    message: str
+    air: str
 
 
 class Envelope(Struct, omit_defaults=True, kw_only=True):

@@ -83,6 +83,7 @@ class SyncClient:
     cancel = _blocking(Client.cancel)
     models = _blocking(Client.models)
     model_info = _blocking(Client.model_info)
+    upload_model = _blocking(Client.upload_model)
     upscale = _blocking(Client.upscale)
     remove_background = _blocking(Client.remove_background)
     caption = _blocking(Client.caption)

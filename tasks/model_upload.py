@@ -1,0 +1,269 @@
+"""modelUpload: a checkpoint, a LoRA or a VAE fetched from the client's ``downloadURL`` into the catalog, usable by its
+``air`` once the task answers ``ready``.
+
+``prepare`` checks everything a request can get wrong without I/O: that this server downloads at all
+(``--allow-downloads``), the category and the architecture it names, the fields that apply to that category,
+and the AIR (not one of a model this server has from elsewhere). ``run`` answers the public API's phases as
+status items: ``validated``, then ``downloaded`` (the file fetched on a download thread, bounded as every
+download is: ``air_registry/uploads.py``), ``optimized`` (the file checked: complete, of the stated
+architecture, of the SHA-256 a ``uniqueIdentifier`` names where it is one), ``stored`` (kept, with its catalog
+file), ``ready`` (in the catalog). A failure answers an error naming the parameter, and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from imagewire.air_registry import ARCHITECTURES, RegistryError
+from imagewire.air_registry.air import AIR, parse_air
+from imagewire.air_registry.architectures import PUBLIC_ARCHITECTURES
+from imagewire.air_registry.samplers import resolve_sampler
+from imagewire.air_registry.uploads import ModelUploads, Upload, UploadFailed
+from imagewire.tasks.context import TaskContext
+from imagewire.tasks.errors import (
+    InvalidParameter,
+    MissingParameter,
+    ServiceUnavailable,
+    TaskError,
+    UnsupportedParameter,
+    describe_value,
+)
+from imagewire.tasks.schema import ModelUpload, ModelUploadResult
+from imagewire.tasks.task_type import TaskType
+
+# The public categories this server takes, and the catalog's category each becomes: a LyCORIS file is loaded
+# as a LoRA (LoCon is; the formats diffusers cannot load are refused naming the format).
+CATEGORIES = {"checkpoint": "checkpoint", "lora": "lora", "lycoris": "lora", "vae": "vae"}
+# The families whose requests take another VAE (``image_add_ons.ADD_ON_FAMILIES``): a VAE for others is no use.
+VAE_FAMILIES = ("sd", "sdxl")
+CHECKPOINT_TYPES = ("base", "inpainting", "refiner")
+# Public names of SDXL and SD 1.x fine-tunes and distillations: their files have their base's shapes and run as it.
+_FINE_TUNES = {**dict.fromkeys(("pony", "illustrious", "sdxldistilled", "sdxlhyper", "sdxllightning", "sdxlturbo",
+                                "sdxllcm"), "sdxl"),
+               **dict.fromkeys(("sdhyper", "sd1xlcm"), "sd1x")}
+# Sources whose AIRs this server gives itself: the shipped catalog, models folders, Civitai downloads.
+RESERVED_SOURCES = ("imagewire", "local", "civitai")
+UPLOAD_TAG = "upload"
+
+PHASES = {
+    "validated": "Model parameters and configuration validated.",
+    "downloaded": "Model downloaded from provider.",
+    "optimized": "Model optimized for deployment.",
+    "stored": "Model uploaded to secure storage.",
+    "ready": "Model successfully deployed and ready for use.",
+}
+
+# AIRs being uploaded now: a second upload of one waits for no one, it is refused (their temporary files would
+# share a folder).
+_UNDER_WAY: set[str] = set()
+
+
+def _architectures(name: str) -> tuple[str, ...]:
+    """The architectures here that the public API's name (or ours) covers."""
+    public = _FINE_TUNES.get(name.casefold(), name.casefold())
+    if public in PUBLIC_ARCHITECTURES:
+        return PUBLIC_ARCHITECTURES[public]
+    if name in ARCHITECTURES and ARCHITECTURES[name].task == "imageInference":
+        return (name,)
+    return ()
+
+
+def _uploadable_architectures() -> list[str]:
+    public = [name for name, rows in PUBLIC_ARCHITECTURES.items() if rows]
+    ours = [name for name, arch in ARCHITECTURES.items() if arch.task == "imageInference"]
+    return [*public, *_FINE_TUNES, *ours]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    task_uuid: str
+    upload: Upload
+
+
+def prepare(task: ModelUpload, ctx: TaskContext) -> Prepared:
+    services = ctx.services
+    url, url_parameter = _url(task)
+    if not services.settings.allow_downloads or services.uploads is None:
+        raise UnsupportedParameter(
+            f"{url_parameter}: this server fetches no model, as it was started without --allow-downloads; "
+            "its operator can start it with --allow-downloads, or put the file in a --models-dir folder.",
+            parameter=url_parameter)
+    try:
+        ModelUploads.parse_url(url, url_parameter)  # the address is checked when it is resolved, in run
+    except UploadFailed as exc:
+        raise _error(exc) from exc
+    category = CATEGORIES.get(task.category)
+    if category is None:
+        raise InvalidParameter(
+            f"Invalid category: this server takes uploads of {', '.join(map(repr, CATEGORIES))}; received "
+            f"{describe_value(task.category)}.", parameter="category", type="string",
+            allowed_values=list(CATEGORIES))
+    architectures = _architectures(task.architecture)
+    if not architectures:
+        allowed = _uploadable_architectures()
+        raise InvalidParameter(
+            f"Invalid architecture: expected one of {', '.join(allowed)}; received "
+            f"{describe_value(task.architecture)}.", parameter="architecture", type="string", allowed_values=allowed)
+    if category == "vae" and not all(ARCHITECTURES[name].family in VAE_FAMILIES for name in architectures):
+        fitting = [name for name in _uploadable_architectures() if _architectures(name) and all(
+            ARCHITECTURES[row].family in VAE_FAMILIES for row in _architectures(name))]
+        raise InvalidParameter(
+            f"Invalid architecture: a VAE upload is for models whose requests take a vae (SD 1.x/2.x and SDXL), "
+            f"one of {', '.join(fitting)}; received {describe_value(task.architecture)}.", parameter="architecture",
+            type="string", allowed_values=fitting)
+    air = _air(task, ctx)
+    _check_category_fields(task, category)
+    if task.private:
+        raise UnsupportedParameter(
+            "private: every API key of this server shares one catalog, so a model cannot be kept from the others; "
+            "send private false or leave it out (uploaded models are listed with private false).",
+            parameter="private", allowed_values=[False])
+    entry: dict[str, object] = {
+        "air": str(air), "name": f"{task.name} {task.version}", "category": category,
+        "tags": [UPLOAD_TAG, *(task.tags or [])],
+    }
+    if category == "checkpoint":
+        defaults = _defaults(task, architectures[0])
+        if defaults:
+            entry["defaults"] = defaults
+    return Prepared(task.taskUUID, Upload(
+        air=air, url=url, url_parameter=url_parameter, category=category, architectures=architectures,
+        stated=task.architecture, unique_identifier=task.uniqueIdentifier, entry=entry, type=task.type,
+        format=task.format, stated_category=task.category))
+
+
+def _url(task: ModelUpload) -> tuple[str, str]:
+    if task.downloadURL is not None and task.downloadUrl is not None:
+        raise InvalidParameter("downloadURL and downloadUrl are one field spelled two ways: send one.",
+                               parameter="downloadUrl", type="string")
+    if task.downloadURL is not None:
+        return task.downloadURL, "downloadURL"
+    if task.downloadUrl is not None:
+        return task.downloadUrl, "downloadUrl"
+    raise MissingParameter("Missing downloadURL: the URL the model file is downloaded from.",
+                           parameter="downloadURL", type="string")
+
+
+def _air(task: ModelUpload, ctx: TaskContext) -> AIR:
+    try:
+        air = parse_air(task.air)
+    except RegistryError as exc:
+        raise InvalidParameter(exc.describe("air"), parameter="air", type="string") from exc
+    if air.source in RESERVED_SOURCES:
+        raise InvalidParameter(
+            f"Invalid air: the sources {', '.join(RESERVED_SOURCES)} name models this server has from its own "
+            f"catalog, its models folders and Civitai; choose a source of your own; received {task.air!r}.",
+            parameter="air", type="string")
+    known = ctx.services.catalog.get(str(air))
+    if known is not None and UPLOAD_TAG not in known.tags:
+        raise InvalidParameter(
+            f"Invalid air: {air} is {known.label}, a model this server has from elsewhere; an upload may replace "
+            "only an earlier upload. Choose another id or version.", parameter="air", type="string")
+    if str(air) in _UNDER_WAY:
+        raise InvalidParameter(f"Invalid air: an upload of {air} is under way; send this one once it has ended.",
+                               parameter="air", type="string")
+    return air
+
+
+def _check_category_fields(task: ModelUpload, category: str) -> None:
+    """The fields of another category than the task's are refused by name, never ignored."""
+    if category == "checkpoint":
+        if task.type is None:
+            raise MissingParameter(
+                f"Missing type: a checkpoint's type, one of {', '.join(CHECKPOINT_TYPES)}.", parameter="type",
+                type="string", allowed_values=list(CHECKPOINT_TYPES))
+        if task.type not in CHECKPOINT_TYPES:
+            raise InvalidParameter(
+                f"Invalid type: a checkpoint's type is one of {', '.join(CHECKPOINT_TYPES)}; received "
+                f"{task.type!r}.", parameter="type", type="string", allowed_values=list(CHECKPOINT_TYPES))
+    checkpoint_only = {"type": task.type, "defaultScheduler": task.defaultScheduler,
+                       "defaultSteps": task.defaultSteps, "defaultCFG": task.defaultCFG,
+                       "defaultStrength": task.defaultStrength}
+    others = {"conditioning": task.conditioning}  # a ControlNet's
+    refused = {**(checkpoint_only if category != "checkpoint" else {}), **others}
+    for parameter, value in refused.items():
+        if value is not None:
+            raise InvalidParameter(
+                f"{parameter} does not apply to category {task.category!r}; received {describe_value(value)}. "
+                "Remove it from the request.", parameter=parameter, type="string")
+
+
+def _defaults(task: ModelUpload, architecture: str) -> dict[str, object]:
+    defaults: dict[str, object] = {}
+    if task.defaultScheduler is not None:
+        try:
+            spec = resolve_sampler(task.defaultScheduler, ARCHITECTURES[architecture].sampling)
+        except RegistryError as exc:
+            raise InvalidParameter(exc.describe("defaultScheduler"), parameter="defaultScheduler", type="string",
+                                   allowed_values=exc.allowed_values) from exc
+        if spec is not None:
+            defaults["scheduler"] = spec.name
+    for key, value in (("steps", task.defaultSteps), ("CFGScale", task.defaultCFG),
+                       ("strength", task.defaultStrength)):
+        if value is not None:
+            defaults[key] = value
+    return defaults
+
+
+def _phase(upload: Upload, task_uuid: str, status: str) -> ModelUploadResult:
+    return ModelUploadResult(taskType="modelUpload", taskUUID=task_uuid, status=status, message=PHASES[status],
+                             air=str(upload.air))
+
+
+async def run(prepared: Prepared, ctx: TaskContext) -> AsyncIterator[ModelUploadResult]:
+    task_uuid, upload = prepared.task_uuid, prepared.upload
+    services = ctx.services
+    uploads, downloads = services.uploads, services.downloads
+    assert uploads is not None and downloads is not None  # prepare refuses uploads without them
+    if str(upload.air) in _UNDER_WAY:  # another upload of it passed prepare meanwhile
+        raise InvalidParameter(f"Invalid air: an upload of {upload.air} is under way; send this one once it has "
+                               "ended.", parameter="air", type="string")
+    _UNDER_WAY.add(str(upload.air))
+    stop = threading.Event()
+    partial: Path | None = None
+    try:
+        yield _phase(upload, task_uuid, "validated")
+        try:
+            if not await asyncio.to_thread(uploads.kept, upload):
+                if str(upload.air) in services.device.loaded_models:
+                    # The loaded pipelines (or adapters) hold the earlier file's weights under this AIR, and would
+                    # go on answering with them.
+                    raise InvalidParameter(
+                        f"Invalid air: {upload.air} is loaded now with the weights of its earlier upload, which "
+                        "would go on answering for it; upload the new file as a new version (the same id, another "
+                        "version), as the public API advises.", parameter="air", type="string")
+                partial = uploads.partial(upload)
+                with ctx.timed("download"):
+                    await downloads.run(ctx.owner, uploads.download, upload, partial, stop)
+            yield _phase(upload, task_uuid, "downloaded")
+            with ctx.timed("store"):
+                entry = await downloads.run(ctx.owner, uploads.store, upload, partial)
+        except UploadFailed as exc:
+            raise _error(exc) from exc
+        yield _phase(upload, task_uuid, "optimized")
+        yield _phase(upload, task_uuid, "stored")
+        services.catalog.add(entry)
+        yield _phase(upload, task_uuid, "ready")
+    finally:
+        # A cancelled task leaves its download thread running: it stops at its next chunk, and what it wrote
+        # goes (the file is gone already where it was stored or refused).
+        stop.set()
+        if partial is not None:
+            partial.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                partial.parent.rmdir()  # only if nothing else is in it
+        _UNDER_WAY.discard(str(upload.air))
+
+
+def _error(exc: UploadFailed) -> TaskError:
+    if exc.server_side:
+        return ServiceUnavailable(exc.problem, parameter=exc.parameter)
+    return InvalidParameter(exc.problem, parameter=exc.parameter, type="string", allowed_values=exc.allowed_values)
+
+
+TASK_TYPE = TaskType(struct=ModelUpload, prepare=prepare, run=run)
