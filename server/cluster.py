@@ -191,6 +191,7 @@ class RayDevice:
         self._owns_cluster = False
         self._line: WorkQueue[RemoteJob] = WorkQueue(config.queue_size)
         self._handed: set[RemoteJob] = set()     # on Serve's side and not ended
+        self._arrived = False                    # jobs came since the queue's positions were last announced
         self._ended_lately: dict[str, float] = {}       # task UUIDs of jobs handed over that ended, and when
         self._wake = asyncio.Event()             # a job came or ended, or the board changed: hand over what fits
         self._dispatcher: asyncio.Task[None] | None = None
@@ -399,16 +400,19 @@ class RayDevice:
     def submit(self, job: Job, on_event: Callable[[JobEvent], None] | None = None) -> RemoteJob:
         if not self._accepting or self._handle is None:
             raise ServiceUnavailable("The server is shutting down and takes no new inference tasks.")
-        if self._dispatcher is None:
-            self._loop = asyncio.get_running_loop()
-            self._dispatcher = self._loop.create_task(self._dispatch_forever(), name="imagewire-gateway-queue")
+        loop = asyncio.get_running_loop()
+        if self._dispatcher is None or self._dispatcher.done() or self._loop is not loop:
+            # Started with the first job, on the loop jobs come from (a test may bring a new loop: a new one).
+            self._loop, self._wake = loop, asyncio.Event()
+            self._dispatcher = loop.create_task(self._dispatch_forever(), name="imagewire-gateway-queue")
         remote = RemoteJob(job, on_event=on_event)
-        position = self._line.put_job(remote)
-        if position is None:
+        if self._line.put_job(remote) is None:
             raise ServiceUnavailable(
                 f"The server is busy: {self.config.queue_size} inference tasks are already waiting. "
                 "Retry in a moment.")
-        remote._deliver(Queued(position))
+        # Its first position comes from the replica when it goes over at once, else from this queue (``_dispatch``):
+        # a job that heard it is queued is on a device's queue, or waits for room in this one.
+        self._arrived = True
         self._wake.set()
         return remote
 
@@ -458,7 +462,8 @@ class RayDevice:
             handed += 1
         if not self._replicas:
             self._fail_unserved(self._line.drain_where(self._waited_too_long))
-        if handed:
+        if handed or self._arrived:
+            self._arrived = False
             self._line.announce_positions()
 
     def _waited_too_long(self, remote: RemoteJob) -> bool:
