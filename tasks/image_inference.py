@@ -23,7 +23,7 @@ from PIL import Image
 
 from imagewire.air_registry import AIR, ARCHITECTURES, ModelDefaults, ModelEntry, SamplerSpec
 from imagewire.storage import OUTPUT_FORMATS, ImageFormat, encode_image, to_base64
-from imagewire.tasks import canvas, content_safety, editing, image_add_ons, inputs, schema
+from imagewire.tasks import acceleration, canvas, content_safety, editing, image_add_ons, inputs, schema
 from imagewire.tasks.context import TaskContext
 from imagewire.tasks.describe import describe_annotation, nearest_valid, stepped_range
 from imagewire.tasks.errors import InvalidParameter, MissingParameter
@@ -55,6 +55,7 @@ class Prepared:
     edits: editing.Edits = editing.NO_EDITS
     safety: content_safety.SafetyRequest = content_safety.NO_CHECKS
     add_ons: image_add_ons.AddOns = image_add_ons.AddOns()
+    cache: acceleration.CacheSettings | None = None  # acceleration, acceleratorOptions
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,7 @@ def prepare(task: ImageInference, ctx: TaskContext) -> Prepared | AwaitingDownlo
         edits=edits,
         safety=safety,
         add_ons=image_add_ons.prepare(task, model, steps, ctx),
+        cache=acceleration.prepare(task, model, steps),
     )
 
 
@@ -174,7 +176,7 @@ async def run(prepared: Prepared | AwaitingDownload, ctx: TaskContext) -> AsyncI
             cfg_scale=prepared.cfg_scale, sampler=prepared.sampler, seeds=prepared.seeds,
             init_image=scene.init_image, strength=task.strength, mask_image=scene.mask_image,
             controlnets=scene.controlnets, guide_images=scene.guide_images,
-            preview=task.includeProgress and task.includePreview, **add_ons)
+            preview=task.includeProgress and task.includePreview, cache=prepared.cache, **add_ons)
         progress = ctx.services.device.submit(job, on_event=_ProgressReport(task, len(prepared.seeds), ctx).on_event)
     try:
         async for produced in progress:

@@ -44,6 +44,7 @@ HONOURED: dict[type[schema.Task], dict[str, tuple[str, ...]]] = {
         **handled_by("tasks/image_add_ons.py", "lora", "embeddings", "vae", "clipSkip", "promptWeighting",
                      "usePromptWeighting", "refiner"),
         **handled_by("tasks/editing.py", "maskImage", "maskMargin", "outpaint", "controlNet"),
+        **handled_by("tasks/acceleration.py", "acceleration", "acceleratorOptions"),
         **OUTPUT, **DELIVERY,
     },
     schema.ImageUpload: {**handled_by("tasks/image_upload.py", "taskUUID", "image"), **DELIVERY},
