@@ -9,13 +9,14 @@ Which steps may reuse is decided from a ``StepClock`` that the pipeline's step-e
 pipelines count their steps differently (PNDM runs one more), and only the callback fires once per step in
 every one of them.
 
-**DeepCache** (Ma et al., 2023) on diffusers' ``UNet2DConditionModel``. With n resolution levels and branch b
-(0 the shallowest), down blocks 0…b and up blocks n-1-b…n-1 run on every step; the deeper down blocks, the mid
-block and the deeper up blocks run only on full steps, and on the steps between they hand back what they gave
-on the last full step. The last deep up block's output is the cached deep feature; the shallow up blocks take
-it with the fresh skip connections of the shallow down blocks, as the paper does. The deep down blocks' skip
-connections only ever reach the deep up blocks, which do not run, but the UNet counts them out by number, so
-the kept ones are handed back too. A ControlNet still runs every step (its residuals add to the kept ones).
+**DeepCache** (Ma et al., 2023) on diffusers' ``UNet2DConditionModel``. The UNet's skip connections are its
+branches, numbered from the shallowest (0: ``conv_in``'s output, taken back by the last up layer). With branch
+b, the down layers that make skips 1…b and the up layers that take skips b…0 run on every step; every layer
+deeper than that (the mid block included) runs only on full steps, and on the steps between hands back what
+it gave on the last full step, so the first shallow up layer takes the cached deep feature with a fresh skip
+connection, as in the paper. The deeper down layers' skips only reach deeper up layers, which do not run, but
+the up blocks count them out by number, so the kept ones are handed back too. A ControlNet still runs every
+step (its residuals add to the kept skips, to no effect on the layers that replay).
 
 **First Block Cache** (``diffusers.hooks.first_block_cache``) on FLUX and SD 3 transformers: diffusers ships it
 for every transformer block type of these families, and it is the TeaCache idea (skip a step when the model's
@@ -137,18 +138,44 @@ class _ReplayHook(ModelHook):
         return self.kept
 
 
+def skip_branches(unet: Any) -> tuple[list[list[torch.nn.Module]], list[list[torch.nn.Module]]]:
+    """The UNet's skip branches, shallowest first: for each, the down-path layers that make its skip connection
+    (none for branch 0, whose skip is ``conv_in``'s output) and the up-path layers that run from where it joins
+    back to the output (the layer taking it, and the upsampler after it where one closes the block)."""
+    down: list[list[torch.nn.Module]] = [[]]
+    for block in unet.down_blocks:
+        down += _layers(block) + [[sampler] for sampler in (block.downsamplers or [])]
+    up: list[list[torch.nn.Module]] = []
+    for block in unet.up_blocks:
+        layers = _layers(block)
+        layers[-1] += list(block.upsamplers or [])
+        up += layers
+    up.reverse()  # the up path takes the skips back deepest first: its last layer takes branch 0
+    assert len(down) == len(up), "a UNet's up path takes back every skip connection its down path makes"
+    return down, up
+
+
+def _layers(block: torch.nn.Module) -> list[list[torch.nn.Module]]:
+    """A UNet block's layers: each resnet with the attention after it, where the block has attentions."""
+    attentions = getattr(block, "attentions", None) or [None] * len(block.resnets)
+    return [[layer for layer in pair if layer is not None] for pair in zip(block.resnets, attentions, strict=True)]
+
+
 def _deep_cache(unet: Any, settings: CacheSettings, clock: StepClock) -> list[torch.nn.Module]:
-    levels = len(unet.down_blocks)
-    if settings.branch > levels - 1:
+    down, up = skip_branches(unet)
+    if settings.branch > len(down) - 1:
         raise InvalidParameter(
-            f"acceleratorOptions.deepCacheBranchId must be 0 to {levels - 1} for this model (its UNet has {levels} "
-            f"levels; 0 caches the most); received {settings.branch}.",
+            f"acceleratorOptions.deepCacheBranchId must be 0 to {len(down) - 1} for this model (its UNet has "
+            f"{len(down)} skip branches; 0 caches the most); received {settings.branch}.",
             parameter="acceleratorOptions.deepCacheBranchId", type="integer")
     state = _DeepCacheState(settings, clock)
-    deep = [*unet.down_blocks[settings.branch + 1:], unet.mid_block, *unet.up_blocks[:levels - 1 - settings.branch]]
+    # Everything deeper than the branch: the layers making the deeper skips, the mid block, and the up layers
+    # taking them back. The last of those hands the shallow part the cached deep feature.
+    deep = [layer for layers in down[settings.branch + 1:] + up[settings.branch + 1:] for layer in layers]
+    deep += [unet.mid_block] if unet.mid_block is not None else []
     HookRegistry.check_if_exists_or_initialize(unet).register_hook(_DecideHook(state), HOOK_NAME)
-    for block in deep:
-        HookRegistry.check_if_exists_or_initialize(block).register_hook(_ReplayHook(state), HOOK_NAME)
+    for layer in deep:
+        HookRegistry.check_if_exists_or_initialize(layer).register_hook(_ReplayHook(state), HOOK_NAME)
     return [unet, *deep]
 
 

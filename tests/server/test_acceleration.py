@@ -18,7 +18,7 @@ from imagewire.air_registry import Catalog
 from imagewire.air_registry.weights import locate_weights
 from imagewire.server.device import Cancelled
 from imagewire.server.engine import DiffusersEngine
-from imagewire.server.engine.acceleration import hooked_modules
+from imagewire.server.engine.acceleration import hooked_modules, skip_branches
 from imagewire.tasks.acceleration import MAX_THRESHOLD, CacheSettings
 from imagewire.tasks.errors import InvalidParameter
 from imagewire.tasks.jobs import InferenceJob, Step
@@ -84,7 +84,7 @@ def denoiser(engine: DiffusersEngine, job: InferenceJob) -> torch.nn.Module:
 
 CASES = [
     ("imagewire:tiny@1", deep()),
-    ("imagewire:tiny@1", deep(branch=1)),
+    ("imagewire:tiny@1", deep(branch=2)),
     ("imagewire:tiny@1", deep(interval=2, start=3, end=7)),
     ("imagewire:tiny-sdxl@1", deep()),
     ("imagewire:tiny-flux@1", first_block()),
@@ -189,10 +189,23 @@ def test_the_hooks_come_off_when_a_call_is_stopped(engine, job, model, cache):
 
 def test_a_branch_deeper_than_the_unet_names_the_option_and_its_range(engine, job):
     with pytest.raises(InvalidParameter) as caught:
-        one(engine, job(cache=deep(branch=2)))
+        one(engine, job(cache=deep(branch=4)))
     assert caught.value.parameter == "acceleratorOptions.deepCacheBranchId"
-    assert "0 to 1" in caught.value.message and "received 2" in caught.value.message
+    assert "0 to 3" in caught.value.message and "received 4" in caught.value.message
     assert hooked_modules(denoiser(engine, job())) == []
+
+
+@pytest.mark.parametrize(("architecture", "branches"), [("sd15", 12), ("sdxl", 9)])
+def test_real_unets_have_their_skip_branches_paired(architecture, branches):
+    from tests.checkpoints import _component
+
+    unet = _component(architecture, "unet")  # on the meta device: shapes only
+    down, up = skip_branches(unet)
+    assert len(down) == len(up) == branches and down[0] == []
+    # Every branch's up layer starts with a resnet that takes the skip beside the deeper path (concatenated, so
+    # its input is wider than its output) and keeps the skip's resolution.
+    for layers in up:
+        assert layers[0].conv1.in_channels > layers[0].conv1.out_channels
 
 
 def test_different_settings_never_share_a_call_and_equal_ones_do(engine, job):
