@@ -8,9 +8,11 @@ For each model, side by side in one run: the uncached call, then each ``accelera
 entry and applied by the engine's own ``server/engine/acceleration.caching`` around the pipeline call (the
 step callback advances its clock, as in ``server/engine/inference.py``). A fresh sampler and a CPU generator
 with the same seed per call, so the uncached image is the reference: PSNR (dB, over 8-bit RGB) and the largest
-difference of one channel level against it. Every case runs once per round, the rounds one after another, so
-drift on a shared machine touches every case alike; seconds are the median over rounds, and "repeats" says
-whether every round gave the same bytes.
+difference of one channel level against it. Seconds are counted twice: on the wall clock, and as this
+process's CPU time, which a busy neighbour on a shared machine leaves alone where one torch thread runs
+(``--threads 1``): the CPU figures are the ones to compare there. Every case runs once per round, the rounds
+one after another, so drift on a shared machine touches every case alike; seconds are the median over rounds,
+and "repeats" says whether every round gave the same bytes.
 
 Models: ``tiny`` (the embedded ``imagewire:tiny@1``), ``tiny-flux`` (``imagewire:tiny-flux@1``) and ``sd15``:
 SD 1.5's published shapes (``bench/model_configs/sd15.json``, an 860M-parameter UNet) with random weights,
@@ -82,6 +84,7 @@ class Case:
     settings: Any
     scheduler: str | None
     seconds: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)
     images: list[bytes] = field(default_factory=list)
 
 
@@ -119,7 +122,8 @@ def _sampler(pipe: Any, name: str | None) -> Any:
     return type(pipe.scheduler).from_config(config)
 
 
-def _call(pipe: Any, case: Case, base_scheduler: Any, size: int, steps: int, flux: bool) -> tuple[float, bytes]:
+def _call(pipe: Any, case: Case, base_scheduler: Any, size: int, steps: int,
+          flux: bool) -> tuple[float, float, bytes]:
     import torch
 
     from imagewire.server.engine.acceleration import caching
@@ -129,11 +133,11 @@ def _call(pipe: Any, case: Case, base_scheduler: Any, size: int, steps: int, flu
     arguments: dict[str, Any] = {"prompt": PROMPT, "num_inference_steps": steps, "width": size, "height": size,
                                  "guidance_scale": 3.5 if flux else 7.0}
     generator = torch.Generator("cpu").manual_seed(SEED)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     with torch.inference_mode(), caching(pipe, case.settings) as clock:
         image = pipe(**arguments, generator=generator,
                      callback_on_step_end=clock.after(lambda _pipe, _step, _t, tensors: tensors)).images[0]
-    return time.perf_counter() - started, image.convert("RGB").tobytes()
+    return time.perf_counter() - started, time.process_time() - cpu_started, image.convert("RGB").tobytes()
 
 
 def _distance(reference: bytes, image: bytes) -> tuple[float, int]:
@@ -161,10 +165,12 @@ def run_model(model: str, size: int, steps: int, rounds: int, short: bool = Fals
     started = time.monotonic()
     for index in range(rounds):
         for case in cases:
-            seconds, image = _call(pipe, case, base_scheduler, size, steps, flux)
+            seconds, cpu_seconds, image = _call(pipe, case, base_scheduler, size, steps, flux)
             case.seconds.append(seconds)
+            case.cpu_seconds.append(cpu_seconds)
             case.images.append(image)
-            print(f"# {model} round {index + 1}: {case.label}: {seconds:.2f} s", file=sys.stderr, flush=True)
+            print(f"# {model} round {index + 1}: {case.label}: {seconds:.2f} s, CPU {cpu_seconds:.2f} s",
+                  file=sys.stderr, flush=True)
     foreign = load.cores()
     references = {case.scheduler: case for case in cases if case.settings is None}
     rows = []
@@ -172,8 +178,10 @@ def run_model(model: str, size: int, steps: int, rounds: int, short: bool = Fals
         reference = references[case.scheduler]
         psnr, worst = _distance(reference.images[0], case.images[0])
         median, base = statistics.median(case.seconds), statistics.median(reference.seconds)
+        cpu, cpu_base = statistics.median(case.cpu_seconds), statistics.median(reference.cpu_seconds)
         rows.append({"case": case.label, "settings": None if case.settings is None else vars(case.settings),
                      "seconds_per_image": round(median, 3), "speedup": round(base / median, 2),
+                     "cpu_seconds_per_image": round(cpu, 3), "cpu_speedup": round(cpu_base / cpu, 2),
                      "psnr_db": None if math.isinf(psnr) else round(psnr, 1), "max_level_difference": worst,
                      "repeats": all(image == case.images[0] for image in case.images),
                      "seconds": [round(s, 3) for s in case.seconds]})
@@ -184,11 +192,12 @@ def run_model(model: str, size: int, steps: int, rounds: int, short: bool = Fals
 def render(result: dict[str, Any]) -> str:
     lines = [f"### {result['model']}, {result['size']}², {result['steps']} steps "
              f"({result['rounds']} rounds, other processes used {result['foreign_cores']} cores)", "",
-             "| case | s/image | speed-up | PSNR dB | max level diff | repeats |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| case | CPU s/image | speed-up (CPU) | wall s/image | speed-up (wall) | PSNR dB | max level diff "
+             "| repeats |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in result["rows"]:
         psnr = "identical" if row["psnr_db"] is None else f"{row['psnr_db']:.1f}"
-        lines.append(f"| {row['case']} | {row['seconds_per_image']:.2f} | {row['speedup']:.2f}× | {psnr} | "
+        lines.append(f"| {row['case']} | {row['cpu_seconds_per_image']:.2f} | {row['cpu_speedup']:.2f}× | "
+                     f"{row['seconds_per_image']:.2f} | {row['speedup']:.2f}× | {psnr} | "
                      f"{row['max_level_difference']} | {'yes' if row['repeats'] else 'no'} |")
     return "\n".join(lines)
 
