@@ -23,7 +23,7 @@ from PIL import Image
 
 from imagewire.air_registry import AIR, ARCHITECTURES, ModelDefaults, ModelEntry, SamplerSpec
 from imagewire.storage import OUTPUT_FORMATS, ImageFormat, encode_image, to_base64
-from imagewire.tasks import canvas, content_safety, editing, image_add_ons, inputs, references, schema
+from imagewire.tasks import acceleration, canvas, content_safety, editing, image_add_ons, inputs, references, schema
 from imagewire.tasks.context import TaskContext
 from imagewire.tasks.describe import describe_annotation, nearest_valid, stepped_range
 from imagewire.tasks.errors import InvalidParameter, MissingParameter
@@ -61,6 +61,7 @@ class Prepared:
     upload_endpoint: str | None = None
     ttl: int | None = None
     references: tuple[str, ...] = ()   # referenceImages (FLUX.1 Kontext), as sent
+    cache: acceleration.CacheSettings | None = None  # acceleration, acceleratorOptions
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,7 @@ def prepare(task: ImageInference, ctx: TaskContext) -> Prepared | AwaitingDownlo
         upload_endpoint=output.upload_endpoint,
         ttl=output.ttl,
         references=reference_images,
+        cache=acceleration.prepare(task, model, steps),
     )
 
 
@@ -199,7 +201,7 @@ async def run(prepared: Prepared | AwaitingDownload, ctx: TaskContext) -> AsyncI
             cfg_scale=prepared.cfg_scale, sampler=prepared.sampler, seeds=prepared.seeds,
             init_image=scene.init_image, strength=task.strength, mask_image=scene.mask_image,
             controlnets=scene.controlnets, guide_images=scene.guide_images,
-            preview=task.includeProgress and task.includePreview, **add_ons)
+            preview=task.includeProgress and task.includePreview, cache=prepared.cache, **add_ons)
         progress = ctx.services.device.submit(job, on_event=_ProgressReport(task, len(prepared.seeds), ctx).on_event)
     try:
         async for produced in progress:

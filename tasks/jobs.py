@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
     from imagewire.air_registry import ModelEntry, SamplerSpec
+    from imagewire.tasks.acceleration import CacheSettings
 
 
 @dataclass(kw_only=True)
@@ -94,6 +95,7 @@ class InferenceJob(Job):
     clip_skip: int = 0               # text-encoder layers left out at the end
     prompt_weighting: str | None = None  # the prompts' syntax: "compel" or "sdEmbeds"; None: plain text
     refiner: RefinerPass | None = None
+    cache: CacheSettings | None = None  # step caching (tasks/acceleration.py); None: every step in full
 
     @property
     def images(self) -> int:
@@ -111,7 +113,7 @@ class InferenceJob(Job):
                 self.height, self.steps,
                 self.cfg_scale, self.sampler, self.strength if self.init_image is not None else None,
                 bool(self.negative_prompt), self.mask_image is not None,
-                tuple(control.batch_key() for control in self.controlnets), self.add_ons_key())
+                tuple(control.batch_key() for control in self.controlnets), self.add_ons_key(), self.cache)
 
     def add_ons_key(self) -> Hashable:
         """What the add-ons make one call share: a set of LoRAs (their order does not matter, their weights

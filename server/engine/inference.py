@@ -29,6 +29,7 @@ from PIL import Image
 from imagewire.air_registry import ARCHITECTURES, RegistryError
 from imagewire.air_registry.memory_plan import DecodeMode, decode_mode
 from imagewire.server.device import Cancelled
+from imagewire.server.engine.acceleration import caching
 from imagewire.server.engine.conditioning import skipping_clip_layers, weighted_prompt_arguments
 from imagewire.server.engine.controlnets import ModedControlNets
 from imagewire.server.engine.families import FAMILIES, Family
@@ -103,16 +104,19 @@ def _make(engine: DiffusersEngine, pipe: Any, refiner: Any, family: Family, jobs
             arguments = family.call_arguments(part_owners)
             report = _StepReport(jobs, part, emit, family, engine.threads.adjust,
                                  total=first.steps if refiner is not None else None)
-            arguments["callback_on_step_end"] = report
             generators = _generators(part_seeds)
             try:
-                if refiner is None:
-                    made = _call(pipe, _prompted(arguments, embeddings), generators)
-                else:
+                # The step cache covers the model's own steps; a refiner finishes without one.
+                with caching(pipe, first.cache) as clock:
+                    arguments["callback_on_step_end"] = clock.after(report)
+                    if refiner is None:
+                        made = _call(pipe, _prompted(arguments, embeddings), generators)
+                    else:
+                        latents = _call(pipe, {**_prompted(arguments, embeddings),
+                                               "denoising_end": first.refiner.start}, generators, output_type="latent")
+                if refiner is not None:
                     assert first.refiner is not None
                     refiner.scheduler = pipelines.make_sampler(refiner, first.sampler, seeds=part_seeds)
-                    latents = _call(pipe, {**_prompted(arguments, embeddings), "denoising_end": first.refiner.start},
-                                    generators, output_type="latent")
                     finishing = {"prompt": arguments["prompt"], "negative_prompt": arguments["negative_prompt"],
                                  "num_inference_steps": first.steps, "guidance_scale": first.cfg_scale,
                                  "denoising_start": first.refiner.start, "image": latents,

@@ -140,6 +140,26 @@ class ImageInference(Deliverable, tag="imageInference"):
     ttl: TTL | None = None
     # FLUX.1 Kontext's input images, in the four forms; how many a model takes, tasks/references.py checks.
     referenceImages: list[str] | None = None
+    # Step caching (tasks/acceleration.py): a preset, and options that override it field by field.
+    acceleration: Literal["none", "low", "medium", "high"] | None = None
+    acceleratorOptions: AcceleratorOptions | None = None
+
+
+class AcceleratorOptions(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Step caching: TeaCache-style for the transformer families, DeepCache for the UNet ones. ``None`` is
+    "not sent", so an ``acceleration`` preset's value stands; the documented defaults apply in the handler."""
+
+    teaCache: bool | None = None
+    teaCacheDistance: Annotated[float, Meta(ge=0, le=1)] | None = None
+    deepCache: bool | None = None
+    deepCacheInterval: Annotated[int, Meta(ge=1, le=100)] | None = None
+    deepCacheBranchId: Annotated[int, Meta(ge=0, le=10)] | None = None
+    # Against the task's steps (and one another) in the handler; here only what holds for any steps.
+    cacheStartStep: Annotated[int, Meta(ge=0, le=100)] | None = None
+    cacheStartStepPercentage: Annotated[int, Meta(ge=0, le=99)] | None = None
+    cacheEndStep: Annotated[int, Meta(ge=1, le=100)] | None = None
+    cacheEndStepPercentage: Annotated[int, Meta(ge=1, le=100)] | None = None
+    cacheMaxConsecutiveSteps: Annotated[int, Meta(ge=1, le=5)] | None = None
 
 
 class Outpaint(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -381,11 +401,11 @@ AnyTask = (Authentication | Ping | ImageInference | ImageUpload | GetResponse | 
 UNSUPPORTED_PARAMETERS: dict[str, frozenset[str]] = {
     "imageInference": frozenset(
         {
-            "acceleratorOptions", "ipAdapters", "inputs", "advancedFeatures", "puLID", "acePlusPlus",
+            "ipAdapters", "inputs", "advancedFeatures", "puLID", "acePlusPlus",
             "photoMaker", "instantID", "layerDiffuse", "outputs",
             "providerSettings", "settings", "frameImages", "resolution", "batchSize",
             "vectorize", "teaCache", "fbCache", "deepCache", "cacheStartStep", "cacheEndStep",
-            "lycoris", "useCache", "acceleration", "upscaleFactor", "ultralytics", "extraArgs",
+            "lycoris", "useCache", "upscaleFactor", "ultralytics", "extraArgs",
         }
     ),
     "imageUpload": frozenset(),
