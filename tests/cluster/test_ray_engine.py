@@ -199,8 +199,11 @@ async def test_killing_a_replica_mid_job_still_answers_its_tasks(cluster: Cluste
         # Both tasks are for that model, so both are on the replica holding it, in one call.
         replica = await eventually(holder, timeout=seconds(120))
         os.kill(replica["pid"], signal.SIGKILL)
-        answers = [await wire.items_for(task["taskUUID"], 1, timeout=seconds(300))
-                   for wire, task in zip(wires, slow, strict=True)]
+        try:
+            answers = [await wire.items_for(task["taskUUID"], 1, timeout=seconds(300))
+                       for wire, task in zip(wires, slow, strict=True)]
+        except TimeoutError:
+            raise AssertionError("unanswered after the kill:\n" + first.log[-5000:] + second.log[-5000:]) from None
     finally:
         for wire in wires:
             await wire.close()
