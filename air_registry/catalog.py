@@ -249,8 +249,8 @@ def _checkpoint_architecture(raw: Mapping[str, Any], source: str, category: str,
     if source != "single_file" or category != "checkpoint" or not isinstance(location, str):
         return stated or _string(raw, "architecture")
     path = (base_dir / Path(location.strip()).expanduser()).resolve()
-    if not path.name.lower().endswith(".safetensors"):
-        _require(bool(stated), f"'architecture' is required for {path.name}: only a .safetensors file's "
+    if not path.name.lower().endswith((".safetensors", ".gguf")):
+        _require(bool(stated), f"'architecture' is required for {path.name}: only a .safetensors or .gguf file's "
                                "architecture can be read without loading it")
         return stated
     try:

@@ -48,6 +48,7 @@ from imagewire.air_registry.architectures import ARCHITECTURES
 from imagewire.air_registry.catalog import ModelEntry
 from imagewire.air_registry.checkpoints import tensor_shapes
 from imagewire.air_registry.errors import RegistryError, SamplerUnusable, WeightsMissing
+from imagewire.air_registry.flux_files import NotAFluxTransformer, read_flux_transformer
 from imagewire.air_registry.memory_plan import (
     ALL_ON_DEVICE,
     MODEL_OFFLOAD,
@@ -63,6 +64,7 @@ from imagewire.air_registry.memory_plan import (
 )
 from imagewire.air_registry.model_files import MODEL_INDEX
 from imagewire.air_registry.pipeline_configs import PIPELINE_CONFIGS
+from imagewire.air_registry.quantized import is_gguf, require_gguf, weights_format
 from imagewire.air_registry.samplers import FLOW_SAMPLERS, SAMPLERS, SamplerSpec
 from imagewire.air_registry.single_file import (
     CONTROLNET_SUBFOLDER,
@@ -525,6 +527,8 @@ class PipelineCache:
         if entry.source == "single_file":
             assert architecture.single_file_pipeline is not None  # the catalog allows no other
             pipeline_class = getattr(diffusers, architecture.single_file_pipeline)
+            if architecture.family == "flux" and (is_gguf(path) or architecture.single_file_config is not None):
+                return self._read_flux_transformer_file(entry, path, pipeline_class, options)
             # A single file has no configs; diffusers fetches them from the hub, or its cache, unless
             # the architecture's come from an embedded model built here.
             local_only = not self.allow_downloads
@@ -551,6 +555,32 @@ class PipelineCache:
             return AutoPipelineForInpainting.from_pretrained(str(path), **options)
         return AutoPipelineForText2Image.from_pretrained(str(path), **options)
 
+    def _read_flux_transformer_file(self, entry: ModelEntry, path: Path, pipeline_class: Any,
+                                    options: dict[str, Any]) -> DiffusionPipeline:
+        """A FLUX pipeline around the transformer saved alone at ``path`` (GGUF, float8, …; ``flux_files.py``),
+        its other components from the embedded model whose configs the architecture takes, or from the pieces of
+        its models folder. diffusers' pipeline ``from_single_file`` reads neither a GGUF file nor a transformer
+        narrower than FLUX.1's, so the transformer is read on its own and the pipeline built around it."""
+        architecture = ARCHITECTURES[entry.architecture]
+        what = f"the file of {entry.label} ({path})"
+        if is_gguf(path):
+            require_gguf(what)
+        others: dict[str, Any] = {}
+        if architecture.single_file_config is not None:
+            builder = architecture.single_file_config
+            folder = ensure_embedded(builder, self.data_dir / "models" / "configs" / builder)
+        else:
+            others = self._single_file_configs(entry, path)
+            folder = Path(others.pop("config"))
+        try:
+            transformer = read_flux_transformer(path, config=folder, dtype=self.dtype_of(entry))
+        except NotAFluxTransformer as exc:
+            raise WeightsMissing(f"{what} {exc}") from exc
+        logger.info("read the transformer of %s from %s (%s)", entry.air, path, weights_format(path) or "unquantized")
+        pipe: DiffusionPipeline = pipeline_class.from_pretrained(str(folder), transformer=transformer, **others,
+                                                                 **options)
+        return pipe
+
     def _single_file_configs(self, entry: ModelEntry, path: Path) -> dict[str, Any]:
         """``from_single_file`` options that point it at the configs written here for ``entry``'s architecture,
         with the components its file lacks: loaded from the pieces of its models folder (a FLUX transformer saved
@@ -558,7 +588,7 @@ class PipelineCache:
         T5). WeightsMissing lists the pieces it lacks that a pipeline needs, and where they were looked for."""
         table = PIPELINE_CONFIGS[entry.architecture]
         # A pickled checkpoint cannot be listed without unpickling it: taken as complete.
-        names = tensor_shapes(path) if path.suffix.lower() == ".safetensors" else None
+        names = tensor_shapes(path) if path.suffix.lower() in (".safetensors", ".gguf") else None
         missing = missing_components(entry.architecture, names) if names is not None else []
         pieces = find_pieces(entry.architecture, missing, path, tensor_shapes) if missing else {}
         needed = [name for name in missing if name not in pieces and name not in table.optional]

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imagewire.air_registry.errors import RegistryError
+from imagewire.air_registry.quantized import GGUF_UNQUANTIZED, gguf_tensors, is_gguf
 
 ALL_ON_DEVICE = "all-on-device"
 TEXT_ENCODERS_ON_CPU = "text-encoders-on-cpu"
@@ -319,16 +320,27 @@ def read_single_file_sizes(path: Path, dtype_bytes: int) -> ModelSize:
     return ModelSize(parts, kind)
 
 
+def read_gguf_sizes(path: Path, dtype_bytes: int) -> ModelSize:
+    """A GGUF file: a denoiser saved alone, whose quantized tensors stay quantized in memory (each layer
+    dequantizes its weights as it runs) and whose float ones are cast to the model's precision."""
+    tensors = gguf_tensors(path)
+    total = sum(tensor.elements * dtype_bytes if tensor.kind in GGUF_UNQUANTIZED else tensor.stored_bytes
+                for tensor in tensors.values())
+    return ModelSize((ComponentSize(DENOISER, DENOISER, total, _blocks(tensors)),), "transformer")
+
+
 def read_sizes(path: Path, dtype_bytes: int) -> ModelSize | None:
     """The sizes of the model at ``path`` (a diffusers folder or a single safetensors file); None when they
     cannot be read from headers (no safetensors files)."""
     path = Path(path)
     try:
+        if path.is_file() and is_gguf(path):
+            return read_gguf_sizes(path, dtype_bytes)
         if path.is_file() and path.suffix == ".safetensors":
             return read_single_file_sizes(path, dtype_bytes)
         if path.is_dir():
             size = read_folder_sizes(path, dtype_bytes)
             return size if size.components else None
-    except (OSError, ValueError, struct.error):
+    except (OSError, ValueError, struct.error, RegistryError):
         return None
     return None
