@@ -56,7 +56,8 @@ from imagewire.air_registry.model_files import (
     SINGLE_FILE_SUFFIXES,
     WEIGHTS_FILE_SUFFIXES,
 )
-from imagewire.air_registry.samplers import DEFAULT_NAME, resolve_sampler
+from imagewire.air_registry.quantized import QUANTIZE_MODES
+from imagewire.air_registry.samplers import DEFAULT_NAME, FLOW, resolve_sampler
 from imagewire.air_registry.tiny import BUILDERS
 
 SHIPPED_CATALOG = Path(__file__).with_name("catalog.json")
@@ -80,7 +81,8 @@ def _usual_defaults(architecture: Architecture) -> Mapping[str, Any]:
     }
 
 _ENTRY_KEYS = frozenset(
-    {"air", "name", "aliases", "architecture", "category", "tags", "source", "location", "defaults", "token"}
+    {"air", "name", "aliases", "architecture", "category", "tags", "source", "location", "defaults", "token",
+     "quantize"}
 )
 # What a request adds to a checkpoint: a single file is the usual form of each, with no pipeline to read.
 ADD_ON_CATEGORIES: tuple[str, ...] = ("lora", "embeddings", "vae")
@@ -121,6 +123,9 @@ class ModelEntry:
     token: str = ""   # an embedding's word in prompts
     # Why the model cannot be used (a broken file in a models folder, ``models_dir.py``); empty: it can.
     problem: str = ""
+    # Weight-only quantization on load of its transformer and T5 (``quantized.QUANTIZE_MODES``); empty: the
+    # server's --quantize decides.
+    quantize: str = ""
 
     @property
     def label(self) -> str:
@@ -307,6 +312,13 @@ def _parse_entry(raw: Any, base_dir: Path, check: DefaultsCheck | None) -> Model
     _require(category != "embeddings" or bool(token),
              "an 'embeddings' model needs a 'token': the word that stands for it in prompts")
     _require(not token or category == "embeddings", "only an 'embeddings' model has a 'token'")
+    quantize = _string(raw, "quantize", default="")
+    _require(not quantize or quantize in QUANTIZE_MODES,
+             f"'quantize' must be one of {', '.join(QUANTIZE_MODES)}, not {shown(quantize)}")
+    # Weight-only quantization reaches linear layers: a transformer's and T5's, not a UNet's convolutions.
+    _require(quantize in ("", "none") or (category == "checkpoint" and ARCHITECTURES[architecture].sampling == FLOW),
+             "'quantize' applies to checkpoints of transformer models (FLUX.1, SD 3), whose weights are mostly "
+             "linear layers")
     return ModelEntry(
         air=str(air),
         name=name,
@@ -319,6 +331,7 @@ def _parse_entry(raw: Any, base_dir: Path, check: DefaultsCheck | None) -> Model
         location=_parse_location(raw, source, base_dir, layout),
         defaults=_parse_defaults(raw.get("defaults"), architecture, check),
         token=token,
+        quantize=quantize,
     )
 
 

@@ -12,6 +12,7 @@ hold sampler state and are not safe to share between threads, so the cache takes
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import importlib.util
 import inspect
@@ -64,8 +65,9 @@ from imagewire.air_registry.memory_plan import (
 )
 from imagewire.air_registry.model_files import MODEL_INDEX
 from imagewire.air_registry.pipeline_configs import PIPELINE_CONFIGS
-from imagewire.air_registry.quantized import is_gguf, require_gguf, weights_format
-from imagewire.air_registry.samplers import FLOW_SAMPLERS, SAMPLERS, SamplerSpec
+from imagewire.air_registry.quantize import check_quantization, quantize_pipeline
+from imagewire.air_registry.quantized import QUANTIZE_MODES, is_gguf, require_gguf, weights_format
+from imagewire.air_registry.samplers import FLOW, FLOW_SAMPLERS, SAMPLERS, SamplerSpec
 from imagewire.air_registry.single_file import (
     CONTROLNET_SUBFOLDER,
     config_folder,
@@ -173,6 +175,7 @@ class PipelineCache:
     def __init__(
         self, *, device: str, data_dir: Path, allow_downloads: bool = False, max_loaded: int = 1,
         ram_models: int = 0, max_components: int = 5, memory_budget: int | None = None, max_batch_size: int = 1,
+        quantize: str = "none",
     ) -> None:
         if max_loaded < 1:
             raise ValueError(f"max_loaded must be at least 1; received {max_loaded}")
@@ -192,6 +195,11 @@ class PipelineCache:
         # makes: what each model's memory plan is made for.
         self.memory_budget = memory_budget
         self.max_batch_size = max_batch_size
+        # Weight-only quantization on load of the transformer models whose catalog entries do not choose
+        # (``quantize.py``).
+        if quantize not in QUANTIZE_MODES:
+            raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}; received {quantize!r}")
+        self.quantize = quantize
 
     def dtype_of(self, entry: ModelEntry) -> torch.dtype:
         """The precision ``entry`` runs in here: its architecture's on CUDA (half precision halves memory
@@ -201,6 +209,15 @@ class PipelineCache:
             return torch.float32
         dtype: torch.dtype = getattr(torch, ARCHITECTURES[entry.architecture].cuda_dtype)
         return dtype
+
+    def quantization_of(self, entry: ModelEntry) -> str:
+        """How ``entry``'s transformer and T5 are quantized on load: as its catalog entry says, else as the server's
+        --quantize; never a UNet model's (its weights are mostly convolutions) nor a GGUF file's (quantized
+        already)."""
+        mode = entry.quantize or self.quantize
+        if ARCHITECTURES[entry.architecture].sampling != FLOW or is_gguf(Path(entry.location)):
+            return "none"
+        return mode
 
     @property
     def loaded_models(self) -> list[str]:
@@ -227,14 +244,18 @@ class PipelineCache:
         the budget less ``held`` bytes of other models. Raises ``ModelTooLarge`` when no placement fits."""
         dtype = self.dtype_of(entry)
         dtype_bytes = torch.finfo(dtype).bits // 8
-        size = read_sizes(weights, dtype_bytes) or ModelSize(())
+        quantization = self.quantization_of(entry)
+        size = read_sizes(weights, dtype_bytes, quantization) or ModelSize(())
+        # What quantization saves, against the same weights in the model's precision: logged with the plan.
+        saved = (read_sizes(weights, dtype_bytes) or size).total - size.total if quantization != "none" else 0
         flux = ARCHITECTURES[entry.architecture].family == "flux"
         # Guidance-distilled FLUX runs one latent per image; the others two with classifier-free guidance.
         activations = Activations(batch=self.max_batch_size, width=entry.defaults.width,
                                   height=entry.defaults.height, dtype_bytes=dtype_bytes, copies=1 if flux else 2)
         budget = None if self.memory_budget is None else max(0, self.memory_budget - held)
-        return plan_placement(size, budget=budget, activations=activations.total(size.denoiser_kind),
+        plan = plan_placement(size, budget=budget, activations=activations.total(size.denoiser_kind),
                               device=self.device, label=entry.label)
+        return dataclasses.replace(plan, quantization=quantization, saved_bytes=saved)
 
     def resident_bytes(self, *, besides: Collection[str] = ()) -> int:
         """Bytes of weights the models on the device keep there between calls, but those in ``besides``."""
@@ -497,8 +518,15 @@ class PipelineCache:
         logger.info("loading model %s from %s on %s: %s", entry.air, location, self.device, plan.describe())
         started = time.monotonic()
         _enable_loading_progress_bars()
+        if plan.quantization != "none":
+            # Before the weights are read: a server that cannot quantize says so at once.
+            check_quantization(plan.quantization, device=self.device, dtype=self.dtype_of(entry), what=entry.label)
         try:
             pipe = self._read_pipeline(entry, weights)
+            if plan.quantization != "none":
+                quantized = quantize_pipeline(pipe, plan.quantization)
+                logger.info("quantized %s of %s to %s, weight-only", " and ".join(quantized) or "nothing",
+                            entry.air, plan.quantization)
             place(pipe, plan.placement, self.device)
         except RegistryError:
             raise

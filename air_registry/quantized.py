@@ -26,6 +26,9 @@ from typing import BinaryIO
 
 from imagewire.air_registry.errors import RegistryError, WeightsMissing
 
+# Quantization on load (``quantize.py``): none, or weight-only int8 or float8 of a transformer and T5.
+QUANTIZE_MODES: tuple[str, ...] = ("none", "int8", "float8")
+
 GGUF_SUFFIX = ".gguf"
 GGUF_EXTRA = "gguf"
 GGUF_INSTALL = "pip install 'imagewire[gguf]'"

@@ -101,3 +101,20 @@ async def test_a_gguf_file_loads_from_a_catalog_entry(start_server, quantized_fo
     assert psnr(image, await generate(server, "imagewire:tiny-flux@1")) >= LEAST_PSNR["tiny-flux-Q8_0"]
     [model] = await search(server, "test:flux-gguf")
     assert model["architecture"] == "tiny-flux"
+
+
+async def test_the_quantize_flag_reaches_the_models_loaded(start_server, caplog: pytest.LogCaptureFixture) -> None:
+    """--quantize int8 through a real server: the FLUX model runs quantized, close to its unquantized image, and the
+    plan's log line says what it saved."""
+    pytest.importorskip("torchao", reason="the quantize extra (imagewire[quantize]) quantizes on load")
+    plain = await start_server()
+    reference = await generate(plain, "imagewire:tiny-flux@1")
+    server = await start_server(quantize="int8")
+    with caplog.at_level("INFO", logger="imagewire.air_registry.loader"):
+        image = await generate(server, "imagewire:tiny-flux@1")
+    assert 45.0 <= psnr(image, reference) < math.inf
+    assert "quantized text_encoder_2 and transformer of imagewire:tiny-flux@1 to int8" in caplog.text
+    assert "(int8 weights, " in caplog.text
+    [model] = [found for found in await search(server, "imagewire:tiny-flux@1")
+               if found["air"] == "imagewire:tiny-flux@1"]
+    assert model["loaded"] and model["memoryPlan"] == "all-on-device"
