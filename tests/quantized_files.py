@@ -118,3 +118,22 @@ def write_gguf(path: Path, quantization: str, transformer: Any | None = None) ->
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def write_gguf_header_only(path: Path, shapes: dict[str, tuple[int, ...]], quantization: int = 8) -> Path:
+    """A GGUF file that has its header and no data (version 3, no metadata): what detection and the memory plan read,
+    without gigabytes of weights. Matrices in ``quantization`` (ggml's type number; 8 is Q8_0), vectors in F32."""
+    import struct
+
+    def text(value: str) -> bytes:
+        encoded = value.encode("utf-8")
+        return struct.pack("<Q", len(encoded)) + encoded
+
+    header = b"GGUF" + struct.pack("<IQQ", 3, len(shapes), 0)
+    for name, shape in shapes.items():
+        # ggml lists dimensions innermost first.
+        header += text(name) + struct.pack("<I", len(shape)) + b"".join(struct.pack("<Q", d) for d in reversed(shape))
+        header += struct.pack("<IQ", quantization if len(shape) == 2 else 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(header)
+    return path

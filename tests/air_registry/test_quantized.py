@@ -119,3 +119,28 @@ def test_a_gguf_file_without_the_extra_is_an_error_naming_it(tmp_path: Path, fil
     entry = _gguf_entry(tmp_path, files["q8"])
     with pytest.raises(WeightsMissing, match=r"is a GGUF file, which needs the 'gguf' extra .*imagewire\[gguf\]"):
         PipelineCache(device="cpu", data_dir=tiny_data_dir).load(entry)
+
+
+def test_a_flux_sized_gguf_is_detected_and_planned_from_its_header(tmp_path: Path, empty_hf_cache: Path) -> None:
+    """A FLUX.1 [dev] transformer in Q8_0 as city96's GGUFs keep it, header only: detected as flux1-dev, counted at
+    its quantized size, and, alone in a models folder without text encoders and VAE, refused listing what it lacks
+    and where it was looked for (the header is read without loading a weight)."""
+    from imagewire.air_registry.loader import PipelineCache
+    from imagewire.air_registry.memory_plan import GIB
+    from tests.checkpoints import original_layout_shapes
+    from tests.quantized_files import write_gguf_header_only
+
+    pytest.importorskip("gguf", reason="the gguf extra (imagewire[gguf]) is needed before the pieces are looked for")
+    shapes = original_layout_shapes("flux1-dev")
+    path = write_gguf_header_only(tmp_path / "models" / "diffusion_models" / "flux1-dev-Q8_0.gguf", shapes)
+    assert detect_architecture(tensor_shapes(path)) == "flux1-dev"
+    assert weights_format(path) == "gguf-q8_0"
+    size = read_sizes(path, 2)
+    assert size is not None
+    matrices = sum(a * b for a, b in (shape for shape in shapes.values() if len(shape) == 2))
+    assert size.total >= matrices * 34 // 32 and size.total < 12.5 * GIB  # bfloat16 would be 22 GiB
+    entry = _gguf_entry(tmp_path, path)
+    assert entry.architecture == "flux1-dev"
+    with pytest.raises(WeightsMissing, match=r"flux1-dev-Q8_0.gguf\) holds only some of the model: it lacks vae .*"
+                                             r"looked for them in .*text_encoders"):
+        PipelineCache(device="cpu", data_dir=tmp_path / "data").load(entry)
