@@ -12,11 +12,12 @@ or replace models with their own files in the same format (see :meth:`Catalog.lo
 ``source`` says how ``location`` is read: ``embedded`` (built by this server: ``location`` names
 the builder, see ``air_registry/tiny``),
 ``hub`` (a Hugging Face repo id, read from the local Hugging Face cache), ``folder`` (a model saved
-in diffusers format) or ``single_file`` (a ``.safetensors``/``.ckpt`` checkpoint). Missing
-``defaults`` keys take the architecture's usual values (``architectures.py``). A ``single_file``
-checkpoint in ``.safetensors`` may leave ``architecture`` out: its tensors tell it (``checkpoints.py``), and
-a stated one they contradict is an error. Where the weights
-are is ``weights.py``'s business.
+in diffusers format) or ``single_file`` (a ``.safetensors``/``.ckpt`` checkpoint, or a FLUX transformer in a
+``.gguf``). Missing ``defaults`` keys take the architecture's usual values (``architectures.py``). A
+``single_file`` checkpoint in ``.safetensors`` or ``.gguf`` may leave ``architecture`` out: its tensors tell it
+(``checkpoints.py``), and a stated one they contradict is an error. Where the weights
+are is ``weights.py``'s business. A FLUX.1 or SD 3 checkpoint may say ``"quantize": "int8"`` (or ``float8``,
+``none``) to have its transformer and T5 quantized on load whatever ``--quantize`` says (``quantize.py``).
 
 ``category`` is ``checkpoint`` (a whole model, the default) or what a request adds to one: ``lora``,
 ``embeddings`` (textual inversion) or ``vae``; for those, ``architecture`` is the architecture they fit.
