@@ -4,6 +4,7 @@ counts the quantized sizes and records what they save; what cannot run is refuse
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -20,7 +21,9 @@ from imagewire.air_registry.loader import PipelineCache
 from imagewire.air_registry.memory_plan import ALL_ON_DEVICE, GIB, Activations, plan_placement, read_sizes
 from tests.checkpoints import original_layout_shapes, write_header_only
 
-pytest.importorskip("torchao", reason="the quantize extra (imagewire[quantize]) quantizes on load")
+# The tests that quantize need torchao (the quantize extra); the others run without it.
+needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
+                                   reason="the quantize extra (imagewire[quantize]) quantizes on load")
 
 # Measured on CPU in float32 at this seed: int8 57 dB, float8 47 dB PSNR against the unquantized image. Weights
 # read or scaled wrongly make another image altogether, far below these.
@@ -52,6 +55,7 @@ def unquantized(tiny_data_dir: Path) -> np.ndarray:
     return generate(PipelineCache(device="cpu", data_dir=tiny_data_dir).load(flux))
 
 
+@needs_torchao
 @pytest.mark.parametrize("mode", ["int8", "float8"])
 def test_the_flag_quantizes_the_transformer_and_t5_and_the_image_stays_close(
         mode: str, tiny_data_dir: Path, unquantized: np.ndarray, caplog: pytest.LogCaptureFixture) -> None:
@@ -124,8 +128,6 @@ def test_a_flux_sized_transformer_quantized_fits_where_it_did_not(tmp_path: Path
 
 def test_without_torchao_the_error_names_the_extra(tmp_path: Path, tiny_data_dir: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    import importlib.util
-
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "torchao" else
                         find_spec(name, *args))
@@ -134,6 +136,7 @@ def test_without_torchao_the_error_names_the_extra(tmp_path: Path, tiny_data_dir
         PipelineCache(device="cpu", data_dir=tiny_data_dir).load(entry(tmp_path, quantize="int8"))
 
 
+@needs_torchao
 def test_a_quantization_torchao_cannot_run_here_is_refused_saying_so(tmp_path: Path, tiny_data_dir: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Where torchao's kernels do not run (a device, a precision), the model is refused when it loads, naming the
