@@ -105,8 +105,10 @@ ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType({
         )),
         # Flow-matching models. FLUX.1 [schnell] is distilled to 4 steps without guidance; [dev] takes
         # FLUX's own guidance (CFGScale, see families.py) and reads twice as many T5 tokens.
+        # A tiny FLUX transformer saved alone (float8, GGUF) takes the embedded model's other components.
         Architecture("tiny-flux", family="flux", size=256, steps=4, cfg_scale=3.5, sampling=FLOW,
-                     cuda_dtype="bfloat16", max_sequence_length=64, controlnets=False),
+                     cuda_dtype="bfloat16", max_sequence_length=64, controlnets=False,
+                     single_file_pipeline="FluxPipeline", single_file_config="tiny-flux"),
         # Kontext's code path on the tiny FLUX's components (reference images, the seed image to edit).
         Architecture("tiny-flux-kontext", family="flux-kontext", size=256, steps=4, cfg_scale=2.5, sampling=FLOW,
                      cuda_dtype="bfloat16", max_sequence_length=64, pipeline="FluxKontextPipeline", masks=False,

@@ -12,11 +12,12 @@ or replace models with their own files in the same format (see :meth:`Catalog.lo
 ``source`` says how ``location`` is read: ``embedded`` (built by this server: ``location`` names
 the builder, see ``air_registry/tiny``),
 ``hub`` (a Hugging Face repo id, read from the local Hugging Face cache), ``folder`` (a model saved
-in diffusers format) or ``single_file`` (a ``.safetensors``/``.ckpt`` checkpoint). Missing
-``defaults`` keys take the architecture's usual values (``architectures.py``). A ``single_file``
-checkpoint in ``.safetensors`` may leave ``architecture`` out: its tensors tell it (``checkpoints.py``), and
-a stated one they contradict is an error. Where the weights
-are is ``weights.py``'s business.
+in diffusers format) or ``single_file`` (a ``.safetensors``/``.ckpt`` checkpoint, or a FLUX transformer in a
+``.gguf``). Missing ``defaults`` keys take the architecture's usual values (``architectures.py``). A
+``single_file`` checkpoint in ``.safetensors`` or ``.gguf`` may leave ``architecture`` out: its tensors tell it
+(``checkpoints.py``), and a stated one they contradict is an error. Where the weights
+are is ``weights.py``'s business. A FLUX.1 or SD 3 checkpoint may say ``"quantize": "int8"`` (or ``float8``,
+``none``) to have its transformer and T5 quantized on load whatever ``--quantize`` says (``quantize.py``).
 
 ``category`` is ``checkpoint`` (a whole model, the default) or what a request adds to one: ``lora``,
 ``embeddings`` (textual inversion) or ``vae``; for those, ``architecture`` is the architecture they fit.
@@ -56,7 +57,8 @@ from imagewire.air_registry.model_files import (
     SINGLE_FILE_SUFFIXES,
     WEIGHTS_FILE_SUFFIXES,
 )
-from imagewire.air_registry.samplers import DEFAULT_NAME, resolve_sampler
+from imagewire.air_registry.quantized import QUANTIZE_MODES
+from imagewire.air_registry.samplers import DEFAULT_NAME, FLOW, resolve_sampler
 from imagewire.air_registry.tiny import BUILDERS
 
 SHIPPED_CATALOG = Path(__file__).with_name("catalog.json")
@@ -80,7 +82,8 @@ def _usual_defaults(architecture: Architecture) -> Mapping[str, Any]:
     }
 
 _ENTRY_KEYS = frozenset(
-    {"air", "name", "aliases", "architecture", "category", "tags", "source", "location", "defaults", "token"}
+    {"air", "name", "aliases", "architecture", "category", "tags", "source", "location", "defaults", "token",
+     "quantize"}
 )
 # What a request adds to a checkpoint: a single file is the usual form of each, with no pipeline to read.
 ADD_ON_CATEGORIES: tuple[str, ...] = ("lora", "embeddings", "vae")
@@ -121,6 +124,9 @@ class ModelEntry:
     token: str = ""   # an embedding's word in prompts
     # Why the model cannot be used (a broken file in a models folder, ``models_dir.py``); empty: it can.
     problem: str = ""
+    # Weight-only quantization on load of its transformer and T5 (``quantized.QUANTIZE_MODES``); empty: the
+    # server's --quantize decides.
+    quantize: str = ""
 
     @property
     def label(self) -> str:
@@ -249,8 +255,8 @@ def _checkpoint_architecture(raw: Mapping[str, Any], source: str, category: str,
     if source != "single_file" or category != "checkpoint" or not isinstance(location, str):
         return stated or _string(raw, "architecture")
     path = (base_dir / Path(location.strip()).expanduser()).resolve()
-    if not path.name.lower().endswith(".safetensors"):
-        _require(bool(stated), f"'architecture' is required for {path.name}: only a .safetensors file's "
+    if not path.name.lower().endswith((".safetensors", ".gguf")):
+        _require(bool(stated), f"'architecture' is required for {path.name}: only a .safetensors or .gguf file's "
                                "architecture can be read without loading it")
         return stated
     try:
@@ -307,6 +313,13 @@ def _parse_entry(raw: Any, base_dir: Path, check: DefaultsCheck | None) -> Model
     _require(category != "embeddings" or bool(token),
              "an 'embeddings' model needs a 'token': the word that stands for it in prompts")
     _require(not token or category == "embeddings", "only an 'embeddings' model has a 'token'")
+    quantize = _string(raw, "quantize", default="")
+    _require(not quantize or quantize in QUANTIZE_MODES,
+             f"'quantize' must be one of {', '.join(QUANTIZE_MODES)}, not {shown(quantize)}")
+    # Weight-only quantization reaches linear layers: a transformer's and T5's, not a UNet's convolutions.
+    _require(quantize in ("", "none") or (category == "checkpoint" and ARCHITECTURES[architecture].sampling == FLOW),
+             "'quantize' applies to checkpoints of transformer models (FLUX.1, SD 3), whose weights are mostly "
+             "linear layers")
     return ModelEntry(
         air=str(air),
         name=name,
@@ -319,6 +332,7 @@ def _parse_entry(raw: Any, base_dir: Path, check: DefaultsCheck | None) -> Model
         location=_parse_location(raw, source, base_dir, layout),
         defaults=_parse_defaults(raw.get("defaults"), architecture, check),
         token=token,
+        quantize=quantize,
     )
 
 

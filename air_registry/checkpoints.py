@@ -13,8 +13,10 @@ import json
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from imagewire.air_registry.errors import RegistryError
+from imagewire.air_registry.quantized import gguf_tensors, is_gguf
 
 # The JSON header of a file many gigabytes long is still at most a few megabytes.
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -31,6 +33,8 @@ _FLUX_GUIDANCE = "guidance_in.in_layer.weight"
 _SD3 = "joint_blocks.0.context_block.attn.qkv.weight"
 _SD35_MEDIUM = "joint_blocks.0.x_block.attn2.qkv.weight"  # MMDiT-X's second attention
 _INPAINT_CHANNELS = 9
+# The embedded tiny FLUX's transformer (``tiny/flux.py``: 2 heads of 16) is 32 wide; FLUX.1's is 3072.
+_TINY_FLUX_WIDTH = 32
 _FLUX_FILL_CHANNELS = 384  # 64 of latents, 64 of the masked image's, 256 of the mask's, packed
 # What a stated architecture may be where the file's tensors say another: Kontext is [dev]'s shapes.
 _SAME_SHAPES: Mapping[str, str] = {"flux1-kontext": "flux1-dev"}
@@ -47,7 +51,19 @@ class UnknownArchitecture(RegistryError):
 
 
 def tensor_shapes(path: Path) -> dict[str, list[int]]:
-    """Every tensor's name and shape, from the file's header."""
+    """Every tensor's name and shape, from the file's header (a safetensors file's, or a GGUF file's)."""
+    if is_gguf(path):
+        return {name: list(tensor.shape) for name, tensor in gguf_tensors(path).items()}
+    return {name: list(entry.get("shape", [])) for name, entry in _safetensors_header(path).items()}
+
+
+def tensor_dtypes(path: Path) -> dict[str, tuple[str, list[int]]]:
+    """Every tensor's name, dtype (``F16``, ``F8_E4M3``, …) and shape, from a safetensors file's header."""
+    return {name: (str(entry.get("dtype", "")), list(entry.get("shape", [])))
+            for name, entry in _safetensors_header(path).items()}
+
+
+def _safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
     try:
         with open(path, "rb") as file:
             prefix = file.read(8)
@@ -61,8 +77,7 @@ def tensor_shapes(path: Path) -> dict[str, list[int]]:
         raise UnreadableCheckpoint(f"is not a readable safetensors file ({type(exc).__name__})") from exc
     if not isinstance(header, dict):
         raise UnreadableCheckpoint("is not a safetensors file: its header is not a JSON object")
-    return {name: list(entry.get("shape", [])) for name, entry in header.items()
-            if name != "__metadata__" and isinstance(entry, dict)}
+    return {name: entry for name, entry in header.items() if name != "__metadata__" and isinstance(entry, dict)}
 
 
 def _transformer_key(shapes: Mapping[str, Sequence[int]], name: str) -> str | None:
@@ -75,9 +90,11 @@ def _transformer_key(shapes: Mapping[str, Sequence[int]], name: str) -> str | No
 def detect_architecture(shapes: Mapping[str, Sequence[int]]) -> str:
     """The name of the architecture (``architectures.py``) a checkpoint with these tensors has."""
     if _transformer_key(shapes, _FLUX) is not None:
+        image_in = _transformer_key(shapes, "img_in.weight")
+        if image_in is not None and list(shapes[image_in])[:1] == [_TINY_FLUX_WIDTH]:
+            return "tiny-flux"
         if _transformer_key(shapes, _FLUX_GUIDANCE) is None:
             return "flux1-schnell"
-        image_in = _transformer_key(shapes, "img_in.weight")
         channels = list(shapes[image_in])[1:] if image_in is not None else [64]
         if channels == [_FLUX_FILL_CHANNELS]:
             return "flux1-fill"

@@ -12,6 +12,7 @@ hold sampler state and are not safe to share between threads, so the cache takes
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import importlib.util
 import inspect
@@ -48,6 +49,7 @@ from imagewire.air_registry.architectures import ARCHITECTURES
 from imagewire.air_registry.catalog import ModelEntry
 from imagewire.air_registry.checkpoints import tensor_shapes
 from imagewire.air_registry.errors import RegistryError, SamplerUnusable, WeightsMissing
+from imagewire.air_registry.flux_files import NotAFluxTransformer, read_flux_transformer
 from imagewire.air_registry.memory_plan import (
     ALL_ON_DEVICE,
     MODEL_OFFLOAD,
@@ -63,7 +65,9 @@ from imagewire.air_registry.memory_plan import (
 )
 from imagewire.air_registry.model_files import MODEL_INDEX
 from imagewire.air_registry.pipeline_configs import PIPELINE_CONFIGS
-from imagewire.air_registry.samplers import FLOW_SAMPLERS, SAMPLERS, SamplerSpec
+from imagewire.air_registry.quantize import check_quantization, quantize_pipeline
+from imagewire.air_registry.quantized import QUANTIZE_MODES, is_gguf, require_gguf, weights_format
+from imagewire.air_registry.samplers import FLOW, FLOW_SAMPLERS, SAMPLERS, SamplerSpec
 from imagewire.air_registry.single_file import (
     CONTROLNET_SUBFOLDER,
     config_folder,
@@ -171,6 +175,7 @@ class PipelineCache:
     def __init__(
         self, *, device: str, data_dir: Path, allow_downloads: bool = False, max_loaded: int = 1,
         ram_models: int = 0, max_components: int = 5, memory_budget: int | None = None, max_batch_size: int = 1,
+        quantize: str = "none",
     ) -> None:
         if max_loaded < 1:
             raise ValueError(f"max_loaded must be at least 1; received {max_loaded}")
@@ -190,6 +195,11 @@ class PipelineCache:
         # makes: what each model's memory plan is made for.
         self.memory_budget = memory_budget
         self.max_batch_size = max_batch_size
+        # Weight-only quantization on load of the transformer models whose catalog entries do not choose
+        # (``quantize.py``).
+        if quantize not in QUANTIZE_MODES:
+            raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}; received {quantize!r}")
+        self.quantize = quantize
 
     def dtype_of(self, entry: ModelEntry) -> torch.dtype:
         """The precision ``entry`` runs in here: its architecture's on CUDA (half precision halves memory
@@ -199,6 +209,15 @@ class PipelineCache:
             return torch.float32
         dtype: torch.dtype = getattr(torch, ARCHITECTURES[entry.architecture].cuda_dtype)
         return dtype
+
+    def quantization_of(self, entry: ModelEntry) -> str:
+        """How ``entry``'s transformer and T5 are quantized on load: as its catalog entry says, else as the server's
+        --quantize; never a UNet model's (its weights are mostly convolutions) nor a GGUF file's (quantized
+        already)."""
+        mode = entry.quantize or self.quantize
+        if ARCHITECTURES[entry.architecture].sampling != FLOW or is_gguf(Path(entry.location)):
+            return "none"
+        return mode
 
     @property
     def loaded_models(self) -> list[str]:
@@ -225,14 +244,18 @@ class PipelineCache:
         the budget less ``held`` bytes of other models. Raises ``ModelTooLarge`` when no placement fits."""
         dtype = self.dtype_of(entry)
         dtype_bytes = torch.finfo(dtype).bits // 8
-        size = read_sizes(weights, dtype_bytes) or ModelSize(())
+        quantization = self.quantization_of(entry)
+        size = read_sizes(weights, dtype_bytes, quantization) or ModelSize(())
+        # What quantization saves, against the same weights in the model's precision: logged with the plan.
+        saved = (read_sizes(weights, dtype_bytes) or size).total - size.total if quantization != "none" else 0
         flux = ARCHITECTURES[entry.architecture].family == "flux"
         # Guidance-distilled FLUX runs one latent per image; the others two with classifier-free guidance.
         activations = Activations(batch=self.max_batch_size, width=entry.defaults.width,
                                   height=entry.defaults.height, dtype_bytes=dtype_bytes, copies=1 if flux else 2)
         budget = None if self.memory_budget is None else max(0, self.memory_budget - held)
-        return plan_placement(size, budget=budget, activations=activations.total(size.denoiser_kind),
+        plan = plan_placement(size, budget=budget, activations=activations.total(size.denoiser_kind),
                               device=self.device, label=entry.label)
+        return dataclasses.replace(plan, quantization=quantization, saved_bytes=saved)
 
     def resident_bytes(self, *, besides: Collection[str] = ()) -> int:
         """Bytes of weights the models on the device keep there between calls, but those in ``besides``."""
@@ -495,8 +518,15 @@ class PipelineCache:
         logger.info("loading model %s from %s on %s: %s", entry.air, location, self.device, plan.describe())
         started = time.monotonic()
         _enable_loading_progress_bars()
+        if plan.quantization != "none":
+            # Before the weights are read: a server that cannot quantize says so at once.
+            check_quantization(plan.quantization, device=self.device, dtype=self.dtype_of(entry), what=entry.label)
         try:
             pipe = self._read_pipeline(entry, weights)
+            if plan.quantization != "none":
+                quantized = quantize_pipeline(pipe, plan.quantization)
+                logger.info("quantized %s of %s to %s, weight-only", " and ".join(quantized) or "nothing",
+                            entry.air, plan.quantization)
             place(pipe, plan.placement, self.device)
         except RegistryError:
             raise
@@ -525,6 +555,8 @@ class PipelineCache:
         if entry.source == "single_file":
             assert architecture.single_file_pipeline is not None  # the catalog allows no other
             pipeline_class = getattr(diffusers, architecture.single_file_pipeline)
+            if architecture.family == "flux" and (is_gguf(path) or architecture.single_file_config is not None):
+                return self._read_flux_transformer_file(entry, path, pipeline_class, options)
             # A single file has no configs; diffusers fetches them from the hub, or its cache, unless
             # the architecture's come from an embedded model built here.
             local_only = not self.allow_downloads
@@ -551,6 +583,32 @@ class PipelineCache:
             return AutoPipelineForInpainting.from_pretrained(str(path), **options)
         return AutoPipelineForText2Image.from_pretrained(str(path), **options)
 
+    def _read_flux_transformer_file(self, entry: ModelEntry, path: Path, pipeline_class: Any,
+                                    options: dict[str, Any]) -> DiffusionPipeline:
+        """A FLUX pipeline around the transformer saved alone at ``path`` (GGUF, float8, …; ``flux_files.py``),
+        its other components from the embedded model whose configs the architecture takes, or from the pieces of
+        its models folder. diffusers' pipeline ``from_single_file`` reads neither a GGUF file nor a transformer
+        narrower than FLUX.1's, so the transformer is read on its own and the pipeline built around it."""
+        architecture = ARCHITECTURES[entry.architecture]
+        what = f"the file of {entry.label} ({path})"
+        if is_gguf(path):
+            require_gguf(what)
+        others: dict[str, Any] = {}
+        if architecture.single_file_config is not None:
+            builder = architecture.single_file_config
+            folder = ensure_embedded(builder, self.data_dir / "models" / "configs" / builder)
+        else:
+            others = self._single_file_configs(entry, path)
+            folder = Path(others.pop("config"))
+        try:
+            transformer = read_flux_transformer(path, config=folder, dtype=self.dtype_of(entry))
+        except NotAFluxTransformer as exc:
+            raise WeightsMissing(f"{what} {exc}") from exc
+        logger.info("read the transformer of %s from %s (%s)", entry.air, path, weights_format(path) or "unquantized")
+        pipe: DiffusionPipeline = pipeline_class.from_pretrained(str(folder), transformer=transformer, **others,
+                                                                 **options)
+        return pipe
+
     def _single_file_configs(self, entry: ModelEntry, path: Path) -> dict[str, Any]:
         """``from_single_file`` options that point it at the configs written here for ``entry``'s architecture,
         with the components its file lacks: loaded from the pieces of its models folder (a FLUX transformer saved
@@ -558,7 +616,7 @@ class PipelineCache:
         T5). WeightsMissing lists the pieces it lacks that a pipeline needs, and where they were looked for."""
         table = PIPELINE_CONFIGS[entry.architecture]
         # A pickled checkpoint cannot be listed without unpickling it: taken as complete.
-        names = tensor_shapes(path) if path.suffix.lower() == ".safetensors" else None
+        names = tensor_shapes(path) if path.suffix.lower() in (".safetensors", ".gguf") else None
         missing = missing_components(entry.architecture, names) if names is not None else []
         pieces = find_pieces(entry.architecture, missing, path, tensor_shapes) if missing else {}
         needed = [name for name in missing if name not in pieces and name not in table.optional]

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imagewire.air_registry.errors import RegistryError
+from imagewire.air_registry.quantized import GGUF_UNQUANTIZED, gguf_tensors, is_gguf
 
 ALL_ON_DEVICE = "all-on-device"
 TEXT_ENCODERS_ON_CPU = "text-encoders-on-cpu"
@@ -181,6 +182,8 @@ class MemoryPlan:
     budget_bytes: int | None  # None: no limit (a CPU without --device-memory-gib)
     device: str = "cpu"
     rejected: tuple[tuple[str, int], ...] = field(default=())   # faster placements, with the peak each needed
+    quantization: str = "none"   # weight-only quantization on load (``quantized.QUANTIZE_MODES``)
+    saved_bytes: int = 0         # what it saves, against the weights in the model's precision
 
     @property
     def headroom(self) -> int | None:
@@ -196,12 +199,19 @@ class MemoryPlan:
     def describe(self) -> str:
         budget = "no limit" if self.budget_bytes is None else f"{gib(self.budget_bytes)} budget"
         why = "".join(f"; {name} would need {gib(peak)}" for name, peak in self.rejected)
-        return (f"plan {self.placement} on {self.device}: weights {gib(self.model_bytes)}, {gib(self.resident_bytes)} "
-                f"kept on the device, peak {gib(self.peak_bytes)} of {budget}{why}")
+        quantized = (f" ({self.quantization} weights, {amount(self.saved_bytes)} saved)"
+                     if self.quantization != "none" else "")
+        return (f"plan {self.placement} on {self.device}: weights {gib(self.model_bytes)}{quantized}, "
+                f"{gib(self.resident_bytes)} kept on the device, peak {gib(self.peak_bytes)} of {budget}{why}")
 
 
 def gib(size: int) -> str:
     return f"{size / GIB:.1f} GiB"
+
+
+def amount(size: int) -> str:
+    """GiB, or MiB below one GiB (the savings of small models)."""
+    return gib(size) if size >= GIB else f"{size / 1024**2:.1f} MiB"
 
 
 def peak_of(placement: str, size: ModelSize, activations: int) -> tuple[int, int]:
@@ -261,11 +271,37 @@ def _elements(shape: object) -> int:
     return count
 
 
-def tensor_bytes(info: Mapping[str, object], dtype_bytes: int) -> int:
-    """A tensor's bytes once loaded: floating-point tensors are cast to the model's precision, others kept."""
+def tensor_bytes(info: Mapping[str, object], dtype_bytes: int, quantized: bool = False) -> int:
+    """A tensor's bytes once loaded: floating-point tensors are cast to the model's precision, others kept. A
+    ``quantized`` one (a linear layer's weight matrix under weight-only int8 or float8) takes a byte per weight
+    and a float32 scale per row."""
     stored = str(info.get("dtype", "F32"))
-    size = dtype_bytes if stored.startswith(("F", "BF")) else DTYPE_BYTES.get(stored, 4)
-    return _elements(info.get("shape")) * size
+    floating = stored.startswith(("F", "BF"))
+    shape = info.get("shape")
+    if quantized and floating and isinstance(shape, list) and len(shape) == 2:
+        return _elements(shape) + int(shape[0]) * 4
+    size = dtype_bytes if floating else DTYPE_BYTES.get(stored, 4)
+    return _elements(shape) * size
+
+
+# Quantization on load (``--quantize``, a catalog entry's ``quantize``): weight-only, of the linear layers of a
+# transformer denoiser and of T5. Embedding tables are 2-D but not linear layers: torchao leaves them as they are.
+_NOT_LINEAR = ("shared.weight", "embed_tokens.weight", "relative_attention_bias.weight", "pos_embed", "position")
+_T5_PREFIXES = ("text_encoders.t5xxl.",)
+
+
+def _linear_weight(name: str) -> bool:
+    return name.endswith(".weight") and not any(part in name for part in _NOT_LINEAR)
+
+
+def _is_t5(names: Iterable[str]) -> bool:
+    return any(name.startswith("encoder.block.") for name in names)
+
+
+def quantized_components(components: Mapping[str, Mapping[str, object]]) -> set[str]:
+    """The components of a pipeline folder that quantization on load quantizes: a transformer and a T5 encoder
+    (by its tensors, whatever its folder's name)."""
+    return {name for name, tensors in components.items() if name == "transformer" or _is_t5(tensors)}
 
 
 def _blocks(names: Iterable[str]) -> int:
@@ -290,22 +326,26 @@ def component_files(folder: Path) -> dict[str, list[Path]]:
     return files
 
 
-def sizes_from_headers(components: Mapping[str, Mapping[str, Mapping[str, object]]], dtype_bytes: int) -> ModelSize:
-    """A pipeline's sizes from each component's tensors (name → dtype and shape, as a safetensors header has them)."""
-    parts = tuple(ComponentSize(name, role_of(name), sum(tensor_bytes(info, dtype_bytes) for info in tensors.values()),
-                                _blocks(tensors)) for name, tensors in components.items())
+def sizes_from_headers(components: Mapping[str, Mapping[str, Mapping[str, object]]], dtype_bytes: int,
+                       quantize: str = "none") -> ModelSize:
+    """A pipeline's sizes from each component's tensors (name → dtype and shape, as a safetensors header has them),
+    with the transformer's and T5's linear layers in a byte per weight where ``quantize`` is int8 or float8."""
+    chosen = quantized_components(components) if quantize != "none" else set()
+    parts = tuple(ComponentSize(name, role_of(name), sum(
+        tensor_bytes(info, dtype_bytes, name in chosen and _linear_weight(key)) for key, info in tensors.items()),
+        _blocks(tensors)) for name, tensors in components.items())
     kind = "transformer" if any(part.name == "transformer" for part in parts) else "unet"
     return ModelSize(parts, kind)
 
 
-def read_folder_sizes(folder: Path, dtype_bytes: int) -> ModelSize:
+def read_folder_sizes(folder: Path, dtype_bytes: int, quantize: str = "none") -> ModelSize:
     components = {}
     for name, files in component_files(folder).items():
         components[name] = {key: info for path in files for key, info in read_header(path).items()}
-    return sizes_from_headers(components, dtype_bytes)
+    return sizes_from_headers(components, dtype_bytes, quantize)
 
 
-def read_single_file_sizes(path: Path, dtype_bytes: int) -> ModelSize:
+def read_single_file_sizes(path: Path, dtype_bytes: int, quantize: str = "none") -> ModelSize:
     """A single checkpoint file, its tensors grouped by the prefixes of the original layouts; a file of a
     denoiser alone (a FLUX transformer) is all denoiser."""
     header = read_header(path)
@@ -313,22 +353,42 @@ def read_single_file_sizes(path: Path, dtype_bytes: int) -> ModelSize:
     for key in header:
         role = next((role for prefix, role in _SINGLE_FILE_ROLES if key.startswith(prefix)), DENOISER)
         grouped.setdefault(role, []).append(key)
-    parts = tuple(ComponentSize(role, role, sum(tensor_bytes(header[key], dtype_bytes) for key in keys), _blocks(
-        key.removeprefix("model.diffusion_model.") for key in keys)) for role, keys in grouped.items())
     kind = "unet" if any(key.startswith("model.diffusion_model.input_blocks") for key in header) else "transformer"
+
+    def quantized(role: str, key: str) -> bool:
+        if quantize == "none" or not _linear_weight(key):
+            return False
+        return (role == DENOISER and kind == "transformer") or key.startswith(_T5_PREFIXES)
+
+    parts = tuple(ComponentSize(role, role, sum(tensor_bytes(header[key], dtype_bytes, quantized(role, key))
+                                                for key in keys),
+                                _blocks(key.removeprefix("model.diffusion_model.") for key in keys))
+                  for role, keys in grouped.items())
     return ModelSize(parts, kind)
 
 
-def read_sizes(path: Path, dtype_bytes: int) -> ModelSize | None:
-    """The sizes of the model at ``path`` (a diffusers folder or a single safetensors file); None when they
-    cannot be read from headers (no safetensors files)."""
+def read_gguf_sizes(path: Path, dtype_bytes: int) -> ModelSize:
+    """A GGUF file: a denoiser saved alone, whose quantized tensors stay quantized in memory (each layer
+    dequantizes its weights as it runs) and whose float ones are cast to the model's precision."""
+    tensors = gguf_tensors(path)
+    total = sum(tensor.elements * dtype_bytes if tensor.kind in GGUF_UNQUANTIZED else tensor.stored_bytes
+                for tensor in tensors.values())
+    return ModelSize((ComponentSize(DENOISER, DENOISER, total, _blocks(tensors)),), "transformer")
+
+
+def read_sizes(path: Path, dtype_bytes: int, quantize: str = "none") -> ModelSize | None:
+    """The sizes of the model at ``path`` (a diffusers folder or a single safetensors file), with a transformer's
+    and T5's linear layers quantized on load where ``quantize`` says (``quantized.QUANTIZE_MODES``); None when they
+    cannot be read from headers (no safetensors files). A GGUF file is quantized already: counted as stored."""
     path = Path(path)
     try:
+        if path.is_file() and is_gguf(path):
+            return read_gguf_sizes(path, dtype_bytes)
         if path.is_file() and path.suffix == ".safetensors":
-            return read_single_file_sizes(path, dtype_bytes)
+            return read_single_file_sizes(path, dtype_bytes, quantize)
         if path.is_dir():
-            size = read_folder_sizes(path, dtype_bytes)
+            size = read_folder_sizes(path, dtype_bytes, quantize)
             return size if size.components else None
-    except (OSError, ValueError, struct.error):
+    except (OSError, ValueError, struct.error, RegistryError):
         return None
     return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 # A folder in diffusers format has this index of its components.
 MODEL_INDEX = "model_index.json"
-SINGLE_FILE_SUFFIXES: tuple[str, ...] = (".safetensors", ".ckpt")
+SINGLE_FILE_SUFFIXES: tuple[str, ...] = (".safetensors", ".ckpt", ".gguf")
 
 # What a hub download fetches: the diffusers-format components only. Model repos also carry
 # full-size single-file checkpoints, fp16 and non-EMA copies and a safety checker, many times the

@@ -43,6 +43,7 @@ from typing import Any
 from imagewire.air_registry.catalog import ModelEntry, parse_entry, usual_defaults
 from imagewire.air_registry.checkpoints import detect_architecture, tensor_shapes
 from imagewire.air_registry.errors import CatalogError, RegistryError
+from imagewire.air_registry.quantized import weights_format
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ FOLDERS: Mapping[str, str] = MappingProxyType({
 })
 PIECE_FOLDERS: tuple[str, ...] = ("text_encoders", "clip")
 _SUFFIXES: Mapping[str, tuple[str, ...]] = MappingProxyType({
-    "checkpoint": (".safetensors", ".ckpt"), "lora": (".safetensors",), "vae": (".safetensors",),
+    "checkpoint": (".safetensors", ".ckpt", ".gguf"), "lora": (".safetensors",), "vae": (".safetensors",),
     "embeddings": (".safetensors",), "controlnet": (".safetensors",), "upscaler": (".safetensors", ".pth", ".pt"),
 })
 _CHUNK = 4 * 1024 * 1024
@@ -273,10 +274,14 @@ def _raw_entry(found: FoundFile, digest: str) -> dict[str, Any]:
         raw |= {"category": "upscaler", "architecture": "esrgan"}
     elif found.category == "checkpoint":
         raw["category"] = "checkpoint"
-        if not found.path.name.lower().endswith(".safetensors"):
+        if not found.path.name.lower().endswith((".safetensors", ".gguf")):
             raise RegistryError("is a pickled checkpoint, whose architecture cannot be read without running "
                                 "code from it; convert it to .safetensors")
         raw["architecture"] = detect_architecture(tensor_shapes(found.path))
+        # How its weights are stored (float8, a GGUF quantization), for modelSearch's tags.
+        stored = weights_format(found.path)
+        if stored is not None:
+            raw["tags"].append(stored)
     else:
         raw["category"] = found.category
         raw["architecture"] = add_on_architecture(found.category, tensor_shapes(found.path), stem)

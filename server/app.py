@@ -64,7 +64,7 @@ def diffusers_engine_factory(config: Config) -> Callable[[], Engine]:
         return DiffusersEngine(device=resolve_device(config.device), data_dir=config.data_dir,
                                allow_downloads=config.allow_downloads, max_batch_size=config.max_batch_size,
                                max_loaded_models=config.max_loaded_models, ram_models=config.ram_models,
-                               device_memory_bytes=config.device_memory_bytes)
+                               device_memory_bytes=config.device_memory_bytes, quantize=config.quantize)
 
     return build
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
+from imagewire.air_registry.quantized import QUANTIZE_MODES
 from imagewire.storage.s3 import S3Location
 
 PROG = "imagewire-server"
@@ -436,6 +437,12 @@ class Config:
         "(all on the device, text encoders in host RAM, model offload, sequential offload) or refused; on a CUDA "
         "device it is capped by what the device has free at start", parse=POSITIVE, unit=GIBIBYTES,
         shown_default="what the device has free")
+    quantize: str = setting(
+        "none", "--quantize", MODELS,
+        "quantize the transformer and T5 of FLUX.1 and SD 3 models as they load, weight-only (torchao; needs "
+        "pip install 'imagewire[quantize]'): int8 or float8 weights take about half the memory of bfloat16 ones; "
+        "a catalog entry's \"quantize\" wins; UNet models and GGUF files are left as they are",
+        parse=Choice(QUANTIZE_MODES))
     preload: tuple[str, ...] = setting(
         (), "--preload", MODELS,
         "load this model at start, after the default model; repeatable, in order (the last ones stay on the "

@@ -64,6 +64,7 @@ def test_environment_fills_in_what_flags_leave_out_and_flags_win(monkeypatch):
     (["--shutdown-grace", "-1"], "argument --shutdown-grace: must be at least 0, got -1"),
     (["--civitai-url", "civitai.com"],
      "argument --civitai-url: expected an http:// or https:// URL, got 'civitai.com'"),
+    (["--quantize", "int4"], "argument --quantize: invalid choice: 'int4' (choose from 'none', 'int8', 'float8')"),
 ])
 def test_bad_values_stop_the_start_naming_the_flag_the_allowed_range_and_the_value(argv, expected, capsys):
     assert expected in parse_error(argv, capsys)
