@@ -47,7 +47,7 @@ from imagewire.air_registry.add_ons import ModelAddOns, WeightedModel
 from imagewire.air_registry.architectures import ARCHITECTURES
 from imagewire.air_registry.catalog import ModelEntry
 from imagewire.air_registry.checkpoints import tensor_shapes
-from imagewire.air_registry.errors import RegistryError, SamplerUnusable, WeightsMissing
+from imagewire.air_registry.errors import AddOnUnusable, RegistryError, SamplerUnusable, WeightsMissing
 from imagewire.air_registry.memory_plan import (
     ALL_ON_DEVICE,
     MODEL_OFFLOAD,
@@ -328,16 +328,66 @@ class PipelineCache:
         checker, processor = self._component(entry, weights, read)
         return checker, processor
 
+    def ip_adapter(self, entry: ModelEntry, weights: Path | None = None) -> tuple[dict[str, Any], Path]:
+        """An IP-Adapter's tensors, as diffusers' ``load_ip_adapter`` takes a state dict (``image_proj`` and
+        ``ip_adapter`` parts, in host RAM: loading puts them in the UNet), and its image encoder's folder."""
+
+        def read(path: Path) -> tuple[dict[str, Any], Path]:
+            from safetensors.torch import load_file
+
+            from imagewire.air_registry.ip_adapters import adapter_files
+
+            file, encoder = adapter_files(path)
+            tensors = load_file(str(file))
+            parts: dict[str, Any] = {"image_proj": {}, "ip_adapter": {}}
+            for key, tensor in tensors.items():
+                part, _, name = key.partition(".")
+                if part in parts:
+                    parts[part][name] = tensor
+            if not parts["image_proj"] or not parts["ip_adapter"]:
+                raise AddOnUnusable(f"{entry.label} holds no image_proj.* and ip_adapter.* tensors: it is not an "
+                                    "IP-Adapter's weights file", air=entry.air)
+            return parts, encoder
+
+        adapter: tuple[dict[str, Any], Path] = self._component(entry, weights, read)
+        return adapter
+
+    def image_encoder(self, adapter: ModelEntry, folder: Path, dtype: torch.dtype) -> Any:
+        """The CLIP image encoder in ``folder`` (``adapter``'s), on the device in ``dtype``: loaded once for every
+        adapter that reads with it."""
+        key = f"image-encoder:{folder}:{dtype}"
+        found = self._components.get(key)
+        if found is not None:
+            self._components.move_to_end(key)
+            return found
+        if not (folder / "config.json").is_file():
+            raise AddOnUnusable(f"the image encoder of {adapter.label} is not on this server: {folder} holds no "
+                                "config.json (an IP-Adapter's image encoder comes with it, see modelSearch for the "
+                                "download command)", air=adapter.air)
+        self._make_room_for_component(key)
+        try:
+            encoder = transformers.CLIPVisionModelWithProjection.from_pretrained(str(folder), dtype=dtype)
+        except Exception as exc:
+            self._free_memory()
+            raise AddOnUnusable(f"the image encoder of {adapter.label} at {folder} could not be loaded "
+                                f"({type(exc).__name__})", air=adapter.air) from exc
+        encoder = encoder.to(self.device).eval()
+        self._components[key] = encoder
+        return encoder
+
+    def _make_room_for_component(self, key: str) -> None:
+        while len(self._components) >= self.max_components:
+            evicted = next(iter(self._components))
+            del self._components[evicted]
+            logger.info("unloading %s to make room for %s", evicted, key)
+            self._free_memory()
+
     def _component(self, entry: ModelEntry, weights: Path | None, read: Any) -> Any:
         found = self._components.get(entry.air)
         if found is not None:
             self._components.move_to_end(entry.air)
             return found
-        while len(self._components) >= self.max_components:
-            evicted = next(iter(self._components))
-            del self._components[evicted]
-            logger.info("unloading %s to make room for %s", evicted, entry.air)
-            self._free_memory()
+        self._make_room_for_component(entry.air)
         if weights is None:
             weights = locate_weights(entry, data_dir=self.data_dir, allow_downloads=self.allow_downloads)
         location = "the embedded model" if entry.source == "embedded" else entry.location

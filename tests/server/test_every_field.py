@@ -47,6 +47,7 @@ HONOURED: dict[type[schema.Task], dict[str, tuple[str, ...]]] = {
                      "usePromptWeighting", "refiner"),
         **handled_by("tasks/editing.py", "maskImage", "maskMargin", "outpaint", "controlNet"),
         "referenceImages": ("tasks/references.py",),
+        "ipAdapters": ("tasks/ip_adapters.py",),
         **OUTPUT, **DELIVERY,
     },
     schema.ImageUpload: {**handled_by("tasks/image_upload.py", "taskUUID", "image"), **DELIVERY},
