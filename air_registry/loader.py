@@ -101,6 +101,9 @@ def resolve_device(name: str) -> str:
     return device
 
 
+# What the image encoders of IP-Adapters are kept under beside the components, which are kept by AIR.
+_IMAGE_ENCODER_KEY = "image-encoder:"
+
 # DPMSolverSDEScheduler draws its noise from a Brownian tree with its own seed (one per image),
 # not from the pipeline's generator; left unset it is random.
 _NOISE_SEED_OPTION = "noise_sampler_seed"
@@ -243,7 +246,9 @@ class PipelineCache:
     def memory(self) -> dict[str, str]:
         """Where each model in memory is, ``"device"`` or ``"ram"``, with the add-ons loaded into it and the
         single models used beside the pipelines (ControlNets, safety checkers: on the device)."""
-        where: dict[str, str] = dict.fromkeys(self._components, "device")
+        # Image encoders are kept by folder, not AIR: their adapters' entries stand for them.
+        where: dict[str, str] = dict.fromkeys(
+            (key for key in self._components if not key.startswith(_IMAGE_ENCODER_KEY)), "device")
         for place, models in (("ram", self._in_ram), ("device", self._loaded)):
             for air, loaded in models.items():
                 where[air] = place
@@ -355,7 +360,7 @@ class PipelineCache:
     def image_encoder(self, adapter: ModelEntry, folder: Path, dtype: torch.dtype) -> Any:
         """The CLIP image encoder in ``folder`` (``adapter``'s), on the device in ``dtype``: loaded once for every
         adapter that reads with it."""
-        key = f"image-encoder:{folder}:{dtype}"
+        key = f"{_IMAGE_ENCODER_KEY}{folder}:{dtype}"
         found = self._components.get(key)
         if found is not None:
             self._components.move_to_end(key)

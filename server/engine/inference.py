@@ -2,7 +2,8 @@
 
 The steps mirror a diffusers pipeline's own: pick the pipeline and put the jobs' add-ons on it (LoRAs,
 embeddings, VAE; the refiner's pipeline too), add the jobs' ControlNets (a view on the same loaded modules,
-so the add-ons apply through it), then per call of at most ``max_batch_size`` images set a fresh sampler,
+so the add-ons apply through it) and the jobs' IP-Adapters (``ip_adapters.py``, taken off again when the run
+ends), then per call of at most ``max_batch_size`` images set a fresh sampler,
 make one CPU generator per image and call the pipeline with the family's arguments (weighted prompts become
 embeddings first, with CLIP skip applied while the text encoders run). With a refiner, the model denoises up
 to the hand-off and returns latents, and the refiner finishes them. The jobs given share a batch key, so one

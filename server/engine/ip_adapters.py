@@ -47,8 +47,9 @@ def applied(engine: DiffusersEngine, pipe: Any, job: InferenceJob) -> Iterator[d
     except RegistryError as exc:
         raise task_error(exc, "ipAdapters[0].model") from exc
     side = encoder.config.image_size
-    saved = (pipe.image_encoder, pipe.feature_extractor, unet.attn_processors, unet.encoder_hid_proj,
-             unet.config.encoder_hid_dim_type)
+    # A pipeline read from a single file may lack the optional components: absent counts as None.
+    saved = (getattr(pipe, "image_encoder", None), getattr(pipe, "feature_extractor", None), unet.attn_processors,
+             unet.encoder_hid_proj, unet.config.encoder_hid_dim_type)
     try:
         pipe.register_modules(image_encoder=encoder,
                               feature_extractor=CLIPImageProcessor(size=side, crop_size=side))

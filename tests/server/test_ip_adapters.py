@@ -21,7 +21,7 @@ from imagewire.air_registry.weights import locate_weights
 from imagewire.server.engine import DiffusersEngine
 from imagewire.tasks.jobs import InferenceJob, IpAdapterUse
 from tests.engines import Collect
-from tests.wire import Wire, inference, new_uuid
+from tests.wire import API_KEY, Wire, inference, new_uuid
 
 CATALOG = Catalog.load()
 TINY, ADAPTER = CATALOG.resolve("tiny"), CATALOG.resolve("tiny-ip-adapter")
@@ -185,3 +185,44 @@ async def test_what_cannot_be_done_is_refused_naming_the_path(server):
     missing = await wire.error(guided({"model": "tiny-ip-adapter", "guideImage": new_uuid()}))
     assert (missing["code"], missing["parameter"]) == ("imageNotFound", "ipAdapters[0].guideImage")
     await wire.close()
+
+
+async def test_adapters_work_with_inpainting_and_controlnets(server):
+    wire = await Wire.open(server.url)
+    red, blue = png(RED), png(BLUE)
+    mask = png(Image.new("RGB", (128, 128), (255, 255, 255)))
+    edits = [
+        {"model": "imagewire:tiny-inpaint@1", "seedImage": blue, "maskImage": mask},
+        {"controlNet": [{"model": "imagewire:tiny-controlnet@1", "guideImage": blue}]},
+        {"seedImage": blue, "strength": 0.9},
+    ]
+    for fields in edits:
+        [without] = await wire.run(inference(seed=4, outputType="base64Data", **fields))
+        [adapted] = await wire.run(guided({"model": "tiny-ip-adapter", "guideImage": red}, **fields))
+        assert differ(pixels(adapted), pixels(without)) > CHANGED, fields
+        [again] = await wire.run(inference(seed=4, outputType="base64Data", **fields))
+        assert differ(pixels(again), pixels(without)) <= SAME, fields  # nothing left on the shared model
+    await wire.close()
+
+
+async def test_the_python_sdk_sends_ip_adapters(server):
+    from runware import IImageInference, IIpAdapter, Runware
+
+    red = png(RED)
+    wire = await Wire.open(server.url)
+    [upload] = await wire.run({"taskType": "imageUpload", "taskUUID": new_uuid(), "image": png(BLUE)})
+    [expected] = await wire.run(guided({"model": "tiny-ip-adapter", "guideImage": red, "weight": 0.8},
+                                       {"model": "tiny-ip-adapter", "guideImage": upload["imageUUID"]}))
+    await wire.close()
+    client = Runware(api_key=API_KEY, url=server.url)
+    await client.connect()
+    try:
+        [image] = await client.imageInference(requestImage=IImageInference(
+            model="imagewire:tiny@1", positivePrompt="a red fox in the snow", width=128, height=128, steps=2, seed=4,
+            outputType="base64Data", outputFormat="PNG",
+            ipAdapters=[IIpAdapter(model="imagewire:tiny-ip-adapter@1", guideImage=f"data:image/png;base64,{red}",
+                                   weight=0.8),
+                        IIpAdapter(model="imagewire:tiny-ip-adapter@1", guideImage=upload["imageUUID"])]))
+    finally:
+        await client.disconnect()
+    assert differ(pixels({"imageBase64Data": image.imageBase64Data}), pixels(expected)) <= SAME
