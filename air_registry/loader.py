@@ -48,7 +48,7 @@ from imagewire.air_registry.add_ons import ModelAddOns, WeightedModel
 from imagewire.air_registry.architectures import ARCHITECTURES
 from imagewire.air_registry.catalog import ModelEntry
 from imagewire.air_registry.checkpoints import tensor_shapes
-from imagewire.air_registry.errors import RegistryError, SamplerUnusable, WeightsMissing
+from imagewire.air_registry.errors import AddOnUnusable, RegistryError, SamplerUnusable, WeightsMissing
 from imagewire.air_registry.flux_files import NotAFluxTransformer, read_flux_transformer
 from imagewire.air_registry.memory_plan import (
     ALL_ON_DEVICE,
@@ -104,6 +104,9 @@ def resolve_device(name: str) -> str:
         raise ValueError(f"device {name!r} does not exist: this machine has {count} CUDA device(s)")
     return device
 
+
+# What the image encoders of IP-Adapters are kept under beside the components, which are kept by AIR.
+_IMAGE_ENCODER_KEY = "image-encoder:"
 
 # DPMSolverSDEScheduler draws its noise from a Brownian tree with its own seed (one per image),
 # not from the pipeline's generator; left unset it is random.
@@ -266,7 +269,9 @@ class PipelineCache:
     def memory(self) -> dict[str, str]:
         """Where each model in memory is, ``"device"`` or ``"ram"``, with the add-ons loaded into it and the
         single models used beside the pipelines (ControlNets, safety checkers: on the device)."""
-        where: dict[str, str] = dict.fromkeys(self._components, "device")
+        # Image encoders are kept by folder, not AIR: their adapters' entries stand for them.
+        where: dict[str, str] = dict.fromkeys(
+            (key for key in self._components if not key.startswith(_IMAGE_ENCODER_KEY)), "device")
         for place, models in (("ram", self._in_ram), ("device", self._loaded)):
             for air, loaded in models.items():
                 where[air] = place
@@ -351,16 +356,66 @@ class PipelineCache:
         checker, processor = self._component(entry, weights, read)
         return checker, processor
 
+    def ip_adapter(self, entry: ModelEntry, weights: Path | None = None) -> tuple[dict[str, Any], Path]:
+        """An IP-Adapter's tensors, as diffusers' ``load_ip_adapter`` takes a state dict (``image_proj`` and
+        ``ip_adapter`` parts, in host RAM: loading puts them in the UNet), and its image encoder's folder."""
+
+        def read(path: Path) -> tuple[dict[str, Any], Path]:
+            from safetensors.torch import load_file
+
+            from imagewire.air_registry.ip_adapters import adapter_files
+
+            file, encoder = adapter_files(path)
+            tensors = load_file(str(file))
+            parts: dict[str, Any] = {"image_proj": {}, "ip_adapter": {}}
+            for key, tensor in tensors.items():
+                part, _, name = key.partition(".")
+                if part in parts:
+                    parts[part][name] = tensor
+            if not parts["image_proj"] or not parts["ip_adapter"]:
+                raise AddOnUnusable(f"{entry.label} holds no image_proj.* and ip_adapter.* tensors: it is not an "
+                                    "IP-Adapter's weights file", air=entry.air)
+            return parts, encoder
+
+        adapter: tuple[dict[str, Any], Path] = self._component(entry, weights, read)
+        return adapter
+
+    def image_encoder(self, adapter: ModelEntry, folder: Path, dtype: torch.dtype) -> Any:
+        """The CLIP image encoder in ``folder`` (``adapter``'s), on the device in ``dtype``: loaded once for every
+        adapter that reads with it."""
+        key = f"{_IMAGE_ENCODER_KEY}{folder}:{dtype}"
+        found = self._components.get(key)
+        if found is not None:
+            self._components.move_to_end(key)
+            return found
+        if not (folder / "config.json").is_file():
+            raise AddOnUnusable(f"the image encoder of {adapter.label} is not on this server: {folder} holds no "
+                                "config.json (an IP-Adapter's image encoder comes with it, see modelSearch for the "
+                                "download command)", air=adapter.air)
+        self._make_room_for_component(key)
+        try:
+            encoder: Any = transformers.CLIPVisionModelWithProjection.from_pretrained(str(folder), dtype=dtype)
+        except Exception as exc:
+            self._free_memory()
+            raise AddOnUnusable(f"the image encoder of {adapter.label} at {folder} could not be loaded "
+                                f"({type(exc).__name__})", air=adapter.air) from exc
+        encoder = encoder.to(self.device).eval()
+        self._components[key] = encoder
+        return encoder
+
+    def _make_room_for_component(self, key: str) -> None:
+        while len(self._components) >= self.max_components:
+            evicted = next(iter(self._components))
+            del self._components[evicted]
+            logger.info("unloading %s to make room for %s", evicted, key)
+            self._free_memory()
+
     def _component(self, entry: ModelEntry, weights: Path | None, read: Any) -> Any:
         found = self._components.get(entry.air)
         if found is not None:
             self._components.move_to_end(entry.air)
             return found
-        while len(self._components) >= self.max_components:
-            evicted = next(iter(self._components))
-            del self._components[evicted]
-            logger.info("unloading %s to make room for %s", evicted, entry.air)
-            self._free_memory()
+        self._make_room_for_component(entry.air)
         if weights is None:
             weights = locate_weights(entry, data_dir=self.data_dir, allow_downloads=self.allow_downloads)
         location = "the embedded model" if entry.source == "embedded" else entry.location

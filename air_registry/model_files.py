@@ -33,7 +33,9 @@ COMPONENT_CATEGORIES: frozenset[str] = frozenset({"controlnet", "safety"})
 # as a single model saved on its own (``component``); a LoRA or an embedding as one weights file, alone or in
 # a folder or hub repo (``add_on_file``: diffusers' own name for it there, or else the only .safetensors file).
 ADD_ON_FILE_LAYOUT = "add_on_file"
-ADD_ON_LAYOUTS = {"vae": COMPONENT_LAYOUT, "lora": ADD_ON_FILE_LAYOUT, "embeddings": ADD_ON_FILE_LAYOUT}
+# An IP-Adapter is one weights file with an image encoder beside it (``ip_adapters.py``): a hub entry names the file.
+ADD_ON_LAYOUTS = {"vae": COMPONENT_LAYOUT, "lora": ADD_ON_FILE_LAYOUT, "embeddings": ADD_ON_FILE_LAYOUT,
+                  "ip-adapter": "weights_file"}
 # The names diffusers gives a LoRA's and a textual-inversion embedding's weights file in a folder.
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 EMBEDDING_WEIGHTS = "learned_embeds.safetensors"

@@ -12,6 +12,8 @@ from pathlib import Path
 from imagewire.air_registry.air import parse_air
 from imagewire.air_registry.catalog import ModelEntry, hub_file
 from imagewire.air_registry.errors import WeightsMissing
+from imagewire.air_registry.ip_adapters import CATEGORY as IP_ADAPTER
+from imagewire.air_registry.ip_adapters import hub_encoder_files
 from imagewire.air_registry.model_files import (
     ADD_ON_FILE_LAYOUT,
     ADD_ON_FILE_NAMES,
@@ -59,13 +61,16 @@ def _locate_hub_weights(entry: ModelEntry, *, allow_downloads: bool) -> Path:
     layout = entry.layout
     # A weights_file model names one file of its repo: "owner/name/file.pth".
     repo, filename = hub_file(entry.location) if layout == "weights_file" else (entry.location, None)
-    command = hub_download_command(repo, layout, filename)
-    patterns = [filename] if filename is not None else list(HUB_PATTERNS[layout][0])
+    # An IP-Adapter's file is read with the image encoder of its repo: both are needed, both are fetched.
+    companions = hub_encoder_files(entry) if entry.category == IP_ADAPTER else []
+    command = hub_download_command(repo, layout, " ".join([filename, *companions]) if filename else None)
+    patterns = [filename, *companions] if filename is not None else list(HUB_PATTERNS[layout][0])
     excluded = [] if filename is not None else list(HUB_PATTERNS[layout][1])
     try:
         snapshot = Path(snapshot_download(repo, local_files_only=True))
-        if filename is not None and not (snapshot / filename).is_file():
-            raise FileNotFoundError(filename)
+        for name in patterns if filename is not None else ():
+            if not (snapshot / name).is_file():
+                raise FileNotFoundError(name)
     except Exception as exc:
         what = f"'{filename}' of Hugging Face repo '{repo}'" if filename else f"Hugging Face repo '{repo}'"
         if not allow_downloads:

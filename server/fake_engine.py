@@ -205,8 +205,10 @@ def request_key(job: InferenceJob, seed: int) -> bytes:
                (job.refiner.model.air, job.refiner.start) if job.refiner else None)
     controlnets = [(control.batch_key(), hashlib.blake2b(guide.tobytes(), digest_size=16).hexdigest())
                    for control, guide in zip(job.controlnets, job.guide_images, strict=True)]
+    # IP-Adapters of weight 0 have no influence, as on the real engine; a job with none keeps its old digest.
+    adapters = [adapter.batch_key() for adapter in job.ip_adapters if adapter.weight > 0]
     return _digest(job.model.air, add_ons, job.prompt, job.negative_prompt, job.steps, job.cfg_scale,
-                   job.sampler.name if job.sampler else None, controlnets, seed)
+                   job.sampler.name if job.sampler else None, controlnets, seed, *([adapters] if adapters else []))
 
 
 def picture(job: InferenceJob, seed: int) -> Image.Image:

@@ -106,8 +106,8 @@ def prepare(task: ImageInference, model: ModelEntry, steps: int) -> CacheSetting
     kind = kind_of(model)
     preset = PRESETS[task.acceleration or "none"].get(kind or "", {})
     options = {**DEFAULTS, **preset, **sent}
-    cache = next((name for name in _FITS if options.get(name)), None)
-    if cache is None:
+    chosen = next((name for name in _FITS if options.get(name)), None)
+    if chosen is None:
         # Nothing is cached: a tuning or window option would be read by nobody.
         stray = next((name for name in (*_TUNES, *_WINDOW) if name in sent), None)
         if stray is not None:
@@ -118,10 +118,10 @@ def prepare(task: ImageInference, model: ModelEntry, steps: int) -> CacheSetting
         return None
     start, end = _window(options, sent, steps)
     max_consecutive = options["cacheMaxConsecutiveSteps"]
-    if cache == "deepCache":
-        return CacheSettings(kind=cache, start=start, end=end, max_consecutive=max_consecutive,
+    if chosen == "deepCache":
+        return CacheSettings(kind=chosen, start=start, end=end, max_consecutive=max_consecutive,
                              interval=options["deepCacheInterval"], branch=options["deepCacheBranchId"])
-    return CacheSettings(kind=cache, start=start, end=end, max_consecutive=max_consecutive,
+    return CacheSettings(kind=chosen, start=start, end=end, max_consecutive=max_consecutive,
                          threshold=round(MAX_THRESHOLD * options["teaCacheDistance"] ** 2, 6))
 
 

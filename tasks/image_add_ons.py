@@ -67,7 +67,7 @@ def prepare(task: ImageInference, model: ModelEntry, steps: int, ctx: TaskContex
     return AddOns(
         loras=_weighted(ctx, task.lora or [], model, name="lora", category="lora"),
         embeddings=_embeddings(ctx, task.embeddings or [], model),
-        vae=_fitting(ctx, task.vae, model, parameter="vae", category="vae") if task.vae else None,
+        vae=fitting_add_on(ctx, task.vae, model, parameter="vae", category="vae") if task.vae else None,
         clip_skip=task.clipSkip or 0,
         prompt_weighting=_prompt_syntax(task),
         refiner=refiner,
@@ -93,7 +93,7 @@ def _refuse_add_ons(task: ImageInference, model: ModelEntry, family: str, given:
         parameter=asked[0], allowed_values=fitting)
 
 
-def _fitting(ctx: TaskContext, name: str, model: ModelEntry, *, parameter: str, category: str) -> ModelEntry:
+def fitting_add_on(ctx: TaskContext, name: str, model: ModelEntry, *, parameter: str, category: str) -> ModelEntry:
     """The add-on ``name`` names, which must be of ``category`` and made for the model's architecture (or, for
     an inpainting checkpoint, the architecture it was trained from)."""
     entry = inputs.model(ctx, name, parameter=parameter, category=category)
@@ -115,7 +115,7 @@ def _weighted(ctx: TaskContext, items: Sequence[Lora | Embedding], model: ModelE
     chosen: list[Weighted] = []
     for index, item in enumerate(items):
         parameter = f"{name}[{index}].model"
-        entry = _fitting(ctx, item.model, model, parameter=parameter, category=category)
+        entry = fitting_add_on(ctx, item.model, model, parameter=parameter, category=category)
         for earlier, other in enumerate(chosen):
             if other.model.air == entry.air:
                 raise InvalidParameter(

@@ -23,7 +23,17 @@ from PIL import Image
 
 from imagewire.air_registry import AIR, ARCHITECTURES, ModelDefaults, ModelEntry, SamplerSpec
 from imagewire.storage import OUTPUT_FORMATS, ImageFormat, encode_image, to_base64
-from imagewire.tasks import acceleration, canvas, content_safety, editing, image_add_ons, inputs, references, schema
+from imagewire.tasks import (
+    acceleration,
+    canvas,
+    content_safety,
+    editing,
+    image_add_ons,
+    inputs,
+    ip_adapters,
+    references,
+    schema,
+)
 from imagewire.tasks.context import TaskContext
 from imagewire.tasks.describe import describe_annotation, nearest_valid, stepped_range
 from imagewire.tasks.errors import InvalidParameter, MissingParameter
@@ -62,6 +72,7 @@ class Prepared:
     ttl: int | None = None
     references: tuple[str, ...] = ()   # referenceImages (FLUX.1 Kontext), as sent
     cache: acceleration.CacheSettings | None = None  # acceleration, acceleratorOptions
+    ip_adapters: tuple[ip_adapters.Chosen, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -131,6 +142,7 @@ def prepare(task: ImageInference, ctx: TaskContext) -> Prepared | AwaitingDownlo
         ttl=output.ttl,
         references=reference_images,
         cache=acceleration.prepare(task, model, steps),
+        ip_adapters=ip_adapters.prepare(task, model, ctx),
     )
 
 
@@ -168,9 +180,9 @@ async def run(prepared: Prepared | AwaitingDownload, ctx: TaskContext) -> AsyncI
         prepared = ready
     task = prepared.task
     weights = await inputs.weights(ctx, prepared.model)
-    add_ons, checker, loaded = await asyncio.gather(
+    add_ons, checker, loaded, adapters = await asyncio.gather(
         image_add_ons.job_fields(prepared.add_ons, ctx), content_safety.checker_weights(ctx, prepared.safety),
-        editing.load(ctx, prepared.edits))
+        editing.load(ctx, prepared.edits), ip_adapters.job_fields(prepared.ip_adapters, ctx))
     init_image = None
     width, height = task.width, task.height
     seed: list[tuple[str, Image.Image]] = []
@@ -189,7 +201,9 @@ async def run(prepared: Prepared | AwaitingDownload, ctx: TaskContext) -> AsyncI
     scene = await editing.compose(prepared.edits, loaded, task, init_image, width, height)
     # A flagged input fails the task before it costs any device time.
     await content_safety.check_inputs(ctx, prepared.safety, checker, task.taskUUID,
-                                      seed + editing.named_guides(prepared.edits, loaded))
+                                      seed + editing.named_guides(prepared.edits, loaded)
+                                      + [(f"ipAdapters[{index}].guideImage", adapter.guide)
+                                         for index, adapter in enumerate(adapters.get("ip_adapters", ()))])
     del seed  # the reference images as sent are not kept while the task waits: only what the job reads
     progress: RunningJob[GeneratedImage]
     if scene.nothing_to_do:  # an empty mask: the results are known without spending device time
@@ -201,7 +215,7 @@ async def run(prepared: Prepared | AwaitingDownload, ctx: TaskContext) -> AsyncI
             cfg_scale=prepared.cfg_scale, sampler=prepared.sampler, seeds=prepared.seeds,
             init_image=scene.init_image, strength=task.strength, mask_image=scene.mask_image,
             controlnets=scene.controlnets, guide_images=scene.guide_images,
-            preview=task.includeProgress and task.includePreview, cache=prepared.cache, **add_ons)
+            preview=task.includeProgress and task.includePreview, cache=prepared.cache, **add_ons, **adapters)
         progress = ctx.services.device.submit(job, on_event=_ProgressReport(task, len(prepared.seeds), ctx).on_event)
     try:
         async for produced in progress:

@@ -100,7 +100,8 @@ async def store(ctx: TaskContext, data: bytes, *, extension: str, what: str = "T
 
 # How messages name each category of model: one, and several.
 CATEGORY_NAMES = {"checkpoint": ("a checkpoint", "Checkpoints"), "lora": ("a LoRA", "LoRAs"),
-                  "embeddings": ("an embedding", "Embeddings"), "vae": ("a VAE", "VAEs")}
+                  "embeddings": ("an embedding", "Embeddings"), "vae": ("a VAE", "VAEs"),
+                  "ip-adapter": ("an IP-Adapter", "IP-Adapters")}
 
 
 def model(ctx: TaskContext, name: str, *, parameter: str = "model", task: str = "imageInference",

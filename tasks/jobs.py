@@ -11,7 +11,7 @@ torch: images are PIL images.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -59,6 +59,21 @@ class AddOn:
 
 
 @dataclass(frozen=True)
+class IpAdapterUse:
+    """An IP-Adapter of a job: the catalog entry, where its weights are, its weight (the adapter's scale) and the
+    picture that guides it, with a digest of its pixels for the batch key (pixels are not hashed per lookup)."""
+
+    model: ModelEntry
+    weights: Path
+    weight: float
+    guide: Image = field(compare=False, repr=False)
+    guide_digest: str = ""
+
+    def batch_key(self) -> Hashable:
+        return (self.model.air, self.weight, self.guide_digest)
+
+
+@dataclass(frozen=True)
 class RefinerPass:
     """An SDXL refiner finishing the image: the job's model denoises up to ``start`` (a fraction of the
     steps), the refiner the rest, in one job."""
@@ -96,6 +111,7 @@ class InferenceJob(Job):
     prompt_weighting: str | None = None  # the prompts' syntax: "compel" or "sdEmbeds"; None: plain text
     refiner: RefinerPass | None = None
     cache: CacheSettings | None = None  # step caching (tasks/acceleration.py); None: every step in full
+    ip_adapters: tuple[IpAdapterUse, ...] = ()  # in the request's order
 
     @property
     def images(self) -> int:
@@ -117,11 +133,13 @@ class InferenceJob(Job):
 
     def add_ons_key(self) -> Hashable:
         """What the add-ons make one call share: a set of LoRAs (their order does not matter, their weights
-        do), of embeddings, the VAE, the CLIP skip, the prompt syntax and the refiner hand-off."""
+        do), of embeddings, the VAE, the CLIP skip, the prompt syntax, the refiner hand-off, and the IP-Adapters
+        with their guide images: diffusers gives every image of a call the same guide image per adapter."""
         return (frozenset((lora.model.air, lora.weight) for lora in self.loras),
                 frozenset((embedding.model.air, embedding.weight) for embedding in self.embeddings),
                 self.vae.model.air if self.vae else None, self.clip_skip, self.prompt_weighting,
-                (self.refiner.model.air, self.refiner.start) if self.refiner else None)
+                (self.refiner.model.air, self.refiner.start) if self.refiner else None,
+                tuple(adapter.batch_key() for adapter in self.ip_adapters))
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -138,6 +156,9 @@ class InferenceJob(Job):
             return "vae"
         if self.refiner is not None and self.refiner.model.air == air:
             return "refiner.model"
+        for index, adapter in enumerate(self.ip_adapters):
+            if adapter.model.air == air:
+                return f"ipAdapters[{index}].model"
         return "model"
 
 

@@ -86,6 +86,18 @@ class Embedding(Struct, forbid_unknown_fields=True, kw_only=True):
     weight: AddOnWeight = 1.0
 
 
+# IP-Adapters: at most as many as LoRAs; each weight from 0 (no influence) to 1 (the docs' range and default).
+IpAdapterWeight = Annotated[float, Meta(ge=0, le=1)]
+
+
+class IpAdapter(Struct, forbid_unknown_fields=True, kw_only=True):
+    """One IP-Adapter of ``ipAdapters``: its model, the picture that guides it (four input forms), its weight."""
+
+    model: ModelAIR
+    guideImage: str
+    weight: IpAdapterWeight | None = None  # null: 1, as the Python SDK sends unset fields
+
+
 class Refiner(Struct, forbid_unknown_fields=True, kw_only=True):
     """An SDXL refiner finishes the image from a step on; give one of the two (default: 80 %)."""
 
@@ -140,6 +152,7 @@ class ImageInference(Deliverable, tag="imageInference"):
     ttl: TTL | None = None
     # FLUX.1 Kontext's input images, in the four forms; how many a model takes, tasks/references.py checks.
     referenceImages: list[str] | None = None
+    ipAdapters: Annotated[list[IpAdapter], Meta(max_length=MAX_ADD_ONS)] | None = None
     # Step caching (tasks/acceleration.py): a preset, and options that override it field by field.
     acceleration: Literal["none", "low", "medium", "high"] | None = None
     acceleratorOptions: AcceleratorOptions | None = None
@@ -401,7 +414,7 @@ AnyTask = (Authentication | Ping | ImageInference | ImageUpload | GetResponse | 
 UNSUPPORTED_PARAMETERS: dict[str, frozenset[str]] = {
     "imageInference": frozenset(
         {
-            "ipAdapters", "inputs", "advancedFeatures", "puLID", "acePlusPlus",
+            "inputs", "advancedFeatures", "puLID", "acePlusPlus",
             "photoMaker", "instantID", "layerDiffuse", "outputs",
             "providerSettings", "settings", "frameImages", "resolution", "batchSize",
             "vectorize", "teaCache", "fbCache", "deepCache", "cacheStartStep", "cacheEndStep",

@@ -40,6 +40,7 @@ BUILDERS: Mapping[str, str] = MappingProxyType({
     "tiny-flux": "imagewire.air_registry.tiny.flux",
     "tiny-flux-kontext": "imagewire.air_registry.tiny.flux_kontext",
     "tiny-sd3": "imagewire.air_registry.tiny.sd3",
+    "tiny-ip-adapter": "imagewire.air_registry.tiny.ip_adapter",
 })
 
 # Builders draw initial weights from torch's global generator, seeded per component: two builds in one

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 from diffusers.hooks.first_block_cache import FBCBlockHook, FBCHeadBlockHook, FBCSharedBlockState
@@ -78,7 +78,7 @@ def caching(pipe: Any, settings: CacheSettings | None) -> Iterator[StepClock]:
         yield clock
     finally:
         for module in hooked:
-            module._diffusers_hook.remove_hook(HOOK_NAME, recurse=False)
+            HookRegistry.check_if_exists_or_initialize(module).remove_hook(HOOK_NAME, recurse=False)
         HookRegistry.check_if_exists_or_initialize(denoiser).invalidate_child_registries_cache()
 
 
@@ -134,7 +134,7 @@ class _ReplayHook(ModelHook):
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         if self.state.reusing and self.kept is not None:
             return self.kept
-        self.kept = self.fn_ref.original_forward(*args, **kwargs)
+        self.kept = cast(Any, self.fn_ref).original_forward(*args, **kwargs)
         return self.kept
 
 
@@ -157,8 +157,9 @@ def skip_branches(unet: Any) -> tuple[list[list[torch.nn.Module]], list[list[tor
 
 def _layers(block: torch.nn.Module) -> list[list[torch.nn.Module]]:
     """A UNet block's layers: each resnet with the attention after it, where the block has attentions."""
-    attentions = getattr(block, "attentions", None) or [None] * len(block.resnets)
-    return [[layer for layer in pair if layer is not None] for pair in zip(block.resnets, attentions, strict=True)]
+    resnets: Any = block.resnets
+    attentions = getattr(block, "attentions", None) or [None] * len(resnets)
+    return [[layer for layer in pair if layer is not None] for pair in zip(resnets, attentions, strict=True)]
 
 
 def _deep_cache(unet: Any, settings: CacheSettings, clock: StepClock) -> list[torch.nn.Module]:
@@ -211,8 +212,9 @@ class _TailHook(FBCBlockHook):
         shared = self.state_manager.get_state()
         if not shared.should_compute:
             return super().new_forward(module, *args, **kwargs)
-        output = self.fn_ref.original_forward(*args, **kwargs)
-        meta, head = self._metadata, shared.head_block_output
+        output = cast(Any, self.fn_ref).original_forward(*args, **kwargs)
+        meta: Any = self._metadata
+        head = shared.head_block_output
         if not isinstance(output, tuple):
             shared.tail_block_residuals = (output - head, None)
             return output
@@ -229,7 +231,7 @@ def _first_block_cache(transformer: Any, settings: CacheSettings, clock: StepClo
     if len(blocks) < 2:
         raise InvalidParameter("acceleratorOptions.teaCache needs a transformer of two blocks at least",
                                parameter="acceleratorOptions.teaCache")
-    state_manager = StateManager(FBCSharedBlockState, (), {})
+    state_manager = StateManager(cast(Any, FBCSharedBlockState), (), {})  # diffusers' hint says an instance
     # FluxPipeline names a context per denoiser call ("cond", "uncond"); the other pipelines name none, and
     # this one stands for them (a pipeline's own context replaces it while it is set).
     state_manager.set_context(CacheContext("call"))

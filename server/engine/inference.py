@@ -2,7 +2,8 @@
 
 The steps mirror a diffusers pipeline's own: pick the pipeline and put the jobs' add-ons on it (LoRAs,
 embeddings, VAE; the refiner's pipeline too), add the jobs' ControlNets (a view on the same loaded modules,
-so the add-ons apply through it), then per call of at most ``max_batch_size`` images set a fresh sampler,
+so the add-ons apply through it) and the jobs' IP-Adapters (``ip_adapters.py``, taken off again when the run
+ends), then per call of at most ``max_batch_size`` images set a fresh sampler,
 make one CPU generator per image and call the pipeline with the family's arguments (weighted prompts become
 embeddings first, with CLIP skip applied while the text encoders run). With a refiner, the model denoises up
 to the hand-off and returns latents, and the refiner finishes them. The jobs given share a batch key, so one
@@ -29,6 +30,7 @@ from PIL import Image
 from imagewire.air_registry import ARCHITECTURES, RegistryError
 from imagewire.air_registry.memory_plan import DecodeMode, decode_mode
 from imagewire.server.device import Cancelled
+from imagewire.server.engine import ip_adapters
 from imagewire.server.engine.acceleration import caching
 from imagewire.server.engine.conditioning import skipping_clip_layers, weighted_prompt_arguments
 from imagewire.server.engine.controlnets import ModedControlNets
@@ -68,9 +70,17 @@ def run(engine: DiffusersEngine, jobs: Sequence[InferenceJob], emit: Emit) -> No
     if first.controlnets:
         pipe = pipelines.with_controlnet(pipe, _controlnets(engine, first))
     family = FAMILIES[ARCHITECTURES[first.model.architecture].family]
-    # 4. every image to make, as (job index, image index within its job, seed)
+    # 4. the IP-Adapters (on the pipeline of the calls, the ControlNet view included), taken off when the run ends
+    with ip_adapters.applied(engine, pipe, first) as extra:
+        _run_calls(engine, pipe, refiner, family, jobs, emit, extra)
+
+
+def _run_calls(engine: DiffusersEngine, pipe: Any, refiner: Any, family: Family, jobs: Sequence[InferenceJob],
+               emit: Emit, extra: dict[str, Any]) -> None:
+    first = jobs[0]
+    # 5. every image to make, as (job index, image index within its job, seed)
     images = [(j, i, seed) for j, job in enumerate(jobs) for i, seed in enumerate(job.seeds)]
-    # 5. calls of at most max_batch_size images (fewer for a model whose calls ran out of memory: the device
+    # 6. calls of at most max_batch_size images (fewer for a model whose calls ran out of memory: the device
     #    queue's emit says how many), each image with its own generator (see _make)
     per_call = min(engine.max_batch_size, getattr(emit, "max_images", None) or engine.max_batch_size)
     for start in range(0, len(images), per_call):
@@ -79,7 +89,7 @@ def run(engine: DiffusersEngine, jobs: Sequence[InferenceJob], emit: Emit) -> No
             continue
         started = time.perf_counter()
         bound_decode(refiner if refiner is not None else pipe, decoding_mode(engine, first, len(chunk)))
-        pictures = _make(engine, pipe, refiner, family, jobs, chunk, emit)
+        pictures = _make(engine, pipe, refiner, family, jobs, chunk, emit, extra)
         share = (time.perf_counter() - started) / len(chunk)
         made = [(j, GeneratedImage(i, seed, picture, share))
                 for (j, i, seed), picture in zip(chunk, pictures, strict=True) if picture is not None]
@@ -88,7 +98,7 @@ def run(engine: DiffusersEngine, jobs: Sequence[InferenceJob], emit: Emit) -> No
 
 
 def _make(engine: DiffusersEngine, pipe: Any, refiner: Any, family: Family, jobs: Sequence[InferenceJob],
-          chunk: list[tuple[int, int, int]], emit: Emit) -> list[Any]:
+          chunk: list[tuple[int, int, int]], emit: Emit, extra: dict[str, Any]) -> list[Any]:
     """The images of one chunk (``(job index, image index, seed)`` each): one pipeline call, or with weighted
     prompts one per conditioning length, since padding a prompt to a longer one's length would change its image."""
     first, pipelines = jobs[0], engine.pipelines
@@ -101,7 +111,7 @@ def _make(engine: DiffusersEngine, pipe: Any, refiner: Any, family: Family, jobs
             # A fresh sampler per call: samplers keep per-run state, and the SDE ones take their noise seeds
             # from the sampler rather than the generators.
             pipe.scheduler = pipelines.make_sampler(pipe, first.sampler, seeds=part_seeds)
-            arguments = family.call_arguments(part_owners)
+            arguments = {**family.call_arguments(part_owners), **extra}  # extra: the IP-Adapters' guide images
             report = _StepReport(jobs, part, emit, family, engine.threads.adjust,
                                  total=first.steps if refiner is not None else None)
             generators = _generators(part_seeds)
@@ -112,6 +122,7 @@ def _make(engine: DiffusersEngine, pipe: Any, refiner: Any, family: Family, jobs
                     if refiner is None:
                         made = _call(pipe, _prompted(arguments, embeddings), generators)
                     else:
+                        assert first.refiner is not None
                         latents = _call(pipe, {**_prompted(arguments, embeddings),
                                                "denoising_end": first.refiner.start}, generators, output_type="latent")
                 if refiner is not None:

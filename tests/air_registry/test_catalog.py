@@ -47,6 +47,9 @@ INFERENCE_AIRS = [
     "imagewire:sd15-controlnet-canny@1",
     "imagewire:sdxl-controlnet-canny@1",
     "imagewire:sd-safety-checker@1",
+    # IP-Adapters: the tiny one, and the public API's ids mapped to h94/IP-Adapter's files.
+    "imagewire:tiny-ip-adapter@1",
+    *(f"runware:55@{version}" for version in (1, 2, 3, 4, 5, 6, 7, 8, 10)),
 ]
 # The models of the tool task types (upscale, background removal, caption, prompt enhance).
 TOOL_AIRS = [
@@ -56,9 +59,11 @@ TOOL_AIRS = [
     "runware:151@1", "imagewire:blip-base@1", "imagewire:magicprompt@1", "runware:llama-3-1-8b@prompt-enhancer",
 ]
 SHIPPED_AIRS = INFERENCE_AIRS + TOOL_AIRS
+SDXL_IP_ADAPTERS = [f"runware:55@{version}" for version in (1, 2, 3, 4)]
+SD15_IP_ADAPTERS = [f"runware:55@{version}" for version in (5, 6, 7, 8, 10)]
 ADD_ON_AIRS = ["imagewire:tiny-lora@1", "imagewire:tiny-embedding@1", "imagewire:tiny-vae@1"]
-CHECKPOINT_AIRS = [air for air in INFERENCE_AIRS
-                   if "controlnet" not in air and "safety" not in air and air not in ADD_ON_AIRS]
+CHECKPOINT_AIRS = [air for air in INFERENCE_AIRS if "controlnet" not in air and "safety" not in air
+                   and air not in ADD_ON_AIRS and "ip-adapter" not in air and not air.startswith("runware:55@")]
 
 
 def write_catalog(path: Path, entries: Any) -> Path:
@@ -375,14 +380,15 @@ def test_search_without_filters_returns_everything(catalog: Catalog) -> None:
     [
         ({"text": "sdxl"}, ["imagewire:sdxl-base@1", "imagewire:sdxl-refiner@1", "imagewire:tiny-sdxl@1",
                             "imagewire:tiny-sdxl-refiner@1", "civitai:101055@128078", "imagewire:sdxl-turbo@1",
-                            "imagewire:sdxl-inpaint@1", "imagewire:sdxl-controlnet-canny@1"]),
+                            "imagewire:sdxl-inpaint@1", "imagewire:sdxl-controlnet-canny@1", *SDXL_IP_ADAPTERS]),
         ({"text": "XL Refiner"}, ["imagewire:sdxl-refiner@1", "imagewire:tiny-sdxl-refiner@1"]),
         ({"text": "stable-diffusion-v1-5"}, ["imagewire:sd15@1"]),
         ({"text": "nothing like this"}, []),
         ({"architecture": "sd15"}, ["imagewire:sd15@1", "imagewire:sd15-controlnet-canny@1",
-                                    "imagewire:sd-safety-checker@1"]),
+                                    "imagewire:sd-safety-checker@1", *SD15_IP_ADAPTERS]),
         ({"architecture": "SDXL"}, ["imagewire:sdxl-base@1", "civitai:101055@128078", "imagewire:sdxl-turbo@1",
-                                    "imagewire:sdxl-controlnet-canny@1"]),
+                                    "imagewire:sdxl-controlnet-canny@1", *SDXL_IP_ADAPTERS]),
+        ({"category": "ip-adapter"}, ["imagewire:tiny-ip-adapter@1", *SDXL_IP_ADAPTERS, *SD15_IP_ADAPTERS]),
         ({"architecture": "flux1-dev"}, ["runware:101@1", "runware:107@1"]),
         ({"text": "flux"}, ["imagewire:tiny-flux@1", "imagewire:tiny-flux-kontext@1", "runware:100@1",
                             "runware:101@1", "runware:107@1", "runware:106@1", "runware:102@1"]),

@@ -199,3 +199,23 @@ def test_a_vae_folder_needs_its_config(catalog: Catalog, tmp_path: Path) -> None
         locate_weights(entry, data_dir=tmp_path, allow_downloads=False)
     (folder / "config.json").write_text("{}", encoding="utf-8")
     assert locate_weights(entry, data_dir=tmp_path, allow_downloads=False) == folder
+
+
+def test_a_hub_ip_adapter_needs_its_file_and_its_image_encoder(
+    catalog: Catalog, empty_hf_cache: Path, tmp_path: Path
+) -> None:
+    plain, vit_g = catalog.resolve("runware:55@5"), catalog.resolve("runware:55@10")
+    available, reason = availability(vit_g, data_dir=tmp_path)
+    assert not available
+    # The ViT-G adapter of SD 1.5 reads with the SDXL folder's encoder, as h94/IP-Adapter lays them out.
+    assert ("`hf download h94/IP-Adapter models/ip-adapter_sd15_vit-G.safetensors "
+            "sdxl_models/image_encoder/config.json sdxl_models/image_encoder/model.safetensors`") in reason
+    snapshot = fake_hub_snapshot(empty_hf_cache, "h94/IP-Adapter")
+    (snapshot / "models").mkdir()
+    (snapshot / "models" / "ip-adapter_sd15.safetensors").write_bytes(b"x")
+    assert not availability(plain, data_dir=tmp_path)[0]  # the file alone is not enough
+    (snapshot / "models" / "image_encoder").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (snapshot / "models" / "image_encoder" / name).write_text("{}", encoding="utf-8")
+    assert locate_weights(plain, data_dir=tmp_path, allow_downloads=False) == (
+        snapshot / "models" / "ip-adapter_sd15.safetensors")

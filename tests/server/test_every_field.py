@@ -48,6 +48,7 @@ HONOURED: dict[type[schema.Task], dict[str, tuple[str, ...]]] = {
         **handled_by("tasks/editing.py", "maskImage", "maskMargin", "outpaint", "controlNet"),
         "referenceImages": ("tasks/references.py",),
         **handled_by("tasks/acceleration.py", "acceleration", "acceleratorOptions"),
+        "ipAdapters": ("tasks/ip_adapters.py",),
         **OUTPUT, **DELIVERY,
     },
     schema.ImageUpload: {**handled_by("tasks/image_upload.py", "taskUUID", "image"), **DELIVERY},
