@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from imagewire.air_registry.errors import RegistryError
-from imagewire.air_registry.quantized import gguf_tensors, is_gguf
+from imagewire.air_registry.quantized import gguf_format, gguf_tensors, is_gguf, safetensors_format
 
 # The JSON header of a file many gigabytes long is still at most a few megabytes.
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -135,3 +135,13 @@ def detect_architecture(shapes: Mapping[str, Sequence[int]]) -> str:
 def matches(stated: str, detected: str) -> bool:
     """Whether a catalog entry's ``architecture`` fits what its file's tensors say it is."""
     return stated == detected or _SAME_SHAPES.get(stated) == detected
+
+
+def weights_format(path: Path) -> str | None:
+    """How the weights of a checkpoint file are stored when it is quantized (``gguf-q8_0``, ``float8-e4m3fn``),
+    from its header; None for a file in an ordinary precision."""
+    if is_gguf(path):
+        return gguf_format(gguf_tensors(path))
+    if Path(path).name.lower().endswith(".safetensors"):
+        return safetensors_format(tensor_dtypes(path))
+    return None

@@ -47,7 +47,7 @@ from diffusers.utils.import_utils import DummyObject
 from imagewire.air_registry.add_ons import ModelAddOns, WeightedModel
 from imagewire.air_registry.architectures import ARCHITECTURES
 from imagewire.air_registry.catalog import ModelEntry
-from imagewire.air_registry.checkpoints import tensor_shapes
+from imagewire.air_registry.checkpoints import tensor_shapes, weights_format
 from imagewire.air_registry.errors import AddOnUnusable, RegistryError, SamplerUnusable, WeightsMissing
 from imagewire.air_registry.flux_files import NotAFluxTransformer, read_flux_transformer
 from imagewire.air_registry.memory_plan import (
@@ -66,7 +66,7 @@ from imagewire.air_registry.memory_plan import (
 from imagewire.air_registry.model_files import MODEL_INDEX
 from imagewire.air_registry.pipeline_configs import PIPELINE_CONFIGS
 from imagewire.air_registry.quantize import check_quantization, quantize_pipeline
-from imagewire.air_registry.quantized import QUANTIZE_MODES, is_gguf, require_gguf, weights_format
+from imagewire.air_registry.quantized import QUANTIZE_MODES, is_gguf, require_gguf
 from imagewire.air_registry.samplers import FLOW, FLOW_SAMPLERS, SAMPLERS, SamplerSpec
 from imagewire.air_registry.single_file import (
     CONTROLNET_SUBFOLDER,

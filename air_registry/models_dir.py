@@ -41,9 +41,8 @@ from types import MappingProxyType
 from typing import Any
 
 from imagewire.air_registry.catalog import ModelEntry, parse_entry, usual_defaults
-from imagewire.air_registry.checkpoints import detect_architecture, tensor_shapes
+from imagewire.air_registry.checkpoints import detect_architecture, tensor_shapes, weights_format
 from imagewire.air_registry.errors import CatalogError, RegistryError
-from imagewire.air_registry.quantized import weights_format
 
 logger = logging.getLogger(__name__)
 

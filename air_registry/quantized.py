@@ -180,18 +180,6 @@ def safetensors_format(tensors: Mapping[str, tuple[str, Sequence[int]]]) -> str 
     return FLOAT8_DTYPES.get(dtype)
 
 
-def weights_format(path: Path) -> str | None:
-    """How the weights of a checkpoint file are stored when it is quantized (``gguf-q8_0``, ``float8-e4m3fn``),
-    from its header; None for a file in an ordinary precision."""
-    from imagewire.air_registry.checkpoints import tensor_dtypes
-
-    if is_gguf(path):
-        return gguf_format(gguf_tensors(path))
-    if Path(path).name.lower().endswith(".safetensors"):
-        return safetensors_format(tensor_dtypes(path))
-    return None
-
-
 class MissingExtra(WeightsMissing):
     """An optional part of the server that a model needs is not installed; the message names the extra."""
 

@@ -35,7 +35,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,9 +49,10 @@ from imagewire.air_registry.checkpoints import detect_architecture, matches, ten
 from imagewire.air_registry.civitai import DownloadLimits
 from imagewire.air_registry.errors import RegistryError, shown
 from imagewire.air_registry.models_dir import UnloadableLoraFormat, add_on_architecture
-from imagewire.storage.fetch import is_forbidden_address
 
 log = logging.getLogger("imagewire.downloads")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 PREFIX = "upload"
 CATALOG_FILE = "catalog.json"
@@ -109,8 +110,12 @@ def checkpoint_type(architecture: str) -> str:
 class ModelUploads:
     """Fetches uploaded models into ``models_dir`` (the data dir's ``models``)."""
 
-    def __init__(self, *, models_dir: Path, limits: DownloadLimits | None = None, allow_private: bool = False) -> None:
+    def __init__(self, *, models_dir: Path, is_forbidden_address: Callable[[IPAddress], bool],
+                 limits: DownloadLimits | None = None, allow_private: bool = False) -> None:
+        # The outbound address rule is the URL fetcher's (storage/fetch.py), handed in: one rule for every
+        # request this server makes on a client's behalf.
         self.models_dir = Path(models_dir)
+        self.is_forbidden_address = is_forbidden_address
         self.limits = limits or DownloadLimits()
         self.allow_private = allow_private
 
@@ -267,7 +272,7 @@ class ModelUploads:
                 from exc
         addresses = [str(info[4][0]) for info in found]
         if not self.allow_private and any(
-                is_forbidden_address(ipaddress.ip_address(address.split("%")[0])) for address in addresses):
+                self.is_forbidden_address(ipaddress.ip_address(address.split("%")[0])) for address in addresses):
             raise UploadFailed(f"{parameter} {origin} points to a loopback, private or otherwise non-public address; "
                                "this server only downloads from public addresses", parameter=parameter)
         return addresses[0]

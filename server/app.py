@@ -35,7 +35,7 @@ from imagewire.server.rest import RestEndpoint
 from imagewire.server.sessions import SessionRegistry, Sessions, TaskRegistry, Tasks
 from imagewire.server.task_runner import TaskRunner
 from imagewire.server.webhooks import WebhookSender
-from imagewire.storage import ImageStorage, ImageStore, UrlFetcher
+from imagewire.storage import ImageStorage, ImageStore, UrlFetcher, is_forbidden_address
 from imagewire.storage.s3 import S3Location, S3Store
 from imagewire.storage.store import Limits as StoreLimits
 from imagewire.tasks.context import PixelBudget, Services, Settings
@@ -135,8 +135,8 @@ class ImagewireServer:
                               max_bytes=config.max_download_bytes, min_free_bytes=config.min_free_disk_bytes,
                               seconds=config.download_timeout))
         self.downloads = Downloads(workers=config.max_downloads, per_key=config.max_downloads_per_key)
-        uploads = ModelUploads(models_dir=config.data_dir / "models", limits=civitai.limits,
-                               allow_private=config.allow_private_urls)
+        uploads = ModelUploads(models_dir=config.data_dir / "models", is_forbidden_address=is_forbidden_address,
+                               limits=civitai.limits, allow_private=config.allow_private_urls)
         downloaded = [*await asyncio.to_thread(Civitai.downloaded_catalogs, civitai.models_dir),
                       *await asyncio.to_thread(ModelUploads.uploaded_catalogs, uploads.models_dir)]
         catalog = await asyncio.to_thread(Catalog.load, [*downloaded, *config.catalog_files],

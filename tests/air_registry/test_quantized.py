@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from imagewire.air_registry.catalog import Catalog
-from imagewire.air_registry.checkpoints import detect_architecture, tensor_shapes
+from imagewire.air_registry.checkpoints import detect_architecture, tensor_shapes, weights_format
 from imagewire.air_registry.errors import WeightsMissing
 from imagewire.air_registry.flux_files import NotAFluxTransformer, flux_to_diffusers
 from imagewire.air_registry.memory_plan import read_sizes
-from imagewire.air_registry.quantized import UnreadableGGUF, gguf_tensors, weights_format
+from imagewire.air_registry.quantized import UnreadableGGUF, gguf_tensors
 from tests.quantized_files import flux_original_layout, tiny_flux_transformer, write_float8, write_gguf
 
 

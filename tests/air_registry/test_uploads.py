@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import sys
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,10 +14,10 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from imagewire.air_registry import uploads as uploads_module
 from imagewire.air_registry.air import parse_air
 from imagewire.air_registry.civitai import DownloadLimits
 from imagewire.air_registry.uploads import ModelUploads, Upload, UploadFailed
+from imagewire.storage import is_forbidden_address
 
 PRIVATE = ipaddress.ip_network("10.0.0.0/8")
 
@@ -51,7 +52,7 @@ async def site() -> AsyncIterator[str]:
 @pytest.fixture
 def loopback_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
     """The address rule with loopback let through (as the test server is there) and 10.0.0.0/8 still refused."""
-    monkeypatch.setattr(uploads_module, "is_forbidden_address", lambda address: address in PRIVATE)
+    monkeypatch.setattr(sys.modules[__name__], "is_forbidden_address", lambda address: address in PRIVATE)
 
 
 def upload(url: str) -> Upload:
@@ -65,7 +66,7 @@ async def fetch(uploads: ModelUploads, url: str, stop: threading.Event | None = 
 
 
 async def test_a_redirect_is_followed_and_its_target_checked(site, loopback_allowed, tmp_path):
-    uploads = ModelUploads(models_dir=tmp_path)
+    uploads = ModelUploads(models_dir=tmp_path, is_forbidden_address=is_forbidden_address)
     partial = await fetch(uploads, f"{site}/moved?to={site}/data")
     assert partial.stat().st_size == 4 * 65536
     partial.unlink()
@@ -76,7 +77,8 @@ async def test_a_redirect_is_followed_and_its_target_checked(site, loopback_allo
 
 
 async def test_the_free_disk_reserve_is_kept_while_writing(site, loopback_allowed, tmp_path):
-    uploads = ModelUploads(models_dir=tmp_path, limits=DownloadLimits(min_free_bytes=2 ** 62))
+    uploads = ModelUploads(models_dir=tmp_path, is_forbidden_address=is_forbidden_address,
+                           limits=DownloadLimits(min_free_bytes=2 ** 62))
     with pytest.raises(UploadFailed, match="--min-free-disk-gib") as caught:
         await fetch(uploads, f"{site}/data")
     assert caught.value.server_side
@@ -87,11 +89,11 @@ async def test_a_stop_ends_the_download_at_its_next_chunk(site, loopback_allowed
     stop = threading.Event()
     stop.set()
     with pytest.raises(UploadFailed, match="cancelled"):
-        await fetch(ModelUploads(models_dir=tmp_path), f"{site}/data", stop)
+        await fetch(ModelUploads(models_dir=tmp_path, is_forbidden_address=is_forbidden_address), f"{site}/data", stop)
     assert list(tmp_path.iterdir()) == []
 
 
 async def test_loopback_is_refused_by_the_real_rule(site, tmp_path):
     with pytest.raises(UploadFailed, match="non-public address"):
-        await fetch(ModelUploads(models_dir=tmp_path), f"{site}/data")
+        await fetch(ModelUploads(models_dir=tmp_path, is_forbidden_address=is_forbidden_address), f"{site}/data")
     assert list(tmp_path.iterdir()) == []
