@@ -142,6 +142,7 @@ class RemoteJob(JobStream):
     device_seconds: float = 0.0
     submitted_at: float = field(default_factory=time.monotonic)
     started: bool = False         # a step or a result came: it is on a device now
+    landed: bool = False          # a replica answered for it: it is in that replica's queue
     cancelled: bool = False
     passed_over: int = 0          # in the gateway's queue (``WorkQueue``)
     _queue: WorkQueue[Any] | None = None
@@ -192,6 +193,7 @@ class RayDevice:
         self._line: WorkQueue[RemoteJob] = WorkQueue(config.queue_size)
         self._handed: set[RemoteJob] = set()     # on Serve's side and not ended
         self._arrived = False                    # jobs came since the queue's positions were last announced
+        self._in_transit: set[str] = set()       # owners with a job handed over that no replica has answered yet
         self._ended_lately: dict[str, float] = {}       # task UUIDs of jobs handed over that ended, and when
         self._wake = asyncio.Event()             # a job came or ended, or the board changed: hand over what fits
         self._dispatcher: asyncio.Task[None] | None = None
@@ -454,9 +456,12 @@ class RayDevice:
             room = self.slots - len(self._handed)  # Serve starts a replica for what waits at its handle
         handed = 0
         while room > 0:
-            remote = self._line.take(self._on_a_free_replica, self.config.max_passed_over)
+            # An owner's next job goes over once its last one reached a replica: Serve delivers calls made
+            # together in any order, and an owner's jobs must run in the order they came.
+            remote = self._line.take(self._on_a_free_replica, self.config.max_passed_over, self._in_transit)
             if remote is None:
                 break
+            self._in_transit.add(remote.job.owner)
             self._hand_over(remote)
             room -= 1
             handed += 1
@@ -502,6 +507,7 @@ class RayDevice:
                 stream = self._handle.options(stream=True, multiplexed_model_id=air).run.remote(job)
                 try:
                     async for batch in self._batches(stream, remote):
+                        self._landed(remote)
                         for event in batch:
                             results_sent |= self._take(remote, event)
                     return
@@ -531,10 +537,18 @@ class RayDevice:
             remote._deliver(Failed(InferenceError(
                 f"Inference failed ({type(exc).__name__}). Other tasks are unaffected; the server log has details.")))
         finally:
+            self._landed(remote)
             self._handed.discard(remote)
             self._ended_lately[job.task_uuid] = time.monotonic()
             self._wake.set()
             remote._deliver(remote.finished())  # unless it ended already
+
+    def _landed(self, remote: RemoteJob) -> None:
+        """The job reached a replica (or ended): its owner's next job may go over."""
+        if remote.job.owner in self._in_transit and not remote.landed:
+            remote.landed = True
+            self._in_transit.discard(remote.job.owner)
+            self._wake.set()
 
     async def _batches(self, stream: Any, remote: RemoteJob) -> AsyncIterator[list[DeviceEvent]]:
         """The stream's lists of events (``replica.Replica.run``). Until the first (a replica answers ``Queued``

@@ -38,7 +38,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
@@ -592,13 +592,18 @@ class WorkQueue(Generic[W]):
                     return self._take_next(ready, max_passed_over)
                 self._changed.wait()
 
-    def take(self, ready: Callable[[Job], bool] | None = None, max_passed_over: int = 0) -> W | None:
-        """``get``'s choice of job, without waiting: None when no job waits."""
+    def take(self, ready: Callable[[Job], bool] | None = None, max_passed_over: int = 0,
+             held: Collection[str] = ()) -> W | None:
+        """``get``'s choice of job, without waiting, among the jobs of owners not in ``held``: None when none
+        waits."""
         with self._changed:
-            return self._take_next(ready, max_passed_over) if self._jobs else None
+            if not any(owner not in held for owner in self._lines):
+                return None
+            return self._take_next(ready, max_passed_over, held)
 
-    def _take_next(self, ready: Callable[[Job], bool] | None, max_passed_over: int) -> W:
-        order = self._in_turn_order()
+    def _take_next(self, ready: Callable[[Job], bool] | None, max_passed_over: int,
+                   held: Collection[str] = ()) -> W:
+        order = [handle for handle in self._in_turn_order() if handle.job.owner not in held]
         chosen = 0
         if ready is not None and max_passed_over > 0:
             for index, handle in enumerate(order):
