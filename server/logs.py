@@ -102,22 +102,45 @@ class ClientMistakes(logging.Filter):
         return True
 
 
-class WithoutTorchvisionNotices(logging.Filter):
-    """Drops transformers' notice that an image processor falls back to its PIL version for want of
-    torchvision. Loading the first model imports every diffusers pipeline module, and each start printed three
-    such notices asking for a package the server does not use: its image processors are the PIL ones."""
+# Notices that optional packages log while being imported, which ask an operator for nothing they could do:
+# transformers names each image processor that falls back to its PIL version for want of torchvision (the
+# server's image processors are the PIL ones, and loading the first model imports every diffusers pipeline);
+# where the quantize extra is installed, torchao names each CUDA kernel library its build could not load on
+# this machine and that Triton is missing, torch's tree utilities flag two of torchao's enums, and diffusers
+# says that some torchao tensor types moved. Keyed by the logger that logs them.
+IMPORT_NOTICES: dict[str, tuple[str, ...]] = {
+    "transformers.utils.import_utils": ("requires torchvision",),
+    "torchao": ("Failed to load ",),
+    "torchao.kernel.intmm": ("Detected no triton",),
+    "torch.utils._pytree": ("is an Enum subclass and is now natively supported",),
+    "diffusers.quantizers.torchao.torchao_quantizer": ("Unable to import `torchao` Tensor objects",),
+}
+
+
+class ImportNotices(logging.Filter):
+    """Turns one logger's import-time notices (IMPORT_NOTICES) into debug lines: shown under --log-level debug,
+    left out otherwise. Their loggers' own levels let them through before any filter runs, so the level of the
+    root logger decides here."""
+
+    def __init__(self, fragments: tuple[str, ...]) -> None:
+        super().__init__()
+        self.fragments = fragments
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "requires torchvision" not in record.getMessage()
+        if record.levelno > logging.WARNING or not any(part in record.getMessage() for part in self.fragments):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
 
 
 def configure(level: int | str) -> None:
     """Logging for a server or replica process, before anything loads a model."""
     escape_messages()
     logging.basicConfig(level=level, format=FORMAT)
-    notices = logging.getLogger("transformers.utils.import_utils")
-    if not any(isinstance(existing, WithoutTorchvisionNotices) for existing in notices.filters):
-        notices.addFilter(WithoutTorchvisionNotices())
+    for name, fragments in IMPORT_NOTICES.items():
+        notices = logging.getLogger(name)
+        if not any(isinstance(existing, ImportNotices) for existing in notices.filters):
+            notices.addFilter(ImportNotices(fragments))
 
 
 _FILTER = ClientMistakes()
