@@ -83,7 +83,7 @@ def _usual_defaults(architecture: Architecture) -> Mapping[str, Any]:
 
 _ENTRY_KEYS = frozenset(
     {"air", "name", "aliases", "architecture", "category", "tags", "source", "location", "defaults", "token",
-     "quantize"}
+     "quantize", "compile"}
 )
 # What a request adds to a checkpoint: a single file is the usual form of each, with no pipeline to read.
 ADD_ON_CATEGORIES: tuple[str, ...] = ("lora", "embeddings", "vae")
@@ -127,6 +127,8 @@ class ModelEntry:
     # Weight-only quantization on load of its transformer and T5 (``quantized.QUANTIZE_MODES``); empty: the
     # server's --quantize decides.
     quantize: str = ""
+    # Whether its denoiser is compiled on load (``compile.py``); None: the server's --compile decides.
+    compile: bool | None = None
 
     @property
     def label(self) -> str:
@@ -320,6 +322,10 @@ def _parse_entry(raw: Any, base_dir: Path, check: DefaultsCheck | None) -> Model
     _require(quantize in ("", "none") or (category == "checkpoint" and ARCHITECTURES[architecture].sampling == FLOW),
              "'quantize' applies to checkpoints of transformer models (FLUX.1, SD 3), whose weights are mostly "
              "linear layers")
+    compile = raw.get("compile")
+    _require(compile is None or isinstance(compile, bool), f"'compile' must be true or false, not {shown(compile)}")
+    _require(compile is None or (category == "checkpoint" and ARCHITECTURES[architecture].task == "imageInference"),
+             "'compile' applies to checkpoints that make images, whose denoiser it compiles")
     return ModelEntry(
         air=str(air),
         name=name,
@@ -333,6 +339,7 @@ def _parse_entry(raw: Any, base_dir: Path, check: DefaultsCheck | None) -> Model
         defaults=_parse_defaults(raw.get("defaults"), architecture, check),
         token=token,
         quantize=quantize,
+        compile=compile,
     )
 
 

@@ -48,6 +48,7 @@ from imagewire.air_registry.add_ons import ModelAddOns, WeightedModel
 from imagewire.air_registry.architectures import ARCHITECTURES
 from imagewire.air_registry.catalog import ModelEntry
 from imagewire.air_registry.checkpoints import tensor_shapes, weights_format
+from imagewire.air_registry.compile import compile_denoiser, uncompile_denoiser, warm_up
 from imagewire.air_registry.errors import AddOnUnusable, RegistryError, SamplerUnusable, WeightsMissing
 from imagewire.air_registry.flux_files import NotAFluxTransformer, read_flux_transformer
 from imagewire.air_registry.memory_plan import (
@@ -178,7 +179,7 @@ class PipelineCache:
     def __init__(
         self, *, device: str, data_dir: Path, allow_downloads: bool = False, max_loaded: int = 1,
         ram_models: int = 0, max_components: int = 5, memory_budget: int | None = None, max_batch_size: int = 1,
-        quantize: str = "none",
+        quantize: str = "none", compile_denoisers: bool = False,
     ) -> None:
         if max_loaded < 1:
             raise ValueError(f"max_loaded must be at least 1; received {max_loaded}")
@@ -203,6 +204,8 @@ class PipelineCache:
         if quantize not in QUANTIZE_MODES:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}; received {quantize!r}")
         self.quantize = quantize
+        # Regional compilation of the denoisers whose catalog entries do not choose (``compile.py``).
+        self.compile_denoisers = compile_denoisers
 
     def dtype_of(self, entry: ModelEntry) -> torch.dtype:
         """The precision ``entry`` runs in here: its architecture's on CUDA (half precision halves memory
@@ -221,6 +224,10 @@ class PipelineCache:
         if ARCHITECTURES[entry.architecture].sampling != FLOW or is_gguf(Path(entry.location)):
             return "none"
         return mode
+
+    def compiles(self, entry: ModelEntry) -> bool:
+        """Whether ``entry``'s denoiser is compiled on load: as its catalog entry says, else as --compile."""
+        return self.compile_denoisers if entry.compile is None else entry.compile
 
     @property
     def loaded_models(self) -> list[str]:
@@ -583,6 +590,8 @@ class PipelineCache:
                 logger.info("quantized %s of %s to %s, weight-only", " and ".join(quantized) or "nothing",
                             entry.air, plan.quantization)
             place(pipe, plan.placement, self.device)
+            if self.compiles(entry):
+                self._compile(entry, pipe, plan)
         except RegistryError:
             raise
         except Exception as exc:
@@ -595,6 +604,30 @@ class PipelineCache:
         pipe.set_progress_bar_config(disable=True)
         logger.info("loaded model %s in %.1f s", entry.air, time.monotonic() - started)
         return pipe
+
+    def _compile(self, entry: ModelEntry, pipe: DiffusionPipeline, plan: MemoryPlan) -> None:
+        """Compile the denoiser's repeated blocks and warm them up, or say why it runs eagerly."""
+        if plan.placement == SEQUENTIAL_OFFLOAD:
+            # Each layer is moved to the device as it runs: hooks inside the blocks, which a graph cannot hold.
+            logger.warning("not compiling %s: its plan moves each layer to the device as it runs", entry.air)
+            return
+        pipe.set_progress_bar_config(disable=True)
+        try:
+            blocks = compile_denoiser(pipe)
+            logger.info("compiling %d repeated blocks of %s; the warm-up runs before it is ready", blocks, entry.air)
+            architecture = ARCHITECTURES[entry.architecture]
+            views = [pipe] if architecture.image_to_image_only or architecture.inpainting_only else [
+                pipe, _view(AutoPipelineForImage2Image, pipe)]
+            for view in views:
+                warm_up(view, width=entry.defaults.width, height=entry.defaults.height,
+                        max_batch_size=self.max_batch_size, device=self.device)
+        except Exception as exc:  # noqa: BLE001 - an eager model serves as well, only slower
+            uncompile_denoiser(pipe)
+            logger.debug("the compiler's failure on %s", entry.air, exc_info=True)
+            # Its first lines say what failed ("backend='inductor' raised:", then the cause); the rest is a trace.
+            said = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())[:300]
+            logger.warning("not compiling %s: the compiler failed (%s: %s); it runs eagerly", entry.air,
+                           type(exc).__name__, said)
 
     def _options(self, entry: ModelEntry) -> dict[str, Any]:
         """Options of a diffusers ``from_pretrained`` of ``entry``'s files."""

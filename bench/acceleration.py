@@ -1,7 +1,7 @@
 """What step caching buys and costs: seconds per image, and the image's distance from the uncached one.
 
     python -m bench.acceleration [--models tiny,tiny-flux,sd15] [--size 256] [--steps 20] [--rounds 2]
-                                 [--short] [--threads N] [--out FILE]
+                                 [--short] [--compile] [--threads N] [--out FILE]
 
 For each model, side by side in one run: the uncached call, then each ``acceleratorOptions`` setting and each
 ``acceleration`` preset, resolved by the server's own ``tasks/acceleration.prepare`` for that model's catalog
@@ -13,6 +13,10 @@ process's CPU time, which a busy neighbour on a shared machine leaves alone wher
 (``--threads 1``): the CPU figures are the ones to compare there. Every case runs once per round, the rounds
 one after another, so drift on a shared machine touches every case alike; seconds are the median over rounds,
 and "repeats" says whether every round gave the same bytes.
+
+With ``--compile``, a second copy of the model has its denoiser's repeated blocks compiled as ``--compile``
+compiles them (``air_registry/compile.py``), and its cases (uncached, and the ``medium`` preset) run in the same
+rounds, against the same eager reference; the compiler's time is the copy's first call, reported apart.
 
 Models: ``tiny`` (the embedded ``imagewire:tiny@1``), ``tiny-flux`` (``imagewire:tiny-flux@1``) and ``sd15``:
 SD 1.5's published shapes (``bench/model_configs/sd15.json``, an 860M-parameter UNet) with random weights,
@@ -86,6 +90,7 @@ class Case:
     seconds: list[float] = field(default_factory=list)
     cpu_seconds: list[float] = field(default_factory=list)
     images: list[bytes] = field(default_factory=list)
+    compiled: bool = False
 
 
 def _pipeline(model: str) -> Any:
@@ -147,7 +152,8 @@ def _distance(reference: bytes, image: bytes) -> tuple[float, int]:
     return (math.inf if mse == 0 else 10 * math.log10(255**2 / mse)), int(np.abs(a - b).max())
 
 
-def run_model(model: str, size: int, steps: int, rounds: int, short: bool = False) -> dict[str, Any]:
+def run_model(model: str, size: int, steps: int, rounds: int, short: bool = False,
+              compile_too: bool = False) -> dict[str, Any]:
     from bench.cpuload import ForeignLoad
 
     flux = model == "tiny-flux"
@@ -160,19 +166,32 @@ def run_model(model: str, size: int, steps: int, rounds: int, short: bool = Fals
     if short:
         cases = [case for case in cases if case.label in SHORT]
     _call(pipe, cases[0], base_scheduler, size, 1, flux)  # warm-up: first-call allocations, one step
+    compiled_pipe, compiler_seconds = None, None
+    if compile_too:
+        from imagewire.air_registry.compile import compile_denoiser
+
+        compiled_pipe = _pipeline(model)
+        compiled_pipe.set_progress_bar_config(disable=True)
+        compile_denoiser(compiled_pipe)
+        cases += [Case("compiled, uncached", None, None, compiled=True),
+                  Case("compiled, acceleration medium", _settings(model, steps, "medium", {}), None, compiled=True)]
+        print(f"# {model}: compiling", file=sys.stderr, flush=True)
+        compiler_seconds, _, _ = _call(compiled_pipe, cases[-2], compiled_pipe.scheduler, size, 2, flux)
     load = ForeignLoad(lambda: [])
     load.start()
     started = time.monotonic()
     for index in range(rounds):
         for case in cases:
-            seconds, cpu_seconds, image = _call(pipe, case, base_scheduler, size, steps, flux)
+            on = compiled_pipe if case.compiled else pipe
+            seconds, cpu_seconds, image = _call(on, case, on.scheduler if case.compiled else base_scheduler, size,
+                                                steps, flux)
             case.seconds.append(seconds)
             case.cpu_seconds.append(cpu_seconds)
             case.images.append(image)
             print(f"# {model} round {index + 1}: {case.label}: {seconds:.2f} s, CPU {cpu_seconds:.2f} s",
                   file=sys.stderr, flush=True)
     foreign = load.cores()
-    references = {case.scheduler: case for case in cases if case.settings is None}
+    references = {case.scheduler: case for case in cases if case.settings is None and not case.compiled}
     rows = []
     for case in cases:
         reference = references[case.scheduler]
@@ -186,6 +205,7 @@ def run_model(model: str, size: int, steps: int, rounds: int, short: bool = Fals
                      "repeats": all(image == case.images[0] for image in case.images),
                      "seconds": [round(s, 3) for s in case.seconds]})
     return {"model": model, "size": size, "steps": steps, "rounds": rounds, "foreign_cores": foreign,
+            "first_compiled_call_seconds": None if compiler_seconds is None else round(compiler_seconds, 1),
             "minutes": round((time.monotonic() - started) / 60, 1), "rows": rows}
 
 
@@ -199,6 +219,9 @@ def render(result: dict[str, Any]) -> str:
         lines.append(f"| {row['case']} | {row['cpu_seconds_per_image']:.2f} | {row['cpu_speedup']:.2f}× | "
                      f"{row['seconds_per_image']:.2f} | {row['speedup']:.2f}× | {psnr} | "
                      f"{row['max_level_difference']} | {'yes' if row['repeats'] else 'no'} |")
+    if result.get("first_compiled_call_seconds") is not None:
+        lines += ["", f"The compiled copy's first call (two steps, the compiler's work): "
+                      f"{result['first_compiled_call_seconds']} s."]
     return "\n".join(lines)
 
 
@@ -211,6 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--short", action="store_true",
                         help="only the uncached call, each cache's defaults, DeepCache's branch 3 and the presets")
+    parser.add_argument("--compile", action="store_true",
+                        help="also a compiled copy of each model: uncached and with acceleration medium")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here too")
     args = parser.parse_args(argv)
@@ -230,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     environment["load_average_at_start"] = os.getloadavg()
     results = []
     for model in models:
-        result = run_model(model, args.size, args.steps, args.rounds, args.short)
+        result = run_model(model, args.size, args.steps, args.rounds, args.short, args.compile)
         results.append(result)
         print(render(result) + "\n", flush=True)
     environment["load_average_at_end"] = os.getloadavg()

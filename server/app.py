@@ -64,7 +64,8 @@ def diffusers_engine_factory(config: Config) -> Callable[[], Engine]:
         return DiffusersEngine(device=resolve_device(config.device), data_dir=config.data_dir,
                                allow_downloads=config.allow_downloads, max_batch_size=config.max_batch_size,
                                max_loaded_models=config.max_loaded_models, ram_models=config.ram_models,
-                               device_memory_bytes=config.device_memory_bytes, quantize=config.quantize)
+                               device_memory_bytes=config.device_memory_bytes, quantize=config.quantize,
+                               compile_denoisers=config.compile_denoisers)
 
     return build
 

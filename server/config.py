@@ -443,6 +443,11 @@ class Config:
         "pip install 'imagewire[quantize]'): int8 or float8 weights take about half the memory of bfloat16 ones; "
         "a catalog entry's \"quantize\" wins; UNet models and GGUF files are left as they are",
         parse=Choice(QUANTIZE_MODES))
+    compile_denoisers: bool = setting(
+        False, "--compile", MODELS,
+        "compile the repeated blocks of each model's UNet or transformer as it loads (torch.compile, dynamic "
+        "shapes) and warm them up before the model is ready, so no request waits on the compiler; faster on "
+        "GPUs, not on CPUs (BENCHMARKS.md); a catalog entry's \"compile\" wins", switch=True)
     preload: tuple[str, ...] = setting(
         (), "--preload", MODELS,
         "load this model at start, after the default model; repeatable, in order (the last ones stay on the "

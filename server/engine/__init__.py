@@ -58,7 +58,7 @@ JOB_RUNNERS: dict[type[Job], JobRunner] = {
 class DiffusersEngine:
     def __init__(self, *, device: str, data_dir: Path, allow_downloads: bool, max_batch_size: int,
                  max_loaded_models: int = 1, ram_models: int = 0, device_memory_bytes: int | None = None,
-                 quantize: str = "none") -> None:
+                 quantize: str = "none", compile_denoisers: bool = False) -> None:
         # The engine is built in the device worker thread, which runs every pipeline call.
         self.threads = CpuThreads(device)
         budget = memory_budget(device, device_memory_bytes)
@@ -66,7 +66,8 @@ class DiffusersEngine:
                  "no set amount of memory" if budget is None else f"{budget / GIB:.1f} GiB")
         self.pipelines = PipelineCache(device=device, data_dir=data_dir, allow_downloads=allow_downloads,
                                        max_loaded=max_loaded_models, ram_models=ram_models, memory_budget=budget,
-                                       max_batch_size=max_batch_size, quantize=quantize)
+                                       max_batch_size=max_batch_size, quantize=quantize,
+                                       compile_denoisers=compile_denoisers)
         # Upscalers, background removers, captioners and prompt models, beside the pipelines.
         self.tools = ToolModels(device=device, data_dir=data_dir, allow_downloads=allow_downloads)
         self.max_batch_size = max_batch_size
