@@ -63,7 +63,7 @@ from imagewire.air_registry.memory_plan import (
     read_sizes,
     role_of,
 )
-from imagewire.air_registry.model_files import MODEL_INDEX
+from imagewire.air_registry.model_files import COMPONENT_CONFIG, MODEL_INDEX
 from imagewire.air_registry.pipeline_configs import PIPELINE_CONFIGS
 from imagewire.air_registry.quantize import check_quantization, quantize_pipeline
 from imagewire.air_registry.quantized import QUANTIZE_MODES, is_gguf, require_gguf
@@ -72,6 +72,7 @@ from imagewire.air_registry.single_file import (
     CONTROLNET_SUBFOLDER,
     config_folder,
     controlnet_config_folder,
+    controlnet_guide_channels,
     find_pieces,
     missing_components,
     missing_pieces_message,
@@ -331,8 +332,16 @@ class PipelineCache:
         def read(path: Path) -> Any:
             if entry.source == "single_file":
                 options: dict[str, Any] = {_DTYPE_KEYWORD: self.dtype_of(entry)}
-                # The config of a ControlNet for the model it fits, written here: nothing from the hub.
-                folder = controlnet_config_folder(entry.architecture, self.data_dir / "models" / "configs")
+                # The config of a ControlNet for the model it fits, written here: nothing from the hub. The
+                # architectures whose single files read an embedded model's configs take its UNet's.
+                configs = self.data_dir / "models" / "configs"
+                builder = ARCHITECTURES[entry.architecture].single_file_config
+                unet = None
+                if builder is not None:
+                    unet = json.loads((ensure_embedded(builder, configs / builder) / "unet" / COMPONENT_CONFIG)
+                                      .read_text())
+                folder = controlnet_config_folder(entry.architecture, configs, unet=unet,
+                                                  guide_channels=controlnet_guide_channels(tensor_shapes(path)))
                 if folder is not None:
                     options.update(config=str(folder), subfolder=CONTROLNET_SUBFOLDER, local_files_only=True)
                 return ControlNetModel.from_single_file(str(path), **options)

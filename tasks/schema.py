@@ -379,6 +379,7 @@ class ControlNetPreprocess(ImageControlNetPreProcess, tag="controlNetPreprocess"
 # categories, architectures and values fit together is checked by its handler (tasks/model_upload.py).
 UploadCategory = Literal["checkpoint", "lora", "lycoris", "controlnet", "vae", "embeddings"]
 DownloadURL = Annotated[str, Meta(min_length=1, max_length=8192)]
+TriggerWord = Annotated[str, Meta(max_length=100)]
 
 
 class ModelUpload(Deliverable, tag="modelUpload"):
@@ -401,6 +402,9 @@ class ModelUpload(Deliverable, tag="modelUpload"):
     defaultStrength: Annotated[float, Meta(ge=0, le=1)] | None = None
     private: bool | None = None
     tags: Annotated[list[Annotated[str, Meta(max_length=400)]], Meta(max_length=100)] | None = None
+    # An embedding's token, the word that stands for it in prompts (what modelSearch answers in this field); the
+    # page lists it as an array and its LoRA example as a string: one word either way.
+    positiveTriggerWords: TriggerWord | Annotated[list[TriggerWord], Meta(max_length=10)] | None = None
 
 
 AnyTask = (Authentication | Ping | ImageInference | ImageUpload | GetResponse | ModelSearch
@@ -431,9 +435,9 @@ UNSUPPORTED_PARAMETERS: dict[str, frozenset[str]] = {
     **dict.fromkeys(("imageCaption", "caption"), frozenset({"inputImages", "template", "structuredData"})),
     "promptEnhance": frozenset(),
     **dict.fromkeys(("imageControlNetPreProcess", "controlNetPreprocess"), frozenset()),
-    # What modelSearch has no place for, or this server no meaning: a preview image, descriptions, trigger
-    # words, a LoRA's default weight (a request's weight defaults to 1).
-    "modelUpload": frozenset({"heroImageURL", "heroImageUrl", "shortDescription", "comment", "positiveTriggerWords",
+    # What modelSearch has no place for, or this server no meaning: a preview image, descriptions, negative
+    # trigger words, a LoRA's default weight (a request's weight defaults to 1).
+    "modelUpload": frozenset({"heroImageURL", "heroImageUrl", "shortDescription", "comment",
                               "negativeTriggerWords", "defaultWeight"}),
 }
 

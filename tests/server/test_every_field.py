@@ -88,7 +88,8 @@ HONOURED: dict[type[schema.Task], dict[str, tuple[str, ...]]] = {
     schema.ModelUpload: {
         **handled_by("tasks/model_upload.py", "taskUUID", "category", "architecture", "format", "air",
                      "uniqueIdentifier", "name", "version", "downloadURL", "downloadUrl", "type", "conditioning",
-                     "defaultScheduler", "defaultSteps", "defaultCFG", "defaultStrength", "private", "tags"),
+                     "defaultScheduler", "defaultSteps", "defaultCFG", "defaultStrength", "private", "tags",
+                     "positiveTriggerWords"),
         **DELIVERY,
     },
 }
