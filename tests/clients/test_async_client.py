@@ -439,3 +439,27 @@ async def test_a_call_can_be_cancelled_by_its_task_uuid(start_server):
             await client.cancel("6b3a3f7e-8f2c-4c9e-9d3a-0c6e1a2b3c4d")
         assert unknown.value.code == "taskNotFound"
     engine.release.set()
+
+
+def test_each_model_upload_keyword_reaches_a_field_of_the_task():
+    """``Client.upload_model`` passes its keywords on to ``requests.model_upload``, whose list is
+    ``ModelUploadFields``: each of them fills a field of the modelUpload it builds."""
+    import typing
+
+    import msgspec
+    from imagewire_client import requests, schema
+
+    values: dict[str, typing.Any] = {"tags": ["mine"], "default_steps": 3, "default_cfg": 5.5,
+                                     "default_strength": 0.5}
+    keywords = typing.get_type_hints(requests.ModelUploadFields)
+    fields = {keyword: values.get(keyword, f"value of {keyword}") for keyword in keywords}
+    task = requests.model_upload("https://example.com/model.safetensors", **fields)
+    required = requests.ModelUploadFields.__required_keys__
+    bare = requests.model_upload("https://example.com/model.safetensors",
+                                 **{keyword: fields[keyword] for keyword in required})
+
+    def filled(made: schema.ModelUpload) -> set[str]:
+        return {name for name in msgspec.structs.asdict(made) if getattr(made, name) is not None}
+
+    assert len(filled(task) - filled(bare)) == len(keywords) - len(required)
+    assert isinstance(task, schema.ModelUpload) and task.positiveTriggerWords == "value of trigger_word"

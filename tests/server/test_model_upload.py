@@ -397,3 +397,13 @@ async def test_the_python_client_uploads_a_model_and_raises_the_servers_error(st
             await client.upload_model(f"{files.url}/files/lora.safetensors", air="myteam:11@1", category="lora",
                                       architecture="sdxl", name="Wrong", version="v1", unique_identifier="x")
         assert caught.value.parameter == "architecture"
+        # An embedding's token and type, a ControlNet's conditioning.
+        await client.upload_model(
+            f"{files.url}/files/embedding.safetensors", air="myteam:14@1", category="embeddings", type="positive",
+            architecture="tiny", name="Client embedding", version="v1", unique_identifier="y", trigger_word="mine")
+        await client.upload_model(
+            f"{files.url}/files/controlnet.safetensors", air="myteam:15@1", category="controlnet",
+            conditioning="depth", architecture="tiny", name="Client ControlNet", version="v1", unique_identifier="z")
+        [embedding] = await client.models("myteam:14")
+        [controlnet] = await client.models("myteam:15")
+        assert (embedding.positiveTriggerWords, controlnet.conditioning) == ("mine", "depth")

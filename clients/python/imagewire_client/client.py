@@ -14,7 +14,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Unpack
 
 import msgspec
 from websockets.asyncio.client import ClientConnection, connect
@@ -400,31 +400,14 @@ class Client:
         items = await self._call(task, task.taskUUID, expected=1, timeout=timeout)
         return model_infos(items[0])
 
-    async def upload_model(
-        self,
-        download_url: str,
-        *,
-        air: str,
-        category: str,
-        architecture: str,
-        name: str,
-        version: str,
-        unique_identifier: str,
-        type: str | None = None,
-        tags: Sequence[str] | None = None,
-        default_steps: int | None = None,
-        default_cfg: float | None = None,
-        default_strength: float | None = None,
-        default_scheduler: str | None = None,
-        timeout: float = 3600.0,
-    ) -> list[str]:
+    async def upload_model(self, download_url: str, *, timeout: float = 3600.0,
+                           **fields: Unpack[requests.ModelUploadFields]) -> list[str]:
         """Add a model to the server's catalog from ``download_url`` (modelUpload; the server needs
         --allow-downloads); the phases it answered, ``validated`` to ``ready``. Usable by ``air`` once it returns.
-        ``unique_identifier``: the file's SHA-256 makes the server check it."""
-        task = requests.model_upload(
-            download_url, air=air, category=category, architecture=architecture, name=name, version=version,
-            unique_identifier=unique_identifier, type=type, tags=tags, default_steps=default_steps,
-            default_cfg=default_cfg, default_strength=default_strength, default_scheduler=default_scheduler)
+        ``fields``: ``requests.ModelUploadFields`` (``air``, ``category``, ``architecture``, ``name``, ``version``,
+        ``unique_identifier``, and where they apply ``type``, ``tags``, ``conditioning``, ``trigger_word``, the
+        ``default_*`` settings). ``unique_identifier``: the file's SHA-256 makes the server check it."""
+        task = requests.model_upload(download_url, **fields)
         items = await self._call(task, task.taskUUID, expected=UPLOAD_PHASES, timeout=timeout)
         return [upload_phase(item) for item in items]
 
