@@ -66,7 +66,7 @@ from imagewire.air_registry.memory_plan import (
 from imagewire.air_registry.model_files import COMPONENT_CONFIG, MODEL_INDEX
 from imagewire.air_registry.pipeline_configs import PIPELINE_CONFIGS
 from imagewire.air_registry.quantize import check_quantization, quantize_pipeline
-from imagewire.air_registry.quantized import QUANTIZE_MODES, is_gguf, require_gguf
+from imagewire.air_registry.quantized import QUANTIZE_MODES, is_gguf, is_scaled_float8, require_gguf
 from imagewire.air_registry.samplers import FLOW, FLOW_SAMPLERS, SAMPLERS, SamplerSpec
 from imagewire.air_registry.single_file import (
     CONTROLNET_SUBFOLDER,
@@ -619,7 +619,9 @@ class PipelineCache:
         if entry.source == "single_file":
             assert architecture.single_file_pipeline is not None  # the catalog allows no other
             pipeline_class = getattr(diffusers, architecture.single_file_pipeline)
-            if architecture.family == "flux" and (is_gguf(path) or architecture.single_file_config is not None):
+            # diffusers' own conversion would read a scaled float8 file's weights without their factors.
+            if architecture.family == "flux" and (is_gguf(path) or architecture.single_file_config is not None
+                                                  or _is_scaled_float8_file(path)):
                 return self._read_flux_transformer_file(entry, path, pipeline_class, options)
             # A single file has no configs; diffusers fetches them from the hub, or its cache, unless
             # the architecture's come from an embedded model built here.
@@ -832,3 +834,8 @@ def _view(auto_class: Any, pipe: DiffusionPipeline) -> DiffusionPipeline:
     view = auto_class.from_pipe(pipe)
     view.set_progress_bar_config(disable=True)
     return view
+
+
+def _is_scaled_float8_file(path: Path) -> bool:
+    """Whether ``path`` is a ComfyUI scaled float8 safetensors file (``quantized.py``), by its header."""
+    return path.suffix.lower() == ".safetensors" and is_scaled_float8(tensor_shapes(path))
