@@ -340,8 +340,10 @@ class PipelineCache:
                 if builder is not None:
                     unet = json.loads((ensure_embedded(builder, configs / builder) / "unet" / COMPONENT_CONFIG)
                                       .read_text())
-                folder = controlnet_config_folder(entry.architecture, configs, unet=unet,
-                                                  guide_channels=controlnet_guide_channels(tensor_shapes(path)))
+                # A pickled file's shapes cannot be read without unpickling it: taken to have the usual widths.
+                guide = (controlnet_guide_channels(tensor_shapes(path)) if path.suffix.lower() == ".safetensors"
+                         else None)
+                folder = controlnet_config_folder(entry.architecture, configs, unet=unet, guide_channels=guide)
                 if folder is not None:
                     options.update(config=str(folder), subfolder=CONTROLNET_SUBFOLDER, local_files_only=True)
                 return ControlNetModel.from_single_file(str(path), **options)
