@@ -258,6 +258,13 @@ def add_on_architecture(category: str, shapes: Mapping[str, Sequence[int]], name
                 "is not a ControlNet: it has no guide-image encoder (input_hint_block in the original layout, "
                 "controlnet_cond_embedding in diffusers') beside the outputs a ControlNet adds to a UNet "
                 f"(zero_convs, controlnet_down_blocks); its tensors are named like {shown(min(names, default=''), 80)}")
+        # Its first convolution reads the latents alone (an inpainting UNet's extra channels are not its).
+        first = next((list(shape) for name, shape in shapes.items()
+                      if name == "conv_in.weight" or name.endswith("input_blocks.0.0.weight")), None)
+        channels = int(first[1]) if first is not None and len(first) == 4 else None
+        if channels is not None and channels != _CONTROLNET_LATENT_CHANNELS:
+            raise RegistryError(f"is a ControlNet that reads {channels}-channel latents, where the ControlNets of SD "
+                                f"1.x, 2.x and XL read {_CONTROLNET_LATENT_CHANNELS}")
         width = _width_of(shapes, ("attn2.to_k.weight",))
         if width is not None and width in _TEXT_WIDTHS:
             return _TEXT_WIDTHS[width]
@@ -293,6 +300,9 @@ def _embedding_architecture(shapes: Mapping[str, Sequence[int]]) -> str:
         f"is not a textual-inversion embedding: it holds {len(sizes)} tensors (named like "
         f"{shown(min(sizes, default=''), 80)}), where an embedding holds one, its vectors (emb_params, or diffusers' "
         "{token: vectors}), or for SDXL two, clip_l and clip_g")
+
+
+_CONTROLNET_LATENT_CHANNELS = 4
 
 
 def is_controlnet(names: Iterable[str]) -> bool:

@@ -243,6 +243,8 @@ def test_an_embeddings_architecture_is_told_from_its_vectors(keys, expected):
     ("controlnet", {"control_model.input_hint_block.0.weight": (16, 3, 3, 3), "control_model.zero_convs.0.0.weight":
                     (320, 320, 1, 1), "control_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight":
                     (320, 1280)}, "RegistryError", "ControlNet of no architecture"),
+    ("controlnet", {"controlnet_cond_embedding.conv_in.weight": (16, 3, 3, 3), "controlnet_down_blocks.0.weight":
+                    (320, 320, 1, 1), "conv_in.weight": (320, 9, 3, 3)}, "RegistryError", "reads 9-channel latents"),
 ])
 def test_a_file_that_is_no_embedding_or_controlnet_here_is_told_why(category, keys, error, words):
     from imagewire.air_registry import models_dir
