@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -25,6 +25,21 @@ class Downloads:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imagewire-download")
         self._keys: dict[str, asyncio.Semaphore] = {}
         self._users: dict[str, int] = {}   # tasks of each key holding or waiting for one of its slots
+        # Downloads that outlive the task that started them (modelDownload's), by what they fetch: a second
+        # request for one follows it rather than starting another into the same files.
+        self._shared: dict[str, Any] = {}
+
+    def shared(self, key: str, start: Callable[[], T]) -> T:
+        """The download under way for ``key``, or the one ``start()`` begins now; ``forget`` ends its entry."""
+        if key not in self._shared:
+            self._shared[key] = start()
+        return self._shared[key]  # type: ignore[no-any-return]
+
+    def under_way(self, key: str) -> Any | None:
+        return self._shared.get(key)
+
+    def forget(self, key: str) -> None:
+        self._shared.pop(key, None)
 
     async def run(self, owner: str, work: Callable[..., T], *args: object) -> T:
         """``work(*args)`` on a download thread, once ``owner`` has a slot free."""
