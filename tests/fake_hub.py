@@ -14,6 +14,9 @@ import pytest
 from aiohttp import web
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
+# The repo the fixtures serve (the tiny model's files), and the catalog entry that names it.
+REPO = "imagewire-test/tiny-sd"
+HUB_MODEL = "hubtest:tiny@1"
 
 
 class FakeHub:

@@ -3,40 +3,10 @@ from a hub of our own on loopback (tests/fake_hub.py) serving the tiny model's f
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
-import pytest
-import pytest_asyncio
-
-from tests.fake_hub import FakeHub, point_hub_at
+from tests.fake_hub import HUB_MODEL, REPO
 from tests.wire import Wire, eventually, inference, new_uuid
-
-REPO = "imagewire-test/tiny-sd"
-HUB_MODEL = "hubtest:tiny@1"
-
-
-@pytest_asyncio.fixture
-async def hub(models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeHub]:
-    """The tiny model's folder served as a hub repo, slowly enough (about a second) that progress shows."""
-    hub = await FakeHub({REPO: models_dir / "imagewire-tiny-1"}, chunk=32 * 1024, pause=0.01).start()
-    point_hub_at(hub, tmp_path / "hf-cache", monkeypatch)
-    yield hub
-    await hub.stop()
-
-
-@pytest.fixture
-def hub_catalog(tmp_path: Path) -> Path:
-    """A catalog file naming the hub repo as a checkpoint of the tiny model's architecture."""
-    path = tmp_path / "hub-catalog.json"
-    path.write_text(json.dumps([{
-        "air": HUB_MODEL, "name": "tiny, from the hub", "architecture": "tiny", "category": "checkpoint",
-        "source": "hub", "location": REPO,
-        "defaults": {"width": 256, "height": 256, "steps": 8, "scheduler": "Default", "CFGScale": 7, "strength": 0.8},
-    }]))
-    return path
 
 
 def download(model: str = HUB_MODEL) -> dict[str, Any]:

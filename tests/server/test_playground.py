@@ -180,6 +180,8 @@ async def test_the_page_generates_shows_progress_and_the_image(server, browser, 
     notes = page.field("model-notes").text
     assert "Stable Diffusion 1.5: " in notes and "hf download stable-diffusion-v1-5/stable-diffusion-v1-5" in notes
     assert "why" in notes.lower() and "unavailable" in notes
+    # This server downloads nothing (no --allow-downloads): no Download button.
+    assert not page.css("#model-notes .model-download")
     await asyncio.to_thread(lambda: page.css("#model-notes summary")[0].click())
 
     def generate(steps: str, seed: str = "") -> None:
@@ -763,6 +765,43 @@ async def test_embeddings_vae_clip_skip_weighting_and_refiner_reach_the_request(
     # FLUX reads prompts with T5 too: none of these is offered, and none is sent.
     await asyncio.to_thread(lambda: Select(page.field("model")).select_by_value("imagewire:tiny-flux@1"))
     assert not page.field("text-add-ons").is_displayed() and not page.field("refiner-settings").is_displayed()
+    assert console_errors(browser) == []
+
+
+async def test_a_missing_model_downloads_with_a_progress_bar_and_joins_the_list(start_server, hub, hub_catalog,
+                                                                                 browser, screenshots: Path):
+    from tests.fake_hub import HUB_MODEL
+
+    server = await start_server(allow_downloads=True, catalog_files=(hub_catalog,))
+    page = Page(browser, server.port)
+    await asyncio.to_thread(page.open)
+    await asyncio.to_thread(page.connect)
+    await until(page.connected)
+    option = f'#model option[value="{HUB_MODEL}"]'
+    await until(lambda: page.css(option))
+    assert not page.css(option)[0].is_enabled()
+    await asyncio.to_thread(lambda: page.css("#model-notes summary")[0].click())
+    control = f'#model-notes .model-download[data-air="{HUB_MODEL}"]'
+    # Every hub model missing from the cache has its own button on this server; this one's hub is the test's.
+    assert page.css(f"{control} button")[0].get_attribute("aria-label") == "Download tiny, from the hub"
+    await asyncio.to_thread(lambda: page.css(f"{control} button")[0].click())
+    seen: list[int] = []
+
+    def finished() -> bool:
+        bar = page.css(f"{control} .bar")
+        if not bar:
+            return False
+        seen.append(int(bar[0].get_attribute("aria-valuenow")))
+        return seen[-1] == 100 and page.css(f"{control} .download-state")[0].text.startswith("ready")
+
+    await until(finished)
+    assert seen == sorted(seen)
+    [sent] = page.tasks("modelDownload")
+    assert sent["model"] == HUB_MODEL
+    # The model is on the server now: the list offers it, and the notes say so beside its full bar.
+    await until(lambda: page.css(option) and page.css(option)[0].is_enabled())
+    assert "downloaded, now in the list above" in page.field("model-notes").text
+    await asyncio.to_thread(browser.save_screenshot, str(screenshots / "model-download.png"))
     assert console_errors(browser) == []
 
 
