@@ -13,9 +13,18 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Protocol, TypeVar
 
 T = TypeVar("T")
+
+
+class Shared(Protocol):
+    """A download that outlives the request that started it; a shutdown cancels what is left of it."""
+
+    def cancel(self) -> None: ...
+
+
+S = TypeVar("S", bound=Shared)
 
 
 class Downloads:
@@ -27,15 +36,15 @@ class Downloads:
         self._users: dict[str, int] = {}   # tasks of each key holding or waiting for one of its slots
         # Downloads that outlive the task that started them (modelDownload's), by what they fetch: a second
         # request for one follows it rather than starting another into the same files.
-        self._shared: dict[str, Any] = {}
+        self._shared: dict[str, Shared] = {}
 
-    def shared(self, key: str, start: Callable[[], T]) -> T:
+    def shared(self, key: str, start: Callable[[], S]) -> S:
         """The download under way for ``key``, or the one ``start()`` begins now; ``forget`` ends its entry."""
         if key not in self._shared:
             self._shared[key] = start()
-        return self._shared[key]  # type: ignore[no-any-return]
+        return self._shared[key]  # type: ignore[return-value]
 
-    def under_way(self, key: str) -> Any | None:
+    def under_way(self, key: str) -> Shared | None:
         return self._shared.get(key)
 
     def forget(self, key: str) -> None:
@@ -60,4 +69,7 @@ class Downloads:
 
     def close(self) -> None:
         """Let the threads go once their downloads end (a shutdown does not wait for them)."""
+        for download in list(self._shared.values()):
+            download.cancel()
+        self._shared.clear()
         self._pool.shutdown(wait=False, cancel_futures=True)

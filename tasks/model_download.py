@@ -41,6 +41,9 @@ class HubFetch:
     baseline: int = 0             # bytes of the repo in the cache before it began
     task: asyncio.Task[Path] = field(init=False)
 
+    def cancel(self) -> None:
+        self.task.cancel()
+
     def done_bytes(self) -> int:
         if self.total is None:
             return 0

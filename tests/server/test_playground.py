@@ -778,28 +778,47 @@ async def test_a_missing_model_downloads_with_a_progress_bar_and_joins_the_list(
     await asyncio.to_thread(page.connect)
     await until(page.connected)
     option = f'#model option[value="{HUB_MODEL}"]'
-    await until(lambda: page.css(option))
-    assert not page.css(option)[0].is_enabled()
+    assert await until(lambda: browser.execute_script(
+        "const option = document.querySelector(arguments[0]); return option && option.disabled", option))
     await asyncio.to_thread(lambda: page.css("#model-notes summary")[0].click())
     control = f'#model-notes .model-download[data-air="{HUB_MODEL}"]'
+    # The list is drawn again whenever the models' answer comes: the page is read in one script each time, so
+    # that no element read is one already replaced.
+    read_control = """
+        const control = document.querySelector(arguments[0]);
+        if (!control) return null;
+        return {label: control.querySelector("button").getAttribute("aria-label"),
+                percent: Number(control.querySelector(".bar").getAttribute("aria-valuenow")),
+                state: control.querySelector(".download-state").textContent};
+    """
     # Every hub model missing from the cache has its own button on this server; this one's hub is the test's.
-    assert page.css(f"{control} button")[0].get_attribute("aria-label") == "Download tiny, from the hub"
-    await asyncio.to_thread(lambda: page.css(f"{control} button")[0].click())
+    first = await until(lambda: browser.execute_script(read_control, control))
+    assert first == {"label": "Download tiny, from the hub", "percent": 0, "state": ""}
+
+    def click_download() -> bool:
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        try:
+            page.css(f"{control} button")[0].click()
+        except StaleElementReferenceException:  # drawn again between finding and clicking: find it again
+            return False
+        return True
+
+    await until(click_download)
     seen: list[int] = []
 
     def finished() -> bool:
-        bar = page.css(f"{control} .bar")
-        if not bar:
-            return False
-        seen.append(int(bar[0].get_attribute("aria-valuenow")))
-        return seen[-1] == 100 and page.css(f"{control} .download-state")[0].text.startswith("ready")
+        now = browser.execute_script(read_control, control)
+        seen.append(now["percent"])
+        return now["percent"] == 100 and now["state"].startswith("ready")
 
     await until(finished)
     assert seen == sorted(seen)
     [sent] = page.tasks("modelDownload")
     assert sent["model"] == HUB_MODEL
     # The model is on the server now: the list offers it, and the notes say so beside its full bar.
-    await until(lambda: page.css(option) and page.css(option)[0].is_enabled())
+    await until(lambda: browser.execute_script(
+        "const option = document.querySelector(arguments[0]); return option && !option.disabled", option))
     assert "downloaded, now in the list above" in page.field("model-notes").text
     await asyncio.to_thread(browser.save_screenshot, str(screenshots / "model-download.png"))
     assert console_errors(browser) == []
