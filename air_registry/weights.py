@@ -72,8 +72,12 @@ def hub_download_size(entry: ModelEntry) -> int:
     """How many bytes downloading the hub entry's files would fetch (those not in the cache yet); asks the hub."""
     from huggingface_hub import snapshot_download
 
-    repo, _, patterns, excluded, _ = _hub_files(entry)
-    plan = snapshot_download(repo, allow_patterns=patterns, ignore_patterns=excluded, dry_run=True)
+    repo, _, patterns, excluded, command = _hub_files(entry)
+    try:
+        plan = snapshot_download(repo, allow_patterns=patterns, ignore_patterns=excluded, dry_run=True)
+    except Exception as exc:
+        raise _missing(entry, f"Hugging Face repo '{repo}' could not be listed ({type(exc).__name__}); check the "
+                              f"server's network access, or download it with `{command}`") from exc
     return sum(item.file_size or 0 for item in plan if not isinstance(item, str) and item.will_download)
 
 

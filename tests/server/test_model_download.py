@@ -119,4 +119,9 @@ async def test_a_hub_that_fails_leaves_the_model_missing(start_server, hub, hub_
     assert errors and errors[0]["code"] == "serviceUnavailable" and errors[0]["parameter"] == "model"
     assert f"hf download {REPO}" in errors[0]["message"]
     assert (await searched(wire))["available"] is False
+    # A hub that does not know the repo at all: the listing fails, and says so.
+    hub.repos = {}
+    error = await wire.error(download())
+    assert (error["code"], error["parameter"]) == ("serviceUnavailable", "model")
+    assert "could not be listed" in error["message"]
     await wire.close()
