@@ -407,10 +407,18 @@ class ModelUpload(Deliverable, tag="modelUpload"):
     positiveTriggerWords: TriggerWord | Annotated[list[TriggerWord], Meta(max_length=10)] | None = None
 
 
+class ModelDownload(Task, tag="modelDownload"):
+    """Extension (docs/protocol.md): fetch a catalog model's files from the Hugging Face hub into this server's
+    cache, with progress; needs --allow-downloads."""
+
+    taskUUID: TaskUUID
+    model: ModelAIR
+
+
 AnyTask = (Authentication | Ping | ImageInference | ImageUpload | GetResponse | ModelSearch
            | ImageUpscale | Upscale | ImageBackgroundRemoval | RemoveBackground | ImageCaption | Caption
            | PromptEnhance | CancelTask | ImageHistory | ImageControlNetPreProcess
-           | ControlNetPreprocess | ModelUpload)
+           | ControlNetPreprocess | ModelUpload | ModelDownload)
 
 # Parameters the public API defines for a task type that this server does not implement yet.
 # They are answered with ``unsupportedParameter`` by name, never silently ignored; any other
@@ -555,6 +563,8 @@ class ModelInfo(Struct, kw_only=True):
     conditioning: str | None = None        # of a ControlNet, where its tags say it; null otherwise
     heroImage: str | None = None           # no catalog model has a preview image: always null
     memoryPlan: str | None = None   # a loaded model's placement: all-on-device, text-encoders-on-cpu, model-offload, …
+    # Extension: missing from the cache, and modelDownload would fetch it (a hub model, --allow-downloads).
+    downloadable: bool = False
 
 
 class ModelSearchResult(Item):
@@ -570,6 +580,16 @@ class ModelUploadResult(Item):
     status: str
     message: str
     air: str
+
+
+class ModelDownloadResult(Item):
+    """How far a modelDownload has got: ``downloading`` items as bytes arrive, then ``ready``."""
+
+    taskUUID: str
+    air: str
+    status: str
+    bytesDone: int
+    bytesTotal: int
 
 
 class Envelope(Struct, omit_defaults=True, kw_only=True):

@@ -92,6 +92,8 @@ HONOURED: dict[type[schema.Task], dict[str, tuple[str, ...]]] = {
                      "positiveTriggerWords"),
         **DELIVERY,
     },
+    # Our extension (docs/protocol.md): no public page documents it.
+    schema.ModelDownload: handled_by("tasks/model_download.py", "taskUUID", "model"),
 }
 
 # Fields accepted because the public API defines them, that only matter in a case this server refuses.
