@@ -132,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="List models: AIR, name, architecture and default size, tab-separated.")
     models.add_argument("search", nargs="?", metavar="SEARCH", help="only models matching this text")
     models.add_argument("--category", metavar="NAME",
-                        help="only models of this category: checkpoint, upscaler, background-removal, caption, masking, "
-                             "prompt-enhancer")
+                        help="only models of this category: checkpoint, upscaler, background-removal, caption, "
+                             "masking, prompt-enhancer")
 
     def image_tool(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
         tool = commands.add_parser(name, parents=[connection], help=help_text, description=description)
