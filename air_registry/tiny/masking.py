@@ -7,9 +7,10 @@ arbitrary, but they come out of the same network, post-processing and mask drawi
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import OwlViTConfig, OwlViTForObjectDetection
+from transformers import Owlv2Config, Owlv2ForObjectDetection, OwlViTConfig, OwlViTForObjectDetection
 
 from imagewire.air_registry.tiny.tokenizers import END_TOKEN, START_TOKEN, build_clip_tokenizer, clip_vocab
 
@@ -26,19 +27,23 @@ _LOGIT_SCALE_BIAS = 5.0   # elu(5) + 1: the patch-query similarity, within ±1, 
 _LOGIT_SHIFT_BIAS = -0.6  # random patch and query embeddings come out similar: centre their scores on 0.5
 
 
-def build(directory: Path) -> None:
+def build(directory: Path, *, generation: str = "owlvit") -> None:
+    """Save the detector in ``directory``; ``generation="owlv2"`` saves the same shapes as an OWLv2 (which
+    sees pictures padded to a square and adds an objectness head), for tests of that family's path."""
     vocab = clip_vocab()
-    config = OwlViTConfig(
-        text_config={"vocab_size": len(vocab), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "max_position_embeddings": MAX_QUERY_TOKENS,
-                     "bos_token_id": vocab[START_TOKEN], "eos_token_id": vocab[END_TOKEN],
-                     "pad_token_id": vocab[END_TOKEN]},
-        vision_config={"image_size": IMAGE_SIZE, "patch_size": 16, "hidden_size": 16, "intermediate_size": 32,
-                       "num_hidden_layers": 1, "num_attention_heads": 2},
-        projection_dim=16)
+    shapes: dict[str, Any] = {
+        "text_config": {"vocab_size": len(vocab), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                        "num_attention_heads": 2, "max_position_embeddings": MAX_QUERY_TOKENS,
+                        "bos_token_id": vocab[START_TOKEN], "eos_token_id": vocab[END_TOKEN],
+                        "pad_token_id": vocab[END_TOKEN]},
+        "vision_config": {"image_size": IMAGE_SIZE, "patch_size": 16, "hidden_size": 16, "intermediate_size": 32,
+                          "num_hidden_layers": 1, "num_attention_heads": 2},
+        "projection_dim": 16}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_SEED)
-        model = OwlViTForObjectDetection(config)
+        model: OwlViTForObjectDetection | Owlv2ForObjectDetection = (
+            OwlViTForObjectDetection(OwlViTConfig(**shapes)) if generation == "owlvit"
+            else Owlv2ForObjectDetection(Owlv2Config(**shapes)))
         with torch.no_grad():
             heads = model.box_head
             for layer in (heads.dense0, heads.dense1, heads.dense2):

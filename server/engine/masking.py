@@ -50,7 +50,7 @@ def _load(path: Path, device: str, dtype: torch.dtype) -> tuple[Any, Any]:
     return tokenizer, model
 
 
-def _square(image: Image.Image, side: int, family: DetectorFamily) -> tuple[Image.Image, tuple[float, float]]:
+def square(image: Image.Image, side: int, family: DetectorFamily) -> tuple[Image.Image, tuple[float, float]]:
     """The picture as the network sees it, and the pixels of the picture one unit of a box coordinate spans
     across and down."""
     width, height = image.size
@@ -91,7 +91,7 @@ def run(engine: DiffusersEngine, jobs: Sequence[MaskingJob], emit: Emit) -> None
     tokenizer, network = tools.get(first.model, first.weights, lambda path: _load(path, tools.device, tools.dtype))
     started = time.perf_counter()
     side = network.config.vision_config.image_size
-    squares, spans = zip(*(_square(job.image, side, family) for job in jobs), strict=True)
+    squares, spans = zip(*(square(job.image, side, family) for job in jobs), strict=True)
     pixels = to_tensor(squares, device=tools.device, dtype=tools.dtype)
     mean = torch.tensor(CLIP_MEAN, device=tools.device, dtype=tools.dtype).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, device=tools.device, dtype=tools.dtype).view(1, 3, 1, 1)

@@ -217,3 +217,21 @@ async def test_model_search_lists_the_detectors(server):
     assert [model["air"] for model in found["results"]] == [
         "imagewire:tiny-masking@1", "imagewire:owlv2-base@1", "imagewire:owlvit-base@1"]
     await wire.close()
+
+
+async def test_an_owlv2_detector_serves_the_ids_too(start_server, tmp_path: Path):
+    from imagewire.air_registry.tiny.masking import build
+
+    build(tmp_path / "owlv2", generation="owlv2")
+    catalog = tmp_path / "detector.json"
+    catalog.write_text(json.dumps([{
+        "air": "test:tiny-owlv2@1", "name": "a tiny OWLv2", "aliases": ["default-masking-detector"],
+        "architecture": "owlv2", "category": "masking", "source": "folder", "location": str(tmp_path / "owlv2")}]))
+    server = await start_server(catalog_files=(catalog,))
+    wire = await Wire.open(server.url)
+    wide = (160, 64)
+    [item] = await wire.run(masking(inputImage=png(seed_picture(wide)), confidence=0.05, maxDetections=20))
+    mask = mask_of(item)
+    assert mask.shape == (wide[1], wide[0]) and item["detections"]
+    assert np.array_equal(mask == 255, union(boxes_of(item), size=wide))
+    await wire.close()

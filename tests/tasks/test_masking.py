@@ -7,8 +7,9 @@ import msgspec
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from imagewire.server.engine.masking import best_distinct
+from imagewire.server.engine.masking import FAMILIES, best_distinct, square
 from imagewire.tasks import schema
 from imagewire.tasks.errors import InvalidParameter
 from imagewire.tasks.image_masking import Box, draw_mask, masking_settings, pixel_boxes, target
@@ -79,3 +80,12 @@ def test_boxes_finding_one_object_twice_are_merged_into_the_best():
     scores = torch.tensor([0.5, 0.9, 0.7, 0.4])
     assert best_distinct(corners, scores, limit=10) == [1, 2]
     assert best_distinct(corners, scores, limit=1) == [1]
+
+
+def test_owlv2_sees_the_picture_padded_below_and_right_and_owlvit_stretched():
+    picture = Image.new("RGB", (160, 64), (255, 0, 0))
+    padded, span = square(picture, 32, FAMILIES["owlv2"])
+    assert padded.size == (32, 32) and span == (160, 160)  # box coordinates are fractions of the padded square
+    assert padded.getpixel((16, 4)) == (255, 0, 0) and padded.getpixel((16, 28)) == (128, 128, 128)
+    stretched, span = square(picture, 32, FAMILIES["owlvit"])
+    assert span == (160, 64) and stretched.getpixel((16, 28)) == (255, 0, 0)
