@@ -235,3 +235,12 @@ async def test_an_owlv2_detector_serves_the_ids_too(start_server, tmp_path: Path
     assert mask.shape == (wide[1], wide[0]) and item["detections"]
     assert np.array_equal(mask == 255, union(boxes_of(item), size=wide))
     await wire.close()
+
+
+async def test_include_cost_prices_the_device_time(start_server):
+    server = await start_server(price_per_gpu_second=2.0)
+    wire = await Wire.open(server.url)
+    [priced] = await wire.run(masking(includeCost=True))
+    [unpriced] = await wire.run(masking())
+    assert isinstance(priced["cost"], float) and priced["cost"] > 0 and "cost" not in unpriced
+    await wire.close()
