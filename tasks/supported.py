@@ -15,6 +15,7 @@ from imagewire.tasks import (
     image_caption,
     image_history,
     image_inference,
+    image_masking,
     image_upload,
     image_upscale,
     model_download,
@@ -44,5 +45,6 @@ SUPPORTED: Mapping[str, TaskType[Any, Any]] = MappingProxyType({
         controlnet_preprocess.TASK_TYPE.spelled(schema.ControlNetPreprocess),
         model_upload.TASK_TYPE,
         model_download.TASK_TYPE,
+        image_masking.TASK_TYPE,
     )
 })

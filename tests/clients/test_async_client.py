@@ -410,6 +410,27 @@ async def test_inpainting_outpainting_controlnet_and_guide_images(start_server):
     assert Image.open(io.BytesIO(extended.image_bytes)).size == (192, 128)
 
 
+async def test_a_mask_of_what_was_found_goes_into_an_inpainting_request(server):
+    import numpy as np
+
+    from tests.server.test_editing import seed_picture
+
+    seed = seed_picture()
+    async with Client(server.url, API_KEY) as client:
+        masked = await client.mask(seed, model="runware:35@4", max_detections=3, mask_padding=2, mask_blur=0)
+        [inpainted] = await client.image_inference(
+            model=TINY, positive_prompt="a door", seed_image=masked.input_image_uuid, mask_image=masked.uuid,
+            width=128, height=128, steps=2, seed=4, strength=1.0, output_type="base64Data")
+    mask = np.asarray(Image.open(io.BytesIO(masked.image_bytes)))
+    assert mask.shape == (128, 128) and 0 < len(masked.detections) <= 3 and masked.url
+    white = np.zeros((128, 128), dtype=bool)
+    for found in masked.detections:
+        white[max(0, found.y_min - 2):found.y_max + 2, max(0, found.x_min - 2):found.x_max + 2] = True
+    assert np.array_equal(mask == 255, white) and np.array_equal(mask == 0, ~white)
+    result = np.asarray(Image.open(io.BytesIO(inpainted.image_bytes)).convert("RGB"))
+    assert np.array_equal(result[~white], np.asarray(seed)[~white])
+
+
 # ---------------------------------------------------------------- progress and cancelling
 
 

@@ -35,11 +35,13 @@ from imagewire_client.results import (
     UPLOAD_PHASES,
     GuideImage,
     ImageResult,
+    MaskImage,
     ModelInfo,
     TextResult,
     UploadedImage,
     guide_image,
     image_result,
+    mask_image,
     model_infos,
     text_result,
     upload_phase,
@@ -365,6 +367,29 @@ class Client:
             output_format=output_format, output_quality=output_quality, settings=settings, include_cost=include_cost)
         items = await self._call(task, task.taskUUID, expected=1, timeout=timeout, counted_key="imageUUID")
         return image_result(items[0])
+
+    async def mask(
+        self,
+        image: ImageSource,
+        *,
+        model: str = "runware:35@1",
+        confidence: float | None = None,
+        max_detections: int | None = None,
+        mask_padding: int | None = None,
+        mask_blur: int | None = None,
+        output_format: str = "PNG",
+        include_cost: bool = False,
+        timeout: float = 300.0,
+    ) -> MaskImage:
+        """A mask of the faces (``runware:35@1``), hands (``@3``) or people (``@4``) in ``image``, white inside
+        each detection grown by ``mask_padding`` and fading out over ``mask_blur`` pixels; ``detections`` has
+        their boxes. Its ``uuid`` can be an inpainting request's ``mask_image``."""
+        task = requests.image_masking(
+            input_image=await _image_field(image, "inputImage"), model=model, confidence=confidence,
+            max_detections=max_detections, mask_padding=mask_padding, mask_blur=mask_blur,
+            output_type=["URL", "base64Data"], output_format=output_format, include_cost=include_cost)
+        items = await self._call(task, task.taskUUID, expected=1, timeout=timeout, counted_key="maskImageUUID")
+        return mask_image(items[0])
 
     async def caption(self, image: ImageSource, *, model: str | None = None, prompt: str | None = None,
                       include_cost: bool = False, timeout: float = 300.0) -> TextResult:

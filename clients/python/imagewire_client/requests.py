@@ -247,3 +247,26 @@ def controlnet_preprocess(
         taskUUID=task_uuid or new_task_uuid(), inputImage=input_image, preProcessorType=preprocessor,
         outputType=output_type,  # type: ignore[arg-type]  # not checked here: the server names bad values
         outputFormat=output_format, **{name: value for name, value in fields.items() if value is not None})
+
+
+def image_masking(
+    *,
+    input_image: str,
+    model: str,
+    confidence: float | None = None,
+    max_detections: int | None = None,
+    mask_padding: int | None = None,
+    mask_blur: int | None = None,
+    output_type: str | list[str] = "URL",
+    output_format: str = "PNG",
+    include_cost: bool = False,
+    task_uuid: str | None = None,
+) -> schema.ImageMasking:
+    """An ``imageMasking`` task; ``input_image`` is already in wire form. Unset settings are left to the server."""
+    fields: dict[str, Any] = {"confidence": confidence, "maxDetections": max_detections, "maskPadding": mask_padding,
+                              "maskBlur": mask_blur}
+    return schema.ImageMasking(
+        taskUUID=task_uuid or new_task_uuid(), inputImage=input_image, model=model,
+        outputType=output_type,  # type: ignore[arg-type]  # not checked here: the server names bad values
+        outputFormat=output_format, includeCost=include_cost,
+        **{name: value for name, value in fields.items() if value is not None})
