@@ -12,6 +12,8 @@ file), ``ready`` (in the catalog). A failure answers an error naming the paramet
 
 from __future__ import annotations
 
+import re
+
 import asyncio
 import contextlib
 import threading
@@ -215,12 +217,12 @@ def _check_category_fields(task: ModelUpload, category: str) -> None:
 
 
 def _token(task: ModelUpload) -> str:
-    """An embedding's token: the one word of ``positiveTriggerWords``, which prompts then name it by."""
+    """An embedding's token: the one word of ``positiveTriggerWords``, which prompts then name it by; without
+    it, the model's ``name`` made one word (lower case, other characters as ``_``), as AUTOMATIC1111 names an
+    embedding by its file. modelSearch answers the token either way."""
     words = task.positiveTriggerWords
     if words is None:
-        raise MissingParameter(
-            "Missing positiveTriggerWords: an embedding's token, the word that stands for it in prompts (as "
-            "modelSearch answers it), e.g. \"easynegative\".", parameter="positiveTriggerWords", type="string")
+        return re.sub(r"[^a-z0-9_-]+", "_", task.name.strip().lower()).strip("_-") or "embedding"
     listed = [words] if isinstance(words, str) else words
     parameter = "positiveTriggerWords" if isinstance(words, str) else "positiveTriggerWords[0]"
     if len(listed) != 1:

@@ -245,6 +245,24 @@ async def test_an_embedding_upload_stands_for_its_token_as_the_catalogs_one_of_i
     await wire.close()
 
 
+@pytest.mark.parametrize(("words", "name", "token"), [
+    (["easynegative"], "EasyNegative v2", "easynegative"),
+    ("bad-hands", "Bad hands", "bad-hands"),
+    # Without trigger words the name is the token, made one word, as AUTOMATIC1111 names one by its file.
+    (None, "Bad Hands 5 (v2)", "bad_hands_5_v2"),
+    (None, "  ---  ", "embedding"),
+])
+def test_an_embeddings_token_is_its_trigger_word_else_its_name(words: Any, name: str, token: str) -> None:
+    import msgspec
+
+    from imagewire.tasks import model_upload, schema
+
+    task = msgspec.convert(upload("https://example.com/e.safetensors", category="embeddings", type="positive",
+                                  name=name, **({"positiveTriggerWords": words} if words is not None else {})),
+                           schema.ModelUpload)
+    assert model_upload._token(task) == token
+
+
 async def test_without_allow_downloads_the_upload_is_refused_naming_the_flag(start_server, own_data_dir, files):
     server = await start_server(data_dir=own_data_dir, allow_private_urls=True)
     wire = await Wire.open(server.url)
@@ -318,7 +336,6 @@ async def test_a_file_past_the_size_bound_is_refused(start_server, own_data_dir,
 
 
 @pytest.mark.parametrize(("fields", "code", "parameter"), [
-    ({"category": "embeddings", "type": "positive"}, "missingParameter", "positiveTriggerWords"),
     ({"category": "embeddings", "type": "base", "positiveTriggerWords": "x"}, "invalidParameter", "type"),
     ({"category": "embeddings", "type": ..., "positiveTriggerWords": "x"}, "missingParameter", "type"),
     ({"category": "embeddings", "type": "positive", "positiveTriggerWords": ["two words"]}, "invalidParameter",
