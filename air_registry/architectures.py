@@ -102,6 +102,9 @@ ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType({
             ("tiny-prompt", "causal-lm", "promptEnhance", "transformers"),
             ("gpt2", "causal-lm", "promptEnhance", "transformers"),
             ("llama", "chat-lm", "promptEnhance", "transformers"),
+            ("tiny-masking", "owlvit", "imageMasking", "transformers"),
+            ("owlvit", "owlvit", "imageMasking", "transformers"),
+            ("owlv2", "owlv2", "imageMasking", "transformers"),
         )),
         # Flow-matching models. FLUX.1 [schnell] is distilled to 4 steps without guidance; [dev] takes
         # FLUX's own guidance (CFGScale, see families.py) and reads twice as many T5 tokens.

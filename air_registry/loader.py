@@ -64,15 +64,16 @@ from imagewire.air_registry.memory_plan import (
     read_sizes,
     role_of,
 )
-from imagewire.air_registry.model_files import MODEL_INDEX
+from imagewire.air_registry.model_files import COMPONENT_CONFIG, MODEL_INDEX
 from imagewire.air_registry.pipeline_configs import PIPELINE_CONFIGS
 from imagewire.air_registry.quantize import check_quantization, quantize_pipeline
-from imagewire.air_registry.quantized import QUANTIZE_MODES, is_gguf, require_gguf
+from imagewire.air_registry.quantized import QUANTIZE_MODES, is_gguf, is_scaled_float8, require_gguf
 from imagewire.air_registry.samplers import FLOW, FLOW_SAMPLERS, SAMPLERS, SamplerSpec
 from imagewire.air_registry.single_file import (
     CONTROLNET_SUBFOLDER,
     config_folder,
     controlnet_config_folder,
+    controlnet_guide_channels,
     find_pieces,
     missing_components,
     missing_pieces_message,
@@ -338,8 +339,18 @@ class PipelineCache:
         def read(path: Path) -> Any:
             if entry.source == "single_file":
                 options: dict[str, Any] = {_DTYPE_KEYWORD: self.dtype_of(entry)}
-                # The config of a ControlNet for the model it fits, written here: nothing from the hub.
-                folder = controlnet_config_folder(entry.architecture, self.data_dir / "models" / "configs")
+                # The config of a ControlNet for the model it fits, written here: nothing from the hub. The
+                # architectures whose single files read an embedded model's configs take its UNet's.
+                configs = self.data_dir / "models" / "configs"
+                builder = ARCHITECTURES[entry.architecture].single_file_config
+                unet = None
+                if builder is not None:
+                    unet = json.loads((ensure_embedded(builder, configs / builder) / "unet" / COMPONENT_CONFIG)
+                                      .read_text())
+                # A pickled file's shapes cannot be read without unpickling it: taken to have the usual widths.
+                guide = (controlnet_guide_channels(tensor_shapes(path)) if path.suffix.lower() == ".safetensors"
+                         else None)
+                folder = controlnet_config_folder(entry.architecture, configs, unet=unet, guide_channels=guide)
                 if folder is not None:
                     options.update(config=str(folder), subfolder=CONTROLNET_SUBFOLDER, local_files_only=True)
                 return ControlNetModel.from_single_file(str(path), **options)
@@ -643,7 +654,9 @@ class PipelineCache:
         if entry.source == "single_file":
             assert architecture.single_file_pipeline is not None  # the catalog allows no other
             pipeline_class = getattr(diffusers, architecture.single_file_pipeline)
-            if architecture.family == "flux" and (is_gguf(path) or architecture.single_file_config is not None):
+            # diffusers' own conversion would read a scaled float8 file's weights without their factors.
+            if architecture.family == "flux" and (is_gguf(path) or architecture.single_file_config is not None
+                                                  or _is_scaled_float8_file(path)):
                 return self._read_flux_transformer_file(entry, path, pipeline_class, options)
             # A single file has no configs; diffusers fetches them from the hub, or its cache, unless
             # the architecture's come from an embedded model built here.
@@ -856,3 +869,8 @@ def _view(auto_class: Any, pipe: DiffusionPipeline) -> DiffusionPipeline:
     view = auto_class.from_pipe(pipe)
     view.set_progress_bar_config(disable=True)
     return view
+
+
+def _is_scaled_float8_file(path: Path) -> bool:
+    """Whether ``path`` is a ComfyUI scaled float8 safetensors file (``quantized.py``), by its header."""
+    return path.suffix.lower() == ".safetensors" and is_scaled_float8(tensor_shapes(path))

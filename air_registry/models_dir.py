@@ -42,7 +42,7 @@ from typing import Any
 
 from imagewire.air_registry.catalog import ModelEntry, parse_entry, usual_defaults
 from imagewire.air_registry.checkpoints import detect_architecture, tensor_shapes, weights_format
-from imagewire.air_registry.errors import CatalogError, RegistryError
+from imagewire.air_registry.errors import CatalogError, RegistryError, shown
 
 logger = logging.getLogger(__name__)
 
@@ -208,6 +208,10 @@ class UnloadableLoraFormat(RegistryError):
     """A LoRA-like file in a format diffusers has no layers for."""
 
 
+class NotOfCategory(RegistryError):
+    """A file whose tensors are not a model of the category it was given as (a LoRA as a ControlNet)."""
+
+
 def unloadable_lora_format(names: Iterable[str]) -> str | None:
     """The name of the LyCORIS format whose tensors ``names`` are, where diffusers cannot load it; else None."""
     listed = list(names)
@@ -239,12 +243,7 @@ def add_on_architecture(category: str, shapes: Mapping[str, Sequence[int]], name
             return _TEXT_WIDTHS[width]
         raise RegistryError("is a LoRA of no architecture this server tells apart (SD 1.x, 2.x, XL, FLUX.1)")
     if category == "embeddings":
-        if "clip_g" in shapes:
-            return "sdxl"
-        width = _width_of(shapes, ("emb_params",), axis=-1) if "emb_params" in shapes else None
-        if width is not None and width in (768, 1024):
-            return _TEXT_WIDTHS[width]
-        raise RegistryError("is not a textual-inversion embedding of SD 1.x, 2.x or XL (emb_params, clip_l/clip_g)")
+        return _embedding_architecture(shapes)
     if category == "vae":
         channels = _width_of(shapes, ("decoder.conv_in.weight",), axis=1)
         if channels == 16:
@@ -254,11 +253,66 @@ def add_on_architecture(category: str, shapes: Mapping[str, Sequence[int]], name
             return "sdxl" if "xl" in name.lower() else "sd15"
         raise RegistryError("is not a VAE this server tells apart (4 or 16 latent channels)")
     if category == "controlnet":
+        if not is_controlnet(names):
+            raise NotOfCategory(
+                "is not a ControlNet: it has no guide-image encoder (input_hint_block in the original layout, "
+                "controlnet_cond_embedding in diffusers') beside the outputs a ControlNet adds to a UNet "
+                f"(zero_convs, controlnet_down_blocks); its tensors are named like {shown(min(names, default=''), 80)}")
+        # Its first convolution reads the latents alone (an inpainting UNet's extra channels are not its).
+        first = next((list(shape) for name, shape in shapes.items()
+                      if name == "conv_in.weight" or name.endswith("input_blocks.0.0.weight")), None)
+        channels = int(first[1]) if first is not None and len(first) == 4 else None
+        if channels is not None and channels != _CONTROLNET_LATENT_CHANNELS:
+            raise RegistryError(f"is a ControlNet that reads {channels}-channel latents, where the ControlNets of SD "
+                                f"1.x, 2.x and XL read {_CONTROLNET_LATENT_CHANNELS}")
         width = _width_of(shapes, ("attn2.to_k.weight",))
         if width is not None and width in _TEXT_WIDTHS:
             return _TEXT_WIDTHS[width]
         raise RegistryError("is a ControlNet of no architecture this server tells apart (SD 1.x, 2.x, XL)")
     raise ValueError(f"no architecture detection for category {category!r}")
+
+
+# The vectors' widths of the text encoders an embedding is for (CLIP ViT-L, OpenCLIP ViT-H, the tiny model's).
+_EMBEDDING_WIDTHS = (768, 1024, 32)
+_SDXL_EMBEDDING_WIDTHS = {"clip_l": 768, "clip_g": 1280}
+
+
+def _embedding_architecture(shapes: Mapping[str, Sequence[int]]) -> str:
+    """The architecture of a textual-inversion embedding, in the layouts diffusers' ``load_textual_inversion``
+    takes from a safetensors file: one tensor of vectors (AUTOMATIC1111's ``emb_params``, or diffusers' own
+    ``{token: vectors}``), or SDXL's pair, ``clip_l`` and ``clip_g``, one per text encoder."""
+    sizes = {name: list(shape) for name, shape in shapes.items()}
+    if set(sizes) == set(_SDXL_EMBEDDING_WIDTHS):
+        widths = {name: shape[-1] if len(shape) == 2 else None for name, shape in sizes.items()}
+        if widths == _SDXL_EMBEDDING_WIDTHS and sizes["clip_l"][0] == sizes["clip_g"][0]:
+            return "sdxl"
+        raise RegistryError(
+            f"is not an SDXL textual-inversion embedding: its clip_l and clip_g vectors are {sizes['clip_l']} "
+            f"and {sizes['clip_g']}, where SDXL's text encoders take as many vectors of 768 and 1280 values")
+    if len(sizes) == 1:
+        ((name, shape),) = sizes.items()
+        if len(shape) in (1, 2) and shape[-1] in _EMBEDDING_WIDTHS:
+            return _TEXT_WIDTHS[shape[-1]]
+        raise RegistryError(
+            f"is not a textual-inversion embedding of SD 1.x or 2.x: its tensor {shown(name, 80)} is {shape}, where "
+            "an embedding holds vectors of 768 (SD 1.x) or 1024 (SD 2.x) values")
+    raise NotOfCategory(
+        f"is not a textual-inversion embedding: it holds {len(sizes)} tensors (named like "
+        f"{shown(min(sizes, default=''), 80)}), where an embedding holds one, its vectors (emb_params, or diffusers' "
+        "{token: vectors}), or for SDXL two, clip_l and clip_g")
+
+
+_CONTROLNET_LATENT_CHANNELS = 4
+
+
+def is_controlnet(names: Iterable[str]) -> bool:
+    """Whether tensors ``names`` are a ControlNet's, in the original layout or diffusers': a guide-image encoder
+    and the convolutions whose outputs it adds to a UNet."""
+    listed = list(names)
+    original = any("input_hint_block." in name for name in listed) and any("zero_convs." in name for name in listed)
+    ours = (any(name.startswith("controlnet_cond_embedding.") for name in listed)
+            and any(name.startswith("controlnet_down_blocks.") for name in listed))
+    return original or ours
 
 
 def _raw_entry(found: FoundFile, digest: str) -> dict[str, Any]:

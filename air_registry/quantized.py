@@ -4,7 +4,10 @@ The quantized FLUX files people run on 16–24 GB cards come in two kinds:
 
 - **float8 safetensors** (``flux1-dev-fp8.safetensors``): an ordinary safetensors file whose weight matrices are
   stored as ``F8_E4M3`` (one byte each). Its names and shapes are the original layout's, so detection reads it
-  as any other; its dtype says it is float8.
+  as any other; its dtype says it is float8. ComfyUI's *scaled* float8 files (``flux1-dev-fp8-scaled``) divide
+  each matrix by a factor before casting it, so that its values use float8's whole range, and keep that factor
+  beside it (``<layer>.scale_weight``, float32; many also a ``scaled_fp8`` marker tensor and ``scale_input``
+  factors for float8 matrix products): the header's names say so, and the weights are multiplied back on load.
 - **GGUF** (``flux1-dev-Q8_0.gguf``, ``…-Q4_K_S.gguf``): llama.cpp's container, with the transformer's tensors
   in the original layout's names, each in a block quantization (``Q8_0``: 32 weights in 34 bytes, …). diffusers
   reads them through the ``gguf`` package (an optional extra here) and keeps them quantized in memory,
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import struct
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -165,9 +168,23 @@ def gguf_format(tensors: Mapping[str, GGUFTensor]) -> str:
 FLOAT8_DTYPES: Mapping[str, str] = {"F8_E4M3": "float8-e4m3fn", "F8_E5M2": "float8-e5m2"}
 
 
+# ComfyUI's scaled float8 files: the marker tensor some carry, each matrix's factor, and the factors of the inputs
+# its float8 matrix products scale (not needed once the weights are multiplied back).
+SCALED_FLOAT8_MARKER = "scaled_fp8"
+WEIGHT_SCALE_SUFFIX = ".scale_weight"
+INPUT_SCALE_SUFFIX = ".scale_input"
+
+
+def is_scaled_float8(names: Iterable[str]) -> bool:
+    """Whether tensors ``names`` are a ComfyUI scaled float8 file's: a ``scaled_fp8`` marker, or weight factors."""
+    return any(name == SCALED_FLOAT8_MARKER or name.endswith(("." + SCALED_FLOAT8_MARKER, WEIGHT_SCALE_SUFFIX))
+               for name in names)
+
+
 def safetensors_format(tensors: Mapping[str, tuple[str, Sequence[int]]]) -> str | None:
     """``float8-e4m3fn`` (or ``-e5m2``) for a safetensors file whose weights are mostly float8 (by their tensors'
-    dtypes and shapes: the matrices are float8, the many small vectors often not); None for any other."""
+    dtypes and shapes: the matrices are float8, the many small vectors often not), ``float8-e4m3fn-scaled`` for a
+    ComfyUI scaled one; None for any other."""
     elements: Counter[str] = Counter()
     for dtype, shape in tensors.values():
         count = 1
@@ -177,7 +194,10 @@ def safetensors_format(tensors: Mapping[str, tuple[str, Sequence[int]]]) -> str 
     if not elements:
         return None
     dtype, _ = elements.most_common(1)[0]
-    return FLOAT8_DTYPES.get(dtype)
+    stored = FLOAT8_DTYPES.get(dtype)
+    if stored is not None and is_scaled_float8(tensors):
+        return f"{stored}-scaled"
+    return stored
 
 
 class MissingExtra(WeightsMissing):

@@ -24,6 +24,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from imagewire.air_registry.errors import WeightsMissing
 from imagewire.air_registry.model_files import MODEL_INDEX
@@ -296,19 +297,70 @@ _CONTROLNET_KEYS = frozenset({
     "projection_class_embeddings_input_dim", "addition_embed_type_num_heads", "upcast_attention",
 })
 CONTROLNET_SUBFOLDER = "controlnet"
+# diffusers' ControlNetModel guide-image encoder widths when its config names none: every published ControlNet's.
+_USUAL_GUIDE_CHANNELS = (16, 32, 96, 256)
+# Where a ControlNet file keeps that encoder: its first convolution, then pairs of convolutions, the second of
+# each pair with stride 2 (diffusers' layout, and the original one, where a SiLU sits between them).
+_GUIDE_ENCODER_LAYOUTS = (("controlnet_cond_embedding.conv_in.weight", "controlnet_cond_embedding.blocks.{}.weight",
+                           lambda pair: 2 * pair + 1),
+                          ("input_hint_block.0.weight", "input_hint_block.{}.weight", lambda pair: 4 * pair + 4))
 
 
-def controlnet_config_folder(architecture: str, root: Path) -> Path | None:
+def controlnet_guide_channels(shapes: Mapping[str, Sequence[int]]) -> tuple[int, ...] | None:
+    """The widths of the guide-image encoder of a ControlNet file with tensors ``shapes`` (diffusers'
+    ``conditioning_embedding_out_channels``), where they differ from the usual ones; None where they do not,
+    or where the file has no encoder in either layout."""
+    by_suffix: dict[str, Sequence[int]] = {}
+    for name, shape in shapes.items():
+        for first, _, _ in _GUIDE_ENCODER_LAYOUTS:
+            cut = name.find(first.split(".", 1)[0] + ".")
+            if cut >= 0:
+                by_suffix[name[cut:]] = shape
+    for first, strided, index in _GUIDE_ENCODER_LAYOUTS:
+        if first not in by_suffix:
+            continue
+        channels = [int(by_suffix[first][0])]
+        pair = 0
+        while strided.format(index(pair)) in by_suffix:
+            channels.append(int(by_suffix[strided.format(index(pair))][0]))
+            pair += 1
+        return None if tuple(channels) == _USUAL_GUIDE_CHANNELS else tuple(channels)
+    return None
+
+
+def controlnet_config_folder(architecture: str, root: Path, *, unet: Mapping[str, Any] | None = None,
+                             guide_channels: Sequence[int] | None = None) -> Path | None:
     """A folder whose ``controlnet/config.json`` is the config of a ControlNet for ``architecture``'s UNet (written on
-    first use); None where the architecture has no UNet table."""
-    table = PIPELINE_CONFIGS.get(architecture)
-    unet = table.components.get("unet") if table is not None else None
+    first use); None where the architecture has no UNet table and no ``unet`` config is given (an embedded
+    model's, for the architectures whose configs come from one). ``guide_channels``: the widths of the file's
+    guide-image encoder, where they are not diffusers' usual ones (``controlnet_guide_channels``)."""
     if unet is None:
-        return None
-    path = Path(root) / f"{architecture}-controlnet"
+        table = PIPELINE_CONFIGS.get(architecture)
+        component = table.components.get("unet") if table is not None else None
+        if component is None:
+            return None
+        unet = component.config
+    name = f"{architecture}-controlnet"
+    if guide_channels is not None:
+        name += "-guide-" + "-".join(str(width) for width in guide_channels)
+    path = Path(root) / name
     config = path / CONTROLNET_SUBFOLDER / "config.json"
     if config.is_file():
         return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.writing-", dir=path.parent))
+    try:
+        (staging / CONTROLNET_SUBFOLDER).mkdir()
+        # It reads the latents alone (an inpainting UNet's extra channels are not its) and a 3-channel guide image.
+        guide = {} if guide_channels is None else {"conditioning_embedding_out_channels": list(guide_channels)}
+        _write_json(staging / CONTROLNET_SUBFOLDER / "config.json", {
+            **{key: value for key, value in unet.items() if key in _CONTROLNET_KEYS},
+            "_class_name": "ControlNetModel", "in_channels": 4, "conditioning_channels": 3, **guide})
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.writing-", dir=path.parent))
     try:

@@ -48,7 +48,7 @@ from imagewire.air_registry.catalog import ModelEntry, read_catalog_file
 from imagewire.air_registry.checkpoints import detect_architecture, matches, tensor_shapes
 from imagewire.air_registry.civitai import DownloadLimits
 from imagewire.air_registry.errors import RegistryError, shown
-from imagewire.air_registry.models_dir import UnloadableLoraFormat, add_on_architecture
+from imagewire.air_registry.models_dir import NotOfCategory, UnloadableLoraFormat, add_on_architecture
 
 log = logging.getLogger("imagewire.downloads")
 
@@ -65,6 +65,8 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _SAFE_TARGET = "/?=&%:@!$'()*+,;-._~[]"
 _LATENT_CHANNELS = 4  # of the SD 1.x/2.x and SDXL VAEs, the only ones a request can swap in
+_LABELS = {"checkpoint": "a checkpoint", "lora": "a LoRA", "vae": "a VAE", "controlnet": "a ControlNet",
+           "embeddings": "an embedding"}  # each catalog category in messages
 
 
 class UploadFailed(RegistryError):
@@ -88,7 +90,7 @@ class Upload:
     air: AIR
     url: str
     url_parameter: str               # downloadURL or downloadUrl, as the client spelled it
-    category: str                    # the catalog's: checkpoint, lora, vae
+    category: str                    # the catalog's: checkpoint, lora, vae, controlnet, embeddings
     architectures: tuple[str, ...]   # what the stated architecture may be here
     stated: str                      # the architecture as the client wrote it
     unique_identifier: str
@@ -305,18 +307,21 @@ class ModelUploads:
                 detected = detect_architecture(shapes)
             else:
                 detected = add_on_architecture(upload.category, shapes)
+        except NotOfCategory as exc:
+            raise UploadFailed(f"category is {upload.stated_category!r}, and the file from {origin} {exc.problem}; "
+                               "nothing was kept", parameter="category") from exc
         except UnloadableLoraFormat as exc:
             raise UploadFailed(f"category is {upload.stated_category!r}, and the file from {origin} {exc.problem} "
                                "(LoRAs load in the kohya, LyCORIS LoCon and diffusers/peft formats, and for FLUX "
                                "XLabs' and ai-toolkit's); nothing was kept", parameter="category") from exc
         except RegistryError as exc:
-            raise UploadFailed(f"architecture: the file from {origin} {exc.problem}, so it is not a "
-                               f"{upload.stated} {upload.category}; nothing was kept", parameter="architecture",
-                               allowed_values=list(upload.architectures)) from exc
+            raise UploadFailed(f"architecture: the file from {origin} {exc.problem}, so it is not "
+                               f"{_LABELS[upload.category]} of {upload.stated}; nothing was kept",
+                               parameter="architecture", allowed_values=list(upload.architectures)) from exc
         fitting = _fitting(detected, upload.architectures, upload.category)
         if fitting is None:
             raise UploadFailed(
-                f"architecture is {upload.stated!r}, and the file from {origin} is a {upload.category} of "
+                f"architecture is {upload.stated!r}, and the file from {origin} is {_LABELS[upload.category]} of "
                 f"{detected} ({', '.join(upload.architectures)} would fit {upload.stated!r}); nothing was kept",
                 parameter="architecture", allowed_values=list(upload.architectures))
         if upload.type is not None and checkpoint_type(fitting) != upload.type:

@@ -54,10 +54,9 @@ def _missing(entry: ModelEntry, what: str) -> WeightsMissing:
     return WeightsMissing(f"the weights of {entry.label} are not on this server: {what}")
 
 
-def _locate_hub_weights(entry: ModelEntry, *, allow_downloads: bool) -> Path:
-    # Imported here: huggingface_hub is slow to import and only the model worker needs it.
-    from huggingface_hub import snapshot_download
-
+def _hub_files(entry: ModelEntry) -> tuple[str, str | None, list[str], list[str], str]:
+    """What of a hub entry's repo it needs: ``(repo, its one file or None, include patterns, exclude patterns,
+    the command that downloads them)``."""
     layout = entry.layout
     # A weights_file model names one file of its repo: "owner/name/file.pth".
     repo, filename = hub_file(entry.location) if layout == "weights_file" else (entry.location, None)
@@ -66,6 +65,66 @@ def _locate_hub_weights(entry: ModelEntry, *, allow_downloads: bool) -> Path:
     command = hub_download_command(repo, layout, " ".join([filename, *companions]) if filename else None)
     patterns = [filename, *companions] if filename is not None else list(HUB_PATTERNS[layout][0])
     excluded = [] if filename is not None else list(HUB_PATTERNS[layout][1])
+    return repo, filename, patterns, excluded, command
+
+
+def hub_download_size(entry: ModelEntry) -> int:
+    """How many bytes downloading the hub entry's files would fetch (those not in the cache yet); asks the hub."""
+    from huggingface_hub import snapshot_download
+
+    repo, _, patterns, excluded, command = _hub_files(entry)
+    try:
+        plan = snapshot_download(repo, allow_patterns=patterns, ignore_patterns=excluded, dry_run=True)
+    except Exception as exc:
+        raise _missing(entry, f"Hugging Face repo '{repo}' could not be listed ({type(exc).__name__}); check the "
+                              f"server's network access, or download it with `{command}`") from exc
+    return sum(item.file_size or 0 for item in plan if not isinstance(item, str) and item.will_download)
+
+
+def hub_bytes_on_disk(entry: ModelEntry) -> int:
+    """The bytes of the hub entry's repo in the cache, the files being downloaded included (their
+    ``.incomplete`` parts): how far a download has got, against what it was before."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    repo = _hub_files(entry)[0]
+    blobs = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model") / "blobs"
+    total = 0
+    for path in blobs.glob("*") if blobs.is_dir() else ():
+        try:
+            total += path.stat().st_size
+        except FileNotFoundError:  # an .incomplete part renamed meanwhile: its bytes count under the new name
+            pass
+    return total
+
+
+def download_hub_weights(entry: ModelEntry) -> Path:
+    """Fetch the hub entry's files into the Hugging Face cache, and answer where its weights are.
+
+    Each file lands whole (the hub library writes an ``.incomplete`` part and renames it). The file that marks
+    a layout as present (``model_index.json``) comes last, in a second pass: an interrupted download leaves a
+    model that still counts as missing, never one that looks complete and is not; the next download resumes.
+    """
+    from huggingface_hub import snapshot_download
+
+    repo, filename, patterns, excluded, command = _hub_files(entry)
+    marker = LAYOUT_MARKERS.get(entry.layout) if filename is None else None
+    try:
+        if marker is not None:
+            snapshot_download(repo, allow_patterns=patterns, ignore_patterns=[*excluded, marker])
+        snapshot_download(repo, allow_patterns=patterns, ignore_patterns=excluded)
+    except Exception as exc:
+        raise _missing(entry, f"Hugging Face repo '{repo}' could not be downloaded ({type(exc).__name__}); check "
+                              f"the server's network access, or download it with `{command}`") from exc
+    return _locate_hub_weights(entry, allow_downloads=False)
+
+
+def _locate_hub_weights(entry: ModelEntry, *, allow_downloads: bool) -> Path:
+    # Imported here: huggingface_hub is slow to import and only the model worker needs it.
+    from huggingface_hub import snapshot_download
+
+    layout = entry.layout
+    repo, filename, patterns, excluded, command = _hub_files(entry)
     try:
         snapshot = Path(snapshot_download(repo, local_files_only=True))
         for name in patterns if filename is not None else ():

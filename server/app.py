@@ -174,7 +174,8 @@ class ImagewireServer:
                               max_output_pixels=config.max_output_pixels,
                               upscale_tile_size=config.upscale_tile_size,
                               safety_checker=config.safety_checker,
-                              needs_weights=config.needs_weights, image_ttl=config.image_ttl),
+                              needs_weights=config.needs_weights, weights_on_device=config.weights_on_device,
+                              image_ttl=config.image_ttl),
             catalog=catalog, store=self.store, fetcher=fetcher, device=self.device, results=self.registry,
             pixels=PixelBudget(config.max_waiting_pixels), civitai=civitai, downloads=self.downloads,
             uploads=uploads)

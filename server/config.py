@@ -498,6 +498,11 @@ class Config:
         return self.engine != "fake"
 
     @property
+    def weights_on_device(self) -> bool:
+        """Whether the device finds model weights itself: each Ray replica on its own machine, not the gateway."""
+        return self.engine == "ray"
+
+    @property
     def base_url(self) -> str:
         """Where clients reach this server over HTTP; the prefix of every imageURL."""
         if self.public_url:

@@ -201,10 +201,10 @@ class JobStream:
             if isinstance(event, (Finished, Failed)):
                 return
 
-    async def batches(self, step_interval: float = 0.0) -> AsyncIterator[list[DeviceEvent]]:
+    async def batches(self, step_interval: float = 0.0, *, steps: bool = True) -> AsyncIterator[list[DeviceEvent]]:
         """The events of ``events``, in lists of those that had come by the time the last was taken, and of the
-        steps no more than one per ``step_interval`` seconds (a replica streams these: each list is one message
-        to its gateway, and a fast call's steps need not cross one by one)."""
+        steps no more than one per ``step_interval`` seconds, or none without ``steps`` (a replica streams these:
+        each list is one message to its gateway, and a fast call's steps need not cross one by one)."""
         last_step = -step_interval
         while True:
             batch = [await self._events.get()]
@@ -214,7 +214,7 @@ class JobStream:
             kept = []
             for event in batch:
                 if isinstance(event, Step):
-                    if now - last_step < step_interval:
+                    if not steps or now - last_step < step_interval:
                         continue
                     last_step = now
                 kept.append(event)

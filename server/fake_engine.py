@@ -19,8 +19,9 @@ What each job gets, the same types the real runners in ``server/engine/`` emit:
   ``safety.checkInputs`` (a magenta seed image is refused). No pattern pixel is ever near magenta.
 - imageUpscale: the input resized to the result size; imageBackgroundRemoval: a soft ellipse in the middle
   as the subject's mask; imageCaption: a sentence naming the input's size and mean colour (after the
-  caption's prompt, if any); promptEnhance: ``promptVersions`` distinct texts, the prompt followed by words
-  chosen by the seed, within ``promptMaxLength`` words.
+  caption's prompt, if any); imageMasking: up to four boxes placed and scored by a hash of the query and the
+  picture's size, those above the confidence kept; promptEnhance: ``promptVersions`` distinct texts, the
+  prompt followed by words chosen by the seed, within ``promptMaxLength`` words.
 
 Loading a model succeeds for any catalog entry and reads nothing; the server skips looking for weights with
 this engine (``Settings.needs_weights``). ``step_seconds`` slows the fake down, one pause per reported step,
@@ -41,6 +42,7 @@ from imagewire.server.device import Cancelled
 from imagewire.tasks.background_removal import BackgroundRemovalJob
 from imagewire.tasks.errors import InvalidParameter
 from imagewire.tasks.image_caption import CaptionJob
+from imagewire.tasks.image_masking import Box, Detections, MaskingJob
 from imagewire.tasks.image_upscale import UpscaleJob
 from imagewire.tasks.jobs import (
     Emit,
@@ -94,6 +96,7 @@ class FakeEngine:
             UpscaleJob: self._upscale,
             BackgroundRemovalJob: self._background,
             CaptionJob: self._caption,
+            MaskingJob: self._masking,
             PromptJob: self._prompt,
         }
 
@@ -158,6 +161,12 @@ class FakeEngine:
         for index, job in enumerate(jobs):
             started = time.perf_counter()
             emit(index, [GeneratedText(caption(job.image, job.prompt), time.perf_counter() - started)])
+
+    def _masking(self, jobs: Sequence[MaskingJob], emit: Emit) -> None:
+        for index, job in enumerate(jobs):
+            width, height = job.image.size
+            found = [box for box in detected_boxes(job.query, width, height) if box.score > job.confidence]
+            emit(index, [Detections(tuple(found[:job.max_detections]), 0.0)])
 
     def _prompt(self, jobs: Sequence[PromptJob], emit: Emit) -> None:
         for index, job in enumerate(jobs):
@@ -250,6 +259,18 @@ def subject_mask(width: int, height: int) -> Image.Image:
     distance = np.sqrt((columns / 0.8) ** 2 + (rows / 0.8) ** 2)
     alpha = np.clip((1.1 - distance) / 0.2, 0.0, 1.0)
     return Image.fromarray(np.rint(alpha * 255).astype(np.uint8), "L")
+
+
+def detected_boxes(query: str, width: int, height: int) -> list[Box]:
+    """Four boxes, best first, each a quarter to a half of the picture's sides, placed and scored by a hash."""
+    key = _digest(query, width, height)
+    boxes = []
+    for number in range(4):
+        part = key[number * 4:number * 4 + 4]
+        box_width, box_height = width * (0.25 + part[0] / 1020), height * (0.25 + part[1] / 1020)
+        left, top = (width - box_width) * part[2] / 255, (height - box_height) * part[3] / 255
+        boxes.append(Box(left, top, left + box_width, top + box_height, score=0.9 - 0.2 * number))
+    return boxes
 
 
 def caption(image: Image.Image, prompt: str | None) -> str:

@@ -2,10 +2,13 @@
 them in one server, behind a deployment handle. The gateway side is ``server/cluster.py``.
 
 Ray imports this module in each replica's own process. A job arrives whole (a plain dataclass with PIL images),
-goes into this replica's ``DeviceQueue`` (so jobs that wait together on this replica share pipeline calls, as in
-one server), and its events stream back (``tasks/jobs.py`` ``DeviceEvent``): queue positions, steps (at most
-one per ``STEP_INTERVAL``), each chunk of results, then one last ``Finished`` or ``Failed``, in lists of the
-events that came together, each list one message (a ``Failed`` pickles its TaskError as class,
+with its models' catalog entries but not where their weights are: the replica looks for them on its own machine
+(``inputs.located_weights``). It goes into this replica's ``DeviceQueue`` (so jobs that wait together on this
+replica share pipeline calls, as in one server), and its events stream back (``tasks/jobs.py`` ``DeviceEvent``):
+queue positions, steps (only for a task that reports progress, at most one per ``STEP_INTERVAL``), each chunk
+of results (its images encoded here when the task only stores them: the job's ``encoding``), then one last
+``Finished`` or ``Failed``, in lists of the events that came together, each list one message; the list with the
+job's last image waits for its end and goes with it (a ``Failed`` pickles its TaskError as class,
 message and attributes, so subclasses with constructors of their own travel too). When the caller lets go (the
 task was cancelled, the gateway went away), Serve cancels ``run``, and the job leaves the queue or stops at its
 next step.
@@ -21,6 +24,7 @@ prepare's sampler check; an entry not rewritten for ``BOARD_EXPIRY`` seconds is 
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import json
@@ -37,10 +41,11 @@ from ray.experimental import internal_kv
 
 from imagewire.air_registry import ModelEntry
 from imagewire.server.config import Config
-from imagewire.server.device import DeviceQueue, Engine
+from imagewire.server.device import DeviceQueue, Engine, JobStream
 from imagewire.server.logs import configure as configure_logging
 from imagewire.tasks.errors import TaskError
-from imagewire.tasks.jobs import DeviceEvent, Failed, Finished, Job
+from imagewire.tasks.inputs import located_weights
+from imagewire.tasks.jobs import DeviceEvent, Failed, Finished, Job, Results, encoded_results
 
 log = logging.getLogger("imagewire.replica")
 
@@ -96,6 +101,7 @@ class Replica:
         keep_serve_on_loopback()
         context = serve.get_replica_context()
         self.name = f"{context.replica_id.unique_id}"
+        self.config = config
         self.device = DeviceQueue(engine_for(config), queue_size=config.queue_size,
                                   max_batch_size=config.max_batch_size, max_passed_over=config.max_passed_over)
         self.device.start()
@@ -121,15 +127,19 @@ class Replica:
         if air:
             await self._hold(air)
         try:
+            if self.config.needs_weights:
+                # The gateway hands the catalog entries over unchecked: the weights are on this machine.
+                job = await asyncio.to_thread(located_weights, job, data_dir=self.config.data_dir,
+                                              allow_downloads=self.config.allow_downloads)
             handle = self.device.submit(job)
-        except TaskError as exc:  # the queue is full, the replica is stopping
+        except TaskError as exc:  # weights missing here, the queue is full, the replica is stopping
             yield [Failed(exc)]
             return
         log.info("taskUUID=%s on replica %s (model %s)", job.task_uuid, self.name, air or "-")
         self.jobs[job.task_uuid] = air
         self._changed.set()
         try:
-            async for batch in handle.batches(STEP_INTERVAL):
+            async for batch in self._messages(job, handle):
                 if isinstance(batch[-1], (Finished, Failed)):
                     self.runs[air] += 1
                 yield batch
@@ -138,6 +148,24 @@ class Replica:
             handle.cancel()
             self.jobs.pop(job.task_uuid, None)
             self._changed.set()
+
+    @staticmethod
+    async def _messages(job: Job, handle: JobStream) -> AsyncIterator[list[DeviceEvent]]:
+        """The job's events as the messages to its gateway: steps only when its task reports them, images encoded
+        when its task only stores them, and the list that brings its last image held back until its end comes, so
+        that the end travels with it (a job without steps is two messages: its queue position, then the rest)."""
+        made = 0
+        held: list[DeviceEvent] = []
+        async for batch in handle.batches(STEP_INTERVAL, steps=job.report_steps):
+            if job.encoding is not None:
+                batch = [Results(await asyncio.to_thread(encoded_results, event.chunk, job.encoding))
+                         if isinstance(event, Results) else event for event in batch]
+            made += sum(len(event.chunk) for event in batch if isinstance(event, Results))
+            batch, held = held + batch, []
+            if made >= job.images and isinstance(batch[-1], Results):
+                held = batch  # its end follows at once
+                continue
+            yield batch
 
     def state(self) -> dict[str, Any]:
         """What the board says of this replica."""

@@ -18,7 +18,7 @@ from imagewire.air_registry import ModelEntry
 from imagewire.tasks import inputs, tools
 from imagewire.tasks.context import TaskContext
 from imagewire.tasks.errors import InvalidParameter
-from imagewire.tasks.jobs import Job, ProcessedImage
+from imagewire.tasks.jobs import Job, ProcessedImage, pixels
 from imagewire.tasks.matting import MattingSettings, compose
 from imagewire.tasks.outputs import ImageOutput, deliver_image, image_output
 from imagewire.tasks.schema import BackgroundRemovalSettings, ImageBackgroundRemoval, ImageResult
@@ -104,7 +104,7 @@ async def run(prepared: Prepared, ctx: TaskContext) -> AsyncIterator[ImageResult
     mask: ProcessedImage
     async for mask in tools.results(ctx, job):
         with ctx.timed("matting"):
-            picture = await asyncio.to_thread(compose, source.image, mask.image, prepared.settings,
+            picture = await asyncio.to_thread(compose, source.image, pixels(mask.image), prepared.settings,
                                               keeps_alpha=keeps_alpha)
         yield await deliver_image(
             ctx, picture, prepared.output, task_type=name_of(task), task_uuid=task.taskUUID,

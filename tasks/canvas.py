@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from imagewire.tasks.context import TaskContext
-from imagewire.tasks.jobs import ControlNetUse, GeneratedImage, RunningJob
+from imagewire.tasks.jobs import ControlNetUse, GeneratedImage, RunningJob, pixels
 
 # Generated pixels are blended with the canvas over this many pixels inside the mask's edge.
 EDGE_PIXELS = 4
@@ -109,12 +109,17 @@ def paste_back(scene: Scene, generated: Image.Image) -> Image.Image:
     return result
 
 
+def pastes_back(scene: Scene) -> bool:
+    """Whether the device's pictures are pasted back into a canvas before they are results."""
+    return scene.canvas is not None and scene.alpha is not None and not scene.nothing_to_do
+
+
 async def paste_back_all(ctx: TaskContext, scene: Scene, chunk: Sequence[GeneratedImage]) -> list[GeneratedImage]:
     """The chunk's pictures pasted back into the canvas (in a thread); as they came without one."""
-    if scene.canvas is None or scene.alpha is None or scene.nothing_to_do:
+    if not pastes_back(scene):
         return list(chunk)
     with ctx.timed("paste"):
-        pictures = await asyncio.to_thread(lambda: [paste_back(scene, g.image) for g in chunk])
+        pictures = await asyncio.to_thread(lambda: [paste_back(scene, pixels(g.image)) for g in chunk])
     return [GeneratedImage(g.index, g.seed, picture, g.seconds, g.nsfw)
             for g, picture in zip(chunk, pictures, strict=True)]
 

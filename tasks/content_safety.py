@@ -24,7 +24,7 @@ from imagewire.air_registry import ModelEntry
 from imagewire.tasks import inputs
 from imagewire.tasks.context import TaskContext
 from imagewire.tasks.errors import InvalidParameter, UnknownParameter
-from imagewire.tasks.jobs import GeneratedImage, SafetyCheckJob
+from imagewire.tasks.jobs import GeneratedImage, SafetyCheckJob, pixels
 from imagewire.tasks.schema import ImageInference
 
 SAFETY_FIELDS = ("checkContent", "checkInputs", "mode", "tolerance")
@@ -124,10 +124,11 @@ async def check_results(ctx: TaskContext, request: SafetyRequest, weights: Path 
     """Each result with its ``nsfw`` verdict; a flagged one replaced by a black image of its size."""
     if not request.check_content or weights is None or not chunk:
         return list(chunk)
-    verdicts = await flags(ctx, request, weights, task_uuid, [generated.image for generated in chunk])
+    pictures = [pixels(generated.image) for generated in chunk]
+    verdicts = await flags(ctx, request, weights, task_uuid, pictures)
     return [
         GeneratedImage(generated.index, generated.seed,
-                       Image.new("RGB", generated.image.size, BLACK) if flagged else generated.image,
+                       Image.new("RGB", picture.size, BLACK) if flagged else picture,
                        generated.seconds, nsfw=flagged)
-        for generated, flagged in zip(chunk, verdicts, strict=True)
+        for generated, picture, flagged in zip(chunk, pictures, verdicts, strict=True)
     ]

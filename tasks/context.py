@@ -132,6 +132,9 @@ class Settings:
     # its files: the one switch that makes tasks skip looking for weights (``inputs.weights``) and modelSearch
     # call every model available.
     needs_weights: bool
+    # Whether the device finds the weights itself, on its own machine: with --engine ray each replica looks them
+    # up (``server/replica.py``), so the gateway hands over the catalog entry without looking at its disk.
+    weights_on_device: bool
     image_ttl: float              # seconds stored images are kept after their last use: the longest ``ttl``
 
 

@@ -13,9 +13,18 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 T = TypeVar("T")
+
+
+class Shared(Protocol):
+    """A download that outlives the request that started it; a shutdown cancels what is left of it."""
+
+    def cancel(self) -> None: ...
+
+
+S = TypeVar("S", bound=Shared)
 
 
 class Downloads:
@@ -25,6 +34,21 @@ class Downloads:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imagewire-download")
         self._keys: dict[str, asyncio.Semaphore] = {}
         self._users: dict[str, int] = {}   # tasks of each key holding or waiting for one of its slots
+        # Downloads that outlive the task that started them (modelDownload's), by what they fetch: a second
+        # request for one follows it rather than starting another into the same files.
+        self._shared: dict[str, Shared] = {}
+
+    def shared(self, key: str, start: Callable[[], S]) -> S:
+        """The download under way for ``key``, or the one ``start()`` begins now; ``forget`` ends its entry."""
+        if key not in self._shared:
+            self._shared[key] = start()
+        return self._shared[key]  # type: ignore[return-value]
+
+    def under_way(self, key: str) -> Shared | None:
+        return self._shared.get(key)
+
+    def forget(self, key: str) -> None:
+        self._shared.pop(key, None)
 
     async def run(self, owner: str, work: Callable[..., T], *args: object) -> T:
         """``work(*args)`` on a download thread, once ``owner`` has a slot free."""
@@ -45,4 +69,7 @@ class Downloads:
 
     def close(self) -> None:
         """Let the threads go once their downloads end (a shutdown does not wait for them)."""
+        for download in list(self._shared.values()):
+            download.cancel()
+        self._shared.clear()
         self._pool.shutdown(wait=False, cancel_futures=True)

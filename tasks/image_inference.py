@@ -17,6 +17,7 @@ import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import msgspec
 from PIL import Image
@@ -37,7 +38,7 @@ from imagewire.tasks import (
 from imagewire.tasks.context import TaskContext
 from imagewire.tasks.describe import describe_annotation, nearest_valid, stepped_range
 from imagewire.tasks.errors import InvalidParameter, MissingParameter
-from imagewire.tasks.jobs import GeneratedImage, InferenceJob, JobEvent, Queued, RunningJob
+from imagewire.tasks.jobs import GeneratedImage, ImageEncoding, InferenceJob, JobEvent, Queued, RunningJob
 from imagewire.tasks.outputs import ImageOutput, deliver_image, image_output
 from imagewire.tasks.schema import ImageInference, ImageResult, Progress
 from imagewire.tasks.task_type import TaskType
@@ -215,7 +216,9 @@ async def run(prepared: Prepared | AwaitingDownload, ctx: TaskContext) -> AsyncI
             cfg_scale=prepared.cfg_scale, sampler=prepared.sampler, seeds=prepared.seeds,
             init_image=scene.init_image, strength=task.strength, mask_image=scene.mask_image,
             controlnets=scene.controlnets, guide_images=scene.guide_images,
-            preview=task.includeProgress and task.includePreview, cache=prepared.cache, **add_ons, **adapters)
+            preview=task.includeProgress and task.includePreview, cache=prepared.cache,
+            report_steps=task.includeProgress, encoding=_stored_as_made(prepared, scene, checker),
+            **add_ons, **adapters)
         progress = ctx.services.device.submit(job, on_event=_ProgressReport(task, len(prepared.seeds), ctx).on_event)
     try:
         async for produced in progress:
@@ -275,6 +278,14 @@ class _ProgressReport:
                     resultIndex=index, step=event.done, steps=event.total,
                     preview=_preview_uri(preview) if preview is not None else None))
         self.ctx.progress(items, sum(self.percent) // len(self.percent), push=task.includeProgress)
+
+
+def _stored_as_made(prepared: Prepared, scene: canvas.Scene, checker: Path | None) -> ImageEncoding | None:
+    """The task's encoding when its images are stored as the device makes them: none pasted back into a canvas, none
+    checked for content (both need the pixels here)."""
+    if canvas.pastes_back(scene) or (prepared.safety.check_content and checker is not None):
+        return None
+    return ImageEncoding(prepared.output_format, prepared.output_quality)
 
 
 def _preview_uri(picture: Image.Image) -> str:

@@ -86,7 +86,8 @@ async def run(prepared: Prepared, ctx: TaskContext) -> AsyncIterator[ImageResult
     source_uuid = await tools.input_image_uuid(ctx, prepared.image, source)
     width, height = result_size(source.width, source.height, task.upscaleFactor)
     job = UpscaleJob(task_uuid=task.taskUUID, owner=ctx.owner, model=prepared.model, weights=weights,
-                     image=source.image, width=width, height=height, tile_size=settings.upscale_tile_size)
+                     image=source.image, width=width, height=height, tile_size=settings.upscale_tile_size,
+                     encoding=prepared.output.encoding)  # the result is stored as it comes
     processed: ProcessedImage
     async for processed in tools.results(ctx, job):
         yield await deliver_image(

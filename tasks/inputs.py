@@ -8,7 +8,9 @@ One helper per kind of input, each given the request field it reads, so ``seedIm
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
+from typing import Any, TypeVar
 
 from PIL import Image
 
@@ -38,7 +40,9 @@ from imagewire.storage import (
 )
 from imagewire.tasks import errors
 from imagewire.tasks.context import TaskContext
+from imagewire.tasks.jobs import Job
 
+J = TypeVar("J", bound=Job)
 
 def task_error(exc: StorageError | RegistryError, parameter: str) -> errors.TaskError:
     """The error item for a ground-floor failure concerning the request field ``parameter``."""
@@ -179,15 +183,52 @@ def _air(name: str) -> AIR | None:
 
 async def weights(ctx: TaskContext, entry: ModelEntry, *, parameter: str = "model") -> Path:
     """Where the model's weights are (a look at the disk and the Hugging Face cache, in a thread). An engine
-    that reads no weights (``Settings.needs_weights``) gets the catalog's location unchecked: it never opens it."""
+    that reads no weights (``Settings.needs_weights``) gets the catalog's location unchecked: it never opens it, and
+    so does a device that finds them itself (``Settings.weights_on_device``)."""
     settings = ctx.services.settings
-    if not settings.needs_weights:
+    if not settings.needs_weights or settings.weights_on_device:
         return Path(entry.location)
     try:
         return await asyncio.to_thread(
             locate_weights, entry, data_dir=settings.data_dir, allow_downloads=settings.allow_downloads)
     except RegistryError as exc:
         raise task_error(exc, parameter) from exc
+
+
+def located_weights(job: J, *, data_dir: Path, allow_downloads: bool) -> J:
+    """``job`` with the weights of every model it names (its own, its add-ons', its checker's) looked for on this
+    machine: a device that finds weights itself (``Settings.weights_on_device``) is handed them unchecked. Raises
+    the TaskError naming the request field of a model whose weights are missing."""
+
+    def locate(entry: ModelEntry) -> Path:
+        try:
+            return locate_weights(entry, data_dir=data_dir, allow_downloads=allow_downloads)
+        except RegistryError as exc:
+            naming = getattr(job, "parameter_naming", None)
+            raise task_error(exc, naming(entry.air) if callable(naming) else "model") from exc
+
+    def with_weights(part: Any) -> Any:
+        changes: dict[str, Any] = {}
+        for each in dataclasses.fields(part):
+            value = getattr(part, each.name)
+            if each.name == "weights" and isinstance(value, Path):
+                entry = getattr(part, "model", None) or getattr(part, "checker", None)
+                if isinstance(entry, ModelEntry):
+                    changes["weights"] = locate(entry)
+            elif _has_weights(value):
+                changes[each.name] = with_weights(value)
+            elif isinstance(value, tuple) and any(_has_weights(item) for item in value):
+                changes[each.name] = tuple(with_weights(item) if _has_weights(item) else item for item in value)
+        return dataclasses.replace(part, **changes) if changes else part
+
+    located: J = with_weights(job)
+    return located
+
+
+def _has_weights(value: Any) -> bool:
+    """Whether ``value`` is a part of a job that names a model and its weights (an add-on, a ControlNet, …)."""
+    return (dataclasses.is_dataclass(value) and not isinstance(value, type)
+            and any(each.name == "weights" for each in dataclasses.fields(value)))
 
 
 def sampler(ctx: TaskContext, name: str | None, *, parameter: str = "scheduler",

@@ -10,11 +10,13 @@ torch: images are PIL images.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from imagewire.storage import ImageFormat, encode_image
 from imagewire.tasks.errors import TaskError
 
 if TYPE_CHECKING:
@@ -24,12 +26,41 @@ if TYPE_CHECKING:
     from imagewire.tasks.acceleration import CacheSettings
 
 
+@dataclass(frozen=True)
+class ImageEncoding:
+    """How a task writes its result images (``outputFormat``, ``outputQuality``). The one place images are
+    encoded: a task encodes with it, and so does a device in another process (a Ray replica) for a job that
+    carries it, so that both give the same bytes."""
+
+    format: ImageFormat
+    quality: int
+
+    def encode(self, image: Image) -> EncodedImage:
+        return EncodedImage(encode_image(image, self.format, self.quality), self.format, image.size)
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """A result image already encoded where it was made: only its bytes travel to the task, which stores them."""
+
+    data: bytes = field(repr=False)
+    format: ImageFormat
+    size: tuple[int, int]
+
+
 @dataclass(kw_only=True)
 class Job:
     """What every job has: the task it serves and the API key's owner token (fairness, cancelling)."""
 
     task_uuid: str
     owner: str = ""
+    # Set by a task that does nothing with its result images but encode them this way: a device in another
+    # process encodes them where they are made and sends their bytes (``EncodedImage``), not their pixels. This
+    # process's device leaves them as they are: the task encodes them, concurrently with storing the others.
+    encoding: ImageEncoding | None = None
+    # Whether the task's client asked for step progress (includeProgress). A replica sends its gateway the
+    # steps of such jobs only; the others' steps would be messages nobody but getResponse reads.
+    report_steps: bool = True
 
     @property
     def images(self) -> int:
@@ -201,7 +232,7 @@ class SafetyCheckJob(Job):
 class GeneratedImage:
     index: int       # within its job
     seed: int
-    image: Image
+    image: Image | EncodedImage  # encoded only for a job with an ``encoding``, by a device in another process
     seconds: float   # device time spent on this image (its share of its call), for includeCost
     nsfw: bool | None = None  # the content safety checker's verdict, when one was asked for
 
@@ -210,8 +241,22 @@ class GeneratedImage:
 class ProcessedImage:
     """An image a tool made from an input image (upscaled, cut out)."""
 
-    image: Image
+    image: Image | EncodedImage  # as in ``GeneratedImage``
     seconds: float   # device time spent on it, for includeCost
+
+
+def encoded_results(chunk: Sequence[Any], encoding: ImageEncoding) -> list[Any]:
+    """The results of a chunk with each image encoded (CPU-bound: a caller on an event loop runs it in a thread)."""
+    return [dataclasses.replace(result, image=encoding.encode(result.image))
+            if isinstance(result, (GeneratedImage, ProcessedImage)) and not isinstance(result.image, EncodedImage)
+            else result for result in chunk]
+
+
+def pixels(image: Image | EncodedImage) -> Image:
+    """A result's picture, for a task that works on it after the device: such a task sets no ``encoding``."""
+    if isinstance(image, EncodedImage):
+        raise TypeError("a result image came encoded, for a job whose task works on its pixels")
+    return image
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,13 @@ def conditioning(entry: ModelEntry) -> str | None:
     return next((tag.casefold() for tag in entry.tags if tag.casefold() in CONDITIONINGS), None)
 
 
+def downloadable(entry: ModelEntry, ctx: TaskContext) -> bool:
+    """Whether modelDownload fetches this model, when it is missing: a hub model, on a server that downloads."""
+    return ctx.services.settings.allow_downloads and entry.source == "hub" and not entry.problem
+
+
 def model_info(entry: ModelEntry, *, available: bool, comment: str, loaded_on: str | None = None,
-               memory_plan: str | None = None) -> ModelInfo:
+               memory_plan: str | None = None, downloadable: bool = False) -> ModelInfo:
     """A catalog entry as a ``modelSearch`` result; ``loaded_on`` says where it is in memory, if it is, and
     ``memory_plan`` how its weights are placed."""
     return ModelInfo(
@@ -58,6 +63,7 @@ def model_info(entry: ModelEntry, *, available: bool, comment: str, loaded_on: s
         type=model_type(entry),
         conditioning=conditioning(entry),
         memoryPlan=memory_plan if loaded_on is not None else None,
+        downloadable=downloadable,
     )
 
 
@@ -115,7 +121,8 @@ async def run(search: Search, ctx: TaskContext) -> AsyncIterator[ModelSearchResu
                              await asyncio.to_thread(availability, entry, data_dir=services.settings.data_dir))
         plan = plans.get(entry.air)
         infos.append(model_info(entry, available=available, comment=reason, loaded_on=loaded.get(entry.air),
-                                memory_plan=plan.plan if plan is not None else None))
+                                memory_plan=plan.plan if plan is not None else None,
+                                downloadable=not available and downloadable(entry, ctx)))
     yield ModelSearchResult(taskType="modelSearch", taskUUID=task.taskUUID, totalResults=len(matches), results=infos)
 
 

@@ -1,5 +1,5 @@
-"""modelUpload: a checkpoint, a LoRA or a VAE fetched from the client's ``downloadURL`` into the catalog, usable by its
-``air`` once the task answers ``ready``.
+"""modelUpload: a checkpoint, a LoRA, a VAE, a ControlNet or a textual-inversion embedding fetched from the
+client's ``downloadURL`` into the catalog, usable by its ``air`` once the task answers ``ready``.
 
 ``prepare`` checks everything a request can get wrong without I/O: that this server downloads at all
 (``--allow-downloads``), the category and the architecture it names, the fields that apply to that category,
@@ -11,6 +11,8 @@ file), ``ready`` (in the catalog). A failure answers an error naming the paramet
 """
 
 from __future__ import annotations
+
+import re
 
 import asyncio
 import contextlib
@@ -38,10 +40,17 @@ from imagewire.tasks.task_type import TaskType
 
 # The public categories this server takes, and the catalog's category each becomes: a LyCORIS file is loaded
 # as a LoRA (LoCon is; the formats diffusers cannot load are refused naming the format).
-CATEGORIES = {"checkpoint": "checkpoint", "lora": "lora", "lycoris": "lora", "vae": "vae"}
-# The families whose requests take another VAE (``image_add_ons.ADD_ON_FAMILIES``): a VAE for others is no use.
-VAE_FAMILIES = ("sd", "sdxl")
+CATEGORIES = {"checkpoint": "checkpoint", "lora": "lora", "lycoris": "lora", "vae": "vae", "controlnet": "controlnet",
+              "embeddings": "embeddings"}
+# The families whose requests take another VAE and embeddings (``image_add_ons.ADD_ON_FAMILIES``): a VAE or an
+# embedding for others is no use.
+ADD_ON_FAMILIES = ("sd", "sdxl")
 CHECKPOINT_TYPES = ("base", "inpainting", "refiner")
+EMBEDDING_TYPES = ("positive", "negative")
+# What the categories whose models only some architectures take are for, said in the refusal of another.
+_FITTING = {"vae": "a VAE upload is for models whose requests take a vae (SD 1.x/2.x and SDXL)",
+            "embeddings": "an embeddings upload is for models whose requests take embeddings (SD 1.x/2.x and SDXL)",
+            "controlnet": "a ControlNet upload is for models whose requests take a controlNet"}
 # Public names of SDXL and SD 1.x fine-tunes and distillations: their files have their base's shapes and run as it.
 _FINE_TUNES = {**dict.fromkeys(("pony", "illustrious", "sdxldistilled", "sdxlhyper", "sdxllightning", "sdxlturbo",
                                 "sdxllcm"), "sdxl"),
@@ -109,13 +118,12 @@ def prepare(task: ModelUpload, ctx: TaskContext) -> Prepared:
         raise InvalidParameter(
             f"Invalid architecture: expected one of {', '.join(allowed)}; received "
             f"{describe_value(task.architecture)}.", parameter="architecture", type="string", allowed_values=allowed)
-    if category == "vae" and not all(ARCHITECTURES[name].family in VAE_FAMILIES for name in architectures):
+    if category in _FITTING and not all(_takes(category, name) for name in architectures):
         fitting = [name for name in _uploadable_architectures() if _architectures(name) and all(
-            ARCHITECTURES[row].family in VAE_FAMILIES for row in _architectures(name))]
+            _takes(category, row) for row in _architectures(name))]
         raise InvalidParameter(
-            f"Invalid architecture: a VAE upload is for models whose requests take a vae (SD 1.x/2.x and SDXL), "
-            f"one of {', '.join(fitting)}; received {describe_value(task.architecture)}.", parameter="architecture",
-            type="string", allowed_values=fitting)
+            f"Invalid architecture: {_FITTING[category]}, one of {', '.join(fitting)}; received "
+            f"{describe_value(task.architecture)}.", parameter="architecture", type="string", allowed_values=fitting)
     air = _air(task, ctx)
     _check_category_fields(task, category)
     if task.private:
@@ -123,17 +131,26 @@ def prepare(task: ModelUpload, ctx: TaskContext) -> Prepared:
             "private: every API key of this server shares one catalog, so a model cannot be kept from the others; "
             "send private false or leave it out (uploaded models are listed with private false).",
             parameter="private", allowed_values=[False])
+    # A ControlNet's conditioning and an embedding's type are kept as tags: modelSearch answers and filters a
+    # ControlNet's conditioning from its tags, and shows an embedding's type among them.
+    tags = [UPLOAD_TAG, *(task.tags or [])]
+    if task.conditioning is not None:
+        tags.append(task.conditioning)
+    if category == "embeddings":
+        tags.append(f"{task.type}-embedding")
     entry: dict[str, object] = {
-        "air": str(air), "name": f"{task.name} {task.version}", "category": category,
-        "tags": [UPLOAD_TAG, *(task.tags or [])],
+        "air": str(air), "name": f"{task.name} {task.version}", "category": category, "tags": tags,
     }
     if category == "checkpoint":
         defaults = _defaults(task, architectures[0])
         if defaults:
             entry["defaults"] = defaults
+    if category == "embeddings":
+        entry["token"] = _token(task)
     return Prepared(task.taskUUID, Upload(
         air=air, url=url, url_parameter=url_parameter, category=category, architectures=architectures,
-        stated=task.architecture, unique_identifier=task.uniqueIdentifier, entry=entry, type=task.type,
+        stated=task.architecture, unique_identifier=task.uniqueIdentifier, entry=entry,
+        type=task.type if category == "checkpoint" else None,
         format=task.format, stated_category=task.category))
 
 
@@ -172,25 +189,59 @@ def _air(task: ModelUpload, ctx: TaskContext) -> AIR:
 
 def _check_category_fields(task: ModelUpload, category: str) -> None:
     """The fields of another category than the task's are refused by name, never ignored."""
-    if category == "checkpoint":
+    types = {"checkpoint": CHECKPOINT_TYPES, "embeddings": EMBEDDING_TYPES}.get(category)
+    if types is not None:
+        what = "a checkpoint's" if category == "checkpoint" else "an embedding's"
         if task.type is None:
-            raise MissingParameter(
-                f"Missing type: a checkpoint's type, one of {', '.join(CHECKPOINT_TYPES)}.", parameter="type",
-                type="string", allowed_values=list(CHECKPOINT_TYPES))
-        if task.type not in CHECKPOINT_TYPES:
+            raise MissingParameter(f"Missing type: {what} type, one of {', '.join(types)}.", parameter="type",
+                                   type="string", allowed_values=list(types))
+        if task.type not in types:
             raise InvalidParameter(
-                f"Invalid type: a checkpoint's type is one of {', '.join(CHECKPOINT_TYPES)}; received "
-                f"{task.type!r}.", parameter="type", type="string", allowed_values=list(CHECKPOINT_TYPES))
-    checkpoint_only = {"type": task.type, "defaultScheduler": task.defaultScheduler,
-                       "defaultSteps": task.defaultSteps, "defaultCFG": task.defaultCFG,
-                       "defaultStrength": task.defaultStrength}
-    others = {"conditioning": task.conditioning}  # a ControlNet's
-    refused = {**(checkpoint_only if category != "checkpoint" else {}), **others}
+                f"Invalid type: {what} type is one of {', '.join(types)}; received {task.type!r}.",
+                parameter="type", type="string", allowed_values=list(types))
+    checkpoint_only = {"defaultScheduler": task.defaultScheduler, "defaultSteps": task.defaultSteps,
+                       "defaultCFG": task.defaultCFG, "defaultStrength": task.defaultStrength}
+    refused = {**({"type": task.type} if types is None else {}),
+               **(checkpoint_only if category != "checkpoint" else {}),
+               **({"conditioning": task.conditioning} if category != "controlnet" else {})}
     for parameter, value in refused.items():
         if value is not None:
             raise InvalidParameter(
                 f"{parameter} does not apply to category {task.category!r}; received {describe_value(value)}. "
                 "Remove it from the request.", parameter=parameter, type="string")
+    if task.positiveTriggerWords is not None and category != "embeddings":
+        # An embedding's are its token; a checkpoint's or a LoRA's would be a hint modelSearch has no place for.
+        raise UnsupportedParameter(
+            f"positiveTriggerWords: only an embedding's are kept here (its token, the word that stands for it in "
+            f"prompts); for category {task.category!r} leave it out.", parameter="positiveTriggerWords")
+
+
+def _token(task: ModelUpload) -> str:
+    """An embedding's token: the one word of ``positiveTriggerWords``, which prompts then name it by; without
+    it, the model's ``name`` made one word (lower case, other characters as ``_``), as AUTOMATIC1111 names an
+    embedding by its file. modelSearch answers the token either way."""
+    words = task.positiveTriggerWords
+    if words is None:
+        return re.sub(r"[^a-z0-9_-]+", "_", task.name.strip().lower()).strip("_-") or "embedding"
+    listed = [words] if isinstance(words, str) else words
+    parameter = "positiveTriggerWords" if isinstance(words, str) else "positiveTriggerWords[0]"
+    if len(listed) != 1:
+        raise InvalidParameter(
+            f"Invalid positiveTriggerWords: an embedding has one token, the word that stands for it in prompts; "
+            f"received {len(listed)} words.", parameter="positiveTriggerWords", type="string")
+    token = listed[0]
+    if not token or any(character.isspace() or character == "," for character in token):
+        raise InvalidParameter(
+            f"Invalid {parameter}: an embedding's token is one word, with no spaces or commas, that prompts name it "
+            f"by; received {describe_value(token)}.", parameter=parameter, type="string")
+    return token
+
+
+def _takes(category: str, architecture: str) -> bool:
+    """Whether requests for models of ``architecture`` take a model of ``category``."""
+    if category == "controlnet":
+        return ARCHITECTURES[architecture].controlnets
+    return ARCHITECTURES[architecture].family in ADD_ON_FAMILIES
 
 
 def _defaults(task: ModelUpload, architecture: str) -> dict[str, object]:

@@ -15,10 +15,11 @@ from typing import Any, Protocol, get_args
 
 from PIL.Image import Image
 
-from imagewire.storage import OUTPUT_FORMAT_NAMES, ImageFormat, encode_image, output_format, to_base64
+from imagewire.storage import OUTPUT_FORMAT_NAMES, ImageFormat, output_format, to_base64
 from imagewire.tasks import inputs, schema, uploads
 from imagewire.tasks.context import TaskContext
 from imagewire.tasks.errors import InvalidParameter
+from imagewire.tasks.jobs import EncodedImage, ImageEncoding
 from imagewire.tasks.schema import ImageResult
 
 OUTPUT_TYPES: tuple[str, ...] = get_args(schema.OutputType)
@@ -49,6 +50,10 @@ class ImageOutput:
     quality: int
     upload_endpoint: str | None = None
     ttl: int | None = None   # seconds the stored image is kept
+
+    @property
+    def encoding(self) -> ImageEncoding:
+        return ImageEncoding(self.format, self.quality)
 
 
 def image_output(task: ImageOutputRequest, ctx: TaskContext) -> ImageOutput:
@@ -92,11 +97,17 @@ class StoredImage:
     uploaded: bool | None = None   # with an uploadEndpoint: whether the PUT succeeded
 
 
-async def store_image(ctx: TaskContext, image: Image, output: ImageOutput) -> StoredImage:
-    """Encode ``image`` as ``output`` says, store it under a new image UUID and describe it in each form asked for."""
+async def store_image(ctx: TaskContext, image: Image | EncodedImage, output: ImageOutput) -> StoredImage:
+    """Encode ``image`` as ``output`` says (unless the device did: a job's ``encoding``), store it under a new image
+    UUID and describe it in each form asked for."""
     fmt = output.format
-    with ctx.timed("encode"):
-        data = await asyncio.to_thread(encode_image, image, fmt, output.quality)
+    if isinstance(image, EncodedImage):
+        if image.format != fmt:  # the job's encoding is the task's output: anything else is a bug on our side
+            raise ValueError(f"a result came encoded as {image.format.name}, for a task asking {fmt.name}")
+        data = image.data
+    else:
+        with ctx.timed("encode"):
+            data = (await asyncio.to_thread(output.encoding.encode, image)).data
     with ctx.timed("store"):
         stored = await inputs.store(ctx, data, extension=fmt.extension, ttl=output.ttl)
     if stored.expires is not None:
@@ -117,8 +128,8 @@ async def store_image(ctx: TaskContext, image: Image, output: ImageOutput) -> St
         else None, uploaded=uploaded)
 
 
-async def deliver_image(ctx: TaskContext, image: Image, output: ImageOutput, *, task_type: str, task_uuid: str,
-                        cost_seconds: float | None = None, **fields: Any) -> ImageResult:
+async def deliver_image(ctx: TaskContext, image: Image | EncodedImage, output: ImageOutput, *, task_type: str,
+                        task_uuid: str, cost_seconds: float | None = None, **fields: Any) -> ImageResult:
     """Encode and store ``image`` and answer it: an ``ImageResult`` with ``fields`` (seed, inputImageUUID)
     and, when ``cost_seconds`` is given, its cost."""
     stored = await store_image(ctx, image, output)

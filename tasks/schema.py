@@ -375,10 +375,52 @@ class ControlNetPreprocess(ImageControlNetPreProcess, tag="controlNetPreprocess"
     """imageControlNetPreProcess as the newer official SDKs spell it."""
 
 
+# ---------------------------------------------------------------- imageMasking (tools_image-masking.md)
+
+DetectionConfidence = Annotated[float, Meta(ge=0, le=1)]
+MaxDetections = Annotated[int, Meta(ge=1, le=20)]
+# Pixels. The page gives no largest value; these bound the work of drawing the mask, and both are far past
+# any picture this server takes (2048 pixels a side for its images, 4096 for inputs).
+MaskPadding = Annotated[int, Meta(ge=0, le=4096)]
+MaskBlur = Annotated[int, Meta(ge=0, le=256)]
+
+
+class MaskingSettings(Struct, forbid_unknown_fields=True, kw_only=True):
+    """The detection settings as the newer SDKs send them, inside ``settings``."""
+
+    confidence: DetectionConfidence | None = None
+    maxDetections: MaxDetections | None = None
+    maskPadding: MaskPadding | None = None
+    maskBlur: MaskBlur | None = None
+
+
+class ImageMasking(Deliverable, tag="imageMasking"):
+    """A mask of the faces, hands or people in a picture (tasks/image_masking.py). ``model`` names what is
+    detected (``runware:35@1`` faces, …); the settings come at the top level (the page's shape) or in
+    ``settings`` (the newer SDKs'); ``None`` is "not sent", the page's defaults apply in the handler."""
+
+    taskUUID: TaskUUID
+    model: ModelName
+    inputImage: str | None = None
+    inputs: ImageInputs | None = None
+    confidence: DetectionConfidence | None = None
+    maxDetections: MaxDetections | None = None
+    maskPadding: MaskPadding | None = None
+    maskBlur: MaskBlur | None = None
+    settings: MaskingSettings | None = None
+    outputType: OutputType | list[OutputType] = "URL"
+    outputFormat: Annotated[str, Meta(max_length=10)] = "JPG"
+    outputQuality: OutputQuality = 95
+    includeCost: bool = False
+    uploadEndpoint: UploadEndpoint | None = None
+    ttl: TTL | None = None
+
+
 # modelUpload (image-inference_model-upload.md): a model file fetched from a URL into the catalog. Which
 # categories, architectures and values fit together is checked by its handler (tasks/model_upload.py).
 UploadCategory = Literal["checkpoint", "lora", "lycoris", "controlnet", "vae", "embeddings"]
 DownloadURL = Annotated[str, Meta(min_length=1, max_length=8192)]
+TriggerWord = Annotated[str, Meta(max_length=100)]
 
 
 class ModelUpload(Deliverable, tag="modelUpload"):
@@ -401,12 +443,23 @@ class ModelUpload(Deliverable, tag="modelUpload"):
     defaultStrength: Annotated[float, Meta(ge=0, le=1)] | None = None
     private: bool | None = None
     tags: Annotated[list[Annotated[str, Meta(max_length=400)]], Meta(max_length=100)] | None = None
+    # An embedding's token, the word that stands for it in prompts (what modelSearch answers in this field); the
+    # page lists it as an array and its LoRA example as a string: one word either way.
+    positiveTriggerWords: TriggerWord | Annotated[list[TriggerWord], Meta(max_length=10)] | None = None
+
+
+class ModelDownload(Task, tag="modelDownload"):
+    """Extension (docs/protocol.md): fetch a catalog model's files from the Hugging Face hub into this server's
+    cache, with progress; needs --allow-downloads."""
+
+    taskUUID: TaskUUID
+    model: ModelAIR
 
 
 AnyTask = (Authentication | Ping | ImageInference | ImageUpload | GetResponse | ModelSearch
            | ImageUpscale | Upscale | ImageBackgroundRemoval | RemoveBackground | ImageCaption | Caption
            | PromptEnhance | CancelTask | ImageHistory | ImageControlNetPreProcess
-           | ControlNetPreprocess | ModelUpload)
+           | ControlNetPreprocess | ModelUpload | ModelDownload | ImageMasking)
 
 # Parameters the public API defines for a task type that this server does not implement yet.
 # They are answered with ``unsupportedParameter`` by name, never silently ignored; any other
@@ -431,9 +484,10 @@ UNSUPPORTED_PARAMETERS: dict[str, frozenset[str]] = {
     **dict.fromkeys(("imageCaption", "caption"), frozenset({"inputImages", "template", "structuredData"})),
     "promptEnhance": frozenset(),
     **dict.fromkeys(("imageControlNetPreProcess", "controlNetPreprocess"), frozenset()),
-    # What modelSearch has no place for, or this server no meaning: a preview image, descriptions, trigger
-    # words, a LoRA's default weight (a request's weight defaults to 1).
-    "modelUpload": frozenset({"heroImageURL", "heroImageUrl", "shortDescription", "comment", "positiveTriggerWords",
+    "imageMasking": frozenset(),
+    # What modelSearch has no place for, or this server no meaning: a preview image, descriptions, negative
+    # trigger words, a LoRA's default weight (a request's weight defaults to 1).
+    "modelUpload": frozenset({"heroImageURL", "heroImageUrl", "shortDescription", "comment",
                               "negativeTriggerWords", "defaultWeight"}),
 }
 
@@ -483,6 +537,29 @@ class GuideImageResult(Item):
     guideImageURL: str | None = None
     guideImageBase64Data: str | None = None
     guideImageDataURI: str | None = None
+    cost: float | None = None
+    uploaded: bool | None = None        # with uploadEndpoint: whether the PUT to it succeeded
+
+
+class Detection(Struct, kw_only=True):
+    """One detected face, hand or person: its box's edges in pixels of the input (the box covers
+    ``x_min <= x < x_max``, ``y_min <= y < y_max``), and the detector's score (an addition to the page's fields)."""
+
+    x_min: int
+    y_min: int
+    x_max: int
+    y_max: int
+    confidence: float
+
+
+class MaskImageResult(Item):
+    taskUUID: str
+    maskImageUUID: str
+    detections: list[Detection]
+    inputImageUUID: str | None = None
+    maskImageURL: str | None = None
+    maskImageBase64Data: str | None = None
+    maskImageDataURI: str | None = None
     cost: float | None = None
     uploaded: bool | None = None        # with uploadEndpoint: whether the PUT to it succeeded
 
@@ -551,6 +628,8 @@ class ModelInfo(Struct, kw_only=True):
     conditioning: str | None = None        # of a ControlNet, where its tags say it; null otherwise
     heroImage: str | None = None           # no catalog model has a preview image: always null
     memoryPlan: str | None = None   # a loaded model's placement: all-on-device, text-encoders-on-cpu, model-offload, …
+    # Extension: missing from the cache, and modelDownload would fetch it (a hub model, --allow-downloads).
+    downloadable: bool = False
 
 
 class ModelSearchResult(Item):
@@ -566,6 +645,16 @@ class ModelUploadResult(Item):
     status: str
     message: str
     air: str
+
+
+class ModelDownloadResult(Item):
+    """How far a modelDownload has got: ``downloading`` items as bytes arrive, then ``ready``."""
+
+    taskUUID: str
+    air: str
+    status: str
+    bytesDone: int
+    bytesTotal: int
 
 
 class Envelope(Struct, omit_defaults=True, kw_only=True):

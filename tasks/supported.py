@@ -15,8 +15,10 @@ from imagewire.tasks import (
     image_caption,
     image_history,
     image_inference,
+    image_masking,
     image_upload,
     image_upscale,
+    model_download,
     model_search,
     model_upload,
     prompt_enhance,
@@ -42,5 +44,7 @@ SUPPORTED: Mapping[str, TaskType[Any, Any]] = MappingProxyType({
         controlnet_preprocess.TASK_TYPE,
         controlnet_preprocess.TASK_TYPE.spelled(schema.ControlNetPreprocess),
         model_upload.TASK_TYPE,
+        model_download.TASK_TYPE,
+        image_masking.TASK_TYPE,
     )
 })

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import runpy
@@ -16,6 +17,7 @@ import torch
 
 from imagewire.server.app import ImagewireServer
 from imagewire.server.config import Config
+from tests.fake_hub import HUB_MODEL, REPO, FakeHub, point_hub_at
 from tests.redis_process import RedisProcess
 from tests.timing import seconds
 from tests.wire import API_KEY
@@ -191,3 +193,24 @@ def redis_url(redis_server: str) -> str:
     client.flushall()
     client.close()
     return redis_server
+
+
+@pytest_asyncio.fixture
+async def hub(models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeHub]:
+    """The tiny model's folder served as a hub repo, slowly enough (about a second) that progress shows."""
+    hub = await FakeHub({REPO: models_dir / "imagewire-tiny-1"}, chunk=32 * 1024, pause=0.01).start()
+    point_hub_at(hub, tmp_path / "hf-cache", monkeypatch)
+    yield hub
+    await hub.stop()
+
+
+@pytest.fixture
+def hub_catalog(tmp_path: Path) -> Path:
+    """A catalog file naming the hub repo as a checkpoint of the tiny model's architecture."""
+    path = tmp_path / "hub-catalog.json"
+    path.write_text(json.dumps([{
+        "air": HUB_MODEL, "name": "tiny, from the hub", "architecture": "tiny", "category": "checkpoint",
+        "source": "hub", "location": REPO,
+        "defaults": {"width": 256, "height": 256, "steps": 8, "scheduler": "Default", "CFGScale": 7, "strength": 0.8},
+    }]))
+    return path

@@ -1,10 +1,11 @@
-"""Quantized FLUX files for tests, made from the embedded tiny FLUX's transformer (``imagewire:tiny-flux@1``): a
-float8 (e4m3fn) safetensors file and GGUF files, in Black Forest Labs' layout (``double_blocks.*``), as the files
-people download keep a FLUX transformer.
+"""Quantized FLUX files for tests, made from the embedded tiny FLUX's transformer (``imagewire:tiny-flux@1``): float8
+(e4m3fn) safetensors files, plain and ComfyUI's scaled kind, and GGUF files, in Black Forest Labs' layout
+(``double_blocks.*``), as the files people download keep a FLUX transformer.
 
-diffusers reads this layout but does not write it, so the renaming is spelled out here (the inverse of
-``air_registry/flux_files.py``); GGUF files are written with the gguf package's writer, each weight matrix in
-the asked quantization and the vectors (biases, norms) in float32, as published FLUX GGUFs keep them.
+diffusers reads this layout but does not write it, so it is written here with the inverse of the server's reading
+tables (``air_registry/flux_files.py``), the fused projections joined; GGUF files are written with the gguf
+package's writer, each weight matrix in the asked quantization and the vectors (biases, norms) in float32, as
+published FLUX GGUFs keep them.
 """
 
 from __future__ import annotations
@@ -14,34 +15,11 @@ from typing import Any
 
 import torch
 
-_DOUBLE = {
-    "norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin",
-    "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2",
-    "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2",
-    "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
-    "attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
-    "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm",
-}
-_SINGLE = {"norm.linear": "modulation.lin", "proj_out": "linear2", "attn.norm_q": "norm.query_norm",
-           "attn.norm_k": "norm.key_norm"}
-_TOP = {
-    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
-    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
-    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
-    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
-    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
-    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
-    "context_embedder": "txt_in", "x_embedder": "img_in", "proj_out": "final_layer.linear",
-}
+from imagewire.air_registry.flux_files import DOUBLE_BLOCK_NAMES, SINGLE_BLOCK_NAMES, TOP_NAMES, rename
 
-
-def _renamed(name: str, table: dict[str, str]) -> str | None:
-    for ours, theirs in table.items():
-        if name.startswith(ours + "."):
-            kind = name[len(ours) + 1:]
-            # Black Forest Labs' RMS norms name their weight ``scale``.
-            return f"{theirs}.{'scale' if theirs.endswith('_norm') else kind}"
-    return None
+# Black Forest Labs' names from diffusers', the inverse of the server's reading tables.
+_DOUBLE, _SINGLE, _TOP = ({ours: theirs for theirs, ours in table.items()}
+                          for table in (DOUBLE_BLOCK_NAMES, SINGLE_BLOCK_NAMES, TOP_NAMES))
 
 
 def flux_original_layout(transformer: Any) -> dict[str, torch.Tensor]:
@@ -64,7 +42,7 @@ def flux_original_layout(transformer: Any) -> dict[str, torch.Tensor]:
         head, _, rest = name.partition(".")
         if head in ("transformer_blocks", "single_transformer_blocks"):
             index, _, inner = rest.partition(".")
-            renamed = _renamed(inner, _DOUBLE if head == "transformer_blocks" else _SINGLE)
+            renamed = rename(inner, _DOUBLE if head == "transformer_blocks" else _SINGLE)
             if renamed is not None:
                 out[f"{'double_blocks' if head == 'transformer_blocks' else 'single_blocks'}.{index}.{renamed}"] = \
                     tensor
@@ -72,7 +50,7 @@ def flux_original_layout(transformer: Any) -> dict[str, torch.Tensor]:
             scale, shift = torch.chunk(tensor, 2, dim=0)
             out["final_layer.adaLN_modulation.1." + name.rsplit(".", 1)[1]] = torch.cat([shift, scale])
         else:
-            renamed = _renamed(name, _TOP)
+            renamed = rename(name, _TOP)
             assert renamed is not None, name
             out[renamed] = tensor
     assert sum(t.numel() for t in out.values()) == sum(t.numel() for t in state.values()), "every weight placed"
@@ -94,6 +72,37 @@ def write_float8(path: Path, transformer: Any | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({name: tensor.to(torch.float8_e4m3fn if tensor.ndim == 2 else torch.bfloat16)
                for name, tensor in state.items()}, str(path))
+    return path
+
+
+# float8 e4m3fn's largest value: a scaled file divides each matrix so that its largest weight becomes this.
+_FLOAT8_MAX = 448.0
+
+
+def write_scaled_float8(path: Path, transformer: Any | None = None, *, marker: bool = True,
+                        input_scales: bool = False) -> Path:
+    """The tiny FLUX transformer as ComfyUI's scaled float8 files keep one: each weight matrix divided by a factor
+    that brings its largest weight to float8's largest value, stored as float8 (e4m3fn), the factor beside it as
+    ``<layer>.scale_weight`` (float32); the vectors in bfloat16; with ``marker`` the ``scaled_fp8`` tensor, and with
+    ``input_scales`` a ``<layer>.scale_input`` per matrix (the factors of ComfyUI's float8 matrix products)."""
+    from safetensors.torch import save_file
+
+    state = flux_original_layout(transformer if transformer is not None else tiny_flux_transformer())
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if tensor.ndim != 2:
+            out[name] = tensor.to(torch.bfloat16)
+            continue
+        factor = tensor.abs().max().float() / _FLOAT8_MAX
+        layer = name.removesuffix(".weight")
+        out[name] = (tensor.float() / factor).to(torch.float8_e4m3fn)
+        out[f"{layer}.scale_weight"] = factor.reshape(())
+        if input_scales:
+            out[f"{layer}.scale_input"] = torch.ones(())
+    if marker:
+        out["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(path))
     return path
 
 

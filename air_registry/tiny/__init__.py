@@ -34,6 +34,7 @@ BUILDERS: Mapping[str, str] = MappingProxyType({
     "tiny-background": "imagewire.air_registry.tiny.background",
     "tiny-caption": "imagewire.air_registry.tiny.caption",
     "tiny-prompt": "imagewire.air_registry.tiny.prompt",
+    "tiny-masking": "imagewire.air_registry.tiny.masking",
     "tiny-sd-inpaint": "imagewire.air_registry.tiny.inpaint",
     "tiny-controlnet": "imagewire.air_registry.tiny.controlnet",
     "tiny-safety": "imagewire.air_registry.tiny.safety",

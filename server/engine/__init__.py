@@ -20,10 +20,11 @@ import torch
 from imagewire.air_registry import AddOnUnusable, ModelEntry, RegistryError, SamplerUnusable
 from imagewire.air_registry.loader import PipelineCache, unavailable_samplers
 from imagewire.air_registry.tool_loader import ToolModels
-from imagewire.server.engine import background, caption, inference, prompts, safety, upscale
+from imagewire.server.engine import background, caption, inference, masking, prompts, safety, upscale
 from imagewire.server.engine.threads import CpuThreads
 from imagewire.tasks.background_removal import BackgroundRemovalJob
 from imagewire.tasks.image_caption import CaptionJob
+from imagewire.tasks.image_masking import MaskingJob
 from imagewire.tasks.image_upscale import UpscaleJob
 from imagewire.tasks.inputs import task_error
 from imagewire.tasks.jobs import Emit, InferenceJob, Job, ModelPlacement, SafetyCheckJob
@@ -50,6 +51,7 @@ JOB_RUNNERS: dict[type[Job], JobRunner] = {
     UpscaleJob: upscale.run,
     BackgroundRemovalJob: background.run,
     CaptionJob: caption.run,
+    MaskingJob: masking.run,
     PromptJob: prompts.run,
     SafetyCheckJob: safety.run,
 }
@@ -68,7 +70,7 @@ class DiffusersEngine:
                                        max_loaded=max_loaded_models, ram_models=ram_models, memory_budget=budget,
                                        max_batch_size=max_batch_size, quantize=quantize,
                                        compile_denoisers=compile_denoisers)
-        # Upscalers, background removers, captioners and prompt models, beside the pipelines.
+        # Upscalers, background removers, captioners, prompt models and detectors, beside the pipelines.
         self.tools = ToolModels(device=device, data_dir=data_dir, allow_downloads=allow_downloads)
         self.max_batch_size = max_batch_size
         self.unavailable_samplers = unavailable_samplers()

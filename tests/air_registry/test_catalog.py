@@ -51,12 +51,13 @@ INFERENCE_AIRS = [
     "imagewire:tiny-ip-adapter@1",
     *(f"runware:55@{version}" for version in (1, 2, 3, 4, 5, 6, 7, 8, 10)),
 ]
-# The models of the tool task types (upscale, background removal, caption, prompt enhance).
+# The models of the tool task types (upscale, background removal, caption, masking, prompt enhance).
 TOOL_AIRS = [
     "imagewire:tiny-upscaler@1", "imagewire:tiny-background@1", "imagewire:tiny-caption@1",
-    "imagewire:tiny-prompt@1", "runware:504@1", "runware:109@1", "runware:110@1",
+    "imagewire:tiny-masking@1", "imagewire:tiny-prompt@1", "runware:504@1", "runware:109@1", "runware:110@1",
     *(f"runware:112@{version}" for version in (1, 2, 3, 5, 6, 7, 8, 9, 10)),
-    "runware:151@1", "imagewire:blip-base@1", "imagewire:magicprompt@1", "runware:llama-3-1-8b@prompt-enhancer",
+    "runware:151@1", "imagewire:blip-base@1", "imagewire:owlv2-base@1", "imagewire:owlvit-base@1",
+    "imagewire:magicprompt@1", "runware:llama-3-1-8b@prompt-enhancer",
 ]
 SHIPPED_AIRS = INFERENCE_AIRS + TOOL_AIRS
 SDXL_IP_ADAPTERS = [f"runware:55@{version}" for version in (1, 2, 3, 4)]

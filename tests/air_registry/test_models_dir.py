@@ -219,3 +219,37 @@ def test_a_lycoris_format_diffusers_cannot_load_is_told_by_name():
     # FLUX trainers' bias differences are not LyCORIS full differences: diffusers drops them.
     assert add_on_architecture("lora", {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": (16, 3072),
                                         "lora_unet_double_blocks_0_img_attn_qkv.diff_b": (9216,)}) == "flux1-dev"
+
+
+@pytest.mark.parametrize(("keys", "expected"), [
+    ({"emb_params": (2, 768)}, "sd15"),                   # AUTOMATIC1111's
+    ({"emb_params": (4, 1024)}, "sd21"),
+    ({"<my-token>": (2, 768)}, "sd15"),                   # diffusers' own {token: vectors}
+    ({"clip_l": (3, 768), "clip_g": (3, 1280)}, "sdxl"),  # SDXL's, one per text encoder
+])
+def test_an_embeddings_architecture_is_told_from_its_vectors(keys, expected):
+    from imagewire.air_registry.models_dir import add_on_architecture
+
+    assert add_on_architecture("embeddings", keys) == expected
+
+
+@pytest.mark.parametrize(("category", "keys", "error", "words"), [
+    ("embeddings", LORA_SD15, "NotOfCategory", "holds 2 tensors"),
+    ("embeddings", {"emb_params": (2, 1280)}, "RegistryError", "vectors of 768 (SD 1.x) or 1024"),
+    ("embeddings", {"clip_l": (3, 768), "clip_g": (2, 1280)}, "RegistryError", "as many vectors"),
+    # A checkpoint's UNet has cross-attention of a width, and no guide-image encoder.
+    ("controlnet", {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 768)},
+     "NotOfCategory", "is not a ControlNet"),
+    ("controlnet", {"control_model.input_hint_block.0.weight": (16, 3, 3, 3), "control_model.zero_convs.0.0.weight":
+                    (320, 320, 1, 1), "control_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight":
+                    (320, 1280)}, "RegistryError", "ControlNet of no architecture"),
+    ("controlnet", {"controlnet_cond_embedding.conv_in.weight": (16, 3, 3, 3), "controlnet_down_blocks.0.weight":
+                    (320, 320, 1, 1), "conv_in.weight": (320, 9, 3, 3)}, "RegistryError", "reads 9-channel latents"),
+])
+def test_a_file_that_is_no_embedding_or_controlnet_here_is_told_why(category, keys, error, words):
+    from imagewire.air_registry import models_dir
+
+    with pytest.raises(getattr(models_dir, error)) as caught:
+        models_dir.add_on_architecture(category, keys)
+    assert words in caught.value.problem
+    assert (error == "NotOfCategory") == isinstance(caught.value, models_dir.NotOfCategory)

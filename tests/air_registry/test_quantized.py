@@ -13,10 +13,16 @@ import torch
 from imagewire.air_registry.catalog import Catalog
 from imagewire.air_registry.checkpoints import detect_architecture, tensor_shapes, weights_format
 from imagewire.air_registry.errors import WeightsMissing
-from imagewire.air_registry.flux_files import NotAFluxTransformer, flux_to_diffusers
+from imagewire.air_registry.flux_files import NotAFluxTransformer, dequantize_scaled_float8, flux_to_diffusers
 from imagewire.air_registry.memory_plan import read_sizes
 from imagewire.air_registry.quantized import UnreadableGGUF, gguf_tensors
-from tests.quantized_files import flux_original_layout, tiny_flux_transformer, write_float8, write_gguf
+from tests.quantized_files import (
+    flux_original_layout,
+    tiny_flux_transformer,
+    write_float8,
+    write_gguf,
+    write_scaled_float8,
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +35,10 @@ def files(tmp_path_factory: pytest.TempPathFactory, transformer) -> dict[str, Pa
     pytest.importorskip("gguf", reason="the gguf extra (imagewire[gguf]) writes the test's GGUF files")
     root = tmp_path_factory.mktemp("quantized-files")
     return {"fp8": write_float8(root / "fp8.safetensors", transformer),
+            "fp8-scaled": write_scaled_float8(root / "fp8-scaled.safetensors", transformer),
+            # Without the marker, with the input factors: told by the weight factors alone.
+            "fp8-scaled-unmarked": write_scaled_float8(root / "fp8-scaled-unmarked.safetensors", transformer,
+                                                       marker=False, input_scales=True),
             "q8": write_gguf(root / "q8.gguf", "Q8_0", transformer),
             "bf16": write_gguf(root / "bf16.gguf", "BF16", transformer)}
 
@@ -61,7 +71,36 @@ def test_quantized_files_are_told_by_their_keys_and_dtypes(files: dict[str, Path
     for path in files.values():
         assert detect_architecture(tensor_shapes(path)) == "tiny-flux"
     assert {name: weights_format(path) for name, path in files.items()} == {
-        "fp8": "float8-e4m3fn", "q8": "gguf-q8_0", "bf16": "gguf-bf16"}
+        "fp8": "float8-e4m3fn", "fp8-scaled": "float8-e4m3fn-scaled", "fp8-scaled-unmarked": "float8-e4m3fn-scaled",
+        "q8": "gguf-q8_0", "bf16": "gguf-bf16"}
+
+
+@pytest.mark.parametrize("name", ["fp8-scaled", "fp8-scaled-unmarked"])
+def test_scaled_float8_weights_are_multiplied_back_by_their_factors(files: dict[str, Path], transformer,
+                                                                    name: str) -> None:
+    from safetensors.torch import load_file
+
+    stored = load_file(str(files[name]))
+    converted = flux_to_diffusers(dequantize_scaled_float8(stored, torch.float32))
+    state = transformer.state_dict()
+    assert set(converted) == set(state)  # the factors and the marker are gone
+    for key, expected in state.items():
+        # float8 e4m3fn keeps 3 bits of mantissa: each weight within 1/16 of its matrix's largest, after scaling.
+        assert (converted[key] - expected).abs().max() <= expected.abs().max() / 16, key
+    # Read without its factor, a matrix is its stored float8 values: hundreds of times too large.
+    raw = stored["double_blocks.0.img_attn.proj.weight"].float()
+    assert raw.abs().max() > 100 * state["transformer_blocks.0.attn.to_out.0.weight"].abs().max()
+
+
+def test_a_scaled_float8_factor_per_row_is_taken_and_one_that_fits_nothing_is_named() -> None:
+    weight = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]).to(torch.float8_e4m3fn)
+    rows = dequantize_scaled_float8({"a.weight": weight, "a.scale_weight": torch.tensor([1.0, 2.0, 0.5])},
+                                    torch.float32)
+    assert torch.equal(rows["a.weight"], torch.tensor([[1.0, 2.0], [6.0, 8.0], [2.5, 3.0]]))
+    with pytest.raises(NotAFluxTransformer, match="fits neither the whole matrix nor its rows"):
+        dequantize_scaled_float8({"a.weight": weight, "a.scale_weight": torch.ones(2)}, torch.float32)
+    with pytest.raises(NotAFluxTransformer, match="without the weight it scales"):
+        dequantize_scaled_float8({"b.scale_weight": torch.ones(())}, torch.float32)
 
 
 def test_a_damaged_gguf_file_is_named(tmp_path: Path) -> None:

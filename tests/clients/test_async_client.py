@@ -410,6 +410,27 @@ async def test_inpainting_outpainting_controlnet_and_guide_images(start_server):
     assert Image.open(io.BytesIO(extended.image_bytes)).size == (192, 128)
 
 
+async def test_a_mask_of_what_was_found_goes_into_an_inpainting_request(server):
+    import numpy as np
+
+    from tests.server.test_editing import seed_picture
+
+    seed = seed_picture()
+    async with Client(server.url, API_KEY) as client:
+        masked = await client.mask(seed, model="runware:35@4", max_detections=3, mask_padding=2, mask_blur=0)
+        [inpainted] = await client.image_inference(
+            model=TINY, positive_prompt="a door", seed_image=masked.input_image_uuid, mask_image=masked.uuid,
+            width=128, height=128, steps=2, seed=4, strength=1.0, output_type="base64Data")
+    mask = np.asarray(Image.open(io.BytesIO(masked.image_bytes)))
+    assert mask.shape == (128, 128) and 0 < len(masked.detections) <= 3 and masked.url
+    white = np.zeros((128, 128), dtype=bool)
+    for found in masked.detections:
+        white[max(0, found.y_min - 2):found.y_max + 2, max(0, found.x_min - 2):found.x_max + 2] = True
+    assert np.array_equal(mask == 255, white) and np.array_equal(mask == 0, ~white)
+    result = np.asarray(Image.open(io.BytesIO(inpainted.image_bytes)).convert("RGB"))
+    assert np.array_equal(result[~white], np.asarray(seed)[~white])
+
+
 # ---------------------------------------------------------------- progress and cancelling
 
 
@@ -439,3 +460,27 @@ async def test_a_call_can_be_cancelled_by_its_task_uuid(start_server):
             await client.cancel("6b3a3f7e-8f2c-4c9e-9d3a-0c6e1a2b3c4d")
         assert unknown.value.code == "taskNotFound"
     engine.release.set()
+
+
+def test_each_model_upload_keyword_reaches_a_field_of_the_task():
+    """``Client.upload_model`` passes its keywords on to ``requests.model_upload``, whose list is
+    ``ModelUploadFields``: each of them fills a field of the modelUpload it builds."""
+    import typing
+
+    import msgspec
+    from imagewire_client import requests, schema
+
+    values: dict[str, typing.Any] = {"tags": ["mine"], "default_steps": 3, "default_cfg": 5.5,
+                                     "default_strength": 0.5}
+    keywords = typing.get_type_hints(requests.ModelUploadFields)
+    fields = {keyword: values.get(keyword, f"value of {keyword}") for keyword in keywords}
+    task = requests.model_upload("https://example.com/model.safetensors", **fields)
+    required = requests.ModelUploadFields.__required_keys__
+    bare = requests.model_upload("https://example.com/model.safetensors",
+                                 **{keyword: fields[keyword] for keyword in required})
+
+    def filled(made: schema.ModelUpload) -> set[str]:
+        return {name for name in msgspec.structs.asdict(made) if getattr(made, name) is not None}
+
+    assert len(filled(task) - filled(bare)) == len(keywords) - len(required)
+    assert isinstance(task, schema.ModelUpload) and task.positiveTriggerWords == "value of trigger_word"

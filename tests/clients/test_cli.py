@@ -326,3 +326,21 @@ async def test_the_tool_commands_upscale_cut_out_caption_and_enhance(server, tmp
     assert len(enhanced.lines) == 3 and all(line.startswith("a red fox") for line in enhanced.lines)
     bad = await imagewire("upscale", str(picture), "--factor", "5", url=server.url)
     assert bad.code == 1 and "upscaleFactor" in bad.stderr
+
+
+async def test_the_mask_command_writes_the_mask_and_prints_the_detections(server, tmp_path: Path):
+    picture = tmp_path / "in.png"
+    Image.linear_gradient("L").resize((60, 40)).convert("RGB").save(picture)
+    masked = await imagewire("mask", str(picture), "--model", "runware:35@4", "--confidence", "0.1",
+                             "--max-detections", "2", "--padding", "0", "--blur", "0", "--out", str(tmp_path),
+                             url=server.url)
+    assert masked.code == 0, masked.stderr
+    path, *detections = masked.lines
+    assert len(detections) == 2
+    with Image.open(path) as mask:
+        white = [mask.getpixel((x, y)) == 255 for y in range(40) for x in range(60)]
+    boxes = [[int(value) for value in line.split()[:4]] for line in detections]
+    assert white == [any(left <= x < right and top <= y < bottom for left, top, right, bottom in boxes)
+                     for y in range(40) for x in range(60)]
+    bad = await imagewire("mask", str(picture), "--model", "runware:35@13", url=server.url)
+    assert bad.code == 1 and "model" in bad.stderr

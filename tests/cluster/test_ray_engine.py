@@ -26,13 +26,14 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
 
 from tests.cluster.gateways import JOIN, ROOT, Cluster, Gateway, run_on
 from tests.timing import seconds
-from tests.wire import API_KEY, Wire, eventually, inference
+from tests.wire import API_KEY, Wire, eventually, inference, new_uuid
 
 pytestmark = [
     pytest.mark.cluster,
@@ -138,6 +139,27 @@ async def test_a_task_sent_to_either_gateway_is_answered(cluster: Cluster) -> No
     pictures = [item["imageBase64Data"] for gateway in cluster.gateways
                 for item in await run_on(gateway, inference(seed=11, outputType="base64Data"))]
     assert len(pictures) == 2 and pictures[0] == pictures[1]
+
+
+@pytest.mark.parametrize("output", [{"outputFormat": "PNG"}, {"outputFormat": "WEBP", "outputQuality": 70}],
+                         ids=["PNG", "WEBP"])
+async def test_the_images_encoded_on_a_replica_are_the_files_a_local_server_answers(
+        cluster: Cluster, start_server: Any, output: dict[str, Any]) -> None:
+    # Encoded where it was made (test_replica_messages.py), stored by the gateway: byte for byte what
+    # --engine local encodes and stores for the same task and seed.
+    task = inference(seed=23, numberResults=2, outputType="base64Data", **output)
+
+    async def files(url: str) -> dict[int, str]:
+        wire = await Wire.open(url)
+        try:
+            items = await wire.run(dict(task, taskUUID=new_uuid()), count=2, timeout=seconds(180))
+        finally:
+            await wire.close()
+        return {item["seed"]: item["imageBase64Data"] for item in items}
+
+    from_cluster = await files(cluster.gateways[1].url)
+    local = await start_server()
+    assert sorted(from_cluster) == [23, 24] and from_cluster == await files(local.url)
 
 
 def ray_sockets(gateway_pids: set[int]) -> list[str]:

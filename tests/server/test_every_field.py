@@ -85,12 +85,21 @@ HONOURED: dict[type[schema.Task], dict[str, tuple[str, ...]]] = {
                      "lowThresholdCanny", "highThresholdCanny", "includeCost"),
         **INPUT_IMAGE, **OUTPUT, **DELIVERY,
     },
+    schema.ImageMasking: {
+        # The settings are read by their wire names, at the top level or inside ``settings``.
+        **handled_by("tasks/image_masking.py", "taskUUID", "model", "includeCost", "settings", "confidence",
+                     "maxDetections", "maskPadding", "maskBlur"),
+        **INPUT_IMAGE, **OUTPUT, **DELIVERY,
+    },
     schema.ModelUpload: {
         **handled_by("tasks/model_upload.py", "taskUUID", "category", "architecture", "format", "air",
                      "uniqueIdentifier", "name", "version", "downloadURL", "downloadUrl", "type", "conditioning",
-                     "defaultScheduler", "defaultSteps", "defaultCFG", "defaultStrength", "private", "tags"),
+                     "defaultScheduler", "defaultSteps", "defaultCFG", "defaultStrength", "private", "tags",
+                     "positiveTriggerWords"),
         **DELIVERY,
     },
+    # Our extension (docs/protocol.md): no public page documents it.
+    schema.ModelDownload: handled_by("tasks/model_download.py", "taskUUID", "model"),
 }
 
 # Fields accepted because the public API defines them, that only matter in a case this server refuses.
@@ -125,6 +134,10 @@ DOCUMENTED: dict[str, set[str]] = {
         "taskUUID", "inputImage", "outputType", "outputFormat", "outputQuality", "webhookURL", "deliveryMethod",
         "uploadEndpoint", "ttl", "includeCost", "preProcessorType", "height", "width", "lowThresholdCanny",
         "highThresholdCanny", "includeHandsAndFaceOpenPose",
+    },
+    "imageMasking": {
+        "taskUUID", "outputType", "outputFormat", "outputQuality", "webhookURL", "deliveryMethod", "uploadEndpoint",
+        "ttl", "includeCost", "inputImage", "model", "confidence", "maxDetections", "maskPadding", "maskBlur",
     },
     # Its examples spell the URLs downloadUrl and heroImageUrl too.
     "modelUpload": {

@@ -27,7 +27,7 @@ from runware.utils import RunwareAPIError
 
 from imagewire.server.app import ImagewireServer
 from imagewire.server.config import Config
-from imagewire.server.fake_engine import FakeEngine, enhanced_prompts, reported_steps
+from imagewire.server.fake_engine import FakeEngine, detected_boxes, enhanced_prompts, reported_steps
 from imagewire.tasks.errors import InvalidParameter
 from tests.server.test_rest import post
 from tests.timing import seconds
@@ -139,6 +139,7 @@ async def main():
         {{"taskType": "imageUpscale", "inputImage": picture, "upscaleFactor": 2}},
         {{"taskType": "imageBackgroundRemoval", "inputImage": picture}},
         {{"taskType": "imageCaption", "inputImage": picture}},
+        {{"taskType": "imageMasking", "inputImage": picture, "model": "runware:35@1"}},
         {{"taskType": "promptEnhance", "prompt": "a fox", "promptMaxLength": 20, "promptVersions": 2}},
         {{"taskType": "modelSearch", "search": "flux"}},
     ]
@@ -164,7 +165,7 @@ def test_neither_start_nor_any_task_imports_torch(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert all(outcome == "ok" for outcome in report["answered"].values()), report["answered"]
-    assert len(report["answered"]) == 7
+    assert len(report["answered"]) == 8
     assert report["after_start"] == [] and report["after_tasks"] == []
 
 
@@ -365,3 +366,11 @@ def test_controlnet_guide_images_change_the_picture() -> None:
 
     black, white = Image.new("RGB", (64, 64), "black"), Image.new("RGB", (64, 64), "white")
     assert made(black) == made(black.copy()) != made(white)
+
+
+def test_fake_detections_are_fixed_by_the_query_and_size_and_lie_in_the_picture() -> None:
+    boxes = detected_boxes("a photo of a human face", 120, 80)
+    assert boxes == detected_boxes("a photo of a human face", 120, 80)
+    assert boxes != detected_boxes("a photo of a person", 120, 80)
+    assert [box.score for box in boxes] == sorted((box.score for box in boxes), reverse=True)
+    assert all(0 <= box.x_min < box.x_max <= 120 and 0 <= box.y_min < box.y_max <= 80 for box in boxes)

@@ -1,5 +1,6 @@
-"""modelUpload through a real server: a checkpoint and a LoRA served from a loopback HTTP server, uploaded with
---allow-downloads, then run by their AIR; every refusal names its parameter and leaves nothing behind."""
+"""modelUpload through a real server: a checkpoint, a LoRA, a VAE, a ControlNet and an embedding served from a
+loopback HTTP server, uploaded with --allow-downloads, then run by their AIR; every refusal names its parameter and
+leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -59,11 +60,36 @@ def tiny_vae(models_dir: Path) -> bytes:
     return save({key.removeprefix("first_stage_model."): tensor.contiguous() for key, tensor in _vae(vae).items()})
 
 
+@pytest.fixture(scope="module")
+def tiny_controlnet(models_dir: Path) -> bytes:
+    """The catalog's tiny ControlNet as one file in the original layout (``control_model.*``), as Civitai serves
+    ControlNets."""
+    from diffusers.models.controlnets.controlnet import ControlNetModel
+    from safetensors.torch import save
+
+    from tests.checkpoints import _controlnet
+
+    controlnet = ControlNetModel.from_pretrained(
+        ensure_embedded("tiny-controlnet", models_dir / "imagewire-tiny-controlnet-1"))
+    return save({key: tensor.contiguous() for key, tensor in _controlnet(controlnet).items()})
+
+
+@pytest.fixture(scope="module")
+def tiny_embedding(models_dir: Path) -> bytes:
+    """The catalog's tiny embedding in AUTOMATIC1111's layout: its vectors as ``emb_params``."""
+    from safetensors.torch import load_file, save
+
+    [vectors] = load_file(ensure_embedded("tiny-embedding", models_dir / "imagewire-tiny-embedding-1")
+                          / "learned_embeds.safetensors").values()
+    return save({"emb_params": vectors.contiguous()})
+
+
 @pytest.fixture
-async def files(tiny_checkpoint, tiny_lora, tiny_loha, tiny_vae):
+async def files(tiny_checkpoint, tiny_lora, tiny_loha, tiny_vae, tiny_controlnet, tiny_embedding):
     async with fake_civitai() as server:
         server.files.update({"tiny.safetensors": tiny_checkpoint, "lora.safetensors": tiny_lora,
                              "loha.safetensors": tiny_loha, "vae.safetensors": tiny_vae,
+                             "controlnet.safetensors": tiny_controlnet, "embedding.safetensors": tiny_embedding,
                              "cut.safetensors": tiny_checkpoint, "noise.safetensors": b"\x00" * 4096,
                              "short.safetensors": tiny_checkpoint[: len(tiny_checkpoint) // 2]})
         server.interrupted.add("cut.safetensors")
@@ -178,6 +204,65 @@ async def test_a_vae_upload_replaces_the_models_own_in_a_request_by_its_air(star
     await wire.close()
 
 
+async def test_a_controlnet_upload_guides_a_request_by_its_air_as_the_catalogs_one_of_its_weights(
+        start_server, own_data_dir, files):
+    from tests.server.test_controlnet import guide, guided
+
+    server = await start_server(data_dir=own_data_dir, allow_downloads=True, allow_private_urls=True)
+    wire = await Wire.open(server.url)
+    task = upload(f"{files.url}/files/controlnet.safetensors", category="controlnet", type=..., air="myteam:12@1",
+                  conditioning="canny", downloadURL=..., downloadUrl=f"{files.url}/files/controlnet.safetensors")
+    assert [answer["status"] for answer in await wire.run(task, count=5)] == PHASES
+    # The same weights as the catalog's tiny ControlNet, read from the original layout: the same image.
+    [uploaded] = await wire.run(guided([{"model": "myteam:12@1", "guideImage": guide("square")}]))
+    [built_in] = await wire.run(guided([{"model": "imagewire:tiny-controlnet@1", "guideImage": guide("square")}]))
+    [plain] = await wire.run(guided(None))
+    assert uploaded["imageBase64Data"] == built_in["imageBase64Data"] != plain["imageBase64Data"]
+    [found] = await wire.run({"taskType": "modelSearch", "conditioning": "canny", "category": "controlnet",
+                              "search": "myteam"})
+    [model] = found["results"]
+    assert (model["air"], model["architecture"], model["conditioning"]) == ("myteam:12@1", "tiny", "canny")
+    await wire.close()
+
+
+async def test_an_embedding_upload_stands_for_its_token_as_the_catalogs_one_of_its_vectors(start_server,
+                                                                                            own_data_dir, files):
+    server = await start_server(data_dir=own_data_dir, allow_downloads=True, allow_private_urls=True)
+    wire = await Wire.open(server.url)
+    task = upload(f"{files.url}/files/embedding.safetensors", category="embeddings", type="negative",
+                  air="myteam:13@1", positiveTriggerWords=["mytoken"])
+    assert [answer["status"] for answer in await wire.run(task, count=5)] == PHASES
+    # Its token, another word for the same vectors as the catalog's tiny embedding's: the same image.
+    uploaded = await image(wire, positivePrompt="a photo of mytoken", embeddings=[{"model": "myteam:13@1"}])
+    built_in = await image(wire, positivePrompt="a photo of <tiny-embedding>",
+                           embeddings=[{"model": "imagewire:tiny-embedding@1"}])
+    assert uploaded == built_in != await image(wire, positivePrompt="a photo of mytoken")
+    [found] = await wire.run({"taskType": "modelSearch", "search": "myteam:13"})
+    [model] = found["results"]
+    assert (model["category"], model["architecture"], model["positiveTriggerWords"]) == (
+        "embeddings", "tiny", "mytoken")
+    assert "negative-embedding" in model["tags"]
+    await wire.close()
+
+
+@pytest.mark.parametrize(("words", "name", "token"), [
+    (["easynegative"], "EasyNegative v2", "easynegative"),
+    ("bad-hands", "Bad hands", "bad-hands"),
+    # Without trigger words the name is the token, made one word, as AUTOMATIC1111 names one by its file.
+    (None, "Bad Hands 5 (v2)", "bad_hands_5_v2"),
+    (None, "  ---  ", "embedding"),
+])
+def test_an_embeddings_token_is_its_trigger_word_else_its_name(words: Any, name: str, token: str) -> None:
+    import msgspec
+
+    from imagewire.tasks import model_upload, schema
+
+    task = msgspec.convert(upload("https://example.com/e.safetensors", category="embeddings", type="positive",
+                                  name=name, **({"positiveTriggerWords": words} if words is not None else {})),
+                           schema.ModelUpload)
+    assert model_upload._token(task) == token
+
+
 async def test_without_allow_downloads_the_upload_is_refused_naming_the_flag(start_server, own_data_dir, files):
     server = await start_server(data_dir=own_data_dir, allow_private_urls=True)
     wire = await Wire.open(server.url)
@@ -193,9 +278,18 @@ async def test_without_allow_downloads_the_upload_is_refused_naming_the_flag(sta
     ("tiny.safetensors", {"architecture": "sdxl"}, "architecture", "is a checkpoint of tiny"),
     ("tiny.safetensors", {"type": "inpainting"}, "type", "is a base checkpoint"),
     ("lora.safetensors", {"category": "lora", "type": ..., "architecture": "sd1x"}, "architecture",
-     "is a lora of tiny"),
+     "is a LoRA of tiny"),
     # A VAE of no latents here, and one for a family whose requests take none.
     ("lora.safetensors", {"category": "vae", "type": ...}, "architecture", "is not a VAE"),
+    # Not a ControlNet or an embedding at all, and an embedding of another architecture than the one stated.
+    ("lora.safetensors", {"category": "controlnet", "type": ...}, "category", "is not a ControlNet"),
+    ("tiny.safetensors", {"category": "controlnet", "type": ...}, "category", "is not a ControlNet"),
+    ("controlnet.safetensors", {"category": "controlnet", "type": ..., "architecture": "sdxl"}, "architecture",
+     "is a ControlNet of tiny"),
+    ("lora.safetensors", {"category": "embeddings", "type": "positive", "positiveTriggerWords": "x"}, "category",
+     "is not a textual-inversion embedding"),
+    ("embedding.safetensors", {"category": "embeddings", "type": "positive", "positiveTriggerWords": "x",
+                               "architecture": "sd1x"}, "architecture", "is an embedding of tiny"),
     # A LyCORIS format diffusers cannot load.
     ("loha.safetensors", {"category": "lycoris", "type": ...}, "category", "is a LyCORIS LoHa"),
     # Corrupt: not safetensors, cut short by the server, cut off mid-download.
@@ -242,7 +336,17 @@ async def test_a_file_past_the_size_bound_is_refused(start_server, own_data_dir,
 
 
 @pytest.mark.parametrize(("fields", "code", "parameter"), [
-    ({"category": "embeddings"}, "invalidParameter", "category"),
+    ({"category": "embeddings", "type": "base", "positiveTriggerWords": "x"}, "invalidParameter", "type"),
+    ({"category": "embeddings", "type": ..., "positiveTriggerWords": "x"}, "missingParameter", "type"),
+    ({"category": "embeddings", "type": "positive", "positiveTriggerWords": ["two words"]}, "invalidParameter",
+     "positiveTriggerWords[0]"),
+    ({"category": "embeddings", "type": "positive", "positiveTriggerWords": ["a", "b"]}, "invalidParameter",
+     "positiveTriggerWords"),
+    ({"category": "embeddings", "type": "positive", "positiveTriggerWords": "x", "architecture": "flux1d"},
+     "invalidParameter", "architecture"),
+    ({"category": "controlnet", "type": ..., "architecture": "sd3"}, "invalidParameter", "architecture"),
+    ({"category": "controlnet", "type": "base"}, "invalidParameter", "type"),
+    ({"positiveTriggerWords": "x"}, "unsupportedParameter", "positiveTriggerWords"),
     ({"category": "vae", "type": ..., "architecture": "flux1d"}, "invalidParameter", "architecture"),
     ({"architecture": "sd9"}, "invalidParameter", "architecture"),
     ({"type": ...}, "missingParameter", "type"),
@@ -310,3 +414,13 @@ async def test_the_python_client_uploads_a_model_and_raises_the_servers_error(st
             await client.upload_model(f"{files.url}/files/lora.safetensors", air="myteam:11@1", category="lora",
                                       architecture="sdxl", name="Wrong", version="v1", unique_identifier="x")
         assert caught.value.parameter == "architecture"
+        # An embedding's token and type, a ControlNet's conditioning.
+        await client.upload_model(
+            f"{files.url}/files/embedding.safetensors", air="myteam:14@1", category="embeddings", type="positive",
+            architecture="tiny", name="Client embedding", version="v1", unique_identifier="y", trigger_word="mine")
+        await client.upload_model(
+            f"{files.url}/files/controlnet.safetensors", air="myteam:15@1", category="controlnet",
+            conditioning="depth", architecture="tiny", name="Client ControlNet", version="v1", unique_identifier="z")
+        [embedding] = await client.models("myteam:14")
+        [controlnet] = await client.models("myteam:15")
+        assert (embedding.positiveTriggerWords, controlnet.conditioning) == ("mine", "depth")

@@ -180,6 +180,8 @@ async def test_the_page_generates_shows_progress_and_the_image(server, browser, 
     notes = page.field("model-notes").text
     assert "Stable Diffusion 1.5: " in notes and "hf download stable-diffusion-v1-5/stable-diffusion-v1-5" in notes
     assert "why" in notes.lower() and "unavailable" in notes
+    # This server downloads nothing (no --allow-downloads): no Download button.
+    assert not page.css("#model-notes .model-download")
     await asyncio.to_thread(lambda: page.css("#model-notes summary")[0].click())
 
     def generate(steps: str, seed: str = "") -> None:
@@ -665,6 +667,163 @@ async def test_sampler_lora_controlnet_and_prompt_enhance(server, browser, tmp_p
     assert console_errors(browser) == []
 
 
+async def test_embeddings_vae_clip_skip_weighting_and_refiner_reach_the_request(server, browser):
+    from selenium.webdriver.support.ui import Select
+
+    page = Page(browser, server.port)
+    await asyncio.to_thread(page.open)
+    await asyncio.to_thread(page.connect)
+    await until(page.connected)
+    await until(lambda: page.field("embedding-add").is_enabled() and len(page.css("#vae option")) > 1)
+    await asyncio.to_thread(lambda: page.css("#advanced summary")[0].click())
+
+    async def generate() -> tuple[dict[str, Any], Image.Image]:
+        done = len(page.cards(".done"))
+        await asyncio.to_thread(lambda: page.field("generate").click())
+        await until(lambda: len(page.cards(".done")) > done)
+        card = page.cards(".done")[0]
+        [img] = await until(lambda: page.loaded_results(card))
+        return page.tasks("imageInference")[-1], await asyncio.to_thread(fetched, img.get_attribute("src"))
+
+    await asyncio.to_thread(page.type, "prompt", "a red fox in the snow")
+    await asyncio.to_thread(page.type, "steps", "3")
+    await asyncio.to_thread(page.type, "seed", "4242")
+    plain_request, plain = await generate()
+    assert not {"embeddings", "vae", "clipSkip", "promptWeighting", "refiner"} & plain_request.keys()
+
+    # CLIP skip alone, at the same seed, makes another image.
+    await asyncio.to_thread(lambda: Select(page.field("clip-skip")).select_by_value("1"))
+    sent, skipped = await generate()
+    assert sent["clipSkip"] == 1
+    assert ImageChops.difference(plain, skipped).getbbox() is not None
+
+    # An embedding with its weight and its token written into the prompt, a VAE and a prompt syntax.
+    await asyncio.to_thread(lambda: Select(page.field("clip-skip")).select_by_value(""))
+    await asyncio.to_thread(lambda: page.field("embedding-add").click())
+    await asyncio.to_thread(
+        lambda: Select(page.css(".embedding-model")[0]).select_by_value("imagewire:tiny-embedding@1"))
+    weight = page.css(".embedding-weight")[0]
+    await asyncio.to_thread(lambda: (weight.clear(), weight.send_keys("0.5")))
+    assert "<tiny-embedding>" in page.css(".embedding-row .token")[0].text
+    await asyncio.to_thread(lambda: page.css(".embedding-row .token button")[0].click())
+    assert page.field("prompt").get_attribute("value") == "a red fox in the snow <tiny-embedding>"
+    await asyncio.to_thread(lambda: Select(page.field("vae")).select_by_value("imagewire:tiny-vae@1"))
+    await asyncio.to_thread(lambda: Select(page.field("prompt-weighting")).select_by_value("sdEmbeds"))
+    assert "(cat:1.5)" in page.field("prompt-weighting-hint").text
+    # The new controls have names (the results' image buttons are named by their pictures' text).
+    unlabelled_advanced = UNLABELLED.replace("document.querySelectorAll",
+                                             "document.getElementById('advanced').querySelectorAll")
+    assert await asyncio.to_thread(browser.execute_script, unlabelled_advanced) == []
+    sent, _ = await generate()
+    assert sent["embeddings"] == [{"model": "imagewire:tiny-embedding@1", "weight": 0.5}]
+    assert sent["vae"] == "imagewire:tiny-vae@1" and sent["promptWeighting"] == "sdEmbeds"
+    assert "clipSkip" not in sent and sent["positivePrompt"].endswith("<tiny-embedding>")
+    card = page.cards(".done")[0]
+    params = card.find_element(page.by.CLASS_NAME, "params").text
+    assert "embedding imagewire:tiny-embedding@1 × 0.5" in params and "VAE imagewire:tiny-vae@1" in params
+
+    # Edit settings puts them back after a change; Re-run sends them again.
+    await asyncio.to_thread(lambda: page.css(".embedding-row button")[0].click())
+    await asyncio.to_thread(lambda: Select(page.field("vae")).select_by_value(""))
+    await asyncio.to_thread(lambda: Select(page.field("prompt-weighting")).select_by_value(""))
+    await asyncio.to_thread(lambda: card.find_element(page.by.XPATH, ".//button[text()='Edit settings']").click())
+    assert Select(page.css(".embedding-model")[0]).first_selected_option.get_attribute("value") == \
+        "imagewire:tiny-embedding@1"
+    assert page.css(".embedding-weight")[0].get_attribute("value") == "0.5"
+    assert Select(page.field("vae")).first_selected_option.get_attribute("value") == "imagewire:tiny-vae@1"
+    assert Select(page.field("prompt-weighting")).first_selected_option.get_attribute("value") == "sdEmbeds"
+    count = len(page.tasks("imageInference"))
+    await asyncio.to_thread(lambda: card.find_element(page.by.XPATH, ".//button[text()='Re-run']").click())
+    await until(lambda: len(page.tasks("imageInference")) > count)
+    rerun = page.tasks("imageInference")[-1]
+    assert {key: rerun[key] for key in ("embeddings", "vae", "promptWeighting", "seed")} == \
+        {key: sent[key] for key in ("embeddings", "vae", "promptWeighting", "seed")}
+    await until(lambda: not page.cards(".running"))
+
+    # A refiner is offered for the model it refines, from a step or a percentage of the steps.
+    assert not page.field("refiner-settings").is_displayed()
+    await asyncio.to_thread(lambda: Select(page.field("model")).select_by_value("imagewire:tiny-sdxl@1"))
+    await until(lambda: page.field("refiner-settings").is_displayed())
+    await asyncio.to_thread(lambda: Select(page.field("refiner")).select_by_value("imagewire:tiny-sdxl-refiner@1"))
+    await asyncio.to_thread(lambda: Select(page.field("refiner-start-unit")).select_by_value("step"))
+    await asyncio.to_thread(page.type, "refiner-start", "2")
+    await asyncio.to_thread(lambda: page.css(".embedding-row button")[0].click())
+    await asyncio.to_thread(lambda: Select(page.field("vae")).select_by_value(""))
+    await asyncio.to_thread(lambda: Select(page.field("clip-skip")).select_by_value("2"))
+    sent, _ = await generate()
+    assert sent["model"] == "imagewire:tiny-sdxl@1" and sent["clipSkip"] == 2
+    assert sent["refiner"] == {"model": "imagewire:tiny-sdxl-refiner@1", "startStep": 2}
+    card = page.cards(".done")[0]
+    assert "refiner imagewire:tiny-sdxl-refiner@1 from step 2" in card.find_element(page.by.CLASS_NAME, "params").text
+    await asyncio.to_thread(lambda: Select(page.field("refiner")).select_by_value(""))
+    await asyncio.to_thread(lambda: card.find_element(page.by.XPATH, ".//button[text()='Edit settings']").click())
+    assert Select(page.field("refiner")).first_selected_option.get_attribute("value") == "imagewire:tiny-sdxl-refiner@1"
+    assert Select(page.field("refiner-start-unit")).first_selected_option.get_attribute("value") == "step"
+    assert page.field("refiner-start").get_attribute("value") == "2"
+    assert Select(page.field("clip-skip")).first_selected_option.get_attribute("value") == "2"
+
+    # FLUX reads prompts with T5 too: none of these is offered, and none is sent.
+    await asyncio.to_thread(lambda: Select(page.field("model")).select_by_value("imagewire:tiny-flux@1"))
+    assert not page.field("text-add-ons").is_displayed() and not page.field("refiner-settings").is_displayed()
+    assert console_errors(browser) == []
+
+
+async def test_a_missing_model_downloads_with_a_progress_bar_and_joins_the_list(start_server, hub, hub_catalog,
+                                                                                 browser, screenshots: Path):
+    from tests.fake_hub import HUB_MODEL
+
+    server = await start_server(allow_downloads=True, catalog_files=(hub_catalog,))
+    page = Page(browser, server.port)
+    await asyncio.to_thread(page.open)
+    await asyncio.to_thread(page.connect)
+    await until(page.connected)
+    option = f'#model option[value="{HUB_MODEL}"]'
+    assert await until(lambda: browser.execute_script(
+        "const option = document.querySelector(arguments[0]); return option && option.disabled", option))
+    await asyncio.to_thread(lambda: page.css("#model-notes summary")[0].click())
+    control = f'#model-notes .model-download[data-air="{HUB_MODEL}"]'
+    # The list is drawn again whenever the models' answer comes: the page is read in one script each time, so
+    # that no element read is one already replaced.
+    read_control = """
+        const control = document.querySelector(arguments[0]);
+        if (!control) return null;
+        return {label: control.querySelector("button").getAttribute("aria-label"),
+                percent: Number(control.querySelector(".bar").getAttribute("aria-valuenow")),
+                state: control.querySelector(".download-state").textContent};
+    """
+    # Every hub model missing from the cache has its own button on this server; this one's hub is the test's.
+    first = await until(lambda: browser.execute_script(read_control, control))
+    assert first == {"label": "Download tiny, from the hub", "percent": 0, "state": ""}
+
+    def click_download() -> bool:
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        try:
+            page.css(f"{control} button")[0].click()
+        except StaleElementReferenceException:  # drawn again between finding and clicking: find it again
+            return False
+        return True
+
+    await until(click_download)
+    seen: list[int] = []
+
+    def finished() -> bool:
+        now = browser.execute_script(read_control, control)
+        seen.append(now["percent"])
+        return now["percent"] == 100 and now["state"].startswith("ready")
+
+    await until(finished)
+    assert seen == sorted(seen)
+    [sent] = page.tasks("modelDownload")
+    assert sent["model"] == HUB_MODEL
+    # The model is on the server now: the list offers it, and the notes say so beside its full bar.
+    await until(lambda: browser.execute_script(
+        "const option = document.querySelector(arguments[0]); return option && !option.disabled", option))
+    assert "downloaded, now in the list above" in page.field("model-notes").text
+    await asyncio.to_thread(browser.save_screenshot, str(screenshots / "model-download.png"))
+    assert console_errors(browser) == []
+
+
 async def test_the_gallery_shows_older_images_on_request(server, browser):
     import base64
 
@@ -761,6 +920,7 @@ def test_the_pages_sampler_lists_are_the_servers():
     from imagewire.air_registry import ARCHITECTURES
     from imagewire.air_registry.samplers import DIFFUSION, FLOW, resolve_sampler
     from imagewire.server.http import PLAYGROUND
+    from imagewire.tasks.image_add_ons import ADD_ON_FAMILIES, PROMPT_SYNTAXES
 
     page = PLAYGROUND.read_text()
 
@@ -778,3 +938,12 @@ def test_the_pages_sampler_lists_are_the_servers():
     assert pattern
     for architecture, spec in ARCHITECTURES.items():
         assert bool(re.search(pattern.group(1), architecture)) == (spec.sampling == FLOW), architecture
+        # The page offers embeddings, a VAE, CLIP skip and prompt weighting where it sees no flow-matching
+        # model: those are the families the server takes them for.
+        if spec.task == "imageInference":
+            assert (spec.sampling != FLOW) == (spec.family in ADD_ON_FAMILIES), architecture
+        # It offers as refiners of a model those of its architecture's name with "-refiner".
+        if spec.refines:
+            assert spec.refines == (architecture.removesuffix("-refiner"),), architecture
+    for syntax in PROMPT_SYNTAXES.values():
+        assert f'<option value="{syntax}">' in page, syntax

@@ -286,7 +286,7 @@ def test_dimension_from_the_seed_image_is_rounded_to_64_and_clamped():
 
 @pytest.mark.parametrize("obj,code", [
     ({"taskUUID": UUID}, "missingParameter"),
-    ({"taskType": "imageMasking", "taskUUID": UUID}, "unsupportedTaskType"),
+    ({"taskType": "vectorize", "taskUUID": UUID}, "unsupportedTaskType"),
     ({"taskType": "doesNotExist", "taskUUID": UUID}, "unsupportedTaskType"),
     ({"taskType": 5, "taskUUID": UUID}, "missingParameter"),
 ])

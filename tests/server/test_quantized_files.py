@@ -1,7 +1,7 @@
-"""Quantized FLUX files through a real server: a float8 (e4m3fn) safetensors file and GGUF files (Q8_0, BF16) of the
-tiny FLUX's transformer, in Black Forest Labs' layout, from a models folder's ``diffusion_models/`` and from a
-catalog entry. Each runs, its image is close to the unquantized model's at the same seed, and modelSearch lists it
-with its architecture and how its weights are stored.
+"""Quantized FLUX files through a real server: float8 (e4m3fn) safetensors files, plain and ComfyUI's scaled kind, and
+GGUF files (Q8_0, BF16) of the tiny FLUX's transformer, in Black Forest Labs' layout, from a models folder's
+``diffusion_models/`` and from a catalog entry. Each runs, its image is close to the unquantized model's at the same
+seed, and modelSearch lists it with its architecture and how its weights are stored.
 
 The gguf package cannot write K-quants (its ``quantize`` has no Q4_K…Q6_K), so the GGUFs here are Q8_0 and BF16;
 diffusers dequantizes K-quants with the same code path as Q8_0 (``GGUFParameter``, ``GGUFLinear``)."""
@@ -19,15 +19,15 @@ import pytest
 from PIL import Image
 from runware import IImageInference, Runware
 
-from tests.quantized_files import tiny_flux_transformer, write_float8, write_gguf
+from tests.quantized_files import tiny_flux_transformer, write_float8, write_gguf, write_scaled_float8
 from tests.wire import API_KEY, Wire, new_uuid
 
 pytest.importorskip("gguf", reason="the gguf extra (imagewire[gguf]) reads GGUF files")
 
-# The least PSNR (dB) of each file's image against the unquantized model's (measured: float8 46, Q8_0 57, BF16 61).
-# A file read wrongly (a projection split at the wrong row, the final norm's halves not swapped) makes another
-# image altogether, far below these.
-LEAST_PSNR = {"tiny-flux-fp8": 35.0, "tiny-flux-Q8_0": 45.0, "tiny-flux-BF16": 45.0}
+# The least PSNR (dB) of each file's image against the unquantized model's (measured: float8 46, scaled float8 46,
+# Q8_0 57, BF16 61). A file read wrongly (a projection split at the wrong row, the final norm's halves not swapped,
+# a scaled weight without its factor) makes another image altogether, far below these.
+LEAST_PSNR = {"tiny-flux-fp8": 35.0, "tiny-flux-fp8-scaled": 35.0, "tiny-flux-Q8_0": 45.0, "tiny-flux-BF16": 45.0}
 
 
 async def generate(server, model: str) -> np.ndarray:
@@ -60,10 +60,11 @@ async def search(server, text: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def quantized_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A ComfyUI models folder with the tiny FLUX transformer saved alone, three ways."""
+    """A ComfyUI models folder with the tiny FLUX transformer saved alone, four ways."""
     root = tmp_path_factory.mktemp("quantized") / "models"
     transformer = tiny_flux_transformer()
     write_float8(root / "diffusion_models" / "tiny-flux-fp8.safetensors", transformer)
+    write_scaled_float8(root / "diffusion_models" / "tiny-flux-fp8-scaled.safetensors", transformer)
     write_gguf(root / "diffusion_models" / "tiny-flux-Q8_0.gguf", "Q8_0", transformer)
     write_gguf(root / "diffusion_models" / "tiny-flux-BF16.gguf", "BF16", transformer)
     return root
@@ -84,7 +85,8 @@ async def test_quantized_flux_files_run_close_to_the_unquantized_model(start_ser
 
     listed = {model["name"]: model for model in await search(server, "tiny-flux-")}
     assert set(LEAST_PSNR) <= set(listed)
-    stored = {"tiny-flux-fp8": "float8-e4m3fn", "tiny-flux-Q8_0": "gguf-q8_0", "tiny-flux-BF16": "gguf-bf16"}
+    stored = {"tiny-flux-fp8": "float8-e4m3fn", "tiny-flux-fp8-scaled": "float8-e4m3fn-scaled",
+              "tiny-flux-Q8_0": "gguf-q8_0", "tiny-flux-BF16": "gguf-bf16"}
     for name, kind in stored.items():
         model = listed[name]
         assert (model["architecture"], model["category"], model["available"]) == ("tiny-flux", "checkpoint", True)

@@ -65,3 +65,37 @@ async def test_the_newer_sdk_works_unmodified(server, sdk, transport):
     if transport == "websocket":
         # Its on_progress callback heard each step, in order, up to 100 %.
         assert outcome["progress"] == sorted(outcome["progress"]) and outcome["progress"][-1] == 100
+
+
+MASKING_SCRIPT = r'''
+import asyncio, base64, io, json, sys
+from runware import Runware
+
+async def main(port, key, transport):
+    client = Runware(api_key=key, transport=transport, ws_base_url=f"ws://127.0.0.1:{port}/v1",
+                     http_base_url=f"http://127.0.0.1:{port}/v1", max_retries=0)
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.linear_gradient("L").resize((96, 64)).convert("RGB").save(buffer, format="PNG")
+    png = base64.b64encode(buffer.getvalue()).decode()
+    async with client:
+        [masked] = await client.run(
+            {"taskType": "imageMasking", "model": "runware:35@1", "inputs": {"image": png}, "outputType": "base64Data",
+             "outputFormat": "PNG", "settings": {"confidence": 0.1, "maxDetections": 3, "maskPadding": 2,
+                                                  "maskBlur": 0}})
+    mask = Image.open(io.BytesIO(base64.b64decode(masked["maskImageBase64Data"])))
+    print(json.dumps({"size": list(mask.size), "detections": masked["detections"],
+                      "uuids": [masked.get("maskImageUUID"), masked.get("inputImageUUID")]}))
+
+asyncio.run(main(int(sys.argv[1]), sys.argv[2], sys.argv[3]))
+'''
+
+
+@pytest.mark.parametrize("transport", ["websocket", "rest"])
+async def test_the_newer_sdk_masks_with_its_settings_object(server, sdk, transport):
+    import asyncio
+
+    outcome = await asyncio.to_thread(run_script, sdk, MASKING_SCRIPT, str(server.port), API_KEY, transport)
+    assert outcome["size"] == [96, 64] and all(outcome["uuids"])
+    assert 0 < len(outcome["detections"]) <= 3
+    assert all({"x_min", "y_min", "x_max", "y_max"} <= set(box) for box in outcome["detections"])

@@ -67,7 +67,7 @@ async def test_a_malformed_frame_gets_one_error_and_the_connection_stays_open(se
 async def test_each_task_of_a_message_is_answered_on_its_own(server):
     wire = await Wire.open(server.url)
     good, bad = inference(), inference(steps=0)
-    unknown_type = {"taskType": "imageMasking", "taskUUID": new_uuid()}
+    unknown_type = {"taskType": "vectorize", "taskUUID": new_uuid()}
     await wire.send([bad, good, unknown_type])
     answers = await wire.answers({task["taskUUID"]: 1 for task in (bad, good, unknown_type)})
     _, bad_errors = answers[bad["taskUUID"]]

@@ -8,7 +8,15 @@ from imagewire_client.client import DEFAULT_URL, Client
 from imagewire_client.edits import ControlNet, Outpaint
 from imagewire_client.errors import ImagewireError
 from imagewire_client.images import ImageSource
-from imagewire_client.results import GuideImage, ImageResult, ModelInfo, TextResult, UploadedImage
+from imagewire_client.results import (
+    Detection,
+    GuideImage,
+    ImageResult,
+    MaskImage,
+    ModelInfo,
+    TextResult,
+    UploadedImage,
+)
 from imagewire_client.schema import Embedding, Lora, Refiner
 from imagewire_client.sync import SyncClient
 
@@ -18,11 +26,13 @@ __all__ = [
     "DEFAULT_URL",
     "Client",
     "ControlNet",
+    "Detection",
     "Embedding",
     "GuideImage",
     "ImageResult",
     "ImageSource",
     "ImagewireError",
+    "MaskImage",
     "Lora",
     "ModelInfo",
     "Outpaint",

@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("search", nargs="?", metavar="SEARCH", help="only models matching this text")
     models.add_argument("--category", metavar="NAME",
                         help="only models of this category: checkpoint, upscaler, background-removal, caption, "
-                             "prompt-enhancer")
+                             "masking, prompt-enhancer")
 
     def image_tool(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
         tool = commands.add_parser(name, parents=[connection], help=help_text, description=description)
@@ -154,6 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
         tool.add_argument("--format", choices=sorted(FORMATS), default="png", help="image format (default png)")
         tool.add_argument("--quality", type=int, metavar="Q", help="JPG/WEBP quality 20-99")
         tool.add_argument("--out", type=Path, default=Path("."), metavar="DIR", help="output folder (default .)")
+    mask = commands.add_parser(
+        "mask", parents=[connection], help="find faces, hands or people and write a mask of them",
+        description="Mask what an image shows; writes <maskImageUUID>.png (white where something was found) to "
+                    "--out and prints its path, then one line per detection: x_min y_min x_max y_max confidence.")
+    mask.add_argument("image", metavar="FILE|UUID|URL", help="the input image")
+    mask.add_argument("--model", metavar="AIR", default="runware:35@1",
+                      help="what to find: runware:35@1 faces (default), runware:35@3 hands, runware:35@4 people")
+    mask.add_argument("--confidence", type=float, metavar="C", help="0 to 1: keep detections scoring above it")
+    mask.add_argument("--max-detections", type=int, metavar="N", help="1 to 20: keep the N best")
+    mask.add_argument("--padding", type=int, metavar="PIXELS", help="grow each detection's white area")
+    mask.add_argument("--blur", type=int, metavar="PIXELS", help="fade the mask out over this many more pixels")
+    mask.add_argument("--out", type=Path, default=Path("."), metavar="DIR", help="output folder (default .)")
     caption = image_tool("caption", "describe an image in words", "Caption an image; prints the caption.")
     caption.add_argument("--prompt", metavar="TEXT", help="how the caption begins")
     enhance = commands.add_parser("enhance-prompt", parents=[connection], help="write richer versions of a prompt",
@@ -367,6 +379,20 @@ async def run_remove_background(client: Client, args: argparse.Namespace, timeou
     _save(await Progress("removing the background", sys.stderr).track(call), args.out, extension)
 
 
+async def run_mask(client: Client, args: argparse.Namespace, timeout: float) -> None:
+    call = client.mask(args.image, model=args.model, confidence=args.confidence, max_detections=args.max_detections,
+                       mask_padding=args.padding, mask_blur=args.blur, timeout=timeout)
+    masked = await Progress("masking", sys.stderr).track(call)
+    if masked.image_bytes is None:
+        raise ImagewireError("invalidResponse", f"The server sent no image data for {masked.uuid}.")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{masked.uuid}.png"
+    path.write_bytes(masked.image_bytes)
+    print(path, flush=True)
+    for found in masked.detections:
+        print(found.x_min, found.y_min, found.x_max, found.y_max, found.confidence, flush=True)
+
+
 async def run_caption(client: Client, args: argparse.Namespace, timeout: float) -> None:
     call = client.caption(args.image, model=args.model, prompt=args.prompt, timeout=timeout)
     print((await Progress("captioning", sys.stderr).track(call)).text, flush=True)
@@ -386,6 +412,7 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace, float], Awaitable[None
     "models": run_models,
     "upscale": run_upscale,
     "remove-background": run_remove_background,
+    "mask": run_mask,
     "caption": run_caption,
     "enhance-prompt": run_enhance_prompt,
 }

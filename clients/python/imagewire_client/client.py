@@ -14,7 +14,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Unpack
 
 import msgspec
 from websockets.asyncio.client import ClientConnection, connect
@@ -35,11 +35,13 @@ from imagewire_client.results import (
     UPLOAD_PHASES,
     GuideImage,
     ImageResult,
+    MaskImage,
     ModelInfo,
     TextResult,
     UploadedImage,
     guide_image,
     image_result,
+    mask_image,
     model_infos,
     text_result,
     upload_phase,
@@ -366,6 +368,29 @@ class Client:
         items = await self._call(task, task.taskUUID, expected=1, timeout=timeout, counted_key="imageUUID")
         return image_result(items[0])
 
+    async def mask(
+        self,
+        image: ImageSource,
+        *,
+        model: str = "runware:35@1",
+        confidence: float | None = None,
+        max_detections: int | None = None,
+        mask_padding: int | None = None,
+        mask_blur: int | None = None,
+        output_format: str = "PNG",
+        include_cost: bool = False,
+        timeout: float = 300.0,
+    ) -> MaskImage:
+        """A mask of the faces (``runware:35@1``), hands (``@3``) or people (``@4``) in ``image``, white inside
+        each detection grown by ``mask_padding`` and fading out over ``mask_blur`` pixels; ``detections`` has
+        their boxes. Its ``uuid`` can be an inpainting request's ``mask_image``."""
+        task = requests.image_masking(
+            input_image=await _image_field(image, "inputImage"), model=model, confidence=confidence,
+            max_detections=max_detections, mask_padding=mask_padding, mask_blur=mask_blur,
+            output_type=["URL", "base64Data"], output_format=output_format, include_cost=include_cost)
+        items = await self._call(task, task.taskUUID, expected=1, timeout=timeout, counted_key="maskImageUUID")
+        return mask_image(items[0])
+
     async def caption(self, image: ImageSource, *, model: str | None = None, prompt: str | None = None,
                       include_cost: bool = False, timeout: float = 300.0) -> TextResult:
         """Describe an image in words; ``prompt`` is how the caption begins."""
@@ -400,31 +425,14 @@ class Client:
         items = await self._call(task, task.taskUUID, expected=1, timeout=timeout)
         return model_infos(items[0])
 
-    async def upload_model(
-        self,
-        download_url: str,
-        *,
-        air: str,
-        category: str,
-        architecture: str,
-        name: str,
-        version: str,
-        unique_identifier: str,
-        type: str | None = None,
-        tags: Sequence[str] | None = None,
-        default_steps: int | None = None,
-        default_cfg: float | None = None,
-        default_strength: float | None = None,
-        default_scheduler: str | None = None,
-        timeout: float = 3600.0,
-    ) -> list[str]:
+    async def upload_model(self, download_url: str, *, timeout: float = 3600.0,
+                           **fields: Unpack[requests.ModelUploadFields]) -> list[str]:
         """Add a model to the server's catalog from ``download_url`` (modelUpload; the server needs
         --allow-downloads); the phases it answered, ``validated`` to ``ready``. Usable by ``air`` once it returns.
-        ``unique_identifier``: the file's SHA-256 makes the server check it."""
-        task = requests.model_upload(
-            download_url, air=air, category=category, architecture=architecture, name=name, version=version,
-            unique_identifier=unique_identifier, type=type, tags=tags, default_steps=default_steps,
-            default_cfg=default_cfg, default_strength=default_strength, default_scheduler=default_scheduler)
+        ``fields``: ``requests.ModelUploadFields`` (``air``, ``category``, ``architecture``, ``name``, ``version``,
+        ``unique_identifier``, and where they apply ``type``, ``tags``, ``conditioning``, ``trigger_word``, the
+        ``default_*`` settings). ``unique_identifier``: the file's SHA-256 makes the server check it."""
+        task = requests.model_upload(download_url, **fields)
         items = await self._call(task, task.taskUUID, expected=UPLOAD_PHASES, timeout=timeout)
         return [upload_phase(item) for item in items]
 

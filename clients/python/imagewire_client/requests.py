@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, NotRequired, TypedDict, TypeVar, Unpack
 
 import msgspec
 
@@ -63,32 +63,40 @@ def model_search(
                               architecture=architecture, limit=limit, offset=offset)
 
 
-def model_upload(
-    download_url: str,
-    *,
-    air: str,
-    category: str,
-    architecture: str,
-    name: str,
-    version: str,
-    unique_identifier: str,
-    type: str | None = None,
-    tags: Sequence[str] | None = None,
-    default_steps: int | None = None,
-    default_cfg: float | None = None,
-    default_strength: float | None = None,
-    default_scheduler: str | None = None,
-    task_uuid: str | None = None,
-) -> schema.ModelUpload:
-    # category and type are checked by the server, which names the values it takes.
+class ModelUploadFields(TypedDict):
+    """A modelUpload's fields beside its URL, as keywords: the one list ``model_upload`` and
+    ``Client.upload_model`` both take. ``trigger_word``: an embedding's token, the word that stands for it in
+    prompts."""
+
+    air: str
+    category: str
+    architecture: str
+    name: str
+    version: str
+    unique_identifier: str
+    type: NotRequired[str | None]
+    tags: NotRequired[Sequence[str] | None]
+    conditioning: NotRequired[str | None]
+    trigger_word: NotRequired[str | None]
+    default_steps: NotRequired[int | None]
+    default_cfg: NotRequired[float | None]
+    default_strength: NotRequired[float | None]
+    default_scheduler: NotRequired[str | None]
+
+
+def model_upload(download_url: str, *, task_uuid: str | None = None,
+                 **fields: Unpack[ModelUploadFields]) -> schema.ModelUpload:
+    tags = fields.get("tags")
+    # category, type and conditioning are checked by the server, which names the values it takes.
     return schema.ModelUpload(
-        taskUUID=task_uuid or new_task_uuid(), downloadURL=download_url, air=air,
-        category=category,  # type: ignore[arg-type]
-        architecture=architecture, format="safetensors", name=name, version=version,
-        uniqueIdentifier=unique_identifier, type=type,  # type: ignore[arg-type]
-        tags=list(tags) if tags is not None else None,
-        defaultSteps=default_steps, defaultCFG=default_cfg, defaultStrength=default_strength,
-        defaultScheduler=default_scheduler)
+        taskUUID=task_uuid or new_task_uuid(), downloadURL=download_url, air=fields["air"],
+        category=fields["category"],  # type: ignore[arg-type]
+        architecture=fields["architecture"], format="safetensors", name=fields["name"], version=fields["version"],
+        uniqueIdentifier=fields["unique_identifier"], type=fields.get("type"),  # type: ignore[arg-type]
+        conditioning=fields.get("conditioning"),  # type: ignore[arg-type]
+        positiveTriggerWords=fields.get("trigger_word"), tags=list(tags) if tags is not None else None,
+        defaultSteps=fields.get("default_steps"), defaultCFG=fields.get("default_cfg"),
+        defaultStrength=fields.get("default_strength"), defaultScheduler=fields.get("default_scheduler"))
 
 
 # A LoRA or an embedding: its AIR (weight 1), an (AIR, weight) pair, or the schema's struct.
@@ -239,3 +247,26 @@ def controlnet_preprocess(
         taskUUID=task_uuid or new_task_uuid(), inputImage=input_image, preProcessorType=preprocessor,
         outputType=output_type,  # type: ignore[arg-type]  # not checked here: the server names bad values
         outputFormat=output_format, **{name: value for name, value in fields.items() if value is not None})
+
+
+def image_masking(
+    *,
+    input_image: str,
+    model: str,
+    confidence: float | None = None,
+    max_detections: int | None = None,
+    mask_padding: int | None = None,
+    mask_blur: int | None = None,
+    output_type: str | list[str] = "URL",
+    output_format: str = "PNG",
+    include_cost: bool = False,
+    task_uuid: str | None = None,
+) -> schema.ImageMasking:
+    """An ``imageMasking`` task; ``input_image`` is already in wire form. Unset settings are left to the server."""
+    fields: dict[str, Any] = {"confidence": confidence, "maxDetections": max_detections, "maskPadding": mask_padding,
+                              "maskBlur": mask_blur}
+    return schema.ImageMasking(
+        taskUUID=task_uuid or new_task_uuid(), inputImage=input_image, model=model,
+        outputType=output_type,  # type: ignore[arg-type]  # not checked here: the server names bad values
+        outputFormat=output_format, includeCost=include_cost,
+        **{name: value for name, value in fields.items() if value is not None})

@@ -47,6 +47,30 @@ class GuideImage:
 
 
 @dataclass(frozen=True)
+class Detection:
+    """A face, hand or person found: its box's edges in pixels of the input (``x_min <= x < x_max``)."""
+
+    x_min: int
+    y_min: int
+    x_max: int
+    y_max: int
+    confidence: float
+
+
+@dataclass(frozen=True)
+class MaskImage:
+    """A mask made by the server (white where something was found): pass ``uuid`` as ``mask_image``."""
+
+    task_uuid: str
+    uuid: str
+    detections: list[Detection]
+    input_image_uuid: str | None = None
+    url: str | None = None
+    image_bytes: bytes | None = None
+    cost: float | None = None
+
+
+@dataclass(frozen=True)
 class UploadedImage:
     """An image stored on the server: pass ``uuid`` wherever a task takes an image."""
 
@@ -95,6 +119,19 @@ def guide_image(item: dict[str, Any]) -> GuideImage:
         data = _decode_base64(wire.guideImageDataURI.split(",", 1)[1], wire.taskUUID)
     return GuideImage(task_uuid=wire.taskUUID, uuid=wire.guideImageUUID, input_image_uuid=wire.inputImageUUID,
                       url=wire.guideImageURL, image_bytes=data)
+
+
+def mask_image(item: dict[str, Any]) -> MaskImage:
+    wire: schema.MaskImageResult = _convert(item, schema.MaskImageResult)
+    data = None
+    if wire.maskImageBase64Data:
+        data = _decode_base64(wire.maskImageBase64Data, wire.taskUUID)
+    elif wire.maskImageDataURI and "," in wire.maskImageDataURI:
+        data = _decode_base64(wire.maskImageDataURI.split(",", 1)[1], wire.taskUUID)
+    detections = [Detection(x_min=found.x_min, y_min=found.y_min, x_max=found.x_max, y_max=found.y_max,
+                            confidence=found.confidence) for found in wire.detections]
+    return MaskImage(task_uuid=wire.taskUUID, uuid=wire.maskImageUUID, detections=detections,
+                     input_image_uuid=wire.inputImageUUID, url=wire.maskImageURL, image_bytes=data, cost=wire.cost)
 
 
 def uploaded_image(item: dict[str, Any]) -> UploadedImage:

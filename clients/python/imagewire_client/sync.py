@@ -89,6 +89,7 @@ class SyncClient:
     caption = _blocking(Client.caption)
     enhance_prompt = _blocking(Client.enhance_prompt)
     controlnet_preprocess = _blocking(Client.controlnet_preprocess)
+    mask = _blocking(Client.mask)
 
     def close(self) -> None:
         """Close the connection and stop the background loop. Safe to call twice."""

@@ -1,0 +1,127 @@
+"""modelDownload (our extension): a catalog model of the Hugging Face hub fetched over the wire with progress,
+from a hub of our own on loopback (tests/fake_hub.py) serving the tiny model's files as a repo."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.fake_hub import HUB_MODEL, REPO
+from tests.wire import Wire, eventually, inference, new_uuid
+
+
+def download(model: str = HUB_MODEL) -> dict[str, Any]:
+    return {"taskType": "modelDownload", "taskUUID": new_uuid(), "model": model}
+
+
+async def follow(wire: Wire, task: dict[str, Any]) -> list[dict[str, Any]]:
+    """Send a modelDownload and read its items up to ``ready``."""
+    await wire.send([task])
+    items: list[dict[str, Any]] = []
+    while not items or items[-1]["status"] != "ready":
+        data, errors = await wire.items_for(task["taskUUID"], 1)
+        assert not errors, errors
+        items += data
+    return items
+
+
+async def searched(wire: Wire) -> dict[str, Any]:
+    [found] = await wire.run({"taskType": "modelSearch", "search": "hubtest"})
+    [model] = found["results"]
+    return model
+
+
+async def image(wire: Wire, model: str) -> str:
+    [made] = await wire.run(inference(model=model, outputType="base64Data", seed=7))
+    return str(made["imageBase64Data"])
+
+
+async def test_a_download_reports_growing_bytes_ends_ready_and_the_model_runs(start_server, hub, hub_catalog):
+    server = await start_server(allow_downloads=True, catalog_files=(hub_catalog,))
+    wire = await Wire.open(server.url)
+    before = await searched(wire)
+    assert before["available"] is False and before["downloadable"] is True
+    assert f"hf download {REPO}" in before["comment"]
+
+    items = await follow(wire, download())
+    *progress, ready = items
+    total = sum(path.stat().st_size for path in hub.files(REPO).values())
+    assert {key: value for key, value in ready.items() if key != "taskUUID"} == {
+        "taskType": "modelDownload", "air": HUB_MODEL, "status": "ready", "bytesDone": total, "bytesTotal": total}
+    assert len(progress) >= 2 and all(item["status"] == "downloading" for item in progress)
+    done = [item["bytesDone"] for item in progress]
+    assert done == sorted(done) and len(set(done)) == len(done) and done[-1] <= total
+    assert all(item["bytesTotal"] == total for item in progress)
+    # Each file was fetched once, the layout's marker last.
+    fetched = [line.rsplit("/", 1)[1] for line in hub.requests if line.startswith("GET") and "/resolve/" in line]
+    assert sorted(fetched) == sorted(name.rsplit("/", 1)[-1] for name in hub.files(REPO))
+    assert fetched[-1] == "model_index.json"
+
+    after = await searched(wire)
+    assert after["available"] is True and after["downloadable"] is False and after["comment"] == ""
+    # The tiny model's weights under another name: the same image at the same seed.
+    assert await image(wire, HUB_MODEL) == await image(wire, "imagewire:tiny@1")
+    # Now there is nothing to download.
+    error = await wire.error(download())
+    assert (error["code"], error["parameter"]) == ("invalidParameter", "model")
+    assert "already" in error["message"]
+    await wire.close()
+
+
+async def test_a_download_goes_on_when_its_client_leaves_and_a_second_request_follows_it(
+        start_server, hub, hub_catalog):
+    server = await start_server(allow_downloads=True, catalog_files=(hub_catalog,))
+    first = await Wire.open(server.url)
+    task = download()
+    await first.send([task])
+    data, errors = await first.items_for(task["taskUUID"], 1)
+    assert not errors and data[0]["status"] == "downloading"
+    await first.close()
+    # Another client asks meanwhile: it follows the same download to its end.
+    second = await Wire.open(server.url)
+    items = await follow(second, download())
+    assert items[-1]["status"] == "ready"
+    model = await eventually(lambda: searched(second))
+    assert model["available"] is True
+    fetched = [line for line in hub.requests if line.startswith("GET") and "/resolve/" in line]
+    assert len(fetched) == len(hub.files(REPO))
+    await second.close()
+
+
+async def test_refusals_name_the_flag_the_model_and_what_would_do(start_server, hub, hub_catalog):
+    plain = await start_server(catalog_files=(hub_catalog,))
+    wire = await Wire.open(plain.url)
+    error = await wire.error(download())
+    assert (error["code"], error["parameter"]) == ("unsupportedParameter", "model")
+    assert "--allow-downloads" in error["message"]
+    assert (await searched(wire))["downloadable"] is False
+    await wire.close()
+
+    server = await start_server(allow_downloads=True, catalog_files=(hub_catalog,))
+    wire = await Wire.open(server.url)
+    error = await wire.error(download("nobody:404@1"))
+    assert (error["code"], error["parameter"]) == ("modelNotFound", "model")
+    error = await wire.error(download("imagewire:tiny@1"))
+    assert (error["code"], error["parameter"]) == ("invalidParameter", "model")
+    assert HUB_MODEL in error["allowedValues"] and "'embedded'" in error["message"]
+    error = await wire.error({"taskType": "modelDownload", "taskUUID": new_uuid()})
+    assert error["parameter"] == "model"
+    await wire.close()
+    assert not [line for line in hub.requests if "/resolve/" in line]
+
+
+async def test_a_hub_that_fails_leaves_the_model_missing(start_server, hub, hub_catalog):
+    hub.refuse_files = True
+    server = await start_server(allow_downloads=True, catalog_files=(hub_catalog,))
+    wire = await Wire.open(server.url)
+    task = download()
+    await wire.send([task])
+    data, errors = await wire.items_for(task["taskUUID"], 1000)
+    assert errors and errors[0]["code"] == "serviceUnavailable" and errors[0]["parameter"] == "model"
+    assert f"hf download {REPO}" in errors[0]["message"]
+    assert (await searched(wire))["available"] is False
+    # A hub that does not know the repo at all: the listing fails, and says so.
+    hub.repos = {}
+    error = await wire.error(download())
+    assert (error["code"], error["parameter"]) == ("serviceUnavailable", "model")
+    assert "could not be listed" in error["message"]
+    await wire.close()
