@@ -12,10 +12,9 @@ file), ``ready`` (in the catalog). A failure answers an error naming the paramet
 
 from __future__ import annotations
 
-import re
-
 import asyncio
 import contextlib
+import re
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
