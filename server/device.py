@@ -22,8 +22,11 @@ than its turn, and a key whose job was passed over keeps its turn (the key that 
 end of the turn order, as after any job). With ``max_passed_over`` 0 the turn order is strict.
 
 Out of memory: a call that runs out of device memory fails no worker. Its tasks run again in calls of half
-as many images (and that model's calls stay at most that large from then on: ``batch_limits``), until one
-image alone does not fit, which fails that task with an error saying so.
+as many images (and that model's calls stay at most that large: ``batch_limits``), until one image alone does
+not fit, which fails that task with an error saying so. What ran out may not last (another model was loaded
+beside it, a neighbour held memory), so a capped model's calls grow back, one doubling at a time:
+``BATCH_REGROWTH_SECONDS`` after the cap, and as long again after each doubling. Each new out-of-memory error of
+that model halves again and doubles the wait, so a model that truly does not fit stops trying before long.
 
 A job can be cancelled: a waiting one leaves the queue, a running one is marked, and the engine's
 runner stops a call at its next step once every job in it is cancelled (its batch-mates carry on).
@@ -298,9 +301,15 @@ class _Outlet:
         return self.handles[index].cancelled
 
 
+# How long a model's calls stay capped after running out of memory before they may make twice as many images;
+# doubled with each out-of-memory error of that model, up to BATCH_REGROWTH_MAX_SECONDS.
+BATCH_REGROWTH_SECONDS = 600.0
+BATCH_REGROWTH_MAX_SECONDS = 24 * 3600.0
+
+
 class DeviceQueue:
     def __init__(self, engine_factory: Callable[[], Engine], *, queue_size: int, max_batch_size: int,
-                 max_passed_over: int = 0) -> None:
+                 max_passed_over: int = 0, clock: Callable[[], float] = time.monotonic) -> None:
         self._engine_factory = engine_factory
         self._queue: WorkQueue[JobHandle] = WorkQueue(queue_size)
         self._queue_size = queue_size
@@ -309,6 +318,9 @@ class DeviceQueue:
         # Images per call by model, for models whose larger calls ran out of device memory; written and read
         # by the worker, read by tests.
         self.batch_limits: dict[str, int] = {}
+        # By model: when its cap may next double, and the wait after that (read and written by the worker).
+        self._regrowth: dict[str, tuple[float, float]] = {}
+        self._clock = clock
         self._thread: threading.Thread | None = None
         self._accepting = False
         self._ready = threading.Event()
@@ -465,7 +477,20 @@ class DeviceQueue:
 
     def _limit(self, job: Job) -> int:
         """The most images one call of ``job``'s model may make."""
-        return min(self._max_batch_size, self.batch_limits.get(_model_of(job), self._max_batch_size))
+        model = _model_of(job)
+        limit = self.batch_limits.get(model)
+        if limit is None:
+            return self._max_batch_size
+        due, wait = self._regrowth[model]
+        if self._clock() >= due:
+            limit = min(self._max_batch_size, limit * 2)
+            self._regrowth[model] = (self._clock() + wait, wait)
+            if limit >= self._max_batch_size:
+                del self.batch_limits[model]
+            else:
+                self.batch_limits[model] = limit
+            log.info("%s: its calls may make %d images again, %.0f s after its last cap", model, limit, wait)
+        return min(self._max_batch_size, limit)
 
     def _after_out_of_memory(self, engine: Engine, handles: list[JobHandle], answered: set[int],
                              exc: Exception) -> list[JobHandle]:
@@ -481,11 +506,14 @@ class DeviceQueue:
         waiting = [handle for index, handle in enumerate(handles) if index not in answered and not handle.cancelled]
         if tried > 1:
             limit = self.batch_limits[model] = max(1, tried // 2)
+            self._capped(model)
             log.warning("out of device memory making %d images of %s in one call (%s); its calls now make at most %d",
                         tried, model, type(exc).__name__, limit)
             for group in _groups(waiting, limit):
                 self._run(engine, group)
         else:
+            self.batch_limits[model] = 1
+            self._capped(model)
             log.error("out of device memory for %s even at one image per call (%s)", model, type(exc).__name__)
             for handle in waiting:
                 handle._post(Failed(InferenceError(_out_of_memory_message(handle.job))))
@@ -495,6 +523,12 @@ class DeviceQueue:
                 f"The device ran out of memory after some of this task's images; {_out_of_memory_message(job)}")))
             return []
         return [handle for index, handle in enumerate(handles) if index in answered]
+
+    def _capped(self, model: str) -> None:
+        """``model``'s calls were just capped: the first regrowth after a wait twice the last one's."""
+        last = self._regrowth.get(model, (0.0, BATCH_REGROWTH_SECONDS / 2))[1]
+        wait = min(BATCH_REGROWTH_MAX_SECONDS, last * 2)
+        self._regrowth[model] = (self._clock() + wait, wait)
 
     def _call(self, engine: Engine, handles: list[JobHandle], emit: _Outlet) -> None:
         """One engine call; its device time is charged to the jobs' owners however it ends (each

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from imagewire.server.device import DeviceQueue
+from imagewire.server.device import BATCH_REGROWTH_SECONDS, DeviceQueue
 from imagewire.tasks.errors import InferenceError
 from imagewire.tasks.jobs import Emit, Job
 from tests.timing import seconds
@@ -126,5 +126,40 @@ async def test_one_image_that_does_not_fit_fails_its_task_and_the_next_task_runs
         # The worker lives on: the next task on another model runs.
         assert await results(device.submit(ImagesJob(task_uuid="next", model_air="test:small@1"))) == ["next"]
         assert device.ready
+    finally:
+        await asyncio.to_thread(device.stop, seconds(10))
+
+
+async def test_a_capped_model_grows_back_after_a_wait_that_doubles_with_each_failure():
+    engine = TightEngine(fits=2)
+    engine.release.set()
+    now = [1000.0]
+    device = DeviceQueue(lambda: engine, queue_size=16, max_batch_size=4, clock=lambda: now[0])
+    await asyncio.to_thread(device.start)
+    try:
+        assert await results(device.submit(ImagesJob(task_uuid="a", count=4))) == ["a"] * 4
+        assert device.batch_limits == {"test:big@1": 2}
+        # Before the wait is over the cap holds.
+        now[0] += BATCH_REGROWTH_SECONDS - 1
+        engine.calls.clear()
+        assert await results(device.submit(ImagesJob(task_uuid="b", count=4))) == ["b"] * 4
+        assert engine.calls == [["b", "b"], ["b", "b"]]
+        # After it, four are tried again; still too many: halved again, and the next wait is twice as long.
+        now[0] += 1
+        engine.calls.clear()
+        assert await results(device.submit(ImagesJob(task_uuid="c", count=4))) == ["c"] * 4
+        assert engine.calls == [["c"] * 4, ["c", "c"], ["c", "c"]]
+        assert device.batch_limits == {"test:big@1": 2}
+        now[0] += BATCH_REGROWTH_SECONDS
+        engine.calls.clear()
+        assert await results(device.submit(ImagesJob(task_uuid="d", count=4))) == ["d"] * 4
+        assert engine.calls == [["d", "d"], ["d", "d"]]
+        # Memory came back (another model left the device): after the longer wait, one call of four again.
+        engine.fits = 4
+        now[0] += BATCH_REGROWTH_SECONDS
+        engine.calls.clear()
+        assert await results(device.submit(ImagesJob(task_uuid="e", count=4))) == ["e"] * 4
+        assert engine.calls == [["e"] * 4]
+        assert device.batch_limits == {}
     finally:
         await asyncio.to_thread(device.stop, seconds(10))
