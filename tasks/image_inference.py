@@ -18,6 +18,7 @@ import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import msgspec
 from PIL import Image
@@ -37,7 +38,7 @@ from imagewire.tasks import (
 )
 from imagewire.tasks.context import TaskContext
 from imagewire.tasks.describe import describe_annotation, nearest_valid, stepped_range
-from imagewire.tasks.errors import InvalidParameter, MissingParameter
+from imagewire.tasks.errors import InvalidParameter, MissingParameter, UnsupportedParameter, describe_value
 from imagewire.tasks.jobs import GeneratedImage, ImageEncoding, InferenceJob, JobEvent, Queued, RunningJob
 from imagewire.tasks.outputs import ImageOutput, deliver_image, image_output
 from imagewire.tasks.schema import ImageInference, ImageResult, Progress
@@ -86,8 +87,41 @@ class AwaitingDownload:
     air: AIR
 
 
+# What the newer SDK sends in ``inputs``, each the same as the top-level field of its name.
+INPUT_FIELDS = ("seedImage", "maskImage", "referenceImages")
+
+
+def with_inputs_folded(task: ImageInference) -> ImageInference:
+    """``task`` with ``inputs`` (the newer SDK's spelling of the input images) moved into the top-level fields;
+    each picture may come either way, not as two different ones."""
+    if task.inputs is None:
+        return task
+    given = task.inputs
+    unknown = sorted(key for key in given if key not in INPUT_FIELDS)
+    if unknown:
+        raise UnsupportedParameter(
+            f"inputs.{unknown[0]} is not supported by imageInference; inputs takes {', '.join(INPUT_FIELDS)}.",
+            parameter=f"inputs.{unknown[0]}")
+    folded: dict[str, Any] = {}
+    for name, value in given.items():
+        many = name == "referenceImages"
+        if not (isinstance(value, list) and all(isinstance(each, str) for each in value) if many
+                else isinstance(value, str)):
+            raise InvalidParameter(
+                f"Invalid inputs.{name}: expected {'an array of strings' if many else 'a string'} (images as UUIDs, "
+                f"data URIs, base64 data or http(s) URLs); received {describe_value(value)}.",
+                parameter=f"inputs.{name}", type="array" if many else "string")
+        top = getattr(task, name)
+        if top is not None and top != value:
+            raise InvalidParameter(f"Send {name} once: as {name} or as inputs.{name}, not two different ones.",
+                                   parameter=f"inputs.{name}", type="array" if many else "string")
+        folded[name] = value
+    return msgspec.structs.replace(task, inputs=None, **folded)
+
+
 def prepare(task: ImageInference, ctx: TaskContext) -> Prepared | AwaitingDownload:
     """Every check that needs the model but no I/O. Raises a TaskError naming the parameter."""
+    task = with_inputs_folded(task)
     download = inputs.model_to_download(ctx, task.model)
     if download is not None:
         content_safety.prepare(task, ctx)  # what can be checked before the model is known

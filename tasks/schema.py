@@ -152,6 +152,9 @@ class ImageInference(Deliverable, tag="imageInference"):
     ttl: TTL | None = None
     # FLUX.1 Kontext's input images, in the four forms; how many a model takes, tasks/references.py checks.
     referenceImages: list[str] | None = None
+    # The newer SDK's spelling of the input images: {"seedImage", "maskImage", "referenceImages"}
+    # (tasks/image_inference.py folds it into the fields above).
+    inputs: dict[str, Any] | None = None
     ipAdapters: Annotated[list[IpAdapter], Meta(max_length=MAX_ADD_ONS)] | None = None
     # Step caching (tasks/acceleration.py): a preset, and options that override it field by field.
     acceleration: Literal["none", "low", "medium", "high"] | None = None
@@ -467,7 +470,7 @@ AnyTask = (Authentication | Ping | ImageInference | ImageUpload | GetResponse | 
 UNSUPPORTED_PARAMETERS: dict[str, frozenset[str]] = {
     "imageInference": frozenset(
         {
-            "inputs", "advancedFeatures", "puLID", "acePlusPlus",
+            "advancedFeatures", "puLID", "acePlusPlus",
             "photoMaker", "instantID", "layerDiffuse", "outputs",
             "providerSettings", "settings", "frameImages", "resolution", "batchSize",
             "vectorize", "teaCache", "fbCache", "deepCache", "cacheStartStep", "cacheEndStep",

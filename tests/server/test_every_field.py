@@ -47,6 +47,7 @@ HONOURED: dict[type[schema.Task], dict[str, tuple[str, ...]]] = {
                      "usePromptWeighting", "refiner"),
         **handled_by("tasks/editing.py", "maskImage", "maskMargin", "outpaint", "controlNet"),
         "referenceImages": ("tasks/references.py",),
+        "inputs": ("tasks/image_inference.py",),
         **handled_by("tasks/acceleration.py", "acceleration", "acceleratorOptions"),
         "ipAdapters": ("tasks/ip_adapters.py",),
         **OUTPUT, **DELIVERY,

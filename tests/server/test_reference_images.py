@@ -100,3 +100,32 @@ async def test_the_python_sdk_sends_reference_images(server):
     finally:
         await client.disconnect()
     assert np.array_equal(pixels({"imageBase64Data": image.imageBase64Data}), pixels(expected))
+
+
+async def test_the_newer_sdks_inputs_object_gives_the_same_images(server):
+    # runware-sdk 1.8 types FLUX.1 Kontext's pictures only as ``inputs``; the images are those of the top-level
+    # fields, and a picture sent both ways must be the same one.
+    wire = await Wire.open(server.url)
+    [top] = await wire.run(kontext(seedImage=RED, referenceImages=[BLUE]))
+    [nested] = await wire.run(kontext(inputs={"seedImage": RED, "referenceImages": [BLUE]}))
+    [mixed] = await wire.run(kontext(seedImage=RED, inputs={"seedImage": RED, "referenceImages": [BLUE]}))
+    assert np.array_equal(pixels(top), pixels(nested)) and np.array_equal(pixels(top), pixels(mixed))
+    [inpainted] = await wire.run(inference(seed=3, steps=2, outputType="base64Data", width=128, height=128,
+                                           inputs={"seedImage": RED, "maskImage": png((255, 255, 255))}))
+    [inpainted_top] = await wire.run(inference(seed=3, steps=2, outputType="base64Data", width=128, height=128,
+                                               seedImage=RED, maskImage=png((255, 255, 255))))
+    assert np.array_equal(pixels(inpainted), pixels(inpainted_top))
+    for inputs, code, parameter in [
+        ({"image": RED}, "unsupportedParameter", "inputs.image"),
+        ({"referenceImages": RED}, "invalidParameter", "inputs.referenceImages"),
+        ({"seedImage": [RED]}, "invalidParameter", "inputs.seedImage"),
+    ]:
+        error = await wire.error(kontext(inputs=inputs))
+        assert (error["code"], error["parameter"]) == (code, parameter), inputs
+    twice = await wire.error(kontext(seedImage=RED, inputs={"seedImage": BLUE}))
+    assert (twice["code"], twice["parameter"]) == ("invalidParameter", "inputs.seedImage")
+    assert "not two different ones" in twice["message"]
+    # Past the fold, the nested pictures are checked as the top-level ones.
+    third = await wire.error(kontext(inputs={"referenceImages": [RED, BLUE, GREEN]}))
+    assert (third["code"], third["parameter"]) == ("invalidParameter", "referenceImages[2]")
+    await wire.close()
