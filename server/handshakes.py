@@ -138,6 +138,8 @@ class _Timed(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.frames: FrameCounter | None = None
         self._held_back = bytearray()  # bytes read past a message that waits for the budget
+        # Until the first request head has come in whole: its last bytes, to find its end across reads.
+        self._head_tail: bytes | None = b""
 
     def count_frames(self, budget: InboundBudget, *, max_message_bytes: int) -> FrameCounter:
         """Charge this connection's messages to ``budget`` from now on (called before the upgrade answer)."""
@@ -162,6 +164,8 @@ class _Timed(asyncio.Protocol):
         self.inner.connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._head_tail is not None:
+            self._watch_head(data)
         if self.frames is None:
             self.inner.data_received(data)
             return
@@ -175,6 +179,19 @@ class _Timed(asyncio.Protocol):
         if passed < len(data):
             self._held_back += data[passed:]
             self._pause()
+
+    def _watch_head(self, data: bytes) -> None:
+        """The connection is past its handshake once its first request head has arrived whole (the blank
+        line that ends it), told here as it arrives rather than when its handler starts: on a busy event loop
+        a handler may start late, and a connection counted as still handshaking meanwhile could be dropped
+        as the oldest of its address's (the soak's REST clients, all on one address, were)."""
+        seen = (self._head_tail or b"") + data
+        if b"\r\n\r\n" in seen:
+            self._head_tail = None
+            if self.transport is not None:
+                self.guard.request_arrived(self.transport)
+        else:
+            self._head_tail = seen[-3:]
 
     def _pause(self) -> None:
         if self.transport is not None and not self.transport.is_closing():

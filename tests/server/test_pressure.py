@@ -99,6 +99,36 @@ async def test_a_flood_of_half_handshakes_does_not_lock_out_a_prompt_client(star
         writer.close()
 
 
+async def test_a_connection_whose_request_head_arrived_is_never_dropped_as_handshaking() -> None:
+    # The guard hears of a request when its head is in, not when its handler starts: on a busy event loop
+    # handlers start late, and connections already past their handshake were dropped as the oldest.
+    class Silent(asyncio.Protocol):   # aiohttp's protocol, had its handler not started yet
+        pass
+
+    class Transport(asyncio.Transport):
+        aborted = False
+
+        def get_extra_info(self, name: str, default: object = None) -> object:
+            return ("127.0.0.1", 5000) if name == "peername" else default
+
+        def abort(self) -> None:
+            self.aborted = True
+
+    guard = handshakes.HandshakeGuard(Silent, timeout=seconds(30), per_address=1, trusted=[])
+    first, second, third = (guard(), Transport()), (guard(), Transport()), (guard(), Transport())
+    first[0].connection_made(first[1])
+    for piece in (b"POST /v1 HTTP/1.1\r\nHost: x\r", b"\nContent-Length: 2\r\n\r", b"\n[]"):  # split anywhere
+        first[0].data_received(piece)
+    second[0].connection_made(second[1])
+    second[0].data_received(b"POST /v1 HTTP/1.1\r\nHost: x\r\n")  # not finished
+    assert not first[1].aborted and guard.pending == 1
+    third[0].connection_made(third[1])  # crowds out the unfinished one only
+    assert second[1].aborted and not first[1].aborted and guard.dropped == 1
+    for protocol, transport in (first, second, third):
+        protocol.connection_lost(None)
+    assert guard.pending == 0
+
+
 async def test_a_connection_that_never_sends_its_request_is_dropped(start_server):
     server = await start_server(handshake_timeout=seconds(0.5))
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
