@@ -40,7 +40,10 @@ async def test_a_download_reports_growing_bytes_ends_ready_and_the_model_runs(st
     wire = await Wire.open(server.url)
     before = await searched(wire)
     assert before["available"] is False and before["downloadable"] is True
-    assert f"hf download {REPO}" in before["comment"]
+    # The hint fits a server that downloads: no command to run by hand, and no flag to add.
+    assert "on first use, or now with a modelDownload task" in before["comment"]
+    assert REPO in before["comment"] and "hf download" not in before["comment"]
+    assert "--allow-downloads" not in before["comment"]
 
     items = await follow(wire, download())
     *progress, ready = items
@@ -93,7 +96,11 @@ async def test_refusals_name_the_flag_the_model_and_what_would_do(start_server, 
     error = await wire.error(download())
     assert (error["code"], error["parameter"]) == ("unsupportedParameter", "model")
     assert "--allow-downloads" in error["message"]
-    assert (await searched(wire))["downloadable"] is False
+    model = await searched(wire)
+    assert model["downloadable"] is False
+    # Without the flag the hint is the operator's: the command that fetches the files, or the flag.
+    assert f"hf download {REPO}" in model["comment"] and "--allow-downloads" in model["comment"]
+    assert "modelDownload" not in model["comment"]
     await wire.close()
 
     server = await start_server(allow_downloads=True, catalog_files=(hub_catalog,))
