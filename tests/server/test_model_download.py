@@ -164,3 +164,22 @@ async def test_the_servers_log_has_its_own_progress_lines_and_none_of_the_hub_li
     assert progress and len(progress) == len(lines) - 2 and len(progress) <= 10
     assert len({percent // 10 for percent in percents}) == len(percents) and percents == sorted(percents)
     assert re.fullmatch(rf"downloaded {re.escape(HUB_MODEL)}: {re.escape(size)} in \d+\.\d s", lines[-1])
+
+
+async def test_a_download_on_first_use_is_logged_without_the_hub_librarys_bars(
+        start_server, hub, hub_catalog, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]):
+    from huggingface_hub.utils import enable_progress_bars
+
+    enable_progress_bars()
+    caplog.set_level(logging.INFO, logger="imagewire.air_registry.weights")
+    server = await start_server(allow_downloads=True, catalog_files=(hub_catalog,))
+    wire = await Wire.open(server.url)
+    capsys.readouterr()
+    # No modelDownload: the request itself has the server fetch the model, and waits for it.
+    made = await image(wire, HUB_MODEL)
+    await wire.close()
+    assert "Fetching" not in capsys.readouterr().err
+    lines = [record.getMessage() for record in caplog.records if record.name == "imagewire.air_registry.weights"]
+    assert lines[0] == f"downloading {HUB_MODEL} from Hugging Face repo '{REPO}' on first use"
+    assert re.fullmatch(rf"downloaded {re.escape(HUB_MODEL)} in \d+\.\d s", lines[1])
+    assert [line for line in hub.requests if "/resolve/" in line] and made
