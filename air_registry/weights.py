@@ -7,6 +7,8 @@ that fetches it.
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
 from imagewire.air_registry.air import parse_air
@@ -21,6 +23,26 @@ from imagewire.air_registry.model_files import (
     LAYOUT_MARKERS,
     MODEL_INDEX,
 )
+
+log = logging.getLogger(__name__)
+
+
+def quiet_hub_progress_bars() -> None:
+    """Turn off the hub library's own progress bars, before a download of the server's.
+
+    It draws a tqdm bar per download on stderr, which in a server's log is noise (one more line per redraw where
+    stderr is no terminal); the server logs a download's progress itself. The switch is the library's (its
+    bars only, not those of diffusers or transformers) and holds for the whole process, so it stays off once
+    set: turning it back on after one download would bring the bars back for another still running on a
+    thread beside it. An operator who wants them sets HF_HUB_DISABLE_PROGRESS_BARS=0, which the library puts
+    first, and then they are left on."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
+
+    # All of its bars, not a named group of them: the bar over a snapshot's files is created with no name.
+    if constants.HF_HUB_DISABLE_PROGRESS_BARS is False or are_progress_bars_disabled():
+        return
+    disable_progress_bars()
 
 
 def weights_file(path: Path, category: str) -> Path | None:
@@ -73,6 +95,7 @@ def hub_download_size(entry: ModelEntry) -> int:
     from huggingface_hub import snapshot_download
 
     repo, _, patterns, excluded, command = _hub_files(entry)
+    quiet_hub_progress_bars()
     try:
         plan = snapshot_download(repo, allow_patterns=patterns, ignore_patterns=excluded, dry_run=True)
     except Exception as exc:
@@ -109,6 +132,7 @@ def download_hub_weights(entry: ModelEntry) -> Path:
 
     repo, filename, patterns, excluded, command = _hub_files(entry)
     marker = LAYOUT_MARKERS.get(entry.layout) if filename is None else None
+    quiet_hub_progress_bars()
     try:
         if marker is not None:
             snapshot_download(repo, allow_patterns=patterns, ignore_patterns=[*excluded, marker])
@@ -138,8 +162,13 @@ def _locate_hub_weights(entry: ModelEntry, *, allow_downloads: bool) -> Path:
                 f"{what} is not in the local cache; download it with `{command}` or start the server with "
                 "--allow-downloads",
             ) from exc
+        quiet_hub_progress_bars()
+        # The hub library's bars are off: these lines say in the server's log why a first request waits.
+        log.info("downloading %s from Hugging Face repo '%s' on first use", entry.air, repo)
+        started = time.monotonic()
         try:
             snapshot = Path(snapshot_download(repo, allow_patterns=patterns, ignore_patterns=excluded))
+            log.info("downloaded %s in %.1f s", entry.air, time.monotonic() - started)
         except Exception as download_exc:
             raise _missing(
                 entry,

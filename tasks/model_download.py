@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,12 @@ log = logging.getLogger(__name__)
 
 # How often a follower looks at the bytes on disk; an item goes out only when the count has moved.
 PROGRESS_INTERVAL = 0.25
+# The server's log gets a line each tenth of the way, and at least this often while a download is slow.
+LOG_INTERVAL = 30.0
+
+
+def megabytes(count: int) -> str:
+    return f"{count / 1e6:.1f} MB"
 
 
 @dataclass
@@ -52,7 +59,33 @@ class HubFetch:
     async def fetch(self, downloads: Downloads, owner: str) -> Path:
         self.baseline = await asyncio.to_thread(hub_bytes_on_disk, self.entry)
         self.total = await downloads.run(owner, hub_download_size, self.entry)
-        return await downloads.run(owner, download_hub_weights, self.entry)
+        air, total = self.entry.air, self.total
+        log.info("downloading %s from Hugging Face repo '%s': %s to fetch", air, self.entry.location,
+                 megabytes(total))
+        started = time.monotonic()
+        # One reporter per download, however many requests follow it, so that the log has each line once.
+        reporter = asyncio.get_running_loop().create_task(self._log_progress())
+        try:
+            path = await downloads.run(owner, download_hub_weights, self.entry)
+        finally:
+            reporter.cancel()
+        log.info("downloaded %s: %s in %.1f s", air, megabytes(total), time.monotonic() - started)
+        return path
+
+    async def _log_progress(self) -> None:
+        """The bytes so far in the server's log: a line each tenth of the total, or after LOG_INTERVAL seconds
+        without one (a download that crawls still shows it is alive)."""
+        total = self.total or 0
+        logged_tenth, logged_at = 0, time.monotonic()
+        while True:
+            await asyncio.sleep(PROGRESS_INTERVAL)
+            done = await asyncio.to_thread(self.done_bytes)
+            tenth = 10 * done // total if total else 0
+            now = time.monotonic()
+            if tenth > logged_tenth or now - logged_at >= LOG_INTERVAL:
+                log.info("downloading %s: %.1f of %s (%d%%)", self.entry.air, done / 1e6, megabytes(total),
+                         100 * done // total if total else 0)
+                logged_tenth, logged_at = tenth, now
 
 
 def _start(entry: ModelEntry, downloads: Downloads, owner: str) -> HubFetch:

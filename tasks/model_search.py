@@ -36,6 +36,13 @@ def downloadable(entry: ModelEntry, ctx: TaskContext) -> bool:
     return ctx.services.settings.allow_downloads and entry.source == "hub" and not entry.problem
 
 
+def download_hint(entry: ModelEntry) -> str:
+    """What a missing model's comment says on a server that downloads it: how it will get here, rather than the
+    command an operator would run by hand (that is for servers without --allow-downloads)."""
+    return (f"the weights of {entry.label} are not on this server yet: it downloads them from Hugging Face repo "
+            f"'{entry.location}' on first use, or now with a modelDownload task")
+
+
 def model_info(entry: ModelEntry, *, available: bool, comment: str, loaded_on: str | None = None,
                memory_plan: str | None = None, downloadable: bool = False) -> ModelInfo:
     """A catalog entry as a ``modelSearch`` result; ``loaded_on`` says where it is in memory, if it is, and
@@ -120,9 +127,10 @@ async def run(search: Search, ctx: TaskContext) -> AsyncIterator[ModelSearchResu
         available, reason = ((True, "") if not services.settings.needs_weights else
                              await asyncio.to_thread(availability, entry, data_dir=services.settings.data_dir))
         plan = plans.get(entry.air)
-        infos.append(model_info(entry, available=available, comment=reason, loaded_on=loaded.get(entry.air),
-                                memory_plan=plan.plan if plan is not None else None,
-                                downloadable=not available and downloadable(entry, ctx)))
+        fetched = not available and downloadable(entry, ctx)
+        infos.append(model_info(entry, available=available, comment=download_hint(entry) if fetched else reason,
+                                loaded_on=loaded.get(entry.air), memory_plan=plan.plan if plan is not None else None,
+                                downloadable=fetched))
     yield ModelSearchResult(taskType="modelSearch", taskUUID=task.taskUUID, totalResults=len(matches), results=infos)
 
 

@@ -226,7 +226,7 @@ async def test_usage_errors_exit_2(args: list[str]):
     assert "usage: imagewire" in run.stderr
 
 
-@pytest.mark.parametrize("command", [[], ["upload"], ["generate"], ["models"]])
+@pytest.mark.parametrize("command", [[], ["upload"], ["generate"], ["models"], ["download"]])
 async def test_every_command_has_help(command: list[str]):
     run = await imagewire(*command, "--help")
     assert run.code == 0

@@ -3,7 +3,11 @@ from a hub of our own on loopback (tests/fake_hub.py) serving the tiny model's f
 
 from __future__ import annotations
 
+import logging
+import re
 from typing import Any
+
+import pytest
 
 from tests.fake_hub import HUB_MODEL, REPO
 from tests.wire import Wire, eventually, inference, new_uuid
@@ -40,7 +44,10 @@ async def test_a_download_reports_growing_bytes_ends_ready_and_the_model_runs(st
     wire = await Wire.open(server.url)
     before = await searched(wire)
     assert before["available"] is False and before["downloadable"] is True
-    assert f"hf download {REPO}" in before["comment"]
+    # The hint fits a server that downloads: no command to run by hand, and no flag to add.
+    assert "on first use, or now with a modelDownload task" in before["comment"]
+    assert REPO in before["comment"] and "hf download" not in before["comment"]
+    assert "--allow-downloads" not in before["comment"]
 
     items = await follow(wire, download())
     *progress, ready = items
@@ -93,7 +100,11 @@ async def test_refusals_name_the_flag_the_model_and_what_would_do(start_server, 
     error = await wire.error(download())
     assert (error["code"], error["parameter"]) == ("unsupportedParameter", "model")
     assert "--allow-downloads" in error["message"]
-    assert (await searched(wire))["downloadable"] is False
+    model = await searched(wire)
+    assert model["downloadable"] is False
+    # Without the flag the hint is the operator's: the command that fetches the files, or the flag.
+    assert f"hf download {REPO}" in model["comment"] and "--allow-downloads" in model["comment"]
+    assert "modelDownload" not in model["comment"]
     await wire.close()
 
     server = await start_server(allow_downloads=True, catalog_files=(hub_catalog,))
@@ -125,3 +136,50 @@ async def test_a_hub_that_fails_leaves_the_model_missing(start_server, hub, hub_
     assert (error["code"], error["parameter"]) == ("serviceUnavailable", "model")
     assert "could not be listed" in error["message"]
     await wire.close()
+
+
+async def test_the_servers_log_has_its_own_progress_lines_and_none_of_the_hub_librarys_bars(
+        start_server, hub, hub_catalog, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]):
+    from huggingface_hub.utils import enable_progress_bars
+
+    # On, as in a process where no download has run yet: the server's download is what turns them off.
+    enable_progress_bars()
+    caplog.set_level(logging.INFO, logger="imagewire.tasks.model_download")
+    server = await start_server(allow_downloads=True, catalog_files=(hub_catalog,))
+    wire = await Wire.open(server.url)
+    capsys.readouterr()
+    items = await follow(wire, download())
+    await wire.close()
+    stderr = capsys.readouterr().err
+    # The hub library's tqdm bars ("Fetching 12 files: 100%|██████████| 12/12 [...]") are off.
+    assert "Fetching" not in stderr and "%|" not in stderr and "\u2588" not in stderr, stderr
+    total = items[-1]["bytesTotal"]
+    size = f"{total / 1e6:.1f} MB"
+    lines = [record.getMessage() for record in caplog.records if record.name == "imagewire.tasks.model_download"]
+    assert lines[0] == f"downloading {HUB_MODEL} from Hugging Face repo '{REPO}': {size} to fetch"
+    progress = [line for line in lines[1:-1] if re.fullmatch(
+        rf"downloading {re.escape(HUB_MODEL)}: \d+\.\d of {re.escape(size)} \(\d+%\)", line)]
+    # A second's download: a line per tenth reached at most, never two for the same tenth.
+    percents = [int(line.rsplit("(", 1)[1].rstrip("%)")) for line in progress]
+    assert progress and len(progress) == len(lines) - 2 and len(progress) <= 10
+    assert len({percent // 10 for percent in percents}) == len(percents) and percents == sorted(percents)
+    assert re.fullmatch(rf"downloaded {re.escape(HUB_MODEL)}: {re.escape(size)} in \d+\.\d s", lines[-1])
+
+
+async def test_a_download_on_first_use_is_logged_without_the_hub_librarys_bars(
+        start_server, hub, hub_catalog, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]):
+    from huggingface_hub.utils import enable_progress_bars
+
+    enable_progress_bars()
+    caplog.set_level(logging.INFO, logger="imagewire.air_registry.weights")
+    server = await start_server(allow_downloads=True, catalog_files=(hub_catalog,))
+    wire = await Wire.open(server.url)
+    capsys.readouterr()
+    # No modelDownload: the request itself has the server fetch the model, and waits for it.
+    made = await image(wire, HUB_MODEL)
+    await wire.close()
+    assert "Fetching" not in capsys.readouterr().err
+    lines = [record.getMessage() for record in caplog.records if record.name == "imagewire.air_registry.weights"]
+    assert lines[0] == f"downloading {HUB_MODEL} from Hugging Face repo '{REPO}' on first use"
+    assert re.fullmatch(rf"downloaded {re.escape(HUB_MODEL)} in \d+\.\d s", lines[1])
+    assert [line for line in hub.requests if "/resolve/" in line] and made

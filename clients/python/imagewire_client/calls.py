@@ -22,6 +22,11 @@ def _new_future() -> asyncio.Future[list[dict[str, Any]]]:
     return asyncio.get_running_loop().create_future()
 
 
+def inference_progress(item: dict[str, Any]) -> bool:
+    """An imageInference progress item: a percent or a queue position, and no image."""
+    return "progress" in item and not item.get("imageUUID")
+
+
 @dataclass
 class PendingCall:
     task_uuid: str
@@ -33,8 +38,10 @@ class PendingCall:
     items: list[dict[str, Any]] = field(default_factory=list)
     # Set once the task was sent a second time after a dropped socket; see ``on_error``.
     resent: bool = False
-    # Hears the task's progress items (``progress`` and no imageUUID), which are never results.
+    # Hears the task's progress items (those ``is_progress`` picks), which are never results: a task that
+    # streams a number of them not known in advance (modelDownload) still ends on its ``expected`` results.
     on_progress: Callable[[dict[str, Any]], None] | None = None
+    is_progress: Callable[[dict[str, Any]], bool] = inference_progress
 
     def on_item(self, item: dict[str, Any]) -> None:
         if self.future.done():
@@ -42,7 +49,7 @@ class PendingCall:
         if any(item.get(marker) for marker in _ERROR_MARKERS):
             self.on_error(item)
             return
-        if "progress" in item and not item.get("imageUUID"):
+        if self.is_progress(item):
             if self.on_progress is not None:
                 self.on_progress(item)
             return

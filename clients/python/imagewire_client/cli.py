@@ -1,5 +1,5 @@
 """The ``imagewire`` command: upload, generate and edit images, make ControlNet guide images, upscale
-images, remove backgrounds, caption images, enhance prompts, list models.
+images, remove backgrounds, caption images, enhance prompts, list models, have the server download one.
 
 Results go to stdout one per line so they compose with other tools; progress and errors
 go to stderr. Exit codes: 0 success, 1 an error from the server or the connection,
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
 from imagewire_client import __version__
-from imagewire_client.client import DEFAULT_URL, Client
+from imagewire_client.client import DEFAULT_URL, DOWNLOAD_TIMEOUT, Client
 from imagewire_client.edits import ControlNet, Outpaint
 from imagewire_client.errors import ImagewireError
 from imagewire_client.results import ImageResult
@@ -44,7 +44,8 @@ def _connection_options() -> argparse.ArgumentParser:
                          help="API key (env IMAGEWIRE_API_KEY); the server prints it when it first starts and keeps "
                               "it in <data dir>/api-key")
     options.add_argument("--timeout", type=float, default=argparse.SUPPRESS,
-                         help="seconds to wait for the server's answer (default 300)")
+                         help="seconds to wait for the server's answer (default 300; for download "
+                              f"{DOWNLOAD_TIMEOUT / 3600:g} hours)")
     return options
 
 
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imagewire", parents=[connection],
         description="Talk to an imagewire server: upload, generate, preprocess, upscale, remove backgrounds, "
-                    "caption, enhance prompts, list models.")
+                    "caption, enhance prompts, list models, download models.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -134,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--category", metavar="NAME",
                         help="only models of this category: checkpoint, upscaler, background-removal, caption, "
                              "masking, prompt-enhancer")
+    download = commands.add_parser(
+        "download", parents=[connection], help="have the server fetch a model from the Hugging Face hub",
+        description="Have the server download a catalog model it does not have yet (modelSearch marks them "
+                    "downloadable; the server must run with --allow-downloads), showing the bytes as they "
+                    "arrive; prints the model's AIR once it is ready. Interrupting stops the progress bar, not the "
+                    "server's download.")
+    download.add_argument("model", metavar="AIR", help="the model's AIR, as `models` lists it")
 
     def image_tool(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
         tool = commands.add_parser(name, parents=[connection], help=help_text, description=description)
@@ -264,6 +272,57 @@ class Progress:
         while True:
             self._draw()
             await asyncio.sleep(0.1)
+
+
+def _megabytes(count: int) -> str:
+    return f"{count / 1e6:.1f}"
+
+
+class DownloadProgress:
+    """A model download's bytes on stderr: a bar redrawn in place on a terminal; otherwise a line at each tenth
+    of the way, so that a log shows it moving without a line per answer."""
+
+    WIDTH = 24
+    STEPS = 10
+
+    def __init__(self, model: str, stream: TextIO) -> None:
+        self.model = model
+        self.stream = stream
+        self.live = stream.isatty()
+        self.shown_step = -1
+
+    def line(self, done: int, total: int) -> str:
+        percent = 100 * done // total if total else 100
+        filled = self.WIDTH * percent // 100
+        bar = "#" * filled + "-" * (self.WIDTH - filled)
+        return f"downloading {self.model} [{bar}] {percent:3d}% {_megabytes(done)}/{_megabytes(total)} MB"
+
+    def update(self, done: int, total: int) -> None:
+        if self.live:
+            self.stream.write(f"\r\033[K{self.line(done, total)}")
+            self.stream.flush()
+            return
+        step = self.STEPS * done // total if total else self.STEPS
+        if step > self.shown_step:
+            self.shown_step = step
+            print(self.line(done, total), file=self.stream, flush=True)
+
+    def finish(self) -> None:
+        if self.live:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+async def run_download(client: Client, args: argparse.Namespace, timeout: float) -> None:
+    progress = DownloadProgress(args.model, sys.stderr)
+    try:
+        ready = await client.download_model(args.model, on_progress=progress.update, timeout=timeout)
+        # The ready answer is no progress answer: the bar is filled here, so that it ends at 100%.
+        progress.update(ready.bytesDone, ready.bytesTotal)
+    finally:
+        progress.finish()
+    print(f"{ready.air}: {_megabytes(ready.bytesTotal)} MB downloaded, ready", file=sys.stderr, flush=True)
+    print(ready.air, flush=True)
 
 
 async def run_upload(client: Client, args: argparse.Namespace, timeout: float) -> None:
@@ -415,6 +474,7 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace, float], Awaitable[None
     "mask": run_mask,
     "caption": run_caption,
     "enhance-prompt": run_enhance_prompt,
+    "download": run_download,
 }
 
 
@@ -432,7 +492,7 @@ def _api_key(args: argparse.Namespace) -> str | None:
 
 async def _run(args: argparse.Namespace, api_key: str) -> None:
     url = getattr(args, "url", None) or os.environ.get("IMAGEWIRE_URL") or DEFAULT_URL
-    timeout: float = getattr(args, "timeout", 300.0)
+    timeout: float = getattr(args, "timeout", DOWNLOAD_TIMEOUT if args.command == "download" else 300.0)
     async with Client(url, api_key) as client:
         await COMMANDS[args.command](client, args, timeout)
 

@@ -21,7 +21,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from imagewire_client import requests, schema
-from imagewire_client.calls import CallTable, PendingCall
+from imagewire_client.calls import CallTable, PendingCall, inference_progress
 from imagewire_client.edits import ControlNet, Outpaint
 from imagewire_client.errors import (
     CLIENT_CLOSED,
@@ -36,9 +36,12 @@ from imagewire_client.results import (
     GuideImage,
     ImageResult,
     MaskImage,
+    ModelDownloadResult,
     ModelInfo,
     TextResult,
     UploadedImage,
+    download_progress,
+    downloaded_model,
     guide_image,
     image_result,
     mask_image,
@@ -59,6 +62,8 @@ RECONNECT_BASE_DELAY = 0.25
 RECONNECT_MAX_DELAY = 5.0
 # Results carry whole images as base64; the websockets default of 1 MiB would cut them off.
 MAX_FRAME_BYTES = 512 * 1024 * 1024
+# A model can be tens of gigabytes: a download is given hours, not the minutes other calls get.
+DOWNLOAD_TIMEOUT = 6 * 3600.0
 # The longest ``search`` text modelSearch takes.
 MAX_SEARCH_LENGTH = 200
 
@@ -436,6 +441,24 @@ class Client:
         items = await self._call(task, task.taskUUID, expected=UPLOAD_PHASES, timeout=timeout)
         return [upload_phase(item) for item in items]
 
+    async def download_model(self, model: str, *, on_progress: Callable[[int, int], None] | None = None,
+                             timeout: float = DOWNLOAD_TIMEOUT) -> ModelDownloadResult:
+        """Have the server fetch a catalog model from the Hugging Face hub into its cache (modelDownload; the
+        server needs --allow-downloads): ``models`` marks the ones it can fetch ``downloadable``. Returns the
+        ``ready`` answer (``air``, ``bytesTotal``) once the whole model is there; ``on_progress(bytes_done,
+        bytes_total)`` hears each progress answer before it. Leaving early (a timeout, a cancelled call) stops
+        following, not the server's download: a later call for the same model follows the same download."""
+        task = requests.model_download(model)
+
+        def progress(item: dict[str, Any]) -> None:
+            if on_progress is not None:
+                done, total = download_progress(item)
+                on_progress(done, total)
+
+        items = await self._call(task, task.taskUUID, expected=1, timeout=timeout, on_progress=progress,
+                                 is_progress=lambda item: item.get("status") == "downloading")
+        return downloaded_model(items[0])
+
     async def model_info(self, model: str, *, timeout: float = 60.0) -> ModelInfo | None:
         """The catalog entry that ``model`` (an AIR or an alias) names on this server, or None when the
         server lists none by that name (it may still serve it, e.g. a Civitai checkpoint not fetched yet)."""
@@ -459,11 +482,12 @@ class Client:
 
     async def _call(self, task: schema.Task, task_uuid: str, *, expected: int, timeout: float,
                     counted_key: str | None = None,
-                    on_progress: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+                    on_progress: Callable[[dict[str, Any]], None] | None = None,
+                    is_progress: Callable[[dict[str, Any]], bool] = inference_progress) -> list[dict[str, Any]]:
         task_type = type(task).__struct_config__.tag
         assert isinstance(task_type, str)
         call = PendingCall(task_uuid=task_uuid, task_type=task_type, expected=expected, counted_key=counted_key,
-                           on_progress=on_progress)
+                           on_progress=on_progress, is_progress=is_progress)
         self._calls.add(call)
         try:
             async with asyncio.timeout(timeout):

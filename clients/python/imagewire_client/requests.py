@@ -63,6 +63,10 @@ def model_search(
                               architecture=architecture, limit=limit, offset=offset)
 
 
+def model_download(model: str, *, task_uuid: str | None = None) -> schema.ModelDownload:
+    return schema.ModelDownload(taskUUID=task_uuid or new_task_uuid(), model=model)
+
+
 class ModelUploadFields(TypedDict):
     """A modelUpload's fields beside its URL, as keywords: the one list ``model_upload`` and
     ``Client.upload_model`` both take. ``trigger_word``: an embedding's token, the word that stands for it in

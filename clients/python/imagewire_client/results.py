@@ -13,6 +13,7 @@ from imagewire_client import schema
 from imagewire_client.errors import INVALID_RESPONSE, ImagewireError
 
 ModelInfo = schema.ModelInfo
+ModelDownloadResult = schema.ModelDownloadResult
 
 
 @dataclass(frozen=True)
@@ -165,3 +166,18 @@ def upload_phase(item: dict[str, Any]) -> str:
     """The phase a modelUpload answer says is done."""
     wire: schema.ModelUploadResult = _convert(item, schema.ModelUploadResult)
     return wire.status
+
+
+def download_progress(item: dict[str, Any]) -> tuple[int, int]:
+    """A ``downloading`` answer of modelDownload: ``(bytes done, bytes in all)``."""
+    wire: schema.ModelDownloadResult = _convert(item, schema.ModelDownloadResult)
+    return wire.bytesDone, wire.bytesTotal
+
+
+def downloaded_model(item: dict[str, Any]) -> ModelDownloadResult:
+    """modelDownload's last answer, which says the model is there (status ``ready``)."""
+    wire: ModelDownloadResult = _convert(item, schema.ModelDownloadResult)
+    if wire.status != "ready":
+        raise ImagewireError(INVALID_RESPONSE, f"modelDownload of {wire.air} ended on status {wire.status!r}, "
+                             "not 'ready'.", task_uuid=wire.taskUUID, task_type="modelDownload")
+    return wire

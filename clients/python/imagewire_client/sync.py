@@ -84,6 +84,7 @@ class SyncClient:
     models = _blocking(Client.models)
     model_info = _blocking(Client.model_info)
     upload_model = _blocking(Client.upload_model)
+    download_model = _blocking(Client.download_model)
     upscale = _blocking(Client.upscale)
     remove_background = _blocking(Client.remove_background)
     caption = _blocking(Client.caption)
