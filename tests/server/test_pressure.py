@@ -124,7 +124,7 @@ async def test_a_connection_whose_request_head_arrived_is_never_dropped_as_hands
     assert not first[1].aborted and guard.pending == 1
     third[0].connection_made(third[1])  # crowds out the unfinished one only
     assert second[1].aborted and not first[1].aborted and guard.dropped == 1
-    for protocol, transport in (first, second, third):
+    for protocol, _ in (first, second, third):
         protocol.connection_lost(None)
     assert guard.pending == 0
 
