@@ -340,12 +340,15 @@ DeviceEvent = JobEvent | Results | Finished | Failed  # all of a job's stream, a
 @dataclass(frozen=True)
 class ModelPlacement:
     """Where a loaded model's weights live (``air_registry/memory_plan.py``): its plan's name, the device its calls
-    run on, the bytes it keeps there between calls and the bytes of all its weights (the rest in host RAM)."""
+    run on, the bytes it keeps there between calls and the bytes of all its weights (the rest in host RAM), and how
+    its weights were quantized on load with the bytes that saved."""
 
     plan: str
     device: str
     device_bytes: int
     model_bytes: int
+    quantization: str = "none"
+    saved_bytes: int = 0
 
     @property
     def host_bytes(self) -> int:

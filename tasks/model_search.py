@@ -10,6 +10,7 @@ from imagewire.air_registry import ARCHITECTURES, ModelEntry, availability
 from imagewire.air_registry.architectures import PUBLIC_ARCHITECTURES
 from imagewire.tasks.context import TaskContext
 from imagewire.tasks.errors import InvalidParameter
+from imagewire.tasks.jobs import ModelPlacement
 from imagewire.tasks.schema import CONDITIONINGS, ModelInfo, ModelSearch, ModelSearchResult, ModelType
 from imagewire.tasks.task_type import TaskType
 
@@ -44,9 +45,11 @@ def download_hint(entry: ModelEntry) -> str:
 
 
 def model_info(entry: ModelEntry, *, available: bool, comment: str, loaded_on: str | None = None,
-               memory_plan: str | None = None, downloadable: bool = False) -> ModelInfo:
+               placement: ModelPlacement | None = None, downloadable: bool = False) -> ModelInfo:
     """A catalog entry as a ``modelSearch`` result; ``loaded_on`` says where it is in memory, if it is, and
-    ``memory_plan`` how its weights are placed."""
+    ``placement`` how its weights are placed and quantized."""
+    placed = placement if loaded_on is not None else None
+    quantized = placed is not None and placed.quantization != "none"
     return ModelInfo(
         air=entry.air,
         name=entry.name,
@@ -69,7 +72,9 @@ def model_info(entry: ModelEntry, *, available: bool, comment: str, loaded_on: s
         loadedOn="device" if loaded_on == "device" else "ram" if loaded_on == "ram" else None,
         type=model_type(entry),
         conditioning=conditioning(entry),
-        memoryPlan=memory_plan if loaded_on is not None else None,
+        memoryPlan=placed.plan if placed is not None else None,
+        quantization=placed.quantization if quantized and placed is not None else None,
+        quantizationSavedBytes=placed.saved_bytes if quantized and placed is not None else None,
         downloadable=downloadable,
     )
 
@@ -129,7 +134,7 @@ async def run(search: Search, ctx: TaskContext) -> AsyncIterator[ModelSearchResu
         plan = plans.get(entry.air)
         fetched = not available and downloadable(entry, ctx)
         infos.append(model_info(entry, available=available, comment=download_hint(entry) if fetched else reason,
-                                loaded_on=loaded.get(entry.air), memory_plan=plan.plan if plan is not None else None,
+                                loaded_on=loaded.get(entry.air), placement=plan,
                                 downloadable=fetched))
     yield ModelSearchResult(taskType="modelSearch", taskUUID=task.taskUUID, totalResults=len(matches), results=infos)
 

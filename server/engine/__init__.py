@@ -86,7 +86,8 @@ class DiffusersEngine:
     @property
     def memory_plans(self) -> dict[str, ModelPlacement]:
         """How each pipeline's model in memory is placed, by AIR (modelSearch, metrics)."""
-        return {air: ModelPlacement(plan.placement, plan.device, plan.resident_bytes, plan.model_bytes)
+        return {air: ModelPlacement(plan.placement, plan.device, plan.resident_bytes, plan.model_bytes,
+                                    plan.quantization, plan.saved_bytes)
                 for air, plan in self.pipelines.plans.items()}
 
     def load(self, model: ModelEntry) -> None:

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 from runware import IImageInference, Runware
 
+from imagewire.air_registry.memory_plan import amount
 from tests.quantized_files import tiny_flux_transformer, write_float8, write_gguf, write_scaled_float8
 from tests.wire import API_KEY, Wire, new_uuid
 
@@ -120,3 +121,10 @@ async def test_the_quantize_flag_reaches_the_models_loaded(start_server, caplog:
     [model] = [found for found in await search(server, "imagewire:tiny-flux@1")
                if found["air"] == "imagewire:tiny-flux@1"]
     assert model["loaded"] and model["memoryPlan"] == "all-on-device"
+    # What it saved, the figure the load's log line gives.
+    assert model["quantization"] == "int8" and model["quantizationSavedBytes"] > 0
+    saved = model["quantizationSavedBytes"]
+    [unquantized] = [found for found in await search(plain, "imagewire:tiny-flux@1")
+                     if found["air"] == "imagewire:tiny-flux@1"]
+    assert unquantized["quantization"] is None and unquantized["quantizationSavedBytes"] is None
+    assert f"(int8 weights, {amount(saved)} saved)" in caplog.text

@@ -631,6 +631,10 @@ class ModelInfo(Struct, kw_only=True):
     conditioning: str | None = None        # of a ControlNet, where its tags say it; null otherwise
     heroImage: str | None = None           # no catalog model has a preview image: always null
     memoryPlan: str | None = None   # a loaded model's placement: all-on-device, text-encoders-on-cpu, model-offload, …
+    # Extensions: how a loaded model's weights were quantized on load (int8, float8) and the bytes that saved
+    # against its own precision; null when they were not.
+    quantization: str | None = None
+    quantizationSavedBytes: int | None = None
     # Extension: missing from the cache, and modelDownload would fetch it (a hub model, --allow-downloads).
     downloadable: bool = False
 
