@@ -4,15 +4,15 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 from pathlib import Path
 
 import pytest
-from runware import IImageInference, IModelSearch, Runware
+from runware import IModelSearch, Runware
 from runware.utils import RunwareAPIError
 
 from imagewire.air_registry.tiny import ensure_embedded
 from tests.civitai import fake_civitai
+from tests.images import generate
 from tests.timing import seconds
 from tests.wire import API_KEY, Wire, eventually, inference, new_uuid
 
@@ -36,18 +36,6 @@ async def api(tiny_checkpoint):
     async with fake_civitai() as civitai:
         civitai.add_version(model=4201, version=130072, data=tiny_checkpoint)
         yield civitai
-
-
-async def generate(server, model: str) -> bytes:
-    client = Runware(api_key=API_KEY, url=server.url)
-    await client.connect()
-    try:
-        [image] = await client.imageInference(requestImage=IImageInference(
-            model=model, positivePrompt="a lighthouse at dawn", width=128, height=128, steps=2, seed=11,
-            outputType="base64Data", outputFormat="PNG"))
-        return base64.b64decode(image.imageBase64Data)
-    finally:
-        await client.disconnect()
 
 
 async def test_a_civitai_checkpoint_is_downloaded_then_runs_and_is_kept(start_server, own_data_dir, api):
