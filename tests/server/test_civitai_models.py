@@ -4,31 +4,17 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import pytest
 from runware import IModelSearch, Runware
 from runware.utils import RunwareAPIError
 
-from imagewire.air_registry.tiny import ensure_embedded
 from tests.civitai import fake_civitai
 from tests.images import generate
 from tests.timing import seconds
 from tests.wire import API_KEY, Wire, eventually, inference, new_uuid
 
 AIR = "civitai:4201@130072"
-
-
-@pytest.fixture
-def own_data_dir(tmp_path: Path, models_dir: Path) -> Path:
-    """A data dir of its own, so that downloads stay out of the session's shared models folder; the tiny
-    models already built are linked in."""
-    ensure_embedded("tiny-sd", models_dir / "configs" / "tiny-sd")
-    models = tmp_path / "own-data" / "models"
-    models.mkdir(parents=True)
-    for built in models_dir.iterdir():
-        (models / built.name).symlink_to(built, target_is_directory=True)
-    return tmp_path / "own-data"
 
 
 @pytest.fixture

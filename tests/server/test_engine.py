@@ -15,14 +15,14 @@ from imagewire.air_registry.catalog import Catalog
 from imagewire.air_registry.weights import locate_weights
 from imagewire.server.engine import DiffusersEngine
 from imagewire.tasks.jobs import GeneratedImage, InferenceJob
-from tests.engines import Collect
+from tests.engines import Collect, diffusers_engine
 
 TINY = Catalog.load().resolve("imagewire:tiny@1")
 
 
 @pytest.fixture
 def engine(data_dir: Path) -> DiffusersEngine:
-    return DiffusersEngine(device="cpu", data_dir=data_dir, allow_downloads=False, max_batch_size=4)
+    return diffusers_engine(data_dir)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from imagewire.air_registry.weights import locate_weights
 from imagewire.server.device import Cancelled
 from imagewire.server.engine import DiffusersEngine
 from imagewire.tasks.jobs import GeneratedImage, InferenceJob, Step
-from tests.engines import Collect
+from tests.engines import Collect, diffusers_engine
 
 CATALOG = Catalog.load()
 FLOW_MODELS = ["imagewire:tiny-flux@1", "imagewire:tiny-sd3@1"]
@@ -27,10 +27,8 @@ JobMaker = Callable[..., InferenceJob]
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> DiffusersEngine:
-    data_dir = tmp_path_factory.mktemp("flow-data")
-    (data_dir / "models").symlink_to(models_dir, target_is_directory=True)
-    return DiffusersEngine(device="cpu", data_dir=data_dir, allow_downloads=False, max_batch_size=4)
+def engine(module_data_dir: Path) -> DiffusersEngine:
+    return diffusers_engine(module_data_dir)
 
 
 @pytest.fixture(params=FLOW_MODELS, ids=["flux", "sd3"])
@@ -250,16 +248,14 @@ def test_flow_pipelines_report_every_step_and_stop_when_cancelled(engine, job, i
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("air", FLOW_MODELS)
-def test_flow_models_run_in_bfloat16_on_cuda_and_batch_as_alone(tmp_path_factory, models_dir, air):
+def test_flow_models_run_in_bfloat16_on_cuda_and_batch_as_alone(module_data_dir, air):
     import torch
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    data_dir = tmp_path_factory.mktemp("flow-cuda")
-    (data_dir / "models").symlink_to(models_dir, target_is_directory=True)
-    cuda = DiffusersEngine(device="cuda", data_dir=data_dir, allow_downloads=False, max_batch_size=4)
+    cuda = diffusers_engine(module_data_dir, device="cuda")
     model = CATALOG.resolve(air)
-    weights = locate_weights(model, data_dir=data_dir, allow_downloads=False)
+    weights = locate_weights(model, data_dir=module_data_dir, allow_downloads=False)
     pipe = cuda.pipelines.text_to_image(model, weights)
     assert pipe.transformer.dtype == torch.bfloat16
     jobs = [InferenceJob(task_uuid=name, model=model, weights=weights, prompt=prompt, negative_prompt=None,
