@@ -31,10 +31,10 @@ def image(engine: DiffusersEngine, job: InferenceJob) -> np.ndarray:
     return images(engine, job)[0]
 
 
-def difference(first: np.ndarray, second: np.ndarray) -> int:
-    """The largest difference of one pixel's channel: a feature that acts moves some pixel far; rounding, a level or
-    two."""
-    return int(np.abs(first - second).max())
+def difference(first: Any, second: Any) -> int:
+    """The largest difference of one pixel's channel between two images (arrays or PIL images): a feature that acts
+    moves some pixel far; rounding, a level or two."""
+    return int(np.abs(np.asarray(first, dtype=int) - np.asarray(second, dtype=int)).max())
 
 
 def psnr(first: Any, second: Any) -> float:
