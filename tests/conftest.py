@@ -17,6 +17,7 @@ import torch
 
 from imagewire.server.app import ImagewireServer
 from imagewire.server.config import Config
+from tests.engines import data_dir_with_models
 from tests.fake_hub import HUB_MODEL, REPO, FakeHub, point_hub_at
 from tests.redis_process import RedisProcess
 from tests.timing import seconds
@@ -58,10 +59,35 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def data_dir(tmp_path: Path, models_dir: Path) -> Path:
     """A fresh data dir that shares the session's tiny model."""
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "models").symlink_to(models_dir, target_is_directory=True)
-    return data
+    return data_dir_with_models(tmp_path / "data", models_dir)
+
+
+@pytest.fixture
+def own_data_dir(tmp_path: Path, models_dir: Path) -> Path:
+    """A data dir with a models folder of its own, so that what a test downloads or uploads stays out of the
+    session's shared one; the tiny models already built are linked in one by one."""
+    from imagewire.air_registry.tiny import ensure_embedded
+
+    ensure_embedded("tiny-sd", models_dir / "configs" / "tiny-sd")
+    models = tmp_path / "own-data" / "models"
+    models.mkdir(parents=True)
+    for built in models_dir.iterdir():
+        (models / built.name).symlink_to(built, target_is_directory=True)
+    return tmp_path / "own-data"
+
+
+@pytest.fixture(scope="module")
+def module_data_dir(tmp_path_factory: pytest.TempPathFactory, models_dir: Path, request: pytest.FixtureRequest) -> Path:
+    """A data dir for one test module that shares the session's tiny model: for a module-scoped engine, which keeps
+    its models loaded from test to test."""
+    return data_dir_with_models(tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2]), models_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Path:
+    """A data dir for the whole session holding the tiny model where the catalog expects it (the session's one
+    build): for the tests that only read it."""
+    return data_dir_with_models(tmp_path_factory.mktemp("session-data"), models_dir)
 
 
 ServerFactory = Callable[..., Any]

@@ -1,16 +1,20 @@
-"""The tests' stand-in for the diffusers engine: the shipped fake engine (``--engine fake``), held at each
-call until released, so that tests can show queueing, batching, failures and pongs during inference
-deterministically."""
+"""Engines for tests: the stand-in for the diffusers engine (the shipped fake engine, ``--engine fake``, held at
+each call until released, so that tests can show queueing, batching, failures and pongs during inference
+deterministically), and the real diffusers engine on CPU over the session's tiny models."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from imagewire.server.fake_engine import FakeEngine
 from imagewire.tasks.jobs import Emit, Job, Step
 from tests.timing import seconds
+
+if TYPE_CHECKING:
+    from imagewire.server.engine import DiffusersEngine
 
 
 class HeldEngine(FakeEngine):
@@ -63,3 +67,21 @@ class Collect:
 
     def cancelled(self, index: int) -> bool:
         return index in self.cancel
+
+
+def data_dir_with_models(data: Path, models_dir: Path) -> Path:
+    """``data`` made a data dir whose ``models`` folder is the session's built models (``models_dir`` of
+    tests/conftest.py), so that an engine finds them where the catalog expects them and nothing is built again."""
+    data.mkdir(parents=True, exist_ok=True)
+    (data / "models").symlink_to(models_dir, target_is_directory=True)
+    return data
+
+
+def diffusers_engine(data_dir: Path, **settings: Any) -> DiffusersEngine:
+    """The diffusers engine over ``data_dir``: on CPU, never downloading, four images a call, unless ``settings`` say
+    otherwise."""
+    # Imported here: the tests that hold a fake engine need not load diffusers.
+    from imagewire.server.engine import DiffusersEngine
+
+    return DiffusersEngine(**{"device": "cpu", "data_dir": data_dir, "allow_downloads": False, "max_batch_size": 4,
+                              **settings})

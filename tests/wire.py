@@ -135,3 +135,13 @@ def inference(**fields: Any) -> dict[str, Any]:
     }
     task.update(fields)
     return {key: value for key, value in task.items() if value is not ...}
+
+
+async def model_search(url: str, text: str) -> list[dict[str, Any]]:
+    """modelSearch's results as sent (the SDK's model type has no ``available`` and ``comment``)."""
+    wire = await Wire.open(url)
+    try:
+        [result] = await wire.run({"taskType": "modelSearch", "search": text})
+        return result["results"]
+    finally:
+        await wire.close()

@@ -1,4 +1,5 @@
-"""Fixtures of the air_registry tests: the shipped catalog, and the tiny model built once per session."""
+"""Fixtures of the air_registry tests: the shipped catalog, and the tiny model built once per session (in
+``tiny_data_dir``, tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -21,14 +22,6 @@ def catalog() -> Catalog:
 @pytest.fixture(scope="session")
 def tiny_entry(catalog: Catalog) -> ModelEntry:
     return catalog.resolve("imagewire:tiny@1")
-
-
-@pytest.fixture(scope="session")
-def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Path:
-    """A data dir holding the tiny model where the catalog expects it (the session's one build)."""
-    data_dir = tmp_path_factory.mktemp("air-registry-data")
-    (data_dir / "models").symlink_to(models_dir, target_is_directory=True)
-    return data_dir
 
 
 @pytest.fixture(scope="session")

@@ -39,6 +39,7 @@ from imagewire.tasks.jobs import (
     Results,
     Step,
 )
+from tests.engines import data_dir_with_models
 from tests.timing import seconds
 
 pytestmark = [
@@ -63,9 +64,7 @@ class Devices:
 def devices(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Devices]:
     from imagewire.server.cluster import RayDevice
 
-    data = tmp_path_factory.mktemp("replica-messages") / "data"
-    data.mkdir()
-    (data / "models").symlink_to(models_dir, target_is_directory=True)
+    data = data_dir_with_models(tmp_path_factory.mktemp("replica-messages") / "data", models_dir)
     config = Config(engine="ray", device="cpu", data_dir=data, replicas=1, queue_size=8, max_batch_size=4,
                     max_passed_over=0, log_level="WARNING")
     ray_device = RayDevice(config, [], engine_for=diffusers_engine_factory)

@@ -5,11 +5,9 @@ shares a call with other settings."""
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -22,7 +20,8 @@ from imagewire.server.engine.acceleration import hooked_modules, skip_branches
 from imagewire.tasks.acceleration import MAX_THRESHOLD, CacheSettings
 from imagewire.tasks.errors import InvalidParameter
 from imagewire.tasks.jobs import InferenceJob, Step
-from tests.engines import Collect
+from tests.engines import Collect, diffusers_engine
+from tests.images import psnr
 
 CATALOG = Catalog.load()
 STEPS = 8
@@ -39,10 +38,8 @@ def first_block(**changes: object) -> CacheSettings:
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> DiffusersEngine:
-    data_dir = tmp_path_factory.mktemp("acceleration-data")
-    (data_dir / "models").symlink_to(models_dir, target_is_directory=True)
-    return DiffusersEngine(device="cpu", data_dir=data_dir, allow_downloads=False, max_batch_size=4)
+def engine(module_data_dir: Path) -> DiffusersEngine:
+    return diffusers_engine(module_data_dir)
 
 
 JobMaker = Callable[..., InferenceJob]
@@ -69,12 +66,6 @@ def images(engine: DiffusersEngine, jobs: list[InferenceJob]) -> list[list[Image
 
 def one(engine: DiffusersEngine, job: InferenceJob) -> Image.Image:
     return images(engine, [job])[0][0]
-
-
-def psnr(first: Image.Image, second: Image.Image) -> float:
-    a, b = np.asarray(first, dtype=np.float64), np.asarray(second, dtype=np.float64)
-    mse = float(((a - b) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
 def denoiser(engine: DiffusersEngine, job: InferenceJob) -> torch.nn.Module:

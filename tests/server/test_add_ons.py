@@ -21,7 +21,8 @@ from imagewire.server.engine import DiffusersEngine
 from imagewire.server.engine.conditioning import sd_embeds_fragments, skipping_clip_layers
 from imagewire.tasks.errors import TaskError
 from imagewire.tasks.jobs import AddOn, InferenceJob, RefinerPass
-from tests.engines import Collect
+from tests.engines import Collect, diffusers_engine
+from tests.images import difference, image, images
 
 CATALOG = Catalog.load()
 TINY, TINY_SDXL, REFINER = (CATALOG.resolve(name) for name in ("tiny", "tiny-sdxl", "tiny-sdxl-refiner"))
@@ -31,17 +32,9 @@ SAME = 2
 
 
 @pytest.fixture(scope="module")
-def engine_data(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Path:
-    data = tmp_path_factory.mktemp("add-ons-data")
-    (data / "models").symlink_to(models_dir, target_is_directory=True)
-    return data
-
-
-@pytest.fixture(scope="module")
-def engine(engine_data: Path) -> DiffusersEngine:
+def engine(module_data_dir: Path) -> DiffusersEngine:
     """One engine for the module: the tiny model and the SDXL pair stay loaded between tests."""
-    return DiffusersEngine(device="cpu", data_dir=engine_data, allow_downloads=False, max_batch_size=4,
-                           max_loaded_models=3)
+    return diffusers_engine(module_data_dir, max_loaded_models=3)
 
 
 @pytest.fixture(scope="module")
@@ -53,39 +46,24 @@ def second_lora(tmp_path_factory: pytest.TempPathFactory) -> ModelEntry:
 
 
 @pytest.fixture
-def add_on(engine_data: Path) -> Callable[..., AddOn]:
+def add_on(module_data_dir: Path) -> Callable[..., AddOn]:
     def make(entry: ModelEntry, weight: float = 1.0) -> AddOn:
-        return AddOn(entry, locate_weights(entry, data_dir=engine_data, allow_downloads=False), weight)
+        return AddOn(entry, locate_weights(entry, data_dir=module_data_dir, allow_downloads=False), weight)
 
     return make
 
 
 @pytest.fixture
-def job(engine_data: Path) -> Callable[..., InferenceJob]:
+def job(module_data_dir: Path) -> Callable[..., InferenceJob]:
     def make(prompt: str = "a red fox in the snow", *, model: ModelEntry = TINY, seeds: tuple[int, ...] = (5,),
              **fields: Any) -> InferenceJob:
-        weights = locate_weights(model, data_dir=engine_data, allow_downloads=False)
+        weights = locate_weights(model, data_dir=module_data_dir, allow_downloads=False)
         settings: dict[str, Any] = {"negative_prompt": None, "width": 128, "height": 128, "steps": 3,
                                     "cfg_scale": 7.0, "sampler": None, **fields}
         return InferenceJob(task_uuid=f"{prompt}-{seeds}", model=model, weights=weights, prompt=prompt,
                             seeds=list(seeds), **settings)
 
     return make
-
-
-def images(engine: DiffusersEngine, *jobs: InferenceJob) -> list[np.ndarray]:
-    """Run ``jobs`` in one engine call (they must share a batch key); the first image of each."""
-    made = Collect(len(jobs))
-    engine.run(list(jobs), made)
-    return [np.asarray(made.results[index][0].image).astype(int) for index in range(len(jobs))]
-
-
-def image(engine: DiffusersEngine, job: InferenceJob) -> np.ndarray:
-    return images(engine, job)[0]
-
-
-def difference(first: np.ndarray, second: np.ndarray) -> int:
-    return int(np.abs(first - second).max())
 
 
 # ---------------------------------------------------------------- LoRA
@@ -213,12 +191,12 @@ def test_clip_skip_changes_the_image_and_is_the_hidden_state_it_names(engine, jo
     assert len(pipe.text_encoder.encoder.layers) == pipe.text_encoder.config.num_hidden_layers
 
 
-def test_clip_skip_first_on_a_fresh_model_leaves_its_plain_images_alone(engine_data, job):
+def test_clip_skip_first_on_a_fresh_model_leaves_its_plain_images_alone(module_data_dir, job):
     # A model whose encoders first run shortened must still report every layer's hidden state afterwards.
-    fresh = DiffusersEngine(device="cpu", data_dir=engine_data, allow_downloads=False, max_batch_size=4)
+    fresh = diffusers_engine(module_data_dir)
     skipped = image(fresh, job(model=TINY_SDXL, clip_skip=1))
     plain = image(fresh, job(model=TINY_SDXL))
-    reference = DiffusersEngine(device="cpu", data_dir=engine_data, allow_downloads=False, max_batch_size=4)
+    reference = diffusers_engine(module_data_dir)
     assert difference(plain, image(reference, job(model=TINY_SDXL))) <= SAME
     assert difference(skipped, plain) > 20
 
@@ -332,7 +310,7 @@ def test_a_prompt_compel_cannot_read_fails_naming_the_prompt(engine, job):
 TINY_INPAINT, CONTROLNET = (CATALOG.resolve(name) for name in ("tiny-inpaint", "tiny-controlnet"))
 
 
-def edits(engine_data: Path, *, mask: bool = False, guide: bool = False) -> dict[str, Any]:
+def edits(module_data_dir: Path, *, mask: bool = False, guide: bool = False) -> dict[str, Any]:
     """The fields of an inpainting job (a seed image and a mask over its left half) and of a ControlNet job."""
     fields: dict[str, Any] = {}
     if mask:
@@ -345,7 +323,7 @@ def edits(engine_data: Path, *, mask: bool = False, guide: bool = False) -> dict
 
         picture = Image.new("RGB", (128, 128))
         picture.paste((255, 255, 255), (32, 32, 96, 96))
-        use = ControlNetUse(model=CONTROLNET, weights=locate_weights(CONTROLNET, data_dir=engine_data,
+        use = ControlNetUse(model=CONTROLNET, weights=locate_weights(CONTROLNET, data_dir=module_data_dir,
                                                                      allow_downloads=False),
                             weight=1.0, start=0.0, end=1.0, mode="balanced")
         fields.update(controlnets=(use,), guide_images=(picture,))
@@ -358,9 +336,9 @@ def edits(engine_data: Path, *, mask: bool = False, guide: bool = False) -> dict
     (TINY, False, True),          # a ControlNet view made after the LoRA went on
     (TINY, True, True),
 ])
-def test_a_lora_applies_through_inpainting_and_controlnet_pipelines(engine, job, add_on, engine_data, model, mask,
+def test_a_lora_applies_through_inpainting_and_controlnet_pipelines(engine, job, add_on, module_data_dir, model, mask,
                                                                    guide):
-    fields = edits(engine_data, mask=mask, guide=guide)
+    fields = edits(module_data_dir, mask=mask, guide=guide)
     plain = image(engine, job(model=model, **fields))
     with_lora = image(engine, job(model=model, loras=(add_on(LORA, 1.0),), **fields))
     at_zero = image(engine, job(model=model, loras=(add_on(LORA, 0.0),), **fields))
@@ -372,8 +350,8 @@ def test_a_lora_applies_through_inpainting_and_controlnet_pipelines(engine, job,
         assert difference(with_lora[:, :64], plain[:, :64]) > 20
 
 
-def test_a_vae_and_an_embedding_apply_through_a_controlnet_view(engine, job, add_on, engine_data):
-    fields = edits(engine_data, guide=True)
+def test_a_vae_and_an_embedding_apply_through_a_controlnet_view(engine, job, add_on, module_data_dir):
+    fields = edits(module_data_dir, guide=True)
     prompt = "a photo of <tiny-embedding>"
     plain = image(engine, job(prompt, **fields))
     assert difference(image(engine, job(prompt, vae=add_on(VAE), **fields)), plain) > 20

@@ -4,28 +4,19 @@ WebSocket, and from the official Runware SDK with its own request types."""
 from __future__ import annotations
 
 import base64
-import io
 import logging
 
 import numpy as np
 import pytest
-from PIL import Image
 from runware import IEmbedding, IImageInference, ILora, IRefiner, Runware
 from runware.types import EPromptWeighting
 
 from tests.engines import HeldEngine
+from tests.images import decoded, difference, pixels
 from tests.server.test_scheduler import hold_the_device, queue_in_order
 from tests.wire import Wire, inference, new_uuid
 
 SAME = 2
-
-
-def pixels(item: dict) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(item["imageBase64Data"]))).convert("RGB")).astype(int)
-
-
-def difference(first: np.ndarray, second: np.ndarray) -> int:
-    return int(np.abs(first - second).max())
 
 
 def task(**fields: object) -> dict:
@@ -129,8 +120,7 @@ async def sdk(server):
 
 
 def sdk_pixels(image: object) -> np.ndarray:
-    data = base64.b64decode(image.imageBase64Data)  # type: ignore[attr-defined]
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+    return decoded(base64.b64decode(image.imageBase64Data))  # type: ignore[attr-defined]
 
 
 async def generate(sdk: Runware, **fields: object) -> np.ndarray:

@@ -4,15 +4,13 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-from pathlib import Path
 
 import pytest
-from runware import IImageInference, IModelSearch, Runware
+from runware import IModelSearch, Runware
 from runware.utils import RunwareAPIError
 
-from imagewire.air_registry.tiny import ensure_embedded
 from tests.civitai import fake_civitai
+from tests.images import generate
 from tests.timing import seconds
 from tests.wire import API_KEY, Wire, eventually, inference, new_uuid
 
@@ -20,34 +18,10 @@ AIR = "civitai:4201@130072"
 
 
 @pytest.fixture
-def own_data_dir(tmp_path: Path, models_dir: Path) -> Path:
-    """A data dir of its own, so that downloads stay out of the session's shared models folder; the tiny
-    models already built are linked in."""
-    ensure_embedded("tiny-sd", models_dir / "configs" / "tiny-sd")
-    models = tmp_path / "own-data" / "models"
-    models.mkdir(parents=True)
-    for built in models_dir.iterdir():
-        (models / built.name).symlink_to(built, target_is_directory=True)
-    return tmp_path / "own-data"
-
-
-@pytest.fixture
 async def api(tiny_checkpoint):
     async with fake_civitai() as civitai:
         civitai.add_version(model=4201, version=130072, data=tiny_checkpoint)
         yield civitai
-
-
-async def generate(server, model: str) -> bytes:
-    client = Runware(api_key=API_KEY, url=server.url)
-    await client.connect()
-    try:
-        [image] = await client.imageInference(requestImage=IImageInference(
-            model=model, positivePrompt="a lighthouse at dawn", width=128, height=128, steps=2, seed=11,
-            outputType="base64Data", outputFormat="PNG"))
-        return base64.b64decode(image.imageBase64Data)
-    finally:
-        await client.disconnect()
 
 
 async def test_a_civitai_checkpoint_is_downloaded_then_runs_and_is_kept(start_server, own_data_dir, api):

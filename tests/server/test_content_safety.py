@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from imagewire.air_registry.tiny import safety
+from tests.images import pixels
 from tests.server.test_controlnet import guide
-from tests.server.test_editing import b64, decoded, png, seed_picture
+from tests.server.test_editing import b64, png, seed_picture
 from tests.wire import Wire, inference
 
 FLAGGING = "test:flags-everything@1"
@@ -43,7 +44,7 @@ async def test_checked_results_carry_nsfw_content_and_unchecked_ones_do_not(star
         assert [item["NSFWContent"] for item in items] == [False, False], ask
         # Unflagged results are the pictures as made (up to last-bit rounding of a batch of two).
         [same_seed] = [item for item in items if item["seed"] == 3]
-        assert np.abs(decoded(same_seed) - decoded(plain)).max() <= 2
+        assert np.abs(pixels(same_seed) - pixels(plain)).max() <= 2
     [off] = await wire.run(checked(safety={"checkContent": True, "mode": "none"}))
     assert "NSFWContent" not in off
     await wire.close()
@@ -54,15 +55,15 @@ async def test_a_flagged_result_is_black_and_says_so(start_server, flagging_cata
     wire = await Wire.open(server.url)
     [flagged] = await wire.run(checked(checkNSFW=True))
     assert flagged["NSFWContent"] is True
-    assert decoded(flagged).shape == (128, 128, 3) and decoded(flagged).max() == 0
+    assert pixels(flagged).shape == (128, 128, 3) and pixels(flagged).max() == 0
     # Inpainting results are checked after the paste-back, as they are delivered.
     [edited] = await wire.run(checked(seedImage=b64(png(seed_picture())), maskImage=b64(png(seed_picture())),
                                       safety={"checkContent": True}))
-    assert edited["NSFWContent"] is True and decoded(edited).max() == 0
+    assert edited["NSFWContent"] is True and pixels(edited).max() == 0
     # A mask with nothing to repaint skips the device, not the check: the seed image comes back checked.
     [unchanged] = await wire.run(checked(seedImage=b64(png(seed_picture())),
                                          maskImage=b64(png(Image.new("L", (128, 128), 0))), checkNSFW=True))
-    assert unchanged["NSFWContent"] is True and decoded(unchanged).max() == 0
+    assert unchanged["NSFWContent"] is True and pixels(unchanged).max() == 0
     await wire.close()
 
 

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from tests.server.test_editing import b64, decoded, mask_picture, png, seed_picture
+from tests.images import pixels
+from tests.server.test_editing import b64, mask_picture, png, seed_picture
 from tests.wire import Wire, inference
 
 CONTROLNET = "imagewire:tiny-controlnet@1"
@@ -43,9 +44,9 @@ async def test_the_guide_image_steers_the_result_and_weight_zero_is_no_controlne
     [square] = await wire.run(guided([{"model": CONTROLNET, "guideImage": guide("square")}]))
     [ellipse] = await wire.run(guided([{"model": CONTROLNET, "guideImage": guide("ellipse")}]))
     [off] = await wire.run(guided([{"model": CONTROLNET, "guideImage": guide("square"), "weight": 0}]))
-    assert mean_difference(decoded(square), decoded(ellipse)) > 5
-    assert mean_difference(decoded(square), decoded(plain)) > 5
-    assert np.abs(decoded(off) - decoded(plain)).max() <= 2
+    assert mean_difference(pixels(square), pixels(ellipse)) > 5
+    assert mean_difference(pixels(square), pixels(plain)) > 5
+    assert np.abs(pixels(off) - pixels(plain)).max() <= 2
     await wire.close()
 
 
@@ -57,14 +58,14 @@ async def test_several_controlnets_modes_and_step_ranges(server):
     results = {}
     for mode in ("balanced", "prompt", "controlnet"):
         [results[mode]] = await wire.run(guided([{**one, "controlMode": mode, "weight": None, "startStep": None}]))
-    assert np.array_equal(decoded(results["balanced"]), decoded(single))
-    assert mean_difference(decoded(results["prompt"]), decoded(single)) > 1
-    assert mean_difference(decoded(results["controlnet"]), decoded(results["prompt"])) > 1
+    assert np.array_equal(pixels(results["balanced"]), pixels(single))
+    assert mean_difference(pixels(results["prompt"]), pixels(single)) > 1
+    assert mean_difference(pixels(results["controlnet"]), pixels(results["prompt"])) > 1
     [both] = await wire.run(guided([one, {"model": "tiny-controlnet", "guideImage": guide("ellipse"), "weight": 0.5,
                                           "startStepPercentage": 0, "endStepPercentage": 50}]))
-    assert mean_difference(decoded(both), decoded(single)) > 1
+    assert mean_difference(pixels(both), pixels(single)) > 1
     [late] = await wire.run(guided([{**one, "startStep": 2, "endStep": 3}]))
-    assert mean_difference(decoded(late), decoded(single)) > 1
+    assert mean_difference(pixels(late), pixels(single)) > 1
     await wire.close()
 
 
@@ -77,8 +78,8 @@ async def test_controlnet_with_a_seed_image_and_with_a_mask(server):
                                         maskImage=b64(png(mask_picture())), outputFormat="PNG"))
     [unguided] = await wire.run(guided(None, model="imagewire:tiny-inpaint@1", seedImage=seed,
                                        maskImage=b64(png(mask_picture())), outputFormat="PNG"))
-    assert decoded(image_to_image).shape == (128, 128, 3)
-    assert mean_difference(decoded(inpainted), decoded(unguided)) > 0.5
+    assert pixels(image_to_image).shape == (128, 128, 3)
+    assert mean_difference(pixels(inpainted), pixels(unguided)) > 0.5
     await wire.close()
 
 
@@ -107,7 +108,7 @@ async def test_canny_makes_a_binary_edge_map_of_the_inputs_size_with_a_reusable_
     # Reusable like any image: as a guide image, and the input's UUID as a seed image.
     [generated] = await wire.run(guided([{"model": CONTROLNET, "guideImage": item["guideImageUUID"]}],
                                         seedImage=item["inputImageUUID"], width=192, height=128))
-    assert decoded(generated).shape == (128, 192, 3)
+    assert pixels(generated).shape == (128, 192, 3)
     await wire.close()
 
 

@@ -14,7 +14,7 @@ from imagewire.air_registry.memory_plan import FIXED_OVERHEAD, decode_bytes
 from imagewire.air_registry.weights import locate_weights
 from imagewire.server.engine import DiffusersEngine
 from imagewire.tasks.jobs import InferenceJob
-from tests.engines import Collect
+from tests.engines import Collect, diffusers_engine
 
 TINY = Catalog.load().resolve("imagewire:tiny@1")
 SIDE = 512          # above the smallest tile side (256), so that tiling has tiles to make
@@ -24,12 +24,11 @@ FLOAT32 = 4
 def engine_with_headroom(data_dir: Path, headroom: int | None) -> DiffusersEngine:
     """An engine whose tiny model's plan leaves ``headroom`` bytes beside its weights (None: no budget)."""
     if headroom is None:
-        return DiffusersEngine(device="cpu", data_dir=data_dir, allow_downloads=False, max_batch_size=2)
-    probe = DiffusersEngine(device="cpu", data_dir=data_dir, allow_downloads=False, max_batch_size=2)
+        return diffusers_engine(data_dir, max_batch_size=2)
+    probe = diffusers_engine(data_dir, max_batch_size=2)
     weights = probe.pipelines.plan(TINY, locate_weights(TINY, data_dir=data_dir, allow_downloads=False))
     budget = headroom + weights.resident_bytes + FIXED_OVERHEAD
-    return DiffusersEngine(device="cpu", data_dir=data_dir, allow_downloads=False, max_batch_size=2,
-                           device_memory_bytes=budget)
+    return diffusers_engine(data_dir, max_batch_size=2, device_memory_bytes=budget)
 
 
 def make(data_dir: Path, engine: DiffusersEngine, seeds: list[int]) -> list[np.ndarray]:

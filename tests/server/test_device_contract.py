@@ -41,6 +41,7 @@ from imagewire.tasks.jobs import (
     Results,
     Step,
 )
+from tests.engines import data_dir_with_models, diffusers_engine
 from tests.timing import seconds
 
 TINY = Catalog.load().resolve("imagewire:tiny@1")
@@ -353,14 +354,9 @@ async def test_events_come_in_order_queued_then_steps_then_results_then_the_end(
 @pytest.fixture(scope="module")
 def diffusers_device(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[tuple[DeviceQueue, Path]]:
     """One diffusers engine for the module: it loads the tiny model once."""
-    from imagewire.server.engine import DiffusersEngine
-
     folder = tmp_path_factory.mktemp("diffusers-device")
-    data = folder / "data"
-    data.mkdir()
-    (data / "models").symlink_to(models_dir, target_is_directory=True)
-    device = DeviceQueue(lambda: LoggedEngine(DiffusersEngine(device="cpu", data_dir=data, allow_downloads=False,
-                                                                max_batch_size=4), folder),
+    data = data_dir_with_models(folder / "data", models_dir)
+    device = DeviceQueue(lambda: LoggedEngine(diffusers_engine(data), folder),
                          queue_size=16, max_batch_size=4)
     device.start()
     yield device, folder

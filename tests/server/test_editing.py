@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from imagewire.tasks.canvas import EDGE_PIXELS
+from tests.images import pixels
 from tests.server.test_hostile_input import png_claiming
 from tests.timing import seconds
 from tests.wire import Wire, inference, new_uuid
@@ -50,10 +51,6 @@ def mask_picture(size: tuple[int, int] = (SIZE, SIZE), box: tuple[int, int, int,
     return mask
 
 
-def decoded(item: dict[str, Any]) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(item["imageBase64Data"]))).convert("RGB")).astype(int)
-
-
 def outside(box: tuple[int, int, int, int], size: tuple[int, int] = (SIZE, SIZE)) -> np.ndarray:
     keep = np.ones((size[1], size[0]), dtype=bool)
     left, top, right, bottom = box
@@ -80,7 +77,7 @@ def repaint(**fields: Any) -> dict[str, Any]:
 async def test_inpainting_changes_the_mask_and_returns_every_other_pixel_as_it_was(server, model):
     wire = await Wire.open(server.url)
     [item] = await wire.run(repaint(model=model, strength=1.0))
-    result, seed = decoded(item), np.asarray(seed_picture()).astype(int)
+    result, seed = pixels(item), np.asarray(seed_picture()).astype(int)
     assert result.shape == seed.shape
     assert np.array_equal(result[outside(BOX)], seed[outside(BOX)])
     assert np.abs(result[inside(BOX)] - seed[inside(BOX)]).mean() > 20
@@ -94,7 +91,7 @@ async def test_masks_in_all_four_forms_give_the_same_result(server):
     [baseline] = await wire.run(repaint(maskImage=b64(mask)))
     for form in (upload["imageUUID"], data_uri(mask), upload["imageURL"]):
         [item] = await wire.run(repaint(maskImage=form))
-        assert np.array_equal(decoded(item), decoded(baseline)), form[:40]
+        assert np.array_equal(pixels(item), pixels(baseline)), form[:40]
     await wire.close()
 
 
@@ -102,7 +99,7 @@ async def test_a_mask_of_another_size_is_scaled_to_the_seed_image(server):
     wire = await Wire.open(server.url)
     small = mask_picture((64, 64), tuple(side // 2 for side in BOX))  # type: ignore[arg-type]
     [item] = await wire.run(repaint(maskImage=b64(png(small))))
-    result, seed = decoded(item), np.asarray(seed_picture()).astype(int)
+    result, seed = pixels(item), np.asarray(seed_picture()).astype(int)
     # Scaling up blurs the mask's edge by a pixel or two: compare beyond that.
     grown = (BOX[0] - 2, BOX[1] - 2, BOX[2] + 2, BOX[3] + 2)
     assert np.array_equal(result[outside(grown)], seed[outside(grown)])
@@ -115,9 +112,9 @@ async def test_an_empty_mask_returns_the_seed_image_and_a_full_one_repaints_ever
     seed = np.asarray(seed_picture()).astype(int)
     empties = await wire.run(repaint(maskImage=b64(png(Image.new("L", (SIZE, SIZE), 0))), numberResults=2), count=2)
     assert sorted(item["seed"] for item in empties) == [11, 12]
-    assert all(np.array_equal(decoded(item), seed) for item in empties)
+    assert all(np.array_equal(pixels(item), seed) for item in empties)
     [full] = await wire.run(repaint(maskImage=b64(png(Image.new("L", (SIZE, SIZE), 255))), strength=1.0))
-    assert (np.abs(decoded(full) - seed).max(axis=-1) > 8).mean() > 0.9
+    assert (np.abs(pixels(full) - seed).max(axis=-1) > 8).mean() > 0.9
     await wire.close()
 
 
@@ -129,11 +126,11 @@ async def test_mask_margin_repaints_a_crop_at_full_size_and_pastes_it_back(serve
     [zoomed] = await wire.run(repaint(maskImage=mask, maskMargin=32))
     seed = np.asarray(seed_picture()).astype(int)
     for item in (plain, zoomed):
-        result = decoded(item)
+        result = pixels(item)
         assert result.shape == seed.shape
         assert np.array_equal(result[outside(box)], seed[outside(box)])
         assert np.abs(result[inside(box)] - seed[inside(box)]).mean() > 10
-    assert not np.array_equal(decoded(plain), decoded(zoomed))
+    assert not np.array_equal(pixels(plain), pixels(zoomed))
     await wire.close()
 
 
@@ -143,7 +140,7 @@ async def test_outpainting_extends_the_canvas_and_keeps_the_original(server):
     # Without width and height the result is the seed image plus the extensions.
     [item] = await wire.run(repaint(maskImage=..., width=..., height=..., outpaint={"left": 64, "top": 64},
                                     strength=1.0))
-    result = decoded(item)
+    result = pixels(item)
     assert result.shape == (SIZE + 64, SIZE + 64, 3)
     assert np.array_equal(result[64:, 64:], seed)
     # The new area is generated, not the seed's edge pixels drawn out.
@@ -151,7 +148,7 @@ async def test_outpainting_extends_the_canvas_and_keeps_the_original(server):
     assert np.abs(result[:64] - stretched[:64]).mean() > 20
     # With width and height they are the result's size; blur softens the boundary inside the original.
     [soft] = await wire.run(repaint(maskImage=..., width=256, height=128, outpaint={"right": 128, "blur": 16}))
-    result = decoded(soft)
+    result = pixels(soft)
     assert result.shape == (128, 256, 3)
     assert np.array_equal(result[:, :128 - 16], seed[:, :128 - 16])
     assert not np.array_equal(result[:, 128 - 16 : 128], seed[:, 128 - 16 :])
@@ -204,7 +201,7 @@ async def test_inpainting_results_are_stored_like_any_other(server):
 async def test_flow_models_inpaint_and_return_every_other_pixel_as_it_was(server, model):
     wire = await Wire.open(server.url)
     [item] = await wire.run(repaint(model=model, strength=1.0, steps=2))
-    result, seed = decoded(item), np.asarray(seed_picture()).astype(int)
+    result, seed = pixels(item), np.asarray(seed_picture()).astype(int)
     assert np.array_equal(result[outside(BOX)], seed[outside(BOX)])
     assert np.abs(result[inside(BOX)] - seed[inside(BOX)]).mean() > 20
     await wire.close()

@@ -8,9 +8,10 @@ import logging
 
 import numpy as np
 
+from tests.images import pixels
 from tests.server.test_cancel import cancel_answer, first_step
 from tests.server.test_controlnet import guide
-from tests.server.test_editing import BOX, decoded, outside, repaint, seed_picture
+from tests.server.test_editing import BOX, outside, repaint, seed_picture
 from tests.server.test_progress import RESULT_FIELDS, frames_until_done
 from tests.wire import Wire, eventually
 
@@ -36,7 +37,7 @@ async def test_inpainting_with_a_content_check_streams_its_steps_before_its_chec
     # The results went through the checker after the steps, and are still inpainted results.
     assert [item["NSFWContent"] for item in results] == [False, False]
     seed = np.asarray(seed_picture()).astype(int)
-    assert all(np.array_equal(decoded(item)[outside(BOX)], seed[outside(BOX)]) for item in results)
+    assert all(np.array_equal(pixels(item)[outside(BOX)], seed[outside(BOX)]) for item in results)
     await wire.close()
 
 

@@ -9,20 +9,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageChops
+from PIL import Image
 
 from imagewire.air_registry.catalog import Catalog
 from imagewire.air_registry.weights import locate_weights
 from imagewire.server.engine import DiffusersEngine
 from imagewire.tasks.jobs import GeneratedImage, InferenceJob
-from tests.engines import Collect
+from tests.engines import Collect, diffusers_engine
+from tests.images import difference
 
 TINY = Catalog.load().resolve("imagewire:tiny@1")
 
 
 @pytest.fixture
 def engine(data_dir: Path) -> DiffusersEngine:
-    return DiffusersEngine(device="cpu", data_dir=data_dir, allow_downloads=False, max_batch_size=4)
+    return diffusers_engine(data_dir)
 
 
 @pytest.fixture
@@ -44,9 +45,6 @@ def run(engine: DiffusersEngine, jobs: list[InferenceJob]) -> dict[str, list[Gen
     return {job.task_uuid: collected.results[index] for index, job in enumerate(jobs)}
 
 
-def largest_difference(first: Image.Image, second: Image.Image) -> int:
-    return max(high for _, high in ImageChops.difference(first, second).getextrema())
-
 
 @pytest.mark.parametrize("image_to_image", [False, True], ids=["txt2img", "img2img"])
 def test_jobs_sharing_a_call_get_the_images_they_would_get_alone(engine, job, image_to_image):
@@ -61,8 +59,8 @@ def test_jobs_sharing_a_call_get_the_images_they_would_get_alone(engine, job, im
     assert [(image.index, image.seed) for image in together["b"]] == list(enumerate(seeds_b))
     # Each image is its job's own (prompt, seed, seed image), up to last-bit rounding of batched maths.
     for shared, single in zip([*together["a"], *together["b"]], [*alone_a, *alone_b], strict=True):
-        assert largest_difference(shared.image, single.image) <= 2
-    assert largest_difference(together["a"][0].image, together["b"][0].image) > 2
+        assert difference(shared.image, single.image) <= 2
+    assert difference(together["a"][0].image, together["b"][0].image) > 2
     # The call's device time is shared among its three images.
     assert together["a"][0].seconds == together["b"][0].seconds > 0
 
@@ -150,8 +148,8 @@ def test_editing_jobs_sharing_a_call_get_the_images_they_would_get_alone(engine,
     together = run(engine, jobs)
     for one in jobs:
         [alone] = run(engine, [one])[one.task_uuid]
-        assert largest_difference(together[one.task_uuid][0].image, alone.image) <= 2
-    assert largest_difference(together["a"][0].image, together["b"][0].image) > 2
+        assert difference(together[one.task_uuid][0].image, alone.image) <= 2
+    assert difference(together["a"][0].image, together["b"][0].image) > 2
 
 
 def test_jobs_with_other_controlnet_settings_or_another_mask_kind_never_share_a_call(job, data_dir):

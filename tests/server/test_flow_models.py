@@ -9,14 +9,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageChops
+from PIL import Image
 
 from imagewire.air_registry import FLOW, FLOW_SAMPLERS, Catalog, resolve_sampler
 from imagewire.air_registry.weights import locate_weights
 from imagewire.server.device import Cancelled
 from imagewire.server.engine import DiffusersEngine
 from imagewire.tasks.jobs import GeneratedImage, InferenceJob, Step
-from tests.engines import Collect
+from tests.engines import Collect, diffusers_engine
+from tests.images import difference
 
 CATALOG = Catalog.load()
 FLOW_MODELS = ["imagewire:tiny-flux@1", "imagewire:tiny-sd3@1"]
@@ -27,10 +28,8 @@ JobMaker = Callable[..., InferenceJob]
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> DiffusersEngine:
-    data_dir = tmp_path_factory.mktemp("flow-data")
-    (data_dir / "models").symlink_to(models_dir, target_is_directory=True)
-    return DiffusersEngine(device="cpu", data_dir=data_dir, allow_downloads=False, max_batch_size=4)
+def engine(module_data_dir: Path) -> DiffusersEngine:
+    return diffusers_engine(module_data_dir)
 
 
 @pytest.fixture(params=FLOW_MODELS, ids=["flux", "sd3"])
@@ -60,9 +59,6 @@ def one(engine: DiffusersEngine, job: InferenceJob) -> Image.Image:
     return run(engine, [job])[job.task_uuid][0].image
 
 
-def largest_difference(first: Image.Image, second: Image.Image) -> int:
-    return max(high for _, high in ImageChops.difference(first, second).getextrema())
-
 
 # Batched maths may differ from unbatched in the last bit; anything the request changes moves pixels
 # by far more.
@@ -79,33 +75,33 @@ def test_jobs_sharing_a_call_get_the_images_they_would_get_alone(engine, job, im
     for name in ("a", "b"):
         for shared, single in zip(together[name], alone[name], strict=True):
             assert shared.image.size == (128, 128)
-            assert largest_difference(shared.image, single.image) <= ROUNDING
-    assert largest_difference(together["a"][0].image, together["b"][0].image) > ROUNDING
+            assert difference(shared.image, single.image) <= ROUNDING
+    assert difference(together["a"][0].image, together["b"][0].image) > ROUNDING
 
 
 def test_seed_prompt_and_guidance_reach_the_pipeline(engine, job):
     base = one(engine, job("x", "a lighthouse at dawn", [42]))
-    assert largest_difference(base, one(engine, job("x", "a lighthouse at dawn", [42]))) == 0
-    assert largest_difference(base, one(engine, job("x", "a lighthouse at dawn", [43]))) > ROUNDING
-    assert largest_difference(base, one(engine, job("x", "a harbour at night", [42]))) > ROUNDING
+    assert difference(base, one(engine, job("x", "a lighthouse at dawn", [42]))) == 0
+    assert difference(base, one(engine, job("x", "a lighthouse at dawn", [43]))) > ROUNDING
+    assert difference(base, one(engine, job("x", "a harbour at night", [42]))) > ROUNDING
     # FLUX [dev]'s own guidance embedding and SD 3's classifier-free guidance both follow CFGScale.
-    assert largest_difference(base, one(engine, job("x", "a lighthouse at dawn", [42], cfg_scale=7.0))) > ROUNDING
+    assert difference(base, one(engine, job("x", "a lighthouse at dawn", [42], cfg_scale=7.0))) > ROUNDING
 
 
 def test_the_seed_image_and_strength_reach_the_pipeline(engine, job):
     red = one(engine, job("x", "a meadow", [3], init_image=RED))
     assert red.size == (128, 128)
-    assert largest_difference(red, one(engine, job("x", "a meadow", [3], init_image=BLUE))) > ROUNDING
-    assert largest_difference(red, one(engine, job("x", "a meadow", [3], init_image=RED, strength=0.3))) > ROUNDING
+    assert difference(red, one(engine, job("x", "a meadow", [3], init_image=BLUE))) > ROUNDING
+    assert difference(red, one(engine, job("x", "a meadow", [3], init_image=RED, strength=0.3))) > ROUNDING
 
 
 def test_a_negative_prompt_guides_sd3_and_is_ignored_by_flux(engine, job):
     base = one(engine, job("x", "a lighthouse", [8]))
     negative = one(engine, job("x", "a lighthouse", [8], negative_prompt="fog, rain"))
     if job("x", "", [0]).model.architecture == "tiny-flux":
-        assert largest_difference(base, negative) == 0
+        assert difference(base, negative) == 0
     else:
-        assert largest_difference(base, negative) > ROUNDING
+        assert difference(base, negative) > ROUNDING
 
 
 @pytest.mark.parametrize("name", sorted(FLOW_SAMPLERS))
@@ -118,10 +114,10 @@ def test_every_flow_matching_sampler_runs_both_ways(engine, job, name):
     assert text.size == image.size == (128, 128)
     if any(spec.options.values()):
         # Karras, Beta or Exponential sigmas: another schedule, another image.
-        assert largest_difference(image, own) > ROUNDING
+        assert difference(image, own) > ROUNDING
     else:
         # Plain flow-matching Euler is what these models sample with by default.
-        assert largest_difference(image, own) <= ROUNDING
+        assert difference(image, own) <= ROUNDING
 
 
 def test_flux_kontext_edits_the_seed_image_with_its_own_pipeline(engine, tmp_path):
@@ -147,12 +143,12 @@ def test_flux_kontext_edits_the_seed_image_with_its_own_pipeline(engine, tmp_pat
     assert one(engine, kontext()).size == (128, 128)
     red, blue = one(engine, kontext(init_image=RED)), one(engine, kontext(init_image=BLUE))
     assert red.size == (128, 128)
-    assert largest_difference(red, blue) > ROUNDING
+    assert difference(red, blue) > ROUNDING
     # The whole seed image is Kontext's reference: strength has nothing to say.
-    assert largest_difference(red, one(engine, kontext(init_image=RED, strength=0.9))) == 0
+    assert difference(red, one(engine, kontext(init_image=RED, strength=0.9))) == 0
     together = run(engine, [kontext(init_image=RED), dataclasses.replace(kontext(init_image=BLUE), task_uuid="b")])
-    assert largest_difference(together["k"][0].image, red) <= ROUNDING
-    assert largest_difference(together["b"][0].image, blue) <= ROUNDING
+    assert difference(together["k"][0].image, red) <= ROUNDING
+    assert difference(together["b"][0].image, blue) <= ROUNDING
 
 
 def test_a_mask_reaches_the_flow_models_inpainting_pipelines(engine, job):
@@ -169,9 +165,9 @@ def test_a_mask_reaches_the_flow_models_inpainting_pipelines(engine, job):
 
     masked = repainted(left)
     assert masked.size == (128, 128)
-    assert largest_difference(masked, repainted(left)) == 0
-    assert largest_difference(repainted(None), masked) > ROUNDING
-    assert largest_difference(masked, repainted(right)) > ROUNDING
+    assert difference(masked, repainted(left)) == 0
+    assert difference(repainted(None), masked) > ROUNDING
+    assert difference(masked, repainted(right)) > ROUNDING
 
 
 def test_flux_fill_repaints_through_its_own_pipeline(engine, tmp_path):
@@ -220,9 +216,9 @@ def test_flux_fill_repaints_through_its_own_pipeline(engine, tmp_path):
     assert type(engine.pipelines.inpainting(model, weights)).__name__ == "FluxFillPipeline"
     red = filled(left)
     assert red.size == (128, 128)
-    assert largest_difference(red, filled(left)) == 0
-    assert largest_difference(red, filled(right)) > ROUNDING
-    assert largest_difference(red, filled(left, BLUE)) > ROUNDING
+    assert difference(red, filled(left)) == 0
+    assert difference(red, filled(right)) > ROUNDING
+    assert difference(red, filled(left, BLUE)) > ROUNDING
 
 
 class _CancelAtFirstStep(Collect):
@@ -250,16 +246,14 @@ def test_flow_pipelines_report_every_step_and_stop_when_cancelled(engine, job, i
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("air", FLOW_MODELS)
-def test_flow_models_run_in_bfloat16_on_cuda_and_batch_as_alone(tmp_path_factory, models_dir, air):
+def test_flow_models_run_in_bfloat16_on_cuda_and_batch_as_alone(module_data_dir, air):
     import torch
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    data_dir = tmp_path_factory.mktemp("flow-cuda")
-    (data_dir / "models").symlink_to(models_dir, target_is_directory=True)
-    cuda = DiffusersEngine(device="cuda", data_dir=data_dir, allow_downloads=False, max_batch_size=4)
+    cuda = diffusers_engine(module_data_dir, device="cuda")
     model = CATALOG.resolve(air)
-    weights = locate_weights(model, data_dir=data_dir, allow_downloads=False)
+    weights = locate_weights(model, data_dir=module_data_dir, allow_downloads=False)
     pipe = cuda.pipelines.text_to_image(model, weights)
     assert pipe.transformer.dtype == torch.bfloat16
     jobs = [InferenceJob(task_uuid=name, model=model, weights=weights, prompt=prompt, negative_prompt=None,
@@ -269,4 +263,4 @@ def test_flow_models_run_in_bfloat16_on_cuda_and_batch_as_alone(tmp_path_factory
     for job in jobs:
         alone = run(cuda, [job])[job.task_uuid][0].image
         # bfloat16 batched maths round differently from unbatched: a few levels, not a different image.
-        assert largest_difference(together[job.task_uuid][0].image, alone) <= 8
+        assert difference(together[job.task_uuid][0].image, alone) <= 8

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -20,7 +19,8 @@ from imagewire.air_registry.catalog import Catalog
 from imagewire.air_registry.weights import locate_weights
 from imagewire.server.engine import DiffusersEngine
 from imagewire.tasks.jobs import InferenceJob, IpAdapterUse
-from tests.engines import Collect
+from tests.engines import diffusers_engine
+from tests.images import difference, images, pixels
 from tests.wire import API_KEY, Wire, inference, new_uuid
 
 CATALOG = Catalog.load()
@@ -39,16 +39,10 @@ RED, BLUE = solid((220, 30, 40)), solid((30, 40, 220))
 
 
 @pytest.fixture(scope="module")
-def engine_data(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Path:
-    data = tmp_path_factory.mktemp("ip-adapter-data")
-    (data / "models").symlink_to(models_dir, target_is_directory=True)
-    return data
-
-
-@pytest.fixture(scope="module")
-def engine(engine_data: Path) -> DiffusersEngine:
-    engine = DiffusersEngine(device="cpu", data_dir=engine_data, allow_downloads=False, max_batch_size=4)
-    run(engine, make_job(engine_data))  # the first call of a process sets its CPU threads: out of the comparisons
+def engine(module_data_dir: Path) -> DiffusersEngine:
+    engine = diffusers_engine(module_data_dir)
+    # The first call of a process sets its CPU threads: out of the comparisons.
+    images(engine, make_job(module_data_dir))
     return engine
 
 
@@ -64,49 +58,39 @@ def make_job(data: Path, *adapters: tuple[Image.Image, float], seed: int = 5,
                         seeds=[seed], ip_adapters=uses)
 
 
-def run(engine: DiffusersEngine, *jobs: InferenceJob) -> list[np.ndarray]:
-    made = Collect(len(jobs))
-    engine.run(list(jobs), made)
-    return [np.asarray(made.results[index][0].image).astype(int) for index in range(len(jobs))]
-
-
-def differ(a: np.ndarray, b: np.ndarray) -> int:
-    return int(np.abs(a - b).max())
-
-
 @pytest.fixture
-def job(engine_data: Path) -> Callable[..., InferenceJob]:
+def job(module_data_dir: Path) -> Callable[..., InferenceJob]:
     def make(*adapters: tuple[Image.Image, float], **fields: Any) -> InferenceJob:
-        return make_job(engine_data, *adapters, **fields)
+        return make_job(module_data_dir, *adapters, **fields)
 
     return make
 
 
 def test_an_ip_adapter_changes_the_image_by_its_guide_and_weight_zero_is_none(engine, job):
-    [plain] = run(engine, job())
-    [red] = run(engine, job((RED, 1.0)))
-    [blue] = run(engine, job((BLUE, 1.0)))
-    [half] = run(engine, job((RED, 0.5)))
-    [zero] = run(engine, job((RED, 0.0)))
-    assert differ(red, plain) > CHANGED and differ(blue, red) > CHANGED and differ(half, red) > CHANGED
+    [plain] = images(engine, job())
+    [red] = images(engine, job((RED, 1.0)))
+    [blue] = images(engine, job((BLUE, 1.0)))
+    [half] = images(engine, job((RED, 0.5)))
+    [zero] = images(engine, job((RED, 0.0)))
+    assert difference(red, plain) > CHANGED and difference(blue, red) > CHANGED and difference(half, red) > CHANGED
     # Scale 0 multiplies the adapter's attention by zero: the pixels of no adapter at all.
-    assert differ(zero, plain) <= SAME
-    [again] = run(engine, job((RED, 1.0)))
-    assert differ(again, red) <= SAME  # deterministic at a fixed seed
+    assert difference(zero, plain) <= SAME
+    [again] = images(engine, job((RED, 1.0)))
+    assert difference(again, red) <= SAME  # deterministic at a fixed seed
 
 
 def test_two_adapters_at_once_and_a_clean_pipeline_after(engine, job):
-    [plain] = run(engine, job())
-    [red] = run(engine, job((RED, 1.0)))
-    [both] = run(engine, job((RED, 1.0), (BLUE, 1.0)))
-    [swapped_weights] = run(engine, job((RED, 1.0), (BLUE, 0.3)))
-    assert differ(both, red) > CHANGED and differ(both, plain) > CHANGED
-    assert differ(swapped_weights, both) > CHANGED  # each adapter has its own scale
-    [second_off] = run(engine, job((RED, 1.0), (BLUE, 0.0)))
-    assert differ(second_off, red) <= SAME
+    [plain] = images(engine, job())
+    [red] = images(engine, job((RED, 1.0)))
+    [both] = images(engine, job((RED, 1.0), (BLUE, 1.0)))
+    [swapped_weights] = images(engine, job((RED, 1.0), (BLUE, 0.3)))
+    assert difference(both, red) > CHANGED and difference(both, plain) > CHANGED
+    assert difference(swapped_weights, both) > CHANGED  # each adapter has its own scale
+    [second_off] = images(engine, job((RED, 1.0), (BLUE, 0.0)))
+    assert difference(second_off, red) <= SAME
     # The UNet's attention, its projection and the pipeline's image encoder are as loaded again.
-    [after] = run(engine, job())
-    assert differ(after, plain) <= SAME
+    [after] = images(engine, job())
+    assert difference(after, plain) <= SAME
     pipe = engine.pipelines.text_to_image(TINY)
     assert pipe.image_encoder is None and pipe.unet.encoder_hid_proj is None
     assert not any("IPAdapter" in type(p).__name__ for p in pipe.unet.attn_processors.values())
@@ -117,9 +101,9 @@ def test_equal_sets_batch_and_different_ones_do_not(engine, job):
     assert red.batch_key() == red_other_seed.batch_key()
     assert red.batch_key() != blue.batch_key() != job().batch_key()
     assert red.batch_key() != job((RED, 0.5)).batch_key() != job((RED, 1.0), (BLUE, 1.0)).batch_key()
-    together = run(engine, red, red_other_seed)
-    alone = [run(engine, red)[0], run(engine, red_other_seed)[0]]
-    assert all(differ(a, b) <= SAME for a, b in zip(together, alone, strict=True))
+    together = images(engine, red, red_other_seed)
+    alone = [images(engine, red)[0], images(engine, red_other_seed)[0]]
+    assert all(difference(a, b) <= SAME for a, b in zip(together, alone, strict=True))
 
 
 # ---------------------------------------------------------------- through a server
@@ -129,10 +113,6 @@ def png(picture: Image.Image) -> str:
     buffer = io.BytesIO()
     picture.save(buffer, "PNG")
     return base64.b64encode(buffer.getvalue()).decode()
-
-
-def pixels(item: dict) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(item["imageBase64Data"]))).convert("RGB")).astype(int)
 
 
 def guided(*adapters: dict, **fields: object) -> dict:
@@ -146,17 +126,17 @@ async def test_the_guide_image_in_every_form(server):
     forms = [upload["imageUUID"], f"data:image/png;base64,{red}", red, upload["imageURL"]]
     results = [pixels((await wire.run(guided({"model": "imagewire:tiny-ip-adapter@1", "guideImage": form})))[0])
                for form in forms]
-    assert all(differ(results[0], other) <= SAME for other in results[1:])
+    assert all(difference(results[0], other) <= SAME for other in results[1:])
     [plain] = await wire.run(inference(seed=4, outputType="base64Data"))
-    assert differ(pixels(plain), results[0]) > CHANGED
+    assert difference(pixels(plain), results[0]) > CHANGED
     # A UUID is reusable, and a result's UUID guides too.
     [reused] = await wire.run(guided({"model": "tiny-ip-adapter", "guideImage": upload["imageUUID"], "weight": 1}))
-    assert differ(pixels(reused), results[0]) <= SAME
+    assert difference(pixels(reused), results[0]) <= SAME
     [two] = await wire.run(guided({"model": "tiny-ip-adapter", "guideImage": upload["imageUUID"]},
                                   {"model": "tiny-ip-adapter", "guideImage": plain["imageUUID"], "weight": 0.7}))
-    assert differ(pixels(two), results[0]) > CHANGED
+    assert difference(pixels(two), results[0]) > CHANGED
     [none] = await wire.run(guided({"model": "tiny-ip-adapter", "guideImage": red, "weight": 0}))
-    assert differ(pixels(none), pixels(plain)) <= SAME
+    assert difference(pixels(none), pixels(plain)) <= SAME
     await wire.close()
 
 
@@ -199,9 +179,9 @@ async def test_adapters_work_with_inpainting_and_controlnets(server):
     for fields in edits:
         [without] = await wire.run(inference(seed=4, outputType="base64Data", **fields))
         [adapted] = await wire.run(guided({"model": "tiny-ip-adapter", "guideImage": red}, **fields))
-        assert differ(pixels(adapted), pixels(without)) > CHANGED, fields
+        assert difference(pixels(adapted), pixels(without)) > CHANGED, fields
         [again] = await wire.run(inference(seed=4, outputType="base64Data", **fields))
-        assert differ(pixels(again), pixels(without)) <= SAME, fields  # nothing left on the shared model
+        assert difference(pixels(again), pixels(without)) <= SAME, fields  # nothing left on the shared model
     await wire.close()
 
 
@@ -225,4 +205,4 @@ async def test_the_python_sdk_sends_ip_adapters(server):
                         IIpAdapter(model="imagewire:tiny-ip-adapter@1", guideImage=upload["imageUUID"])]))
     finally:
         await client.disconnect()
-    assert differ(pixels({"imageBase64Data": image.imageBase64Data}), pixels(expected)) <= SAME
+    assert difference(pixels({"imageBase64Data": image.imageBase64Data}), pixels(expected)) <= SAME

@@ -9,7 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
@@ -20,7 +19,8 @@ from imagewire.server.engine import DiffusersEngine
 from imagewire.tasks.errors import TaskError
 from imagewire.tasks.jobs import AddOn, InferenceJob
 from tests import loras
-from tests.engines import Collect
+from tests.engines import diffusers_engine
+from tests.images import difference, image, images
 
 CATALOG = Catalog.load()
 TINY, TINY_SDXL, TINY_FLUX, TINY_SD3 = (CATALOG.resolve(name) for name in ("tiny", "tiny-sdxl", "tiny-flux",
@@ -31,11 +31,8 @@ CHANGED = 10
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> DiffusersEngine:
-    data = tmp_path_factory.mktemp("lora-formats-data")
-    (data / "models").symlink_to(models_dir, target_is_directory=True)
-    return DiffusersEngine(device="cpu", data_dir=data, allow_downloads=False, max_batch_size=4,
-                           max_loaded_models=2)
+def engine(module_data_dir: Path) -> DiffusersEngine:
+    return diffusers_engine(module_data_dir, max_loaded_models=2)
 
 
 @pytest.fixture(scope="module")
@@ -62,20 +59,6 @@ def job(engine: DiffusersEngine) -> Callable[..., InferenceJob]:
                             seeds=[seed], loras=tuple(loras))
 
     return make
-
-
-def images(engine: DiffusersEngine, *jobs: InferenceJob) -> list[np.ndarray]:
-    made = Collect(len(jobs))
-    engine.run(list(jobs), made)
-    return [np.asarray(made.results[index][0].image).astype(int) for index in range(len(jobs))]
-
-
-def image(engine: DiffusersEngine, job: InferenceJob) -> np.ndarray:
-    return images(engine, job)[0]
-
-
-def difference(first: np.ndarray, second: np.ndarray) -> int:
-    return int(np.abs(first - second).max())
 
 
 def _sd_parts() -> Any:

@@ -20,18 +20,6 @@ from tests.wire import API_KEY, Wire, eventually, inference, new_uuid
 PHASES = ["validated", "downloaded", "optimized", "stored", "ready"]
 
 
-@pytest.fixture
-def own_data_dir(tmp_path: Path, models_dir: Path) -> Path:
-    """A data dir of its own, so that uploads stay out of the session's shared models folder; the tiny models
-    already built are linked in."""
-    ensure_embedded("tiny-sd", models_dir / "configs" / "tiny-sd")
-    models = tmp_path / "own-data" / "models"
-    models.mkdir(parents=True)
-    for built in models_dir.iterdir():
-        (models / built.name).symlink_to(built, target_is_directory=True)
-    return tmp_path / "own-data"
-
-
 @pytest.fixture(scope="module")
 def tiny_lora(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     """A kohya-format LoRA of the tiny model, as Civitai serves LoRAs."""

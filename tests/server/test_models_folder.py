@@ -3,38 +3,13 @@ listed as unavailable with why and refused with it, and a file added while the s
 
 from __future__ import annotations
 
-import base64
 from pathlib import Path
 
 import pytest
-from runware import IImageInference, Runware
 
+from tests.images import generate
 from tests.timing import seconds
-from tests.wire import API_KEY, Wire, eventually, inference, new_uuid
-
-
-async def generate(server, model: str) -> bytes:
-    client = Runware(api_key=API_KEY, url=server.url)
-    await client.connect()
-    try:
-        [image] = await client.imageInference(requestImage=IImageInference(
-            model=model, positivePrompt="a lighthouse at dawn", width=128, height=128, steps=2, seed=11,
-            outputType="base64Data", outputFormat="PNG"))
-        return base64.b64decode(image.imageBase64Data)
-    finally:
-        await client.disconnect()
-
-
-async def search(server, text: str) -> list[dict]:
-    """modelSearch's results as sent (the SDK's model type has no ``available`` and ``comment``)."""
-    wire = await Wire.open(server.url)
-    try:
-        task = {"taskType": "modelSearch", "taskUUID": new_uuid(), "search": text}
-        await wire.send([task])
-        [result], _ = await wire.items_for(task["taskUUID"], 1)
-        return result["results"]
-    finally:
-        await wire.close()
+from tests.wire import Wire, eventually, inference, model_search
 
 
 @pytest.fixture
@@ -52,11 +27,11 @@ async def test_a_models_folder_checkpoint_runs_by_its_file_name(start_server, co
     server = await start_server(models_dirs=(comfyui,))
     # The file holds the tiny model's weights in the original layout: they make its image.
     assert await generate(server, "tiny-local") == await generate(server, "imagewire:tiny@1")
-    [model] = await search(server, "tiny-local")
+    [model] = await model_search(server.url, "tiny-local")
     assert (model["architecture"], model["category"], model["available"]) == ("tiny", "checkpoint", True)
     assert model["air"].startswith("local:tiny-local@") and model["aliases"] == ["tiny-local"]
 
-    [broken] = await search(server, "broken")
+    [broken] = await model_search(server.url, "broken")
     assert (broken["architecture"], broken["available"]) == ("unknown", False)
     assert "broken.safetensors is not a safetensors file" in broken["comment"]
     wire = await Wire.open(server.url)
@@ -67,5 +42,5 @@ async def test_a_models_folder_checkpoint_runs_by_its_file_name(start_server, co
     # Added while the server runs: found by the next look at the folder.
     (comfyui / "checkpoints" / "later.safetensors").write_bytes((comfyui / "checkpoints" /
                                                                 "tiny-local.safetensors").read_bytes())
-    [later] = await eventually(lambda: search(server, "later"), timeout=seconds(30))
+    [later] = await eventually(lambda: model_search(server.url, "later"), timeout=seconds(30))
     assert later["architecture"] == "tiny"

@@ -8,20 +8,17 @@ diffusers dequantizes K-quants with the same code path as Q8_0 (``GGUFParameter`
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-from runware import IImageInference, Runware
 
 from imagewire.air_registry.memory_plan import amount
+from tests.images import decoded, generate, psnr
 from tests.quantized_files import tiny_flux_transformer, write_float8, write_gguf, write_scaled_float8
-from tests.wire import API_KEY, Wire, new_uuid
+from tests.wire import model_search
 
 pytest.importorskip("gguf", reason="the gguf extra (imagewire[gguf]) reads GGUF files")
 
@@ -31,32 +28,8 @@ pytest.importorskip("gguf", reason="the gguf extra (imagewire[gguf]) reads GGUF 
 LEAST_PSNR = {"tiny-flux-fp8": 35.0, "tiny-flux-fp8-scaled": 35.0, "tiny-flux-Q8_0": 45.0, "tiny-flux-BF16": 45.0}
 
 
-async def generate(server, model: str) -> np.ndarray:
-    client = Runware(api_key=API_KEY, url=server.url)
-    await client.connect()
-    try:
-        [image] = await client.imageInference(requestImage=IImageInference(
-            model=model, positivePrompt="a lighthouse at dawn", width=128, height=128, steps=3, seed=21,
-            outputType="base64Data", outputFormat="PNG"))
-        return np.asarray(Image.open(io.BytesIO(base64.b64decode(image.imageBase64Data))).convert("RGB"))
-    finally:
-        await client.disconnect()
-
-
-def psnr(first: np.ndarray, second: np.ndarray) -> float:
-    error = np.mean((first.astype(np.float64) - second.astype(np.float64)) ** 2)
-    return math.inf if error == 0 else 10 * math.log10(255**2 / error)
-
-
-async def search(server, text: str) -> list[dict]:
-    wire = await Wire.open(server.url)
-    try:
-        task = {"taskType": "modelSearch", "taskUUID": new_uuid(), "search": text}
-        await wire.send([task])
-        [result], _ = await wire.items_for(task["taskUUID"], 1)
-        return result["results"]
-    finally:
-        await wire.close()
+async def pixels(server, model: str) -> np.ndarray:
+    return decoded(await generate(server, model, steps=3, seed=21))
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +46,10 @@ def quantized_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 async def test_quantized_flux_files_run_close_to_the_unquantized_model(start_server, quantized_folder: Path) -> None:
     server = await start_server(models_dirs=(quantized_folder,))
-    reference = await generate(server, "imagewire:tiny-flux@1")
+    reference = await pixels(server, "imagewire:tiny-flux@1")
     figures = {}
     for name in LEAST_PSNR:
-        image = await generate(server, name)
+        image = await pixels(server, name)
         figures[name] = psnr(image, reference)
         # Not the unquantized weights under another name: quantization changed something.
         assert figures[name] < math.inf, f"{name} made exactly the unquantized image"
@@ -84,7 +57,7 @@ async def test_quantized_flux_files_run_close_to_the_unquantized_model(start_ser
     print(f"PSNR against the unquantized image: {shown}")
     assert all(figures[name] >= least for name, least in LEAST_PSNR.items()), f"PSNR against unquantized: {shown}"
 
-    listed = {model["name"]: model for model in await search(server, "tiny-flux-")}
+    listed = {model["name"]: model for model in await model_search(server.url, "tiny-flux-")}
     assert set(LEAST_PSNR) <= set(listed)
     stored = {"tiny-flux-fp8": "float8-e4m3fn", "tiny-flux-fp8-scaled": "float8-e4m3fn-scaled",
               "tiny-flux-Q8_0": "gguf-q8_0", "tiny-flux-BF16": "gguf-bf16"}
@@ -100,9 +73,9 @@ async def test_a_gguf_file_loads_from_a_catalog_entry(start_server, quantized_fo
     catalog.write_text(json.dumps([{"air": "test:flux-gguf@1", "name": "tiny FLUX, Q8_0", "source": "single_file",
                                     "location": str(quantized_folder / "diffusion_models" / "tiny-flux-Q8_0.gguf")}]))
     server = await start_server(catalog_files=(catalog,))
-    image = await generate(server, "test:flux-gguf@1")
-    assert psnr(image, await generate(server, "imagewire:tiny-flux@1")) >= LEAST_PSNR["tiny-flux-Q8_0"]
-    [model] = await search(server, "test:flux-gguf")
+    image = await pixels(server, "test:flux-gguf@1")
+    assert psnr(image, await pixels(server, "imagewire:tiny-flux@1")) >= LEAST_PSNR["tiny-flux-Q8_0"]
+    [model] = await model_search(server.url, "test:flux-gguf")
     assert model["architecture"] == "tiny-flux"
 
 
@@ -111,20 +84,20 @@ async def test_the_quantize_flag_reaches_the_models_loaded(start_server, caplog:
     plan's log line says what it saved."""
     pytest.importorskip("torchao", reason="the quantize extra (imagewire[quantize]) quantizes on load")
     plain = await start_server()
-    reference = await generate(plain, "imagewire:tiny-flux@1")
+    reference = await pixels(plain, "imagewire:tiny-flux@1")
     server = await start_server(quantize="int8")
     with caplog.at_level("INFO", logger="imagewire.air_registry.loader"):
-        image = await generate(server, "imagewire:tiny-flux@1")
+        image = await pixels(server, "imagewire:tiny-flux@1")
     assert 45.0 <= psnr(image, reference) < math.inf
     assert "quantized text_encoder_2 and transformer of imagewire:tiny-flux@1 to int8" in caplog.text
     assert "(int8 weights, " in caplog.text
-    [model] = [found for found in await search(server, "imagewire:tiny-flux@1")
+    [model] = [found for found in await model_search(server.url, "imagewire:tiny-flux@1")
                if found["air"] == "imagewire:tiny-flux@1"]
     assert model["loaded"] and model["memoryPlan"] == "all-on-device"
     # What it saved, the figure the load's log line gives.
     assert model["quantization"] == "int8" and model["quantizationSavedBytes"] > 0
     saved = model["quantizationSavedBytes"]
-    [unquantized] = [found for found in await search(plain, "imagewire:tiny-flux@1")
+    [unquantized] = [found for found in await model_search(plain.url, "imagewire:tiny-flux@1")
                      if found["air"] == "imagewire:tiny-flux@1"]
     assert unquantized["quantization"] is None and unquantized["quantizationSavedBytes"] is None
     assert f"(int8 weights, {amount(saved)} saved)" in caplog.text

@@ -10,6 +10,7 @@ import io
 import numpy as np
 from PIL import Image
 
+from tests.images import pixels
 from tests.wire import API_KEY, Wire, inference, new_uuid
 
 KONTEXT = "imagewire:tiny-flux-kontext@1"
@@ -22,10 +23,6 @@ def png(color: tuple[int, int, int], size: tuple[int, int] = (64, 64)) -> str:
 
 
 RED, BLUE, GREEN = png((220, 30, 40)), png((30, 40, 220)), png((30, 200, 60))
-
-
-def pixels(item: dict) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(item["imageBase64Data"]))).convert("RGB")).astype(int)
 
 
 def kontext(**fields: object) -> dict:
