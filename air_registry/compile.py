@@ -15,8 +15,8 @@ guidance compiles nothing new (``tests/air_registry/test_compile.py`` counts the
 changes the blocks' layers, so a request with one compiles again (and Dynamo falls back to running eagerly
 once a block has been recompiled ``torch._dynamo.config.recompile_limit`` times).
 
-Whether compiling pays depends on the device: on a GPU the diffusers team measures FLUX.1 about 1.5× faster
-from compile alone; on a CPU the first call waits a minute or more for the compiler and the blocks gain little
+Whether compiling pays depends on the device: compilation is one of the steps in published GPU speed-ups of
+FLUX.1 and SDXL; on a CPU the first call waits a minute or more for the compiler and the blocks gain about 5 %
 (BENCHMARKS.md, "Compiled denoisers"), which is why nothing is compiled unless asked for.
 """
 
