@@ -114,10 +114,21 @@ class Socket:
 
     @classmethod
     async def open(cls, url: str, tally: Tally, api_key: str = KEY, counts: bool = True) -> Socket:
-        websocket = await connect_retrying(url)
-        await websocket.send(orjson.dumps([{"taskType": "authentication", "apiKey": api_key}]).decode())
-        await websocket.recv()
-        return cls(websocket, tally, counts)
+        """Connect and authenticate, again as a client would where the server turned the socket away: a hundred
+        sockets from one address opening at once pass its bound on sockets not yet authenticated, and the
+        oldest is answered an error and closed (1008)."""
+        for attempt in range(10):
+            websocket = await connect_retrying(url)
+            await websocket.send(orjson.dumps([{"taskType": "authentication", "apiKey": api_key}]).decode())
+            with contextlib.suppress(ConnectionClosed):
+                answer = orjson.loads(await websocket.recv())
+                if not answer.get("errors"):
+                    return cls(websocket, tally, counts)
+            tally.failed_requests["socket turned away before authenticating"] += 1
+            with contextlib.suppress(Exception):
+                await websocket.close()
+            await asyncio.sleep(0.2 * (attempt + 1))
+        raise AssertionError("the server turned this socket away ten times before it could authenticate")
 
     async def _read(self) -> None:
         with contextlib.suppress(ConnectionClosed):
