@@ -97,13 +97,18 @@ def _decode_base64(text: str, task_uuid: str) -> bytes:
                              task_uuid=task_uuid) from exc
 
 
+def _image_bytes(base64_data: str | None, data_uri: str | None, task_uuid: str) -> bytes | None:
+    """An answer's image, from its base64 data or its data URI, whichever came (None: only a URL)."""
+    if base64_data:
+        return _decode_base64(base64_data, task_uuid)
+    if data_uri and "," in data_uri:
+        return _decode_base64(data_uri.split(",", 1)[1], task_uuid)
+    return None
+
+
 def image_result(item: dict[str, Any]) -> ImageResult:
     wire: schema.ImageResult = _convert(item, schema.ImageResult)
-    image_bytes = None
-    if wire.imageBase64Data:
-        image_bytes = _decode_base64(wire.imageBase64Data, wire.taskUUID)
-    elif wire.imageDataURI and "," in wire.imageDataURI:
-        image_bytes = _decode_base64(wire.imageDataURI.split(",", 1)[1], wire.taskUUID)
+    image_bytes = _image_bytes(wire.imageBase64Data, wire.imageDataURI, wire.taskUUID)
     return ImageResult(
         task_uuid=wire.taskUUID, image_uuid=wire.imageUUID, seed=wire.seed, image_url=wire.imageURL,
         image_bytes=image_bytes, image_data_uri=wire.imageDataURI, cost=wire.cost, nsfw_content=wire.NSFWContent,
@@ -113,22 +118,14 @@ def image_result(item: dict[str, Any]) -> ImageResult:
 
 def guide_image(item: dict[str, Any]) -> GuideImage:
     wire: schema.GuideImageResult = _convert(item, schema.GuideImageResult)
-    data = None
-    if wire.guideImageBase64Data:
-        data = _decode_base64(wire.guideImageBase64Data, wire.taskUUID)
-    elif wire.guideImageDataURI and "," in wire.guideImageDataURI:
-        data = _decode_base64(wire.guideImageDataURI.split(",", 1)[1], wire.taskUUID)
+    data = _image_bytes(wire.guideImageBase64Data, wire.guideImageDataURI, wire.taskUUID)
     return GuideImage(task_uuid=wire.taskUUID, uuid=wire.guideImageUUID, input_image_uuid=wire.inputImageUUID,
                       url=wire.guideImageURL, image_bytes=data)
 
 
 def mask_image(item: dict[str, Any]) -> MaskImage:
     wire: schema.MaskImageResult = _convert(item, schema.MaskImageResult)
-    data = None
-    if wire.maskImageBase64Data:
-        data = _decode_base64(wire.maskImageBase64Data, wire.taskUUID)
-    elif wire.maskImageDataURI and "," in wire.maskImageDataURI:
-        data = _decode_base64(wire.maskImageDataURI.split(",", 1)[1], wire.taskUUID)
+    data = _image_bytes(wire.maskImageBase64Data, wire.maskImageDataURI, wire.taskUUID)
     detections = [Detection(x_min=found.x_min, y_min=found.y_min, x_max=found.x_max, y_max=found.y_max,
                             confidence=found.confidence) for found in wire.detections]
     return MaskImage(task_uuid=wire.taskUUID, uuid=wire.maskImageUUID, detections=detections,
