@@ -58,15 +58,20 @@ def repeated_block_classes(denoiser: Any) -> tuple[str, ...]:
     return tuple(found)
 
 
+def repeated_blocks(pipe: Any) -> list[Any]:
+    """The modules of the pipeline's denoiser that are compiled: every block of its repeated classes."""
+    denoiser = denoiser_of(pipe)
+    classes = repeated_block_classes(denoiser)
+    return [module for module in denoiser.modules() if type(module).__name__ in classes]
+
+
 def compile_denoiser(pipe: Any) -> int:
     """Compile each repeated block of the pipeline's denoiser in place, with dynamic shapes; the number of
     blocks set to compile. The pipelines made from this one for image-to-image or inpainting share the
     blocks, and so their graphs."""
-    denoiser = denoiser_of(pipe)
-    classes = repeated_block_classes(denoiser)
-    if not classes:
-        raise ValueError(f"{type(denoiser).__name__} has no repeated blocks to compile")
-    blocks = [module for module in denoiser.modules() if type(module).__name__ in classes]
+    blocks = repeated_blocks(pipe)
+    if not blocks:
+        raise ValueError(f"{type(denoiser_of(pipe)).__name__} has no repeated blocks to compile")
     for block in blocks:
         block.compile(fullgraph=True, dynamic=True)
     return len(blocks)
@@ -74,11 +79,8 @@ def compile_denoiser(pipe: Any) -> int:
 
 def uncompile_denoiser(pipe: Any) -> None:
     """Run the denoiser's blocks eagerly again (after a compile that failed)."""
-    denoiser = denoiser_of(pipe)
-    classes = repeated_block_classes(denoiser)
-    for module in denoiser.modules():
-        if type(module).__name__ in classes:
-            module._compiled_call_impl = None
+    for block in repeated_blocks(pipe):
+        block._compiled_call_impl = None
 
 
 def _other_size(side: int) -> int:
