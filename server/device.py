@@ -446,6 +446,7 @@ class DeviceQueue:
         for handle in handles:
             handle.started_at = started
             log.debug("taskUUID=%s on the device", handle.job.task_uuid)
+        self._regrow(_model_of(handles[0].job))
         # Published before the results go out, so that a client that has them sees their model loaded.
         emit = _Outlet(handles, before_results=lambda: self._publish(engine), max_images=self._limit(handles[0].job))
         answered, called = emit.answered, handles
@@ -477,20 +478,24 @@ class DeviceQueue:
 
     def _limit(self, job: Job) -> int:
         """The most images one call of ``job``'s model may make."""
-        model = _model_of(job)
+        return min(self._max_batch_size, self.batch_limits.get(_model_of(job), self._max_batch_size))
+
+    def _regrow(self, model: str) -> None:
+        """Before a call: double ``model``'s cap if its wait is over (``BATCH_REGROWTH_SECONDS``)."""
         limit = self.batch_limits.get(model)
         if limit is None:
-            return self._max_batch_size
+            return
         due, wait = self._regrowth[model]
-        if self._clock() >= due:
-            limit = min(self._max_batch_size, limit * 2)
-            self._regrowth[model] = (self._clock() + wait, wait)
-            if limit >= self._max_batch_size:
-                del self.batch_limits[model]
-            else:
-                self.batch_limits[model] = limit
-            log.info("%s: its calls may make %d images again, %.0f s after its last cap", model, limit, wait)
-        return min(self._max_batch_size, limit)
+        now = self._clock()
+        if now < due:
+            return
+        limit = min(self._max_batch_size, limit * 2)
+        self._regrowth[model] = (now + wait, wait)
+        if limit >= self._max_batch_size:
+            del self.batch_limits[model]
+        else:
+            self.batch_limits[model] = limit
+        log.info("%s: its calls may make %d images again, %.0f s after its last cap", model, limit, wait)
 
     def _after_out_of_memory(self, engine: Engine, handles: list[JobHandle], answered: set[int],
                              exc: Exception) -> list[JobHandle]:
