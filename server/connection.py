@@ -104,6 +104,8 @@ class Connection(Dispatcher):
         self._closing = False
         self._writer: asyncio.Task[None] | None = None
         self._chores: set[asyncio.Task[None]] = set()
+        self._checking_key = False  # a good key came and its session is opening
+        self._auth_deadline: asyncio.TimerHandle | None = None
 
     async def serve(self) -> None:
         config = self.config
@@ -115,7 +117,8 @@ class Connection(Dispatcher):
                 f"Too many connections from {self.peer_ip} are waiting to authenticate "
                 f"(max {config.max_unauthenticated_per_ip}); this one, the oldest, was closed to let a newer "
                 "one in. Authenticate right after connecting."))
-        deadline = asyncio.get_running_loop().call_later(config.auth_timeout, self._authentication_overdue)
+        deadline = self._auth_deadline = asyncio.get_running_loop().call_later(
+            config.auth_timeout, self._authentication_overdue)
         try:
             while True:
                 message = await self.websocket.receive()
@@ -171,7 +174,12 @@ class Connection(Dispatcher):
             self.transport.abort()
 
     async def _refuse(self, message: str) -> None:
-        """Answer with one error item, then close with 1008 (policy violation)."""
+        """Answer a socket that has no key yet with one error item, then close it with 1008 (policy violation).
+
+        Called soon after the reason arose, not at once: a socket that sent a good key meanwhile keeps its place
+        (its session may be opening, or open and the client told it is in)."""
+        if self.session is not None or self._checking_key:
+            return
         await self._send(protocol.error_frame(ServiceUnavailable(message), "authentication", None))
         await self._flushed()
         await self.close(POLICY_VIOLATION, "policy violation")
@@ -286,11 +294,20 @@ class Connection(Dispatcher):
             await self.answer(errors=[invalid_api_key().to_item("authentication", None)])
             return
         assert task.apiKey is not None
+        # Its key is good: it no longer waits to authenticate, and a newer socket cannot displace it while its
+        # session opens (an await on the shared state).
+        self.waiting_room.leave(self)
+        self._checking_key = True
         try:
             session, resumed = await self.sessions.open(owner_token(task.apiKey), task.connectionSessionUUID)
         except TaskError as error:  # the shared state cannot be reached: this socket stays unauthenticated
             await self.answer(errors=[error.to_item("authentication", None)])
+            deadline = self._auth_deadline
+            if self.session is None and deadline is not None and deadline.when() <= asyncio.get_running_loop().time():
+                self._authentication_overdue()  # its deadline passed while the session was opening
             return
+        finally:
+            self._checking_key = False
         if self.session is not None:
             await self.session.detach(self._send)
         self.session = session

@@ -10,6 +10,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from imagewire.server.admission import DeviceTime
+from imagewire.server.state import StateUnavailable
 from tests.engines import HeldEngine
 from tests.timing import seconds
 from tests.wire import API_KEY, Wire, eventually, inference
@@ -58,6 +59,49 @@ async def test_unauthenticated_sockets_per_address_are_bounded_by_closing_the_ol
     assert "connectionSessionUUID" in await asyncio.wait_for(newest.recv(), seconds(5))
     for websocket in (idle, newest):
         await websocket.close()
+
+
+async def test_a_socket_displaced_while_its_key_is_checked_keeps_its_place(start_server, monkeypatch):
+    server = await start_server(max_unauthenticated_per_ip=1)
+    checking, checked = asyncio.Event(), asyncio.Event()
+    open_session = server.sessions.open
+
+    async def slow_open(*args, **kwargs):
+        checking.set()
+        await checked.wait()
+        return await open_session(*args, **kwargs)
+
+    monkeypatch.setattr(server.sessions, "open", slow_open)
+    first = await connect(server.url)
+    await first.send(json.dumps([{"taskType": "authentication", "apiKey": API_KEY}]))
+    await asyncio.wait_for(checking.wait(), seconds(5))
+    newest = await connect(server.url)  # the first is the oldest socket without a key: it is displaced
+    await eventually(lambda: len(server.connections) == 2)
+    await asyncio.sleep(0.1)  # the refusal, scheduled, runs now
+    checked.set()
+    # Told it is in, it stays in: no error item after its answer, and it keeps answering.
+    assert "connectionSessionUUID" in await asyncio.wait_for(first.recv(), seconds(5))
+    await first.send(json.dumps([{"taskType": "ping", "ping": True}]))
+    assert '"pong":true' in (await asyncio.wait_for(first.recv(), seconds(5))).replace(" ", "")
+    for websocket in (first, newest):
+        await websocket.close()
+
+
+async def test_a_socket_whose_session_could_not_open_past_its_deadline_is_closed(start_server, monkeypatch):
+    server = await start_server(auth_timeout=seconds(0.5))
+
+    async def unreachable(*args, **kwargs):
+        await asyncio.sleep(seconds(1.0))  # past the deadline, as a frozen Redis would be
+        raise StateUnavailable()
+
+    monkeypatch.setattr(server.sessions, "open", unreachable)
+    websocket = await connect(server.url)
+    await websocket.send(json.dumps([{"taskType": "authentication", "apiKey": API_KEY}]))
+    assert "Redis" in await asyncio.wait_for(websocket.recv(), seconds(5))
+    assert "No authentication within" in await asyncio.wait_for(websocket.recv(), seconds(5))
+    with pytest.raises(ConnectionClosed):
+        await asyncio.wait_for(websocket.recv(), seconds(5))
+    assert websocket.close_code == 1008
 
 
 async def test_a_socket_that_never_authenticates_is_closed(start_server):
