@@ -27,7 +27,7 @@ async def serve(argv: Sequence[str] | None = None) -> None:
     from imagewire.server.handshakes import raise_open_file_limit
 
     raise_open_file_limit()
-    server = ImagewireServer(config)
+    server = ImagewireServer(config, freeze_at_start=True)
     try:
         await server.start()
     except (ValueError, OSError) as exc:  # a wrong --device, a taken port, an unreadable catalog

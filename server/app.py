@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import importlib.util
 import logging
 import socket
@@ -83,12 +84,14 @@ class ImagewireServer:
     device: DeviceService
 
     def __init__(self, config: Config, *, engine_factory: Callable[[], Engine] | None = None,
-                 preload: bool = True) -> None:
+                 preload: bool = True, freeze_at_start: bool = False) -> None:
+        """``freeze_at_start``: for a process that is this server and nothing else (``__main__``), see ``_start``."""
         self.config = config
         self.given_engine_factory = engine_factory
         self.engine_factory = engine_factory or (FakeEngine if config.engine == "fake"
                                                  else diffusers_engine_factory(config))
         self.preload = preload
+        self.freeze_at_start = freeze_at_start
         self.generated_key: str | None = None
         self.connections: set[Connection] = set()  # open WebSockets, closed with 1001 at shutdown
         self._web: web.AppRunner | None = None
@@ -205,6 +208,13 @@ class ImagewireServer:
         # Listen only once the engine exists and the default model is loaded: imports and loading
         # hold the GIL in long stretches, and clients should not see slow pongs meanwhile.
         await asyncio.to_thread(self.device.start)
+        if self.freeze_at_start:
+            # What exists now lives as long as the process: the modules imported (with torch, diffusers and
+            # transformers, half a million objects), the catalog, the settings. Each full pass of the garbage
+            # collector would walk them all, about 0.3 s with every socket waiting; frozen, they are left out.
+            # Before any model loads, so that an evicted model's objects can still be collected.
+            gc.collect()
+            gc.freeze()
         if self.preload:
             for entry in preloads:
                 await self._load_at_start(entry, flag="--default-model" if entry is default_model else "--preload")

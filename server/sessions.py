@@ -20,6 +20,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import orjson
+
 from imagewire.tasks.errors import ConflictTaskUUID
 
 Sender = Callable[[bytes], Awaitable[bool]]  # returns False when the socket is gone
@@ -191,78 +193,115 @@ class TaskRecord:
     expires: float | None = None         # when its first image's ttl ends (epoch seconds): its results stop then
 
 
+Key = tuple[str, str]  # (owner, taskUUID): a UUID is one API key's name for its task
+# A finished record as kept: when it finished, its encoding, and the part of ``kept_bytes`` its results are.
+Finished = tuple[float, bytes, int]
+
+# What one finished record costs beside its encoded bytes: its key (a tuple and the UUID string), the entry
+# tuple, the bytes object's header and its slot in the dict.
+FINISHED_ENTRY_OVERHEAD = 320
+
+
 class TaskRegistry:
     """Every task's UUID, state and results, kept ``retention`` seconds after it finishes.
 
     Results of sync tasks are kept too: a client that lost its socket mid-task (the Runware SDKs
     do this) sends the task again, gets conflictTaskUUID, and asks getResponse for the results.
-    Past ``max_kept_bytes`` the results of the oldest finished tasks are let go first.
+
+    A running task is a ``TaskRecord`` its runner writes to. A finished one is kept encoded, as one bytes
+    object in a tuple with its finishing time, in the order tasks finished: a busy server keeps hundreds of
+    thousands, and as plain objects every full pass of Python's garbage collector would walk them all (pauses
+    of a quarter second and more, with every socket waiting), where tuples of bytes and numbers are not walked
+    at all. Expired records are then the oldest ones, so a sweep reads only those.
+
+    Two memory bounds: results (``kept_bytes``) within ``max_kept_bytes``, the oldest finished tasks' let go
+    first (the record stays, so getResponse can say why) and a running task's only where running tasks alone
+    hold more; and the records themselves (``record_bytes``) within a quarter of that, the oldest forgotten
+    first, so that a flood of small tasks is bounded as surely as a few large ones.
     """
 
     def __init__(self, *, retention: float, max_kept_bytes: int = 256 * 1024 * 1024) -> None:
         self.retention = retention
         self.max_kept_bytes = max_kept_bytes
+        self.max_record_bytes = max_kept_bytes // 4
         self.kept_bytes = 0
-        # By (owner, taskUUID): a UUID is one API key's name for its task, so another key may use the same
-        # one without being told of, or kept from, a task it cannot see.
-        self._records: dict[tuple[str, str], TaskRecord] = {}
-        # The records holding results, oldest first: what letting go walks, rather than every record.
-        self._holding: dict[tuple[str, str], TaskRecord] = {}
+        self.record_bytes = 0
+        self._running: dict[Key, TaskRecord] = {}
+        self._finished: dict[Key, Finished] = {}  # oldest first
+        self._finished_with_items: dict[Key, None] = {}  # those still holding results, oldest first
 
     async def begin(self, task_uuid: str, task_type: str, owner: str) -> TaskRecord:
-        if (owner, task_uuid) in self._records:
+        key = (owner, task_uuid)
+        if key in self._running or key in self._finished:
             raise conflict(task_uuid, self.retention)
         record = TaskRecord(task_uuid, task_type, owner)
-        self._records[owner, task_uuid] = record
+        self._running[key] = record
         return record
 
     async def keep(self, record: TaskRecord, item: dict[str, Any]) -> None:
         """Remember one result item of ``record`` for getResponse."""
         size = 64 + sum(len(value) for value in item.values() if isinstance(value, str))
         record.items.append(item)
-        self._holding.setdefault((record.owner, record.task_uuid), record)
         record.kept_bytes += size
         self.kept_bytes += size
         if self.kept_bytes > self.max_kept_bytes:
-            self._let_go_of_oldest()
-
-    def _let_go_of_oldest(self) -> None:
-        # Finished tasks go first, and running ones only if they alone hold more than the bound.
-        excess = self.kept_bytes - self.max_kept_bytes
-        for finished_only in (True, False):
-            chosen = []
-            for record in self._holding.values():  # stops as soon as enough is found
-                if excess <= 0:
-                    break
-                if record.finished_at is not None or not finished_only:
-                    chosen.append(record)
-                    excess -= record.kept_bytes
-            for record in chosen:
-                self._drop_items(record)
-
-    def _drop_items(self, record: TaskRecord) -> None:
-        if self._holding.pop((record.owner, record.task_uuid), None) is None:
-            return
-        self.kept_bytes -= record.kept_bytes
-        record.items, record.kept_bytes, record.items_dropped = [], 0, True
-
-    async def get(self, task_uuid: str, owner: str, follower: str | None = None) -> TaskRecord | None:
-        return self._records.get((owner, task_uuid))
-
-    def progress(self, record: TaskRecord, percent: int) -> None:
-        record.progress = percent
+            self._let_go_of_oldest_results()
 
     async def finish(self, record: TaskRecord, status: str) -> None:
         record.status = status
         record.finished_at = time.monotonic()
         record.stop = None
+        key = (record.owner, record.task_uuid)
+        if self._running.pop(key, None) is None:
+            return
+        entry = (record.finished_at, _encoded(record), record.kept_bytes)
+        self._finished[key] = entry
+        self.record_bytes += _record_bytes(entry)
+        if record.items:
+            self._finished_with_items[key] = None
+        while self.record_bytes > self.max_record_bytes:
+            self._forget(next(iter(self._finished)))
+
+    def _forget(self, key: Key) -> None:
+        entry = self._finished.pop(key)
+        self._finished_with_items.pop(key, None)
+        self.record_bytes -= _record_bytes(entry)
+        self.kept_bytes -= entry[2]
+
+    def _let_go_of_oldest_results(self) -> None:
+        while self.kept_bytes > self.max_kept_bytes and self._finished_with_items:
+            key = next(iter(self._finished_with_items))
+            del self._finished_with_items[key]
+            finished_at, encoded, results = old = self._finished[key]
+            stripped = (finished_at, orjson.dumps({**orjson.loads(encoded), "items": [], "items_dropped": True}), 0)
+            self._finished[key] = stripped  # in its place among the oldest
+            self.record_bytes += _record_bytes(stripped) - _record_bytes(old)
+            self.kept_bytes -= results
+        for record in self._running.values():  # stops as soon as enough is let go
+            if self.kept_bytes <= self.max_kept_bytes:
+                break
+            if record.items:
+                self.kept_bytes -= record.kept_bytes
+                record.items, record.kept_bytes, record.items_dropped = [], 0, True
+
+    async def get(self, task_uuid: str, owner: str, follower: str | None = None) -> TaskRecord | None:
+        key = (owner, task_uuid)
+        running = self._running.get(key)
+        if running is not None:
+            return running
+        finished = self._finished.get(key)
+        return _decoded(owner, task_uuid, finished) if finished is not None else None
+
+    def progress(self, record: TaskRecord, percent: int) -> None:
+        record.progress = percent
 
     async def cancel(self, task_uuid: str, owner: str) -> bool | None:
         """Stop a running task of ``owner``: True when stopped, False when it had ended, None when unknown
         (another key's tasks are unknown to it, as for getResponse)."""
-        record = self._records.get((owner, task_uuid))
+        key = (owner, task_uuid)
+        record = self._running.get(key)
         if record is None:
-            return None
+            return False if key in self._finished else None
         # Taken as it is used: of several cancels for one task (one frame may hold many), only the first stops it.
         stop, record.stop = record.stop, None
         if stop is None:
@@ -272,11 +311,32 @@ class TaskRegistry:
 
     async def sweep(self, now: float | None = None) -> int:
         now = time.monotonic() if now is None else now
-        expired = [key for key, record in self._records.items()
-                   if record.finished_at is not None and now - record.finished_at > self.retention]
+        expired = []
+        for key, (finished_at, _, _) in self._finished.items():  # oldest first: stops at the first one kept
+            if now - finished_at <= self.retention:
+                break
+            expired.append(key)
         for key in expired:
-            self._drop_items(self._records.pop(key))
+            self._forget(key)
         return len(expired)
 
     def __len__(self) -> int:
-        return len(self._records)
+        return len(self._running) + len(self._finished)
+
+
+def _encoded(record: TaskRecord) -> bytes:
+    return orjson.dumps({"type": record.task_type, "status": record.status, "items": record.items,
+                         "errors": record.errors, "items_dropped": record.items_dropped, "expires": record.expires})
+
+
+def _decoded(owner: str, task_uuid: str, entry: Finished) -> TaskRecord:
+    finished_at, encoded, _ = entry
+    saved = orjson.loads(encoded)
+    return TaskRecord(task_uuid, saved["type"], owner, status=saved["status"], items=saved["items"],
+                      errors=saved["errors"], finished_at=finished_at, items_dropped=saved["items_dropped"],
+                      expires=saved["expires"])
+
+
+def _record_bytes(entry: Finished) -> int:
+    """What a finished record holds besides its results."""
+    return max(0, len(entry[1]) - entry[2]) + FINISHED_ENTRY_OVERHEAD
