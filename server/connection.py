@@ -31,6 +31,7 @@ from imagewire.server.answer_budget import AnswerBudget, TokenBucket
 from imagewire.server.auth import ApiKeys, owner_token
 from imagewire.server.config import Config
 from imagewire.server.dispatch import Dispatcher, invalid_api_key
+from imagewire.server.handshakes import CROWDING_GRACE
 from imagewire.server.inbound_budget import FrameCounter
 from imagewire.server.sessions import ClientSession, Sessions
 from imagewire.server.task_runner import TaskRunner
@@ -49,22 +50,37 @@ CLOSE_TIMEOUT_SECONDS = 2.0
 
 
 class WaitingRoom:
-    """Sockets that have not authenticated yet, by address, oldest first. When an address has as many
-    as it may, its oldest is closed to make room: a flood of half-open sockets cannot lock out a
-    client that authenticates promptly."""
+    """Sockets that have not authenticated yet, by address, oldest first. When an address has more than it
+    may, its oldest is closed to make room: a flood of half-open sockets cannot lock out a client that
+    authenticates promptly. Only a socket that has had ``grace`` seconds to authenticate is closed so: a client
+    opening sixty sockets at once sends every key before a busy server reads one (``handshakes.CROWDING_GRACE``)."""
 
-    def __init__(self, per_address: int) -> None:
+    def __init__(self, per_address: int, grace: float = CROWDING_GRACE) -> None:
         self.per_address = per_address
-        self._by_address: dict[str, dict[Connection, None]] = {}
+        self.grace = grace
+        self._by_address: dict[str, dict[Connection, float]] = {}  # when each entered
+        self._thinning: set[str] = set()
 
-    def enter(self, connection: Connection) -> Connection | None:
-        """Let ``connection`` wait; the connection it displaces, if any."""
-        waiting = self._by_address.setdefault(connection.peer_ip, {})
-        oldest = next(iter(waiting)) if len(waiting) >= self.per_address else None
-        if oldest is not None:
+    def enter(self, connection: Connection) -> None:
+        """Let ``connection`` wait; past the bound, the oldest that waited long enough is turned away."""
+        loop = asyncio.get_running_loop()
+        self._by_address.setdefault(connection.peer_ip, {})[connection] = loop.time()
+        self._thin(connection.peer_ip)
+
+    def _thin(self, address: str) -> None:
+        self._thinning.discard(address)
+        waiting = self._by_address.get(address, {})
+        loop = asyncio.get_running_loop()
+        while len(waiting) > self.per_address:
+            oldest, entered = next(iter(waiting.items()))
+            young_for = entered + self.grace - loop.time()
+            if young_for > 0:
+                if address not in self._thinning:
+                    self._thinning.add(address)
+                    loop.call_later(young_for, self._thin, address)
+                return
             del waiting[oldest]
-        waiting[connection] = None
-        return oldest
+            oldest.displaced(self.per_address)
 
     def leave(self, connection: Connection) -> None:
         waiting = self._by_address.get(connection.peer_ip)
@@ -111,12 +127,7 @@ class Connection(Dispatcher):
         config = self.config
         connection_log.info("connection opened peer=%s", self.peer_ip)
         self._writer = asyncio.create_task(self._write_forever())
-        displaced = self.waiting_room.enter(self)
-        if displaced is not None:
-            displaced._soon(displaced._refuse(
-                f"Too many connections from {self.peer_ip} are waiting to authenticate "
-                f"(max {config.max_unauthenticated_per_ip}); this one, the oldest, was closed to let a newer "
-                "one in. Authenticate right after connecting."))
+        self.waiting_room.enter(self)
         deadline = self._auth_deadline = asyncio.get_running_loop().call_later(
             config.auth_timeout, self._authentication_overdue)
         try:
@@ -183,6 +194,12 @@ class Connection(Dispatcher):
         await self._send(protocol.error_frame(ServiceUnavailable(message), "authentication", None))
         await self._flushed()
         await self.close(POLICY_VIOLATION, "policy violation")
+
+    def displaced(self, per_address: int) -> None:
+        """Turned away from the waiting room by a newer socket from its address."""
+        self._soon(self._refuse(
+            f"Too many connections from {self.peer_ip} are waiting to authenticate (max {per_address}); this "
+            "one, the oldest, was closed to let a newer one in. Authenticate right after connecting."))
 
     def _authentication_overdue(self) -> None:
         if self.session is None:

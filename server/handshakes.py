@@ -4,8 +4,9 @@ who a request comes from.
 A TCP connection that sends half a request holds a file descriptor and a little memory for as long as
 it likes; thousands of them starve everyone. So each new connection has ``--handshake-timeout``
 seconds to send its request head, and each address at most ``--max-handshakes-per-ip`` connections
-in that state: past it, its oldest such connection is dropped, so a flood cannot lock out a client
-that sends its request promptly. Connections from trusted proxies (``--trusted-proxy``) are timed but
+in that state: past it, its oldest such connection is dropped once it has had ``CROWDING_GRACE`` to send
+its request, so a flood cannot lock out a client that sends its request promptly, and a burst of prompt
+ones is not mistaken for a flood. Connections from trusted proxies (``--trusted-proxy``) are timed but
 not counted, since many clients share their address; behind one, a request's client is the last
 address in X-Forwarded-For that is not a trusted proxy.
 """
@@ -74,16 +75,26 @@ def client_address(request: web.Request, trusted: Sequence[IPNetwork]) -> str:
     return peer
 
 
+# How long a new connection may stay counted beside its address's bound before it may be crowded out. A client
+# library opening thirty connections at once (aiohttp's opens up to a hundred) has sent every request by the time
+# the server reads them, but a busy event loop accepts the whole burst before reading any: without a grace, the
+# first of them would be dropped as the oldest still handshaking, their requests unanswered.
+CROWDING_GRACE = 1.0
+
+
 class HandshakeGuard:
     """Wraps aiohttp's protocol factory: times each connection until its first request arrives."""
 
     def __init__(self, factory: Callable[[], asyncio.Protocol], *, timeout: float, per_address: int,
-                 trusted: Sequence[IPNetwork]) -> None:
+                 trusted: Sequence[IPNetwork], grace: float = CROWDING_GRACE) -> None:
         self.factory = factory
         self.timeout = timeout
         self.per_address = per_address
         self.trusted = trusted
-        self._pending: dict[str, dict[asyncio.Transport, asyncio.TimerHandle]] = {}
+        self.grace = grace
+        # By address, oldest first: each connection still handshaking, when it opened and its deadline.
+        self._pending: dict[str, dict[asyncio.Transport, tuple[float, asyncio.TimerHandle]]] = {}
+        self._thinning: set[str] = set()  # addresses with a crowding check due
         self.dropped = 0  # connections dropped for a slow or crowded handshake
 
     def __call__(self) -> asyncio.Protocol:
@@ -97,12 +108,27 @@ class HandshakeGuard:
         peer = transport.get_extra_info("peername")
         address = str(peer[0]) if peer else "unknown"
         key = "trusted" if is_trusted(address, self.trusted) else address
-        waiting = self._pending.setdefault(key, {})
-        if key != "trusted" and len(waiting) >= self.per_address:
-            oldest = next(iter(waiting))
-            self._drop(oldest)
         loop = asyncio.get_running_loop()
-        waiting[transport] = loop.call_later(self.timeout, self._drop, transport)
+        self._pending.setdefault(key, {})[transport] = (loop.time(), loop.call_later(self.timeout, self._drop,
+                                                                                     transport))
+        if key != "trusted":
+            self._thin(key)
+
+    def _thin(self, key: str) -> None:
+        """Past its address's bound, drop its oldest handshaking connections, of those older than the grace; the
+        younger ones are looked at again when they are old enough (most will have sent their request by then)."""
+        self._thinning.discard(key)
+        waiting = self._pending.get(key, {})
+        loop = asyncio.get_running_loop()
+        while len(waiting) > self.per_address:
+            oldest, (opened_at, _) = next(iter(waiting.items()))
+            young_for = opened_at + self.grace - loop.time()
+            if young_for > 0:
+                if key not in self._thinning:
+                    self._thinning.add(key)
+                    loop.call_later(young_for, self._thin, key)
+                return
+            self._drop(oldest)
 
     def request_arrived(self, transport: asyncio.Transport | None) -> None:
         """A request head came in: this connection is past its handshake."""
@@ -114,9 +140,9 @@ class HandshakeGuard:
 
     def _forget(self, transport: asyncio.Transport) -> bool:
         for key, waiting in self._pending.items():
-            timer = waiting.pop(transport, None)
-            if timer is not None:
-                timer.cancel()
+            pending = waiting.pop(transport, None)
+            if pending is not None:
+                pending[1].cancel()
                 if not waiting:
                     del self._pending[key]
                 return True

@@ -61,6 +61,22 @@ async def test_unauthenticated_sockets_per_address_are_bounded_by_closing_the_ol
         await websocket.close()
 
 
+async def test_sockets_opened_at_once_that_authenticate_at_once_are_all_let_in(start_server):
+    # A client opening many sockets together is not a flood: each sends its key at once, though the server may
+    # accept them all before it reads one.
+    server = await start_server(max_unauthenticated_per_ip=2)
+
+    async def open_and_authenticate():
+        websocket = await connect(server.url)
+        await websocket.send(json.dumps([{"taskType": "authentication", "apiKey": API_KEY}]))
+        return websocket, await asyncio.wait_for(websocket.recv(), seconds(10))
+
+    opened = await asyncio.gather(*(open_and_authenticate() for _ in range(12)))
+    assert all("connectionSessionUUID" in answer for _, answer in opened), [a for _, a in opened if "errors" in a]
+    for websocket, _ in opened:
+        await websocket.close()
+
+
 async def test_a_socket_displaced_while_its_key_is_checked_keeps_its_place(start_server, monkeypatch):
     server = await start_server(max_unauthenticated_per_ip=1)
     checking, checked = asyncio.Event(), asyncio.Event()

@@ -114,7 +114,7 @@ async def test_a_connection_whose_request_head_arrived_is_never_dropped_as_hands
         def abort(self) -> None:
             self.aborted = True
 
-    guard = handshakes.HandshakeGuard(Silent, timeout=seconds(30), per_address=1, trusted=[])
+    guard = handshakes.HandshakeGuard(Silent, timeout=seconds(30), per_address=1, trusted=[], grace=0)
     first, second, third = (guard(), Transport()), (guard(), Transport()), (guard(), Transport())
     first[0].connection_made(first[1])
     for piece in (b"POST /v1 HTTP/1.1\r\nHost: x\r", b"\nContent-Length: 2\r\n\r", b"\n[]"):  # split anywhere
@@ -125,6 +125,40 @@ async def test_a_connection_whose_request_head_arrived_is_never_dropped_as_hands
     third[0].connection_made(third[1])  # crowds out the unfinished one only
     assert second[1].aborted and not first[1].aborted and guard.dropped == 1
     for protocol, _ in (first, second, third):
+        protocol.connection_lost(None)
+    assert guard.pending == 0
+
+
+async def test_a_burst_of_prompt_connections_from_one_address_is_not_taken_for_a_flood() -> None:
+    # A client library opens thirty connections at once and sends each its request; a busy server accepts them
+    # all before it reads any. None may be dropped for that, while a silent one past the grace still is.
+    class Silent(asyncio.Protocol):
+        pass
+
+    class Transport(asyncio.Transport):
+        aborted = False
+
+        def get_extra_info(self, name: str, default: object = None) -> object:
+            return ("127.0.0.1", 5000) if name == "peername" else default
+
+        def abort(self) -> None:
+            self.aborted = True
+
+    guard = handshakes.HandshakeGuard(Silent, timeout=seconds(30), per_address=4, trusted=[], grace=0.2)
+    burst = [(guard(), Transport()) for _ in range(30)]
+    for protocol, transport in burst:
+        protocol.connection_made(transport)
+    for protocol, _ in burst[:-1]:  # every request but the last one's arrives, after all were accepted
+        protocol.data_received(b"POST /v1 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n[]")
+    assert not any(transport.aborted for _, transport in burst) and guard.pending == 1
+    crowd = [(guard(), Transport()) for _ in range(4)]  # now over the bound: the silent one is the oldest
+    for protocol, transport in crowd:
+        protocol.connection_made(transport)
+    assert not burst[-1][1].aborted, "dropped before its grace was over"
+    await asyncio.sleep(0.3)
+    assert burst[-1][1].aborted and guard.dropped == 1 and guard.pending == 4
+    assert not any(transport.aborted for _, transport in burst[:-1] + crowd)
+    for protocol, _ in burst + crowd:
         protocol.connection_lost(None)
     assert guard.pending == 0
 
