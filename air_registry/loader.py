@@ -60,6 +60,7 @@ from imagewire.air_registry.memory_plan import (
     Activations,
     MemoryPlan,
     ModelSize,
+    ModelTooLarge,
     plan_placement,
     read_sizes,
     role_of,
@@ -133,6 +134,7 @@ class _LoadedModel:
     derived: weakref.WeakSet[DiffusionPipeline] = field(default_factory=weakref.WeakSet)
     add_ons: ModelAddOns | None = None  # made on first use
     plan: MemoryPlan | None = None      # where its weights live (``memory_plan.py``); None: all on the device
+    size: ModelSize | None = None       # its weights by component, as its plan was made from
 
     def owns(self, pipe: DiffusionPipeline) -> bool:
         return pipe is self.primary or pipe is self.image_to_image or pipe is self.inpainting or pipe in self.derived
@@ -253,20 +255,67 @@ class PipelineCache:
     def plan(self, entry: ModelEntry, weights: Path, *, held: int = 0) -> MemoryPlan:
         """Where ``entry``'s weights (at ``weights``) will live, decided from their sizes before they load, for
         the budget less ``held`` bytes of other models. Raises ``ModelTooLarge`` when no placement fits."""
-        dtype = self.dtype_of(entry)
-        dtype_bytes = torch.finfo(dtype).bits // 8
+        size, saved = self._size(entry, weights)
+        budget = None if self.memory_budget is None else max(0, self.memory_budget - held)
+        plan = plan_placement(size, budget=budget, activations=self._activations(entry, size),
+                              device=self.device, label=entry.label)
+        return dataclasses.replace(plan, quantization=self.quantization_of(entry), saved_bytes=saved)
+
+    def _size(self, entry: ModelEntry, weights: Path) -> tuple[ModelSize, int]:
+        """``entry``'s weights as they will load, and what quantization saves against its precision (logged with
+        the plan)."""
+        dtype_bytes = torch.finfo(self.dtype_of(entry)).bits // 8
         quantization = self.quantization_of(entry)
         size = read_sizes(weights, dtype_bytes, quantization) or ModelSize(())
-        # What quantization saves, against the same weights in the model's precision: logged with the plan.
         saved = (read_sizes(weights, dtype_bytes) or size).total - size.total if quantization != "none" else 0
+        return size, saved
+
+    def _activations(self, entry: ModelEntry, size: ModelSize) -> int:
+        """What the largest call of ``entry`` holds beside its weights."""
         flux = ARCHITECTURES[entry.architecture].family == "flux"
         # Guidance-distilled FLUX runs one latent per image; the others two with classifier-free guidance.
         activations = Activations(batch=self.max_batch_size, width=entry.defaults.width,
-                                  height=entry.defaults.height, dtype_bytes=dtype_bytes, copies=1 if flux else 2)
-        budget = None if self.memory_budget is None else max(0, self.memory_budget - held)
-        plan = plan_placement(size, budget=budget, activations=activations.total(size.denoiser_kind),
-                              device=self.device, label=entry.label)
-        return dataclasses.replace(plan, quantization=quantization, saved_bytes=saved)
+                                  height=entry.defaults.height,
+                                  dtype_bytes=torch.finfo(self.dtype_of(entry)).bits // 8, copies=1 if flux else 2)
+        return activations.total(size.denoiser_kind)
+
+    def _plan_together(self, entry: ModelEntry, weights: Path, kept: Sequence[str]) -> MemoryPlan:
+        """A job needs ``entry`` beside models it keeps on the device (an SDXL model, then its refiner), and
+        ``entry`` fits in no placement beside them as they are placed. Plan them as one, since the job runs them
+        one after the other: the fastest placement that fits the pair (``ModelSize.of_models``) is given to
+        each, the kept ones placed again by it, and ``entry`` loads by it. Each must have the same: one left
+        on the device whole would leave the other's calls too little. Raises ``ModelTooLarge`` when they do not
+        fit together either, or when a kept model is offloaded already (placed again only from the device)."""
+        models = [self._loaded[air] for air in kept]
+        size, saved = self._size(entry, weights)
+        if any(model.size is None or model.plan is None or model.plan.placement in (MODEL_OFFLOAD, SEQUENTIAL_OFFLOAD)
+               for model in models):
+            raise ModelTooLarge(f"{entry.label} does not fit beside the models its task needs at once")
+        assert self.memory_budget is not None
+        budget = max(0, self.memory_budget - self.resident_bytes(besides=kept))
+        activations = max(self._activations(entry, size), *(model.plan.activation_bytes for model in models
+                                                              if model.plan is not None))
+        together = ModelSize.of_models([*(model.size for model in models if model.size is not None), size])
+        label = " and ".join([*kept, entry.air]) + " together"
+        joint = plan_placement(together, budget=budget, activations=activations, device=self.device, label=label)
+        logger.info("planned %s: %s", label, joint.describe())
+        only = (joint.placement,)
+        for air, model in zip(kept, models, strict=True):
+            assert model.size is not None and model.plan is not None
+            if model.plan.placement != joint.placement:
+                logger.info("placing model %s again as %s, so that %s fits beside it", air, joint.placement,
+                            entry.air)
+                unplace(model.primary)
+                place(model.primary, joint.placement, self.device)
+                if model.add_ons is not None and joint.placement == TEXT_ENCODERS_ON_CPU:
+                    model.add_ons.to(self.device)
+                model.plan = dataclasses.replace(
+                    plan_placement(model.size, budget=budget, activations=activations, device=self.device,
+                                   allowed=only, label=air),
+                    quantization=model.plan.quantization, saved_bytes=model.plan.saved_bytes)
+        plan = plan_placement(size, budget=budget, activations=activations, device=self.device, allowed=only,
+                              label=entry.label)
+        return dataclasses.replace(plan, quantization=self.quantization_of(entry), saved_bytes=saved)
 
     def resident_bytes(self, *, besides: Collection[str] = ()) -> int:
         """Bytes of weights the models on the device keep there between calls, but those in ``besides``."""
@@ -535,10 +584,17 @@ class PipelineCache:
             return kept
         # Planned again beside what stayed: the models this job keeps may leave less than the budget.
         assert weights is not None
-        plan = self.plan(entry, weights, held=self.resident_bytes())
+        try:
+            plan = self.plan(entry, weights, held=self.resident_bytes())
+        except ModelTooLarge:
+            beside = [air for air in self._loaded if air in keep]
+            if not beside:
+                raise
+            plan = self._plan_together(entry, weights, beside)
         pipe = self._load(entry, weights, plan)
         sampler: Any = pipe.scheduler
-        loaded = _LoadedModel(primary=pipe, sampler_class=type(sampler), sampler_config=sampler.config, plan=plan)
+        loaded = _LoadedModel(primary=pipe, sampler_class=type(sampler), sampler_config=sampler.config, plan=plan,
+                              size=self._size(entry, weights)[0])
         self._loaded[entry.air] = loaded
         return loaded
 
