@@ -163,6 +163,7 @@ class _Timed(asyncio.Protocol):
         self.guard = guard
         self.transport: asyncio.Transport | None = None
         self.frames: FrameCounter | None = None
+        self.discarding = False  # the rest of a refused request body is thrown away as it arrives
         self._held_back = bytearray()  # bytes read past a message that waits for the budget
         # Until the first request head has come in whole: its last bytes, to find its end across reads.
         self._head_tail: bytes | None = b""
@@ -190,6 +191,8 @@ class _Timed(asyncio.Protocol):
         self.inner.connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self.discarding:
+            return
         if self._head_tail is not None:
             self._watch_head(data)
         if self.frames is None:
@@ -218,6 +221,14 @@ class _Timed(asyncio.Protocol):
                 self.guard.request_arrived(self.transport)
         else:
             self._head_tail = seen[-3:]
+
+    def discard_rest(self, seconds: float) -> None:
+        """Throw away what more of this request comes, unread, and close the connection in ``seconds``."""
+        self.discarding = True
+        self._held_back = bytearray()
+        if self.transport is not None:
+            self.transport.resume_reading()  # read on, so that the client can send the rest and read its answer
+            asyncio.get_running_loop().call_later(seconds, self.transport.close)
 
     def _pause(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -251,6 +262,25 @@ def count_frames(request: web.Request, budget: InboundBudget, *, max_message_byt
     if not isinstance(protocol, _Timed):
         return None
     return protocol.count_frames(budget, max_message_bytes=max_message_bytes)
+
+
+# How long a connection whose request body was refused unread is kept open, its bytes thrown away, before it
+# is closed: its client can finish sending and read the answer (a connection closed with unread bytes is reset,
+# and the answer may be lost with it).
+DISCARD_SECONDS = 2.0
+
+
+def discard_rest_of_body(request: web.Request) -> None:
+    """The request's body was refused before it was read whole (too large, too slow, no key): throw the rest
+    away as it arrives, then close the connection. Left to aiohttp, the rest would be read, and decompressed,
+    to keep the connection: a 64 KiB gzip body of zeros is 64 MiB of decompressing for nothing, which a
+    client without a key could ask for as often as it likes."""
+    # What aiohttp has of the body already, compressed, it would go on decompressing for its lingering close:
+    # to it, the body ends here.
+    request.content.feed_eof()
+    protocol = request.transport.get_protocol() if request.transport is not None else None
+    if isinstance(protocol, _Timed):
+        protocol.discard_rest(DISCARD_SECONDS)
 
 
 def bind(host: str, port: int) -> list[socket.socket]:

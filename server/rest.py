@@ -44,6 +44,7 @@ from imagewire.server.answer_budget import AnswerBudget
 from imagewire.server.auth import ApiKeys, owner_token
 from imagewire.server.config import Config
 from imagewire.server.dispatch import Dispatcher, invalid_api_key
+from imagewire.server.handshakes import discard_rest_of_body
 from imagewire.server.inbound_budget import FRAME_DEADLINE_SECONDS, SMALL_MESSAGE_BYTES, InboundBudget
 from imagewire.server.logs import Repeats
 from imagewire.server.task_runner import TaskRunner
@@ -90,11 +91,11 @@ class RestEndpoint:
                         f"A request body over {SMALL_MESSAGE_BYTES // 1024} KiB needs the API key in its "
                         "Authorization header (Bearer KEY); an authentication task in the body is read only "
                         "in smaller ones.")
-                    return _respond(401, errors=[error.to_item("authentication", None)])
+                    return _unread(request, 401, error.to_item("authentication", None))
                 error = protocol.FrameError(
                     f"A request body may be at most {self.config.max_frame_bytes // (1024 * 1024)} MiB "
                     "(--max-frame-mib); send large images by URL or upload them first.")
-                return _respond(413, errors=[error.to_item(None, None)])
+                return _unread(request, 413, error.to_item(None, None))
             except ConnectionError:
                 # The client hung up mid-body: nobody to answer, and nothing of ours went wrong.
                 due, unsaid = _hang_ups.due("rest-body")
@@ -105,7 +106,7 @@ class RestEndpoint:
             except TimeoutError:
                 error = protocol.FrameError(
                     f"The request body did not arrive within {FRAME_DEADLINE_SECONDS:.0f} s; send it at once.")
-                return _respond(408, errors=[error.to_item(None, None)])
+                return _unread(request, 408, error.to_item(None, None))
             try:
                 decoded = protocol.decode_frame(body, max_tasks=self.config.max_tasks_per_message)
             except protocol.FrameError as error:
@@ -219,6 +220,16 @@ def _left_out(item: Item, size: int, bound: int) -> dict[str, Any]:
         f"This result ({size / 2**20:.1f} MiB encoded) would take the answer past {bound // 2**20} MiB "
         "(--max-outbox-mib), so it is left out; fetch it with getResponse (taskUUID), ask for outputType URL, "
         "or send fewer tasks or results per request.").to_item(task_type, task_uuid)
+
+
+def _unread(request: web.Request, status: int, error: dict[str, Any]) -> web.Response:
+    """The answer to a request whose body was refused before it was read whole: the rest is thrown away as it
+    comes, and the connection closes after this answer (``Connection: close``, so no client sends another
+    request on it)."""
+    discard_rest_of_body(request)
+    response = _respond(status, errors=[error])
+    response.force_close()
+    return response
 
 
 def _respond(status: int, *, data: Sequence[Any] = (), errors: Sequence[dict[str, Any]] = ()) -> web.Response:

@@ -191,6 +191,30 @@ async def test_a_keyless_body_is_read_only_as_far_as_an_authentication_task_need
     assert status == 200 and any(item.get("pong") for item in answer["data"])
 
 
+async def test_a_refused_compressed_body_is_thrown_away_rather_than_decompressed(server, monkeypatch):
+    # Answered 401 after its first 64 KiB, the rest of a bomb was still read to keep the connection, and
+    # decompressed: 48 MiB of work per 48 KiB sent, for a client without a key.
+    from aiohttp.compression_utils import ZLibDecompressor
+
+    made = []
+    decompress = ZLibDecompressor.decompress_sync
+
+    def counted(self, data, max_length=0):
+        out = decompress(self, data, max_length)
+        made.append(len(out))
+        return out
+
+    monkeypatch.setattr(ZLibDecompressor, "decompress_sync", counted)
+    bomb = gzip_bomb(48 * 1024 * 1024)
+    head = (b"POST /v1 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+            b"Content-Length: " + str(len(bomb)).encode() + b"\r\n\r\n")
+    for _ in range(3):
+        status, _ = await asyncio.to_thread(raw_post, server.port, head, [bomb])
+        assert status == 401
+    await asyncio.sleep(seconds(3))  # what the connections would still have decompressed after their answers
+    assert sum(made) < 3 * 4 * 1024 * 1024, f"{sum(made) / 2**20:.0f} MiB decompressed for 3 refused bodies"
+
+
 async def test_a_keyed_compressed_body_is_bounded_after_decompression(start_server):
     server = await start_server(max_frame_bytes=1024 * 1024)
     bomb = gzip_bomb(8 * 1024 * 1024)
