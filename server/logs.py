@@ -8,13 +8,20 @@ characters of its message (newlines, carriage returns, escape sequences, Unicode
 escapes (``\\n``, ``\\x1b``), at the one place records are made (``escape_messages``). A taskUUID holding a
 newline cannot forge an ``outcome=success`` line below its own, and a terminal reading the log runs no
 escape sequence a client chose. Tracebacks are not messages: they keep their lines.
+
+Lines are written by a thread of their own (``QueuedWriter``): writing to stderr blocks while what reads it (a
+terminal, a pipe to journald or docker) is slow, and the server logs a line per task from its event loop,
+where a blocked write would stop every socket.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
+import logging.handlers
+import queue
 import re
 import time
 import weakref
@@ -24,6 +31,8 @@ from aiohttp import http_exceptions
 
 INTERVAL_SECONDS = 10.0
 FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+# Records waiting for the writer; past them (its output is blocked that long), records are dropped and counted.
+QUEUED_RECORDS = 10_000
 log = logging.getLogger("imagewire.server")
 
 # An accept() that fails for want of descriptors or memory: the listening loop retries on its own.
@@ -133,10 +142,58 @@ class ImportNotices(logging.Filter):
         return logging.getLogger().isEnabledFor(logging.DEBUG)
 
 
+class _Listener(logging.handlers.QueueListener):
+    def __init__(self, records: queue.Queue[Any], *handlers: logging.Handler, respect_handler_level: bool) -> None:
+        super().__init__(records, *handlers, respect_handler_level=respect_handler_level)
+        self.records = records
+
+    def enqueue_sentinel(self) -> None:
+        # Waits for room: a full queue (an output blocked a while) must still be written out at exit. None is
+        # the listener's own sentinel.
+        self.records.put(None, timeout=30)
+
+
+class QueuedWriter(logging.handlers.QueueHandler):
+    """Hands records to ``handler`` through a bounded queue and a thread of its own, so that logging never
+    waits on the handler's output. Records that find the queue full are dropped, and the next one that gets in
+    is preceded by a line saying how many."""
+
+    def __init__(self, handler: logging.Handler, size: int = QUEUED_RECORDS) -> None:
+        records: queue.Queue[Any] = queue.Queue(size)
+        super().__init__(records)
+        self.dropped = 0
+        self.listener = _Listener(records, handler, respect_handler_level=True)
+        self.listener.start()
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            if self.dropped:
+                note = logging.LogRecord("imagewire.logs", logging.WARNING, __file__, 0,
+                                         "%d log lines were dropped: the log's output was not taking them",
+                                         (self.dropped,), None)
+                self.queue.put_nowait(self.prepare(note))
+                self.dropped = 0
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+    def close(self) -> None:
+        """At exit (``logging.shutdown``): what waits is written first."""
+        with contextlib.suppress(Exception):
+            self.listener.stop()
+        super().close()
+
+
 def configure(level: int | str) -> None:
-    """Logging for a server or replica process, before anything loads a model."""
+    """Logging for a server or replica process, before anything loads a model: lines written by their own
+    thread to stderr (unless the process's logging is set up already)."""
     escape_messages()
-    logging.basicConfig(level=level, format=FORMAT)
+    root = logging.getLogger()
+    if not root.handlers:
+        output = logging.StreamHandler()
+        output.setFormatter(logging.Formatter(FORMAT))
+        root.addHandler(QueuedWriter(output))
+        root.setLevel(level)
     for name, fragments in IMPORT_NOTICES.items():
         notices = logging.getLogger(name)
         if not any(isinstance(existing, ImportNotices) for existing in notices.filters):
