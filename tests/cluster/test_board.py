@@ -1,6 +1,6 @@
 """The replicas' board (``server/board.py``) and what a gateway makes of it (``server/cluster.py`` ``RayDevice``):
-preloads done when every replica loaded the model, ``busy`` while a replica holds jobs. No Ray cluster here: the
-board is its plain class, and the gateway's reads are what the test says.
+preloads done when every replica loaded the model, ``busy`` while a replica holds jobs, each replica's figures in
+/metrics. No Ray cluster here: the board is its plain class, and the gateway's reads are what the test says.
 The cases on a real cluster are in test_device_contract_ray.py and test_ray_engine.py.
 """
 
@@ -12,9 +12,11 @@ from concurrent.futures import Future
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from imagewire.air_registry import Catalog
 from imagewire.server.config import Config
+from imagewire.server.metrics import Metrics, State
 
 pytestmark = [
     pytest.mark.cluster,
@@ -121,3 +123,31 @@ def test_the_device_is_busy_while_a_replica_on_the_board_holds_jobs() -> None:
     assert ray_device.busy
     saw(ray_device, state("a"), state("b"))
     assert not ray_device.busy
+
+
+def test_metrics_show_each_replicas_figures() -> None:
+    replicas = [state("a", jobs={"t1": "m", "t2": "m", "t3": "m"}, pending=2, loaded_models={"m:1@1": "device",
+                                                                                             "m:2@1": "ram"},
+                      device_memory={"allocated": 5}, device_busy_ratio=0.5),
+                state("b")]
+    metrics = Metrics(State(queue_depth=lambda: 0, loaded_models=lambda: [], device_memory=lambda: {},
+                            connections=lambda: 0, sessions=lambda: 0, ready=lambda: True,
+                            replicas=lambda: replicas), max_batch_size=1)
+    samples = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+               for family in text_string_to_metric_families(metrics.exposition().decode())
+               for sample in family.samples}
+    a = (("node", "node-of-a"), ("replica", "a"))
+    assert samples[("imagewire_replicas", ())] == 2
+    assert samples[("imagewire_replica_queue_depth", a)] == 2
+    assert samples[("imagewire_replica_running_jobs", a)] == 1
+    assert samples[("imagewire_replica_device_busy_ratio", a)] == 0.5
+    assert samples[("imagewire_replica_loaded_models", (("air", "m:1@1"), *a))] == 1
+    assert ("imagewire_replica_loaded_models", (("air", "m:2@1"), *a)) not in samples   # in RAM, not on the device
+    assert samples[("imagewire_replica_device_memory_bytes", (("kind", "allocated"), *a))] == 5
+    assert samples[("imagewire_replica_queue_depth", (("node", "node-of-b"), ("replica", "b")))] == 0
+
+
+def test_without_replicas_metrics_show_no_replica_figures() -> None:
+    metrics = Metrics(State(queue_depth=lambda: 0, loaded_models=lambda: [], device_memory=lambda: {},
+                            connections=lambda: 0, sessions=lambda: 0, ready=lambda: True), max_batch_size=1)
+    assert b"imagewire_replica" not in metrics.exposition()

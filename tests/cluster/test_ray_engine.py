@@ -191,6 +191,34 @@ async def test_the_images_encoded_on_a_replica_are_the_files_a_local_server_answ
     assert sorted(from_cluster) == [23, 24] and from_cluster == await files(local.url)
 
 
+def scrape(gateway: Gateway) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, body = get(f"http://{urllib.parse.urlsplit(gateway.url).netloc}/metrics")
+    assert status == 200
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(body.decode()) for sample in family.samples}
+
+
+async def test_metrics_show_each_replicas_figures_on_either_gateway(cluster: Cluster) -> None:
+    await asyncio.sleep(seconds(3))   # the last task's end is on the board, and the gateways have read it
+    board = cluster.board()
+    for gateway in cluster.gateways:
+        samples = await asyncio.to_thread(scrape, gateway)
+        assert samples[("imagewire_replicas", ())] == 2
+        for replica in board:
+            labels = (("node", replica["node_id"]), ("replica", replica["name"]))
+            assert samples[("imagewire_replica_queue_depth", labels)] == 0
+            assert ("imagewire_replica_device_busy_ratio", labels) in samples
+            on_device = {air for air, where in replica["loaded_models"].items() if where == "device"}
+            assert on_device and on_device == {dict(labels)["air"] for (name, labels) in samples
+                                               if name == "imagewire_replica_loaded_models"
+                                               and dict(labels)["replica"] == replica["name"]}, samples
+        # The models on some replica's device, as the unlabelled figure for the whole cluster.
+        assert {dict(labels)["air"] for (name, labels) in samples if name == "imagewire_loaded_models"} == {
+            air for replica in board for air, where in replica["loaded_models"].items() if where == "device"}
+
+
 def ray_sockets(gateway_pids: set[int]) -> list[str]:
     """``ss -tanp`` lines of the gateways' processes and their descendants (Ray's GCS, raylet, workers)."""
     parents: dict[int, int] = {}
