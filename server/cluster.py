@@ -301,8 +301,8 @@ class RayDevice:
         if self.config.ray_address is not None:
             _join(ray, self.config.ray_address)
         else:
-            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, namespace=NAMESPACE,
-                     configure_logging=False)
+            # The node's address is 127.0.0.1: LOOPBACK_ONLY, set above, makes it Ray's own choice.
+            ray.init(include_dashboard=False, namespace=NAMESPACE, configure_logging=False)
             self._owns_cluster = True
         self.address = ray.get_runtime_context().gcs_address
         if self._owns_cluster:
@@ -326,6 +326,7 @@ class RayDevice:
     def _deploy(self, serve: Any, cluster_gpus: float) -> DeploymentHandle:
         from imagewire.server.replica import APP_NAME, DEPLOYMENT_NAME, Replica
 
+        failure: list[BaseException] = []   # what deploying them raised, when this gateway deploys them
         if _state(serve, APP_NAME) in ("RUNNING", "DEPLOYING"):
             log.info("the cluster runs imagewire replicas already: this gateway shares them (its own "
                      "--replicas and model flags do not apply to them)")
@@ -347,19 +348,22 @@ class RayDevice:
             scale = (f"{options.autoscaling['min_replicas']}-{options.autoscaling['max_replicas']} autoscaled"
                      if options.autoscaling else str(options.num_replicas))
             log.info("deploying %s replicas on %s", scale, "a GPU each" if options.device == "cuda" else "CPU")
-            serve._run(deployment.bind(replica_config, self.engine_for), name=APP_NAME, route_prefix=None,
-                       _blocking=False)
-        self._wait_running(serve, APP_NAME)
+            failure = _run_in_background(serve, deployment.bind(replica_config, self.engine_for))
+        self._wait_running(serve, APP_NAME, failure)
         handle: DeploymentHandle = serve.get_app_handle(APP_NAME)
         return handle
 
     @staticmethod
-    def _wait_running(serve: Any, app_name: str) -> None:
+    def _wait_running(serve: Any, app_name: str, failure: Sequence[BaseException] = ()) -> None:
         deadline = time.monotonic() + DEPLOY_TIMEOUT
         while True:
             state = _state(serve, app_name)
             if state == "RUNNING":
                 return
+            if failure and state not in ("DEPLOYING", "DEPLOY_FAILED", "UNHEALTHY"):
+                why = str(failure[0]).strip()
+                raise ValueError("--engine ray: deploying the replicas failed: "
+                                 + (why.splitlines()[0] if why else type(failure[0]).__name__))
             if state in ("DEPLOY_FAILED", "UNHEALTHY"):
                 message = serve.status().applications[app_name].message
                 raise ValueError("--engine ray: the replicas failed to start"
@@ -679,6 +683,24 @@ class RayDevice:
 
     def _started(self, remote: RemoteJob) -> None:
         remote.started = True
+
+
+def _run_in_background(serve: Any, application: Any) -> list[BaseException]:
+    """Deploy the replicas with ``serve.run`` in a thread of its own, and answer at once with a list that holds what
+    it raised, if it does. ``serve.run`` returns only once the application runs, with no bound on the wait: the
+    caller waits itself (``RayDevice._wait_running``), with its own bound and the application's own messages."""
+    from imagewire.server.replica import APP_NAME
+
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            serve.run(application, name=APP_NAME, route_prefix=None)
+        except BaseException as exc:  # read by the caller
+            failure.append(exc)
+
+    threading.Thread(target=run, name="imagewire-deploy", daemon=True).start()
+    return failure
 
 
 def _state(serve: Any, app_name: str) -> str:

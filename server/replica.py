@@ -66,21 +66,36 @@ def routing_model(job: Job) -> str:
     return model.air if isinstance(model, ModelEntry) else ""
 
 
+# Where Serve keeps the function its replicas bind their inter-deployment gRPC server with (a private module: see
+# ``keep_serve_on_loopback``). tests/cluster/test_serve_api.py fails when Ray moves it.
+SERVE_REPLICA_MODULE = "ray.serve._private.replica"
+SERVE_GRPC_BIND = "add_port_to_grpc_server"
+
+
 def keep_serve_on_loopback() -> None:
     """On a node whose address is loopback, bind the replica's inter-deployment gRPC server to 127.0.0.1.
 
-    Serve binds it to ``[::]`` whatever the node's address (ray 2.60); this cluster calls replicas through Ray's
-    actor calls only, never that server, but a port open on every interface is one too many. Called from the
-    replica's constructor, which runs before Serve starts that server.
+    Each Serve replica starts that server when it starts, whether or not any handle uses gRPC transport (ray 2.60,
+    ``Replica._on_initialized`` in Serve's replica module), and binds it to ``[::]``, whatever the node's address.
+    Ray offers no setting for that address: ``RAY_SERVE_USE_GRPC_BY_DEFAULT`` and the handles' ``_by_reference``
+    choose how calls travel, not whether the server listens, and the node's address is not used for it. This
+    cluster calls replicas through Ray's actor calls only, never that server, but a port open on every interface
+    breaks the rule that a cluster of one machine listens on loopback only. So the replica replaces the module's
+    binding function with one that turns ``[::]`` into 127.0.0.1 and changes nothing else (a TLS cluster still gets
+    its credentials). Called from the replica's constructor, which runs before Serve starts that server.
     """
     if not ray.util.get_node_ip_address().startswith("127."):
         return
+    import importlib
+
     try:
-        from ray.serve._private import replica as serve_replica
-    except ImportError:
+        serve_replica = importlib.import_module(SERVE_REPLICA_MODULE)
+        bind = getattr(serve_replica, SERVE_GRPC_BIND)
+    except (ImportError, AttributeError):
+        log.error("this Ray's Serve has no %s.%s: the replica's inter-deployment gRPC server may listen on every "
+                  "interface, not only loopback", SERVE_REPLICA_MODULE, SERVE_GRPC_BIND)
         return
-    bind = getattr(serve_replica, "add_port_to_grpc_server", None)
-    if bind is None or getattr(bind, "imagewire_loopback", False):
+    if getattr(bind, "imagewire_loopback", False):
         return
 
     def bind_loopback(server: Any, address: str) -> Any:
@@ -89,7 +104,7 @@ def keep_serve_on_loopback() -> None:
         return bind(server, address)
 
     bind_loopback.imagewire_loopback = True  # type: ignore[attr-defined]
-    serve_replica.add_port_to_grpc_server = bind_loopback
+    setattr(serve_replica, SERVE_GRPC_BIND, bind_loopback)
 
 
 class Replica:
