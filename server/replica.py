@@ -73,7 +73,7 @@ SERVE_GRPC_BIND = "add_port_to_grpc_server"
 
 
 def keep_serve_on_loopback() -> None:
-    """On a node whose address is loopback, bind the replica's inter-deployment gRPC server to 127.0.0.1.
+    """On a node whose address is loopback, bind the replica's inter-deployment gRPC server to that address.
 
     Each Serve replica starts that server when it starts, whether or not any handle uses gRPC transport (ray 2.60,
     ``Replica._on_initialized`` in Serve's replica module), and binds it to ``[::]``, whatever the node's address.
@@ -81,10 +81,12 @@ def keep_serve_on_loopback() -> None:
     choose how calls travel, not whether the server listens, and the node's address is not used for it. This
     cluster calls replicas through Ray's actor calls only, never that server, but a port open on every interface
     breaks the rule that a cluster of one machine listens on loopback only. So the replica replaces the module's
-    binding function with one that turns ``[::]`` into 127.0.0.1 and changes nothing else (a TLS cluster still gets
-    its credentials). Called from the replica's constructor, which runs before Serve starts that server.
+    binding function with one that turns ``[::]`` into the node's address (127.0.0.1, or another loopback address
+    when several nodes share a machine) and changes nothing else (a TLS cluster still gets its credentials).
+    Called from the replica's constructor, which runs before Serve starts that server.
     """
-    if not ray.util.get_node_ip_address().startswith("127."):
+    node = ray.util.get_node_ip_address()
+    if not node.startswith("127."):
         return
     import importlib
 
@@ -100,7 +102,7 @@ def keep_serve_on_loopback() -> None:
 
     def bind_loopback(server: Any, address: str) -> Any:
         if address.startswith("[::]:"):
-            address = "127.0.0.1:" + address.removeprefix("[::]:")
+            address = f"{node}:" + address.removeprefix("[::]:")
         return bind(server, address)
 
     bind_loopback.imagewire_loopback = True  # type: ignore[attr-defined]

@@ -21,8 +21,8 @@ pytestmark = [
 ]
 
 SERVER = Path(__file__).resolve().parents[2] / "server"
-# Ray's private modules, its internal key-value store, Serve's internal run, private arguments: none may be used, but for
-# the one line that names the module ``keep_serve_on_loopback`` patches (its test is below).
+# Ray's private modules, its internal key-value store, Serve's internal run, private arguments: none may be used,
+# but for the one line that names the module ``keep_serve_on_loopback`` patches (its test is below).
 PRIVATE = re.compile(r"\._private\b|internal_kv|serve\._run\b|\b_blocking\b|\b_run_many\b|\b_node_ip_address\b")
 ALLOWED = {("replica.py", 'SERVE_REPLICA_MODULE = "ray.serve._private.replica"')}
 
@@ -57,7 +57,7 @@ def test_serve_still_binds_the_replicas_grpc_server_through_the_function_the_rep
     assert not re.search(r"add_(insecure|secure)_port\(", source), "the replica binds a port another way"
 
 
-def test_on_a_loopback_node_the_replicas_grpc_server_binds_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_on_a_loopback_node_the_replicas_grpc_server_binds_the_nodes_address(monkeypatch: pytest.MonkeyPatch) -> None:
     replica, serve_replica = modules()
     import ray
 
@@ -68,8 +68,9 @@ def test_on_a_loopback_node_the_replicas_grpc_server_binds_loopback(monkeypatch:
         return 1234
 
     monkeypatch.setattr(serve_replica, replica.SERVE_GRPC_BIND, bind)
-    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "127.0.0.1")
+    # One of several nodes on one machine, each on a loopback address of its own.
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "127.0.0.2")
     replica.keep_serve_on_loopback()
     replica.keep_serve_on_loopback()   # a second replica in the same process: not wrapped twice
     assert getattr(serve_replica, replica.SERVE_GRPC_BIND)(object(), "[::]:0") == 1234
-    assert bound == ["127.0.0.1:0"]
+    assert bound == ["127.0.0.2:0"]
