@@ -191,6 +191,7 @@ class ImagewireServer:
             held_input_pixels=lambda: self.services.pixels.held,
             inbound_bytes=lambda: self.inbound.held, inbound_waiting=lambda: self.inbound.waiting,
             model_bytes=lambda: placed_bytes(self.device.memory_plans, self.device.loaded_models),
+            replicas=(lambda: getattr(self.device, "replicas", [])) if config.engine == "ray" else None,
         ), max_batch_size=config.max_batch_size)
         self.device.on_call = self.metrics.device_call
         device_time = DeviceTime(config.device_seconds_per_key_hour) if config.device_seconds_per_key_hour else None

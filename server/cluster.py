@@ -10,11 +10,15 @@ Where Ray listens. Ray resolves a node address of 127.0.0.1 to the machine's out
 when Ray is imported. So for a cluster of this machine alone (no ``--ray-address``, or a loopback one) the
 gateway sets it before importing Ray; the processes of a cluster it starts inherit it. Replicas bind Serve's
 gRPC server to loopback too (``replica.keep_serve_on_loopback``); the dashboard and Serve's HTTP proxy are off.
+
+What the replicas hold and do, and the models gateways want them to load, is on the board (``server/board.py``): the
+gateway reads it every ``BOARD_READ_INTERVAL`` seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -32,6 +36,7 @@ from imagewire.tasks.errors import InferenceError, ServiceUnavailable
 from imagewire.tasks.jobs import DeviceEvent, Failed, Finished, Job, JobEvent, ModelPlacement, Queued, Results, Step
 
 if TYPE_CHECKING:
+    from ray.actor import ActorHandle
     from ray.serve.handle import DeploymentHandle
 
     from imagewire.air_registry import ModelEntry
@@ -44,6 +49,7 @@ CONNECT_TIMEOUT = 5.0        # seconds to reach --ray-address before saying that
 JOIN_TIMEOUT = 30.0          # seconds for Ray to join the cluster there
 DEPLOY_TIMEOUT = 900.0       # seconds the replicas get to start (imports, the default model's load)
 BOARD_READ_INTERVAL = 1.0
+READER_JOIN_TIMEOUT = 15.0   # seconds to wait at stop for a board read in flight (its own bound is board.CALL_TIMEOUT)
 BOARD_STALENESS = 10.0       # seconds a job that ended may still show on the board as read (a replica writes on change)
 ATTEMPTS = 2                 # a job whose replica died before sending any image goes once more elsewhere
 
@@ -99,6 +105,10 @@ def _join(ray: Any, address: str) -> None:
         why = str(failure[0]).strip()
         raise ValueError(f"--ray-address {address}: joining the Ray cluster failed: "
                          + (why.splitlines()[0] if why else type(failure[0]).__name__))
+
+
+class ReplicaError(Exception):
+    """What a replica reported as failing (a wanted model it could not load), in its own words."""
 
 
 @dataclass(frozen=True)
@@ -199,6 +209,10 @@ class RayDevice:
         self._dispatcher: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._replicas: list[Mapping[str, Any]] = []
+        self._board: ActorHandle | None = None
+        self._wanted: dict[str, ModelEntry] = {}   # models this gateway wants on every replica, sent with each read
+        self._preloading: list[tuple[str, Future[None]]] = []   # preloads not yet done on every replica
+        self._preloads_lock = threading.Lock()
         self._without_replicas_since: float | None = None  # monotonic time the board was first seen empty
         self._stopping = threading.Event()
         self._reader: threading.Thread | None = None
@@ -262,8 +276,10 @@ class RayDevice:
 
     @property
     def busy(self) -> bool:
-        """A gateway leaves no work of its own on a device: replicas are other processes."""
-        return False
+        """Whether work is on a device: a replica holds jobs (running or waiting, any gateway's, as the board last
+        showed them), or a job this gateway handed over has not ended. After ``stop`` the board is no longer read:
+        only this gateway's own jobs count then."""
+        return bool(self._handed) or any(state["jobs"] for state in self._replicas)
 
     # ------------------------------------------------------------ start and stop
 
@@ -285,8 +301,8 @@ class RayDevice:
         if self.config.ray_address is not None:
             _join(ray, self.config.ray_address)
         else:
-            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, namespace=NAMESPACE,
-                     configure_logging=False)
+            # The node's address is 127.0.0.1: LOOPBACK_ONLY, set above, makes it Ray's own choice.
+            ray.init(include_dashboard=False, namespace=NAMESPACE, configure_logging=False)
             self._owns_cluster = True
         self.address = ray.get_runtime_context().gcs_address
         if self._owns_cluster:
@@ -294,7 +310,13 @@ class RayDevice:
                      self.address, self.address)
         else:
             log.info("joined the Ray cluster at %s", self.address)
+        from imagewire.server.board import CALL_TIMEOUT, board_actor
+
         serve.start(proxy_location="Disabled")
+        self._board = board_actor()
+        # Wanted before the replicas start: each loads them before it takes jobs (``replica.Replica``).
+        self._wanted.update((entry.air, entry) for entry in self.preloads)
+        ray.get(self._board.want.remote(self.preloads), timeout=CALL_TIMEOUT)
         self._handle = self._deploy(serve, ray.cluster_resources().get("GPU", 0.0))
         self._read_board()
         self._reader = threading.Thread(target=self._read_board_forever, name="imagewire-board", daemon=True)
@@ -304,6 +326,7 @@ class RayDevice:
     def _deploy(self, serve: Any, cluster_gpus: float) -> DeploymentHandle:
         from imagewire.server.replica import APP_NAME, DEPLOYMENT_NAME, Replica
 
+        failure: list[BaseException] = []   # what deploying them raised, when this gateway deploys them
         if _state(serve, APP_NAME) in ("RUNNING", "DEPLOYING"):
             log.info("the cluster runs imagewire replicas already: this gateway shares them (its own "
                      "--replicas and model flags do not apply to them)")
@@ -325,19 +348,22 @@ class RayDevice:
             scale = (f"{options.autoscaling['min_replicas']}-{options.autoscaling['max_replicas']} autoscaled"
                      if options.autoscaling else str(options.num_replicas))
             log.info("deploying %s replicas on %s", scale, "a GPU each" if options.device == "cuda" else "CPU")
-            serve._run(deployment.bind(replica_config, self.engine_for, self.preloads), name=APP_NAME,
-                       route_prefix=None, _blocking=False)
-        self._wait_running(serve, APP_NAME)
+            failure = _run_in_background(serve, deployment.bind(replica_config, self.engine_for))
+        self._wait_running(serve, APP_NAME, failure)
         handle: DeploymentHandle = serve.get_app_handle(APP_NAME)
         return handle
 
     @staticmethod
-    def _wait_running(serve: Any, app_name: str) -> None:
+    def _wait_running(serve: Any, app_name: str, failure: Sequence[BaseException] = ()) -> None:
         deadline = time.monotonic() + DEPLOY_TIMEOUT
         while True:
             state = _state(serve, app_name)
             if state == "RUNNING":
                 return
+            if failure and state not in ("DEPLOYING", "DEPLOY_FAILED", "UNHEALTHY"):
+                why = str(failure[0]).strip()
+                raise ValueError("--engine ray: deploying the replicas failed: "
+                                 + (why.splitlines()[0] if why else type(failure[0]).__name__))
             if state in ("DEPLOY_FAILED", "UNHEALTHY"):
                 message = serve.status().applications[app_name].message
                 raise ValueError("--engine ray: the replicas failed to start"
@@ -348,14 +374,17 @@ class RayDevice:
             time.sleep(0.5)
 
     def _read_board(self) -> None:
-        from imagewire.server.replica import read_board
+        from imagewire.server.board import read_board
 
+        with self._preloads_lock:
+            wanted = list(self._wanted.values())
         try:
-            states = read_board()
+            states = read_board(self._board, wanted)
         except Exception:
             log.warning("reading the replicas' board failed; keeping what it said before", exc_info=True)
             states = self._replicas
         self._saw_board(states)
+        self._settle_preloads()
 
     def _saw_board(self, states: list[Mapping[str, Any]]) -> None:
         """What the board says now (from the reader thread): the replicas and their jobs."""
@@ -364,28 +393,73 @@ class RayDevice:
             self._without_replicas_since = None
         elif self._without_replicas_since is None:
             self._without_replicas_since = time.monotonic()
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._wake.set)
+        if self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):   # closed meanwhile: the next job brings its loop
+                self._loop.call_soon_threadsafe(self._wake.set)
 
     def _read_board_forever(self) -> None:
         while not self._stopping.wait(BOARD_READ_INTERVAL):
-            self._read_board()
+            try:
+                self._read_board()
+            except Exception:  # never leave the gateway without its reader
+                log.exception("handling a read of the replicas' board failed; reading it again in a second")
 
     def preload(self, model: ModelEntry) -> Future[None]:
-        """Replicas load the default and --preload models themselves when they start."""
+        """Have every replica load ``model``: it goes on the board with the next read, each replica loads it in turn
+        with its jobs (and every replica that starts later, before it takes jobs). The future is done once every
+        replica on the board says it loaded it, and fails with the first replica's reason when one could not."""
         done: Future[None] = Future()
-        done.set_result(None)
+        with self._preloads_lock:
+            self._wanted.setdefault(model.air, model)
+            self._preloading.append((model.air, done))
         return done
+
+    def _settle_preloads(self) -> None:
+        """End the preloads the board now answers for (after each read)."""
+        with self._preloads_lock:
+            waiting, self._preloading = self._preloading, []
+            for air, done in waiting:
+                if done.done():   # cancelled: nobody waits for it any more
+                    continue
+                outcome = self._preload_outcome(air)
+                if outcome is False:
+                    self._preloading.append((air, done))
+                elif isinstance(outcome, BaseException):
+                    done.set_exception(outcome)
+                else:
+                    done.set_result(None)
+
+    def _preload_outcome(self, air: str) -> BaseException | bool:
+        """True when every replica loaded ``air``, the first replica's failure, or False while one has yet to say."""
+        if not self._replicas:
+            # None to load it on: a replica that starts loads it first. Until one has run for --replica-wait
+            # seconds, though, a fixed cluster's replicas are still coming.
+            if self._scales_from_zero():
+                return True
+            if self._waited_too_long_for_replicas():
+                return ServiceUnavailable(f"no replica ran for {self.config.replica_wait:g} s to load it")
+            return False
+        for state in self._replicas:
+            if air in state.get("preload_errors", {}):
+                return ReplicaError(f"{state['preload_errors'][air]} (on replica {state['name']})")
+        return all(air in state.get("preloaded", ()) for state in self._replicas)
+
+    def _waited_too_long_for_replicas(self) -> bool:
+        return (self._without_replicas_since is not None
+                and time.monotonic() - self._without_replicas_since >= self.config.replica_wait)
 
     def close_intake(self) -> None:
         self._accepting = False
 
     def stop(self, timeout: float | None = None) -> None:
-        """Let go of the cluster: a cluster this gateway started stops with it, a joined one keeps serving."""
+        """Let go of the cluster: a cluster this gateway started stops with it (its replicas and board too), a
+        joined one keeps serving."""
         self._accepting = False
         self._stopping.set()
         if self._dispatcher is not None and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._dispatcher.cancel)
+        if self._reader is not None:
+            self._reader.join(READER_JOIN_TIMEOUT)
         import ray
 
         if self._owns_cluster:
@@ -395,6 +469,19 @@ class RayDevice:
                 serve.shutdown()
             except Exception:
                 log.warning("stopping the replicas failed", exc_info=True)
+            if self._board is not None:
+                try:
+                    ray.kill(self._board)
+                except Exception:
+                    log.warning("stopping the replicas' board failed", exc_info=True)
+        self._board = None
+        # What the board said is of a cluster this gateway no longer reads.
+        self._replicas = []
+        with self._preloads_lock:
+            waiting, self._preloading = self._preloading, []
+        for _, done in waiting:
+            if not done.done():
+                done.set_exception(ServiceUnavailable("The server stopped before every replica had loaded the model."))
         ray.shutdown()
 
     # ------------------------------------------------------------ jobs
@@ -596,6 +683,24 @@ class RayDevice:
 
     def _started(self, remote: RemoteJob) -> None:
         remote.started = True
+
+
+def _run_in_background(serve: Any, application: Any) -> list[BaseException]:
+    """Deploy the replicas with ``serve.run`` in a thread of its own, and answer at once with a list that holds what
+    it raised, if it does. ``serve.run`` returns only once the application runs, with no bound on the wait: the
+    caller waits itself (``RayDevice._wait_running``), with its own bound and the application's own messages."""
+    from imagewire.server.replica import APP_NAME
+
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            serve.run(application, name=APP_NAME, route_prefix=None)
+        except BaseException as exc:  # read by the caller
+            failure.append(exc)
+
+    threading.Thread(target=run, name="imagewire-deploy", daemon=True).start()
+    return failure
 
 
 def _state(serve: Any, app_name: str) -> str:

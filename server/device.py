@@ -418,6 +418,7 @@ class DeviceQueue:
                 self._run(engine, group)
             else:
                 self._load(engine, *item)
+                continue  # published before its future is done
             self._publish(engine)
 
     def _publish(self, engine: Engine) -> None:
@@ -428,13 +429,17 @@ class DeviceQueue:
             log.exception("reading which models are loaded failed")
 
     def _load(self, engine: Engine, model: ModelEntry, done: Future[None]) -> None:
+        """Load ``model``; what the engine holds is published before the future is done, so that whoever waits
+        on it finds the model in ``loaded_models``."""
         try:
             engine.load(model)
         except Exception as exc:
             # The caller decides what a failed preload means (the server's start stops, or goes on without it).
             log.debug("preloading %s failed", model.air, exc_info=exc)
+            self._publish(engine)
             done.set_exception(exc)
         else:
+            self._publish(engine)
             done.set_result(None)
 
     def _run(self, engine: Engine, handles: list[JobHandle]) -> None:

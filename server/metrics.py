@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,8 @@ class State:
     inbound_waiting: Callable[[], int] = lambda: 0      # sockets and requests waiting for inbound room
     # (model AIR, where: the device's name or "cpu" for host RAM) → bytes of its weights there
     model_bytes: Callable[[], Mapping[tuple[str, str], int]] = lambda: {}
+    # With --engine ray: each replica's state as the board last showed it (``server/board.py``); None without.
+    replicas: Callable[[], Sequence[Mapping[str, Any]]] | None = None
 
 
 class BusyClock:
@@ -131,6 +133,8 @@ class _StateCollector(Collector):
         for kind, value in state.device_memory().items():
             memory.add_metric([kind], value)
         yield memory
+        if state.replicas is not None:
+            yield from _replica_metrics(state.replicas())
         yield GaugeMetricFamily("imagewire_connections", "Open WebSocket connections.", value=state.connections())
         yield GaugeMetricFamily("imagewire_sessions", "Sessions, attached or waiting to be resumed.",
                                 value=state.sessions())
@@ -144,6 +148,37 @@ class _StateCollector(Collector):
                                 "Sockets and REST requests whose next message waits for inbound room.",
                                 value=state.inbound_waiting())
         yield GaugeMetricFamily("imagewire_ready", "1 when the server takes tasks.", value=int(state.ready()))
+
+
+def _replica_metrics(replicas: Sequence[Mapping[str, Any]]) -> Iterator[Metric]:
+    """The device figures of each replica (``--engine ray``), labelled by replica and by node (its Ray node id:
+    two nodes may share an address). The unlabelled device figures above are the gateway's view: its own jobs'
+    queue and device time, the models and memory of all replicas together."""
+    labels = ["replica", "node"]
+    count = GaugeMetricFamily("imagewire_replicas", "Replicas on the board (each posts its state every 2 s).",
+                              value=len(replicas))
+    queue = GaugeMetricFamily("imagewire_replica_queue_depth", "Jobs waiting for the replica's device, from every "
+                              "gateway.", labels=labels)
+    running = GaugeMetricFamily("imagewire_replica_running_jobs", "Jobs the replica's device has started and not "
+                                "finished.", labels=labels)
+    busy = GaugeMetricFamily("imagewire_replica_device_busy_ratio",
+                             f"Share of the last {BUSY_WINDOW_SECONDS:g} s the replica's device spent in calls.",
+                             labels=labels)
+    loaded = GaugeMetricFamily("imagewire_replica_loaded_models", "Models on the replica's device (1 each).",
+                               labels=[*labels, "air"])
+    memory = GaugeMetricFamily("imagewire_replica_device_memory_bytes", "Memory torch holds on the replica's GPU.",
+                               labels=[*labels, "kind"])
+    for replica in replicas:
+        names = [replica["name"], replica.get("node_id", "")]
+        queue.add_metric(names, replica.get("pending", 0))
+        running.add_metric(names, max(0, len(replica.get("jobs", {})) - replica.get("pending", 0)))
+        busy.add_metric(names, replica.get("device_busy_ratio", 0.0))
+        for air, where in replica.get("loaded_models", {}).items():
+            if where == "device":
+                loaded.add_metric([*names, air], 1)
+        for kind, value in replica.get("device_memory", {}).items():
+            memory.add_metric([*names, kind], value)
+    yield from (count, queue, running, busy, loaded, memory)
 
 
 def placed_bytes(plans: Mapping[str, Any], loaded: Mapping[str, str]) -> dict[tuple[str, str], int]:

@@ -16,10 +16,12 @@ next step.
 Models are multiplexed: a request carries its model's AIR as the multiplexed model id, ``_hold`` records it in
 Serve's per-replica LRU, and Serve's router sends a model's jobs to the replicas that hold it.
 
-Each replica writes what it holds to the board (Ray's key-value store in the cluster's GCS, ``BOARD_NAMESPACE``)
-every ``BOARD_INTERVAL`` seconds and after each job: loaded models, device memory, samplers it cannot run, the
-jobs it has, how many jobs per model it ran. Gateways read the board to answer modelSearch, /metrics and
-prepare's sampler check; an entry not rewritten for ``BOARD_EXPIRY`` seconds is a replica that is gone.
+Each replica posts what it holds to the board (``server/board.py``, an actor of the cluster) every
+``BOARD_INTERVAL`` seconds and after each change: loaded models, device memory, samplers it cannot run, the jobs it
+has, how many jobs per model it ran, the wanted models it loaded. Gateways read the board to answer modelSearch,
+/metrics and prepare's sampler check, and to know when a preload is done. The board answers each post with the
+models gateways want on every replica (the default model, ``--preload``): a replica loads those it has not yet
+loaded, in its device queue; a starting replica loads them all before it takes jobs.
 """
 
 from __future__ import annotations
@@ -27,22 +29,23 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import json
 import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from typing import Any
 
 import ray
 from ray import serve
-from ray.experimental import internal_kv
 
-from imagewire.air_registry import ModelEntry
+from imagewire.air_registry import ModelEntry, RegistryError
+from imagewire.server.board import BOARD_INTERVAL, CALL_TIMEOUT, board_actor
 from imagewire.server.config import Config
 from imagewire.server.device import DeviceQueue, Engine, JobStream
 from imagewire.server.logs import configure as configure_logging
+from imagewire.server.metrics import BusyClock
 from imagewire.tasks.errors import TaskError
 from imagewire.tasks.inputs import located_weights
 from imagewire.tasks.jobs import DeviceEvent, Failed, Finished, Job, Results, encoded_results
@@ -51,13 +54,10 @@ log = logging.getLogger("imagewire.replica")
 
 APP_NAME = "imagewire"                 # the Serve application every gateway of a cluster shares
 DEPLOYMENT_NAME = "imagewire-replica"
-BOARD_NAMESPACE = "imagewire"
-BOARD_PREFIX = "replica/"
-BOARD_INTERVAL = 2.0
-BOARD_EXPIRY = 10.0
 # The fewest seconds between two steps a replica passes on: progress to a person, at a few updates a second,
 # not a Ray message per step of a fast model.
 STEP_INTERVAL = 0.2
+
 
 def routing_model(job: Job) -> str:
     """The multiplexed model id a job travels with: its model's AIR. Jobs without a model of their own (the
@@ -66,37 +66,55 @@ def routing_model(job: Job) -> str:
     return model.air if isinstance(model, ModelEntry) else ""
 
 
-def keep_serve_on_loopback() -> None:
-    """On a node whose address is loopback, bind the replica's inter-deployment gRPC server to 127.0.0.1.
+# Where Serve keeps the function its replicas bind their inter-deployment gRPC server with (a private module: see
+# ``keep_serve_on_loopback``). tests/cluster/test_serve_api.py fails when Ray moves it.
+SERVE_REPLICA_MODULE = "ray.serve._private.replica"
+SERVE_GRPC_BIND = "add_port_to_grpc_server"
 
-    Serve binds it to ``[::]`` whatever the node's address (ray 2.60); this cluster calls replicas through Ray's
-    actor calls only, never that server, but a port open on every interface is one too many. Called from the
-    replica's constructor, which runs before Serve starts that server.
+
+def keep_serve_on_loopback() -> None:
+    """On a node whose address is loopback, bind the replica's inter-deployment gRPC server to that address.
+
+    Each Serve replica starts that server when it starts, whether or not any handle uses gRPC transport (ray 2.60,
+    ``Replica._on_initialized`` in Serve's replica module), and binds it to ``[::]``, whatever the node's address.
+    Ray offers no setting for that address: ``RAY_SERVE_USE_GRPC_BY_DEFAULT`` and the handles' ``_by_reference``
+    choose how calls travel, not whether the server listens, and the node's address is not used for it. This
+    cluster calls replicas through Ray's actor calls only, never that server, but a port open on every interface
+    breaks the rule that a cluster of one machine listens on loopback only. So the replica replaces the module's
+    binding function with one that turns ``[::]`` into the node's address (127.0.0.1, or another loopback address
+    when several nodes share a machine) and changes nothing else (a TLS cluster still gets its credentials).
+    Called from the replica's constructor, which runs before Serve starts that server.
     """
-    if not ray.util.get_node_ip_address().startswith("127."):
+    node = ray.util.get_node_ip_address()
+    if not node.startswith("127."):
         return
+    import importlib
+
     try:
-        from ray.serve._private import replica as serve_replica
-    except ImportError:
+        serve_replica = importlib.import_module(SERVE_REPLICA_MODULE)
+        bind = getattr(serve_replica, SERVE_GRPC_BIND)
+    except (ImportError, AttributeError):
+        log.error("this Ray's Serve has no %s.%s: the replica's inter-deployment gRPC server may listen on every "
+                  "interface, not only loopback", SERVE_REPLICA_MODULE, SERVE_GRPC_BIND)
         return
-    bind = getattr(serve_replica, "add_port_to_grpc_server", None)
-    if bind is None or getattr(bind, "imagewire_loopback", False):
+    if getattr(bind, "imagewire_loopback", False):
         return
 
     def bind_loopback(server: Any, address: str) -> Any:
         if address.startswith("[::]:"):
-            address = "127.0.0.1:" + address.removeprefix("[::]:")
+            address = f"{node}:" + address.removeprefix("[::]:")
         return bind(server, address)
 
     bind_loopback.imagewire_loopback = True  # type: ignore[attr-defined]
-    serve_replica.add_port_to_grpc_server = bind_loopback
+    setattr(serve_replica, SERVE_GRPC_BIND, bind_loopback)
 
 
 class Replica:
     """The Serve deployment's class: one device queue, one engine (``server/cluster.py`` deploys it)."""
 
-    def __init__(self, config: Config, engine_for: Callable[[Config], Callable[[], Engine]],
-                 preloads: list[ModelEntry]) -> None:
+    _publisher: threading.Thread
+
+    def __init__(self, config: Config, engine_for: Callable[[Config], Callable[[], Engine]]) -> None:
         configure_logging(config.log_level)
         keep_serve_on_loopback()
         context = serve.get_replica_context()
@@ -104,17 +122,29 @@ class Replica:
         self.config = config
         self.device = DeviceQueue(engine_for(config), queue_size=config.queue_size,
                                   max_batch_size=config.max_batch_size, max_passed_over=config.max_passed_over)
+        self.busy = BusyClock()
+        self.device.on_call = lambda _results, started, ended: self.busy.add(started, ended)
         self.device.start()
-        for entry in preloads:
-            self.device.preload(entry).result()
         self.runs: collections.Counter[str] = collections.Counter()  # jobs run, by routing model
         self.jobs: dict[str, str] = {}    # task UUIDs of the jobs it holds → their routing model
+        # The wanted models (``server/board.py``) this replica loaded, or failed to load and why; those being loaded.
+        self.preloaded: set[str] = set()
+        self.preload_errors: dict[str, str] = {}
+        self._loading: set[str] = set()
         # Serve's per-replica LRU of multiplexed ids follows the engine's: the models it keeps on the device.
         self._hold = serve.multiplexed(max_num_models_per_replica=max(1, config.max_loaded_models))(self._held)
         self._changed = threading.Event()
         self._stopping = threading.Event()
-        self._board = threading.Thread(target=self._publish_forever, name="imagewire-board", daemon=True)
-        self._board.start()
+        self.board = board_actor()
+        # The models gateways want, loaded before this replica takes jobs (and before it is on the board: a
+        # replica that is not there yet is not waited for, and gets no share of the gateways' jobs).
+        wanted: list[ModelEntry] = ray.get(self.board.wanted.remote(), timeout=CALL_TIMEOUT)
+        for entry in wanted:
+            self._preload(entry)
+        while self._loading:
+            time.sleep(0.05)
+        self._publisher = threading.Thread(target=self._publish_forever, name="imagewire-board", daemon=True)
+        self._publisher.start()
         log.info("replica %s ready (pid %d, device %s)", self.name, os.getpid(), config.device)
 
     @staticmethod
@@ -168,25 +198,50 @@ class Replica:
             yield batch
 
     def state(self) -> dict[str, Any]:
-        """What the board says of this replica."""
-        return {"name": self.name, "pid": os.getpid(), "node": ray.util.get_node_ip_address(), "at": time.time(),
+        """What the board says of this replica (plain data: gateways and tests print it as JSON)."""
+        return {"name": self.name, "pid": os.getpid(), "node": ray.util.get_node_ip_address(),
+                "node_id": ray.get_runtime_context().get_node_id(), "at": time.time(),
                 "loaded_models": dict(self.device.loaded_models),
                 "memory_plans": {air: dataclasses.asdict(plan) for air, plan in self.device.memory_plans.items()},
                 "device_memory": dict(self.device.device_memory()),
                 "unavailable_samplers": dict(self.device.unavailable_samplers), "pending": self.device.pending,
-                "jobs": dict(self.jobs), "runs": dict(self.runs)}
+                "jobs": dict(self.jobs), "runs": dict(self.runs), "device_busy_ratio": self.busy.ratio(),
+                "preloaded": sorted(self.preloaded), "preload_errors": dict(self.preload_errors)}
+
+    def _preload(self, entry: ModelEntry) -> None:
+        """Load a wanted model in the device queue (in turn with jobs), once; its outcome goes on the board."""
+        air = entry.air
+        if air in self.preloaded or air in self.preload_errors or air in self._loading:
+            return
+        self._loading.add(air)
+        log.info("replica %s loading %s (wanted by a gateway)", self.name, air)
+
+        def loaded(done: Future[None]) -> None:
+            error = done.exception()
+            if error is None:
+                self.preloaded.add(air)
+            else:
+                self.preload_errors[air] = _describe(error, air)
+                log.warning("replica %s could not load %s: %s", self.name, air, self.preload_errors[air])
+            self._loading.discard(air)
+            self._changed.set()
+
+        self.device.preload(entry).add_done_callback(loaded)
 
     def _publish_forever(self) -> None:
-        key = (BOARD_PREFIX + self.name).encode()
+        self._changed.set()  # on the board at once
         while not self._stopping.is_set():
             self._changed.wait(BOARD_INTERVAL)
             self._changed.clear()
             try:
-                internal_kv._internal_kv_put(key, json.dumps(self.state()).encode(), namespace=BOARD_NAMESPACE)
+                wanted: list[ModelEntry] = ray.get(self.board.post.remote(self.state()), timeout=CALL_TIMEOUT)
             except Exception:
-                log.warning("writing this replica's state to the board failed; trying again", exc_info=True)
+                log.warning("posting this replica's state to the board failed; trying again", exc_info=True)
+                continue
+            for entry in wanted:
+                self._preload(entry)
         try:
-            internal_kv._internal_kv_del(key, namespace=BOARD_NAMESPACE)
+            ray.get(self.board.remove.remote(self.name), timeout=CALL_TIMEOUT)
         except Exception:
             log.debug("removing this replica from the board failed", exc_info=True)
 
@@ -195,18 +250,13 @@ class Replica:
         self.device.stop(timeout=30.0)
         self._stopping.set()
         self._changed.set()
-        self._board.join(timeout=5.0)
+        if hasattr(self, "_publisher"):   # not when the constructor failed before it started
+            self._publisher.join(timeout=5.0)
 
 
-def read_board() -> list[Mapping[str, Any]]:
-    """The replicas that wrote to the board within ``BOARD_EXPIRY`` seconds (from a process connected to Ray)."""
-    now = time.time()
-    states = []
-    for key in internal_kv._internal_kv_list(BOARD_PREFIX.encode(), namespace=BOARD_NAMESPACE):
-        value = internal_kv._internal_kv_get(key, namespace=BOARD_NAMESPACE)
-        if value is None:
-            continue
-        state = json.loads(value)
-        if now - state["at"] <= BOARD_EXPIRY:
-            states.append(state)
-    return sorted(states, key=lambda state: state["name"])
+def _describe(error: BaseException, air: str) -> str:
+    """Why a model did not load, in one line, as the server says it for a model it loads itself."""
+    if isinstance(error, RegistryError):
+        return error.describe(air)
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__

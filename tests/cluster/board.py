@@ -12,7 +12,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 import ray  # noqa: E402
 
-from imagewire.server.replica import read_board  # noqa: E402
+from imagewire.server.board import read_board  # noqa: E402
 
 ray.init(address=sys.argv[1], namespace="imagewire", configure_logging=False, log_to_driver=False)
 print(json.dumps(read_board()))

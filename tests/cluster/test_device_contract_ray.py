@@ -23,9 +23,12 @@ from tests.server.test_device_contract import (  # noqa: F401 (the cases, collec
     test_a_cancelled_running_job_stops_its_call,
     test_a_cancelled_waiting_job_never_runs_and_ends_with_no_results,
     test_a_failing_job_leaves_its_batch_mates_their_own_answers,
+    test_a_preload_that_fails_holds_why,
+    test_a_preloaded_model_is_loaded_once_its_preload_is_done,
     test_events_come_in_order_queued_then_steps_then_results_then_the_end,
     test_jobs_of_one_owner_run_in_the_order_they_were_submitted,
     test_jobs_waiting_together_with_one_batch_key_share_a_call,
+    until,
 )
 from tests.timing import seconds
 
@@ -76,3 +79,16 @@ async def bench(ray_device: tuple[Any, Path]) -> AsyncIterator[Bench]:
 async def gated(ray_device: tuple[Any, Path]) -> AsyncIterator[Bench]:
     async for made in _bench(ray_device):
         yield made
+
+
+async def test_the_device_is_busy_while_a_replica_holds_a_job(gated: Bench) -> None:
+    bench = gated
+    # Idle: no replica holds a job (as the board shows within a second of the last one's end).
+    await until(lambda: not bench.device.busy, "idle")
+    blocker = await bench.hold()
+    assert bench.device.busy
+    # Busy from the board too, not only from this gateway's own count: the replica says it holds the job.
+    await until(lambda: any(blocker.job.task_uuid in state["jobs"] for state in bench.device.replicas), "on the board")
+    bench.release()
+    assert len(await blocker.results()) == 1
+    await until(lambda: not bench.device.busy, "idle again")

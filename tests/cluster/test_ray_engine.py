@@ -1,8 +1,9 @@
 """--engine ray end to end: two gateways (server processes) and two CPU replicas on the tiny model.
 
 Gateway A starts a Ray cluster of this machine on loopback and deploys the replicas; gateway B joins it with
---ray-address and shares them. Both keep their sessions and task records in one Redis (--state) and their
-images in one bucket (--store, moto's S3 server), as a deployment of one service over several machines does.
+--ray-address and shares them, and asks them to preload a second model. Both keep their sessions and task records
+in one Redis (--state) and their images in one bucket (--store, moto's S3 server), as a deployment of one service
+over several machines does.
 The replicas' board (tests/cluster/board.py) says which replica ran what and which process each one is. One
 cluster for the module: starting one is the slow part (Ray, torch, the model).
 Run with ``python -m pytest -m cluster tests/cluster``; the plain run deselects these.
@@ -92,7 +93,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, redis_server: str, s3_endp
     joined = JOIN.search(first.log)
     assert joined, first.log[-4000:]
     try:
-        second = Gateway(data_dirs[1], "--ray-address", joined.group(1), *flags, env=S3_ENVIRONMENT)
+        second = Gateway(data_dirs[1], "--ray-address", joined.group(1), "--preload", MODELS[1], *flags,
+                         env=S3_ENVIRONMENT)
     except BaseException:
         first.stop()
         raise
@@ -110,7 +112,34 @@ def runs_by_model(board: list[dict]) -> dict[str, dict[str, int]]:
     return found
 
 
-# First: the routing needs replicas that hold no multiplexed model yet (see the test).
+async def model_search(gateway: Gateway, air: str) -> dict[str, Any]:
+    wire = await Wire.open(gateway.url)
+    try:
+        [result] = await wire.run({"taskType": "modelSearch", "search": air})
+    finally:
+        await wire.close()
+    return next(model for model in result["results"] if model["air"] == air)
+
+
+# Before any task: gateway B's preload is all that has loaded MODELS[1].
+async def test_a_model_the_joining_gateway_preloads_is_on_every_replica_before_it_answers(cluster: Cluster) -> None:
+    first, second = cluster.gateways
+    board = cluster.board()
+    assert len(board) == 2, board
+    # Each replica loaded it (after the default model, which --max-loaded-models 1 then moved off the device), and
+    # B answered only once they had: it is ready, so it is there.
+    for replica in board:
+        assert MODELS[1] in replica["preloaded"] and not replica["preload_errors"], replica
+        assert replica["loaded_models"].get(MODELS[1]) == "device", replica
+    assert {replica["node_id"] for replica in board} == {board[0]["node_id"]} and board[0]["node_id"]
+    # Either gateway's modelSearch says so, A's too, which never asked for it: loadedOn is the replicas' word.
+    for gateway in (first, second):
+        found = await model_search(gateway, MODELS[1])
+        assert found["loaded"] and found["loadedOn"] == "device", found
+    assert (await model_search(first, MODELS[0]))["loadedOn"] is None
+
+
+# First task: the routing needs replicas that hold no multiplexed model yet (see the test).
 async def test_tasks_for_two_models_go_to_the_replicas_holding_them(cluster: Cluster) -> None:
     first, second = cluster.gateways
     board = cluster.board()
@@ -160,6 +189,34 @@ async def test_the_images_encoded_on_a_replica_are_the_files_a_local_server_answ
     from_cluster = await files(cluster.gateways[1].url)
     local = await start_server()
     assert sorted(from_cluster) == [23, 24] and from_cluster == await files(local.url)
+
+
+def scrape(gateway: Gateway) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, body = get(f"http://{urllib.parse.urlsplit(gateway.url).netloc}/metrics")
+    assert status == 200
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(body.decode()) for sample in family.samples}
+
+
+async def test_metrics_show_each_replicas_figures_on_either_gateway(cluster: Cluster) -> None:
+    await asyncio.sleep(seconds(3))   # the last task's end is on the board, and the gateways have read it
+    board = cluster.board()
+    for gateway in cluster.gateways:
+        samples = await asyncio.to_thread(scrape, gateway)
+        assert samples[("imagewire_replicas", ())] == 2
+        for replica in board:
+            labels = (("node", replica["node_id"]), ("replica", replica["name"]))
+            assert samples[("imagewire_replica_queue_depth", labels)] == 0
+            assert ("imagewire_replica_device_busy_ratio", labels) in samples
+            on_device = {air for air, where in replica["loaded_models"].items() if where == "device"}
+            assert on_device and on_device == {dict(labels)["air"] for (name, labels) in samples
+                                               if name == "imagewire_replica_loaded_models"
+                                               and dict(labels)["replica"] == replica["name"]}, samples
+        # The models on some replica's device, as the unlabelled figure for the whole cluster.
+        assert {dict(labels)["air"] for (name, labels) in samples if name == "imagewire_loaded_models"} == {
+            air for replica in board for air, where in replica["loaded_models"].items() if where == "device"}
 
 
 def ray_sockets(gateway_pids: set[int]) -> list[str]:

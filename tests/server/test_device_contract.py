@@ -6,15 +6,16 @@ Each case is written once, against a ``Bench``: a started device, a way to keep 
 ``tests/cluster/test_device_contract_ray.py`` runs the same functions on ``RayDevice`` and a Ray Serve replica.
 
 ``GateEngine`` is the shipped fake engine behind a gate: it holds a call while a job of it says "hold" and the test
-has not released it (a file it creates), and writes what it does to another file: files, because on Ray the engine
-runs in a replica's process. The diffusers engine holds nothing: a held job there is a long one (``LONG`` steps),
-cancelled at its first step. Cases that need a call to fail take ``gated``: only an engine of the test's own fails
-on request.
+has not released it (a file it creates), fails to load a model whose AIR says "unloadable", and writes what it does
+to another file: files, because on Ray the engine runs in a replica's process. The diffusers engine holds nothing:
+a held job there is a long one (``LONG`` steps), cancelled at its first step. Cases that need a call or a load to
+fail take ``gated``: only an engine of the test's own fails on request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -63,11 +64,16 @@ class GateEngine(FakeEngine):
     holds the call while a job of it that is not cancelled says "hold" and has not been released; stops the call
     once all its jobs are cancelled; then answers as the fake does. A job whose prompt says "explode" fails its
     call (as a device out of memory would); one that says "refuse" answers with a TaskError whose constructor is
-    not the base class's."""
+    not the base class's. Loading a model whose AIR says "unloadable" fails, as a model without weights would."""
 
     def __init__(self, folder: Path) -> None:
         super().__init__()
         self.folder = folder
+
+    def load(self, model: Any) -> None:
+        if "unloadable" in model.air:
+            raise OSError(f"no weights for {model.air}")
+        super().load(model)
 
     def run(self, jobs: Sequence[Job], emit: Emit) -> None:
         names = [job.task_uuid for job in jobs]
@@ -346,6 +352,23 @@ async def test_events_come_in_order_queued_then_steps_then_results_then_the_end(
     assert events[-1].compute_seconds > 0
     # The listener heard the same positions and steps, in the same order.
     assert watched.heard == [event for event in events if isinstance(event, (Queued, Step))]
+
+
+async def test_a_preloaded_model_is_loaded_once_its_preload_is_done(gated: Bench) -> None:
+    bench = gated
+    model = dataclasses.replace(TINY, air=f"test:{bench.prefix}-preloaded@1")
+    assert model.air not in bench.device.loaded_models
+    await asyncio.wait_for(asyncio.wrap_future(bench.device.preload(model)), seconds(60))
+    # Done means loaded, and already visible where modelSearch and /metrics look.
+    assert bench.device.loaded_models.get(model.air) == "device"
+
+
+async def test_a_preload_that_fails_holds_why(gated: Bench) -> None:
+    bench = gated
+    model = dataclasses.replace(TINY, air=f"test:{bench.prefix}-unloadable@1")
+    with pytest.raises(Exception, match=f"no weights for {model.air}"):
+        await asyncio.wait_for(asyncio.wrap_future(bench.device.preload(model)), seconds(60))
+    assert model.air not in bench.device.loaded_models
 
 
 # ---------------------------------------------------------------- the devices of this process
