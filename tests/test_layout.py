@@ -154,7 +154,7 @@ def test_the_protocol_side_imports_no_torch() -> None:
 
 
 # Ray (the [cluster] extra) is for --engine ray only: the gateway's compute plane and the replica beside it.
-RAY_MODULES = {"imagewire.server.cluster", "imagewire.server.replica"}
+RAY_MODULES = {"imagewire.server.cluster", "imagewire.server.replica", "imagewire.server.board"}
 
 
 def test_only_the_compute_plane_on_ray_imports_ray() -> None:
