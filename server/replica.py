@@ -169,7 +169,8 @@ class Replica:
 
     def state(self) -> dict[str, Any]:
         """What the board says of this replica."""
-        return {"name": self.name, "pid": os.getpid(), "node": ray.util.get_node_ip_address(), "at": time.time(),
+        return {"name": self.name, "pid": os.getpid(), "node": ray.util.get_node_ip_address(),
+                "node_id": ray.get_runtime_context().get_node_id(), "at": time.time(),
                 "loaded_models": dict(self.device.loaded_models),
                 "memory_plans": {air: dataclasses.asdict(plan) for air, plan in self.device.memory_plans.items()},
                 "device_memory": dict(self.device.device_memory()),
