@@ -1,5 +1,6 @@
 """Ray nodes of a cluster on this one machine, each its own ``ray start --block`` process: a head and nodes
-that join it, as on several machines, for the multi-node test and benchmark (docs/cluster.md, "Several nodes").
+that join it, as on several machines, for the multi-node test and benchmark (docs/cluster.md, "Replicas on
+several nodes").
 
 Each node has its own loopback address (127.0.0.2 for the head, 127.0.0.3, … for the others), its own temp dir
 and its own free ports, so that its processes are told apart from another cluster's on the machine and no two
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -28,7 +28,6 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-HEAD_ADDRESS = "127.0.0.2"
 STARTED = "Ray runtime started"
 START_TIMEOUT = 120.0
 STOP_TIMEOUT = 60.0   # a node drains for up to 30 s on SIGTERM before it stops its processes
@@ -91,7 +90,7 @@ class RayNode:
         self.head = head
         self.port = 0
         self.log_path = temp_root / f"{name}.log"
-        ports = free_ports(9)
+        ports = free_ports(10)
         environ = {key: value for key, value in os.environ.items() if key != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
         environ.update(environment)
         command = [
@@ -108,7 +107,7 @@ class RayNode:
             command += ["--head", "--port", str(self.port), "--ray-client-server-port", str(ports[7]),
                         "--include-dashboard", "false"]
             # The head's two metrics servers have fixed ports by default: another cluster's head may hold them.
-            environ.update({"AUTOSCALER_METRIC_PORT": str(ports[8]), "DASHBOARD_METRIC_PORT": str(free_ports(1)[0])})
+            environ.update({"AUTOSCALER_METRIC_PORT": str(ports[8]), "DASHBOARD_METRIC_PORT": str(ports[9])})
         else:
             command += ["--address", head.gcs_address]
         with self.log_path.open("w") as log:
@@ -138,17 +137,10 @@ class RayNode:
         """The node's processes now: pid → start time."""
         return descendants(self.process.pid) if self.process.poll() is None else {}
 
-    def raylet_pid(self) -> int | None:
-        for pid in self.processes:
-            with contextlib.suppress(OSError):
-                if re.search(r"/raylet\x00", Path(f"/proc/{pid}/cmdline").read_text()):
-                    return pid
-        return None
-
     def _with_temp_dir(self) -> dict[int, int]:
         """Processes whose command line names the node's temp dir (its workers do): one its raylet started while
         the node was being stopped may have outlived its parent."""
-        marker = str(self.temp_dir).encode()
+        marker = f"{self.temp_dir}{os.sep}".encode()
         found = {}
         for entry in Path("/proc").iterdir():
             with contextlib.suppress(OSError):
