@@ -15,7 +15,6 @@ import importlib.util
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,7 +80,6 @@ class Answers:
     def __init__(self, wire: Wire) -> None:
         self.wire = wire
         self.items: dict[str, list[dict]] = {}
-        self.first_at: dict[str, float] = {}
         self._reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
@@ -89,7 +87,6 @@ class Answers:
             message = await self.wire.receive(timeout=seconds(600))
             for item in message.get("data", []) + message.get("errors", []):
                 self.items.setdefault(item["taskUUID"], []).append(item)
-                self.first_at.setdefault(item["taskUUID"], time.monotonic())
 
     async def wait_for(self, task_uuids: list[str], gateway: Gateway, timeout: float) -> None:
         try:
