@@ -23,6 +23,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -206,6 +207,7 @@ async def run(sequential: int, per_connection: int) -> dict[str, Any]:
             await asyncio.to_thread(gateway.stop)
         for node in reversed(nodes):
             await asyncio.to_thread(node.stop)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def main() -> None:
