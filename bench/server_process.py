@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +95,7 @@ class ServerProcess:
         self.log_bytes = 0
         self.task_logs: dict[str, TaskLog] = {}
         self.call_images: dict[str, int] = {}  # taskUUID → images in its pipeline call, for shared calls
+        self.on_line: list[Callable[[str], None]] = []  # called with each log line, as it is read
         self._tail: collections.deque[str] = collections.deque(maxlen=60)
         self._listening = threading.Event()
         self._lock = threading.Lock()
@@ -132,6 +134,8 @@ class ServerProcess:
             self.log_lines += 1
             self.log_bytes += len(line.encode())
             self._tail.append(line.rstrip())
+            for hook in self.on_line:
+                hook(line)
             if not self._listening.is_set():
                 found = _LISTENING.search(line)
                 if found:

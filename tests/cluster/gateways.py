@@ -65,14 +65,16 @@ class Gateway:
 
 
 class Cluster:
-    def __init__(self, gateways: tuple[Gateway, ...], address: str) -> None:
+    def __init__(self, gateways: tuple[Gateway, ...], address: str, env: dict[str, str] | None = None) -> None:
         self.gateways = gateways
         self.address = address
+        self.env = env or {}   # what a process joining it needs (a cluster's own token)
 
     def board(self) -> list[dict]:
         """The replicas as they describe themselves (name, pid, loaded models, jobs held, jobs run per model)."""
         result = subprocess.run([sys.executable, str(Path(__file__).with_name("board.py")), self.address],
-                                capture_output=True, text=True, timeout=seconds(60), cwd=ROOT, check=True)
+                                capture_output=True, text=True, timeout=seconds(60), cwd=ROOT, check=True,
+                                env={**os.environ, **self.env})
         return list(json.loads(result.stdout.strip().splitlines()[-1]))
 
 
