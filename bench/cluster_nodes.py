@@ -48,7 +48,7 @@ RETRY = "before any image; trying another replica"
 
 
 def read_board() -> list[Mapping[str, Any]]:
-    from imagewire.server.replica import read_board as board
+    from imagewire.server.board import read_board as board
 
     return board()
 
