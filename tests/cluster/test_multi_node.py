@@ -17,6 +17,7 @@ interface is loopback and nothing outside can reach those ports; elsewhere it is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -168,11 +169,20 @@ async def test_a_node_dying_mid_job_still_answers_its_tasks(cluster: Cluster,
     on_the_second_node = [replica["name"] for replica in cluster.board() if replica["node"] == second.address]
     assert len(on_the_second_node) == 1
     try:
-        # Two on each replica: one running, one waiting on it.
-        slow = [inference(seed=100 + seed, **SLOW) for seed in range(4)]
-        await wire.send(slow)
-        taken = [f"taskUUID={task['taskUUID']} on replica {on_the_second_node[0]}" for task in slow]
-        await eventually(lambda: any(line in gateway.log for line in taken), timeout=seconds(120))
+        # Two on each replica: one running, one waiting on it. Serve's router chooses the replica of each, and
+        # may give a burst to one: more are sent, a few at a time, until the second node's replica has one.
+        slow: list[dict] = []
+        for round_ in range(4):
+            more = [inference(seed=100 + len(slow) + seed, **SLOW) for seed in range(4 if round_ == 0 else 2)]
+            slow += more
+            await wire.send(more)
+            taken = [f"taskUUID={task['taskUUID']} on replica {on_the_second_node[0]}" for task in slow]
+            with contextlib.suppress(AssertionError):
+                await eventually(lambda taken=taken: any(line in gateway.log for line in taken), timeout=seconds(40))
+                break
+        else:
+            raise AssertionError(f"the second node's replica took none of {len(slow)} tasks; board "
+                                 f"{cluster.board()}; gateway log:\n{gateway.log[-6000:]}")
         second.kill()
         await answers.wait_for([task["taskUUID"] for task in slow], gateway, seconds(300))
 
