@@ -223,8 +223,10 @@ def redis_url(redis_server: str) -> str:
 
 @pytest_asyncio.fixture
 async def hub(models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeHub]:
-    """The tiny model's folder served as a hub repo, slowly enough (about a second) that progress shows."""
-    hub = await FakeHub({REPO: models_dir / "imagewire-tiny-1"}, chunk=32 * 1024, pause=0.01).start()
+    """The tiny model's folder served as a hub repo, slowly enough (a few seconds) that progress shows: the hub
+    library writes each of its files whole, so the bytes on disk grow a file at a time, and its files must end
+    well apart for reports to fall between them."""
+    hub = await FakeHub({REPO: models_dir / "imagewire-tiny-1"}, chunk=32 * 1024, pause=0.03).start()
     point_hub_at(hub, tmp_path / "hf-cache", monkeypatch)
     yield hub
     await hub.stop()
