@@ -159,7 +159,7 @@ async def test_the_servers_log_has_its_own_progress_lines_and_none_of_the_hub_li
     assert lines[0] == f"downloading {HUB_MODEL} from Hugging Face repo '{REPO}': {size} to fetch"
     progress = [line for line in lines[1:-1] if re.fullmatch(
         rf"downloading {re.escape(HUB_MODEL)}: \d+\.\d of {re.escape(size)} \(\d+%\)", line)]
-    # A second's download: a line per tenth reached at most, never two for the same tenth.
+    # A download of a few seconds: a line per tenth reached at most, never two for the same tenth.
     percents = [int(line.rsplit("(", 1)[1].rstrip("%)")) for line in progress]
     assert progress and len(progress) == len(lines) - 2 and len(progress) <= 10
     assert len({percent // 10 for percent in percents}) == len(percents) and percents == sorted(percents)

@@ -99,21 +99,25 @@ async def test_a_flood_of_half_handshakes_does_not_lock_out_a_prompt_client(star
         writer.close()
 
 
+class Silent(asyncio.Protocol):
+    """aiohttp's protocol, had its handler not started yet."""
+
+
+class Transport(asyncio.Transport):
+    """A connection from 127.0.0.1 that says whether the guard dropped it."""
+
+    aborted = False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 5000) if name == "peername" else default
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
 async def test_a_connection_whose_request_head_arrived_is_never_dropped_as_handshaking() -> None:
     # The guard hears of a request when its head is in, not when its handler starts: on a busy event loop
     # handlers start late, and connections already past their handshake were dropped as the oldest.
-    class Silent(asyncio.Protocol):   # aiohttp's protocol, had its handler not started yet
-        pass
-
-    class Transport(asyncio.Transport):
-        aborted = False
-
-        def get_extra_info(self, name: str, default: object = None) -> object:
-            return ("127.0.0.1", 5000) if name == "peername" else default
-
-        def abort(self) -> None:
-            self.aborted = True
-
     guard = handshakes.HandshakeGuard(Silent, timeout=seconds(30), per_address=1, trusted=[], grace=0)
     first, second, third = (guard(), Transport()), (guard(), Transport()), (guard(), Transport())
     first[0].connection_made(first[1])
@@ -132,18 +136,6 @@ async def test_a_connection_whose_request_head_arrived_is_never_dropped_as_hands
 async def test_a_burst_of_prompt_connections_from_one_address_is_not_taken_for_a_flood() -> None:
     # A client library opens thirty connections at once and sends each its request; a busy server accepts them
     # all before it reads any. None may be dropped for that, while a silent one past the grace still is.
-    class Silent(asyncio.Protocol):
-        pass
-
-    class Transport(asyncio.Transport):
-        aborted = False
-
-        def get_extra_info(self, name: str, default: object = None) -> object:
-            return ("127.0.0.1", 5000) if name == "peername" else default
-
-        def abort(self) -> None:
-            self.aborted = True
-
     guard = handshakes.HandshakeGuard(Silent, timeout=seconds(30), per_address=4, trusted=[], grace=0.2)
     burst = [(guard(), Transport()) for _ in range(30)]
     for protocol, transport in burst:
