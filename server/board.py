@@ -4,8 +4,8 @@ each gateway reads all of them, and where gateways post the models they want on 
 
 What a replica posts (``replica.Replica.state``): its name, process, node, loaded models, device memory, samplers it
 cannot run, the jobs it holds, how many jobs per model it ran, the wanted models it loaded or failed to load. A
-replica posts every ``BOARD_INTERVAL`` seconds and after each change; an entry not posted again for
-``BOARD_EXPIRY`` seconds is a replica that is gone, and reads leave it out.
+replica posts every ``BOARD_INTERVAL`` seconds and after each change (``POST_GAP`` apart at least); an entry not
+posted again for ``BOARD_EXPIRY`` seconds is a replica that is gone, and reads leave it out.
 
 The actor is a detached named actor in the ``imagewire`` namespace, created by the first process that asks for it
 (``get_if_exists``): every gateway and replica of one cluster finds the same one, a gateway that leaves takes it
@@ -33,6 +33,10 @@ if TYPE_CHECKING:
 BOARD_NAME = "imagewire-board"
 BOARD_NAMESPACE = "imagewire"
 BOARD_INTERVAL = 2.0
+# The fewest seconds between two posts of one replica: one that takes and ends a dozen jobs a second posts a few
+# times a second, not at each change (each post is a call to this actor, on the replica's CPU), and gateways read
+# the board only every second.
+POST_GAP = 0.25
 BOARD_EXPIRY = 10.0
 CALL_TIMEOUT = 10.0   # seconds one call to the board may take before the caller says it failed and tries later
 
