@@ -19,7 +19,7 @@ from imagewire.storage.formats import (
     output_format,
 )
 from imagewire.storage.inputs import InputImage, decode_image, prepare_upload, resolve_image_input
-from imagewire.storage.store import ImageStore, StoredImage, canonical_uuid
+from imagewire.storage.store import ImageStore, SharedWrite, StoredImage, canonical_uuid
 
 __all__ = [
     "FORMATS",
@@ -36,6 +36,7 @@ __all__ = [
     "ImageStore",
     "InputImage",
     "InputRejected",
+    "SharedWrite",
     "StorageError",
     "StoreFailed",
     "StoredImage",

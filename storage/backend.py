@@ -9,13 +9,24 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from imagewire.storage.store import StoredImage
+from imagewire.storage.store import SharedWrite, StoredImage
 
 
 class ImageStorage(Protocol):
     async def put(self, data: bytes, *, extension: str, owner: str, ttl: float | None = None) -> StoredImage:
         """Store ``data`` under a new UUID v4, visible only once whole, and return its record. With ``ttl``
         it is served for that many seconds and never after, and ``expire`` deletes it once they are over."""
+        ...
+
+    def shared_write(self, owner: str) -> SharedWrite | None:
+        """How a process on another machine (a Ray replica) may store an image of ``owner`` here itself: which
+        store, and the room left under its bounds as this process counts it. None where no other machine can
+        reach this store (local disk): this process then stores every image."""
+        ...
+
+    def adopt(self, image: StoredImage) -> None:
+        """Count an image that another process stored here (after ``shared_write``) as this store's own write: its
+        bytes join the usage the bounds are checked against."""
         ...
 
     async def get(self, image_uuid: str, *, owner: str | None) -> StoredImage:

@@ -41,6 +41,7 @@ from imagewire.storage.store import (
     EXPIRING_NAME,
     RECENT_PER_OWNER,
     Limits,
+    SharedWrite,
     StoredImage,
     UnwrittenUses,
     canonical_uuid,
@@ -126,6 +127,8 @@ class S3Store:
         self.location = location
         self.limits = limits or Limits()
         self._endpoint = endpoint_url
+        # Which bucket at which endpoint: two stores with the same address hold the same images.
+        self.address = f"{location} at {endpoint_url or 'AWS S3'}"
         failing = f"--store {location}"
         try:
             import boto3
@@ -236,8 +239,19 @@ class S3Store:
             await asyncio.to_thread(self._write_image, image, data, metadata)
         except self._errors as exc:
             raise _failure(exc) from None
-        self._add_usage(owner, len(data))
+        self.adopt(image)
         return image
+
+    def shared_write(self, owner: str) -> SharedWrite:
+        """Another process opening this bucket stores ``owner``'s images in it as this store would, within the
+        room left as this store counts it."""
+        return SharedWrite(store=self.address, limits=self.limits, used=self.used_bytes,
+                           used_by_owner=self.used_by(owner))
+
+    def adopt(self, image: StoredImage) -> None:
+        """Count ``image``, just written here (by this store, or another process after ``shared_write``), in the
+        usage the bounds are checked against."""
+        self._add_usage(image.owner, image.size)
 
     def _expiring_key(self, image_uuid: str, extension: str, expires: float) -> str:
         return f"{self.location.prefix}{EXPIRING_FOLDER}/{expiring_name(image_uuid, extension, expires)}"

@@ -137,6 +137,23 @@ def check_bounds(limits: Limits, *, size: int, used: int, used_by_owner: int) ->
             f"{_gib(limits.max_bytes_per_owner)} GiB; images expire after their last use", disk_full=True)
 
 
+@dataclass(frozen=True)
+class SharedWrite:
+    """What a writer in another process (a Ray replica) needs to store an owner's image itself in a store it can
+    reach too (a bucket): which store, and the store's bounds with what it and the owner held as this process
+    counted them, so that the writer refuses a write past a bound in this process's words. The record of what it
+    stored comes back to this process's ``adopt``."""
+
+    store: str           # the store's address (``S3Store.address``): a writer stores only into the same store
+    limits: Limits
+    used: int            # bytes the store held, as this process counted them …
+    used_by_owner: int   # … and those of the owner the write is for
+
+    def check(self, size: int, *, written: int = 0) -> None:
+        """Refuse a write of ``size`` bytes past a bound, ``written`` bytes having been stored since this was made."""
+        check_bounds(self.limits, size=size, used=self.used + written, used_by_owner=self.used_by_owner + written)
+
+
 def require_uuid(image_uuid: object) -> str:
     """The canonical form of a client's imageUUID; InputRejected when it is not one."""
     canonical = canonical_uuid(image_uuid) if isinstance(image_uuid, str) else None
@@ -308,9 +325,17 @@ class ImageStore:
             await asyncio.to_thread(self._write_image, image, data, metadata)
         except OSError as exc:
             raise storage_error(exc) from exc
-        self._add_usage(owner, len(data))
-        self._recent.setdefault(owner, deque(maxlen=RECENT_PER_OWNER)).append(image)
+        self.adopt(image)
         return image
+
+    def shared_write(self, owner: str) -> None:
+        """None: a process on another machine cannot reach this machine's disk, so this process stores every image."""
+        return None
+
+    def adopt(self, image: StoredImage) -> None:
+        """Count ``image``, just written, in the usage and its owner's recent images."""
+        self._add_usage(image.owner, image.size)
+        self._recent.setdefault(image.owner, deque(maxlen=RECENT_PER_OWNER)).append(image)
 
     def _check_room(self, size: int, owner: str) -> None:
         limits = self.limits

@@ -349,3 +349,35 @@ async def test_an_image_past_its_ttl_is_not_served_even_before_it_is_deleted(s3_
     assert f"{PREFIX}/images/{stored.uuid}.png" in objects(store)  # deleted by the expiry pass once due
     assert stored.expires is not None and await store.expire(now=stored.expires + 1) == 1
     assert not [key for key in objects(store) if stored.uuid in key]
+
+
+async def test_another_process_stores_in_the_bucket_within_the_room_this_store_counts(s3_endpoint: str,
+                                                                                      s3_bucket: str) -> None:
+    bounds = Limits(max_bytes=100, max_bytes_per_owner=60)
+    store = open_store(s3_endpoint, s3_bucket, bounds)
+    await store.put(b"a" * 50, extension="png", owner=OWNER)
+    shared = store.shared_write(OWNER)
+    assert (shared.limits, shared.used, shared.used_by_owner) == (bounds, 50, 50)
+    # The other process (a Ray replica) opens the same bucket without bounds of its own; it knows it is the same store.
+    writer = open_store(s3_endpoint, s3_bucket)
+    assert shared.store == writer.address == store.address
+    assert S3Store(S3Location.parse(f"s3://{s3_bucket}/elsewhere"), endpoint_url=s3_endpoint).address != shared.store
+
+    # Past a bound it refuses in this store's words, counting what it wrote since.
+    shared.check(10)
+    with pytest.raises(StoreFailed) as refused:
+        shared.check(1, written=10)
+    with pytest.raises(StoreFailed) as refused_here:
+        await store.put(b"a" * 11, extension="png", owner=OWNER)
+    assert refused.value.describe("The result image") == refused_here.value.describe("The result image")
+    assert refused.value.disk_full
+
+    record = await writer.put(b"b" * 10, extension="png", owner=OWNER, ttl=600)
+    store.adopt(record)
+    assert (store.used_bytes, store.used_by(OWNER)) == (60, 60)
+    with pytest.raises(StoreFailed, match="this API key's images take 0.00 GiB"):
+        await store.put(b"c", extension="png", owner=OWNER)
+    # Stored by the other process, served by this one, with its time to live.
+    found = await store.get(record.uuid, owner=OWNER)
+    assert (found.size, found.expires) == (10, record.expires)
+    assert await store.read(found) == b"b" * 10

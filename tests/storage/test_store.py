@@ -399,3 +399,15 @@ async def test_an_expiry_entry_whose_image_never_came_is_dropped(tmp_path: Path,
     assert expiring_entries(tmp_path) == [stale]  # the failed put took its own entry back
     assert await store.expire() == 0
     assert expiring_entries(tmp_path) == []
+
+
+async def test_no_other_process_stores_on_local_disk_and_a_record_adopted_counts_as_a_write(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path, Limits(max_bytes=100, max_bytes_per_owner=60))
+    # Another machine cannot reach this disk: every image is stored by this process.
+    assert store.shared_write("a") is None
+    written = await ImageStore(tmp_path / "elsewhere").put(b"a" * 55, extension="png", owner="a")
+    store.adopt(written)
+    assert (store.used_bytes, store.used_by("a")) == (55, 55)
+    with pytest.raises(StoreFailed, match="this API key's images take"):
+        await store.put(b"b" * 6, extension="png", owner="a")
+    assert [image.uuid for image in await store.recent("a", 10)] == []  # its bytes are not on this store's disk
