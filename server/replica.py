@@ -6,7 +6,8 @@ with its models' catalog entries but not where their weights are: the replica lo
 (``inputs.located_weights``). It goes into this replica's ``DeviceQueue`` (so jobs that wait together on this
 replica share pipeline calls, as in one server), and its events stream back (``tasks/jobs.py`` ``DeviceEvent``):
 queue positions, steps (only for a task that reports progress, at most one per ``STEP_INTERVAL``), each chunk
-of results (its images encoded here when the task only stores them: the job's ``encoding``), then one last
+of results (its images encoded here when the task only stores them: the job's ``encoding``; and stored here too,
+sending only their records, when the job's ``store_on_device`` names the bucket this replica opened), then one last
 ``Finished`` or ``Failed``, in lists of the events that came together, each list one message; the list with the
 job's last image waits for its end and goes with it (a ``Failed`` pickles its TaskError as class,
 message and attributes, so subclasses with constructors of their own travel too). When the caller lets go (the
@@ -46,9 +47,11 @@ from imagewire.server.config import THREADS_VARIABLE, Config
 from imagewire.server.device import DeviceQueue, Engine, JobStream
 from imagewire.server.logs import configure as configure_logging
 from imagewire.server.metrics import BusyClock
+from imagewire.storage.s3 import S3Location, S3Store
 from imagewire.tasks.errors import TaskError
 from imagewire.tasks.inputs import located_weights
-from imagewire.tasks.jobs import DeviceEvent, Failed, Finished, Job, Results, encoded_results
+from imagewire.tasks.jobs import DeviceEvent, Failed, Finished, Job, Results, StoreOnDevice, encoded_results
+from imagewire.tasks.outputs import stored_results
 
 log = logging.getLogger("imagewire.replica")
 
@@ -143,6 +146,7 @@ class Replica:
         self.busy = BusyClock()
         self.device.on_call = lambda _results, started, ended: self.busy.add(started, ended)
         self.device.start()
+        self.store = _shared_store(config)
         self.runs: collections.Counter[str] = collections.Counter()  # jobs run, by routing model
         self.jobs: dict[str, str] = {}    # task UUIDs of the jobs it holds → their routing model
         # The wanted models (``server/board.py``) this replica loaded, or failed to load and why; those being loaded.
@@ -197,23 +201,52 @@ class Replica:
             self.jobs.pop(job.task_uuid, None)
             self._changed.set()
 
-    @staticmethod
-    async def _messages(job: Job, handle: JobStream) -> AsyncIterator[list[DeviceEvent]]:
+    async def _messages(self, job: Job, handle: JobStream) -> AsyncIterator[list[DeviceEvent]]:
         """The job's events as the messages to its gateway: steps only when its task reports them, images encoded
-        when its task only stores them, and the list that brings its last image held back until its end comes, so
-        that the end travels with it (a job without steps is two messages: its queue position, then the rest)."""
+        when its task only stores them (and stored, when it says where and this replica reaches that store), and the
+        list that brings its last image held back until its end comes, so that the end travels with it (a job
+        without steps is two messages: its queue position, then the rest). An image the store refuses ends the job
+        with the task's storageError."""
         made = 0
         held: list[DeviceEvent] = []
+        store_on_device = self._store_on_device(job)
+        written = 0  # bytes of this job's images stored so far, counted against the room the job carries
         async for batch in handle.batches(STEP_INTERVAL, steps=job.report_steps):
             if job.encoding is not None:
                 batch = [Results(await asyncio.to_thread(encoded_results, event.chunk, job.encoding))
                          if isinstance(event, Results) else event for event in batch]
+            if store_on_device is not None:
+                assert self.store is not None
+                kept: list[DeviceEvent] = []
+                for event in batch:
+                    if not isinstance(event, Results):
+                        kept.append(event)
+                        continue
+                    stored = await stored_results(self.store, event.chunk, job.owner, store_on_device, written)
+                    written = stored.written
+                    if stored.results:
+                        kept.append(Results(stored.results))
+                        log.info("taskUUID=%s: replica %s stored %d image(s) in %s", job.task_uuid, self.name,
+                                 len(stored.results), self.store.location)
+                    if stored.failure is not None:
+                        # The images stored before it still reach the task; nothing after it is made for it.
+                        yield [*held, *kept, Failed(stored.failure)]
+                        return
+                batch = kept
             made += sum(len(event.chunk) for event in batch if isinstance(event, Results))
             batch, held = held + batch, []
             if made >= job.images and isinstance(batch[-1], Results):
                 held = batch  # its end follows at once
                 continue
             yield batch
+
+    def _store_on_device(self, job: Job) -> StoreOnDevice | None:
+        """Where this replica stores the job's images itself: only in the store its gateway uses, when it opened that
+        one too (a gateway with another ``--store`` than the one that deployed the replicas gets the bytes)."""
+        where = job.store_on_device
+        if where is None or job.encoding is None or self.store is None or where.shared.store != self.store.address:
+            return None
+        return where
 
     def state(self) -> dict[str, Any]:
         """What the board says of this replica (plain data: gateways and tests print it as JSON)."""
@@ -271,6 +304,21 @@ class Replica:
         self._changed.set()
         if hasattr(self, "_publisher"):   # not when the constructor failed before it started
             self._publisher.join(timeout=5.0)
+
+
+def _shared_store(config: Config) -> S3Store | None:
+    """The bucket of the deploying gateway's ``--store``, opened by this replica to store the images of jobs that say
+    so (``Job.store_on_device``); None without one (local disk is the gateway's machine's alone) or when this
+    replica cannot open it, and the gateway then stores every image. Its bounds (``--max-storage-gib``) are the
+    gateway's, carried by each job with the room left as the gateway counts it, so this store has none of its own
+    and counts nothing at start."""
+    if config.store is None:
+        return None
+    try:
+        return S3Store(S3Location.parse(config.store), endpoint_url=config.s3_endpoint)
+    except ValueError as exc:
+        log.warning("%s; this replica sends its images to the gateway, which stores them", exc)
+        return None
 
 
 def _describe(error: BaseException, air: str) -> str:

@@ -39,7 +39,15 @@ from imagewire.tasks import (
 from imagewire.tasks.context import TaskContext
 from imagewire.tasks.describe import describe_annotation, nearest_valid, stepped_range
 from imagewire.tasks.errors import InvalidParameter, MissingParameter, UnsupportedParameter, describe_value
-from imagewire.tasks.jobs import GeneratedImage, ImageEncoding, InferenceJob, JobEvent, Queued, RunningJob
+from imagewire.tasks.jobs import (
+    GeneratedImage,
+    ImageEncoding,
+    InferenceJob,
+    JobEvent,
+    Queued,
+    RunningJob,
+    StoreOnDevice,
+)
 from imagewire.tasks.outputs import ImageOutput, deliver_image, image_output
 from imagewire.tasks.schema import ImageInference, ImageResult, Progress
 from imagewire.tasks.task_type import TaskType
@@ -244,6 +252,7 @@ async def run(prepared: Prepared | AwaitingDownload, ctx: TaskContext) -> AsyncI
     if scene.nothing_to_do:  # an empty mask: the results are known without spending device time
         progress = canvas.unchanged(scene, prepared.seeds)
     else:
+        encoding, store_on_device = _stored_as_made(prepared, scene, checker, ctx)
         job = InferenceJob(
             task_uuid=task.taskUUID, owner=ctx.owner, model=prepared.model, weights=weights, prompt=prepared.prompt,
             negative_prompt=prepared.negative_prompt, width=scene.width, height=scene.height, steps=prepared.steps,
@@ -251,7 +260,7 @@ async def run(prepared: Prepared | AwaitingDownload, ctx: TaskContext) -> AsyncI
             init_image=scene.init_image, strength=task.strength, mask_image=scene.mask_image,
             controlnets=scene.controlnets, guide_images=scene.guide_images,
             preview=task.includeProgress and task.includePreview, cache=prepared.cache,
-            report_steps=task.includeProgress, encoding=_stored_as_made(prepared, scene, checker),
+            report_steps=task.includeProgress, encoding=encoding, store_on_device=store_on_device,
             **add_ons, **adapters)
         progress = ctx.services.device.submit(job, on_event=_ProgressReport(task, len(prepared.seeds), ctx).on_event)
     try:
@@ -314,12 +323,19 @@ class _ProgressReport:
         self.ctx.progress(items, sum(self.percent) // len(self.percent), push=task.includeProgress)
 
 
-def _stored_as_made(prepared: Prepared, scene: canvas.Scene, checker: Path | None) -> ImageEncoding | None:
-    """The task's encoding when its images are stored as the device makes them: none pasted back into a canvas, none
-    checked for content (both need the pixels here)."""
+def _stored_as_made(prepared: Prepared, scene: canvas.Scene, checker: Path | None,
+                    ctx: TaskContext) -> tuple[ImageEncoding | None, StoreOnDevice | None]:
+    """The job's ``encoding`` and ``store_on_device`` when the task's images are stored as the device makes them:
+    none pasted back into a canvas, none checked for content (both need the pixels here)."""
     if canvas.pastes_back(scene) or (prepared.safety.check_content and checker is not None):
-        return None
-    return ImageEncoding(prepared.output_format, prepared.output_quality)
+        return None, None
+    output = _output(prepared)
+    return output.encoding, output.store_on_device(ctx)
+
+
+def _output(prepared: Prepared) -> ImageOutput:
+    return ImageOutput(prepared.output_types, prepared.output_format, prepared.output_quality,
+                       upload_endpoint=prepared.upload_endpoint, ttl=prepared.ttl)
 
 
 def _preview_uri(picture: Image.Image) -> str:
@@ -330,11 +346,9 @@ def _preview_uri(picture: Image.Image) -> str:
 
 async def _deliver(prepared: Prepared, generated: GeneratedImage, ctx: TaskContext) -> ImageResult:
     task = prepared.task
-    output = ImageOutput(prepared.output_types, prepared.output_format, prepared.output_quality,
-                         upload_endpoint=prepared.upload_endpoint, ttl=prepared.ttl)
-    return await deliver_image(ctx, generated.image, output, task_type="imageInference", task_uuid=task.taskUUID,
-                               cost_seconds=generated.seconds if task.includeCost else None, seed=generated.seed,
-                               NSFWContent=generated.nsfw)
+    return await deliver_image(ctx, generated.image, _output(prepared), task_type="imageInference",
+                               task_uuid=task.taskUUID, cost_seconds=generated.seconds if task.includeCost else None,
+                               seed=generated.seed, NSFWContent=generated.nsfw)
 
 
 TASK_TYPE = TaskType(struct=ImageInference, prepare=prepare, run=run)

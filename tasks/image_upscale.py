@@ -87,7 +87,8 @@ async def run(prepared: Prepared, ctx: TaskContext) -> AsyncIterator[ImageResult
     width, height = result_size(source.width, source.height, task.upscaleFactor)
     job = UpscaleJob(task_uuid=task.taskUUID, owner=ctx.owner, model=prepared.model, weights=weights,
                      image=source.image, width=width, height=height, tile_size=settings.upscale_tile_size,
-                     encoding=prepared.output.encoding)  # the result is stored as it comes
+                     # The result is stored as it comes: encoded, and stored too, where it is made.
+                     encoding=prepared.output.encoding, store_on_device=prepared.output.store_on_device(ctx))
     processed: ProcessedImage
     async for processed in tools.results(ctx, job):
         yield await deliver_image(

@@ -92,7 +92,11 @@ async def resized(ctx: TaskContext, picture: InputImage, size: tuple[int, int], 
     return result
 
 
-async def store(ctx: TaskContext, data: bytes, *, extension: str, what: str = "The result image",
+# How a failure to store a task's result names it ("The result image could not be stored: …").
+RESULT_IMAGE = "The result image"
+
+
+async def store(ctx: TaskContext, data: bytes, *, extension: str, what: str = RESULT_IMAGE,
                 ttl: float | None = None) -> StoredImage:
     """Keep a result or an upload under a new image UUID (for ``ttl`` seconds, when given); ``what`` names it in
     an error."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from imagewire.storage import ImageFormat, encode_image
+from imagewire.storage import ImageFormat, SharedWrite, StoredImage, encode_image
 from imagewire.tasks.errors import TaskError
 
 if TYPE_CHECKING:
@@ -48,6 +48,17 @@ class EncodedImage:
     size: tuple[int, int]
 
 
+@dataclass(frozen=True)
+class StoreOnDevice:
+    """Where a device in another process stores a job's encoded images itself, and for how long: set beside the
+    job's ``encoding`` when the task answers nothing of its images but their record (``imageUUID``, ``imageURL``) and
+    its store is one that process can reach too (a bucket). Only the records then travel back (``StoredImage``).
+    A device that cannot reach that store sends the bytes, and the task stores them."""
+
+    shared: SharedWrite       # which store, and the room it had left for the job's owner when the job was built
+    ttl: float | None = None  # the task's ttl: seconds the stored images are served
+
+
 @dataclass(kw_only=True)
 class Job:
     """What every job has: the task it serves and the API key's owner token (fairness, cancelling)."""
@@ -58,6 +69,10 @@ class Job:
     # process encodes them where they are made and sends their bytes (``EncodedImage``), not their pixels. This
     # process's device leaves them as they are: the task encodes them, concurrently with storing the others.
     encoding: ImageEncoding | None = None
+    # Set, beside ``encoding``, by such a task whose images may be stored where they are made: a device in another
+    # process that reaches the same store stores them (as ``owner``'s) and sends their records. This process's
+    # device leaves it unread: the task stores its images.
+    store_on_device: StoreOnDevice | None = None
     # Whether the task's client asked for step progress (includeProgress). A replica sends its gateway the
     # steps of such jobs only; the others' steps would be messages nobody but getResponse reads.
     report_steps: bool = True
@@ -232,7 +247,9 @@ class SafetyCheckJob(Job):
 class GeneratedImage:
     index: int       # within its job
     seed: int
-    image: Image | EncodedImage  # encoded only for a job with an ``encoding``, by a device in another process
+    # Encoded only for a job with an ``encoding``, by a device in another process; stored too (its record) for a job
+    # with ``store_on_device``, by such a device that reaches that store.
+    image: Image | EncodedImage | StoredImage
     seconds: float   # device time spent on this image (its share of its call), for includeCost
     nsfw: bool | None = None  # the content safety checker's verdict, when one was asked for
 
@@ -241,20 +258,21 @@ class GeneratedImage:
 class ProcessedImage:
     """An image a tool made from an input image (upscaled, cut out)."""
 
-    image: Image | EncodedImage  # as in ``GeneratedImage``
+    image: Image | EncodedImage | StoredImage  # as in ``GeneratedImage``
     seconds: float   # device time spent on it, for includeCost
 
 
 def encoded_results(chunk: Sequence[Any], encoding: ImageEncoding) -> list[Any]:
     """The results of a chunk with each image encoded (CPU-bound: a caller on an event loop runs it in a thread)."""
     return [dataclasses.replace(result, image=encoding.encode(result.image))
-            if isinstance(result, (GeneratedImage, ProcessedImage)) and not isinstance(result.image, EncodedImage)
+            if isinstance(result, (GeneratedImage, ProcessedImage))
+            and not isinstance(result.image, (EncodedImage, StoredImage))
             else result for result in chunk]
 
 
-def pixels(image: Image | EncodedImage) -> Image:
+def pixels(image: Image | EncodedImage | StoredImage) -> Image:
     """A result's picture, for a task that works on it after the device: such a task sets no ``encoding``."""
-    if isinstance(image, EncodedImage):
+    if isinstance(image, (EncodedImage, StoredImage)):
         raise TypeError("a result image came encoded, for a job whose task works on its pixels")
     return image
 

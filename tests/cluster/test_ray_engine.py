@@ -57,16 +57,21 @@ S3_ENVIRONMENT = {"AWS_ACCESS_KEY_ID": "cluster-access-key", "AWS_SECRET_ACCESS_
 REDIS_DATABASE = 7
 
 
-def shared_state_flags(redis_server: str, s3_endpoint: str) -> tuple[str, ...]:
+BUCKET = f"cluster-{os.getpid()}"
+
+
+def bucket_client(s3_endpoint: str) -> Any:
     import boto3
 
-    bucket = f"cluster-{os.getpid()}"
-    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1",
-                          aws_access_key_id=S3_ENVIRONMENT["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=S3_ENVIRONMENT["AWS_SECRET_ACCESS_KEY"])
-    client.create_bucket(Bucket=bucket)
+    return boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1",
+                        aws_access_key_id=S3_ENVIRONMENT["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=S3_ENVIRONMENT["AWS_SECRET_ACCESS_KEY"])
+
+
+def shared_state_flags(redis_server: str, s3_endpoint: str) -> tuple[str, ...]:
+    bucket_client(s3_endpoint).create_bucket(Bucket=BUCKET)
     redis_url = redis_server.rsplit("/", 1)[0] + f"/{REDIS_DATABASE}"
-    return ("--state", redis_url, "--store", f"s3://{bucket}/images", "--s3-endpoint", s3_endpoint)
+    return ("--state", redis_url, "--store", f"s3://{BUCKET}/images", "--s3-endpoint", s3_endpoint)
 
 
 @pytest.fixture(scope="module")
@@ -373,6 +378,44 @@ async def test_a_task_run_through_one_gateway_is_visible_through_get_response_on
     # Its image is in the bucket: both gateways serve the same bytes.
     served = [await asyncio.to_thread(get, on_gateway(item["imageURL"], gateway)) for gateway in cluster.gateways]
     assert served[0][0] == 200 and served[0] == served[1]
+
+
+async def test_an_image_answered_by_its_url_is_stored_by_the_replica_that_made_it(
+        cluster: Cluster, start_server: Any, s3_endpoint: str) -> None:
+    # Only its record crosses to the gateway (test_replica_store.py); the item and the file are those of a server
+    # that stores its images itself (--engine local), for the same task and seed.
+    second = cluster.gateways[1]
+    task = inference(seed=31, outputType="URL", ttl=600, includeCost=True)
+    (item,) = await run_on(second, task)
+    # B's own account of the task: it spent no time storing the image (a task answering base64Data, whose bytes
+    # cross to the gateway, does).
+    with_bytes = dict(task, taskUUID=new_uuid(), outputType="base64Data")
+    await run_on(second, with_bytes)
+
+    def stages(sent: dict[str, Any]) -> str:
+        found = re.search(rf"taskUUID={sent['taskUUID']} taskType=imageInference outcome=success .*", second.log)
+        return found.group(0) if found else ""
+
+    assert "store_ms=" not in await eventually(lambda: stages(task), timeout=seconds(30))
+    assert "store_ms=" in await eventually(lambda: stages(with_bytes), timeout=seconds(30))
+    served = [await asyncio.to_thread(get, on_gateway(item["imageURL"], gateway)) for gateway in cluster.gateways]
+
+    local = await start_server()
+    wire = await Wire.open(local.url)
+    try:
+        (local_item,) = await wire.run(dict(task, taskUUID=new_uuid()), timeout=seconds(180))
+    finally:
+        await wire.close()
+    from_local = await asyncio.to_thread(get, local_item["imageURL"])
+    assert from_local[0] == 200 and served == [from_local, from_local]
+    assert set(item) == set(local_item) and item["cost"] == local_item["cost"]
+    assert item["imageURL"].endswith(f"/{item['imageUUID']}.png")
+    # Kept for the task's ttl, and counted as its key's.
+    with bucket_client(s3_endpoint).get_object(Bucket=BUCKET, Key=f"images/meta/{item['imageUUID']}.json")["Body"] \
+            as body:
+        metadata = json.loads(body.read())
+    assert metadata["expires"] == pytest.approx(metadata["created"] + 600)
+    assert metadata["size"] == len(from_local[1]) and metadata["owner"]
 
 
 async def test_the_same_task_uuid_sent_to_both_gateways_runs_once(cluster: Cluster) -> None:
