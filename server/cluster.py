@@ -30,7 +30,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from imagewire.server.config import THREADS_VARIABLE, Config
+from imagewire.server.config import Config
 from imagewire.server.device import Engine, JobStream, WorkQueue
 from imagewire.tasks.errors import InferenceError, ServiceUnavailable
 from imagewire.tasks.jobs import DeviceEvent, Failed, Finished, Job, JobEvent, ModelPlacement, Queued, Results, Step
@@ -348,9 +348,7 @@ class RayDevice:
             scale = (f"{options.autoscaling['min_replicas']}-{options.autoscaling['max_replicas']} autoscaled"
                      if options.autoscaling else str(options.num_replicas))
             log.info("deploying %s replicas on %s", scale, "a GPU each" if options.device == "cuda" else "CPU")
-            # The operator's torch thread count, if any, goes with them (``replica.use_the_gateways_threads``).
-            failure = _run_in_background(serve, deployment.bind(replica_config, self.engine_for,
-                                                                 os.environ.get(THREADS_VARIABLE)))
+            failure = _run_in_background(serve, deployment.bind(replica_config, self.engine_for))
         self._wait_running(serve, APP_NAME, failure)
         handle: DeploymentHandle = serve.get_app_handle(APP_NAME)
         return handle

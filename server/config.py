@@ -30,9 +30,6 @@ from imagewire.storage.s3 import S3Location
 
 PROG = "imagewire-server"
 MIB = 1024 * 1024
-# torch's CPU thread count, when the operator sets it: the engine then leaves its threads alone
-# (server/engine/threads.py), and the CPU replicas a gateway deploys take the gateway's (server/replica.py).
-THREADS_VARIABLE = "OMP_NUM_THREADS"
 
 
 # Parsers: text from a flag or the environment to a value, or ArgumentTypeError saying what is wrong.

@@ -43,7 +43,7 @@ from ray import serve
 
 from imagewire.air_registry import ModelEntry, RegistryError
 from imagewire.server.board import BOARD_INTERVAL, CALL_TIMEOUT, POST_GAP, board_actor
-from imagewire.server.config import THREADS_VARIABLE, Config
+from imagewire.server.config import Config
 from imagewire.server.device import DeviceQueue, Engine, JobStream
 from imagewire.server.logs import configure as configure_logging
 from imagewire.server.metrics import BusyClock
@@ -112,32 +112,14 @@ def keep_serve_on_loopback() -> None:
     setattr(serve_replica, SERVE_GRPC_BIND, bind_loopback)
 
 
-def use_the_gateways_threads(threads: str | None) -> None:
-    """Set torch's CPU threads as the gateway that deployed this replica would set its own: the operator's
-    ``OMP_NUM_THREADS`` (``threads``: the gateway's), else the engine's choice, every core less those that other
-    processes keep busy (``server/engine/threads.py``), as in a one-process server.
-
-    Ray sets the variable in a CPU actor's process, when it is unset there, to the actor's ``num_cpus`` (1 for a
-    replica), and the engine takes a set variable for the operator's: a lone replica on 2 cores then ran on one
-    thread with the other core idle, at 0.86× the images per second of a one-process server (BENCHMARKS.md,
-    "Cluster"). Called before the engine is built."""
-    if threads:
-        os.environ[THREADS_VARIABLE] = threads
-    else:
-        os.environ.pop(THREADS_VARIABLE, None)
-
-
 class Replica:
     """The Serve deployment's class: one device queue, one engine (``server/cluster.py`` deploys it)."""
 
     _publisher: threading.Thread
 
-    def __init__(self, config: Config, engine_for: Callable[[Config], Callable[[], Engine]],
-                 threads: str | None = None) -> None:
+    def __init__(self, config: Config, engine_for: Callable[[Config], Callable[[], Engine]]) -> None:
         configure_logging(config.log_level)
         keep_serve_on_loopback()
-        if config.device == "cpu":
-            use_the_gateways_threads(threads)
         context = serve.get_replica_context()
         self.name = f"{context.replica_id.unique_id}"
         self.config = config

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from imagewire.server.config import THREADS_VARIABLE  # an operator's explicit thread count wins over ours
-
 log = logging.getLogger("imagewire.engine")
 
+# An operator's explicit thread count wins over ours.
+THREADS_VARIABLE = "OMP_NUM_THREADS"
 # Other processes' CPU use, in cores, is rounded to the cores left to them, with a margin either way: one more
 # is left once they use half a core beyond those left to them, and one is taken back once they use three
 # quarters of a core less, so that a neighbour near a line does not flip the count call after call. On two
