@@ -2,7 +2,8 @@
 messages per call (a job's queue position, then its encoded image and end, as ``server/replica.py`` sends a task
 without progress), called from this process as the gateway calls its replicas. It prints the calls per second and
 the CPU each side spends per call, the floor under the gateway's and the replica's cost per task
-(BENCHMARKS.md, "Cluster").
+(BENCHMARKS.md, "Cluster"); then the same for a plain Ray actor streaming the same messages (Ray's streaming
+generators, no Serve), the floor of a path that called replicas without Serve's handle.
 
     python -m bench.serve_cost [--calls 400]
 
@@ -16,7 +17,7 @@ import asyncio
 import os
 import time
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from imagewire.server.cluster import LOOPBACK_ONLY
@@ -29,17 +30,33 @@ def _cpu_seconds() -> float:
     return times.user + times.system
 
 
+async def _rates(label: str, one: Callable[[], Awaitable[None]], remote_cpu: Callable[[], Awaitable[float]],
+                 calls: int) -> None:
+    """Time ``calls`` calls of ``one``, one and four at a time, and print what each side's CPU spent per call."""
+    for _ in range(50):  # warm-up
+        await one()
+    for concurrency in (1, 4):
+        remote_before, caller_before = await remote_cpu(), _cpu_seconds()
+        started = time.perf_counter()
+
+        async def caller(count: int) -> None:
+            for _ in range(count):
+                await one()
+
+        await asyncio.gather(*(caller(calls // concurrency) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+        remote_spent, caller_spent = await remote_cpu() - remote_before, _cpu_seconds() - caller_before
+        print(f"{label}, {concurrency} call(s) at a time: {calls / elapsed:.0f} calls/s; CPU per call: callee "
+              f"{1000 * remote_spent / calls:.2f} ms, caller {1000 * caller_spent / calls:.2f} ms")
+
+
 async def _measure(calls: int) -> None:
     import ray
     from ray import serve
 
     from imagewire.server.replica import keep_serve_on_loopback
 
-    @serve.deployment(max_ongoing_requests=8, ray_actor_options={"num_cpus": 1})
     class Echo:
-        def __init__(self) -> None:
-            keep_serve_on_loopback()
-
         async def run(self, payload: bytes) -> AsyncIterator[list[Any]]:
             yield ["queued"]
             yield ["results and end", payload]
@@ -47,32 +64,37 @@ async def _measure(calls: int) -> None:
         def cpu(self) -> float:
             return _cpu_seconds()
 
+    @serve.deployment(max_ongoing_requests=8, ray_actor_options={"num_cpus": 1})
+    class ServeEcho(Echo):
+        def __init__(self) -> None:
+            keep_serve_on_loopback()
+
+    payload = b"x" * MESSAGE_BYTES
     ray.init(include_dashboard=False, num_cpus=2, log_to_driver=False)
     try:
         serve.start(proxy_location="Disabled")
-        handle = serve.run(Echo.bind(), name="serve-cost")
-        payload = b"x" * MESSAGE_BYTES
+        handle = serve.run(ServeEcho.bind(), name="serve-cost")
 
-        async def one() -> None:
+        async def through_serve() -> None:
             async for _ in handle.options(stream=True).run.remote(payload):
                 pass
 
-        for _ in range(50):  # warm-up
-            await one()
-        for concurrency in (1, 4):
-            replica_before, caller_before = await handle.cpu.remote(), _cpu_seconds()
-            started = time.perf_counter()
+        async def serve_cpu() -> float:
+            return float(await handle.cpu.remote())
 
-            async def caller(count: int) -> None:
-                for _ in range(count):
-                    await one()
-
-            await asyncio.gather(*(caller(calls // concurrency) for _ in range(concurrency)))
-            elapsed = time.perf_counter() - started
-            replica_cpu, caller_cpu = await handle.cpu.remote() - replica_before, _cpu_seconds() - caller_before
-            print(f"{concurrency} call(s) at a time: {calls / elapsed:.0f} calls/s; CPU per call: replica "
-                  f"{1000 * replica_cpu / calls:.2f} ms, caller {1000 * caller_cpu / calls:.2f} ms")
+        await _rates("Serve handle", through_serve, serve_cpu, calls)
         serve.shutdown()
+
+        actor = ray.remote(num_cpus=1)(Echo).remote()
+
+        async def through_actor() -> None:
+            async for message in actor.run.options(num_returns="streaming").remote(payload):
+                await message
+
+        async def actor_cpu() -> float:
+            return float(await actor.cpu.remote())
+
+        await _rates("plain actor", through_actor, actor_cpu, calls)
     finally:
         ray.shutdown()
 
