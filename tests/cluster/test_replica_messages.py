@@ -13,8 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import importlib.util
-import warnings
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,6 @@ import pytest
 from PIL import Image
 
 from imagewire.air_registry import Catalog, locate_weights
-from imagewire.server.app import diffusers_engine_factory
 from imagewire.server.config import Config
 from imagewire.server.device import DeviceQueue
 from imagewire.storage import OUTPUT_FORMATS
@@ -39,6 +37,7 @@ from imagewire.tasks.jobs import (
     Results,
     Step,
 )
+from tests.cluster.replica_beside_local import ray_beside_local, record_messages
 from tests.engines import data_dir_with_models
 from tests.timing import seconds
 
@@ -62,41 +61,16 @@ class Devices:
 
 @pytest.fixture(scope="module")
 def devices(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Devices]:
-    from imagewire.server.cluster import RayDevice
-
     data = data_dir_with_models(tmp_path_factory.mktemp("replica-messages") / "data", models_dir)
     config = Config(engine="ray", device="cpu", data_dir=data, replicas=1, queue_size=8, max_batch_size=4,
                     max_passed_over=0, log_level="WARNING")
-    ray_device = RayDevice(config, [], engine_for=diffusers_engine_factory)
-    local = DeviceQueue(diffusers_engine_factory(dataclasses.replace(config, engine="local")), queue_size=8,
-                        max_batch_size=4, max_passed_over=0)
-    with warnings.catch_warnings():
-        # Ray Serve's models use pydantic features that pydantic 2 deprecates: its noise, on import.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        ray_device.start()
-    local.start()
-    try:
+    with ray_beside_local(config) as (ray_device, local):
         yield Devices(ray_device, local, data)
-    finally:
-        local.stop(timeout=seconds(30))
-        ray_device.stop(timeout=seconds(30))
 
 
 @pytest.fixture
 def messages(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[list[DeviceEvent]]]:
-    """Each job's messages from its replica, as the gateway received them, by taskUUID."""
-    from imagewire.server.cluster import RayDevice
-
-    received: dict[str, list[list[DeviceEvent]]] = {}
-    receive = RayDevice._batches
-
-    async def recording(self: Any, stream: Any, remote: Any) -> AsyncIterator[list[DeviceEvent]]:
-        async for batch in receive(self, stream, remote):
-            received.setdefault(remote.job.task_uuid, []).append(batch)
-            yield batch
-
-    monkeypatch.setattr(RayDevice, "_batches", recording)
-    return received
+    return record_messages(monkeypatch)
 
 
 def job(name: str, *, weights: Path, seeds: tuple[int, ...] = (11, 12), steps: int = 3, **fields: Any) -> InferenceJob:

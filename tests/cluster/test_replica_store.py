@@ -17,8 +17,7 @@ import importlib.util
 import json
 import os
 import time
-import warnings
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,6 @@ import pytest
 from PIL import Image
 
 from imagewire.air_registry import Catalog, locate_weights
-from imagewire.server.app import diffusers_engine_factory
 from imagewire.server.config import Config
 from imagewire.server.device import DeviceQueue
 from imagewire.storage import OUTPUT_FORMATS, StoredImage, StoreFailed
@@ -46,6 +44,7 @@ from imagewire.tasks.jobs import (
     Results,
     StoreOnDevice,
 )
+from tests.cluster.replica_beside_local import ray_beside_local, record_messages
 from tests.engines import data_dir_with_models
 from tests.timing import seconds
 
@@ -79,8 +78,6 @@ class Devices:
 def devices(models_dir: Path, tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> Iterator[Devices]:
     import boto3
 
-    from imagewire.server.cluster import RayDevice
-
     with pytest.MonkeyPatch.context() as environment:
         for name, value in S3_ENVIRONMENT.items():
             environment.setenv(name, value)
@@ -93,37 +90,14 @@ def devices(models_dir: Path, tmp_path_factory: pytest.TempPathFactory, s3_endpo
         config = Config(engine="ray", device="cpu", data_dir=data, replicas=1, queue_size=8, max_batch_size=4,
                         max_passed_over=0, log_level="WARNING", store=f"s3://{bucket}/{PREFIX}",
                         s3_endpoint=s3_endpoint)
-        ray_device = RayDevice(config, [], engine_for=diffusers_engine_factory)
-        local = DeviceQueue(diffusers_engine_factory(dataclasses.replace(config, engine="local")), queue_size=8,
-                            max_batch_size=4, max_passed_over=0)
-        with warnings.catch_warnings():
-            # Ray Serve's models use pydantic features that pydantic 2 deprecates: its noise, on import.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            ray_device.start()
-        local.start()
-        try:
+        with ray_beside_local(config) as (ray_device, local):
             yield Devices(ray_device, local, data, s3_endpoint, bucket, client,
                           S3Store(S3Location.parse(f"s3://{bucket}/{PREFIX}"), endpoint_url=s3_endpoint))
-        finally:
-            local.stop(timeout=seconds(30))
-            ray_device.stop(timeout=seconds(30))
 
 
 @pytest.fixture
 def messages(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[list[DeviceEvent]]]:
-    """Each job's messages from its replica, as the gateway received them, by taskUUID."""
-    from imagewire.server.cluster import RayDevice
-
-    received: dict[str, list[list[DeviceEvent]]] = {}
-    receive = RayDevice._batches
-
-    async def recording(self: Any, stream: Any, remote: Any) -> AsyncIterator[list[DeviceEvent]]:
-        async for batch in receive(self, stream, remote):
-            received.setdefault(remote.job.task_uuid, []).append(batch)
-            yield batch
-
-    monkeypatch.setattr(RayDevice, "_batches", recording)
-    return received
+    return record_messages(monkeypatch)
 
 
 def job(name: str, *, weights: Path = Path("found-by-the-replica"), seeds: tuple[int, ...] = (11, 12),
