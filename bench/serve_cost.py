@@ -2,8 +2,10 @@
 messages per call (a job's queue position, then its encoded image and end, as ``server/replica.py`` sends a task
 without progress), called from this process as the gateway calls its replicas. It prints the calls per second and
 the CPU each side spends per call, the floor under the gateway's and the replica's cost per task
-(BENCHMARKS.md, "Cluster"); then the same for a plain Ray actor streaming the same messages (Ray's streaming
-generators, no Serve), the floor of a path that called replicas without Serve's handle.
+(BENCHMARKS.md, "Cluster"), over Ray's actor calls (what the gateway uses) and over Serve's gRPC transport (what
+Ray's ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` turns on: the handle's ``_by_reference=False``); then the same for a
+plain Ray actor streaming the same messages (Ray's streaming generators, no Serve), the floor of a path that
+called replicas without Serve's handle.
 
     python -m bench.serve_cost [--calls 400]
 
@@ -21,6 +23,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from imagewire.server.cluster import LOOPBACK_ONLY
+
+# Serve's gRPC transport bounds a message at gRPC's default of 4 MiB unless this is set before Serve is imported.
+GRPC_MESSAGE_LIMIT = {"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(2**31 - 1)}
 
 MESSAGE_BYTES = 12_000  # about a 128² JPEG of the tiny model
 
@@ -75,14 +80,17 @@ async def _measure(calls: int) -> None:
         serve.start(proxy_location="Disabled")
         handle = serve.run(ServeEcho.bind(), name="serve-cost")
 
-        async def through_serve() -> None:
-            async for _ in handle.options(stream=True).run.remote(payload):
-                pass
-
         async def serve_cpu() -> float:
             return float(await handle.cpu.remote())
 
-        await _rates("Serve handle", through_serve, serve_cpu, calls)
+        for label, by_reference in (("Serve handle, actor calls", True), ("Serve handle, gRPC", False)):
+            streaming = handle.options(stream=True, _by_reference=by_reference)
+
+            async def through_serve(streaming: Any = streaming) -> None:
+                async for _ in streaming.run.remote(payload):
+                    pass
+
+            await _rates(label, through_serve, serve_cpu, calls)
         serve.shutdown()
 
         actor = ray.remote(num_cpus=1)(Echo).remote()
@@ -103,7 +111,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.serve_cost", description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=400, help="calls per measurement (default 400)")
     args = parser.parse_args()
-    os.environ.update(LOOPBACK_ONLY)   # before Ray is imported
+    os.environ.update(LOOPBACK_ONLY | GRPC_MESSAGE_LIMIT)   # before Ray is imported
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)   # Ray Serve's pydantic notices, on import
         asyncio.run(_measure(args.calls))

@@ -112,10 +112,11 @@ class Session:
     outbox: list[bytes] = field(default_factory=list)
     outbox_bytes: int = 0
     detached_at: float | None = None
+    flushing: Sender | None = None   # a socket just attached, taking the kept frames: new ones queue behind them
 
     async def send(self, frame: bytes) -> None:
         """Send now if a socket is attached, else keep the frame for a resuming client."""
-        if self.sender is not None and await self.sender(frame):
+        if self.sender is not None and self.flushing is None and await self.sender(frame):
             return
         self.outbox.append(frame)
         self.outbox_bytes += len(frame)
@@ -138,11 +139,22 @@ class Session:
             self.detached_at = time.monotonic()
 
     async def attach(self, sender: Sender) -> None:
+        """The kept frames first, oldest first; frames sent meanwhile (a task answered during the flush) join the
+        outbox behind them, so that each task's frames reach the client in the order they were made."""
         self.sender = sender
         self.detached_at = None
-        pending, self.outbox, self.outbox_bytes = self.outbox, [], 0
-        for frame in pending:
-            await self.send(frame)
+        self.flushing = sender
+        try:
+            while self.outbox and self.sender == sender:
+                frame = self.outbox.pop(0)
+                self.outbox_bytes -= len(frame)
+                if not await sender(frame):   # the socket closed again: the frame waits for the next one
+                    self.outbox.insert(0, frame)
+                    self.outbox_bytes += len(frame)
+                    return
+        finally:
+            if self.flushing == sender:   # not when another socket attached meanwhile, and flushes now
+                self.flushing = None
 
 
 class SessionRegistry:

@@ -527,9 +527,15 @@ class RedisSession:
         self._draining = asyncio.Lock()
 
     async def send(self, frame: bytes) -> None:
-        if self.sender is not None and await self.sender(frame):
+        if self.sender is not None and not self._draining.locked():
+            if not await self.sender(frame):
+                await self.registry.push(self.uuid, [frame], front=False)
             return
         await self.registry.push(self.uuid, [frame], front=False)
+        if self.sender is not None:
+            # The outbox is being moved to the socket just attached here: this frame goes behind it, so that each
+            # task's frames reach the client in the order they were made.
+            await self.drain()
 
     async def keep(self, frames: list[bytes]) -> None:
         if frames:

@@ -184,6 +184,19 @@ async def test_a_session_resumes_on_another_server_with_its_outbox_in_order(conn
     assert await first.client.lrange(f"imagewire:session:{session.uuid}:outbox", 0, -1) == [b"four"]
 
 
+async def test_a_task_answered_during_a_resume_comes_after_the_frames_kept_in_redis(connect) -> None:
+    from tests.server.test_sessions import resume_while_a_task_answers
+
+    state = await connect()
+    assert state.sessions is not None
+    session, _ = await state.sessions.open(OWNER, None)
+    kept = [b"one", b"two", b"three"]
+    for frame in kept:
+        await session.send(frame)   # no socket anywhere: kept in Redis
+    assert await resume_while_a_task_answers(session, kept) == [*kept, b"answered during the resume"]
+    assert await state.client.llen(f"imagewire:session:{session.uuid}:outbox") == 0
+
+
 async def test_the_server_does_not_start_without_redis_py(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
 
