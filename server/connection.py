@@ -31,7 +31,7 @@ from imagewire.server.answer_budget import AnswerBudget, TokenBucket
 from imagewire.server.auth import ApiKeys, owner_token
 from imagewire.server.config import Config
 from imagewire.server.dispatch import Dispatcher, invalid_api_key
-from imagewire.server.handshakes import CROWDING_GRACE
+from imagewire.server.handshakes import CROWDING_GRACE, Crowd
 from imagewire.server.inbound_budget import FrameCounter
 from imagewire.server.sessions import ClientSession, Sessions
 from imagewire.server.task_runner import TaskRunner
@@ -49,48 +49,14 @@ GOING_AWAY = 1001
 CLOSE_TIMEOUT_SECONDS = 2.0
 
 
-class WaitingRoom:
+class WaitingRoom(Crowd["Connection"]):
     """Sockets that have not authenticated yet, by address, oldest first. When an address has more than it
     may, its oldest is closed to make room: a flood of half-open sockets cannot lock out a client that
     authenticates promptly. Only a socket that has had ``grace`` seconds to authenticate is closed so: a client
     opening sixty sockets at once sends every key before a busy server reads one (``handshakes.CROWDING_GRACE``)."""
 
     def __init__(self, per_address: int, grace: float = CROWDING_GRACE) -> None:
-        self.per_address = per_address
-        self.grace = grace
-        self._by_address: dict[str, dict[Connection, float]] = {}  # when each entered
-        self._thinning: set[str] = set()
-
-    def enter(self, connection: Connection) -> None:
-        """Let ``connection`` wait; past the bound, the oldest that waited long enough is turned away."""
-        loop = asyncio.get_running_loop()
-        self._by_address.setdefault(connection.peer_ip, {})[connection] = loop.time()
-        self._thin(connection.peer_ip)
-
-    def _thin(self, address: str) -> None:
-        self._thinning.discard(address)
-        waiting = self._by_address.get(address, {})
-        loop = asyncio.get_running_loop()
-        while len(waiting) > self.per_address:
-            oldest, entered = next(iter(waiting.items()))
-            young_for = entered + self.grace - loop.time()
-            if young_for > 0:
-                if address not in self._thinning:
-                    self._thinning.add(address)
-                    loop.call_later(young_for, self._thin, address)
-                return
-            del waiting[oldest]
-            oldest.displaced(self.per_address)
-
-    def leave(self, connection: Connection) -> None:
-        waiting = self._by_address.get(connection.peer_ip)
-        if waiting is not None:
-            waiting.pop(connection, None)
-            if not waiting:
-                del self._by_address[connection.peer_ip]
-
-    def __len__(self) -> int:
-        return sum(len(waiting) for waiting in self._by_address.values())
+        super().__init__(per_address, grace, lambda oldest: oldest.displaced(per_address))
 
 
 class Connection(Dispatcher):
@@ -127,7 +93,7 @@ class Connection(Dispatcher):
         config = self.config
         connection_log.info("connection opened peer=%s", self.peer_ip)
         self._writer = asyncio.create_task(self._write_forever())
-        self.waiting_room.enter(self)
+        self.waiting_room.enter(self.peer_ip, self)
         deadline = self._auth_deadline = asyncio.get_running_loop().call_later(
             config.auth_timeout, self._authentication_overdue)
         try:

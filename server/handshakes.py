@@ -19,7 +19,7 @@ import logging
 import resource
 import socket
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from aiohttp import web
 
@@ -28,6 +28,7 @@ from imagewire.server.inbound_budget import FrameCounter, InboundBudget
 log = logging.getLogger("imagewire.server")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+Member = TypeVar("Member")
 
 
 def raise_open_file_limit() -> int:
@@ -82,6 +83,55 @@ def client_address(request: web.Request, trusted: Sequence[IPNetwork]) -> str:
 CROWDING_GRACE = 1.0
 
 
+class Crowd(Generic[Member]):
+    """Members waiting by address (connections still handshaking, sockets not yet authenticated), oldest first.
+    Past ``per_address`` under one address, its oldest member that has waited ``grace`` seconds leaves and is
+    handed to ``crowded_out``; younger ones are looked at again once old enough (most will have moved on)."""
+
+    def __init__(self, per_address: int, grace: float, crowded_out: Callable[[Member], None]) -> None:
+        self.per_address = per_address
+        self.grace = grace
+        self.crowded_out = crowded_out
+        self._by_address: dict[str, dict[Member, float]] = {}   # when each entered
+        self._address_of: dict[Member, str] = {}
+        self._thinning: set[str] = set()   # addresses with a check due
+
+    def enter(self, address: str, member: Member, *, bounded: bool = True) -> None:
+        self._by_address.setdefault(address, {})[member] = asyncio.get_running_loop().time()
+        self._address_of[member] = address
+        if bounded:
+            self._thin(address)
+
+    def leave(self, member: Member) -> bool:
+        """Whether ``member`` was waiting (and is no longer)."""
+        address = self._address_of.pop(member, None)
+        if address is None:
+            return False
+        waiting = self._by_address[address]
+        del waiting[member]
+        if not waiting:
+            del self._by_address[address]
+        return True
+
+    def __len__(self) -> int:
+        return len(self._address_of)
+
+    def _thin(self, address: str) -> None:
+        self._thinning.discard(address)
+        waiting = self._by_address.get(address, {})
+        loop = asyncio.get_running_loop()
+        while len(waiting) > self.per_address:
+            oldest, entered = next(iter(waiting.items()))
+            young_for = entered + self.grace - loop.time()
+            if young_for > 0:
+                if address not in self._thinning:
+                    self._thinning.add(address)
+                    loop.call_later(young_for, self._thin, address)
+                return
+            self.leave(oldest)
+            self.crowded_out(oldest)
+
+
 class HandshakeGuard:
     """Wraps aiohttp's protocol factory: times each connection until its first request arrives."""
 
@@ -92,9 +142,9 @@ class HandshakeGuard:
         self.per_address = per_address
         self.trusted = trusted
         self.grace = grace
-        # By address, oldest first: each connection still handshaking, when it opened and its deadline.
-        self._pending: dict[str, dict[asyncio.Transport, tuple[float, asyncio.TimerHandle]]] = {}
-        self._thinning: set[str] = set()  # addresses with a crowding check due
+        # Each connection still handshaking, by address, and its deadline.
+        self._handshaking: Crowd[asyncio.Transport] = Crowd(per_address, grace, self._abort)
+        self._deadlines: dict[asyncio.Transport, asyncio.TimerHandle] = {}
         self.dropped = 0  # connections dropped for a slow or crowded handshake
 
     def __call__(self) -> asyncio.Protocol:
@@ -102,33 +152,14 @@ class HandshakeGuard:
 
     @property
     def pending(self) -> int:
-        return sum(len(waiting) for waiting in self._pending.values())
+        return len(self._handshaking)
 
     def opened(self, transport: asyncio.Transport) -> None:
         peer = transport.get_extra_info("peername")
         address = str(peer[0]) if peer else "unknown"
-        key = "trusted" if is_trusted(address, self.trusted) else address
-        loop = asyncio.get_running_loop()
-        self._pending.setdefault(key, {})[transport] = (loop.time(), loop.call_later(self.timeout, self._drop,
-                                                                                     transport))
-        if key != "trusted":
-            self._thin(key)
-
-    def _thin(self, key: str) -> None:
-        """Past its address's bound, drop its oldest handshaking connections, of those older than the grace; the
-        younger ones are looked at again when they are old enough (most will have sent their request by then)."""
-        self._thinning.discard(key)
-        waiting = self._pending.get(key, {})
-        loop = asyncio.get_running_loop()
-        while len(waiting) > self.per_address:
-            oldest, (opened_at, _) = next(iter(waiting.items()))
-            young_for = opened_at + self.grace - loop.time()
-            if young_for > 0:
-                if key not in self._thinning:
-                    self._thinning.add(key)
-                    loop.call_later(young_for, self._thin, key)
-                return
-            self._drop(oldest)
+        trusted = is_trusted(address, self.trusted)
+        self._deadlines[transport] = asyncio.get_running_loop().call_later(self.timeout, self._drop, transport)
+        self._handshaking.enter("trusted" if trusted else address, transport, bounded=not trusted)
 
     def request_arrived(self, transport: asyncio.Transport | None) -> None:
         """A request head came in: this connection is past its handshake."""
@@ -139,19 +170,23 @@ class HandshakeGuard:
         self._forget(transport)
 
     def _forget(self, transport: asyncio.Transport) -> bool:
-        for key, waiting in self._pending.items():
-            pending = waiting.pop(transport, None)
-            if pending is not None:
-                pending[1].cancel()
-                if not waiting:
-                    del self._pending[key]
-                return True
-        return False
+        deadline = self._deadlines.pop(transport, None)
+        if deadline is not None:
+            deadline.cancel()
+        return self._handshaking.leave(transport)
 
     def _drop(self, transport: asyncio.Transport) -> None:
-        if self._forget(transport):
-            self.dropped += 1
-            transport.abort()
+        """Its handshake took longer than the timeout."""
+        if self._handshaking.leave(transport):
+            self._abort(transport)
+
+    def _abort(self, transport: asyncio.Transport) -> None:
+        """Dropped: too slow, or crowded out by newer connections from its address (it left the crowd)."""
+        deadline = self._deadlines.pop(transport, None)
+        if deadline is not None:
+            deadline.cancel()
+        self.dropped += 1
+        transport.abort()
 
 
 class _Timed(asyncio.Protocol):
