@@ -33,6 +33,11 @@ async def serve(argv: Sequence[str] | None = None) -> None:
     except (ValueError, OSError) as exc:  # a wrong --device, a taken port, an unreadable catalog
         print(f"imagewire-server: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Exception:
+        # Logged here, not left to the interpreter: with --engine ray, Ray's hook for uncaught errors would hold
+        # the process for a minute, waiting on the cluster that is stopping with it.
+        log.exception("the server could not start")
+        raise SystemExit(1) from None
     if server.generated_key:
         print(f"\nGenerated an API key (kept in {config.data_dir / 'api-key'}, readable only by you):\n"
               f"    {server.generated_key}\n", file=sys.stderr, flush=True)

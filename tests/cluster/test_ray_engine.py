@@ -496,3 +496,41 @@ def test_a_port_that_is_no_ray_cluster_fails_the_start_within_a_bound(tmp_path: 
     assert result.stderr.strip().splitlines()[-1] == (
         f"imagewire-server: error: --ray-address 127.0.0.1:{port}: no Ray cluster answered there within 30 s; "
         "is it the head's GCS port, and does this machine have the cluster's token (RAY_AUTH_TOKEN)?")
+
+
+# A gateway whose start fails in a way nobody planned for: its deployment raises.
+UNEXPECTED_FAILURE = """
+import sys
+from imagewire.server import cluster
+from imagewire.server.__main__ import main
+
+def deploy(self, serve, cluster_gpus):
+    raise RuntimeError("a failure nobody planned for")
+
+cluster.RayDevice._deploy = deploy
+main(sys.argv[1:])
+"""
+
+
+def test_an_unexpected_failure_after_ray_started_ends_the_start_at_once_with_its_traceback(tmp_path: Path) -> None:
+    # Left to the interpreter, the error went through Ray's hook for uncaught errors, which held the process a
+    # minute waiting on the cluster that was stopping with it.
+    process = subprocess.Popen(
+        [sys.executable, "-c", UNEXPECTED_FAILURE, "--engine", "ray", "--data-dir", str(tmp_path), "--port", "0",
+         "--api-key", API_KEY], stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    assert process.stderr is not None
+    lines: list[str] = []
+    for line in process.stderr:
+        lines.append(line)
+        if "Started Serve" in line:
+            break
+    else:
+        raise AssertionError("".join(lines[-30:]))
+    try:
+        _, rest = process.communicate(timeout=seconds(40))   # the deployment fails at once; the minute is the hang
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise AssertionError("still running 40 s after Ray started:\n" + "".join(lines[-20:])) from None
+    assert process.returncode == 1, rest[-3000:]
+    assert "ERROR imagewire.server the server could not start" in rest
+    assert "RuntimeError: a failure nobody planned for" in rest
