@@ -139,9 +139,7 @@ class HandshakeGuard:
                  trusted: Sequence[IPNetwork], grace: float = CROWDING_GRACE) -> None:
         self.factory = factory
         self.timeout = timeout
-        self.per_address = per_address
         self.trusted = trusted
-        self.grace = grace
         # Each connection still handshaking, by address, and its deadline.
         self._handshaking: Crowd[asyncio.Transport] = Crowd(per_address, grace, self._abort)
         self._deadlines: dict[asyncio.Transport, asyncio.TimerHandle] = {}
@@ -170,10 +168,13 @@ class HandshakeGuard:
         self._forget(transport)
 
     def _forget(self, transport: asyncio.Transport) -> bool:
+        self._cancel_deadline(transport)
+        return self._handshaking.leave(transport)
+
+    def _cancel_deadline(self, transport: asyncio.Transport) -> None:
         deadline = self._deadlines.pop(transport, None)
         if deadline is not None:
             deadline.cancel()
-        return self._handshaking.leave(transport)
 
     def _drop(self, transport: asyncio.Transport) -> None:
         """Its handshake took longer than the timeout."""
@@ -182,9 +183,7 @@ class HandshakeGuard:
 
     def _abort(self, transport: asyncio.Transport) -> None:
         """Dropped: too slow, or crowded out by newer connections from its address (it left the crowd)."""
-        deadline = self._deadlines.pop(transport, None)
-        if deadline is not None:
-            deadline.cancel()
+        self._cancel_deadline(transport)
         self.dropped += 1
         transport.abort()
 
